@@ -1,0 +1,127 @@
+"""The one configuration file (flywheel.yaml): domains, cadence, windows, gates, automation.
+
+Loaded and validated with pydantic; a bad file raises ConfigError naming the offending key,
+e.g. ``domains.assistant.gate.min_samples: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import date
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_ENV = "FLYWHEEL_CONFIG"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "flywheel.yaml"
+
+CADENCE_CRONS = {
+    "daily": "0 3 * * *",
+    "weekly": "0 3 * * 1",
+    "monthly": "0 3 1 * *",
+    "quarterly": "0 3 1 1,4,7,10 *",
+}
+
+
+class ConfigError(ValueError):
+    """flywheel.yaml is missing, unreadable, or has a bad key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LabelMaturity(_Strict):
+    outcome: str = Field(min_length=1, description="the delayed outcome the domain waits for")
+    quantile: float = Field(0.9, gt=0, lt=1, description="delay quantile a day must be older than")
+
+
+class Gate(_Strict):
+    min_improvement: float = 0.0
+    max_slice_regression: float = Field(0.05, ge=0)
+    min_samples: int = Field(200, gt=0)
+
+
+class DomainConfig(_Strict):
+    shape: Literal["assistant", "recommendation"]
+    cadence: str
+    lookback_days: int = Field(gt=0)
+    holdout_days: int = Field(gt=0)
+    exploration_share: float = Field(0.1, ge=0, lt=1)
+    label_maturity: LabelMaturity
+    gate: Gate = Gate()
+    automation: Literal["manual", "auto"] = "manual"
+    approvers: list[str] = Field(default_factory=list)
+
+    @field_validator("cadence")
+    @classmethod
+    def _known_cadence(cls, value: str) -> str:
+        if value in CADENCE_CRONS or len(value.split()) == 5:
+            return value
+        raise ValueError(f"must be one of {sorted(CADENCE_CRONS)} or a 5-field cron, got {value!r}")
+
+    @property
+    def cron(self) -> str:
+        return CADENCE_CRONS.get(self.cadence, self.cadence)
+
+
+class FlywheelConfig(_Strict):
+    partitions_start: date
+    max_lateness_days: int = Field(7, ge=0)
+    domains: dict[str, DomainConfig]
+
+    @model_validator(mode="after")
+    def _domain_names(self) -> "FlywheelConfig":
+        if not self.domains:
+            raise ValueError("at least one domain is required")
+        for name in self.domains:
+            if not name.isidentifier() or name != name.lower():
+                raise ValueError(f"domain name {name!r} must be a lower-case identifier")
+        return self
+
+    def domain(self, name: str) -> DomainConfig:
+        try:
+            return self.domains[name]
+        except KeyError:
+            raise ConfigError(f"unknown domain {name!r}; configured: {sorted(self.domains)}") from None
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        lines.append(f"{key}: {item['msg']}")
+    return "; ".join(lines)
+
+
+def parse_config(raw: object, source: str = "flywheel.yaml") -> FlywheelConfig:
+    """Validate an already-parsed YAML document."""
+    try:
+        return FlywheelConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {_describe(error)}") from None
+
+
+def config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG))
+
+
+def load_config(path: Path | str | None = None) -> FlywheelConfig:
+    """Read and validate flywheel.yaml (or $FLYWHEEL_CONFIG, or ``path``)."""
+    path = Path(path) if path else config_path()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    return parse_config(raw, source=str(path))
+
+
+@lru_cache(maxsize=1)
+def active_config() -> FlywheelConfig:
+    """The configuration the Dagster code location is built from."""
+    return load_config()
