@@ -1,0 +1,280 @@
+"""Accumulation: landing batches -> raw tables, one (day, domain) partition at a time.
+
+Every non-blank landing line is attributed to exactly one day partition: the UTC day of its own
+timestamp, or the day of the batch that brought it when the timestamp is unusable (or after the
+batch's day, or more than ``max_lateness_days`` before it). A partition's lines are either accepted
+into ``raw.interactions/impressions/signals/outcomes`` or quarantined in ``raw.quarantine`` with a
+reason, so lines in = accepted + quarantined. A run replaces its partitions in one transaction:
+re-running is idempotent, and a crash leaves the previous state.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from flywheel_pipeline import events
+from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.home import Home
+from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
+
+_BATCH_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl$")
+_RAW_EVENT_TABLES = ("interactions", "signals", "outcomes")
+_IMPRESSION_SCHEMA = '[{"item_id": "VARCHAR", "position": "INTEGER", "propensity": "DOUBLE", "content": "VARCHAR"}]'
+
+
+@dataclass
+class AccumulationReport:
+    """What one accumulation run read, accepted and quarantined."""
+
+    domain: str
+    dates: list[date]
+    batches_read: list[str]
+    lines_in: int
+    accepted: dict[str, int]
+    impressions: int
+    quarantined: int
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def reconciles(self) -> bool:
+        return self.lines_in == sum(self.accepted.values()) + self.quarantined
+
+    def metadata(self) -> dict[str, object]:
+        return {
+            "domain": self.domain,
+            "days": f"{min(self.dates)}..{max(self.dates)}",
+            "batches_read": len(self.batches_read),
+            "lines_in": self.lines_in,
+            "accepted": sum(self.accepted.values()),
+            **{f"accepted_{table}": count for table, count in self.accepted.items()},
+            "impressions": self.impressions,
+            "quarantined": self.quarantined,
+            "reconciles": self.reconciles,
+            "quarantine_reasons": ", ".join(f"{r}: {n}" for r, n in sorted(self.reasons.items())) or "none",
+        }
+
+
+def batches_for(home: Home, domain: str, dates: list[date], max_lateness_days: int) -> list[Path]:
+    """Landing batches that may carry events of ``dates``: delivered that day up to the lateness limit."""
+    first, last = min(dates), max(dates) + timedelta(days=max_lateness_days)
+    folder = home.landing / domain
+    found = []
+    for path in sorted(folder.glob("*.jsonl")) if folder.exists() else []:
+        match = _BATCH_NAME.match(path.name)
+        if match and first <= date.fromisoformat(match.group(1)) <= last:
+            found.append(path)
+    return found
+
+
+def _load_lines(con: duckdb.DuckDBPyConnection, home: Home, batches: list[Path]) -> None:
+    """Every non-blank line of the batches, with its batch day, file (relative to landing) and number."""
+    files = [str(path) for path in batches]
+    prefix = str(home.landing) + "/"
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE landing_lines AS
+        WITH batches AS (
+            SELECT filename, string_split(replace(content, chr(13), ''), chr(10)) AS lines
+            FROM read_text(?)
+        ), numbered AS (
+            SELECT replace(filename, ?, '') AS source_file,
+                   CAST(regexp_extract(filename, '(\\d{4}-\\d{2}-\\d{2})\\.jsonl$', 1) AS DATE) AS batch_day,
+                   unnest(lines) AS line,
+                   unnest(generate_series(1, len(lines))) AS source_line
+            FROM batches
+        )
+        SELECT * FROM numbered WHERE trim(line) <> ''
+        """,
+        [files, prefix],
+    )
+
+
+def _check_lines(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str, now: datetime) -> None:
+    """Parse each line, give it its first broken rule (or none) and its day partition."""
+    skew = timedelta(minutes=events.CLOCK_SKEW_MINUTES)
+    reason = events.reason_sql(tuple(config.domains))
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE checked_lines AS
+        WITH parsed AS (
+            SELECT *, CASE WHEN json_valid(line) THEN line::JSON END AS doc FROM landing_lines
+        ), typed AS (
+            SELECT *,
+                json_extract_string(doc, '$.event_type') AS event_type,
+                json_extract_string(doc, '$.event_id') AS event_id,
+                CASE WHEN regexp_matches(json_extract_string(doc, '$.timestamp'), '{events.TIMESTAMP_PATTERN}')
+                     THEN timezone('UTC', TRY_CAST(json_extract_string(doc, '$.timestamp') AS TIMESTAMPTZ))
+                END AS event_ts,
+                $domain AS batch_domain,
+                least($now::TIMESTAMP, batch_day + INTERVAL 1 DAY) + $skew::INTERVAL AS latest_allowed_ts
+            FROM parsed
+        ), reasoned AS (
+            SELECT *, {reason} AS contract_reason FROM typed
+        ), attributed AS (
+            SELECT *,
+                CASE WHEN event_ts IS NULL OR CAST(event_ts AS DATE) > batch_day THEN batch_day
+                     WHEN batch_day - CAST(event_ts AS DATE) > $lateness THEN batch_day
+                     ELSE CAST(event_ts AS DATE) END AS event_date,
+                coalesce(contract_reason,
+                    CASE WHEN batch_day - CAST(event_ts AS DATE) > $lateness THEN 'too_late' END) AS reason
+            FROM reasoned
+        )
+        SELECT * EXCLUDE (contract_reason),
+            reason IS NULL AND row_number() OVER (
+                PARTITION BY CASE WHEN reason IS NULL THEN event_id END
+                ORDER BY batch_day, source_file, source_line) > 1 AS repeated
+        FROM attributed
+        """,
+        {
+            "domain": domain,
+            "now": now.astimezone(timezone.utc).replace(tzinfo=None),
+            "skew": skew,
+            "lateness": config.max_lateness_days,
+        },
+    )
+
+
+def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date]) -> None:
+    """Keep this run's lines; a repeated event id, or one already kept in another partition, is a duplicate."""
+    kept_elsewhere = " UNION ALL ".join(
+        f"SELECT event_id FROM raw.{table} WHERE NOT (domain = $domain AND event_date IN $dates)"
+        for table in _RAW_EVENT_TABLES
+    )
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE partition_lines AS
+        WITH kept_elsewhere AS ({kept_elsewhere})
+        SELECT * EXCLUDE (reason, repeated),
+            CASE WHEN reason IS NOT NULL THEN reason
+                 WHEN repeated OR event_id IN (SELECT event_id FROM kept_elsewhere) THEN 'duplicate_event_id'
+            END AS reason
+        FROM checked_lines
+        WHERE event_date IN $dates
+        """,
+        {"domain": domain, "dates": dates},
+    )
+
+
+_INSERTS = {
+    "interactions": """
+        INSERT INTO raw.interactions
+        SELECT event_id, $domain, event_date, event_ts, doc->>'user_id', doc->>'session_id',
+               doc->>'interaction_id', doc->>'model_version', doc->>'policy', doc->>'consent',
+               doc->>'input', json_extract(doc, '$.context'), source_file, source_line, $now
+        FROM partition_lines WHERE reason IS NULL AND event_type = 'interaction'""",
+    "impressions": f"""
+        INSERT INTO raw.impressions
+        SELECT event_id, $domain, event_date, interaction_id,
+               imp.item_id, imp.position, imp.propensity, imp.content
+        FROM (
+            SELECT event_id, event_date, doc->>'interaction_id' AS interaction_id,
+                   unnest(from_json(json_extract(doc, '$.impressions'), '{_IMPRESSION_SCHEMA}')) AS imp
+            FROM partition_lines WHERE reason IS NULL AND event_type = 'interaction'
+        )""",
+    "signals": """
+        INSERT INTO raw.signals
+        SELECT event_id, $domain, event_date, event_ts, doc->>'user_id', doc->>'session_id',
+               doc->>'interaction_id', doc->>'signal_type', doc->>'item_id',
+               TRY_CAST(json_extract(doc, '$.value') AS DOUBLE), doc->>'text', source_file, source_line, $now
+        FROM partition_lines WHERE reason IS NULL AND event_type = 'signal'""",
+    "outcomes": """
+        INSERT INTO raw.outcomes
+        SELECT event_id, $domain, event_date, event_ts, doc->>'user_id', doc->>'session_id',
+               doc->>'interaction_id', doc->>'name', TRY_CAST(json_extract(doc, '$.value') AS DOUBLE),
+               doc->>'item_id', source_file, source_line, $now
+        FROM partition_lines WHERE reason IS NULL AND event_type = 'outcome'""",
+    "quarantine": """
+        INSERT INTO raw.quarantine
+        SELECT $domain, event_date, source_file, source_line, event_id, reason, line, $now
+        FROM partition_lines WHERE reason IS NOT NULL""",
+}
+
+
+def _replace_partitions(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], now: datetime) -> None:
+    """Swap the partitions' rows for this run's, all or nothing."""
+    stamp = {"domain": domain, "now": now.astimezone(timezone.utc).replace(tzinfo=None)}
+    with transaction(con):
+        for table in (*_RAW_EVENT_TABLES, "impressions", "quarantine"):
+            con.execute(f"DELETE FROM raw.{table} WHERE domain = $domain AND event_date IN $dates",
+                        {"domain": domain, "dates": dates})
+        for table, sql in _INSERTS.items():
+            params = {k: v for k, v in stamp.items() if f"${k}" in sql}
+            con.execute(sql, params)
+
+
+def _report(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], batches: list[Path]) -> AccumulationReport:
+    counts = con.execute(
+        """SELECT count(*) AS lines_in,
+                  count(*) FILTER (reason IS NULL AND event_type = 'interaction'),
+                  count(*) FILTER (reason IS NULL AND event_type = 'signal'),
+                  count(*) FILTER (reason IS NULL AND event_type = 'outcome'),
+                  count(*) FILTER (reason IS NOT NULL)
+           FROM partition_lines"""
+    ).fetchone()
+    reasons = dict(con.execute(
+        "SELECT reason, count(*) FROM partition_lines WHERE reason IS NOT NULL GROUP BY 1"
+    ).fetchall())
+    impressions = con.execute(
+        "SELECT count(*) FROM raw.impressions WHERE domain = $domain AND event_date IN $dates",
+        {"domain": domain, "dates": dates},
+    ).fetchone()[0]
+    return AccumulationReport(
+        domain=domain,
+        dates=dates,
+        batches_read=[path.name for path in batches],
+        lines_in=counts[0],
+        accepted=dict(zip(_RAW_EVENT_TABLES, counts[1:4])),
+        impressions=impressions,
+        quarantined=counts[4],
+        reasons=reasons,
+    )
+
+
+def accumulate(
+    con: duckdb.DuckDBPyConnection,
+    home: Home,
+    config: FlywheelConfig,
+    domain: str,
+    dates: list[date],
+    now: datetime | None = None,
+) -> AccumulationReport:
+    """Rebuild the (day, domain) partitions ``dates`` of the raw tables from the landing batches."""
+    config.domain(domain)
+    if not dates:
+        raise ValueError("accumulate needs at least one day")
+    now = now or datetime.now(timezone.utc)
+    ensure_raw_tables(con)
+    con.execute("SET TimeZone = 'UTC'")
+    batches = batches_for(home, domain, dates, config.max_lateness_days)
+    con.execute("CREATE OR REPLACE TEMP TABLE landing_lines (source_file VARCHAR, batch_day DATE, line VARCHAR, source_line BIGINT)")
+    if batches:
+        _load_lines(con, home, batches)
+    _check_lines(con, config, domain, now)
+    _mark_duplicates(con, domain, dates)
+    _replace_partitions(con, domain, dates, now)
+    report = _report(con, domain, dates, batches)
+    if not report.reconciles:
+        raise AssertionError(f"accumulation does not reconcile: {report.metadata()}")
+    return report
+
+
+def partition_counts(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date]) -> pl.DataFrame:
+    """Accepted and quarantined rows per day, for asset metadata and the CLI."""
+    return con.execute(
+        """
+        WITH days AS (SELECT unnest($dates::DATE[]) AS event_date)
+        SELECT d.event_date,
+            (SELECT count(*) FROM raw.interactions r WHERE r.domain = $domain AND r.event_date = d.event_date) AS interactions,
+            (SELECT count(*) FROM raw.signals r WHERE r.domain = $domain AND r.event_date = d.event_date) AS signals,
+            (SELECT count(*) FROM raw.outcomes r WHERE r.domain = $domain AND r.event_date = d.event_date) AS outcomes,
+            (SELECT count(*) FROM raw.quarantine r WHERE r.domain = $domain AND r.event_date = d.event_date) AS quarantined
+        FROM days d ORDER BY d.event_date
+        """,
+        {"domain": domain, "dates": dates},
+    ).pl()

@@ -1,0 +1,46 @@
+"""Dagster resources: the warehouse (DuckDB in the home folder) and the MLflow store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+
+from flywheel_pipeline import warehouse
+from flywheel_pipeline.config import FlywheelConfig, load_config
+from flywheel_pipeline.home import Home
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The home folder and its DuckDB warehouse."""
+
+    home_path: str
+    config_path: str | None = None
+
+    def home(self) -> Home:
+        return Home(Path(self.home_path).resolve()).ensure()
+
+    def config(self) -> FlywheelConfig:
+        return load_config(self.config_path)
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        with warehouse.connect(self.home().warehouse, read_only=read_only) as con:
+            yield con
+
+
+class MlflowResource(dg.ConfigurableResource):
+    """MLflow tracking + registry in the home folder (sqlite store, local artifacts)."""
+
+    home_path: str
+
+    def client(self):
+        import mlflow
+
+        home = Home(Path(self.home_path).resolve()).ensure()
+        mlflow.set_tracking_uri(home.mlflow_tracking_uri)
+        mlflow.set_registry_uri(home.mlflow_tracking_uri)
+        return mlflow.MlflowClient(home.mlflow_tracking_uri)
