@@ -1,0 +1,76 @@
+"""Jobs a person launches from the Dagster UI (Launchpad), and the deployment the sensor launches.
+
+    approve_candidate   record a person's approval or rejection of a candidate version
+    deploy_champion     move `champion` to an approved version (launched by the approval sensor)
+    rollback_champion   put the previous champion back
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field
+
+from flywheel_pipeline import approval, registry
+from flywheel_pipeline.resources import MlflowResource, WarehouseResource
+
+WAREHOUSE_TAG = {"flywheel/warehouse": "duckdb"}
+
+
+class ApprovalConfig(dg.Config):
+    domain: str = Field(description="the domain whose candidate is decided, e.g. recommendation")
+    version: str = Field(description="the registered model version (see the registered_candidate asset)")
+    approver: str = Field(description="your name, as listed under the domain's approvers in flywheel.yaml")
+    decision: Literal["approved", "rejected"] = "approved"
+    reason: str = Field("", description="why; required when rejecting")
+
+
+@dg.op(description="Record an approval or rejection of a candidate; the approval sensor deploys approvals.")
+def record_approval(context: dg.OpExecutionContext, config: ApprovalConfig,
+                    warehouse: WarehouseResource, mlflow: MlflowResource) -> None:
+    if config.decision == "rejected" and not config.reason.strip():
+        raise dg.Failure("a rejection needs a reason")
+    with warehouse.connect() as con:
+        record = approval.record_decision(con, mlflow.client(), warehouse.config(), config.domain,
+                                          config.version, config.decision, config.approver,
+                                          config.reason or None)
+    context.log.info(f"approval {record.approval_id}: {record.decision} {config.domain} v{config.version}")
+    context.add_output_metadata({"approval_id": record.approval_id, "decision": record.decision})
+
+
+class DeployConfig(dg.Config):
+    approval_id: int = Field(description="the approval record to deploy")
+
+
+@dg.op(description="Move the champion alias to the version an approval names; the old one becomes previous.")
+def deploy_approved(context: dg.OpExecutionContext, config: DeployConfig,
+                    warehouse: WarehouseResource, mlflow: MlflowResource) -> None:
+    with warehouse.connect() as con:
+        new, old = approval.deploy(con, mlflow.client(), config.approval_id)
+    context.log.info(f"champion is now v{new} (previous: v{old})")
+
+
+class RollbackConfig(dg.Config):
+    domain: str = Field(description="the domain whose previous champion is restored")
+
+
+@dg.op(description="Put the previous champion back.")
+def restore_previous(context: dg.OpExecutionContext, config: RollbackConfig, mlflow: MlflowResource) -> None:
+    rolled_back, restored = registry.rollback(mlflow.client(), config.domain)
+    context.log.info(f"{config.domain}: rolled back v{rolled_back}, champion is v{restored} again")
+
+
+@dg.job(tags=WAREHOUSE_TAG, description="A person approves or rejects a candidate (launch from the Launchpad).")
+def approve_candidate() -> None:
+    record_approval()
+
+
+@dg.job(tags=WAREHOUSE_TAG, description="Deploy an approved candidate as champion (launched by the approval sensor).")
+def deploy_champion() -> None:
+    deploy_approved()
+
+
+@dg.job(description="Restore the previous champion of a domain.")
+def rollback_champion() -> None:
+    restore_previous()

@@ -1,0 +1,133 @@
+"""Accumulation: the contract on ingest, quarantine with reasons, reconciliation, idempotency."""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime, timezone
+
+import pytest
+
+from flywheel_pipeline import warehouse
+from flywheel_pipeline.accumulation import accumulate
+
+NOW = datetime(2026, 11, 20, 12, tzinfo=timezone.utc)
+DAY = date(2026, 11, 2)
+
+
+def interaction(event_id: str, **overrides: object) -> dict:
+    event = {
+        "event_id": event_id, "event_type": "interaction", "domain": "assistant",
+        "timestamp": "2026-11-02T09:15:00Z", "user_id": "u_1", "session_id": "s_1",
+        "interaction_id": f"i_{event_id}", "model_version": "baseline", "policy": "champion",
+        "consent": "granted", "input": "What is a computer?",
+        "impressions": [{"item_id": "r_1", "position": 0, "propensity": 0.9, "content": "A machine."}],
+    }
+    event.update(overrides)
+    return event
+
+
+def signal(event_id: str, **overrides: object) -> dict:
+    event = {
+        "event_id": event_id, "event_type": "signal", "domain": "assistant",
+        "timestamp": "2026-11-02T09:16:00Z", "user_id": "u_1", "session_id": "s_1",
+        "interaction_id": "i_a", "signal_type": "copy",
+    }
+    event.update(overrides)
+    return event
+
+
+def write_batch(home, day: str, lines: list[object], domain: str = "assistant") -> None:
+    path = home.landing_file(domain, day)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+
+
+def run(home, config, dates=(DAY,)):
+    with warehouse.connect(home.warehouse) as con:
+        return accumulate(con, home, config, "assistant", list(dates), now=NOW)
+
+
+def table(home, sql: str) -> list[tuple]:
+    with warehouse.connect(home.warehouse, read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+BAD_LINES = {
+    "malformed_json": '{"event_id": "x", "event_type": ',
+    "not_an_object": "[1, 2, 3]",
+    "missing_field:policy": {k: v for k, v in interaction("m1").items() if k != "policy"},
+    "wrong_type:timestamp": interaction("w1", timestamp=1730539200),
+    "wrong_type:impressions.position": interaction(
+        "w2", impressions=[{"item_id": "r", "position": "0", "propensity": 0.5, "content": "c"}]),
+    "invalid_value:impressions.propensity": interaction(
+        "v1", impressions=[{"item_id": "r", "position": 0, "propensity": 0.0, "content": "c"}]),
+    "invalid_value:value": signal("v2", signal_type="rating", value=9),
+    "missing_field:text": signal("v3", signal_type="edit"),
+    "unknown_domain": interaction("d1", domain="search"),
+    "domain_mismatch": interaction("d2", domain="recommendation"),
+    "future_timestamp": interaction("f1", timestamp="2026-12-25T00:00:00Z"),
+    "user_id_not_pseudonymous": interaction("p1", user_id="ada@example.com"),
+}
+
+
+def test_bad_batch_is_quarantined_with_reasons_and_nothing_is_lost(home, config):
+    good = [interaction("a"), signal("s1"), signal("s2", signal_type="rating", value=5)]
+    write_batch(home, "2026-11-02", [*good, *BAD_LINES.values(), interaction("a")])
+
+    report = run(home, config)
+
+    assert report.lines_in == len(good) + len(BAD_LINES) + 1
+    assert report.accepted == {"interactions": 1, "signals": 2, "outcomes": 0}
+    assert report.lines_in == sum(report.accepted.values()) + report.quarantined
+    quarantined = dict(table(home, "SELECT reason, count(*) FROM raw.quarantine GROUP BY 1"))
+    assert quarantined == {**{reason: 1 for reason in BAD_LINES}, "duplicate_event_id": 1}
+    lines = table(home, "SELECT source_file, source_line, line FROM raw.quarantine WHERE reason = 'malformed_json'")
+    assert lines == [("assistant/2026-11-02.jsonl", 4, BAD_LINES["malformed_json"])]
+
+
+def test_rerun_and_redelivery_change_nothing(home, config):
+    write_batch(home, "2026-11-02", [interaction("a"), interaction("b"), signal("s1")])
+    run(home, config)
+    before = table(home, "SELECT event_id, event_date, source_line FROM raw.interactions ORDER BY 1")
+
+    run(home, config)
+    write_batch(home, "2026-11-03", [interaction("a"), signal("s1")])  # the same events delivered again
+    report = run(home, config, dates=(DAY, date(2026, 11, 3)))
+
+    assert table(home, "SELECT event_id, event_date, source_line FROM raw.interactions ORDER BY 1") == before
+    assert table(home, "SELECT count(*) FROM raw.impressions") == [(2,)]
+    assert report.reasons == {"duplicate_event_id": 2}
+
+
+def test_late_event_lands_in_its_own_day(home, config):
+    write_batch(home, "2026-11-04", [interaction("late", timestamp="2026-11-02T23:59:00+00:00")])
+    run(home, config, dates=(DAY,))
+    assert table(home, "SELECT event_id, event_date FROM raw.interactions") == [("late", DAY)]
+
+
+def test_event_older_than_the_lateness_limit_is_quarantined_in_its_batch_day(home, config):
+    old = interaction("old", timestamp="2026-10-01T10:00:00Z")
+    write_batch(home, "2026-11-02", [old])
+    report = run(home, config)
+    assert report.reasons == {"too_late": 1}
+    assert table(home, "SELECT event_date FROM raw.quarantine") == [(DAY,)]
+
+
+def test_crash_mid_write_keeps_the_previous_partition(home, config, monkeypatch):
+    write_batch(home, "2026-11-02", [interaction("a")])
+    run(home, config)
+    write_batch(home, "2026-11-02", [interaction("a"), interaction("b")])
+
+    from flywheel_pipeline import accumulation
+
+    broken = dict(accumulation._INSERTS, quarantine="INSERT INTO raw.no_such_table SELECT 1")
+    monkeypatch.setattr(accumulation, "_INSERTS", broken)
+    with pytest.raises(Exception, match="no_such_table"):
+        run(home, config)
+
+    assert table(home, "SELECT event_id FROM raw.interactions") == [("a",)]
+
+
+def test_unknown_domain_is_a_clear_error(home, config):
+    with warehouse.connect(home.warehouse) as con, pytest.raises(Exception, match="unknown domain 'search'"):
+        accumulate(con, home, config, "search", [DAY], now=NOW)

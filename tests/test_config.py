@@ -1,0 +1,54 @@
+"""flywheel.yaml: the shipped file is valid; a bad key is named in the error."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from flywheel_pipeline.config import ConfigError, load_config, parse_config
+from tests.conftest import REPO
+
+RAW = yaml.safe_load((REPO / "flywheel.yaml").read_text())
+
+
+def broken(path: list[str], value: object) -> dict:
+    raw = copy.deepcopy(RAW)
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return raw
+
+
+def test_shipped_config_has_a_weekly_and_a_quarterly_domain():
+    config = load_config(REPO / "flywheel.yaml")
+    cadences = {name: domain.cadence for name, domain in config.domains.items()}
+    assert "weekly" in cadences.values() and "quarterly" in cadences.values()
+    assert config.domain("assistant").cron == "0 3 * * 1"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "named"),
+    [
+        (["domains", "assistant", "gate", "min_samples"], 0, "domains.assistant.gate.min_samples"),
+        (["domains", "assistant", "cadence"], "fortnightly", "domains.assistant.cadence"),
+        (["domains", "recommendation", "automation"], "yolo", "domains.recommendation.automation"),
+        (["domains", "assistant", "holdout_dayz"], 3, "domains.assistant.holdout_dayz"),
+        (["partitions_start"], "not a date", "partitions_start"),
+    ],
+)
+def test_bad_key_is_named(path, value, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        parse_config(broken(path, value))
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_unknown_domain_lookup_names_the_configured_ones():
+    with pytest.raises(ConfigError, match="configured: \\['assistant', 'recommendation'\\]"):
+        load_config(REPO / "flywheel.yaml").domain("search")
