@@ -5,8 +5,6 @@
     rollback_champion   put the previous champion back
 """
 
-from __future__ import annotations
-
 from typing import Literal
 
 import dagster as dg

@@ -42,7 +42,7 @@ def code_version() -> str:
 def alias_version(client: MlflowClient, domain: str, alias: str) -> str | None:
     """The version an alias points at, or None when the alias is not set."""
     try:
-        return client.get_model_version_by_alias(model_name(domain), alias).version
+        return str(client.get_model_version_by_alias(model_name(domain), alias).version)
     except MlflowException:
         return None
 
@@ -60,7 +60,7 @@ def register_candidate(client: MlflowClient, domain: str, model_uri: str, run_id
     except MlflowException:
         client.create_registered_model(name, description=f"flywheel {domain} domain model")
     tags = {key: str(value) for key, value in lineage.items()}
-    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags).version
+    version = str(client.create_model_version(name, model_uri, run_id=run_id, tags=tags).version)
     client.set_registered_model_alias(name, CANDIDATE, version)
     return version
 
