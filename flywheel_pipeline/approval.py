@@ -30,6 +30,10 @@ CREATE TABLE IF NOT EXISTS registry.approvals (
     domain VARCHAR NOT NULL, model_version VARCHAR NOT NULL, decision VARCHAR NOT NULL,
     approver VARCHAR NOT NULL, reason VARCHAR, decided_at TIMESTAMP NOT NULL
 );
+CREATE TABLE IF NOT EXISTS registry.deployments (
+    approval_id BIGINT PRIMARY KEY, domain VARCHAR NOT NULL, model_version VARCHAR NOT NULL,
+    previous_version VARCHAR, deployed_at TIMESTAMP NOT NULL
+);
 """
 
 
@@ -89,11 +93,12 @@ def record_decision(con: duckdb.DuckDBPyConnection, client: MlflowClient, config
 
 
 def decisions_after(con: duckdb.DuckDBPyConnection, approval_id: int) -> list[ApprovalRecord]:
-    """Decisions recorded after ``approval_id``, oldest first (the approval sensor's cursor)."""
+    """Decisions recorded after ``approval_id`` and not deployed yet, oldest first."""
     ensure_tables(con)
     rows = con.execute(
-        """SELECT approval_id, domain, model_version, decision, approver, reason
-           FROM registry.approvals WHERE approval_id > ? ORDER BY approval_id""",
+        """SELECT a.approval_id, a.domain, a.model_version, a.decision, a.approver, a.reason
+           FROM registry.approvals a ANTI JOIN registry.deployments d USING (approval_id)
+           WHERE a.approval_id > ? ORDER BY a.approval_id""",
         [approval_id],
     ).fetchall()
     return [ApprovalRecord(*row) for row in rows]
@@ -129,4 +134,9 @@ def deploy(con: duckdb.DuckDBPyConnection, client: MlflowClient, approval_id: in
     if latest.approval_id != record.approval_id:
         raise ApprovalError(f"approval {approval_id} was superseded by decision {latest.approval_id} ({latest.decision})")
     previous = registry.promote(client, record.domain, record.model_version)
+    con.execute(
+        "INSERT OR IGNORE INTO registry.deployments VALUES (?, ?, ?, ?, ?)",
+        [approval_id, record.domain, record.model_version, previous,
+         datetime.now(timezone.utc).replace(tzinfo=None)],
+    )
     return record.model_version, previous

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_ENV = "FLYWHEEL_CONFIG"
@@ -59,7 +60,7 @@ class DomainConfig(_Strict):
     @field_validator("cadence")
     @classmethod
     def _known_cadence(cls, value: str) -> str:
-        if value in CADENCE_CRONS or len(value.split()) == 5:
+        if value in CADENCE_CRONS or (len(value.split()) == 5 and croniter.is_valid(value)):
             return value
         raise ValueError(f"must be one of {sorted(CADENCE_CRONS)} or a 5-field cron, got {value!r}")
 

@@ -65,6 +65,7 @@ def test_sensor_deploys_only_after_an_approval(resources, client):
     assert registry.alias_version(client, "recommendation", registry.CANDIDATE) is None
 
     assert tick(resources, instance, cursor=result.cursor).run_requests == []
+    assert tick(resources, instance).run_requests == []  # a deployed approval never deploys again
 
 
 def test_rejected_candidate_never_becomes_champion(resources, client):

@@ -1,0 +1,137 @@
+"""The pipeline's Dagster assets: thin wiring around the plain stage functions.
+
+    raw_events (day x domain)                       accumulation.accumulate
+      -> dbt staging/intermediate/marts             dbt_project/ (transform.py)
+      -> labels (day x domain)                      labeling.label_partitions
+      -> <domain>/candidate_model                   training.train_candidate
+      -> <domain>/validation_report (+ gate check)  validation.validate_candidate
+      -> <domain>/registered_candidate              registry.register_candidate (+ auto approval)
+"""
+
+from datetime import date
+
+import dagster as dg
+
+from flywheel_pipeline import approval, registry
+from flywheel_pipeline.accumulation import accumulate
+from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.labeling import label_partitions, maturity_cutoff
+from flywheel_pipeline.partitions import day_domain_partitions, run_scope
+from flywheel_pipeline.resources import MlflowResource, WarehouseResource
+from flywheel_pipeline.training import TrainingResult, train_candidate
+from flywheel_pipeline.transform import fct_impressions_key
+from flywheel_pipeline.validation import ValidationReport, validate_candidate
+
+RAW_EVENTS = dg.AssetKey("raw_events")
+LABELS = dg.AssetKey("labels")
+
+
+def model_keys(domain: str) -> dict[str, dg.AssetKey]:
+    return {step: dg.AssetKey([domain, step])
+            for step in ("candidate_model", "validation_report", "registered_candidate")}
+
+
+def build_data_assets(config: FlywheelConfig) -> list[dg.AssetsDefinition]:
+    """The day x domain partitioned stages shared by every domain."""
+    partitions = day_domain_partitions(config)
+
+    @dg.asset(key=RAW_EVENTS, partitions_def=partitions, backfill_policy=dg.BackfillPolicy.single_run(),
+              group_name="accumulation", kinds={"duckdb"},
+              description="Landing batches validated against the event contract into raw.* "
+                          "(rows in = accepted + quarantined; reasons in raw.quarantine).")
+    def raw_events(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+        domain, days = run_scope(context)
+        with warehouse.connect() as con:
+            report = accumulate(con, warehouse.home(), config, domain, days)
+        return dg.MaterializeResult(metadata=report.metadata())
+
+    @dg.asset(key=LABELS, deps=[fct_impressions_key()], partitions_def=partitions,
+              backfill_policy=dg.BackfillPolicy.single_run(), group_name="labeling", kinds={"duckdb"},
+              description="Labeling functions over implicit and explicit signals, combined by a "
+                          "Dawid-Skene label model into a probabilistic label per impression.")
+    def labels(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+        domain, days = run_scope(context)
+        with warehouse.connect() as con:
+            report = label_partitions(con, domain, days, config)
+        return dg.MaterializeResult(metadata=report.metadata())
+
+    return [raw_events, labels]
+
+
+def _latest_labelled_day(warehouse: WarehouseResource, domain: str) -> date:
+    with warehouse.connect() as con:
+        (day,) = con.execute(
+            "SELECT max(event_date) FROM labels.impression_labels WHERE domain = ? AND p_good IS NOT NULL",
+            [domain],
+        ).fetchone()
+    if day is None:
+        raise dg.Failure(f"{domain} has no labelled impressions yet: materialize labels first")
+    return day
+
+
+def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDefinition]:
+    """One domain's fine-tune -> validation -> registration chain."""
+    keys = model_keys(domain)
+    group = f"{domain}_model"
+
+    @dg.asset(key=keys["candidate_model"], deps=[LABELS], group_name=group, kinds={"mlflow", "scikitlearn"},
+              description=f"Fine-tune a {domain} candidate on the mature, labelled training window.")
+    def candidate_model(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
+                        mlflow: MlflowResource) -> dg.Output[TrainingResult]:
+        as_of = _latest_labelled_day(warehouse, domain)
+        mlflow.client()
+        with warehouse.connect() as con:
+            mature_until = maturity_cutoff(con, config, domain, as_of)
+            result = train_candidate(con, warehouse.home(), config, domain, as_of, mature_until=mature_until)
+        return dg.Output(result, metadata=result.metadata())
+
+    @dg.asset(key=keys["validation_report"], ins={"candidate": dg.AssetIn(keys["candidate_model"])},
+              group_name=group, kinds={"mlflow"},
+              check_specs=[dg.AssetCheckSpec("gate", asset=keys["validation_report"],
+                                             description="the domain's promotion gate")],
+              description="Candidate vs champion on the held-out (most recent) window: overall, per "
+                          "slice, bootstrap CIs, off-policy estimates; the gate decides.")
+    def validation_report(context: dg.AssetExecutionContext, candidate: TrainingResult,
+                          warehouse: WarehouseResource, mlflow: MlflowResource):
+        client = mlflow.client()
+        champion_uri = registry.alias_uri(client, domain, registry.CHAMPION)
+        with warehouse.connect() as con:
+            report = validate_candidate(con, warehouse.home(), config, domain, candidate.model_uri,
+                                        champion_uri, candidate.windows)
+        yield dg.Output(report, metadata=report.metadata())
+        yield dg.AssetCheckResult(
+            check_name="gate", passed=report.gate.passed, severity=dg.AssetCheckSeverity.WARN,
+            metadata={"reasons": "; ".join(report.gate.reasons) or "every gate passed"},
+        )
+
+    @dg.asset(key=keys["registered_candidate"],
+              ins={"candidate": dg.AssetIn(keys["candidate_model"]),
+                   "report": dg.AssetIn(keys["validation_report"])},
+              group_name=group, kinds={"mlflow"},
+              description="A candidate that passed its gate, registered with lineage and aliased "
+                          "`candidate`; auto domains also get their approval here.")
+    def registered_candidate(context: dg.AssetExecutionContext, candidate: TrainingResult,
+                             report: ValidationReport, warehouse: WarehouseResource,
+                             mlflow: MlflowResource) -> dg.MaterializeResult:
+        if not report.gate.passed:
+            return dg.MaterializeResult(metadata={"registered": False, "reasons": "; ".join(report.gate.reasons)})
+        client = mlflow.client()
+        lineage = {**candidate.lineage(), **report.lineage(), "code_version": registry.code_version(),
+                   "validation.gate": "passed"}
+        version = registry.register_candidate(client, domain, candidate.model_uri, candidate.run_id, lineage)
+        next_step = _auto_approve(config, domain, version, warehouse, client)
+        return dg.MaterializeResult(metadata={
+            "registered": True, "model": registry.model_name(domain), "version": version, "next": next_step,
+        })
+
+    return [candidate_model, validation_report, registered_candidate]
+
+
+def _auto_approve(config: FlywheelConfig, domain: str, version: str, warehouse: WarehouseResource,
+                  client) -> str:
+    if config.domain(domain).automation != "auto":
+        return f"awaiting approval: launch approve_candidate with domain={domain}, version={version}"
+    with warehouse.connect() as con:
+        record = approval.record_decision(con, client, config, domain, version, "approved",
+                                          approval.AUTO_APPROVER, "automation=auto and every gate passed")
+    return f"auto-approved (approval {record.approval_id}); the approval sensor deploys it"

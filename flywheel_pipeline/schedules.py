@@ -1,0 +1,47 @@
+"""One schedule per domain, on the cadence flywheel.yaml gives it.
+
+Each tick launches the domain's cycle job as one run over the days since the previous tick, plus
+``max_lateness_days`` before them so late-delivered events reach their own day.
+"""
+
+from datetime import date, datetime, timedelta
+
+import dagster as dg
+from croniter import croniter
+
+from flywheel_pipeline.config import DomainConfig, FlywheelConfig
+from flywheel_pipeline.partitions import range_tags
+
+
+def cycle_job_name(domain: str) -> str:
+    return f"{domain}_cycle"
+
+
+def period_days(domain_config: DomainConfig, tick: date) -> int:
+    """Days since the cron's previous tick (7 for weekly, about 91 for quarterly)."""
+    start = datetime(tick.year, tick.month, tick.day, 12)
+    cron = croniter(domain_config.cron, start)
+    previous = cron.get_prev(datetime)
+    return max(1, (start.date() - previous.date()).days)
+
+
+def cycle_days(config: FlywheelConfig, domain: str, tick: date) -> tuple[date, date]:
+    """The first and last day a tick on ``tick`` runs: the completed days since the last tick."""
+    last = tick - timedelta(days=1)
+    first = last - timedelta(days=period_days(config.domain(domain), tick) + config.max_lateness_days - 1)
+    return max(first, config.partitions_start), last
+
+
+def build_schedule(config: FlywheelConfig, domain: str) -> dg.ScheduleDefinition:
+    domain_config = config.domain(domain)
+
+    @dg.schedule(name=f"{domain}_{domain_config.cadence}" if domain_config.cadence.isalpha() else f"{domain}_cadence",
+                 cron_schedule=domain_config.cron, job_name=cycle_job_name(domain),
+                 execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.RUNNING,
+                 description=f"{domain}: accumulate, filter, label, fine-tune, validate, register ({domain_config.cadence})")
+    def cadence(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+        tick = context.scheduled_execution_time.date()
+        first, last = cycle_days(config, domain, tick)
+        return dg.RunRequest(run_key=f"{domain}:{last.isoformat()}", tags=range_tags(domain, first, last))
+
+    return cadence
