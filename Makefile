@@ -1,0 +1,37 @@
+# flywheel: the two commands a fresh machine needs are `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+export FLYWHEEL_HOME ?= $(CURDIR)/.flywheel
+export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
+
+.PHONY: setup demo test ui mlflow-ui benchmark clean
+
+setup: $(VENV)/.installed
+
+# The pinned stack (requirements.lock, resolved from pyproject.toml) installed with uv.
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check uv
+	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
+	touch $@
+
+demo: setup
+	$(BIN)/flywheel demo
+
+test: setup
+	$(BIN)/pytest -q
+
+ui: setup
+	$(BIN)/dagster dev -w workspace.yaml
+
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(FLYWHEEL_HOME)/mlflow/mlflow.db --default-artifact-root $(FLYWHEEL_HOME)/mlflow/artifacts
+
+benchmark: setup
+	$(BIN)/python benchmarks/accumulation.py
+	$(BIN)/python benchmarks/label_model.py
+
+clean:
+	rm -rf $(FLYWHEEL_HOME)
