@@ -5,7 +5,8 @@ timestamp, or the day of the batch that brought it when the timestamp is unusabl
 batch's day, or more than ``max_lateness_days`` before it). A partition's lines are either accepted
 into ``raw.interactions/impressions/signals/outcomes`` or quarantined in ``raw.quarantine`` with a
 reason, so lines in = accepted + quarantined. A run replaces its partitions in one transaction:
-re-running is idempotent, and a crash leaves the previous state.
+re-running is idempotent (an event keeps the time it was first ingested, which the late-label
+sensor relies on), and a crash leaves the previous state.
 """
 
 from __future__ import annotations
@@ -166,8 +167,10 @@ _INSERTS = {
         INSERT INTO raw.interactions
         SELECT event_id, $domain, event_date, event_ts, doc->>'user_id', doc->>'session_id',
                doc->>'interaction_id', doc->>'model_version', doc->>'policy', doc->>'consent',
-               doc->>'input', json_extract(doc, '$.context'), source_file, source_line, $now
-        FROM partition_lines WHERE reason IS NULL AND event_type = 'interaction'""",
+               doc->>'input', json_extract(doc, '$.context'), source_file, source_line,
+               coalesce(first_ingested.ingested_at, $now)
+        FROM partition_lines LEFT JOIN first_ingested USING (event_id)
+        WHERE reason IS NULL AND event_type = 'interaction'""",
     "impressions": f"""
         INSERT INTO raw.impressions
         SELECT event_id, $domain, event_date, interaction_id,
@@ -181,14 +184,17 @@ _INSERTS = {
         INSERT INTO raw.signals
         SELECT event_id, $domain, event_date, event_ts, doc->>'user_id', doc->>'session_id',
                doc->>'interaction_id', doc->>'signal_type', doc->>'item_id',
-               TRY_CAST(json_extract(doc, '$.value') AS DOUBLE), doc->>'text', source_file, source_line, $now
-        FROM partition_lines WHERE reason IS NULL AND event_type = 'signal'""",
+               TRY_CAST(json_extract(doc, '$.value') AS DOUBLE), doc->>'text', source_file, source_line,
+               coalesce(first_ingested.ingested_at, $now)
+        FROM partition_lines LEFT JOIN first_ingested USING (event_id)
+        WHERE reason IS NULL AND event_type = 'signal'""",
     "outcomes": """
         INSERT INTO raw.outcomes
         SELECT event_id, $domain, event_date, event_ts, doc->>'user_id', doc->>'session_id',
                doc->>'interaction_id', doc->>'name', TRY_CAST(json_extract(doc, '$.value') AS DOUBLE),
-               doc->>'item_id', source_file, source_line, $now
-        FROM partition_lines WHERE reason IS NULL AND event_type = 'outcome'""",
+               doc->>'item_id', source_file, source_line, coalesce(first_ingested.ingested_at, $now)
+        FROM partition_lines LEFT JOIN first_ingested USING (event_id)
+        WHERE reason IS NULL AND event_type = 'outcome'""",
     "quarantine": """
         INSERT INTO raw.quarantine
         SELECT $domain, event_date, source_file, source_line, event_id, reason, line, $now
@@ -197,8 +203,13 @@ _INSERTS = {
 
 
 def _replace_partitions(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], now: datetime) -> None:
-    """Swap the partitions' rows for this run's, all or nothing."""
+    """Swap the partitions' rows for this run's, all or nothing; an event keeps its first ingestion time."""
     stamp = {"domain": domain, "now": now.astimezone(timezone.utc).replace(tzinfo=None)}
+    first_ingested = " UNION ALL ".join(
+        f"SELECT event_id, ingested_at FROM raw.{table} WHERE domain = $domain AND event_date IN $dates"
+        for table in _RAW_EVENT_TABLES
+    )
+    con.execute(f"CREATE OR REPLACE TEMP TABLE first_ingested AS {first_ingested}", {"domain": domain, "dates": dates})
     with transaction(con):
         for table in (*_RAW_EVENT_TABLES, "impressions", "quarantine"):
             con.execute(f"DELETE FROM raw.{table} WHERE domain = $domain AND event_date IN $dates",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
@@ -42,9 +42,9 @@ def write_batch(home, day: str, lines: list[object], domain: str = "assistant") 
     path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
 
 
-def run(home, config, dates=(DAY,)):
+def run(home, config, dates=(DAY,), now=NOW):
     with warehouse.connect(home.warehouse) as con:
-        return accumulate(con, home, config, "assistant", list(dates), now=NOW)
+        return accumulate(con, home, config, "assistant", list(dates), now=now)
 
 
 def table(home, sql: str) -> list[tuple]:
@@ -85,16 +85,18 @@ def test_bad_batch_is_quarantined_with_reasons_and_nothing_is_lost(home, config)
     assert lines == [("assistant/2026-11-02.jsonl", 4, BAD_LINES["malformed_json"])]
 
 
-def test_rerun_and_redelivery_change_nothing(home, config):
+def test_rerun_and_redelivery_change_nothing_not_even_ingestion_times(home, config):
     write_batch(home, "2026-11-02", [interaction("a"), interaction("b"), signal("s1")])
     run(home, config)
-    before = table(home, "SELECT event_id, event_date, source_line FROM raw.interactions ORDER BY 1")
+    before = table(home, "SELECT event_id, event_date, source_line, ingested_at FROM raw.interactions ORDER BY 1")
 
-    run(home, config)
+    later = NOW + timedelta(hours=1)
+    run(home, config, now=later)
     write_batch(home, "2026-11-03", [interaction("a"), signal("s1")])  # the same events delivered again
-    report = run(home, config, dates=(DAY, date(2026, 11, 3)))
+    report = run(home, config, dates=(DAY, date(2026, 11, 3)), now=later)
 
-    assert table(home, "SELECT event_id, event_date, source_line FROM raw.interactions ORDER BY 1") == before
+    after = table(home, "SELECT event_id, event_date, source_line, ingested_at FROM raw.interactions ORDER BY 1")
+    assert after == before
     assert table(home, "SELECT count(*) FROM raw.impressions") == [(2,)]
     assert report.reasons == {"duplicate_event_id": 2}
 
