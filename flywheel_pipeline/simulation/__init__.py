@@ -1,0 +1,157 @@
+"""The simulated product: realistic production traces for flywheel, drawn from a hidden truth.
+
+``simulate`` writes one landing batch a day per domain in the event contract (docs/events.md),
+served by the model it is given, so the loop can close. The world (users, queries, items) and the
+truth behind every impression stay under ``Home.simulator``, which the pipeline never reads; only
+scoring code (demo, benchmarks, tests) asks ``true_accuracy`` and ``true_labels``. The same seed
+and inputs give byte-identical batches, and successive calls continue the same world.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+import polars as pl
+
+from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.home import Home
+from flywheel_pipeline.scoring import Scorer, baseline_scorer
+from flywheel_pipeline.simulation import truth
+from flywheel_pipeline.simulation.assistant import Assistant
+from flywheel_pipeline.simulation.delivery import Outbox, write_batch
+from flywheel_pipeline.simulation.recommendation import Recommendation
+from flywheel_pipeline.simulation.serving import Policy, Product
+from flywheel_pipeline.simulation.world import Stream, World, rng_for
+
+__all__ = ["DayBatch", "SimulationSummary", "simulate", "simulated_through", "true_accuracy",
+           "true_labels"]
+
+PRODUCTS: dict[str, Callable[[World], Product]] = {
+    "assistant": Assistant.open,
+    "recommendation": Recommendation.open,
+}
+DAILY_STREAMS = (Stream.TRAFFIC, Stream.REQUESTS, Stream.SERVING, Stream.REACTIONS,
+                 Stream.DELIVERY)
+
+
+@dataclass(frozen=True)
+class DayBatch:
+    """One landing batch written."""
+
+    domain: str
+    day: date
+    interactions: int  # interactions served that day
+    events: int        # valid events in the batch (some of them from earlier days)
+    bad_rows: int      # lines of the batch that break the contract
+    path: Path
+
+
+@dataclass(frozen=True)
+class SimulationSummary:
+    """Every batch a ``simulate`` call wrote, per domain and day."""
+
+    batches: tuple[DayBatch, ...]
+
+    @property
+    def total_interactions(self) -> int:
+        return sum(b.interactions for b in self.batches)
+
+    @property
+    def total_events(self) -> int:
+        return sum(b.events for b in self.batches)
+
+    @property
+    def total_bad_rows(self) -> int:
+        return sum(b.bad_rows for b in self.batches)
+
+    @property
+    def files(self) -> list[Path]:
+        return [b.path for b in self.batches]
+
+
+def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed: int = 7,
+             interactions_per_day: int = 1500, bad_row_share: float = 0.0,
+             scorers: Mapping[str, Scorer] | None = None,
+             model_versions: Mapping[str, str] | None = None,
+             domains: Sequence[str] | None = None) -> SimulationSummary:
+    """Serve ``days`` days from ``start`` in each domain and write their landing batches.
+
+    A domain without a scorer serves ``baseline_scorer(shape)`` and logs model version
+    "baseline". Each domain's world is created from ``seed`` on first use (its population sized
+    for that call's ``interactions_per_day``); later calls continue it and must start after the
+    last simulated day (``simulated_through``). Events due after the last day wait in the
+    simulator's outbox for the call that simulates their day.
+    """
+    if days < 1 or interactions_per_day < 1 or seed < 0 or not 0 <= bad_row_share < 1:
+        raise ValueError("need days >= 1, interactions_per_day >= 1, seed >= 0 and "
+                         "0 <= bad_row_share < 1")
+    scorers, model_versions = scorers or {}, model_versions or {}
+    batches: list[DayBatch] = []
+    for domain in domains or list(config.domains):
+        shape = config.domain(domain).shape
+        policy = Policy(scorers[domain] if domain in scorers else baseline_scorer(shape),
+                        model_versions.get(domain, "baseline"),
+                        config.domain(domain).exploration_share)
+        batches += _simulate_domain(home, domain, shape, policy, start, days, seed=seed,
+                                    interactions_per_day=interactions_per_day,
+                                    bad_row_share=bad_row_share,
+                                    max_lateness_days=config.max_lateness_days)
+    return SimulationSummary(tuple(batches))
+
+
+def _simulate_domain(home: Home, domain: str, shape: str, policy: Policy, start: date, days: int,
+                     *, seed: int, interactions_per_day: int, bad_row_share: float,
+                     max_lateness_days: int) -> list[DayBatch]:
+    folder = home.simulator / domain
+    world = World.open(folder, domain, shape, seed=seed, epoch=start,
+                       population=max(100, interactions_per_day // 2))
+    if world.shape != shape:
+        raise ValueError(f"{domain}: the simulated world is a {world.shape}, config says {shape}")
+    if world.last_day and start <= world.last_day:
+        raise ValueError(f"{domain} is simulated through {world.last_day}; "
+                         f"start on {world.last_day + timedelta(days=1)} or later")
+    product = PRODUCTS[shape](world)
+    outbox = Outbox(folder / "outbox.jsonl")
+    batches = []
+    for day in (start + timedelta(days=n) for n in range(days)):
+        rng = {stream: rng_for(seed, domain, stream, day) for stream in DAILY_STREAMS}
+        world.grow_through(day)
+        traffic = world.traffic(day, interactions_per_day, rng[Stream.TRAFFIC])
+        served = product.serve_day(traffic, policy, rng)
+        truth.save_day(folder, day, served.truth)
+        outbox.post(served.events, rng[Stream.DELIVERY], max_lateness_days)
+        batch = outbox.collect(day)
+        path = home.landing_file(domain, day.isoformat())
+        bad_rows = write_batch(path, batch, bad_row_share, rng[Stream.DELIVERY])
+        batches.append(DayBatch(domain, day, len(traffic), len(batch) - bad_rows, bad_rows, path))
+        world.last_day = day
+    world.save()
+    outbox.save()
+    return batches
+
+
+def simulated_through(home: Home, domain: str) -> date | None:
+    """The last day simulated in ``domain`` (None before the first call): continue after it."""
+    folder = home.simulator / domain
+    return World.load(folder).last_day if (folder / "world.json").exists() else None
+
+
+def true_accuracy(home: Home, config: FlywheelConfig, domain: str, scorer: Scorer) -> float:
+    """The scorer's accuracy against the hidden truth of the domain's persisted world.
+
+    assistant: share of traffic whose top-scored candidate response is truly good (every query
+    weighted by its popularity). recommendation: mean precision@5 of the scorer's top 5 of 20
+    candidates against each user's truly most relevant 5, over a fixed panel of users. Ties are
+    broken at random, in expectation. For scoring code (demo, benchmarks, tests) only.
+    """
+    shape = config.domain(domain).shape
+    world = World.load(home.simulator / domain)
+    return PRODUCTS[shape](world).accuracy(world, scorer)
+
+
+def true_labels(home: Home, domain: str) -> pl.DataFrame:
+    """The hidden truth of every impression simulated so far: interaction_id, item_id, good."""
+    return truth.load(home.simulator / domain)

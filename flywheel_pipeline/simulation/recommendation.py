@@ -1,0 +1,238 @@
+"""The recommendation domain: a user opens the home feed and is shown a ranked slate of items.
+
+Users and items share a hidden taste space: true relevance = sigmoid(AFFINITY * u.v / sqrt(d) +
+item bias), and an item is truly good for a user when its relevance is at least 1/2. Users click
+with position bias (they examine position k with probability 1 / (1 + k) ** 0.8), dwell on what
+they click, abandon slates they do not click, and sometimes buy a clicked item days later.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from flywheel_pipeline.scoring import Scorer
+from flywheel_pipeline.simulation.delivery import EventLog
+from flywheel_pipeline.simulation.serving import (
+    DayLog,
+    Policy,
+    candidate_frame,
+    impressions,
+    score,
+    serve,
+)
+from flywheel_pipeline.simulation.world import (
+    DAY_S,
+    RATING_NOISE,
+    RATING_SHARE,
+    REVIEW_NOISE,
+    REVIEW_SHARE,
+    TASTE_DIM,
+    Stream,
+    Traffic,
+    World,
+    rng_for,
+)
+
+ITEMS = 300
+CANDIDATES = 20              # items retrieved per request
+SLATE = 5                    # items shown
+AFFINITY = 1.5               # weight of taste match in relevance (vs item bias)
+ITEM_BIAS = (-1.5, 0.5)      # normal (mean, sd) of how appealing an item is to anyone
+ITEM_SPREAD = 0.5            # how far an item's taste strays from its category's
+GOOD_RELEVANCE = 0.5
+EXAMINATION_DECAY = 0.8
+PURCHASE_RATE = 0.3          # P(purchase | click) = PURCHASE_RATE * relevance
+PURCHASE_DELAY_DAYS = (3.0, 0.7)  # lognormal (median, sigma), clipped to 1 .. 14 days
+EVALUATION_USERS = 500
+REQUEST = "home feed"
+CATEGORIES = {
+    "sports": ("Trail running shoe", "Yoga mat", "Tennis racket", "Cycling helmet", "Dumbbell set",
+               "Football"),
+    "outdoors": ("Hiking backpack", "Camping tent", "Sleeping bag", "Headlamp", "Water filter",
+                 "Trekking poles"),
+    "kitchen": ("Chef's knife", "Cast iron skillet", "Coffee grinder", "Stand mixer",
+                "Cutting board", "Rice cooker"),
+    "books": ("Mystery novel", "Cookbook", "Science fiction paperback", "Biography",
+              "Travel guide", "Poetry collection"),
+    "electronics": ("Wireless earbuds", "Phone charger", "Smart speaker", "Mechanical keyboard",
+                    "Webcam", "E-reader"),
+    "toys": ("Building blocks", "Jigsaw puzzle", "Board game", "Plush bear", "Model train", "Kite"),
+    "fashion": ("Denim jacket", "Wool scarf", "Leather belt", "Sneakers", "Sunglasses",
+                "Rain coat"),
+    "beauty": ("Face cream", "Shampoo", "Perfume", "Lip balm", "Hair dryer", "Nail kit"),
+    "garden": ("Pruning shears", "Watering can", "Seed pack", "Garden hose", "Flower pot",
+               "Compost bin"),
+    "music": ("Acoustic guitar", "Vinyl record", "Drum pad", "Ukulele", "Studio headphones",
+              "Keyboard stand"),
+}
+
+
+class Recommendation:
+    """The item catalogue: titles the product shows, tastes and biases it never sees."""
+
+    def __init__(self, items: pl.DataFrame):
+        self.items = items  # item_id, category, title, bias, taste
+        self.item_id = items["item_id"].to_numpy()
+        self.title = items["title"].to_numpy()
+        self.bias = items["bias"].to_numpy()
+        self.taste = items["taste"].to_numpy()
+
+    @classmethod
+    def open(cls, world: World) -> Recommendation:
+        """Load the world's catalogue, or build it on first use."""
+        path = world.folder / "items.parquet"
+        if path.exists():
+            return cls(pl.read_parquet(path))
+        recommendation = cls(_catalogue(rng_for(world.seed, world.domain, Stream.CATALOGUE)))
+        recommendation.save(world.folder)
+        return recommendation
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.items.write_parquet(folder / "items.parquet")
+
+    def relevance(self, taste: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """True relevance of (n, k) ``items`` to each of n users with ``taste``."""
+        match = np.einsum("nd,nkd->nk", taste, self.taste[items]) / np.sqrt(TASTE_DIM)
+        return 1 / (1 + np.exp(-(AFFINITY * match + self.bias[items])))
+
+    def serve_day(self, traffic: Traffic, policy: Policy,
+                  rng: dict[Stream, np.random.Generator]) -> DayLog:
+        n = len(traffic)
+        candidates = traffic.bots_repeat(_retrieve(n, rng[Stream.REQUESTS]))
+        frame = candidate_frame(traffic.domain, traffic.user_id, traffic.segment,
+                                traffic.is_new_user, np.full(n, REQUEST), self.item_id[candidates],
+                                self.title[candidates])
+        served = serve(score(policy.scorer, frame, CANDIDATES), SLATE, policy.exploration_share,
+                       rng[Stream.SERVING])
+        shown = np.take_along_axis(candidates, served.slate, axis=1)
+        relevance = self.relevance(traffic.taste, shown)
+        reactions = _Reactions(relevance, rng[Stream.REACTIONS])
+        slates = impressions(self.item_id[shown], self.title[shown], served.propensity)
+        log = EventLog(traffic)
+        for i, (slate, policy_name, segment, bot) in enumerate(zip(
+                slates, served.policy.tolist(), traffic.segment.tolist(), traffic.bot.tolist())):
+            log.interaction(i, model_version=policy.model_version, policy=policy_name,
+                            input_text=REQUEST, context={"segment": segment}, impressions=slate)
+            reactions.log(log, i, [item["item_id"] for item in slate], bot)
+        truth = pl.DataFrame({
+            "interaction_id": np.repeat(traffic.interaction_id, SLATE),
+            "item_id": self.item_id[shown].ravel(),
+            "good": relevance.ravel() >= GOOD_RELEVANCE,
+            "relevance": relevance.ravel(),
+        }, schema_overrides={"interaction_id": pl.String, "item_id": pl.String})
+        return DayLog(log.events, truth)
+
+    def accuracy(self, world: World, scorer: Scorer) -> float:
+        """Mean precision@5: the scorer's top 5 of 20 random candidates vs the truly best 5.
+
+        Over a fixed panel of the world's initial users, each with fixed candidates; a tie at the
+        cut counts the expected share of it that makes the top 5 (random tie-break).
+        """
+        rng = rng_for(world.seed, world.domain, Stream.EVALUATION)
+        initial = world.users.filter(pl.col("first_day") < world.epoch)
+        panel = initial[np.sort(rng.choice(len(initial), min(EVALUATION_USERS, len(initial)),
+                                           replace=False))]
+        m = len(panel)
+        candidates = _retrieve(m, rng)
+        relevance = self.relevance(panel["taste"].to_numpy(), candidates)
+        truly_best = relevance >= np.sort(relevance, axis=1)[:, [-SLATE]]
+        frame = candidate_frame(world.domain, panel["user_id"].to_numpy(),
+                                panel["segment"].to_numpy(), np.zeros(m, bool),
+                                np.full(m, REQUEST), self.item_id[candidates],
+                                self.title[candidates])
+        scores = score(scorer, frame, CANDIDATES)[:, :, None]
+        above = (scores.transpose(0, 2, 1) > scores).sum(axis=2)
+        ties = (scores.transpose(0, 2, 1) == scores).sum(axis=2)
+        in_top = np.clip((SLATE - above) / ties, 0, 1)
+        return float((in_top * truly_best).sum(axis=1).mean() / SLATE)
+
+
+class _Reactions:
+    """Examinations, clicks, dwell, purchases and ratings for a day's slates, drawn in one go."""
+
+    def __init__(self, relevance: np.ndarray, rng: np.random.Generator):
+        n = len(relevance)
+        self.relevance = relevance
+        examined = rng.random((n, SLATE)) < 1 / (1 + np.arange(SLATE)) ** EXAMINATION_DECAY
+        self.clicked = examined & (rng.random((n, SLATE)) < relevance)
+        self.clicked_any = self.clicked.any(axis=1).tolist()
+        self.dwell_s = np.round(rng.lognormal(np.log(15 + 90 * relevance), 0.6), 1)
+        self.purchased = self.clicked & (rng.random((n, SLATE)) < PURCHASE_RATE * relevance)
+        median, sigma = PURCHASE_DELAY_DAYS
+        delay_days = np.clip(rng.lognormal(np.log(median), sigma, (n, SLATE)), 1, 14)
+        self.purchase_after_s = (delay_days * DAY_S).astype(np.int64)
+        self.pause_s = rng.integers(2, 16, (n, SLATE))
+        self.u = {name: rng.random(n) for name in (
+            "first_click", "abandon", "rated", "rating_noise", "rating", "rated_after", "reviewed",
+            "reviewed_after")}
+        self.review_noise = rng.random((n, SLATE)) < REVIEW_NOISE
+
+    def log(self, log: EventLog, i: int, items: list[str], bot: bool) -> None:
+        if bot:
+            log.signal(i, 1, "click", item_id=items[0])  # clicks the top item, every time
+        else:
+            self._browse(log, i, items)
+            self._rate(log, i, items)
+        self._review(log, i, items)
+
+    def _browse(self, log: EventLog, i: int, items: list[str]) -> None:
+        """Clicks top to bottom, each followed by its dwell; abandon if nothing is clicked."""
+        if not self.clicked_any[i]:
+            log.signal(i, int(5 + 55 * self.u["abandon"][i]), "abandon")
+            return
+        at = int(2 + 18 * self.u["first_click"][i])
+        for k in np.flatnonzero(self.clicked[i]):
+            dwell = float(self.dwell_s[i, k])
+            log.signal(i, at, "click", item_id=items[k])
+            log.signal(i, at + int(np.ceil(dwell)), "dwell", item_id=items[k], value=dwell)
+            if self.purchased[i, k]:
+                log.outcome(i, at + self.purchase_after_s[i, k], "purchase", 1.0,
+                            item_id=items[k])
+            at += int(np.ceil(dwell)) + int(self.pause_s[i, k])
+
+    def _rate(self, log: EventLog, i: int, items: list[str]) -> None:
+        """Now and then, a 1-5 rating of the first clicked item (or the top one)."""
+        if self.u["rated"][i] >= RATING_SHARE:
+            return
+        k = int(self.clicked[i].argmax())
+        if self.u["rating_noise"][i] < RATING_NOISE:
+            rating = 1 + int(self.u["rating"][i] * 5)
+        else:
+            rating = int(np.clip(np.round(1 + 4 * self.relevance[i, k]
+                                          + 2 * (self.u["rating"][i] - 0.5)), 1, 5))
+        log.signal(i, int(60 + 240 * self.u["rated_after"][i]), "rating", item_id=items[k],
+                   value=rating)
+
+    def _review(self, log: EventLog, i: int, items: list[str]) -> None:
+        """A human verdict on every shown item of a random slice of interactions."""
+        if self.u["reviewed"][i] >= REVIEW_SHARE:
+            return
+        after = int(DAY_S * (1 + 2 * self.u["reviewed_after"][i]))
+        good = (self.relevance[i] >= GOOD_RELEVANCE) != self.review_noise[i]
+        for k, item in enumerate(items):
+            log.review(i, after, bool(good[k]), item_id=item)
+
+
+def _retrieve(n: int, rng: np.random.Generator) -> np.ndarray:
+    """CANDIDATES distinct random items per request, (n, CANDIDATES)."""
+    return np.argpartition(rng.random((n, ITEMS)), CANDIDATES, axis=1)[:, :CANDIDATES]
+
+
+def _catalogue(rng: np.random.Generator) -> pl.DataFrame:
+    """ITEMS items in balanced categories; items of a category share a typical taste."""
+    names = list(CATEGORIES)
+    category_taste = rng.standard_normal((len(names), TASTE_DIM))
+    category = rng.permutation(np.arange(ITEMS) % len(names))
+    noun = rng.integers(len(next(iter(CATEGORIES.values()))), size=ITEMS)
+    return pl.DataFrame({
+        "item_id": [f"item_{i:03d}" for i in range(ITEMS)],
+        "category": [names[c] for c in category],
+        "title": [f"{CATEGORIES[names[c]][w]} #{i} ({names[c]})"
+                  for i, (c, w) in enumerate(zip(category, noun))],
+        "bias": rng.normal(*ITEM_BIAS, ITEMS),
+        "taste": category_taste[category] + ITEM_SPREAD * rng.standard_normal((ITEMS, TASTE_DIM)),
+    }, schema_overrides={"taste": pl.Array(pl.Float64, TASTE_DIM)})

@@ -1,0 +1,366 @@
+"""The simulated product: contract-true, reproducible traces drawn from a hidden truth."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import polars as pl
+import pytest
+
+from flywheel_pipeline.accumulation import accumulate
+from flywheel_pipeline.config import load_config
+from flywheel_pipeline.home import Home
+from flywheel_pipeline.scoring import baseline_scorer
+from flywheel_pipeline.simulation import (
+    SimulationSummary,
+    simulate,
+    simulated_through,
+    true_accuracy,
+    true_labels,
+)
+from flywheel_pipeline.simulation.recommendation import Recommendation
+from flywheel_pipeline.simulation.world import World
+
+CONFIG = load_config(Path(__file__).resolve().parent.parent / "flywheel.yaml")
+START = date(2025, 3, 1)
+DAYS = 4
+PER_DAY = 600
+BAD_ROW_SHARE = 0.03
+SLATE_SIZE = {"assistant": 1, "recommendation": 5}
+CANDIDATES = {"assistant": 5, "recommendation": 20}
+SIGNAL_TYPES = {"rating", "accept", "reject", "edit", "revert", "copy", "reformulate", "abandon",
+                "dwell", "click"}
+
+
+# -- a small, independent reading of docs/events.md ---------------------------------------------
+
+def contract_violation(line: str, domain: str) -> str | None:
+    """Why a landing line breaks the event contract, or None when it keeps it."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return "malformed_json"
+    if not isinstance(event, dict):
+        return "not_an_object"
+    for field in ("event_id", "event_type", "domain", "timestamp", "user_id", "session_id",
+                  "interaction_id"):
+        if not isinstance(event.get(field), str) or not 1 <= len(event[field]) <= 128:
+            return f"bad:{field}"
+    if event["domain"] != domain:
+        return "domain_mismatch"
+    if not re.fullmatch(r"u_[0-9a-f]+", event["user_id"]):
+        return "user_id_not_pseudonymous"
+    if _parse(event["timestamp"]) > datetime.now(UTC):
+        return "future_timestamp"
+    check = {"interaction": _interaction_violation, "signal": _signal_violation,
+             "outcome": _outcome_violation}.get(event["event_type"])
+    return check(event) if check else "bad:event_type"
+
+
+def _interaction_violation(event: dict) -> str | None:
+    if event["policy"] not in {"champion", "explore"} or event["consent"] not in {"granted",
+                                                                                 "denied"}:
+        return "bad:policy_or_consent"
+    if not isinstance(event["model_version"], str) or not isinstance(event["input"], str):
+        return "bad:model_version_or_input"
+    if not isinstance(event.get("context", {}), dict):
+        return "bad:context"
+    impressions = event["impressions"]
+    if not 1 <= len(impressions) <= 50:
+        return "bad:impressions"
+    for k, impression in enumerate(impressions):
+        if (impression["position"] != k or not isinstance(impression["item_id"], str)
+                or not isinstance(impression["content"], str)
+                or not 0 < impression["propensity"] <= 1):
+            return "bad:impression"
+    return None
+
+
+def _signal_violation(event: dict) -> str | None:
+    kind, value = event["signal_type"], event.get("value")
+    if kind not in SIGNAL_TYPES:
+        return "bad:signal_type"
+    if kind == "rating" and not (isinstance(value, int | float) and 1 <= value <= 5):
+        return "bad:rating"
+    if kind == "dwell" and not (isinstance(value, int | float) and value >= 0):
+        return "bad:dwell"
+    if kind == "click" and not isinstance(event.get("item_id"), str):
+        return "bad:click"
+    if kind == "edit" and not isinstance(event.get("text"), str):
+        return "bad:edit"
+    return None
+
+
+def _outcome_violation(event: dict) -> str | None:
+    if not isinstance(event["name"], str) or not isinstance(event["value"], int | float):
+        return "bad:outcome"
+    return None
+
+
+def _parse(timestamp: str) -> datetime:
+    return datetime.fromisoformat(timestamp)
+
+
+def read_batches(home: Home, domain: str) -> list[tuple[date, dict | None]]:
+    """(batch day, event or None when the line breaks the contract) for every landing line."""
+    rows = []
+    for path in sorted((home.landing / domain).glob("*.jsonl")):
+        day = date.fromisoformat(path.stem)
+        seen: set[str] = set()
+        for line in filter(None, path.read_text(encoding="utf-8").split("\n")):
+            valid = contract_violation(line, domain) is None
+            event = json.loads(line) if valid else None
+            if event is not None and event["event_id"] in seen:
+                event = None  # the second line with an id already seen
+            if event is not None:
+                seen.add(event["event_id"])
+            rows.append((day, event))
+    return rows
+
+
+def events_of(home: Home, domain: str) -> list[dict]:
+    return [event for _, event in read_batches(home, domain) if event is not None]
+
+
+def landing_bytes(home: Home) -> dict[str, bytes]:
+    return {str(p.relative_to(home.landing)): p.read_bytes()
+            for p in sorted(home.landing.rglob("*.jsonl"))}
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Home, SimulationSummary]:
+    """Both domains, a few days served by the baselines, with some bad rows."""
+    home = Home(tmp_path_factory.mktemp("simulated"))
+    summary = simulate(home, CONFIG, START, DAYS, interactions_per_day=PER_DAY,
+                       bad_row_share=BAD_ROW_SHARE)
+    return home, summary
+
+
+class AssistantOracle:
+    """Reads the hidden truth: 1 for a query's own answers, 0 otherwise."""
+
+    def __init__(self, home: Home, domain: str = "assistant"):
+        folder = home.simulator / domain
+        queries = pl.read_parquet(folder / "queries.parquet")
+        good = pl.read_parquet(folder / "candidates.parquet").filter("good").join(queries,
+                                                                                 on="query_id")
+        self.good = set(zip(good["text"], good["response_id"]))
+
+    def predict(self, candidates: pd.DataFrame) -> np.ndarray:
+        return np.array([float((q, r) in self.good)
+                         for q, r in zip(candidates["input_text"], candidates["item_id"])])
+
+
+class RecommendationOracle:
+    """Reads the hidden truth: each user's true relevance of each item."""
+
+    def __init__(self, home: Home, domain: str = "recommendation"):
+        self.world = World.load(home.simulator / domain)
+        self.catalogue = Recommendation.open(self.world)
+
+    def predict(self, candidates: pd.DataFrame) -> np.ndarray:
+        users = self.world.users
+        taste = dict(zip(users["user_id"], users["taste"].to_numpy()))
+        index = {item: n for n, item in enumerate(self.catalogue.item_id)}
+        tastes = np.stack([taste.get(u, np.zeros(users["taste"].dtype.size))
+                           for u in candidates["user_id"]])
+        items = np.array([index[i] for i in candidates["item_id"]])
+        return self.catalogue.relevance(tastes, items[:, None]).ravel()
+
+
+# -- tests --------------------------------------------------------------------------------------
+
+def test_same_seed_gives_byte_identical_batches(tmp_path: Path) -> None:
+    homes = [Home(tmp_path / name) for name in ("a", "b", "c")]
+    for home, seed in zip(homes, (3, 3, 4)):
+        simulate(home, CONFIG, START, 3, seed=seed, interactions_per_day=200, bad_row_share=0.05)
+    first, again, other_seed = (landing_bytes(h) for h in homes)
+    assert len(first) == 6 and first == again
+    assert first != other_seed
+
+
+def test_every_valid_line_keeps_the_contract_and_bad_rows_are_the_rest(simulated) -> None:
+    home, summary = simulated
+    for domain in ("assistant", "recommendation"):
+        rows = read_batches(home, domain)
+        broken = sum(event is None for _, event in rows)
+        written = [b for b in summary.batches if b.domain == domain]
+        assert broken == sum(b.bad_rows for b in written)
+        assert len(rows) == sum(b.events + b.bad_rows for b in written)
+        assert broken / len(rows) == pytest.approx(BAD_ROW_SHARE, abs=0.01)
+        assert {b.interactions for b in written} == {PER_DAY}
+
+
+def test_the_pipeline_quarantines_exactly_the_bad_rows(simulated) -> None:
+    home, summary = simulated
+    days = [START + timedelta(days=n) for n in range(DAYS)]
+    with duckdb.connect() as con:
+        for domain in ("assistant", "recommendation"):
+            report = accumulate(con, home, CONFIG, domain, days)
+            assert report.quarantined == sum(b.bad_rows for b in summary.batches
+                                             if b.domain == domain)
+            assert len(report.reasons) >= 5
+
+
+def test_no_clean_run_has_bad_rows(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    summary = simulate(home, CONFIG, START, 2, interactions_per_day=200)
+    assert summary.total_bad_rows == 0
+    assert all(event is not None for d in CONFIG.domains for _, event in read_batches(home, d))
+
+
+def test_no_event_is_timestamped_after_its_batch_day_and_a_few_arrive_late(simulated) -> None:
+    home, _ = simulated
+    for domain in ("assistant", "recommendation"):
+        delivered = [(day, _parse(event["timestamp"]).date())
+                     for day, event in read_batches(home, domain) if event is not None]
+        assert all(happened <= day for day, happened in delivered)
+        late = [day - happened for day, happened in delivered if happened < day]
+        assert 0.005 < len(late) / len(delivered) < 0.03
+        assert max(late) <= timedelta(days=3)
+
+
+def test_explicit_feedback_consent_and_reviews_at_their_rates(simulated) -> None:
+    home, _ = simulated
+    for domain in ("assistant", "recommendation"):
+        events = events_of(home, domain)
+        interactions = [e for e in events if e["event_type"] == "interaction"]
+        rated = {e["interaction_id"] for e in events if e.get("signal_type") == "rating"}
+        denied = sum(e["consent"] == "denied" for e in interactions)
+        reviews = [e for e in events if e.get("name") == "human_review"]
+        assert 0.01 <= len(rated) / len(interactions) <= 0.03
+        assert 0.005 <= denied / len(interactions) <= 0.06
+        assert reviews and {r["value"] for r in reviews} <= {0.0, 1.0}
+
+
+def test_outcomes_arrive_hours_to_days_after_their_interaction(simulated) -> None:
+    home, _ = simulated
+    for domain, name, min_h, max_h in (("assistant", "resolved", 1, 240),
+                                       ("recommendation", "purchase", 24, 15 * 24)):
+        events = events_of(home, domain)
+        served_at = {e["interaction_id"]: _parse(e["timestamp"]) for e in events
+                     if e["event_type"] == "interaction"}
+        delays_h = [(_parse(e["timestamp"]) - served_at[e["interaction_id"]]).total_seconds() / 3600
+                    for e in events if e.get("name") == name and e["interaction_id"] in served_at]
+        assert len(delays_h) > 50
+        assert min_h <= min(delays_h) and max(delays_h) <= max_h
+        assert np.median(delays_h) < max_h / 2  # heavy-tailed: most arrive early
+
+
+def test_baseline_propensities_are_probabilities(simulated) -> None:
+    home, _ = simulated
+    for domain in ("assistant", "recommendation"):
+        interactions = [e for e in events_of(home, domain) if e["event_type"] == "interaction"]
+        explored = sum(e["policy"] == "explore" for e in interactions) / len(interactions)
+        assert explored == pytest.approx(0.1, abs=0.03)
+        assert {len(e["impressions"]) for e in interactions} == {SLATE_SIZE[domain]}
+        propensities = [i["propensity"] for e in interactions for i in e["impressions"]]
+        assert all(0 < p <= 1 for p in propensities)
+        if domain == "recommendation":  # the uniform baseline: every item equally likely anywhere
+            assert set(propensities) == {0.05}
+
+
+def test_propensities_match_the_policy_of_a_tie_free_scorer(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    simulate(home, CONFIG, START, 1, interactions_per_day=50)  # creates the worlds
+    oracles = {"assistant": AssistantOracle(home), "recommendation": RecommendationOracle(home)}
+
+    class Tiebreak:
+        """The oracle, its ties broken by a tiny per-item amount (item ids end in their number)."""
+
+        def __init__(self, oracle):
+            self.oracle = oracle
+
+        def predict(self, candidates: pd.DataFrame) -> np.ndarray:
+            number = np.array([int(item.rsplit("_", 1)[1]) for item in candidates["item_id"]])
+            return self.oracle.predict(candidates) + number * 1e-6
+
+    simulate(home, CONFIG, START + timedelta(days=1), 2, interactions_per_day=300,
+             scorers={d: Tiebreak(o) for d, o in oracles.items()},
+             model_versions={"assistant": "7", "recommendation": "oracle"})
+    for domain in ("assistant", "recommendation"):
+        eps, k = 0.1, CANDIDATES[domain]
+        served = [e for e in events_of(home, domain) if e["event_type"] == "interaction"
+                  and _parse(e["timestamp"]).date() > START]
+        assert {e["model_version"] for e in served} == {"7" if domain == "assistant" else "oracle"}
+        top, random_only = round(1 - eps + eps / k, 6), round(eps / k, 6)
+        for event in served:
+            propensities = {i["propensity"] for i in event["impressions"]}
+            if event["policy"] == "champion":
+                assert propensities == {top}
+            else:
+                assert propensities <= {top, random_only}
+
+
+def test_truth_is_kept_apart_from_the_landing_batches(simulated) -> None:
+    home, _ = simulated
+    assert not list(home.landing.rglob("*.parquet"))
+    assert list((home.simulator / "assistant" / "truth").glob("*.parquet"))
+    for domain in ("assistant", "recommendation"):
+        labels = true_labels(home, domain)
+        assert labels.columns == ["interaction_id", "item_id", "good"]
+        assert 0.1 < labels["good"].mean() < 0.7
+        events = events_of(home, domain)
+        shown = {(e["interaction_id"], i["item_id"]) for e in events
+                 if e["event_type"] == "interaction" for i in e["impressions"]}
+        assert shown <= set(zip(labels["interaction_id"], labels["item_id"]))
+        assert not any("good" in e or "relevance" in e for e in events)
+
+
+def test_a_scorer_reading_the_truth_beats_the_baseline(simulated) -> None:
+    home, _ = simulated
+    oracles = {"assistant": AssistantOracle(home), "recommendation": RecommendationOracle(home)}
+    for domain, oracle in oracles.items():
+        baseline = true_accuracy(home, CONFIG, domain,
+                                 baseline_scorer(CONFIG.domain(domain).shape))
+        assert 0.2 <= baseline <= 0.6
+        assert true_accuracy(home, CONFIG, domain, oracle) == pytest.approx(1.0)
+
+
+def test_successive_calls_continue_one_world(tmp_path: Path) -> None:
+    whole, split = Home(tmp_path / "whole"), Home(tmp_path / "split")
+    simulate(whole, CONFIG, START, 6, interactions_per_day=200, bad_row_share=0.02)
+    simulate(split, CONFIG, START, 3, interactions_per_day=200, bad_row_share=0.02)
+    assert simulated_through(split, "assistant") == START + timedelta(days=2)
+    simulate(split, CONFIG, START + timedelta(days=3), 3, interactions_per_day=200,
+             bad_row_share=0.02)
+    assert landing_bytes(split) == landing_bytes(whole)  # outcomes held back, then delivered
+    assert World.load(split.simulator / "assistant").users.equals(
+        World.load(whole.simulator / "assistant").users)
+    assert true_labels(split, "assistant").equals(true_labels(whole, "assistant"))
+    with pytest.raises(ValueError, match="simulated through"):
+        simulate(split, CONFIG, START + timedelta(days=5), 1)
+
+
+def test_users_return_arrive_and_churn(simulated) -> None:
+    home, _ = simulated
+    for domain in ("assistant", "recommendation"):
+        events = events_of(home, domain)
+        users_by_day: dict[date, set[str]] = {}
+        sessions: Counter[str] = Counter()
+        for event in events:
+            if event["event_type"] == "interaction":
+                day = _parse(event["timestamp"]).date()
+                users_by_day.setdefault(day, set()).add(event["user_id"])
+                sessions[event["session_id"]] += 1
+        days = sorted(users_by_day)
+        seen_before = set().union(*(users_by_day[d] for d in days[:-1]))
+        last = users_by_day[days[-1]]
+        assert len(last & users_by_day[days[0]]) > 0.1 * len(last)  # returning users
+        assert last - seen_before  # newcomers
+        assert max(sessions.values()) >= 24  # a bot's session
+        assert np.mean(list(sessions.values())) > 2
+        churned = World.load(home.simulator / domain).users.filter(pl.col("last_day") < days[-1])
+        last_day = dict(zip(churned["user_id"], churned["last_day"]))
+        assert last_day
+        assert all(_parse(e["timestamp"]).date() <= last_day[e["user_id"]] for e in events
+                   if e["user_id"] in last_day and e.get("name") != "human_review")
