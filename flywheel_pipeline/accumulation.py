@@ -17,7 +17,6 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
-import polars as pl
 
 from flywheel_pipeline import events
 from flywheel_pipeline.config import FlywheelConfig
@@ -273,19 +272,3 @@ def accumulate(
     if not report.reconciles:
         raise AssertionError(f"accumulation does not reconcile: {report.metadata()}")
     return report
-
-
-def partition_counts(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date]) -> pl.DataFrame:
-    """Accepted and quarantined rows per day, for asset metadata and the CLI."""
-    return con.execute(
-        """
-        WITH days AS (SELECT unnest($dates::DATE[]) AS event_date)
-        SELECT d.event_date,
-            (SELECT count(*) FROM raw.interactions r WHERE r.domain = $domain AND r.event_date = d.event_date) AS interactions,
-            (SELECT count(*) FROM raw.signals r WHERE r.domain = $domain AND r.event_date = d.event_date) AS signals,
-            (SELECT count(*) FROM raw.outcomes r WHERE r.domain = $domain AND r.event_date = d.event_date) AS outcomes,
-            (SELECT count(*) FROM raw.quarantine r WHERE r.domain = $domain AND r.event_date = d.event_date) AS quarantined
-        FROM days d ORDER BY d.event_date
-        """,
-        {"domain": domain, "dates": dates},
-    ).pl()

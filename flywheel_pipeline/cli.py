@@ -40,11 +40,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
-    from flywheel_pipeline.simulation import simulate
+    from flywheel_pipeline.simulation import simulate, simulated_through
 
-    home = Home.from_env().ensure()
-    start = args.start or _yesterday() - timedelta(days=args.days - 1)
-    summary = simulate(home, load_config(), start, args.days, seed=args.seed,
+    home, config = Home.from_env().ensure(), load_config()
+    continued = [day for domain in config.domains if (day := simulated_through(home, domain))]
+    start = args.start or (max(continued) + timedelta(days=1) if continued
+                           else _yesterday() - timedelta(days=args.days - 1))
+    summary = simulate(home, config, start, args.days, seed=args.seed,
                        interactions_per_day=args.per_day, bad_row_share=args.bad_rows)
     console.print(f"wrote {summary.total_interactions:,} interactions to {home.landing}")
 
@@ -144,7 +146,8 @@ def parser() -> argparse.ArgumentParser:
 
     simulate = commands.add_parser("simulate", help="write simulated landing batches")
     simulate.add_argument("--days", type=int, default=7)
-    simulate.add_argument("--start", type=_date, help="first day (default: DAYS days ending yesterday)")
+    simulate.add_argument("--start", type=_date,
+                          help="first day (default: the day after the last simulated one, else DAYS days ending yesterday)")
     simulate.add_argument("--per-day", type=int, default=1500)
     simulate.add_argument("--bad-rows", type=float, default=0.01, help="share of bad rows")
     simulate.add_argument("--seed", type=int, default=7)

@@ -1,0 +1,140 @@
+"""How good are the labels: LF statistics, who gets labelled, and how long labels take to arrive.
+
+LF coverage, overlaps and conflicts follow Snorkel's ``LFAnalysis`` definitions (each a share of all
+rows); empirical accuracy is measured against the gold slice (``review_value``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, date, datetime, time, timedelta
+
+import numpy as np
+import polars as pl
+
+from flywheel_pipeline.labeling.functions import ABSTAIN, BAD, GOOD
+
+COHORT = ["domain", "is_new_user", "segment"]
+DELAY_QUANTILES = {"p50_h": 0.5, "p90_h": 0.9, "p99_h": 0.99}
+
+
+def lf_summary(
+    votes: np.ndarray,
+    names: Sequence[str],
+    gold: np.ndarray | None = None,
+    learned_accuracy: np.ndarray | None = None,
+) -> pl.DataFrame:
+    """One row per LF: polarity, coverage, overlaps, conflicts, accuracy on gold, learned accuracy.
+
+    ``gold`` holds 1/0 per row and NaN where no human reviewed it. Accuracies are null for an LF
+    that never voted.
+    """
+    voted = votes != ABSTAIN
+    overlapped = voted.sum(axis=1) > 1
+    conflicted = (votes == GOOD).any(axis=1) & (votes == BAD).any(axis=1)
+    summary = pl.DataFrame(
+        {
+            "lf": list(names),
+            "polarity": [_polarity(column) for column in votes.T],
+            "coverage": _share(voted),
+            "overlaps": _share(voted & overlapped[:, None]),
+            "conflicts": _share(voted & conflicted[:, None]),
+        }
+    )
+    if gold is not None:
+        summary = summary.with_columns(_gold_accuracy(votes, gold))
+    if learned_accuracy is not None:
+        learned = pl.Series("learned_accuracy", learned_accuracy)
+        summary = summary.with_columns(pl.when(pl.col("coverage") > 0).then(learned))
+    return summary
+
+
+def _share(mask: np.ndarray) -> np.ndarray:
+    """Per column, the share of all rows that are set (0 when there are no rows)."""
+    return mask.sum(axis=0) / max(len(mask), 1)
+
+
+def _polarity(column: np.ndarray) -> str:
+    return "/".join(name for name, vote in (("good", GOOD), ("bad", BAD)) if (column == vote).any())
+
+
+def _gold_accuracy(votes: np.ndarray, gold: np.ndarray) -> list[pl.Series]:
+    reviewed = ~np.isnan(gold)
+    judged = (votes != ABSTAIN) & reviewed[:, None]
+    correct = (judged & (votes == gold[:, None])).sum(axis=0)
+    incorrect = judged.sum(axis=0) - correct
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = correct / (correct + incorrect)
+    return [
+        pl.Series("correct", correct),
+        pl.Series("incorrect", incorrect),
+        pl.Series("empirical_accuracy", accuracy).fill_nan(None),
+    ]
+
+
+def label_accuracy(p_good: np.ndarray, truth: np.ndarray) -> tuple[int, float | None]:
+    """(rows with both a label and a truth, share where label == truth); NaN means missing."""
+    both = ~np.isnan(p_good) & ~np.isnan(truth)
+    if not both.any():
+        return 0, None
+    return int(both.sum()), float(((p_good[both] >= 0.5) == (truth[both] == 1)).mean())
+
+
+def cohort_coverage(labels: pl.DataFrame) -> pl.DataFrame:
+    """Share of impressions with a label per cohort: where labels are missing, learning is blind."""
+    return (
+        labels.group_by(COHORT)
+        .agg(
+            pl.len().alias("impressions"),
+            pl.col("p_good").is_not_null().sum().alias("labelled"),
+        )
+        .with_columns((pl.col("labelled") / pl.col("impressions")).alias("coverage"))
+        .sort(COHORT, nulls_last=True)
+    )
+
+
+def outcome_delays(impressions: pl.DataFrame, outcome: str) -> pl.Series:
+    """Seconds from serving to ``outcome``, once per outcome event (not per impression)."""
+    return (
+        impressions.filter(
+            (pl.col("outcome_name") == outcome) & pl.col("outcome_delay_s").is_not_null()
+        )
+        .unique(["domain", "interaction_id", "outcome_at"], keep="first", maintain_order=True)
+        .get_column("outcome_delay_s")
+    )
+
+
+def label_delays(impressions: pl.DataFrame, maturity_outcome: Mapping[str, str]) -> pl.DataFrame:
+    """Per domain: its maturity outcome, how many arrived, and the p50/p90/p99 delay in hours."""
+    rows = []
+    for domain, outcome in maturity_outcome.items():
+        delays_h = outcome_delays(impressions.filter(pl.col("domain") == domain), outcome) / 3600
+        quantiles = {
+            name: delays_h.quantile(q, interpolation="linear")
+            for name, q in DELAY_QUANTILES.items()
+        }
+        rows.append({"domain": domain, "outcome": outcome, "outcomes": delays_h.len(), **quantiles})
+    schema = {"domain": pl.String, "outcome": pl.String, "outcomes": pl.Int64}
+    return pl.DataFrame(rows, schema=schema | {name: pl.Float64 for name in DELAY_QUANTILES})
+
+
+def mature_until(
+    delays_s: Sequence[float] | np.ndarray | pl.Series, quantile: float, as_of: datetime | date
+) -> date:
+    """The last day whose interactions have all had the ``quantile`` label delay by ``as_of``.
+
+    A day is mature once its last moment (midnight after it, UTC) is at least that delay before
+    ``as_of``; later days are still waiting for outcomes. A ``date`` ``as_of`` means its midnight.
+    """
+    delays = np.asarray(delays_s, dtype=float)
+    delays = delays[~np.isnan(delays)]
+    if not len(delays):
+        raise ValueError("no outcome delays to measure label maturity from")
+    wait = timedelta(seconds=float(np.quantile(delays, quantile)))
+    return (_utc(as_of) - wait).date() - timedelta(days=1)
+
+
+def _utc(moment: datetime | date) -> datetime:
+    if not isinstance(moment, datetime):
+        return datetime.combine(moment, time.min)
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment

@@ -1,0 +1,194 @@
+"""Label models: turn the (impressions x LFs) vote matrix into p_good, a probabilistic label.
+
+``DawidSkene`` learns how far to trust each LF without gold labels (EM on Dawid & Skene's model);
+``MajorityVote`` is the baseline it has to beat. Both give NaN p_good where every LF abstained.
+
+Dawid-Skene assumes its voters are independent given the true class. LFs that read the same user
+behaviour are not (a user who rejected a response did not also accept it), so LFs are grouped
+into voters (``voters``; by default each LF alone) and a voter's response is the joint vote of its
+LFs, abstentions included: each voter has a table P(response | true class). Counting abstention as
+a response is also what lets one-sided LFs count: a click only ever says "good", and what it
+carries is how much more often it fires on good impressions than on bad ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from flywheel_pipeline.labeling.functions import ABSTAIN, BAD, GOOD
+
+SILENT = 0  # the response code of a voter whose LFs all abstained
+MAX_LFS = 39  # vote patterns are base-3 numbers in an int64
+
+
+def has_votes(votes: np.ndarray) -> np.ndarray:
+    """Rows where at least one LF voted."""
+    return (votes != ABSTAIN).any(axis=1)
+
+
+def majority_vote(votes: np.ndarray) -> np.ndarray:
+    """Share of good votes per row (0.5 on a tie), NaN where every LF abstained."""
+    good = (votes == GOOD).sum(axis=1)
+    cast = (votes != ABSTAIN).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cast > 0, good / cast, np.nan)
+
+
+@dataclass
+class MajorityVote:
+    """The baseline: every LF counts the same."""
+
+    version: ClassVar[str] = "majority-vote-v1"
+
+    def fit(self, votes: np.ndarray) -> MajorityVote:
+        return self
+
+    def predict_proba(self, votes: np.ndarray) -> np.ndarray:
+        return majority_vote(votes)
+
+
+@dataclass
+class DawidSkene:
+    """Binary Dawid-Skene fitted by EM on the rows with at least one vote.
+
+    Silent rows (every LF abstained) get no label, yet leaving them out would bias every voter's
+    table towards voting; so EM treats them as truncated data and counts, in expectation, the
+    silent rows each class would have produced. EM runs on the distinct vote patterns weighted by
+    how many rows show each, so a fit costs the same for a day or a quarter of impressions.
+
+    ``smoothing`` is a pseudo-count added to every cell of every voter's table (and to each class
+    of the prior), so an LF seen a handful of times cannot look perfect. Initialised from majority
+    vote, which also fixes which class is "good"; stops when no vote pattern's p_good moves more
+    than ``tol`` or after ``max_iter`` rounds. Deterministic: no random restarts. A response never
+    seen in the fit counts as no evidence.
+    """
+
+    voters: Sequence[Sequence[int]] | None = None  # LF columns voting as one; None: each LF alone
+    smoothing: float = 1.0
+    tol: float = 1e-6
+    max_iter: int = 20_000
+    version: ClassVar[str] = "dawid-skene-v1"
+
+    prior_good: float = field(init=False, default=0.5)
+    lf_voters: list[list[int]] = field(init=False, repr=False, default_factory=list)
+    responses: list[np.ndarray] = field(init=False, repr=False, default_factory=list)
+    response_rates: list[np.ndarray] = field(init=False, repr=False, default_factory=list)
+    n_iter: int = field(init=False, default=0)
+    converged: bool = field(init=False, default=False)
+
+    def fit(self, votes: np.ndarray) -> DawidSkene:
+        self.lf_voters = [list(v) for v in self.voters or [[lf] for lf in range(votes.shape[1])]]
+        patterns, _, rows = vote_patterns(votes[has_votes(votes)])
+        codes = self._codes(patterns)
+        self.responses = [np.union1d(code, [SILENT]) for code in codes.T]
+        seen = self._response_index(codes)
+        p_good, silent = majority_vote(patterns), np.zeros(2)
+        self.converged = False
+        for iteration in range(1, self.max_iter + 1):
+            self._m_step(seen, p_good, rows, silent)
+            updated = self._posterior(seen)
+            self.n_iter = iteration
+            self.converged = bool(np.all(np.abs(updated - p_good) <= self.tol))
+            p_good, silent = updated, self._silent_rows(updated, rows)
+            if self.converged:
+                break
+        return self
+
+    def predict_proba(self, votes: np.ndarray) -> np.ndarray:
+        """p_good per row, NaN where every LF abstained."""
+        patterns, row_pattern, _ = vote_patterns(votes)
+        p_good = self._posterior(self._response_index(self._codes(patterns)))[row_pattern]
+        return np.where(has_votes(votes), p_good, np.nan)
+
+    def vote_rates(self) -> np.ndarray:
+        """P(LF votes abstain / bad / good | true class), as [lf, vote + 1, class]."""
+        rates = np.zeros((sum(map(len, self.lf_voters)), 3, 2))
+        tables = zip(self.lf_voters, self.responses, self.response_rates, strict=True)
+        for voter, responses, table in tables:
+            for digit, lf in enumerate(voter):
+                lf_vote = responses // 3**digit % 3  # the LF's vote + 1 in each response
+                np.add.at(rates[lf], lf_vote, table)
+        return rates
+
+    @property
+    def sensitivity(self) -> np.ndarray:
+        """Per LF, P(votes good | the impression is good)."""
+        return self.vote_rates()[:, GOOD + 1, 1]
+
+    @property
+    def specificity(self) -> np.ndarray:
+        """Per LF, P(votes bad | the impression is bad)."""
+        return self.vote_rates()[:, BAD + 1, 0]
+
+    def lf_accuracies(self) -> np.ndarray:
+        """Per LF, P(its vote is right | it voted), NaN if it never voted in the fit.
+
+        Comparable to its empirical accuracy on gold labels.
+        """
+        rates = self.vote_rates()
+        class_share = np.array([1 - self.prior_good, self.prior_good])
+        right = self.specificity * class_share[0] + self.sensitivity * class_share[1]
+        voted = (rates[:, BAD + 1, :] + rates[:, GOOD + 1, :]) @ class_share
+        with np.errstate(invalid="ignore"):
+            return right / voted
+
+    def _codes(self, patterns: np.ndarray) -> np.ndarray:
+        """Each voter's response per pattern: its LFs' votes + 1 as base-3 digits (0 = silent)."""
+        return np.column_stack(
+            [
+                (patterns[:, voter].astype(np.int64) + 1)
+                @ 3 ** np.arange(len(voter), dtype=np.int64)
+                for voter in self.lf_voters
+            ]
+        )
+
+    def _response_index(self, codes: np.ndarray) -> list[np.ndarray]:
+        """Per voter, each pattern's row in its table; -1 for a response the fit never saw."""
+        index = []
+        for code, responses in zip(codes.T, self.responses, strict=True):
+            position = np.minimum(np.searchsorted(responses, code), len(responses) - 1)
+            index.append(np.where(responses[position] == code, position, -1))
+        return index
+
+    def _m_step(
+        self, seen: list[np.ndarray], p_good: np.ndarray, rows: np.ndarray, silent: np.ndarray
+    ) -> None:
+        """Tables and prior from expected counts: the rows seen plus ``silent`` rows per class."""
+        weights = np.column_stack([1 - p_good, p_good]) * rows[:, None]  # (patterns, class)
+        self.response_rates = []
+        for index, responses in zip(seen, self.responses, strict=True):
+            by_class = [np.bincount(index, weights[:, y], len(responses)) for y in (0, 1)]
+            counts = np.stack(by_class, axis=1, dtype=float)
+            counts[SILENT] += silent  # the smallest code: first in the table
+            counts += self.smoothing
+            self.response_rates.append(counts / counts.sum(axis=0))
+        per_class = weights.sum(axis=0) + silent
+        self.prior_good = (per_class[1] + self.smoothing) / (per_class.sum() + 2 * self.smoothing)
+
+    def _silent_rows(self, p_good: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Expected rows per class on which every LF abstained, given the rows seen of it."""
+        seen = np.array([((1 - p_good) * rows).sum(), (p_good * rows).sum()])
+        all_silent = np.prod([table[SILENT] for table in self.response_rates], axis=0)
+        return np.divide(seen * all_silent, 1 - all_silent, out=np.zeros(2), where=all_silent < 1)
+
+    def _posterior(self, index: list[np.ndarray]) -> np.ndarray:
+        log_odds = np.log(self.prior_good) - np.log1p(-self.prior_good)
+        for position, table in zip(index, self.response_rates, strict=True):
+            evidence = np.log(table[:, 1]) - np.log(table[:, 0])
+            log_odds = log_odds + np.where(position >= 0, evidence[position], 0.0)
+        return 0.5 * (1 + np.tanh(log_odds / 2))  # the logistic function, without overflow
+
+
+def vote_patterns(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct rows of ``votes``, each row's index among them, and how many rows each has."""
+    if votes.shape[1] > MAX_LFS:
+        raise ValueError(f"at most {MAX_LFS} labeling functions, got {votes.shape[1]}")
+    keys = (votes.astype(np.int64) + 1) @ (3 ** np.arange(votes.shape[1], dtype=np.int64))
+    _, first, row_pattern, rows = np.unique(
+        keys, return_index=True, return_inverse=True, return_counts=True
+    )
+    return votes[first], row_pattern, rows

@@ -1,0 +1,295 @@
+"""The labeling stage: LF votes -> label model -> ``labels.*`` for (domain, day) partitions.
+
+The label model is fitted on the domain's whole fit window (by default its lookback + holdout days,
+ending at the last requested day), so re-labelling one day learns from as much evidence as a
+weekly run does; only the requested days are rewritten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+import duckdb
+import numpy as np
+import polars as pl
+
+from flywheel_pipeline.config import DomainConfig, FlywheelConfig
+from flywheel_pipeline.labeling.analysis import (
+    COHORT,
+    cohort_coverage,
+    label_accuracy,
+    label_delays,
+    lf_summary,
+    mature_until,
+    outcome_delays,
+)
+from flywheel_pipeline.labeling.functions import (
+    ABSTAIN,
+    LABELING_FUNCTIONS,
+    apply_lfs,
+    vote_matrix,
+    voters,
+)
+from flywheel_pipeline.labeling.model import DawidSkene, MajorityVote
+from flywheel_pipeline.warehouse import transaction
+
+LABELS_DDL = """
+CREATE SCHEMA IF NOT EXISTS labels;
+CREATE TABLE IF NOT EXISTS labels.label_matrix (
+    domain VARCHAR NOT NULL, event_date DATE NOT NULL, interaction_id VARCHAR NOT NULL,
+    item_id VARCHAR NOT NULL, lf VARCHAR NOT NULL, vote TINYINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS labels.impression_labels (
+    domain VARCHAR NOT NULL, event_date DATE NOT NULL, interaction_id VARCHAR NOT NULL,
+    item_id VARCHAR NOT NULL, p_good DOUBLE, label BOOLEAN, n_votes INTEGER NOT NULL,
+    label_model_version VARCHAR NOT NULL, labelled_at TIMESTAMP NOT NULL
+);
+"""
+
+IMPRESSION_KEY = ["domain", "event_date", "interaction_id", "item_id"]
+# Read besides what the LFs read: cohorts, label delay, gold labels.
+_REPORT_COLUMNS = [
+    "is_new_user",
+    "segment",
+    "outcome_name",
+    "outcome_at",
+    "outcome_delay_s",
+    "review_value",
+]
+
+
+@dataclass(frozen=True)
+class LabelingReport:
+    """What one labeling run wrote and how trustworthy it looks."""
+
+    domain: str
+    dates: list[date]
+    label_model_version: str
+    fit_start: date
+    fit_end: date
+    fit_rows: int
+    model_converged: bool
+    model_iterations: int
+    impressions: int  # rows written to labels.impression_labels
+    labelled: int  # of which got a label (some LF voted)
+    share_good: float | None  # of the labelled, the share labelled good
+    gold_rows: int  # reviewed impressions in the fit window that got a label
+    gold_accuracy: float | None  # the label model's labels against the reviews
+    gold_accuracy_majority_vote: float | None
+    lf_stats: pl.DataFrame  # per LF over the fit window
+    cohort_coverage: pl.DataFrame  # over the requested days
+    label_delay: pl.DataFrame  # over the fit window: outcomes and p50/p90/p99 hours
+    mature_until: (
+        date | None
+    )  # last day whose outcomes have mostly arrived by the end of the last day
+
+    @property
+    def coverage(self) -> float | None:
+        return self.labelled / self.impressions if self.impressions else None
+
+    def metadata(self) -> dict[str, object]:
+        """Flat JSON-able values for Dagster asset metadata; tables as markdown strings."""
+        delay = self.label_delay.row(0, named=True)
+        return {
+            "domain": self.domain,
+            "dates": ", ".join(day.isoformat() for day in self.dates),
+            "label_model_version": self.label_model_version,
+            "impressions": self.impressions,
+            "labelled": self.labelled,
+            "coverage": self.coverage,
+            "share_good": self.share_good,
+            "fit_window": f"{self.fit_start.isoformat()}..{self.fit_end.isoformat()}",
+            "fit_rows": self.fit_rows,
+            "model_converged": self.model_converged,
+            "model_iterations": self.model_iterations,
+            "gold_rows": self.gold_rows,
+            "gold_accuracy": self.gold_accuracy,
+            "gold_accuracy_majority_vote": self.gold_accuracy_majority_vote,
+            "label_delay_outcome": delay["outcome"],
+            "label_delay_outcomes": delay["outcomes"],
+            "label_delay_p50_h": delay["p50_h"],
+            "label_delay_p90_h": delay["p90_h"],
+            "label_delay_p99_h": delay["p99_h"],
+            "mature_until": self.mature_until.isoformat() if self.mature_until else None,
+            "lf_stats": to_markdown(self.lf_stats),
+            "cohort_coverage": to_markdown(self.cohort_coverage),
+        }
+
+
+def label_partitions(
+    con: duckdb.DuckDBPyConnection,
+    domain: str,
+    dates: list[date],
+    config: FlywheelConfig,
+    fit_window_days: int | None = None,
+) -> LabelingReport:
+    """Label ``domain``'s impressions on ``dates``: rewrite exactly those partitions of labels.*."""
+    settings = config.domain(domain)
+    if not dates:
+        raise ValueError("label_partitions needs at least one day")
+    dates = sorted(set(dates))
+    fit_start, fit_end = fit_window(dates[-1], settings, fit_window_days)
+
+    impressions = read_impressions(con, domain, min(fit_start, dates[0]), fit_end)
+    lf_votes = apply_lfs(impressions)
+    votes = vote_matrix(lf_votes)
+    in_fit = impressions.get_column("event_date").is_between(fit_start, fit_end).to_numpy()
+    requested = impressions.get_column("event_date").is_in(dates).to_numpy()
+
+    model = DawidSkene(voters(list(LABELING_FUNCTIONS.values()))).fit(votes[in_fit])
+    p_good = model.predict_proba(votes)
+    partitions = impressions.filter(requested)
+    labels = impression_labels(partitions, votes[requested], p_good[requested], model.version)
+    write_labels(
+        con, domain, dates, long_label_matrix(partitions, lf_votes.filter(requested)), labels
+    )
+
+    fitted, fitted_votes = impressions.filter(in_fit), votes[in_fit]
+    gold = fitted.get_column("review_value").cast(pl.Float64).fill_null(np.nan).to_numpy()
+    gold_rows, gold_accuracy = label_accuracy(p_good[in_fit], gold)
+    maturity = settings.label_maturity
+    return LabelingReport(
+        domain=domain,
+        dates=dates,
+        label_model_version=model.version,
+        fit_start=fit_start,
+        fit_end=fit_end,
+        fit_rows=fitted.height,
+        model_converged=model.converged,
+        model_iterations=model.n_iter,
+        impressions=labels.height,
+        labelled=labels.get_column("p_good").is_not_null().sum(),
+        share_good=labels.get_column("label").mean(),
+        gold_rows=gold_rows,
+        gold_accuracy=gold_accuracy,
+        gold_accuracy_majority_vote=label_accuracy(
+            MajorityVote().predict_proba(fitted_votes), gold
+        )[1],
+        lf_stats=lf_summary(fitted_votes, lf_votes.columns, gold, model.lf_accuracies()),
+        cohort_coverage=cohort_coverage(
+            partitions.select(COHORT).with_columns(labels.get_column("p_good"))
+        ),
+        label_delay=label_delays(fitted, {domain: maturity.outcome}),
+        mature_until=_cutoff(outcome_delays(fitted, maturity.outcome), maturity.quantile, fit_end),
+    )
+
+
+def fit_window(
+    last_day: date, settings: DomainConfig, days: int | None = None
+) -> tuple[date, date]:
+    """First and last day the label model learns from: ``days`` days (default lookback + holdout)
+    ending at ``last_day``."""
+    days = settings.lookback_days + settings.holdout_days if days is None else days
+    if days < 1:
+        raise ValueError(f"fit_window_days must be at least 1, got {days}")
+    return last_day - timedelta(days=days - 1), last_day
+
+
+def read_impressions(
+    con: duckdb.DuckDBPyConnection, domain: str, start: date, end: date
+) -> pl.DataFrame:
+    """The domain's impressions from ``start`` to ``end`` (inclusive) with what the LFs read."""
+    lf_inputs = {
+        name for lf in LABELING_FUNCTIONS.values() for name in lf.expression.meta.root_names()
+    }
+    columns = IMPRESSION_KEY + sorted((lf_inputs | set(_REPORT_COLUMNS)) - set(IMPRESSION_KEY))
+    return con.sql(
+        f"""SELECT {", ".join(columns)} FROM marts.fct_impressions
+            WHERE domain = $domain AND event_date BETWEEN $start AND $end
+            ORDER BY {", ".join(IMPRESSION_KEY)}""",
+        params={"domain": domain, "start": start, "end": end},
+    ).pl()
+
+
+def impression_labels(
+    impressions: pl.DataFrame, votes: np.ndarray, p_good: np.ndarray, version: str
+) -> pl.DataFrame:
+    """Rows of labels.impression_labels: p_good, its 0.5 label, and how many LFs voted."""
+    return (
+        impressions.select(IMPRESSION_KEY)
+        .with_columns(
+            pl.Series("p_good", p_good, dtype=pl.Float64).fill_nan(None),
+            pl.Series("n_votes", (votes != ABSTAIN).sum(axis=1), dtype=pl.Int32),
+            pl.lit(version).alias("label_model_version"),
+            pl.lit(datetime.now(UTC).replace(tzinfo=None)).alias("labelled_at"),
+        )
+        .with_columns((pl.col("p_good") >= 0.5).alias("label"))
+        .select(*IMPRESSION_KEY, "p_good", "label", "n_votes", "label_model_version", "labelled_at")
+    )
+
+
+def long_label_matrix(impressions: pl.DataFrame, lf_votes: pl.DataFrame) -> pl.DataFrame:
+    """Rows of labels.label_matrix: one per (impression, LF) vote cast; abstentions not stored."""
+    return (
+        pl.concat([impressions.select(IMPRESSION_KEY), lf_votes], how="horizontal")
+        .unpivot(on=lf_votes.columns, index=IMPRESSION_KEY, variable_name="lf", value_name="vote")
+        .filter(pl.col("vote") != ABSTAIN)
+    )
+
+
+def write_labels(
+    con: duckdb.DuckDBPyConnection,
+    domain: str,
+    dates: list[date],
+    matrix: pl.DataFrame,
+    labels: pl.DataFrame,
+) -> None:
+    """Replace the (domain, dates) partitions of both labels tables, all or nothing."""
+    with transaction(con):
+        con.execute(LABELS_DDL)
+        for table in ("label_matrix", "impression_labels"):
+            con.execute(
+                f"DELETE FROM labels.{table} WHERE domain = $domain AND event_date IN $dates",
+                {"domain": domain, "dates": dates},
+            )
+        _insert(con, "labels.label_matrix", matrix)
+        _insert(con, "labels.impression_labels", labels)
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: pl.DataFrame) -> None:
+    con.register("labeling_rows", rows)
+    try:
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM labeling_rows")
+    finally:
+        con.unregister("labeling_rows")
+
+
+def maturity_cutoff(
+    con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str, as_of: date
+) -> date | None:
+    """The last day of ``domain`` mature by the end of ``as_of``; later days may still get outcomes.
+
+    Delays are those of the domain's maturity outcome over its fit window ending at ``as_of``;
+    None while no such outcome has arrived (nothing to measure the delay from).
+    """
+    settings = config.domain(domain)
+    start, end = fit_window(as_of, settings)
+    delays = outcome_delays(
+        read_impressions(con, domain, start, end), settings.label_maturity.outcome
+    )
+    return _cutoff(delays, settings.label_maturity.quantile, as_of)
+
+
+def _cutoff(delays_s: pl.Series, quantile: float, last_day: date) -> date | None:
+    """mature_until as of the end of ``last_day``, None without delays."""
+    return (
+        None
+        if delays_s.is_empty()
+        else mature_until(delays_s, quantile, last_day + timedelta(days=1))
+    )
+
+
+def to_markdown(table: pl.DataFrame) -> str:
+    """A polars table as a markdown table (floats to 3 decimals), for asset metadata."""
+    with pl.Config(
+        tbl_formatting="MARKDOWN",
+        tbl_hide_column_data_types=True,
+        tbl_hide_dataframe_shape=True,
+        tbl_rows=-1,
+        tbl_width_chars=10_000,
+        tbl_cols=-1,
+        float_precision=3,
+        fmt_str_lengths=200,
+    ):
+        return str(table)
