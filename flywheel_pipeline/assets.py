@@ -19,10 +19,9 @@ from flywheel_pipeline.labeling import label_partitions, maturity_cutoff
 from flywheel_pipeline.partitions import day_domain_partitions, run_scope
 from flywheel_pipeline.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.training import TrainingResult, train_candidate
-from flywheel_pipeline.transform import fct_impressions_key
+from flywheel_pipeline.transform import RAW_EVENTS, fct_impressions_key
 from flywheel_pipeline.validation import ValidationReport, validate_candidate
 
-RAW_EVENTS = dg.AssetKey("raw_events")
 LABELS = dg.AssetKey("labels")
 
 
@@ -100,8 +99,8 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
                                         champion_uri, candidate.windows)
         yield dg.Output(report, metadata=report.metadata())
         yield dg.AssetCheckResult(
-            check_name="gate", passed=report.gate.passed, severity=dg.AssetCheckSeverity.WARN,
-            metadata={"reasons": "; ".join(report.gate.reasons) or "every gate passed"},
+            check_name="gate", passed=report.decision.passed, severity=dg.AssetCheckSeverity.WARN,
+            metadata={"reasons": "; ".join(report.decision.reasons) or "every gate passed"},
         )
 
     @dg.asset(key=keys["registered_candidate"],
@@ -113,8 +112,9 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
     def registered_candidate(context: dg.AssetExecutionContext, candidate: TrainingResult,
                              report: ValidationReport, warehouse: WarehouseResource,
                              mlflow: MlflowResource) -> dg.MaterializeResult:
-        if not report.gate.passed:
-            return dg.MaterializeResult(metadata={"registered": False, "reasons": "; ".join(report.gate.reasons)})
+        if not report.decision.passed:
+            return dg.MaterializeResult(metadata={"registered": False,
+                                                  "reasons": "; ".join(report.decision.reasons)})
         client = mlflow.client()
         lineage = {**candidate.lineage(), **report.lineage(), "code_version": registry.code_version(),
                    "validation.gate": "passed"}

@@ -1,20 +1,21 @@
 """The one Dagster Definitions object, built from flywheel.yaml and the home folder."""
 
 import dagster as dg
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from flywheel_pipeline.assets import LABELS, RAW_EVENTS, build_data_assets, build_model_assets, model_keys
+from flywheel_pipeline.assets import LABELS, build_data_assets, build_model_assets, model_keys
+from flywheel_pipeline.checks import quality_checks
 from flywheel_pipeline.config import FlywheelConfig, active_config, config_path
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.jobs import WAREHOUSE_TAG, approve_candidate, deploy_champion, rollback_champion
 from flywheel_pipeline.partitions import day_domain_partitions
-from flywheel_pipeline.quality import quality_checks
 from flywheel_pipeline.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.schedules import build_schedule, cycle_job_name
-from flywheel_pipeline.sensors import approval_sensor
-from flywheel_pipeline.transform import dbt_resource, flywheel_dbt_assets
+from flywheel_pipeline.sensors import approval_sensor, late_label_sensor
+from flywheel_pipeline.transform import RAW_EVENTS, dbt_resource, flywheel_dbt_assets
 
 
-def cycle_job(config: FlywheelConfig, domain: str) -> dg.UnresolvedAssetJobDefinition:
+def cycle_job(config: FlywheelConfig, domain: str) -> UnresolvedAssetJobDefinition:
     """A domain's whole cycle as one run over a range of its days."""
     selection = (
         dg.AssetSelection.assets(RAW_EVENTS, LABELS, *model_keys(domain).values())
@@ -32,10 +33,10 @@ def build_definitions(config: FlywheelConfig, home: Home) -> dg.Definitions:
     model_assets = [a for domain in config.domains for a in build_model_assets(config, domain)]
     return dg.Definitions(
         assets=[*build_data_assets(config), flywheel_dbt_assets, *model_assets],
-        asset_checks=quality_checks(),
+        asset_checks=quality_checks(config),
         jobs=[*(cycle_job(config, d) for d in config.domains), approve_candidate, deploy_champion, rollback_champion],
         schedules=[build_schedule(config, domain) for domain in config.domains],
-        sensors=[approval_sensor],
+        sensors=[approval_sensor, late_label_sensor],
         resources={
             "warehouse": WarehouseResource(home_path=str(home.root), config_path=str(config_path())),
             "mlflow": MlflowResource(home_path=str(home.root)),

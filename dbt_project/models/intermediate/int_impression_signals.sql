@@ -1,0 +1,111 @@
+-- One row per kept impression: the item shown, with its signals and outcomes pivoted. A reaction
+-- with an item_id applies to that impression; one without (abandon, reformulate, rating, an
+-- assistant's accept) to every impression of its interaction.
+
+with
+
+impressions as (
+
+    select impressions.*
+    from {{ ref('stg_impressions') }} as impressions
+    inner join {{ ref('int_interactions_flagged') }} as interactions
+        on interactions.interaction_event_id = impressions.interaction_event_id
+    where interactions.drop_reason is null
+
+),
+
+reactions as (
+
+    select * from {{ ref('int_reactions') }}
+
+),
+
+per_impression as (
+
+    select
+        impressions.domain,
+        impressions.interaction_id,
+        impressions.item_id,
+
+        count(*) filter (where signal_type = 'accept') > 0 as accepted,
+        min(after_s) filter (where signal_type = 'accept') as accepted_at_s,
+        list(after_s) filter (where signal_type = 'revert') as reverts_after_s,
+        count(*) filter (where signal_type = 'reject') > 0 as rejected,
+        arg_max(text, reacted_at) filter (where signal_type = 'edit') as edited_text,
+        min(after_s) filter (where signal_type = 'reformulate') as reformulated_after_s,
+        count(*) filter (where signal_type = 'copy') > 0 as copied,
+        min(after_s) filter (where signal_type = 'abandon') as abandoned_after_s,
+        arg_max(value, reacted_at) filter (where signal_type = 'rating') as rating,
+        count(*) filter (where signal_type = 'click') > 0 as clicked,
+        sum(value) filter (where signal_type = 'dwell') as dwell_s,
+        arg_min(
+            {'name': outcome_name, 'value': value, 'at': reacted_at, 'after_s': after_s}, reacted_at
+        ) filter (where outcome_name <> 'human_review') as first_outcome,
+        arg_max({'value': value, 'at': reacted_at}, reacted_at)
+            filter (where outcome_name = 'human_review') as last_review
+
+    from impressions
+    inner join reactions
+        on reactions.domain = impressions.domain
+        and reactions.interaction_id = impressions.interaction_id
+        and (reactions.item_id is null or reactions.item_id = impressions.item_id)
+    group by impressions.domain, impressions.interaction_id, impressions.item_id
+
+),
+
+deepest_clicks as (
+
+    select impressions.domain, impressions.interaction_id, max(impressions.position) as max_clicked_position
+    from impressions
+    inner join per_impression using (domain, interaction_id, item_id)
+    where per_impression.clicked
+    group by impressions.domain, impressions.interaction_id
+
+),
+
+pivoted as (
+
+    select
+        impressions.interaction_event_id,
+        impressions.domain,
+        impressions.interaction_id,
+        impressions.item_id,
+        impressions.position,
+        impressions.propensity,
+        impressions.item_content,
+
+        coalesce(per_impression.accepted, false) as accepted,
+        per_impression.accepted_at_s,
+        list_min(
+            list_filter(per_impression.reverts_after_s, lambda t: t >= per_impression.accepted_at_s)
+        ) - per_impression.accepted_at_s as reverted_after_accept_s,
+        coalesce(per_impression.rejected, false) as rejected,
+        case
+            when per_impression.edited_text is null then null
+            when greatest(length(impressions.item_content), length(per_impression.edited_text)) = 0
+                then 0.0
+            else levenshtein(impressions.item_content, per_impression.edited_text)
+                / greatest(length(impressions.item_content), length(per_impression.edited_text))
+        end as edit_ratio,
+        per_impression.edited_text,
+        per_impression.reformulated_after_s,
+        coalesce(per_impression.copied, false) as copied,
+        per_impression.abandoned_after_s,
+        per_impression.rating,
+        coalesce(per_impression.clicked, false) as clicked,
+        per_impression.dwell_s,
+        deepest_clicks.max_clicked_position,
+        per_impression.first_outcome.name as outcome_name,
+        per_impression.first_outcome.value as outcome_value,
+        per_impression.first_outcome.at as outcome_at,
+        per_impression.first_outcome.after_s as outcome_delay_s,
+        per_impression.last_review.value as review_value,
+        per_impression.last_review.at as reviewed_at
+
+    from impressions
+    left join per_impression using (domain, interaction_id, item_id)
+    left join deepest_clicks using (domain, interaction_id)
+
+)
+
+select * from pivoted

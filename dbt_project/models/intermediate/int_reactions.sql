@@ -1,0 +1,63 @@
+-- Signals and outcomes that reach the marts: those of a kept interaction, not stamped before it was
+-- served (a reaction cannot precede what it reacts to). Reactions to dropped or unknown
+-- interactions stop here.
+
+with
+
+kept as (
+
+    select domain, interaction_id, served_at
+    from {{ ref('int_interactions_flagged') }}
+    where drop_reason is null
+
+),
+
+signals as (
+
+    select
+        signal_event_id as reaction_event_id,
+        domain,
+        interaction_id,
+        item_id,
+        signal_type,
+        null::varchar as outcome_name,
+        value,
+        text,
+        signalled_at as reacted_at
+
+    from {{ ref('stg_signals') }}
+
+),
+
+outcomes as (
+
+    select
+        outcome_event_id as reaction_event_id,
+        domain,
+        interaction_id,
+        item_id,
+        null::varchar as signal_type,
+        outcome_name,
+        outcome_value as value,
+        null::varchar as text,
+        outcome_at as reacted_at
+
+    from {{ ref('stg_outcomes') }}
+
+),
+
+reactions as (
+
+    select * from signals
+    union all
+    select * from outcomes
+
+)
+
+select
+    reactions.*,
+    {{ seconds_between('kept.served_at', 'reactions.reacted_at') }} as after_s
+
+from reactions
+inner join kept using (domain, interaction_id)
+where reactions.reacted_at >= kept.served_at

@@ -1,0 +1,72 @@
+-- One row per session: how many interactions, how fast, how repetitive; is_bot flags bot/spam-like ones.
+
+with
+
+interactions as (
+
+    select domain, session_id, served_at, lower(trim(input_text)) as normalized_input
+    from {{ ref('stg_interactions') }}
+    where not is_duplicate
+
+),
+
+gaps as (
+
+    select
+        domain,
+        session_id,
+        served_at,
+        {{ seconds_between(
+            'lag(served_at) over (partition by domain, session_id order by served_at)', 'served_at'
+        ) }} as gap_s
+
+    from interactions
+
+),
+
+timing as (
+
+    select
+        domain,
+        session_id,
+        min(served_at) as started_at,
+        max(served_at) as ended_at,
+        count(*) as n_interactions,
+        median(gap_s) as median_gap_s
+
+    from gaps
+    group by domain, session_id
+
+),
+
+repeats as (
+
+    select domain, session_id, max(n_same_input) as max_repeated_input
+    from (
+        select domain, session_id, normalized_input, count(*) as n_same_input
+        from interactions
+        group by domain, session_id, normalized_input
+    )
+    group by domain, session_id
+
+),
+
+flagged as (
+
+    select
+        timing.*,
+        repeats.max_repeated_input,
+        case
+            when n_interactions > {{ var('bot_max_interactions') }} then 'too_many_interactions'
+            when n_interactions >= {{ var('bot_min_interactions_for_gap') }}
+                and median_gap_s < {{ var('bot_min_median_gap_s') }} then 'too_fast'
+            when max_repeated_input >= {{ var('bot_max_repeated_input') }} then 'repeated_input'
+        end as bot_rule
+
+    from timing
+    inner join repeats using (domain, session_id)
+
+)
+
+select *, bot_rule is not null as is_bot
+from flagged

@@ -1,0 +1,8 @@
+select
+    domain,
+    event_date,
+    coalesce(drop_reason, 'kept') as rule,
+    count(*) as interactions
+
+from {{ ref('int_interactions_flagged') }}
+group by domain, event_date, rule

@@ -1,0 +1,37 @@
+with
+
+source as (
+
+    select * from {{ source('raw', 'interactions') }}
+
+),
+
+renamed as (
+
+    select
+        ---------- ids
+        event_id as interaction_event_id,
+        interaction_id,
+        user_id,
+        session_id,
+
+        ---------- serving
+        domain,
+        event_date,
+        event_ts as served_at,
+        model_version,
+        policy,
+        consent,
+        input_text,
+        context ->> 'segment' as segment,
+
+        ---------- delivery: a later delivery of an interaction_id already seen is a duplicate
+        row_number() over (
+            partition by domain, interaction_id order by event_ts, event_id
+        ) > 1 as is_duplicate
+
+    from source
+
+)
+
+select * from renamed

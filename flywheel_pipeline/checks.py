@@ -1,0 +1,49 @@
+"""The Great Expectations gates as blocking Dagster asset checks: a failure stops downstream assets.
+
+- ``raw_events`` / ``accumulated_traffic``: per day x domain partition, the run's days as a whole.
+- ``fct_impressions`` / ``filtered_impressions``: the mart labeling reads, after every dbt test.
+"""
+
+from datetime import date
+
+import dagster as dg
+
+from flywheel_pipeline import quality
+from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.partitions import DATE, DOMAIN, day_domain_partitions
+from flywheel_pipeline.resources import WarehouseResource
+from flywheel_pipeline.transform import RAW_EVENTS, fct_impressions_key
+
+
+def _result(suite: quality.SuiteResult) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=suite.success, severity=dg.AssetCheckSeverity.ERROR, metadata=suite.metadata()
+    )
+
+
+def quality_checks(config: FlywheelConfig) -> list[dg.AssetChecksDefinition]:
+    partitions = day_domain_partitions(config)
+
+    @dg.asset_check(asset=RAW_EVENTS, blocking=True, partitions_def=partitions,
+                    description="GX: the days delivered traffic, ids unique, the exploration slice "
+                                "the domain's config promises is in the logs.")
+    def accumulated_traffic(context: dg.AssetCheckExecutionContext,
+                            warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        keys = [partitions.get_partition_key_from_str(key) for key in context.partition_keys]
+        (domain,) = {key.keys_by_dimension[DOMAIN] for key in keys}
+        days = sorted(date.fromisoformat(key.keys_by_dimension[DATE]) for key in keys)
+        with warehouse.connect() as con:
+            frame = quality.raw_interactions(con, domain, days[0], days[-1])
+        suite = quality.raw_interactions_suite(config.domain(domain), days[0], days[-1])
+        return _result(quality.run_suite(f"accumulated_traffic_{domain}", frame, suite))
+
+    @dg.asset_check(asset=fct_impressions_key(), blocking=True,
+                    description="GX: filtered impressions keep their keys unique, positions and "
+                                "propensities in range, inputs within the length bounds.")
+    def filtered_impressions(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        with warehouse.connect() as con:
+            frame = quality.filtered_impressions(con)
+        return _result(quality.run_suite("filtered_impressions", frame,
+                                         quality.filtered_impressions_suite()))
+
+    return [accumulated_traffic, filtered_impressions]

@@ -1,0 +1,160 @@
+"""Great Expectations suites on the accumulated and the filtered data.
+
+The event contract (events.py) already rejects bad rows one by one; these suites check what no
+single row shows: a day that delivered nothing, an exploration slice that vanished from the logs,
+duplicates or out-of-range values that slipped past filtering. Each suite runs on a polars frame
+(converted to pandas at the edge, GX reads pandas) in an ephemeral GX context; checks.py wires them
+as blocking Dagster asset checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import polars as pl
+import yaml
+
+from flywheel_pipeline.config import DomainConfig
+from flywheel_pipeline.events import CONSENT_STATES, POLICIES
+
+if TYPE_CHECKING:
+    from great_expectations.expectations import Expectation
+
+DBT_PROJECT_FILE = Path(__file__).resolve().parent.parent / "dbt_project" / "dbt_project.yml"
+EXPLORATION_TOLERANCE = 0.5  # the logged exploration share may be off by this factor either way
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    """One suite's verdict on one frame: every failed expectation named with what it observed."""
+
+    suite: str
+    n_rows: int
+    evaluated: int
+    failures: list[str]
+
+    @property
+    def success(self) -> bool:
+        return not self.failures
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "suite": self.suite,
+            "rows": self.n_rows,
+            "expectations": self.evaluated,
+            "failed": len(self.failures),
+            "failures": "; ".join(self.failures) or "none",
+        }
+
+
+def raw_interactions(
+    con: duckdb.DuckDBPyConnection, domain: str, first: date, last: date
+) -> pl.DataFrame:
+    """Accumulated interactions of ``domain`` on days first..last, with an exploration flag."""
+    return con.sql(
+        """
+        SELECT event_id, event_date, policy, consent, input_text,
+               (policy = 'explore')::INTEGER AS is_exploration
+        FROM raw.interactions
+        WHERE domain = $domain AND event_date BETWEEN $first AND $last
+        """,
+        params={"domain": domain, "first": first, "last": last},
+    ).pl()
+
+
+def filtered_impressions(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    """Every impression that passed quality filtering (marts.fct_impressions)."""
+    return con.sql(
+        "SELECT domain, interaction_id, item_id, position, propensity, policy, input_text "
+        "FROM marts.fct_impressions"
+    ).pl()
+
+
+def raw_interactions_suite(domain_config: DomainConfig, first: date, last: date) -> list[Expectation]:
+    """What accumulated traffic of a range of days must look like as a whole."""
+    import great_expectations.expectations as gxe
+
+    share = domain_config.exploration_share
+    expectations = [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        gxe.ExpectColumnValuesToBeUnique(column="event_id"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="event_date", min_value=first.isoformat(), max_value=last.isoformat()
+        ),
+        gxe.ExpectColumnValuesToBeInSet(column="policy", value_set=list(POLICIES)),
+        gxe.ExpectColumnValuesToBeInSet(column="consent", value_set=list(CONSENT_STATES)),
+    ]
+    if share > 0:  # the exploration slice the domain's config promises is in the logs
+        expectations.append(
+            gxe.ExpectColumnMeanToBeBetween(
+                column="is_exploration",
+                min_value=share * EXPLORATION_TOLERANCE,
+                max_value=min(1.0, share / EXPLORATION_TOLERANCE),
+            )
+        )
+    return expectations
+
+
+def filtered_impressions_suite() -> list[Expectation]:
+    """What quality filtering promises downstream: keys, positions, propensities, text bounds."""
+    import great_expectations.expectations as gxe
+
+    bounds = dbt_vars()
+    return [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        *(
+            gxe.ExpectColumnValuesToNotBeNull(column=column)
+            for column in ("domain", "interaction_id", "item_id", "position", "propensity", "policy")
+        ),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["domain", "interaction_id", "item_id"]),
+        gxe.ExpectColumnValuesToBeBetween(column="position", min_value=0),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="propensity", min_value=0, max_value=1, strict_min=True
+        ),
+        gxe.ExpectColumnValuesToBeInSet(column="policy", value_set=list(POLICIES)),
+        gxe.ExpectColumnValueLengthsToBeBetween(
+            column="input_text",
+            min_value=bounds["min_input_chars"],
+            max_value=bounds["max_input_chars"],
+        ),
+    ]
+
+
+@cache
+def dbt_vars() -> dict[str, Any]:
+    """The filtering thresholds, read from dbt_project.yml so dbt and GX share one value."""
+    return yaml.safe_load(DBT_PROJECT_FILE.read_text())["vars"]
+
+
+def run_suite(name: str, frame: pl.DataFrame, expectations: list[Expectation]) -> SuiteResult:
+    """Validate ``frame`` against ``expectations`` in an ephemeral GX context."""
+    import great_expectations as gx
+
+    context = gx.get_context(mode="ephemeral")
+    batch = (
+        context.data_sources.add_pandas(name)
+        .add_dataframe_asset(name)
+        .add_batch_definition_whole_dataframe(name)
+        .get_batch(batch_parameters={"dataframe": frame.to_pandas()})
+    )
+    suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
+    result = batch.validate(suite)
+    failures = [_describe(outcome) for outcome in result.results if not outcome.success]
+    return SuiteResult(name, frame.height, len(result.results), failures)
+
+
+def _describe(outcome: Any) -> str:
+    """``expect_column_mean_to_be_between(is_exploration): observed 0.0``."""
+    config = outcome.expectation_config
+    target = config.kwargs.get("column") or config.kwargs.get("column_list") or "table"
+    observed = outcome.result.get("observed_value")
+    if observed is None and "unexpected_count" in outcome.result:
+        observed = f"{outcome.result['unexpected_count']} unexpected rows"
+    if outcome.exception_info and outcome.exception_info.get("raised_exception"):
+        observed = outcome.exception_info.get("exception_message")
+    return f"{config.type}({target}): observed {observed}"

@@ -1,0 +1,94 @@
+"""Fine-tune: one trainer per domain shape behind one interface, one MLflow run per candidate."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import duckdb
+
+from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.home import Home
+from flywheel_pipeline.training.assistant import AssistantTrainer
+from flywheel_pipeline.training.base import (
+    FittedScorer,
+    FlywheelScorerModel,
+    Trainer,
+    TrainingResult,
+    Windows,
+    fit_with_internal_check,
+    impressions,
+    log_training_run,
+    policy_metrics,
+    split_windows,
+    training_set,
+)
+from flywheel_pipeline.training.recommendation import RecommendationTrainer
+
+__all__ = [
+    "AssistantTrainer",
+    "FittedScorer",
+    "FlywheelScorerModel",
+    "RecommendationTrainer",
+    "Trainer",
+    "TrainingResult",
+    "Windows",
+    "split_windows",
+    "train_candidate",
+    "trainer_for",
+]
+
+
+def trainer_for(shape: str) -> Trainer:
+    return AssistantTrainer() if shape == "assistant" else RecommendationTrainer()
+
+
+def train_candidate(
+    con: duckdb.DuckDBPyConnection,
+    home: Home,
+    config: FlywheelConfig,
+    domain: str,
+    as_of: date,
+    mature_until: date | None = None,
+) -> TrainingResult:
+    """Fit a candidate on the domain's training window and log it as one MLflow run."""
+    domain_config = config.domain(domain)
+    windows = split_windows(as_of, domain_config, mature_until)
+    rows = impressions(con, domain, windows.train_start, windows.train_end)
+    train = training_set(rows)
+    if train.is_empty():
+        raise ValueError(f"{domain}: no labelled impressions in {windows.params()}")
+    trainer = trainer_for(domain_config.shape)
+    weighted, weighting_metrics = trainer.weigh(train)
+    scorer, fit_metrics = fit_with_internal_check(trainer, weighted)
+    metrics = {
+        "label_coverage": train.height / rows.height,
+        **policy_metrics(train),
+        **weighting_metrics,
+        **fit_metrics,
+    }
+    params = {
+        "domain": domain,
+        "shape": domain_config.shape,
+        "as_of": as_of.isoformat(),
+        "mature_until": mature_until.isoformat() if mature_until else "none",
+        "lookback_days": domain_config.lookback_days,
+        "holdout_days": domain_config.holdout_days,
+        **windows.params(),
+        "n_impressions": rows.height,
+        "n_labelled": train.height,
+        "n_interactions": train["interaction_id"].n_unique(),
+    }
+    run_id, model = log_training_run(
+        home, domain, windows, trainer, scorer, weighted, params, metrics
+    )
+    return TrainingResult(
+        domain=domain,
+        run_id=run_id,
+        model_uri=model.model_uri,
+        model_id=model.model_id,
+        windows=windows,
+        n_rows=rows.height,
+        n_labelled=train.height,
+        metrics=metrics,
+        params=params,
+    )

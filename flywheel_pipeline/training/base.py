@@ -1,0 +1,323 @@
+"""Fine-tune: the time windows, the training set, the trainer interface and the MLflow run.
+
+Point-in-time: the training set is read with serving-time columns and labels only (never the
+reaction columns the labels were derived from), and a trainer's ``fit`` sees only
+SERVING_FEATURES + ``p_good`` + ``weight``. Every fitted scorer is logged through the one pyfunc
+wrapper, FlywheelScorerModel, so any domain's model loads with ``mlflow.pyfunc.load_model``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import date, timedelta
+from importlib.metadata import version
+from typing import Any, Protocol
+
+import duckdb
+import mlflow
+import numpy as np
+import pandas as pd
+import polars as pl
+from mlflow.models import infer_signature
+from scipy import sparse
+from sklearn.feature_extraction import FeatureHasher
+from sklearn.linear_model import SGDClassifier
+from sklearn.metrics import log_loss, roc_auc_score
+
+from flywheel_pipeline.config import DomainConfig
+from flywheel_pipeline.home import Home
+from flywheel_pipeline.scoring import SERVING_FEATURES
+
+# marts.fct_impressions columns known when the model chose (docs/warehouse.md).
+SERVING_TIME_COLUMNS = [
+    "domain",
+    "event_date",
+    "interaction_id",
+    "item_id",
+    "position",
+    "propensity",
+    "policy",
+    "model_version",
+    "served_at",
+    "user_id",
+    "session_id",
+    "is_new_user",
+    "segment",
+    "input_text",
+    "item_content",
+    "slate_size",
+]
+LABEL_COLUMNS = ["p_good", "label"]
+INTERNAL_SPLIT_SHARE = 0.2  # most recent share of the training rows kept for the internal check
+# Pinned to this environment; the models also need flywheel_pipeline importable where they load.
+MODEL_PIP_REQUIREMENTS = [
+    f"{name}=={version(name)}"
+    for name in ("mlflow", "scikit-learn", "numpy", "pandas", "scipy", "cloudpickle")
+]
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Training days strictly before held-out days; every bound is inclusive."""
+
+    train_start: date
+    train_end: date
+    holdout_start: date
+    holdout_end: date
+
+    def __post_init__(self) -> None:
+        if not self.train_start <= self.train_end < self.holdout_start <= self.holdout_end:
+            raise ValueError(f"windows must be ordered train < held-out, got {self}")
+
+    def params(self) -> dict[str, str]:
+        return {name: day.isoformat() for name, day in asdict(self).items()}
+
+
+def split_windows(
+    as_of: date, domain_config: DomainConfig, mature_until: date | None = None
+) -> Windows:
+    """Held-out = the last ``holdout_days`` up to ``as_of``; training = the ``lookback_days``
+    before it, never after ``mature_until`` (days whose delayed labels may still be arriving)."""
+    holdout_start = as_of - timedelta(days=domain_config.holdout_days - 1)
+    train_start = holdout_start - timedelta(days=domain_config.lookback_days)
+    train_end = holdout_start - timedelta(days=1)
+    if mature_until is not None:
+        train_end = min(train_end, mature_until)
+    if train_end < train_start:
+        raise ValueError(f"no mature training day: mature_until {mature_until} < {train_start}")
+    return Windows(train_start, train_end, holdout_start, as_of)
+
+
+def impressions(
+    con: duckdb.DuckDBPyConnection, domain: str, start: date, end: date
+) -> pl.DataFrame:
+    """Impressions of [start, end] with their labels (null p_good when unlabelled), serving-time
+    columns only, in serving order."""
+    columns = ", ".join(f"i.{name}" for name in SERVING_TIME_COLUMNS)
+    labels = ", ".join(f"l.{name}" for name in LABEL_COLUMNS)
+    query = f"""
+        SELECT {columns}, {labels}
+        FROM marts.fct_impressions AS i
+        LEFT JOIN labels.impression_labels AS l
+          USING (domain, event_date, interaction_id, item_id)
+        WHERE i.domain = $domain AND i.event_date BETWEEN $start AND $end
+        ORDER BY i.served_at, i.interaction_id, i.position
+    """
+    return con.sql(query, params={"domain": domain, "start": start, "end": end}).pl()
+
+
+class FittedScorer(Protocol):
+    """A fitted model: satisfies scoring.Scorer (one score per candidate row)."""
+
+    def predict(self, candidates: pd.DataFrame) -> np.ndarray: ...
+
+
+class Trainer(Protocol):
+    """One per domain shape."""
+
+    name: str
+
+    def params(self) -> dict[str, Any]:
+        """Hyper-parameters, logged with the run."""
+        ...
+
+    def weigh(self, rows: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, float]]:
+        """Add the ``weight`` column to labelled serving-time rows; return it with diagnostics."""
+        ...
+
+    def fit(self, train: pl.DataFrame) -> FittedScorer:
+        """Fit on SERVING_FEATURES + ``p_good`` + ``weight``."""
+        ...
+
+
+Featurize = Callable[[pd.DataFrame], list[dict[str, float]]]
+
+
+@dataclass
+class HashedLogisticScorer:
+    """Logistic regression (SGD, log loss) on hashed features. Each distinct key is featurised
+    once, and only the hashed columns seen in training are kept (small to pickle, fast to fit)."""
+
+    featurize: Featurize
+    key_columns: list[str]
+    n_features: int
+    columns: np.ndarray | None = None
+    model: SGDClassifier | None = None
+
+    def hashed(self, rows: pd.DataFrame) -> sparse.csr_matrix:
+        codes = rows.groupby(self.key_columns, dropna=False, sort=False).ngroup().to_numpy()
+        first_rows = np.unique(codes, return_index=True)[1]
+        hasher = FeatureHasher(n_features=self.n_features, input_type="dict")
+        return hasher.transform(self.featurize(rows.iloc[first_rows]))[codes]
+
+    def fit(self, train: pl.DataFrame, alpha: float, max_iter: int) -> HashedLogisticScorer:
+        frame = train.to_pandas()
+        good = (frame["p_good"] >= 0.5).to_numpy()
+        if good.all() or not good.any():
+            raise ValueError("training labels hold one class only")
+        features = self.hashed(frame)
+        self.columns = np.unique(features.indices)
+        self.model = SGDClassifier(
+            loss="log_loss", alpha=alpha, max_iter=max_iter, tol=1e-3, random_state=0
+        )
+        self.model.fit(features[:, self.columns], good, sample_weight=frame["weight"].to_numpy())
+        return self
+
+    def predict(self, candidates: pd.DataFrame) -> np.ndarray:
+        """P(good) for each candidate row."""
+        if candidates.empty:
+            return np.zeros(0)
+        return self.model.predict_proba(self.hashed(candidates)[:, self.columns])[:, 1]
+
+
+class FlywheelScorerModel(mlflow.pyfunc.PythonModel):
+    """The one pyfunc every domain's model is logged as: SERVING_FEATURES in, scores out."""
+
+    def __init__(self, scorer: FittedScorer) -> None:
+        self.scorer = scorer
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
+        return np.asarray(self.scorer.predict(model_input[SERVING_FEATURES]), dtype=float)
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What a training run produced; ``model_uri`` loads with ``mlflow.pyfunc.load_model``."""
+
+    domain: str
+    run_id: str
+    model_uri: str
+    model_id: str
+    windows: Windows
+    n_rows: int
+    n_labelled: int
+    metrics: dict[str, float]
+    params: dict[str, Any]
+
+    def metadata(self) -> dict[str, Any]:
+        """A flat dict for Dagster asset metadata."""
+        return {
+            "domain": self.domain,
+            "training_run_id": self.run_id,
+            "model_uri": self.model_uri,
+            "n_rows": self.n_rows,
+            "n_labelled": self.n_labelled,
+            **self.windows.params(),
+            **self.metrics,
+        }
+
+    def lineage(self) -> dict[str, Any]:
+        """Registry tags: where the candidate came from (run, windows, data sources)."""
+        return {
+            "training.run_id": self.run_id,
+            **{f"training.{name}": day for name, day in self.windows.params().items()},
+            "training.mature_until": self.params.get("mature_until", "none"),
+            "training.n_labelled": self.n_labelled,
+            **{
+                f"training.{name}": round(self.metrics[name], 4)
+                for name in ("exploration_share", "self_consumption_share", "label_coverage")
+                if name in self.metrics
+            },
+        }
+
+
+def training_set(rows: pl.DataFrame) -> pl.DataFrame:
+    """Labelled rows only (p_good null when every labeling function abstained)."""
+    return rows.filter(pl.col("p_good").is_not_null())
+
+
+def policy_metrics(train: pl.DataFrame) -> dict[str, float]:
+    """Where the training rows came from: the exploration slice vs the model's own choices."""
+    return {
+        "exploration_share": train.filter(pl.col("policy") == "explore").height / train.height,
+        "self_consumption_share": (
+            train.filter(pl.col("policy") == "champion").height / train.height
+        ),
+    }
+
+
+def fit_with_internal_check(
+    trainer: Trainer, weighted: pl.DataFrame
+) -> tuple[FittedScorer, dict[str, float]]:
+    """Fit on the earlier rows, score the most recent ones, then refit on everything."""
+    cutoff = weighted["served_at"].sort()[int(weighted.height * (1 - INTERNAL_SPLIT_SHARE))]
+    earlier = weighted.filter(pl.col("served_at") < cutoff)
+    later = weighted.filter(pl.col("served_at") >= cutoff)
+    metrics = {"n_internal_fit": float(earlier.height), "n_internal_check": float(later.height)}
+    try:
+        check_scorer = trainer.fit(_fit_columns(earlier))
+    except ValueError:  # too little or one-class early data: report, do not fail the run
+        metrics.update(internal_check_auc=np.nan, internal_check_log_loss=np.nan)
+    else:
+        metrics.update(_fit_quality(check_scorer, later, "internal_check"))
+    scorer = trainer.fit(_fit_columns(weighted))
+    metrics.update(_fit_quality(scorer, weighted, "training"))
+    return scorer, metrics
+
+
+def _fit_columns(weighted: pl.DataFrame) -> pl.DataFrame:
+    return weighted.select([*SERVING_FEATURES, "p_good", "weight"])
+
+
+def _fit_quality(scorer: FittedScorer, rows: pl.DataFrame, prefix: str) -> dict[str, float]:
+    """Weighted log loss and AUC of P(good) against the hard labels."""
+    frame = rows.to_pandas()
+    good = (frame["p_good"] >= 0.5).to_numpy()
+    weight = frame["weight"].to_numpy()
+    if frame.empty or weight.sum() == 0 or good.all() or not good.any():
+        return {f"{prefix}_auc": np.nan, f"{prefix}_log_loss": np.nan}
+    scores = np.clip(scorer.predict(frame[SERVING_FEATURES]), 1e-6, 1 - 1e-6)
+    return {
+        f"{prefix}_auc": float(roc_auc_score(good, scores, sample_weight=weight)),
+        f"{prefix}_log_loss": float(log_loss(good, scores, sample_weight=weight, labels=[0, 1])),
+    }
+
+
+def ensure_experiment(home: Home, domain: str) -> str:
+    """The id of the domain's experiment (``flywheel-<domain>``, artifacts under the home),
+    created on first use; points this process's MLflow at the home."""
+    home.ensure()
+    mlflow.set_tracking_uri(home.mlflow_tracking_uri)
+    name = f"flywheel-{domain}"
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow.create_experiment(name, artifact_location=home.mlflow_artifacts.as_uri())
+
+
+def log_training_run(
+    home: Home,
+    domain: str,
+    windows: Windows,
+    trainer: Trainer,
+    scorer: FittedScorer,
+    train: pl.DataFrame,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+) -> tuple[str, mlflow.models.model.ModelInfo]:
+    """One MLflow run: params, metrics, the training dataset and the pyfunc model."""
+    frame = _fit_columns(train).to_pandas()
+    example = frame[SERVING_FEATURES].head(5)
+    signature = infer_signature(example, scorer.predict(example))
+    with mlflow.start_run(
+        experiment_id=ensure_experiment(home, domain),
+        run_name=f"train-{windows.holdout_end}",
+        tags={"flywheel.domain": domain, "flywheel.stage": "training"},
+    ) as run:
+        mlflow.log_params({**params, **{f"trainer.{k}": v for k, v in trainer.params().items()}})
+        dataset = mlflow.data.from_pandas(
+            frame,
+            name=f"{domain}-train-{windows.train_start}-{windows.train_end}",
+            targets="p_good",
+        )
+        mlflow.log_input(dataset, context="training")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=FlywheelScorerModel(scorer),
+            signature=signature,
+            input_example=example,
+            pip_requirements=MODEL_PIP_REQUIREMENTS,
+        )
+        mlflow.log_metrics(metrics, model_id=info.model_id, dataset=dataset)
+    return run.info.run_id, info

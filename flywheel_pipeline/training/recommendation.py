@@ -1,0 +1,95 @@
+"""The recommendation trainer: P(good | user, item) corrected for position bias.
+
+Users see lower slots less often, so a lower slot's labels under-state how good its item is. The
+exploration slice (policy ``explore``: uniformly random slates) holds items independent of their
+position, so its good rate by position over the top slot's estimates the examination curve
+theta(position). A good impression then counts 1 / theta(position) (inverse propensity, clipped at
+``max_ips_weight``) and a bad one 1: the pointwise IPS loss with the negative part clipped at zero.
+Both are multiplied by the label confidence |2 p_good - 1|.
+
+Position is never a feature: it is unknown when the model ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import polars as pl
+
+from flywheel_pipeline.training.base import HashedLogisticScorer
+
+USER_ITEM_COLUMNS = ["user_id", "segment", "is_new_user", "item_id"]
+
+
+def user_item_features(rows: pd.DataFrame) -> list[dict[str, float]]:
+    """Hashed-feature dicts for (user, item) rows: item, segment x item, user x item, new x item."""
+    features = []
+    for user, segment, is_new, item in zip(
+        rows["user_id"].tolist(),
+        rows["segment"].tolist(),
+        rows["is_new_user"].tolist(),
+        rows["item_id"].tolist(),
+    ):
+        segment = segment if isinstance(segment, str) else "none"
+        features.append(
+            {
+                f"i={item}": 1.0,
+                f"s={segment}|i={item}": 1.0,
+                f"u={user}|i={item}": 1.0,
+                f"new={bool(is_new)}|i={item}": 1.0,
+            }
+        )
+    return features
+
+
+def examination_curve(rows: pl.DataFrame, min_rows: int, floor: float) -> dict[int, float]:
+    """theta(position) from the exploration slice, in [floor, 1]; {} when it is too thin."""
+    by_position = (
+        rows.filter(pl.col("policy") == "explore")
+        .group_by("position")
+        .agg(rate=pl.col("p_good").mean(), n=pl.len())
+        .filter(pl.col("n") >= min_rows)
+    )
+    rates = dict(zip(by_position["position"].to_list(), by_position["rate"].to_list()))
+    top = rates.get(0, 0.0)
+    if top <= 0:
+        return {}
+    return {position: min(1.0, max(floor, rate / top)) for position, rate in rates.items()}
+
+
+@dataclass(frozen=True)
+class RecommendationTrainer:
+    name: str = "recommendation-ips-hashed-logistic"
+    n_features: int = 2**18
+    alpha: float = 1e-4  # L2 strength
+    max_iter: int = 100  # epochs
+    max_ips_weight: float = 10.0
+    min_exploration_rows: int = 30  # per position, to estimate its examination
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "n_features": self.n_features,
+            "alpha": self.alpha,
+            "max_iter": self.max_iter,
+            "max_ips_weight": self.max_ips_weight,
+            "min_exploration_rows": self.min_exploration_rows,
+            "weight": "|2 p_good - 1| / theta(position) if good else |2 p_good - 1|",
+        }
+
+    def weigh(self, rows: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, float]]:
+        curve = examination_curve(rows, self.min_exploration_rows, 1 / self.max_ips_weight)
+        theta = pl.col("position").replace_strict(curve, default=1.0, return_dtype=pl.Float64)
+        weighted = rows.with_columns(
+            weight=(2 * pl.col("p_good") - 1).abs()
+            * pl.when(pl.col("p_good") >= 0.5).then(1 / theta).otherwise(1.0)
+        )
+        metrics = {f"examination_position_{p}": theta for p, theta in sorted(curve.items())}
+        metrics["examination_estimated"] = float(bool(curve))
+        return weighted, metrics
+
+    def fit(self, train: pl.DataFrame) -> HashedLogisticScorer:
+        scorer = HashedLogisticScorer(user_item_features, USER_ITEM_COLUMNS, self.n_features)
+        return scorer.fit(train, alpha=self.alpha, max_iter=self.max_iter)
