@@ -10,7 +10,7 @@ as blocking Dagster asset checks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime, time
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,7 +58,7 @@ def raw_interactions(
     """Accumulated interactions of ``domain`` on days first..last, with an exploration flag."""
     return con.sql(
         """
-        SELECT event_id, event_date, policy, consent, input_text,
+        SELECT event_id, event_date::TIMESTAMP AS event_date, policy, consent, input_text,
                (policy = 'explore')::INTEGER AS is_exploration
         FROM raw.interactions
         WHERE domain = $domain AND event_date BETWEEN $first AND $last
@@ -84,7 +84,9 @@ def raw_interactions_suite(domain_config: DomainConfig, first: date, last: date)
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
         gxe.ExpectColumnValuesToBeUnique(column="event_id"),
         gxe.ExpectColumnValuesToBeBetween(
-            column="event_date", min_value=first.isoformat(), max_value=last.isoformat()
+            column="event_date",
+            min_value=datetime.combine(first, time()),
+            max_value=datetime.combine(last, time()),
         ),
         gxe.ExpectColumnValuesToBeInSet(column="policy", value_set=list(POLICIES)),
         gxe.ExpectColumnValuesToBeInSet(column="consent", value_set=list(CONSENT_STATES)),
@@ -135,7 +137,10 @@ def run_suite(name: str, frame: pl.DataFrame, expectations: list[Expectation]) -
     """Validate ``frame`` against ``expectations`` in an ephemeral GX context."""
     import great_expectations as gx
 
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = (
         context.data_sources.add_pandas(name)
         .add_dataframe_asset(name)

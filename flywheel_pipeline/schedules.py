@@ -18,11 +18,9 @@ def cycle_job_name(domain: str) -> str:
 
 
 def period_days(domain_config: DomainConfig, tick: date) -> int:
-    """Days since the cron's previous tick (7 for weekly, about 91 for quarterly)."""
-    start = datetime(tick.year, tick.month, tick.day, 12)
-    cron = croniter(domain_config.cron, start)
-    previous = cron.get_prev(datetime)
-    return max(1, (start.date() - previous.date()).days)
+    """Days since the cron's tick before ``tick``'s day (7 for weekly, 90 to 92 for quarterly)."""
+    previous = croniter(domain_config.cron, datetime(tick.year, tick.month, tick.day)).get_prev(datetime)
+    return max(1, (tick - previous.date()).days)
 
 
 def cycle_days(config: FlywheelConfig, domain: str, tick: date) -> tuple[date, date]:

@@ -1,0 +1,175 @@
+"""The whole cycle through Dagster, in process, on a real DuckDB file, MLflow store and Dagster
+instance in a temporary home: accumulate -> dbt + GX -> label -> fine-tune -> validate -> register
+-> approve -> deploy; then late outcomes -> late-label sensor -> relabel of exactly those days."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+
+import dagster as dg
+import mlflow
+import pytest
+
+from flywheel_pipeline import registry, simulation
+from flywheel_pipeline.assets import LABELS, model_keys
+from flywheel_pipeline.definitions import build_definitions
+from flywheel_pipeline.home import Home
+from flywheel_pipeline.partitions import partition_key, range_tags
+from flywheel_pipeline.schedules import cycle_job_name
+from flywheel_pipeline.sensors import approval_sensor, late_label_sensor
+from flywheel_pipeline.transform import RAW_EVENTS, fct_impressions_key
+from flywheel_pipeline.warehouse import connect
+
+DOMAIN = "assistant"
+DAYS = 24
+LAST = datetime.now(timezone.utc).date() - timedelta(days=4)  # leaves room for 3 later days
+FIRST = LAST - timedelta(days=DAYS - 1)
+
+
+def run_cycle(defs, instance, domain, first, last, asset_selection=None, partition_key_=None):
+    job = defs.resolve_job_def(cycle_job_name(domain))
+    tags = {} if partition_key_ else range_tags(domain, first, last)
+    return job.execute_in_process(instance=instance, tags=tags, partition_key=partition_key_,
+                                  asset_selection=asset_selection, raise_on_error=False)
+
+
+def metadata(result, key: dg.AssetKey) -> dict:
+    """The metadata of ``key``'s materialization: one per run (a range run reports it per partition)."""
+    events = [e for e in result.get_asset_materialization_events() if e.asset_key == key]
+    (first, *_) = [{name: value.value for name, value in e.materialization.metadata.items()} for e in events]
+    return first
+
+
+def rows(home: Home, sql: str) -> list[tuple]:
+    with connect(home.warehouse) as con:
+        return con.execute(sql).fetchall()
+
+
+@pytest.fixture(scope="module")
+def cycle(tmp_path_factory):
+    """One assistant cycle over 24 simulated days (both domains simulated, 2% bad rows)."""
+    from flywheel_pipeline.config import load_config
+    from tests.conftest import REPO
+
+    config = load_config(REPO / "flywheel.yaml")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
+            patch.delenv(name, raising=False)
+        home = Home(tmp_path_factory.mktemp("pipeline")).activate()
+        simulation.simulate(home, config, FIRST, DAYS, seed=3, interactions_per_day=250, bad_row_share=0.02)
+        defs = build_definitions(config, home)
+        instance = dg.DagsterInstance.local_temp(str(home.dagster))  # the home's own instance
+        result = run_cycle(defs, instance, DOMAIN, FIRST, LAST)
+        yield home, config, defs, instance, result
+        instance.dispose()
+
+
+def test_every_stage_materializes_and_every_check_passes(cycle):
+    home, config, defs, instance, result = cycle
+    assert result.success
+    materialized = {e.asset_key for e in result.get_asset_materialization_events()}
+    assert {RAW_EVENTS, fct_impressions_key(), LABELS, *model_keys(DOMAIN).values()} <= materialized
+    evaluations = result.get_asset_check_evaluations()
+    assert {e.check_name for e in evaluations} >= {"accumulated_traffic", "filtered_impressions", "gate"}
+    assert len([e for e in evaluations if e.asset_key == fct_impressions_key()]) > 10  # dbt tests too
+    assert all(e.passed for e in evaluations), [e.check_name for e in evaluations if not e.passed]
+
+
+def test_counts_reconcile_from_landing_to_labels(cycle):
+    home, _, _, _, result = cycle
+    accumulated = metadata(result, RAW_EVENTS)
+    assert accumulated["lines_in"] == accumulated["accepted"] + accumulated["quarantined"]
+    assert accumulated["reconciles"] is True and accumulated["quarantined"] > 0
+    [(quarantined,)] = rows(home, "SELECT count(*) FROM raw.quarantine WHERE domain = 'assistant'")
+    assert quarantined == accumulated["quarantined"]
+    [(impressions, labelled)] = rows(home, f"""
+        SELECT (SELECT count(*) FROM marts.fct_impressions WHERE domain = '{DOMAIN}'),
+               (SELECT count(*) FROM labels.impression_labels WHERE domain = '{DOMAIN}')""")
+    assert impressions == labelled > 0
+    _, _, _, instance, _ = cycle
+    assert len(instance.get_materialized_partitions(LABELS)) == DAYS
+    assert len(instance.get_materialized_partitions(RAW_EVENTS)) == DAYS
+
+
+def test_the_candidate_is_registered_with_its_lineage_and_the_auto_domain_deploys_it(cycle):
+    home, config, defs, instance, result = cycle
+    registration = metadata(result, model_keys(DOMAIN)["registered_candidate"])
+    assert registration["registered"] is True
+    client = mlflow.MlflowClient(home.mlflow_tracking_uri)
+    version = str(registration["version"])
+    tags = client.get_model_version(registry.model_name(DOMAIN), version).tags
+    training = metadata(result, model_keys(DOMAIN)["candidate_model"])
+    validation = metadata(result, model_keys(DOMAIN)["validation_report"])
+    assert tags["training.run_id"] == training["training_run_id"]
+    assert tags["validation.run_id"] == validation["validation_run_id"]
+    assert tags["training.train_end"] < tags["training.holdout_start"]
+    assert {"code_version", "validation.gate", "training.self_consumption_share"} <= set(tags)
+
+    # assistant is automation=auto: its approval is on record, the sensor deploys it
+    context = dg.build_sensor_context(instance=instance, resources={"warehouse": defs.resources["warehouse"]})
+    (request,) = approval_sensor(context).run_requests
+    deploy = defs.resolve_job_def("deploy_champion")
+    assert deploy.execute_in_process(run_config=request.run_config, instance=instance).success
+    assert registry.alias_version(client, DOMAIN, registry.CHAMPION) == version
+
+
+def test_rerunning_the_cycle_changes_no_raw_or_label_row(cycle):
+    home, _, defs, instance, _ = cycle
+    query = f"""SELECT (SELECT count(*) FROM raw.interactions), (SELECT count(*) FROM raw.signals),
+                       (SELECT count(*) FROM raw.quarantine),
+                       (SELECT sum(hash(interaction_id, item_id, p_good)) FROM labels.impression_labels
+                        WHERE domain = '{DOMAIN}')"""
+    before = rows(home, query)
+    again = run_cycle(defs, instance, DOMAIN, FIRST, LAST,
+                      asset_selection=[RAW_EVENTS, LABELS, *_dbt_keys(defs)])
+    assert again.success
+    assert rows(home, query) == before
+
+
+def _dbt_keys(defs) -> list[dg.AssetKey]:
+    from flywheel_pipeline.transform import flywheel_dbt_assets
+
+    return list(flywheel_dbt_assets.keys)
+
+
+def test_late_outcomes_backfill_exactly_their_labelled_days(cycle):
+    home, config, defs, instance, _ = cycle
+    sensor_resources = {"warehouse": defs.resources["warehouse"]}
+    context = dg.build_sensor_context(instance=instance, resources=sensor_resources, definitions=defs)
+    first_tick = late_label_sensor(context)
+    assert not first_tick.run_requests  # nothing arrived after labelling
+
+    # three more days of traffic carry outcomes of interactions from the labelled days
+    later = LAST + timedelta(days=1)
+    simulation.simulate(home, config, later, 3, seed=3, interactions_per_day=250, domains=[DOMAIN])
+    assert run_cycle(defs, instance, DOMAIN, later, later + timedelta(days=2), asset_selection=[RAW_EVENTS]).success
+    expected = {date_ for (date_,) in rows(home, f"""
+        SELECT DISTINCT i.event_date FROM raw.outcomes o JOIN raw.interactions i USING (domain, interaction_id)
+        WHERE o.domain = '{DOMAIN}' AND i.event_date <= DATE '{LAST}'
+          AND o.ingested_at > (SELECT min(labelled_at) FROM labels.impression_labels l
+                               WHERE l.domain = i.domain AND l.event_date = i.event_date)""")}
+    assert expected  # the simulator's delayed outcomes reach back into labelled days
+
+    context = dg.build_sensor_context(instance=instance, resources=sensor_resources, definitions=defs,
+                                      cursor=first_tick.cursor)
+    tick = late_label_sensor(context)
+    (request,) = tick.run_requests
+    requested = request.asset_graph_subset.partitions_subsets_by_asset_key[LABELS].get_partition_keys()
+    assert set(requested) == {partition_key(DOMAIN, day) for day in expected}
+    assert set(request.asset_graph_subset.non_partitioned_asset_keys) >= {fct_impressions_key()}
+
+    again = dg.build_sensor_context(instance=instance, resources=sensor_resources, definitions=defs,
+                                    cursor=tick.cursor)
+    assert not late_label_sensor(again).run_requests  # no storm: the batch was seen
+
+    # run what the backfill asks for: the marts once, then the labels of each requested day
+    before = dict(rows(home, f"""SELECT event_date, sum(hash(interaction_id, item_id, p_good))
+                                 FROM labels.impression_labels WHERE domain = '{DOMAIN}' GROUP BY ALL"""))
+    assert run_cycle(defs, instance, DOMAIN, FIRST, LAST, asset_selection=_dbt_keys(defs)).success
+    for key in sorted(requested):
+        assert run_cycle(defs, instance, DOMAIN, None, None, asset_selection=[LABELS], partition_key_=key).success
+    after = dict(rows(home, f"""SELECT event_date, sum(hash(interaction_id, item_id, p_good))
+                                FROM labels.impression_labels WHERE domain = '{DOMAIN}' GROUP BY ALL"""))
+    assert {day for day in before if after[day] != before[day]} <= expected
+    assert any(after[day] != before[day] for day in expected)
+    assert all(after[day] == before[day] for day in before if day not in expected)
