@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import date, datetime, timedelta, timezone
+import warnings
+from datetime import UTC, date, datetime, timedelta
 
 from rich.console import Console
 
@@ -23,7 +24,7 @@ console = Console()
 
 
 def _yesterday() -> date:
-    return datetime.now(timezone.utc).date() - timedelta(days=1)
+    return datetime.now(UTC).date() - timedelta(days=1)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -52,11 +53,11 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    import dagster as dg
+
     from flywheel_pipeline.definitions import build_definitions
     from flywheel_pipeline.partitions import range_tags
     from flywheel_pipeline.schedules import cycle_job_name
-
-    import dagster as dg
 
     home, config = Home.from_env().activate(), load_config()
     config.domain(args.domain)
@@ -177,6 +178,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Dagster flags its beta/preview parameters (backfill policies, partitioned checks) on every load.
+    warnings.filterwarnings("ignore", message=r".* is currently in (beta|preview)")
     args = parser().parse_args(argv)
     try:
         args.func(args)

@@ -10,7 +10,10 @@ Runs go through the persistent Dagster instance and MLflow store in the home fol
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
@@ -66,6 +69,8 @@ class Demo:
         self.end = datetime.now(timezone.utc).date() - timedelta(days=1)
         self.start = self.end - timedelta(days=warmup_days + cycles * DAYS_PER_CYCLE - 1)
         self.sensor_cursor: str | None = None
+        self.tool_log = self.home.root / "demo.log"
+        logging.getLogger("mlflow").setLevel(logging.ERROR)
 
     def run(self) -> list[CycleRow]:
         rows: list[CycleRow] = []
@@ -99,8 +104,10 @@ class Demo:
         _, served_by = champion_scorer(self.config, domain)
         started = time.monotonic()
         job = self.defs.resolve_job_def(cycle_job_name(domain))
-        result = job.execute_in_process(instance=self.instance, tags=range_tags(domain, first, last),
-                                        run_config=QUIET, raise_on_error=False)
+        with self.console.status(f"cycle {cycle} {domain}: {first}..{last} accumulate -> filter -> label "
+                                 f"-> fine-tune -> validate -> register"), self._tool_output():
+            result = job.execute_in_process(instance=self.instance, tags=range_tags(domain, first, last),
+                                            run_config=QUIET, raise_on_error=False)
         if not result.success:
             raise RuntimeError(f"{domain} cycle {cycle} failed; see the run in the Dagster UI ({result.run_id})")
         report = _metadata(result, model_keys(domain)["validation_report"])
@@ -109,10 +116,19 @@ class Demo:
         self._tick_approval_sensor()
         scorer, champion = champion_scorer(self.config, domain)
         accuracy = simulation.true_accuracy(self.home, self.config, domain, scorer)
-        gate = "passed" if registration.get("registered") else f"failed: {registration.get('reasons', '')}"
+        reasons = registration.get("reasons", "")
+        gate = "passed" if registration.get("registered") else "failed: " + _reason_codes(reasons)
         self.console.print(f"  cycle {cycle} {domain}: {first}..{last} in {time.monotonic() - started:.0f}s; "
                            f"gate {gate}; champion {champion}; true accuracy {accuracy:.3f}")
+        if reasons:
+            self.console.print(f"    {reasons}")
         return CycleRow(cycle, domain, served_by, _held_out(report), gate, champion, accuracy)
+
+    @contextmanager
+    def _tool_output(self) -> Iterator[None]:
+        """dbt's console output goes to demo.log in the home (the Dagster UI has every event)."""
+        with self.tool_log.open("a") as log, redirect_stdout(log):
+            yield
 
     def _approve_if_standing_in(self, domain: str, registration: dict) -> None:
         domain_config = self.config.domain(domain)
@@ -147,6 +163,11 @@ def _metadata(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict:
         if event.asset_key == key:
             return {k: v.value for k, v in event.materialization.metadata.items()}
     return {}
+
+
+def _reason_codes(reasons: str) -> str:
+    """``improvement_below_minimum, slice_regression`` from the gate's full reasons."""
+    return ", ".join(reason.split(":")[0].strip() for reason in reasons.split(";") if reason.strip())
 
 
 def _held_out(report: dict) -> str:
