@@ -14,6 +14,7 @@ from flywheel_pipeline import registry, simulation
 from flywheel_pipeline.assets import LABELS, model_keys
 from flywheel_pipeline.definitions import build_definitions
 from flywheel_pipeline.home import Home
+from flywheel_pipeline.labeling import maturity_cutoff
 from flywheel_pipeline.partitions import partition_key, range_tags
 from flywheel_pipeline.schedules import cycle_job_name
 from flywheel_pipeline.sensors import approval_sensor, late_label_sensor
@@ -104,6 +105,9 @@ def test_the_candidate_is_registered_with_its_lineage_and_the_auto_domain_deploy
     assert tags["validation.run_id"] == validation["validation_run_id"]
     assert tags["training.train_end"] < tags["training.holdout_start"]
     assert {"code_version", "validation.gate", "training.self_consumption_share"} <= set(tags)
+    with connect(home.warehouse) as con:  # trained on mature days only, and says so
+        assert training["mature_until"] == maturity_cutoff(con, config, DOMAIN, LAST).isoformat()
+    assert training["train_end"] <= training["mature_until"]
 
     # assistant is automation=auto: its approval is on record, the sensor deploys it
     context = dg.build_sensor_context(instance=instance, resources={"warehouse": defs.resources["warehouse"]})

@@ -431,3 +431,26 @@ def test_recommendation_trainer_corrects_position_bias_and_reports_its_sources(c
     scores = model.predict(grid).reshape(3, 20)
     for segment in range(3):
         assert np.corrcoef(scores[segment], relevance[segment])[0, 1] > 0.7
+
+
+def test_immature_days_never_reach_the_training_set(con, home, config, monkeypatch):
+    class DaySpy(SpyTrainer):
+        def weigh(self, rows):
+            self.days = sorted(set(rows["event_date"].to_list()))
+            return self.trainer.weigh(rows)
+
+    spy = DaySpy(training.trainer_for("recommendation"))
+    monkeypatch.setattr(training, "trainer_for", lambda shape: spy)
+    mature_until = AS_OF - timedelta(days=10)
+    result = train_candidate(con, home, config, "recommendation", AS_OF, mature_until=mature_until)
+
+    assert spy.days[-1] == mature_until == result.windows.train_end
+    (labelled,) = con.execute(
+        """SELECT count(*) FROM labels.impression_labels
+           WHERE domain = 'recommendation' AND p_good IS NOT NULL AND event_date BETWEEN ? AND ?""",
+        [result.windows.train_start, mature_until],
+    ).fetchall()[0]
+    assert result.n_labelled == labelled
+    assert result.metadata()["mature_until"] == mature_until.isoformat()
+    run = mlflow.MlflowClient(home.mlflow_tracking_uri).get_run(result.run_id)
+    assert run.data.params["mature_until"] == run.data.params["train_end"] == mature_until.isoformat()

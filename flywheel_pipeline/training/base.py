@@ -204,6 +204,7 @@ class TrainingResult:
             "n_rows": self.n_rows,
             "n_labelled": self.n_labelled,
             **self.windows.params(),
+            "mature_until": self.params.get("mature_until", "none"),
             **self.metrics,
         }
 
