@@ -24,6 +24,13 @@ def resources(home):
 
 
 @pytest.fixture
+def instance():
+    """A real (sqlite-backed, temporary) Dagster instance, as the sensor daemon would use."""
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
+@pytest.fixture
 def client(resources):
     return resources["mlflow"].client()
 
@@ -50,8 +57,7 @@ def deploy(resources, instance, request: dg.RunRequest):
     return deploy_champion.execute_in_process(run_config=request.run_config, resources=resources, instance=instance)
 
 
-def test_sensor_deploys_only_after_an_approval(resources, client):
-    instance = dg.DagsterInstance.ephemeral()
+def test_sensor_deploys_only_after_an_approval(resources, client, instance):
     version = candidate(client)
 
     assert tick(resources, instance).run_requests == []
@@ -68,8 +74,7 @@ def test_sensor_deploys_only_after_an_approval(resources, client):
     assert tick(resources, instance).run_requests == []  # a deployed approval never deploys again
 
 
-def test_rejected_candidate_never_becomes_champion(resources, client):
-    instance = dg.DagsterInstance.ephemeral()
+def test_rejected_candidate_never_becomes_champion(resources, client, instance):
     version = candidate(client)
 
     assert not approve(resources, version, decision="rejected").success  # a rejection needs a reason
@@ -105,8 +110,7 @@ def test_approval_is_refused_for_a_failed_gate_or_an_unknown_approver(resources,
             approval.record_decision(con, client, config, "recommendation", "99", "rejected", "recsys-lead")
 
 
-def test_rollback_restores_the_previous_champion(resources, client):
-    instance = dg.DagsterInstance.ephemeral()
+def test_rollback_restores_the_previous_champion(resources, client, instance):
     first, second = candidate(client), None
     approve(resources, first)
     cursor = None

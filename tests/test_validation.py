@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import date, datetime
 
+import dagster as dg
 import duckdb
 import mlflow
 import numpy as np
@@ -13,7 +15,10 @@ import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from flywheel_pipeline import registry
+from flywheel_pipeline.assets import build_model_assets
 from flywheel_pipeline.config import Gate, parse_config
+from flywheel_pipeline.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.scoring import UniformScorer
 from flywheel_pipeline.training import train_candidate
 from flywheel_pipeline.training.base import Windows
@@ -280,3 +285,22 @@ def test_a_candidate_compared_with_itself_shows_no_difference(world):
     )
     assert all(m.difference == 0 for s in report.slices for m in s.metrics.values())
     assert report.decision.passed  # min_improvement 0: no worse is good enough
+
+
+def test_a_candidate_regressing_on_a_slice_is_not_registered_so_never_promoted(world):
+    """The registered_candidate asset itself, given a real candidate and a failed gate."""
+    _, home, config, candidate = world
+    report = report_with({"all": (1000, 0.80, 0.75), "new_users": (300, 0.60, 0.76)})
+    report = replace(report, domain="recommendation", decision=gate(report, GATE))
+    *_, registered_candidate = build_model_assets(config, "recommendation")
+
+    result = registered_candidate(
+        dg.build_asset_context(), candidate=candidate, report=report,
+        warehouse=WarehouseResource(home_path=str(home.root)), mlflow=MlflowResource(home_path=str(home.root)),
+    )
+
+    assert result.metadata["registered"] is False
+    assert "slice_regression" in result.metadata["reasons"]
+    client = mlflow.MlflowClient(home.mlflow_tracking_uri)
+    assert client.search_model_versions(f"name = '{registry.model_name('recommendation')}'") == []
+    assert registry.alias_version(client, "recommendation", registry.CHAMPION) is None
