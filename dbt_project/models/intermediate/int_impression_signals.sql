@@ -80,12 +80,13 @@ pivoted as (
             list_filter(per_impression.reverts_after_s, lambda t: t >= per_impression.accepted_at_s)
         ) - per_impression.accepted_at_s as reverted_after_accept_s,
         coalesce(per_impression.rejected, false) as rejected,
+        -- DuckDB's levenshtein counts UTF-8 bytes, so the lengths are byte lengths (strlen) too
         case
             when per_impression.edited_text is null then null
-            when greatest(length(impressions.item_content), length(per_impression.edited_text)) = 0
+            when greatest(strlen(impressions.item_content), strlen(per_impression.edited_text)) = 0
                 then 0.0
             else levenshtein(impressions.item_content, per_impression.edited_text)
-                / greatest(length(impressions.item_content), length(per_impression.edited_text))
+                / greatest(strlen(impressions.item_content), strlen(per_impression.edited_text))
         end as edit_ratio,
         per_impression.edited_text,
         per_impression.reformulated_after_s,
