@@ -20,7 +20,7 @@ from rich.console import Console
 from flywheel_pipeline.config import ConfigError, load_config
 from flywheel_pipeline.home import Home
 
-console = Console()
+console = Console(soft_wrap=True)  # long paths stay whole, for copy and paste
 
 
 def _yesterday() -> date:
@@ -49,7 +49,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
                            else _yesterday() - timedelta(days=args.days - 1))
     summary = simulate(home, config, start, args.days, seed=args.seed,
                        interactions_per_day=args.per_day, bad_row_share=args.bad_rows)
-    console.print(f"wrote {summary.total_interactions:,} interactions to {home.landing}")
+    last = start + timedelta(days=args.days - 1)
+    console.print(f"wrote {summary.total_interactions:,} interactions for {start}..{last} to {home.landing}")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -181,9 +182,12 @@ def main(argv: list[str] | None = None) -> None:
     # Dagster flags its beta/preview parameters (backfill policies, partitioned checks) on every load.
     warnings.filterwarnings("ignore", message=r".* is currently in (beta|preview)")
     args = parser().parse_args(argv)
+    from flywheel_pipeline.approval import ApprovalError
+    from flywheel_pipeline.registry import RegistryError
+
     try:
         args.func(args)
-    except ConfigError as error:
+    except (ConfigError, ApprovalError, RegistryError) as error:
         raise SystemExit(f"flywheel: {error}") from None
 
 

@@ -105,6 +105,8 @@ def test_the_candidate_is_registered_with_its_lineage_and_the_auto_domain_deploy
     assert tags["validation.run_id"] == validation["validation_run_id"]
     assert tags["training.train_end"] < tags["training.holdout_start"]
     assert {"code_version", "validation.gate", "training.self_consumption_share"} <= set(tags)
+    [(label_model,)] = rows(home, "SELECT DISTINCT label_model_version FROM labels.impression_labels")
+    assert tags["training.label_model_version"] == label_model
     with connect(home.warehouse) as con:  # trained on mature days only, and says so
         assert training["mature_until"] == maturity_cutoff(con, config, DOMAIN, LAST).isoformat()
     assert training["train_end"] <= training["mature_until"]

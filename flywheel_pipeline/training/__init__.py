@@ -17,6 +17,7 @@ from flywheel_pipeline.training.base import (
     Windows,
     fit_with_internal_check,
     impressions,
+    label_model_versions,
     log_training_run,
     policy_metrics,
     split_windows,
@@ -77,6 +78,9 @@ def train_candidate(
         "n_impressions": rows.height,
         "n_labelled": train.height,
         "n_interactions": train["interaction_id"].n_unique(),
+        "label_model_version": label_model_versions(
+            con, domain, windows.train_start, windows.train_end
+        ),
     }
     run_id, model = log_training_run(
         home, domain, windows, trainer, scorer, weighted, params, metrics

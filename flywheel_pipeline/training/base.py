@@ -214,13 +214,27 @@ class TrainingResult:
             "training.run_id": self.run_id,
             **{f"training.{name}": day for name, day in self.windows.params().items()},
             "training.mature_until": self.params.get("mature_until", "none"),
+            "training.n_impressions": self.n_rows,
             "training.n_labelled": self.n_labelled,
+            "training.label_model_version": self.params.get("label_model_version", ""),
             **{
                 f"training.{name}": round(self.metrics[name], 4)
                 for name in ("exploration_share", "self_consumption_share", "label_coverage")
                 if name in self.metrics
             },
         }
+
+
+def label_model_versions(
+    con: duckdb.DuckDBPyConnection, domain: str, start: date, end: date
+) -> str:
+    """The label model version(s) behind the labels of [start, end], comma-separated."""
+    rows = con.execute(
+        """SELECT DISTINCT label_model_version FROM labels.impression_labels
+           WHERE domain = ? AND event_date BETWEEN ? AND ? AND p_good IS NOT NULL ORDER BY 1""",
+        [domain, start, end],
+    ).fetchall()
+    return ",".join(version for (version,) in rows)
 
 
 def training_set(rows: pl.DataFrame) -> pl.DataFrame:
