@@ -1,8 +1,8 @@
 """Accumulation + quality filtering on a million simulated interactions.
 
 Prints events/second for accumulation (landing JSONL -> raw tables, contract checks, quarantine)
-and for the dbt build (staging -> intermediate -> marts, with dbt tests), and the peak memory of
-this process (DuckDB runs in it) and of dbt (a child process).
+and for the dbt build (staging -> intermediate -> marts, with dbt tests), and each phase's peak
+memory. Every phase runs in its own process (this one stays small), so a peak is that phase's own.
 
     .venv/bin/python benchmarks/accumulation.py [--interactions 1000000] [--home /tmp/flywheel-bench]
 """
@@ -10,7 +10,8 @@ this process (DuckDB runs in it) and of dbt (a child process).
 from __future__ import annotations
 
 import argparse
-import resource
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,59 +19,75 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 
-from flywheel_pipeline import warehouse
-from flywheel_pipeline.accumulation import accumulate
-from flywheel_pipeline.config import load_config
-from flywheel_pipeline.home import Home
-from flywheel_pipeline.simulation import simulate
-
 DAYS = 10
+DOMAINS = 2  # flywheel.yaml's assistant and recommendation
+PROJECT = Path(__file__).resolve().parent.parent / "dbt_project"
 
 
-def peak_mib(who: int) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--interactions", type=int, default=1_000_000)
-    parser.add_argument("--home", type=Path, default=Path("/tmp/flywheel-bench"))
-    args = parser.parse_args()
-
-    shutil.rmtree(args.home, ignore_errors=True)
-    home, config = Home(args.home.resolve()).activate(), load_config()
-    per_day = args.interactions // (DAYS * len(config.domains))
-    start = date.today() - timedelta(days=DAYS + 1)
-    days = [start + timedelta(days=i) for i in range(DAYS)]
-
+def run_phase(command: list[str], home: Path) -> tuple[float, float, str]:
+    """Run one phase; its wall seconds, its peak resident MiB and its stdout."""
     began = time.perf_counter()
-    simulate(home, config, start, DAYS, interactions_per_day=per_day, bad_row_share=0.01)
-    simulated = time.perf_counter() - began
-    lines = sum(sum(1 for _ in p.open()) for p in home.landing.rglob("*.jsonl"))
-    print(f"simulated {per_day * DAYS * len(config.domains):,} interactions = {lines:,} landing lines "
-          f"in {simulated:.1f}s")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "FLYWHEEL_HOME": str(home)})
+    out = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{command[:3]} failed:\n{out}")
+    return time.perf_counter() - began, usage.ru_maxrss / 1024, out
 
-    began = time.perf_counter()
+
+def accumulate_everything(first: date) -> None:
+    """The accumulation phase (run in its own process): every domain, every day; prints counts."""
+    from flywheel_pipeline import warehouse
+    from flywheel_pipeline.accumulation import accumulate
+    from flywheel_pipeline.config import load_config
+    from flywheel_pipeline.home import Home
+
+    home, config = Home.from_env(), load_config()
+    days = [first + timedelta(days=i) for i in range(DAYS)]
     accepted = quarantined = 0
     with warehouse.connect(home.warehouse) as con:
         for domain in config.domains:
             report = accumulate(con, home, config, domain, days)
             accepted += sum(report.accepted.values())
             quarantined += report.quarantined
-    accumulation = time.perf_counter() - began
-    print(f"accumulation: {accepted + quarantined:,} lines ({accepted:,} accepted, {quarantined:,} quarantined) "
-          f"in {accumulation:.1f}s = {(accepted + quarantined) / accumulation:,.0f} events/s")
+    print(json.dumps({"accepted": accepted, "quarantined": quarantined}))
 
-    began = time.perf_counter()
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--interactions", type=int, default=1_000_000)
+    parser.add_argument("--home", type=Path, default=Path("/tmp/flywheel-bench"))
+    parser.add_argument("--accumulate-from", type=date.fromisoformat, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.accumulate_from:
+        return accumulate_everything(args.accumulate_from)
+
+    home = args.home.resolve()
+    shutil.rmtree(home, ignore_errors=True)
+    per_day = args.interactions // (DAYS * DOMAINS)
+    first = date.today() - timedelta(days=DAYS + 1)
+
+    seconds, peak, _ = run_phase(
+        [sys.executable, "-m", "flywheel_pipeline.cli", "simulate", "--start", first.isoformat(),
+         "--days", str(DAYS), "--per-day", str(per_day), "--bad-rows", "0.01"], home)
+    lines = sum(sum(1 for _ in path.open()) for path in (home / "landing").rglob("*.jsonl"))
+    print(f"simulated {per_day * DAYS * DOMAINS:,} interactions = {lines:,} landing lines "
+          f"in {seconds:.1f}s (peak {peak:,.0f} MiB)")
+
+    seconds, peak, out = run_phase(
+        [sys.executable, __file__, "--accumulate-from", first.isoformat()], home)
+    counts = json.loads(out.strip().splitlines()[-1])
+    total = counts["accepted"] + counts["quarantined"]
+    print(f"accumulation: {total:,} lines ({counts['accepted']:,} accepted, "
+          f"{counts['quarantined']:,} quarantined) in {seconds:.1f}s = {total / seconds:,.0f} events/s, "
+          f"peak {peak:,.0f} MiB")
+
     dbt = Path(sys.executable).with_name("dbt")
-    project = Path(__file__).resolve().parent.parent / "dbt_project"
-    subprocess.run([str(dbt), "build", "--project-dir", str(project), "--profiles-dir", str(project), "--quiet"],
-                   check=True)
-    filtering = time.perf_counter() - began
-    print(f"quality filtering (dbt build, models + tests): {filtering:.1f}s = "
-          f"{(accepted + quarantined) / filtering:,.0f} events/s")
-    print(f"peak memory: this process (DuckDB) {peak_mib(resource.RUSAGE_SELF):,.0f} MiB, "
-          f"dbt {peak_mib(resource.RUSAGE_CHILDREN):,.0f} MiB")
+    seconds, peak, _ = run_phase(
+        [str(dbt), "build", "--project-dir", str(PROJECT), "--profiles-dir", str(PROJECT), "--quiet"], home)
+    print(f"quality filtering (dbt build, models + tests): {seconds:.1f}s = {total / seconds:,.0f} events/s, "
+          f"peak {peak:,.0f} MiB")
 
 
 if __name__ == "__main__":
