@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -133,7 +133,7 @@ def _check_lines(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain:
         """,
         {
             "domain": domain,
-            "now": now.astimezone(timezone.utc).replace(tzinfo=None),
+            "now": now.astimezone(UTC).replace(tzinfo=None),
             "skew": skew,
             "lateness": config.max_lateness_days,
         },
@@ -203,7 +203,7 @@ _INSERTS = {
 
 def _replace_partitions(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], now: datetime) -> None:
     """Swap the partitions' rows for this run's, all or nothing; an event keeps its first ingestion time."""
-    stamp = {"domain": domain, "now": now.astimezone(timezone.utc).replace(tzinfo=None)}
+    stamp = {"domain": domain, "now": now.astimezone(UTC).replace(tzinfo=None)}
     first_ingested = " UNION ALL ".join(
         f"SELECT event_id, ingested_at FROM raw.{table} WHERE domain = $domain AND event_date IN $dates"
         for table in _RAW_EVENT_TABLES
@@ -258,7 +258,7 @@ def accumulate(
     config.domain(domain)
     if not dates:
         raise ValueError("accumulate needs at least one day")
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     ensure_raw_tables(con)
     con.execute("SET TimeZone = 'UTC'")
     batches = batches_for(home, domain, dates, config.max_lateness_days)

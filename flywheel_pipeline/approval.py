@@ -8,7 +8,7 @@ automation level is ``auto`` gets its record from flywheel itself when every gat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 import duckdb
@@ -81,7 +81,7 @@ def record_decision(con: duckdb.DuckDBPyConnection, client: MlflowClient, config
         approval_id = con.execute(
             """INSERT INTO registry.approvals (domain, model_version, decision, approver, reason, decided_at)
                VALUES (?, ?, ?, ?, ?, ?) RETURNING approval_id""",
-            [domain, version, decision, approver, reason, datetime.now(timezone.utc).replace(tzinfo=None)],
+            [domain, version, decision, approver, reason, datetime.now(UTC).replace(tzinfo=None)],
         ).fetchone()[0]
     name = registry.model_name(domain)
     for key, value in {"approval.decision": decision, "approval.approver": approver,
@@ -137,6 +137,6 @@ def deploy(con: duckdb.DuckDBPyConnection, client: MlflowClient, approval_id: in
     con.execute(
         "INSERT OR IGNORE INTO registry.deployments VALUES (?, ?, ?, ?, ?)",
         [approval_id, record.domain, record.model_version, previous,
-         datetime.now(timezone.utc).replace(tzinfo=None)],
+         datetime.now(UTC).replace(tzinfo=None)],
     )
     return record.model_version, previous

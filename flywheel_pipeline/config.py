@@ -75,7 +75,7 @@ class FlywheelConfig(_Strict):
     domains: dict[str, DomainConfig]
 
     @model_validator(mode="after")
-    def _domain_names(self) -> "FlywheelConfig":
+    def _domain_names(self) -> FlywheelConfig:
         if not self.domains:
             raise ValueError("at least one domain is required")
         for name in self.domains:

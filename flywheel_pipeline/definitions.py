@@ -7,7 +7,12 @@ from flywheel_pipeline.assets import LABELS, build_data_assets, build_model_asse
 from flywheel_pipeline.checks import quality_checks
 from flywheel_pipeline.config import FlywheelConfig, active_config, config_path
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.jobs import WAREHOUSE_TAG, approve_candidate, deploy_champion, rollback_champion
+from flywheel_pipeline.jobs import (
+    WAREHOUSE_TAG,
+    approve_candidate,
+    deploy_champion,
+    rollback_champion,
+)
 from flywheel_pipeline.partitions import day_domain_partitions
 from flywheel_pipeline.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.schedules import build_schedule, cycle_job_name

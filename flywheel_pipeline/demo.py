@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
 import mlflow
@@ -66,7 +66,7 @@ class Demo:
         self.stand_in = stand_in_for_approvers
         self.instance = dg.DagsterInstance.get()
         self.defs = build_definitions(config, self.home)
-        self.end = datetime.now(timezone.utc).date() - timedelta(days=1)
+        self.end = datetime.now(UTC).date() - timedelta(days=1)
         self.start = self.end - timedelta(days=warmup_days + cycles * DAYS_PER_CYCLE - 1)
         self.sensor_cursor: str | None = None
         self.tool_log = self.home.root / "demo.log"

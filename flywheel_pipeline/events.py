@@ -174,8 +174,8 @@ def reason_sql(allowed_domains: tuple[str, ...]) -> str:
         ("unknown_domain", f"{_text('domain')} NOT IN {_sql_list(allowed_domains)}"),
         ("domain_mismatch", f"{_text('domain')} <> batch_domain"),
         ("future_timestamp", "event_ts > latest_allowed_ts"),
-        ("user_id_not_pseudonymous", f"length({_text('user_id')}) NOT BETWEEN 1 AND {MAX_ID_LENGTH} "
-                                     f"OR regexp_matches({_text('user_id')}, '@|\\s')"),
+        ("user_id_not_pseudonymous", (f"length({_text('user_id')}) NOT BETWEEN 1 AND {MAX_ID_LENGTH} "
+                                      f"OR regexp_matches({_text('user_id')}, '@|\\s')")),
     ]
     whens = "\n".join(f"    WHEN {condition} THEN '{reason}'" for reason, condition in rules)
     return f"CASE\n{whens}\n    ELSE NULL\nEND"

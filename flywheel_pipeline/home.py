@@ -35,7 +35,7 @@ class Home:
     root: Path
 
     @classmethod
-    def from_env(cls) -> "Home":
+    def from_env(cls) -> Home:
         return cls(Path(os.environ.get(HOME_ENV, DEFAULT_HOME)).resolve())
 
     @property
@@ -69,7 +69,7 @@ class Home:
     def landing_file(self, domain: str, day: str) -> Path:
         return self.landing / domain / f"{day}.jsonl"
 
-    def ensure(self) -> "Home":
+    def ensure(self) -> Home:
         """Create the folders and the Dagster instance config; safe to call repeatedly."""
         for folder in (self.landing, self.dagster, self.mlflow_artifacts, self.simulator):
             folder.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ class Home:
             dagster_yaml.write_text(_DAGSTER_YAML)
         return self
 
-    def activate(self) -> "Home":
+    def activate(self) -> Home:
         """Point this process (and the tools it starts) at this home."""
         self.ensure()
         os.environ[HOME_ENV] = str(self.root)

@@ -136,7 +136,6 @@ def dbt_vars() -> dict[str, Any]:
 def run_suite(name: str, frame: pl.DataFrame, expectations: list[Expectation]) -> SuiteResult:
     """Validate ``frame`` against ``expectations`` in an ephemeral GX context."""
     import great_expectations as gx
-
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")

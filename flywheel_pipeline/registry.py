@@ -11,7 +11,7 @@ version as tags, so the registry alone answers "what was this model trained on".
 from __future__ import annotations
 
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -98,4 +98,4 @@ def version_tags(client: MlflowClient, domain: str, version: str) -> dict[str, s
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")

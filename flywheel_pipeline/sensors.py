@@ -10,9 +10,9 @@ from dagster._core.definitions.events import AssetKeyPartitionKey
 
 from flywheel_pipeline import approval
 from flywheel_pipeline.assets import LABELS
+from flywheel_pipeline.jobs import deploy_champion
 from flywheel_pipeline.labeling.late import late_outcome_partitions
 from flywheel_pipeline.partitions import partition_key
-from flywheel_pipeline.jobs import deploy_champion
 from flywheel_pipeline.resources import WarehouseResource
 
 

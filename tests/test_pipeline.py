@@ -4,7 +4,8 @@ instance in a temporary home: accumulate -> dbt + GX -> label -> fine-tune -> va
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import dagster as dg
 import mlflow
@@ -12,6 +13,7 @@ import pytest
 
 from flywheel_pipeline import registry, simulation
 from flywheel_pipeline.assets import LABELS, model_keys
+from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.definitions import build_definitions
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.labeling import maturity_cutoff
@@ -23,7 +25,7 @@ from flywheel_pipeline.warehouse import connect
 
 DOMAIN = "assistant"
 DAYS = 24
-LAST = datetime.now(timezone.utc).date() - timedelta(days=4)  # leaves room for 3 later days
+LAST = datetime.now(UTC).date() - timedelta(days=4)  # leaves room for 3 later days
 FIRST = LAST - timedelta(days=DAYS - 1)
 
 
@@ -46,6 +48,14 @@ def rows(home: Home, sql: str) -> list[tuple]:
         return con.execute(sql).fetchall()
 
 
+class Cycle(NamedTuple):
+    home: Home
+    config: FlywheelConfig
+    defs: dg.Definitions
+    instance: dg.DagsterInstance
+    result: dg.ExecuteInProcessResult
+
+
 @pytest.fixture(scope="module")
 def cycle(tmp_path_factory):
     """One assistant cycle over 24 simulated days (both domains simulated, 2% bad rows)."""
@@ -61,12 +71,12 @@ def cycle(tmp_path_factory):
         defs = build_definitions(config, home)
         instance = dg.DagsterInstance.local_temp(str(home.dagster))  # the home's own instance
         result = run_cycle(defs, instance, DOMAIN, FIRST, LAST)
-        yield home, config, defs, instance, result
+        yield Cycle(home, config, defs, instance, result)
         instance.dispose()
 
 
 def test_every_stage_materializes_and_every_check_passes(cycle):
-    home, config, defs, instance, result = cycle
+    result = cycle.result
     assert result.success
     materialized = {e.asset_key for e in result.get_asset_materialization_events()}
     assert {RAW_EVENTS, fct_impressions_key(), LABELS, *model_keys(DOMAIN).values()} <= materialized
@@ -77,7 +87,7 @@ def test_every_stage_materializes_and_every_check_passes(cycle):
 
 
 def test_counts_reconcile_from_landing_to_labels(cycle):
-    home, _, _, _, result = cycle
+    home, result = cycle.home, cycle.result
     accumulated = metadata(result, RAW_EVENTS)
     assert accumulated["lines_in"] == accumulated["accepted"] + accumulated["quarantined"]
     assert accumulated["reconciles"] is True and accumulated["quarantined"] > 0
@@ -87,7 +97,7 @@ def test_counts_reconcile_from_landing_to_labels(cycle):
         SELECT (SELECT count(*) FROM marts.fct_impressions WHERE domain = '{DOMAIN}'),
                (SELECT count(*) FROM labels.impression_labels WHERE domain = '{DOMAIN}')""")
     assert impressions == labelled > 0
-    _, _, _, instance, _ = cycle
+    instance = cycle.instance
     assert len(instance.get_materialized_partitions(LABELS)) == DAYS
     assert len(instance.get_materialized_partitions(RAW_EVENTS)) == DAYS
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
 import polars as pl
@@ -67,7 +67,7 @@ def logs_without_exploration(home, config, monkeypatch):
     home.activate()
     assistant = config.domain("assistant").model_copy(update={"exploration_share": 0.0})
     no_exploration = config.model_copy(update={"domains": {**config.domains, "assistant": assistant}})
-    last = datetime.now(timezone.utc).date() - timedelta(days=1)
+    last = datetime.now(UTC).date() - timedelta(days=1)
     simulation.simulate(home, no_exploration, last - timedelta(days=2), 3, seed=5,
                         interactions_per_day=150, domains=["assistant"])
     return home, last

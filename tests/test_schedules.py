@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 import pytest
 from croniter import croniter
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 
 from flywheel_pipeline.definitions import build_definitions
 from flywheel_pipeline.partitions import partition_key
@@ -25,7 +28,7 @@ def defs(tmp_path_factory):
 
 
 def ticks_in_2027(schedule: dg.ScheduleDefinition) -> list[datetime]:
-    cron = croniter(schedule.cron_schedule, datetime(2027, 1, 1, tzinfo=timezone.utc))
+    cron = croniter(schedule.cron_schedule, datetime(2027, 1, 1, tzinfo=UTC))
     ticks = []
     while (tick := cron.get_next(datetime)).year == 2027:
         ticks.append(tick)
@@ -53,7 +56,7 @@ def test_each_domain_has_a_schedule_on_its_cadence_targeting_its_cycle_job(defs)
 
 def test_weekly_tick_runs_the_past_week_plus_the_lateness_window(defs):
     config, defs_ = defs
-    request = evaluate(defs_, "assistant_weekly", datetime(2026, 11, 23, 3, tzinfo=timezone.utc))
+    request = evaluate(defs_, "assistant_weekly", datetime(2026, 11, 23, 3, tzinfo=UTC))
     assert config.max_lateness_days == 7
     assert request.tags[ASSET_PARTITION_RANGE_START_TAG] == partition_key("assistant", datetime(2026, 11, 9).date())
     assert request.tags[ASSET_PARTITION_RANGE_END_TAG] == partition_key("assistant", datetime(2026, 11, 22).date())
@@ -62,7 +65,7 @@ def test_weekly_tick_runs_the_past_week_plus_the_lateness_window(defs):
 
 def test_quarterly_tick_runs_the_whole_past_quarter(defs):
     _, defs_ = defs
-    request = evaluate(defs_, "recommendation_quarterly", datetime(2026, 10, 1, 3, tzinfo=timezone.utc))
+    request = evaluate(defs_, "recommendation_quarterly", datetime(2026, 10, 1, 3, tzinfo=UTC))
     # July 1 .. September 30 (92 days) and the 7 lateness days before them
     assert request.tags[ASSET_PARTITION_RANGE_START_TAG] == partition_key(
         "recommendation", datetime(2026, 6, 24).date())
@@ -72,7 +75,7 @@ def test_quarterly_tick_runs_the_whole_past_quarter(defs):
 
 def test_every_requested_partition_exists_in_the_job(defs):
     _, defs_ = defs
-    request = evaluate(defs_, "assistant_weekly", datetime(2026, 11, 23, 3, tzinfo=timezone.utc))
+    request = evaluate(defs_, "assistant_weekly", datetime(2026, 11, 23, 3, tzinfo=UTC))
     partitions = defs_.resolve_job_def(cycle_job_name("assistant")).partitions_def
     keys = partitions.get_partition_keys()
     for tag in (ASSET_PARTITION_RANGE_START_TAG, ASSET_PARTITION_RANGE_END_TAG):
