@@ -20,7 +20,8 @@ from rich.console import Console
 from flywheel_pipeline.config import ConfigError, load_config
 from flywheel_pipeline.home import Home
 
-console = Console(soft_wrap=True)  # long paths stay whole, for copy and paste
+# Long paths stay whole (copy and paste); piped output gets room for the summary table.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 
 
 def _yesterday() -> date:
