@@ -46,7 +46,7 @@ def accumulate_everything(first: date) -> None:
     home, config = Home.from_env(), load_config()
     days = [first + timedelta(days=i) for i in range(DAYS)]
     accepted = quarantined = 0
-    with warehouse.connect(home.warehouse) as con:
+    with warehouse.connect(home.warehouse, memory_limit=config.warehouse.memory_limit) as con:
         for domain in config.domains:
             report = accumulate(con, home, config, domain, days)
             accepted += sum(report.accepted.values())

@@ -69,9 +69,18 @@ class DomainConfig(_Strict):
         return CADENCE_CRONS.get(self.cadence, self.cadence)
 
 
+class WarehouseSettings(_Strict):
+    memory_limit: str = Field(
+        "2GB",
+        pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$",
+        description="DuckDB's memory_limit for the pipeline's stages; past it DuckDB spills to disk",
+    )
+
+
 class FlywheelConfig(_Strict):
     partitions_start: date
     max_lateness_days: int = Field(7, ge=0)
+    warehouse: WarehouseSettings = WarehouseSettings()
     domains: dict[str, DomainConfig]
 
     @model_validator(mode="after")

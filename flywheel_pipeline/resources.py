@@ -28,7 +28,8 @@ class WarehouseResource(dg.ConfigurableResource):
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        with warehouse.connect(self.home().warehouse, read_only=read_only) as con:
+        memory_limit = self.config().warehouse.memory_limit
+        with warehouse.connect(self.home().warehouse, read_only=read_only, memory_limit=memory_limit) as con:
             yield con
 
 

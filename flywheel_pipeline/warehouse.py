@@ -52,11 +52,17 @@ _LOCK_RETRIES = 40
 
 
 @contextmanager
-def connect(path: Path | str, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open the warehouse, waiting briefly if another process holds the write lock."""
+def connect(
+    path: Path | str, read_only: bool = False, memory_limit: str | None = None
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the warehouse, waiting briefly if another process holds the write lock.
+
+    ``memory_limit`` (e.g. "2GB") bounds DuckDB's memory; larger work spills to disk.
+    """
+    config = {"memory_limit": memory_limit} if memory_limit else {}
     for attempt in range(_LOCK_RETRIES):
         try:
-            con = duckdb.connect(str(path), read_only=read_only)
+            con = duckdb.connect(str(path), read_only=read_only, config=config)
             break
         except duckdb.IOException as error:
             if "lock" not in str(error).lower() or attempt == _LOCK_RETRIES - 1:

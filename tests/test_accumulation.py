@@ -133,3 +133,10 @@ def test_crash_mid_write_keeps_the_previous_partition(home, config, monkeypatch)
 def test_unknown_domain_is_a_clear_error(home, config):
     with warehouse.connect(home.warehouse) as con, pytest.raises(Exception, match="unknown domain 'search'"):
         accumulate(con, home, config, "search", [DAY], now=NOW)
+
+
+def test_the_warehouse_connection_takes_the_configured_memory_limit(home, config):
+    assert config.warehouse.memory_limit == "2GB"
+    with warehouse.connect(home.warehouse, memory_limit=config.warehouse.memory_limit) as con:
+        [(limit,)] = con.execute("SELECT current_setting('memory_limit')").fetchall()
+    assert limit == "1.8 GiB"  # DuckDB reports 2 GB (10^9 bytes) in GiB
