@@ -92,37 +92,35 @@ def record_decision(con: duckdb.DuckDBPyConnection, client: MlflowClient, config
     return ApprovalRecord(approval_id, domain, version, decision, approver, reason)
 
 
-def decisions_after(con: duckdb.DuckDBPyConnection, approval_id: int) -> list[ApprovalRecord]:
-    """Decisions recorded after ``approval_id`` and not deployed yet, oldest first."""
+def _records(con: duckdb.DuckDBPyConnection, condition: str, params: list) -> list[ApprovalRecord]:
+    """Approval records matching ``condition`` (a WHERE clause and its ordering)."""
     ensure_tables(con)
     rows = con.execute(
-        """SELECT a.approval_id, a.domain, a.model_version, a.decision, a.approver, a.reason
-           FROM registry.approvals a ANTI JOIN registry.deployments d USING (approval_id)
-           WHERE a.approval_id > ? ORDER BY a.approval_id""",
-        [approval_id],
+        "SELECT approval_id, domain, model_version, decision, approver, reason "
+        f"FROM registry.approvals WHERE {condition}",
+        params,
     ).fetchall()
     return [ApprovalRecord(*row) for row in rows]
 
 
-def approval_for(con: duckdb.DuckDBPyConnection, approval_id: int) -> ApprovalRecord | None:
-    ensure_tables(con)
-    row = con.execute(
-        """SELECT approval_id, domain, model_version, decision, approver, reason
-           FROM registry.approvals WHERE approval_id = ?""",
+def decisions_after(con: duckdb.DuckDBPyConnection, approval_id: int) -> list[ApprovalRecord]:
+    """Decisions recorded after ``approval_id`` and not deployed yet, oldest first."""
+    return _records(
+        con,
+        "approval_id > ? AND approval_id NOT IN (SELECT approval_id FROM registry.deployments) "
+        "ORDER BY approval_id",
         [approval_id],
-    ).fetchone()
-    return ApprovalRecord(*row) if row else None
+    )
+
+
+def approval_for(con: duckdb.DuckDBPyConnection, approval_id: int) -> ApprovalRecord | None:
+    return next(iter(_records(con, "approval_id = ?", [approval_id])), None)
 
 
 def latest_decision(con: duckdb.DuckDBPyConnection, domain: str, version: str) -> ApprovalRecord | None:
-    ensure_tables(con)
-    row = con.execute(
-        """SELECT approval_id, domain, model_version, decision, approver, reason
-           FROM registry.approvals WHERE domain = ? AND model_version = ?
-           ORDER BY approval_id DESC LIMIT 1""",
-        [domain, version],
-    ).fetchone()
-    return ApprovalRecord(*row) if row else None
+    records = _records(con, "domain = ? AND model_version = ? ORDER BY approval_id DESC LIMIT 1",
+                       [domain, version])
+    return next(iter(records), None)
 
 
 def deploy(con: duckdb.DuckDBPyConnection, client: MlflowClient, approval_id: int) -> tuple[str, str | None]:

@@ -11,6 +11,7 @@
 from datetime import date
 
 import dagster as dg
+import duckdb
 
 from flywheel_pipeline import approval, registry
 from flywheel_pipeline.accumulation import accumulate
@@ -39,7 +40,7 @@ def build_data_assets(config: FlywheelConfig) -> list[dg.AssetsDefinition]:
               description="Landing batches validated against the event contract into raw.* "
                           "(rows in = accepted + quarantined; reasons in raw.quarantine).")
     def raw_events(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
-        domain, days = run_scope(context)
+        domain, days = run_scope(context, partitions)
         with warehouse.connect() as con:
             report = accumulate(con, warehouse.home(), config, domain, days)
         return dg.MaterializeResult(metadata=report.metadata())
@@ -49,7 +50,7 @@ def build_data_assets(config: FlywheelConfig) -> list[dg.AssetsDefinition]:
               description="Labeling functions over implicit and explicit signals, combined by a "
                           "Dawid-Skene label model into a probabilistic label per impression.")
     def labels(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
-        domain, days = run_scope(context)
+        domain, days = run_scope(context, partitions)
         with warehouse.connect() as con:
             report = label_partitions(con, domain, days, config)
         return dg.MaterializeResult(metadata=report.metadata())
@@ -57,12 +58,11 @@ def build_data_assets(config: FlywheelConfig) -> list[dg.AssetsDefinition]:
     return [raw_events, labels]
 
 
-def _latest_labelled_day(warehouse: WarehouseResource, domain: str) -> date:
-    with warehouse.connect() as con:
-        (day,) = con.execute(
-            "SELECT max(event_date) FROM labels.impression_labels WHERE domain = ? AND p_good IS NOT NULL",
-            [domain],
-        ).fetchone()
+def _latest_labelled_day(con: duckdb.DuckDBPyConnection, domain: str) -> date:
+    [(day,)] = con.execute(
+        "SELECT max(event_date) FROM labels.impression_labels WHERE domain = ? AND p_good IS NOT NULL",
+        [domain],
+    ).fetchall()
     if day is None:
         raise dg.Failure(f"{domain} has no labelled impressions yet: materialize labels first")
     return day
@@ -75,11 +75,10 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
 
     @dg.asset(key=keys["candidate_model"], deps=[LABELS], group_name=group, kinds={"mlflow", "scikitlearn"},
               description=f"Fine-tune a {domain} candidate on the mature, labelled training window.")
-    def candidate_model(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
-                        mlflow: MlflowResource) -> dg.Output[TrainingResult]:
-        as_of = _latest_labelled_day(warehouse, domain)
-        mlflow.client()
-        with warehouse.connect() as con:
+    def candidate_model(context: dg.AssetExecutionContext,
+                        warehouse: WarehouseResource) -> dg.Output[TrainingResult]:
+        with warehouse.connect() as con:  # train_candidate points MLflow at the home's store
+            as_of = _latest_labelled_day(con, domain)
             mature_until = maturity_cutoff(con, config, domain, as_of)
             result = train_candidate(con, warehouse.home(), config, domain, as_of, mature_until=mature_until)
         return dg.Output(result, metadata=result.metadata())

@@ -4,13 +4,11 @@
 - ``fct_impressions`` / ``filtered_impressions``: the mart labeling reads, after every dbt test.
 """
 
-from datetime import date
-
 import dagster as dg
 
 from flywheel_pipeline import quality
 from flywheel_pipeline.config import FlywheelConfig
-from flywheel_pipeline.partitions import DATE, DOMAIN, day_domain_partitions
+from flywheel_pipeline.partitions import day_domain_partitions, run_scope
 from flywheel_pipeline.resources import WarehouseResource
 from flywheel_pipeline.transform import RAW_EVENTS, fct_impressions_key
 
@@ -29,9 +27,7 @@ def quality_checks(config: FlywheelConfig) -> list[dg.AssetChecksDefinition]:
                                 "the domain's config promises is in the logs.")
     def accumulated_traffic(context: dg.AssetCheckExecutionContext,
                             warehouse: WarehouseResource) -> dg.AssetCheckResult:
-        keys = [partitions.get_partition_key_from_str(key) for key in context.partition_keys]
-        (domain,) = {key.keys_by_dimension[DOMAIN] for key in keys}
-        days = sorted(date.fromisoformat(key.keys_by_dimension[DATE]) for key in keys)
+        domain, days = run_scope(context, partitions)
         with warehouse.connect() as con:
             frame = quality.raw_interactions(con, domain, days[0], days[-1])
         suite = quality.raw_interactions_suite(config.domain(domain), days[0], days[-1])

@@ -57,17 +57,13 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     import dagster as dg
 
-    from flywheel_pipeline.definitions import build_definitions
-    from flywheel_pipeline.partitions import range_tags
-    from flywheel_pipeline.schedules import cycle_job_name
+    from flywheel_pipeline.definitions import build_definitions, execute_cycle
 
     home, config = Home.from_env().activate(), load_config()
     config.domain(args.domain)
     last = args.end or _yesterday()
     first = args.start or last - timedelta(days=6)
-    job = build_definitions(config, home).resolve_job_def(cycle_job_name(args.domain))
-    result = job.execute_in_process(instance=dg.DagsterInstance.get(), tags=range_tags(args.domain, first, last),
-                                    raise_on_error=False)
+    result = execute_cycle(build_definitions(config, home), dg.DagsterInstance.get(), args.domain, first, last)
     console.print(f"{args.domain} {first}..{last}: {'succeeded' if result.success else 'FAILED'} (run {result.run_id})")
     _print_status(home)
     if not result.success:

@@ -1,5 +1,7 @@
 """The one Dagster Definitions object, built from flywheel.yaml and the home folder."""
 
+from datetime import date
+
 import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
@@ -13,7 +15,7 @@ from flywheel_pipeline.jobs import (
     deploy_champion,
     rollback_champion,
 )
-from flywheel_pipeline.partitions import day_domain_partitions
+from flywheel_pipeline.partitions import day_domain_partitions, range_tags
 from flywheel_pipeline.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.schedules import build_schedule, cycle_job_name
 from flywheel_pipeline.sensors import approval_sensor, late_label_sensor
@@ -33,6 +35,14 @@ def cycle_job(config: FlywheelConfig, domain: str) -> UnresolvedAssetJobDefiniti
     )
 
 
+def execute_cycle(defs: dg.Definitions, instance: dg.DagsterInstance, domain: str, first: date, last: date,
+                  **options) -> dg.ExecuteInProcessResult:
+    """Run ``domain``'s cycle job in this process over its days first..last (the CLI and the demo)."""
+    job = defs.resolve_job_def(cycle_job_name(domain))
+    return job.execute_in_process(instance=instance, tags=range_tags(domain, first, last),
+                                  raise_on_error=False, **options)
+
+
 def build_definitions(config: FlywheelConfig, home: Home) -> dg.Definitions:
     home.ensure()
     model_assets = [a for domain in config.domains for a in build_model_assets(config, domain)]
@@ -43,7 +53,8 @@ def build_definitions(config: FlywheelConfig, home: Home) -> dg.Definitions:
         schedules=[build_schedule(config, domain) for domain in config.domains],
         sensors=[approval_sensor, late_label_sensor],
         resources={
-            "warehouse": WarehouseResource(home_path=str(home.root), config_path=str(config_path())),
+            "warehouse": WarehouseResource(home_path=str(home.root), config_path=str(config_path()),
+                                           memory_limit=config.warehouse.memory_limit),
             "mlflow": MlflowResource(home_path=str(home.root)),
             "dbt": dbt_resource(home),
             "io_manager": dg.FilesystemIOManager(base_dir=str(home.dagster / "storage")),

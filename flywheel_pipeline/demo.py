@@ -25,10 +25,8 @@ from rich.table import Table
 from flywheel_pipeline import approval, registry, simulation
 from flywheel_pipeline.assets import model_keys
 from flywheel_pipeline.config import FlywheelConfig
-from flywheel_pipeline.definitions import build_definitions
+from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.partitions import range_tags
-from flywheel_pipeline.schedules import cycle_job_name
 from flywheel_pipeline.scoring import Scorer, baseline_scorer
 from flywheel_pipeline.sensors import approval_sensor
 from flywheel_pipeline.warehouse import connect
@@ -49,13 +47,17 @@ class CycleRow:
     true_accuracy: float
 
 
+def champion_version(domain: str) -> str:
+    """The registered champion's version, or "baseline" before the first promotion."""
+    return registry.alias_version(mlflow.MlflowClient(), domain, registry.CHAMPION) or "baseline"
+
+
 def champion_scorer(config: FlywheelConfig, domain: str) -> tuple[Scorer, str]:
     """The domain's serving model: its registered champion, or the day-zero baseline."""
-    uri = registry.alias_uri(mlflow.MlflowClient(), domain, registry.CHAMPION)
-    if uri is None:
-        return baseline_scorer(config.domain(domain).shape), "baseline"
-    version = registry.alias_version(mlflow.MlflowClient(), domain, registry.CHAMPION)
-    return mlflow.pyfunc.load_model(uri), version
+    version = champion_version(domain)
+    if version == "baseline":
+        return baseline_scorer(config.domain(domain).shape), version
+    return mlflow.pyfunc.load_model(registry.alias_uri(mlflow.MlflowClient(), domain, registry.CHAMPION)), version
 
 
 class Demo:
@@ -101,13 +103,11 @@ class Demo:
                            f"{summary.total_interactions:,} interactions) in {time.monotonic() - started:.1f}s")
 
     def _cycle(self, cycle: int, domain: str, first: date, last: date) -> CycleRow:
-        _, served_by = champion_scorer(self.config, domain)
+        served_by = champion_version(domain)
         started = time.monotonic()
-        job = self.defs.resolve_job_def(cycle_job_name(domain))
         with self.console.status(f"cycle {cycle} {domain}: {first}..{last} accumulate -> filter -> label "
                                  f"-> fine-tune -> validate -> register"), self._tool_output():
-            result = job.execute_in_process(instance=self.instance, tags=range_tags(domain, first, last),
-                                            run_config=QUIET, raise_on_error=False)
+            result = execute_cycle(self.defs, self.instance, domain, first, last, run_config=QUIET)
         if not result.success:
             raise RuntimeError(f"{domain} cycle {cycle} failed; see the run in the Dagster UI ({result.run_id})")
         report = _metadata(result, model_keys(domain)["validation_report"])

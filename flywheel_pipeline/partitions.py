@@ -35,9 +35,11 @@ def days_between(first: date, last: date) -> list[date]:
     return [first + timedelta(days=offset) for offset in range((last - first).days + 1)]
 
 
-def run_scope(context: dg.AssetExecutionContext) -> tuple[str, list[date]]:
-    """The one domain and the days a partitioned run covers."""
-    partitions_def = context.assets_def.partitions_def
+def run_scope(
+    context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext,
+    partitions_def: dg.MultiPartitionsDefinition,
+) -> tuple[str, list[date]]:
+    """The one domain and the days a partitioned run (of an asset or a check) covers."""
     keys = [partitions_def.get_partition_key_from_str(key) for key in context.partition_keys]
     domains = {key.keys_by_dimension[DOMAIN] for key in keys}
     if len(domains) != 1:

@@ -19,6 +19,7 @@ class WarehouseResource(dg.ConfigurableResource):
 
     home_path: str
     config_path: str | None = None
+    memory_limit: str | None = None  # flywheel.yaml's warehouse.memory_limit; None: DuckDB's default
 
     def home(self) -> Home:
         return Home(Path(self.home_path).resolve()).ensure()
@@ -28,8 +29,8 @@ class WarehouseResource(dg.ConfigurableResource):
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        memory_limit = self.config().warehouse.memory_limit
-        with warehouse.connect(self.home().warehouse, read_only=read_only, memory_limit=memory_limit) as con:
+        with warehouse.connect(self.home().warehouse, read_only=read_only,
+                               memory_limit=self.memory_limit) as con:
             yield con
 
 

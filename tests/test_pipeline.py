@@ -14,10 +14,10 @@ import pytest
 from flywheel_pipeline import registry, simulation
 from flywheel_pipeline.assets import LABELS, model_keys
 from flywheel_pipeline.config import FlywheelConfig
-from flywheel_pipeline.definitions import build_definitions
+from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.labeling import maturity_cutoff
-from flywheel_pipeline.partitions import partition_key, range_tags
+from flywheel_pipeline.partitions import partition_key
 from flywheel_pipeline.schedules import cycle_job_name
 from flywheel_pipeline.sensors import approval_sensor, late_label_sensor
 from flywheel_pipeline.transform import RAW_EVENTS, fct_impressions_key
@@ -29,11 +29,11 @@ LAST = datetime.now(UTC).date() - timedelta(days=4)  # leaves room for 3 later d
 FIRST = LAST - timedelta(days=DAYS - 1)
 
 
-def run_cycle(defs, instance, domain, first, last, asset_selection=None, partition_key_=None):
-    job = defs.resolve_job_def(cycle_job_name(domain))
-    tags = {} if partition_key_ else range_tags(domain, first, last)
-    return job.execute_in_process(instance=instance, tags=tags, partition_key=partition_key_,
-                                  asset_selection=asset_selection, raise_on_error=False)
+def relabel(defs, instance, key: str):
+    """One day x domain partition of ``labels``, as a backfill run would materialize it."""
+    job = defs.resolve_job_def(cycle_job_name(DOMAIN))
+    return job.execute_in_process(instance=instance, partition_key=key, asset_selection=[LABELS],
+                                  raise_on_error=False)
 
 
 def metadata(result, key: dg.AssetKey) -> dict:
@@ -70,7 +70,7 @@ def cycle(tmp_path_factory):
         simulation.simulate(home, config, FIRST, DAYS, seed=3, interactions_per_day=250, bad_row_share=0.02)
         defs = build_definitions(config, home)
         instance = dg.DagsterInstance.local_temp(str(home.dagster))  # the home's own instance
-        result = run_cycle(defs, instance, DOMAIN, FIRST, LAST)
+        result = execute_cycle(defs, instance, DOMAIN, FIRST, LAST)
         yield Cycle(home, config, defs, instance, result)
         instance.dispose()
 
@@ -136,7 +136,7 @@ def test_rerunning_the_cycle_changes_no_raw_or_label_row(cycle):
                        (SELECT sum(hash(interaction_id, item_id, p_good)) FROM labels.impression_labels
                         WHERE domain = '{DOMAIN}')"""
     before = rows(home, query)
-    again = run_cycle(defs, instance, DOMAIN, FIRST, LAST,
+    again = execute_cycle(defs, instance, DOMAIN, FIRST, LAST,
                       asset_selection=[RAW_EVENTS, LABELS, *_dbt_keys(defs)])
     assert again.success
     assert rows(home, query) == before
@@ -158,7 +158,7 @@ def test_late_outcomes_backfill_exactly_their_labelled_days(cycle):
     # three more days of traffic carry outcomes of interactions from the labelled days
     later = LAST + timedelta(days=1)
     simulation.simulate(home, config, later, 3, seed=3, interactions_per_day=250, domains=[DOMAIN])
-    assert run_cycle(defs, instance, DOMAIN, later, later + timedelta(days=2), asset_selection=[RAW_EVENTS]).success
+    assert execute_cycle(defs, instance, DOMAIN, later, later + timedelta(days=2), asset_selection=[RAW_EVENTS]).success
     expected = {date_ for (date_,) in rows(home, f"""
         SELECT DISTINCT i.event_date FROM raw.outcomes o JOIN raw.interactions i USING (domain, interaction_id)
         WHERE o.domain = '{DOMAIN}' AND i.event_date <= DATE '{LAST}'
@@ -181,9 +181,9 @@ def test_late_outcomes_backfill_exactly_their_labelled_days(cycle):
     # run what the backfill asks for: the marts once, then the labels of each requested day
     before = dict(rows(home, f"""SELECT event_date, sum(hash(interaction_id, item_id, p_good))
                                  FROM labels.impression_labels WHERE domain = '{DOMAIN}' GROUP BY ALL"""))
-    assert run_cycle(defs, instance, DOMAIN, FIRST, LAST, asset_selection=_dbt_keys(defs)).success
+    assert execute_cycle(defs, instance, DOMAIN, FIRST, LAST, asset_selection=_dbt_keys(defs)).success
     for key in sorted(requested):
-        assert run_cycle(defs, instance, DOMAIN, None, None, asset_selection=[LABELS], partition_key_=key).success
+        assert relabel(defs, instance, key).success
     after = dict(rows(home, f"""SELECT event_date, sum(hash(interaction_id, item_id, p_good))
                                 FROM labels.impression_labels WHERE domain = '{DOMAIN}' GROUP BY ALL"""))
     assert {day for day in before if after[day] != before[day]} <= expected

@@ -10,9 +10,7 @@ import pytest
 
 from flywheel_pipeline import quality, simulation
 from flywheel_pipeline.assets import LABELS
-from flywheel_pipeline.definitions import build_definitions
-from flywheel_pipeline.partitions import range_tags
-from flywheel_pipeline.schedules import cycle_job_name
+from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.transform import RAW_EVENTS, fct_impressions_key, flywheel_dbt_assets
 
 DAY = date(2026, 11, 2)
@@ -76,10 +74,8 @@ def logs_without_exploration(home, config, monkeypatch):
 def test_a_failing_expectation_blocks_everything_downstream(logs_without_exploration, config):
     home, last = logs_without_exploration
     defs = build_definitions(config, home)
-    job = defs.resolve_job_def(cycle_job_name("assistant"))
     with dg.instance_for_test() as instance:
-        result = job.execute_in_process(instance=instance, raise_on_error=False,
-                                        tags=range_tags("assistant", last - timedelta(days=2), last))
+        result = execute_cycle(defs, instance, "assistant", last - timedelta(days=2), last)
         assert not result.success
         (check,) = [e for e in result.get_asset_check_evaluations() if e.check_name == "accumulated_traffic"]
         assert not check.passed

@@ -10,13 +10,12 @@ champions and the exploration slice alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 import polars as pl
 
 from flywheel_pipeline.scoring import tokens
-from flywheel_pipeline.training.base import HashedLogisticScorer
+from flywheel_pipeline.training.base import HashedLogisticTrainer
 
 QUERY_RESPONSE_COLUMNS = ["input_text", "item_id", "item_content"]
 
@@ -42,25 +41,13 @@ def response_features(rows: pd.DataFrame) -> list[dict[str, float]]:
 
 
 @dataclass(frozen=True)
-class AssistantTrainer:
+class AssistantTrainer(HashedLogisticTrainer):
     name: str = "assistant-hashed-logistic"
-    n_features: int = 2**18
-    alpha: float = 1e-4  # L2 strength
-    max_iter: int = 100  # epochs
+    weighting = "|2 p_good - 1|"
 
-    def params(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "n_features": self.n_features,
-            "alpha": self.alpha,
-            "max_iter": self.max_iter,
-            "weight": "|2 p_good - 1|",
-        }
+    featurize = staticmethod(response_features)
+    key_columns = QUERY_RESPONSE_COLUMNS
 
     def weigh(self, rows: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, float]]:
         weighted = rows.with_columns(weight=(2 * pl.col("p_good") - 1).abs())
         return weighted, {"mean_label_confidence": float(weighted["weight"].mean())}
-
-    def fit(self, train: pl.DataFrame) -> HashedLogisticScorer:
-        scorer = HashedLogisticScorer(response_features, QUERY_RESPONSE_COLUMNS, self.n_features)
-        return scorer.fit(train, alpha=self.alpha, max_iter=self.max_iter)

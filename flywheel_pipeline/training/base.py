@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
 from importlib.metadata import version
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import duckdb
 import mlflow
@@ -169,6 +169,28 @@ class HashedLogisticScorer:
         if candidates.empty:
             return np.zeros(0)
         return self.model.predict_proba(self.hashed(candidates)[:, self.columns])[:, 1]
+
+
+@dataclass(frozen=True)
+class HashedLogisticTrainer:
+    """What the domain trainers share: a HashedLogisticScorer fitted on their features. A
+    subclass names its ``featurize`` (a staticmethod), ``key_columns``, ``weighting`` and ``weigh``."""
+
+    name: str
+    n_features: int = 2**18
+    alpha: float = 1e-4  # L2 strength
+    max_iter: int = 100  # epochs
+
+    featurize: ClassVar[Featurize]
+    key_columns: ClassVar[list[str]]
+    weighting: ClassVar[str]  # how ``weigh`` weights a row, in words
+
+    def params(self) -> dict[str, Any]:
+        return {**asdict(self), "weight": self.weighting}
+
+    def fit(self, train: pl.DataFrame) -> HashedLogisticScorer:
+        scorer = HashedLogisticScorer(self.featurize, self.key_columns, self.n_features)
+        return scorer.fit(train, alpha=self.alpha, max_iter=self.max_iter)
 
 
 class FlywheelScorerModel(mlflow.pyfunc.PythonModel):

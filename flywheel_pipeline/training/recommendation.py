@@ -13,12 +13,11 @@ Position is never a feature: it is unknown when the model ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 import polars as pl
 
-from flywheel_pipeline.training.base import HashedLogisticScorer
+from flywheel_pipeline.training.base import HashedLogisticTrainer
 
 USER_ITEM_COLUMNS = ["user_id", "segment", "is_new_user", "item_id"]
 
@@ -60,24 +59,14 @@ def examination_curve(rows: pl.DataFrame, min_rows: int, floor: float) -> dict[i
 
 
 @dataclass(frozen=True)
-class RecommendationTrainer:
+class RecommendationTrainer(HashedLogisticTrainer):
     name: str = "recommendation-ips-hashed-logistic"
-    n_features: int = 2**18
-    alpha: float = 1e-4  # L2 strength
-    max_iter: int = 100  # epochs
     max_ips_weight: float = 10.0
     min_exploration_rows: int = 30  # per position, to estimate its examination
+    weighting = "|2 p_good - 1| / theta(position) if good else |2 p_good - 1|"
 
-    def params(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "n_features": self.n_features,
-            "alpha": self.alpha,
-            "max_iter": self.max_iter,
-            "max_ips_weight": self.max_ips_weight,
-            "min_exploration_rows": self.min_exploration_rows,
-            "weight": "|2 p_good - 1| / theta(position) if good else |2 p_good - 1|",
-        }
+    featurize = staticmethod(user_item_features)
+    key_columns = USER_ITEM_COLUMNS
 
     def weigh(self, rows: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, float]]:
         curve = examination_curve(rows, self.min_exploration_rows, 1 / self.max_ips_weight)
@@ -89,7 +78,3 @@ class RecommendationTrainer:
         metrics = {f"examination_position_{p}": theta for p, theta in sorted(curve.items())}
         metrics["examination_estimated"] = float(bool(curve))
         return weighted, metrics
-
-    def fit(self, train: pl.DataFrame) -> HashedLogisticScorer:
-        scorer = HashedLogisticScorer(user_item_features, USER_ITEM_COLUMNS, self.n_features)
-        return scorer.fit(train, alpha=self.alpha, max_iter=self.max_iter)
