@@ -77,10 +77,23 @@ class WarehouseSettings(_Strict):
     )
 
 
+class DaemonSettings(_Strict):
+    """How the Dagster daemon drives the flywheel (schedules, sensors)."""
+
+    schedules: Literal["stopped", "running"] = Field(
+        "stopped",
+        description="default status of each domain's cadence schedule: stopped until a person turns it "
+                    "on (UI > Automation, or `dagster schedule start`), or running as soon as the daemon starts",
+    )
+    approval_sensor_seconds: int = Field(30, ge=5, description="how often the approval sensor looks")
+    late_label_sensor_seconds: int = Field(300, ge=5, description="how often the late-label sensor looks")
+
+
 class FlywheelConfig(_Strict):
     partitions_start: date
     max_lateness_days: int = Field(7, ge=0)
     warehouse: WarehouseSettings = WarehouseSettings()
+    daemon: DaemonSettings = DaemonSettings()
     domains: dict[str, DomainConfig]
 
     @model_validator(mode="after")

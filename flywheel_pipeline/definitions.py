@@ -1,46 +1,29 @@
-"""The one Dagster Definitions object, built from flywheel.yaml and the home folder."""
+"""The one Dagster Definitions object, built from flywheel.yaml and the home folder.
+
+``dagster dev -w workspace.yaml`` (``make ui``) and the daemon load ``defs`` from here; the pieces
+live in ``flywheel_pipeline.defs``.
+"""
 
 from datetime import date
 
 import dagster as dg
-from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from flywheel_pipeline.assets import LABELS, build_data_assets, build_model_assets, model_keys
-from flywheel_pipeline.checks import quality_checks
 from flywheel_pipeline.config import FlywheelConfig, active_config, config_path
-from flywheel_pipeline.home import Home
-from flywheel_pipeline.jobs import (
-    WAREHOUSE_TAG,
+from flywheel_pipeline.defs.assets import build_data_assets, build_model_assets
+from flywheel_pipeline.defs.checks import quality_checks
+from flywheel_pipeline.defs.jobs import (
     approve_candidate,
+    cycle_job,
+    cycle_job_name,
     deploy_champion,
     rollback_champion,
 )
-from flywheel_pipeline.partitions import day_domain_partitions, range_tags
-from flywheel_pipeline.resources import MlflowResource, WarehouseResource
-from flywheel_pipeline.schedules import build_schedule, cycle_job_name
-from flywheel_pipeline.sensors import approval_sensor, late_label_sensor
-from flywheel_pipeline.transform import RAW_EVENTS, dbt_resource, flywheel_dbt_assets
-
-
-def cycle_job(config: FlywheelConfig, domain: str) -> UnresolvedAssetJobDefinition:
-    """A domain's whole cycle as one run over a range of its days."""
-    selection = (
-        dg.AssetSelection.assets(RAW_EVENTS, LABELS, *model_keys(domain).values())
-        | dg.AssetSelection.assets(flywheel_dbt_assets)
-    )
-    return dg.define_asset_job(
-        cycle_job_name(domain), selection=selection, partitions_def=day_domain_partitions(config),
-        tags={**WAREHOUSE_TAG, "flywheel/domain": domain},
-        description=f"{domain}: accumulate -> filter (dbt + GX) -> label -> fine-tune -> validate -> register",
-    )
-
-
-def execute_cycle(defs: dg.Definitions, instance: dg.DagsterInstance, domain: str, first: date, last: date,
-                  **options) -> dg.ExecuteInProcessResult:
-    """Run ``domain``'s cycle job in this process over its days first..last (the CLI and the demo)."""
-    job = defs.resolve_job_def(cycle_job_name(domain))
-    return job.execute_in_process(instance=instance, tags=range_tags(domain, first, last),
-                                  raise_on_error=False, **options)
+from flywheel_pipeline.defs.partitions import range_tags
+from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
+from flywheel_pipeline.defs.schedules import build_schedule
+from flywheel_pipeline.defs.sensors import build_sensors
+from flywheel_pipeline.defs.transform import dbt_resource, flywheel_dbt_assets
+from flywheel_pipeline.home import Home
 
 
 def build_definitions(config: FlywheelConfig, home: Home) -> dg.Definitions:
@@ -49,9 +32,9 @@ def build_definitions(config: FlywheelConfig, home: Home) -> dg.Definitions:
     return dg.Definitions(
         assets=[*build_data_assets(config), flywheel_dbt_assets, *model_assets],
         asset_checks=quality_checks(config),
-        jobs=[*(cycle_job(config, d) for d in config.domains), approve_candidate, deploy_champion, rollback_champion],
+        jobs=[*(cycle_job(d) for d in config.domains), approve_candidate, deploy_champion, rollback_champion],
         schedules=[build_schedule(config, domain) for domain in config.domains],
-        sensors=[approval_sensor, late_label_sensor],
+        sensors=build_sensors(config),
         resources={
             "warehouse": WarehouseResource(home_path=str(home.root), config_path=str(config_path()),
                                            memory_limit=config.warehouse.memory_limit),
@@ -61,6 +44,15 @@ def build_definitions(config: FlywheelConfig, home: Home) -> dg.Definitions:
         },
         executor=dg.in_process_executor,
     )
+
+
+def execute_cycle(defs: dg.Definitions, instance: dg.DagsterInstance, domain: str, first: date, last: date,
+                  **options) -> dg.ExecuteInProcessResult:
+    """Run ``domain``'s cycle job in this process over its days first..last (tests and benchmarks;
+    people's runs go through the instance: ``flywheel_pipeline.runs``)."""
+    job = defs.resolve_job_def(cycle_job_name(domain))
+    return job.execute_in_process(instance=instance, tags=range_tags(domain, first, last),
+                                  raise_on_error=False, **options)
 
 
 defs = build_definitions(active_config(), Home.from_env())

@@ -23,12 +23,11 @@ from rich.console import Console
 from rich.table import Table
 
 from flywheel_pipeline import approval, registry, simulation
-from flywheel_pipeline.assets import model_keys
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
+from flywheel_pipeline.defs.assets import model_keys
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import Scorer, baseline_scorer
-from flywheel_pipeline.sensors import approval_sensor
 from flywheel_pipeline.warehouse import connect
 
 DAYS_PER_CYCLE = 7
@@ -150,7 +149,7 @@ class Demo:
         """Evaluate the approval sensor once and launch the deployments it asks for."""
         context = dg.build_sensor_context(instance=self.instance, cursor=self.sensor_cursor,
                                           resources={"warehouse": self.defs.resources["warehouse"]})
-        result = approval_sensor(context)
+        result = self.defs.resolve_sensor_def("approval_sensor")(context)
         self.sensor_cursor = result.cursor or self.sensor_cursor
         deploy = self.defs.resolve_job_def("deploy_champion")
         for request in result.run_requests or []:

@@ -49,6 +49,11 @@ CREATE TABLE IF NOT EXISTS raw.quarantine (
 """
 
 _LOCK_RETRIES = 40
+_LOCK_WAIT_SECONDS = 0.25
+
+
+class WarehouseBusy(RuntimeError):
+    """Another process holds the DuckDB file's write lock (a run is writing)."""
 
 
 @contextmanager
@@ -65,9 +70,13 @@ def connect(
             con = duckdb.connect(str(path), read_only=read_only, config=config)
             break
         except duckdb.IOException as error:
-            if "lock" not in str(error).lower() or attempt == _LOCK_RETRIES - 1:
+            if "lock" not in str(error).lower():
                 raise
-            time.sleep(0.25)
+            if attempt == _LOCK_RETRIES - 1:
+                raise WarehouseBusy(
+                    f"{path} is locked by another process (a run is writing to it); "
+                    f"waited {_LOCK_RETRIES * _LOCK_WAIT_SECONDS:.0f}s") from error
+            time.sleep(_LOCK_WAIT_SECONDS)
     try:
         yield con
     finally:

@@ -8,9 +8,13 @@ import pandas as pd
 import pytest
 
 from flywheel_pipeline import approval, registry
-from flywheel_pipeline.jobs import approve_candidate, deploy_champion, rollback_champion
-from flywheel_pipeline.resources import MlflowResource, WarehouseResource
-from flywheel_pipeline.sensors import approval_sensor
+from flywheel_pipeline.config import load_config
+from flywheel_pipeline.defs.jobs import approve_candidate, deploy_champion, rollback_champion
+from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
+from flywheel_pipeline.defs.sensors import build_sensors
+from tests.conftest import REPO
+
+approval_sensor, _ = build_sensors(load_config(REPO / "flywheel.yaml"))
 
 
 class ConstantModel(mlflow.pyfunc.PythonModel):

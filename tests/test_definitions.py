@@ -5,9 +5,9 @@ from __future__ import annotations
 import dagster as dg
 from dagster_dbt import get_asset_key_for_model
 
-from flywheel_pipeline.assets import LABELS, model_keys
 from flywheel_pipeline.definitions import build_definitions
-from flywheel_pipeline.transform import RAW_EVENTS, fct_impressions_key, flywheel_dbt_assets
+from flywheel_pipeline.defs.assets import LABELS, model_keys
+from flywheel_pipeline.defs.transform import RAW_EVENTS, fct_impressions_key, flywheel_dbt_assets
 
 
 def test_definitions_load_and_wire_every_domains_chain(home, config):

@@ -4,7 +4,7 @@ instance in a temporary home: accumulate -> dbt + GX -> label -> fine-tune -> va
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import NamedTuple
 
 import dagster as dg
@@ -12,28 +12,20 @@ import mlflow
 import pytest
 
 from flywheel_pipeline import registry, simulation
-from flywheel_pipeline.assets import LABELS, model_keys
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
+from flywheel_pipeline.defs.assets import LABELS, model_keys
+from flywheel_pipeline.defs.jobs import cycle_job_name
+from flywheel_pipeline.defs.partitions import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
+from flywheel_pipeline.defs.transform import RAW_EVENTS, fct_impressions_key
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.labeling import maturity_cutoff
-from flywheel_pipeline.partitions import partition_key
-from flywheel_pipeline.schedules import cycle_job_name
-from flywheel_pipeline.sensors import approval_sensor, late_label_sensor
-from flywheel_pipeline.transform import RAW_EVENTS, fct_impressions_key
 from flywheel_pipeline.warehouse import connect
 
 DOMAIN = "assistant"
 DAYS = 24
 LAST = datetime.now(UTC).date() - timedelta(days=4)  # leaves room for 3 later days
 FIRST = LAST - timedelta(days=DAYS - 1)
-
-
-def relabel(defs, instance, key: str):
-    """One day x domain partition of ``labels``, as a backfill run would materialize it."""
-    job = defs.resolve_job_def(cycle_job_name(DOMAIN))
-    return job.execute_in_process(instance=instance, partition_key=key, asset_selection=[LABELS],
-                                  raise_on_error=False)
 
 
 def metadata(result, key: dg.AssetKey) -> dict:
@@ -123,7 +115,7 @@ def test_the_candidate_is_registered_with_its_lineage_and_the_auto_domain_deploy
 
     # assistant is automation=auto: its approval is on record, the sensor deploys it
     context = dg.build_sensor_context(instance=instance, resources={"warehouse": defs.resources["warehouse"]})
-    (request,) = approval_sensor(context).run_requests
+    (request,) = defs.resolve_sensor_def("approval_sensor")(context).run_requests
     deploy = defs.resolve_job_def("deploy_champion")
     assert deploy.execute_in_process(run_config=request.run_config, instance=instance).success
     assert registry.alias_version(client, DOMAIN, registry.CHAMPION) == version
@@ -143,13 +135,22 @@ def test_rerunning_the_cycle_changes_no_raw_or_label_row(cycle):
 
 
 def _dbt_keys(defs) -> list[dg.AssetKey]:
-    from flywheel_pipeline.transform import flywheel_dbt_assets
+    from flywheel_pipeline.defs.transform import flywheel_dbt_assets
 
     return list(flywheel_dbt_assets.keys)
 
 
-def test_late_outcomes_backfill_exactly_their_labelled_days(cycle):
+def requested_days(request: dg.RunRequest) -> set:
+    """The (domain, day) partitions one late-label run covers (its partition range tags)."""
+    first, last = (request.tags[tag] for tag in (PARTITION_RANGE_START_TAG, PARTITION_RANGE_END_TAG))
+    (domain, start), (_, end) = (key.split("|")[::-1] for key in (first, last))
+    days = range((date.fromisoformat(end) - date.fromisoformat(start)).days + 1)
+    return {(domain, date.fromisoformat(start) + timedelta(days=offset)) for offset in days}
+
+
+def test_late_outcomes_relabel_exactly_their_labelled_days(cycle):
     home, config, defs, instance, _ = cycle
+    late_label_sensor = defs.resolve_sensor_def("late_label_sensor")
     sensor_resources = {"warehouse": defs.resources["warehouse"]}
     context = dg.build_sensor_context(instance=instance, resources=sensor_resources, definitions=defs)
     first_tick = late_label_sensor(context)
@@ -169,21 +170,22 @@ def test_late_outcomes_backfill_exactly_their_labelled_days(cycle):
     context = dg.build_sensor_context(instance=instance, resources=sensor_resources, definitions=defs,
                                       cursor=first_tick.cursor)
     tick = late_label_sensor(context)
-    (request,) = tick.run_requests
-    requested = request.asset_graph_subset.partitions_subsets_by_asset_key[LABELS].get_partition_keys()
-    assert set(requested) == {partition_key(DOMAIN, day) for day in expected}
-    assert set(request.asset_graph_subset.non_partitioned_asset_keys) >= {fct_impressions_key()}
+    requested = set().union(*(requested_days(request) for request in tick.run_requests))
+    assert requested == {(DOMAIN, day) for day in expected}
+    for request in tick.run_requests:  # the dbt models feeding labels, and labels; never accumulation
+        assert {LABELS, fct_impressions_key()} <= set(request.asset_selection)
+        assert RAW_EVENTS not in request.asset_selection
 
     again = dg.build_sensor_context(instance=instance, resources=sensor_resources, definitions=defs,
                                     cursor=tick.cursor)
     assert not late_label_sensor(again).run_requests  # no storm: the batch was seen
 
-    # run what the backfill asks for: the marts once, then the labels of each requested day
     before = dict(rows(home, f"""SELECT event_date, sum(hash(interaction_id, item_id, p_good))
                                  FROM labels.impression_labels WHERE domain = '{DOMAIN}' GROUP BY ALL"""))
-    assert execute_cycle(defs, instance, DOMAIN, FIRST, LAST, asset_selection=_dbt_keys(defs)).success
-    for key in sorted(requested):
-        assert relabel(defs, instance, key).success
+    job = defs.resolve_job_def(cycle_job_name(DOMAIN))
+    for request in tick.run_requests:  # what the daemon launches for each request
+        assert job.execute_in_process(instance=instance, tags=request.tags, asset_selection=request.asset_selection,
+                                      raise_on_error=False).success
     after = dict(rows(home, f"""SELECT event_date, sum(hash(interaction_id, item_id, p_good))
                                 FROM labels.impression_labels WHERE domain = '{DOMAIN}' GROUP BY ALL"""))
     assert {day for day in before if after[day] != before[day]} <= expected

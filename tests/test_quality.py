@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 
 from flywheel_pipeline import quality, simulation
-from flywheel_pipeline.assets import LABELS
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
-from flywheel_pipeline.transform import RAW_EVENTS, fct_impressions_key, flywheel_dbt_assets
+from flywheel_pipeline.defs.assets import LABELS
+from flywheel_pipeline.defs.transform import RAW_EVENTS, fct_impressions_key, flywheel_dbt_assets
 
 DAY = date(2026, 11, 2)
 

@@ -7,14 +7,14 @@ from datetime import UTC, datetime
 import dagster as dg
 import pytest
 from croniter import croniter
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
 
 from flywheel_pipeline.definitions import build_definitions
-from flywheel_pipeline.partitions import partition_key
-from flywheel_pipeline.schedules import cycle_job_name
+from flywheel_pipeline.defs.jobs import cycle_job_name
+from flywheel_pipeline.defs.partitions import (
+    PARTITION_RANGE_END_TAG,
+    PARTITION_RANGE_START_TAG,
+    partition_key,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_each_domain_has_a_schedule_on_its_cadence_targeting_its_cycle_job(defs)
     quarterly = defs_.resolve_schedule_def("recommendation_quarterly")
     assert weekly.job_name == cycle_job_name("assistant")
     assert quarterly.job_name == cycle_job_name("recommendation")
-    assert weekly.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert weekly.default_status == dg.DefaultScheduleStatus.STOPPED  # flywheel.yaml daemon.schedules
     assert len(ticks_in_2027(weekly)) == 52 and {t.weekday() for t in ticks_in_2027(weekly)} == {0}
     assert [(t.month, t.day) for t in ticks_in_2027(quarterly)] == [(1, 1), (4, 1), (7, 1), (10, 1)]
 
@@ -58,8 +58,8 @@ def test_weekly_tick_runs_the_past_week_plus_the_lateness_window(defs):
     config, defs_ = defs
     request = evaluate(defs_, "assistant_weekly", datetime(2026, 11, 23, 3, tzinfo=UTC))
     assert config.max_lateness_days == 7
-    assert request.tags[ASSET_PARTITION_RANGE_START_TAG] == partition_key("assistant", datetime(2026, 11, 9).date())
-    assert request.tags[ASSET_PARTITION_RANGE_END_TAG] == partition_key("assistant", datetime(2026, 11, 22).date())
+    assert request.tags[PARTITION_RANGE_START_TAG] == partition_key("assistant", datetime(2026, 11, 9).date())
+    assert request.tags[PARTITION_RANGE_END_TAG] == partition_key("assistant", datetime(2026, 11, 22).date())
     assert request.run_key == "assistant:2026-11-22"
 
 
@@ -67,9 +67,9 @@ def test_quarterly_tick_runs_the_whole_past_quarter(defs):
     _, defs_ = defs
     request = evaluate(defs_, "recommendation_quarterly", datetime(2026, 10, 1, 3, tzinfo=UTC))
     # July 1 .. September 30 (92 days) and the 7 lateness days before them
-    assert request.tags[ASSET_PARTITION_RANGE_START_TAG] == partition_key(
+    assert request.tags[PARTITION_RANGE_START_TAG] == partition_key(
         "recommendation", datetime(2026, 6, 24).date())
-    assert request.tags[ASSET_PARTITION_RANGE_END_TAG] == partition_key(
+    assert request.tags[PARTITION_RANGE_END_TAG] == partition_key(
         "recommendation", datetime(2026, 9, 30).date())
 
 
@@ -78,5 +78,5 @@ def test_every_requested_partition_exists_in_the_job(defs):
     request = evaluate(defs_, "assistant_weekly", datetime(2026, 11, 23, 3, tzinfo=UTC))
     partitions = defs_.resolve_job_def(cycle_job_name("assistant")).partitions_def
     keys = partitions.get_partition_keys()
-    for tag in (ASSET_PARTITION_RANGE_START_TAG, ASSET_PARTITION_RANGE_END_TAG):
+    for tag in (PARTITION_RANGE_START_TAG, PARTITION_RANGE_END_TAG):
         assert request.tags[tag] in keys

@@ -16,9 +16,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from flywheel_pipeline import registry
-from flywheel_pipeline.assets import build_model_assets
 from flywheel_pipeline.config import Gate, parse_config
-from flywheel_pipeline.resources import MlflowResource, WarehouseResource
+from flywheel_pipeline.defs.assets import build_model_assets
+from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.scoring import UniformScorer
 from flywheel_pipeline.training import train_candidate
 from flywheel_pipeline.training.base import Windows

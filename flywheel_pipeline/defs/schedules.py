@@ -1,7 +1,10 @@
 """One schedule per domain, on the cadence flywheel.yaml gives it.
 
 Each tick launches the domain's cycle job as one run over the days since the previous tick, plus
-``max_lateness_days`` before them so late-delivered events reach their own day.
+``max_lateness_days`` before them so late-delivered events reach their own day. Schedules start
+in the status ``daemon.schedules`` in flywheel.yaml gives them: ``stopped`` by default, so a UI left
+open on a laptop never launches cycles; a deployment turns each one on (UI > Automation, or
+``dagster schedule start``) or sets ``running``.
 """
 
 from datetime import date, datetime, timedelta
@@ -10,11 +13,8 @@ import dagster as dg
 from croniter import croniter
 
 from flywheel_pipeline.config import DomainConfig, FlywheelConfig
-from flywheel_pipeline.partitions import range_tags
-
-
-def cycle_job_name(domain: str) -> str:
-    return f"{domain}_cycle"
+from flywheel_pipeline.defs.jobs import cycle_job_name
+from flywheel_pipeline.defs.partitions import range_tags
 
 
 def period_days(domain_config: DomainConfig, tick: date) -> int:
@@ -35,7 +35,7 @@ def build_schedule(config: FlywheelConfig, domain: str) -> dg.ScheduleDefinition
 
     @dg.schedule(name=f"{domain}_{domain_config.cadence}" if domain_config.cadence.isalpha() else f"{domain}_cadence",
                  cron_schedule=domain_config.cron, job_name=cycle_job_name(domain),
-                 execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.RUNNING,
+                 execution_timezone="UTC", default_status=dg.DefaultScheduleStatus(config.daemon.schedules.upper()),
                  description=f"{domain}: accumulate, filter, label, fine-tune, validate, register ({domain_config.cadence})")
     def cadence(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
         tick = context.scheduled_execution_time.date()

@@ -9,14 +9,13 @@ from __future__ import annotations
 from datetime import date, timedelta
 
 import dagster as dg
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
 
 from flywheel_pipeline.config import FlywheelConfig
 
 DATE, DOMAIN = "date", "domain"
+# The run tags Dagster reads as "this run covers the partitions start..end" (a single-run backfill).
+PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"
+PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 
 def day_domain_partitions(config: FlywheelConfig) -> dg.MultiPartitionsDefinition:
@@ -51,6 +50,6 @@ def run_scope(
 def range_tags(domain: str, first: date, last: date) -> dict[str, str]:
     """Run tags that make one run cover ``domain``'s days ``first``..``last``."""
     return {
-        ASSET_PARTITION_RANGE_START_TAG: partition_key(domain, first),
-        ASSET_PARTITION_RANGE_END_TAG: partition_key(domain, last),
+        PARTITION_RANGE_START_TAG: partition_key(domain, first),
+        PARTITION_RANGE_END_TAG: partition_key(domain, last),
     }

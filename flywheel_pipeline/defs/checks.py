@@ -8,9 +8,9 @@ import dagster as dg
 
 from flywheel_pipeline import quality
 from flywheel_pipeline.config import FlywheelConfig
-from flywheel_pipeline.partitions import day_domain_partitions, run_scope
-from flywheel_pipeline.resources import WarehouseResource
-from flywheel_pipeline.transform import RAW_EVENTS, fct_impressions_key
+from flywheel_pipeline.defs.partitions import day_domain_partitions, run_scope
+from flywheel_pipeline.defs.resources import WarehouseResource
+from flywheel_pipeline.defs.transform import RAW_EVENTS, fct_impressions_key
 
 
 def _result(suite: quality.SuiteResult) -> dg.AssetCheckResult:

@@ -27,7 +27,7 @@ from dagster_dbt import (
 
 from flywheel_pipeline.home import HOME_ENV, Home
 
-DBT_PROJECT_DIR = Path(__file__).resolve().parent.parent / "dbt_project"
+DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt_project"
 # The venv's dbt, found without activating the venv.
 DBT_EXECUTABLE = Path(sys.executable).with_name("dbt")
 RAW_EVENTS = dg.AssetKey("raw_events")

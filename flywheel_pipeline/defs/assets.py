@@ -16,11 +16,11 @@ import duckdb
 from flywheel_pipeline import approval, registry
 from flywheel_pipeline.accumulation import accumulate
 from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.defs.partitions import day_domain_partitions, run_scope
+from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
+from flywheel_pipeline.defs.transform import RAW_EVENTS, fct_impressions_key
 from flywheel_pipeline.labeling import label_partitions, maturity_cutoff
-from flywheel_pipeline.partitions import day_domain_partitions, run_scope
-from flywheel_pipeline.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.training import TrainingResult, train_candidate
-from flywheel_pipeline.transform import RAW_EVENTS, fct_impressions_key
 from flywheel_pipeline.validation import ValidationReport, validate_candidate
 
 LABELS = dg.AssetKey("labels")

@@ -1,5 +1,6 @@
-"""Jobs a person launches from the Dagster UI (Launchpad), and the deployment the sensor launches.
+"""The jobs: each domain's cycle, what a person launches from the Launchpad, what the sensor launches.
 
+    <domain>_cycle      accumulate -> filter -> label -> fine-tune -> validate -> register (schedules)
     approve_candidate   record a person's approval or rejection of a candidate version
     deploy_champion     move `champion` to an approved version (launched by the approval sensor)
     rollback_champion   put the previous champion back
@@ -11,9 +12,28 @@ import dagster as dg
 from pydantic import Field
 
 from flywheel_pipeline import approval, registry
-from flywheel_pipeline.resources import MlflowResource, WarehouseResource
+from flywheel_pipeline.defs.assets import LABELS, model_keys
+from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
+from flywheel_pipeline.defs.transform import RAW_EVENTS, flywheel_dbt_assets
 
 WAREHOUSE_TAG = {"flywheel/warehouse": "duckdb"}
+
+
+def cycle_job_name(domain: str) -> str:
+    return f"{domain}_cycle"
+
+
+def cycle_job(domain: str):  # an unresolved asset job (its type is not public)
+    """A domain's whole cycle as one run over a range of its days (the partitions come from the assets)."""
+    selection = (
+        dg.AssetSelection.assets(RAW_EVENTS, LABELS, *model_keys(domain).values())
+        | dg.AssetSelection.assets(flywheel_dbt_assets)
+    )
+    return dg.define_asset_job(
+        cycle_job_name(domain), selection=selection,
+        tags={**WAREHOUSE_TAG, "flywheel/domain": domain},
+        description=f"{domain}: accumulate -> filter (dbt + GX) -> label -> fine-tune -> validate -> register",
+    )
 
 
 class ApprovalConfig(dg.Config):

@@ -1,0 +1,106 @@
+"""Sensors: approvals launch deployments; late outcomes re-label the partitions they change.
+
+Both are declared the way the Dagster daemon checks them: the approval sensor targets the
+``deploy_champion`` job; the late-label sensor declares the assets it may launch (``labels`` and the
+dbt models that feed it), so every run request it yields is validated against that selection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import date, datetime, timedelta
+from itertools import groupby
+
+import dagster as dg
+
+from flywheel_pipeline import approval
+from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.defs.assets import LABELS
+from flywheel_pipeline.defs.jobs import deploy_champion
+from flywheel_pipeline.defs.partitions import range_tags
+from flywheel_pipeline.defs.resources import WarehouseResource
+from flywheel_pipeline.defs.transform import RAW_EVENTS
+from flywheel_pipeline.labeling.late import late_outcome_partitions
+from flywheel_pipeline.warehouse import WarehouseBusy
+
+LATE_LABELS_TAG = {"flywheel/reason": "late-labels"}
+# labels and every model between raw_events and labels: what a late outcome changes.
+RELABEL_SELECTION = dg.AssetSelection.assets(LABELS).upstream() - dg.AssetSelection.assets(RAW_EVENTS)
+
+
+def deployment_requests(records: list[approval.ApprovalRecord]) -> list[dg.RunRequest]:
+    """One deployment per approved record; rejections launch nothing."""
+    return [
+        dg.RunRequest(
+            run_key=f"deploy:{record.domain}:v{record.model_version}:approval-{record.approval_id}",
+            run_config={"ops": {"deploy_approved": {"config": {"approval_id": record.approval_id}}}},
+            tags={"flywheel/domain": record.domain, "flywheel/version": record.model_version},
+        )
+        for record in records
+        if record.decision == "approved"
+    ]
+
+
+def day_ranges(partitions: Iterable[tuple[str, date]]) -> list[tuple[str, date, date]]:
+    """(domain, first, last) for each run of consecutive days of one domain."""
+    ranges: list[tuple[str, date, date]] = []
+    for domain, days in groupby(sorted(set(partitions)), key=lambda partition: partition[0]):
+        for day in (day for _, day in days):
+            if ranges and ranges[-1][0] == domain and ranges[-1][2] + timedelta(days=1) == day:
+                ranges[-1] = (domain, ranges[-1][1], day)
+            else:
+                ranges.append((domain, day, day))
+    return ranges
+
+
+def relabel_requests(partitions: list[tuple[str, date]], selection: Iterable[dg.AssetKey],
+                     cursor: str) -> list[dg.RunRequest]:
+    """One run per domain and run of consecutive days: refresh ``selection`` (the dbt models that feed
+    ``labels``, and ``labels``) over exactly those (day, domain) partitions."""
+    return [
+        dg.RunRequest(
+            run_key=f"late-labels:{domain}:{first}..{last}:{cursor}",
+            asset_selection=sorted(selection, key=lambda key: key.to_user_string()),
+            tags={**range_tags(domain, first, last), **LATE_LABELS_TAG, "flywheel/domain": domain},
+        )
+        for domain, first, last in day_ranges(partitions)
+    ]
+
+
+def build_sensors(config: FlywheelConfig) -> list[dg.SensorDefinition]:
+    """The approval sensor and the late-label sensor, at the intervals flywheel.yaml sets."""
+
+    @dg.sensor(job=deploy_champion, minimum_interval_seconds=config.daemon.approval_sensor_seconds,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Watches registry.approvals; each new approval deploys its version as champion.")
+    def approval_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource) -> dg.SensorResult:
+        last_seen = int(context.cursor or 0)
+        try:
+            with warehouse.connect() as con:
+                records = approval.decisions_after(con, last_seen)
+        except WarehouseBusy as busy:
+            return dg.SensorResult(skip_reason=f"{busy}; looking again next tick")
+        if not records:
+            return dg.SensorResult(skip_reason="no new approval decisions")
+        return dg.SensorResult(run_requests=deployment_requests(records), cursor=str(records[-1].approval_id))
+
+    @dg.sensor(asset_selection=RELABEL_SELECTION, minimum_interval_seconds=config.daemon.late_label_sensor_seconds,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="When outcomes land for interactions in already-labelled partitions, re-labels "
+                           "exactly those (day, domain) partitions (after refreshing the dbt models that "
+                           "feed labels), once per new batch of outcomes.")
+    def late_label_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource) -> dg.SensorResult:
+        since = datetime.fromisoformat(context.cursor) if context.cursor else None
+        try:
+            with warehouse.connect() as con:
+                stale, newest = late_outcome_partitions(con, since)
+        except WarehouseBusy as busy:
+            return dg.SensorResult(skip_reason=f"{busy}; looking again next tick")
+        cursor = newest.isoformat() if newest else context.cursor
+        if not stale:
+            return dg.SensorResult(skip_reason="no late outcomes for labelled partitions", cursor=cursor)
+        context.log.info(f"late outcomes reached {len(stale)} labelled partitions: {stale}")
+        selection = RELABEL_SELECTION.resolve(context.repository_def.asset_graph)
+        return dg.SensorResult(run_requests=relabel_requests(stale, selection, cursor), cursor=cursor)
+
+    return [approval_sensor, late_label_sensor]
