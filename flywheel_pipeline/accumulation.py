@@ -28,6 +28,15 @@ _RAW_EVENT_TABLES = ("interactions", "signals", "outcomes")
 _IMPRESSION_SCHEMA = '[{"item_id": "VARCHAR", "position": "INTEGER", "propensity": "DOUBLE", "content": "VARCHAR"}]'
 
 
+@dataclass(frozen=True)
+class DayCounts:
+    lines_in: int = 0
+    accepted: int = 0
+    impressions: int = 0
+    quarantined: int = 0
+    reasons: str = ""
+
+
 @dataclass
 class AccumulationReport:
     """What one accumulation run read, accepted and quarantined."""
@@ -40,10 +49,25 @@ class AccumulationReport:
     impressions: int
     quarantined: int
     reasons: dict[str, int] = field(default_factory=dict)
+    days: dict[date, DayCounts] = field(default_factory=dict)
 
     @property
     def reconciles(self) -> bool:
         return self.lines_in == sum(self.accepted.values()) + self.quarantined
+
+    def day_metadata(self, day: date) -> dict[str, object]:
+        """One (day, domain) partition's own figures (lines are attributed to the day of their event)."""
+        counts = self.days.get(day, DayCounts())
+        return {
+            "lines_in": counts.lines_in,
+            "accepted": counts.accepted,
+            "impressions": counts.impressions,
+            "quarantined": counts.quarantined,
+            "reconciles": counts.lines_in == counts.accepted + counts.quarantined,
+            "quarantine_reasons": counts.reasons or "none",
+            "run": f"{self.domain} {min(self.dates)}..{max(self.dates)}: {self.lines_in} lines from "
+                   f"{len(self.batches_read)} batches",
+        }
 
     def metadata(self) -> dict[str, object]:
         return {
@@ -243,7 +267,30 @@ def _report(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], batc
         impressions=impressions,
         quarantined=counts[4],
         reasons=reasons,
+        days=_day_counts(con, domain, dates),
     )
+
+
+def _day_counts(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date]) -> dict[date, DayCounts]:
+    rows = con.execute(
+        """WITH lines AS (
+               SELECT event_date, count(*) AS lines_in, count(*) FILTER (reason IS NULL) AS accepted,
+                      count(*) FILTER (reason IS NOT NULL) AS quarantined
+               FROM partition_lines GROUP BY 1
+           ), reasons AS (
+               SELECT event_date, string_agg(reason || ': ' || n, ', ' ORDER BY reason) AS reasons
+               FROM (SELECT event_date, reason, count(*) AS n FROM partition_lines
+                     WHERE reason IS NOT NULL GROUP BY 1, 2)
+               GROUP BY 1
+           ), impressions AS (
+               SELECT event_date, count(*) AS impressions FROM raw.impressions
+               WHERE domain = $domain AND event_date IN $dates GROUP BY 1
+           )
+           SELECT event_date, lines_in, accepted, coalesce(impressions, 0), quarantined, coalesce(reasons, '')
+           FROM lines LEFT JOIN impressions USING (event_date) LEFT JOIN reasons USING (event_date)""",
+        {"domain": domain, "dates": dates},
+    ).fetchall()
+    return {day: DayCounts(*counts) for day, *counts in rows}
 
 
 def accumulate(

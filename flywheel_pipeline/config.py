@@ -94,6 +94,8 @@ class FlywheelConfig(_Strict):
     max_lateness_days: int = Field(7, ge=0)
     warehouse: WarehouseSettings = WarehouseSettings()
     daemon: DaemonSettings = DaemonSettings()
+    ui_url: str = Field("http://localhost:3000", pattern=r"^https?://\S+[^/]$",
+                        description="where people open the Dagster UI (links in metadata and the CLI)")
     domains: dict[str, DomainConfig]
 
     @model_validator(mode="after")

@@ -174,7 +174,7 @@ def _held_out(report: dict) -> str:
     metric = report.get("primary_metric")
     if not metric:
         return ""
-    return f"{metric} {report[f'all/{metric}/candidate']:.3f} vs {report[f'all/{metric}/champion']:.3f}"
+    return f"{metric} {report['candidate']:.3f} vs {report['champion']:.3f}"
 
 
 def print_summary(rows: list[CycleRow], console: Console) -> None:

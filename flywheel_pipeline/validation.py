@@ -103,22 +103,30 @@ class ValidationReport:
         return flat
 
     def metadata(self) -> dict[str, Any]:
-        """A flat dict for Dagster asset metadata."""
+        """The headline figures, rounded (Dagster asset metadata; ``markdown()`` has every slice)."""
         primary = self.overall.metrics[self.primary_metric]
-        return {
-            "domain": self.domain,
-            "primary_metric": self.primary_metric,
-            "candidate_model_uri": self.candidate_model_uri,
-            "champion_model_uri": self.champion_model_uri or "baseline",
-            "validation_run_id": self.run_id or "",
-            "gate_passed": bool(self.decision and self.decision.passed),
+        headline = {
+            "gate": self.outcome,
             "gate_reasons": "; ".join(self.decision.reasons) if self.decision else "",
+            "primary_metric": self.primary_metric,
+            "candidate": _round(primary.candidate),
+            "champion": _round(primary.champion),
+            "difference": _round(primary.difference),
+            "difference_ci": f"[{primary.difference_ci[0]:+.4f}, {primary.difference_ci[1]:+.4f}]",
             "n_samples": self.overall.n_samples,
-            "difference_ci_low": primary.difference_ci[0],
-            "difference_ci_high": primary.difference_ci[1],
-            **self.windows.params(),
-            **self.metrics(),
         }
+        if "ess" in self.overall.metrics:
+            headline["ess_candidate"] = _round(self.overall.metrics["ess"].candidate, 1)
+        return {
+            **headline,
+            "champion_model": self.champion_model_uri or "baseline",
+            "held_out": f"{self.windows.holdout_start}..{self.windows.holdout_end}",
+            "validation_run_id": self.run_id or "",
+        }
+
+    @property
+    def outcome(self) -> str:
+        return "passed" if self.decision and self.decision.passed else "failed"
 
     def lineage(self) -> dict[str, Any]:
         """Registry tags: the validation run and the held-out evidence the gate saw."""
@@ -135,7 +143,7 @@ class ValidationReport:
         return json.loads(json.dumps(asdict(self), default=str))
 
     def markdown(self) -> str:
-        verdict = "passed" if self.decision and self.decision.passed else "failed"
+        verdict = self.outcome
         reasons = self.decision.reasons if self.decision else []
         lines = [
             f"# Validation of {self.candidate_model_uri} ({self.domain})",
@@ -355,6 +363,10 @@ def compare_on_holdout(
         slice_result(name, labelled.filter(mask), top_slots.filter(mask), primary, rng, n_resamples)
         for name, mask in slice_masks(rows).items()
     ]
+
+
+def _round(value: float, digits: int = 4) -> float:
+    return round(float(value), digits)
 
 
 # --- the gate -------------------------------------------------------------------------------

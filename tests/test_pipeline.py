@@ -16,7 +16,11 @@ from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.defs.assets import LABELS, model_keys
 from flywheel_pipeline.defs.jobs import cycle_job_name
-from flywheel_pipeline.defs.partitions import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
+from flywheel_pipeline.defs.partitions import (
+    PARTITION_RANGE_END_TAG,
+    PARTITION_RANGE_START_TAG,
+    partition_key,
+)
 from flywheel_pipeline.defs.transform import RAW_EVENTS, fct_impressions_key
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.labeling import maturity_cutoff
@@ -33,6 +37,12 @@ def metadata(result, key: dg.AssetKey) -> dict:
     events = [e for e in result.get_asset_materialization_events() if e.asset_key == key]
     (first, *_) = [{name: value.value for name, value in e.materialization.metadata.items()} for e in events]
     return first
+
+
+def partition_metadata(result, key: dg.AssetKey) -> dict[str, dict]:
+    """Each partition's own metadata for ``key``, by partition key."""
+    return {e.partition: {name: value.value for name, value in e.materialization.metadata.items()}
+            for e in result.get_asset_materialization_events() if e.asset_key == key}
 
 
 def rows(home: Home, sql: str) -> list[tuple]:
@@ -80,11 +90,16 @@ def test_every_stage_materializes_and_every_check_passes(cycle):
 
 def test_counts_reconcile_from_landing_to_labels(cycle):
     home, result = cycle.home, cycle.result
-    accumulated = metadata(result, RAW_EVENTS)
-    assert accumulated["lines_in"] == accumulated["accepted"] + accumulated["quarantined"]
-    assert accumulated["reconciles"] is True and accumulated["quarantined"] > 0
-    [(quarantined,)] = rows(home, "SELECT count(*) FROM raw.quarantine WHERE domain = 'assistant'")
-    assert quarantined == accumulated["quarantined"]
+    days = partition_metadata(result, RAW_EVENTS)
+    assert len(days) == DAYS  # each (day, domain) partition carries its own figures
+    assert all(day["lines_in"] == day["accepted"] + day["quarantined"] and day["reconciles"] for day in days.values())
+    assert len({day["lines_in"] for day in days.values()}) > 1
+    by_day = dict(rows(home, "SELECT event_date, count(*) FROM raw.quarantine WHERE domain = 'assistant' GROUP BY 1"))
+    assert {key: day["quarantined"] for key, day in days.items() if day["quarantined"]} == {
+        partition_key(DOMAIN, day): n for day, n in by_day.items()}
+    labelled = partition_metadata(result, LABELS)
+    assert sum(day["impressions"] for day in labelled.values()) == rows(
+        home, f"SELECT count(*) FROM labels.impression_labels WHERE domain = '{DOMAIN}'")[0][0]
     [(impressions, labelled)] = rows(home, f"""
         SELECT (SELECT count(*) FROM marts.fct_impressions WHERE domain = '{DOMAIN}'),
                (SELECT count(*) FROM labels.impression_labels WHERE domain = '{DOMAIN}')""")
@@ -97,7 +112,7 @@ def test_counts_reconcile_from_landing_to_labels(cycle):
 def test_the_candidate_is_registered_with_its_lineage_and_the_auto_domain_deploys_it(cycle):
     home, config, defs, instance, result = cycle
     registration = metadata(result, model_keys(DOMAIN)["registered_candidate"])
-    assert registration["registered"] is True
+    assert registration["model"] == registry.model_name(DOMAIN)
     client = mlflow.MlflowClient(home.mlflow_tracking_uri)
     version = str(registration["version"])
     tags = client.get_model_version(registry.model_name(DOMAIN), version).tags

@@ -8,6 +8,7 @@
       -> <domain>/registered_candidate              registry.register_candidate (+ auto approval)
 """
 
+from collections.abc import Iterator
 from datetime import date
 
 import dagster as dg
@@ -16,10 +17,12 @@ import duckdb
 from flywheel_pipeline import approval, registry
 from flywheel_pipeline.accumulation import accumulate
 from flywheel_pipeline.config import FlywheelConfig
-from flywheel_pipeline.defs.partitions import day_domain_partitions, run_scope
+from flywheel_pipeline.defs.partitions import day_domain_partitions, partition_key, run_scope
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.defs.transform import RAW_EVENTS, fct_impressions_key
+from flywheel_pipeline.defs.ui import approval_launchpad_url
 from flywheel_pipeline.labeling import label_partitions, maturity_cutoff
+from flywheel_pipeline.labeling.stage import to_markdown
 from flywheel_pipeline.training import TrainingResult, train_candidate
 from flywheel_pipeline.validation import ValidationReport, validate_candidate
 
@@ -43,7 +46,10 @@ def build_data_assets(config: FlywheelConfig) -> list[dg.AssetsDefinition]:
         domain, days = run_scope(context, partitions)
         with warehouse.connect() as con:
             report = accumulate(con, warehouse.home(), config, domain, days)
-        return dg.MaterializeResult(metadata=report.metadata())
+        for day in days:
+            context.add_asset_metadata(report.day_metadata(day), partition_key=partition_key(domain, day))
+        context.log.info(f"accumulated {report.metadata()}")
+        return dg.MaterializeResult()
 
     @dg.asset(key=LABELS, deps=[fct_impressions_key()], partitions_def=partitions,
               backfill_policy=dg.BackfillPolicy.single_run(), group_name="labeling", kinds={"duckdb"},
@@ -53,7 +59,12 @@ def build_data_assets(config: FlywheelConfig) -> list[dg.AssetsDefinition]:
         domain, days = run_scope(context, partitions)
         with warehouse.connect() as con:
             report = label_partitions(con, domain, days, config)
-        return dg.MaterializeResult(metadata=report.metadata())
+        tables = {"labeling_functions": dg.MetadataValue.md(to_markdown(report.lf_stats)),
+                  "cohort_coverage": dg.MetadataValue.md(to_markdown(report.cohort_coverage))}
+        for day in days:
+            context.add_asset_metadata({**report.day_metadata(day), **tables},
+                                       partition_key=partition_key(domain, day))
+        return dg.MaterializeResult()
 
     return [raw_events, labels]
 
@@ -96,41 +107,47 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
         with warehouse.connect() as con:
             report = validate_candidate(con, warehouse.home(), config, domain, candidate.model_uri,
                                         champion_uri, candidate.windows)
-        yield dg.Output(report, metadata=report.metadata())
+        yield dg.Output(report, metadata={**report.metadata(), "report": dg.MetadataValue.md(report.markdown())})
         yield dg.AssetCheckResult(
-            check_name="gate", passed=report.decision.passed, severity=dg.AssetCheckSeverity.WARN,
-            metadata={"reasons": "; ".join(report.decision.reasons) or "every gate passed"},
+            check_name="gate", passed=report.decision.passed, severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"gate": report.outcome, "reasons": "; ".join(report.decision.reasons) or "every gate passed"},
         )
 
     @dg.asset(key=keys["registered_candidate"],
               ins={"candidate": dg.AssetIn(keys["candidate_model"]),
                    "report": dg.AssetIn(keys["validation_report"])},
-              group_name=group, kinds={"mlflow"},
+              group_name=group, kinds={"mlflow"}, output_required=False,
               description="A candidate that passed its gate, registered with lineage and aliased "
-                          "`candidate`; auto domains also get their approval here.")
+                          "`candidate`; auto domains also get their approval here. Not materialized "
+                          "when the gate did not pass (see the validation_report's gate check).")
     def registered_candidate(context: dg.AssetExecutionContext, candidate: TrainingResult,
                              report: ValidationReport, warehouse: WarehouseResource,
-                             mlflow: MlflowResource) -> dg.MaterializeResult:
+                             mlflow: MlflowResource) -> Iterator[dg.MaterializeResult]:
         if not report.decision.passed:
-            return dg.MaterializeResult(metadata={"registered": False,
-                                                  "reasons": "; ".join(report.decision.reasons)})
+            context.log.warning(f"not registered: the gate {report.outcome}: " + "; ".join(report.decision.reasons))
+            return
         client = mlflow.client()
         lineage = {**candidate.lineage(), **report.lineage(), "code_version": registry.code_version(),
                    "validation.gate": "passed"}
         version = registry.register_candidate(client, domain, candidate.model_uri, candidate.run_id, lineage)
-        next_step = _auto_approve(config, domain, version, warehouse, client)
-        return dg.MaterializeResult(metadata={
-            "registered": True, "model": registry.model_name(domain), "version": version, "next": next_step,
+        yield dg.MaterializeResult(metadata={
+            "model": registry.model_name(domain), "version": version,
+            **_next_step(config, domain, version, warehouse, client),
         })
 
     return [candidate_model, validation_report, registered_candidate]
 
 
-def _auto_approve(config: FlywheelConfig, domain: str, version: str, warehouse: WarehouseResource,
-                  client) -> str:
+def _next_step(config: FlywheelConfig, domain: str, version: str, warehouse: WarehouseResource,
+               client) -> dict[str, object]:
+    """Auto domains approve themselves; a manual domain's candidate waits, with a link that opens
+    the approve_candidate Launchpad filled in for it."""
     if config.domain(domain).automation != "auto":
-        return f"awaiting approval: launch approve_candidate with domain={domain}, version={version}"
+        return {
+            "next": f"awaiting approval of {domain} v{version} by one of {config.domain(domain).approvers}",
+            "approve": dg.MetadataValue.url(approval_launchpad_url(config, domain, version)),
+        }
     with warehouse.connect() as con:
         record = approval.record_decision(con, client, config, domain, version, "approved",
                                           approval.AUTO_APPROVER, "automation=auto and every gate passed")
-    return f"auto-approved (approval {record.approval_id}); the approval sensor deploys it"
+    return {"next": f"auto-approved (approval {record.approval_id}); the approval sensor deploys it"}

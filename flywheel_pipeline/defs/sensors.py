@@ -19,13 +19,14 @@ from flywheel_pipeline.defs.assets import LABELS
 from flywheel_pipeline.defs.jobs import deploy_champion
 from flywheel_pipeline.defs.partitions import range_tags
 from flywheel_pipeline.defs.resources import WarehouseResource
-from flywheel_pipeline.defs.transform import RAW_EVENTS
+from flywheel_pipeline.defs.transform import flywheel_dbt_assets
 from flywheel_pipeline.labeling.late import late_outcome_partitions
 from flywheel_pipeline.warehouse import WarehouseBusy
 
 LATE_LABELS_TAG = {"flywheel/reason": "late-labels"}
-# labels and every model between raw_events and labels: what a late outcome changes.
-RELABEL_SELECTION = dg.AssetSelection.assets(LABELS).upstream() - dg.AssetSelection.assets(RAW_EVENTS)
+# What a late outcome changes: the dbt models (rebuilt together, so the marts stay consistent with
+# each other and their tests pass) and labels. Never accumulation: the outcome is already in raw.
+RELABEL_SELECTION = dg.AssetSelection.assets(flywheel_dbt_assets, LABELS)
 
 
 def deployment_requests(records: list[approval.ApprovalRecord]) -> list[dg.RunRequest]:
@@ -55,8 +56,8 @@ def day_ranges(partitions: Iterable[tuple[str, date]]) -> list[tuple[str, date, 
 
 def relabel_requests(partitions: list[tuple[str, date]], selection: Iterable[dg.AssetKey],
                      cursor: str) -> list[dg.RunRequest]:
-    """One run per domain and run of consecutive days: refresh ``selection`` (the dbt models that feed
-    ``labels``, and ``labels``) over exactly those (day, domain) partitions."""
+    """One run per domain and run of consecutive days: refresh ``selection`` (the dbt models, then
+    ``labels`` of exactly those (day, domain) partitions)."""
     return [
         dg.RunRequest(
             run_key=f"late-labels:{domain}:{first}..{last}:{cursor}",
@@ -87,8 +88,8 @@ def build_sensors(config: FlywheelConfig) -> list[dg.SensorDefinition]:
     @dg.sensor(asset_selection=RELABEL_SELECTION, minimum_interval_seconds=config.daemon.late_label_sensor_seconds,
                default_status=dg.DefaultSensorStatus.RUNNING,
                description="When outcomes land for interactions in already-labelled partitions, re-labels "
-                           "exactly those (day, domain) partitions (after refreshing the dbt models that "
-                           "feed labels), once per new batch of outcomes.")
+                           "exactly those (day, domain) partitions (after rebuilding the dbt models), once "
+                           "per new batch of outcomes.")
     def late_label_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource) -> dg.SensorResult:
         since = datetime.fromisoformat(context.cursor) if context.cursor else None
         try:

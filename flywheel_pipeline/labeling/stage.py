@@ -83,10 +83,27 @@ class LabelingReport:
     mature_until: (
         date | None
     )  # last day whose outcomes have mostly arrived by the end of the last day
+    per_day: pl.DataFrame  # event_date, impressions, labelled, share_good over the requested days
 
     @property
     def coverage(self) -> float | None:
         return self.labelled / self.impressions if self.impressions else None
+
+    def day_metadata(self, day: date) -> dict[str, object]:
+        """One (day, domain) partition's labels, and the label model that wrote them."""
+        rows = self.per_day.filter(pl.col("event_date") == day)
+        impressions, labelled, share_good = rows.row(0)[1:] if rows.height else (0, 0, None)
+        return {
+            "impressions": impressions,
+            "labelled": labelled,
+            "coverage": round(labelled / impressions, 3) if impressions else None,
+            "share_good": round(share_good, 3) if share_good is not None else None,
+            "label_model_version": self.label_model_version,
+            "label_model": f"Dawid-Skene fit on {self.fit_start}..{self.fit_end} ({self.fit_rows} impressions), "
+                           f"gold accuracy {_fmt(self.gold_accuracy)} vs majority vote "
+                           f"{_fmt(self.gold_accuracy_majority_vote)} on {self.gold_rows} reviews",
+            "mature_until": self.mature_until.isoformat() if self.mature_until else None,
+        }
 
     def metadata(self) -> dict[str, object]:
         """Flat JSON-able values for Dagster asset metadata; tables as markdown strings."""
@@ -172,6 +189,10 @@ def label_partitions(
         ),
         label_delay=label_delays(fitted, {domain: maturity.outcome}),
         mature_until=_cutoff(outcome_delays(fitted, maturity.outcome), maturity.quantile, fit_end),
+        per_day=labels.group_by("event_date").agg(
+            pl.len().alias("impressions"), pl.col("p_good").is_not_null().sum().alias("labelled"),
+            pl.col("label").mean().alias("share_good"),
+        ).sort("event_date"),
     )
 
 
@@ -278,6 +299,10 @@ def _cutoff(delays_s: pl.Series, quantile: float, last_day: date) -> date | None
         if delays_s.is_empty()
         else mature_until(delays_s, quantile, last_day + timedelta(days=1))
     )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def to_markdown(table: pl.DataFrame) -> str:
