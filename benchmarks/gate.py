@@ -21,13 +21,14 @@ prints per domain:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
 import warnings
 from collections import defaultdict
 from contextlib import redirect_stdout
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import date, timedelta
 from io import StringIO
 from pathlib import Path
@@ -35,7 +36,6 @@ from pathlib import Path
 import dagster as dg
 import mlflow
 import numpy as np
-import polars as pl
 
 from flywheel_pipeline import registry, simulation
 from flywheel_pipeline.config import FlywheelConfig, load_config
@@ -43,9 +43,8 @@ from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.defs.assets import model_keys
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import Scorer, baseline_scorer
-from flywheel_pipeline.training import trainer_for
-from flywheel_pipeline.training.base import Windows, impressions
-from flywheel_pipeline.warehouse import connect
+from flywheel_pipeline.simulation.oracle import model_true_accuracy, oracle_accuracy
+from flywheel_pipeline.training.base import Windows
 
 DAYS_PER_CYCLE = 7
 WARMUP_DAYS = 14
@@ -73,18 +72,6 @@ class Candidate:
         return TRUTHS[0] if gain > WITHIN else TRUTHS[1] if gain < -WITHIN else TRUTHS[2]
 
 
-def oracle_accuracy(home: Home, config: FlywheelConfig, domain: str, windows: Windows) -> float:
-    """The domain's trainer fitted on the hidden truth of the candidate's training impressions."""
-    with connect(home.warehouse, read_only=True) as con:
-        rows = impressions(con, domain, windows.train_start, windows.train_end)
-    truth = simulation.true_labels(home, domain).unique(["interaction_id", "item_id"])
-    rows = rows.drop("p_good", "label").join(truth, on=["interaction_id", "item_id"])
-    rows = rows.with_columns(p_good=pl.col("good").cast(pl.Float64), label=pl.col("good"))
-    trainer = trainer_for(config.domain(domain).shape)
-    weighted, _ = trainer.weigh(rows)
-    return simulation.true_accuracy(home, config, domain, trainer.fit(weighted))
-
-
 def _metadata(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict:
     for event in result.get_asset_materialization_events():
         if event.asset_key == key:
@@ -101,7 +88,8 @@ class Loop:
     """One seed's closed loop in its own home."""
 
     def __init__(self, root: Path, config: FlywheelConfig, seed: int, per_day: int, end: date,
-                 cycles: int) -> None:
+                 cycles: int, records: Path | None = None) -> None:
+        self.records = records
         self.home, self.config, self.seed, self.per_day = Home(root).activate(), config, seed, per_day
         self.instance = dg.DagsterInstance.local_temp(str(self.home.dagster))
         self.defs = build_definitions(config, self.home)
@@ -129,8 +117,7 @@ class Loop:
         keys = model_keys(domain)
         trained, report = _metadata(result, keys["candidate_model"]), _metadata(result, keys["validation_report"])
         registered = _metadata(result, keys["registered_candidate"])
-        candidate = simulation.true_accuracy(self.home, self.config, domain,
-                                             mlflow.pyfunc.load_model(trained["model_uri"]))
+        candidate = model_true_accuracy(self.home, self.config, domain, trained["model_uri"])
         if report["gate"] == "passed":
             registry.promote(self.client, domain, str(registered["version"]))
         oracle = oracle_accuracy(self.home, self.config, domain, _windows(trained))
@@ -150,13 +137,31 @@ class Loop:
                 started = time.monotonic()
                 judged = self.cycle(cycle, domain, run_from, first + timedelta(days=DAYS_PER_CYCLE - 1))
                 candidates.append(judged)
+                self.record({"candidate": asdict(judged)})
                 print(f"  seed {self.seed} cycle {cycle} {domain:<14} {judged.outcome:<12} candidate "
                       f"{judged.candidate:.3f} champion {judged.champion:.3f} oracle {judged.oracle:.3f} "
                       f"({time.monotonic() - started:.0f}s) {judged.reasons[:150]}", flush=True)
         final = {d: simulation.true_accuracy(self.home, self.config, d, self.champion(d))
                  for d in self.config.domains}
+        self.record({"seed": self.seed, "baseline": baseline, "final": final})
         self.instance.dispose()
         return candidates, baseline, final
+
+
+    def record(self, entry: dict) -> None:
+        if self.records:
+            with self.records.open("a") as out:
+                out.write(json.dumps(entry) + "\n")
+
+
+def from_records(path: Path) -> tuple[list[Candidate], list[dict], list[dict]]:
+    """What ``--records`` wrote: every candidate, and each finished seed's baseline and final."""
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    finished = [e for e in entries if "final" in e]
+    done = {e["seed"] for e in finished}
+    candidates = [Candidate(**e["candidate"]) for e in entries
+                  if "candidate" in e and e["candidate"]["seed"] in done]
+    return candidates, [e["baseline"] for e in finished], [e["final"] for e in finished]
 
 
 def caught(candidates: list[Candidate]) -> tuple[int, int]:
@@ -206,7 +211,12 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=6)
     parser.add_argument("--per-day", type=int, default=1500)
     parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "flywheel.yaml")
+    parser.add_argument("--records", type=Path, help="append every candidate here as JSON lines")
+    parser.add_argument("--report", type=Path, help="only print the tables of a --records file")
     args = parser.parse_args()
+    if args.report:
+        report(*from_records(args.report))
+        return
     warnings.filterwarnings("ignore")
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     config = load_config(args.config)
@@ -215,7 +225,8 @@ def main() -> None:
     started = time.monotonic()
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         with tempfile.TemporaryDirectory(prefix=f"gate-bench-{seed}-") as root:
-            found, baseline, final = Loop(Path(root), config, seed, args.per_day, end, args.cycles).run(args.cycles)
+            loop = Loop(Path(root), config, seed, args.per_day, end, args.cycles, args.records)
+            found, baseline, final = loop.run(args.cycles)
         candidates += found
         baselines.append(baseline)
         finals.append(final)
