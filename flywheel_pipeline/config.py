@@ -48,7 +48,7 @@ class Gate(_Strict):
         None, ge=0, description="instead of min_improvement: promote what is no worse than this")
     max_slice_regression: float = Field(0.05, ge=0)
     min_samples: int = Field(200, gt=0)
-    min_ess: float = Field(100.0, gt=0, description="effective sample size below which the gate "
+    min_ess: float = Field(50.0, gt=0, description="effective sample size below which the gate "
                                                     "is inconclusive")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from datetime import date, datetime
+from statistics import NormalDist
 
 import dagster as dg
 import duckdb
@@ -30,10 +31,12 @@ from flywheel_pipeline.validation import (
     compare_models,
     gate,
     holdout_rows,
+    latest_inconclusive,
     validate_candidate,
     weighted_auc,
 )
 from flywheel_pipeline.validation.evidence import assemble
+from flywheel_pipeline.validation.intervals import CI_LEVEL
 from tests.test_training import (
     AS_OF,
     DAYS,
@@ -149,10 +152,13 @@ def test_tied_scores_split_the_target_policy_evenly():
 # --- the gate -------------------------------------------------------------------------------------
 
 
+Z_CI = NormalDist().inv_cdf(1 - (1 - CI_LEVEL) / 2)
+
+
 def comparison(difference: float, se: float, champion: float = 0.5) -> MetricComparison:
-    """A normal-looking bootstrap result: difference +- 1.96 se."""
+    """A normal-looking bootstrap result: difference +- z se at the gate's interval level."""
     candidate = champion + difference
-    half = 1.96 * se
+    half = Z_CI * se
     return MetricComparison(candidate, champion, difference, (candidate - half, candidate + half),
                             (champion, champion), (difference - half, difference + half), se)
 
@@ -176,13 +182,15 @@ def test_a_better_candidate_passes():
 
 
 def test_an_interval_straddling_the_minimum_is_inconclusive_and_says_how_many_more_samples():
-    report = report_with({"all": (1000, 0.01, 0.01)})  # [-0.0096, +0.0296]
+    report = report_with({"all": (1000, 0.01, 0.01)})  # 0.01 +- 1.645 * 0.01 straddles 0
     decision = gate(report, GATE)
     assert decision.outcome == "inconclusive" and not decision.passed
     assert decision.reasons[0].startswith("improvement_uncertain")
-    # the interval narrows as 1/sqrt(n): 1000 * (0.0196 / 0.01)^2 = 3842 samples in all
-    assert decision.samples_needed == pytest.approx(2842, abs=2)
-    assert gate(report_with({"all": (4842, 0.01, 0.01 * np.sqrt(1000 / 4842))}), GATE).passed
+    # the interval narrows as 1/sqrt(n): it clears 0 once n = 1000 * (z * 0.01 / 0.01)^2
+    total = 1000 * Z_CI**2
+    assert decision.samples_needed == pytest.approx(total - 1000, abs=2)
+    enough = int(total * 1.05)
+    assert gate(report_with({"all": (enough, 0.01, 0.01 * np.sqrt(1000 / enough))}), GATE).passed
 
 
 def test_a_truly_regressing_candidate_fails():
@@ -209,7 +217,7 @@ def test_a_slice_that_clearly_regresses_fails_the_gate_and_is_named():
 
 
 def test_holm_keeps_many_borderline_slice_regressions_from_vetoing_by_chance():
-    # each slice alone: p ~= 0.02 < 0.025, but not < 0.025 / 5 after Holm
+    # each slice alone: p ~= 0.02 < 0.05, but not < 0.05 / 5 after Holm
     slices = {"all": (2000, 0.04, 0.01)} | {f"segment_s{k}": (300, -0.05 - 2.05 * 0.02, 0.02) for k in range(5)}
     assert gate(report_with(slices), GATE).passed
     one = {"all": (2000, 0.04, 0.01), "segment_s0": (300, -0.05 - 2.05 * 0.02, 0.02)}
@@ -226,7 +234,7 @@ def test_too_few_samples_or_a_low_effective_sample_size_is_inconclusive_not_fail
 
 
 def test_a_non_inferiority_margin_promotes_what_is_no_worse_than_it():
-    report = report_with({"all": (1000, -0.005, 0.005)})  # [-0.0148, +0.0048]
+    report = report_with({"all": (1000, -0.005, 0.005)})  # [-0.0132, +0.0032]
     assert gate(report, GATE).outcome == "inconclusive"
     assert gate(report, GATE.model_copy(update={"non_inferiority_margin": 0.02})).passed
     assert gate(report, GATE.model_copy(update={"non_inferiority_margin": 0.01})).outcome == "inconclusive"
@@ -319,6 +327,7 @@ def test_a_candidate_compared_with_itself_is_inconclusive_not_promoted(world):
                if np.isfinite(m.difference))
     assert report.decision.outcome == "inconclusive"  # no gain shown, no harm either
     assert report.decision.reasons[0].startswith("improvement_uncertain")
+    assert latest_inconclusive(home, "recommendation") == candidate.model_uri  # for the next cycle
 
 
 def test_a_candidate_regressing_on_a_slice_is_not_registered_so_never_promoted(world):

@@ -34,7 +34,7 @@ from flywheel_pipeline.validation.evidence import (
 from flywheel_pipeline.validation.gate import GateDecision, gate, threshold
 from flywheel_pipeline.validation.intervals import MetricComparison
 from flywheel_pipeline.validation.report import SliceResult, ValidationReport
-from flywheel_pipeline.validation.tracking import log_validation_run
+from flywheel_pipeline.validation.tracking import latest_inconclusive, log_validation_run
 
 __all__ = [
     "PRIMARY_METRIC",
@@ -47,6 +47,7 @@ __all__ = [
     "gate",
     "held_out_evidence",
     "holdout_rows",
+    "latest_inconclusive",
     "log_validation_run",
     "threshold",
     "validate_candidate",

@@ -15,7 +15,7 @@ import numpy as np
 
 N_BOOTSTRAP = 400
 BOOTSTRAP_SEED = 0
-CI_LEVEL = 0.95
+CI_LEVEL = 0.90  # two-sided; each bound is a one-sided test at 5%
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,9 @@ def samples_needed(n: int, comparison: MetricComparison, threshold: float) -> in
     """Held-out samples beyond ``n`` for the interval to clear ``threshold`` at the same point
     estimate (the interval narrows as 1/sqrt(n)); None when the estimate sits on the threshold."""
     low, high = comparison.difference_ci
-    gap = abs(comparison.difference - threshold)
+    d = comparison.difference
+    gap = abs(d - threshold)
     if not (np.isfinite(low) and np.isfinite(high)) or gap == 0 or n == 0:
         return None
-    half_width = (high - low) / 2
-    return max(0, math.ceil(n * (half_width / gap) ** 2) - n)
+    reach = d - low if d > threshold else high - d  # the interval's side facing the threshold
+    return max(1, math.ceil(n * (reach / gap) ** 2) - n)

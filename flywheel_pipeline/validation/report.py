@@ -10,7 +10,7 @@ from typing import Any
 
 from flywheel_pipeline.training.base import Windows
 from flywheel_pipeline.validation.gate import GOLD_METRIC, GateDecision
-from flywheel_pipeline.validation.intervals import MetricComparison
+from flywheel_pipeline.validation.intervals import CI_LEVEL, MetricComparison
 
 SHOWN_METRICS = ("dr", "pbm_ips", "snips", "audit", "weak_label_value", "weak_label_auc")
 
@@ -106,6 +106,7 @@ class ValidationReport:
     def markdown(self) -> str:
         reasons = self.decision.reasons if self.decision else []
         theta = ", ".join(f"{t:.2f}" for t in self.examination)
+        level = f"{CI_LEVEL:.0%} CI"
         lines = [
             f"# Validation of {self.candidate_model_uri} ({self.domain})",
             f"- champion: {self.champion_model_uri or 'baseline'}",
@@ -116,7 +117,7 @@ class ValidationReport:
             *(f"  - {reason}" for reason in reasons),
             *self._ungated(),
             "",
-            "| slice | n | reviewed | metric | candidate (95% CI) | champion (95% CI) | difference (95% CI) |",
+            f"| slice | n | reviewed | metric | candidate ({level}) | champion ({level}) | difference ({level}) |",
             "|---|---|---|---|---|---|---|",
         ]
         for result in self.slices:

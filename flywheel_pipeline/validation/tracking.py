@@ -45,3 +45,16 @@ def log_validation_run(home: Home, report: ValidationReport) -> str:
         mlflow.log_dict(report.to_dict(), "validation/report.json")
         mlflow.log_text(report.markdown(), "validation/report.md")
     return run.info.run_id
+
+
+def latest_inconclusive(home: Home, domain: str) -> str | None:
+    """The candidate of the domain's latest validation when that gate was inconclusive (None
+    otherwise): what the next cycle can revisit on fresh held-out evidence, by validating it
+    again next to the new candidate."""
+    experiment = ensure_experiment(home, domain)
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment], filter_string="tags.`flywheel.stage` = 'validation'",
+        order_by=["attributes.start_time DESC"], output_format="list")
+    if not runs or runs[0].data.tags.get("flywheel.gate.outcome") != "inconclusive":
+        return None
+    return runs[0].data.tags["flywheel.candidate_model_uri"]
