@@ -5,7 +5,7 @@ timestamp, or the day of the batch that brought it when the timestamp is unusabl
 batch's day, or more than ``max_lateness_days`` before it). A partition's lines are either accepted
 into ``raw.interactions/impressions/signals/outcomes/labels`` or quarantined in ``raw.quarantine``
 with a reason, so lines in = accepted + quarantined. A domain's landing folder holds the product's
-daily batches (``<day>.jsonl``) and the review queue's (``<day>.labels.jsonl``: ``label`` events).
+daily batches (``<day>.jsonl``) and the review queue's (``labels/<day>.jsonl``: ``label`` events).
 A run replaces its partitions in one transaction:
 re-running is idempotent (an event keeps the time it was first ingested, which the late-label
 sensor relies on), and a crash leaves the previous state.
@@ -25,7 +25,8 @@ from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
 
-_BATCH_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})(\.labels)?\.jsonl$")
+_BATCH_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl$")
+LABEL_BATCHES = "labels"  # the review queue's batches: <domain>/labels/<day>.jsonl
 _RAW_EVENT_TABLES = ("interactions", "signals", "outcomes", "labels")
 _IMPRESSION_SCHEMA = '[{"item_id": "VARCHAR", "position": "INTEGER", "propensity": "DOUBLE", "content": "VARCHAR"}]'
 
@@ -87,14 +88,15 @@ class AccumulationReport:
 
 
 def batches_for(home: Home, domain: str, dates: list[date], max_lateness_days: int) -> list[Path]:
-    """Landing batches that may carry events of ``dates``: delivered that day up to the lateness limit."""
+    """Landing batches that may carry events of ``dates``: delivered that day up to the lateness
+    limit, the product's and the review queue's."""
     first, last = min(dates), max(dates) + timedelta(days=max_lateness_days)
-    folder = home.landing / domain
     found = []
-    for path in sorted(folder.glob("*.jsonl")) if folder.exists() else []:
-        match = _BATCH_NAME.match(path.name)
-        if match and first <= date.fromisoformat(match.group(1)) <= last:
-            found.append(path)
+    for folder in (home.landing / domain, home.landing / domain / LABEL_BATCHES):
+        for path in sorted(folder.glob("*.jsonl")) if folder.exists() else []:
+            match = _BATCH_NAME.match(path.name)
+            if match and first <= date.fromisoformat(match.group(1)) <= last:
+                found.append(path)
     return found
 
 
@@ -110,7 +112,7 @@ def _load_lines(con: duckdb.DuckDBPyConnection, home: Home, batches: list[Path])
             FROM read_text(?)
         ), numbered AS (
             SELECT replace(filename, ?, '') AS source_file,
-                   CAST(regexp_extract(filename, '(\\d{4}-\\d{2}-\\d{2})(\\.labels)?\\.jsonl$', 1) AS DATE) AS batch_day,
+                   CAST(regexp_extract(filename, '(\\d{4}-\\d{2}-\\d{2})\\.jsonl$', 1) AS DATE) AS batch_day,
                    unnest(lines) AS line,
                    unnest(generate_series(1, len(lines))) AS source_line
             FROM batches

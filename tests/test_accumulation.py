@@ -46,8 +46,8 @@ def label(event_id: str, **overrides: object) -> dict:
     return event
 
 
-def write_batch(home, day: str, lines: list[object], domain: str = "assistant", suffix: str = "") -> None:
-    path = home.landing_file(domain, day).with_suffix(f"{suffix}.jsonl")
+def write_batch(home, day: str, lines: list[object], domain: str = "assistant", folder: str = "") -> None:
+    path = home.landing / domain / folder / f"{day}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
 
@@ -85,18 +85,18 @@ BAD_LINES = {
 def test_review_labels_come_in_their_own_batch_and_land_in_raw_labels(home, config):
     write_batch(home, "2026-11-02", [interaction("a")])
     write_batch(home, "2026-11-03", [label("l1"), label("l2", verdict="bad", item_id="r_2"),
-                                     label("l3", verdict="maybe")], suffix=".labels")
+                                     label("l3", verdict="maybe")], folder="labels")
 
     report = run(home, config, dates=(DAY, DAY + timedelta(days=1)))
 
     assert report.accepted == {"interactions": 1, "signals": 0, "outcomes": 0, "labels": 2}
-    assert "2026-11-03.labels.jsonl" in report.batches_read and report.reconciles
+    assert report.batches_read == ["2026-11-02.jsonl", "2026-11-03.jsonl"] and report.reconciles
     assert table(home, "SELECT event_date, item_id, reviewer, verdict FROM raw.labels ORDER BY 2") == [
         (DAY + timedelta(days=1), "r_1", "reviewer_1", "good"),
         (DAY + timedelta(days=1), "r_2", "reviewer_1", "bad"),
     ]
     assert table(home, "SELECT reason, source_file FROM raw.quarantine") == [
-        ("invalid_value:verdict", "assistant/2026-11-03.labels.jsonl")]
+        ("invalid_value:verdict", "assistant/labels/2026-11-03.jsonl")]
 
 
 def test_bad_batch_is_quarantined_with_reasons_and_nothing_is_lost(home, config):

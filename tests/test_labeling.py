@@ -527,7 +527,7 @@ def test_a_review_label_arriving_after_its_day_was_labelled_makes_that_day_stale
                     "('assistant', ?, 'i_a', 'r_1', 0.8, true, 2, 'v', ?)", [DAY, labelled_at])
         assert late_outcome_partitions(con, None) == ([], None)  # nothing arrived yet
 
-        write_batch(home, "2026-11-03", [label("l1")], suffix=".labels")
+        write_batch(home, "2026-11-03", [label("l1")], folder="labels")
         accumulate(con, home, config, "assistant", [DAY + timedelta(days=1)],
                    now=reviewed.replace(tzinfo=UTC))
         stale, cursor = late_outcome_partitions(con, None)

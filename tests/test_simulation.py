@@ -117,8 +117,8 @@ def _parse(timestamp: str) -> datetime:
 def read_batches(home: Home, domain: str) -> list[tuple[date, dict | None]]:
     """(batch day, event or None when the line breaks the contract) for every landing line."""
     rows = []
-    for path in sorted((home.landing / domain).glob("*.jsonl")):
-        day = date.fromisoformat(path.name[:10])
+    for path in sorted((home.landing / domain).rglob("*.jsonl")):
+        day = date.fromisoformat(path.stem)
         seen: set[str] = set()
         for line in filter(None, path.read_text(encoding="utf-8").split("\n")):
             valid = contract_violation(line, domain) is None
@@ -190,7 +190,7 @@ def test_same_seed_gives_byte_identical_batches(tmp_path: Path) -> None:
     for home, seed in zip(homes, (3, 3, 4)):
         simulate(home, CONFIG, START, 3, seed=seed, interactions_per_day=200, bad_row_share=0.05)
     first, again, other_seed = (landing_bytes(h) for h in homes)
-    assert len([name for name in first if not name.endswith(".labels.jsonl")]) == 6
+    assert len([name for name in first if "/labels/" not in name]) == 6
     assert first == again
     assert first != other_seed
 
@@ -204,8 +204,8 @@ def test_every_valid_line_keeps_the_contract_and_bad_rows_are_the_rest(simulated
         assert broken == sum(b.bad_rows for b in written)
         assert len(rows) == sum(b.events + b.bad_rows for b in written)
         assert broken / len(rows) == pytest.approx(BAD_ROW_SHARE, abs=0.01)
-        assert {b.interactions for b in written if not b.path.name.endswith(".labels.jsonl")} == {PER_DAY}
-        assert {b.interactions for b in written if b.path.name.endswith(".labels.jsonl")} == {0}
+        assert {b.interactions for b in written if b.path.parent.name != "labels"} == {PER_DAY}
+        assert {b.interactions for b in written if b.path.parent.name == "labels"} == {0}
 
 
 def test_the_pipeline_quarantines_exactly_the_bad_rows(simulated) -> None:
@@ -250,7 +250,7 @@ def test_explicit_feedback_consent_and_reviews_at_their_rates(simulated) -> None
 
 def test_the_audit_sample_comes_back_as_label_events_in_its_own_batch(tmp_path: Path) -> None:
     """A random audit_share of interactions, each shown item judged from the hidden truth, wrong
-    reviewer_error of the time, within the review delay; only in ``<day>.labels.jsonl``."""
+    reviewer_error of the time, within the review delay; only in ``labels/<day>.jsonl``."""
     home, error, share, n = Home(tmp_path / "audit"), 0.1, 0.05, 3 * 1000
     config = CONFIG.model_copy(update={"domains": {
         d: c.model_copy(update={"audit_share": share}) for d, c in CONFIG.domains.items()}})
@@ -259,10 +259,10 @@ def test_the_audit_sample_comes_back_as_label_events_in_its_own_batch(tmp_path: 
     events = events_of(home, "assistant")
     labels = [e for e in events if e["event_type"] == "label"]
     served = {e["interaction_id"]: _parse(e["timestamp"]) for e in events if e["event_type"] == "interaction"}
-    files = {p.name for p in (home.landing / "assistant").glob("*.labels.jsonl")}
-    assert files and all(p.name.endswith(".labels.jsonl") == (e["event_type"] == "label")
-                         for p in (home.landing / "assistant").glob("*.jsonl")
-                         for e in map(json.loads, p.read_text().splitlines()))
+    assert list((home.landing / "assistant" / "labels").glob("*.jsonl"))
+    assert all((p.parent.name == "labels") == (e["event_type"] == "label")
+               for p in (home.landing / "assistant").rglob("*.jsonl")
+               for e in map(json.loads, p.read_text().splitlines()))
     reviewed = {e["interaction_id"] for e in labels}
     expected, sd = share * n, np.sqrt(n * share * (1 - share))
     # reviews of the last day's second half come after the simulated days: not all delivered

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
+from flywheel_pipeline.accumulation import LABEL_BATCHES
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import Scorer, baseline_scorer
@@ -88,7 +89,7 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
 
     Each domain's ``audit_share`` of interactions goes to human review: reviewers answer from the
     hidden truth, wrong ``reviewer_error`` of the time, ``review_delay_days`` (uniform) later, as
-    ``label`` events in a batch of their own (``<day>.labels.jsonl``, see ``label_batch``).
+    ``label`` events in a batch of their own (``labels/<day>.jsonl``, see ``label_batch``).
     """
     if days < 1 or interactions_per_day < 1 or seed < 0 or not 0 <= bad_row_share < 1:
         raise ValueError("need days >= 1, interactions_per_day >= 1, seed >= 0 and "
@@ -147,7 +148,7 @@ def _simulate_domain(home: Home, domain: str, shape: str, policy: Policy, start:
 
 def label_batch(home: Home, domain: str, day: date) -> Path:
     """Where the review queue's ``label`` events of ``day`` land, next to the product's batch."""
-    return home.landing_file(domain, day.isoformat()).with_suffix(".labels.jsonl")
+    return home.landing / domain / LABEL_BATCHES / f"{day.isoformat()}.jsonl"
 
 
 def simulated_through(home: Home, domain: str) -> date | None:
