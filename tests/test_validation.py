@@ -138,6 +138,17 @@ def test_without_logged_candidates_a_policy_is_judged_on_what_was_shown():
     assert evidence.options.height == rows.height  # only the shown response per interaction
 
 
+def test_an_interaction_whose_logged_candidates_miss_a_shown_item_falls_back_to_what_was_shown():
+    rows, candidates = logged_bandit(100, seed=5)
+    shown_of_i0 = rows.filter(pl.col("interaction_id") == "i0")["item_id"][0]
+    broken = candidates.filter((pl.col("interaction_id") != "i0") | (pl.col("item_id") != shown_of_i0))
+    evidence = assemble(rows, broken, "outcome")
+    assert evidence.candidates_logged == pytest.approx(0.99)
+    own = evidence.options.filter(pl.col("interaction_id") == "i0")
+    assert own["item_id"].to_list() == [shown_of_i0] and own["position"].to_list() == [0]
+    assert evidence.n_units == 100 and evidence.unit_attributes().height == 100
+
+
 def test_tied_scores_split_the_target_policy_evenly():
     slates = pl.from_pandas(recommendation_impressions(days=1, per_day=20)).with_columns(
         clicked=pl.lit(0.0), outcome=pl.lit(0.0), verdict=pl.lit(None, pl.Float64),

@@ -22,9 +22,9 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from flywheel_pipeline.scoring import SERVING_FEATURES, Scorer
+from flywheel_pipeline.scoring import SERVING_FEATURES
 from flywheel_pipeline.training.base import SERVING_TIME_COLUMNS, Windows
-from flywheel_pipeline.validation.estimators import PolicyTerms, pbm_weight, position_probabilities
+from flywheel_pipeline.validation.estimators import PolicyTerms, pbm_weight
 
 REWARD = {"assistant": "outcome", "recommendation": "clicked"}  # the column of holdout_rows
 REWARD_MODEL_KEYS = {"assistant": ["input_text", "item_id"], "recommendation": ["segment", "item_id"]}
@@ -110,7 +110,7 @@ def assemble(rows: pl.DataFrame, candidates: pl.DataFrame, reward: str) -> Evide
     )
     context = rows.unique("interaction_id", keep="first", maintain_order=True).select(
         "interaction_id", *_INTERACTION_FEATURES)
-    logged = candidates.join(context.select("interaction_id"), on="interaction_id", how="semi")
+    logged = _usable(candidates, shown, slate_size)
     with_candidates = (
         logged.join(context, on="interaction_id")
         .join(shown.drop("item_content"), on=["interaction_id", "item_id"], how="left")
@@ -131,11 +131,13 @@ def assemble(rows: pl.DataFrame, candidates: pl.DataFrame, reward: str) -> Evide
     return Evidence(options.drop("mu"), mu.reshape(-1, slate_size), slate_size, n_units, share)
 
 
-def score(evidence: Evidence, scorer: Scorer) -> np.ndarray:
-    """pi(row at position j) of the policy ranking each unit's candidates by ``scorer``."""
-    features = evidence.options.select(SERVING_FEATURES).to_pandas()
-    scores = pl.Series(np.asarray(scorer.predict(features), dtype=float))
-    return position_probabilities(scores, evidence.options["unit"], evidence.slate_size)
+def _usable(candidates: pl.DataFrame, shown: pl.DataFrame, slate_size: int) -> pl.DataFrame:
+    """Logged candidates of held-out interactions whose list is whole: a propensity for every
+    position, and every shown item among them (else the interaction falls back)."""
+    logged = candidates.join(shown.select("interaction_id").unique(), on="interaction_id", how="semi")
+    short = logged.filter(pl.col("mu").list.len() < slate_size).select("interaction_id")
+    missing = shown.join(logged, on=["interaction_id", "item_id"], how="anti").select("interaction_id")
+    return logged.join(pl.concat([short, missing]).unique(), on="interaction_id", how="anti")
 
 
 def reward_model(evidence: Evidence, theta: np.ndarray, keys: list[str], folds: int = 2) -> np.ndarray:
