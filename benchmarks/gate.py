@@ -94,7 +94,10 @@ class Loop:
         self.instance = dg.DagsterInstance.local_temp(str(self.home.dagster))
         self.defs = build_definitions(config, self.home)
         self.start = end - timedelta(days=WARMUP_DAYS + cycles * DAYS_PER_CYCLE - 1)
-        self.client = mlflow.MlflowClient(self.home.mlflow_tracking_uri)
+        # this process's MLflow points at this seed's home (the previous seed's set it too)
+        mlflow.set_tracking_uri(self.home.mlflow_tracking_uri)
+        mlflow.set_registry_uri(self.home.mlflow_tracking_uri)
+        self.client = mlflow.MlflowClient(self.home.mlflow_tracking_uri, self.home.mlflow_tracking_uri)
 
     def champion(self, domain: str) -> Scorer:
         uri = registry.alias_uri(self.client, domain, registry.CHAMPION)
