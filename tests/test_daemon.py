@@ -176,8 +176,11 @@ def test_schedules_late_label_backfills_and_ui_approval_run_through_the_daemon(d
     assert web(START_SCHEDULE, selector=selector)["startSchedule"]["scheduleState"]["status"] == "RUNNING"
     launched = wait_for(lambda: dagster.instance.get_runs(dg.RunsFilter(tags={"dagster/schedule_name": SCHEDULE})),
                         "the schedule's first tick", timeout=180)
-    reset = web(RESET_SCHEDULE, selector=selector)["resetSchedule"]  # back to its default: stopped
-    assert reset["scheduleState"]["status"] == "STOPPED", reset
+    # Once the daemon has finished that tick (it saves the schedule's state as it ends one), put the
+    # schedule back to its default, stopped: the next minute's tick would launch another cycle.
+    wait_for(lambda: [t["status"] for t in ticks(web, "approval_sensor")[SCHEDULE]][:1] == ["SUCCESS"],
+             "the schedule's tick to end", timeout=60)
+    assert web(RESET_SCHEDULE, selector=selector)["resetSchedule"]["scheduleState"]["status"] == "STOPPED"
     cycle = dagster.wait(launched[-1].run_id, timeout=600)
     assert cycle.status == dg.DagsterRunStatus.SUCCESS
     assert covered_days(cycle) == {LAST - timedelta(days=offset) for offset in range(config.max_lateness_days + 1)}
