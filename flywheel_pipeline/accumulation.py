@@ -3,8 +3,10 @@
 Every non-blank landing line is attributed to exactly one day partition: the UTC day of its own
 timestamp, or the day of the batch that brought it when the timestamp is unusable (or after the
 batch's day, or more than ``max_lateness_days`` before it). A partition's lines are either accepted
-into ``raw.interactions/impressions/signals/outcomes`` or quarantined in ``raw.quarantine`` with a
-reason, so lines in = accepted + quarantined. A run replaces its partitions in one transaction:
+into ``raw.interactions/impressions/signals/outcomes/labels`` or quarantined in ``raw.quarantine``
+with a reason, so lines in = accepted + quarantined. A domain's landing folder holds the product's
+daily batches (``<day>.jsonl``) and the review queue's (``labels/<day>.jsonl``: ``label`` events).
+A run replaces its partitions in one transaction:
 re-running is idempotent (an event keeps the time it was first ingested, which the late-label
 sensor relies on), and a crash leaves the previous state.
 """
@@ -24,7 +26,8 @@ from flywheel_pipeline.home import Home
 from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
 
 _BATCH_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl$")
-_RAW_EVENT_TABLES = ("interactions", "signals", "outcomes")
+LABEL_BATCHES = "labels"  # the review queue's batches: <domain>/labels/<day>.jsonl
+_RAW_EVENT_TABLES = ("interactions", "signals", "outcomes", "labels")
 _IMPRESSION_SCHEMA = '[{"item_id": "VARCHAR", "position": "INTEGER", "propensity": "DOUBLE", "content": "VARCHAR"}]'
 
 
@@ -85,14 +88,15 @@ class AccumulationReport:
 
 
 def batches_for(home: Home, domain: str, dates: list[date], max_lateness_days: int) -> list[Path]:
-    """Landing batches that may carry events of ``dates``: delivered that day up to the lateness limit."""
+    """Landing batches that may carry events of ``dates``: delivered that day up to the lateness
+    limit, the product's and the review queue's."""
     first, last = min(dates), max(dates) + timedelta(days=max_lateness_days)
-    folder = home.landing / domain
     found = []
-    for path in sorted(folder.glob("*.jsonl")) if folder.exists() else []:
-        match = _BATCH_NAME.match(path.name)
-        if match and first <= date.fromisoformat(match.group(1)) <= last:
-            found.append(path)
+    for folder in (home.landing / domain, home.landing / domain / LABEL_BATCHES):
+        for path in sorted(folder.glob("*.jsonl")) if folder.exists() else []:
+            match = _BATCH_NAME.match(path.name)
+            if match and first <= date.fromisoformat(match.group(1)) <= last:
+                found.append(path)
     return found
 
 
@@ -218,6 +222,13 @@ _INSERTS = {
                doc->>'item_id', source_file, source_line, coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'outcome'""",
+    "labels": """
+        INSERT INTO raw.labels
+        SELECT event_id, $domain, event_date, event_ts, doc->>'user_id', doc->>'session_id',
+               doc->>'interaction_id', doc->>'item_id', doc->>'reviewer', doc->>'verdict',
+               source_file, source_line, coalesce(first_ingested.ingested_at, $now)
+        FROM partition_lines LEFT JOIN first_ingested USING (event_id)
+        WHERE reason IS NULL AND event_type = 'label'""",
     "quarantine": """
         INSERT INTO raw.quarantine
         SELECT $domain, event_date, source_file, source_line, event_id, reason, line, $now
@@ -248,6 +259,7 @@ def _report(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], batc
                   count(*) FILTER (reason IS NULL AND event_type = 'interaction'),
                   count(*) FILTER (reason IS NULL AND event_type = 'signal'),
                   count(*) FILTER (reason IS NULL AND event_type = 'outcome'),
+                  count(*) FILTER (reason IS NULL AND event_type = 'label'),
                   count(*) FILTER (reason IS NOT NULL)
            FROM partition_lines"""
     ).fetchone()
@@ -263,9 +275,9 @@ def _report(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], batc
         dates=dates,
         batches_read=[path.name for path in batches],
         lines_in=counts[0],
-        accepted=dict(zip(_RAW_EVENT_TABLES, counts[1:4])),
+        accepted=dict(zip(_RAW_EVENT_TABLES, counts[1:5])),
         impressions=impressions,
-        quarantined=counts[4],
+        quarantined=counts[5],
         reasons=reasons,
         days=_day_counts(con, domain, dates),
     )

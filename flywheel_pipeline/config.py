@@ -41,9 +41,15 @@ class LabelMaturity(_Strict):
 
 
 class Gate(_Strict):
-    min_improvement: float = 0.0
+    """When a candidate is promoted (docs/validation.md: the three outcomes, setting margins)."""
+
+    min_improvement: float = Field(0.0, description="the primary difference's lower bound must clear this")
+    non_inferiority_margin: float | None = Field(
+        None, ge=0, description="instead of min_improvement: promote what is no worse than this")
     max_slice_regression: float = Field(0.05, ge=0)
     min_samples: int = Field(200, gt=0)
+    min_ess: float = Field(50.0, gt=0, description="effective sample size below which the gate "
+                                                    "is inconclusive")
 
 
 class DomainConfig(_Strict):
@@ -52,6 +58,8 @@ class DomainConfig(_Strict):
     lookback_days: int = Field(gt=0)
     holdout_days: int = Field(gt=0)
     exploration_share: float = Field(0.1, ge=0, lt=1)
+    audit_share: float = Field(0.02, ge=0, lt=1, description="share of interactions routed to "
+                               "human review (gold labels, `label` events)")
     label_maturity: LabelMaturity
     gate: Gate = Gate()
     automation: Literal["manual", "auto"] = "manual"

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-EVENT_TYPES = ("interaction", "signal", "outcome")
+EVENT_TYPES = ("interaction", "signal", "outcome", "label")
 POLICIES = ("champion", "explore", "candidate", "baseline")
 CONSENT_STATES = ("granted", "denied")
+VERDICTS = ("good", "bad")
 SIGNAL_TYPES = (
     "rating", "accept", "reject", "edit", "revert", "copy", "reformulate", "abandon", "dwell", "click",
 )
@@ -69,6 +70,12 @@ FIELDS_BY_TYPE: dict[str, tuple[Field, ...]] = {
         Field("name", "string"),
         Field("value", "number"),
         Field("item_id", "string", required=False),
+    ),
+    "label": (
+        Field("interaction_id", "string"),
+        Field("item_id", "string"),
+        Field("reviewer", "string"),
+        Field("verdict", "string"),
     ),
 }
 IMPRESSION_FIELDS = (
@@ -152,6 +159,8 @@ def _value_rules() -> list[tuple[str, str]]:
             ("interaction",), f"NOT list_bool_and(list_transform({propensities}, lambda p: p > 0 AND p <= 1))")),
         ("invalid_value:impressions.position", _for_types(
             ("interaction",), f"NOT list_bool_and(list_transform({positions}, lambda p: p >= 0))")),
+        ("invalid_value:verdict", _for_types(("label",), f"{_text('verdict')} NOT IN {_sql_list(VERDICTS)}")),
+        ("invalid_value:reviewer", _for_types(("label",), f"length({_text('reviewer')}) NOT BETWEEN 1 AND {MAX_ID_LENGTH}")),
         ("invalid_value:signal_type", _for_types(("signal",), f"{signal_type} NOT IN {_sql_list(SIGNAL_TYPES)}")),
         ("missing_field:value", _for_types(("signal",), f"{signal_type} IN ('rating', 'dwell') AND {value} IS NULL")),
         ("invalid_value:value", _for_types(("signal",), f"({signal_type} = 'rating' AND {value} NOT BETWEEN 1 AND 5) OR ({signal_type} = 'dwell' AND {value} < 0)")),

@@ -41,6 +41,13 @@ CREATE TABLE IF NOT EXISTS raw.outcomes (
     interaction_id VARCHAR NOT NULL, name VARCHAR NOT NULL, value DOUBLE NOT NULL, item_id VARCHAR,
     source_file VARCHAR NOT NULL, source_line BIGINT NOT NULL, ingested_at TIMESTAMP NOT NULL
 );
+CREATE TABLE IF NOT EXISTS raw.labels (
+    event_id VARCHAR PRIMARY KEY, domain VARCHAR NOT NULL, event_date DATE NOT NULL,
+    event_ts TIMESTAMP NOT NULL, user_id VARCHAR NOT NULL, session_id VARCHAR NOT NULL,
+    interaction_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL, reviewer VARCHAR NOT NULL,
+    verdict VARCHAR NOT NULL,
+    source_file VARCHAR NOT NULL, source_line BIGINT NOT NULL, ingested_at TIMESTAMP NOT NULL
+);
 CREATE TABLE IF NOT EXISTS raw.quarantine (
     domain VARCHAR NOT NULL, event_date DATE NOT NULL, source_file VARCHAR NOT NULL,
     source_line BIGINT NOT NULL, event_id VARCHAR, reason VARCHAR NOT NULL, line VARCHAR,

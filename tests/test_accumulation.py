@@ -36,8 +36,18 @@ def signal(event_id: str, **overrides: object) -> dict:
     return event
 
 
-def write_batch(home, day: str, lines: list[object], domain: str = "assistant") -> None:
-    path = home.landing_file(domain, day)
+def label(event_id: str, **overrides: object) -> dict:
+    event = {
+        "event_id": event_id, "event_type": "label", "domain": "assistant",
+        "timestamp": "2026-11-03T10:00:00Z", "user_id": "u_1", "session_id": "s_1",
+        "interaction_id": "i_a", "item_id": "r_1", "reviewer": "reviewer_1", "verdict": "good",
+    }
+    event.update(overrides)
+    return event
+
+
+def write_batch(home, day: str, lines: list[object], domain: str = "assistant", folder: str = "") -> None:
+    path = home.landing / domain / folder / f"{day}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
 
@@ -62,12 +72,31 @@ BAD_LINES = {
     "invalid_value:impressions.propensity": interaction(
         "v1", impressions=[{"item_id": "r", "position": 0, "propensity": 0.0, "content": "c"}]),
     "invalid_value:value": signal("v2", signal_type="rating", value=9),
+    "invalid_value:verdict": label("v4", verdict="maybe"),
+    "missing_field:reviewer": {k: v for k, v in label("m3").items() if k != "reviewer"},
     "missing_field:text": signal("v3", signal_type="edit"),
     "unknown_domain": interaction("d1", domain="search"),
     "domain_mismatch": interaction("d2", domain="recommendation"),
     "future_timestamp": interaction("f1", timestamp="2026-12-25T00:00:00Z"),
     "user_id_not_pseudonymous": interaction("p1", user_id="ada@example.com"),
 }
+
+
+def test_review_labels_come_in_their_own_batch_and_land_in_raw_labels(home, config):
+    write_batch(home, "2026-11-02", [interaction("a")])
+    write_batch(home, "2026-11-03", [label("l1"), label("l2", verdict="bad", item_id="r_2"),
+                                     label("l3", verdict="maybe")], folder="labels")
+
+    report = run(home, config, dates=(DAY, DAY + timedelta(days=1)))
+
+    assert report.accepted == {"interactions": 1, "signals": 0, "outcomes": 0, "labels": 2}
+    assert report.batches_read == ["2026-11-02.jsonl", "2026-11-03.jsonl"] and report.reconciles
+    assert table(home, "SELECT event_date, item_id, reviewer, verdict FROM raw.labels ORDER BY 2") == [
+        (DAY + timedelta(days=1), "r_1", "reviewer_1", "good"),
+        (DAY + timedelta(days=1), "r_2", "reviewer_1", "bad"),
+    ]
+    assert table(home, "SELECT reason, source_file FROM raw.quarantine") == [
+        ("invalid_value:verdict", "assistant/labels/2026-11-03.jsonl")]
 
 
 def test_bad_batch_is_quarantined_with_reasons_and_nothing_is_lost(home, config):
@@ -77,7 +106,7 @@ def test_bad_batch_is_quarantined_with_reasons_and_nothing_is_lost(home, config)
     report = run(home, config)
 
     assert report.lines_in == len(good) + len(BAD_LINES) + 1
-    assert report.accepted == {"interactions": 1, "signals": 2, "outcomes": 0}
+    assert report.accepted == {"interactions": 1, "signals": 2, "outcomes": 0, "labels": 0}
     assert report.lines_in == sum(report.accepted.values()) + report.quarantined
     quarantined = dict(table(home, "SELECT reason, count(*) FROM raw.quarantine GROUP BY 1"))
     assert quarantined == {**{reason: 1 for reason in BAD_LINES}, "duplicate_event_id": 1}

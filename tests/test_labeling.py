@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import duckdb
 import numpy as np
@@ -504,3 +504,32 @@ def test_the_report_measures_gold_cohorts_and_delay(con, config):
     assert stats["polarity"] == "bad" and stats["empirical_accuracy"] == 1.0
     metadata = report.metadata()
     assert metadata["lf_stats"].startswith("| lf") and metadata["label_delay_outcomes"] == 80
+
+
+# --- late labels: delayed outcomes and the audit sample's reviews ---------------------------------
+
+
+def test_a_review_label_arriving_after_its_day_was_labelled_makes_that_day_stale(home, config):
+    """Reviews come back days later in their own batch; the late-label sensor's query names the
+    labelled partition of the reviewed interaction, as it does for a late outcome."""
+    from flywheel_pipeline.accumulation import accumulate
+    from flywheel_pipeline.labeling.late import late_outcome_partitions
+    from flywheel_pipeline.warehouse import connect
+    from tests.test_accumulation import DAY, interaction, label, write_batch
+
+    served, labelled_at, reviewed = (datetime(2026, 11, 2, 12), datetime(2026, 11, 2, 13),
+                                     datetime(2026, 11, 4, 12))
+    write_batch(home, DAY.isoformat(), [interaction("a")])
+    with connect(home.warehouse) as con:
+        accumulate(con, home, config, "assistant", [DAY], now=served.replace(tzinfo=UTC))
+        con.execute(stage.LABELS_DDL)
+        con.execute("INSERT INTO labels.impression_labels VALUES "
+                    "('assistant', ?, 'i_a', 'r_1', 0.8, true, 2, 'v', ?)", [DAY, labelled_at])
+        assert late_outcome_partitions(con, None) == ([], None)  # nothing arrived yet
+
+        write_batch(home, "2026-11-03", [label("l1")], folder="labels")
+        accumulate(con, home, config, "assistant", [DAY + timedelta(days=1)],
+                   now=reviewed.replace(tzinfo=UTC))
+        stale, cursor = late_outcome_partitions(con, None)
+        assert stale == [("assistant", DAY)] and cursor == reviewed
+        assert late_outcome_partitions(con, cursor) == ([], cursor)  # seen: no second backfill

@@ -60,7 +60,7 @@ def contract_violation(line: str, domain: str) -> str | None:
     if _parse(event["timestamp"]) > datetime.now(UTC):
         return "future_timestamp"
     check = {"interaction": _interaction_violation, "signal": _signal_violation,
-             "outcome": _outcome_violation}.get(event["event_type"])
+             "outcome": _outcome_violation, "label": _label_violation}.get(event["event_type"])
     return check(event) if check else "bad:event_type"
 
 
@@ -104,6 +104,12 @@ def _outcome_violation(event: dict) -> str | None:
     return None
 
 
+def _label_violation(event: dict) -> str | None:
+    if event["verdict"] not in {"good", "bad"} or not isinstance(event["reviewer"], str):
+        return "bad:label"
+    return None
+
+
 def _parse(timestamp: str) -> datetime:
     return datetime.fromisoformat(timestamp)
 
@@ -111,7 +117,7 @@ def _parse(timestamp: str) -> datetime:
 def read_batches(home: Home, domain: str) -> list[tuple[date, dict | None]]:
     """(batch day, event or None when the line breaks the contract) for every landing line."""
     rows = []
-    for path in sorted((home.landing / domain).glob("*.jsonl")):
+    for path in sorted((home.landing / domain).rglob("*.jsonl")):
         day = date.fromisoformat(path.stem)
         seen: set[str] = set()
         for line in filter(None, path.read_text(encoding="utf-8").split("\n")):
@@ -184,7 +190,8 @@ def test_same_seed_gives_byte_identical_batches(tmp_path: Path) -> None:
     for home, seed in zip(homes, (3, 3, 4)):
         simulate(home, CONFIG, START, 3, seed=seed, interactions_per_day=200, bad_row_share=0.05)
     first, again, other_seed = (landing_bytes(h) for h in homes)
-    assert len(first) == 6 and first == again
+    assert len([name for name in first if "/labels/" not in name]) == 6
+    assert first == again
     assert first != other_seed
 
 
@@ -197,7 +204,8 @@ def test_every_valid_line_keeps_the_contract_and_bad_rows_are_the_rest(simulated
         assert broken == sum(b.bad_rows for b in written)
         assert len(rows) == sum(b.events + b.bad_rows for b in written)
         assert broken / len(rows) == pytest.approx(BAD_ROW_SHARE, abs=0.01)
-        assert {b.interactions for b in written} == {PER_DAY}
+        assert {b.interactions for b in written if b.path.parent.name != "labels"} == {PER_DAY}
+        assert {b.interactions for b in written if b.path.parent.name == "labels"} == {0}
 
 
 def test_the_pipeline_quarantines_exactly_the_bad_rows(simulated) -> None:
@@ -236,10 +244,50 @@ def test_explicit_feedback_consent_and_reviews_at_their_rates(simulated) -> None
         interactions = [e for e in events if e["event_type"] == "interaction"]
         rated = {e["interaction_id"] for e in events if e.get("signal_type") == "rating"}
         denied = sum(e["consent"] == "denied" for e in interactions)
-        reviews = [e for e in events if e.get("name") == "human_review"]
         assert 0.01 <= len(rated) / len(interactions) <= 0.03
         assert 0.005 <= denied / len(interactions) <= 0.06
-        assert reviews and {r["value"] for r in reviews} <= {0.0, 1.0}
+
+
+def test_the_audit_sample_comes_back_as_label_events_in_its_own_batch(tmp_path: Path) -> None:
+    """A random audit_share of interactions, each shown item judged from the hidden truth, wrong
+    reviewer_error of the time, within the review delay; only in ``labels/<day>.jsonl``."""
+    home, error, share, n = Home(tmp_path / "audit"), 0.1, 0.05, 3 * 1000
+    config = CONFIG.model_copy(update={"domains": {
+        d: c.model_copy(update={"audit_share": share}) for d, c in CONFIG.domains.items()}})
+    simulate(home, config, START, 3, interactions_per_day=1000, reviewer_error=error,
+             review_delay_days=(0.5, 1.0), domains=["assistant"])
+    events = events_of(home, "assistant")
+    labels = [e for e in events if e["event_type"] == "label"]
+    served = {e["interaction_id"]: _parse(e["timestamp"]) for e in events if e["event_type"] == "interaction"}
+    assert list((home.landing / "assistant" / "labels").glob("*.jsonl"))
+    assert all((p.parent.name == "labels") == (e["event_type"] == "label")
+               for p in (home.landing / "assistant").rglob("*.jsonl")
+               for e in map(json.loads, p.read_text().splitlines()))
+    reviewed = {e["interaction_id"] for e in labels}
+    expected, sd = share * n, np.sqrt(n * share * (1 - share))
+    # reviews of the last day's second half come after the simulated days: not all delivered
+    assert expected - 4 * sd - share * 1000 < len(reviewed) <= expected + 4 * sd
+    delays = [(_parse(e["timestamp"]) - served[e["interaction_id"]]).total_seconds() / 86400
+              for e in labels if e["interaction_id"] in served]  # some interactions arrive late
+    assert 0.5 <= min(delays) and max(delays) <= 1.0
+    truth = dict(zip(zip(*true_labels(home, "assistant").select("interaction_id", "item_id")
+                         .to_dict(as_series=False).values()), true_labels(home, "assistant")["good"]))
+    wrong = np.mean([(e["verdict"] == "good") != truth[e["interaction_id"], e["item_id"]] for e in labels])
+    assert abs(wrong - error) < 4 * np.sqrt(error * (1 - error) / len(labels))
+    assert len({e["reviewer"] for e in labels}) > 1
+
+
+def test_every_interaction_logs_its_candidates_with_per_position_propensities(simulated) -> None:
+    home, _ = simulated
+    for domain, candidates, slate in (("assistant", 5, 1), ("recommendation", 20, 5)):
+        for event in (e for e in events_of(home, domain) if e["event_type"] == "interaction"):
+            ranked = event["context"]["candidates"]
+            assert len(ranked) == candidates and all(len(c["propensities"]) == slate for c in ranked)
+            by_item = {c["item_id"]: c["propensities"] for c in ranked}
+            for impression in event["impressions"]:  # the shown item's own propensity agrees
+                assert by_item[impression["item_id"]][impression["position"]] == pytest.approx(
+                    impression["propensity"], abs=1e-6)
+            assert np.allclose(np.sum([c["propensities"] for c in ranked], axis=0), 1, atol=1e-4)
 
 
 def test_outcomes_arrive_hours_to_days_after_their_interaction(simulated) -> None:
@@ -363,4 +411,4 @@ def test_users_return_arrive_and_churn(simulated) -> None:
         last_day = dict(zip(churned["user_id"], churned["last_day"]))
         assert last_day
         assert all(_parse(e["timestamp"]).date() <= last_day[e["user_id"]] for e in events
-                   if e["user_id"] in last_day and e.get("name") != "human_review")
+                   if e["user_id"] in last_day and e["event_type"] != "label")

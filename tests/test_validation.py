@@ -1,10 +1,12 @@
-"""Validation: estimators against known truth, the gate, and the whole step with MLflow."""
+"""Validation: held-out evidence and estimators against known truth, the gate's three outcomes,
+and the whole step with MLflow."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
 from datetime import date, datetime
+from statistics import NormalDist
 
 import dagster as dg
 import duckdb
@@ -26,13 +28,15 @@ from flywheel_pipeline.validation import (
     MetricComparison,
     SliceResult,
     ValidationReport,
-    compare_on_holdout,
+    compare_models,
     gate,
     holdout_rows,
-    scored_choices,
+    latest_inconclusive,
     validate_candidate,
     weighted_auc,
 )
+from flywheel_pipeline.validation.evidence import assemble
+from flywheel_pipeline.validation.intervals import CI_LEVEL
 from tests.test_training import (
     AS_OF,
     DAYS,
@@ -43,9 +47,10 @@ from tests.test_training import (
 )
 
 WINDOWS = Windows(date(2026, 3, 1), date(2026, 3, 28), date(2026, 3, 29), date(2026, 3, 31))
+Z = 4.0  # standard errors an unbiased estimate may stray (fails by chance ~6e-5 of the time)
 
 
-# --- estimators ------------------------------------------------------------------------------
+# --- estimators on held-out evidence ------------------------------------------------------------
 
 
 def test_weighted_auc_matches_sklearn_with_ties_and_weights():
@@ -68,149 +73,191 @@ class TableScorer:
         return np.array([self.scores[pair] for pair in pairs])
 
 
-def logged_bandit(n: int, seed: int) -> tuple[pl.DataFrame, float]:
-    """Assistant-shaped held-out logs of a known logging policy, and the target's true value.
+QUERIES = ["reset my printer", "install a router"]
+GOOD_RATE = np.array([[0.9, 0.2, 0.1], [0.1, 0.3, 0.8]])  # P(resolved) per query x response
+LOGGING = np.array([[0.1, 0.6, 0.3], [0.1, 0.8, 0.1]])
+TARGET = [0, 1]  # the target's response per query
 
-    Two queries, three responses each. The logger rarely shows the target's choice where it is
-    good (query 0) and often shows it where it is poor (query 1), so the plain mean reward of the
-    interactions where the logs agree with the target is far from its value."""
+
+def logged_bandit(n: int, seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Assistant-shaped held-out logs of a known logging policy: shown rows with their outcome,
+    and every interaction's logged candidates with the logger's propensities. The logger rarely
+    shows the target's choice where it is good (query 0) and often where it is poor (query 1)."""
     rng = np.random.default_rng(seed)
-    queries = ["reset my printer", "install a router"]
-    good_rate = np.array([[0.9, 0.2, 0.1], [0.1, 0.3, 0.8]])
-    logging = np.array([[0.1, 0.6, 0.3], [0.1, 0.8, 0.1]])
-    target = [0, 1]
-    rows = []
+    rows, candidates = [], []
     for i in range(n):
         q = int(rng.integers(2))
-        a = int(rng.choice(3, p=logging[q]))
-        good = rng.random() < good_rate[q, a]
-        rows.append(
-            {
-                "domain": "assistant",
-                "event_date": date(2026, 3, 30),
-                "interaction_id": f"i{i}",
-                "item_id": f"r{a}",
-                "position": 0,
-                "propensity": logging[q, a],
-                "policy": "champion",
-                "model_version": "1",
-                "served_at": datetime(2026, 3, 30),
-                "user_id": f"u{i % 50}",
-                "session_id": f"s{i}",
-                "is_new_user": i % 4 == 0,
-                "segment": None,
-                "input_text": queries[q],
-                "item_content": f"response {a}",
-                "slate_size": 1,
-                "p_good": 0.95 if good else 0.05,
-                "label": bool(good),
-            }
-        )
-    true_value = float(np.mean([0.05 + 0.9 * good_rate[q, target[q]] for q in range(2)]))
-    return pl.DataFrame(rows), true_value
+        a = int(rng.choice(3, p=LOGGING[q]))
+        resolved = float(rng.random() < GOOD_RATE[q, a])
+        rows.append({
+            "domain": "assistant", "event_date": date(2026, 3, 30), "interaction_id": f"i{i}",
+            "item_id": f"r{a}", "position": 0, "propensity": LOGGING[q, a], "policy": "champion",
+            "model_version": "1", "served_at": datetime(2026, 3, 30), "user_id": f"u{i % 50}",
+            "session_id": f"s{i}", "is_new_user": i % 4 == 0, "segment": None,
+            "input_text": QUERIES[q], "item_content": f"response {a}", "slate_size": 1,
+            "p_good": 0.95 if resolved else 0.05, "label": bool(resolved), "clicked": 0.0,
+            "outcome": resolved, "verdict": resolved if i % 10 == 0 else None,
+        })
+        candidates += [{"interaction_id": f"i{i}", "item_id": f"r{b}", "item_content": f"response {b}",
+                        "mu": [LOGGING[q, b]]} for b in range(3)]
+    return pl.DataFrame(rows), pl.DataFrame(candidates)
 
 
-def test_ips_and_snips_recover_the_target_policys_true_value_where_a_naive_mean_does_not():
-    rows, true_value = logged_bandit(20_000, seed=3)
-    queries = rows["input_text"].unique().sort().to_list()  # "install ...", "reset ..."
-    target = TableScorer(
-        {
-            (q, f"r{a}"): float(a == (0 if q.startswith("reset") else 1))
-            for q in queries
-            for a in range(3)
-        }
-    )
-    logger_favourite = TableScorer({(q, f"r{a}"): float(a == 1) for q in queries for a in range(3)})
-    overall = compare_on_holdout(rows, "assistant", target, logger_favourite, n_resamples=50)[0]
+def target_and_logger_favourite() -> tuple[TableScorer, TableScorer]:
+    target = TableScorer({(q, f"r{a}"): float(a == TARGET[k]) for k, q in enumerate(QUERIES) for a in range(3)})
+    favourite = TableScorer({(q, f"r{a}"): float(a == 1) for q in QUERIES for a in range(3)})
+    return target, favourite
 
-    ips, snips = overall.metrics["ips"].candidate, overall.metrics["snips"].candidate
-    assert ips == pytest.approx(true_value, abs=0.03)
-    assert snips == pytest.approx(true_value, abs=0.03)
-    low, high = overall.metrics["snips"].candidate_ci
+
+def test_off_policy_estimates_recover_the_targets_true_value_where_a_naive_mean_does_not():
+    rows, candidates = logged_bandit(20_000, seed=3)
+    evidence = assemble(rows, candidates, "outcome")
+    target, favourite = target_and_logger_favourite()
+    overall = compare_models(evidence, "assistant", target, favourite)[0][0]
+
+    true_value = float(np.mean([GOOD_RATE[q, TARGET[q]] for q in range(2)]))
+    weight = np.array([1 / LOGGING[q, TARGET[q]] for q in range(2)])
+    se = np.sqrt(np.mean(GOOD_RATE[[0, 1], TARGET] * weight) / 2 / 20_000)  # IPS: sqrt(E[(w r)^2] / n)
+    for metric in ("dr", "pbm_ips", "snips"):
+        assert overall.metrics[metric].candidate == pytest.approx(true_value, abs=Z * se), metric
+    low, high = overall.metrics["dr"].candidate_ci
     assert low < true_value < high
+    assert overall.metrics["ess"].candidate < overall.n_samples / 3
 
-    agrees = rows.filter(
-        (pl.col("input_text").str.starts_with("reset") & (pl.col("item_id") == "r0"))
-        | (pl.col("input_text").str.starts_with("install") & (pl.col("item_id") == "r1"))
-    )
-    assert abs(agrees["p_good"].mean() - true_value) > 0.15
-    assert overall.metrics["ess"].candidate < overall.n_interactions
+    agrees = rows.filter(pl.col("item_id") == pl.when(pl.col("input_text") == QUERIES[0])
+                         .then(pl.lit("r0")).otherwise(pl.lit("r1")))
+    assert abs(agrees["outcome"].mean() - true_value) > 10 * se
+
+
+def test_without_logged_candidates_a_policy_is_judged_on_what_was_shown():
+    rows, _ = logged_bandit(2_000, seed=4)
+    evidence = assemble(rows, pl.DataFrame(schema={"interaction_id": pl.String, "item_id": pl.String,
+                                                   "item_content": pl.String, "mu": pl.List(pl.Float64)}),
+                        "outcome")
+    assert evidence.candidates_logged == 0
+    assert evidence.options.height == rows.height  # only the shown response per interaction
+
+
+def test_an_interaction_whose_logged_candidates_miss_a_shown_item_falls_back_to_what_was_shown():
+    rows, candidates = logged_bandit(100, seed=5)
+    shown_of_i0 = rows.filter(pl.col("interaction_id") == "i0")["item_id"][0]
+    broken = candidates.filter((pl.col("interaction_id") != "i0") | (pl.col("item_id") != shown_of_i0))
+    evidence = assemble(rows, broken, "outcome")
+    assert evidence.candidates_logged == pytest.approx(0.99)
+    own = evidence.options.filter(pl.col("interaction_id") == "i0")
+    assert own["item_id"].to_list() == [shown_of_i0] and own["position"].to_list() == [0]
+    assert evidence.n_units == 100 and evidence.unit_attributes().height == 100
 
 
 def test_tied_scores_split_the_target_policy_evenly():
-    slates = recommendation_impressions(days=1, per_day=20)
-    scored = scored_choices(
-        pl.from_pandas(slates), "recommendation", UniformScorer(), UniformScorer()
-    )
-    assert np.allclose(scored["pi_candidate"].to_numpy(), 1 / 5)
+    slates = pl.from_pandas(recommendation_impressions(days=1, per_day=20)).with_columns(
+        clicked=pl.lit(0.0), outcome=pl.lit(0.0), verdict=pl.lit(None, pl.Float64),
+        label=pl.col("p_good") >= 0.5)
+    evidence = assemble(slates, pl.DataFrame(schema={"interaction_id": pl.String, "item_id": pl.String,
+                                                     "item_content": pl.String, "mu": pl.List(pl.Float64)}),
+                        "clicked")
+    overall = compare_models(evidence, "recommendation", UniformScorer(), UniformScorer())[0][0]
+    assert all(m.difference == 0 for m in overall.metrics.values() if np.isfinite(m.difference))
 
 
-# --- the gate ---------------------------------------------------------------------------------
+# --- the gate -------------------------------------------------------------------------------------
 
 
-def report_with(slices: dict[str, tuple[int, float, float]]) -> ValidationReport:
-    """A hand-built report: slice name -> (samples, candidate auc, champion auc)."""
+Z_CI = NormalDist().inv_cdf(1 - (1 - CI_LEVEL) / 2)
 
-    def comparison(candidate: float, champion: float) -> MetricComparison:
-        d = candidate - champion
-        return MetricComparison(
-            candidate, champion, d, (candidate, candidate), (champion, champion), (d, d)
-        )
 
+def comparison(difference: float, se: float, champion: float = 0.5) -> MetricComparison:
+    """A normal-looking bootstrap result: difference +- z se at the gate's interval level."""
+    candidate = champion + difference
+    half = Z_CI * se
+    return MetricComparison(candidate, champion, difference, (candidate - half, candidate + half),
+                            (champion, champion), (difference - half, difference + half), se)
+
+
+def report_with(slices: dict[str, tuple[int, float, float]], ess: float = 1000.0) -> ValidationReport:
+    """A hand-built report: slice name -> (samples, difference, its standard error)."""
     return ValidationReport(
-        domain="assistant",
-        primary_metric="auc",
-        windows=WINDOWS,
-        candidate_model_uri="models:/m-candidate",
-        champion_model_uri=None,
-        slices=[
-            SliceResult(name, n, n, {"auc": comparison(c, h)}) for name, (n, c, h) in slices.items()
-        ],
+        domain="assistant", primary_metric="dr", windows=WINDOWS,
+        candidate_model_uri="models:/m-candidate", champion_model_uri=None,
+        slices=[SliceResult(name, n, {"dr": comparison(d, se), "ess": comparison(0, 0, champion=ess)})
+                for name, (n, d, se) in slices.items()],
     )
 
 
-GATE = Gate(min_improvement=0.0, max_slice_regression=0.05, min_samples=200)
+GATE = Gate(min_improvement=0.0, max_slice_regression=0.05, min_samples=200, min_ess=100)
 
 
-def test_gate_passes_a_better_candidate():
-    report = report_with(
-        {
-            "all": (1000, 0.80, 0.75),
-            "new_users": (300, 0.78, 0.76),
-            "returning_users": (700, 0.81, 0.75),
-        }
-    )
-    assert gate(report, GATE).passed
+def test_a_better_candidate_passes():
+    decision = gate(report_with({"all": (1000, 0.04, 0.01), "new_users": (300, 0.03, 0.02)}), GATE)
+    assert decision.outcome == "passed" and decision.passed and decision.reasons == []
 
 
-def test_gate_fails_a_candidate_that_regresses_on_one_slice_and_names_it():
-    report = report_with(
-        {
-            "all": (1000, 0.80, 0.75),
-            "new_users": (300, 0.60, 0.76),
-            "returning_users": (700, 0.85, 0.75),
-        }
-    )
+def test_an_interval_straddling_the_minimum_is_inconclusive_and_says_how_many_more_samples():
+    report = report_with({"all": (1000, 0.01, 0.01)})  # 0.01 +- 1.645 * 0.01 straddles 0
     decision = gate(report, GATE)
-    assert not decision.passed
+    assert decision.outcome == "inconclusive" and not decision.passed
+    assert decision.reasons[0].startswith("improvement_uncertain")
+    # the interval narrows as 1/sqrt(n): it clears 0 once n = 1000 * (z * 0.01 / 0.01)^2
+    total = 1000 * Z_CI**2
+    assert decision.samples_needed == pytest.approx(total - 1000, abs=2)
+    enough = int(total * 1.05)
+    assert gate(report_with({"all": (enough, 0.01, 0.01 * np.sqrt(1000 / enough))}), GATE).passed
+
+
+def test_a_truly_regressing_candidate_fails():
+    decision = gate(report_with({"all": (1000, -0.03, 0.01)}), GATE)
+    assert decision.outcome == "failed"
+    assert decision.reasons[0].startswith("improvement_below_minimum")
+
+
+def test_a_single_noisy_small_slice_cannot_veto():
+    noisy = report_with({"all": (1000, 0.04, 0.01), "segment_s5": (60, -0.20, 0.12)})
+    assert gate(noisy, GATE).passed  # its drop of 0.20 is within noise of the 0.05 allowed
+    tiny = report_with({"all": (1000, 0.04, 0.01), "segment_s6": (12, -0.60, 0.01)})
+    decision = gate(tiny, GATE)
+    assert decision.passed and decision.ungated_slices == ["segment_s6 (12 samples)"]
+
+
+def test_a_slice_that_clearly_regresses_fails_the_gate_and_is_named():
+    report = report_with({"all": (1000, 0.04, 0.01), "new_users": (300, -0.15, 0.02),
+                          "returning_users": (700, 0.08, 0.01)})
+    decision = gate(report, GATE)
+    assert decision.outcome == "failed"
     (reason,) = decision.reasons
     assert reason.startswith("slice_regression") and "new_users" in reason
 
 
-def test_gate_fails_on_too_few_samples_and_on_too_little_improvement():
-    decision = gate(report_with({"all": (150, 0.70, 0.75)}), GATE)
-    assert not decision.passed
-    assert [r.split(":")[0] for r in decision.reasons] == [
-        "too_few_samples",
-        "improvement_below_minimum",
-    ]
+def test_holm_keeps_many_borderline_slice_regressions_from_vetoing_by_chance():
+    # each slice alone: p ~= 0.02 < 0.05, but not < 0.05 / 5 after Holm
+    slices = {"all": (2000, 0.04, 0.01)} | {f"segment_s{k}": (300, -0.05 - 2.05 * 0.02, 0.02) for k in range(5)}
+    assert gate(report_with(slices), GATE).passed
+    one = {"all": (2000, 0.04, 0.01), "segment_s0": (300, -0.05 - 2.05 * 0.02, 0.02)}
+    assert gate(report_with(one), GATE).outcome == "failed"
 
 
-def test_gate_reports_but_does_not_gate_a_slice_with_too_few_rows():
-    report = report_with({"all": (1000, 0.80, 0.75), "segment_rare": (12, 0.20, 0.90)})
-    decision = gate(report, GATE)
-    assert decision.passed
-    assert decision.ungated_slices == ["segment_rare (12 samples)"]
+def test_too_few_samples_or_a_low_effective_sample_size_is_inconclusive_not_failed():
+    few = gate(report_with({"all": (150, -0.5, 0.01)}), GATE)
+    assert few.outcome == "inconclusive" and few.reasons[0].startswith("too_few_samples")
+    assert few.samples_needed == 50
+    thin = gate(report_with({"all": (1000, 0.2, 0.01)}, ess=20), GATE)
+    assert thin.outcome == "inconclusive" and thin.reasons[0].startswith("low_effective_sample_size")
+    assert thin.samples_needed == 4000  # ESS grows with n: 5x the samples for 5x the ESS
+
+
+def test_a_non_inferiority_margin_promotes_what_is_no_worse_than_it():
+    report = report_with({"all": (1000, -0.005, 0.005)})  # [-0.0132, +0.0032]
+    assert gate(report, GATE).outcome == "inconclusive"
+    assert gate(report, GATE.model_copy(update={"non_inferiority_margin": 0.02})).passed
+    assert gate(report, GATE.model_copy(update={"non_inferiority_margin": 0.01})).outcome == "inconclusive"
+
+
+def test_metadata_is_small_and_names_the_outcome_and_the_samples_needed():
+    report = report_with({"all": (1000, 0.01, 0.01)})
+    report = replace(report, decision=gate(report, GATE))
+    metadata = report.metadata()
+    assert metadata["gate"] == "inconclusive" and metadata["samples_needed"] == report.decision.samples_needed
+    assert all(isinstance(v, (str, int, float, bool)) for v in metadata.values()) and len(metadata) <= 15
+    assert "| all | 1000 |" in report.markdown()
 
 
 # --- the whole step -----------------------------------------------------------------------------
@@ -240,7 +287,7 @@ def test_validation_against_the_baseline_logs_a_gated_report(world):
     report = validate_candidate(
         con, home, config, "recommendation", candidate.model_uri, None, candidate.windows
     )
-    assert report.primary_metric == "snips"
+    assert report.primary_metric == "dr"
     assert [s.name for s in report.slices] == [
         "all",
         "new_users",
@@ -249,31 +296,34 @@ def test_validation_against_the_baseline_logs_a_gated_report(world):
         "segment_s1",
         "segment_s2",
     ]
-    snips = report.overall.metrics["snips"]
-    assert snips.candidate > snips.champion  # the uniform baseline
+    assert report.candidates_logged == 0  # the synthetic warehouse logs no candidates
+    weak = report.overall.metrics["weak_label_value"]
+    assert weak.candidate > weak.champion  # the uniform baseline
     assert report.decision == gate(report, config.domain("recommendation").gate)
 
     metadata = report.metadata()
     assert all(isinstance(v, (str, int, float, bool)) for v in metadata.values())
-    assert metadata["gate"] == ("passed" if report.decision.passed else "failed")
+    assert metadata["gate"] == report.decision.outcome
     assert metadata["champion_model"] == "baseline"
-    assert metadata["difference"] == round(snips.difference, 4) and len(metadata) < 15
+    assert metadata["difference"] == round(report.overall.metrics["dr"].difference, 4)
+    assert len(metadata) <= 15
 
     client = mlflow.MlflowClient(home.mlflow_tracking_uri)
     run = client.get_run(report.run_id)
     assert run.info.experiment_id == client.get_run(candidate.run_id).info.experiment_id
     assert run.data.tags["flywheel.candidate_run_id"] == candidate.run_id
+    assert run.data.tags["flywheel.gate.outcome"] == report.decision.outcome
     assert run.data.tags["flywheel.gate.passed"] == str(report.decision.passed).lower()
-    assert run.data.metrics["segment_s1/snips/difference"] == pytest.approx(
-        report.slices[4].metrics["snips"].difference
+    assert run.data.metrics["segment_s1/dr/difference"] == pytest.approx(
+        report.slices[4].metrics["dr"].difference
     )
     artifacts = {a.path for a in client.list_artifacts(report.run_id, "validation")}
     assert artifacts == {"validation/report.json", "validation/report.md"}
     logged = json.loads(mlflow.artifacts.load_text(f"runs:/{report.run_id}/validation/report.json"))
-    assert logged["decision"]["passed"] == report.decision.passed
+    assert logged["decision"]["outcome"] == report.decision.outcome
 
 
-def test_a_candidate_compared_with_itself_shows_no_difference(world):
+def test_a_candidate_compared_with_itself_is_inconclusive_not_promoted(world):
     con, home, config, candidate = world
     report = validate_candidate(
         con,
@@ -284,14 +334,17 @@ def test_a_candidate_compared_with_itself_shows_no_difference(world):
         candidate.model_uri,
         candidate.windows,
     )
-    assert all(m.difference == 0 for s in report.slices for m in s.metrics.values())
-    assert report.decision.passed  # min_improvement 0: no worse is good enough
+    assert all(m.difference == 0 for s in report.slices for m in s.metrics.values()
+               if np.isfinite(m.difference))
+    assert report.decision.outcome == "inconclusive"  # no gain shown, no harm either
+    assert report.decision.reasons[0].startswith("improvement_uncertain")
+    assert latest_inconclusive(home, "recommendation") == candidate.model_uri  # for the next cycle
 
 
 def test_a_candidate_regressing_on_a_slice_is_not_registered_so_never_promoted(world):
     """The registered_candidate asset itself, given a real candidate and a failed gate."""
     _, home, config, candidate = world
-    report = report_with({"all": (1000, 0.80, 0.75), "new_users": (300, 0.60, 0.76)})
+    report = report_with({"all": (1000, 0.04, 0.01), "new_users": (300, -0.15, 0.02)})
     report = replace(report, domain="recommendation", decision=gate(report, GATE))
     *_, registered_candidate = build_model_assets(config, "recommendation")
 

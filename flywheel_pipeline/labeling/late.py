@@ -1,4 +1,4 @@
-"""Late labels: outcomes that arrive after their interaction's partition was labelled."""
+"""Late labels: outcomes and reviews that arrive after their interaction's partition was labelled."""
 
 from __future__ import annotations
 
@@ -6,25 +6,32 @@ from datetime import date, datetime
 
 import duckdb
 
+# Raw tables whose rows label an earlier interaction: delayed outcomes and human reviews.
+_LATE_SOURCES = ("outcomes", "labels")
+
 
 def late_outcome_partitions(
     con: duckdb.DuckDBPyConnection, since: datetime | None
 ) -> tuple[list[tuple[str, date]], datetime | None]:
-    """Labelled (domain, day) partitions whose interactions got outcomes ingested after ``since``
-    and after the partition was labelled; and the newest outcome ingestion time seen (the cursor)."""
+    """Labelled (domain, day) partitions whose interactions got outcomes or review labels ingested
+    after ``since`` and after the partition was labelled; and the newest such ingestion time seen
+    (the cursor)."""
     if not _has_labels(con):
         return [], since
+    arrivals = " UNION ALL ".join(
+        f"SELECT domain, interaction_id, ingested_at FROM raw.{table}" for table in _LATE_SOURCES
+    )
     newest = con.execute(
-        "SELECT max(ingested_at) FROM raw.outcomes WHERE ingested_at > coalesce(?, TIMESTAMP '1970-01-01')",
+        f"SELECT max(ingested_at) FROM ({arrivals}) WHERE ingested_at > coalesce(?, TIMESTAMP '1970-01-01')",
         [since],
     ).fetchone()[0]
     if newest is None:
         return [], since
     stale = con.execute(
-        """
+        f"""
         WITH arrived AS (
             SELECT i.domain, i.event_date, max(o.ingested_at) AS arrived_at
-            FROM raw.outcomes o JOIN raw.interactions i USING (domain, interaction_id)
+            FROM ({arrivals}) o JOIN raw.interactions i USING (domain, interaction_id)
             WHERE o.ingested_at > coalesce(?, TIMESTAMP '1970-01-01') AND o.ingested_at <= ?
             GROUP BY ALL
         ), labelled AS (
@@ -40,7 +47,8 @@ def late_outcome_partitions(
 
 
 def _has_labels(con: duckdb.DuckDBPyConnection) -> bool:
+    tables = [("labels", "impression_labels")] + [("raw", table) for table in _LATE_SOURCES]
     return con.execute(
-        """SELECT count(*) FROM information_schema.tables
-           WHERE (table_schema, table_name) IN (('labels', 'impression_labels'), ('raw', 'outcomes'))"""
-    ).fetchone()[0] == 2
+        f"""SELECT count(*) FROM information_schema.tables
+           WHERE (table_schema, table_name) IN ({", ".join(f"('{s}', '{t}')" for s, t in tables)})"""
+    ).fetchone()[0] == len(tables)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
+from flywheel_pipeline.accumulation import LABEL_BATCHES
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import Scorer, baseline_scorer
@@ -23,11 +24,11 @@ from flywheel_pipeline.simulation import truth
 from flywheel_pipeline.simulation.assistant import Assistant
 from flywheel_pipeline.simulation.delivery import Outbox, write_batch
 from flywheel_pipeline.simulation.recommendation import Recommendation
-from flywheel_pipeline.simulation.serving import Policy, Product
+from flywheel_pipeline.simulation.serving import Audit, Policy, Product
 from flywheel_pipeline.simulation.world import Stream, World, rng_for
 
-__all__ = ["DayBatch", "SimulationSummary", "simulate", "simulated_through", "true_accuracy",
-           "true_labels"]
+__all__ = ["DayBatch", "SimulationSummary", "label_batch", "simulate", "simulated_through",
+           "true_accuracy", "true_labels"]
 
 PRODUCTS: dict[str, Callable[[World], Product]] = {
     "assistant": Assistant.open,
@@ -76,7 +77,8 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
              interactions_per_day: int = 1500, bad_row_share: float = 0.0,
              scorers: Mapping[str, Scorer] | None = None,
              model_versions: Mapping[str, str] | None = None,
-             domains: Sequence[str] | None = None) -> SimulationSummary:
+             domains: Sequence[str] | None = None, reviewer_error: float = 0.05,
+             review_delay_days: tuple[float, float] = (0.5, 2.0)) -> SimulationSummary:
     """Serve ``days`` days from ``start`` in each domain and write their landing batches.
 
     A domain without a scorer serves ``baseline_scorer(shape)`` and logs model version
@@ -84,6 +86,10 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
     for that call's ``interactions_per_day``); later calls continue it and must start after the
     last simulated day (``simulated_through``). Events due after the last day wait in the
     simulator's outbox for the call that simulates their day.
+
+    Each domain's ``audit_share`` of interactions goes to human review: reviewers answer from the
+    hidden truth, wrong ``reviewer_error`` of the time, ``review_delay_days`` (uniform) later, as
+    ``label`` events in a batch of their own (``labels/<day>.jsonl``, see ``label_batch``).
     """
     if days < 1 or interactions_per_day < 1 or seed < 0 or not 0 <= bad_row_share < 1:
         raise ValueError("need days >= 1, interactions_per_day >= 1, seed >= 0 and "
@@ -92,9 +98,10 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
     batches: list[DayBatch] = []
     for domain in domains or list(config.domains):
         shape = config.domain(domain).shape
+        settings = config.domain(domain)
+        audit = Audit(settings.audit_share, reviewer_error, review_delay_days)
         policy = Policy(scorers[domain] if domain in scorers else baseline_scorer(shape),
-                        model_versions.get(domain, "baseline"),
-                        config.domain(domain).exploration_share)
+                        model_versions.get(domain, "baseline"), settings.exploration_share, audit)
         batches += _simulate_domain(home, domain, shape, policy, start, days, seed=seed,
                                     interactions_per_day=interactions_per_day,
                                     bad_row_share=bad_row_share,
@@ -124,13 +131,24 @@ def _simulate_domain(home: Home, domain: str, shape: str, policy: Policy, start:
         truth.save_day(folder, day, served.truth)
         outbox.post(served.events, rng[Stream.DELIVERY], max_lateness_days)
         batch = outbox.collect(day)
+        reviews = [event for event in batch if event["event_type"] == "label"]
+        batch = [event for event in batch if event["event_type"] != "label"]
         path = home.landing_file(domain, day.isoformat())
         bad_rows = write_batch(path, batch, bad_row_share, rng[Stream.DELIVERY])
         batches.append(DayBatch(domain, day, len(traffic), len(batch) - bad_rows, bad_rows, path))
+        if reviews:
+            label_path = label_batch(home, domain, day)
+            bad_labels = write_batch(label_path, reviews, bad_row_share, rng[Stream.DELIVERY])
+            batches.append(DayBatch(domain, day, 0, len(reviews) - bad_labels, bad_labels, label_path))
         world.last_day = day
     world.save()
     outbox.save()
     return batches
+
+
+def label_batch(home: Home, domain: str, day: date) -> Path:
+    """Where the review queue's ``label`` events of ``day`` land, next to the product's batch."""
+    return home.landing / domain / LABEL_BATCHES / f"{day.isoformat()}.jsonl"
 
 
 def simulated_through(home: Home, domain: str) -> date | None:

@@ -20,19 +20,18 @@ import yaml
 from flywheel_pipeline.scoring import Scorer
 from flywheel_pipeline.simulation.delivery import EventLog
 from flywheel_pipeline.simulation.serving import (
+    Audit,
     DayLog,
     Policy,
     candidate_frame,
     impressions,
+    logged_candidates,
     score,
     serve,
 )
 from flywheel_pipeline.simulation.world import (
-    DAY_S,
     RATING_NOISE,
     RATING_SHARE,
-    REVIEW_NOISE,
-    REVIEW_SHARE,
     Stream,
     Traffic,
     World,
@@ -112,15 +111,18 @@ class Assistant:
         good = self.good[query, chosen]
         shown = impressions(self.response_id[response][:, None],
                             self.response_text[response][:, None], served.propensity)
+        ranked = logged_candidates(self.response_id[slots], self.response_text[slots],
+                                   served.candidate_propensity)
         exchanges = [Exchange(*row) for row in zip(
             self.response_id[response].tolist(), self.response_text[response].tolist(),
             self.query_text[query].tolist(), self.response_text[self.answer[query]].tolist())]
         log = EventLog(traffic)
-        reactions = _Reactions(good, rng[Stream.REACTIONS])
+        reactions = _Reactions(good, policy.audit, rng[Stream.REACTIONS])
         for i, (exchange, policy_name, bot) in enumerate(
                 zip(exchanges, served.policy.tolist(), traffic.bot.tolist())):
             log.interaction(i, model_version=policy.model_version, policy=policy_name,
-                            input_text=exchange.query, impressions=shown[i])
+                            input_text=exchange.query, impressions=shown[i],
+                            context={"candidates": ranked[i]})
             reactions.log(log, i, exchange, bot)
         truth = pl.DataFrame({"interaction_id": traffic.interaction_id,
                               "item_id": self.response_id[response], "good": good},
@@ -154,8 +156,9 @@ class _Reactions:
     DRAWS = ("reaction", "when", "detail", "rated", "rating_noise", "rating", "rated_after",
              "resolved", "reviewed", "review_noise", "reviewed_after")
 
-    def __init__(self, good: np.ndarray, rng: np.random.Generator):
+    def __init__(self, good: np.ndarray, audit: Audit, rng: np.random.Generator):
         self.good = good
+        self.audit = audit
         self.u = {name: rng.random(len(good)) for name in self.DRAWS}
         cumulative = np.where(good[:, None], WHEN_GOOD, WHEN_BAD).cumsum(axis=1)
         chosen = (self.u["reaction"][:, None] > cumulative).sum(axis=1)
@@ -219,11 +222,13 @@ class _Reactions:
             log.outcome(i, self.resolve_after_s[i], "resolved", 1.0 if u < resolved else 0.0)
 
     def _review(self, log: EventLog, i: int, item_id: str) -> None:
-        if self.u["reviewed"][i] >= REVIEW_SHARE:
+        """The audit sample: a reviewer's verdict on the response, from the hidden truth."""
+        u = self.u["reviewed"][i]
+        if not self.audit.reviewed(u):
             return
-        verdict = bool(self.good[i]) != (self.u["review_noise"][i] < REVIEW_NOISE)
-        log.review(i, int(DAY_S * (1 + 2 * self.u["reviewed_after"][i])), verdict,
-                   item_id=item_id)
+        verdict = bool(self.good[i]) != (self.u["review_noise"][i] < self.audit.reviewer_error)
+        log.review(i, self.audit.delay_s(self.u["reviewed_after"][i]), verdict, item_id=item_id,
+                   reviewer=self.audit.reviewer(u))
 
 
 def _lightly_edited(response: str) -> str:

@@ -74,9 +74,10 @@ class EventLog:
         if self._served_at[i] + after_s < self._active_until[i]:
             self._outcome(i, after_s, name, value, item_id)
 
-    def review(self, i: int, after_s: float, verdict: bool, *, item_id: str | None = None) -> None:
-        """A human reviewer's verdict (outcome ``human_review``), whatever became of the user."""
-        self._outcome(i, after_s, "human_review", float(verdict), item_id)
+    def review(self, i: int, after_s: float, verdict: bool, *, item_id: str, reviewer: str) -> None:
+        """A human reviewer's ``label`` event on one impression, whatever became of the user."""
+        self._event("label", i, self._served_at[i] + after_s,
+                    {"item_id": item_id, "reviewer": reviewer, "verdict": "good" if verdict else "bad"})
 
     def _outcome(self, i: int, after_s: float, name: str, value: float,
                  item_id: str | None) -> None:

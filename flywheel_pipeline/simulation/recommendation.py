@@ -16,10 +16,12 @@ import polars as pl
 from flywheel_pipeline.scoring import Scorer
 from flywheel_pipeline.simulation.delivery import EventLog
 from flywheel_pipeline.simulation.serving import (
+    Audit,
     DayLog,
     Policy,
     candidate_frame,
     impressions,
+    logged_candidates,
     score,
     serve,
 )
@@ -27,8 +29,6 @@ from flywheel_pipeline.simulation.world import (
     DAY_S,
     RATING_NOISE,
     RATING_SHARE,
-    REVIEW_NOISE,
-    REVIEW_SHARE,
     TASTE_DIM,
     Stream,
     Traffic,
@@ -110,13 +110,16 @@ class Recommendation:
                        rng[Stream.SERVING])
         shown = np.take_along_axis(candidates, served.slate, axis=1)
         relevance = self.relevance(traffic.taste, shown)
-        reactions = _Reactions(relevance, rng[Stream.REACTIONS])
+        reactions = _Reactions(relevance, policy.audit, rng[Stream.REACTIONS])
         slates = impressions(self.item_id[shown], self.title[shown], served.propensity)
+        ranked = logged_candidates(self.item_id[candidates], self.title[candidates],
+                                   served.candidate_propensity)
         log = EventLog(traffic)
         for i, (slate, policy_name, segment, bot) in enumerate(zip(
                 slates, served.policy.tolist(), traffic.segment.tolist(), traffic.bot.tolist())):
             log.interaction(i, model_version=policy.model_version, policy=policy_name,
-                            input_text=REQUEST, context={"segment": segment}, impressions=slate)
+                            input_text=REQUEST, impressions=slate,
+                            context={"segment": segment, "candidates": ranked[i]})
             reactions.log(log, i, [item["item_id"] for item in slate], bot)
         truth = pl.DataFrame({
             "interaction_id": np.repeat(traffic.interaction_id, SLATE),
@@ -154,9 +157,10 @@ class Recommendation:
 class _Reactions:
     """Examinations, clicks, dwell, purchases and ratings for a day's slates, drawn in one go."""
 
-    def __init__(self, relevance: np.ndarray, rng: np.random.Generator):
+    def __init__(self, relevance: np.ndarray, audit: Audit, rng: np.random.Generator):
         n = len(relevance)
         self.relevance = relevance
+        self.audit = audit
         examined = rng.random((n, SLATE)) < 1 / (1 + np.arange(SLATE)) ** EXAMINATION_DECAY
         self.clicked = examined & (rng.random((n, SLATE)) < relevance)
         self.clicked_any = self.clicked.any(axis=1).tolist()
@@ -169,7 +173,7 @@ class _Reactions:
         self.u = {name: rng.random(n) for name in (
             "first_click", "abandon", "rated", "rating_noise", "rating", "rated_after", "reviewed",
             "reviewed_after")}
-        self.review_noise = rng.random((n, SLATE)) < REVIEW_NOISE
+        self.review_noise = rng.random((n, SLATE)) < audit.reviewer_error
 
     def log(self, log: EventLog, i: int, items: list[str], bot: bool) -> None:
         if bot:
@@ -209,12 +213,13 @@ class _Reactions:
 
     def _review(self, log: EventLog, i: int, items: list[str]) -> None:
         """A human verdict on every shown item of a random slice of interactions."""
-        if self.u["reviewed"][i] >= REVIEW_SHARE:
+        u = self.u["reviewed"][i]
+        if not self.audit.reviewed(u):
             return
-        after = int(DAY_S * (1 + 2 * self.u["reviewed_after"][i]))
+        after, reviewer = self.audit.delay_s(self.u["reviewed_after"][i]), self.audit.reviewer(u)
         good = (self.relevance[i] >= GOOD_RELEVANCE) != self.review_noise[i]
         for k, item in enumerate(items):
-            log.review(i, after, bool(good[k]), item_id=item)
+            log.review(i, after, bool(good[k]), item_id=item, reviewer=reviewer)
 
 
 def _retrieve(n: int, rng: np.random.Generator) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 Every shown item carries its exact propensity under the logging policy: the probability that
 this item appears at this position, mixing the champion's ranking (ties broken at random) with
-the uniformly random exploration slice.
+the uniformly random exploration slice. Every candidate the policy ranked is logged too, with its
+probability of appearing at each position of the slate (what off-policy evaluation of a new
+ranking needs; docs/events.md).
 """
 
 from __future__ import annotations
@@ -15,16 +17,41 @@ import pandas as pd
 import polars as pl
 
 from flywheel_pipeline.scoring import SERVING_FEATURES, Scorer
-from flywheel_pipeline.simulation.world import Stream, Traffic, World
+from flywheel_pipeline.simulation.world import DAY_S, Stream, Traffic, World
+
+
+@dataclass(frozen=True)
+class Audit:
+    """The human review queue: a random share of interactions, every shown item judged by one of
+    ``reviewers`` people, wrong ``reviewer_error`` of the time, ``delay_days`` (uniform) later."""
+
+    share: float = 0.02
+    reviewer_error: float = 0.05
+    delay_days: tuple[float, float] = (0.5, 2.0)
+    reviewers: int = 4
+
+    def reviewed(self, u: np.ndarray) -> np.ndarray:
+        """Which interactions go to review, from one uniform draw each."""
+        return u < self.share
+
+    def reviewer(self, u: float) -> str:
+        """Who reviews it, from the same draw (uniform on [0, share) when reviewed)."""
+        return f"reviewer_{min(int(u / self.share * self.reviewers), self.reviewers - 1)}"
+
+    def delay_s(self, u: float) -> int:
+        low, high = self.delay_days
+        return int(DAY_S * (low + (high - low) * u))
 
 
 @dataclass(frozen=True)
 class Policy:
-    """What serves a domain: the model, the version it logs, and the exploration share."""
+    """What serves a domain: the model, the version it logs, the exploration share, and the
+    audit sample routed to human review."""
 
     scorer: Scorer
     model_version: str
     exploration_share: float
+    audit: Audit = Audit()
 
 
 @dataclass(frozen=True)
@@ -34,6 +61,7 @@ class Served:
     slate: np.ndarray       # (n, slate size): candidate column shown at each position
     propensity: np.ndarray  # (n, slate size)
     policy: np.ndarray      # (n,): "explore" (served at random) or "champion"
+    candidate_propensity: np.ndarray  # (n, candidates, slate size): P(candidate at position)
 
 
 @dataclass(frozen=True)
@@ -87,8 +115,10 @@ def serve(scores: np.ndarray, size: int, exploration_share: float,
     random_order = np.argsort(rng.random((n, k)), axis=-1)
     explore = rng.random(n) < exploration_share
     slate = np.where(explore[:, None], random_order, champion)[:, :size]
-    return Served(slate, _propensity(scores, slate, exploration_share),
-                  np.where(explore, "explore", "champion").astype(object))
+    every = position_propensities(scores, size, exploration_share)
+    shown = np.take_along_axis(every, slate[:, :, None], axis=1)  # (n, size, size)
+    return Served(slate, np.diagonal(shown, axis1=1, axis2=2),
+                  np.where(explore, "explore", "champion").astype(object), every)
 
 
 def impressions(item_id: np.ndarray, content: np.ndarray,
@@ -101,16 +131,26 @@ def impressions(item_id: np.ndarray, content: np.ndarray,
     ]
 
 
-def _propensity(scores: np.ndarray, slate: np.ndarray, exploration_share: float) -> np.ndarray:
-    """P(item at its position) = (1-eps) * P(champion puts it there) + eps / k.
+def position_propensities(scores: np.ndarray, size: int, exploration_share: float) -> np.ndarray:
+    """(n, k, size): P(candidate at position) = (1-eps) * P(champion puts it there) + eps / k.
 
-    The champion puts an item tied with ``ties - 1`` others, below ``above`` better ones, at each
-    position in [above, above + ties) with probability 1 / ties.
+    The champion puts a candidate tied with ``ties - 1`` others, below ``above`` better ones, at
+    each position in [above, above + ties) with probability 1 / ties.
     """
     k = scores.shape[1]
-    shown = np.take_along_axis(scores, slate, axis=1)[:, :, None]
-    above = (scores[:, None, :] > shown).sum(axis=2)
-    ties = (scores[:, None, :] == shown).sum(axis=2)
-    position = np.arange(slate.shape[1])
+    above = (scores[:, None, :] > scores[:, :, None]).sum(axis=2)[:, :, None]
+    ties = (scores[:, None, :] == scores[:, :, None]).sum(axis=2)[:, :, None]
+    position = np.arange(size)[None, None, :]
     champion = ((above <= position) & (position < above + ties)) / ties
     return (1 - exploration_share) * champion + exploration_share / k
+
+
+def logged_candidates(item_id: np.ndarray, content: np.ndarray,
+                      propensity: np.ndarray) -> list[list[dict]]:
+    """Each interaction's ranked candidates for ``context.candidates``: (n, k) ids and content,
+    (n, k, size) propensities."""
+    return [
+        [{"item_id": item, "content": text, "propensities": p}
+         for item, text, p in zip(*row)]
+        for row in zip(item_id.tolist(), content.tolist(), np.round(propensity, 6).tolist())
+    ]

@@ -28,8 +28,6 @@ BOTS_PER_1000 = 1.0      # bot-like sessions per 1000 interactions
 BOT_SESSION = (24, 61)   # interactions per bot session (low, high exclusive)
 RATING_SHARE = 0.02      # interactions with an explicit 1-5 rating
 RATING_NOISE = 0.15      # ratings given at random
-REVIEW_SHARE = 0.01      # interactions a human reviews 1-3 days later (gold labels)
-REVIEW_NOISE = 0.05      # reviewer verdicts that are wrong
 _EPOCH = date(1970, 1, 1)
 
 

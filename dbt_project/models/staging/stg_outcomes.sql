@@ -1,12 +1,9 @@
+-- Delayed outcomes and human reviews alike: a reviewer's label event is the outcome human_review
+-- (1 good / 0 bad) of the impression it judged.
+
 with
 
-source as (
-
-    select * from {{ source('raw', 'outcomes') }}
-
-),
-
-renamed as (
+outcomes as (
 
     select
         event_id as outcome_event_id,
@@ -17,8 +14,25 @@ renamed as (
         name as outcome_name,
         value as outcome_value
 
-    from source
+    from {{ source('raw', 'outcomes') }}
+
+),
+
+reviews as (
+
+    select
+        event_id as outcome_event_id,
+        domain,
+        interaction_id,
+        item_id,
+        event_ts as outcome_at,
+        'human_review' as outcome_name,
+        case verdict when 'good' then 1.0 else 0.0 end as outcome_value
+
+    from {{ source('raw', 'labels') }}
 
 )
 
-select * from renamed
+select * from outcomes
+union all
+select * from reviews

@@ -1,0 +1,36 @@
+"""What the loop could reach: the oracle, and a logged model's true accuracy (scoring code only).
+
+The oracle is the domain's own trainer fitted on the hidden truth of the same training
+impressions a candidate was fitted on: the accuracy perfect labels would have given, so the gap
+between a champion and it is what labeling and the gate leave on the table.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import polars as pl
+
+from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.home import Home
+from flywheel_pipeline.simulation import true_accuracy, true_labels
+from flywheel_pipeline.training import trainer_for
+from flywheel_pipeline.training.base import Windows, impressions
+from flywheel_pipeline.warehouse import connect
+
+
+def oracle_accuracy(home: Home, config: FlywheelConfig, domain: str, windows: Windows) -> float:
+    """True accuracy of the domain's trainer fitted on the truth of ``windows``' training days."""
+    with connect(home.warehouse, read_only=True) as con:
+        rows = impressions(con, domain, windows.train_start, windows.train_end)
+    truth = true_labels(home, domain).unique(["interaction_id", "item_id"])
+    rows = rows.drop("p_good", "label").join(truth, on=["interaction_id", "item_id"])
+    rows = rows.with_columns(p_good=pl.col("good").cast(pl.Float64), label=pl.col("good"))
+    trainer = trainer_for(config.domain(domain).shape)
+    weighted, _ = trainer.weigh(rows)
+    return true_accuracy(home, config, domain, trainer.fit(weighted))
+
+
+def model_true_accuracy(home: Home, config: FlywheelConfig, domain: str, model_uri: str) -> float:
+    """True accuracy of a logged model (e.g. the candidate_model asset's ``model_uri``)."""
+    mlflow.set_tracking_uri(home.mlflow_tracking_uri)
+    return true_accuracy(home, config, domain, mlflow.pyfunc.load_model(model_uri))

@@ -1,0 +1,114 @@
+"""Validation: the candidate against the champion on held-out evidence, and the gate.
+
+``evidence`` reads what the held-out window logged (candidates, per-position propensities,
+rewards, audit verdicts), ``estimators`` holds the off-policy estimators, ``intervals`` the paired
+bootstrap, ``comparison`` measures every metric on every slice, ``gate`` decides (passed, failed,
+inconclusive), ``report`` renders it and ``tracking`` logs it to MLflow. docs/validation.md says
+what each estimator assumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import duckdb
+import mlflow
+import numpy as np
+import polars as pl
+
+from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.home import Home
+from flywheel_pipeline.scoring import SERVING_FEATURES, Scorer, baseline_scorer
+from flywheel_pipeline.training.base import Windows
+from flywheel_pipeline.validation.comparison import PRIMARY_METRIC, compare_on_holdout
+from flywheel_pipeline.validation.estimators import examination_curve, weighted_auc
+from flywheel_pipeline.validation.evidence import (
+    REWARD,
+    REWARD_MODEL_KEYS,
+    Evidence,
+    assemble,
+    holdout_rows,
+    logged_candidates,
+    reward_model,
+)
+from flywheel_pipeline.validation.gate import GateDecision, gate, threshold
+from flywheel_pipeline.validation.intervals import MetricComparison
+from flywheel_pipeline.validation.report import SliceResult, ValidationReport
+from flywheel_pipeline.validation.tracking import latest_inconclusive, log_validation_run
+
+__all__ = [
+    "PRIMARY_METRIC",
+    "Evidence",
+    "GateDecision",
+    "MetricComparison",
+    "SliceResult",
+    "ValidationReport",
+    "compare_models",
+    "gate",
+    "held_out_evidence",
+    "holdout_rows",
+    "latest_inconclusive",
+    "log_validation_run",
+    "threshold",
+    "validate_candidate",
+    "weighted_auc",
+]
+
+
+def held_out_evidence(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str,
+                      windows: Windows) -> Evidence:
+    """The domain's held-out evidence with its reward (``evidence.REWARD``)."""
+    settings = config.domain(domain)
+    rows = holdout_rows(con, domain, windows, outcome=settings.label_maturity.outcome)
+    return assemble(rows, logged_candidates(con, domain, windows), REWARD[settings.shape])
+
+
+def reward_name(config: FlywheelConfig, domain: str) -> str:
+    settings = config.domain(domain)
+    return "click" if settings.shape == "recommendation" else f"{settings.label_maturity.outcome} outcome"
+
+
+def compare_models(evidence: Evidence, shape: str, candidate: Scorer,
+                   champion: Scorer) -> tuple[list[SliceResult], np.ndarray]:
+    """Every metric on every slice, and the examination curve used."""
+    features = evidence.options.select(SERVING_FEATURES).to_pandas()
+    scores = {role: np.asarray(model.predict(features), dtype=float)
+              for role, model in (("candidate", candidate), ("champion", champion))}
+    explored = evidence.options.filter((pl.col("policy") == "explore") & pl.col("position").is_not_null())
+    theta = examination_curve(explored["position"].to_numpy(), explored["reward"].to_numpy(),
+                              evidence.slate_size)
+    rho = reward_model(evidence, theta, REWARD_MODEL_KEYS[shape])
+    return compare_on_holdout(evidence, scores, theta, rho), theta
+
+
+def validate_candidate(
+    con: duckdb.DuckDBPyConnection,
+    home: Home,
+    config: FlywheelConfig,
+    domain: str,
+    candidate_model_uri: str,
+    champion_model_uri: str | None,
+    windows: Windows,
+) -> ValidationReport:
+    """Score candidate and champion (or the baseline) on the held-out window, gate, and log the
+    report as an MLflow run in the domain's experiment."""
+    settings = config.domain(domain)
+    mlflow.set_tracking_uri(home.mlflow_tracking_uri)
+    candidate = mlflow.pyfunc.load_model(candidate_model_uri)
+    champion = (mlflow.pyfunc.load_model(champion_model_uri) if champion_model_uri
+                else baseline_scorer(settings.shape))
+    evidence = held_out_evidence(con, config, domain, windows)
+    slices, theta = compare_models(evidence, settings.shape, candidate, champion)
+    report = ValidationReport(
+        domain=domain,
+        primary_metric=PRIMARY_METRIC,
+        windows=windows,
+        candidate_model_uri=candidate_model_uri,
+        champion_model_uri=champion_model_uri,
+        slices=slices,
+        reward=reward_name(config, domain),
+        examination=tuple(float(t) for t in theta),
+        candidates_logged=evidence.candidates_logged,
+    )
+    report = replace(report, decision=gate(report, settings.gate))
+    return replace(report, run_id=log_validation_run(home, report))

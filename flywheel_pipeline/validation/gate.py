@@ -1,0 +1,145 @@
+"""The promotion gate: passed, failed or inconclusive, decided on the intervals.
+
+- inconclusive: too few held-out samples, an effective sample size below ``min_ess`` (the
+  importance weights rest on a handful of interactions), an undefined metric, or a primary
+  difference whose interval straddles the threshold. Says how many more samples would settle it.
+- failed: the primary difference's interval lies wholly below the threshold (no gain, or harm),
+  or a slice (or the audit sample's gold labels) shows a regression beyond
+  ``max_slice_regression``, with Holm's step-down correction across all those tests
+  (Holm 1979, "A simple sequentially rejective multiple test procedure", Scand. J. Statistics).
+- passed: the interval's lower bound clears the threshold and nothing regresses.
+
+The threshold is ``min_improvement`` (superiority), or ``-non_inferiority_margin`` when the
+domain sets one (promote what is no worse than the margin).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from flywheel_pipeline.config import Gate
+from flywheel_pipeline.validation.intervals import (
+    CI_LEVEL,
+    MetricComparison,
+    p_below,
+    samples_needed,
+)
+
+if TYPE_CHECKING:
+    from flywheel_pipeline.validation.report import ValidationReport
+
+Outcome = Literal["passed", "failed", "inconclusive"]
+MIN_SLICE_SAMPLES = 50  # a smaller slice is reported, not gated
+GOLD_METRIC = "audit"
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    outcome: Outcome
+    reasons: list[str]
+    ungated_slices: list[str] = field(default_factory=list)
+    samples_needed: int | None = None  # inconclusive: more held-out samples that would decide
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome == "passed"
+
+
+def threshold(gate_config: Gate) -> float:
+    """What the primary difference's interval must clear."""
+    if gate_config.non_inferiority_margin is not None:
+        return -gate_config.non_inferiority_margin
+    return gate_config.min_improvement
+
+
+def gate(
+    report: ValidationReport, gate_config: Gate, min_slice_samples: int = MIN_SLICE_SAMPLES
+) -> GateDecision:
+    """Decide on the report's intervals; every reason is ``code: explanation``."""
+    overall, metric = report.overall, report.primary_metric
+    primary = overall.metrics[metric]
+    unsure = _evidence_shortfall(report, gate_config)
+    if unsure:
+        needed = _ess_samples_needed(report, gate_config)
+        return GateDecision("inconclusive", unsure, samples_needed=needed)
+
+    bar = threshold(gate_config)
+    low, high = primary.difference_ci
+    failed, inconclusive, needed = [], [], None
+    interval_text = f"{metric} candidate - champion = {primary.difference:+.4f} [{low:+.4f}, {high:+.4f}]"
+    if high < bar:
+        failed.append(f"improvement_below_minimum: {interval_text} lies below {bar:+.4f}")
+    elif low <= bar:
+        needed = samples_needed(overall.n_samples, primary, bar)
+        more = f"about {needed} more held-out samples" if needed is not None else "more evidence"
+        inconclusive.append(
+            f"improvement_uncertain: {interval_text} straddles {bar:+.4f}; {more} would decide"
+        )
+    regressions, ungated = _regressions(report, gate_config, min_slice_samples)
+    failed += regressions
+    outcome: Outcome = "failed" if failed else "inconclusive" if inconclusive else "passed"
+    return GateDecision(outcome, failed + inconclusive, ungated,
+                        needed if outcome == "inconclusive" else None)
+
+
+def _evidence_shortfall(report: ValidationReport, gate_config: Gate) -> list[str]:
+    """Reasons the held-out evidence cannot carry any decision."""
+    overall, metric = report.overall, report.primary_metric
+    reasons = []
+    if overall.n_samples < gate_config.min_samples:
+        reasons.append(f"too_few_samples: {overall.n_samples} held-out samples < min_samples "
+                       f"{gate_config.min_samples}")
+    ess = _candidate_ess(report)
+    if ess is not None and ess < gate_config.min_ess:
+        reasons.append(f"low_effective_sample_size: the candidate's importance weights are worth "
+                       f"{ess:.0f} samples < min_ess {gate_config.min_ess:g}")
+    if not np.isfinite(overall.metrics[metric].difference):
+        reasons.append(f"undefined_metric: {metric} cannot be computed on the held-out rows")
+    return reasons
+
+
+def _candidate_ess(report: ValidationReport) -> float | None:
+    ess = report.overall.metrics.get("ess")
+    return None if ess is None or not np.isfinite(ess.candidate) else ess.candidate
+
+
+def _ess_samples_needed(report: ValidationReport, gate_config: Gate) -> int | None:
+    """Samples for both min_samples and min_ess, the ESS growing in proportion to n."""
+    n = report.overall.n_samples
+    factor = gate_config.min_samples / max(n, 1)
+    ess = _candidate_ess(report)
+    if ess is not None and ess > 0:
+        factor = max(factor, gate_config.min_ess / ess)
+    return max(0, int(np.ceil(n * factor)) - n) if factor > 1 else None
+
+
+def _regressions(
+    report: ValidationReport, gate_config: Gate, min_slice_samples: int
+) -> tuple[list[str], list[str]]:
+    """Slices (and the gold audit) whose difference is significantly below -max_slice_regression,
+    Holm-corrected at the interval's one-sided level; and the slices too small to test."""
+    bound = -gate_config.max_slice_regression
+    tests: list[tuple[str, str, MetricComparison]] = []
+    ungated = []
+    for result in report.slices[1:]:
+        comparison = result.metrics[report.primary_metric]
+        if result.n_samples < min_slice_samples or not np.isfinite(comparison.difference_se):
+            ungated.append(f"{result.name} ({result.n_samples} samples)")
+        else:
+            tests.append(("slice_regression", f"slice {result.name} {report.primary_metric}", comparison))
+    gold = report.overall.metrics.get(GOLD_METRIC)
+    if gold is not None and report.overall.n_reviewed >= min_slice_samples:
+        tests.append(("gold_regression", "audited gold accuracy", gold))
+    alpha = (1 - CI_LEVEL) / 2
+    p_values = [p_below(comparison, bound) for *_, comparison in tests]
+    reasons = []
+    for rank, i in enumerate(np.argsort(p_values, kind="stable")):
+        if p_values[i] > alpha / (len(tests) - rank):
+            break  # Holm: stop at the first hypothesis kept
+        code, what, comparison = tests[i]
+        reasons.append(f"{code}: {what} changed {comparison.difference:+.4f} (p={p_values[i]:.4f}), "
+                       f"a drop beyond max_slice_regression {gate_config.max_slice_regression}")
+    return reasons, ungated

@@ -1,0 +1,156 @@
+"""The evidence report: every slice's metrics, the gate's decision, and how they are shown
+(Dagster metadata, Markdown, registry lineage tags, JSON)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from flywheel_pipeline.training.base import Windows
+from flywheel_pipeline.validation.gate import GOLD_METRIC, GateDecision
+from flywheel_pipeline.validation.intervals import CI_LEVEL, MetricComparison
+
+SHOWN_METRICS = ("dr", "pbm_ips", "snips", "audit", "weak_label_value", "weak_label_auc")
+
+
+@dataclass(frozen=True)
+class SliceResult:
+    name: str
+    n_samples: int  # held-out interactions
+    metrics: dict[str, MetricComparison]
+    n_reviewed: int = 0  # of which the audit sample reviewed
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    domain: str
+    primary_metric: str
+    windows: Windows
+    candidate_model_uri: str
+    champion_model_uri: str | None  # None: compared with the domain's baseline scorer
+    slices: list[SliceResult]  # the first one is the whole domain ("all")
+    reward: str = ""
+    examination: tuple[float, ...] = ()  # theta per position, from the exploration slice
+    candidates_logged: float = 1.0  # share of interactions whose candidates were logged
+    decision: GateDecision | None = None
+    run_id: str | None = None
+
+    @property
+    def overall(self) -> SliceResult:
+        return self.slices[0]
+
+    @property
+    def outcome(self) -> str:
+        return self.decision.outcome if self.decision else "undecided"
+
+    def metrics(self) -> dict[str, float]:
+        """Flat ``<slice>/<metric>/<candidate|champion|difference>`` values (MLflow)."""
+        flat: dict[str, float] = {}
+        for result in self.slices:
+            flat[f"{result.name}/n_samples"] = float(result.n_samples)
+            flat[f"{result.name}/n_reviewed"] = float(result.n_reviewed)
+            for metric, comparison in result.metrics.items():
+                for role in ("candidate", "champion", "difference"):
+                    value = getattr(comparison, role)
+                    if math.isfinite(value):
+                        flat[f"{result.name}/{metric}/{role}"] = value
+        return flat
+
+    def metadata(self) -> dict[str, Any]:
+        """The headline figures, rounded (Dagster asset metadata; ``markdown()`` has every slice)."""
+        primary = self.overall.metrics[self.primary_metric]
+        gold = self.overall.metrics.get(GOLD_METRIC)
+        headline: dict[str, Any] = {
+            "gate": self.outcome,
+            "gate_reasons": "; ".join(self.decision.reasons) if self.decision else "",
+            "primary_metric": f"{self.primary_metric} ({self.reward})",
+            "candidate": _round(primary.candidate),
+            "champion": _round(primary.champion),
+            "difference": _round(primary.difference),
+            "difference_ci": _interval(primary.difference_ci),
+            "n_samples": self.overall.n_samples,
+        }
+        if "ess" in self.overall.metrics:
+            headline["ess_candidate"] = _round(self.overall.metrics["ess"].candidate, 1)
+        if gold is not None:
+            headline["gold_difference_ci"] = (f"{_round(gold.difference):+} {_interval(gold.difference_ci)} "
+                                              f"on {self.overall.n_reviewed} reviewed")
+        if self.decision and self.decision.outcome == "inconclusive":
+            headline["samples_needed"] = self.decision.samples_needed if self.decision.samples_needed is not None else "unknown"
+        return {
+            **headline,
+            "champion_model": self.champion_model_uri or "baseline",
+            "held_out": f"{self.windows.holdout_start}..{self.windows.holdout_end}",
+            "validation_run_id": self.run_id or "",
+        }
+
+    def lineage(self) -> dict[str, Any]:
+        """Registry tags: the validation run and the held-out evidence the gate saw."""
+        primary = self.overall.metrics[self.primary_metric]
+        low, high = primary.difference_ci
+        return {
+            "validation.run_id": self.run_id or "",
+            "validation.champion_model_uri": self.champion_model_uri or "baseline",
+            "validation.primary_metric": self.primary_metric,
+            "validation.gate": self.outcome,
+            "validation.difference": _round(primary.difference),
+            "validation.difference_ci": f"[{low:.4f}, {high:.4f}]",
+            "validation.n_samples": self.overall.n_samples,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), default=str))
+
+    def markdown(self) -> str:
+        reasons = self.decision.reasons if self.decision else []
+        theta = ", ".join(f"{t:.2f}" for t in self.examination)
+        level = f"{CI_LEVEL:.0%} CI"
+        lines = [
+            f"# Validation of {self.candidate_model_uri} ({self.domain})",
+            f"- champion: {self.champion_model_uri or 'baseline'}",
+            (f"- held-out: {self.windows.holdout_start} to {self.windows.holdout_end}; reward: "
+             f"{self.reward}; examination by position: {theta}; candidates logged for "
+             f"{self.candidates_logged:.0%} of interactions"),
+            f"- gate: **{self.outcome}** (primary metric {self.primary_metric})",
+            *(f"  - {reason}" for reason in reasons),
+            *self._ungated(),
+            "",
+            f"| slice | n | reviewed | metric | candidate ({level}) | champion ({level}) | difference ({level}) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for result in self.slices:
+            for metric in SHOWN_METRICS:
+                if metric in result.metrics:
+                    m = result.metrics[metric]
+                    lines.append(
+                        f"| {result.name} | {result.n_samples} | {result.n_reviewed} | {metric} "
+                        f"| {_value(m.candidate, m.candidate_ci)} | {_value(m.champion, m.champion_ci)} "
+                        f"| {_value(m.difference, m.difference_ci, signed=True)} |"
+                    )
+            ess = result.metrics.get("ess")
+            if ess is not None:
+                lines.append(f"| {result.name} | {result.n_samples} | {result.n_reviewed} | ess "
+                             f"| {ess.candidate:.1f} | {ess.champion:.1f} | |")
+        return "\n".join(lines) + "\n"
+
+    def _ungated(self) -> list[str]:
+        if not (self.decision and self.decision.ungated_slices):
+            return []
+        return [f"  - not gated (too few samples): {', '.join(self.decision.ungated_slices)}"]
+
+
+def _round(value: float, digits: int = 4) -> float:
+    return round(float(value), digits)
+
+
+def _interval(bounds: tuple[float, float]) -> str:
+    return f"[{bounds[0]:+.4f}, {bounds[1]:+.4f}]"
+
+
+def _value(point: float, bounds: tuple[float, float], signed: bool = False) -> str:
+    if not math.isfinite(point):
+        return "n/a"
+    number = f"{point:+.4f}" if signed else f"{point:.4f}"
+    return f"{number} ({bounds[0]:.4f}, {bounds[1]:.4f})"
