@@ -15,6 +15,7 @@ flywheel.log; ``--verbose`` shows it here instead.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 from collections.abc import Iterator
@@ -256,8 +257,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # Dagster flags its beta/preview parameters (backfill policies, partitioned checks) on every load.
+    # Dagster flags its beta/preview parameters (backfill policies, partitioned checks) on every load;
+    # MLflow announces creating its tables. Neither helps a person at the terminal.
     warnings.filterwarnings("ignore", message=r".* is currently in (beta|preview)")
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
     args = parser().parse_args(argv)
     from flywheel_pipeline.approval import ApprovalError
     from flywheel_pipeline.launcher import LaunchError

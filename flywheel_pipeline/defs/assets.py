@@ -110,7 +110,9 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
                                         champion_uri, candidate.windows)
         yield dg.Output(report, metadata={**report.metadata(), "report": dg.MetadataValue.md(report.markdown())})
         yield dg.AssetCheckResult(
-            check_name="gate", passed=report.decision.passed, severity=dg.AssetCheckSeverity.ERROR,
+            check_name="gate", passed=report.decision.passed,
+            # failed: red (evidence of no gain or of harm); inconclusive: yellow (not enough evidence yet)
+            severity=dg.AssetCheckSeverity.WARN if report.outcome == "inconclusive" else dg.AssetCheckSeverity.ERROR,
             metadata={"gate": report.outcome, "reasons": "; ".join(report.decision.reasons) or "every gate passed"},
         )
 
