@@ -55,8 +55,8 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(_DDL)
 
 
-def _check_decision(client: MlflowClient, config: FlywheelConfig, domain: str, version: str,
-                    decision: str, approver: str) -> None:
+def check_decision(client: MlflowClient, config: FlywheelConfig, domain: str, version: str,
+                   decision: str, approver: str) -> None:
     domain_config = config.domain(domain)
     if decision not in ("approved", "rejected"):
         raise ApprovalError(f"decision must be 'approved' or 'rejected', got {decision!r}")
@@ -75,7 +75,7 @@ def record_decision(con: duckdb.DuckDBPyConnection, client: MlflowClient, config
                     domain: str, version: str, decision: Decision, approver: str,
                     reason: str | None = None) -> ApprovalRecord:
     """Append an approval or rejection and tag the model version with it."""
-    _check_decision(client, config, domain, version, decision, approver)
+    check_decision(client, config, domain, version, decision, approver)
     ensure_tables(con)
     with transaction(con):
         approval_id = con.execute(

@@ -3,22 +3,30 @@
     flywheel demo        the closed loop over several simulated weeks (the README's first command)
     flywheel simulate    write simulated landing batches
     flywheel run         run one domain's cycle job over a range of days
-    flywheel approve     approve (or --reject) a candidate version
+    flywheel approve     approve (or --reject) a candidate; the approval sensor deploys it
     flywheel rollback    put a domain's previous champion back
     flywheel status      champion, candidate and warehouse row counts per domain
+
+Runs go through the home's Dagster instance and daemon (``flywheel_pipeline.launcher``), so they
+show in the Dagster UI like runs launched there. Tool output (dbt, the daemon) goes to the home's
+flywheel.log; ``--verbose`` shows it here instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
+from typing import IO
 
 from rich.console import Console
 
-from flywheel_pipeline.config import ConfigError, load_config
-from flywheel_pipeline.home import Home
+from flywheel_pipeline.config import ConfigError, FlywheelConfig, load_config
+from flywheel_pipeline.home import Home, HomeError
 
 # Long paths stay whole (copy and paste); piped output gets room for the summary table.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
@@ -28,17 +36,28 @@ def _yesterday() -> date:
     return datetime.now(UTC).date() - timedelta(days=1)
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    from flywheel_pipeline.demo import Demo, print_summary
+@contextmanager
+def tool_output(home: Home, verbose: bool) -> Iterator[IO[str] | None]:
+    """Where the tools' output goes: the home's flywheel.log, or this terminal with --verbose."""
+    if verbose:
+        yield None
+        return
+    home.log.parent.mkdir(parents=True, exist_ok=True)
+    with home.log.open("a") as log:
+        yield log
 
-    demo = Demo(Home.from_env(), load_config(), cycles=args.cycles, warmup_days=args.warmup_days,
-                per_day=args.per_day, seed=args.seed, stand_in_for_approvers=not args.leave_manual_pending,
-                console=console)
-    rows = demo.run()
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from flywheel_pipeline.demo import Demo, print_pending_approvals, print_summary
+
+    home, config = Home.from_env(), load_config()
+    demo = Demo(home, config, cycles=args.cycles, warmup_days=args.warmup_days, per_day=args.per_day,
+                seed=args.seed, stand_in_for_approvers=args.stand_in_for_approvers, console=console)
+    with tool_output(home, args.verbose) as log:
+        rows = demo.run(log)
     print_summary(rows, console)
-    _print_status(demo.home)
-    console.print("\nBrowse what it made:  [bold]make ui[/] (Dagster: runs, asset partitions, approvals) "
-                  "and [bold]make mlflow-ui[/] (runs, registry aliases)")
+    _print_status(demo.home, config)
+    print_pending_approvals(demo, console)
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
@@ -55,60 +74,116 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    import dagster as dg
+    from flywheel_pipeline.defs.ui import run_url
+    from flywheel_pipeline.launcher import local_dagster
+    from flywheel_pipeline.runs import next_step_for_person, run_cycle
 
-    from flywheel_pipeline.definitions import build_definitions, execute_cycle
-
-    home, config = Home.from_env().activate(), load_config()
+    home, config = Home.existing().activate(), load_config()
     config.domain(args.domain)
     last = args.end or _yesterday()
     first = args.start or last - timedelta(days=6)
-    result = execute_cycle(build_definitions(config, home), dg.DagsterInstance.get(), args.domain, first, last)
-    console.print(f"{args.domain} {first}..{last}: {'succeeded' if result.success else 'FAILED'} (run {result.run_id})")
-    _print_status(home)
-    if not result.success:
+    if first > last:
+        raise SystemExit(f"flywheel: --start {first} is after --end {last}")
+    console.print(f"{args.domain} {first}..{last}: accumulate -> filter -> label -> fine-tune -> validate -> "
+                  f"register (tool output: {'here' if args.verbose else home.log})")
+    with tool_output(home, args.verbose) as log, local_dagster(home, log) as dagster:
+        outcome = run_cycle(
+            dagster, args.domain, first, last,
+            on_step=lambda step: console.print(f"  {_mark(step.status)} {step.name} {step.status}"
+                                               + (f": {step.detail}" if step.detail else "")),
+            on_submit=lambda run_id: console.print(f"  run {run_id} ({run_url(config, run_id)})"),
+        )
+    held_out = outcome.held_out()
+    console.print(f"{args.domain}: run {outcome.status.value.lower()}; gate [bold]{outcome.gate or 'not reached'}[/]"
+                  + (f" ({held_out})" if held_out else ""))
+    if outcome.reasons and outcome.gate != "passed":
+        console.print(f"  {outcome.reasons}")
+    if outcome.version:
+        console.print(f"  registered {args.domain} v{outcome.version}")
+    console.print(f"next: {next_step_for_person(config, outcome)}")
+    if not outcome.succeeded:
         sys.exit(1)
+
+
+def _mark(status: str) -> str:
+    return {"succeeded": "[green]ok[/]", "skipped": "[yellow]--[/]"}.get(status, "[red]!![/]")
 
 
 def cmd_approve(args: argparse.Namespace) -> None:
     import mlflow
 
-    from flywheel_pipeline import approval
-    from flywheel_pipeline.warehouse import connect
+    from flywheel_pipeline import approval, registry
+    from flywheel_pipeline.defs.ui import APPROVE_JOB, APPROVE_OP
+    from flywheel_pipeline.launcher import local_dagster
+    from flywheel_pipeline.runs import wait_for_deployment
 
-    home, config = Home.from_env().activate(), load_config()
+    home, config = Home.existing().activate(), load_config()
+    config.domain(args.domain)
     decision = "rejected" if args.reject else "approved"
-    if args.reject and not args.reason:
-        raise SystemExit("a rejection needs --reason")
-    with connect(home.warehouse) as con:
-        record = approval.record_decision(con, mlflow.MlflowClient(), config, args.domain, args.version,
-                                          decision, args.approver, args.reason)
-    console.print(f"approval {record.approval_id}: {decision} {args.domain} v{args.version} by {args.approver}; "
-                  "the approval sensor deploys approvals (dagster dev must be running)")
+    if args.reject and not (args.reason or "").strip():
+        raise SystemExit("flywheel: a rejection needs --reason")
+    client = mlflow.MlflowClient()
+    version = args.version or registry.alias_version(client, args.domain, registry.CANDIDATE)
+    if version is None:
+        raise SystemExit(f"flywheel: {args.domain} has no candidate waiting; name one with --version")
+    approval.check_decision(client, config, args.domain, version, decision, args.approver)  # fail fast
+    run_config = {"ops": {APPROVE_OP: {"config": {"domain": args.domain, "version": version,
+                                                  "approver": args.approver, "decision": decision,
+                                                  "reason": args.reason or ""}}}}
+    with tool_output(home, args.verbose) as log, local_dagster(home, log) as dagster:
+        run = dagster.wait(dagster.submit(APPROVE_JOB, run_config=run_config))
+        if run.status.value != "SUCCESS":
+            raise SystemExit(f"flywheel: the {decision} decision was not recorded: "
+                             f"{_failure(dagster.instance, run.run_id)}")
+        console.print(f"{decision} {args.domain} v{version} by {args.approver}")
+        if decision == "approved":
+            deploy = wait_for_deployment(dagster, config, args.domain, version, client)
+            champion = registry.alias_version(client, args.domain, registry.CHAMPION)
+            console.print(f"deployment {deploy.status.value.lower()}: {args.domain} champion is v{champion}")
+
+
+def _failure(instance, run_id: str) -> str:
+    import dagster as dg
+
+    for record in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records:
+        error = record.event_log_entry.dagster_event.step_failure_data.error
+        while error is not None and error.cause is not None:  # the op's own exception, not Dagster's wrapper
+            error = error.cause
+        if error is not None:
+            return error.message.strip()
+    return f"see run {run_id}"
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
     import mlflow
 
     from flywheel_pipeline import registry
+    from flywheel_pipeline.launcher import local_dagster
 
-    Home.from_env().activate()
-    load_config().domain(args.domain)
-    rolled_back, restored = registry.rollback(mlflow.MlflowClient(), args.domain)
-    console.print(f"{args.domain}: champion is v{restored} again (v{rolled_back} rolled back)")
+    home, config = Home.existing().activate(), load_config()
+    config.domain(args.domain)
+    client = mlflow.MlflowClient()
+    if registry.alias_version(client, args.domain, registry.PREVIOUS) is None:  # fail fast
+        raise SystemExit(f"flywheel: {registry.model_name(args.domain)} has no previous champion to roll back to")
+    run_config = {"ops": {"restore_previous": {"config": {"domain": args.domain}}}}
+    with tool_output(home, args.verbose) as log, local_dagster(home, log) as dagster:
+        run = dagster.wait(dagster.submit("rollback_champion", run_config=run_config))
+        if run.status.value != "SUCCESS":
+            raise SystemExit(f"flywheel: rollback failed: {_failure(dagster.instance, run.run_id)}")
+    console.print(f"{args.domain}: champion is v{registry.alias_version(client, args.domain, registry.CHAMPION)} again")
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    _print_status(Home.from_env().activate())
+    _print_status(Home.existing().activate(), load_config())
 
 
-def _print_status(home: Home) -> None:
+def _print_status(home: Home, config: FlywheelConfig) -> None:
     import mlflow
 
     from flywheel_pipeline import registry
     from flywheel_pipeline.warehouse import connect
 
-    console.print(f"\nwarehouse: {home.warehouse}")
+    console.print(f"\nhome: {home.root}\nwarehouse: {home.warehouse}")
     if home.warehouse.exists():
         with connect(home.warehouse, read_only=True) as con:
             tables = con.execute(
@@ -119,7 +194,7 @@ def _print_status(home: Home) -> None:
                 count = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
                 console.print(f"  {table:<32} {count:>10,} rows")
     client = mlflow.MlflowClient()
-    for domain in load_config().domains:
+    for domain in config.domains:
         aliases = {alias: registry.alias_version(client, domain, alias)
                    for alias in (registry.CHAMPION, registry.CANDIDATE, registry.PREVIOUS)}
         console.print(f"  {registry.model_name(domain)}: " +
@@ -127,20 +202,25 @@ def _print_status(home: Home) -> None:
 
 
 def _date(text: str) -> date:
-    return date.fromisoformat(text)
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="flywheel", description=__doc__.splitlines()[0])
     commands = root.add_subparsers(dest="command", required=True)
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("--verbose", action="store_true", help="show tool output (dbt, Dagster) here")
 
-    demo = commands.add_parser("demo", help="run the closed loop over several simulated weeks")
+    demo = commands.add_parser("demo", parents=[verbose], help="run the closed loop over several simulated weeks")
     demo.add_argument("--cycles", type=int, default=4)
     demo.add_argument("--warmup-days", type=int, default=14)
     demo.add_argument("--per-day", type=int, default=1500, help="interactions per day per domain")
     demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--leave-manual-pending", action="store_true",
-                      help="do not stand in for the approvers of manual domains")
+    demo.add_argument("--stand-in-for-approvers", action="store_true",
+                      help="approve manual domains' candidates too (by default they wait for a person)")
     demo.set_defaults(func=cmd_demo)
 
     simulate = commands.add_parser("simulate", help="write simulated landing batches")
@@ -152,21 +232,22 @@ def parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=7)
     simulate.set_defaults(func=cmd_simulate)
 
-    run = commands.add_parser("run", help="run one domain's cycle over a range of days")
+    run = commands.add_parser("run", parents=[verbose], help="run one domain's cycle over a range of days")
     run.add_argument("--domain", required=True)
-    run.add_argument("--start", type=_date)
-    run.add_argument("--end", type=_date)
+    run.add_argument("--start", type=_date, help="first day (default: 6 days before --end)")
+    run.add_argument("--end", type=_date, help="last day (default: yesterday)")
     run.set_defaults(func=cmd_run)
 
-    approve = commands.add_parser("approve", help="approve or reject a candidate version")
+    approve = commands.add_parser("approve", parents=[verbose],
+                                  help="approve or reject a candidate; waits for the deployment")
     approve.add_argument("--domain", required=True)
-    approve.add_argument("--version", required=True)
+    approve.add_argument("--version", help="default: the version the `candidate` alias names")
     approve.add_argument("--approver", required=True)
     approve.add_argument("--reject", action="store_true")
     approve.add_argument("--reason")
     approve.set_defaults(func=cmd_approve)
 
-    rollback = commands.add_parser("rollback", help="put the previous champion back")
+    rollback = commands.add_parser("rollback", parents=[verbose], help="put the previous champion back")
     rollback.add_argument("--domain", required=True)
     rollback.set_defaults(func=cmd_rollback)
 
@@ -176,15 +257,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # Dagster flags its beta/preview parameters (backfill policies, partitioned checks) on every load.
+    # Dagster flags its beta/preview parameters (backfill policies, partitioned checks) on every load;
+    # MLflow announces creating its tables. Neither helps a person at the terminal.
     warnings.filterwarnings("ignore", message=r".* is currently in (beta|preview)")
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
     args = parser().parse_args(argv)
     from flywheel_pipeline.approval import ApprovalError
+    from flywheel_pipeline.launcher import LaunchError
     from flywheel_pipeline.registry import RegistryError
 
     try:
         args.func(args)
-    except (ConfigError, ApprovalError, RegistryError) as error:
+    except (ConfigError, HomeError, ApprovalError, RegistryError, LaunchError) as error:
         raise SystemExit(f"flywheel: {error}") from None
 
 

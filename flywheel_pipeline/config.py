@@ -139,7 +139,18 @@ def parse_config(raw: object, source: str = "flywheel.yaml") -> FlywheelConfig:
 
 
 def config_path() -> Path:
-    return Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG))
+    """$FLYWHEEL_CONFIG; else the nearest flywheel.yaml from the working directory up; else the
+    checkout's own (so a command finds its project from any folder)."""
+    if CONFIG_ENV in os.environ:
+        return Path(os.environ[CONFIG_ENV])
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / DEFAULT_CONFIG.name).is_file():
+            return folder / DEFAULT_CONFIG.name
+    if DEFAULT_CONFIG.is_file():
+        return DEFAULT_CONFIG
+    raise ConfigError(f"no flywheel.yaml in {here} or above it: run from a flywheel project, or set "
+                      f"{CONFIG_ENV} (and FLYWHEEL_HOME) to say where it is")
 
 
 def load_config(path: Path | str | None = None) -> FlywheelConfig:

@@ -1,38 +1,42 @@
-"""The closed loop, end to end, on the embedded default.
+"""The closed loop, end to end, on the embedded default, run the way a deployment runs it.
 
 Each cycle: the simulated product serves a week of traffic with each domain's current champion ->
-the domain's cycle job runs (accumulate, filter, label, fine-tune, validate, register) -> approval
-(auto domains approve themselves when every gate passes; a manual domain's approver is stood in for,
-and the demo says so) -> the approval sensor deploys -> the new champion serves the next week.
-Runs go through the persistent Dagster instance and MLflow store in the home folder, so
-``dagster dev`` and ``mlflow ui`` show the history afterwards.
+the domain's cycle job is submitted to the Dagster instance and run by the daemon (accumulate,
+filter, label, fine-tune, validate, register) -> auto domains approve themselves when the gate
+passes and the approval sensor deploys -> the new champion serves the next week. A manual domain's
+candidate waits for a person (the demo prints what to click), unless the demo is told to stand in.
+Everything lives in the home's Dagster instance and MLflow store, so ``make ui`` and
+``make mlflow-ui`` show the history afterwards. While the daemon runs, the late-label sensor may
+re-label older days between cycles, as it would in production.
 """
 
 from __future__ import annotations
 
-import logging
+import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, redirect_stdout
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import IO
 
-import dagster as dg
 import mlflow
 from rich.console import Console
 from rich.table import Table
 
-from flywheel_pipeline import approval, registry, simulation
+from flywheel_pipeline import registry, simulation
 from flywheel_pipeline.config import FlywheelConfig
-from flywheel_pipeline.definitions import build_definitions, execute_cycle
-from flywheel_pipeline.defs.assets import model_keys
+from flywheel_pipeline.defs.ui import (
+    APPROVE_JOB,
+    APPROVE_OP,
+    approval_launchpad_url,
+    approval_run_config,
+)
 from flywheel_pipeline.home import Home
+from flywheel_pipeline.launcher import Dagster, LaunchError, daemon_running, local_dagster
+from flywheel_pipeline.runs import CycleOutcome, run_cycle, wait_for_deployment
 from flywheel_pipeline.scoring import Scorer, baseline_scorer
-from flywheel_pipeline.warehouse import connect
 
 DAYS_PER_CYCLE = 7
-# Runs log to the Dagster instance (the UI shows every event); the console only gets errors.
-QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 
 
 @dataclass
@@ -42,6 +46,7 @@ class CycleRow:
     served_by: str
     held_out: str
     gate: str
+    registered: str
     champion: str
     true_accuracy: float
 
@@ -59,35 +64,64 @@ def champion_scorer(config: FlywheelConfig, domain: str) -> tuple[Scorer, str]:
     return mlflow.pyfunc.load_model(registry.alias_uri(mlflow.MlflowClient(), domain, registry.CHAMPION)), version
 
 
+def previous_demo(home: Home) -> str | None:
+    """What a demo already in ``home`` left (``simulated through 2026-11-28``), or None."""
+    folders = home.simulator.iterdir() if home.simulator.exists() else []
+    days = [day for folder in folders if (day := simulation.simulated_through(home, folder.name))]
+    if days:
+        return f"simulated through {max(days)}"
+    return "a warehouse" if home.warehouse.exists() else None
+
+
 class Demo:
     def __init__(self, home: Home, config: FlywheelConfig, *, cycles: int, warmup_days: int,
                  per_day: int, seed: int, stand_in_for_approvers: bool, console: Console) -> None:
-        self.home, self.config, self.console = home.activate(), config, console
+        self.home, self.config, self.console = home, config, console
         self.cycles, self.warmup_days, self.per_day, self.seed = cycles, warmup_days, per_day, seed
         self.stand_in = stand_in_for_approvers
-        self.instance = dg.DagsterInstance.get()
-        self.defs = build_definitions(config, self.home)
         self.end = datetime.now(UTC).date() - timedelta(days=1)
         self.start = self.end - timedelta(days=warmup_days + cycles * DAYS_PER_CYCLE - 1)
-        self.sensor_cursor: str | None = None
-        self.tool_log = self.home.root / "demo.log"
-        logging.getLogger("mlflow").setLevel(logging.ERROR)
+        self.pending: dict[str, str] = {}  # manual domain -> the version waiting for a person
 
-    def run(self) -> list[CycleRow]:
+    def run(self, log: IO[str] | None) -> list[CycleRow]:
+        self._make_room()
+        self.home.activate()
         rows: list[CycleRow] = []
-        self.console.print(f"[bold]flywheel demo[/] home={self.home.root} days {self.start}..{self.end}")
-        self._simulate(self.start, self.warmup_days, note="warm-up traffic served by the baseline")
-        for domain in self.config.domains:
-            scorer, version = champion_scorer(self.config, domain)
-            accuracy = simulation.true_accuracy(self.home, self.config, domain, scorer)
-            rows.append(CycleRow(0, domain, version, "", "", version, accuracy))
-        for cycle in range(1, self.cycles + 1):
-            first = self.start + timedelta(days=self.warmup_days + (cycle - 1) * DAYS_PER_CYCLE)
-            self._simulate(first, DAYS_PER_CYCLE, note=f"cycle {cycle}")
-            run_from = self.start if cycle == 1 else first - timedelta(days=self.config.max_lateness_days)
+        self.console.print(f"[bold]flywheel demo[/] home={self.home.root} days {self.start}..{self.end} "
+                           f"(tool output: {self.home.log if log else 'here'})")
+        with ExitStack() as stack:
+            with self.console.status("starting Dagster (code server and daemon)"):
+                dagster = stack.enter_context(local_dagster(self.home, log))
+            self._simulate(self.start, self.warmup_days, note="warm-up traffic served by the baseline")
             for domain in self.config.domains:
-                rows.append(self._cycle(cycle, domain, run_from, first + timedelta(days=DAYS_PER_CYCLE - 1)))
+                rows.append(self._row(0, domain, "baseline", None))
+            for cycle in range(1, self.cycles + 1):
+                first = self.start + timedelta(days=self.warmup_days + (cycle - 1) * DAYS_PER_CYCLE)
+                self._simulate(first, DAYS_PER_CYCLE, note=f"cycle {cycle}")
+                run_from = self.start if cycle == 1 else first - timedelta(days=self.config.max_lateness_days)
+                last = first + timedelta(days=DAYS_PER_CYCLE - 1)
+                for domain in self.config.domains:
+                    rows.append(self._cycle(dagster, cycle, domain, run_from, last))
+            with self.console.status("waiting for runs the sensors launched"):
+                dagster.wait_for_idle()
         return rows
+
+    def _make_room(self) -> None:
+        """A home that holds an earlier demo is moved aside (never deleted); the new demo starts fresh."""
+        found = previous_demo(self.home)
+        if found is None:
+            return
+        if (self.home.dagster / "dagster.yaml").exists():
+            import dagster as dg
+
+            with dg.DagsterInstance.from_config(str(self.home.dagster)) as instance:
+                if daemon_running(instance):
+                    raise LaunchError(f"{self.home.root} holds a demo and a Dagster daemon is running on it "
+                                      "(make ui?): stop it first, or set FLYWHEEL_HOME to another folder")
+        kept = self.home.root.with_name(f"{self.home.root.name}-{datetime.now():%Y%m%d-%H%M%S}")
+        shutil.move(self.home.root, kept)
+        self.console.print(f"a demo already lives in {self.home.root} ({found}): moved it to {kept} "
+                           "(delete that folder when you no longer need it); starting a fresh demo")
 
     def _simulate(self, first: date, days: int, note: str) -> None:
         scorers, versions = {}, {}
@@ -101,67 +135,57 @@ class Demo:
         self.console.print(f"  simulated {first}..{first + timedelta(days=days - 1)} ({note}; serving {served}; "
                            f"{summary.total_interactions:,} interactions) in {time.monotonic() - started:.1f}s")
 
-    def _cycle(self, cycle: int, domain: str, first: date, last: date) -> CycleRow:
+    def _cycle(self, dagster: Dagster, cycle: int, domain: str, first: date, last: date) -> CycleRow:
         served_by = champion_version(domain)
         started = time.monotonic()
-        with self.console.status(f"cycle {cycle} {domain}: {first}..{last} accumulate -> filter -> label "
-                                 f"-> fine-tune -> validate -> register"), self._tool_output():
-            result = execute_cycle(self.defs, self.instance, domain, first, last, run_config=QUIET)
-        if not result.success:
-            raise RuntimeError(f"{domain} cycle {cycle} failed; see the run in the Dagster UI ({result.run_id})")
-        report = _metadata(result, model_keys(domain)["validation_report"])
-        registration = _metadata(result, model_keys(domain)["registered_candidate"])
-        self._approve_if_standing_in(domain, registration)
-        self._tick_approval_sensor()
+        label = f"cycle {cycle} {domain}: {first}..{last}"
+        with self.console.status(f"{label}: queued") as status:
+            outcome = run_cycle(dagster, domain, first, last,
+                                on_step=lambda step: status.update(f"{label}: {step.name} {step.status}"))
+            if not outcome.succeeded:
+                raise LaunchError(f"{domain} cycle {cycle} {outcome.status.value.lower()}; "
+                                  f"see run {outcome.run_id} in the Dagster UI")
+            status.update(f"{label}: {outcome.gate}; deploying")
+            self._approve(dagster, outcome, status)
+        self.console.print(f"  {label} in {time.monotonic() - started:.0f}s; gate {outcome.gate}"
+                           + (f" ({outcome.held_out()})" if outcome.evidence else "")
+                           + (f"; registered v{outcome.version}" if outcome.version else "")
+                           + f"; champion {champion_version(domain)}")
+        if outcome.gate != "passed":
+            self.console.print(f"    {outcome.reasons}")
+        return self._row(cycle, domain, served_by, outcome)
+
+    def _approve(self, dagster: Dagster, outcome: CycleOutcome, status) -> None:
+        """Auto domains are deployed by the approval sensor; a manual one waits for a person, unless
+        the demo stands in (it launches approve_candidate, as a person would in the Launchpad)."""
+        domain, version = outcome.domain, outcome.version
+        if version is None:
+            return
+        domain_config = self.config.domain(domain)
+        if domain_config.automation == "manual":
+            if not self.stand_in:
+                self.pending[domain] = version
+                return
+            approver = domain_config.approvers[0]
+            run_config = {"ops": {APPROVE_OP: {"config": {
+                "domain": domain, "version": version, "approver": approver, "decision": "approved",
+                "reason": "the demo stood in for the approver"}}}}
+            status.update(f"{domain}: the demo stands in for {approver} and approves v{version}")
+            dagster.wait(dagster.submit(APPROVE_JOB, run_config=run_config))
+        status.update(f"{domain}: waiting for the approval sensor to deploy v{version}")
+        wait_for_deployment(dagster, self.config, domain, version, mlflow.MlflowClient())
+        self.pending.pop(domain, None)
+
+    def _row(self, cycle: int, domain: str, served_by: str, outcome: CycleOutcome | None) -> CycleRow:
         scorer, champion = champion_scorer(self.config, domain)
         accuracy = simulation.true_accuracy(self.home, self.config, domain, scorer)
-        reasons = registration.get("reasons", "")
-        gate = "passed" if registration.get("registered") else "failed: " + _reason_codes(reasons)
-        self.console.print(f"  cycle {cycle} {domain}: {first}..{last} in {time.monotonic() - started:.0f}s; "
-                           f"gate {gate}; champion {champion}; true accuracy {accuracy:.3f}")
-        if reasons:
-            self.console.print(f"    {reasons}")
-        return CycleRow(cycle, domain, served_by, _held_out(report), gate, champion, accuracy)
-
-    @contextmanager
-    def _tool_output(self) -> Iterator[None]:
-        """dbt's console output goes to demo.log in the home (the Dagster UI has every event)."""
-        with self.tool_log.open("a") as log, redirect_stdout(log):
-            yield
-
-    def _approve_if_standing_in(self, domain: str, registration: dict) -> None:
-        domain_config = self.config.domain(domain)
-        if not registration.get("registered") or domain_config.automation == "auto":
-            return
-        version = str(registration["version"])
-        self.console.print(
-            f"    {domain} v{version} awaits a person: in `dagster dev` open Jobs > approve_candidate > "
-            f"Launchpad, config domain={domain}, version={version}, approver=<you>, decision=approved "
-            f"(or: flywheel approve --domain {domain} --version {version} --approver <you>)")
-        if self.stand_in and domain_config.approvers:
-            approver = domain_config.approvers[0]
-            with connect(self.home.warehouse) as con:
-                approval.record_decision(con, mlflow.MlflowClient(), self.config, domain, version, "approved",
-                                         approver, "approved by the demo standing in for the approver")
-            self.console.print(f"    the demo stands in for {approver} and approves v{version}")
-
-    def _tick_approval_sensor(self) -> None:
-        """Evaluate the approval sensor once and launch the deployments it asks for."""
-        context = dg.build_sensor_context(instance=self.instance, cursor=self.sensor_cursor,
-                                          resources={"warehouse": self.defs.resources["warehouse"]})
-        result = self.defs.resolve_sensor_def("approval_sensor")(context)
-        self.sensor_cursor = result.cursor or self.sensor_cursor
-        deploy = self.defs.resolve_job_def("deploy_champion")
-        for request in result.run_requests or []:
-            deploy.execute_in_process(run_config={**request.run_config, **QUIET}, instance=self.instance,
-                                      tags={**request.tags, "dagster/run_key": request.run_key})
-
-
-def _metadata(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict:
-    for event in result.get_asset_materialization_events():
-        if event.asset_key == key:
-            return {k: v.value for k, v in event.materialization.metadata.items()}
-    return {}
+        if outcome is None:
+            return CycleRow(cycle, domain, served_by, "", "", "", champion, accuracy)
+        gate = outcome.gate or "not reached"
+        if outcome.gate != "passed" and outcome.reasons:
+            gate += ": " + _reason_codes(outcome.reasons)
+        return CycleRow(cycle, domain, served_by, outcome.held_out(), gate,
+                        f"v{outcome.version}" if outcome.version else "", champion, accuracy)
 
 
 def _reason_codes(reasons: str) -> str:
@@ -169,19 +193,32 @@ def _reason_codes(reasons: str) -> str:
     return ", ".join(reason.split(":")[0].strip() for reason in reasons.split(";") if reason.strip())
 
 
-def _held_out(report: dict) -> str:
-    """``auc 0.812 vs 0.655``: the candidate's primary metric against the champion's, held out."""
-    metric = report.get("primary_metric")
-    if not metric:
-        return ""
-    return f"{metric} {report['candidate']:.3f} vs {report['champion']:.3f}"
-
-
 def print_summary(rows: list[CycleRow], console: Console) -> None:
     table = Table(title="flywheel: champion per cycle, scored against the simulator's hidden truth")
-    for column in ("cycle", "domain", "served by", "candidate held-out", "gate", "champion after", "true accuracy"):
+    for column in ("cycle", "domain", "served by", "candidate vs champion, held out", "gate", "registered",
+                   "champion after", "true accuracy"):
         table.add_column(column)
     for row in rows:
-        table.add_row(str(row.cycle), row.domain, row.served_by, row.held_out, row.gate, row.champion,
-                      f"{row.true_accuracy:.3f}")
+        table.add_row(str(row.cycle), row.domain, row.served_by, row.held_out, row.gate, row.registered,
+                      row.champion, f"{row.true_accuracy:.3f}")
     console.print(table)
+
+
+def print_pending_approvals(demo: Demo, console: Console) -> None:
+    """Exactly what a person clicks to approve each candidate the demo left waiting."""
+    if not demo.pending:
+        console.print("\nNothing waits for approval. Browse what the demo made: [bold]make ui[/] and "
+                      "[bold]make mlflow-ui[/]")
+        return
+    for domain, version in demo.pending.items():
+        console.print(
+            f"\n[bold]{domain} v{version} waits for a person[/] (automation: manual). Approve it in the "
+            f"Dagster UI: run [bold]make ui[/], then either\n"
+            f"  - open Assets > {domain}/registered_candidate and click the [bold]approve[/] link of its latest "
+            f"materialization, or open\n    {approval_launchpad_url(demo.config, domain, version)}\n"
+            f"  - or open Jobs > approve_candidate > Launchpad and paste\n"
+            + "\n".join(f"      {line}" for line in approval_run_config(demo.config, domain, version).splitlines())
+            + f"\n  then click Launch Run. Within {demo.config.daemon.approval_sensor_seconds}s the approval_sensor "
+            f"launches deploy_champion and `champion` moves to v{version} (check: flywheel status).\n"
+            f"  From a shell instead: flywheel approve --domain {domain} --approver "
+            f"{demo.config.domain(domain).approvers[0]}")

@@ -5,6 +5,9 @@
     <home>/dagster/           DAGSTER_HOME (runs, event log, schedules)
     <home>/mlflow/            MLflow tracking store (sqlite) and artifacts
     <home>/simulator/         the simulator's world and hidden truth (never read by the pipeline)
+    <home>/flywheel.log       output of the tools commands run (dbt, Dagster's daemon and code server)
+
+The home is $FLYWHEEL_HOME, or ``.flywheel`` beside the project's flywheel.yaml.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from flywheel_pipeline.config import CONFIG_ENV, config_path
 
 HOME_ENV = "FLYWHEEL_HOME"
 DEFAULT_HOME = ".flywheel"
@@ -30,13 +35,30 @@ telemetry:
 """
 
 
+class HomeError(RuntimeError):
+    """No home where a command expected one."""
+
+
 @dataclass(frozen=True)
 class Home:
     root: Path
 
     @classmethod
     def from_env(cls) -> Home:
-        return cls(Path(os.environ.get(HOME_ENV, DEFAULT_HOME)).resolve())
+        """$FLYWHEEL_HOME; else ``.flywheel`` beside the project's flywheel.yaml, wherever the
+        command runs from."""
+        if HOME_ENV in os.environ:
+            return cls(Path(os.environ[HOME_ENV]).resolve())
+        return cls(config_path().resolve().parent / DEFAULT_HOME)
+
+    @classmethod
+    def existing(cls) -> Home:
+        """The home a command reads from; refuses, naming FLYWHEEL_HOME, when there is none."""
+        home = cls.from_env()
+        if not home.warehouse.exists() and not home.landing.exists():
+            raise HomeError(f"no flywheel home at {home.root}: run `make demo` (or `flywheel simulate`) "
+                            f"first, or set {HOME_ENV} to the home you mean")
+        return home
 
     @property
     def warehouse(self) -> Path:
@@ -63,6 +85,11 @@ class Home:
         return self.mlflow / "artifacts"
 
     @property
+    def log(self) -> Path:
+        """Where commands send the output of the tools they run (dbt, the daemon, the code server)."""
+        return self.root / "flywheel.log"
+
+    @property
     def simulator(self) -> Path:
         return self.root / "simulator"
 
@@ -84,4 +111,5 @@ class Home:
         os.environ[HOME_ENV] = str(self.root)
         os.environ["DAGSTER_HOME"] = str(self.dagster)
         os.environ["MLFLOW_TRACKING_URI"] = self.mlflow_tracking_uri
+        os.environ.setdefault(CONFIG_ENV, str(config_path().resolve()))
         return self

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from flywheel_pipeline.cli import main
+from flywheel_pipeline.home import Home
+from tests.conftest import REPO
 
 
 @pytest.fixture
@@ -36,8 +38,35 @@ def test_errors_name_what_is_wrong(cli_home, tmp_path, monkeypatch):
         main(["rollback", "--domain", "assistant"])
     with pytest.raises(SystemExit, match="rejection needs --reason"):
         main(["approve", "--domain", "assistant", "--version", "1", "--approver", "ml-oncall", "--reject"])
+    with pytest.raises(SystemExit, match="rejection needs --reason"):
+        main(["approve", "--domain", "assistant", "--version", "1", "--approver", "ml-oncall", "--reject",
+              "--reason", "  "])
+    with pytest.raises(SystemExit, match="assistant has no candidate waiting"):
+        main(["approve", "--domain", "assistant", "--approver", "ml-oncall"])
+    with pytest.raises(SystemExit, match="'mallory' may not decide"):
+        main(["approve", "--domain", "assistant", "--version", "1", "--approver", "mallory"])
+    with pytest.raises(SystemExit, match="--start 2026-11-05 is after --end 2026-11-01"):
+        main(["run", "--domain", "assistant", "--start", "2026-11-05", "--end", "2026-11-01"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("partitions_start: 2026-01-01\ndomains: {assistant: {shape: chatbot}}\n")
     monkeypatch.setenv("FLYWHEEL_CONFIG", str(bad))
     with pytest.raises(SystemExit, match=r"domains\.assistant\.shape"):
         main(["status"])
+
+
+def test_commands_find_the_project_from_any_folder_or_refuse_naming_flywheel_home(tmp_path, monkeypatch):
+    for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI", "FLYWHEEL_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    project = tmp_path / "project"
+    (project / "src" / "deep").mkdir(parents=True)
+    (project / "flywheel.yaml").write_text((REPO / "flywheel.yaml").read_text())
+    monkeypatch.chdir(project / "src" / "deep")
+
+    assert Home.from_env().root == project / ".flywheel"  # beside the project's flywheel.yaml
+    with pytest.raises(SystemExit, match=r"no flywheel home at .*project/\.flywheel.*FLYWHEEL_HOME"):
+        main(["status"])
+    assert not (project / ".flywheel").exists()  # nothing created by asking
+
+    main(["simulate", "--days", "1", "--per-day", "20", "--start", "2026-11-01"])
+    main(["status"])
+    assert (project / ".flywheel" / "landing" / "assistant" / "2026-11-01.jsonl").exists()

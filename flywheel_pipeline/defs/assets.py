@@ -97,7 +97,8 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
     @dg.asset(key=keys["validation_report"], ins={"candidate": dg.AssetIn(keys["candidate_model"])},
               group_name=group, kinds={"mlflow"},
               check_specs=[dg.AssetCheckSpec("gate", asset=keys["validation_report"],
-                                             description="the domain's promotion gate")],
+                                             description="the domain's promotion gate: when it does not "
+                                                         "pass, registered_candidate is not materialized")],
               description="Candidate vs champion on the held-out (most recent) window: overall, per "
                           "slice, bootstrap CIs, off-policy estimates; the gate decides.")
     def validation_report(context: dg.AssetExecutionContext, candidate: TrainingResult,
@@ -109,7 +110,9 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
                                         champion_uri, candidate.windows)
         yield dg.Output(report, metadata={**report.metadata(), "report": dg.MetadataValue.md(report.markdown())})
         yield dg.AssetCheckResult(
-            check_name="gate", passed=report.decision.passed, severity=dg.AssetCheckSeverity.ERROR,
+            check_name="gate", passed=report.decision.passed,
+            # failed: red (evidence of no gain or of harm); inconclusive: yellow (not enough evidence yet)
+            severity=dg.AssetCheckSeverity.WARN if report.outcome == "inconclusive" else dg.AssetCheckSeverity.ERROR,
             metadata={"gate": report.outcome, "reasons": "; ".join(report.decision.reasons) or "every gate passed"},
         )
 
@@ -143,9 +146,12 @@ def _next_step(config: FlywheelConfig, domain: str, version: str, warehouse: War
     """Auto domains approve themselves; a manual domain's candidate waits, with a link that opens
     the approve_candidate Launchpad filled in for it."""
     if config.domain(domain).automation != "auto":
+        approvers = ", ".join(config.domain(domain).approvers)
         return {
-            "next": f"awaiting approval of {domain} v{version} by one of {config.domain(domain).approvers}",
-            "approve": dg.MetadataValue.url(approval_launchpad_url(config, domain, version)),
+            "next": f"waiting for approval by {approvers}",
+            "approve": dg.MetadataValue.md(
+                f"**[Approve {domain} v{version}]({approval_launchpad_url(config, domain, version)})**: opens "
+                f"approve_candidate's Launchpad filled in; check it and click Launch Run."),
         }
     with warehouse.connect() as con:
         record = approval.record_decision(con, client, config, domain, version, "approved",

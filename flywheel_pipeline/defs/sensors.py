@@ -16,7 +16,7 @@ import dagster as dg
 from flywheel_pipeline import approval
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.defs.assets import LABELS
-from flywheel_pipeline.defs.jobs import deploy_champion
+from flywheel_pipeline.defs.jobs import WAREHOUSE_TAG, deploy_champion
 from flywheel_pipeline.defs.partitions import range_tags
 from flywheel_pipeline.defs.resources import WarehouseResource
 from flywheel_pipeline.defs.transform import flywheel_dbt_assets
@@ -62,7 +62,7 @@ def relabel_requests(partitions: list[tuple[str, date]], selection: Iterable[dg.
         dg.RunRequest(
             run_key=f"late-labels:{domain}:{first}..{last}:{cursor}",
             asset_selection=sorted(selection, key=lambda key: key.to_user_string()),
-            tags={**range_tags(domain, first, last), **LATE_LABELS_TAG, "flywheel/domain": domain},
+            tags={**range_tags(domain, first, last), **LATE_LABELS_TAG, **WAREHOUSE_TAG, "flywheel/domain": domain},
         )
         for domain, first, last in day_ranges(partitions)
     ]

@@ -1,0 +1,109 @@
+"""A domain's cycle as people run it: submitted to the instance, followed step by step, and read
+back as the gate's outcome and the next step for a person."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
+
+import dagster as dg
+
+from flywheel_pipeline import registry
+from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.defs.assets import model_keys
+from flywheel_pipeline.defs.jobs import cycle_job_name
+from flywheel_pipeline.defs.partitions import range_tags
+from flywheel_pipeline.defs.ui import approval_launchpad_url, run_url
+from flywheel_pipeline.launcher import Dagster, LaunchError, Step
+
+OUTCOME_EVENTS = {dg.DagsterEventType.ASSET_MATERIALIZATION, dg.DagsterEventType.ASSET_CHECK_EVALUATION}
+
+
+@dataclass
+class CycleOutcome:
+    """What one cycle run decided: the gate's outcome, its evidence, and what was registered."""
+
+    domain: str
+    run_id: str
+    status: dg.DagsterRunStatus
+    gate: str | None = None  # passed | failed | inconclusive; None when validation never ran
+    reasons: str = ""
+    evidence: dict[str, object] = field(default_factory=dict)  # validation_report's headline metadata
+    version: str | None = None  # registered candidate version
+    next_step: str = ""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == dg.DagsterRunStatus.SUCCESS
+
+    def held_out(self) -> str:
+        """``auc 0.812 vs 0.655 (+0.157 [+0.12, +0.19])``: the candidate against the champion."""
+        e = self.evidence
+        if "primary_metric" not in e:
+            return ""
+        return (f"{e['primary_metric']} {e['candidate']:.3f} vs {e['champion']:.3f} "
+                f"({e['difference']:+.3f} {e['difference_ci']})")
+
+
+def run_cycle(dagster: Dagster, domain: str, first: date, last: date,
+              on_step: Callable[[Step], None] = lambda step: None,
+              on_submit: Callable[[str], None] = lambda run_id: None) -> CycleOutcome:
+    """Submit ``domain``'s cycle over first..last, follow it, and read back what it decided."""
+    run_id = dagster.submit(cycle_job_name(domain), range_tags(domain, first, last))
+    on_submit(run_id)
+    run = dagster.wait(run_id, on_step)
+    return read_outcome(dagster.instance, domain, run)
+
+
+def read_outcome(instance: dg.DagsterInstance, domain: str, run: dg.DagsterRun) -> CycleOutcome:
+    outcome = CycleOutcome(domain, run.run_id, run.status)
+    keys = model_keys(domain)
+    for record in instance.get_records_for_run(run.run_id, of_type=OUTCOME_EVENTS).records:
+        event = record.event_log_entry.dagster_event
+        if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+            evaluation = event.event_specific_data
+            if evaluation.asset_key == keys["validation_report"] and evaluation.check_name == "gate":
+                outcome.gate = _value(evaluation.metadata, "gate")
+                outcome.reasons = _value(evaluation.metadata, "reasons")
+        elif event.asset_key == keys["validation_report"]:
+            outcome.evidence = {k: v.value for k, v in event.materialization.metadata.items() if k != "report"}
+        elif event.asset_key == keys["registered_candidate"]:
+            metadata = event.materialization.metadata
+            outcome.version = str(_value(metadata, "version"))
+            outcome.next_step = _value(metadata, "next")
+    return outcome
+
+
+def _value(metadata, key: str):
+    return metadata[key].value if key in metadata else ""
+
+
+def wait_for_deployment(dagster: Dagster, config: FlywheelConfig, domain: str, version: str,
+                        client) -> dg.DagsterRun:
+    """Wait for the approval sensor to launch (and the daemon to finish) the deployment of ``version``."""
+    deadline = time.monotonic() + config.daemon.approval_sensor_seconds + 600
+    tags = {"flywheel/domain": domain, "flywheel/version": version}
+    while time.monotonic() < deadline:
+        runs = dagster.instance.get_runs(filters=dg.RunsFilter(job_name="deploy_champion", tags=tags), limit=1)
+        if runs:
+            return dagster.wait(runs[0].run_id)
+        time.sleep(2)
+    raise LaunchError(f"no deployment of {domain} v{version} after {config.daemon.approval_sensor_seconds + 600}s; "
+                      f"is the approval sensor running? (current champion: "
+                      f"v{registry.alias_version(client, domain, registry.CHAMPION)})")
+
+
+def next_step_for_person(config: FlywheelConfig, outcome: CycleOutcome) -> str:
+    """One line a person can act on after a cycle."""
+    if not outcome.succeeded:
+        return f"the run {outcome.status.value.lower()}: open {run_url(config, outcome.run_id)}"
+    if outcome.version is None:
+        return f"nothing to approve: the gate {outcome.gate or 'did not run'}"
+    if config.domain(outcome.domain).automation == "auto":
+        return "auto-approved; the approval sensor deploys it"
+    approvers = config.domain(outcome.domain).approvers
+    return (f"approve in the UI: {approval_launchpad_url(config, outcome.domain, outcome.version)}\n"
+            f"  or: flywheel approve --domain {outcome.domain} --version {outcome.version} "
+            f"--approver {approvers[0] if approvers else '<you>'}")
