@@ -56,6 +56,11 @@ def champion_version(domain: str) -> str:
     return registry.alias_version(mlflow.MlflowClient(), domain, registry.CHAMPION) or "baseline"
 
 
+def shown(version: str) -> str:
+    """``v3`` (or ``baseline``), as a person reads a model version."""
+    return version if version == "baseline" else f"v{version}"
+
+
 def champion_scorer(config: FlywheelConfig, domain: str) -> tuple[Scorer, str]:
     """The domain's serving model: its registered champion, or the day-zero baseline."""
     version = champion_version(domain)
@@ -150,7 +155,7 @@ class Demo:
         self.console.print(f"  {label} in {time.monotonic() - started:.0f}s; gate {outcome.gate}"
                            + (f" ({outcome.held_out()})" if outcome.evidence else "")
                            + (f"; registered v{outcome.version}" if outcome.version else "")
-                           + f"; champion {champion_version(domain)}")
+                           + f"; champion {shown(champion_version(domain))}")
         if outcome.gate != "passed":
             self.console.print(f"    {outcome.reasons}")
         return self._row(cycle, domain, served_by, outcome)
@@ -180,12 +185,12 @@ class Demo:
         scorer, champion = champion_scorer(self.config, domain)
         accuracy = simulation.true_accuracy(self.home, self.config, domain, scorer)
         if outcome is None:
-            return CycleRow(cycle, domain, served_by, "", "", "", champion, accuracy)
+            return CycleRow(cycle, domain, shown(served_by), "", "", "", shown(champion), accuracy)
         gate = outcome.gate or "not reached"
         if outcome.gate != "passed" and outcome.reasons:
             gate += ": " + _reason_codes(outcome.reasons)
-        return CycleRow(cycle, domain, served_by, outcome.held_out(), gate,
-                        f"v{outcome.version}" if outcome.version else "", champion, accuracy)
+        return CycleRow(cycle, domain, shown(served_by), outcome.held_out(detail=False), gate,
+                        f"v{outcome.version}" if outcome.version else "", shown(champion), accuracy)
 
 
 def _reason_codes(reasons: str) -> str:
@@ -195,7 +200,7 @@ def _reason_codes(reasons: str) -> str:
 
 def print_summary(rows: list[CycleRow], console: Console) -> None:
     table = Table(title="flywheel: champion per cycle, scored against the simulator's hidden truth")
-    for column in ("cycle", "domain", "served by", "candidate vs champion, held out", "gate", "registered",
+    for column in ("cycle", "domain", "served by", "held out: candidate vs champion", "gate", "registered",
                    "champion after", "true accuracy"):
         table.add_column(column)
     for row in rows:

@@ -38,11 +38,14 @@ class CycleOutcome:
     def succeeded(self) -> bool:
         return self.status == dg.DagsterRunStatus.SUCCESS
 
-    def held_out(self) -> str:
-        """``auc 0.812 vs 0.655 (+0.157 [+0.12, +0.19])``: the candidate against the champion."""
+    def held_out(self, detail: bool = True) -> str:
+        """``dr 0.812 vs 0.655 (+0.157 [+0.12, +0.19])``: the candidate against the champion, held out
+        (without ``detail``: ``0.812 vs 0.655``)."""
         e = self.evidence
         if "primary_metric" not in e:
             return ""
+        if not detail:
+            return f"{e['candidate']:.3f} vs {e['champion']:.3f}"
         return (f"{e['primary_metric']} {e['candidate']:.3f} vs {e['champion']:.3f} "
                 f"({e['difference']:+.3f} {e['difference_ci']})")
 

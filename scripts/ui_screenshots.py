@@ -79,6 +79,14 @@ def show_whole_lineage(page: Page) -> None:
     page.get_by_text("registered_candidate").first.wait_for(timeout=LOAD_TIMEOUT_MS)
 
 
+def follow_approve_link(page: Page, domain: str, version: str) -> None:
+    """Click the candidate's approve link, as the README says, and wait for the Launchpad it opens."""
+    page.get_by_role("link", name=f"Approve {domain} v{version}").click()
+    page.wait_for_url("**/approve_candidate/playground**", timeout=LOAD_TIMEOUT_MS)
+    page.wait_for_load_state("networkidle", timeout=LOAD_TIMEOUT_MS)
+    page.get_by_text(f'version: "{version}"').first.wait_for(timeout=LOAD_TIMEOUT_MS)
+
+
 def take_screenshots(base: str, domain: str, version: str, approve_url: str, out: Path,
                      approve: bool) -> list[Path]:
     """The screenshots, in the order a person approving a candidate reads them; with ``approve``,
@@ -100,7 +108,10 @@ def take_screenshots(base: str, domain: str, version: str, approve_url: str, out
             shots.append(save(page, out / "3-validation-gate-check.png"))
             open_page(page, f"{asset}/registered_candidate", metadata_key(page, "approve"))
             shots.append(save(page, out / "4-registered-candidate.png"))
-            open_page(page, approve_url, f'version: "{version}"')
+            if approve:
+                follow_approve_link(page, domain, version)
+            else:
+                open_page(page, approve_url, f'version: "{version}"')
             # The button stays disabled (grey) until Dagster has validated the filled-in config.
             launch = page.get_by_role("button", name="Launch Run")
             expect(launch).to_be_enabled(timeout=LOAD_TIMEOUT_MS)
