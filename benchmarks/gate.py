@@ -157,14 +157,15 @@ class Loop:
                 out.write(json.dumps(entry) + "\n")
 
 
-def from_records(path: Path) -> tuple[list[Candidate], list[dict], list[dict]]:
+def from_records(path: Path) -> tuple[list[Candidate], dict[int, dict], dict[int, dict]]:
     """What ``--records`` wrote: every candidate, and each finished seed's baseline and final."""
     entries = [json.loads(line) for line in path.read_text().splitlines()]
     finished = [e for e in entries if "final" in e]
     done = {e["seed"] for e in finished}
     candidates = [Candidate(**e["candidate"]) for e in entries
                   if "candidate" in e and e["candidate"]["seed"] in done]
-    return candidates, [e["baseline"] for e in finished], [e["final"] for e in finished]
+    return (candidates, {e["seed"]: e["baseline"] for e in finished},
+            {e["seed"]: e["final"] for e in finished})
 
 
 def caught(candidates: list[Candidate]) -> tuple[int, int]:
@@ -179,7 +180,9 @@ def caught(candidates: list[Candidate]) -> tuple[int, int]:
     return hits, len(clearly)
 
 
-def report(candidates: list[Candidate], baselines: list[dict], finals: list[dict]) -> None:
+def report(candidates: list[Candidate], baselines: dict[int, dict], finals: dict[int, dict]) -> None:
+    """Per domain: the confusion table, the clearly-better catch rate, final accuracy vs oracle.
+    ``baselines`` and ``finals``: per seed, each domain's true accuracy."""
     for domain in sorted({c.domain for c in candidates}):
         mine = [c for c in candidates if c.domain == domain]
         table = defaultdict(int)
@@ -195,9 +198,9 @@ def report(candidates: list[Candidate], baselines: list[dict], finals: list[dict
         print(f"- promoted while truly worse by more than {WITHIN}: {len(worse)}")
         print(f"- truly better by >= {CLEARLY_BETTER} and promoted (now or after inconclusive): "
               f"{hits}/{clearly}" + (f" = {hits / clearly:.0%}" if clearly else ""))
-        base = np.array([b[domain] for b in baselines])
-        final = np.array([f[domain] for f in finals])
         seeds = sorted({c.seed for c in mine})
+        base = np.array([baselines[s][domain] for s in seeds])
+        final = np.array([finals[s][domain] for s in seeds])
         last = np.array([[c.oracle for c in mine if c.seed == s][-1] for s in seeds])
         best = np.array([max(c.oracle for c in mine if c.seed == s) for s in seeds])
         share, share_best = ((final - base) / (o - base) for o in (last, best))
@@ -225,15 +228,14 @@ def main() -> None:
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     config = load_config(args.config)
     end = date.today() - timedelta(days=1)
-    candidates, baselines, finals = [], [], []
+    candidates, baselines, finals = [], {}, {}
     started = time.monotonic()
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         with tempfile.TemporaryDirectory(prefix=f"gate-bench-{seed}-") as root:
             loop = Loop(Path(root), config, seed, args.per_day, end, args.cycles, args.records)
             found, baseline, final = loop.run(args.cycles)
         candidates += found
-        baselines.append(baseline)
-        finals.append(final)
+        baselines[seed], finals[seed] = baseline, final
     print(f"\n# Gate benchmark: {args.seeds} seeds x {args.cycles} cycles, {args.per_day} interactions "
           f"a day per domain ({time.monotonic() - started:.0f}s)")
     report(candidates, baselines, finals)
