@@ -48,8 +48,8 @@ def write_config(path) -> None:
     """flywheel.yaml with one domain, manual (a person approves), on a per-minute cadence, quick sensors."""
     raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
     domain = raw["domains"][DOMAIN]
-    domain.update(cadence="* * * * *", lookback_days=5, holdout_days=1, automation="manual")
-    domain["gate"]["min_samples"] = 50
+    domain.update(cadence="* * * * *", lookback_days=4, holdout_days=2, automation="manual")
+    domain["gate"].update(min_samples=100, min_ess=20)
     raw["domains"] = {DOMAIN: domain}
     raw["daemon"] = {"schedules": "stopped", "approval_sensor_seconds": 5, "late_label_sensor_seconds": 5}
     path.write_text(yaml.safe_dump(raw))
@@ -127,7 +127,7 @@ def deployment(tmp_path, monkeypatch):
     monkeypatch.setenv("FLYWHEEL_HOME", str(home.root))
     home.activate()
     config = load_config()
-    simulation.simulate(home, config, LAST - timedelta(days=13), 14, seed=5, interactions_per_day=300,
+    simulation.simulate(home, config, LAST - timedelta(days=13), 14, seed=5, interactions_per_day=400,
                         domains=[DOMAIN])
     held_back = tmp_path / "held_back.jsonl"
     shutil.move(home.landing_file(DOMAIN, LAST.isoformat()), held_back)
