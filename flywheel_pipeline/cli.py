@@ -55,7 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
                 seed=args.seed, stand_in_for_approvers=args.stand_in_for_approvers, console=console)
     with tool_output(home, args.verbose) as log:
         rows = demo.run(log)
-    print_summary(rows, console)
+    print_summary(rows, demo.oracles, console)
     _print_status(demo.home, config)
     print_pending_approvals(demo, console)
 

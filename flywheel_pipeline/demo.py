@@ -35,6 +35,8 @@ from flywheel_pipeline.home import Home
 from flywheel_pipeline.launcher import Dagster, LaunchError, daemon_running, local_dagster
 from flywheel_pipeline.runs import CycleOutcome, run_cycle, wait_for_deployment
 from flywheel_pipeline.scoring import Scorer, baseline_scorer
+from flywheel_pipeline.simulation.oracle import model_true_accuracy, oracle_accuracy
+from flywheel_pipeline.training import Windows
 
 DAYS_PER_CYCLE = 7
 
@@ -49,6 +51,7 @@ class CycleRow:
     registered: str
     champion: str
     true_accuracy: float
+    candidate_true_accuracy: float | None = None
 
 
 def champion_version(domain: str) -> str:
@@ -87,6 +90,7 @@ class Demo:
         self.end = datetime.now(UTC).date() - timedelta(days=1)
         self.start = self.end - timedelta(days=warmup_days + cycles * DAYS_PER_CYCLE - 1)
         self.pending: dict[str, str] = {}  # manual domain -> the version waiting for a person
+        self.oracles: dict[str, float] = {}  # domain -> its trainer fitted on the last cycle's hidden truth
 
     def run(self, log: IO[str] | None) -> list[CycleRow]:
         self._make_room()
@@ -189,8 +193,15 @@ class Demo:
         gate = outcome.gate or "not reached"
         if outcome.gate != "passed" and outcome.reasons:
             gate += ": " + _reason_codes(outcome.reasons)
+        candidate_accuracy = None
+        if "model_uri" in outcome.candidate:
+            candidate_accuracy = model_true_accuracy(self.home, self.config, domain, outcome.candidate["model_uri"])
+            windows = Windows(*(date.fromisoformat(outcome.candidate[bound]) for bound in
+                                ("train_start", "train_end", "holdout_start", "holdout_end")))
+            self.oracles[domain] = oracle_accuracy(self.home, self.config, domain, windows)
         return CycleRow(cycle, domain, shown(served_by), outcome.held_out(detail=False), gate,
-                        f"v{outcome.version}" if outcome.version else "", shown(champion), accuracy)
+                        f"v{outcome.version}" if outcome.version else "", shown(champion), accuracy,
+                        candidate_accuracy)
 
 
 def _reason_codes(reasons: str) -> str:
@@ -198,15 +209,19 @@ def _reason_codes(reasons: str) -> str:
     return ", ".join(reason.split(":")[0].strip() for reason in reasons.split(";") if reason.strip())
 
 
-def print_summary(rows: list[CycleRow], console: Console) -> None:
-    table = Table(title="flywheel: champion per cycle, scored against the simulator's hidden truth")
-    for column in ("cycle", "domain", "served by", "held out: candidate vs champion", "gate", "registered",
-                   "champion after", "true accuracy"):
+def print_summary(rows: list[CycleRow], oracles: dict[str, float], console: Console) -> None:
+    table = Table(title="flywheel: each cycle's candidate and champion, scored against the simulator's hidden truth")
+    for column in ("cycle", "domain", "served by", "held out: candidate vs champion", "gate",
+                   "candidate true acc.", "registered", "champion after", "champion true acc."):
         table.add_column(column)
     for row in rows:
-        table.add_row(str(row.cycle), row.domain, row.served_by, row.held_out, row.gate, row.registered,
-                      row.champion, f"{row.true_accuracy:.3f}")
+        candidate = "" if row.candidate_true_accuracy is None else f"{row.candidate_true_accuracy:.3f}"
+        table.add_row(str(row.cycle), row.domain, row.served_by, row.held_out, row.gate, candidate,
+                      row.registered, row.champion, f"{row.true_accuracy:.3f}")
     console.print(table)
+    for domain, accuracy in oracles.items():
+        console.print(f"oracle {domain}: {accuracy:.3f} (the same trainer fitted on the hidden truth of the last "
+                      "cycle's training days: what the labels could have taught it)")
 
 
 def print_pending_approvals(demo: Demo, console: Console) -> None:

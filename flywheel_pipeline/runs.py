@@ -31,6 +31,7 @@ class CycleOutcome:
     gate: str | None = None  # passed | failed | inconclusive; None when validation never ran
     reasons: str = ""
     evidence: dict[str, object] = field(default_factory=dict)  # validation_report's headline metadata
+    candidate: dict[str, object] = field(default_factory=dict)  # candidate_model's metadata (model_uri, windows)
     version: str | None = None  # registered candidate version
     next_step: str = ""
 
@@ -70,6 +71,8 @@ def read_outcome(instance: dg.DagsterInstance, domain: str, run: dg.DagsterRun) 
             if evaluation.asset_key == keys["validation_report"] and evaluation.check_name == "gate":
                 outcome.gate = _value(evaluation.metadata, "gate")
                 outcome.reasons = _value(evaluation.metadata, "reasons")
+        elif event.asset_key == keys["candidate_model"]:
+            outcome.candidate = {k: v.value for k, v in event.materialization.metadata.items()}
         elif event.asset_key == keys["validation_report"]:
             outcome.evidence = {k: v.value for k, v in event.materialization.metadata.items() if k != "report"}
         elif event.asset_key == keys["registered_candidate"]:

@@ -113,7 +113,9 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
             check_name="gate", passed=report.decision.passed,
             # failed: red (evidence of no gain or of harm); inconclusive: yellow (not enough evidence yet)
             severity=dg.AssetCheckSeverity.WARN if report.outcome == "inconclusive" else dg.AssetCheckSeverity.ERROR,
-            metadata={"gate": report.outcome, "reasons": "; ".join(report.decision.reasons) or "every gate passed"},
+            metadata={"gate": report.outcome, "reasons": "; ".join(report.decision.reasons) or "every gate passed",
+                      **({"samples_needed": report.decision.samples_needed}
+                         if report.decision.samples_needed is not None else {})},
         )
 
     @dg.asset(key=keys["registered_candidate"],
@@ -127,7 +129,9 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
                              report: ValidationReport, warehouse: WarehouseResource,
                              mlflow: MlflowResource) -> Iterator[dg.MaterializeResult]:
         if not report.decision.passed:
-            context.log.warning(f"not registered: the gate {report.outcome}: " + "; ".join(report.decision.reasons))
+            more = (f" ({report.decision.samples_needed} more held-out samples would decide)"
+                    if report.decision.samples_needed is not None else "")
+            context.log.warning(f"not registered: the gate {report.outcome}{more}: " + "; ".join(report.decision.reasons))
             return
         client = mlflow.client()
         lineage = {**candidate.lineage(), **report.lineage(), "code_version": registry.code_version(),
