@@ -210,10 +210,12 @@ def _reason_codes(reasons: str) -> str:
 
 
 def print_summary(rows: list[CycleRow], oracles: dict[str, float], console: Console) -> None:
-    table = Table(title="flywheel: each cycle's candidate and champion, scored against the simulator's hidden truth")
-    for column in ("cycle", "domain", "served by", "held out: candidate vs champion", "gate",
-                   "candidate true acc.", "registered", "champion after", "champion true acc."):
-        table.add_column(column)
+    table = Table(title="flywheel: each cycle's candidate and champion, scored against the simulator's hidden truth",
+                  caption="held out: candidate vs champion on the primary metric; true: accuracy against the "
+                          "hidden truth")
+    for column in ("cycle", "domain", "served by", "held out", "gate", "candidate true", "registered",
+                   "champion", "champion true"):
+        table.add_column(column, no_wrap=column in ("domain", "held out"), overflow="fold")
     for row in rows:
         candidate = "" if row.candidate_true_accuracy is None else f"{row.candidate_true_accuracy:.3f}"
         table.add_row(str(row.cycle), row.domain, row.served_by, row.held_out, row.gate, candidate,
