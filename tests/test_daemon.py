@@ -169,7 +169,8 @@ def launch(web: GraphQL, job: str, run_config: dict | None = None, tags: dict | 
 
 def test_schedules_late_label_backfills_and_ui_approval_run_through_the_daemon(deployment):
     home, config, dagster, web, held_back = deployment
-    client = mlflow.MlflowClient(home.mlflow_tracking_uri)
+    # Both URIs: an earlier test in this process may have pointed MLflow's global registry elsewhere.
+    client = mlflow.MlflowClient(tracking_uri=home.mlflow_tracking_uri, registry_uri=home.mlflow_tracking_uri)
 
     # 1. A person turns the schedule on (it ships stopped); its next tick launches the cycle.
     selector = {**REPOSITORY, "scheduleName": SCHEDULE}
