@@ -114,7 +114,7 @@ def cmd_approve(args: argparse.Namespace) -> None:
 
     from flywheel_pipeline import approval, registry
     from flywheel_pipeline.defs.ui import APPROVE_JOB, APPROVE_OP
-    from flywheel_pipeline.launcher import local_dagster
+    from flywheel_pipeline.launcher import failure, local_dagster
     from flywheel_pipeline.runs import wait_for_deployment
 
     home, config = Home.existing().activate(), load_config()
@@ -132,9 +132,9 @@ def cmd_approve(args: argparse.Namespace) -> None:
                                                   "reason": args.reason or ""}}}}
     with tool_output(home, args.verbose) as log, local_dagster(home, log) as dagster:
         run = dagster.wait(dagster.submit(APPROVE_JOB, run_config=run_config))
-        if run.status.value != "SUCCESS":
+        if not run.is_success:
             raise SystemExit(f"flywheel: the {decision} decision was not recorded: "
-                             f"{_failure(dagster.instance, run.run_id)}")
+                             f"{failure(dagster.instance, run.run_id)}")
         console.print(f"{decision} {args.domain} v{version} by {args.approver}")
         if decision == "approved":
             deploy = wait_for_deployment(dagster, config, args.domain, version, client)
@@ -142,23 +142,11 @@ def cmd_approve(args: argparse.Namespace) -> None:
             console.print(f"deployment {deploy.status.value.lower()}: {args.domain} champion is v{champion}")
 
 
-def _failure(instance, run_id: str) -> str:
-    import dagster as dg
-
-    for record in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records:
-        error = record.event_log_entry.dagster_event.step_failure_data.error
-        while error is not None and error.cause is not None:  # the op's own exception, not Dagster's wrapper
-            error = error.cause
-        if error is not None:
-            return error.message.strip()
-    return f"see run {run_id}"
-
-
 def cmd_rollback(args: argparse.Namespace) -> None:
     import mlflow
 
     from flywheel_pipeline import registry
-    from flywheel_pipeline.launcher import local_dagster
+    from flywheel_pipeline.launcher import failure, local_dagster
 
     home, config = Home.existing().activate(), load_config()
     config.domain(args.domain)
@@ -168,8 +156,8 @@ def cmd_rollback(args: argparse.Namespace) -> None:
     run_config = {"ops": {"restore_previous": {"config": {"domain": args.domain}}}}
     with tool_output(home, args.verbose) as log, local_dagster(home, log) as dagster:
         run = dagster.wait(dagster.submit("rollback_champion", run_config=run_config))
-        if run.status.value != "SUCCESS":
-            raise SystemExit(f"flywheel: rollback failed: {_failure(dagster.instance, run.run_id)}")
+        if not run.is_success:
+            raise SystemExit(f"flywheel: rollback failed: {failure(dagster.instance, run.run_id)}")
     console.print(f"{args.domain}: champion is v{registry.alias_version(client, args.domain, registry.CHAMPION)} again")
 
 

@@ -125,9 +125,24 @@ def _step(entry) -> Step | None:
     status = {dg.DagsterEventType.STEP_SUCCESS: "succeeded", dg.DagsterEventType.STEP_FAILURE: "failed",
               dg.DagsterEventType.STEP_SKIPPED: "skipped"}[event.event_type]
     detail = ""
-    if event.event_type == dg.DagsterEventType.STEP_FAILURE and event.step_failure_data.error:
-        detail = event.step_failure_data.error.message.strip().splitlines()[0][:200]
+    if event.event_type == dg.DagsterEventType.STEP_FAILURE:
+        detail = op_error(event.step_failure_data.error).splitlines()[0][:200]
     return Step(event.step_key, status, detail)
+
+
+def op_error(error) -> str:
+    """The op's own exception message, not the Dagster error that wraps it."""
+    while error is not None and error.cause is not None:
+        error = error.cause
+    return error.message.strip() if error is not None else ""
+
+
+def failure(instance: dg.DagsterInstance, run_id: str) -> str:
+    """Why a run failed: its first failed step's own error."""
+    for record in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records:
+        if message := op_error(record.event_log_entry.dagster_event.step_failure_data.error):
+            return message
+    return f"see run {run_id}"
 
 
 def _check_detail(metadata) -> str:
