@@ -16,6 +16,7 @@ from flywheel_pipeline.validation.evidence import Evidence, policy_terms
 
 N_CONTEXTS, N_ITEMS, SLATE = 40, 8, 3
 THETA = np.array([1.0, 0.6, 0.35])  # examination by position
+POSITIONS = est.Positions.precision(THETA)  # the value: mean attraction of the policy's top 3
 EXPLORATION = 0.3
 N_LOGGED = 30_000
 Z = 4.0
@@ -61,7 +62,7 @@ def world():
 
     exact_pi = est.position_probabilities(pl.Series(target_scores.ravel()),
                                           pl.Series(np.repeat(np.arange(N_CONTEXTS), N_ITEMS)), SLATE)
-    true_value = float((exact_pi @ THETA * attraction.ravel()).sum() / N_CONTEXTS)
+    true_value = float((exact_pi @ POSITIONS.value * attraction.ravel()).sum() / N_CONTEXTS)
     return evidence, pi, attraction[context].ravel(), true_value, explore, slate, clicks
 
 
@@ -79,8 +80,26 @@ def test_position_probabilities_split_tied_positions_evenly():
 
 def test_pbm_ips_is_unbiased_for_a_new_ranking(world):
     evidence, pi, _, truth, *_ = world
-    terms = policy_terms(evidence, pi, THETA, np.zeros(evidence.options.height))
+    terms = policy_terms(evidence, pi, POSITIONS, np.zeros(evidence.options.height))
     _within(terms.ips, truth)
+
+
+def test_pbm_ips_is_unbiased_for_expected_clicks_when_positions_count_by_examination(world):
+    evidence, pi, attraction, *_ = world
+    clicks = est.Positions(THETA, THETA)
+    terms = policy_terms(evidence, pi, clicks, np.zeros(evidence.options.height))
+    units = evidence.options["unit"].to_numpy()
+    per_unit = np.bincount(units, weights=(pi @ THETA) * attraction, minlength=evidence.n_units)
+    _within(terms.ips, float(per_unit.mean()))  # the target's clicks in the logged contexts
+
+
+def test_ips_with_the_examination_ignored_is_biased(world):
+    """The check above can fail: weights that forget the examination curve miss the truth."""
+    evidence, pi, _, truth, *_ = world
+    blind = est.Positions(np.ones(SLATE), POSITIONS.value)
+    terms = policy_terms(evidence, pi, blind, np.zeros(evidence.options.height))
+    estimate, se = terms.ips.mean(), terms.ips.std(ddof=1) / np.sqrt(N_LOGGED)
+    assert abs(estimate - truth) > Z * se
 
 
 @pytest.mark.parametrize("model", ["constant", "truth_plus_noise"])
@@ -89,26 +108,27 @@ def test_doubly_robust_is_unbiased_whatever_the_reward_model(world, model):
     rng = np.random.default_rng(5)
     rho = (np.full_like(attraction, 0.5) if model == "constant"
            else np.clip(attraction + rng.normal(0, 0.2, attraction.shape), 0, 1))
-    terms = policy_terms(evidence, pi, THETA, rho)
+    terms = policy_terms(evidence, pi, POSITIONS, rho)
     _within(terms.direct + terms.residual, truth)
 
 
 def test_doubly_robust_with_a_good_reward_model_has_lower_variance_than_ips(world):
     evidence, pi, attraction, *_ = world
-    terms = policy_terms(evidence, pi, THETA, attraction)
+    terms = policy_terms(evidence, pi, POSITIONS, attraction)
     assert (terms.direct + terms.residual).var() < terms.ips.var()
 
 
 def test_snips_is_consistent(world):
     evidence, pi, _, truth, *_ = world
-    terms = policy_terms(evidence, pi, THETA, np.zeros(evidence.options.height))
+    terms = policy_terms(evidence, pi, POSITIONS, np.zeros(evidence.options.height))
     ones = np.ones((1, N_LOGGED))
-    estimate = est.snips(terms, ones, THETA)[0]
-    normaliser = terms.weight.mean() / THETA.sum()
-    residual = terms.ips - estimate * terms.weight / THETA.sum()
+    total = POSITIONS.value.sum()
+    estimate = est.snips(terms, ones, POSITIONS)[0]
+    normaliser = terms.weight.mean() / total
+    residual = terms.ips - estimate * terms.weight / total
     se = residual.std(ddof=1) / normaliser / np.sqrt(N_LOGGED)
     assert abs(estimate - truth) < Z * se
-    assert normaliser == pytest.approx(1, abs=Z * terms.weight.std() / THETA.sum() / np.sqrt(N_LOGGED))
+    assert normaliser == pytest.approx(1, abs=Z * terms.weight.std() / total / np.sqrt(N_LOGGED))
 
 
 def test_examination_curve_is_recovered_from_the_exploration_slice(world):

@@ -21,7 +21,7 @@ from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import SERVING_FEATURES, Scorer, baseline_scorer
 from flywheel_pipeline.training.base import Windows
 from flywheel_pipeline.validation.comparison import PRIMARY_METRIC, compare_on_holdout
-from flywheel_pipeline.validation.estimators import examination_curve, weighted_auc
+from flywheel_pipeline.validation.estimators import Positions, examination_curve, weighted_auc
 from flywheel_pipeline.validation.evidence import (
     REWARD,
     REWARD_MODEL_KEYS,
@@ -68,17 +68,26 @@ def reward_name(config: FlywheelConfig, domain: str) -> str:
     return "click" if settings.shape == "recommendation" else f"{settings.label_maturity.outcome} outcome"
 
 
+def value_positions(theta: np.ndarray, candidates_logged: float) -> Positions:
+    """What the primary value counts: precision@L (every position of the top L alike) when most
+    interactions logged their candidates; else expected clicks (positions by examination), since a
+    policy judged on the shown slate alone can only reorder it, and the precision of a reordered
+    slate is the slate's own."""
+    return Positions.precision(theta) if candidates_logged >= 0.5 else Positions(theta, theta)
+
+
 def compare_models(evidence: Evidence, shape: str, candidate: Scorer,
-                   champion: Scorer) -> tuple[list[SliceResult], np.ndarray]:
-    """Every metric on every slice, and the examination curve used."""
+                   champion: Scorer) -> tuple[list[SliceResult], Positions]:
+    """Every metric on every slice, and the positions' examination and value used."""
     features = evidence.options.select(SERVING_FEATURES).to_pandas()
     scores = {role: np.asarray(model.predict(features), dtype=float)
               for role, model in (("candidate", candidate), ("champion", champion))}
     explored = evidence.options.filter((pl.col("policy") == "explore") & pl.col("position").is_not_null())
     theta = examination_curve(explored["position"].to_numpy(), explored["reward"].to_numpy(),
                               evidence.slate_size)
+    positions = value_positions(theta, evidence.candidates_logged)
     rho = reward_model(evidence, theta, REWARD_MODEL_KEYS[shape])
-    return compare_on_holdout(evidence, scores, theta, rho), theta
+    return compare_on_holdout(evidence, scores, positions, rho), positions
 
 
 def validate_candidate(
@@ -98,7 +107,7 @@ def validate_candidate(
     champion = (mlflow.pyfunc.load_model(champion_model_uri) if champion_model_uri
                 else baseline_scorer(settings.shape))
     evidence = held_out_evidence(con, config, domain, windows)
-    slices, theta = compare_models(evidence, settings.shape, candidate, champion)
+    slices, positions = compare_models(evidence, settings.shape, candidate, champion)
     report = ValidationReport(
         domain=domain,
         primary_metric=PRIMARY_METRIC,
@@ -107,7 +116,8 @@ def validate_candidate(
         champion_model_uri=champion_model_uri,
         slices=slices,
         reward=reward_name(config, domain),
-        examination=tuple(float(t) for t in theta),
+        examination=tuple(float(t) for t in positions.examination),
+        value_weights=tuple(float(v) for v in positions.value),
         candidates_logged=evidence.candidates_logged,
     )
     report = replace(report, decision=gate(report, settings.gate))

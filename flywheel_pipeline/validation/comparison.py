@@ -1,7 +1,8 @@
 """Candidate against champion on the same held-out evidence: every metric on every slice.
 
 Metrics (candidate, champion, difference, paired bootstrap intervals):
-- ``dr`` (primary): doubly robust value of the policy, in reward per interaction.
+- ``dr`` (primary): doubly robust value of the policy: the mean attraction of its top L, each
+  position counted alike (``estimators.Positions.precision``); a top-1 policy's reward rate.
 - ``pbm_ips``, ``snips``, ``direct``: position-based IPS, its self-normalised baseline, and the
   reward model alone (the direct method).
 - ``ess``: effective sample size of the policy's importance weights.
@@ -42,7 +43,7 @@ ROLES = ("candidate", "champion")
 def compare_on_holdout(
     evidence: Evidence,
     scores: dict[str, np.ndarray],
-    theta: np.ndarray,
+    positions: est.Positions,
     rho: np.ndarray,
     n_resamples: int = N_BOOTSTRAP,
     seed: int = BOOTSTRAP_SEED,
@@ -52,22 +53,22 @@ def compare_on_holdout(
     units = evidence.options["unit"]
     pi = {role: est.position_probabilities(pl.Series(scores[role]), units, evidence.slate_size)
           for role in ROLES}
-    terms = {role: policy_terms(evidence, pi[role], theta, rho) for role in ROLES}
-    gold = {role: per_unit_labelled(evidence, pi[role], theta, "verdict") for role in ROLES}
-    weak = {role: per_unit_labelled(evidence, pi[role], theta, "p_good") for role in ROLES}
+    terms = {role: policy_terms(evidence, pi[role], positions, rho) for role in ROLES}
+    gold = {role: per_unit_labelled(evidence, pi[role], positions, "verdict") for role in ROLES}
+    weak = {role: per_unit_labelled(evidence, pi[role], positions, "p_good") for role in ROLES}
     rng = np.random.default_rng(seed)
     results = []
     for name, mask in slice_masks(evidence.unit_attributes()).items():
         chosen = np.flatnonzero(mask)
         counts = bootstrap_counts(len(chosen), n_resamples, rng)
-        metrics = _slice_metrics(terms, gold, weak, theta, chosen, counts)
+        metrics = _slice_metrics(terms, gold, weak, positions, chosen, counts)
         metrics["weak_label_auc"] = _weak_label_auc(evidence, scores, chosen, counts)
         reviewed = int((gold["candidate"][1][chosen] > 0).sum())
         results.append(SliceResult(name, len(chosen), metrics, reviewed))
     return results
 
 
-def _slice_metrics(terms: dict[str, est.PolicyTerms], gold: dict, weak: dict, theta: np.ndarray,
+def _slice_metrics(terms: dict[str, est.PolicyTerms], gold: dict, weak: dict, positions: est.Positions,
                    chosen: np.ndarray, counts: np.ndarray) -> dict[str, MetricComparison]:
     """The off-policy metrics of the ``chosen`` units, resampled by ``counts``."""
     mine = {role: terms[role].take(chosen) for role in ROLES}
@@ -82,7 +83,7 @@ def _slice_metrics(terms: dict[str, est.PolicyTerms], gold: dict, weak: dict, th
     return {
         "dr": both(lambda r: est.dr(mine[r], counts)),
         "pbm_ips": both(lambda r: est.ips(mine[r], counts)),
-        "snips": both(lambda r: est.snips(mine[r], counts, theta)),
+        "snips": both(lambda r: est.snips(mine[r], counts, positions)),
         "direct": both(lambda r: est.direct_method(mine[r], counts)),
         "ess": both(lambda r: est.effective_sample_size(mine[r].weight, counts)),
         "audit": both(lambda r: labelled(gold, r)),

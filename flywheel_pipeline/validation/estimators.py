@@ -9,18 +9,21 @@ its familiar top-1 form there.
 Click model (position-based, PBM; Craswell et al. 2008, "An experimental comparison of click
 position-bias models", WSDM): the reward of item a shown at position k has mean
 theta_k * rho(x, a), an examination probability that depends on the position only times an
-attraction that depends on the item only. A policy's value is then
-V(pi) = E_x sum_k theta_k sum_a pi(a at k | x) rho(x, a).
+attraction that depends on the item only. The value measured weighs the policy's positions by
+v_j: V(pi) = E_x sum_j v_j sum_a pi(a at j | x) rho(x, a). With v_j = 1/L (``Positions``'s
+default) it is the mean attraction of the policy's top L, position-blind like precision@L; with
+v = theta it would be the expected clicks per slate, which rewards the order within the top L.
 
-- ``pbm_weight``: w(a) = sum_j theta_j pi(a at j) / sum_j theta_j mu(a at j). IPS with this weight
-  on every shown (item, position) is unbiased for V(pi) under the PBM whenever mu covers pi
+- ``pbm_weight``: w(a) = sum_j v_j pi(a at j) / sum_j theta_j mu(a at j). IPS with this weight
+  on every shown (item, position) is unbiased for V(pi) under the PBM whenever mu covers pi:
+  E[sum_shown w r] = sum_a sum_k mu(a at k) theta_k rho(a) w(a) = sum_a rho(a) sum_j v_j pi(a at j)
   (Joachims, Swaminathan & Schnabel 2017, "Unbiased learning-to-rank with biased feedback",
   WSDM; Li, Kiseleva & de Rijke 2018, "Offline evaluation of ranking policies with click models",
-  KDD). With theta = 1 everywhere it credits an item wherever it is shown (no position effect).
+  KDD).
 - ``snips``: the same sum divided by its control variate sum_k theta_k w (expected value
-  sum_j theta_j under mu), self-normalised (Swaminathan & Joachims 2015, "The self-normalized
-  estimator for counterfactual learning", NeurIPS): consistent, biased in small samples, kept as
-  the baseline it always was.
+  sum_j v_j), self-normalised (Swaminathan & Joachims 2015, "The self-normalized estimator for
+  counterfactual learning", NeurIPS): consistent, biased in small samples, kept as the baseline
+  it always was.
 - ``dr``: doubly robust (Dudik, Langford & Li 2011, "Doubly robust policy evaluation and
   learning", ICML): a reward model rho_hat as the direct method, plus PBM-IPS on its residuals.
   Unbiased under the PBM for any rho_hat fitted on other data (cross-fitting), and of lower
@@ -71,19 +74,35 @@ def examination_curve(positions: np.ndarray, rewards: np.ndarray, slate_size: in
     return theta
 
 
-def pbm_weight(pi: np.ndarray, mu: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """w(a) = sum_j theta_j pi(a at j) / sum_j theta_j mu(a at j), one per shown row (n, L)."""
+@dataclass(frozen=True)
+class Positions:
+    """How positions enter an estimate: ``examination`` theta_k (the click model's, from the
+    exploration slice) and ``value`` v_j (how much the policy's position j counts)."""
+
+    examination: np.ndarray
+    value: np.ndarray
+
+    @classmethod
+    def precision(cls, examination: np.ndarray) -> Positions:
+        """Every position of the top L counts 1/L: the value is the mean attraction of the
+        policy's top L, what precision@L measures."""
+        size = len(examination)
+        return cls(np.asarray(examination, dtype=float), np.full(size, 1 / size))
+
+
+def pbm_weight(pi: np.ndarray, mu: np.ndarray, positions: Positions) -> np.ndarray:
+    """w(a) = sum_j v_j pi(a at j) / sum_j theta_j mu(a at j), one per candidate row (n, L)."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (pi @ theta) / (mu @ theta)
+        return (pi @ positions.value) / (mu @ positions.examination)
 
 
 @dataclass(frozen=True)
 class PolicyTerms:
     """Per-interaction sums the estimators average, for one target policy.
 
-    ``ips``: sum over shown rows of w r; ``weight``: sum of theta_k w (mean sum_j theta_j under mu);
+    ``ips``: sum over shown rows of w r; ``weight``: sum of theta_k w (mean sum_j v_j under mu);
     ``direct``: the reward model's value of the policy, sum over candidates of
-    rho_hat sum_j theta_j pi(at j); ``residual``: sum over shown rows of w (r - theta_k rho_hat).
+    rho_hat sum_j v_j pi(at j); ``residual``: sum over shown rows of w (r - theta_k rho_hat).
     """
 
     ips: np.ndarray
@@ -105,9 +124,9 @@ def ips(terms: PolicyTerms, counts: np.ndarray) -> np.ndarray:
     return _mean(counts, terms.ips)
 
 
-def snips(terms: PolicyTerms, counts: np.ndarray, theta: np.ndarray) -> np.ndarray:
+def snips(terms: PolicyTerms, counts: np.ndarray, positions: Positions) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (counts @ terms.ips) / (counts @ terms.weight) * theta.sum()
+        return (counts @ terms.ips) / (counts @ terms.weight) * positions.value.sum()
 
 
 def dr(terms: PolicyTerms, counts: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ import polars as pl
 
 from flywheel_pipeline.scoring import SERVING_FEATURES
 from flywheel_pipeline.training.base import SERVING_TIME_COLUMNS, Windows
-from flywheel_pipeline.validation.estimators import PolicyTerms, pbm_weight
+from flywheel_pipeline.validation.estimators import PolicyTerms, Positions, pbm_weight
 
 REWARD = {"assistant": "outcome", "recommendation": "clicked"}  # the column of holdout_rows
 REWARD_MODEL_KEYS = {"assistant": ["input_text", "item_id"], "recommendation": ["segment", "item_id"]}
@@ -170,14 +170,14 @@ def _shrunk(fit: pl.DataFrame, keys: list[str], prior: pl.Expr, name: str) -> pl
          / (pl.col("examined").sum() + REWARD_MODEL_PRIOR)).alias(name))
 
 
-def policy_terms(evidence: Evidence, pi: np.ndarray, theta: np.ndarray, rho: np.ndarray) -> PolicyTerms:
+def policy_terms(evidence: Evidence, pi: np.ndarray, positions: Positions, rho: np.ndarray) -> PolicyTerms:
     """Per-unit sums for one policy (``estimators.PolicyTerms``)."""
     shown = evidence.shown
     units = evidence.options["unit"].to_numpy()
     position = evidence.options["position"].fill_null(0).to_numpy()
     reward = evidence.options["reward"].fill_null(0.0).to_numpy()
-    weight = np.where(shown, pbm_weight(pi, evidence.mu, theta), 0.0)
-    examined = theta[position]
+    weight = np.where(shown, pbm_weight(pi, evidence.mu, positions), 0.0)
+    examined = positions.examination[position]
 
     def per_unit(values: np.ndarray) -> np.ndarray:
         return np.bincount(units, weights=values, minlength=evidence.n_units)
@@ -185,19 +185,20 @@ def policy_terms(evidence: Evidence, pi: np.ndarray, theta: np.ndarray, rho: np.
     return PolicyTerms(
         ips=per_unit(weight * reward),
         weight=per_unit(weight * examined),
-        direct=per_unit(rho * (pi @ theta)),
+        direct=per_unit(rho * (pi @ positions.value)),
         residual=per_unit(np.where(shown, weight * (reward - examined * rho), 0.0)),
     )
 
 
-def per_unit_labelled(evidence: Evidence, pi: np.ndarray, theta: np.ndarray,
+def per_unit_labelled(evidence: Evidence, pi: np.ndarray, positions: Positions,
                       column: str) -> tuple[np.ndarray, np.ndarray]:
     """sum theta_k w y and sum theta_k w over a unit's shown rows where ``column`` (y) is known:
     the self-normalised value of the policy under that label (gold verdicts, weak p_good)."""
     label = evidence.options[column].cast(pl.Float64).to_numpy()
     known = evidence.shown & np.isfinite(label)
     position = evidence.options["position"].fill_null(0).to_numpy()
-    weight = np.where(known, pbm_weight(pi, evidence.mu, theta) * theta[position], 0.0)
+    weight = np.where(known, pbm_weight(pi, evidence.mu, positions)
+                      * positions.examination[position], 0.0)
     units = evidence.options["unit"].to_numpy()
     numerator = np.bincount(units, weights=np.where(known, weight * np.nan_to_num(label), 0.0),
                             minlength=evidence.n_units)

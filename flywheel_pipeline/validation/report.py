@@ -33,6 +33,7 @@ class ValidationReport:
     slices: list[SliceResult]  # the first one is the whole domain ("all")
     reward: str = ""
     examination: tuple[float, ...] = ()  # theta per position, from the exploration slice
+    value_weights: tuple[float, ...] = ()  # how much each of the policy's positions counts in its value
     candidates_logged: float = 1.0  # share of interactions whose candidates were logged
     decision: GateDecision | None = None
     run_id: str | None = None
@@ -106,13 +107,14 @@ class ValidationReport:
     def markdown(self) -> str:
         reasons = self.decision.reasons if self.decision else []
         theta = ", ".join(f"{t:.2f}" for t in self.examination)
+        value = ", ".join(f"{v:.2f}" for v in self.value_weights)
         level = f"{CI_LEVEL:.0%} CI"
         lines = [
             f"# Validation of {self.candidate_model_uri} ({self.domain})",
             f"- champion: {self.champion_model_uri or 'baseline'}",
             (f"- held-out: {self.windows.holdout_start} to {self.windows.holdout_end}; reward: "
-             f"{self.reward}; examination by position: {theta}; candidates logged for "
-             f"{self.candidates_logged:.0%} of interactions"),
+             f"{self.reward}; candidates logged for {self.candidates_logged:.0%} of interactions"),
+            f"- by position: examination {theta}; weight in the value {value}",
             f"- gate: **{self.outcome}** (primary metric {self.primary_metric})",
             *(f"  - {reason}" for reason in reasons),
             *self._ungated(),

@@ -35,6 +35,7 @@ def log_validation_run(home: Home, report: ValidationReport) -> str:
             "n_bootstrap": N_BOOTSTRAP,
             "ci_level": CI_LEVEL,
             "examination": ",".join(f"{t:.3f}" for t in report.examination),
+            "value_weights": ",".join(f"{v:.3f}" for v in report.value_weights),
             **report.windows.params(),
         })
         metrics = report.metrics()
