@@ -7,13 +7,14 @@ Each seed runs the closed loop in a fresh temporary home: a warm-up served by th
 per cycle a week of traffic served by each domain's champion, the domain's cycle job in process
 (``definitions.execute_cycle``: accumulate, dbt, label, fine-tune, validate, register), and a
 passed candidate promoted to champion. For every candidate it records its true accuracy
-(``simulation.true_accuracy``) against the champion's at the time and the gate's outcome, and
-prints per domain:
+(``simulation.true_accuracy``) against the champion's at the time and the gate's outcome (after
+its revisit, when an inconclusive candidate was looked at again the next cycle), and prints per
+domain:
 
 - the confusion table: promoted / rejected / inconclusive x truly better (> +0.01) / truly worse
   (< -0.01) / within +-0.01;
-- the share of candidates truly better by >= 0.02 that were promoted, or inconclusive and followed
-  by a promotion the next cycle;
+- the share of candidates truly better by >= 0.02 that were promoted (at once or on revisit), or
+  inconclusive and superseded by a promotion the next cycle;
 - the final champion's true accuracy against the baseline's and the oracle's: the same trainer
   fitted on the hidden truth of the same training impressions (what perfect labels would give).
 """
@@ -62,9 +63,15 @@ class Candidate:
     domain: str
     outcome: str
     candidate: float  # true accuracy
-    champion: float   # the champion's true accuracy when the candidate was judged
+    champion: float   # the champion's true accuracy when the candidate was decided (on revisit, then)
     oracle: float     # the same trainer on the hidden truth of the same training impressions
     reasons: str
+    model_uri: str = ""
+    revisit: str = ""  # the outcome of its second look the next cycle, when it had one
+
+    @property
+    def final(self) -> str:
+        return self.revisit or self.outcome
 
     @property
     def truth(self) -> str:
@@ -76,6 +83,13 @@ def _metadata(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict:
     for event in result.get_asset_materialization_events():
         if event.asset_key == key:
             return {k: v.value for k, v in event.materialization.metadata.items()}
+    return {}
+
+
+def _gate_check(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict:
+    for evaluation in result.get_asset_check_evaluations():
+        if evaluation.asset_key == key and evaluation.check_name == "gate":
+            return {k: v.value for k, v in evaluation.metadata.items()}
     return {}
 
 
@@ -111,21 +125,23 @@ class Loop:
                             interactions_per_day=self.per_day, bad_row_share=0.01,
                             scorers=scorers, model_versions=versions)
 
-    def cycle(self, cycle: int, domain: str, first: date, last: date) -> Candidate:
+    def cycle(self, cycle: int, domain: str, first: date, last: date) -> tuple[Candidate, str]:
+        """The cycle's candidate, and the outcome of the previous candidate's revisit ("" if none)."""
         champion = simulation.true_accuracy(self.home, self.config, domain, self.champion(domain))
         with redirect_stdout(StringIO()):
             result = execute_cycle(self.defs, self.instance, domain, first, last, run_config=QUIET)
         if not result.success:
             raise RuntimeError(f"seed {self.seed} cycle {cycle} {domain} failed: run {result.run_id}")
         keys = model_keys(domain)
-        trained, report = _metadata(result, keys["candidate_model"]), _metadata(result, keys["validation_report"])
+        trained, check = _metadata(result, keys["candidate_model"]), _gate_check(result, keys["validation_report"])
         registered = _metadata(result, keys["registered_candidate"])
         candidate = model_true_accuracy(self.home, self.config, domain, trained["model_uri"])
-        if report["gate"] == "passed":
+        if registered:
             registry.promote(self.client, domain, str(registered["version"]))
         oracle = oracle_accuracy(self.home, self.config, domain, _windows(trained))
-        return Candidate(self.seed, cycle, domain, report["gate"], candidate, champion, oracle,
-                         report.get("gate_reasons", ""))
+        judged = Candidate(self.seed, cycle, domain, check["gate"], candidate, champion, oracle,
+                           check.get("reasons", ""), trained["model_uri"])
+        return judged, check.get("revisit_gate", "")
 
     def run(self, cycles: int) -> tuple[list[Candidate], dict[str, float], dict[str, float]]:
         self.serve(self.start, WARMUP_DAYS)
@@ -138,7 +154,15 @@ class Loop:
             run_from = self.start if cycle == 1 else first - timedelta(days=self.config.max_lateness_days)
             for domain in self.config.domains:
                 started = time.monotonic()
-                judged = self.cycle(cycle, domain, run_from, first + timedelta(days=DAYS_PER_CYCLE - 1))
+                judged, revisit = self.cycle(cycle, domain, run_from, first + timedelta(days=DAYS_PER_CYCLE - 1))
+                if revisit:
+                    [earlier] = [c for c in candidates if c.domain == domain and c.cycle == cycle - 1]
+                    # decided now, against the champion of now
+                    earlier.revisit, earlier.champion = revisit, judged.champion
+                    self.record({"revisit": {"seed": self.seed, "domain": domain, "cycle": cycle - 1,
+                                             "outcome": revisit, "champion": judged.champion}})
+                    print(f"  seed {self.seed} cycle {cycle} {domain:<14} revisited cycle {cycle - 1}'s "
+                          f"candidate: {revisit}", flush=True)
                 candidates.append(judged)
                 self.record({"candidate": asdict(judged)})
                 print(f"  seed {self.seed} cycle {cycle} {domain:<14} {judged.outcome:<12} candidate "
@@ -164,20 +188,27 @@ def from_records(path: Path) -> tuple[list[Candidate], dict[int, dict], dict[int
     done = {e["seed"] for e in finished}
     candidates = [Candidate(**e["candidate"]) for e in entries
                   if "candidate" in e and e["candidate"]["seed"] in done]
+    by_key = {(c.seed, c.domain, c.cycle): c for c in candidates}
+    for e in entries:
+        if "revisit" in e and e["revisit"]["seed"] in done:
+            revisit = e["revisit"]
+            earlier = by_key[revisit["seed"], revisit["domain"], revisit["cycle"]]
+            earlier.revisit, earlier.champion = revisit["outcome"], revisit["champion"]
     return (candidates, {e["seed"]: e["baseline"] for e in finished},
             {e["seed"]: e["final"] for e in finished})
 
 
-def caught(candidates: list[Candidate]) -> tuple[int, int]:
-    """(clearly better candidates promoted now or, after inconclusive, the next cycle; all of them)."""
+def caught(candidates: list[Candidate]) -> tuple[int, int, int]:
+    """Of the candidates truly better by CLEARLY_BETTER: how many were promoted (at once or on
+    revisit), how many more were inconclusive and superseded by a promotion the next cycle, all."""
     by_key = {(c.seed, c.domain, c.cycle): c for c in candidates}
     clearly = [c for c in candidates if c.candidate - c.champion >= CLEARLY_BETTER]
-    hits = 0
+    promoted = sum(c.final == "passed" for c in clearly)
+    superseded = 0
     for c in clearly:
         later = by_key.get((c.seed, c.domain, c.cycle + 1))
-        hits += c.outcome == "passed" or (c.outcome == "inconclusive" and later is not None
-                                          and later.outcome == "passed")
-    return hits, len(clearly)
+        superseded += (c.final == "inconclusive" and later is not None and later.outcome == "passed")
+    return promoted, superseded, len(clearly)
 
 
 def report(candidates: list[Candidate], baselines: dict[int, dict], finals: dict[int, dict]) -> None:
@@ -187,17 +218,21 @@ def report(candidates: list[Candidate], baselines: dict[int, dict], finals: dict
         mine = [c for c in candidates if c.domain == domain]
         table = defaultdict(int)
         for c in mine:
-            table[c.outcome, c.truth] += 1
+            table[c.final, c.truth] += 1
         print(f"\n## {domain}: {len(mine)} candidates")
         print(f"| gate | {' | '.join(TRUTHS)} |\n|---|---|---|---|")
         for outcome in OUTCOMES:
             name = {"passed": "promoted", "failed": "rejected"}.get(outcome, outcome)
             print(f"| {name} | " + " | ".join(str(table[outcome, t]) for t in TRUTHS) + " |")
-        worse = [c for c in mine if c.outcome == "passed" and c.candidate - c.champion < -WITHIN]
-        hits, clearly = caught(mine)
+        worse = [c for c in mine if c.final == "passed" and c.candidate - c.champion < -WITHIN]
+        revisited = [c for c in mine if c.revisit]
+        promoted, superseded, clearly = caught(mine)
         print(f"- promoted while truly worse by more than {WITHIN}: {len(worse)}")
-        print(f"- truly better by >= {CLEARLY_BETTER} and promoted (now or after inconclusive): "
-              f"{hits}/{clearly}" + (f" = {hits / clearly:.0%}" if clearly else ""))
+        print(f"- revisited after inconclusive: {len(revisited)}; on revisit promoted "
+              f"{sum(c.revisit == 'passed' for c in revisited)}, rejected {sum(c.revisit == 'failed' for c in revisited)}")
+        print(f"- truly better by >= {CLEARLY_BETTER}: {clearly}; promoted (at once or on revisit) {promoted}, "
+              f"inconclusive and superseded by a promotion the next cycle {superseded}"
+              + (f": {(promoted + superseded) / clearly:.0%}" if clearly else ""))
         seeds = sorted({c.seed for c in mine})
         base = np.array([baselines[s][domain] for s in seeds])
         final = np.array([finals[s][domain] for s in seeds])

@@ -98,6 +98,8 @@ def cmd_run(args: argparse.Namespace) -> None:
                   + (f" ({held_out})" if held_out else ""))
     if outcome.reasons and outcome.gate != "passed":
         console.print(f"  {outcome.reasons}")
+    if outcome.revisit:
+        console.print(f"  revisited the previous inconclusive candidate: {outcome.revisit}")
     if outcome.version:
         console.print(f"  registered {args.domain} v{outcome.version}")
     console.print(f"next: {next_step_for_person(config, outcome)}")

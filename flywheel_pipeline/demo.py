@@ -162,6 +162,8 @@ class Demo:
                            + f"; champion {shown(champion_version(domain))}")
         if outcome.gate != "passed":
             self.console.print(f"    {outcome.reasons}")
+        if outcome.revisit:
+            self.console.print(f"    revisited the previous inconclusive candidate: {outcome.revisit}")
         return self._row(cycle, domain, served_by, outcome)
 
     def _approve(self, dagster: Dagster, outcome: CycleOutcome, status) -> None:
@@ -193,6 +195,8 @@ class Demo:
         gate = outcome.gate or "not reached"
         if outcome.gate != "passed" and outcome.reasons:
             gate += ": " + _reason_codes(outcome.reasons)
+        if outcome.revisit:
+            gate += f"; revisit {outcome.revisit_gate}"
         candidate_accuracy = None
         if "model_uri" in outcome.candidate:
             candidate_accuracy = model_true_accuracy(self.home, self.config, domain, outcome.candidate["model_uri"])

@@ -30,6 +30,8 @@ class CycleOutcome:
     status: dg.DagsterRunStatus
     gate: str | None = None  # passed | failed | inconclusive; None when validation never ran
     reasons: str = ""
+    revisit: str = ""  # the previous inconclusive candidate's second look, when there was one
+    revisit_gate: str = ""
     evidence: dict[str, object] = field(default_factory=dict)  # validation_report's headline metadata
     candidate: dict[str, object] = field(default_factory=dict)  # candidate_model's metadata (model_uri, windows)
     version: str | None = None  # registered candidate version
@@ -71,6 +73,8 @@ def read_outcome(instance: dg.DagsterInstance, domain: str, run: dg.DagsterRun) 
             if evaluation.asset_key == keys["validation_report"] and evaluation.check_name == "gate":
                 outcome.gate = _value(evaluation.metadata, "gate")
                 outcome.reasons = _value(evaluation.metadata, "reasons")
+                outcome.revisit = _value(evaluation.metadata, "revisit")
+                outcome.revisit_gate = _value(evaluation.metadata, "revisit_gate")
         elif event.asset_key == keys["candidate_model"]:
             outcome.candidate = {k: v.value for k, v in event.materialization.metadata.items()}
         elif event.asset_key == keys["validation_report"]:

@@ -33,6 +33,7 @@ from flywheel_pipeline.validation import (
     holdout_rows,
     latest_inconclusive,
     validate_candidate,
+    validate_cycle,
     weighted_auc,
 )
 from flywheel_pipeline.validation.evidence import assemble
@@ -47,6 +48,7 @@ from tests.test_training import (
 )
 
 WINDOWS = Windows(date(2026, 3, 1), date(2026, 3, 28), date(2026, 3, 29), date(2026, 3, 31))
+PER_DAY = 300  # slates a day for the revisit: 3 days fall short of min_samples, 6 decide
 Z = 4.0  # standard errors an unbiased estimate may stray (fails by chance ~6e-5 of the time)
 
 
@@ -338,7 +340,7 @@ def test_a_candidate_compared_with_itself_is_inconclusive_not_promoted(world):
                if np.isfinite(m.difference))
     assert report.decision.outcome == "inconclusive"  # no gain shown, no harm either
     assert report.decision.reasons[0].startswith("improvement_uncertain")
-    assert latest_inconclusive(home, "recommendation") == candidate.model_uri  # for the next cycle
+    assert latest_inconclusive(home, "recommendation").model_uri == candidate.model_uri  # for the next cycle
 
 
 def test_a_candidate_regressing_on_a_slice_is_not_registered_so_never_promoted(world):
@@ -358,3 +360,46 @@ def test_a_candidate_regressing_on_a_slice_is_not_registered_so_never_promoted(w
     client = mlflow.MlflowClient(home.mlflow_tracking_uri)
     assert client.search_model_versions(f"name = '{registry.model_name('recommendation')}'") == []
     assert registry.alias_version(client, "recommendation", registry.CHAMPION) is None
+
+
+def test_an_inconclusive_candidate_is_revisited_next_cycle_on_more_days_and_registered_when_it_passes(
+        tmp_path):
+    """Cycle 1's candidate has too few held-out samples (3 days < min_samples); cycle 2's too. Cycle 2
+    revisits cycle 1's on its 3 held-out days plus cycle 2's 3: enough samples to decide, on days
+    it never trained on; registered_candidate then registers *that* model, with its own lineage."""
+    con = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+    write_warehouse(con, recommendation_impressions(DAYS, PER_DAY))
+    settings = TEST_CONFIG["domains"]["recommendation"]
+    config = parse_config({**TEST_CONFIG, "domains": {"recommendation": {
+        **settings, "gate": {**settings["gate"], "min_samples": 4 * PER_DAY}}}})
+    home = fresh_home(tmp_path / "home")
+    first = train_candidate(con, home, config, "recommendation", AS_OF - pd.Timedelta(days=3).to_pytimedelta())
+    cycle_1 = validate_cycle(con, home, config, "recommendation", first.model_uri, None, first.windows)
+    assert cycle_1.outcome == "inconclusive" and cycle_1.revisit is None
+    assert cycle_1.decision.reasons[0].startswith(f"too_few_samples: {3 * PER_DAY}")
+
+    second = train_candidate(con, home, config, "recommendation", AS_OF)
+    cycle_2 = validate_cycle(con, home, config, "recommendation", second.model_uri, None, second.windows)
+
+    assert cycle_2.outcome == "inconclusive" and not cycle_2.is_revisit
+    revisit = cycle_2.revisit
+    assert revisit.is_revisit and revisit.candidate_model_uri == first.model_uri
+    assert (revisit.windows.holdout_start, revisit.windows.holdout_end) == (first.windows.holdout_start, AS_OF)
+    assert revisit.windows.train_end == first.windows.train_end  # never trained on what it is judged on
+    assert revisit.overall.n_samples == 6 * PER_DAY
+    assert revisit.outcome == "passed", revisit.decision.reasons  # the learned ranking beats the uniform baseline
+    assert cycle_2.accepted is revisit
+    assert cycle_2.metadata()["revisit"].startswith(f"{first.model_uri} on {first.windows.holdout_start}")
+    client = mlflow.MlflowClient(home.mlflow_tracking_uri, home.mlflow_tracking_uri)
+    assert client.get_run(revisit.run_id).data.tags["flywheel.revisit"] == "true"
+    assert latest_inconclusive(home, "recommendation").model_uri == second.model_uri  # one revisit each
+
+    *_, registered_candidate = build_model_assets(config, "recommendation")
+    [result] = registered_candidate(
+        dg.build_asset_context(), candidate=second, report=cycle_2,
+        warehouse=WarehouseResource(home_path=str(home.root)), mlflow=MlflowResource(home_path=str(home.root)))
+    assert result.metadata["model_uri"] == first.model_uri
+    version = client.get_model_version(registry.model_name("recommendation"), str(result.metadata["version"]))
+    assert version.run_id == first.run_id
+    assert version.tags["training.holdout_start"] == first.windows.holdout_start.isoformat()
+    assert version.tags["validation.revisit"] == "true"

@@ -4,7 +4,7 @@
       -> dbt staging/intermediate/marts             dbt_project/ (transform.py)
       -> labels (day x domain)                      labeling.label_partitions
       -> <domain>/candidate_model                   training.train_candidate
-      -> <domain>/validation_report (+ gate check)  validation.validate_candidate
+      -> <domain>/validation_report (+ gate check)  validation.validate_cycle
       -> <domain>/registered_candidate              registry.register_candidate (+ auto approval)
 """
 
@@ -24,7 +24,7 @@ from flywheel_pipeline.defs.ui import approval_launchpad_url
 from flywheel_pipeline.labeling import label_partitions, maturity_cutoff
 from flywheel_pipeline.labeling.stage import to_markdown
 from flywheel_pipeline.training import TrainingResult, train_candidate
-from flywheel_pipeline.validation import ValidationReport, validate_candidate
+from flywheel_pipeline.validation import ValidationReport, validate_cycle
 
 LABELS = dg.AssetKey("labels")
 
@@ -100,23 +100,17 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
                                              description="the domain's promotion gate: when it does not "
                                                          "pass, registered_candidate is not materialized")],
               description="Candidate vs champion on the held-out (most recent) window: overall, per "
-                          "slice, bootstrap CIs, off-policy estimates; the gate decides.")
+                          "slice, bootstrap CIs, off-policy estimates; the gate decides. When it does not "
+                          "pass, the previous cycle's inconclusive candidate is revisited on more days.")
     def validation_report(context: dg.AssetExecutionContext, candidate: TrainingResult,
                           warehouse: WarehouseResource, mlflow: MlflowResource):
         client = mlflow.client()
         champion_uri = registry.alias_uri(client, domain, registry.CHAMPION)
         with warehouse.connect() as con:
-            report = validate_candidate(con, warehouse.home(), config, domain, candidate.model_uri,
-                                        champion_uri, candidate.windows)
+            report = validate_cycle(con, warehouse.home(), config, domain, candidate.model_uri,
+                                    champion_uri, candidate.windows)
         yield dg.Output(report, metadata={**report.metadata(), "report": dg.MetadataValue.md(report.markdown())})
-        yield dg.AssetCheckResult(
-            check_name="gate", passed=report.decision.passed,
-            # failed: red (evidence of no gain or of harm); inconclusive: yellow (not enough evidence yet)
-            severity=dg.AssetCheckSeverity.WARN if report.outcome == "inconclusive" else dg.AssetCheckSeverity.ERROR,
-            metadata={"gate": report.outcome, "reasons": "; ".join(report.decision.reasons) or "every gate passed",
-                      **({"samples_needed": report.decision.samples_needed}
-                         if report.decision.samples_needed is not None else {})},
-        )
+        yield _gate_check(report)
 
     @dg.asset(key=keys["registered_candidate"],
               ins={"candidate": dg.AssetIn(keys["candidate_model"]),
@@ -128,21 +122,42 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
     def registered_candidate(context: dg.AssetExecutionContext, candidate: TrainingResult,
                              report: ValidationReport, warehouse: WarehouseResource,
                              mlflow: MlflowResource) -> Iterator[dg.MaterializeResult]:
-        if not report.decision.passed:
+        accepted = report.accepted
+        if accepted is None:
             more = (f" ({report.decision.samples_needed} more held-out samples would decide)"
                     if report.decision.samples_needed is not None else "")
-            context.log.warning(f"not registered: the gate {report.outcome}{more}: " + "; ".join(report.decision.reasons))
+            revisit = f"; revisit: {report.revisit.summary()}" if report.revisit else ""
+            context.log.warning(f"not registered: the gate {report.outcome}{more}: "
+                                + "; ".join(report.decision.reasons) + revisit)
             return
         client = mlflow.client()
-        lineage = {**candidate.lineage(), **report.lineage(), "code_version": registry.code_version(),
+        if accepted.is_revisit:
+            candidate = TrainingResult.logged(client, accepted.candidate_model_uri)
+            context.log.info(f"registering the revisited candidate {candidate.model_uri}: {accepted.summary()}")
+        lineage = {**candidate.lineage(), **accepted.lineage(), "code_version": registry.code_version(),
                    "validation.gate": "passed"}
         version = registry.register_candidate(client, domain, candidate.model_uri, candidate.run_id, lineage)
         yield dg.MaterializeResult(metadata={
-            "model": registry.model_name(domain), "version": version,
+            "model": registry.model_name(domain), "version": version, "model_uri": candidate.model_uri,
             **_next_step(config, domain, version, warehouse, client),
         })
 
     return [candidate_model, validation_report, registered_candidate]
+
+
+def _gate_check(report: ValidationReport) -> dg.AssetCheckResult:
+    """Passed when a candidate goes through (this cycle's, or the revisited one); else red for
+    evidence of no gain or of harm, yellow when the evidence is not enough yet (inconclusive)."""
+    metadata = {"gate": report.outcome, "reasons": "; ".join(report.decision.reasons) or "every gate passed"}
+    if report.decision.samples_needed is not None:
+        metadata["samples_needed"] = report.decision.samples_needed
+    if report.revisit is not None:
+        metadata["revisit"] = report.revisit.summary()
+        metadata["revisit_gate"] = report.revisit.outcome
+    return dg.AssetCheckResult(
+        check_name="gate", passed=report.accepted is not None, metadata=metadata,
+        severity=dg.AssetCheckSeverity.WARN if report.outcome == "inconclusive" else dg.AssetCheckSeverity.ERROR,
+    )
 
 
 def _next_step(config: FlywheelConfig, domain: str, version: str, warehouse: WarehouseResource,

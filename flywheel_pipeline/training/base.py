@@ -217,6 +217,25 @@ class TrainingResult:
     metrics: dict[str, float]
     params: dict[str, Any]
 
+    @classmethod
+    def logged(cls, client: mlflow.MlflowClient, model_uri: str) -> TrainingResult:
+        """The result of an earlier training run, read back from MLflow by its model's URI."""
+        model = client.get_logged_model(model_uri.removeprefix("models:/"))
+        run = client.get_run(model.source_run_id)
+        params = run.data.params
+        return cls(
+            domain=params["domain"],
+            run_id=run.info.run_id,
+            model_uri=model_uri,
+            model_id=model.model_id,
+            windows=Windows(*(date.fromisoformat(params[bound]) for bound in
+                              ("train_start", "train_end", "holdout_start", "holdout_end"))),
+            n_rows=int(params["n_impressions"]),
+            n_labelled=int(params["n_labelled"]),
+            metrics=dict(run.data.metrics),
+            params=dict(params),
+        )
+
     def metadata(self) -> dict[str, Any]:
         """A flat dict for Dagster asset metadata."""
         return {

@@ -34,12 +34,17 @@ from flywheel_pipeline.validation.evidence import (
 from flywheel_pipeline.validation.gate import GateDecision, gate, threshold
 from flywheel_pipeline.validation.intervals import MetricComparison
 from flywheel_pipeline.validation.report import SliceResult, ValidationReport
-from flywheel_pipeline.validation.tracking import latest_inconclusive, log_validation_run
+from flywheel_pipeline.validation.tracking import (
+    Inconclusive,
+    latest_inconclusive,
+    log_validation_run,
+)
 
 __all__ = [
     "PRIMARY_METRIC",
     "Evidence",
     "GateDecision",
+    "Inconclusive",
     "MetricComparison",
     "SliceResult",
     "ValidationReport",
@@ -51,6 +56,7 @@ __all__ = [
     "log_validation_run",
     "threshold",
     "validate_candidate",
+    "validate_cycle",
     "weighted_auc",
 ]
 
@@ -98,6 +104,7 @@ def validate_candidate(
     candidate_model_uri: str,
     champion_model_uri: str | None,
     windows: Windows,
+    is_revisit: bool = False,
 ) -> ValidationReport:
     """Score candidate and champion (or the baseline) on the held-out window, gate, and log the
     report as an MLflow run in the domain's experiment."""
@@ -119,6 +126,35 @@ def validate_candidate(
         examination=tuple(float(t) for t in positions.examination),
         value_weights=tuple(float(v) for v in positions.value),
         candidates_logged=evidence.candidates_logged,
+        is_revisit=is_revisit,
     )
     report = replace(report, decision=gate(report, settings.gate))
     return replace(report, run_id=log_validation_run(home, report))
+
+
+def validate_cycle(
+    con: duckdb.DuckDBPyConnection,
+    home: Home,
+    config: FlywheelConfig,
+    domain: str,
+    candidate_model_uri: str,
+    champion_model_uri: str | None,
+    windows: Windows,
+) -> ValidationReport:
+    """Validate the cycle's candidate; when it does not pass and the previous cycle's candidate
+    was left inconclusive, revisit that one too, on its own held-out window extended to this
+    cycle's (days it never trained on), with the report's ``revisit`` holding the second look.
+    ``accepted`` says which candidate, if any, the gate lets through."""
+    pending = latest_inconclusive(home, domain)
+    report = validate_candidate(con, home, config, domain, candidate_model_uri, champion_model_uri, windows)
+    if report.decision.passed or not _has_fresh_evidence(pending, candidate_model_uri, windows):
+        return report
+    extended = replace(pending.windows, holdout_end=windows.holdout_end)
+    revisit = validate_candidate(con, home, config, domain, pending.model_uri, champion_model_uri,
+                                 extended, is_revisit=True)
+    return replace(report, revisit=revisit)
+
+
+def _has_fresh_evidence(pending: Inconclusive | None, candidate_model_uri: str, windows: Windows) -> bool:
+    return (pending is not None and pending.model_uri != candidate_model_uri
+            and pending.windows.holdout_end < windows.holdout_end)

@@ -37,10 +37,20 @@ class ValidationReport:
     candidates_logged: float = 1.0  # share of interactions whose candidates were logged
     decision: GateDecision | None = None
     run_id: str | None = None
+    is_revisit: bool = False  # a second look at an earlier inconclusive candidate
+    revisit: ValidationReport | None = None  # this cycle's revisit of the previous candidate
 
     @property
     def overall(self) -> SliceResult:
         return self.slices[0]
+
+    @property
+    def accepted(self) -> ValidationReport | None:
+        """The report whose candidate the gate lets through: this one's, else its revisit's."""
+        for report in (self, self.revisit):
+            if report is not None and report.decision is not None and report.decision.passed:
+                return report
+        return None
 
     @property
     def outcome(self) -> str:
@@ -80,12 +90,20 @@ class ValidationReport:
                                               f"on {self.overall.n_reviewed} reviewed")
         if self.decision and self.decision.outcome == "inconclusive":
             headline["samples_needed"] = self.decision.samples_needed if self.decision.samples_needed is not None else "unknown"
+        if self.revisit is not None:
+            headline["revisit"] = self.revisit.summary()
         return {
             **headline,
             "champion_model": self.champion_model_uri or "baseline",
             "held_out": f"{self.windows.holdout_start}..{self.windows.holdout_end}",
             "validation_run_id": self.run_id or "",
         }
+
+    def summary(self) -> str:
+        """``<model> on <held-out days>: <outcome>, dr +0.0123 [-0.0010, +0.0250]``."""
+        primary = self.overall.metrics[self.primary_metric]
+        return (f"{self.candidate_model_uri} on {self.windows.holdout_start}..{self.windows.holdout_end}: "
+                f"{self.outcome}, {self.primary_metric} {primary.difference:+.4f} {_interval(primary.difference_ci)}")
 
     def lineage(self) -> dict[str, Any]:
         """Registry tags: the validation run and the held-out evidence the gate saw."""
@@ -99,6 +117,7 @@ class ValidationReport:
             "validation.difference": _round(primary.difference),
             "validation.difference_ci": f"[{low:.4f}, {high:.4f}]",
             "validation.n_samples": self.overall.n_samples,
+            "validation.revisit": str(self.is_revisit).lower(),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,8 +128,9 @@ class ValidationReport:
         theta = ", ".join(f"{t:.2f}" for t in self.examination)
         value = ", ".join(f"{v:.2f}" for v in self.value_weights)
         level = f"{CI_LEVEL:.0%} CI"
+        title = "Revisit of the inconclusive" if self.is_revisit else "Validation of"
         lines = [
-            f"# Validation of {self.candidate_model_uri} ({self.domain})",
+            f"{'##' if self.is_revisit else '#'} {title} {self.candidate_model_uri} ({self.domain})",
             f"- champion: {self.champion_model_uri or 'baseline'}",
             (f"- held-out: {self.windows.holdout_start} to {self.windows.holdout_end}; reward: "
              f"{self.reward}; candidates logged for {self.candidates_logged:.0%} of interactions"),
@@ -135,6 +155,8 @@ class ValidationReport:
             if ess is not None:
                 lines.append(f"| {result.name} | {result.n_samples} | {result.n_reviewed} | ess "
                              f"| {ess.candidate:.1f} | {ess.champion:.1f} | |")
+        if self.revisit is not None:
+            lines += ["", self.revisit.markdown()]
         return "\n".join(lines) + "\n"
 
     def _ungated(self) -> list[str]:

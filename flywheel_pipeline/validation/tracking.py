@@ -3,10 +3,13 @@ JSON and Markdown artifacts, in the domain's experiment next to the candidate's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import date
+
 import mlflow
 
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.training.base import ensure_experiment
+from flywheel_pipeline.training.base import Windows, ensure_experiment
 from flywheel_pipeline.validation.intervals import CI_LEVEL, N_BOOTSTRAP
 from flywheel_pipeline.validation.report import ValidationReport
 
@@ -25,6 +28,7 @@ def log_validation_run(home: Home, report: ValidationReport) -> str:
             "flywheel.candidate_model_uri": report.candidate_model_uri,
             "flywheel.champion_model_uri": report.champion_model_uri or "baseline",
             "flywheel.gate.outcome": decision.outcome,
+            "flywheel.revisit": str(report.is_revisit).lower(),
             "flywheel.gate.passed": str(decision.passed).lower(),
             "flywheel.gate.reasons": "; ".join(decision.reasons) or "none",
         },
@@ -48,14 +52,28 @@ def log_validation_run(home: Home, report: ValidationReport) -> str:
     return run.info.run_id
 
 
-def latest_inconclusive(home: Home, domain: str) -> str | None:
-    """The candidate of the domain's latest validation when that gate was inconclusive (None
-    otherwise): what the next cycle can revisit on fresh held-out evidence, by validating it
-    again next to the new candidate."""
+@dataclass(frozen=True)
+class Inconclusive:
+    """A candidate left inconclusive: its model and the windows it was validated on."""
+
+    model_uri: str
+    windows: Windows
+
+
+def latest_inconclusive(home: Home, domain: str) -> Inconclusive | None:
+    """The candidate of the domain's latest first validation (revisits aside) when that gate was
+    inconclusive, else None: what the next cycle revisits on fresh held-out evidence. A candidate
+    gets one revisit: after it, the latest first validation is the next cycle's."""
     experiment = ensure_experiment(home, domain)
     runs = mlflow.search_runs(
-        experiment_ids=[experiment], filter_string="tags.`flywheel.stage` = 'validation'",
-        order_by=["attributes.start_time DESC"], output_format="list")
+        experiment_ids=[experiment],
+        filter_string="tags.`flywheel.stage` = 'validation' and tags.`flywheel.revisit` != 'true'",
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
     if not runs or runs[0].data.tags.get("flywheel.gate.outcome") != "inconclusive":
         return None
-    return runs[0].data.tags["flywheel.candidate_model_uri"]
+    params = runs[0].data.params
+    return Inconclusive(
+        runs[0].data.tags["flywheel.candidate_model_uri"],
+        Windows(*(date.fromisoformat(params[bound]) for bound in
+                  ("train_start", "train_end", "holdout_start", "holdout_end"))),
+    )
