@@ -1,14 +1,28 @@
 """Human approval: the record that stands between a candidate and the champion alias.
 
 A decision (approve or reject, who, why) is appended to ``registry.approvals`` and mirrored as tags
-on the model version. Only an approved record lets deployment move ``champion``; a domain whose
-automation level is ``auto`` gets its record from flywheel itself when every gate passed.
+on the model version. A domain whose automation level is ``auto`` gets its approval from the
+pipeline itself (``flywheel:auto``) when every gate passed.
+
+The records are append-only and tamper-evident: each is signed with an HMAC over its fields and the
+previous record's signature, with a key kept outside the warehouse (``signing_key``). A row
+inserted, edited or deleted by hand breaks the chain from that row on, and nothing deploys until
+the chain is whole again (docs/operations.md). Deployment trusts no earlier check: it re-verifies
+the chain, the approver against flywheel.yaml as it is now, and the version's lineage down to its
+validation run in MLflow (``check_deployable``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import stat
+from dataclasses import astuple, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
 import duckdb
@@ -16,20 +30,25 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from flywheel_pipeline import registry
-from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.config import AUTO_APPROVER, DomainConfig, FlywheelConfig
+from flywheel_pipeline.home import Home
 from flywheel_pipeline.warehouse import transaction
 
-AUTO_APPROVER = "flywheel:auto"
+KEY_ENV = "FLYWHEEL_APPROVAL_KEY_FILE"
+AUTO_REASON = "automation=auto and every gate passed"
+LINEAGE_TAGS = ("training.run_id", "validation.run_id", "validation.gate")
 Decision = Literal["approved", "rejected"]
 
+_FIELDS = "approval_id, domain, model_version, decision, approver, reason, decided_at"
 _DDL = """
 CREATE SCHEMA IF NOT EXISTS registry;
 CREATE SEQUENCE IF NOT EXISTS registry.approval_ids;
 CREATE TABLE IF NOT EXISTS registry.approvals (
     approval_id BIGINT PRIMARY KEY DEFAULT nextval('registry.approval_ids'),
     domain VARCHAR NOT NULL, model_version VARCHAR NOT NULL, decision VARCHAR NOT NULL,
-    approver VARCHAR NOT NULL, reason VARCHAR, decided_at TIMESTAMP NOT NULL
+    approver VARCHAR NOT NULL, reason VARCHAR, decided_at TIMESTAMP NOT NULL, signature VARCHAR
 );
+ALTER TABLE registry.approvals ADD COLUMN IF NOT EXISTS signature VARCHAR;  -- records from before signing
 CREATE TABLE IF NOT EXISTS registry.deployments (
     approval_id BIGINT PRIMARY KEY, domain VARCHAR NOT NULL, model_version VARCHAR NOT NULL,
     previous_version VARCHAR, deployed_at TIMESTAMP NOT NULL
@@ -38,7 +57,7 @@ CREATE TABLE IF NOT EXISTS registry.deployments (
 
 
 class ApprovalError(ValueError):
-    """A decision that cannot be recorded (unknown version, failed gate, unknown approver...)."""
+    """A decision that cannot be recorded or deployed (unknown approver, failed gate, broken chain...)."""
 
 
 @dataclass(frozen=True)
@@ -49,57 +68,189 @@ class ApprovalRecord:
     decision: Decision
     approver: str
     reason: str | None
+    decided_at: datetime
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(_DDL)
 
 
-def check_decision(client: MlflowClient, config: FlywheelConfig, domain: str, version: str,
-                   decision: str, approver: str) -> None:
-    domain_config = config.domain(domain)
-    if decision not in ("approved", "rejected"):
-        raise ApprovalError(f"decision must be 'approved' or 'rejected', got {decision!r}")
-    allowed = [*domain_config.approvers, *([AUTO_APPROVER] if domain_config.automation == "auto" else [])]
-    if approver not in allowed:
-        raise ApprovalError(f"{approver!r} may not decide for domain {domain!r}; approvers: {allowed}")
+# --- the signing key and the chain ---------------------------------------------------------------
+
+def key_path(home: Home) -> Path:
+    """$FLYWHEEL_APPROVAL_KEY_FILE, else ``<home>/secrets/approval.key``."""
+    return Path(os.environ[KEY_ENV]) if KEY_ENV in os.environ else home.root / "secrets" / "approval.key"
+
+
+def signing_key(home: Home) -> bytes:
+    """The key approval records are signed with. The default file is created (mode 0600) on first
+    use; a file named by $FLYWHEEL_APPROVAL_KEY_FILE must exist; either must be private to its owner."""
+    path = key_path(home)
+    if not path.exists():
+        if KEY_ENV in os.environ:
+            raise ApprovalError(f"{KEY_ENV} names {path}, which does not exist")
+        _create_key(path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise ApprovalError(f"the approval key {path} is open to others (mode {mode:o}): chmod 600 {path}")
+    key = path.read_bytes().strip()
+    if len(key) < 32:
+        raise ApprovalError(f"the approval key {path} is too short ({len(key)} bytes, 32 needed)")
+    return key
+
+
+def _create_key(path: Path) -> None:
+    """Write a random key, atomically: a process that loses the race keeps the winner's key."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    draft = path.with_name(f".{path.name}.{os.getpid()}")
+    with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+        file.write(secrets.token_hex(32))
     try:
-        tags = registry.version_tags(client, domain, version)
+        os.link(draft, path)
+    except FileExistsError:
+        pass
+    finally:
+        draft.unlink()
+
+
+def _sign(key: bytes, record: ApprovalRecord, previous_signature: str) -> str:
+    fields = [record.approval_id, record.domain, record.model_version, record.decision, record.approver,
+              record.reason, record.decided_at.isoformat(), previous_signature]
+    return hmac.new(key, json.dumps(fields).encode(), hashlib.sha256).hexdigest()
+
+
+def verify_chain(con: duckdb.DuckDBPyConnection, key: bytes) -> str:
+    """Check every record's signature in order; returns the last one ('' for no records).
+    Raises ApprovalError naming the first record that breaks the chain."""
+    ensure_tables(con)
+    previous = ""
+    for *fields, signature in con.execute(
+            f"SELECT {_FIELDS}, signature FROM registry.approvals ORDER BY approval_id").fetchall():
+        record = ApprovalRecord(*fields)
+        if signature is None:
+            raise ApprovalError(f"approval record {record.approval_id} breaks the approval chain: it is not "
+                                f"signed (written by hand, not by flywheel)")
+        if not hmac.compare_digest(signature, _sign(key, record, previous)):
+            raise ApprovalError(
+                f"approval record {record.approval_id} breaks the approval chain: its signature does not match "
+                f"(the record was changed, a record before it was removed, or the approval key was replaced)")
+        previous = signature
+    return previous
+
+
+# --- who may decide, and what a version must show ------------------------------------------------
+
+def check_person(domain: str, domain_config: DomainConfig, approver: str) -> None:
+    """A person deciding for ``domain``: listed under its approvers, and never the pipeline's identity."""
+    if approver == AUTO_APPROVER:
+        raise ApprovalError(f"{AUTO_APPROVER!r} is the pipeline's own identity; a person decides under their "
+                            f"own name (approvers of {domain!r}: {domain_config.approvers})")
+    if approver not in domain_config.approvers:
+        raise ApprovalError(f"{approver!r} may not decide for domain {domain!r}; approvers: {domain_config.approvers}")
+
+
+def check_passed_gate(client: MlflowClient, domain: str, version: str) -> None:
+    """The version was registered by a flywheel cycle after its validation run passed the gate: its
+    lineage tags name the training and validation runs, and that validation run, in MLflow,
+    finished with the gate passed for this very model. A tag on the version alone proves nothing."""
+    name = registry.model_name(domain)
+    model = _model_version(client, domain, version)
+    tags = model.tags
+    if missing := [tag for tag in LINEAGE_TAGS if not tags.get(tag)]:
+        raise ApprovalError(f"{name} v{version} has no pipeline lineage (no {', '.join(missing)} tag): "
+                            f"it was not registered by a flywheel cycle")
+    if tags["validation.gate"] != "passed" or tags["training.run_id"] != model.run_id:
+        raise ApprovalError(f"version {version} of {domain} did not pass its validation gate "
+                            f"(gate tag {tags['validation.gate']!r}, training run {tags['training.run_id']})")
+    run_id = tags["validation.run_id"]
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ApprovalError(f"{name} v{version}: its validation run {run_id} is not in MLflow") from None
+    run_tags = run.data.tags
+    if (run_tags.get("flywheel.stage"), run_tags.get("flywheel.domain")) != ("validation", domain):
+        raise ApprovalError(f"{name} v{version}: run {run_id} is not a validation run of {domain}")
+    if run.info.status != "FINISHED" or run_tags.get("flywheel.gate.outcome") != "passed":
+        raise ApprovalError(f"version {version} of {domain} did not pass its validation gate: validation run "
+                            f"{run_id} is {run.info.status} with gate {run_tags.get('flywheel.gate.outcome')!r}")
+    if run_tags.get("flywheel.candidate_model_uri") != model.source:
+        raise ApprovalError(f"{name} v{version}: validation run {run_id} validated "
+                            f"{run_tags.get('flywheel.candidate_model_uri')}, not this version's model {model.source}")
+
+
+def _model_version(client: MlflowClient, domain: str, version: str):
+    try:
+        return client.get_model_version(registry.model_name(domain), version)
     except MlflowException:
         raise ApprovalError(f"{registry.model_name(domain)} has no version {version!r}") from None
-    if decision == "approved" and tags.get("validation.gate") != "passed":
-        raise ApprovalError(f"version {version} of {domain} did not pass its validation gate")
 
 
-def record_decision(con: duckdb.DuckDBPyConnection, client: MlflowClient, config: FlywheelConfig,
+def check_decision(client: MlflowClient, config: FlywheelConfig, domain: str, version: str,
+                   decision: str, approver: str, reason: str | None) -> None:
+    """What a person may record: raises ApprovalError saying why not."""
+    if decision not in ("approved", "rejected"):
+        raise ApprovalError(f"decision must be 'approved' or 'rejected', got {decision!r}")
+    if decision == "rejected" and not (reason or "").strip():
+        raise ApprovalError("a rejection needs a reason")
+    check_person(domain, config.domain(domain), approver)
+    _model_version(client, domain, version)
+    champion = registry.alias_version(client, domain, registry.CHAMPION)
+    if decision == "approved":
+        check_passed_gate(client, domain, version)
+        if champion == version:
+            raise ApprovalError(f"{domain} v{version} is already the champion: nothing to deploy")
+    elif champion == version:
+        previous = registry.alias_version(client, domain, registry.PREVIOUS)
+        raise ApprovalError(
+            f"{domain} v{version} is the serving champion; a rejection would not take it down. "
+            + (f"Roll back to v{previous} first (`flywheel rollback --domain {domain}` or the rollback_champion "
+               f"job), then reject it." if previous else "There is no previous champion to roll back to."))
+
+
+# --- recording decisions ---------------------------------------------------------------------------
+
+def record_decision(con: duckdb.DuckDBPyConnection, client: MlflowClient, config: FlywheelConfig, key: bytes,
                     domain: str, version: str, decision: Decision, approver: str,
                     reason: str | None = None) -> ApprovalRecord:
-    """Append an approval or rejection and tag the model version with it."""
-    check_decision(client, config, domain, version, decision, approver)
-    ensure_tables(con)
+    """A person's approval or rejection, appended to the chain and tagged on the model version."""
+    check_decision(client, config, domain, version, decision, approver, reason)
+    return _append(con, client, key, domain, version, decision, approver, reason)
+
+
+def record_auto_approval(con: duckdb.DuckDBPyConnection, client: MlflowClient, config: FlywheelConfig,
+                         key: bytes, domain: str, version: str) -> ApprovalRecord:
+    """The pipeline's own approval of an ``automation: auto`` domain's candidate that passed its gate."""
+    if config.domain(domain).automation != "auto":
+        raise ApprovalError(f"domain {domain!r} is not automation=auto: a person approves its candidates")
+    check_passed_gate(client, domain, version)
+    return _append(con, client, key, domain, version, "approved", AUTO_APPROVER, AUTO_REASON)
+
+
+def _append(con: duckdb.DuckDBPyConnection, client: MlflowClient, key: bytes, domain: str, version: str,
+            decision: Decision, approver: str, reason: str | None) -> ApprovalRecord:
+    """Sign and append one record (refused on a broken chain), then mirror it as version tags."""
     with transaction(con):
-        approval_id = con.execute(
-            """INSERT INTO registry.approvals (domain, model_version, decision, approver, reason, decided_at)
-               VALUES (?, ?, ?, ?, ?, ?) RETURNING approval_id""",
-            [domain, version, decision, approver, reason, datetime.now(UTC).replace(tzinfo=None)],
-        ).fetchone()[0]
+        previous = verify_chain(con, key)
+        approval_id = con.execute("SELECT nextval('registry.approval_ids')").fetchone()[0]
+        record = ApprovalRecord(approval_id, domain, version, decision, approver, reason,
+                                datetime.now(UTC).replace(tzinfo=None))
+        con.execute(f"INSERT INTO registry.approvals ({_FIELDS}, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [*astuple(record), _sign(key, record, previous)])
     name = registry.model_name(domain)
-    for key, value in {"approval.decision": decision, "approval.approver": approver,
+    for tag, value in {"approval.decision": decision, "approval.approver": approver,
                        "approval.reason": reason or "", "approval.id": str(approval_id)}.items():
-        client.set_model_version_tag(name, version, key, value)
+        client.set_model_version_tag(name, version, tag, value)
     if decision == "rejected" and registry.alias_version(client, domain, registry.CANDIDATE) == version:
         client.delete_registered_model_alias(name, registry.CANDIDATE)
-    return ApprovalRecord(approval_id, domain, version, decision, approver, reason)
+    return record
 
+
+# --- reading and deploying -----------------------------------------------------------------------
 
 def _records(con: duckdb.DuckDBPyConnection, condition: str, params: list) -> list[ApprovalRecord]:
     """Approval records matching ``condition`` (a WHERE clause and its ordering)."""
     ensure_tables(con)
-    rows = con.execute(
-        "SELECT approval_id, domain, model_version, decision, approver, reason "
-        f"FROM registry.approvals WHERE {condition}",
-        params,
-    ).fetchall()
+    rows = con.execute(f"SELECT {_FIELDS} FROM registry.approvals WHERE {condition}", params).fetchall()
     return [ApprovalRecord(*row) for row in rows]
 
 
@@ -123,14 +274,36 @@ def latest_decision(con: duckdb.DuckDBPyConnection, domain: str, version: str) -
     return next(iter(records), None)
 
 
-def deploy(con: duckdb.DuckDBPyConnection, client: MlflowClient, approval_id: int) -> tuple[str, str | None]:
-    """Move ``champion`` to the version an approved record names. Returns (new, old) champion."""
+def check_deployable(con: duckdb.DuckDBPyConnection, client: MlflowClient, config: FlywheelConfig,
+                     key: bytes, approval_id: int) -> ApprovalRecord:
+    """Everything an approval must show at deploy time, checked again: an unbroken chain, an approval
+    not overruled by a later rejection, an approver allowed by flywheel.yaml as it is now, and a
+    version that passed its gate. Returns the record; raises ApprovalError with the reason."""
+    verify_chain(con, key)
     record = approval_for(con, approval_id)
     if record is None or record.decision != "approved":
         raise ApprovalError(f"approval {approval_id} does not approve a deployment")
     latest = latest_decision(con, record.domain, record.model_version)
-    if latest.approval_id != record.approval_id:
+    if latest.decision == "rejected":
         raise ApprovalError(f"approval {approval_id} was superseded by decision {latest.approval_id} ({latest.decision})")
+    tagged = registry.version_tags(client, record.domain, record.model_version).get("approval.id")
+    if tagged != str(latest.approval_id):
+        raise ApprovalError(f"{registry.model_name(record.domain)} v{record.model_version} names decision {tagged} "
+                            f"as its latest, the warehouse {latest.approval_id}: a record is missing")
+    domain_config = config.domain(record.domain)
+    if record.approver != AUTO_APPROVER:
+        check_person(record.domain, domain_config, record.approver)
+    elif domain_config.automation != "auto":
+        raise ApprovalError(f"approval {approval_id} is by {AUTO_APPROVER} but domain {record.domain!r} is "
+                            f"automation={domain_config.automation}: a person must approve it")
+    check_passed_gate(client, record.domain, record.model_version)
+    return record
+
+
+def deploy(con: duckdb.DuckDBPyConnection, client: MlflowClient, config: FlywheelConfig, key: bytes,
+           approval_id: int) -> tuple[str, str | None]:
+    """Move ``champion`` to the version a verified approval names. Returns (new, old) champion."""
+    record = check_deployable(con, client, config, key, approval_id)
     previous = registry.promote(client, record.domain, record.model_version)
     con.execute(
         "INSERT OR IGNORE INTO registry.deployments VALUES (?, ?, ?, ?, ?)",

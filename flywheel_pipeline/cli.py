@@ -128,7 +128,7 @@ def cmd_approve(args: argparse.Namespace) -> None:
     version = args.version or registry.alias_version(client, args.domain, registry.CANDIDATE)
     if version is None:
         raise SystemExit(f"flywheel: {args.domain} has no candidate waiting; name one with --version")
-    approval.check_decision(client, config, args.domain, version, decision, args.approver)  # fail fast
+    approval.check_decision(client, config, args.domain, version, decision, args.approver, args.reason)  # fail fast
     run_config = {"ops": {APPROVE_OP: {"config": {"domain": args.domain, "version": version,
                                                   "approver": args.approver, "decision": decision,
                                                   "reason": args.reason or ""}}}}
@@ -141,7 +141,10 @@ def cmd_approve(args: argparse.Namespace) -> None:
         if decision == "approved":
             deploy = wait_for_deployment(dagster, config, args.domain, version, client)
             champion = registry.alias_version(client, args.domain, registry.CHAMPION)
-            console.print(f"deployment {deploy.status.value.lower()}: {args.domain} champion is v{champion}")
+            if not deploy.is_success:
+                raise SystemExit(f"flywheel: the deployment of {args.domain} v{version} was refused: "
+                                 f"{failure(dagster.instance, deploy.run_id)} (champion: v{champion})")
+            console.print(f"deployed: {args.domain} champion is v{champion}")
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:

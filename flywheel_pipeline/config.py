@@ -14,7 +14,17 @@ from typing import Literal
 
 import yaml
 from croniter import croniter
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from flywheel_pipeline.events import OUTCOME_NAMES
 
 CONFIG_ENV = "FLYWHEEL_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "flywheel.yaml"
@@ -25,6 +35,9 @@ CADENCE_CRONS = {
     "monthly": "0 3 1 * *",
     "quarterly": "0 3 1 1,4,7,10 *",
 }
+
+
+AUTO_APPROVER = "flywheel:auto"  # the pipeline's own identity when it approves an auto domain's candidate
 
 
 class ConfigError(ValueError):
@@ -38,6 +51,14 @@ class _Strict(BaseModel):
 class LabelMaturity(_Strict):
     outcome: str = Field(min_length=1, description="the delayed outcome the domain waits for")
     quantile: float = Field(0.9, gt=0, lt=1, description="delay quantile a day must be older than")
+
+    @field_validator("outcome")
+    @classmethod
+    def _known_outcome(cls, value: str) -> str:
+        if value not in OUTCOME_NAMES:
+            raise ValueError(f"must be an outcome the event contract knows, one of {list(OUTCOME_NAMES)} "
+                             f"(docs/events.md), got {value!r}")
+        return value
 
 
 class Gate(_Strict):
@@ -71,6 +92,26 @@ class DomainConfig(_Strict):
         if value in CADENCE_CRONS or (len(value.split()) == 5 and croniter.is_valid(value)):
             return value
         raise ValueError(f"must be one of {sorted(CADENCE_CRONS)} or a 5-field cron, got {value!r}")
+
+    @field_validator("holdout_days")
+    @classmethod
+    def _holdout_within_lookback(cls, value: int, info: ValidationInfo) -> int:
+        lookback = info.data.get("lookback_days")
+        if lookback is not None and value > lookback:
+            raise ValueError(f"{value} held-out days exceed lookback_days ({lookback}): "
+                             f"the candidate would be judged on more days than it learnt from")
+        return value
+
+    @field_validator("approvers")
+    @classmethod
+    def _someone_approves(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if info.data.get("automation") == "manual" and not value:
+            raise ValueError("a manual domain needs at least one approver (or automation: auto)")
+        for name in value:
+            if not name.strip() or name == AUTO_APPROVER:
+                raise ValueError(f"{name!r} cannot be an approver: a person's non-blank name, not "
+                                 f"{AUTO_APPROVER!r} (the pipeline's own identity)")
+        return value
 
     @property
     def cron(self) -> str:

@@ -16,6 +16,9 @@ VERDICTS = ("good", "bad")
 SIGNAL_TYPES = (
     "rating", "accept", "reject", "edit", "revert", "copy", "reformulate", "abandon", "dwell", "click",
 )
+# Delayed outcomes a domain can wait for (flywheel.yaml's label_maturity.outcome). An outcome
+# event's `name` may be anything; only these are ones a domain's labels and gate can be built on.
+OUTCOME_NAMES = ("resolved", "purchase")
 MAX_ID_LENGTH = 128
 MAX_INPUT_LENGTH = 4000
 MAX_IMPRESSIONS = 50

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
+from datetime import datetime
+
 import dagster as dg
 import mlflow
 import pandas as pd
 import pytest
+import yaml
 
 from flywheel_pipeline import approval, registry
 from flywheel_pipeline.config import load_config
 from flywheel_pipeline.defs.jobs import approve_candidate, deploy_champion, rollback_champion
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.defs.sensors import build_sensors
+from flywheel_pipeline.launcher import failure
 from tests.conftest import REPO
 
 approval_sensor, _ = build_sensors(load_config(REPO / "flywheel.yaml"))
@@ -39,17 +44,34 @@ def client(resources):
     return resources["mlflow"].client()
 
 
-def candidate(client, domain: str = "recommendation", gate: str = "passed") -> str:
+@pytest.fixture
+def key(home) -> bytes:
+    return approval.signing_key(home)
+
+
+def candidate(client, domain: str = "recommendation", outcome: str = "passed", gate_tag: str | None = None,
+              validated_uri: str | None = None) -> str:
+    """A version registered as a cycle registers one: a training run that logged the model, a
+    validation run whose gate had ``outcome`` for that model (or ``validated_uri``), and lineage tags
+    naming both (``validation.gate``: ``gate_tag``, by default the outcome)."""
     mlflow.set_experiment(f"test-{domain}")
-    with mlflow.start_run() as run:
+    with mlflow.start_run() as training:
         info = mlflow.pyfunc.log_model(name="model", python_model=ConstantModel(), pip_requirements=[])
-    return registry.register_candidate(client, domain, info.model_uri, run.info.run_id, {"validation.gate": gate})
+    with mlflow.start_run(tags={"flywheel.stage": "validation", "flywheel.domain": domain,
+                                "flywheel.gate.outcome": outcome,
+                                "flywheel.candidate_model_uri": validated_uri or info.model_uri}) as validation:
+        pass
+    lineage = {"training.run_id": training.info.run_id, "validation.run_id": validation.info.run_id,
+               "validation.gate": gate_tag or outcome}
+    return registry.register_candidate(client, domain, info.model_uri, training.info.run_id, lineage)
 
 
-def approve(resources, version: str, decision: str = "approved", reason: str = "", domain: str = "recommendation"):
-    config = {"domain": domain, "version": version, "approver": "recsys-lead", "decision": decision, "reason": reason}
+def approve(resources, version: str, decision: str = "approved", reason: str = "", domain: str = "recommendation",
+            approver: str = "recsys-lead", instance: dg.DagsterInstance | None = None):
+    config = {"domain": domain, "version": version, "approver": approver, "decision": decision, "reason": reason}
     return approve_candidate.execute_in_process(
-        run_config={"ops": {"record_approval": {"config": config}}}, resources=resources, raise_on_error=False)
+        run_config={"ops": {"record_approval": {"config": config}}}, resources=resources, instance=instance,
+        raise_on_error=False)
 
 
 def tick(resources, instance, cursor=None):
@@ -57,21 +79,37 @@ def tick(resources, instance, cursor=None):
     return approval_sensor(context)
 
 
-def deploy(resources, instance, request: dg.RunRequest):
-    return deploy_champion.execute_in_process(run_config=request.run_config, resources=resources, instance=instance)
+def deploy(resources, instance, approval_id: int):
+    return deploy_champion.execute_in_process(
+        run_config={"ops": {"deploy_approved": {"config": {"approval_id": approval_id}}}},
+        resources=resources, instance=instance, raise_on_error=False)
+
+
+def approval_id(request: dg.RunRequest) -> int:
+    return request.run_config["ops"]["deploy_approved"]["config"]["approval_id"]
+
+
+def champion(client, domain: str = "recommendation") -> str | None:
+    return registry.alias_version(client, domain, registry.CHAMPION)
+
+
+def sql(resources, statement: str, params: list | None = None) -> None:
+    with resources["warehouse"].connect() as con:
+        approval.ensure_tables(con)
+        con.execute(statement, params or [])
 
 
 def test_sensor_deploys_only_after_an_approval(resources, client, instance):
     version = candidate(client)
 
     assert tick(resources, instance).run_requests == []
-    assert registry.alias_version(client, "recommendation", registry.CHAMPION) is None
+    assert champion(client) is None
 
     assert approve(resources, version).success
     result = tick(resources, instance)
     assert [r.run_key for r in result.run_requests] == [f"deploy:recommendation:v{version}:approval-1"]
-    assert deploy(resources, instance, result.run_requests[0]).success
-    assert registry.alias_version(client, "recommendation", registry.CHAMPION) == version
+    assert deploy(resources, instance, approval_id(result.run_requests[0])).success
+    assert champion(client) == version
     assert registry.alias_version(client, "recommendation", registry.CANDIDATE) is None
 
     assert tick(resources, instance, cursor=result.cursor).run_requests == []
@@ -82,36 +120,165 @@ def test_rejected_candidate_never_becomes_champion(resources, client, instance):
     version = candidate(client)
 
     assert not approve(resources, version, decision="rejected").success  # a rejection needs a reason
+    assert not approve(resources, version, decision="rejected", reason="   ").success
     assert approve(resources, version, decision="rejected", reason="slate diversity dropped").success
 
     result = tick(resources, instance)
     assert result.run_requests == [] and result.cursor == "1"
     assert registry.alias_version(client, "recommendation", registry.CANDIDATE) is None
-    with resources["warehouse"].connect() as con, pytest.raises(approval.ApprovalError, match="does not approve"):
-        approval.deploy(con, client, 1)
-    assert registry.alias_version(client, "recommendation", registry.CHAMPION) is None
+    refused = deploy(resources, instance, 1)
+    assert not refused.success and "does not approve" in failure(instance, refused.run_id)
+    assert champion(client) is None
     assert registry.version_tags(client, "recommendation", version)["approval.reason"] == "slate diversity dropped"
 
 
-def test_a_later_rejection_supersedes_an_approval(resources, client):
+def test_a_later_rejection_supersedes_an_approval(resources, client, config, key):
     version = candidate(client)
     approve(resources, version)
     approve(resources, version, decision="rejected", reason="found a bug")
     with resources["warehouse"].connect() as con, pytest.raises(approval.ApprovalError, match="superseded"):
-        approval.deploy(con, client, 1)
+        approval.deploy(con, client, config, key, 1)
 
 
-def test_approval_is_refused_for_a_failed_gate_or_an_unknown_approver(resources, client, config):
-    failed = candidate(client, gate="failed")
+def test_approval_is_refused_for_a_failed_gate_or_an_unknown_approver(resources, client, config, key):
+    failed = candidate(client, outcome="failed")
     with resources["warehouse"].connect() as con:
         with pytest.raises(approval.ApprovalError, match="did not pass its validation gate"):
-            approval.record_decision(con, client, config, "recommendation", failed, "approved", "recsys-lead")
+            approval.record_decision(con, client, config, key, "recommendation", failed, "approved", "recsys-lead")
         with pytest.raises(approval.ApprovalError, match="may not decide"):
-            approval.record_decision(con, client, config, "recommendation", failed, "approved", "mallory")
-        with pytest.raises(approval.ApprovalError, match="may not decide"):
-            approval.record_decision(con, client, config, "recommendation", failed, "approved", approval.AUTO_APPROVER)
+            approval.record_decision(con, client, config, key, "recommendation", failed, "approved", "mallory")
+        with pytest.raises(approval.ApprovalError, match="pipeline's own identity"):
+            approval.record_decision(con, client, config, key, "recommendation", failed, "approved",
+                                     approval.AUTO_APPROVER)
         with pytest.raises(approval.ApprovalError, match="has no version '99'"):
-            approval.record_decision(con, client, config, "recommendation", "99", "rejected", "recsys-lead")
+            approval.record_decision(con, client, config, key, "recommendation", "99", "rejected", "recsys-lead",
+                                     "no such model")
+        with pytest.raises(approval.ApprovalError, match="needs a reason"):
+            approval.record_decision(con, client, config, key, "recommendation", failed, "rejected", "recsys-lead", " ")
+
+
+def hand_registered(client) -> str:
+    """A version registered by hand: a logged model and a gate tag, no training or validation run."""
+    mlflow.set_experiment("by-hand")
+    with mlflow.start_run() as run:
+        info = mlflow.pyfunc.log_model(name="model", python_model=ConstantModel(), pip_requirements=[])
+    return registry.register_candidate(client, "recommendation", info.model_uri, run.info.run_id,
+                                       {"validation.gate": "passed"})
+
+
+def test_a_hand_inserted_approval_is_refused_by_the_sensor_and_the_deployment(resources, client, instance):
+    """A version registered by hand (no lineage, no gate) and an approval row inserted by hand."""
+    forged = hand_registered(client)
+    sql(resources, "INSERT INTO registry.approvals (domain, model_version, decision, approver, reason, decided_at) "
+                   "VALUES ('recommendation', ?, 'approved', 'mallory', 'trust me', ?)", [str(forged), datetime.now()])
+
+    with pytest.raises(approval.ApprovalError, match="approval record 1 breaks the approval chain: it is not signed"):
+        tick(resources, instance)
+    refused = deploy(resources, instance, 1)
+    assert not refused.success
+    assert "approval record 1 breaks the approval chain" in failure(instance, refused.run_id)
+    assert champion(client) is None
+
+
+@pytest.mark.parametrize(
+    ("tampering", "broken"),
+    [
+        ("UPDATE registry.approvals SET approver = 'mallory' WHERE approval_id = 1", 1),
+        ("UPDATE registry.approvals SET model_version = '1' WHERE approval_id = 2", 2),
+        ("DELETE FROM registry.approvals WHERE approval_id = 1", 2),
+    ],
+)
+def test_a_tampered_record_breaks_the_chain_and_nothing_deploys(resources, client, instance, tampering, broken):
+    first, second = candidate(client), candidate(client)
+    assert approve(resources, first).success and approve(resources, second).success
+    sql(resources, tampering)
+
+    message = f"approval record {broken} breaks the approval chain"
+    with pytest.raises(approval.ApprovalError, match=message):
+        tick(resources, instance)
+    refused = deploy(resources, instance, 2)
+    assert not refused.success and message in failure(instance, refused.run_id)
+    assert champion(client) is None
+    third = candidate(client)  # nothing is appended to a broken chain either
+    recorded = approve(resources, third, instance=instance)
+    assert not recorded.success and message in failure(instance, recorded.run_id)
+
+
+def test_nobody_signs_as_the_pipeline(resources, client, instance, config, key):
+    """On an auto domain only the pipeline approves as flywheel:auto; on a manual one nobody does."""
+    version = candidate(client, domain="assistant")
+    refused = approve(resources, version, domain="assistant", approver=approval.AUTO_APPROVER, instance=instance)
+    assert not refused.success and "pipeline's own identity" in failure(instance, refused.run_id)
+
+    manual = candidate(client)
+    with resources["warehouse"].connect() as con:
+        with pytest.raises(approval.ApprovalError, match="a person approves its candidates"):
+            approval.record_auto_approval(con, client, config, key, "recommendation", manual)
+        record = approval.record_auto_approval(con, client, config, key, "assistant", version)
+    assert record.approver == approval.AUTO_APPROVER
+    assert deploy(resources, instance, record.approval_id).success
+    assert champion(client, "assistant") == version
+
+
+def test_deployment_checks_the_approval_again(resources, client, instance, home, tmp_path):
+    """What held at approval time is checked again at deploy time: the approver is still allowed,
+    the validation run still says passed."""
+    first, second = candidate(client), candidate(client)
+    assert approve(resources, first).success and approve(resources, second).success
+
+    raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
+    raw["domains"]["recommendation"]["approvers"] = ["new-lead"]
+    (tmp_path / "flywheel.yaml").write_text(yaml.safe_dump(raw))
+    moved_on = {**resources, "warehouse": WarehouseResource(home_path=str(home.root),
+                                                            config_path=str(tmp_path / "flywheel.yaml"))}
+    refused = deploy(moved_on, instance, 1)
+    assert not refused.success and "'recsys-lead' may not decide" in failure(instance, refused.run_id)
+
+    validation_run = registry.version_tags(client, "recommendation", second)["validation.run_id"]
+    client.set_tag(validation_run, "flywheel.gate.outcome", "failed")
+    refused = deploy(resources, instance, 2)
+    assert not refused.success and "did not pass its validation gate" in failure(instance, refused.run_id)
+    assert champion(client) is None
+
+
+@pytest.mark.parametrize(
+    ("version_of", "reason"),
+    [
+        (lambda client: candidate(client, outcome="failed", gate_tag="passed"), "did not pass its validation gate"),
+        (lambda client: candidate(client, validated_uri="models:/m-another"), "validated models:/m-another"),
+        (hand_registered, "no pipeline lineage"),
+    ],
+)
+def test_a_gate_tag_on_the_version_is_not_proof(resources, client, instance, version_of, reason):
+    version = version_of(client)
+    refused = approve(resources, version, instance=instance)
+    assert not refused.success and reason in failure(instance, refused.run_id)
+
+
+def test_approving_twice_deploys_once_and_the_champion_cannot_be_approved_again(resources, client, instance):
+    version = candidate(client)
+    assert approve(resources, version).success and approve(resources, version).success  # e.g. two clicks
+    requests = tick(resources, instance).run_requests
+    assert [deploy(resources, instance, approval_id(r)).success for r in requests] == [True, True]
+    assert champion(client) == version
+
+    again = approve(resources, version, instance=instance)
+    assert not again.success and "already the champion" in failure(instance, again.run_id)
+
+
+def test_rejecting_the_champion_is_refused_with_the_way_to_roll_back(resources, client, instance):
+    first, second = candidate(client), candidate(client)
+    for version in (first, second):
+        assert approve(resources, version).success
+    for request in tick(resources, instance).run_requests:
+        assert deploy(resources, instance, approval_id(request)).success
+    assert champion(client) == second
+
+    refused = approve(resources, second, decision="rejected", reason="bad slates", instance=instance)
+    assert not refused.success
+    assert f"roll back to v{first} first (`flywheel rollback --domain recommendation`" in \
+        failure(instance, refused.run_id).lower()
+    assert champion(client) == second
 
 
 def test_rollback_restores_the_previous_champion(resources, client, instance):
@@ -121,18 +288,33 @@ def test_rollback_restores_the_previous_champion(resources, client, instance):
     for _ in range(2):
         result = tick(resources, instance, cursor)
         for request in result.run_requests:
-            deploy(resources, instance, request)
+            deploy(resources, instance, approval_id(request))
         cursor = result.cursor
         if second is None:
             second = candidate(client)
             approve(resources, second)
-    assert registry.alias_version(client, "recommendation", registry.CHAMPION) == second
+    assert champion(client) == second
     assert registry.alias_version(client, "recommendation", registry.PREVIOUS) == first
 
     rollback_champion.execute_in_process(
         run_config={"ops": {"restore_previous": {"config": {"domain": "recommendation"}}}}, resources=resources)
 
-    assert registry.alias_version(client, "recommendation", registry.CHAMPION) == first
+    assert champion(client) == first
     assert "rolled_back_at" in registry.version_tags(client, "recommendation", second)
     with pytest.raises(registry.RegistryError, match="no previous champion"):
         registry.rollback(client, "recommendation")
+
+
+def test_the_signing_key_is_private_and_kept_outside_the_warehouse(home, monkeypatch, tmp_path):
+    key = approval.signing_key(home)
+    path = approval.key_path(home)
+    assert path == home.root / "secrets" / "approval.key" and oct(path.stat().st_mode & 0o777) == "0o600"
+    assert approval.signing_key(home) == key  # created once
+
+    path.chmod(0o644)
+    with pytest.raises(approval.ApprovalError, match="open to others"):
+        approval.signing_key(home)
+    monkeypatch.setenv(approval.KEY_ENV, str(tmp_path / "mounted" / "approval.key"))
+    with pytest.raises(approval.ApprovalError, match="does not exist"):
+        approval.signing_key(home)
+    assert not os.path.exists(tmp_path / "mounted")

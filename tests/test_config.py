@@ -45,6 +45,26 @@ def test_bad_key_is_named(path, value, named):
         parse_config(broken(path, value))
 
 
+@pytest.mark.parametrize(
+    ("path", "value", "why"),
+    [
+        (["domains", "assistant", "holdout_days"], 30, "exceed lookback_days (28)"),
+        (["domains", "recommendation", "approvers"], [], "a manual domain needs at least one approver"),
+        (["domains", "assistant", "approvers"], ["flywheel:auto"], "the pipeline's own identity"),
+        (["domains", "assistant", "approvers"], [" "], "a person's non-blank name"),
+        (["domains", "assistant", "label_maturity", "outcome"], "resolvd", "one of ['resolved', 'purchase']"),
+    ],
+)
+def test_cross_field_rules_name_the_key(path, value, why):
+    with pytest.raises(ConfigError) as error:
+        parse_config(broken(path, value))
+    assert f"{'.'.join(path)}: " in str(error.value) and why in str(error.value)
+
+
+def test_an_auto_domain_may_have_no_approver():
+    assert parse_config(broken(["domains", "assistant", "approvers"], [])).domain("assistant").approvers == []
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.yaml")

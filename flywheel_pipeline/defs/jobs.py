@@ -6,6 +6,8 @@
     rollback_champion   put the previous champion back
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import dagster as dg
@@ -36,6 +38,15 @@ def cycle_job(domain: str):  # an unresolved asset job (its type is not public)
     )
 
 
+@contextmanager
+def refusal_as_failure() -> Iterator[None]:
+    """A refused decision or deployment fails the run, with the reason as its message."""
+    try:
+        yield
+    except approval.ApprovalError as refused:
+        raise dg.Failure(str(refused), metadata={"refused": str(refused)}) from None
+
+
 class ApprovalConfig(dg.Config):
     domain: str = Field(description="the domain whose candidate is decided, e.g. recommendation")
     version: str = Field(description="the registered model version (see the registered_candidate asset)")
@@ -47,10 +58,9 @@ class ApprovalConfig(dg.Config):
 @dg.op(description="Record an approval or rejection of a candidate; the approval sensor deploys approvals.")
 def record_approval(context: dg.OpExecutionContext, config: ApprovalConfig,
                     warehouse: WarehouseResource, mlflow: MlflowResource) -> None:
-    if config.decision == "rejected" and not config.reason.strip():
-        raise dg.Failure("a rejection needs a reason")
-    with warehouse.connect() as con:
-        record = approval.record_decision(con, mlflow.client(), warehouse.config(), config.domain,
+    with warehouse.connect() as con, refusal_as_failure():
+        record = approval.record_decision(con, mlflow.client(), warehouse.config(),
+                                          approval.signing_key(warehouse.home()), config.domain,
                                           config.version, config.decision, config.approver,
                                           config.reason or None)
     context.log.info(f"approval {record.approval_id}: {record.decision} {config.domain} v{config.version}")
@@ -61,12 +71,14 @@ class DeployConfig(dg.Config):
     approval_id: int = Field(description="the approval record to deploy")
 
 
-@dg.op(description="Move the champion alias to the version an approval names; the old one becomes previous.")
+@dg.op(description="Verify an approval again (signature chain, approver, lineage, validation run) and move "
+                   "the champion alias to the version it names; the old one becomes previous.")
 def deploy_approved(context: dg.OpExecutionContext, config: DeployConfig,
                     warehouse: WarehouseResource, mlflow: MlflowResource) -> None:
-    with warehouse.connect() as con:
-        new, old = approval.deploy(con, mlflow.client(), config.approval_id)
-    context.log.info(f"champion is now v{new} (previous: v{old})")
+    with warehouse.connect() as con, refusal_as_failure():
+        new, old = approval.deploy(con, mlflow.client(), warehouse.config(),
+                                   approval.signing_key(warehouse.home()), config.approval_id)
+    context.log.info(f"v{new} was already the champion" if new == old else f"champion is now v{new} (previous: v{old})")
 
 
 class RollbackConfig(dg.Config):

@@ -73,11 +73,14 @@ def build_sensors(config: FlywheelConfig) -> list[dg.SensorDefinition]:
 
     @dg.sensor(job=deploy_champion, minimum_interval_seconds=config.daemon.approval_sensor_seconds,
                default_status=dg.DefaultSensorStatus.RUNNING,
-               description="Watches registry.approvals; each new approval deploys its version as champion.")
+               description="Watches registry.approvals; each new approval launches deploy_champion, which "
+                           "verifies it again and fails with the reason when it does not hold. A broken "
+                           "signature chain fails the tick, naming the record, and launches nothing.")
     def approval_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource) -> dg.SensorResult:
         last_seen = int(context.cursor or 0)
         try:
             with warehouse.connect() as con:
+                approval.verify_chain(con, approval.signing_key(warehouse.home()))  # a broken one fails the tick
                 records = approval.decisions_after(con, last_seen)
         except WarehouseBusy as busy:
             return dg.SensorResult(skip_reason=f"{busy}; looking again next tick")
