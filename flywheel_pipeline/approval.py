@@ -79,7 +79,7 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
 
 def key_path(home: Home) -> Path:
     """$FLYWHEEL_APPROVAL_KEY_FILE, else ``<home>/secrets/approval.key``."""
-    return Path(os.environ[KEY_ENV]) if KEY_ENV in os.environ else home.root / "secrets" / "approval.key"
+    return Path(os.environ.get(KEY_ENV) or home.root / "secrets" / "approval.key")
 
 
 def signing_key(home: Home) -> bytes:
@@ -87,7 +87,7 @@ def signing_key(home: Home) -> bytes:
     use; a file named by $FLYWHEEL_APPROVAL_KEY_FILE must exist; either must be private to its owner."""
     path = key_path(home)
     if not path.exists():
-        if KEY_ENV in os.environ:
+        if os.environ.get(KEY_ENV):
             raise ApprovalError(f"{KEY_ENV} names {path}, which does not exist")
         _create_key(path)
     mode = stat.S_IMODE(path.stat().st_mode)
@@ -159,9 +159,12 @@ def check_passed_gate(client: MlflowClient, domain: str, version: str) -> None:
     if missing := [tag for tag in LINEAGE_TAGS if not tags.get(tag)]:
         raise ApprovalError(f"{name} v{version} has no pipeline lineage (no {', '.join(missing)} tag): "
                             f"it was not registered by a flywheel cycle")
-    if tags["validation.gate"] != "passed" or tags["training.run_id"] != model.run_id:
+    if tags["validation.gate"] != "passed":
         raise ApprovalError(f"version {version} of {domain} did not pass its validation gate "
-                            f"(gate tag {tags['validation.gate']!r}, training run {tags['training.run_id']})")
+                            f"({tags['validation.gate']})")
+    if tags["training.run_id"] != model.run_id:
+        raise ApprovalError(f"{name} v{version} was made by run {model.run_id}, but its lineage names "
+                            f"training run {tags['training.run_id']}")
     run_id = tags["validation.run_id"]
     try:
         run = client.get_run(run_id)

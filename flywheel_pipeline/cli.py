@@ -143,7 +143,7 @@ def cmd_approve(args: argparse.Namespace) -> None:
             champion = registry.alias_version(client, args.domain, registry.CHAMPION)
             if not deploy.is_success:
                 raise SystemExit(f"flywheel: the deployment of {args.domain} v{version} was refused: "
-                                 f"{failure(dagster.instance, deploy.run_id)} (champion: v{champion})")
+                                 f"{failure(dagster.instance, deploy.run_id)} (champion: {f'v{champion}' if champion else 'none'})")
             console.print(f"deployed: {args.domain} champion is v{champion}")
 
 

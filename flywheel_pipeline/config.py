@@ -28,6 +28,7 @@ from flywheel_pipeline.events import OUTCOME_NAMES
 
 CONFIG_ENV = "FLYWHEEL_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "flywheel.yaml"
+AUTO_APPROVER = "flywheel:auto"  # the pipeline's own identity: it approves auto domains' candidates
 
 CADENCE_CRONS = {
     "daily": "0 3 * * *",
@@ -35,9 +36,6 @@ CADENCE_CRONS = {
     "monthly": "0 3 1 * *",
     "quarterly": "0 3 1 1,4,7,10 *",
 }
-
-
-AUTO_APPROVER = "flywheel:auto"  # the pipeline's own identity when it approves an auto domain's candidate
 
 
 class ConfigError(ValueError):
