@@ -78,6 +78,7 @@ TEST_CONFIG = {
             "holdout_days": 3,
             "label_maturity": {"outcome": "resolved"},
             "gate": {"min_improvement": 0.0, "max_slice_regression": 0.05, "min_samples": 200},
+            "approvers": ["ml-oncall"],
         },
         "recommendation": {
             "shape": "recommendation",
@@ -87,6 +88,7 @@ TEST_CONFIG = {
             "exploration_share": 0.2,
             "label_maturity": {"outcome": "purchase"},
             "gate": {"min_improvement": 0.0, "max_slice_regression": 0.05, "min_samples": 200},
+            "approvers": ["recsys-lead"],
         },
     },
 }
