@@ -284,8 +284,10 @@ def check_deployable(con: duckdb.DuckDBPyConnection, client: MlflowClient, confi
     version that passed its gate. Returns the record; raises ApprovalError with the reason."""
     verify_chain(con, key)
     record = approval_for(con, approval_id)
-    if record is None or record.decision != "approved":
-        raise ApprovalError(f"approval {approval_id} does not approve a deployment")
+    if record is None:
+        raise ApprovalError(f"there is no approval record {approval_id}")
+    if record.decision != "approved":
+        raise ApprovalError(f"approval {approval_id} does not approve a deployment ({record.decision})")
     latest = latest_decision(con, record.domain, record.model_version)
     if latest.decision == "rejected":
         raise ApprovalError(f"approval {approval_id} was superseded by decision {latest.approval_id} ({latest.decision})")
