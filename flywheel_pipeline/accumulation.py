@@ -6,6 +6,8 @@ batch's day, or more than ``max_lateness_days`` before it). A partition's lines 
 into ``raw.interactions/impressions/signals/outcomes/labels`` or quarantined in ``raw.quarantine``
 with a reason, so lines in = accepted + quarantined. A domain's landing folder holds the product's
 daily batches (``<day>.jsonl``) and the review queue's (``labels/<day>.jsonl``: ``label`` events).
+Batches are read and checked one at a time: a line too long or not UTF-8, or a batch that cannot be
+read, is quarantined and the other batches still land (docs/events.md: Delivery).
 A run replaces its partitions in one transaction:
 re-running is idempotent (an event keeps the time it was first ingested, which the late-label
 sensor relies on), and a crash leaves the previous state.
@@ -422,6 +424,7 @@ def accumulate(
     now = now or datetime.now(UTC)
     ensure_raw_tables(con)
     con.execute("SET TimeZone = 'UTC'")
+    con.execute("SET preserve_insertion_order = true")  # a batch's rows keep its line order
     batches = batches_for(home, domain, dates, config.max_lateness_days)
     problems = _read_batches(con, home, config, domain, batches, now)
     _mark_duplicates(con, domain, dates)

@@ -89,7 +89,9 @@ class LandingSettings(_Strict):
     """What a landing batch may hold before accumulation quarantines it (docs/events.md: Delivery)."""
 
     max_line_bytes: int = Field(
-        1_048_576, ge=1024, description="a longer line is quarantined (line_too_long), never read whole")
+        1_048_576, ge=1024, le=16 * 1_048_576,
+        description="a longer line is quarantined (line_too_long), never read whole; the reader buffers "
+                    "16 times this per thread")
     min_daily_traffic_share: float = Field(
         0.2, gt=0, lt=1, description="a day whose accepted interactions fall below this share of the "
                                      "domain's median day is flagged (the daily_traffic check)")
