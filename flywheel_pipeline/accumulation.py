@@ -241,7 +241,7 @@ def _read_batches(con: duckdb.DuckDBPyConnection, home: Home, config: FlywheelCo
         try:
             _read_batch(con, path, config.landing.max_line_bytes)
         except duckdb.Error as error:
-            problems[batch.file] = f"{batch.file} cannot be read: {_first_line(error)}"
+            problems[batch.file] = _problem(batch, "cannot be read", error)
             con.execute("CREATE OR REPLACE TEMP TABLE batch_lines AS SELECT 0::BIGINT AS source_line, ? AS line",
                         [problems[batch.file]])
             _quarantine_batch(con, batch, "unreadable_file")
@@ -249,15 +249,16 @@ def _read_batches(con: duckdb.DuckDBPyConnection, home: Home, config: FlywheelCo
         try:
             _check_batch(con, config, domain, batch, now)
         except duckdb.OutOfMemoryException as error:
-            problems[batch.file] = (f"{batch.file} ran out of memory while checked, its lines are quarantined "
-                                    f"(raise warehouse.memory_limit or lower landing.max_line_bytes): "
-                                    f"{_first_line(error)}")
+            problems[batch.file] = _problem(batch, "ran out of memory while checked, its lines are quarantined", error)
             _quarantine_batch(con, batch, "out_of_memory")
     return problems
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0]
+def _problem(batch: _Batch, what: str, error: duckdb.Error) -> str:
+    """``assistant/2026-11-02.jsonl cannot be read: <DuckDB's first line>``, with what to do about memory."""
+    advice = (" (raise warehouse.memory_limit or lower landing.max_line_bytes)"
+              if isinstance(error, duckdb.OutOfMemoryException) else "")
+    return f"{batch.file} {what}{advice}: {str(error).strip().splitlines()[0]}"
 
 
 def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date]) -> None:

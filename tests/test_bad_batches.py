@@ -85,6 +85,21 @@ def test_a_batch_that_cannot_be_read_is_quarantined_whole_and_the_others_land(ho
     assert report.metadata()["batch_problems"] == why and report.reconciles
 
 
+def test_a_batch_that_runs_out_of_memory_is_quarantined_line_by_line_and_named(home, config):
+    write_batch(home, "2026-11-02", [interaction(f"b{i}", context={"notes": "x" * (9 * MB // 10)}) for i in range(6)])
+    write_batch(home, "2026-11-03", [interaction("ok", timestamp="2026-11-03T10:00:00Z")])
+
+    with warehouse.connect(home.warehouse, memory_limit="64MB") as con:
+        con.execute("SET threads = 1")
+        report = accumulate(con, home, config, "assistant", [DAY, NEXT_DAY], now=NOW)
+
+    assert report.reasons == {"out_of_memory": 6} and report.accepted["interactions"] == 1
+    assert report.batch_problems["assistant/2026-11-02.jsonl"].startswith(
+        "assistant/2026-11-02.jsonl ran out of memory while checked, its lines are quarantined "
+        "(raise warehouse.memory_limit or lower landing.max_line_bytes): Out of Memory Error")
+    assert table(home, "SELECT DISTINCT length(line) FROM raw.quarantine") == [(QUARANTINED_PREFIX_CHARS,)]
+
+
 def test_a_batch_dated_in_the_future_is_rejected(home, config):
     tomorrow = (NOW + timedelta(days=1)).date()
     write_batch(home, tomorrow.isoformat(), [interaction("a", timestamp="2026-11-19T10:00:00Z")])
