@@ -6,6 +6,8 @@ batch's day, or more than ``max_lateness_days`` before it). A partition's lines 
 into ``raw.interactions/impressions/signals/outcomes/labels`` or quarantined in ``raw.quarantine``
 with a reason, so lines in = accepted + quarantined. A domain's landing folder holds the product's
 daily batches (``<day>.jsonl``) and the review queue's (``labels/<day>.jsonl``: ``label`` events).
+Batches are read and checked one at a time: a line too long or not UTF-8, or a batch that cannot be
+read, is quarantined and the other batches still land (docs/events.md: Delivery).
 A run replaces its partitions in one transaction:
 re-running is idempotent (an event keeps the time it was first ingested, which the late-label
 sensor relies on), and a crash leaves the previous state.
@@ -29,6 +31,18 @@ _BATCH_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl$")
 LABEL_BATCHES = "labels"  # the review queue's batches: <domain>/labels/<day>.jsonl
 _RAW_EVENT_TABLES = ("interactions", "signals", "outcomes", "labels")
 _IMPRESSION_SCHEMA = '[{"item_id": "VARCHAR", "position": "INTEGER", "propensity": "DOUBLE", "content": "VARCHAR"}]'
+_GZIP_MAGIC = b"\x1f\x8b"
+_NO_DELIMITER = "chr(0) || chr(1) || chr(0) || chr(1)"  # never in JSON text: a line is one column
+QUARANTINED_PREFIX_CHARS = 1000  # of a line that could not be read or checked: enough to find it
+_CHECKED_COLUMNS = f"""source_file VARCHAR, batch_day DATE, source_line BIGINT, line VARCHAR,
+    fields {events.FIELDS_TYPE}, event_type VARCHAR, event_id VARCHAR, event_ts TIMESTAMP, content UBIGINT,
+    event_date DATE, reason VARCHAR"""
+
+
+@dataclass(frozen=True)
+class _Batch:
+    file: str  # relative to the landing folder
+    day: date  # the day it was delivered, its name
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,7 @@ class AccumulationReport:
     quarantined: int
     reasons: dict[str, int] = field(default_factory=dict)
     days: dict[date, DayCounts] = field(default_factory=dict)
+    batch_problems: dict[str, str] = field(default_factory=dict)  # file -> why it was quarantined whole
 
     @property
     def reconciles(self) -> bool:
@@ -70,6 +85,7 @@ class AccumulationReport:
             "quarantine_reasons": counts.reasons or "none",
             "run": f"{self.domain} {min(self.dates)}..{max(self.dates)}: {self.lines_in} lines from "
                    f"{len(self.batches_read)} batches",
+            "batch_problems": self._problems(),
         }
 
     def metadata(self) -> dict[str, object]:
@@ -84,7 +100,11 @@ class AccumulationReport:
             "quarantined": self.quarantined,
             "reconciles": self.reconciles,
             "quarantine_reasons": ", ".join(f"{r}: {n}" for r, n in sorted(self.reasons.items())) or "none",
+            "batch_problems": self._problems(),
         }
+
+    def _problems(self) -> str:
+        return "; ".join(self.batch_problems.values()) or "none"
 
 
 def batches_for(home: Home, domain: str, dates: list[date], max_lateness_days: int) -> list[Path]:
@@ -100,66 +120,94 @@ def batches_for(home: Home, domain: str, dates: list[date], max_lateness_days: i
     return found
 
 
-def _load_lines(con: duckdb.DuckDBPyConnection, home: Home, batches: list[Path]) -> None:
-    """Every non-blank line of the batches, with its batch day, file (relative to landing) and number."""
-    files = [str(path) for path in batches]
-    prefix = str(home.landing) + "/"
+def _read_batch(con: duckdb.DuckDBPyConnection, path: Path, max_line_bytes: int) -> None:
+    """The batch's non-blank lines into ``batch_lines`` (source_line, line, read_reason).
+
+    DuckDB's CSV reader streams the file with one column per line: a line longer than
+    ``max_line_bytes`` or not UTF-8 comes back as its line number, a reason and a prefix, never
+    whole; a leading BOM is dropped; a gzip'd batch is read as gzip whatever its name.
+    """
+    with path.open("rb") as batch:
+        compression = "gzip" if batch.read(2) == _GZIP_MAGIC else "none"
+    con.execute("DROP TABLE IF EXISTS landing_rejects")
+    con.execute("DROP TABLE IF EXISTS landing_reject_scans")
     con.execute(
-        """
-        CREATE OR REPLACE TEMP TABLE landing_lines AS
-        WITH batches AS (
-            SELECT filename, string_split(replace(content, chr(13), ''), chr(10)) AS lines
-            FROM read_text(?)
-        ), numbered AS (
-            SELECT replace(filename, ?, '') AS source_file,
-                   CAST(regexp_extract(filename, '(\\d{4}-\\d{2}-\\d{2})\\.jsonl$', 1) AS DATE) AS batch_day,
-                   unnest(lines) AS line,
-                   unnest(generate_series(1, len(lines))) AS source_line
-            FROM batches
-        )
-        SELECT * FROM numbered WHERE trim(line) <> ''
+        f"""
+        CREATE OR REPLACE TEMP TABLE batch_read AS
+        SELECT line FROM read_csv($path, columns = {{'line': 'VARCHAR'}}, header = false, auto_detect = false,
+            delim = {_NO_DELIMITER}, quote = '', escape = '', strict_mode = false,
+            max_line_size = $max_line_bytes, compression = $compression, store_rejects = true,
+            rejects_table = 'landing_rejects', rejects_scan = 'landing_reject_scans')
         """,
-        [files, prefix],
+        {"path": str(path), "max_line_bytes": max_line_bytes, "compression": compression},
+    )
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE batch_lines AS
+        WITH rejected AS (
+            SELECT line AS source_line, any_value(csv_line) AS line, any_value(error_type) AS error_type
+            FROM landing_rejects GROUP BY 1
+        ), shifts AS (  -- the lines read after a rejected one move down one number for each
+            SELECT read_before, max(rejected_so_far) AS rejected_so_far
+            FROM (SELECT source_line - row_number() OVER (ORDER BY source_line) AS read_before,
+                         row_number() OVER (ORDER BY source_line) AS rejected_so_far FROM rejected)
+            GROUP BY 1
+        ), read AS (
+            SELECT rowid + 1 AS nth, line FROM batch_read  -- rowid follows the file: insertion order is kept
+        )
+        SELECT nth + coalesce(rejected_so_far, 0) AS source_line, line, NULL AS read_reason
+        FROM read ASOF LEFT JOIN shifts ON read.nth > shifts.read_before
+        WHERE trim(line) <> ''
+        UNION ALL
+        SELECT source_line, left(line, {QUARANTINED_PREFIX_CHARS}),
+            CASE error_type WHEN 'INVALID ENCODING' THEN 'invalid_utf8'
+                            WHEN 'LINE SIZE OVER MAXIMUM' THEN 'line_too_long'
+                            ELSE 'unreadable_line' END
+        FROM rejected
+        """
     )
 
 
-def _check_lines(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str, now: datetime) -> None:
-    """Parse each line, give it its first broken rule (or none) and its day partition."""
+def _check_batch(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str, batch: _Batch,
+                 now: datetime) -> None:
+    """Parse each line of ``batch_lines`` once, give it its first broken rule (or none) and its day
+    partition, into ``checked_lines``."""
     skew = timedelta(minutes=events.CLOCK_SKEW_MINUTES)
     reason = events.reason_sql(tuple(config.domains))
     con.execute(
         f"""
-        CREATE OR REPLACE TEMP TABLE checked_lines AS
+        INSERT INTO checked_lines BY NAME
         WITH parsed AS (
-            SELECT *, CASE WHEN json_valid(line) THEN line::JSON END AS doc FROM landing_lines
+            SELECT *, CASE WHEN read_reason IS NULL THEN TRY_CAST(line AS JSON) END AS doc FROM batch_lines
+        ), fielded AS (
+            SELECT *, {events.fields_sql("doc")} AS fields FROM parsed
         ), typed AS (
             SELECT *,
-                json_extract_string(doc, '$.event_type') AS event_type,
-                json_extract_string(doc, '$.event_id') AS event_id,
-                CASE WHEN regexp_matches(json_extract_string(doc, '$.timestamp'), '{events.TIMESTAMP_PATTERN}')
-                     THEN timezone('UTC', TRY_CAST(json_extract_string(doc, '$.timestamp') AS TIMESTAMPTZ))
+                json_extract_string(fields.event_type, '$') AS event_type,
+                json_extract_string(fields.event_id, '$') AS event_id,
+                CASE WHEN regexp_matches(json_extract_string(fields.timestamp, '$'), '{events.TIMESTAMP_PATTERN}')
+                     THEN timezone('UTC', TRY_CAST(json_extract_string(fields.timestamp, '$') AS TIMESTAMPTZ))
                 END AS event_ts,
                 $domain AS batch_domain,
-                least($now::TIMESTAMP, batch_day + INTERVAL 1 DAY) + $skew::INTERVAL AS latest_allowed_ts
-            FROM parsed
+                least($now::TIMESTAMP, $batch_day + INTERVAL 1 DAY) + $skew::INTERVAL AS latest_allowed_ts
+            FROM fielded
         ), reasoned AS (
             SELECT *, {reason} AS contract_reason FROM typed
-        ), attributed AS (
-            SELECT *,
-                CASE WHEN event_ts IS NULL OR CAST(event_ts AS DATE) > batch_day THEN batch_day
-                     WHEN batch_day - CAST(event_ts AS DATE) > $lateness THEN batch_day
-                     ELSE CAST(event_ts AS DATE) END AS event_date,
-                coalesce(contract_reason,
-                    CASE WHEN batch_day - CAST(event_ts AS DATE) > $lateness THEN 'too_late' END) AS reason
-            FROM reasoned
         )
-        SELECT * EXCLUDE (contract_reason),
-            reason IS NULL AND row_number() OVER (
-                PARTITION BY CASE WHEN reason IS NULL THEN event_id END
-                ORDER BY batch_day, source_file, source_line) > 1 AS repeated
-        FROM attributed
+        SELECT $file AS source_file, $batch_day AS batch_day, source_line, line, fields, event_type, event_id,
+            event_ts, hash(fields) AS content,
+            CASE WHEN event_ts IS NULL OR CAST(event_ts AS DATE) > $batch_day THEN $batch_day
+                 WHEN $batch_day - CAST(event_ts AS DATE) > $lateness THEN $batch_day
+                 ELSE CAST(event_ts AS DATE) END AS event_date,
+            coalesce(read_reason,
+                     CASE WHEN $batch_day > CAST($now::TIMESTAMP + $skew::INTERVAL AS DATE) THEN 'future_batch' END,
+                     contract_reason,
+                     CASE WHEN $batch_day - CAST(event_ts AS DATE) > $lateness THEN 'too_late' END) AS reason
+        FROM reasoned
         """,
         {
+            "file": batch.file,
+            "batch_day": batch.day,
             "domain": domain,
             "now": now.astimezone(UTC).replace(tzinfo=None),
             "skew": skew,
@@ -168,8 +216,55 @@ def _check_lines(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain:
     )
 
 
+def _quarantine_batch(con: duckdb.DuckDBPyConnection, batch: _Batch, reason: str) -> None:
+    """Every line of ``batch_lines`` quarantined with ``reason`` in the batch's day partition."""
+    con.execute(
+        f"""
+        INSERT INTO checked_lines BY NAME
+        SELECT $file AS source_file, $batch_day AS batch_day, source_line,
+               left(line, {QUARANTINED_PREFIX_CHARS}) AS line, $batch_day AS event_date, $reason AS reason
+        FROM batch_lines
+        """,
+        {"file": batch.file, "batch_day": batch.day, "reason": reason},
+    )
+
+
+def _read_batches(con: duckdb.DuckDBPyConnection, home: Home, config: FlywheelConfig, domain: str,
+                  batches: list[Path], now: datetime) -> dict[str, str]:
+    """Every line of every batch into ``checked_lines``, one batch at a time: a batch that cannot be
+    read is quarantined as one row (line 0, saying why), one that runs out of memory while checked
+    line by line, and the others still land. Returns those batches' problems, each naming its file."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE checked_lines ({_CHECKED_COLUMNS})")
+    problems = {}
+    for path in batches:
+        batch = _Batch(str(path.relative_to(home.landing)), date.fromisoformat(path.stem))
+        try:
+            _read_batch(con, path, config.landing.max_line_bytes)
+        except duckdb.Error as error:
+            problems[batch.file] = _problem(batch, "cannot be read", error)
+            con.execute("CREATE OR REPLACE TEMP TABLE batch_lines AS SELECT 0::BIGINT AS source_line, ? AS line",
+                        [problems[batch.file]])
+            _quarantine_batch(con, batch, "unreadable_file")
+            continue
+        try:
+            _check_batch(con, config, domain, batch, now)
+        except duckdb.OutOfMemoryException as error:
+            problems[batch.file] = _problem(batch, "ran out of memory while checked, its lines are quarantined", error)
+            _quarantine_batch(con, batch, "out_of_memory")
+    return problems
+
+
+def _problem(batch: _Batch, what: str, error: duckdb.Error) -> str:
+    """``assistant/2026-11-02.jsonl cannot be read: <DuckDB's first line>``, with what to do about memory."""
+    advice = (" (raise warehouse.memory_limit or lower landing.max_line_bytes)"
+              if isinstance(error, duckdb.OutOfMemoryException) else "")
+    return f"{batch.file} {what}{advice}: {str(error).strip().splitlines()[0]}"
+
+
 def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date]) -> None:
-    """Keep this run's lines; a repeated event id, or one already kept in another partition, is a duplicate."""
+    """Keep this run's partitions' lines; an event id seen before in the batches read (in batch, file,
+    line order) is a duplicate, a ``conflicting_duplicate`` when its content differs from the first
+    copy's; one already kept in another partition is a duplicate too."""
     kept_elsewhere = " UNION ALL ".join(
         f"SELECT event_id FROM raw.{table} WHERE NOT (domain = $domain AND event_date IN $dates)"
         for table in _RAW_EVENT_TABLES
@@ -177,12 +272,20 @@ def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[da
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE partition_lines AS
-        WITH kept_elsewhere AS ({kept_elsewhere})
-        SELECT * EXCLUDE (reason, repeated),
+        WITH kept_elsewhere AS ({kept_elsewhere}), copies AS (
+            SELECT *,
+                row_number() OVER first_copy > 1 AS repeated,
+                content <> first_value(content) OVER first_copy AS conflicting
+            FROM checked_lines
+            WINDOW first_copy AS (PARTITION BY CASE WHEN reason IS NULL THEN event_id END
+                                  ORDER BY batch_day, source_file, source_line)
+        )
+        SELECT * EXCLUDE (reason, repeated, conflicting, content),
             CASE WHEN reason IS NOT NULL THEN reason
+                 WHEN repeated AND conflicting THEN 'conflicting_duplicate'
                  WHEN repeated OR event_id IN (SELECT event_id FROM kept_elsewhere) THEN 'duplicate_event_id'
             END AS reason
-        FROM checked_lines
+        FROM copies
         WHERE event_date IN $dates
         """,
         {"domain": domain, "dates": dates},
@@ -192,9 +295,9 @@ def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[da
 _INSERTS = {
     "interactions": """
         INSERT INTO raw.interactions
-        SELECT event_id, $domain, event_date, event_ts, doc->>'user_id', doc->>'session_id',
-               doc->>'interaction_id', doc->>'model_version', doc->>'policy', doc->>'consent',
-               doc->>'input', json_extract(doc, '$.context'), source_file, source_line,
+        SELECT event_id, $domain, event_date, event_ts, fields.user_id->>'$', fields.session_id->>'$',
+               fields.interaction_id->>'$', fields.model_version->>'$', fields.policy->>'$', fields.consent->>'$',
+               fields.input->>'$', fields.context, source_file, source_line,
                coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'interaction'""",
@@ -203,29 +306,29 @@ _INSERTS = {
         SELECT event_id, $domain, event_date, interaction_id,
                imp.item_id, imp.position, imp.propensity, imp.content
         FROM (
-            SELECT event_id, event_date, doc->>'interaction_id' AS interaction_id,
-                   unnest(from_json(json_extract(doc, '$.impressions'), '{_IMPRESSION_SCHEMA}')) AS imp
+            SELECT event_id, event_date, fields.interaction_id->>'$' AS interaction_id,
+                   unnest(from_json(fields.impressions, '{_IMPRESSION_SCHEMA}')) AS imp
             FROM partition_lines WHERE reason IS NULL AND event_type = 'interaction'
         )""",
     "signals": """
         INSERT INTO raw.signals
-        SELECT event_id, $domain, event_date, event_ts, doc->>'user_id', doc->>'session_id',
-               doc->>'interaction_id', doc->>'signal_type', doc->>'item_id',
-               TRY_CAST(json_extract(doc, '$.value') AS DOUBLE), doc->>'text', source_file, source_line,
+        SELECT event_id, $domain, event_date, event_ts, fields.user_id->>'$', fields.session_id->>'$',
+               fields.interaction_id->>'$', fields.signal_type->>'$', fields.item_id->>'$',
+               TRY_CAST(fields.value AS DOUBLE), fields.text->>'$', source_file, source_line,
                coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'signal'""",
     "outcomes": """
         INSERT INTO raw.outcomes
-        SELECT event_id, $domain, event_date, event_ts, doc->>'user_id', doc->>'session_id',
-               doc->>'interaction_id', doc->>'name', TRY_CAST(json_extract(doc, '$.value') AS DOUBLE),
-               doc->>'item_id', source_file, source_line, coalesce(first_ingested.ingested_at, $now)
+        SELECT event_id, $domain, event_date, event_ts, fields.user_id->>'$', fields.session_id->>'$',
+               fields.interaction_id->>'$', fields.name->>'$', TRY_CAST(fields.value AS DOUBLE),
+               fields.item_id->>'$', source_file, source_line, coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'outcome'""",
     "labels": """
         INSERT INTO raw.labels
-        SELECT event_id, $domain, event_date, event_ts, doc->>'user_id', doc->>'session_id',
-               doc->>'interaction_id', doc->>'item_id', doc->>'reviewer', doc->>'verdict',
+        SELECT event_id, $domain, event_date, event_ts, fields.user_id->>'$', fields.session_id->>'$',
+               fields.interaction_id->>'$', fields.item_id->>'$', fields.reviewer->>'$', fields.verdict->>'$',
                source_file, source_line, coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'label'""",
@@ -253,7 +356,8 @@ def _replace_partitions(con: duckdb.DuckDBPyConnection, domain: str, dates: list
             con.execute(sql, params)
 
 
-def _report(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], batches: list[Path]) -> AccumulationReport:
+def _report(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], batches: list[Path],
+            problems: dict[str, str]) -> AccumulationReport:
     counts = con.execute(
         """SELECT count(*) AS lines_in,
                   count(*) FILTER (reason IS NULL AND event_type = 'interaction'),
@@ -280,6 +384,7 @@ def _report(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], batc
         quarantined=counts[5],
         reasons=reasons,
         days=_day_counts(con, domain, dates),
+        batch_problems=problems,
     )
 
 
@@ -320,14 +425,12 @@ def accumulate(
     now = now or datetime.now(UTC)
     ensure_raw_tables(con)
     con.execute("SET TimeZone = 'UTC'")
+    con.execute("SET preserve_insertion_order = true")  # a batch's rows keep its line order
     batches = batches_for(home, domain, dates, config.max_lateness_days)
-    con.execute("CREATE OR REPLACE TEMP TABLE landing_lines (source_file VARCHAR, batch_day DATE, line VARCHAR, source_line BIGINT)")
-    if batches:
-        _load_lines(con, home, batches)
-    _check_lines(con, config, domain, now)
+    problems = _read_batches(con, home, config, domain, batches, now)
     _mark_duplicates(con, domain, dates)
     _replace_partitions(con, domain, dates, now)
-    report = _report(con, domain, dates, batches)
+    report = _report(con, domain, dates, batches, problems)
     if not report.reconciles:
         raise AssertionError(f"accumulation does not reconcile: {report.metadata()}")
     return report

@@ -124,6 +124,18 @@ class WarehouseSettings(_Strict):
     )
 
 
+class LandingSettings(_Strict):
+    """What a landing batch may hold before accumulation quarantines it (docs/events.md: Delivery)."""
+
+    max_line_bytes: int = Field(
+        1_048_576, ge=1024, le=16 * 1_048_576,
+        description="a longer line is quarantined (line_too_long), never read whole; the reader buffers "
+                    "16 times this per thread")
+    min_daily_traffic_share: float = Field(
+        0.2, gt=0, lt=1, description="a day whose accepted interactions fall below this share of the "
+                                     "domain's median day is flagged (the daily_traffic check)")
+
+
 class DaemonSettings(_Strict):
     """How the Dagster daemon drives the flywheel (schedules, sensors)."""
 
@@ -140,6 +152,7 @@ class FlywheelConfig(_Strict):
     partitions_start: date
     max_lateness_days: int = Field(7, ge=0)
     warehouse: WarehouseSettings = WarehouseSettings()
+    landing: LandingSettings = LandingSettings()
     daemon: DaemonSettings = DaemonSettings()
     ui_url: str = Field("http://localhost:3000", pattern=r"^https?://\S+[^/]$",
                         description="where people open the Dagster UI (links in metadata and the CLI)")

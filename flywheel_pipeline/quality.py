@@ -10,7 +10,7 @@ as blocking Dagster asset checks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 DBT_PROJECT_FILE = Path(__file__).resolve().parent.parent / "dbt_project" / "dbt_project.yml"
 EXPLORATION_TOLERANCE = 0.5  # the logged exploration share may be off by this factor either way
+TRAFFIC_BASELINE_DAYS = 28  # a day's traffic is compared with the median day of these before the run and the run's
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,25 @@ def raw_interactions(
     ).pl()
 
 
+def daily_traffic(
+    con: duckdb.DuckDBPyConnection, domain: str, first: date, last: date
+) -> tuple[pl.DataFrame, float]:
+    """Accepted interactions of ``domain`` on each day first..last (0 for a day that delivered none),
+    and the median day that delivered any, over those days and the 28 before them."""
+    counts = con.sql(
+        """
+        SELECT strftime(day, '%Y-%m-%d') AS day, coalesce(interactions, 0) AS interactions
+        FROM (SELECT CAST(range AS DATE) AS day FROM range($since, $last + INTERVAL 1 DAY, INTERVAL 1 DAY))
+        LEFT JOIN (SELECT event_date AS day, count(*) AS interactions FROM raw.interactions
+                   WHERE domain = $domain AND event_date BETWEEN $since AND $last GROUP BY 1) USING (day)
+        ORDER BY day
+        """,
+        params={"domain": domain, "since": first - timedelta(days=TRAFFIC_BASELINE_DAYS), "last": last},
+    ).pl()
+    median = counts.filter(pl.col("interactions") > 0)["interactions"].median() or 0.0
+    return counts.filter(pl.col("day") >= first.isoformat()), float(median)
+
+
 def filtered_impressions(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
     """Every impression that passed quality filtering (marts.fct_impressions)."""
     return con.sql(
@@ -102,6 +122,13 @@ def raw_interactions_suite(domain_config: DomainConfig, first: date, last: date)
     return expectations
 
 
+def daily_traffic_suite(median_day: float, min_share: float) -> list[Expectation]:
+    """Every day delivered traffic: at least ``min_share`` of the median day, and at least one interaction."""
+    import great_expectations.expectations as gxe
+
+    return [gxe.ExpectColumnValuesToBeBetween(column="interactions", min_value=max(1.0, min_share * median_day))]
+
+
 def filtered_impressions_suite() -> list[Expectation]:
     """What quality filtering promises downstream: keys, positions, propensities, text bounds."""
     import great_expectations.expectations as gxe
@@ -133,8 +160,11 @@ def dbt_vars() -> dict[str, Any]:
     return yaml.safe_load(DBT_PROJECT_FILE.read_text())["vars"]
 
 
-def run_suite(name: str, frame: pl.DataFrame, expectations: list[Expectation]) -> SuiteResult:
-    """Validate ``frame`` against ``expectations`` in an ephemeral GX context."""
+def run_suite(
+    name: str, frame: pl.DataFrame, expectations: list[Expectation], index_column: str | None = None
+) -> SuiteResult:
+    """Validate ``frame`` against ``expectations`` in an ephemeral GX context; a failure names its
+    rows by ``index_column`` when given."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -147,7 +177,9 @@ def run_suite(name: str, frame: pl.DataFrame, expectations: list[Expectation]) -
         .get_batch(batch_parameters={"dataframe": frame.to_pandas()})
     )
     suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
-    result = batch.validate(suite)
+    result_format = ({"result_format": "COMPLETE", "unexpected_index_column_names": [index_column]}
+                     if index_column else "SUMMARY")
+    result = batch.validate(suite, result_format=result_format)
     failures = [_describe(outcome) for outcome in result.results if not outcome.success]
     return SuiteResult(name, frame.height, len(result.results), failures)
 
@@ -157,7 +189,10 @@ def _describe(outcome: Any) -> str:
     config = outcome.expectation_config
     target = config.kwargs.get("column") or config.kwargs.get("column_list") or "table"
     observed = outcome.result.get("observed_value")
-    if observed is None and "unexpected_count" in outcome.result:
+    if observed is None and outcome.result.get("unexpected_index_list"):
+        index = outcome.result["unexpected_index_column_names"][0]
+        observed = ", ".join(f"{row[index]}: {row[target]}" for row in outcome.result["unexpected_index_list"])
+    elif observed is None and "unexpected_count" in outcome.result:
         observed = f"{outcome.result['unexpected_count']} unexpected rows"
     if outcome.exception_info and outcome.exception_info.get("raised_exception"):
         observed = outcome.exception_info.get("exception_message")

@@ -1,6 +1,7 @@
 """The Great Expectations gates as blocking Dagster asset checks: a failure stops downstream assets.
 
 - ``raw_events`` / ``accumulated_traffic``: per day x domain partition, the run's days as a whole.
+- ``raw_events`` / ``daily_traffic``: each day of the run, against the domain's median day (a warning).
 - ``fct_impressions`` / ``filtered_impressions``: the mart labeling reads, after every dbt test.
 """
 
@@ -23,8 +24,8 @@ def quality_checks(config: FlywheelConfig) -> list[dg.AssetChecksDefinition]:
     partitions = day_domain_partitions(config)
 
     @dg.asset_check(asset=RAW_EVENTS, blocking=True, partitions_def=partitions,
-                    description="GX: the days delivered traffic, ids unique, the exploration slice "
-                                "the domain's config promises is in the logs.")
+                    description="GX: the run's days delivered traffic (as a whole), ids unique, the "
+                                "exploration slice the domain's config promises is in the logs.")
     def accumulated_traffic(context: dg.AssetCheckExecutionContext,
                             warehouse: WarehouseResource) -> dg.AssetCheckResult:
         domain, days = run_scope(context, partitions)
@@ -32,6 +33,18 @@ def quality_checks(config: FlywheelConfig) -> list[dg.AssetChecksDefinition]:
             frame = quality.raw_interactions(con, domain, days[0], days[-1])
         suite = quality.raw_interactions_suite(config.domain(domain), days[0], days[-1])
         return _result(quality.run_suite(f"accumulated_traffic_{domain}", frame, suite))
+
+    @dg.asset_check(asset=RAW_EVENTS, partitions_def=partitions,
+                    description="GX: each day of the run delivered at least landing.min_daily_traffic_share "
+                                "of the domain's median day; a warning that names the days, it blocks nothing.")
+    def daily_traffic(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        domain, days = run_scope(context, partitions)
+        with warehouse.connect() as con:
+            frame, median_day = quality.daily_traffic(con, domain, days[0], days[-1])
+        suite = quality.daily_traffic_suite(median_day, config.landing.min_daily_traffic_share)
+        result = quality.run_suite(f"daily_traffic_{domain}", frame, suite, index_column="day")
+        return dg.AssetCheckResult(passed=result.success, severity=dg.AssetCheckSeverity.WARN,
+                                   metadata={**result.metadata(), "median_day": median_day})
 
     @dg.asset_check(asset=fct_impressions_key(), blocking=True,
                     description="GX: filtered impressions keep their keys unique, positions and "
@@ -42,4 +55,4 @@ def quality_checks(config: FlywheelConfig) -> list[dg.AssetChecksDefinition]:
         return _result(quality.run_suite("filtered_impressions", frame,
                                          quality.filtered_impressions_suite()))
 
-    return [accumulated_traffic, filtered_impressions]
+    return [accumulated_traffic, daily_traffic, filtered_impressions]
