@@ -64,6 +64,8 @@ class DomainConfig(_Strict):
     gate: Gate = Gate()
     automation: Literal["manual", "auto"] = "manual"
     approvers: list[str] = Field(default_factory=list)
+    retention_days: int = Field(365, gt=0, description="days of events (rows and landing batches) kept; "
+                                "the retention job deletes older ones (docs/privacy.md)")
 
     @field_validator("cadence")
     @classmethod
@@ -71,6 +73,14 @@ class DomainConfig(_Strict):
         if value in CADENCE_CRONS or (len(value.split()) == 5 and croniter.is_valid(value)):
             return value
         raise ValueError(f"must be one of {sorted(CADENCE_CRONS)} or a 5-field cron, got {value!r}")
+
+    @model_validator(mode="after")
+    def _retention_covers_the_windows(self) -> DomainConfig:
+        if self.retention_days < self.lookback_days + self.holdout_days:
+            raise ValueError(f"retention_days ({self.retention_days}) must be at least lookback_days + "
+                             f"holdout_days ({self.lookback_days + self.holdout_days}): training and "
+                             f"validation read that far back")
+        return self
 
     @property
     def cron(self) -> str:
