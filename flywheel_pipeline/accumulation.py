@@ -20,7 +20,7 @@ from pathlib import Path
 
 import duckdb
 
-from flywheel_pipeline import events
+from flywheel_pipeline import events, privacy
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
@@ -326,6 +326,7 @@ def accumulate(
         _load_lines(con, home, batches)
     _check_lines(con, config, domain, now)
     _mark_duplicates(con, domain, dates)
+    privacy.protect_partition_lines(con)  # redaction, forgotten users
     _replace_partitions(con, domain, dates, now)
     report = _report(con, domain, dates, batches)
     if not report.reconciles:
