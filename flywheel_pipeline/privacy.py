@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import duckdb
 
-from flywheel_pipeline import accumulation, registry
+from flywheel_pipeline import accumulation
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
@@ -55,8 +55,8 @@ PII_PATTERNS: dict[str, tuple[str, ...]] = {
     ),
     "PHONE_NUMBER": (
         # North American: +1 (415) 555-0132, 415.555.0132, 4155550132, with an extension
-        (r"(?:\+?\b1[ .-]?|\b001[ .-]?)?(?:\(\d{3}\)\s?|\b\d{3}[ .-]?)\d{3}[ .-]?\d{4}\b"
-         r"(?:\s?(?:x|ext\.?)\s?\d{1,6})?"),
+        (r"(?:\+?\b1[ .-]?|\b001[ .-]?)?(?:\(\d{3}\)\s?|\b\d{3}[ .-]?)\d{3}[ .-]?\d{4}"
+         r"(?:\s?(?:x|ext\.?)\s?\d{1,6})?\b"),
         # international: +44 20 7946 0958, +49-30-123456
         r"\+\d{1,3}(?:[ .-]?\(?\d{1,5}\)?){2,5}\b",
     ),
@@ -153,7 +153,7 @@ def protect_partition_lines(con: duckdb.DuckDBPyConnection) -> None:
 
 
 class PrivacyError(RuntimeError):
-    """Personal data was left where a deletion should have removed it."""
+    """A deletion that cannot be done, or left personal data behind."""
 
 
 def _tables(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, str]]:
@@ -168,18 +168,23 @@ def _tables(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, str]]:
     return {table: dict(columns) for table, columns in rows}
 
 
+def _execute(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, object]) -> list[tuple]:
+    """Run ``sql`` with those of ``params`` it names (DuckDB refuses the others)."""
+    return con.execute(sql, {k: v for k, v in params.items() if f"${k}" in sql}).fetchall()
+
+
 def _doom(con: duckdb.DuckDBPyConnection, where: str, params: dict[str, object]) -> None:
     """Temp tables of what goes: the raw events matching ``where``, their interactions, and the
     sessions left with no interaction."""
     events = " UNION ALL ".join(
         f"SELECT '{table}' AS source, event_id, domain, interaction_id, session_id FROM raw.{table} WHERE {where}"
         for table in ("interactions", "signals", "outcomes", "labels"))
-    con.execute(f"CREATE OR REPLACE TEMP TABLE doomed_events AS {events}", params)
+    _execute(con, f"CREATE OR REPLACE TEMP TABLE doomed_events AS {events}", params)
     con.execute("""CREATE OR REPLACE TEMP TABLE doomed_interactions AS
                    SELECT DISTINCT domain, interaction_id FROM doomed_events WHERE source = 'interactions'""")
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE doomed_sessions AS
-                    SELECT domain, session_id FROM doomed_events WHERE source = 'interactions'
-                    EXCEPT SELECT domain, session_id FROM raw.interactions WHERE NOT ({where})""", params)
+    _execute(con, f"""CREATE OR REPLACE TEMP TABLE doomed_sessions AS
+                      SELECT domain, session_id FROM doomed_events WHERE source = 'interactions'
+                      EXCEPT SELECT domain, session_id FROM raw.interactions WHERE NOT ({where})""", params)
 
 
 def _erase(con: duckdb.DuckDBPyConnection, where: str, params: dict[str, object],
@@ -199,7 +204,7 @@ def _erase(con: duckdb.DuckDBPyConnection, where: str, params: dict[str, object]
         conditions += [condition for needed, condition in also.items() if needed <= columns.keys()]
         if conditions:
             sql = f"DELETE FROM {table} WHERE " + " OR ".join(f"({c})" for c in conditions)
-            [(count,)] = con.execute(sql, {k: v for k, v in params.items() if f"${k}" in sql}).fetchall()
+            [(count,)] = _execute(con, sql, params)
             if count:
                 deleted[table] = count
     return deleted
@@ -271,7 +276,7 @@ def forget_user(con: duckdb.DuckDBPyConnection, home: Home, user_id: str,
     """Delete a user's rows from every table and their lines from every landing batch, and
     tombstone them so that a replayed batch cannot bring them back."""
     if not user_id.strip():
-        raise ValueError("forget needs a user id")
+        raise PrivacyError("forget needs a user id")
     ensure_raw_tables(con)
     ensure_privacy_tables(con)
     days = dict(con.execute(
@@ -295,6 +300,8 @@ def forget_user(con: duckdb.DuckDBPyConnection, home: Home, user_id: str,
 
 def trained_on(client: MlflowClient, user_days: dict[str, tuple[date, ...]]) -> list[TrainedOn]:
     """The registered model versions whose training window (lineage tags) holds a user's days."""
+    from flywheel_pipeline import registry  # MLflow's import is slow; accumulation needs none of it
+
     found = []
     for domain, days in user_days.items():
         name = registry.model_name(domain)
