@@ -48,7 +48,11 @@ PII_PATTERNS: dict[str, tuple[str, ...]] = {
         r"(?i:\b(?:api[_-]?key|secret|token|password|passwd)\b\s*[:=]\s*)[^\s,;]{8,}",  # key=value
     ),
     "EMAIL_ADDRESS": (r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",),
-    "CREDIT_CARD": (r"\b\d(?:[ -]?\d){12,18}\b",),  # and Luhn-valid (luhn_valid below)
+    "CREDIT_CARD": (  # 12 to 19 digits, Luhn-valid (luhn_valid below)
+        r"\b\d{12,19}\b",
+        r"\b\d{4}(?:[ -]\d{4}){2,3}(?:[ -]\d{1,4})?\b",  # in fours: 4111 1111 1111 1111
+        r"\b\d{4}[ -]\d{6}[ -]\d{4,5}\b",  # American Express, Diners: 3782 822463 10005
+    ),
     "US_SSN": (  # area not 000, 666 or 9xx; group not 00; serial not 0000
         (r"\b(?:00[1-9]|0[1-9]\d|[1-578]\d\d|6[0-57-9]\d|66[0-57-9])[- ](?:0[1-9]|[1-9]\d)[- ]"
          r"(?:000[1-9]|00[1-9]\d|0[1-9]\d\d|[1-9]\d{3})\b"),
@@ -59,6 +63,8 @@ PII_PATTERNS: dict[str, tuple[str, ...]] = {
          r"(?:\s?(?:x|ext\.?)\s?\d{1,6})?\b"),
         # international: +44 20 7946 0958, +49-30-123456
         r"\+\d{1,3}(?:[ .-]?\(?\d{1,5}\)?){2,5}\b",
+        # national, with a trunk 0: (0113) 496 0498, 01154 299690, 020 7946 0958
+        r"(?:\(0\d{2,4}\)\s?|\b0\d{2,4}[ -]?)\d{2,4}[ -]?\d{3,4}\b",
     ),
 }
 FORGOTTEN_USER = "forgotten_user"  # the quarantine reason of a replayed event of a forgotten user
