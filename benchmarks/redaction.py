@@ -57,9 +57,11 @@ def luhn_failing(rng: random.Random, fake: Faker) -> str:
 
 
 def positives(fake: Faker, rng: random.Random) -> dict[str, Callable[[], str]]:
-    """Personal values of each kind, in the formats people paste them in."""
-    gb, de = Faker("en_GB"), Faker("de_DE")
-    gb.seed_instance(rng.random()), de.seed_instance(rng.random())
+    """Personal values of each kind, in the formats people paste them in. The patterns were
+    written against en_US, en_GB and de_DE phone numbers; fr_FR and en_IN ones are held out."""
+    gb, de, fr, india = (Faker(locale) for locale in ("en_GB", "de_DE", "fr_FR", "en_IN"))
+    for other in (gb, de, fr, india):
+        other.seed_instance(rng.random())
 
     def card() -> str:
         digits = fake.credit_card_number()
@@ -68,7 +70,8 @@ def positives(fake: Faker, rng: random.Random) -> dict[str, Callable[[], str]]:
 
     return {
         "EMAIL_ADDRESS": lambda: rng.choice([fake.email, fake.free_email, fake.company_email])(),
-        "PHONE_NUMBER": lambda: rng.choice([fake.phone_number] * 4 + [gb.phone_number, de.phone_number])(),
+        "PHONE_NUMBER": lambda: rng.choice([fake.phone_number] * 4 + [
+            gb.phone_number, de.phone_number, fr.phone_number, india.phone_number])(),
         "CREDIT_CARD": card,
         "US_SSN": lambda: rng.choice([fake.ssn(), fake.ssn().replace("-", " ")]),
         "API_KEY": lambda: api_key(rng),
