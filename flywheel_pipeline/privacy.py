@@ -87,8 +87,12 @@ def _pattern(entity: str) -> str:
     return "|".join(f"(?:{pattern})" for pattern in PII_PATTERNS[entity])
 
 
-def _replace(expr: str, entity: str) -> str:
-    return f"regexp_replace({expr}, {_literal(_pattern(entity))}, '<{entity}>', 'g')"
+def _redacted(expr: str) -> str:
+    """SQL redacting ``expr``, entity after entity in PII_PATTERNS' order."""
+    for entity in PII_PATTERNS:
+        expr = (f"redact_cards({expr})" if entity == "CREDIT_CARD"
+                else f"regexp_replace({expr}, {_literal(_pattern(entity))}, '<{entity}>', 'g')")
+    return expr
 
 
 def install_redaction(con: duckdb.DuckDBPyConnection) -> None:
@@ -104,10 +108,8 @@ def install_redaction(con: duckdb.DuckDBPyConnection) -> None:
             list_reduce(list_prepend(text, list_filter(regexp_extract_all(text, {card}), lambda c: luhn_valid(c))),
                         lambda redacted, c: replace(redacted, c, '<CREDIT_CARD>'))
             ELSE text END;
-        CREATE OR REPLACE TEMP MACRO redact_pii(text) AS CASE WHEN regexp_matches(text, {anything}) THEN
-            {_replace(_replace("redact_cards(" + _replace(_replace("text", "API_KEY"), "EMAIL_ADDRESS") + ")",
-                               "US_SSN"), "PHONE_NUMBER")}
-            ELSE text END;
+        CREATE OR REPLACE TEMP MACRO redact_pii(text) AS
+            CASE WHEN regexp_matches(text, {anything}) THEN {_redacted("text")} ELSE text END;
         CREATE OR REPLACE TEMP MACRO redact_json_0(j) AS
             CASE WHEN json_type(j) = 'VARCHAR' THEN to_json(redact_pii(j ->> '$')) ELSE j END;
     """)
