@@ -110,6 +110,17 @@ def install_redaction(con: duckdb.DuckDBPyConnection) -> None:
             ELSE text END;
         CREATE OR REPLACE TEMP MACRO redact_pii(text) AS
             CASE WHEN regexp_matches(text, {anything}) THEN {_redacted("text")} ELSE text END;
+        -- JSON text with its escapes (\n, \") read as spaces, so that they do not hide a match
+        CREATE OR REPLACE TEMP MACRO unescaped(line) AS regexp_replace(line, '\\[bfnrt"/\\]', ' ', 'g');
+        -- false for a JSON line none of whose strings can hold a match: most lines, spared
+        -- rebuilding their JSON (a line with a \u escape is always looked at)
+        CREATE OR REPLACE TEMP MACRO may_hold_pii(line) AS
+            contains(line, '\u') OR regexp_matches(unescaped(line), {anything});
+        -- a quarantined line as kept: a valid one re-serialised (which decodes \u escapes); one
+        -- that does not parse and has \u escapes, which could hide a match, not at all
+        CREATE OR REPLACE TEMP MACRO quarantined_line(line) AS CASE
+            WHEN json_valid(line) THEN redact_pii(unescaped(json(line)::VARCHAR))
+            WHEN NOT contains(line, '\u') THEN redact_pii(unescaped(line)) END;
         CREATE OR REPLACE TEMP MACRO redact_json_0(j) AS
             CASE WHEN json_type(j) = 'VARCHAR' THEN to_json(redact_pii(j ->> '$')) ELSE j END;
     """)
@@ -144,20 +155,17 @@ def protect_partition_lines(con: duckdb.DuckDBPyConnection) -> None:
         UPDATE partition_lines SET reason = '{FORGOTTEN_USER}', line = NULL, event_id = NULL, doc = NULL
         WHERE sha256(coalesce(doc ->> 'user_id', regexp_extract(line, {_literal(_USER_ID_IN_LINE)}, 1)))
               IN (SELECT user_hash FROM privacy.forgotten_users)""")
-    # A valid line is re-serialised first so that an escaped character (\\u0040) cannot hide a match.
-    con.execute("""
-        UPDATE partition_lines SET line = redact_pii(CASE WHEN json_valid(line) THEN json(line)::VARCHAR ELSE line END)
-        WHERE reason IS NOT NULL AND line IS NOT NULL""")
+    con.execute("UPDATE partition_lines SET line = quarantined_line(line) WHERE reason IS NOT NULL")
     con.execute("""
         UPDATE partition_lines SET doc = json_merge_patch(doc, json_object(
             'input', redact_pii(doc ->> 'input'),
             'impressions', to_json(list_transform(json_extract(doc, '$.impressions[*]'),
                 lambda imp: json_merge_patch(imp, json_object('content', redact_pii(imp ->> 'content'))))),
             'context', redact_json(doc -> 'context')))
-        WHERE reason IS NULL AND event_type = 'interaction'""")
+        WHERE reason IS NULL AND event_type = 'interaction' AND may_hold_pii(line)""")
     con.execute("""
         UPDATE partition_lines SET doc = json_merge_patch(doc, json_object('text', redact_pii(doc ->> 'text')))
-        WHERE reason IS NULL AND event_type = 'signal' AND doc ->> 'text' IS NOT NULL""")
+        WHERE reason IS NULL AND event_type = 'signal' AND may_hold_pii(line)""")
 
 
 class PrivacyError(RuntimeError):

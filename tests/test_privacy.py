@@ -87,6 +87,20 @@ def test_accumulation_redacts_every_free_text_field_and_the_quarantined_line(hom
     assert not tables_holding(home, *CANARIES.values())
 
 
+def test_json_escapes_hide_nothing(home, config):
+    escaped = json.dumps(interaction("e1", input="call\n415-555-0199 or ada@example.com"))
+    write_batch(home, "2026-11-02", [escaped.replace("@", "\\u0040"),  # accepted
+                                     escaped.replace("e1", "e2")[:-5],  # malformed: kept, redacted
+                                     escaped.replace("@", "\\u0040").replace("e1", "e3")[:-5]])  # not kept
+
+    run(home, config)
+
+    assert table(home, "SELECT input_text FROM raw.interactions") == [("call\n<PHONE_NUMBER> or <EMAIL_ADDRESS>",)]
+    assert [line is None for (line,) in table(home, "SELECT line FROM raw.quarantine ORDER BY source_line")] == [
+        False, True]
+    assert not tables_holding(home, "555-0199", "ada@", "ada\\u0040")
+
+
 def test_a_forgotten_users_replayed_events_are_quarantined_empty_and_counted(home, config):
     write_batch(home, "2026-11-02", [*canary_events(), interaction("other")])
     run(home, config)
@@ -107,13 +121,15 @@ def test_a_forgotten_users_replayed_events_are_quarantined_empty_and_counted(hom
 def tables_holding(home: Home, *needles: str) -> list[str]:
     """Warehouse tables with a row whose text (any column, as text) contains a needle."""
     found = []
+    params = {f"n{n}": needle for n, needle in enumerate(needles)}
     with connect(home.warehouse, read_only=True) as con:
-        tables = con.execute("""SELECT table_schema || '.' || table_name FROM information_schema.tables
-                                WHERE table_catalog = current_database()""").fetchall()
-        for (name,) in tables:
-            matches = " OR ".join(f"contains(CAST(t AS VARCHAR), $n{n})" for n in range(len(needles)))
-            params = {f"n{n}": needle for n, needle in enumerate(needles)}
-            if con.execute(f"SELECT count(*) FROM {name} AS t WHERE {matches}", params).fetchone()[0]:
+        tables = con.execute("""SELECT table_schema || '.' || table_name, list(column_name)
+                                FROM information_schema.columns WHERE table_catalog = current_database()
+                                GROUP BY ALL ORDER BY 1""").fetchall()
+        for name, columns in tables:
+            matches = " OR ".join(f'contains(CAST("{column}" AS VARCHAR), ${needle})'
+                                  for column in columns for needle in params)
+            if con.execute(f"SELECT count(*) FROM {name} WHERE {matches}", params).fetchone()[0]:
                 found.append(name)
     return found
 
