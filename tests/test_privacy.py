@@ -185,8 +185,10 @@ def cycle(tmp_path_factory):
         instance.dispose()
 
 
-def files_holding(folder: Path, *needles: str) -> list[str]:
-    return [str(path.relative_to(folder)) for path in sorted(folder.rglob("*"))
+def files_holding(where: Path, *needles: str) -> list[str]:
+    """Files at or under ``where`` whose bytes hold a needle."""
+    files = sorted(where.rglob("*")) if where.is_dir() else [where]
+    return [str(path) for path in files
             if path.is_file() and any(needle.encode() in path.read_bytes() for needle in needles)]
 
 
@@ -204,6 +206,8 @@ def test_canaries_reach_no_table_no_mlflow_artifact_and_no_dagster_event(cycle):
         assert "u_" not in example.read_text() and "example user_id" in example.read_text()
 
     assert not files_holding(home.dagster, *CANARIES.values())
+    outside_landing = [path for path in home.root.iterdir() if path.name not in ("landing", "simulator")]
+    assert not [found for path in outside_landing for found in files_holding(path, *CANARIES.values())]
     logs = [str(entry) for run in instance.get_runs() for entry in instance.all_logs(run.run_id)]
     assert len(logs) > 100 and not [entry for entry in logs if any(c in entry for c in CANARIES.values())]
 
