@@ -32,6 +32,7 @@ mlflow-ui: setup
 benchmark: setup
 	$(BIN)/python benchmarks/accumulation.py
 	$(BIN)/python benchmarks/label_model.py
+	$(BIN)/python benchmarks/redaction.py
 
 clean:
 	rm -rf $(FLYWHEEL_HOME)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import duckdb
 
-from flywheel_pipeline import events
+from flywheel_pipeline import events, privacy
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
@@ -429,6 +429,7 @@ def accumulate(
     batches = batches_for(home, domain, dates, config.max_lateness_days)
     problems = _read_batches(con, home, config, domain, batches, now)
     _mark_duplicates(con, domain, dates)
+    privacy.protect_partition_lines(con)  # redaction, forgotten users
     _replace_partitions(con, domain, dates, now)
     report = _report(con, domain, dates, batches, problems)
     if not report.reconciles:

@@ -6,6 +6,7 @@
     flywheel approve     approve (or --reject) a candidate; the approval sensor deploys it
     flywheel rollback    put a domain's previous champion back
     flywheel status      champion, candidate and warehouse row counts per domain
+    flywheel forget      delete a user's data everywhere; list the models trained on it
 
 Runs go through the home's Dagster instance and daemon (``flywheel_pipeline.launcher``), so they
 show in the Dagster UI like runs launched there. Tool output (dbt, the daemon) goes to the home's
@@ -166,6 +167,31 @@ def cmd_rollback(args: argparse.Namespace) -> None:
     console.print(f"{args.domain}: champion is v{registry.alias_version(client, args.domain, registry.CHAMPION)} again")
 
 
+def cmd_forget(args: argparse.Namespace) -> None:
+    import mlflow
+
+    from flywheel_pipeline import privacy
+    from flywheel_pipeline.warehouse import connect
+
+    home = Home.existing().activate()
+    with connect(home.warehouse) as con:
+        report = privacy.forget_user(con, home, args.user)
+    console.print(f"forgot the user (tombstone {report.user_hash[:12]}...): "
+                  f"{sum(report.rows_deleted.values()):,} rows from {len(report.rows_deleted)} tables, "
+                  f"{sum(report.landing_lines_removed.values()):,} lines from "
+                  f"{len(report.landing_lines_removed)} landing batches")
+    for table, count in report.rows_deleted.items():
+        console.print(f"  {table:<40} {count:>8,} rows")
+    models = privacy.trained_on(mlflow.MlflowClient(), report.user_days)
+    if not models:
+        console.print("no registered model was trained on their data")
+        return
+    console.print("registered models trained on their data (the next cycle trains without it; retrain "
+                  "or roll back now if that cannot wait):")
+    for model in models:
+        console.print(f"  {model.summary()}")
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     _print_status(Home.existing().activate(), load_config())
 
@@ -246,6 +272,10 @@ def parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="champion, candidate and row counts per domain")
     status.set_defaults(func=cmd_status)
+
+    forget = commands.add_parser("forget", help="delete a user's data everywhere and keep it out (docs/privacy.md)")
+    forget.add_argument("--user", required=True, help="the pseudonymous user_id their events carry")
+    forget.set_defaults(func=cmd_forget)
     return root
 
 
@@ -257,11 +287,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     from flywheel_pipeline.approval import ApprovalError
     from flywheel_pipeline.launcher import LaunchError
+    from flywheel_pipeline.privacy import PrivacyError
     from flywheel_pipeline.registry import RegistryError
+    from flywheel_pipeline.warehouse import WarehouseBusy
 
     try:
         args.func(args)
-    except (ConfigError, HomeError, ApprovalError, RegistryError, LaunchError) as error:
+    except (ConfigError, HomeError, ApprovalError, RegistryError, LaunchError, PrivacyError,
+            WarehouseBusy) as error:
         raise SystemExit(f"flywheel: {error}") from None
 
 

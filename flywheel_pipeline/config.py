@@ -83,6 +83,8 @@ class DomainConfig(_Strict):
     gate: Gate = Gate()
     automation: Literal["manual", "auto"] = "manual"
     approvers: list[str] = Field(default_factory=list)
+    retention_days: int = Field(365, gt=0, description="days of events (rows and landing batches) kept; "
+                                "the retention job deletes older ones (docs/privacy.md)")
 
     @field_validator("cadence")
     @classmethod
@@ -110,6 +112,14 @@ class DomainConfig(_Strict):
                 raise ValueError(f"{name!r} cannot be an approver: a person's non-blank name, not "
                                  f"{AUTO_APPROVER!r} (the pipeline's own identity)")
         return value
+
+    @model_validator(mode="after")
+    def _retention_covers_the_windows(self) -> DomainConfig:
+        if self.retention_days < self.lookback_days + self.holdout_days:
+            raise ValueError(f"retention_days ({self.retention_days}) must be at least lookback_days + "
+                             f"holdout_days ({self.lookback_days + self.holdout_days}): training and "
+                             f"validation read that far back")
+        return self
 
     @property
     def cron(self) -> str:

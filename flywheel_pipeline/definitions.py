@@ -16,11 +16,12 @@ from flywheel_pipeline.defs.jobs import (
     cycle_job,
     cycle_job_name,
     deploy_champion,
+    enforce_retention,
     rollback_champion,
 )
 from flywheel_pipeline.defs.partitions import range_tags
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
-from flywheel_pipeline.defs.schedules import build_schedule
+from flywheel_pipeline.defs.schedules import build_retention_schedule, build_schedule
 from flywheel_pipeline.defs.sensors import build_sensors
 from flywheel_pipeline.defs.transform import dbt_resource, flywheel_dbt_assets
 from flywheel_pipeline.home import Home
@@ -32,8 +33,9 @@ def build_definitions(config: FlywheelConfig, home: Home) -> dg.Definitions:
     return dg.Definitions(
         assets=[*build_data_assets(config), flywheel_dbt_assets, *model_assets],
         asset_checks=quality_checks(config),
-        jobs=[*(cycle_job(d) for d in config.domains), approve_candidate, deploy_champion, rollback_champion],
-        schedules=[build_schedule(config, domain) for domain in config.domains],
+        jobs=[*(cycle_job(d) for d in config.domains), approve_candidate, deploy_champion, rollback_champion,
+              enforce_retention],
+        schedules=[*(build_schedule(config, domain) for domain in config.domains), build_retention_schedule(config)],
         sensors=build_sensors(config),
         resources={
             "warehouse": WarehouseResource(home_path=str(home.root), config_path=str(config_path()),

@@ -73,3 +73,9 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_unknown_domain_lookup_names_the_configured_ones():
     with pytest.raises(ConfigError, match="configured: \\['assistant', 'recommendation'\\]"):
         load_config(REPO / "flywheel.yaml").domain("search")
+
+
+def test_retention_shorter_than_the_training_and_held_out_windows_is_refused():
+    with pytest.raises(ConfigError, match=r"domains\.assistant.*retention_days \(20\) must be at least "
+                                          r"lookback_days \+ holdout_days \(35\)"):
+        parse_config(broken(["domains", "assistant", "retention_days"], 20))

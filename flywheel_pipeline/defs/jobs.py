@@ -4,16 +4,18 @@
     approve_candidate   record a person's approval or rejection of a candidate version
     deploy_champion     move `champion` to an approved version (launched by the approval sensor)
     rollback_champion   put the previous champion back
+    enforce_retention   delete events older than each domain's retention_days (daily schedule)
 """
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, date, datetime
 from typing import Literal
 
 import dagster as dg
 from pydantic import Field
 
-from flywheel_pipeline import approval, registry
+from flywheel_pipeline import approval, privacy, registry
 from flywheel_pipeline.defs.assets import LABELS, model_keys
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.defs.transform import RAW_EVENTS, flywheel_dbt_assets
@@ -104,3 +106,24 @@ def deploy_champion() -> None:
 @dg.job(description="Restore the previous champion of a domain.")
 def rollback_champion() -> None:
     restore_previous()
+
+
+class RetentionConfig(dg.Config):
+    today: str = Field("", description="the day retention counts back from (YYYY-MM-DD); default: today (UTC)")
+
+
+@dg.op(description="Delete the events of days older than each domain's retention_days: their rows in "
+                   "every table and their landing batches.")
+def delete_expired(context: dg.OpExecutionContext, config: RetentionConfig, warehouse: WarehouseResource) -> None:
+    today = date.fromisoformat(config.today) if config.today else datetime.now(UTC).date()
+    with warehouse.connect() as con:
+        reports = privacy.enforce_retention(con, warehouse.home(), warehouse.config(), today)
+    for report in reports:
+        context.log.info(f"{report.domain}: deleted {sum(report.rows_deleted.values())} rows and "
+                         f"{len(report.batches_deleted)} landing batches before {report.cutoff}")
+    context.add_output_metadata({key: value for report in reports for key, value in report.metadata().items()})
+
+
+@dg.job(tags=WAREHOUSE_TAG, description="Delete events older than each domain's retention_days (docs/privacy.md).")
+def enforce_retention() -> None:
+    delete_expired()

@@ -1,4 +1,4 @@
-"""One schedule per domain, on the cadence flywheel.yaml gives it.
+"""One schedule per domain, on the cadence flywheel.yaml gives it; one daily retention schedule.
 
 Each tick launches the domain's cycle job as one run over the days since the previous tick, plus
 ``max_lateness_days`` before them so late-delivered events reach their own day. Schedules start
@@ -13,7 +13,7 @@ import dagster as dg
 from croniter import croniter
 
 from flywheel_pipeline.config import DomainConfig, FlywheelConfig
-from flywheel_pipeline.defs.jobs import cycle_job_name
+from flywheel_pipeline.defs.jobs import cycle_job_name, delete_expired, enforce_retention
 from flywheel_pipeline.defs.partitions import range_tags
 
 
@@ -43,3 +43,17 @@ def build_schedule(config: FlywheelConfig, domain: str) -> dg.ScheduleDefinition
         return dg.RunRequest(run_key=f"{domain}:{last.isoformat()}", tags=range_tags(domain, first, last))
 
     return cadence
+
+
+def build_retention_schedule(config: FlywheelConfig) -> dg.ScheduleDefinition:
+    """Every day at 04:00 UTC (after the cadence ticks), delete what is past its retention_days."""
+
+    @dg.schedule(name="retention_daily", cron_schedule="0 4 * * *", job=enforce_retention,
+                 execution_timezone="UTC", default_status=dg.DefaultScheduleStatus(config.daemon.schedules.upper()),
+                 description="delete events older than each domain's retention_days (rows and landing batches)")
+    def retention(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+        day = context.scheduled_execution_time.date().isoformat()
+        return dg.RunRequest(run_key=f"retention:{day}",
+                             run_config={"ops": {delete_expired.name: {"config": {"today": day}}}})
+
+    return retention

@@ -330,6 +330,22 @@ def _fit_quality(scorer: FittedScorer, rows: pl.DataFrame, prefix: str) -> dict[
     }
 
 
+def input_example(domain: str, train: pd.DataFrame, rows: int = 2) -> pd.DataFrame:
+    """The serving features with the training set's types but made-up values: what MLflow keeps
+    as the model's input example (no user's row leaves the warehouse in an artifact)."""
+    made_up = {}
+    for name in SERVING_FEATURES:
+        dtype = train[name].dtype
+        if pd.api.types.is_bool_dtype(dtype):
+            values = [index % 2 == 0 for index in range(rows)]
+        elif pd.api.types.is_numeric_dtype(dtype):
+            values = [0] * rows
+        else:
+            values = [domain if name == "domain" else f"example {name} {index}" for index in range(rows)]
+        made_up[name] = pd.Series(values, dtype=dtype)
+    return pd.DataFrame(made_up)
+
+
 def ensure_experiment(home: Home, domain: str) -> str:
     """The id of the domain's experiment (``flywheel-<domain>``, artifacts under the home),
     created on first use; points this process's MLflow at the home."""
@@ -354,7 +370,7 @@ def log_training_run(
 ) -> tuple[str, mlflow.models.model.ModelInfo]:
     """One MLflow run: params, metrics, the training dataset and the pyfunc model."""
     frame = _fit_columns(train).to_pandas()
-    example = frame[SERVING_FEATURES].head(5)
+    example = input_example(domain, frame)
     signature = infer_signature(example, scorer.predict(example))
     with mlflow.start_run(
         experiment_id=ensure_experiment(home, domain),

@@ -1,4 +1,5 @@
 -- One row per session: how many interactions, how fast, how repetitive; is_bot flags bot/spam-like ones.
+-- Inputs of consent-denied interactions are null here (stg_interactions) and count as no repeat.
 
 with
 
@@ -43,7 +44,7 @@ repeats as (
 
     select domain, session_id, max(n_same_input) as max_repeated_input
     from (
-        select domain, session_id, normalized_input, count(*) as n_same_input
+        select domain, session_id, normalized_input, count(normalized_input) as n_same_input
         from interactions
         group by domain, session_id, normalized_input
     )

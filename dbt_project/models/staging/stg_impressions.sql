@@ -1,3 +1,5 @@
+-- The content of an impression of a consent-denied interaction stays in the raw layer.
+
 with
 
 source as (
@@ -6,18 +8,25 @@ source as (
 
 ),
 
+interactions as (
+
+    select event_id, consent from {{ source('raw', 'interactions') }}
+
+),
+
 renamed as (
 
     select
-        event_id as interaction_event_id,
-        domain,
-        interaction_id,
-        item_id,
-        position,
-        propensity,
-        content as item_content
+        source.event_id as interaction_event_id,
+        source.domain,
+        source.interaction_id,
+        source.item_id,
+        source.position,
+        source.propensity,
+        case when interactions.consent = 'granted' then source.content end as item_content
 
     from source
+    left join interactions using (event_id)
 
 )
 

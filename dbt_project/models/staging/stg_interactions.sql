@@ -1,3 +1,5 @@
+-- A consent-denied interaction keeps its ids (quality filtering counts it) but not its text.
+
 with
 
 source as (
@@ -22,7 +24,7 @@ renamed as (
         model_version,
         policy,
         consent,
-        input_text,
+        case when consent = 'granted' then input_text end as input_text,
         context ->> 'segment' as segment,
 
         ---------- delivery: a later delivery of an interaction_id already seen is a duplicate

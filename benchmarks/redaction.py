@@ -1,0 +1,268 @@
+"""PII redaction: recall and precision on a labelled corpus (flywheel's DuckDB patterns against
+Presidio's recognizers), and throughput at a million events.
+
+The corpus is generated here with Faker (seeded): each text is a sentence with one planted value,
+either personal data of a known kind (email, phone, card, US SSN, API key) or a hard negative that
+looks like one (order numbers, cards failing Luhn, dates, ISBNs, tracking numbers, UUIDs...). A
+planted value counts as redacted when it no longer appears in the output: recall is the share of
+personal values redacted, precision the share of redacted values that were personal.
+
+    .venv/bin/python benchmarks/redaction.py [--texts 4000] [--events 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import secrets
+import string
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+from faker import Faker
+
+from flywheel_pipeline import privacy
+
+ENTITIES = list(privacy.PII_PATTERNS)
+DAY = date(2026, 11, 2)
+
+
+def _token(alphabet: str, length: int, rng: random.Random) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(length))
+
+
+def api_key(rng: random.Random) -> str:
+    alnum = string.ascii_letters + string.digits
+    return rng.choice([
+        lambda: "AKIA" + _token(string.ascii_uppercase + string.digits, 16, rng),
+        lambda: "ghp_" + _token(alnum, 36, rng),
+        lambda: "sk_live_" + _token(alnum, 24, rng),
+        lambda: "sk-proj-" + _token(alnum + "_-", 48, rng),
+        lambda: "xoxb-" + _token(string.digits, 12, rng) + "-" + _token(alnum, 24, rng),
+        lambda: "AIza" + _token(alnum + "_-", 35, rng),
+        lambda: "api_key=" + _token(string.hexdigits.lower()[:16], 32, rng),
+    ])()
+
+
+def luhn_failing(rng: random.Random, fake: Faker) -> str:
+    number = fake.credit_card_number()
+    return number[:-1] + str((int(number[-1]) + rng.randint(1, 9)) % 10)
+
+
+def positives(fake: Faker, rng: random.Random) -> dict[str, Callable[[], str]]:
+    """Personal values of each kind, in the formats people paste them in. The patterns were
+    written against en_US, en_GB and de_DE phone numbers; fr_FR and en_IN ones are held out."""
+    gb, de, fr, india = (Faker(locale) for locale in ("en_GB", "de_DE", "fr_FR", "en_IN"))
+    for other in (gb, de, fr, india):
+        other.seed_instance(rng.random())
+
+    def card() -> str:
+        digits = fake.credit_card_number()
+        separator = rng.choice(["", " ", "-"])
+        return separator.join(digits[i:i + 4] for i in range(0, len(digits), 4))
+
+    return {
+        "EMAIL_ADDRESS": lambda: rng.choice([fake.email, fake.free_email, fake.company_email])(),
+        "PHONE_NUMBER": lambda: rng.choice([fake.phone_number] * 4 + [
+            gb.phone_number, de.phone_number, fr.phone_number, india.phone_number])(),
+        "CREDIT_CARD": card,
+        "US_SSN": lambda: rng.choice([fake.ssn(), fake.ssn().replace("-", " ")]),
+        "API_KEY": lambda: api_key(rng),
+    }
+
+
+def negatives(fake: Faker, rng: random.Random) -> dict[str, Callable[[], str]]:
+    """Values that look like personal data and are not."""
+    return {
+        "order_number": lambda: f"#{rng.randint(10**7, 10**12)}",
+        "card_failing_luhn": lambda: luhn_failing(rng, fake),
+        "date": lambda: fake.date(),
+        "time": lambda: fake.time(),
+        "price": lambda: f"${rng.randint(1, 99999):,}.{rng.randint(0, 99):02d}",
+        "isbn": lambda: fake.isbn13(),
+        "tracking_number": lambda: "1Z" + _token(string.ascii_uppercase + string.digits, 16, rng),
+        "uuid": lambda: fake.uuid4(),
+        "version": lambda: f"v{rng.randint(0, 20)}.{rng.randint(0, 99)}.{rng.randint(0, 999)}",
+        "zip_code": lambda: fake.zipcode(),
+        "git_sha": lambda: secrets.token_hex(20),
+        "amount": lambda: f"{rng.randint(1000, 10**9):,}",
+    }
+
+
+TEMPLATES = [
+    "{filler} You can reach it at {value}.",
+    "my {label} is {value}, {filler}",
+    "{value}",
+    "{filler} ({value}) {filler}",
+    "Please check {value} - {filler}",
+]
+
+
+def corpus(texts: int, seed: int = 7) -> list[tuple[str, str, str]]:
+    """(text, planted value, its kind: an entity, or a hard negative's kind), 60% personal."""
+    rng, fake = random.Random(seed), Faker("en_US")
+    fake.seed_instance(seed)
+    kinds = {**positives(fake, rng), **negatives(fake, rng)}
+    rows = []
+    for _ in range(texts):
+        kind = rng.choice(ENTITIES) if rng.random() < 0.6 else rng.choice(list(negatives(fake, rng)))
+        value = kinds[kind]()
+        text = rng.choice(TEMPLATES).format(value=value, filler=fake.sentence(), label=kind.lower())
+        rows.append((text, value, kind))
+    return rows
+
+
+def duckdb_redact(texts: list[str]) -> list[str]:
+    with duckdb.connect() as con:
+        privacy.install_redaction(con)
+        con.execute("CREATE TABLE texts AS SELECT unnest($texts) AS text, generate_subscripts($texts, 1) AS n",
+                    {"texts": texts})
+        return [text for (text,) in con.execute("SELECT redact_pii(text) FROM texts ORDER BY n").fetchall()]
+
+
+def presidio_recognizers() -> list:
+    from presidio_analyzer import Pattern, PatternRecognizer
+    from presidio_analyzer.predefined_recognizers import (
+        CreditCardRecognizer,
+        EmailRecognizer,
+        PhoneRecognizer,
+        UsSsnRecognizer,
+    )
+
+    logging.getLogger("tldextract").setLevel(logging.CRITICAL)  # offline: its bundled suffix list
+    api_keys = PatternRecognizer(supported_entity="API_KEY", patterns=[
+        Pattern(f"api_key_{n}", pattern, 0.5) for n, pattern in enumerate(privacy.PII_PATTERNS["API_KEY"])])
+    return [EmailRecognizer(), PhoneRecognizer(), CreditCardRecognizer(), UsSsnRecognizer(), api_keys]
+
+
+def presidio_redact(texts: list[str], recognizers: list) -> list[str]:
+    """Each recognizer alone (no NLP engine: pattern recognizers need none), spans replaced by <ENTITY>."""
+    redacted = []
+    for text in texts:
+        spans = sorted((result.start, result.end, result.entity_type)
+                       for recognizer in recognizers
+                       for result in recognizer.analyze(text, recognizer.supported_entities, None)
+                       if result.score > 0)
+        out, at = [], 0
+        for start, end, entity in spans:
+            if start >= at:
+                out += [text[at:start], f"<{entity}>"]
+                at = end
+            elif end > at:  # overlapping: extend the replaced span
+                at = end
+        redacted.append("".join(out) + text[at:])
+    return redacted
+
+
+def score(rows: list[tuple[str, str, str]], redacted: list[str]) -> dict[str, object]:
+    """Recall (overall, per entity), precision, and the hard negatives redacted by kind."""
+    planted, gone = Counter(kind for _, _, kind in rows), Counter()
+    for (_, value, kind), out in zip(rows, redacted):
+        gone[kind] += value not in out
+    true_positives = sum(gone[entity] for entity in ENTITIES)
+    false_positives = {kind: n for kind, n in gone.items() if kind not in ENTITIES and n}
+    flagged = true_positives + sum(false_positives.values())
+    return {
+        "recall": round(true_positives / sum(planted[entity] for entity in ENTITIES), 4),
+        "precision": round(true_positives / flagged, 4) if flagged else None,
+        "recall_by_entity": {entity: round(gone[entity] / planted[entity], 4) for entity in ENTITIES},
+        "negatives_redacted": false_positives,
+    }
+
+
+def throughput_texts(rows: list[tuple[str, str, str]], events: int) -> float:
+    """Texts per second of redact_pii over ``events`` corpus texts (60% carry personal data)."""
+    with duckdb.connect() as con:
+        privacy.install_redaction(con)
+        con.execute("CREATE TABLE corpus AS SELECT unnest($texts) AS text", {"texts": [r[0] for r in rows]})
+        con.execute(f"""CREATE TABLE texts AS SELECT text FROM corpus, range({events // len(rows) + 1})
+                        LIMIT {events}""")
+        began = time.perf_counter()
+        con.execute("SELECT sum(length(redact_pii(text))) FROM texts").fetchone()
+        return events / (time.perf_counter() - began)
+
+
+def throughput_accumulation(events: int, pii_share: float) -> dict[str, float]:
+    """Accumulation of ``events`` landing lines (simulated, ``pii_share`` of inputs carrying an
+    email), with and without the privacy step: events/second and the step's share of the time."""
+    from flywheel_pipeline import accumulation, simulation, warehouse
+    from flywheel_pipeline.config import load_config
+    from flywheel_pipeline.home import Home
+
+    config = load_config()
+    with tempfile.TemporaryDirectory() as folder:
+        home = Home(Path(folder)).ensure()
+        simulation.simulate(home, config, DAY, 1, seed=3, interactions_per_day=3000, domains=["assistant"])
+        template = [json.loads(line) for line in home.landing_file("assistant", DAY.isoformat()).read_text().splitlines()
+                    if line.strip()]
+        _replicate(home.landing_file("assistant", DAY.isoformat()), template, events, pii_share)
+        days = [DAY - timedelta(days=n) for n in range(config.max_lateness_days + 1)]  # late events too
+        timings, protect = {}, privacy.protect_partition_lines
+        for label, step in (("without", lambda con: None), ("with", protect)):
+            privacy.protect_partition_lines = step  # accumulation calls it through the module
+            home.warehouse.unlink(missing_ok=True)
+            try:
+                with warehouse.connect(home.warehouse, memory_limit=config.warehouse.memory_limit) as con:
+                    began = time.perf_counter()
+                    report = accumulation.accumulate(con, home, config, "assistant", days,
+                                                     now=datetime(2026, 11, 3, tzinfo=UTC))
+                    timings[label] = time.perf_counter() - began
+            finally:
+                privacy.protect_partition_lines = protect
+            assert report.reconciles and not report.quarantined
+    lines = report.lines_in  # the events, and the review queue's few labels
+    return {
+        "events": lines,
+        "events_per_second_with_redaction": round(lines / timings["with"]),
+        "events_per_second_without": round(lines / timings["without"]),
+        "redaction_seconds": round(timings["with"] - timings["without"], 1),
+    }
+
+
+def _replicate(path: Path, template: list[dict], events: int, pii_share: float) -> None:
+    """Write ``events`` lines: the template's events again and again under fresh ids."""
+    rng = random.Random(1)
+    with path.open("w") as batch:
+        for n in range(events):
+            event = dict(template[n % len(template)])
+            copy = n // len(template)
+            for key in ("event_id", "interaction_id", "session_id"):
+                event[key] = f"{event[key]}_{copy}"
+            if event["event_type"] == "interaction" and rng.random() < pii_share:
+                event["input"] = f"{event['input']} mail me at user{n}@example.com"
+            batch.write(json.dumps(event) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", type=int, default=4000, help="labelled corpus size")
+    parser.add_argument("--events", type=int, default=1_000_000)
+    args = parser.parse_args()
+
+    rows = corpus(args.texts)
+    texts = [text for text, _, _ in rows]
+    began = time.perf_counter()
+    duckdb_out = duckdb_redact(texts)
+    duckdb_seconds = time.perf_counter() - began
+    recognizers = presidio_recognizers()
+    began = time.perf_counter()
+    presidio_out = presidio_redact(texts, recognizers)
+    presidio_seconds = time.perf_counter() - began
+    print(json.dumps({
+        "corpus": {"texts": len(rows), "personal": sum(1 for _, _, kind in rows if kind in ENTITIES)},
+        "duckdb": {**score(rows, duckdb_out), "texts_per_second_corpus": round(len(rows) / duckdb_seconds)},
+        "presidio": {**score(rows, presidio_out), "texts_per_second": round(len(rows) / presidio_seconds)},
+        "duckdb_texts_per_second_at_1M": round(throughput_texts(rows, args.events)),
+        "accumulation": throughput_accumulation(args.events, pii_share=0.01),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
