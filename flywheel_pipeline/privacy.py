@@ -152,19 +152,19 @@ def protect_partition_lines(con: duckdb.DuckDBPyConnection) -> None:
     ensure_privacy_tables(con)
     install_redaction(con)
     con.execute(f"""
-        UPDATE partition_lines SET reason = '{FORGOTTEN_USER}', line = NULL, event_id = NULL, doc = NULL
-        WHERE sha256(coalesce(doc ->> 'user_id', regexp_extract(line, {_literal(_USER_ID_IN_LINE)}, 1)))
+        UPDATE partition_lines SET reason = '{FORGOTTEN_USER}', line = NULL, event_id = NULL, fields = NULL
+        WHERE sha256(coalesce(fields.user_id ->> '$', regexp_extract(line, {_literal(_USER_ID_IN_LINE)}, 1)))
               IN (SELECT user_hash FROM privacy.forgotten_users)""")
     con.execute("UPDATE partition_lines SET line = quarantined_line(line) WHERE reason IS NOT NULL")
     con.execute("""
-        UPDATE partition_lines SET doc = json_merge_patch(doc, json_object(
-            'input', redact_pii(doc ->> 'input'),
-            'impressions', to_json(list_transform(json_extract(doc, '$.impressions[*]'),
+        UPDATE partition_lines SET fields = struct_update(fields,
+            input := to_json(redact_pii(fields.input ->> '$')),
+            impressions := to_json(list_transform(json_extract(fields.impressions, '$[*]'),
                 lambda imp: json_merge_patch(imp, json_object('content', redact_pii(imp ->> 'content'))))),
-            'context', redact_json(doc -> 'context')))
+            context := redact_json(fields.context))
         WHERE reason IS NULL AND event_type = 'interaction' AND may_hold_pii(line)""")
     con.execute("""
-        UPDATE partition_lines SET doc = json_merge_patch(doc, json_object('text', redact_pii(doc ->> 'text')))
+        UPDATE partition_lines SET fields = struct_update(fields, text := to_json(redact_pii(fields.text ->> '$')))
         WHERE reason IS NULL AND event_type = 'signal' AND may_hold_pii(line)""")
 
 
