@@ -6,6 +6,10 @@ them (one warehouse writer at a time) and its sensors react to them. So every ru
 job, in the timeline and in each asset's history, and the approval and late-label sensors run in
 the real daemon. When no daemon is running for the home (``make ui`` starts one), a command starts
 a code server and a daemon of its own for its duration and stops them when its runs are done.
+
+The home's instance launches runs with LocalRunLauncher, so that the daemon's run monitoring
+(dagster.yaml, written by ``flywheel_pipeline.home``) marks failed a run whose process died, and
+the queue moves on.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from pathlib import Path
 from typing import IO
 
 import dagster as dg
+import psutil
+from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
+from dagster._core.storage.tags import GRPC_INFO_TAG
 
 from flywheel_pipeline.defs.ui import LOCATION
 from flywheel_pipeline.home import Home
@@ -38,6 +45,58 @@ START_TIMEOUT_SECONDS = 180
 FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 PROGRESS_EVENTS = {dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE,
                    dg.DagsterEventType.STEP_SKIPPED, dg.DagsterEventType.ASSET_CHECK_EVALUATION}
+
+
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", socket.gethostname()}
+
+
+class LocalRunLauncher(dg.DefaultRunLauncher):
+    """Dagster's default launcher (each run in a process its code server starts), which can also
+    tell run monitoring when that process is gone: killed, out of memory, or the machine restarted
+    (with its code server, which would otherwise report it). Code servers on other machines: it
+    cannot tell, and says the run's process is running."""
+
+    @property
+    def supports_check_run_worker_health(self) -> bool:
+        return True
+
+    def check_run_worker_health(self, run: dg.DagsterRun) -> CheckRunHealthResult:
+        worker = run_worker(self._instance, run.run_id)
+        if worker is None or not _launched_here(run):
+            return CheckRunHealthResult(WorkerStatus.RUNNING, "no process of this machine to check")
+        pid, reported_at = worker
+        if _alive(pid, reported_at):
+            return CheckRunHealthResult(WorkerStatus.RUNNING)
+        return CheckRunHealthResult(WorkerStatus.FAILED, f"the run's process (pid {pid}) is gone: it was "
+                                                         "killed, ran out of memory, or the machine restarted")
+
+
+def run_worker(instance: dg.DagsterInstance, run_id: str) -> tuple[int, float] | None:
+    """The pid of the process that runs ``run_id``, and when it reported it (on starting)."""
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT,
+                                           ascending=False).records
+    for record in records:
+        entry = record.event_log_entry
+        metadata = entry.dagster_event.engine_event_data.metadata
+        if entry.step_key is None and "pid" in metadata:
+            return int(metadata["pid"].value), entry.timestamp
+    return None
+
+
+def _launched_here(run: dg.DagsterRun) -> bool:
+    """Whether the run's code server (which starts its process) runs on this machine."""
+    server = json.loads(run.tags.get(GRPC_INFO_TAG, "{}"))
+    return "socket" in server or server.get("host") in LOCAL_HOSTS
+
+
+def _alive(pid: int, reported_at: float) -> bool:
+    """Whether process ``pid`` lives and is the one that reported at ``reported_at`` (not a later
+    process given the same pid)."""
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= reported_at + 1
+    except psutil.NoSuchProcess:
+        return False
 
 
 class LaunchError(RuntimeError):
