@@ -14,6 +14,7 @@ the queue moves on.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -81,6 +82,12 @@ def run_worker(instance: dg.DagsterInstance, run_id: str) -> tuple[int, float] |
         if entry.step_key is None and "pid" in metadata:
             return int(metadata["pid"].value), entry.timestamp
     return None
+
+
+def in_progress(instance: dg.DagsterInstance, run_id: str) -> bool:
+    """Whether ``run_id`` names a run of the instance that has not finished."""
+    run = instance.get_run_by_id(run_id) if run_id else None
+    return run is not None and not run.is_finished
 
 
 def _launched_here(run: dg.DagsterRun) -> bool:
@@ -158,9 +165,9 @@ class Dagster:
                 raise LaunchError(f"run {run_id} still {run.status.value} after {timeout:.0f}s")
             time.sleep(1)
 
-    def active_runs(self) -> list[dg.DagsterRun]:
-        """Runs queued or in progress (e.g. launched by a sensor)."""
-        return list(self.instance.get_runs(filters=dg.RunsFilter(statuses=[
+    def active_runs(self, job: str | None = None) -> list[dg.DagsterRun]:
+        """Runs (of ``job``) queued or in progress (e.g. launched by a sensor), newest first."""
+        return list(self.instance.get_runs(filters=dg.RunsFilter(job_name=job, statuses=[
             dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
             dg.DagsterRunStatus.STARTED])))
 
@@ -284,13 +291,39 @@ def _listening(port: int) -> bool:
 
 
 @contextmanager
+def _only_command_with_services(home: Home) -> Iterator[None]:
+    """Refuse while another command runs a code server and daemon of its own for this home: two
+    daemons on one instance would each start queued runs, side by side on one warehouse."""
+    with (home.dagster / "services.lock").open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise LaunchError(f"another flywheel command ({lock.read()}) runs Dagster for this home; run this "
+                              "once it has ended, or start `make ui` to serve both") from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()}: {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
+        lock.flush()
+        yield
+
+
+@contextmanager
 def local_dagster(home: Home, log: IO[str] | None) -> Iterator[Dagster]:
-    """The home's instance with a daemon: the running one, or a code server and daemon started for
-    the duration (stopped once every run they launched has finished)."""
+    """The home's instance with a daemon: the running one (a person's `make ui`, which serves every
+    command at once), or a code server and daemon started for the duration (stopped once every run
+    they launched has finished), by one command at a time."""
     instance = dg.DagsterInstance.get()  # creates the instance's storage before other processes touch it
-    if daemon_running(instance):
-        yield Dagster(instance, PROJECT_WORKSPACE, log)
-        return
+    with _only_command_with_services(home):
+        if not daemon_running(instance):
+            with _services(instance, home, log) as dagster:
+                yield dagster
+            return
+    yield Dagster(instance, PROJECT_WORKSPACE, log)
+
+
+@contextmanager
+def _services(instance: dg.DagsterInstance, home: Home, log: IO[str] | None) -> Iterator[Dagster]:
+    """A code server and a daemon for this instance, until every run they launched has finished."""
     if shutil.which("dagster-daemon", path=str(BIN)) is None:
         raise LaunchError(f"dagster-daemon is not installed in {BIN}")
     port = free_port()
