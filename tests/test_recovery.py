@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import timedelta
+from datetime import date, timedelta
 
 import dagster as dg
 import duckdb
@@ -36,12 +36,12 @@ from flywheel_pipeline.launcher import (
     local_dagster,
     run_worker,
 )
-from flywheel_pipeline.runs import run_cycle
+from flywheel_pipeline.runs import read_outcome, run_cycle
 from flywheel_pipeline.training import train_candidate
 from flywheel_pipeline.training.base import DAGSTER_RUN_TAG, close_abandoned_runs, ensure_experiment
 from flywheel_pipeline.warehouse import connect
 from tests.conftest import REPO
-from tests.test_daemon import DOMAIN, LAST, wait_for, write_config
+from tests.test_daemon import DOMAIN, wait_for, write_config
 from tests.test_training import (
     AS_OF,
     TEST_CONFIG,
@@ -50,6 +50,7 @@ from tests.test_training import (
     write_warehouse,
 )
 
+LAST = date(2026, 11, 28)  # fixed days, whose simulated traffic (seed 5) gives a candidate that passes its gate
 FIRST = LAST - timedelta(days=6)
 
 
@@ -84,10 +85,11 @@ def test_a_killed_run_is_marked_failed_and_the_next_deployment_is_not_blocked(si
     instance = dg.DagsterInstance.get()
     # A first cycle registers a candidate for a person to approve.
     first = execute_cycle(build_definitions(config, home), instance, DOMAIN, FIRST, LAST)
-    assert first.success
+    outcome = read_outcome(instance, DOMAIN, instance.get_run_by_id(first.run_id))
+    assert first.success and outcome.version, (outcome.gate, outcome.reasons)
     client = mlflow.MlflowClient(tracking_uri=home.mlflow_tracking_uri, registry_uri=home.mlflow_tracking_uri)
-    version = registry.alias_version(client, DOMAIN, registry.CANDIDATE)
-    assert version is not None
+    version = outcome.version
+    assert registry.alias_version(client, DOMAIN, registry.CANDIDATE) == version
 
     # `flywheel run` is killed, with its code server, the run's process and its daemon.
     command = subprocess.Popen([sys.executable, "-m", "flywheel_pipeline.cli", "run", "--domain", DOMAIN,
