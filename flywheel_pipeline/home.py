@@ -21,8 +21,10 @@ from flywheel_pipeline.config import CONFIG_ENV, config_path
 HOME_ENV = "FLYWHEEL_HOME"
 DEFAULT_HOME = ".flywheel"
 
+_DAGSTER_YAML_MARK = "# Written by flywheel"
 _DAGSTER_YAML = """\
-# Written by flywheel: runs share one DuckDB file, so at most one run writes at a time.
+# Written by flywheel, and rewritten when flywheel's defaults change (delete this line to keep edits).
+# Runs share one DuckDB file, so at most one run writes at a time.
 run_coordinator:
   module: dagster._core.run_coordinator
   class: QueuedRunCoordinator
@@ -30,9 +32,31 @@ run_coordinator:
     tag_concurrency_limits:
       - key: flywheel/warehouse
         limit: 1
+# A run whose process died (killed, out of memory, machine restarted) is marked failed and leaves
+# the queue: the daemon checks every in-progress run's worker process (docs/operations.md).
+run_launcher:
+  module: flywheel_pipeline.launcher
+  class: LocalRunLauncher
+run_monitoring:
+  enabled: true
+  poll_interval_seconds: 10  # how often the daemon checks in-progress runs
+  start_timeout_seconds: 180  # a run whose worker never started fails after this
+  cancel_timeout_seconds: 180  # a run that does not stop when terminated is marked canceled
+  max_runtime_seconds: 43200  # a run still going after 12 h (alive but stuck) is terminated
+  max_resume_run_attempts: 0  # a dead run fails; it is not restarted in a new worker
 telemetry:
   enabled: false
 """
+
+
+def _write_dagster_yaml(path: Path) -> None:
+    """Write the instance config when it is missing or is still flywheel's own (its first line
+    says so) and differs; in one step, so that no process reads a part of it."""
+    current = path.read_text() if path.exists() else _DAGSTER_YAML_MARK
+    if current.startswith(_DAGSTER_YAML_MARK) and current != _DAGSTER_YAML:
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(_DAGSTER_YAML)
+        partial.replace(path)
 
 
 class HomeError(RuntimeError):
@@ -100,9 +124,7 @@ class Home:
         """Create the folders and the Dagster instance config; safe to call repeatedly."""
         for folder in (self.landing, self.dagster, self.mlflow_artifacts, self.simulator):
             folder.mkdir(parents=True, exist_ok=True)
-        dagster_yaml = self.dagster / "dagster.yaml"
-        if not dagster_yaml.exists():
-            dagster_yaml.write_text(_DAGSTER_YAML)
+        _write_dagster_yaml(self.dagster / "dagster.yaml")
         return self
 
     def activate(self) -> Home:

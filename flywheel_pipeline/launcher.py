@@ -6,10 +6,15 @@ them (one warehouse writer at a time) and its sensors react to them. So every ru
 job, in the timeline and in each asset's history, and the approval and late-label sensors run in
 the real daemon. When no daemon is running for the home (``make ui`` starts one), a command starts
 a code server and a daemon of its own for its duration and stops them when its runs are done.
+
+The home's instance launches runs with LocalRunLauncher, so that the daemon's run monitoring
+(dagster.yaml, written by ``flywheel_pipeline.home``) marks failed a run whose process died, and
+the queue moves on.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -27,6 +32,9 @@ from pathlib import Path
 from typing import IO
 
 import dagster as dg
+import psutil
+from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
+from dagster._core.storage.tags import GRPC_INFO_TAG
 
 from flywheel_pipeline.defs.ui import LOCATION
 from flywheel_pipeline.home import Home
@@ -38,6 +46,64 @@ START_TIMEOUT_SECONDS = 180
 FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 PROGRESS_EVENTS = {dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE,
                    dg.DagsterEventType.STEP_SKIPPED, dg.DagsterEventType.ASSET_CHECK_EVALUATION}
+
+
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", socket.gethostname()}
+
+
+class LocalRunLauncher(dg.DefaultRunLauncher):
+    """Dagster's default launcher (each run in a process its code server starts), which can also
+    tell run monitoring when that process is gone: killed, out of memory, or the machine restarted
+    (with its code server, which would otherwise report it). Code servers on other machines: it
+    cannot tell, and says the run's process is running."""
+
+    @property
+    def supports_check_run_worker_health(self) -> bool:
+        return True
+
+    def check_run_worker_health(self, run: dg.DagsterRun) -> CheckRunHealthResult:
+        worker = run_worker(self._instance, run.run_id)
+        if worker is None or not _launched_here(run):
+            return CheckRunHealthResult(WorkerStatus.RUNNING, "no process of this machine to check")
+        pid, reported_at = worker
+        if _alive(pid, reported_at):
+            return CheckRunHealthResult(WorkerStatus.RUNNING)
+        return CheckRunHealthResult(WorkerStatus.FAILED, f"the run's process (pid {pid}) is gone: it was "
+                                                         "killed, ran out of memory, or the machine restarted")
+
+
+def run_worker(instance: dg.DagsterInstance, run_id: str) -> tuple[int, float] | None:
+    """The pid of the process that runs ``run_id``, and when it reported it (on starting)."""
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT,
+                                           ascending=False).records
+    for record in records:
+        entry = record.event_log_entry
+        metadata = entry.dagster_event.engine_event_data.metadata
+        if entry.step_key is None and "pid" in metadata:
+            return int(metadata["pid"].value), entry.timestamp
+    return None
+
+
+def in_progress(instance: dg.DagsterInstance, run_id: str) -> bool:
+    """Whether ``run_id`` names a run of the instance that has not finished."""
+    run = instance.get_run_by_id(run_id) if run_id else None
+    return run is not None and not run.is_finished
+
+
+def _launched_here(run: dg.DagsterRun) -> bool:
+    """Whether the run's code server (which starts its process) runs on this machine."""
+    server = json.loads(run.tags.get(GRPC_INFO_TAG, "{}"))
+    return "socket" in server or server.get("host") in LOCAL_HOSTS
+
+
+def _alive(pid: int, reported_at: float) -> bool:
+    """Whether process ``pid`` lives and is the one that reported at ``reported_at`` (not a later
+    process given the same pid)."""
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= reported_at + 1
+    except psutil.NoSuchProcess:
+        return False
 
 
 class LaunchError(RuntimeError):
@@ -99,9 +165,9 @@ class Dagster:
                 raise LaunchError(f"run {run_id} still {run.status.value} after {timeout:.0f}s")
             time.sleep(1)
 
-    def active_runs(self) -> list[dg.DagsterRun]:
-        """Runs queued or in progress (e.g. launched by a sensor)."""
-        return list(self.instance.get_runs(filters=dg.RunsFilter(statuses=[
+    def active_runs(self, job: str | None = None) -> list[dg.DagsterRun]:
+        """Runs (of ``job``) queued or in progress (e.g. launched by a sensor), newest first."""
+        return list(self.instance.get_runs(filters=dg.RunsFilter(job_name=job, statuses=[
             dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
             dg.DagsterRunStatus.STARTED])))
 
@@ -225,13 +291,39 @@ def _listening(port: int) -> bool:
 
 
 @contextmanager
+def _only_command_with_services(home: Home) -> Iterator[None]:
+    """Refuse while another command runs a code server and daemon of its own for this home: two
+    daemons on one instance would each start queued runs, side by side on one warehouse."""
+    with (home.dagster / "services.lock").open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise LaunchError(f"another flywheel command ({lock.read()}) runs Dagster for this home; run this "
+                              "once it has ended, or start `make ui` to serve both") from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()}: {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
+        lock.flush()
+        yield
+
+
+@contextmanager
 def local_dagster(home: Home, log: IO[str] | None) -> Iterator[Dagster]:
-    """The home's instance with a daemon: the running one, or a code server and daemon started for
-    the duration (stopped once every run they launched has finished)."""
+    """The home's instance with a daemon: the running one (a person's `make ui`, which serves every
+    command at once), or a code server and daemon started for the duration (stopped once every run
+    they launched has finished), by one command at a time."""
     instance = dg.DagsterInstance.get()  # creates the instance's storage before other processes touch it
-    if daemon_running(instance):
-        yield Dagster(instance, PROJECT_WORKSPACE, log)
-        return
+    with _only_command_with_services(home):
+        if not daemon_running(instance):
+            with _services(instance, home, log) as dagster:
+                yield dagster
+            return
+    yield Dagster(instance, PROJECT_WORKSPACE, log)
+
+
+@contextmanager
+def _services(instance: dg.DagsterInstance, home: Home, log: IO[str] | None) -> Iterator[Dagster]:
+    """A code server and a daemon for this instance, until every run they launched has finished."""
     if shutil.which("dagster-daemon", path=str(BIN)) is None:
         raise LaunchError(f"dagster-daemon is not installed in {BIN}")
     port = free_port()

@@ -56,8 +56,13 @@ class CycleOutcome:
 def run_cycle(dagster: Dagster, domain: str, first: date, last: date,
               on_step: Callable[[Step], None] = lambda step: None,
               on_submit: Callable[[str], None] = lambda run_id: None) -> CycleOutcome:
-    """Submit ``domain``'s cycle over first..last, follow it, and read back what it decided."""
-    run_id = dagster.submit(cycle_job_name(domain), range_tags(domain, first, last))
+    """Submit ``domain``'s cycle over first..last, follow it, and read back what it decided;
+    refused while another run of the domain's cycle is queued or in progress."""
+    job = cycle_job_name(domain)
+    if running := dagster.active_runs(job):
+        raise LaunchError(f"domain {domain} is already running (run {running[-1].run_id}, "
+                          f"{running[-1].status.value.lower()}): run it again once that run has ended")
+    run_id = dagster.submit(job, range_tags(domain, first, last))
     on_submit(run_id)
     run = dagster.wait(run_id, on_step)
     return read_outcome(dagster.instance, domain, run)

@@ -10,6 +10,7 @@
 
 from collections.abc import Iterator
 from datetime import date
+from functools import partial
 
 import dagster as dg
 import duckdb
@@ -23,7 +24,9 @@ from flywheel_pipeline.defs.transform import RAW_EVENTS, fct_impressions_key
 from flywheel_pipeline.defs.ui import approval_launchpad_url
 from flywheel_pipeline.labeling import label_partitions, maturity_cutoff
 from flywheel_pipeline.labeling.stage import to_markdown
+from flywheel_pipeline.launcher import in_progress
 from flywheel_pipeline.training import TrainingResult, train_candidate
+from flywheel_pipeline.training.base import close_abandoned_runs
 from flywheel_pipeline.validation import ValidationReport, validate_cycle
 
 LABELS = dg.AssetKey("labels")
@@ -88,10 +91,13 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
               description=f"Fine-tune a {domain} candidate on the mature, labelled training window.")
     def candidate_model(context: dg.AssetExecutionContext,
                         warehouse: WarehouseResource) -> dg.Output[TrainingResult]:
+        if closed := close_abandoned_runs(warehouse.home(), domain, partial(in_progress, context.instance)):
+            context.log.warning(f"closed as FAILED the MLflow runs {closed}: their process died")
         with warehouse.connect() as con:  # train_candidate points MLflow at the home's store
             as_of = _latest_labelled_day(con, domain)
             mature_until = maturity_cutoff(con, config, domain, as_of)
-            result = train_candidate(con, warehouse.home(), config, domain, as_of, mature_until=mature_until)
+            result = train_candidate(con, warehouse.home(), config, domain, as_of, mature_until=mature_until,
+                                     dagster_run_id=context.run_id)
         return dg.Output(result, metadata=result.metadata())
 
     @dg.asset(key=keys["validation_report"], ins={"candidate": dg.AssetIn(keys["candidate_model"])},

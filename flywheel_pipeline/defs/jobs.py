@@ -21,6 +21,9 @@ from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.defs.transform import RAW_EVENTS, flywheel_dbt_assets
 
 WAREHOUSE_TAG = {"flywheel/warehouse": "duckdb"}
+# A person's decision and a deployment take seconds: one that hangs is terminated after 10 minutes
+# (the instance's run monitoring), so that it cannot hold the warehouse's place in the queue.
+QUICK_JOB_TAGS = {**WAREHOUSE_TAG, "dagster/max_runtime": "600"}
 
 
 def cycle_job_name(domain: str) -> str:
@@ -93,12 +96,12 @@ def restore_previous(context: dg.OpExecutionContext, config: RollbackConfig, mlf
     context.log.info(f"{config.domain}: rolled back v{rolled_back}, champion is v{restored} again")
 
 
-@dg.job(tags=WAREHOUSE_TAG, description="A person approves or rejects a candidate (launch from the Launchpad).")
+@dg.job(tags=QUICK_JOB_TAGS, description="A person approves or rejects a candidate (launch from the Launchpad).")
 def approve_candidate() -> None:
     record_approval()
 
 
-@dg.job(tags=WAREHOUSE_TAG, description="Deploy an approved candidate as champion (launched by the approval sensor).")
+@dg.job(tags=QUICK_JOB_TAGS, description="Deploy an approved candidate as champion (launched by the approval sensor).")
 def deploy_champion() -> None:
     deploy_approved()
 

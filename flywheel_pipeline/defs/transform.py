@@ -3,11 +3,13 @@
 Every dbt model is an asset in group ``quality_filtering`` and every dbt test an asset check on its
 model (a failed test fails the check and the run). The dbt sources (schema ``raw``) all map to one
 upstream asset, accumulation's ``raw_events``. The dbt assets are unpartitioned: each run rebuilds
-staging, intermediate and marts from every raw row.
+staging, intermediate and marts from every raw row. dbt dies with the run's process: a killed run
+does not leave it writing, holding the warehouse's lock.
 """
 
 
 import os
+import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from dagster._core.execution.scripts import watch_orphans
 from dagster_dbt import (
     DagsterDbtTranslator,
     DagsterDbtTranslatorSettings,
@@ -70,6 +73,18 @@ def _environ(name: str, value: str) -> Iterator[None]:
             os.environ[name] = previous
 
 
+@contextmanager
+def dies_with_this_process(child: subprocess.Popen) -> Iterator[None]:
+    """Terminate ``child`` within about a second if this process dies first, however it dies
+    (SIGKILL included): Dagster's orphan watcher, the one that stops its compute-log tails."""
+    watcher = subprocess.Popen([sys.executable, watch_orphans.__file__, str(os.getpid()), str(child.pid)])
+    try:
+        yield
+    finally:
+        watcher.kill()
+        watcher.wait()
+
+
 def dbt_resource(home: Home) -> FlywheelDbtResource:
     """The `dbt` resource: the project in dbt_project/, building ``home``'s warehouse."""
     return FlywheelDbtResource(
@@ -98,7 +113,9 @@ dbt_project = _prepare(DbtProject(project_dir=DBT_PROJECT_DIR))
 )
 def flywheel_dbt_assets(context: dg.AssetExecutionContext, dbt: DbtCliResource):
     """Rebuild staging -> intermediate -> marts and run every dbt test (one asset check each)."""
-    yield from dbt.cli(["build"], context=context).stream()
+    invocation = dbt.cli(["build"], context=context)
+    with dies_with_this_process(invocation.process):
+        yield from invocation.stream()
 
 
 def fct_impressions_key() -> dg.AssetKey:

@@ -50,8 +50,10 @@ def train_candidate(
     domain: str,
     as_of: date,
     mature_until: date | None = None,
+    dagster_run_id: str | None = None,
 ) -> TrainingResult:
-    """Fit a candidate on the domain's training window and log it as one MLflow run."""
+    """Fit a candidate on the domain's training window and log it as one MLflow run (tagged with
+    the Dagster run that trains, when there is one)."""
     domain_config = config.domain(domain)
     windows = split_windows(as_of, domain_config, mature_until)
     rows = impressions(con, domain, windows.train_start, windows.train_end)
@@ -83,7 +85,7 @@ def train_candidate(
         ),
     }
     run_id, model = log_training_run(
-        home, domain, windows, trainer, scorer, weighted, params, metrics
+        home, domain, windows, trainer, scorer, weighted, params, metrics, dagster_run_id
     )
     return TrainingResult(
         domain=domain,

@@ -49,6 +49,7 @@ SERVING_TIME_COLUMNS = [
     "slate_size",
 ]
 LABEL_COLUMNS = ["p_good", "label"]
+DAGSTER_RUN_TAG = "flywheel.dagster_run_id"  # the Dagster run whose process holds the MLflow run
 INTERNAL_SPLIT_SHARE = 0.2  # most recent share of the training rows kept for the internal check
 # Pinned to this environment; the models also need flywheel_pipeline importable where they load.
 MODEL_PIP_REQUIREMENTS = [
@@ -358,6 +359,18 @@ def ensure_experiment(home: Home, domain: str) -> str:
     return mlflow.create_experiment(name, artifact_location=home.mlflow_artifacts.as_uri())
 
 
+def close_abandoned_runs(home: Home, domain: str, in_progress: Callable[[str], bool]) -> list[str]:
+    """Mark FAILED the domain's MLflow runs left RUNNING by a process that died before it could end
+    them: those whose Dagster run (DAGSTER_RUN_TAG; none: unknown) is not ``in_progress``. Returns
+    their ids."""
+    client = mlflow.MlflowClient(home.mlflow_tracking_uri)
+    running = client.search_runs([ensure_experiment(home, domain)], "attributes.status = 'RUNNING'")
+    abandoned = [run.info.run_id for run in running if not in_progress(run.data.tags.get(DAGSTER_RUN_TAG, ""))]
+    for run_id in abandoned:
+        client.set_terminated(run_id, status="FAILED")
+    return abandoned
+
+
 def log_training_run(
     home: Home,
     domain: str,
@@ -367,15 +380,18 @@ def log_training_run(
     train: pl.DataFrame,
     params: dict[str, Any],
     metrics: dict[str, float],
+    dagster_run_id: str | None = None,
 ) -> tuple[str, mlflow.models.model.ModelInfo]:
-    """One MLflow run: params, metrics, the training dataset and the pyfunc model."""
+    """One MLflow run: params, metrics, the training dataset and the pyfunc model; tagged with the
+    Dagster run that trains, when there is one."""
     frame = _fit_columns(train).to_pandas()
     example = input_example(domain, frame)
     signature = infer_signature(example, scorer.predict(example))
     with mlflow.start_run(
         experiment_id=ensure_experiment(home, domain),
         run_name=f"train-{windows.holdout_end}",
-        tags={"flywheel.domain": domain, "flywheel.stage": "training"},
+        tags={"flywheel.domain": domain, "flywheel.stage": "training",
+              **({DAGSTER_RUN_TAG: dagster_run_id} if dagster_run_id else {})},
     ) as run:
         mlflow.log_params({**params, **{f"trainer.{k}": v for k, v in trainer.params().items()}})
         dataset = mlflow.data.from_pandas(
