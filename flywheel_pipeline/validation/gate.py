@@ -76,7 +76,7 @@ def gate(
         needed = samples_needed(overall.n_samples, primary, bar)
         more = f"about {needed} more held-out samples" if needed is not None else "more evidence"
         inconclusive.append(
-            f"improvement_uncertain: {interval_text} straddles {bar:+.4f}; {more} would decide"
+            f"improvement_uncertain: {interval_text} straddles {bar:+.4f} ({more} would decide)"
         )
     regressions, ungated = _regressions(report, gate_config, min_slice_samples)
     failed += regressions
