@@ -93,11 +93,6 @@ def _gate_check(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict:
     return {}
 
 
-def _windows(meta: dict) -> Windows:
-    return Windows(*(date.fromisoformat(meta[name]) for name in
-                     ("train_start", "train_end", "holdout_start", "holdout_end")))
-
-
 class Loop:
     """One seed's closed loop in its own home."""
 
@@ -138,7 +133,7 @@ class Loop:
         candidate = model_true_accuracy(self.home, self.config, domain, trained["model_uri"])
         if registered:
             registry.promote(self.client, domain, str(registered["version"]))
-        oracle = oracle_accuracy(self.home, self.config, domain, _windows(trained))
+        oracle = oracle_accuracy(self.home, self.config, domain, Windows.from_params(trained))
         judged = Candidate(self.seed, cycle, domain, check["gate"], candidate, champion, oracle,
                            check.get("reasons", ""), trained["model_uri"])
         return judged, check.get("revisit_gate", "")

@@ -200,9 +200,8 @@ class Demo:
         candidate_accuracy = None
         if "model_uri" in outcome.candidate:
             candidate_accuracy = model_true_accuracy(self.home, self.config, domain, outcome.candidate["model_uri"])
-            windows = Windows(*(date.fromisoformat(outcome.candidate[bound]) for bound in
-                                ("train_start", "train_end", "holdout_start", "holdout_end")))
-            self.oracles[domain] = oracle_accuracy(self.home, self.config, domain, windows)
+            self.oracles[domain] = oracle_accuracy(self.home, self.config, domain,
+                                                   Windows.from_params(outcome.candidate))
         return CycleRow(cycle, domain, shown(served_by), outcome.held_out(detail=False), gate,
                         f"v{outcome.version}" if outcome.version else "", shown(champion), accuracy,
                         candidate_accuracy)

@@ -8,7 +8,7 @@ wrapper, FlywheelScorerModel, so any domain's model loads with ``mlflow.pyfunc.l
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
 from importlib.metadata import version
@@ -73,6 +73,11 @@ class Windows:
 
     def params(self) -> dict[str, str]:
         return {name: day.isoformat() for name, day in asdict(self).items()}
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Windows:
+        """The windows ``params()`` wrote (MLflow params, Dagster metadata)."""
+        return cls(*(date.fromisoformat(str(params[name])) for name in cls.__dataclass_fields__))
 
 
 def split_windows(
@@ -229,8 +234,7 @@ class TrainingResult:
             run_id=run.info.run_id,
             model_uri=model_uri,
             model_id=model.model_id,
-            windows=Windows(*(date.fromisoformat(params[bound]) for bound in
-                              ("train_start", "train_end", "holdout_start", "holdout_end"))),
+            windows=Windows.from_params(params),
             n_rows=int(params["n_impressions"]),
             n_labelled=int(params["n_labelled"]),
             metrics=dict(run.data.metrics),

@@ -4,7 +4,6 @@ JSON and Markdown artifacts, in the domain's experiment next to the candidate's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date
 
 import mlflow
 
@@ -71,9 +70,7 @@ def latest_inconclusive(home: Home, domain: str) -> Inconclusive | None:
         order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
     if not runs or runs[0].data.tags.get("flywheel.gate.outcome") != "inconclusive":
         return None
-    params = runs[0].data.params
     return Inconclusive(
         runs[0].data.tags["flywheel.candidate_model_uri"],
-        Windows(*(date.fromisoformat(params[bound]) for bound in
-                  ("train_start", "train_end", "holdout_start", "holdout_end"))),
+        Windows.from_params(runs[0].data.params),
     )
