@@ -4,7 +4,10 @@ instance in a temporary home: accumulate -> dbt + GX -> label -> fine-tune -> va
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import NamedTuple
 
 import dagster as dg
@@ -12,7 +15,7 @@ import mlflow
 import pytest
 
 from flywheel_pipeline import registry, simulation
-from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.config import FlywheelConfig, load_config
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.defs.assets import LABELS, model_keys
 from flywheel_pipeline.defs.jobs import cycle_job_name
@@ -58,23 +61,33 @@ class Cycle(NamedTuple):
     result: dg.ExecuteInProcessResult
 
 
-@pytest.fixture(scope="module")
-def cycle(tmp_path_factory):
-    """One assistant cycle over 24 simulated days (both domains simulated, 2% bad rows)."""
-    from flywheel_pipeline.config import load_config
+@contextmanager
+def simulated_cycle(root: Path, first: date, last: date,
+                    before: Callable[[Home], None] = lambda home: None) -> Iterator[Cycle]:
+    """One DOMAIN cycle over first..last of simulated traffic (both domains, 2% bad rows) in a new
+    home at ``root``, nothing inherited from the environment; ``before`` may add to its landing."""
     from tests.conftest import REPO
 
     config = load_config(REPO / "flywheel.yaml")
     with pytest.MonkeyPatch.context() as patch:
         for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
             patch.delenv(name, raising=False)
-        home = Home(tmp_path_factory.mktemp("pipeline")).activate()
-        simulation.simulate(home, config, FIRST, DAYS, seed=3, interactions_per_day=250, bad_row_share=0.02)
+        home = Home(root).activate()
+        simulation.simulate(home, config, first, (last - first).days + 1, seed=3, interactions_per_day=250,
+                            bad_row_share=0.02)
+        before(home)
         defs = build_definitions(config, home)
         instance = dg.DagsterInstance.local_temp(str(home.dagster))  # the home's own instance
-        result = execute_cycle(defs, instance, DOMAIN, FIRST, LAST)
+        result = execute_cycle(defs, instance, DOMAIN, first, last)
         yield Cycle(home, config, defs, instance, result)
         instance.dispose()
+
+
+@pytest.fixture(scope="module")
+def cycle(tmp_path_factory):
+    """One assistant cycle over 24 simulated days (both domains simulated, 2% bad rows)."""
+    with simulated_cycle(tmp_path_factory.mktemp("pipeline"), FIRST, LAST) as cycle:
+        yield cycle
 
 
 def test_every_stage_materializes_and_every_check_passes(cycle):

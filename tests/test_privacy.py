@@ -7,20 +7,19 @@ from __future__ import annotations
 import json
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import NamedTuple
 
 import dagster as dg
 import duckdb
 import pytest
 
-from flywheel_pipeline import privacy, registry, simulation
+from flywheel_pipeline import privacy, registry
 from flywheel_pipeline.cli import main
-from flywheel_pipeline.config import FlywheelConfig
-from flywheel_pipeline.definitions import build_definitions, execute_cycle
+from flywheel_pipeline.definitions import execute_cycle
 from flywheel_pipeline.defs.transform import RAW_EVENTS
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.warehouse import connect
 from tests.test_accumulation import interaction, run, signal, table, write_batch
+from tests.test_pipeline import DOMAIN, simulated_cycle
 
 CANARIES = {  # what a user may paste into a product, and how it reads after redaction
     "EMAIL_ADDRESS": "canary.ada@example.com",
@@ -134,20 +133,11 @@ def tables_holding(home: Home, *needles: str) -> list[str]:
     return found
 
 
-DOMAIN = "assistant"
 DAYS = 24
 LAST = datetime.now(UTC).date() - timedelta(days=1)
 FIRST = LAST - timedelta(days=DAYS - 1)
 CANARY_DAY = FIRST + timedelta(days=8)  # in the training window
 DENIED = "consent-denied-marker-7f3a"  # text a user did not consent to have used
-
-
-class Cycle(NamedTuple):
-    home: Home
-    config: FlywheelConfig
-    defs: dg.Definitions
-    instance: dg.DagsterInstance
-    result: dg.ExecuteInProcessResult
 
 
 def planted_events() -> list[object]:
@@ -166,23 +156,13 @@ def planted_events() -> list[object]:
 @pytest.fixture(scope="module")
 def cycle(tmp_path_factory):
     """One assistant cycle over 24 simulated days with the planted events in one day's batch."""
-    from flywheel_pipeline.config import load_config
-    from tests.conftest import REPO
-
-    config = load_config(REPO / "flywheel.yaml")
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
-            patch.delenv(name, raising=False)
-        home = Home(tmp_path_factory.mktemp("privacy")).activate()
-        simulation.simulate(home, config, FIRST, DAYS, seed=3, interactions_per_day=250, bad_row_share=0.02)
+    def plant(home: Home) -> None:
         with home.landing_file(DOMAIN, CANARY_DAY.isoformat()).open("a") as batch:
             batch.writelines((line if isinstance(line, str) else json.dumps(line)) + "\n"
                              for line in planted_events())
-        defs = build_definitions(config, home)
-        instance = dg.DagsterInstance.local_temp(str(home.dagster))
-        result = execute_cycle(defs, instance, DOMAIN, FIRST, LAST)
-        yield Cycle(home, config, defs, instance, result)
-        instance.dispose()
+
+    with simulated_cycle(tmp_path_factory.mktemp("privacy"), FIRST, LAST, before=plant) as cycle:
+        yield cycle
 
 
 def files_holding(where: Path, *needles: str) -> list[str]:
