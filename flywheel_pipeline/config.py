@@ -130,7 +130,12 @@ class WarehouseSettings(_Strict):
     memory_limit: str = Field(
         "2GB",
         pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$",
-        description="DuckDB's memory_limit for the pipeline's stages; past it DuckDB spills to disk",
+        description="DuckDB's memory_limit for the pipeline's stages and dbt; past it DuckDB spills to disk",
+    )
+    dbt_threads: int = Field(
+        1, ge=1, le=64,
+        description="how many models or tests dbt builds at once (dbt's threads); each query already "
+                    "uses every core, so more only helps a machine with cores and memory to spare",
     )
 
 

@@ -23,7 +23,7 @@ from flywheel_pipeline.defs.partitions import range_tags
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.defs.schedules import build_retention_schedule, build_schedule
 from flywheel_pipeline.defs.sensors import build_sensors
-from flywheel_pipeline.defs.transform import dbt_resource, flywheel_dbt_assets
+from flywheel_pipeline.defs.transform import build_dbt_assets, dbt_resource
 from flywheel_pipeline.home import Home
 
 
@@ -31,7 +31,7 @@ def build_definitions(config: FlywheelConfig, home: Home) -> dg.Definitions:
     home.ensure()
     model_assets = [a for domain in config.domains for a in build_model_assets(config, domain)]
     return dg.Definitions(
-        assets=[*build_data_assets(config), flywheel_dbt_assets, *model_assets],
+        assets=[*build_data_assets(config), build_dbt_assets(config), *model_assets],
         asset_checks=quality_checks(config),
         jobs=[*(cycle_job(d) for d in config.domains), approve_candidate, deploy_champion, rollback_champion,
               enforce_retention],
@@ -41,7 +41,7 @@ def build_definitions(config: FlywheelConfig, home: Home) -> dg.Definitions:
             "warehouse": WarehouseResource(home_path=str(home.root), config_path=str(config_path()),
                                            memory_limit=config.warehouse.memory_limit),
             "mlflow": MlflowResource(home_path=str(home.root)),
-            "dbt": dbt_resource(home),
+            "dbt": dbt_resource(home, config),
             "io_manager": dg.FilesystemIOManager(base_dir=str(home.dagster / "storage")),
         },
         executor=dg.in_process_executor,

@@ -87,11 +87,17 @@ def daily_traffic(
     return counts.filter(pl.col("day") >= first.isoformat()), float(median)
 
 
-def filtered_impressions(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
-    """Every impression that passed quality filtering (marts.fct_impressions)."""
+def filtered_impressions(
+    con: duckdb.DuckDBPyConnection, domain: str, first: date, last: date
+) -> pl.DataFrame:
+    """The impressions of ``domain`` on days first..last that passed quality filtering (marts.fct_impressions)."""
     return con.sql(
-        "SELECT domain, interaction_id, item_id, position, propensity, policy, input_text "
-        "FROM marts.fct_impressions"
+        """
+        SELECT domain, interaction_id, item_id, position, propensity, policy, input_text
+        FROM marts.fct_impressions
+        WHERE domain = $domain AND event_date BETWEEN $first AND $last
+        """,
+        params={"domain": domain, "first": first, "last": last},
     ).pl()
 
 

@@ -38,6 +38,7 @@ def test_shipped_config_has_a_weekly_and_a_quarterly_domain():
         (["domains", "assistant", "holdout_dayz"], 3, "domains.assistant.holdout_dayz"),
         (["partitions_start"], "not a date", "partitions_start"),
         (["warehouse", "memory_limit"], "lots", "warehouse.memory_limit"),
+        (["warehouse", "dbt_threads"], 0, "warehouse.dbt_threads"),
     ],
 )
 def test_bad_key_is_named(path, value, named):

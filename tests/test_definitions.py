@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dagster as dg
-from dagster_dbt import get_asset_key_for_model
-
 from flywheel_pipeline.definitions import build_definitions
 from flywheel_pipeline.defs.assets import LABELS, model_keys
-from flywheel_pipeline.defs.transform import RAW_EVENTS, fct_impressions_key, flywheel_dbt_assets
+from flywheel_pipeline.defs.transform import RAW_EVENTS, dbt_model_key, dbt_model_keys, fct_impressions_key
 
 
 def test_definitions_load_and_wire_every_domains_chain(home, config):
@@ -17,7 +15,7 @@ def test_definitions_load_and_wire_every_domains_chain(home, config):
 
     assert fct_impressions_key() in graph.get(LABELS).parent_keys
     for model in ("stg_interactions", "stg_impressions", "stg_signals", "stg_outcomes"):
-        assert graph.get(get_asset_key_for_model([flywheel_dbt_assets], model)).parent_keys == {RAW_EVENTS}
+        assert graph.get(dbt_model_key(model)).parent_keys == {RAW_EVENTS}
     for domain in config.domains:
         keys = model_keys(domain)
         assert graph.get(keys["candidate_model"]).parent_keys == {LABELS}

@@ -24,7 +24,7 @@ from flywheel_pipeline.defs.partitions import (
     PARTITION_RANGE_START_TAG,
     partition_key,
 )
-from flywheel_pipeline.defs.transform import RAW_EVENTS, fct_impressions_key
+from flywheel_pipeline.defs.transform import RAW_EVENTS, dbt_model_keys, fct_impressions_key
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.labeling import maturity_cutoff
 from flywheel_pipeline.warehouse import connect
@@ -157,15 +157,9 @@ def test_rerunning_the_cycle_changes_no_raw_or_label_row(cycle):
                         WHERE domain = '{DOMAIN}')"""
     before = rows(home, query)
     again = execute_cycle(defs, instance, DOMAIN, FIRST, LAST,
-                      asset_selection=[RAW_EVENTS, LABELS, *_dbt_keys(defs)])
+                      asset_selection=[RAW_EVENTS, LABELS, *dbt_model_keys()])
     assert again.success
     assert rows(home, query) == before
-
-
-def _dbt_keys(defs) -> list[dg.AssetKey]:
-    from flywheel_pipeline.defs.transform import flywheel_dbt_assets
-
-    return list(flywheel_dbt_assets.keys)
 
 
 def requested_days(request: dg.RunRequest) -> set:

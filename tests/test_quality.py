@@ -11,7 +11,7 @@ import pytest
 from flywheel_pipeline import quality, simulation
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.defs.assets import LABELS
-from flywheel_pipeline.defs.transform import RAW_EVENTS, fct_impressions_key, flywheel_dbt_assets
+from flywheel_pipeline.defs.transform import RAW_EVENTS, dbt_model_keys, fct_impressions_key
 
 DAY = date(2026, 11, 2)
 
@@ -82,4 +82,4 @@ def test_a_failing_expectation_blocks_everything_downstream(logs_without_explora
         assert "is_exploration" in check.metadata["failures"].value
         materialized = {e.asset_key for e in result.get_asset_materialization_events()}
         assert materialized == {RAW_EVENTS}  # accepted into raw, and nothing past the gate
-        assert not {fct_impressions_key(), LABELS, *flywheel_dbt_assets.keys} & materialized
+        assert not {fct_impressions_key(), LABELS, *dbt_model_keys()} & materialized

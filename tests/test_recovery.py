@@ -130,11 +130,16 @@ def test_a_killed_run_is_marked_failed_and_the_next_deployment_is_not_blocked(si
     assert started_at(instance, approval.run_id) > failed_at(instance, dead.run_id)
 
 
-DBT_PARENT = """
+DBT_PARENT = f"""
+from datetime import date
 import dagster as dg
-from flywheel_pipeline.defs.transform import dbt_resource, flywheel_dbt_assets
+from flywheel_pipeline.config import load_config
+from flywheel_pipeline.defs.partitions import partition_key
+from flywheel_pipeline.defs.transform import build_dbt_assets, dbt_resource
 from flywheel_pipeline.home import Home
-dg.materialize([flywheel_dbt_assets], resources={"dbt": dbt_resource(Home.from_env())},
+config = load_config()
+dg.materialize([build_dbt_assets(config)], resources={{"dbt": dbt_resource(Home.from_env(), config)}},
+               partition_key=partition_key({DOMAIN!r}, date.fromisoformat({FIRST.isoformat()!r})),
                instance=dg.DagsterInstance.ephemeral())
 """
 

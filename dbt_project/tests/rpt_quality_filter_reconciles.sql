@@ -1,5 +1,6 @@
 {{ config(meta={'dagster': {'ref': {'name': 'rpt_quality_filter'}}}) }}
--- Kept + dropped = staged interactions, and kept = fct_interactions, per domain and day.
+-- Kept + dropped = staged interactions, and kept = fct_interactions, per domain and day (of the
+-- run's partitions: each day is reconciled when it is built).
 
 with
 
@@ -12,6 +13,7 @@ reported as (
         sum(interactions) filter (where rule = 'kept') as kept
 
     from {{ ref('rpt_quality_filter') }}
+    where {{ in_run_partitions() }}
     group by domain, event_date
 
 ),
@@ -20,6 +22,7 @@ staged as (
 
     select domain, event_date, count(*) as staged
     from {{ ref('stg_interactions') }}
+    where {{ in_run_partitions() }}
     group by domain, event_date
 
 ),
@@ -28,6 +31,7 @@ facts as (
 
     select domain, event_date, count(*) as facts
     from {{ ref('fct_interactions') }}
+    where {{ in_run_partitions() }}
     group by domain, event_date
 
 )

@@ -2,7 +2,8 @@
 
 - ``raw_events`` / ``accumulated_traffic``: per day x domain partition, the run's days as a whole.
 - ``raw_events`` / ``daily_traffic``: each day of the run, against the domain's median day (a warning).
-- ``fct_impressions`` / ``filtered_impressions``: the mart labeling reads, after every dbt test.
+- ``fct_impressions`` / ``filtered_impressions``: the run's partitions of the mart labeling reads,
+  after every dbt test.
 """
 
 import dagster as dg
@@ -46,13 +47,15 @@ def quality_checks(config: FlywheelConfig) -> list[dg.AssetChecksDefinition]:
         return dg.AssetCheckResult(passed=result.success, severity=dg.AssetCheckSeverity.WARN,
                                    metadata={**result.metadata(), "median_day": median_day})
 
-    @dg.asset_check(asset=fct_impressions_key(), blocking=True,
-                    description="GX: filtered impressions keep their keys unique, positions and "
-                                "propensities in range, inputs within the length bounds.")
-    def filtered_impressions(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+    @dg.asset_check(asset=fct_impressions_key(), blocking=True, partitions_def=partitions,
+                    description="GX: the run's filtered impressions keep their keys unique, positions "
+                                "and propensities in range, inputs within the length bounds.")
+    def filtered_impressions(context: dg.AssetCheckExecutionContext,
+                             warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        domain, days = run_scope(context, partitions)
         with warehouse.connect() as con:
-            frame = quality.filtered_impressions(con)
-        return _result(quality.run_suite("filtered_impressions", frame,
+            frame = quality.filtered_impressions(con, domain, days[0], days[-1])
+        return _result(quality.run_suite(f"filtered_impressions_{domain}", frame,
                                          quality.filtered_impressions_suite()))
 
     return [accumulated_traffic, daily_traffic, filtered_impressions]

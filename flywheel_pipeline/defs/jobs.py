@@ -18,7 +18,7 @@ from pydantic import Field
 from flywheel_pipeline import approval, privacy, registry
 from flywheel_pipeline.defs.assets import LABELS, model_keys
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
-from flywheel_pipeline.defs.transform import RAW_EVENTS, flywheel_dbt_assets
+from flywheel_pipeline.defs.transform import DBT_MODELS, RAW_EVENTS
 
 WAREHOUSE_TAG = {"flywheel/warehouse": "duckdb"}
 # A person's decision and a deployment take seconds: one that hangs is terminated after 10 minutes
@@ -32,10 +32,7 @@ def cycle_job_name(domain: str) -> str:
 
 def cycle_job(domain: str):  # an unresolved asset job (its type is not public)
     """A domain's whole cycle as one run over a range of its days (the partitions come from the assets)."""
-    selection = (
-        dg.AssetSelection.assets(RAW_EVENTS, LABELS, *model_keys(domain).values())
-        | dg.AssetSelection.assets(flywheel_dbt_assets)
-    )
+    selection = dg.AssetSelection.assets(RAW_EVENTS, LABELS, *model_keys(domain).values()) | DBT_MODELS
     return dg.define_asset_job(
         cycle_job_name(domain), selection=selection,
         tags={**WAREHOUSE_TAG, "flywheel/domain": domain},

@@ -19,14 +19,15 @@ from flywheel_pipeline.defs.assets import LABELS
 from flywheel_pipeline.defs.jobs import WAREHOUSE_TAG, deploy_champion
 from flywheel_pipeline.defs.partitions import range_tags
 from flywheel_pipeline.defs.resources import WarehouseResource
-from flywheel_pipeline.defs.transform import flywheel_dbt_assets
+from flywheel_pipeline.defs.transform import DBT_MODELS
 from flywheel_pipeline.labeling.late import late_outcome_partitions
 from flywheel_pipeline.warehouse import WarehouseBusy
 
 LATE_LABELS_TAG = {"flywheel/reason": "late-labels"}
-# What a late outcome changes: the dbt models (rebuilt together, so the marts stay consistent with
-# each other and their tests pass) and labels. Never accumulation: the outcome is already in raw.
-RELABEL_SELECTION = dg.AssetSelection.assets(flywheel_dbt_assets, LABELS)
+# What a late outcome changes: the dbt models' partitions of the interactions it reacts to (rebuilt
+# together, so the marts stay consistent with each other and their tests pass) and their labels.
+# Never accumulation: the outcome is already in raw.
+RELABEL_SELECTION = DBT_MODELS | dg.AssetSelection.assets(LABELS)
 
 
 def deployment_requests(records: list[approval.ApprovalRecord]) -> list[dg.RunRequest]:

@@ -2,17 +2,21 @@
 
 Every dbt model is an asset in group ``quality_filtering`` and every dbt test an asset check on its
 model (a failed test fails the check and the run). The dbt sources (schema ``raw``) all map to one
-upstream asset, accumulation's ``raw_events``. The dbt assets are unpartitioned: each run rebuilds
-staging, intermediate and marts from every raw row. dbt dies with the run's process: a killed run
-does not leave it writing, holding the warehouse's lock.
+upstream asset, accumulation's ``raw_events``. The dbt assets are partitioned by day x domain like
+the rest of the pipeline: a run passes its domain and days to dbt as vars, and the incremental models
+rebuild exactly those partitions (dbt_project/macros/partitions.sql; docs/warehouse.md). dbt dies
+with the run's process: a killed run does not leave it writing, holding the warehouse's lock.
 """
 
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import date
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +29,10 @@ from dagster_dbt import (
     DbtCliResource,
     DbtProject,
     dbt_assets,
-    get_asset_key_for_model,
 )
 
+from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.defs.partitions import day_domain_partitions, run_scope
 from flywheel_pipeline.home import HOME_ENV, Home
 
 DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt_project"
@@ -35,6 +40,9 @@ DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt_project"
 DBT_EXECUTABLE = Path(sys.executable).with_name("dbt")
 RAW_EVENTS = dg.AssetKey("raw_events")
 GROUP = "quality_filtering"
+DBT_MODELS = dg.AssetSelection.groups(GROUP)
+# What profiles.yml reads for the DuckDB connection dbt opens (flywheel.yaml's warehouse settings).
+MEMORY_LIMIT_ENV, THREADS_ENV = "FLYWHEEL_DBT_MEMORY_LIMIT", "FLYWHEEL_DBT_THREADS"
 
 
 class FlywheelDbtTranslator(DagsterDbtTranslator):
@@ -50,27 +58,32 @@ class FlywheelDbtTranslator(DagsterDbtTranslator):
 
 
 class FlywheelDbtResource(DbtCliResource):
-    """A DbtCliResource whose dbt builds the warehouse of one home (FLYWHEEL_HOME=home_path)."""
+    """A DbtCliResource whose dbt builds the warehouse of one home (FLYWHEEL_HOME=home_path) within
+    flywheel.yaml's warehouse.memory_limit, running warehouse.dbt_threads models at once."""
 
     home_path: str
+    memory_limit: str
+    threads: int
 
     def cli(self, args: Sequence[str], **kwargs: Any) -> DbtCliInvocation:
         # dagster-dbt hands dbt a copy of this process's environment, taken inside cli().
-        with _environ(HOME_ENV, self.home_path):
+        with _environ({HOME_ENV: self.home_path, MEMORY_LIMIT_ENV: self.memory_limit,
+                       THREADS_ENV: str(self.threads)}):
             return super().cli(args, **kwargs)
 
 
 @contextmanager
-def _environ(name: str, value: str) -> Iterator[None]:
-    previous = os.environ.get(name)
-    os.environ[name] = value
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = previous
+        for name, value in previous.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 @contextmanager
@@ -85,10 +98,11 @@ def dies_with_this_process(child: subprocess.Popen) -> Iterator[None]:
         watcher.wait()
 
 
-def dbt_resource(home: Home) -> FlywheelDbtResource:
+def dbt_resource(home: Home, config: FlywheelConfig) -> FlywheelDbtResource:
     """The `dbt` resource: the project in dbt_project/, building ``home``'s warehouse."""
     return FlywheelDbtResource(
-        project_dir=dbt_project, dbt_executable=str(DBT_EXECUTABLE), home_path=str(home.root)
+        project_dir=dbt_project, dbt_executable=str(DBT_EXECUTABLE), home_path=str(home.root),
+        memory_limit=config.warehouse.memory_limit, threads=config.warehouse.dbt_threads,
     )
 
 
@@ -104,20 +118,46 @@ def _prepare(project: DbtProject) -> DbtProject:
 dbt_project = _prepare(DbtProject(project_dir=DBT_PROJECT_DIR))
 
 
-@dbt_assets(
-    manifest=dbt_project.manifest_path,
-    project=dbt_project,
-    dagster_dbt_translator=FlywheelDbtTranslator(
-        settings=DagsterDbtTranslatorSettings(enable_duplicate_source_asset_keys=True)
-    ),
-)
-def flywheel_dbt_assets(context: dg.AssetExecutionContext, dbt: DbtCliResource):
-    """Rebuild staging -> intermediate -> marts and run every dbt test (one asset check each)."""
-    invocation = dbt.cli(["build"], context=context)
-    with dies_with_this_process(invocation.process):
-        yield from invocation.stream()
+TRANSLATOR = FlywheelDbtTranslator(settings=DagsterDbtTranslatorSettings(enable_duplicate_source_asset_keys=True))
+
+
+def partition_vars(domain: str, days: Sequence[date]) -> dict[str, Any]:
+    """The dbt vars that make a build cover ``domain``'s ``days`` (dbt_project/macros/partitions.sql)."""
+    return {"flywheel_domain": domain, "flywheel_days": [day.isoformat() for day in days]}
+
+
+def build_dbt_assets(config: FlywheelConfig) -> dg.AssetsDefinition:
+    """The dbt models as assets, partitioned by day x domain, a range of days in one run."""
+    partitions = day_domain_partitions(config)
+
+    @dbt_assets(manifest=dbt_project.manifest_path, project=dbt_project, dagster_dbt_translator=TRANSLATOR,
+                partitions_def=partitions, backfill_policy=dg.BackfillPolicy.single_run())
+    def flywheel_dbt_assets(context: dg.AssetExecutionContext, dbt: DbtCliResource):
+        """Rebuild the run's partitions of staging -> intermediate -> marts and run every dbt test on
+        them (one asset check each)."""
+        domain, days = run_scope(context, partitions)
+        invocation = dbt.cli(["build", "--vars", json.dumps(partition_vars(domain, days))], context=context)
+        with dies_with_this_process(invocation.process):
+            yield from invocation.stream()
+
+    return flywheel_dbt_assets
+
+
+@cache
+def _models() -> dict[str, Mapping[str, Any]]:
+    manifest = json.loads(dbt_project.manifest_path.read_text())
+    return {node["name"]: node for node in manifest["nodes"].values() if node["resource_type"] == "model"}
+
+
+def dbt_model_key(model: str) -> dg.AssetKey:
+    """The asset key of one dbt model."""
+    return TRANSLATOR.get_asset_key(_models()[model])
+
+
+def dbt_model_keys() -> list[dg.AssetKey]:
+    return [dbt_model_key(model) for model in _models()]
 
 
 def fct_impressions_key() -> dg.AssetKey:
     """The asset key of marts.fct_impressions (what labeling and the GX gate depend on)."""
-    return get_asset_key_for_model([flywheel_dbt_assets], "fct_impressions")
+    return dbt_model_key("fct_impressions")

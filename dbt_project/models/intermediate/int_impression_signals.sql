@@ -1,6 +1,7 @@
 -- One row per kept impression: the item shown, with its signals and outcomes pivoted. A reaction
 -- with an item_id applies to that impression; one without (abandon, reformulate, rating, an
--- assistant's accept) to every impression of its interaction.
+-- assistant's accept) to every impression of its interaction. Partitioned by the interaction's
+-- (day, domain), like int_reactions.
 
 with
 
@@ -11,12 +12,14 @@ impressions as (
     inner join {{ ref('int_interactions_flagged') }} as interactions
         on interactions.interaction_event_id = impressions.interaction_event_id
     where interactions.drop_reason is null
+        and {{ in_partitions_to_build('impressions') }} and {{ in_partitions_to_build('interactions') }}
 
 ),
 
 reactions as (
 
     select * from {{ ref('int_reactions') }}
+    where {{ in_partitions_to_build() }}
 
 ),
 
@@ -68,6 +71,7 @@ pivoted as (
     select
         impressions.interaction_event_id,
         impressions.domain,
+        impressions.event_date,
         impressions.interaction_id,
         impressions.item_id,
         impressions.position,

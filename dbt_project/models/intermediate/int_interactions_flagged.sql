@@ -1,10 +1,28 @@
 -- Every staged interaction with the first filtering rule it breaks (drop_reason), null when kept.
+-- Incremental per (day, domain) partition: a run rebuilds its partitions' interactions, reading from
+-- other days only what their rules need (their users' earlier days, their sessions via int_sessions;
+-- stg_interactions marks a duplicate against every delivery of its interaction_id).
 
 with
 
 interactions as (
 
     select * from {{ ref('stg_interactions') }}
+    where {{ in_partitions_to_build() }}
+
+),
+
+first_days as (
+
+    -- point in time: a user is new on the first day of any of their interactions (kept or not);
+    -- a day after the run's last cannot be that day for the run's interactions
+    select domain, user_id, min(event_date) as first_day
+    from {{ ref('stg_interactions') }}
+    where {{ in_domain_to_build(since='up_to_last_day') }}
+    {%- if builds_some_partitions() %}
+        and (domain, user_id) in (select domain, user_id from interactions)
+    {%- endif %}
+    group by domain, user_id
 
 ),
 
@@ -22,6 +40,7 @@ slates as (
         max(length(item_content)) as longest_item_chars
 
     from {{ ref('stg_impressions') }}
+    where {{ in_partitions_to_build() }}
     group by interaction_event_id
 
 ),
@@ -42,11 +61,7 @@ flagged as (
         interactions.segment,
         interactions.input_text,
         slates.slate_size,
-
-        -- point in time: any interaction on an earlier day came before this one
-        min(interactions.event_date) over (
-            partition by interactions.domain, interactions.user_id
-        ) = interactions.event_date as is_new_user,
+        first_days.first_day = interactions.event_date as is_new_user,
 
         case
             when interactions.is_duplicate then 'duplicate_interaction'
@@ -61,6 +76,7 @@ flagged as (
         end as drop_reason
 
     from interactions
+    inner join first_days using (domain, user_id)
     left join sessions using (domain, session_id)
     left join slates using (interaction_event_id)
 

@@ -1,14 +1,15 @@
 -- Signals and outcomes that reach the marts: those of a kept interaction, not stamped before it was
 -- served (a reaction cannot precede what it reacts to). Reactions to dropped or unknown
--- interactions stop here.
+-- interactions stop here. Partitioned by the interaction's (day, domain), whatever day a reaction
+-- landed on: a run reads the reactions from its first day on (none can come before).
 
 with
 
 kept as (
 
-    select domain, interaction_id, served_at
+    select domain, event_date, interaction_id, served_at
     from {{ ref('int_interactions_flagged') }}
-    where drop_reason is null
+    where drop_reason is null and {{ in_partitions_to_build() }}
 
 ),
 
@@ -26,6 +27,7 @@ signals as (
         signalled_at as reacted_at
 
     from {{ ref('stg_signals') }}
+    where {{ in_domain_to_build(since='first_day') }}
 
 ),
 
@@ -43,6 +45,7 @@ outcomes as (
         outcome_at as reacted_at
 
     from {{ ref('stg_outcomes') }}
+    where {{ in_domain_to_build(since='first_day') }}
 
 ),
 
@@ -56,6 +59,7 @@ reactions as (
 
 select
     reactions.*,
+    kept.event_date,
     {{ seconds_between('kept.served_at', 'reactions.reacted_at') }} as after_s
 
 from reactions

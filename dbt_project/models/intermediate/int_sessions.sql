@@ -1,5 +1,9 @@
 -- One row per session: how many interactions, how fast, how repetitive; is_bot flags bot/spam-like ones.
 -- Inputs of consent-denied interactions are null here (stg_interactions) and count as no repeat.
+-- A session is judged whole, whatever days it spans: a run rebuilds the sessions its partitions'
+-- interactions belong to, with their interactions on every day.
+
+{{ config(materialized='incremental', incremental_strategy='delete+insert', unique_key=['domain', 'session_id']) }}
 
 with
 
@@ -7,7 +11,12 @@ interactions as (
 
     select domain, session_id, served_at, lower(trim(input_text)) as normalized_input
     from {{ ref('stg_interactions') }}
-    where not is_duplicate
+    where not is_duplicate and {{ in_domain_to_build() }}
+    {%- if builds_some_partitions() %}
+        and (domain, session_id) in (
+            select domain, session_id from {{ ref('stg_interactions') }} where {{ in_run_partitions() }}
+        )
+    {%- endif %}
 
 ),
 

@@ -3,12 +3,14 @@ with
 interactions as (
 
     select * from {{ ref('int_interactions_flagged') }}
+    where {{ in_partitions_to_build() }}
 
 ),
 
 impressions as (
 
     select * from {{ ref('int_impression_signals') }}
+    where {{ in_partitions_to_build() }}
 
 )
 

@@ -3,7 +3,7 @@ with
 interactions as (
 
     select * from {{ ref('int_interactions_flagged') }}
-    where drop_reason is null
+    where drop_reason is null and {{ in_partitions_to_build() }}
 
 ),
 
@@ -19,6 +19,7 @@ reactions as (
         count(*) filter (where outcome_name <> 'human_review') > 0 as has_outcome
 
     from {{ ref('int_reactions') }}
+    where {{ in_partitions_to_build() }}
     group by domain, interaction_id
 
 )

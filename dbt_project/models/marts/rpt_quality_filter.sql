@@ -5,4 +5,5 @@ select
     count(*) as interactions
 
 from {{ ref('int_interactions_flagged') }}
+where {{ in_partitions_to_build() }}
 group by domain, event_date, rule

@@ -10,7 +10,7 @@ source as (
 
 interactions as (
 
-    select event_id, consent from {{ source('raw', 'interactions') }}
+    select event_id, domain, event_date, consent from {{ source('raw', 'interactions') }}
 
 ),
 
@@ -19,6 +19,7 @@ renamed as (
     select
         source.event_id as interaction_event_id,
         source.domain,
+        source.event_date,
         source.interaction_id,
         source.item_id,
         source.position,
@@ -26,7 +27,8 @@ renamed as (
         case when interactions.consent = 'granted' then source.content end as item_content
 
     from source
-    left join interactions using (event_id)
+    -- one event: the same domain and day on both sides, so a filter on them reaches both scans
+    left join interactions using (event_id, domain, event_date)
 
 )
 

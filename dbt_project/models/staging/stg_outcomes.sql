@@ -8,6 +8,7 @@ outcomes as (
     select
         event_id as outcome_event_id,
         domain,
+        event_date,
         interaction_id,
         item_id,
         event_ts as outcome_at,
@@ -23,6 +24,7 @@ reviews as (
     select
         event_id as outcome_event_id,
         domain,
+        event_date,
         interaction_id,
         item_id,
         event_ts as outcome_at,

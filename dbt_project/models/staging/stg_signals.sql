@@ -22,6 +22,7 @@ renamed as (
     select
         source.event_id as signal_event_id,
         source.domain,
+        source.event_date,
         source.interaction_id,
         source.item_id,
         source.event_ts as signalled_at,

@@ -1,0 +1,94 @@
+{#-
+  The (day, domain) partitions a run builds, from the dbt vars Dagster passes (defs/transform.py):
+      dbt build --vars '{"flywheel_domain": "assistant", "flywheel_days": ["2026-11-02", "2026-11-03"]}'
+  Without them (a plain `dbt build`) a run builds every partition.
+
+  Predicates for the models: `in_partitions_to_build()` (the run's partitions), `in_domain_to_build()`
+  (the run's domain, on any day or from a day on). Each is `true` when the model builds every
+  partition: no vars, its first build, or --full-refresh.
+-#}
+
+{#- The run's domain and its days (sorted 'YYYY-MM-DD'), checked; (none, []) without vars. -#}
+{% macro run_scope() -%}
+    {%- set domain = var('flywheel_domain', none) -%}
+    {%- set days = var('flywheel_days', []) | map('string') | sort -%}
+    {%- if domain is none -%}
+        {{ return((none, [])) }}
+    {%- endif -%}
+    {%- set bad_days = [] -%}
+    {%- for day in days if not modules.re.fullmatch('[0-9]{4}-[0-9]{2}-[0-9]{2}', day) -%}
+        {%- do bad_days.append(day) -%}
+    {%- endfor -%}
+    {%- if not modules.re.fullmatch('[a-z][a-z0-9_]*', domain) or not days or bad_days -%}
+        {{ exceptions.raise_compiler_error(
+            "flywheel_domain must be a domain name and flywheel_days a non-empty list of YYYY-MM-DD "
+            ~ "days, got " ~ domain ~ " and " ~ days) }}
+    {%- endif -%}
+    {{ return((domain, days)) }}
+{%- endmacro %}
+
+
+{#- The rows of the run's partitions (columns `domain` and `event_date` of ``relation``, a table
+    alias, when given); `true` without vars. What tests and the incremental strategy read. -#}
+{% macro in_run_partitions(relation=none) -%}
+    {%- set domain, days = run_scope() -%}
+    {%- set column = (relation ~ '.') if relation else '' -%}
+    {%- if domain is none -%}
+        true
+    {%- else -%}
+        ({{ column }}domain = '{{ domain }}' and {{ column }}event_date in (
+            {%- for day in days %}date '{{ day }}'{{ ', ' if not loop.last }}{% endfor %}))
+    {%- endif -%}
+{%- endmacro %}
+
+
+{#- Whether this model builds only the run's partitions: vars given, and its table already there. -#}
+{% macro builds_some_partitions() -%}
+    {{ return(is_incremental() and var('flywheel_domain', none) is not none) }}
+{%- endmacro %}
+
+
+{% macro in_partitions_to_build(relation=none) -%}
+    {{ in_run_partitions(relation) if builds_some_partitions() else 'true' }}
+{%- endmacro %}
+
+
+{#- The rows of the run's domain; with ``since`` 'first_day' only from the run's first day on (what
+    reacts to its interactions), with 'up_to_last_day' only up to its last (what came before them). -#}
+{% macro in_domain_to_build(since=none) -%}
+    {%- set domain, days = run_scope() -%}
+    {%- if not builds_some_partitions() -%}
+        true
+    {%- else -%}
+        (domain = '{{ domain }}'
+        {%- if since == 'first_day' %} and event_date >= date '{{ days[0] }}'
+        {%- elif since == 'up_to_last_day' %} and event_date <= date '{{ days[-1] }}'
+        {%- endif -%})
+    {%- endif -%}
+{%- endmacro %}
+
+
+{#- Incremental strategy `replace_partitions`: delete the rows of the run's partitions, insert the
+    freshly built ones (a partition whose rows are gone ends empty, never stale). -#}
+{% macro get_incremental_replace_partitions_sql(arg_dict) -%}
+    {%- set columns = get_quoted_csv(arg_dict['dest_columns'] | map(attribute='name')) -%}
+    delete from {{ arg_dict['target_relation'] }} where {{ in_run_partitions() }};
+    insert into {{ arg_dict['target_relation'] }} ({{ columns }})
+    select {{ columns }} from {{ arg_dict['temp_relation'] }}
+{%- endmacro %}
+
+
+{#- A test whose `where` is "__run_partitions__" (dbt_project.yml sets it for every test) reads only
+    the run's partitions: what it checks holds per partition, and the others were checked when they
+    were built. "__run_domain__" (a model without days: int_sessions) reads the run's domain. -#}
+{% macro get_where_subquery(relation) -%}
+    {%- set domain, days = run_scope() -%}
+    {%- set where = config.get('where') -%}
+    {%- if where -%}
+        {%- set where = where | replace("__run_partitions__", in_run_partitions())
+                              | replace("__run_domain__", "domain = '" ~ domain ~ "'" if domain else "true") -%}
+        {{ return("(select * from " ~ relation ~ " where " ~ where ~ ") dbt_subquery") }}
+    {%- else -%}
+        {{ return(relation) }}
+    {%- endif -%}
+{%- endmacro %}
