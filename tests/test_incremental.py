@@ -136,3 +136,13 @@ def test_a_redelivery_on_a_later_day_is_a_duplicate(incremental):
     home, _, _ = incremental
     assert rows(home, """SELECT drop_reason FROM intermediate.int_interactions_flagged
                          WHERE interaction_event_id = 'redelivery'""") == [("duplicate_interaction",)]
+
+
+def test_dbt_connects_with_the_configured_memory_limit(incremental):
+    home, config, _ = incremental
+    limited = config.model_copy(update={"warehouse": config.warehouse.model_copy(update={"memory_limit": "1GB"})})
+    invocation = dbt_resource(home, limited).cli(
+        ["show", "--inline", "select current_setting('memory_limit') as memory_limit"])
+    [preview] = [event.raw_event["data"]["preview"] for event in invocation.stream_raw_events()
+                 if event.raw_event["info"]["name"] == "ShowNode"]
+    assert "953.6 MiB" in preview  # DuckDB's 1GB

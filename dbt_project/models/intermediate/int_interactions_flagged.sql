@@ -1,14 +1,28 @@
 -- Every staged interaction with the first filtering rule it breaks (drop_reason), null when kept.
 -- Incremental per (day, domain) partition: a run rebuilds its partitions' interactions, reading from
--- other days only what their rules need (their users' earlier days, their sessions via int_sessions;
--- stg_interactions marks a duplicate against every delivery of its interaction_id).
+-- other days only what their rules need: the earlier deliveries of their interaction_ids, their
+-- users' earlier days, their sessions (int_sessions).
 
 with
 
+staged as (
+
+    select * exclude (is_duplicate) from {{ ref('stg_interactions') }}
+    where {{ in_partitions_to_build() }}
+
+),
+
+deliveries as (
+
+    -- against every delivery of their interaction_ids up to the run's last day (a later day's
+    -- cannot be the first)
+    {{ is_duplicate_of('staged', since='up_to_last_day') }}
+
+),
+
 interactions as (
 
-    select * from {{ ref('stg_interactions') }}
-    where {{ in_partitions_to_build() }}
+    select * from staged inner join deliveries using (interaction_event_id)
 
 ),
 
@@ -20,7 +34,7 @@ first_days as (
     from {{ ref('stg_interactions') }}
     where {{ in_domain_to_build(since='up_to_last_day') }}
     {%- if builds_some_partitions() %}
-        and (domain, user_id) in (select domain, user_id from interactions)
+        and (domain, user_id) in (select domain, user_id from staged)
     {%- endif %}
     group by domain, user_id
 

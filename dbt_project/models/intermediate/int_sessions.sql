@@ -7,16 +7,31 @@
 
 with
 
-interactions as (
+staged as (
 
-    select domain, session_id, served_at, lower(trim(input_text)) as normalized_input
-    from {{ ref('stg_interactions') }}
-    where not is_duplicate and {{ in_domain_to_build() }}
+    select * exclude (is_duplicate) from {{ ref('stg_interactions') }}
+    where {{ in_domain_to_build() }}
     {%- if builds_some_partitions() %}
         and (domain, session_id) in (
             select domain, session_id from {{ ref('stg_interactions') }} where {{ in_run_partitions() }}
         )
     {%- endif %}
+
+),
+
+deliveries as (
+
+    -- against every delivery of their interaction_ids, on any day
+    {{ is_duplicate_of('staged') }}
+
+),
+
+interactions as (
+
+    select domain, session_id, served_at, lower(trim(input_text)) as normalized_input
+    from staged
+    inner join deliveries using (interaction_event_id)
+    where not deliveries.is_duplicate
 
 ),
 

@@ -25,15 +25,12 @@ renamed as (
         policy,
         consent,
         case when consent = 'granted' then input_text end as input_text,
-        context ->> 'segment' as segment,
-
-        ---------- delivery: a later delivery of an interaction_id already seen is a duplicate
-        row_number() over (
-            partition by domain, interaction_id order by event_ts, event_id
-        ) > 1 as is_duplicate
+        context ->> 'segment' as segment
 
     from source
 
 )
 
-select * from renamed
+---------- delivery: a later delivery of an interaction_id already seen is a duplicate
+select *, {{ is_later_delivery() }} as is_duplicate
+from renamed
