@@ -16,6 +16,7 @@ from flywheel_pipeline.labeling.functions import ABSTAIN, BAD, GOOD
 
 COHORT = ["domain", "is_new_user", "segment"]
 DELAY_QUANTILES = {"p50_h": 0.5, "p90_h": 0.9, "p99_h": 0.99}
+OUTCOME_COLUMNS = ["domain", "interaction_id", "outcome_name", "outcome_at", "outcome_delay_s"]
 
 
 def lf_summary(
@@ -94,7 +95,8 @@ def cohort_coverage(labels: pl.DataFrame) -> pl.DataFrame:
 
 
 def outcome_delays(impressions: pl.DataFrame, outcome: str) -> pl.Series:
-    """Seconds from serving to ``outcome``, once per outcome event (not per impression)."""
+    """Seconds from serving to ``outcome``, once per outcome event (not per impression); reads
+    OUTCOME_COLUMNS."""
     return (
         impressions.filter(
             (pl.col("outcome_name") == outcome) & pl.col("outcome_delay_s").is_not_null()

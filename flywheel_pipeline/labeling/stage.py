@@ -17,6 +17,7 @@ import polars as pl
 from flywheel_pipeline.config import DomainConfig, FlywheelConfig
 from flywheel_pipeline.labeling.analysis import (
     COHORT,
+    OUTCOME_COLUMNS,
     cohort_coverage,
     label_accuracy,
     label_delays,
@@ -286,10 +287,14 @@ def maturity_cutoff(
     """
     settings = config.domain(domain)
     start, end = fit_window(as_of, settings)
-    delays = outcome_delays(
-        read_impressions(con, domain, start, end), settings.label_maturity.outcome
-    )
-    return _cutoff(delays, settings.label_maturity.quantile, as_of)
+    outcome = settings.label_maturity.outcome
+    outcomes = con.sql(
+        f"""SELECT {", ".join(OUTCOME_COLUMNS)} FROM marts.fct_impressions
+            WHERE domain = $domain AND event_date BETWEEN $start AND $end
+              AND outcome_name = $outcome""",
+        params={"domain": domain, "start": start, "end": end, "outcome": outcome},
+    ).pl()
+    return _cutoff(outcome_delays(outcomes, outcome), settings.label_maturity.quantile, as_of)
 
 
 def _cutoff(delays_s: pl.Series, quantile: float, last_day: date) -> date | None:
