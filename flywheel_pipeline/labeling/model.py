@@ -216,7 +216,9 @@ def vote_patterns(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """The distinct rows of ``votes``, each row's index among them, and how many rows each has."""
     if votes.shape[1] > MAX_LFS:
         raise ValueError(f"at most {MAX_LFS} labeling functions, got {votes.shape[1]}")
-    keys = (votes.astype(np.int64) + 1) @ (3 ** np.arange(votes.shape[1], dtype=np.int64))
+    keys = np.zeros(len(votes), dtype=np.int64)
+    for digit, column in enumerate(votes.T):  # column by column: no int64 copy of the matrix
+        keys += (column + 1).astype(np.int64) * 3**digit
     _, first, row_pattern, rows = np.unique(
         keys, return_index=True, return_inverse=True, return_counts=True
     )

@@ -218,8 +218,7 @@ def read_impressions(
     columns = IMPRESSION_KEY + sorted((lf_inputs | set(_REPORT_COLUMNS)) - set(IMPRESSION_KEY))
     return con.sql(
         f"""SELECT {", ".join(columns)} FROM marts.fct_impressions
-            WHERE domain = $domain AND event_date BETWEEN $start AND $end
-            ORDER BY {", ".join(IMPRESSION_KEY)}""",
+            WHERE domain = $domain AND event_date BETWEEN $start AND $end""",
         params={"domain": domain, "start": start, "end": end},
     ).pl()
 
@@ -242,12 +241,16 @@ def impression_labels(
 
 
 def long_label_matrix(impressions: pl.DataFrame, lf_votes: pl.DataFrame) -> pl.DataFrame:
-    """Rows of labels.label_matrix: one per (impression, LF) vote cast; abstentions not stored."""
-    return (
-        pl.concat([impressions.select(IMPRESSION_KEY), lf_votes], how="horizontal")
-        .unpivot(on=lf_votes.columns, index=IMPRESSION_KEY, variable_name="lf", value_name="vote")
-        .filter(pl.col("vote") != ABSTAIN)
-    )
+    """Rows of labels.label_matrix: one per (impression, LF) vote cast; abstentions not stored.
+
+    One filter per LF, never the (impressions x LFs) long frame: most LFs abstain on most rows."""
+    keyed = pl.concat([impressions.select(IMPRESSION_KEY), lf_votes], how="horizontal").lazy()
+    return pl.concat(
+        keyed.filter(pl.col(lf) != ABSTAIN).select(
+            *IMPRESSION_KEY, pl.lit(lf).alias("lf"), pl.col(lf).alias("vote")
+        )
+        for lf in lf_votes.columns
+    ).collect()
 
 
 def write_labels(
@@ -270,7 +273,8 @@ def write_labels(
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: pl.DataFrame) -> None:
-    con.register("labeling_rows", rows)
+    # Arrow with polars' own string views: DuckDB reads them without a copy to plain strings.
+    con.register("labeling_rows", rows.to_arrow(compat_level=pl.CompatLevel.newest()))
     try:
         con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM labeling_rows")
     finally:
