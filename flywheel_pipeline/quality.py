@@ -177,7 +177,7 @@ def run_suite(
         context.data_sources.add_pandas(name)
         .add_dataframe_asset(name)
         .add_batch_definition_whole_dataframe(name)
-        .get_batch(batch_parameters={"dataframe": _for_pandas(frame)})
+        .get_batch(batch_parameters={"dataframe": _for_pandas(frame, expectations, index_column)})
     )
     suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
     result_format = ({"result_format": "COMPLETE", "unexpected_index_column_names": [index_column]}
@@ -187,12 +187,38 @@ def run_suite(
     return SuiteResult(name, frame.height, len(result.results), failures)
 
 
-def _for_pandas(frame: pl.DataFrame) -> pd.DataFrame:
+def _for_pandas(
+    frame: pl.DataFrame, expectations: list[Expectation], index_column: str | None
+) -> pd.DataFrame:
     """``frame`` in the pandas dtypes GX checks vectorised: int64 and nanosecond timestamps (it
-    checks the range of an int32 or microsecond column one Python call per row)."""
+    checks the range of an int32 or microsecond column one Python call per row).
+
+    A text column that the expectations only test for nulls and duplicates goes as its
+    dictionary codes: the same nulls, the same duplicates, at the cost of hashing integers
+    (pandas finds duplicates among millions of strings 30x slower).
+    """
+    identity_only = set(frame.select(cs.string()).columns) - {index_column}
+    for expectation in expectations:
+        if not isinstance(expectation, _identity_checks()):
+            identity_only -= set(_columns(expectation))
     return frame.with_columns(
-        cs.integer().cast(pl.Int64), cs.datetime().cast(pl.Datetime("ns"))
+        cs.integer().cast(pl.Int64),
+        cs.datetime().cast(pl.Datetime("ns")),
+        *(pl.col(column).cast(pl.Categorical).to_physical().cast(pl.Int64) for column in identity_only),
     ).to_pandas()
+
+
+def _identity_checks() -> tuple[type[Expectation], ...]:
+    """Expectations that only compare values for equality or null."""
+    import great_expectations.expectations as gxe
+
+    return (gxe.ExpectColumnValuesToNotBeNull, gxe.ExpectColumnValuesToBeUnique,
+            gxe.ExpectCompoundColumnsToBeUnique)
+
+
+def _columns(expectation: Expectation) -> list[str]:
+    column = getattr(expectation, "column", None)
+    return [column] if column else list(getattr(expectation, "column_list", None) or [])
 
 
 def _describe(outcome: Any) -> str:
