@@ -86,7 +86,9 @@ class DawidSkene:
 
     def fit(self, votes: np.ndarray) -> DawidSkene:
         self.lf_voters = [list(v) for v in self.voters or [[lf] for lf in range(votes.shape[1])]]
-        patterns, _, rows = vote_patterns(votes[has_votes(votes)])
+        patterns, _, rows = vote_patterns(votes)
+        voted = has_votes(patterns)
+        patterns, rows = patterns[voted], rows[voted]
         codes = self._codes(patterns)
         self.responses = [np.union1d(code, [SILENT]) for code in codes.T]
         self.table_starts = np.cumsum([0] + [len(r) for r in self.responses[:-1]])
@@ -126,8 +128,8 @@ class DawidSkene:
     def predict_proba(self, votes: np.ndarray) -> np.ndarray:
         """p_good per row, NaN where every LF abstained."""
         patterns, row_pattern, _ = vote_patterns(votes)
-        p_good = self._posterior(self._response_index(self._codes(patterns)))[row_pattern]
-        return np.where(has_votes(votes), p_good, np.nan)
+        p_good = self._posterior(self._response_index(self._codes(patterns)))
+        return np.where(has_votes(patterns), p_good, np.nan)[row_pattern]
 
     def vote_rates(self) -> np.ndarray:
         """P(LF votes abstain / bad / good | true class), as [lf, vote + 1, class]."""
