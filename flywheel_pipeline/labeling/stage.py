@@ -2,7 +2,9 @@
 
 The label model is fitted on the domain's whole fit window (by default its lookback + holdout days,
 ending at the last requested day), so re-labelling one day learns from as much evidence as a
-weekly run does; only the requested days are rewritten.
+weekly run does; only the requested days are rewritten. The window's votes are recomputed from
+``marts.fct_impressions`` rather than read back from ``labels.label_matrix``: stored votes of the
+other days would miss the outcomes and reviews that arrived since those days were labelled.
 """
 
 from __future__ import annotations
