@@ -13,9 +13,11 @@ import numpy as np
 import polars as pl
 
 from flywheel_pipeline.labeling.functions import ABSTAIN, BAD, GOOD
+from flywheel_pipeline.labeling.model import vote_patterns
 
 COHORT = ["domain", "is_new_user", "segment"]
 DELAY_QUANTILES = {"p50_h": 0.5, "p90_h": 0.9, "p99_h": 0.99}
+OUTCOME_COLUMNS = ["domain", "interaction_id", "outcome_name", "outcome_at", "outcome_delay_s"]
 
 
 def lf_summary(
@@ -29,16 +31,17 @@ def lf_summary(
     ``gold`` holds 1/0 per row and NaN where no human reviewed it. Accuracies are null for an LF
     that never voted.
     """
-    voted = votes != ABSTAIN
+    patterns, _, rows = vote_patterns(votes)  # the shares, counted once per distinct row
+    voted = patterns != ABSTAIN
     overlapped = voted.sum(axis=1) > 1
-    conflicted = (votes == GOOD).any(axis=1) & (votes == BAD).any(axis=1)
+    conflicted = (patterns == GOOD).any(axis=1) & (patterns == BAD).any(axis=1)
     summary = pl.DataFrame(
         {
             "lf": list(names),
-            "polarity": [_polarity(column) for column in votes.T],
-            "coverage": _share(voted),
-            "overlaps": _share(voted & overlapped[:, None]),
-            "conflicts": _share(voted & conflicted[:, None]),
+            "polarity": [_polarity(column) for column in patterns.T],
+            "coverage": _share(voted, rows),
+            "overlaps": _share(voted & overlapped[:, None], rows),
+            "conflicts": _share(voted & conflicted[:, None], rows),
         }
     )
     if gold is not None:
@@ -49,9 +52,10 @@ def lf_summary(
     return summary
 
 
-def _share(mask: np.ndarray) -> np.ndarray:
-    """Per column, the share of all rows that are set (0 when there are no rows)."""
-    return mask.sum(axis=0) / max(len(mask), 1)
+def _share(mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Per column, the share of all rows that are set, ``mask`` holding one row per pattern of
+    ``rows`` rows (0 when there are no rows)."""
+    return rows @ mask / max(rows.sum(), 1)
 
 
 def _polarity(column: np.ndarray) -> str:
@@ -60,7 +64,8 @@ def _polarity(column: np.ndarray) -> str:
 
 def _gold_accuracy(votes: np.ndarray, gold: np.ndarray) -> list[pl.Series]:
     reviewed = ~np.isnan(gold)
-    judged = (votes != ABSTAIN) & reviewed[:, None]
+    votes, gold = votes[reviewed], gold[reviewed]
+    judged = votes != ABSTAIN
     correct = (judged & (votes == gold[:, None])).sum(axis=0)
     incorrect = judged.sum(axis=0) - correct
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -94,7 +99,8 @@ def cohort_coverage(labels: pl.DataFrame) -> pl.DataFrame:
 
 
 def outcome_delays(impressions: pl.DataFrame, outcome: str) -> pl.Series:
-    """Seconds from serving to ``outcome``, once per outcome event (not per impression)."""
+    """Seconds from serving to ``outcome``, once per outcome event (not per impression); reads
+    OUTCOME_COLUMNS."""
     return (
         impressions.filter(
             (pl.col("outcome_name") == outcome) & pl.col("outcome_delay_s").is_not_null()

@@ -2,7 +2,9 @@
 
 The label model is fitted on the domain's whole fit window (by default its lookback + holdout days,
 ending at the last requested day), so re-labelling one day learns from as much evidence as a
-weekly run does; only the requested days are rewritten.
+weekly run does; only the requested days are rewritten. The window's votes are recomputed from
+``marts.fct_impressions`` rather than read back from ``labels.label_matrix``: stored votes of the
+other days would miss the outcomes and reviews that arrived since those days were labelled.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import polars as pl
 from flywheel_pipeline.config import DomainConfig, FlywheelConfig
 from flywheel_pipeline.labeling.analysis import (
     COHORT,
+    OUTCOME_COLUMNS,
     cohort_coverage,
     label_accuracy,
     label_delays,
@@ -217,8 +220,7 @@ def read_impressions(
     columns = IMPRESSION_KEY + sorted((lf_inputs | set(_REPORT_COLUMNS)) - set(IMPRESSION_KEY))
     return con.sql(
         f"""SELECT {", ".join(columns)} FROM marts.fct_impressions
-            WHERE domain = $domain AND event_date BETWEEN $start AND $end
-            ORDER BY {", ".join(IMPRESSION_KEY)}""",
+            WHERE domain = $domain AND event_date BETWEEN $start AND $end""",
         params={"domain": domain, "start": start, "end": end},
     ).pl()
 
@@ -241,12 +243,16 @@ def impression_labels(
 
 
 def long_label_matrix(impressions: pl.DataFrame, lf_votes: pl.DataFrame) -> pl.DataFrame:
-    """Rows of labels.label_matrix: one per (impression, LF) vote cast; abstentions not stored."""
-    return (
-        pl.concat([impressions.select(IMPRESSION_KEY), lf_votes], how="horizontal")
-        .unpivot(on=lf_votes.columns, index=IMPRESSION_KEY, variable_name="lf", value_name="vote")
-        .filter(pl.col("vote") != ABSTAIN)
-    )
+    """Rows of labels.label_matrix: one per (impression, LF) vote cast; abstentions not stored.
+
+    One filter per LF, never the (impressions x LFs) long frame: most LFs abstain on most rows."""
+    keyed = pl.concat([impressions.select(IMPRESSION_KEY), lf_votes], how="horizontal").lazy()
+    return pl.concat(
+        keyed.filter(pl.col(lf) != ABSTAIN).select(
+            *IMPRESSION_KEY, pl.lit(lf).alias("lf"), pl.col(lf).alias("vote")
+        )
+        for lf in lf_votes.columns
+    ).collect()
 
 
 def write_labels(
@@ -269,7 +275,8 @@ def write_labels(
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: pl.DataFrame) -> None:
-    con.register("labeling_rows", rows)
+    # Arrow with polars' own string views: DuckDB reads them without a copy to plain strings.
+    con.register("labeling_rows", rows.to_arrow(compat_level=pl.CompatLevel.newest()))
     try:
         con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM labeling_rows")
     finally:
@@ -286,10 +293,14 @@ def maturity_cutoff(
     """
     settings = config.domain(domain)
     start, end = fit_window(as_of, settings)
-    delays = outcome_delays(
-        read_impressions(con, domain, start, end), settings.label_maturity.outcome
-    )
-    return _cutoff(delays, settings.label_maturity.quantile, as_of)
+    outcome = settings.label_maturity.outcome
+    outcomes = con.sql(
+        f"""SELECT {", ".join(OUTCOME_COLUMNS)} FROM marts.fct_impressions
+            WHERE domain = $domain AND event_date BETWEEN $start AND $end
+              AND outcome_name = $outcome""",
+        params={"domain": domain, "start": start, "end": end, "outcome": outcome},
+    ).pl()
+    return _cutoff(outcome_delays(outcomes, outcome), settings.label_maturity.quantile, as_of)
 
 
 def _cutoff(delays_s: pl.Series, quantile: float, last_day: date) -> date | None:
