@@ -41,8 +41,10 @@ _CHECKED_COLUMNS = f"""source_file VARCHAR, batch_day DATE, source_line BIGINT, 
 
 @dataclass(frozen=True)
 class _Batch:
+    path: Path
     file: str  # relative to the landing folder
     day: date  # the day it was delivered, its name
+    compression: str  # "gzip" or "none", from its first bytes whatever its name
 
 
 @dataclass(frozen=True)
@@ -120,137 +122,277 @@ def batches_for(home: Home, domain: str, dates: list[date], max_lateness_days: i
     return found
 
 
-def _read_batch(con: duckdb.DuckDBPyConnection, path: Path, max_line_bytes: int) -> None:
-    """The batch's non-blank lines into ``batch_lines`` (source_line, line, read_reason).
-
-    DuckDB's CSV reader streams the file with one column per line: a line longer than
-    ``max_line_bytes`` or not UTF-8 comes back as its line number, a reason and a prefix, never
-    whole; a leading BOM is dropped; a gzip'd batch is read as gzip whatever its name.
-    """
+def _batch(home: Home, path: Path) -> _Batch:
     with path.open("rb") as batch:
         compression = "gzip" if batch.read(2) == _GZIP_MAGIC else "none"
+    return _Batch(path, str(path.relative_to(home.landing)), date.fromisoformat(path.stem), compression)
+
+
+def _lines_sql(con: duckdb.DuckDBPyConnection) -> str:
+    """The batches ``$paths`` (all of compression ``$compression``) one row per line: DuckDB's CSV
+    reader, one column; a line longer than ``$max_line_bytes`` or not UTF-8 is left out, never read
+    whole, and noted in ``landing_rejects`` (``landing_reject_scans`` names its file); a leading BOM
+    is dropped."""
     con.execute("DROP TABLE IF EXISTS landing_rejects")
     con.execute("DROP TABLE IF EXISTS landing_reject_scans")
+    return f"""read_csv($paths, columns = {{'line': 'VARCHAR'}}, header = false, auto_detect = false,
+        delim = {_NO_DELIMITER}, quote = '', escape = '', strict_mode = false, max_line_size = $max_line_bytes,
+        compression = $compression, filename = true, store_rejects = true, rejects_table = 'landing_rejects',
+        rejects_scan = 'landing_reject_scans')"""
+
+
+def _by_compression(batches: list[_Batch], max_line_bytes: int) -> list[dict[str, object]]:
+    """Query parameters reading ``batches``, one set per compression."""
+    return [{"paths": [str(b.path) for b in batches if b.compression == compression],
+             "compression": compression, "max_line_bytes": max_line_bytes}
+            for compression in sorted({batch.compression for batch in batches})]
+
+
+def _scan_lines(con: duckdb.DuckDBPyConnection, batches: list[_Batch], max_line_bytes: int) -> None:
+    """The batches' line structure, streamed, not kept: ``line_index`` (file, n: the line's place in
+    the scan, blank) and ``line_rejects`` (file, source_line, line, error_type: too long, not UTF-8)."""
+    con.execute("CREATE OR REPLACE TEMP TABLE line_index (file VARCHAR, n BIGINT, blank BOOLEAN)")
+    con.execute("CREATE OR REPLACE TEMP TABLE line_rejects "
+                "(file VARCHAR, source_line BIGINT, line VARCHAR, error_type VARCHAR)")
+    con.execute("CREATE OR REPLACE TEMP TABLE text_lines (file VARCHAR, source_line BIGINT, line VARCHAR)")
+    for params in _by_compression(batches, max_line_bytes):
+        con.execute(
+            f"""INSERT INTO line_index SELECT filename, row_number() OVER (), coalesce(trim(line), '') = ''
+                FROM {_lines_sql(con)}""",
+            params,
+        )
+        con.execute(
+            """INSERT INTO line_rejects
+               SELECT s.file_path, r.line, any_value(r.csv_line), any_value(r.error_type)
+               FROM landing_rejects AS r JOIN landing_reject_scans AS s USING (scan_id, file_id) GROUP BY 1, 2"""
+        )
+
+
+def _scan_fields(con: duckdb.DuckDBPyConnection, batches: list[_Batch], max_line_bytes: int) -> None:
+    """The contract fields of every non-blank line (NULL where it does not parse as an object) into
+    ``typed_rows`` (file, n: its place in the scan, fields), with DuckDB's JSON reader."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE typed_rows (file VARCHAR, n BIGINT, fields {events.FIELDS_TYPE})")
+    for params in _by_compression(batches, max_line_bytes):
+        con.execute(
+            f"""INSERT INTO typed_rows
+                SELECT filename, row_number() OVER (), {events.fields_of_columns()}
+                FROM read_json($paths, format = 'newline_delimited', columns = {events.JSON_COLUMNS},
+                               ignore_errors = true, filename = true, compression = $compression,
+                               maximum_object_size = $max_line_bytes + 1)""",
+            params,
+        )
+
+
+def _gaps_sql(lines: str) -> str:
+    """For a scan that skipped ``lines`` (file, source_line): the rows read after ``read_before`` rows
+    of a file move down ``so_far`` line numbers (join the n-th row with ASOF ... nth > read_before)."""
+    return f"""SELECT file, read_before, max(so_far) AS so_far
+        FROM (SELECT file, source_line - row_number() OVER w AS read_before, row_number() OVER w AS so_far
+              FROM {lines} WINDOW w AS (PARTITION BY file ORDER BY source_line))
+        GROUP BY 1, 2"""
+
+
+def _number_lines(con: duckdb.DuckDBPyConnection) -> None:
+    """Give every scanned row its 1-based line number in its file (``typed_lines``: file, source_line,
+    fields), counting blank and rejected lines. The CSV scan skips a rejected line, the JSON scan a
+    blank one; a file whose two scans disagree on its lines is ``misread`` (all its lines are then
+    checked from their text)."""
     con.execute(
         f"""
-        CREATE OR REPLACE TEMP TABLE batch_read AS
-        SELECT line FROM read_csv($path, columns = {{'line': 'VARCHAR'}}, header = false, auto_detect = false,
-            delim = {_NO_DELIMITER}, quote = '', escape = '', strict_mode = false,
-            max_line_size = $max_line_bytes, compression = $compression, store_rejects = true,
-            rejects_table = 'landing_rejects', rejects_scan = 'landing_reject_scans')
-        """,
-        {"path": str(path), "max_line_bytes": max_line_bytes, "compression": compression},
+        CREATE OR REPLACE TEMP TABLE numbered_lines AS
+        WITH firsts AS (SELECT file, min(n) AS first_n FROM line_index GROUP BY 1),
+        shifts AS ({_gaps_sql("line_rejects")}), read AS (
+            SELECT file, n - first_n + 1 AS nth, blank FROM line_index JOIN firsts USING (file)
+        )
+        SELECT read.file, nth + coalesce(so_far, 0) AS source_line, blank
+        FROM read ASOF LEFT JOIN shifts ON read.file = shifts.file AND read.nth > shifts.read_before
+        """
     )
     con.execute(
         f"""
-        CREATE OR REPLACE TEMP TABLE batch_lines AS
-        WITH rejected AS (
-            SELECT line AS source_line, any_value(csv_line) AS line, any_value(error_type) AS error_type
-            FROM landing_rejects GROUP BY 1
-        ), shifts AS (  -- the lines read after a rejected one move down one number for each
-            SELECT read_before, max(rejected_so_far) AS rejected_so_far
-            FROM (SELECT source_line - row_number() OVER (ORDER BY source_line) AS read_before,
-                         row_number() OVER (ORDER BY source_line) AS rejected_so_far FROM rejected)
-            GROUP BY 1
+        CREATE OR REPLACE TEMP TABLE typed_lines AS
+        WITH firsts AS (SELECT file, min(n) AS first_n, count(*) AS rows FROM typed_rows GROUP BY 1),
+        gaps AS ({_gaps_sql("numbered_lines WHERE blank")}), files AS (
+            SELECT file, count(*) FILTER (NOT blank) + (SELECT count(*) FROM line_rejects AS r WHERE r.file = l.file)
+                         AS lines FROM numbered_lines AS l GROUP BY 1
         ), read AS (
-            SELECT rowid + 1 AS nth, line FROM batch_read  -- rowid follows the file: insertion order is kept
+            SELECT file, n - first_n + 1 AS nth, fields, rows FROM typed_rows JOIN firsts USING (file)
         )
-        SELECT nth + coalesce(rejected_so_far, 0) AS source_line, line, NULL AS read_reason
-        FROM read ASOF LEFT JOIN shifts ON read.nth > shifts.read_before
-        WHERE trim(line) <> ''
-        UNION ALL
-        SELECT source_line, left(line, {QUARANTINED_PREFIX_CHARS}),
-            CASE error_type WHEN 'INVALID ENCODING' THEN 'invalid_utf8'
-                            WHEN 'LINE SIZE OVER MAXIMUM' THEN 'line_too_long'
-                            ELSE 'unreadable_line' END
-        FROM rejected
+        SELECT read.file, nth + coalesce(so_far, 0) AS source_line, fields,
+               rows IS DISTINCT FROM lines AS misread
+        FROM read ASOF LEFT JOIN gaps ON read.file = gaps.file AND read.nth > gaps.read_before
+        LEFT JOIN files ON files.file = read.file
         """
     )
 
 
-def _check_batch(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str, batch: _Batch,
-                 now: datetime) -> None:
-    """Parse each line of ``batch_lines`` once, give it its first broken rule (or none) and its day
-    partition, into ``checked_lines``."""
-    skew = timedelta(minutes=events.CLOCK_SKEW_MINUTES)
-    reason = events.reason_sql(tuple(config.domains))
-    con.execute(
-        f"""
-        INSERT INTO checked_lines BY NAME
-        WITH parsed AS (
-            SELECT *, CASE WHEN read_reason IS NULL THEN TRY_CAST(line AS JSON) END AS doc FROM batch_lines
-        ), fielded AS (
-            SELECT *, {events.fields_sql("doc")} AS fields FROM parsed
-        ), typed AS (
-            SELECT *,
-                json_extract_string(fields.event_type, '$') AS event_type,
-                json_extract_string(fields.event_id, '$') AS event_id,
-                CASE WHEN regexp_matches(json_extract_string(fields.timestamp, '$'), '{events.TIMESTAMP_PATTERN}')
-                     THEN timezone('UTC', TRY_CAST(json_extract_string(fields.timestamp, '$') AS TIMESTAMPTZ))
+def _landing_files(con: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> None:
+    """``landing_files``: each batch's path, its name relative to the landing folder and its day."""
+    con.execute("CREATE OR REPLACE TEMP TABLE landing_files (path VARCHAR, source_file VARCHAR, batch_day DATE)")
+    con.execute("INSERT INTO landing_files SELECT unnest($paths), unnest($files), unnest($days)",
+                {"paths": [str(b.path) for b in batches], "files": [b.file for b in batches],
+                 "days": [b.day for b in batches]})
+
+
+def _checked_sql(config: FlywheelConfig, lines: str, whole_line: bool) -> str:
+    """SELECT the ``checked_lines`` of ``lines`` (file, batch_day, source_line, line, fields and, for a
+    ``whole_line`` check, doc, read_reason): each line's first broken rule (or none) and its day."""
+    reason = events.reason_sql(tuple(config.domains), whole_line)
+    read_reason = "read_reason" if whole_line else "NULL"
+    return f"""
+        WITH typed AS (
+            SELECT *, {events.impressions_sql()} AS imps,
+                {events.text_sql('fields.event_type')} AS event_type,
+                {events.text_sql('fields.event_id')} AS event_id,
+                CASE WHEN regexp_matches({events.text_sql('fields.timestamp')}, '{events.TIMESTAMP_PATTERN}')
+                     THEN timezone('UTC', TRY_CAST({events.text_sql('fields.timestamp')} AS TIMESTAMPTZ))
                 END AS event_ts,
                 $domain AS batch_domain,
-                least($now::TIMESTAMP, $batch_day + INTERVAL 1 DAY) + $skew::INTERVAL AS latest_allowed_ts
-            FROM fielded
+                least($now::TIMESTAMP, batch_day + INTERVAL 1 DAY) + $skew::INTERVAL AS latest_allowed_ts
+            FROM {lines}
         ), reasoned AS (
             SELECT *, {reason} AS contract_reason FROM typed
         )
-        SELECT $file AS source_file, $batch_day AS batch_day, source_line, line, fields, event_type, event_id,
+        SELECT source_file, batch_day, source_line, line, fields, event_type, event_id,
             event_ts, hash(fields) AS content,
-            CASE WHEN event_ts IS NULL OR CAST(event_ts AS DATE) > $batch_day THEN $batch_day
-                 WHEN $batch_day - CAST(event_ts AS DATE) > $lateness THEN $batch_day
+            CASE WHEN event_ts IS NULL OR CAST(event_ts AS DATE) > batch_day THEN batch_day
+                 WHEN batch_day - CAST(event_ts AS DATE) > $lateness THEN batch_day
                  ELSE CAST(event_ts AS DATE) END AS event_date,
-            coalesce(read_reason,
-                     CASE WHEN $batch_day > CAST($now::TIMESTAMP + $skew::INTERVAL AS DATE) THEN 'future_batch' END,
+            coalesce({read_reason},
+                     CASE WHEN batch_day > CAST($now::TIMESTAMP + $skew::INTERVAL AS DATE) THEN 'future_batch' END,
                      contract_reason,
-                     CASE WHEN $batch_day - CAST(event_ts AS DATE) > $lateness THEN 'too_late' END) AS reason
-        FROM reasoned
-        """,
-        {
-            "file": batch.file,
-            "batch_day": batch.day,
-            "domain": domain,
-            "now": now.astimezone(UTC).replace(tzinfo=None),
-            "skew": skew,
-            "lateness": config.max_lateness_days,
-        },
-    )
+                     CASE WHEN batch_day - CAST(event_ts AS DATE) > $lateness THEN 'too_late' END) AS reason
+        FROM reasoned"""
 
 
-def _quarantine_batch(con: duckdb.DuckDBPyConnection, batch: _Batch, reason: str) -> None:
-    """Every line of ``batch_lines`` quarantined with ``reason`` in the batch's day partition."""
+def _check_params(config: FlywheelConfig, domain: str, now: datetime) -> dict[str, object]:
+    return {"domain": domain, "now": now.astimezone(UTC).replace(tzinfo=None),
+            "skew": timedelta(minutes=events.CLOCK_SKEW_MINUTES), "lateness": config.max_lateness_days}
+
+
+def _fetch_lines(con: duckdb.DuckDBPyConnection, batches: list[_Batch], max_line_bytes: int,
+                 wanted: str) -> None:
+    """The text of the lines ``wanted`` names (a query of file, source_line) into ``text_lines``:
+    one more streaming CSV scan, keeping only those lines."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE wanted_lines AS {wanted}")
+    files = {row[0] for row in con.execute("SELECT DISTINCT file FROM wanted_lines").fetchall()}
+    for params in _by_compression([b for b in batches if str(b.path) in files], max_line_bytes):
+        con.execute(
+            f"""INSERT INTO text_lines
+                WITH read AS (SELECT filename AS file, row_number() OVER () AS n, line FROM {_lines_sql(con)}),
+                firsts AS (SELECT file, min(n) AS first_n FROM read GROUP BY 1),
+                shifts AS ({_gaps_sql("line_rejects")}), numbered AS (
+                    SELECT file, n - first_n + 1 AS nth, line FROM read JOIN firsts USING (file)
+                )
+                SELECT numbered.file, nth + coalesce(so_far, 0) AS source_line, line
+                FROM numbered ASOF LEFT JOIN shifts ON numbered.file = shifts.file AND numbered.nth > shifts.read_before
+                SEMI JOIN wanted_lines AS w ON w.file = numbered.file AND w.source_line = nth + coalesce(so_far, 0)""",
+            params,
+        )
+
+
+def _check_batches(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str,
+                   batches: list[_Batch], now: datetime) -> None:
+    """Every line of ``batches`` into ``checked_lines``, in one pass over them all: the contract
+    checked on the fields DuckDB's JSON reader typed; the few lines that break it, do not parse,
+    could not be read or may be duplicates are read again as text and checked whole, so the
+    quarantine keeps their text and exact reason."""
+    max_line_bytes = config.landing.max_line_bytes
+    _scan_lines(con, batches, max_line_bytes)
+    _scan_fields(con, batches, max_line_bytes)
+    _number_lines(con)
+    _landing_files(con, batches)
+    params = _check_params(config, domain, now)
+    typed = """(SELECT f.source_file, f.batch_day, t.source_line, NULL::VARCHAR AS line, t.fields
+                FROM typed_lines AS t JOIN landing_files AS f ON f.path = t.file
+                WHERE NOT t.misread AND (t.file, t.source_line) NOT IN (SELECT file, source_line FROM line_rejects))"""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE fast_lines AS {_checked_sql(config, typed, whole_line=False)}", params)
+    _fetch_lines(con, batches, max_line_bytes, """
+        SELECT f.path AS file, l.source_line FROM fast_lines AS l JOIN landing_files AS f USING (source_file)
+        WHERE l.reason IS NOT NULL
+           OR l.event_id IN (SELECT event_id FROM fast_lines GROUP BY 1 HAVING count(*) > 1)
+        UNION ALL
+        SELECT DISTINCT file, source_line FROM numbered_lines
+        WHERE NOT blank AND file IN (SELECT file FROM typed_lines WHERE misread)""")
+    whole = f"""(SELECT f.source_file, f.batch_day, t.source_line, t.line, doc, {events.fields_sql('doc')} AS fields,
+                        NULL AS read_reason
+                 FROM (SELECT *, TRY_CAST(line AS JSON) AS doc FROM text_lines) AS t
+                 JOIN landing_files AS f ON f.path = t.file
+                 WHERE trim(t.line) <> '')"""
     con.execute(
-        f"""
-        INSERT INTO checked_lines BY NAME
-        SELECT $file AS source_file, $batch_day AS batch_day, source_line,
-               left(line, {QUARANTINED_PREFIX_CHARS}) AS line, $batch_day AS event_date, $reason AS reason
-        FROM batch_lines
-        """,
-        {"file": batch.file, "batch_day": batch.day, "reason": reason},
+        """INSERT INTO checked_lines BY NAME
+           SELECT * FROM fast_lines ANTI JOIN
+               (SELECT f.source_file, t.source_line FROM text_lines AS t JOIN landing_files AS f ON f.path = t.file) AS t
+               USING (source_file, source_line)
+           WHERE reason IS NULL"""
     )
+    con.execute(f"INSERT INTO checked_lines BY NAME {_checked_sql(config, whole, whole_line=True)}", params)
+    _quarantine_rejects(con, None)
+
+
+def _quarantine_rejects(con: duckdb.DuckDBPyConnection, reason: str | None) -> None:
+    """The lines the CSV scan rejected into ``checked_lines``, each with its prefix and why (or ``reason``)."""
+    con.execute(
+        f"""INSERT INTO checked_lines BY NAME
+            SELECT f.source_file, f.batch_day, r.source_line, left(r.line, {QUARANTINED_PREFIX_CHARS}) AS line,
+                f.batch_day AS event_date,
+                coalesce($reason, CASE r.error_type WHEN 'INVALID ENCODING' THEN 'invalid_utf8'
+                                                    WHEN 'LINE SIZE OVER MAXIMUM' THEN 'line_too_long'
+                                                    ELSE 'unreadable_line' END) AS reason
+            FROM line_rejects AS r JOIN landing_files AS f ON f.path = r.file""",
+        {"reason": reason},
+    )
+
+
+def _quarantine_batch(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, batch: _Batch, reason: str) -> None:
+    """Every line of the batch quarantined with ``reason``, each with its prefix."""
+    _scan_lines(con, [batch], config.landing.max_line_bytes)
+    _landing_files(con, [batch])
+    _number_lines(con)
+    _fetch_lines(con, [batch], config.landing.max_line_bytes, "SELECT file, source_line FROM numbered_lines WHERE NOT blank")
+    con.execute(
+        f"""INSERT INTO checked_lines BY NAME
+            SELECT f.source_file, f.batch_day, t.source_line, left(t.line, {QUARANTINED_PREFIX_CHARS}) AS line,
+                   f.batch_day AS event_date, $reason AS reason
+            FROM text_lines AS t JOIN landing_files AS f ON f.path = t.file""",
+        {"reason": reason},
+    )
+    _quarantine_rejects(con, reason)
+
+
+def _quarantine_unreadable(con: duckdb.DuckDBPyConnection, batch: _Batch, why: str) -> None:
+    """The batch quarantined as one row, line 0, saying ``why``."""
+    con.execute("""INSERT INTO checked_lines BY NAME
+                   SELECT $file AS source_file, $batch_day AS batch_day, 0 AS source_line, $why AS line,
+                          $batch_day AS event_date, 'unreadable_file' AS reason""",
+                {"file": batch.file, "batch_day": batch.day, "why": why})
 
 
 def _read_batches(con: duckdb.DuckDBPyConnection, home: Home, config: FlywheelConfig, domain: str,
-                  batches: list[Path], now: datetime) -> dict[str, str]:
-    """Every line of every batch into ``checked_lines``, one batch at a time: a batch that cannot be
-    read is quarantined as one row (line 0, saying why), one that runs out of memory while checked
-    line by line, and the others still land. Returns those batches' problems, each naming its file."""
+                  paths: list[Path], now: datetime) -> dict[str, str]:
+    """Every line of every batch into ``checked_lines``, all batches in one pass; when that pass
+    fails, one batch at a time: a batch that cannot be read is quarantined as one row (line 0, saying
+    why), one that runs out of memory line by line, and the others still land. Returns those
+    batches' problems, each naming its file."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE checked_lines ({_CHECKED_COLUMNS})")
+    batches = [_batch(home, path) for path in paths]
+    if not batches:
+        return {}
+    try:
+        _check_batches(con, config, domain, batches, now)
+        return {}
+    except duckdb.Error:
+        con.execute("DELETE FROM checked_lines")
     problems = {}
-    for path in batches:
-        batch = _Batch(str(path.relative_to(home.landing)), date.fromisoformat(path.stem))
+    for batch in batches:
         try:
-            _read_batch(con, path, config.landing.max_line_bytes)
-        except duckdb.Error as error:
-            problems[batch.file] = _problem(batch, "cannot be read", error)
-            con.execute("CREATE OR REPLACE TEMP TABLE batch_lines AS SELECT 0::BIGINT AS source_line, ? AS line",
-                        [problems[batch.file]])
-            _quarantine_batch(con, batch, "unreadable_file")
-            continue
-        try:
-            _check_batch(con, config, domain, batch, now)
+            _check_batches(con, config, domain, [batch], now)
         except duckdb.OutOfMemoryException as error:
             problems[batch.file] = _problem(batch, "ran out of memory while checked, its lines are quarantined", error)
-            _quarantine_batch(con, batch, "out_of_memory")
+            _quarantine_batch(con, config, batch, "out_of_memory")
+        except duckdb.Error as error:
+            problems[batch.file] = _problem(batch, "cannot be read", error)
+            _quarantine_unreadable(con, batch, problems[batch.file])
     return problems
 
 
@@ -264,7 +406,8 @@ def _problem(batch: _Batch, what: str, error: duckdb.Error) -> str:
 def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date]) -> None:
     """Keep this run's partitions' lines; an event id seen before in the batches read (in batch, file,
     line order) is a duplicate, a ``conflicting_duplicate`` when its content differs from the first
-    copy's; one already kept in another partition is a duplicate too."""
+    copy's; one already kept in another partition is a duplicate too. Only the repeated ids are
+    ordered, so the lines are never sorted."""
     kept_elsewhere = " UNION ALL ".join(
         f"SELECT event_id FROM raw.{table} WHERE NOT (domain = $domain AND event_date IN $dates)"
         for table in _RAW_EVENT_TABLES
@@ -272,32 +415,39 @@ def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[da
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE partition_lines AS
-        WITH kept_elsewhere AS ({kept_elsewhere}), copies AS (
-            SELECT *,
-                row_number() OVER first_copy > 1 AS repeated,
-                content <> first_value(content) OVER first_copy AS conflicting
-            FROM checked_lines
-            WINDOW first_copy AS (PARTITION BY CASE WHEN reason IS NULL THEN event_id END
-                                  ORDER BY batch_day, source_file, source_line)
-        )
-        SELECT * EXCLUDE (reason, repeated, conflicting, content),
+        WITH repeated_ids AS (
+            SELECT event_id FROM checked_lines WHERE reason IS NULL GROUP BY 1 HAVING count(*) > 1
+        ), repeats AS (
+            SELECT source_file, source_line,
+                CASE WHEN content <> first_value(content) OVER first_copy THEN 'conflicting_duplicate'
+                     ELSE 'duplicate_event_id' END AS repeat_reason,
+                row_number() OVER first_copy AS nth
+            FROM checked_lines SEMI JOIN repeated_ids USING (event_id)
+            WHERE reason IS NULL
+            WINDOW first_copy AS (PARTITION BY event_id ORDER BY batch_day, source_file, source_line)
+        ), kept_elsewhere AS ({kept_elsewhere})
+        SELECT checked_lines.* EXCLUDE (reason, content),
             CASE WHEN reason IS NOT NULL THEN reason
-                 WHEN repeated AND conflicting THEN 'conflicting_duplicate'
-                 WHEN repeated OR event_id IN (SELECT event_id FROM kept_elsewhere) THEN 'duplicate_event_id'
+                 WHEN nth > 1 THEN repeat_reason
+                 WHEN event_id IN (SELECT event_id FROM kept_elsewhere) THEN 'duplicate_event_id'
             END AS reason
-        FROM copies
+        FROM checked_lines LEFT JOIN repeats USING (source_file, source_line)
         WHERE event_date IN $dates
         """,
         {"domain": domain, "dates": dates},
     )
 
 
+def _text(name: str) -> str:
+    return events.text_sql(f"fields.{name}")
+
+
 _INSERTS = {
-    "interactions": """
+    "interactions": f"""
         INSERT INTO raw.interactions
-        SELECT event_id, $domain, event_date, event_ts, fields.user_id->>'$', fields.session_id->>'$',
-               fields.interaction_id->>'$', fields.model_version->>'$', fields.policy->>'$', fields.consent->>'$',
-               fields.input->>'$', fields.context, source_file, source_line,
+        SELECT event_id, $domain, event_date, event_ts, {_text('user_id')}, {_text('session_id')},
+               {_text('interaction_id')}, {_text('model_version')}, {_text('policy')}, {_text('consent')},
+               {_text('input')}, fields.context, source_file, source_line,
                coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'interaction'""",
@@ -306,33 +456,33 @@ _INSERTS = {
         SELECT event_id, $domain, event_date, interaction_id,
                imp.item_id, imp.position, imp.propensity, imp.content
         FROM (
-            SELECT event_id, event_date, fields.interaction_id->>'$' AS interaction_id,
+            SELECT event_id, event_date, {_text('interaction_id')} AS interaction_id,
                    unnest(from_json(fields.impressions, '{_IMPRESSION_SCHEMA}')) AS imp
             FROM partition_lines WHERE reason IS NULL AND event_type = 'interaction'
         )""",
-    "signals": """
+    "signals": f"""
         INSERT INTO raw.signals
-        SELECT event_id, $domain, event_date, event_ts, fields.user_id->>'$', fields.session_id->>'$',
-               fields.interaction_id->>'$', fields.signal_type->>'$', fields.item_id->>'$',
-               TRY_CAST(fields.value AS DOUBLE), fields.text->>'$', source_file, source_line,
+        SELECT event_id, $domain, event_date, event_ts, {_text('user_id')}, {_text('session_id')},
+               {_text('interaction_id')}, {_text('signal_type')}, {_text('item_id')},
+               TRY_CAST(fields.value AS DOUBLE), {_text('text')}, source_file, source_line,
                coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'signal'""",
-    "outcomes": """
+    "outcomes": f"""
         INSERT INTO raw.outcomes
-        SELECT event_id, $domain, event_date, event_ts, fields.user_id->>'$', fields.session_id->>'$',
-               fields.interaction_id->>'$', fields.name->>'$', TRY_CAST(fields.value AS DOUBLE),
-               fields.item_id->>'$', source_file, source_line, coalesce(first_ingested.ingested_at, $now)
+        SELECT event_id, $domain, event_date, event_ts, {_text('user_id')}, {_text('session_id')},
+               {_text('interaction_id')}, {_text('name')}, TRY_CAST(fields.value AS DOUBLE),
+               {_text('item_id')}, source_file, source_line, coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'outcome'""",
-    "labels": """
+    "labels": f"""
         INSERT INTO raw.labels
-        SELECT event_id, $domain, event_date, event_ts, fields.user_id->>'$', fields.session_id->>'$',
-               fields.interaction_id->>'$', fields.item_id->>'$', fields.reviewer->>'$', fields.verdict->>'$',
+        SELECT event_id, $domain, event_date, event_ts, {_text('user_id')}, {_text('session_id')},
+               {_text('interaction_id')}, {_text('item_id')}, {_text('reviewer')}, {_text('verdict')},
                source_file, source_line, coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'label'""",
-    "quarantine": """
+    "quarantine": f"""
         INSERT INTO raw.quarantine
         SELECT $domain, event_date, source_file, source_line, event_id, reason, line, $now
         FROM partition_lines WHERE reason IS NOT NULL""",
