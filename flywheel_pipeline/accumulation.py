@@ -183,46 +183,48 @@ def _scan_fields(con: duckdb.DuckDBPyConnection, batches: list[_Batch], max_line
         )
 
 
-def _gaps_sql(lines: str) -> str:
-    """For a scan that skipped ``lines`` (file, source_line): the rows read after ``read_before`` rows
-    of a file move down ``so_far`` line numbers (join the n-th row with ASOF ... nth > read_before)."""
-    return f"""SELECT file, read_before, max(so_far) AS so_far
-        FROM (SELECT file, source_line - row_number() OVER w AS read_before, row_number() OVER w AS so_far
-              FROM {lines} WINDOW w AS (PARTITION BY file ORDER BY source_line))
-        GROUP BY 1, 2"""
+def _files_sql(rows: str, skipped: str) -> str:
+    """Per file of a scan's ``rows`` (file, n: place in the scan): its first row's n, and where the
+    scan skipped ``skipped`` lines (file, source_line) as ``skips``: the n-th row of the file is line
+    ``n + (number of skips below n)`` (``_line_number_sql``)."""
+    return f"""
+        WITH firsts AS (SELECT file, min(n) AS first_n, count(*) AS rows FROM {rows} GROUP BY 1),
+        skips AS (
+            SELECT file, list(source_line - nth ORDER BY source_line) AS skips
+            FROM (SELECT file, source_line, row_number() OVER (PARTITION BY file ORDER BY source_line) AS nth
+                  FROM {skipped})
+            GROUP BY 1
+        )
+        SELECT file, first_n, rows, coalesce(skips, []) AS skips FROM firsts LEFT JOIN skips USING (file)"""
+
+
+def _line_number_sql(n: str = "n") -> str:
+    """The 1-based line number of scanned row ``n`` joined with its file's ``_files_sql`` row."""
+    nth = f"({n} - first_n + 1)"
+    return f"{nth} + len(list_filter(skips, lambda skip: skip < {nth}))"
 
 
 def _number_lines(con: duckdb.DuckDBPyConnection) -> None:
-    """Give every scanned row its 1-based line number in its file (``typed_lines``: file, source_line,
-    fields), counting blank and rejected lines. The CSV scan skips a rejected line, the JSON scan a
-    blank one; a file whose two scans disagree on its lines is ``misread`` (all its lines are then
-    checked from their text)."""
+    """Number the CSV scan's lines, which skips a rejected one: ``csv_files`` (``_files_sql``) and
+    ``numbered_lines`` (file, source_line, blank)."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE csv_files AS {_files_sql('line_index', 'line_rejects')}")
     con.execute(
-        f"""
-        CREATE OR REPLACE TEMP TABLE numbered_lines AS
-        WITH firsts AS (SELECT file, min(n) AS first_n FROM line_index GROUP BY 1),
-        shifts AS ({_gaps_sql("line_rejects")}), read AS (
-            SELECT file, n - first_n + 1 AS nth, blank FROM line_index JOIN firsts USING (file)
-        )
-        SELECT read.file, nth + coalesce(so_far, 0) AS source_line, blank
-        FROM read ASOF LEFT JOIN shifts ON read.file = shifts.file AND read.nth > shifts.read_before
-        """
+        f"""CREATE OR REPLACE TEMP TABLE numbered_lines AS
+            SELECT file, {_line_number_sql()} AS source_line, blank FROM line_index JOIN csv_files USING (file)"""
     )
+
+
+def _number_fields(con: duckdb.DuckDBPyConnection) -> None:
+    """Number the JSON scan's rows, which skips a blank line: ``json_files`` (``_files_sql``, and
+    ``misread``: the two scans disagree on the file's lines, so all of them are checked from their text)."""
     con.execute(
-        f"""
-        CREATE OR REPLACE TEMP TABLE typed_lines AS
-        WITH firsts AS (SELECT file, min(n) AS first_n, count(*) AS rows FROM typed_rows GROUP BY 1),
-        gaps AS ({_gaps_sql("numbered_lines WHERE blank")}), files AS (
-            SELECT file, count(*) FILTER (NOT blank) + (SELECT count(*) FROM line_rejects AS r WHERE r.file = l.file)
-                         AS lines FROM numbered_lines AS l GROUP BY 1
-        ), read AS (
-            SELECT file, n - first_n + 1 AS nth, fields, rows FROM typed_rows JOIN firsts USING (file)
-        )
-        SELECT read.file, nth + coalesce(so_far, 0) AS source_line, fields,
-               rows IS DISTINCT FROM lines AS misread
-        FROM read ASOF LEFT JOIN gaps ON read.file = gaps.file AND read.nth > gaps.read_before
-        LEFT JOIN files ON files.file = read.file
-        """
+        f"""CREATE OR REPLACE TEMP TABLE json_files AS
+            WITH lines AS (
+                SELECT file, count(*) FILTER (NOT blank) AS lines FROM numbered_lines GROUP BY 1
+                UNION ALL SELECT file, count(*) FROM line_rejects GROUP BY 1
+            )
+            SELECT json.*, rows IS DISTINCT FROM (SELECT sum(lines) FROM lines WHERE lines.file = json.file) AS misread
+            FROM ({_files_sql('typed_rows', 'numbered_lines WHERE blank')}) AS json"""
     )
 
 
@@ -279,14 +281,11 @@ def _fetch_lines(con: duckdb.DuckDBPyConnection, batches: list[_Batch], max_line
     for params in _by_compression([b for b in batches if str(b.path) in files], max_line_bytes):
         con.execute(
             f"""INSERT INTO text_lines
-                WITH read AS (SELECT filename AS file, row_number() OVER () AS n, line FROM {_lines_sql(con)}),
-                firsts AS (SELECT file, min(n) AS first_n FROM read GROUP BY 1),
-                shifts AS ({_gaps_sql("line_rejects")}), numbered AS (
-                    SELECT file, n - first_n + 1 AS nth, line FROM read JOIN firsts USING (file)
-                )
-                SELECT numbered.file, nth + coalesce(so_far, 0) AS source_line, line
-                FROM numbered ASOF LEFT JOIN shifts ON numbered.file = shifts.file AND numbered.nth > shifts.read_before
-                SEMI JOIN wanted_lines AS w ON w.file = numbered.file AND w.source_line = nth + coalesce(so_far, 0)""",
+                SELECT file, source_line, line FROM (
+                    SELECT file, {_line_number_sql()} AS source_line, line
+                    FROM (SELECT filename AS file, row_number() OVER () AS n, line FROM {_lines_sql(con)})
+                    JOIN csv_files USING (file)
+                ) SEMI JOIN wanted_lines USING (file, source_line)""",
             params,
         )
 
@@ -301,31 +300,30 @@ def _check_batches(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domai
     _scan_lines(con, batches, max_line_bytes)
     _scan_fields(con, batches, max_line_bytes)
     _number_lines(con)
-    _landing_files(con, batches)
+    _number_fields(con)
     params = _check_params(config, domain, now)
-    typed = """(SELECT f.source_file, f.batch_day, t.source_line, NULL::VARCHAR AS line, t.fields
-                FROM typed_lines AS t JOIN landing_files AS f ON f.path = t.file
-                WHERE NOT t.misread AND (t.file, t.source_line) NOT IN (SELECT file, source_line FROM line_rejects))"""
-    con.execute(f"CREATE OR REPLACE TEMP TABLE fast_lines AS {_checked_sql(config, typed, whole_line=False)}", params)
+    typed = f"""(SELECT l.source_file, l.batch_day, {_line_number_sql()} AS source_line, NULL::VARCHAR AS line, fields
+                 FROM typed_rows JOIN json_files USING (file) JOIN landing_files AS l ON l.path = file
+                 WHERE NOT misread)"""
+    con.execute(f"INSERT INTO checked_lines BY NAME {_checked_sql(config, typed, whole_line=False)}", params)
     _fetch_lines(con, batches, max_line_bytes, """
-        SELECT f.path AS file, l.source_line FROM fast_lines AS l JOIN landing_files AS f USING (source_file)
-        WHERE l.reason IS NOT NULL
-           OR l.event_id IN (SELECT event_id FROM fast_lines GROUP BY 1 HAVING count(*) > 1)
-        UNION ALL
-        SELECT DISTINCT file, source_line FROM numbered_lines
-        WHERE NOT blank AND file IN (SELECT file FROM typed_lines WHERE misread)""")
+        SELECT f.path AS file, c.source_line FROM checked_lines AS c JOIN landing_files AS f USING (source_file)
+        WHERE c.reason IS NOT NULL
+           OR c.event_id IN (SELECT event_id FROM checked_lines GROUP BY 1 HAVING count(*) > 1)
+        UNION
+        SELECT file, source_line FROM numbered_lines
+        WHERE NOT blank AND file IN (SELECT file FROM json_files WHERE misread)""")
+    con.execute(
+        """DELETE FROM checked_lines WHERE (source_file, source_line) IN (
+               SELECT f.source_file, r.source_line FROM (SELECT file, source_line FROM text_lines
+                                                         UNION ALL SELECT file, source_line FROM line_rejects) AS r
+               JOIN landing_files AS f ON f.path = r.file)"""
+    )
     whole = f"""(SELECT f.source_file, f.batch_day, t.source_line, t.line, doc, {events.fields_sql('doc')} AS fields,
                         NULL AS read_reason
                  FROM (SELECT *, TRY_CAST(line AS JSON) AS doc FROM text_lines) AS t
                  JOIN landing_files AS f ON f.path = t.file
                  WHERE trim(t.line) <> '')"""
-    con.execute(
-        """INSERT INTO checked_lines BY NAME
-           SELECT * FROM fast_lines ANTI JOIN
-               (SELECT f.source_file, t.source_line FROM text_lines AS t JOIN landing_files AS f ON f.path = t.file) AS t
-               USING (source_file, source_line)
-           WHERE reason IS NULL"""
-    )
     con.execute(f"INSERT INTO checked_lines BY NAME {_checked_sql(config, whole, whole_line=True)}", params)
     _quarantine_rejects(con, None)
 
@@ -347,7 +345,6 @@ def _quarantine_rejects(con: duckdb.DuckDBPyConnection, reason: str | None) -> N
 def _quarantine_batch(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, batch: _Batch, reason: str) -> None:
     """Every line of the batch quarantined with ``reason``, each with its prefix."""
     _scan_lines(con, [batch], config.landing.max_line_bytes)
-    _landing_files(con, [batch])
     _number_lines(con)
     _fetch_lines(con, [batch], config.landing.max_line_bytes, "SELECT file, source_line FROM numbered_lines WHERE NOT blank")
     con.execute(
@@ -368,14 +365,14 @@ def _quarantine_unreadable(con: duckdb.DuckDBPyConnection, batch: _Batch, why: s
                 {"file": batch.file, "batch_day": batch.day, "why": why})
 
 
-def _read_batches(con: duckdb.DuckDBPyConnection, home: Home, config: FlywheelConfig, domain: str,
-                  paths: list[Path], now: datetime) -> dict[str, str]:
+def _read_batches(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str,
+                  batches: list[_Batch], now: datetime) -> dict[str, str]:
     """Every line of every batch into ``checked_lines``, all batches in one pass; when that pass
     fails, one batch at a time: a batch that cannot be read is quarantined as one row (line 0, saying
     why), one that runs out of memory line by line, and the others still land. Returns those
     batches' problems, each naming its file."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE checked_lines ({_CHECKED_COLUMNS})")
-    batches = [_batch(home, path) for path in paths]
+    _landing_files(con, batches)
     if not batches:
         return {}
     try:
@@ -404,37 +401,52 @@ def _problem(batch: _Batch, what: str, error: duckdb.Error) -> str:
 
 
 def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date]) -> None:
-    """Keep this run's partitions' lines; an event id seen before in the batches read (in batch, file,
-    line order) is a duplicate, a ``conflicting_duplicate`` when its content differs from the first
-    copy's; one already kept in another partition is a duplicate too. Only the repeated ids are
-    ordered, so the lines are never sorted."""
+    """Keep this run's partitions' lines (``partition_lines``); an event id seen before in the batches
+    read (in batch, file, line order) is a duplicate, a ``conflicting_duplicate`` when its content
+    differs from the first copy's; one already kept in another partition is a duplicate too. Only
+    the repeated ids are ordered, and only the duplicates rewritten."""
+    con.execute("DELETE FROM checked_lines WHERE event_date NOT IN $dates", {"dates": dates})
+    con.execute(
+        """
+        UPDATE checked_lines SET reason = repeats.reason FROM (
+            SELECT source_file, source_line, reason FROM (
+                SELECT source_file, source_line, row_number() OVER first_copy AS nth,
+                    CASE WHEN content <> first_value(content) OVER first_copy THEN 'conflicting_duplicate'
+                         ELSE 'duplicate_event_id' END AS reason
+                FROM checked_lines
+                WHERE reason IS NULL AND event_id IN (
+                    SELECT event_id FROM checked_lines WHERE reason IS NULL GROUP BY 1 HAVING count(*) > 1)
+                WINDOW first_copy AS (PARTITION BY event_id ORDER BY batch_day, source_file, source_line)
+            ) WHERE nth > 1
+        ) AS repeats
+        WHERE checked_lines.source_file = repeats.source_file AND checked_lines.source_line = repeats.source_line
+        """
+    )
     kept_elsewhere = " UNION ALL ".join(
         f"SELECT event_id FROM raw.{table} WHERE NOT (domain = $domain AND event_date IN $dates)"
         for table in _RAW_EVENT_TABLES
     )
+    con.execute(f"UPDATE checked_lines SET reason = 'duplicate_event_id' "
+                f"WHERE reason IS NULL AND event_id IN ({kept_elsewhere})", {"domain": domain, "dates": dates})
+    con.execute("DROP TABLE IF EXISTS partition_lines")
+    con.execute("ALTER TABLE checked_lines RENAME TO partition_lines")
+
+
+def _keep_quarantined_text(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, batches: list[_Batch],
+                           problems: dict[str, str]) -> None:
+    """Lines quarantined after the check without their text (a duplicate of an event kept in another
+    partition, of a line the JSON reader could not read) get it: one more scan, only when needed."""
+    missing = """SELECT l.path AS file, p.source_line FROM partition_lines AS p JOIN landing_files AS l USING (source_file)
+                 WHERE p.reason IS NOT NULL AND p.line IS NULL AND p.event_id IS NOT NULL"""
+    if not con.execute(f"SELECT count(*) FROM ({missing})").fetchone()[0]:
+        return
+    readable = [batch for batch in batches if batch.file not in problems]
+    _scan_lines(con, readable, config.landing.max_line_bytes)
+    _number_lines(con)
+    _fetch_lines(con, readable, config.landing.max_line_bytes, missing)
     con.execute(
-        f"""
-        CREATE OR REPLACE TEMP TABLE partition_lines AS
-        WITH repeated_ids AS (
-            SELECT event_id FROM checked_lines WHERE reason IS NULL GROUP BY 1 HAVING count(*) > 1
-        ), repeats AS (
-            SELECT source_file, source_line,
-                CASE WHEN content <> first_value(content) OVER first_copy THEN 'conflicting_duplicate'
-                     ELSE 'duplicate_event_id' END AS repeat_reason,
-                row_number() OVER first_copy AS nth
-            FROM checked_lines SEMI JOIN repeated_ids USING (event_id)
-            WHERE reason IS NULL
-            WINDOW first_copy AS (PARTITION BY event_id ORDER BY batch_day, source_file, source_line)
-        ), kept_elsewhere AS ({kept_elsewhere})
-        SELECT checked_lines.* EXCLUDE (reason, content),
-            CASE WHEN reason IS NOT NULL THEN reason
-                 WHEN nth > 1 THEN repeat_reason
-                 WHEN event_id IN (SELECT event_id FROM kept_elsewhere) THEN 'duplicate_event_id'
-            END AS reason
-        FROM checked_lines LEFT JOIN repeats USING (source_file, source_line)
-        WHERE event_date IN $dates
-        """,
-        {"domain": domain, "dates": dates},
+        """UPDATE partition_lines SET line = t.line FROM text_lines AS t JOIN landing_files AS l ON l.path = t.file
+           WHERE partition_lines.source_file = l.source_file AND partition_lines.source_line = t.source_line"""
     )
 
 
@@ -506,7 +518,7 @@ def _replace_partitions(con: duckdb.DuckDBPyConnection, domain: str, dates: list
             con.execute(sql, params)
 
 
-def _report(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], batches: list[Path],
+def _report(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], batches: list[_Batch],
             problems: dict[str, str]) -> AccumulationReport:
     counts = con.execute(
         """SELECT count(*) AS lines_in,
@@ -527,7 +539,7 @@ def _report(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], batc
     return AccumulationReport(
         domain=domain,
         dates=dates,
-        batches_read=[path.name for path in batches],
+        batches_read=[batch.path.name for batch in batches],
         lines_in=counts[0],
         accepted=dict(zip(_RAW_EVENT_TABLES, counts[1:5])),
         impressions=impressions,
@@ -576,9 +588,10 @@ def accumulate(
     ensure_raw_tables(con)
     con.execute("SET TimeZone = 'UTC'")
     con.execute("SET preserve_insertion_order = true")  # a batch's rows keep its line order
-    batches = batches_for(home, domain, dates, config.max_lateness_days)
-    problems = _read_batches(con, home, config, domain, batches, now)
+    batches = [_batch(home, path) for path in batches_for(home, domain, dates, config.max_lateness_days)]
+    problems = _read_batches(con, config, domain, batches, now)
     _mark_duplicates(con, domain, dates)
+    _keep_quarantined_text(con, config, batches, problems)
     privacy.protect_partition_lines(con)  # redaction, forgotten users
     _replace_partitions(con, domain, dates, now)
     report = _report(con, domain, dates, batches, problems)

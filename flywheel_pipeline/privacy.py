@@ -151,10 +151,11 @@ def protect_partition_lines(con: duckdb.DuckDBPyConnection) -> None:
     free text are redacted."""
     ensure_privacy_tables(con)
     install_redaction(con)
-    con.execute(f"""
-        UPDATE partition_lines SET reason = '{FORGOTTEN_USER}', line = NULL, event_id = NULL, fields = NULL
-        WHERE sha256(coalesce(fields.user_id ->> '$', regexp_extract(line, {_literal(_USER_ID_IN_LINE)}, 1)))
-              IN (SELECT user_hash FROM privacy.forgotten_users)""")
+    if con.execute("SELECT count(*) FROM privacy.forgotten_users").fetchone()[0]:
+        con.execute(f"""
+            UPDATE partition_lines SET reason = '{FORGOTTEN_USER}', line = NULL, event_id = NULL, fields = NULL
+            WHERE sha256(coalesce(fields.user_id ->> '$', regexp_extract(line, {_literal(_USER_ID_IN_LINE)}, 1)))
+                  IN (SELECT user_hash FROM privacy.forgotten_users)""")
     con.execute("UPDATE partition_lines SET line = quarantined_line(line) WHERE reason IS NOT NULL")
     con.execute("""
         UPDATE partition_lines SET fields = struct_update(fields,
