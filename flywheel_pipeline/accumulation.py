@@ -275,10 +275,9 @@ def _check_params(config: FlywheelConfig, domain: str, now: datetime) -> dict[st
 def _fetch_lines(con: duckdb.DuckDBPyConnection, batches: list[_Batch], max_line_bytes: int,
                  wanted: str) -> None:
     """The text of the lines ``wanted`` names (a query of file, source_line) into ``text_lines``:
-    one more streaming CSV scan, keeping only those lines."""
+    one more streaming CSV scan of the batches ``_scan_lines`` read, keeping only those lines."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE wanted_lines AS {wanted}")
-    files = {row[0] for row in con.execute("SELECT DISTINCT file FROM wanted_lines").fetchall()}
-    for params in _by_compression([b for b in batches if str(b.path) in files], max_line_bytes):
+    for params in _by_compression(batches, max_line_bytes):  # the files of _scan_lines: the same n
         con.execute(
             f"""INSERT INTO text_lines
                 SELECT file, source_line, line FROM (
