@@ -6,9 +6,13 @@ batch's day, or more than ``max_lateness_days`` before it). A partition's lines 
 into ``raw.interactions/impressions/signals/outcomes/labels`` or quarantined in ``raw.quarantine``
 with a reason, so lines in = accepted + quarantined. A domain's landing folder holds the product's
 daily batches (``<day>.jsonl``) and the review queue's (``labels/<day>.jsonl``: ``label`` events).
-Batches are read and checked one at a time: a line too long or not UTF-8, or a batch that cannot be
-read, is quarantined and the other batches still land (docs/events.md: Delivery).
-A run replaces its partitions in one transaction:
+A run's batches are read together, each in a few streaming scans over them all (no loop over
+batches or lines): DuckDB's JSON reader types every line's contract fields, checked as one SQL
+expression; a CSV scan numbers the lines; only the few lines that break the contract, do not parse
+or may be duplicates are read again as text and checked whole, so the quarantine keeps their text
+and exact reason. A line too long or not UTF-8 is quarantined; when the run's scan fails, batches are
+read one at a time, so one that cannot be read is quarantined and the others still land
+(docs/events.md: Delivery). A run replaces its partitions in one transaction:
 re-running is idempotent (an event keeps the time it was first ingested, which the late-label
 sensor relies on), and a crash leaves the previous state.
 """
@@ -123,6 +127,7 @@ def batches_for(home: Home, domain: str, dates: list[date], max_lateness_days: i
 
 
 def _batch(home: Home, path: Path) -> _Batch:
+    """The batch at ``path``; its first two bytes tell its compression."""
     with path.open("rb") as batch:
         compression = "gzip" if batch.read(2) == _GZIP_MAGIC else "none"
     return _Batch(path, str(path.relative_to(home.landing)), date.fromisoformat(path.stem), compression)
@@ -238,9 +243,8 @@ def _landing_files(con: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> Non
 
 def _checked_sql(config: FlywheelConfig, lines: str, whole_line: bool) -> str:
     """SELECT the ``checked_lines`` of ``lines`` (file, batch_day, source_line, line, fields and, for a
-    ``whole_line`` check, doc, read_reason): each line's first broken rule (or none) and its day."""
+    ``whole_line`` check, doc): each line's first broken rule (or none) and its day."""
     reason = events.reason_sql(tuple(config.domains), whole_line)
-    read_reason = "read_reason" if whole_line else "NULL"
     return f"""
         WITH typed AS (
             SELECT *, {events.impressions_sql()} AS imps,
@@ -260,8 +264,7 @@ def _checked_sql(config: FlywheelConfig, lines: str, whole_line: bool) -> str:
             CASE WHEN event_ts IS NULL OR CAST(event_ts AS DATE) > batch_day THEN batch_day
                  WHEN batch_day - CAST(event_ts AS DATE) > $lateness THEN batch_day
                  ELSE CAST(event_ts AS DATE) END AS event_date,
-            coalesce({read_reason},
-                     CASE WHEN batch_day > CAST($now::TIMESTAMP + $skew::INTERVAL AS DATE) THEN 'future_batch' END,
+            coalesce(CASE WHEN batch_day > CAST($now::TIMESTAMP + $skew::INTERVAL AS DATE) THEN 'future_batch' END,
                      contract_reason,
                      CASE WHEN batch_day - CAST(event_ts AS DATE) > $lateness THEN 'too_late' END) AS reason
         FROM reasoned"""
@@ -318,8 +321,7 @@ def _check_batches(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domai
                                                          UNION ALL SELECT file, source_line FROM line_rejects) AS r
                JOIN landing_files AS f ON f.path = r.file)"""
     )
-    whole = f"""(SELECT f.source_file, f.batch_day, t.source_line, t.line, doc, {events.fields_sql('doc')} AS fields,
-                        NULL AS read_reason
+    whole = f"""(SELECT f.source_file, f.batch_day, t.source_line, t.line, doc, {events.fields_sql('doc')} AS fields
                  FROM (SELECT *, TRY_CAST(line AS JSON) AS doc FROM text_lines) AS t
                  JOIN landing_files AS f ON f.path = t.file
                  WHERE trim(t.line) <> '')"""
@@ -383,12 +385,15 @@ def _read_batches(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain
     for batch in batches:
         try:
             _check_batches(con, config, domain, [batch], now)
-        except duckdb.OutOfMemoryException as error:
-            problems[batch.file] = _problem(batch, "ran out of memory while checked, its lines are quarantined", error)
-            _quarantine_batch(con, config, batch, "out_of_memory")
         except duckdb.Error as error:
-            problems[batch.file] = _problem(batch, "cannot be read", error)
-            _quarantine_unreadable(con, batch, problems[batch.file])
+            con.execute("DELETE FROM checked_lines WHERE source_file = $file", {"file": batch.file})
+            out_of_memory = isinstance(error, duckdb.OutOfMemoryException)
+            what = "ran out of memory while checked, its lines are quarantined" if out_of_memory else "cannot be read"
+            problems[batch.file] = _problem(batch, what, error)
+            if out_of_memory:
+                _quarantine_batch(con, config, batch, "out_of_memory")
+            else:
+                _quarantine_unreadable(con, batch, problems[batch.file])
     return problems
 
 
@@ -493,7 +498,7 @@ _INSERTS = {
                source_file, source_line, coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'label'""",
-    "quarantine": f"""
+    "quarantine": """
         INSERT INTO raw.quarantine
         SELECT $domain, event_date, source_file, source_line, event_id, reason, line, $now
         FROM partition_lines WHERE reason IS NOT NULL""",
