@@ -6,9 +6,13 @@ batch's day, or more than ``max_lateness_days`` before it). A partition's lines 
 into ``raw.interactions/impressions/signals/outcomes/labels`` or quarantined in ``raw.quarantine``
 with a reason, so lines in = accepted + quarantined. A domain's landing folder holds the product's
 daily batches (``<day>.jsonl``) and the review queue's (``labels/<day>.jsonl``: ``label`` events).
-Batches are read and checked one at a time: a line too long or not UTF-8, or a batch that cannot be
-read, is quarantined and the other batches still land (docs/events.md: Delivery).
-A run replaces its partitions in one transaction:
+A run's batches are read together, each in a few streaming scans over them all (no loop over
+batches or lines): DuckDB's JSON reader types every line's contract fields, checked as one SQL
+expression; a CSV scan numbers the lines; only the few lines that break the contract, do not parse
+or may be duplicates are read again as text and checked whole, so the quarantine keeps their text
+and exact reason. A line too long or not UTF-8 is quarantined; when the run's scan fails, batches are
+read one at a time, so one that cannot be read is quarantined and the others still land
+(docs/events.md: Delivery). A run replaces its partitions in one transaction:
 re-running is idempotent (an event keeps the time it was first ingested, which the late-label
 sensor relies on), and a crash leaves the previous state.
 """
@@ -41,8 +45,10 @@ _CHECKED_COLUMNS = f"""source_file VARCHAR, batch_day DATE, source_line BIGINT, 
 
 @dataclass(frozen=True)
 class _Batch:
+    path: Path
     file: str  # relative to the landing folder
     day: date  # the day it was delivered, its name
+    compression: str  # "gzip" or "none", from its first bytes whatever its name
 
 
 @dataclass(frozen=True)
@@ -120,137 +126,274 @@ def batches_for(home: Home, domain: str, dates: list[date], max_lateness_days: i
     return found
 
 
-def _read_batch(con: duckdb.DuckDBPyConnection, path: Path, max_line_bytes: int) -> None:
-    """The batch's non-blank lines into ``batch_lines`` (source_line, line, read_reason).
-
-    DuckDB's CSV reader streams the file with one column per line: a line longer than
-    ``max_line_bytes`` or not UTF-8 comes back as its line number, a reason and a prefix, never
-    whole; a leading BOM is dropped; a gzip'd batch is read as gzip whatever its name.
-    """
+def _batch(home: Home, path: Path) -> _Batch:
+    """The batch at ``path``; its first two bytes tell its compression."""
     with path.open("rb") as batch:
         compression = "gzip" if batch.read(2) == _GZIP_MAGIC else "none"
+    return _Batch(path, str(path.relative_to(home.landing)), date.fromisoformat(path.stem), compression)
+
+
+def _lines_sql(con: duckdb.DuckDBPyConnection) -> str:
+    """The batches ``$paths`` (all of compression ``$compression``) one row per line: DuckDB's CSV
+    reader, one column; a line longer than ``$max_line_bytes`` or not UTF-8 is left out, never read
+    whole, and noted in ``landing_rejects`` (``landing_reject_scans`` names its file); a leading BOM
+    is dropped."""
     con.execute("DROP TABLE IF EXISTS landing_rejects")
     con.execute("DROP TABLE IF EXISTS landing_reject_scans")
-    con.execute(
-        f"""
-        CREATE OR REPLACE TEMP TABLE batch_read AS
-        SELECT line FROM read_csv($path, columns = {{'line': 'VARCHAR'}}, header = false, auto_detect = false,
-            delim = {_NO_DELIMITER}, quote = '', escape = '', strict_mode = false,
-            max_line_size = $max_line_bytes, compression = $compression, store_rejects = true,
-            rejects_table = 'landing_rejects', rejects_scan = 'landing_reject_scans')
-        """,
-        {"path": str(path), "max_line_bytes": max_line_bytes, "compression": compression},
-    )
-    con.execute(
-        f"""
-        CREATE OR REPLACE TEMP TABLE batch_lines AS
-        WITH rejected AS (
-            SELECT line AS source_line, any_value(csv_line) AS line, any_value(error_type) AS error_type
-            FROM landing_rejects GROUP BY 1
-        ), shifts AS (  -- the lines read after a rejected one move down one number for each
-            SELECT read_before, max(rejected_so_far) AS rejected_so_far
-            FROM (SELECT source_line - row_number() OVER (ORDER BY source_line) AS read_before,
-                         row_number() OVER (ORDER BY source_line) AS rejected_so_far FROM rejected)
-            GROUP BY 1
-        ), read AS (
-            SELECT rowid + 1 AS nth, line FROM batch_read  -- rowid follows the file: insertion order is kept
+    return f"""read_csv($paths, columns = {{'line': 'VARCHAR'}}, header = false, auto_detect = false,
+        delim = {_NO_DELIMITER}, quote = '', escape = '', strict_mode = false, max_line_size = $max_line_bytes,
+        compression = $compression, filename = true, store_rejects = true, rejects_table = 'landing_rejects',
+        rejects_scan = 'landing_reject_scans')"""
+
+
+def _by_compression(batches: list[_Batch], max_line_bytes: int) -> list[dict[str, object]]:
+    """Query parameters reading ``batches``, one set per compression."""
+    return [{"paths": [str(b.path) for b in batches if b.compression == compression],
+             "compression": compression, "max_line_bytes": max_line_bytes}
+            for compression in sorted({batch.compression for batch in batches})]
+
+
+def _scan_lines(con: duckdb.DuckDBPyConnection, batches: list[_Batch], max_line_bytes: int) -> None:
+    """The batches' line structure, streamed, not kept: ``line_index`` (file, n: the line's place in
+    the scan, blank) and ``line_rejects`` (file, source_line, line, error_type: too long, not UTF-8)."""
+    con.execute("CREATE OR REPLACE TEMP TABLE line_index (file VARCHAR, n BIGINT, blank BOOLEAN)")
+    con.execute("CREATE OR REPLACE TEMP TABLE line_rejects "
+                "(file VARCHAR, source_line BIGINT, line VARCHAR, error_type VARCHAR)")
+    con.execute("CREATE OR REPLACE TEMP TABLE text_lines (file VARCHAR, source_line BIGINT, line VARCHAR)")
+    for params in _by_compression(batches, max_line_bytes):
+        con.execute(
+            f"""INSERT INTO line_index SELECT filename, row_number() OVER (), coalesce(trim(line), '') = ''
+                FROM {_lines_sql(con)}""",
+            params,
         )
-        SELECT nth + coalesce(rejected_so_far, 0) AS source_line, line, NULL AS read_reason
-        FROM read ASOF LEFT JOIN shifts ON read.nth > shifts.read_before
-        WHERE trim(line) <> ''
-        UNION ALL
-        SELECT source_line, left(line, {QUARANTINED_PREFIX_CHARS}),
-            CASE error_type WHEN 'INVALID ENCODING' THEN 'invalid_utf8'
-                            WHEN 'LINE SIZE OVER MAXIMUM' THEN 'line_too_long'
-                            ELSE 'unreadable_line' END
-        FROM rejected
-        """
+        con.execute(
+            """INSERT INTO line_rejects
+               SELECT s.file_path, r.line, any_value(r.csv_line), any_value(r.error_type)
+               FROM landing_rejects AS r JOIN landing_reject_scans AS s USING (scan_id, file_id) GROUP BY 1, 2"""
+        )
+
+
+def _scan_fields(con: duckdb.DuckDBPyConnection, batches: list[_Batch], max_line_bytes: int) -> None:
+    """The contract fields of every non-blank line (NULL where it does not parse as an object) into
+    ``typed_rows`` (file, n: its place in the scan, fields), with DuckDB's JSON reader."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE typed_rows (file VARCHAR, n BIGINT, fields {events.FIELDS_TYPE})")
+    for params in _by_compression(batches, max_line_bytes):
+        con.execute(
+            f"""INSERT INTO typed_rows
+                SELECT filename, row_number() OVER (), {events.fields_of_columns()}
+                FROM read_json($paths, format = 'newline_delimited', columns = {events.JSON_COLUMNS},
+                               ignore_errors = true, filename = true, compression = $compression,
+                               maximum_object_size = $max_line_bytes + 1)""",
+            params,
+        )
+
+
+def _files_sql(rows: str, skipped: str) -> str:
+    """Per file of a scan's ``rows`` (file, n: place in the scan): its first row's n, and where the
+    scan skipped ``skipped`` lines (file, source_line) as ``skips``: the n-th row of the file is line
+    ``n + (number of skips below n)`` (``_line_number_sql``)."""
+    return f"""
+        WITH firsts AS (SELECT file, min(n) AS first_n, count(*) AS rows FROM {rows} GROUP BY 1),
+        skips AS (
+            SELECT file, list(source_line - nth ORDER BY source_line) AS skips
+            FROM (SELECT file, source_line, row_number() OVER (PARTITION BY file ORDER BY source_line) AS nth
+                  FROM {skipped})
+            GROUP BY 1
+        )
+        SELECT file, first_n, rows, coalesce(skips, []) AS skips FROM firsts LEFT JOIN skips USING (file)"""
+
+
+def _line_number_sql(n: str = "n") -> str:
+    """The 1-based line number of scanned row ``n`` joined with its file's ``_files_sql`` row."""
+    nth = f"({n} - first_n + 1)"
+    return f"{nth} + len(list_filter(skips, lambda skip: skip < {nth}))"
+
+
+def _number_lines(con: duckdb.DuckDBPyConnection) -> None:
+    """Number the CSV scan's lines, which skips a rejected one: ``csv_files`` (``_files_sql``) and
+    ``numbered_lines`` (file, source_line, blank)."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE csv_files AS {_files_sql('line_index', 'line_rejects')}")
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE numbered_lines AS
+            SELECT file, {_line_number_sql()} AS source_line, blank FROM line_index JOIN csv_files USING (file)"""
     )
 
 
-def _check_batch(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str, batch: _Batch,
-                 now: datetime) -> None:
-    """Parse each line of ``batch_lines`` once, give it its first broken rule (or none) and its day
-    partition, into ``checked_lines``."""
-    skew = timedelta(minutes=events.CLOCK_SKEW_MINUTES)
-    reason = events.reason_sql(tuple(config.domains))
+def _number_fields(con: duckdb.DuckDBPyConnection) -> None:
+    """Number the JSON scan's rows, which skips a blank line: ``json_files`` (``_files_sql``, and
+    ``misread``: the two scans disagree on the file's lines, so all of them are checked from their text)."""
     con.execute(
-        f"""
-        INSERT INTO checked_lines BY NAME
-        WITH parsed AS (
-            SELECT *, CASE WHEN read_reason IS NULL THEN TRY_CAST(line AS JSON) END AS doc FROM batch_lines
-        ), fielded AS (
-            SELECT *, {events.fields_sql("doc")} AS fields FROM parsed
-        ), typed AS (
-            SELECT *,
-                json_extract_string(fields.event_type, '$') AS event_type,
-                json_extract_string(fields.event_id, '$') AS event_id,
-                CASE WHEN regexp_matches(json_extract_string(fields.timestamp, '$'), '{events.TIMESTAMP_PATTERN}')
-                     THEN timezone('UTC', TRY_CAST(json_extract_string(fields.timestamp, '$') AS TIMESTAMPTZ))
+        f"""CREATE OR REPLACE TEMP TABLE json_files AS
+            WITH lines AS (
+                SELECT file, count(*) FILTER (NOT blank) AS lines FROM numbered_lines GROUP BY 1
+                UNION ALL SELECT file, count(*) FROM line_rejects GROUP BY 1
+            )
+            SELECT json.*, rows IS DISTINCT FROM (SELECT sum(lines) FROM lines WHERE lines.file = json.file) AS misread
+            FROM ({_files_sql('typed_rows', 'numbered_lines WHERE blank')}) AS json"""
+    )
+
+
+def _landing_files(con: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> None:
+    """``landing_files``: each batch's path, its name relative to the landing folder and its day."""
+    con.execute("CREATE OR REPLACE TEMP TABLE landing_files (path VARCHAR, source_file VARCHAR, batch_day DATE)")
+    con.execute("INSERT INTO landing_files SELECT unnest($paths), unnest($files), unnest($days)",
+                {"paths": [str(b.path) for b in batches], "files": [b.file for b in batches],
+                 "days": [b.day for b in batches]})
+
+
+def _checked_sql(config: FlywheelConfig, lines: str, whole_line: bool) -> str:
+    """SELECT the ``checked_lines`` of ``lines`` (file, batch_day, source_line, line, fields and, for a
+    ``whole_line`` check, doc): each line's first broken rule (or none) and its day."""
+    reason = events.reason_sql(tuple(config.domains), whole_line)
+    return f"""
+        WITH typed AS (
+            SELECT *, {events.impressions_sql()} AS imps,
+                {events.text_sql('fields.event_type')} AS event_type,
+                {events.text_sql('fields.event_id')} AS event_id,
+                CASE WHEN regexp_matches({events.text_sql('fields.timestamp')}, '{events.TIMESTAMP_PATTERN}')
+                     THEN timezone('UTC', TRY_CAST({events.text_sql('fields.timestamp')} AS TIMESTAMPTZ))
                 END AS event_ts,
                 $domain AS batch_domain,
-                least($now::TIMESTAMP, $batch_day + INTERVAL 1 DAY) + $skew::INTERVAL AS latest_allowed_ts
-            FROM fielded
+                least($now::TIMESTAMP, batch_day + INTERVAL 1 DAY) + $skew::INTERVAL AS latest_allowed_ts
+            FROM {lines}
         ), reasoned AS (
             SELECT *, {reason} AS contract_reason FROM typed
         )
-        SELECT $file AS source_file, $batch_day AS batch_day, source_line, line, fields, event_type, event_id,
+        SELECT source_file, batch_day, source_line, line, fields, event_type, event_id,
             event_ts, hash(fields) AS content,
-            CASE WHEN event_ts IS NULL OR CAST(event_ts AS DATE) > $batch_day THEN $batch_day
-                 WHEN $batch_day - CAST(event_ts AS DATE) > $lateness THEN $batch_day
+            CASE WHEN event_ts IS NULL OR CAST(event_ts AS DATE) > batch_day THEN batch_day
+                 WHEN batch_day - CAST(event_ts AS DATE) > $lateness THEN batch_day
                  ELSE CAST(event_ts AS DATE) END AS event_date,
-            coalesce(read_reason,
-                     CASE WHEN $batch_day > CAST($now::TIMESTAMP + $skew::INTERVAL AS DATE) THEN 'future_batch' END,
+            coalesce(CASE WHEN batch_day > CAST($now::TIMESTAMP + $skew::INTERVAL AS DATE) THEN 'future_batch' END,
                      contract_reason,
-                     CASE WHEN $batch_day - CAST(event_ts AS DATE) > $lateness THEN 'too_late' END) AS reason
-        FROM reasoned
-        """,
-        {
-            "file": batch.file,
-            "batch_day": batch.day,
-            "domain": domain,
-            "now": now.astimezone(UTC).replace(tzinfo=None),
-            "skew": skew,
-            "lateness": config.max_lateness_days,
-        },
-    )
+                     CASE WHEN batch_day - CAST(event_ts AS DATE) > $lateness THEN 'too_late' END) AS reason
+        FROM reasoned"""
 
 
-def _quarantine_batch(con: duckdb.DuckDBPyConnection, batch: _Batch, reason: str) -> None:
-    """Every line of ``batch_lines`` quarantined with ``reason`` in the batch's day partition."""
+def _check_params(config: FlywheelConfig, domain: str, now: datetime) -> dict[str, object]:
+    return {"domain": domain, "now": now.astimezone(UTC).replace(tzinfo=None),
+            "skew": timedelta(minutes=events.CLOCK_SKEW_MINUTES), "lateness": config.max_lateness_days}
+
+
+def _fetch_lines(con: duckdb.DuckDBPyConnection, batches: list[_Batch], max_line_bytes: int,
+                 wanted: str) -> None:
+    """The text of the lines ``wanted`` names (a query of file, source_line) into ``text_lines``:
+    one more streaming CSV scan of the batches ``_scan_lines`` read, keeping only those lines."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE wanted_lines AS {wanted}")
+    for params in _by_compression(batches, max_line_bytes):  # the files of _scan_lines: the same n
+        con.execute(
+            f"""INSERT INTO text_lines
+                SELECT file, source_line, line FROM (
+                    SELECT file, {_line_number_sql()} AS source_line, line
+                    FROM (SELECT filename AS file, row_number() OVER () AS n, line FROM {_lines_sql(con)})
+                    JOIN csv_files USING (file)
+                ) SEMI JOIN wanted_lines USING (file, source_line)""",
+            params,
+        )
+
+
+def _check_batches(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str,
+                   batches: list[_Batch], now: datetime) -> None:
+    """Every line of ``batches`` into ``checked_lines``, in one pass over them all: the contract
+    checked on the fields DuckDB's JSON reader typed; the few lines that break it, do not parse,
+    could not be read or may be duplicates are read again as text and checked whole, so the
+    quarantine keeps their text and exact reason."""
+    max_line_bytes = config.landing.max_line_bytes
+    _scan_lines(con, batches, max_line_bytes)
+    _scan_fields(con, batches, max_line_bytes)
+    _number_lines(con)
+    _number_fields(con)
+    params = _check_params(config, domain, now)
+    typed = f"""(SELECT l.source_file, l.batch_day, {_line_number_sql()} AS source_line, NULL::VARCHAR AS line, fields
+                 FROM typed_rows JOIN json_files USING (file) JOIN landing_files AS l ON l.path = file
+                 WHERE NOT misread)"""
+    con.execute(f"INSERT INTO checked_lines BY NAME {_checked_sql(config, typed, whole_line=False)}", params)
+    _fetch_lines(con, batches, max_line_bytes, """
+        SELECT f.path AS file, c.source_line FROM checked_lines AS c JOIN landing_files AS f USING (source_file)
+        WHERE c.reason IS NOT NULL
+           OR c.event_id IN (SELECT event_id FROM checked_lines GROUP BY 1 HAVING count(*) > 1)
+        UNION
+        SELECT file, source_line FROM numbered_lines
+        WHERE NOT blank AND file IN (SELECT file FROM json_files WHERE misread)""")
     con.execute(
-        f"""
-        INSERT INTO checked_lines BY NAME
-        SELECT $file AS source_file, $batch_day AS batch_day, source_line,
-               left(line, {QUARANTINED_PREFIX_CHARS}) AS line, $batch_day AS event_date, $reason AS reason
-        FROM batch_lines
-        """,
-        {"file": batch.file, "batch_day": batch.day, "reason": reason},
+        """DELETE FROM checked_lines WHERE (source_file, source_line) IN (
+               SELECT f.source_file, r.source_line FROM (SELECT file, source_line FROM text_lines
+                                                         UNION ALL SELECT file, source_line FROM line_rejects) AS r
+               JOIN landing_files AS f ON f.path = r.file)"""
+    )
+    whole = f"""(SELECT f.source_file, f.batch_day, t.source_line, t.line, doc, {events.fields_sql('doc')} AS fields
+                 FROM (SELECT *, TRY_CAST(line AS JSON) AS doc FROM text_lines) AS t
+                 JOIN landing_files AS f ON f.path = t.file
+                 WHERE trim(t.line) <> '')"""
+    con.execute(f"INSERT INTO checked_lines BY NAME {_checked_sql(config, whole, whole_line=True)}", params)
+    _quarantine_rejects(con, None)
+
+
+def _quarantine_rejects(con: duckdb.DuckDBPyConnection, reason: str | None) -> None:
+    """The lines the CSV scan rejected into ``checked_lines``, each with its prefix and why (or ``reason``)."""
+    con.execute(
+        f"""INSERT INTO checked_lines BY NAME
+            SELECT f.source_file, f.batch_day, r.source_line, left(r.line, {QUARANTINED_PREFIX_CHARS}) AS line,
+                f.batch_day AS event_date,
+                coalesce($reason, CASE r.error_type WHEN 'INVALID ENCODING' THEN 'invalid_utf8'
+                                                    WHEN 'LINE SIZE OVER MAXIMUM' THEN 'line_too_long'
+                                                    ELSE 'unreadable_line' END) AS reason
+            FROM line_rejects AS r JOIN landing_files AS f ON f.path = r.file""",
+        {"reason": reason},
     )
 
 
-def _read_batches(con: duckdb.DuckDBPyConnection, home: Home, config: FlywheelConfig, domain: str,
-                  batches: list[Path], now: datetime) -> dict[str, str]:
-    """Every line of every batch into ``checked_lines``, one batch at a time: a batch that cannot be
-    read is quarantined as one row (line 0, saying why), one that runs out of memory while checked
-    line by line, and the others still land. Returns those batches' problems, each naming its file."""
+def _quarantine_batch(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, batch: _Batch, reason: str) -> None:
+    """Every line of the batch quarantined with ``reason``, each with its prefix."""
+    _scan_lines(con, [batch], config.landing.max_line_bytes)
+    _number_lines(con)
+    _fetch_lines(con, [batch], config.landing.max_line_bytes, "SELECT file, source_line FROM numbered_lines WHERE NOT blank")
+    con.execute(
+        f"""INSERT INTO checked_lines BY NAME
+            SELECT f.source_file, f.batch_day, t.source_line, left(t.line, {QUARANTINED_PREFIX_CHARS}) AS line,
+                   f.batch_day AS event_date, $reason AS reason
+            FROM text_lines AS t JOIN landing_files AS f ON f.path = t.file""",
+        {"reason": reason},
+    )
+    _quarantine_rejects(con, reason)
+
+
+def _quarantine_unreadable(con: duckdb.DuckDBPyConnection, batch: _Batch, why: str) -> None:
+    """The batch quarantined as one row, line 0, saying ``why``."""
+    con.execute("""INSERT INTO checked_lines BY NAME
+                   SELECT $file AS source_file, $batch_day AS batch_day, 0 AS source_line, $why AS line,
+                          $batch_day AS event_date, 'unreadable_file' AS reason""",
+                {"file": batch.file, "batch_day": batch.day, "why": why})
+
+
+def _read_batches(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str,
+                  batches: list[_Batch], now: datetime) -> dict[str, str]:
+    """Every line of every batch into ``checked_lines``, all batches in one pass; when that pass
+    fails, one batch at a time: a batch that cannot be read is quarantined as one row (line 0, saying
+    why), one that runs out of memory line by line, and the others still land. Returns those
+    batches' problems, each naming its file."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE checked_lines ({_CHECKED_COLUMNS})")
+    _landing_files(con, batches)
+    if not batches:
+        return {}
+    try:
+        _check_batches(con, config, domain, batches, now)
+        return {}
+    except duckdb.Error:
+        con.execute("DELETE FROM checked_lines")
     problems = {}
-    for path in batches:
-        batch = _Batch(str(path.relative_to(home.landing)), date.fromisoformat(path.stem))
+    for batch in batches:
         try:
-            _read_batch(con, path, config.landing.max_line_bytes)
+            _check_batches(con, config, domain, [batch], now)
         except duckdb.Error as error:
-            problems[batch.file] = _problem(batch, "cannot be read", error)
-            con.execute("CREATE OR REPLACE TEMP TABLE batch_lines AS SELECT 0::BIGINT AS source_line, ? AS line",
-                        [problems[batch.file]])
-            _quarantine_batch(con, batch, "unreadable_file")
-            continue
-        try:
-            _check_batch(con, config, domain, batch, now)
-        except duckdb.OutOfMemoryException as error:
-            problems[batch.file] = _problem(batch, "ran out of memory while checked, its lines are quarantined", error)
-            _quarantine_batch(con, batch, "out_of_memory")
+            con.execute("DELETE FROM checked_lines WHERE source_file = $file", {"file": batch.file})
+            out_of_memory = isinstance(error, duckdb.OutOfMemoryException)
+            what = "ran out of memory while checked, its lines are quarantined" if out_of_memory else "cannot be read"
+            problems[batch.file] = _problem(batch, what, error)
+            if out_of_memory:
+                _quarantine_batch(con, config, batch, "out_of_memory")
+            else:
+                _quarantine_unreadable(con, batch, problems[batch.file])
     return problems
 
 
@@ -262,42 +405,65 @@ def _problem(batch: _Batch, what: str, error: duckdb.Error) -> str:
 
 
 def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date]) -> None:
-    """Keep this run's partitions' lines; an event id seen before in the batches read (in batch, file,
-    line order) is a duplicate, a ``conflicting_duplicate`` when its content differs from the first
-    copy's; one already kept in another partition is a duplicate too."""
+    """Keep this run's partitions' lines (``partition_lines``); an event id seen before in the batches
+    read (in batch, file, line order) is a duplicate, a ``conflicting_duplicate`` when its content
+    differs from the first copy's; one already kept in another partition is a duplicate too. Only
+    the repeated ids are ordered, and only the duplicates rewritten."""
+    con.execute("DELETE FROM checked_lines WHERE event_date NOT IN $dates", {"dates": dates})
+    con.execute(
+        """
+        UPDATE checked_lines SET reason = repeats.reason FROM (
+            SELECT source_file, source_line, reason FROM (
+                SELECT source_file, source_line, row_number() OVER first_copy AS nth,
+                    CASE WHEN content <> first_value(content) OVER first_copy THEN 'conflicting_duplicate'
+                         ELSE 'duplicate_event_id' END AS reason
+                FROM checked_lines
+                WHERE reason IS NULL AND event_id IN (
+                    SELECT event_id FROM checked_lines WHERE reason IS NULL GROUP BY 1 HAVING count(*) > 1)
+                WINDOW first_copy AS (PARTITION BY event_id ORDER BY batch_day, source_file, source_line)
+            ) WHERE nth > 1
+        ) AS repeats
+        WHERE checked_lines.source_file = repeats.source_file AND checked_lines.source_line = repeats.source_line
+        """
+    )
     kept_elsewhere = " UNION ALL ".join(
         f"SELECT event_id FROM raw.{table} WHERE NOT (domain = $domain AND event_date IN $dates)"
         for table in _RAW_EVENT_TABLES
     )
+    con.execute(f"UPDATE checked_lines SET reason = 'duplicate_event_id' "
+                f"WHERE reason IS NULL AND event_id IN ({kept_elsewhere})", {"domain": domain, "dates": dates})
+    con.execute("DROP TABLE IF EXISTS partition_lines")
+    con.execute("ALTER TABLE checked_lines RENAME TO partition_lines")
+
+
+def _keep_quarantined_text(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, batches: list[_Batch],
+                           problems: dict[str, str]) -> None:
+    """Lines quarantined after the check without their text (a duplicate of an event kept in another
+    partition, of a line the JSON reader could not read) get it: one more scan, only when needed."""
+    missing = """SELECT l.path AS file, p.source_line FROM partition_lines AS p JOIN landing_files AS l USING (source_file)
+                 WHERE p.reason IS NOT NULL AND p.line IS NULL AND p.event_id IS NOT NULL"""
+    if not con.execute(f"SELECT count(*) FROM ({missing})").fetchone()[0]:
+        return
+    readable = [batch for batch in batches if batch.file not in problems]
+    _scan_lines(con, readable, config.landing.max_line_bytes)
+    _number_lines(con)
+    _fetch_lines(con, readable, config.landing.max_line_bytes, missing)
     con.execute(
-        f"""
-        CREATE OR REPLACE TEMP TABLE partition_lines AS
-        WITH kept_elsewhere AS ({kept_elsewhere}), copies AS (
-            SELECT *,
-                row_number() OVER first_copy > 1 AS repeated,
-                content <> first_value(content) OVER first_copy AS conflicting
-            FROM checked_lines
-            WINDOW first_copy AS (PARTITION BY CASE WHEN reason IS NULL THEN event_id END
-                                  ORDER BY batch_day, source_file, source_line)
-        )
-        SELECT * EXCLUDE (reason, repeated, conflicting, content),
-            CASE WHEN reason IS NOT NULL THEN reason
-                 WHEN repeated AND conflicting THEN 'conflicting_duplicate'
-                 WHEN repeated OR event_id IN (SELECT event_id FROM kept_elsewhere) THEN 'duplicate_event_id'
-            END AS reason
-        FROM copies
-        WHERE event_date IN $dates
-        """,
-        {"domain": domain, "dates": dates},
+        """UPDATE partition_lines SET line = t.line FROM text_lines AS t JOIN landing_files AS l ON l.path = t.file
+           WHERE partition_lines.source_file = l.source_file AND partition_lines.source_line = t.source_line"""
     )
 
 
+def _text(name: str) -> str:
+    return events.text_sql(f"fields.{name}")
+
+
 _INSERTS = {
-    "interactions": """
+    "interactions": f"""
         INSERT INTO raw.interactions
-        SELECT event_id, $domain, event_date, event_ts, fields.user_id->>'$', fields.session_id->>'$',
-               fields.interaction_id->>'$', fields.model_version->>'$', fields.policy->>'$', fields.consent->>'$',
-               fields.input->>'$', fields.context, source_file, source_line,
+        SELECT event_id, $domain, event_date, event_ts, {_text('user_id')}, {_text('session_id')},
+               {_text('interaction_id')}, {_text('model_version')}, {_text('policy')}, {_text('consent')},
+               {_text('input')}, fields.context, source_file, source_line,
                coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'interaction'""",
@@ -306,29 +472,29 @@ _INSERTS = {
         SELECT event_id, $domain, event_date, interaction_id,
                imp.item_id, imp.position, imp.propensity, imp.content
         FROM (
-            SELECT event_id, event_date, fields.interaction_id->>'$' AS interaction_id,
+            SELECT event_id, event_date, {_text('interaction_id')} AS interaction_id,
                    unnest(from_json(fields.impressions, '{_IMPRESSION_SCHEMA}')) AS imp
             FROM partition_lines WHERE reason IS NULL AND event_type = 'interaction'
         )""",
-    "signals": """
+    "signals": f"""
         INSERT INTO raw.signals
-        SELECT event_id, $domain, event_date, event_ts, fields.user_id->>'$', fields.session_id->>'$',
-               fields.interaction_id->>'$', fields.signal_type->>'$', fields.item_id->>'$',
-               TRY_CAST(fields.value AS DOUBLE), fields.text->>'$', source_file, source_line,
+        SELECT event_id, $domain, event_date, event_ts, {_text('user_id')}, {_text('session_id')},
+               {_text('interaction_id')}, {_text('signal_type')}, {_text('item_id')},
+               TRY_CAST(fields.value AS DOUBLE), {_text('text')}, source_file, source_line,
                coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'signal'""",
-    "outcomes": """
+    "outcomes": f"""
         INSERT INTO raw.outcomes
-        SELECT event_id, $domain, event_date, event_ts, fields.user_id->>'$', fields.session_id->>'$',
-               fields.interaction_id->>'$', fields.name->>'$', TRY_CAST(fields.value AS DOUBLE),
-               fields.item_id->>'$', source_file, source_line, coalesce(first_ingested.ingested_at, $now)
+        SELECT event_id, $domain, event_date, event_ts, {_text('user_id')}, {_text('session_id')},
+               {_text('interaction_id')}, {_text('name')}, TRY_CAST(fields.value AS DOUBLE),
+               {_text('item_id')}, source_file, source_line, coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'outcome'""",
-    "labels": """
+    "labels": f"""
         INSERT INTO raw.labels
-        SELECT event_id, $domain, event_date, event_ts, fields.user_id->>'$', fields.session_id->>'$',
-               fields.interaction_id->>'$', fields.item_id->>'$', fields.reviewer->>'$', fields.verdict->>'$',
+        SELECT event_id, $domain, event_date, event_ts, {_text('user_id')}, {_text('session_id')},
+               {_text('interaction_id')}, {_text('item_id')}, {_text('reviewer')}, {_text('verdict')},
                source_file, source_line, coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'label'""",
@@ -356,7 +522,7 @@ def _replace_partitions(con: duckdb.DuckDBPyConnection, domain: str, dates: list
             con.execute(sql, params)
 
 
-def _report(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], batches: list[Path],
+def _report(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], batches: list[_Batch],
             problems: dict[str, str]) -> AccumulationReport:
     counts = con.execute(
         """SELECT count(*) AS lines_in,
@@ -377,7 +543,7 @@ def _report(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], batc
     return AccumulationReport(
         domain=domain,
         dates=dates,
-        batches_read=[path.name for path in batches],
+        batches_read=[batch.path.name for batch in batches],
         lines_in=counts[0],
         accepted=dict(zip(_RAW_EVENT_TABLES, counts[1:5])),
         impressions=impressions,
@@ -426,9 +592,10 @@ def accumulate(
     ensure_raw_tables(con)
     con.execute("SET TimeZone = 'UTC'")
     con.execute("SET preserve_insertion_order = true")  # a batch's rows keep its line order
-    batches = batches_for(home, domain, dates, config.max_lateness_days)
-    problems = _read_batches(con, home, config, domain, batches, now)
+    batches = [_batch(home, path) for path in batches_for(home, domain, dates, config.max_lateness_days)]
+    problems = _read_batches(con, config, domain, batches, now)
     _mark_duplicates(con, domain, dates)
+    _keep_quarantined_text(con, config, batches, problems)
     privacy.protect_partition_lines(con)  # redaction, forgotten users
     _replace_partitions(con, domain, dates, now)
     report = _report(con, domain, dates, batches, problems)

@@ -1,9 +1,11 @@
 """The event contract (docs/events.md) as data, and its enforcement as one SQL expression.
 
 A landing line is checked in a fixed order; the first rule it breaks becomes its quarantine reason.
-Validation runs inside DuckDB (vectorised JSON functions), so a million lines take seconds. Each line
-is parsed once into its top-level fields (``fields_sql``); every rule reads those small fragments,
-never the whole line again, so a long line costs its size a few times over, not once per rule.
+Validation runs inside DuckDB, vectorised. Each line is parsed once into its top-level fields, a
+STRUCT of JSON fragments (``FIELDS_TYPE``: by DuckDB's JSON reader, ``JSON_COLUMNS``, or from a line's
+text, ``fields_sql``), and its impressions once into a list of STRUCTs of fragments (``impressions_sql``).
+The rules never parse again: a fragment is minified JSON, so its first character is its type and a
+string without a backslash is its own value between the quotes (``kind_sql``, ``text_sql``).
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ FIELD_NAMES = tuple(dict.fromkeys(
 FIELDS_TYPE = "STRUCT(" + ", ".join(f"{name} JSON" for name in FIELD_NAMES) + ")"
 
 
+JSON_COLUMNS = "{" + ", ".join(f"'{name}': 'JSON'" for name in FIELD_NAMES) + "}"  # read_json's columns
+_IMPRESSION_FRAGMENTS = "[{" + ", ".join(f'"{f.name}": "JSON"' for f in IMPRESSION_FIELDS) + "}]"
+
+
 def fields_sql(doc: str) -> str:
     """The line's top-level contract fields as a STRUCT of JSON fragments (NULL when absent or
     null), parsed in one pass; the rules and the raw tables read ``fields.<name>``."""
@@ -108,31 +114,56 @@ def fields_sql(doc: str) -> str:
     return f"from_json({doc}, '{{{schema}}}')"
 
 
+def fields_of_columns() -> str:
+    """``FIELDS_TYPE`` from read_json's ``JSON_COLUMNS``."""
+    return "struct_pack(" + ", ".join(f"{name} := {name}" for name in FIELD_NAMES) + ")"
+
+
+def impressions_sql(fields: str = "fields") -> str:
+    """The impressions as a list of STRUCTs of JSON fragments (a non-object item: all NULL), NULL
+    when ``impressions`` is not an array; the rules read it as ``imps``."""
+    return (f"CASE WHEN {kind_sql(f'{fields}.impressions')} = 'ARRAY' "
+            f"THEN from_json({fields}.impressions, '{_IMPRESSION_FRAGMENTS}') END")
+
+
+def kind_sql(fragment: str) -> str:
+    """A JSON fragment's type as ``json_type`` names it, from its first character (no parsing)."""
+    text = f"CAST({fragment} AS VARCHAR)"
+    return f"""CASE left({text}, 1) WHEN '"' THEN 'VARCHAR' WHEN '{{' THEN 'OBJECT' WHEN '[' THEN 'ARRAY'
+        WHEN 't' THEN 'BOOLEAN' WHEN 'f' THEN 'BOOLEAN' WHEN 'n' THEN 'NULL' WHEN '' THEN NULL
+        ELSE CASE WHEN regexp_matches({text}, '[.eE]') THEN 'DOUBLE' ELSE 'BIGINT' END END"""
+
+
+def text_sql(fragment: str) -> str:
+    """A JSON string fragment's value (parsed only when it holds an escape); NULL for other types."""
+    text = f"CAST({fragment} AS VARCHAR)"
+    return f"""CASE WHEN NOT starts_with({text}, '"') THEN NULL WHEN contains({text}, '\\') THEN {fragment} ->> '$'
+        ELSE {text}[2:-2] END"""
+
+
 def _sql_list(values: tuple[str, ...]) -> str:
     return "(" + ", ".join(f"'{v}'" for v in values) + ")"
 
 
-def _field(path: str) -> tuple[str, str]:
-    """``impressions[*].position`` -> (``fields.impressions``, ``'$[*].position'``)."""
-    name, _, rest = path.partition("[")
-    name, _, member = name.partition(".")
-    return f"fields.{name}", "'$" + ("[" + rest if rest else "") + (f".{member}" if member else "") + "'"
+def _type_of(name: str) -> str:
+    return kind_sql(f"fields.{name}")
 
 
-def _type_of(path: str) -> str:
-    return "json_type({}, {})".format(*_field(path))
+def _member_types(member: str) -> str:
+    """The types of every impression's ``member`` (NULL where absent or null)."""
+    return f"list_transform(imps, lambda imp: {kind_sql(f'imp.{member}')})"
 
 
-def _present(path: str) -> str:
-    return f"coalesce({_type_of(path)}, 'NULL') <> 'NULL'"
+def _present(name: str) -> str:
+    return f"fields.{name} IS NOT NULL"
 
 
-def _text(path: str) -> str:
-    return "json_extract_string({}, {})".format(*_field(path))
+def _text(name: str) -> str:
+    return text_sql(f"fields.{name}")
 
 
-def _number(path: str) -> str:
-    return f"TRY_CAST({_field(path)[0]} AS DOUBLE)"
+def _number(name: str) -> str:
+    return f"TRY_CAST(CAST(fields.{name} AS VARCHAR) AS DOUBLE)"
 
 
 def _not_an_id(path: str) -> str:
@@ -156,24 +187,23 @@ def _field_rules() -> list[tuple[str, str]]:
             missing.append((f"missing_field:{field.name}", _for_types(types, f"NOT {_present(field.name)}")))
         mistyped.append((f"wrong_type:{field.name}", _for_types(types, f"{_present(field.name)} AND {wrong}")))
     for field in IMPRESSION_FIELDS:
-        path = f"impressions[*].{field.name}"
-        count = f"len({_type_of(path)})"
+        types = _member_types(field.name)
         missing.append((
             f"missing_field:impressions.{field.name}",
-            _for_types(("interaction",), f"{count} <> json_array_length(fields.impressions)"),
+            _for_types(("interaction",), f"list_bool_or(list_transform({types}, lambda t: t IS NULL))"),
         ))
         allowed = _sql_list(_JSON_TYPES[field.kind])
         mistyped.append((
             f"wrong_type:impressions.{field.name}",
-            _for_types(("interaction",), f"NOT list_bool_and(list_transform({_type_of(path)}, lambda t: t IN {allowed}))"),
+            _for_types(("interaction",), f"NOT list_bool_and(list_transform({types}, lambda t: t IN {allowed}))"),
         ))
     return missing + mistyped
 
 
 def _value_rules() -> list[tuple[str, str]]:
     """(reason, bad-when) for values outside the contract, in the order docs/events.md gives."""
-    propensities = "list_transform(json_extract(fields.impressions, '$[*].propensity'), lambda p: p::DOUBLE)"
-    positions = "list_transform(json_extract(fields.impressions, '$[*].position'), lambda p: p::BIGINT)"
+    propensities = "list_transform(imps, lambda imp: CAST(CAST(imp.propensity AS VARCHAR) AS DOUBLE))"
+    positions = "list_transform(imps, lambda imp: CAST(CAST(imp.position AS VARCHAR) AS BIGINT))"
     value = _number("value")
     signal_type = _text("signal_type")
     return [
@@ -186,7 +216,7 @@ def _value_rules() -> list[tuple[str, str]]:
         ("invalid_value:consent", _for_types(("interaction",), f"{_text('consent')} NOT IN {_sql_list(CONSENT_STATES)}")),
         ("invalid_value:input", _for_types(("interaction",), f"length({_text('input')}) > {MAX_INPUT_LENGTH}")),
         ("invalid_value:impressions", _for_types(
-            ("interaction",), f"json_array_length(fields.impressions) NOT BETWEEN 1 AND {MAX_IMPRESSIONS}")),
+            ("interaction",), f"len(imps) NOT BETWEEN 1 AND {MAX_IMPRESSIONS}")),
         ("invalid_value:impressions.propensity", _for_types(
             ("interaction",), f"NOT list_bool_and(list_transform({propensities}, lambda p: p > 0 AND p <= 1))")),
         ("invalid_value:impressions.position", _for_types(
@@ -201,16 +231,16 @@ def _value_rules() -> list[tuple[str, str]]:
     ]
 
 
-def reason_sql(allowed_domains: tuple[str, ...]) -> str:
+def reason_sql(allowed_domains: tuple[str, ...], whole_line: bool = True) -> str:
     """A SQL CASE giving the first broken rule of a landing line, NULL when the line is valid.
 
-    Expects columns ``doc`` (the line as JSON, NULL when it does not parse), ``fields`` (``fields_sql(doc)``),
-    ``event_type``, ``event_ts`` (parsed, UTC), ``batch_domain`` (the landing folder's domain) and
-    ``latest_allowed_ts``.
+    Expects columns ``fields`` (``FIELDS_TYPE``), ``imps`` (``impressions_sql()``), ``event_type``,
+    ``event_ts`` (parsed, UTC), ``batch_domain`` (the landing folder's domain), ``latest_allowed_ts``
+    and, for a ``whole_line`` check, ``doc`` (the line as JSON, NULL when it does not parse).
+    Without ``whole_line`` (fields read by read_json) the line is taken as an object.
     """
     rules = [
-        ("malformed_json", "doc IS NULL"),
-        ("not_an_object", "json_type(doc) <> 'OBJECT'"),
+        *([("malformed_json", "doc IS NULL"), ("not_an_object", "json_type(doc) <> 'OBJECT'")] if whole_line else []),
         *_field_rules(),
         *_value_rules(),
         ("unknown_domain", f"{_text('domain')} NOT IN {_sql_list(allowed_domains)}"),

@@ -112,8 +112,8 @@ def install_redaction(con: duckdb.DuckDBPyConnection) -> None:
             CASE WHEN regexp_matches(text, {anything}) THEN {_redacted("text")} ELSE text END;
         -- JSON text with its escapes (\n, \") read as spaces, so that they do not hide a match
         CREATE OR REPLACE TEMP MACRO unescaped(line) AS regexp_replace(line, '\\[bfnrt"/\\]', ' ', 'g');
-        -- false for a JSON line none of whose strings can hold a match: most lines, spared
-        -- rebuilding their JSON (a line with a \u escape is always looked at)
+        -- false for JSON text none of whose strings can hold a match: most events, spared
+        -- rebuilding their JSON (text with a \u escape is always looked at)
         CREATE OR REPLACE TEMP MACRO may_hold_pii(line) AS
             contains(line, '\u') OR regexp_matches(unescaped(line), {anything});
         -- a quarantined line as kept: a valid one re-serialised (which decodes \u escapes); one
@@ -151,10 +151,11 @@ def protect_partition_lines(con: duckdb.DuckDBPyConnection) -> None:
     free text are redacted."""
     ensure_privacy_tables(con)
     install_redaction(con)
-    con.execute(f"""
-        UPDATE partition_lines SET reason = '{FORGOTTEN_USER}', line = NULL, event_id = NULL, fields = NULL
-        WHERE sha256(coalesce(fields.user_id ->> '$', regexp_extract(line, {_literal(_USER_ID_IN_LINE)}, 1)))
-              IN (SELECT user_hash FROM privacy.forgotten_users)""")
+    if con.execute("SELECT count(*) FROM privacy.forgotten_users").fetchone()[0]:
+        con.execute(f"""
+            UPDATE partition_lines SET reason = '{FORGOTTEN_USER}', line = NULL, event_id = NULL, fields = NULL
+            WHERE sha256(coalesce(fields.user_id ->> '$', regexp_extract(line, {_literal(_USER_ID_IN_LINE)}, 1)))
+                  IN (SELECT user_hash FROM privacy.forgotten_users)""")
     con.execute("UPDATE partition_lines SET line = quarantined_line(line) WHERE reason IS NOT NULL")
     con.execute("""
         UPDATE partition_lines SET fields = struct_update(fields,
@@ -162,10 +163,11 @@ def protect_partition_lines(con: duckdb.DuckDBPyConnection) -> None:
             impressions := to_json(list_transform(json_extract(fields.impressions, '$[*]'),
                 lambda imp: json_merge_patch(imp, json_object('content', redact_pii(imp ->> 'content'))))),
             context := redact_json(fields.context))
-        WHERE reason IS NULL AND event_type = 'interaction' AND may_hold_pii(line)""")
+        WHERE reason IS NULL AND event_type = 'interaction'
+          AND may_hold_pii(concat_ws(' ', fields.input, fields.impressions, fields.context))""")
     con.execute("""
         UPDATE partition_lines SET fields = struct_update(fields, text := to_json(redact_pii(fields.text ->> '$')))
-        WHERE reason IS NULL AND event_type = 'signal' AND may_hold_pii(line)""")
+        WHERE reason IS NULL AND event_type = 'signal' AND may_hold_pii(fields.text)""")
 
 
 class PrivacyError(RuntimeError):

@@ -2,7 +2,9 @@
 
 dbt owns the `staging`, `intermediate` and `marts` schemas; Python stages own `raw` (accumulation),
 `labels` (labeling) and `registry` (approvals). Every write is one transaction: a crash leaves the
-previous state, never half a partition.
+previous state, never half a partition. The raw event tables hold one row per ``event_id``:
+accumulation deduplicates, dbt's tests check it; no index is kept (a warehouse made before keeps its
+primary keys, which work the same).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import duckdb
 RAW_DDL = """
 CREATE SCHEMA IF NOT EXISTS raw;
 CREATE TABLE IF NOT EXISTS raw.interactions (
-    event_id VARCHAR PRIMARY KEY, domain VARCHAR NOT NULL, event_date DATE NOT NULL,
+    event_id VARCHAR NOT NULL, domain VARCHAR NOT NULL, event_date DATE NOT NULL,
     event_ts TIMESTAMP NOT NULL, user_id VARCHAR NOT NULL, session_id VARCHAR NOT NULL,
     interaction_id VARCHAR NOT NULL, model_version VARCHAR NOT NULL, policy VARCHAR NOT NULL,
     consent VARCHAR NOT NULL, input_text VARCHAR NOT NULL, context JSON,
@@ -29,20 +31,20 @@ CREATE TABLE IF NOT EXISTS raw.impressions (
     propensity DOUBLE NOT NULL, content VARCHAR NOT NULL
 );
 CREATE TABLE IF NOT EXISTS raw.signals (
-    event_id VARCHAR PRIMARY KEY, domain VARCHAR NOT NULL, event_date DATE NOT NULL,
+    event_id VARCHAR NOT NULL, domain VARCHAR NOT NULL, event_date DATE NOT NULL,
     event_ts TIMESTAMP NOT NULL, user_id VARCHAR NOT NULL, session_id VARCHAR NOT NULL,
     interaction_id VARCHAR NOT NULL, signal_type VARCHAR NOT NULL, item_id VARCHAR,
     value DOUBLE, text VARCHAR,
     source_file VARCHAR NOT NULL, source_line BIGINT NOT NULL, ingested_at TIMESTAMP NOT NULL
 );
 CREATE TABLE IF NOT EXISTS raw.outcomes (
-    event_id VARCHAR PRIMARY KEY, domain VARCHAR NOT NULL, event_date DATE NOT NULL,
+    event_id VARCHAR NOT NULL, domain VARCHAR NOT NULL, event_date DATE NOT NULL,
     event_ts TIMESTAMP NOT NULL, user_id VARCHAR NOT NULL, session_id VARCHAR NOT NULL,
     interaction_id VARCHAR NOT NULL, name VARCHAR NOT NULL, value DOUBLE NOT NULL, item_id VARCHAR,
     source_file VARCHAR NOT NULL, source_line BIGINT NOT NULL, ingested_at TIMESTAMP NOT NULL
 );
 CREATE TABLE IF NOT EXISTS raw.labels (
-    event_id VARCHAR PRIMARY KEY, domain VARCHAR NOT NULL, event_date DATE NOT NULL,
+    event_id VARCHAR NOT NULL, domain VARCHAR NOT NULL, event_date DATE NOT NULL,
     event_ts TIMESTAMP NOT NULL, user_id VARCHAR NOT NULL, session_id VARCHAR NOT NULL,
     interaction_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL, reviewer VARCHAR NOT NULL,
     verdict VARCHAR NOT NULL,

@@ -176,3 +176,65 @@ def test_materializing_a_range_with_a_hostile_batch_lands_the_other_days(hostile
     [check] = result.get_asset_check_evaluations()
     assert check.check_name == "daily_traffic" and not check.passed
     assert check.metadata["failures"].value.endswith("observed 2026-11-04: 0")
+
+
+def test_a_batch_mixing_good_lines_with_every_kind_of_bad_line_keeps_reasons_and_line_numbers(home, config):
+    from tests.test_accumulation import BAD_LINES
+
+    bad = {reason: (line if isinstance(line, str) else json.dumps(line)).encode() for reason, line in BAD_LINES.items()}
+    lines = [b"\xef\xbb\xbf" + dumps(interaction("first")), b"", *bad.values(), b"   ",
+             dumps(interaction("big", input="y" * (2 * MB))), b'{"event_id": "c", "input": "caf\xe9"}',
+             dumps(interaction("first", input="changed")), dumps(signal("s1")), dumps(signal("s1")), dumps(signal("last"))]
+    write_bytes(home, DAY, lines)
+
+    report = run(home, config)
+
+    expected = {**{reason: 1 for reason in BAD_LINES}, "line_too_long": 1, "invalid_utf8": 1,
+                "conflicting_duplicate": 1, "duplicate_event_id": 1}
+    assert report.reasons == expected and report.reconciles
+    assert report.lines_in == len(lines) - 2  # blank lines carry nothing
+    where = {line: number for number, line in enumerate(lines, start=1)}
+    quarantined = table(home, "SELECT reason, source_line, line FROM raw.quarantine")
+    assert {(r, n) for r, n, _ in quarantined if r in bad} == {(r, where[line]) for r, line in bad.items()}
+    assert all(text for _, _, text in quarantined)  # each keeps its (redacted) text
+    assert {(r, n) for r, n, _ in quarantined if "duplicate" in r} == {
+        ("conflicting_duplicate", len(lines) - 3), ("duplicate_event_id", len(lines) - 1)}
+    assert table(home, "SELECT event_id, source_line FROM raw.interactions") == [("first", 1)]
+    assert table(home, "SELECT event_id, source_line FROM raw.signals ORDER BY 2") == [
+        ("s1", len(lines) - 2), ("last", len(lines))]
+
+
+def test_a_batch_with_lone_carriage_returns_lands_with_its_line_numbers(home, config):
+    write_bytes(home, DAY, [dumps(interaction("a")) + b"\r" + dumps(interaction("b")), dumps(signal("s1"))])
+
+    report = run(home, config)
+
+    assert report.reconciles and report.reasons == {}
+    assert table(home, "SELECT event_id, source_line FROM raw.interactions ORDER BY 1") == [("a", 1), ("b", 2)]
+    assert table(home, "SELECT source_line FROM raw.signals") == [(3,)]
+
+
+def test_a_duplicate_of_an_event_kept_in_another_partition_is_quarantined_with_its_text(home, config):
+    write_batch(home, "2026-11-02", [interaction("a")])
+    run(home, config)
+    again = interaction("a", timestamp="2026-11-03T09:00:00Z")
+    write_batch(home, "2026-11-03", [again])
+
+    report = run(home, config, dates=(NEXT_DAY,))
+
+    assert report.reasons == {"duplicate_event_id": 1}
+    assert table(home, "SELECT source_line, line FROM raw.quarantine") == [(1, json.dumps(again, separators=(",", ":")))]
+
+
+def test_a_warehouse_made_with_primary_keys_keeps_accumulating(home, config):
+    with warehouse.connect(home.warehouse) as con:
+        old = "event_id VARCHAR {}, domain VARCHAR NOT NULL, event_date DATE NOT NULL,\n    event_ts"
+        con.execute(warehouse.RAW_DDL.replace(old.format("NOT NULL"), old.format("PRIMARY KEY")))
+    write_batch(home, "2026-11-02", [interaction("a"), signal("s1")])
+
+    run(home, config)
+    report = run(home, config)
+
+    assert report.accepted["interactions"] == 1 and report.reconciles
+    assert table(home, "SELECT count(*) FROM duckdb_constraints() "
+                       "WHERE schema_name = 'raw' AND constraint_type = 'PRIMARY KEY'") == [(4,)]
