@@ -14,7 +14,8 @@ assets, against bare DuckDB doing accumulation's work on the same files, in the 
 5. label: ``labels``, one run per domain.
 
 Each stage runs in its own process, so its peak RSS is its own (the largest process of it: dbt's,
-if larger) and times itself around its materializations; the rest of its wall time (imports,
+if larger), and times itself around its materializations: wall seconds, and CPU seconds of the
+process and its children (steadier on a shared machine); the rest of its wall time (imports,
 loading the definitions) is printed as start-up. ``--profile`` runs each stage under cProfile and
 prints its 15 top functions by own time (time inside DuckDB shows as the ``execute`` calls; dbt
 runs in a process of its own, so the filter stage shows mostly waiting for it).
@@ -28,6 +29,7 @@ import io
 import json
 import os
 import pstats
+import resource
 import shutil
 import subprocess
 import sys
@@ -66,41 +68,45 @@ def reference(home, config, first: date, days: int, events: int) -> dict:
     ids = ("event_id", "user_id", "session_id", "interaction_id")
     columns = {**{name: "VARCHAR" for name in contract.FIELD_NAMES}, "context": "JSON", "value": "DOUBLE",
                "impressions": "STRUCT(item_id VARCHAR, position INTEGER, propensity DOUBLE, content VARCHAR)[]"}
-    listed = lambda values: "(" + ", ".join(f"'{v}'" for v in values) + ")"  # noqa: E731
+
+    def listed(values: tuple[str, ...]) -> str:
+        return "(" + ", ".join(f"'{v}'" for v in values) + ")"
+
     began = time.perf_counter()
     with duckdb.connect(str(target), config={"memory_limit": config.warehouse.memory_limit}) as con:
         con.execute(f"""
-            CREATE TABLE checked AS
+            CREATE TEMP TABLE checked AS
             SELECT *, CASE
                 WHEN {" OR ".join(f"{name} IS NULL" for name in ("event_type", "domain", *ids))} OR ts IS NULL
                     THEN 'missing_field'
                 WHEN event_type NOT IN {listed(contract.EVENT_TYPES)} THEN 'invalid_value:event_type'
-                WHEN domain NOT IN {listed(config.domains)} THEN 'unknown_domain'
+                WHEN domain NOT IN {listed(tuple(config.domains))} THEN 'unknown_domain'
                 WHEN {" OR ".join(f"NOT regexp_full_match({name}, '{contract.ID_PATTERN}')" for name in ids)}
                     THEN 'invalid_id'
                 WHEN ts > now() + INTERVAL {contract.CLOCK_SKEW_MINUTES} MINUTE THEN 'future_timestamp'
                 WHEN event_type = 'interaction' AND (policy NOT IN {listed(contract.POLICIES)}
-                    OR consent NOT IN {listed(contract.CONSENT_STATES)} OR len(impressions) NOT BETWEEN 1 AND
-                    {contract.MAX_IMPRESSIONS}) THEN 'invalid_interaction'
+                    OR consent NOT IN {listed(contract.CONSENT_STATES)}
+                    OR len(impressions) NOT BETWEEN 1 AND {contract.MAX_IMPRESSIONS}) THEN 'invalid_interaction'
                 WHEN event_type = 'signal' AND signal_type NOT IN {listed(contract.SIGNAL_TYPES)}
                     THEN 'invalid_value:signal_type'
                 WHEN event_type = 'label' AND verdict NOT IN {listed(contract.VERDICTS)} THEN 'invalid_value:verdict'
             END AS reason
             FROM (SELECT *, TRY_CAST(timestamp AS TIMESTAMPTZ) AS ts
-                  FROM read_ndjson($files, columns = $columns, ignore_errors = true, filename = true))
+                  FROM read_ndjson($files, columns = $columns, ignore_errors = true))
             """, {"files": files, "columns": columns})
-        con.execute("""
-            CREATE TABLE accepted AS SELECT * EXCLUDE (reason) FROM checked WHERE reason IS NULL
-            QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY filename) = 1""")
-        con.execute("CREATE TABLE interactions AS SELECT * EXCLUDE (impressions) FROM accepted "
-                    "WHERE event_type = 'interaction'")
-        con.execute("CREATE TABLE impressions AS SELECT event_id, domain, interaction_id, "
-                    "unnest(impressions, recursive := true) FROM accepted WHERE event_type = 'interaction'")
+        # dedup: the first copy of each event id, in file order (the rows' order)
+        con.execute("CREATE TEMP TABLE firsts AS SELECT min(rowid) AS row FROM checked WHERE reason IS NULL "
+                    "GROUP BY event_id")
+        kept = "rowid IN (SELECT row FROM firsts)"
+        con.execute(f"CREATE TABLE interactions AS SELECT * EXCLUDE (impressions, reason) FROM checked "
+                    f"WHERE event_type = 'interaction' AND {kept}")
+        con.execute(f"CREATE TABLE impressions AS SELECT event_id, domain, interaction_id, "
+                    f"unnest(impressions, recursive := true) FROM checked WHERE event_type = 'interaction' AND {kept}")
         for event_type in ("signal", "outcome", "label"):
-            con.execute(f"CREATE TABLE {event_type}s AS SELECT * EXCLUDE (impressions, context) FROM accepted "
-                        f"WHERE event_type = '{event_type}'")
-        [(read, accepted)] = con.execute(
-            "SELECT (SELECT count(*) FROM checked), (SELECT count(*) FROM accepted)").fetchall()
+            con.execute(f"CREATE TABLE {event_type}s AS SELECT * EXCLUDE (impressions, context, reason) "
+                        f"FROM checked WHERE event_type = '{event_type}' AND {kept}")
+        con.execute("CHECKPOINT")
+        [(read, accepted)] = con.execute("SELECT (SELECT count(*) FROM checked), (SELECT count(*) FROM firsts)").fetchall()
     return {"seconds": time.perf_counter() - began, "read": read, "accepted": accepted}
 
 
@@ -116,8 +122,8 @@ def accumulate(home, config, first: date, days: int, events: int) -> dict:
 def filter_(home, config, first: date, days: int, events: int) -> dict:
     import dagster as dg
 
-    from flywheel_pipeline.defs.transform import GROUP, RAW_EVENTS, fct_impressions_key
     from flywheel_pipeline.definitions import defs
+    from flywheel_pipeline.defs.transform import GROUP, RAW_EVENTS, fct_impressions_key
 
     dbt = dg.AssetSelection.groups(GROUP)
     raw_checks = dg.AssetSelection.checks_for_assets(RAW_EVENTS)
@@ -186,13 +192,22 @@ def run_in_this_process(stage: str, home_path: Path, first: date, days: int, eve
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
+    cpu_before = _cpu_seconds()
     result = STAGE_FUNCTIONS[stage](home, config, first, days, events)
+    result["cpu_seconds"] = _cpu_seconds() - cpu_before
     if profiler:
         profiler.disable()
         top = io.StringIO()
         pstats.Stats(profiler, stream=top).sort_stats("tottime").print_stats(TOP_FUNCTIONS)
         result["profile"] = top.getvalue()
     report.write_text(json.dumps(result))
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its ended children (dbt): on a shared machine, steadier
+    than wall seconds."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 # -- the parent: one process per stage, the table ---------------------------------------------------
@@ -248,19 +263,23 @@ def main() -> None:
             print(f"--- {stage}: top {TOP_FUNCTIONS} functions by own time ---\n{result['profile']}")
         rows.append((stage, result, wall, peak))
     print(f"\nload average {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
-    print(f"{'stage':<12}{'seconds':>9}{'events/s':>12}{'peak RSS':>11}{'start-up':>10}{'x reference':>13}")
+    print(f"{'stage':<16}{'seconds':>8}{'events/s':>11}{'cpu s':>8}{'peak RSS':>12}{'start-up':>10}"
+          f"{'x reference':>13}{'(cpu)':>7}")
+    reference_cpu = next(result["cpu_seconds"] for stage, result, _, _ in rows if stage == "reference")
     for stage, result, wall, peak in rows:
-        seconds = result["seconds"]
-        ratio = f"{seconds / reference_seconds:.1f}x" if stage in PIPELINE_STAGES else ""
-        print(f"{stage:<12}{seconds:>9.1f}{lines / seconds:>12,.0f}{peak:>8,.0f} MiB{wall - seconds:>9.1f}s"
-              f"{ratio:>13}")
+        seconds, cpu = result["seconds"], result["cpu_seconds"]
+        ratio = (f"{seconds / reference_seconds:>12.1f}x{cpu / reference_cpu:>6.1f}x"
+                 if stage in PIPELINE_STAGES else "")
+        print(f"{stage:<16}{seconds:>8.1f}{lines / seconds:>11,.0f}{cpu:>8.1f}{peak:>8,.0f} MiB"
+              f"{wall - seconds:>9.1f}s{ratio}")
         for domain, domain_seconds in result.get("per_domain", {}).items():
-            print(f"  {domain:<14}{domain_seconds:>5.1f}")
+            print(f"  {domain:<14}{domain_seconds:>8.1f}")
         if "dbt_all_domains" in result:
-            print(f"  {'dbt (both)':<14}{result['dbt_all_domains']:>5.1f}")
-    total = sum(result["seconds"] for stage, result, _, _ in rows if stage in PIPELINE_STAGES)
-    print(f"{'accumulate -> filter -> label':<30}{total:.1f}s = {lines / total:,.0f} events/s "
-          f"(start-up excluded), {total / reference_seconds:.1f}x the reference")
+            print(f"  {'dbt, both':<14}{result['dbt_all_domains']:>8.1f}")
+    pipeline = [result for stage, result, _, _ in rows if stage in PIPELINE_STAGES]
+    total, total_cpu = sum(r["seconds"] for r in pipeline), sum(r["cpu_seconds"] for r in pipeline)
+    print(f"accumulate -> filter -> label: {total:.1f}s = {lines / total:,.0f} events/s (start-up excluded), "
+          f"{total_cpu:.1f} cpu s; {total / reference_seconds:.1f}x the reference ({total_cpu / reference_cpu:.1f}x cpu)")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,12 +34,25 @@ from pathlib import Path
 
 import duckdb
 
-from flywheel_pipeline.config import DomainConfig, FlywheelConfig
+from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.simulation import DayBatch, SimulationSummary, assistant, label_batch, recommendation
+from flywheel_pipeline.simulation import (
+    DayBatch,
+    SimulationSummary,
+    assistant,
+    label_batch,
+    recommendation,
+)
 from flywheel_pipeline.simulation.delivery import LATE_SHARE, LATENESS_DAYS
 from flywheel_pipeline.simulation.serving import Audit
-from flywheel_pipeline.simulation.world import DAY_S, DENIED_CONSENT, MEAN_SESSION, RATING_NOISE, RATING_SHARE, day_start
+from flywheel_pipeline.simulation.world import (
+    DAY_S,
+    DENIED_CONSENT,
+    MEAN_SESSION,
+    RATING_NOISE,
+    RATING_SHARE,
+    day_start,
+)
 
 __all__ = ["write_bulk_landing"]
 
@@ -54,8 +68,13 @@ SLATE_STRIDE = 3         # an explore slate shows candidates a, a + 3, a + 6, ..
 REVIEWER_ERROR = 0.05    # simulate's default
 MODEL_VERSION = "bulk"
 PILOT_INTERACTIONS = 2000  # a day, to measure how many lines an interaction brings
-_REPLACEMENTS = 6        # bad kinds 0-5 replace a line; 6 and 7 deliver it again the next day
-_EXACT_COPY, _CONFLICTING_COPY = 1, 2
+REACTION_SIGNALS = {  # the assistant simulator's reactions as the signals they send, in order
+    "accept": ("accept",), "accept_copy": ("accept", "copy"), "copy": ("copy",),
+    "light_edit": ("edit",), "nothing": (), "abandon": ("abandon",), "reject": ("reject",),
+    "reformulate": ("reformulate",), "heavy_edit": ("edit",), "accept_revert": ("accept", "revert"),
+}
+_REPLACEMENTS = 6        # bad kinds 0-5 replace a line; 6 and 7 deliver it again the next day,
+_CONFLICTING_COPY = 2    # as it was (copy 1) or with other content (copy 2)
 _NO_DELIMITER = "\x01"   # never in a JSON line: the CSV writer writes each line as it is
 
 
@@ -117,18 +136,18 @@ def _number(value: float) -> str:
 class _Slot:
     """One event an interaction may bring: whether it exists, when, what it says.
 
-    ``present`` and ``after_s`` read the interaction's serving and reaction attributes (SQL, with
-    ``{k}`` for the slate position of a per-position slot); ``fields`` reads the serving attributes
-    and ``k``, and gives the parts of ``concat`` after the common fields."""
+    ``present``, ``after_s`` and ``k`` are SQL over the interaction's serving and reaction
+    attributes; ``fields`` is SQL over its serving attributes and ``k``: the arguments of
+    ``concat`` that write the event's own fields, after the common ones."""
 
     event_type: str  # interaction | signal | outcome | label
     present: str
     after_s: str
     fields: str
-    k: str = "NULL"  # the slate position the event is about, in the reaction attributes' terms
+    k: str = "NULL"  # the slate position the event is about
 
 
-class _Shape:
+class _Shape(ABC):
     """One domain's events as SQL: attributes per interaction, slots, lookup tables of JSON."""
 
     def __init__(self, domain: str, config: FlywheelConfig, first_day: date, days: int, seed: int,
@@ -139,23 +158,25 @@ class _Shape:
         self.audit = Audit(self.settings.audit_share, REVIEWER_ERROR)
 
     # -- what a shape gives ---------------------------------------------------------------------
+    @abstractmethod
     def tables(self, con: duckdb.DuckDBPyConnection) -> None:
         """The lookup tables of pre-rendered JSON that ``joins`` joins."""
-        raise NotImplementedError
 
+    @abstractmethod
     def joins(self) -> str:
-        raise NotImplementedError
+        """SQL joining the lookup tables to the events being rendered."""
 
+    @abstractmethod
     def serving(self) -> list[list[tuple[str, str]]]:
         """Layers of (name, SQL) the lines are rendered from, after the shared ones."""
-        raise NotImplementedError
 
+    @abstractmethod
     def reactions(self) -> list[list[tuple[str, str]]]:
-        """Layers of (name, SQL) only which events exist and when need."""
-        raise NotImplementedError
+        """Layers of (name, SQL) that only which events exist, and when, need."""
 
+    @abstractmethod
     def slots(self) -> list[_Slot]:
-        raise NotImplementedError
+        """Every event an interaction may bring, in a fixed order (its number is the slot)."""
 
     # -- shared ---------------------------------------------------------------------------------
     def salt(self, name: str) -> int:
@@ -178,19 +199,19 @@ class _Shape:
             [("bot", f"j % {BOT_BLOCK} < {BOT_SESSION} AND (j // {BOT_BLOCK} + 1) * {BOT_BLOCK} <= {per_day}")],
             [("session", f"CASE WHEN bot THEN j - j % {BOT_BLOCK} ELSE j - j % {MEAN_SESSION} END")],
             [("skey", f"day_n * {per_day} + session"), ("stamp", f"{stamps}[day_n + 1]")],
-            [("user", f"(hash(CASE WHEN bot THEN skey + {self.salt('bot')} "
+            [("user", (f"(hash(CASE WHEN bot THEN skey + {self.salt('bot')} "
                       f"ELSE floor({self.u('user', 'skey')} * {population})::BIGINT + {self.salt('user') // 2} END) "
-                      f"% 281474976710656)::BIGINT"),
-             ("served", f"{day_start(self.first_day)} + day_n * {DAY_S} "
+                      f"% 281474976710656)::BIGINT")),
+             ("served", (f"{day_start(self.first_day)} + day_n * {DAY_S} "
                         f"+ floor({self.u('start', 'skey')} * {22 * 3600})::BIGINT + (j - session) * "
                         f"CASE WHEN bot THEN 1 + floor(4 * {self.u('gap', 'skey')}) "
-                        f"ELSE 10 + floor(70 * {self.u('gap', 'skey')}) END::BIGINT"),
+                        f"ELSE 10 + floor(70 * {self.u('gap', 'skey')}) END::BIGINT")),
              ("explore", f"{self.u('explore')} < {self.settings.exploration_share}"),
              ("interaction_id", f"concat('i_{self.domain}_', stamp, '_', j)"),
              ("session_id", f"concat('s_{self.domain}_', stamp, '_', session)")],
             [("user_id", "concat('u_', user)"),
-             ("consent", f"CASE WHEN NOT bot AND {self.u('consent', 'user')} < {DENIED_CONSENT} "
-                         f"THEN 'denied' ELSE 'granted' END"),
+             ("consent", (f"CASE WHEN NOT bot AND {self.u('consent', 'user')} < {DENIED_CONSENT} "
+                         f"THEN 'denied' ELSE 'granted' END")),
              ("policy", "CASE WHEN explore THEN 'explore' ELSE 'champion' END"),
              ("reviewed", f"{self.u('reviewed')} < {self.audit.share}"),
              ("reviewer", f"concat('reviewer_', floor({self.u('reviewer')} * {self.audit.reviewers})::INTEGER)"),
@@ -288,12 +309,6 @@ class _Shape:
 class _Assistant(_Shape):
     """One response shown of K candidates; reactions by whether it was truly good."""
 
-    SIGNALS = {  # the simulator's reactions as the signals they send, in order
-        "accept": ("accept",), "accept_copy": ("accept", "copy"), "copy": ("copy",),
-        "light_edit": ("edit",), "nothing": (), "abandon": ("abandon",), "reject": ("reject",),
-        "reformulate": ("reformulate",), "heavy_edit": ("edit",), "accept_revert": ("accept", "revert"),
-    }
-
     def tables(self, con: duckdb.DuckDBPyConnection) -> None:
         share = self.settings.exploration_share
         top, other = _number(1 - share + share / assistant.K), _number(share / assistant.K)
@@ -339,17 +354,17 @@ class _Assistant(_Shape):
             bounds = [f"WHEN {self.u('reaction')} < {sum(shares[:n + 1])} THEN {n}" for n in range(len(shares) - 1)]
             return f"CASE {' '.join(bounds)} ELSE {len(shares) - 1} END"
 
-        assert set(self.SIGNALS) == set(assistant.REACTIONS)
-        first = _sql_list(tuple((self.SIGNALS[r] + ("",))[0] for r in assistant.REACTIONS))
-        second = _sql_list(tuple((self.SIGNALS[r] + ("", ""))[1] for r in assistant.REACTIONS))
+        assert set(REACTION_SIGNALS) == set(assistant.REACTIONS)
+        first = _sql_list(tuple((REACTION_SIGNALS[r] + ("",))[0] for r in assistant.REACTIONS))
+        second = _sql_list(tuple((REACTION_SIGNALS[r] + ("", ""))[1] for r in assistant.REACTIONS))
         resolved = {good: assistant.RESOLVED[good][0] for good in (True, False)}
         return [
-            [("q", f"floor({QUERIES} * CASE WHEN bot THEN {self.u('query', 'skey')} "
-                   f"ELSE pow({self.u('query')}, 2) END)::INTEGER"),
+            [("q", (f"floor({QUERIES} * CASE WHEN bot THEN {self.u('query', 'skey')} "
+                   f"ELSE pow({self.u('query')}, 2) END)::INTEGER")),
              ("shown", f"CASE WHEN explore THEN floor({assistant.K} * {self.u('pick')})::INTEGER ELSE 0 END")],
             [("good", f"{self.u('good')} < CASE WHEN shown = 0 THEN {TOP_GOOD} ELSE {OTHER_GOOD} END")],
-            [("reaction", f"CASE WHEN good THEN {reaction(assistant.WHEN_GOOD)} "
-                          f"ELSE {reaction(assistant.WHEN_BAD)} END"),
+            [("reaction", (f"CASE WHEN good THEN {reaction(assistant.WHEN_GOOD)} "
+                          f"ELSE {reaction(assistant.WHEN_BAD)} END")),
              ("resolved", f"{self.u('resolved')} < CASE WHEN good THEN {resolved[True]} ELSE {resolved[False]} END")],
             [("first_signal", f"nullif({first}[reaction + 1], '')"),
              ("second_signal", f"nullif({second}[reaction + 1], '')")],
@@ -361,8 +376,8 @@ class _Assistant(_Shape):
         return [[
             ("outcome", f"{self.u('resolved')} < CASE WHEN good THEN {outcome[True]} ELSE {outcome[False]} END"),
             ("reacted_after", f"3 + floor(57 * {self.u('when')})"),
-            ("resolved_after", f"floor(3600 * least(240, greatest(1, exp(ln({median_h}) + {sigma} * "
-                               f"{self.normal('resolved_after')}))))"),
+            ("resolved_after", (f"floor(3600 * least(240, greatest(1, exp(ln({median_h}) + {sigma} * "
+                               f"{self.normal('resolved_after')}))))")),
         ]]
 
     def slots(self) -> list[_Slot]:
@@ -450,10 +465,10 @@ class _Recommendation(_Shape):
 
     def serving(self) -> list[list[tuple[str, str]]]:
         return [[
-            ("base", f"floor({recommendation.ITEMS} * CASE WHEN bot THEN {self.u('base', 'skey')} "
-                     f"ELSE {self.u('base')} END)::INTEGER"),
-            ("start", f"CASE WHEN explore THEN floor({recommendation.CANDIDATES} * {self.u('start')})::INTEGER "
-                      f"ELSE -1 END"),
+            ("base", (f"floor({recommendation.ITEMS} * CASE WHEN bot THEN {self.u('base', 'skey')} "
+                     f"ELSE {self.u('base')} END)::INTEGER")),
+            ("start", (f"CASE WHEN explore THEN floor({recommendation.CANDIDATES} * {self.u('start')})::INTEGER "
+                      f"ELSE -1 END")),
             ("segment", "user % 6"),
         ]]
 
@@ -463,8 +478,8 @@ class _Recommendation(_Shape):
         return [
             [(f"relevance_{k}", self._relevance(str(k))) for k in slate]
             + [("clicked_from", f"2 + floor(18 * {self.u('first_click')})")],
-            [(f"clicked_{k}", f"CASE WHEN bot THEN {k} = 0 ELSE {self.u('examined', f'i * 8 + {k}')} < "
-                              f"{1 / (1 + k) ** decay} AND {self.u('clicked', f'i * 8 + {k}')} < relevance_{k} END")
+            [(f"clicked_{k}", (f"CASE WHEN bot THEN {k} = 0 ELSE {self.u('examined', f'i * 8 + {k}')} < "
+                              f"{1 / (1 + k) ** decay} AND {self.u('clicked', f'i * 8 + {k}')} < relevance_{k} END"))
              for k in slate],
             [("first_clicked", "CASE " + " ".join(f"WHEN clicked_{k} THEN {k}" for k in slate) + " ELSE 0 END"),
              ("clicks", " OR ".join(f"clicked_{k}" for k in slate))],
