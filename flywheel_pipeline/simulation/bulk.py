@@ -281,7 +281,12 @@ class _Shape(ABC):
         return batches
 
     def _write_batch(self, con: duckdb.DuckDBPyConnection, per_day: int, which: str, path: Path) -> None:
-        """The lines ``which`` selects, rendered as JSON (or spoilt, for the bad ones) into ``path``."""
+        """The lines ``which`` selects into ``path``, each as it is (the CSV writer quotes nothing)."""
+        con.execute(f"COPY ({self._lines(per_day, which)}) TO '{path}' "
+                    f"(FORMAT csv, HEADER false, QUOTE '', ESCAPE '', DELIMITER '{_NO_DELIMITER}')")
+
+    def _lines(self, per_day: int, which: str) -> str:
+        """SQL: the text of the lines ``which`` selects: JSON, or spoilt for the bad ones."""
         slots = self.slots()
         event_type = " ".join(f"WHEN {n} THEN '{s.event_type}'" for n, s in enumerate(slots))
         fields = " ".join(f"WHEN {n} THEN concat({s.fields})" for n, s in enumerate(slots))
@@ -289,21 +294,19 @@ class _Shape(ABC):
         line = f"""concat('{{"event_id":"e_{self.domain}_', stamp, '_', j, '_', slot, '","event_type":"',
             CASE slot {event_type} END, '","domain":"{self.domain}","timestamp":"', iso(ts), '","user_id":"', user_id,
             '","session_id":"', session_id, '","interaction_id":"', interaction_id, '"', CASE slot {fields} END, '}}')"""
-        con.execute(f"""
-            COPY (
-                SELECT CASE
-                    WHEN copy = {_CONFLICTING_COPY} THEN replace(line, '"session_id":"', '"session_id":"r')
-                    WHEN bad = 0 THEN left(line, length(line) // 2)
-                    WHEN bad = 1 THEN concat('[', line, ']')
-                    WHEN bad = 2 THEN replace(line, concat('"user_id":"', user_id, '",'), '')
-                    WHEN bad = 3 THEN replace(line, concat('"timestamp":"', iso(ts), '"'), concat('"timestamp":', ts))
-                    WHEN bad = 4 THEN replace(line, iso(ts), strftime(make_timestamp((ts + {3650 * DAY_S}) * 1000000),
-                                                                      '%Y-%m-%dT%H:%M:%SZ'))
-                    WHEN bad = 5 THEN replace(line, concat('"user_id":"', user_id), '"user_id":"jane.doe@example.com')
-                    ELSE line END
-                FROM (SELECT *, {line} AS line FROM ({events}) {self.joins()})
-            ) TO '{path}' (FORMAT csv, HEADER false, QUOTE '', ESCAPE '', DELIMITER '{_NO_DELIMITER}')
-            """)
+        return f"""
+            SELECT CASE
+                WHEN copy = {_CONFLICTING_COPY} THEN replace(line, '"session_id":"', '"session_id":"r')
+                WHEN bad = 0 THEN left(line, length(line) // 2)
+                WHEN bad = 1 THEN concat('[', line, ']')
+                WHEN bad = 2 THEN replace(line, concat('"user_id":"', user_id, '",'), '')
+                WHEN bad = 3 THEN replace(line, concat('"timestamp":"', iso(ts), '"'), concat('"timestamp":', ts))
+                WHEN bad = 4 THEN replace(line, iso(ts), strftime(make_timestamp((ts + {3650 * DAY_S}) * 1000000),
+                                                                  '%Y-%m-%dT%H:%M:%SZ'))
+                WHEN bad = 5 THEN replace(line, concat('"user_id":"', user_id), '"user_id":"jane.doe@example.com')
+                ELSE line END AS line
+            FROM (SELECT *, {line} AS line FROM ({events}) {self.joins()})
+            """
 
 
 class _Assistant(_Shape):
