@@ -331,10 +331,13 @@ class _Assistant(_Shape):
             FROM range({RESPONSES}) AS ns(n)
             """)
         con.execute(f"""
-            CREATE OR REPLACE TEMP TABLE shown AS
+            CREATE OR REPLACE TEMP TABLE shown AS  -- a heavy edit rewrites it as the next candidate
             SELECT q, c AS shown, item_id AS response_id, content_json, edited_json,
                 concat('[{{"item_id":"', item_id, '","position":0,"propensity":', CASE c WHEN 0 THEN '{top}'
-                       ELSE '{other}' END, ',"content":', content_json, '}}]') AS impressions_json
+                       ELSE '{other}' END, ',"content":', content_json, '}}]') AS impressions_json,
+                (SELECT content_json FROM responses AS answer
+                 WHERE answer.r = (q * {QUERY_STRIDE} + (c + 1) % {assistant.K} * {CANDIDATE_STRIDE}) % {RESPONSES})
+                AS answer_json
             FROM range({QUERIES}) AS qs(q), range({assistant.K}) AS cs(c), responses
             WHERE r = (q * {QUERY_STRIDE} + c * {CANDIDATE_STRIDE}) % {RESPONSES}
             """)
@@ -342,7 +345,6 @@ class _Assistant(_Shape):
             CREATE OR REPLACE TEMP TABLE queries AS
             SELECT q, to_json(concat('How do I ', {task('q')}, ' (case ', q, ')?')) AS input_json,
                 to_json(concat('let me rephrase: how do i ', {task('q')}, '?')) AS rephrased_json,
-                first(content_json ORDER BY shown) AS answer_json,
                 concat('[', string_agg(concat('{{"item_id":"', response_id, '","content":', content_json,
                     ',"propensities":[', CASE shown WHEN 0 THEN '{top}' ELSE '{other}' END, ']}}'), ','
                     ORDER BY shown), ']') AS candidates_json
