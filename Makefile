@@ -33,6 +33,7 @@ benchmark: setup
 	$(BIN)/python benchmarks/accumulation.py
 	$(BIN)/python benchmarks/label_model.py
 	$(BIN)/python benchmarks/redaction.py
+	$(BIN)/python benchmarks/scale.py --events 1000000
 
 clean:
 	rm -rf $(FLYWHEEL_HOME)
