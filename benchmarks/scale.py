@@ -122,18 +122,10 @@ def accumulate(home, config, first: date, days: int, events: int) -> dict:
 def filter_(home, config, first: date, days: int, events: int) -> dict:
     import dagster as dg
 
-    from flywheel_pipeline.definitions import defs
-    from flywheel_pipeline.defs.transform import GROUP, RAW_EVENTS, fct_impressions_key
+    from flywheel_pipeline.defs.transform import GROUP, RAW_EVENTS
 
-    dbt = dg.AssetSelection.groups(GROUP)
-    raw_checks = dg.AssetSelection.checks_for_assets(RAW_EVENTS)
-    if defs.resolve_assets_def(fct_impressions_key()).partitions_def is None:
-        # The dbt assets are not partitioned yet: one run rebuilds every day of both domains. This
-        # branch goes once they are partitioned by (day, domain) like raw_events.
-        checks = _per_domain(config, lambda domain: _materialize(raw_checks, _range_tags(domain, first, days)))
-        seconds = _materialize(dbt, {})
-        return {"seconds": checks["seconds"] + seconds, "per_domain": checks["per_domain"], "dbt_all_domains": seconds}
-    return _per_domain(config, lambda domain: _materialize(dbt | raw_checks, _range_tags(domain, first, days)))
+    selection = dg.AssetSelection.groups(GROUP) | dg.AssetSelection.checks_for_assets(RAW_EVENTS)
+    return _per_domain(config, lambda domain: _materialize(selection, _range_tags(domain, first, days)))
 
 
 def label(home, config, first: date, days: int, events: int) -> dict:
@@ -170,7 +162,7 @@ def _materialize(selection, tags: dict[str, str]) -> float:
         seconds = time.perf_counter() - began
     failed = [e.check_name for e in result.get_asset_check_evaluations() if not e.passed]
     if not result.success or failed:
-        raise SystemExit(f"run {result.run_id} ({tags or 'unpartitioned'}) failed; failed checks: {failed}")
+        raise SystemExit(f"run {result.run_id} ({tags}) failed; failed checks: {failed}")
     return seconds
 
 
@@ -274,8 +266,6 @@ def main() -> None:
               f"{wall - seconds:>9.1f}s{ratio}")
         for domain, domain_seconds in result.get("per_domain", {}).items():
             print(f"  {domain:<14}{domain_seconds:>8.1f}")
-        if "dbt_all_domains" in result:
-            print(f"  {'dbt, both':<14}{result['dbt_all_domains']:>8.1f}")
     pipeline = [result for stage, result, _, _ in rows if stage in PIPELINE_STAGES]
     total, total_cpu = sum(r["seconds"] for r in pipeline), sum(r["cpu_seconds"] for r in pipeline)
     print(f"accumulate -> filter -> label: {total:.1f}s = {lines / total:,.0f} events/s (start-up excluded), "
