@@ -85,7 +85,7 @@ def incremental(tmp_path_factory):
     home = Home(tmp_path_factory.mktemp("incremental") / "home").ensure()
     simulation.simulate(home, config, D0, 3, seed=5, interactions_per_day=60, domains=[DOMAIN])
     accumulate_days(home, config, D0, D0 + timedelta(days=2))
-    build(home, config, D0, D0 + timedelta(days=2))  # the first build: every partition
+    build(home, config, D0, D0 + timedelta(days=2))  # the first build: the tables are created
 
     simulation.simulate(home, config, D3, 2, seed=5, interactions_per_day=60, domains=[DOMAIN])
     land(home, D3, late_arrivals(home))
@@ -117,7 +117,7 @@ def test_partition_runs_leave_what_a_build_from_scratch_leaves(incremental, tmp_
     shutil.copy(home.warehouse, scratch.warehouse)
     with warehouse.connect(scratch.warehouse) as con:
         con.execute("DROP SCHEMA intermediate CASCADE; DROP SCHEMA marts CASCADE")
-    build(scratch, config, D4, D4)  # no tables yet: every partition
+    build(scratch, config, D0, D4)  # no tables yet: every day in one run
     with warehouse.connect(home.warehouse, read_only=True) as con:
         con.execute(f"ATTACH '{scratch.warehouse}' AS scratch (READ_ONLY)")
         tables = con.execute("""SELECT table_schema, table_name FROM information_schema.tables

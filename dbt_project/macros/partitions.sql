@@ -5,7 +5,7 @@
 
   Predicates for the models: `in_partitions_to_build()` (the run's partitions), `in_domain_to_build()`
   (the run's domain, on any day or from a day on). Each is `true` when the model builds every
-  partition: no vars, its first build, or --full-refresh.
+  partition: no vars, or --full-refresh.
 -#}
 
 {#- The run's domain and its days (sorted 'YYYY-MM-DD'), checked; (none, []) without vars. -#}
@@ -47,9 +47,11 @@
 {%- endmacro %}
 
 
-{#- Whether this model builds only the run's partitions: vars given, and its table already there. -#}
+{#- Whether this model builds only the run's partitions: vars given and no --full-refresh. A first
+    build with vars creates the table with the run's partitions only, as Dagster sees it: the other
+    partitions are not materialized until a run covers them. -#}
 {% macro builds_some_partitions() -%}
-    {{ return(is_incremental() and var('flywheel_domain', none) is not none) }}
+    {{ return(var('flywheel_domain', none) is not none and not should_full_refresh()) }}
 {%- endmacro %}
 
 
