@@ -50,7 +50,7 @@ from tests.test_training import (
     write_warehouse,
 )
 
-LAST = date(2026, 11, 28)  # fixed days, whose simulated traffic (seed 5) gives a candidate that passes its gate
+LAST = date(2026, 11, 28)  # fixed days, whose simulated traffic (seed 6) gives a candidate that passes its gate
 FIRST = LAST - timedelta(days=6)
 
 
@@ -65,7 +65,7 @@ def simulated(tmp_path, monkeypatch) -> Home:
     home = Home(tmp_path / "home")
     monkeypatch.setenv("FLYWHEEL_HOME", str(home.root))
     home.activate()
-    simulation.simulate(home, load_config(), FIRST, 7, seed=5, interactions_per_day=400, domains=[DOMAIN])
+    simulation.simulate(home, load_config(), FIRST, 7, seed=6, interactions_per_day=400, domains=[DOMAIN])
     return home
 
 
