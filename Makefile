@@ -32,7 +32,6 @@ mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(FLYWHEEL_HOME)/mlflow/mlflow.db --default-artifact-root $(FLYWHEEL_HOME)/mlflow/artifacts
 
 benchmark: setup
-	$(BIN)/python benchmarks/accumulation.py
 	$(BIN)/python benchmarks/label_model.py
 	$(BIN)/python benchmarks/redaction.py
 	$(BIN)/python benchmarks/scale.py --events 1000000

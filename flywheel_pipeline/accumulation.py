@@ -28,6 +28,7 @@ import duckdb
 
 from flywheel_pipeline import events, privacy
 from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.events import field_text
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
 
@@ -454,16 +455,12 @@ def _keep_quarantined_text(con: duckdb.DuckDBPyConnection, config: FlywheelConfi
     )
 
 
-def _text(name: str) -> str:
-    return events.text_sql(f"fields.{name}")
-
-
 _INSERTS = {
     "interactions": f"""
         INSERT INTO raw.interactions
-        SELECT event_id, $domain, event_date, event_ts, {_text('user_id')}, {_text('session_id')},
-               {_text('interaction_id')}, {_text('model_version')}, {_text('policy')}, {_text('consent')},
-               {_text('input')}, fields.context, source_file, source_line,
+        SELECT event_id, $domain, event_date, event_ts, {field_text('user_id')}, {field_text('session_id')},
+               {field_text('interaction_id')}, {field_text('model_version')}, {field_text('policy')}, {field_text('consent')},
+               {field_text('input')}, fields.context, source_file, source_line,
                coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'interaction'""",
@@ -472,29 +469,29 @@ _INSERTS = {
         SELECT event_id, $domain, event_date, interaction_id,
                imp.item_id, imp.position, imp.propensity, imp.content
         FROM (
-            SELECT event_id, event_date, {_text('interaction_id')} AS interaction_id,
+            SELECT event_id, event_date, {field_text('interaction_id')} AS interaction_id,
                    unnest(from_json(fields.impressions, '{_IMPRESSION_SCHEMA}')) AS imp
             FROM partition_lines WHERE reason IS NULL AND event_type = 'interaction'
         )""",
     "signals": f"""
         INSERT INTO raw.signals
-        SELECT event_id, $domain, event_date, event_ts, {_text('user_id')}, {_text('session_id')},
-               {_text('interaction_id')}, {_text('signal_type')}, {_text('item_id')},
-               TRY_CAST(fields.value AS DOUBLE), {_text('text')}, source_file, source_line,
+        SELECT event_id, $domain, event_date, event_ts, {field_text('user_id')}, {field_text('session_id')},
+               {field_text('interaction_id')}, {field_text('signal_type')}, {field_text('item_id')},
+               TRY_CAST(fields.value AS DOUBLE), {field_text('text')}, source_file, source_line,
                coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'signal'""",
     "outcomes": f"""
         INSERT INTO raw.outcomes
-        SELECT event_id, $domain, event_date, event_ts, {_text('user_id')}, {_text('session_id')},
-               {_text('interaction_id')}, {_text('name')}, TRY_CAST(fields.value AS DOUBLE),
-               {_text('item_id')}, source_file, source_line, coalesce(first_ingested.ingested_at, $now)
+        SELECT event_id, $domain, event_date, event_ts, {field_text('user_id')}, {field_text('session_id')},
+               {field_text('interaction_id')}, {field_text('name')}, TRY_CAST(fields.value AS DOUBLE),
+               {field_text('item_id')}, source_file, source_line, coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'outcome'""",
     "labels": f"""
         INSERT INTO raw.labels
-        SELECT event_id, $domain, event_date, event_ts, {_text('user_id')}, {_text('session_id')},
-               {_text('interaction_id')}, {_text('item_id')}, {_text('reviewer')}, {_text('verdict')},
+        SELECT event_id, $domain, event_date, event_ts, {field_text('user_id')}, {field_text('session_id')},
+               {field_text('interaction_id')}, {field_text('item_id')}, {field_text('reviewer')}, {field_text('verdict')},
                source_file, source_line, coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'label'""",

@@ -158,7 +158,8 @@ def _present(name: str) -> str:
     return f"fields.{name} IS NOT NULL"
 
 
-def _text(name: str) -> str:
+def field_text(name: str) -> str:
+    """The text of contract field ``name`` of the ``fields`` column (NULL when it is not a string)."""
     return text_sql(f"fields.{name}")
 
 
@@ -167,7 +168,7 @@ def _number(name: str) -> str:
 
 
 def _not_an_id(path: str) -> str:
-    return f"NOT regexp_full_match(coalesce({_text(path)}, ''), '{ID_PATTERN}')"
+    return f"NOT regexp_full_match(coalesce({field_text(path)}, ''), '{ID_PATTERN}')"
 
 
 def _for_types(types: tuple[str, ...], condition: str) -> str:
@@ -205,29 +206,29 @@ def _value_rules() -> list[tuple[str, str]]:
     propensities = "list_transform(imps, lambda imp: CAST(CAST(imp.propensity AS VARCHAR) AS DOUBLE))"
     positions = "list_transform(imps, lambda imp: CAST(CAST(imp.position AS VARCHAR) AS BIGINT))"
     value = _number("value")
-    signal_type = _text("signal_type")
+    signal_type = field_text("signal_type")
     return [
         ("invalid_value:event_type", f"event_type NOT IN {_sql_list(EVENT_TYPES)}"),
         ("invalid_value:event_id", _not_an_id("event_id")),
-        ("invalid_value:timestamp", f"NOT regexp_matches({_text('timestamp')}, '{TIMESTAMP_PATTERN}') OR event_ts IS NULL"),
+        ("invalid_value:timestamp", f"NOT regexp_matches({field_text('timestamp')}, '{TIMESTAMP_PATTERN}') OR event_ts IS NULL"),
         ("invalid_value:session_id", _not_an_id("session_id")),
         ("invalid_value:interaction_id", _not_an_id("interaction_id")),
-        ("invalid_value:policy", _for_types(("interaction",), f"{_text('policy')} NOT IN {_sql_list(POLICIES)}")),
-        ("invalid_value:consent", _for_types(("interaction",), f"{_text('consent')} NOT IN {_sql_list(CONSENT_STATES)}")),
-        ("invalid_value:input", _for_types(("interaction",), f"length({_text('input')}) > {MAX_INPUT_LENGTH}")),
+        ("invalid_value:policy", _for_types(("interaction",), f"{field_text('policy')} NOT IN {_sql_list(POLICIES)}")),
+        ("invalid_value:consent", _for_types(("interaction",), f"{field_text('consent')} NOT IN {_sql_list(CONSENT_STATES)}")),
+        ("invalid_value:input", _for_types(("interaction",), f"length({field_text('input')}) > {MAX_INPUT_LENGTH}")),
         ("invalid_value:impressions", _for_types(
             ("interaction",), f"len(imps) NOT BETWEEN 1 AND {MAX_IMPRESSIONS}")),
         ("invalid_value:impressions.propensity", _for_types(
             ("interaction",), f"NOT list_bool_and(list_transform({propensities}, lambda p: p > 0 AND p <= 1))")),
         ("invalid_value:impressions.position", _for_types(
             ("interaction",), f"NOT list_bool_and(list_transform({positions}, lambda p: p >= 0))")),
-        ("invalid_value:verdict", _for_types(("label",), f"{_text('verdict')} NOT IN {_sql_list(VERDICTS)}")),
-        ("invalid_value:reviewer", _for_types(("label",), f"length({_text('reviewer')}) NOT BETWEEN 1 AND {MAX_ID_LENGTH}")),
+        ("invalid_value:verdict", _for_types(("label",), f"{field_text('verdict')} NOT IN {_sql_list(VERDICTS)}")),
+        ("invalid_value:reviewer", _for_types(("label",), f"length({field_text('reviewer')}) NOT BETWEEN 1 AND {MAX_ID_LENGTH}")),
         ("invalid_value:signal_type", _for_types(("signal",), f"{signal_type} NOT IN {_sql_list(SIGNAL_TYPES)}")),
         ("missing_field:value", _for_types(("signal",), f"{signal_type} IN ('rating', 'dwell') AND {value} IS NULL")),
         ("invalid_value:value", _for_types(("signal",), f"({signal_type} = 'rating' AND {value} NOT BETWEEN 1 AND 5) OR ({signal_type} = 'dwell' AND {value} < 0)")),
-        ("missing_field:text", _for_types(("signal",), f"{signal_type} = 'edit' AND {_text('text')} IS NULL")),
-        ("missing_field:item_id", _for_types(("signal",), f"{signal_type} = 'click' AND {_text('item_id')} IS NULL")),
+        ("missing_field:text", _for_types(("signal",), f"{signal_type} = 'edit' AND {field_text('text')} IS NULL")),
+        ("missing_field:item_id", _for_types(("signal",), f"{signal_type} = 'click' AND {field_text('item_id')} IS NULL")),
     ]
 
 
@@ -243,8 +244,8 @@ def reason_sql(allowed_domains: tuple[str, ...], whole_line: bool = True) -> str
         *([("malformed_json", "doc IS NULL"), ("not_an_object", "json_type(doc) <> 'OBJECT'")] if whole_line else []),
         *_field_rules(),
         *_value_rules(),
-        ("unknown_domain", f"{_text('domain')} NOT IN {_sql_list(allowed_domains)}"),
-        ("domain_mismatch", f"{_text('domain')} <> batch_domain"),
+        ("unknown_domain", f"{field_text('domain')} NOT IN {_sql_list(allowed_domains)}"),
+        ("domain_mismatch", f"{field_text('domain')} <> batch_domain"),
         ("future_timestamp", "event_ts > latest_allowed_ts"),
         ("user_id_not_pseudonymous", _not_an_id("user_id")),  # so no e-mail address, no whitespace
     ]
