@@ -5,7 +5,8 @@ timestamp, or the day of the batch that brought it when the timestamp is unusabl
 batch's day, or more than ``max_lateness_days`` before it). A partition's lines are either accepted
 into ``raw.interactions/impressions/signals/outcomes/labels`` or quarantined in ``raw.quarantine``
 with a reason, so lines in = accepted + quarantined. A domain's landing folder holds the product's
-daily batches (``<day>.jsonl``) and the review queue's (``labels/<day>.jsonl``: ``label`` events).
+daily batches (``<day>.jsonl``), the review queue's (``labels/<day>.jsonl``: ``label`` events) and
+importers' (``<day>.<source>.jsonl``, docs/importing.md), all read alike.
 A run's batches are read together, each in a few streaming scans over them all (no loop over
 batches or lines): DuckDB's JSON reader types every line's contract fields, checked as one SQL
 expression; a CSV scan numbers the lines; only the few lines that break the contract, do not parse
@@ -32,7 +33,8 @@ from flywheel_pipeline.events import field_text
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
 
-_BATCH_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl$")
+# <day>.jsonl, the product's batch of a day; <day>.<source>.jsonl, an importer's (docs/importing.md)
+_BATCH_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:\.[a-z0-9][a-z0-9-]*)?\.jsonl$")
 LABEL_BATCHES = "labels"  # the review queue's batches: <domain>/labels/<day>.jsonl
 _RAW_EVENT_TABLES = ("interactions", "signals", "outcomes", "labels")
 _IMPRESSION_SCHEMA = '[{"item_id": "VARCHAR", "position": "INTEGER", "propensity": "DOUBLE", "content": "VARCHAR"}]'
@@ -121,17 +123,26 @@ def batches_for(home: Home, domain: str, dates: list[date], max_lateness_days: i
     found = []
     for folder in (home.landing / domain, home.landing / domain / LABEL_BATCHES):
         for path in sorted(folder.glob("*.jsonl")) if folder.exists() else []:
-            match = _BATCH_NAME.match(path.name)
-            if match and first <= date.fromisoformat(match.group(1)) <= last:
+            day = batch_day(path)
+            if day and first <= day <= last:
                 found.append(path)
     return found
+
+
+def batch_day(path: Path) -> date | None:
+    """The day a landing batch was delivered, from its name; None for a file that is no batch."""
+    match = _BATCH_NAME.match(path.name)
+    try:
+        return date.fromisoformat(match.group(1)) if match else None
+    except ValueError:  # 2026-13-45.jsonl
+        return None
 
 
 def _batch(home: Home, path: Path) -> _Batch:
     """The batch at ``path``; its first two bytes tell its compression."""
     with path.open("rb") as batch:
         compression = "gzip" if batch.read(2) == _GZIP_MAGIC else "none"
-    return _Batch(path, str(path.relative_to(home.landing)), date.fromisoformat(path.stem), compression)
+    return _Batch(path, str(path.relative_to(home.landing)), batch_day(path), compression)
 
 
 def _lines_sql(con: duckdb.DuckDBPyConnection) -> str:
@@ -512,7 +523,9 @@ def _replace_partitions(con: duckdb.DuckDBPyConnection, domain: str, dates: list
     con.execute(f"CREATE OR REPLACE TEMP TABLE first_ingested AS {first_ingested}", {"domain": domain, "dates": dates})
     with transaction(con):
         for table in (*_RAW_EVENT_TABLES, "impressions", "quarantine"):
-            con.execute(f"DELETE FROM raw.{table} WHERE domain = $domain AND event_date IN $dates",
+            # an importer's rejected records (source_file: the imported file's absolute path) stay
+            ours = " AND starts_with(source_file, $domain || '/')" if table == "quarantine" else ""
+            con.execute(f"DELETE FROM raw.{table} WHERE domain = $domain AND event_date IN $dates{ours}",
                         {"domain": domain, "dates": dates})
         for table, sql in _INSERTS.items():
             params = {k: v for k, v in stamp.items() if f"${k}" in sql}

@@ -2,6 +2,7 @@
 
     flywheel demo        the closed loop over several simulated weeks (the README's first command)
     flywheel simulate    write simulated landing batches
+    flywheel import      a file other tools wrote (OpenTelemetry spans, a bandit log) as landing batches
     flywheel run         run one domain's cycle job over a range of days
     flywheel approve     approve (or --reject) a candidate; the approval sensor deploys it
     flywheel rollback    put a domain's previous champion back
@@ -72,6 +73,27 @@ def cmd_simulate(args: argparse.Namespace) -> None:
                        interactions_per_day=args.per_day, bad_row_share=args.bad_rows)
     last = start + timedelta(days=args.days - 1)
     console.print(f"wrote {summary.total_interactions:,} interactions for {start}..{last} to {home.landing}")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from flywheel_pipeline.importers import import_file
+
+    home, config = Home.from_env().ensure(), load_config()
+    report = import_file(home, config, args.format, args.path, args.domain)
+    console.print(f"imported {report.path} ({report.format}) into {report.domain}: {report.records:,} records: "
+                  f"{report.records_mapped:,} mapped, {report.rejected.total():,} rejected, "
+                  f"{report.skipped.total():,} skipped")
+    console.print("  events written: " + (", ".join(f"{kind} {n:,}" for kind, n in sorted(report.events.items()))
+                                          or "none"))
+    if report.batches:
+        shown = report.batches if len(report.batches) <= 3 else [report.batches[0], "...", report.batches[-1]]
+        console.print(f"  batches: {len(report.batches)} in {home.landing} ({', '.join(shown)})")
+    for title, counts in (("rejected (raw.quarantine)", report.rejected), ("skipped", report.skipped)):
+        for reason, n in counts.most_common():
+            console.print(f"  {title}: {reason} {n:,}")
+    if report.days:
+        console.print(f"next: flywheel run --domain {report.domain} --start {report.days[0]} --end {report.days[-1]} "
+                      f"(accumulates the batches, labels, trains, validates: the gate decision prints at the end)")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -251,6 +273,16 @@ def parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=7)
     simulate.set_defaults(func=cmd_simulate)
 
+    from flywheel_pipeline.importers import FORMATS
+
+    importing = commands.add_parser("import", help="write a file other tools wrote as landing batches "
+                                                   "(docs/importing.md)")
+    importing.add_argument("format", choices=sorted(FORMATS))
+    importing.add_argument("path", help="the file: OTLP JSON (otel), CSV or Parquet (bandit)")
+    importing.add_argument("--domain", required=True, help="whose landing folder (its importing: mapping "
+                                                           "in flywheel.yaml)")
+    importing.set_defaults(func=cmd_import)
+
     run = commands.add_parser("run", parents=[verbose], help="run one domain's cycle over a range of days")
     run.add_argument("--domain", required=True)
     run.add_argument("--start", type=_date, help="first day (default: 6 days before --end)")
@@ -286,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     args = parser().parse_args(argv)
     from flywheel_pipeline.approval import ApprovalError
+    from flywheel_pipeline.importers import UnreadableFile
     from flywheel_pipeline.launcher import LaunchError
     from flywheel_pipeline.privacy import PrivacyError
     from flywheel_pipeline.registry import RegistryError
@@ -294,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (ConfigError, HomeError, ApprovalError, RegistryError, LaunchError, PrivacyError,
-            WarehouseBusy) as error:
+            WarehouseBusy, UnreadableFile) as error:
         raise SystemExit(f"flywheel: {error}") from None
 
 

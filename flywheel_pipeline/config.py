@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from flywheel_pipeline.events import OUTCOME_NAMES
+from flywheel_pipeline.events import CONSENT_STATES, OUTCOME_NAMES, POLICIES
 
 CONFIG_ENV = "FLYWHEEL_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "flywheel.yaml"
@@ -71,6 +71,50 @@ class Gate(_Strict):
                                                     "is inconclusive")
 
 
+class BanditLog(_Strict):
+    """The columns of a logged bandit feedback file, one row per slot shown (docs/importing.md)."""
+
+    timestamp: str = Field(min_length=1, description="when the slate was served")
+    item: str = Field(min_length=1, description="the item shown")
+    position: str = Field(min_length=1, description="the slot it was shown in")
+    position_base: Literal[0, 1] = Field(description="the top slot's number in the log: 0 or 1 (no default)")
+    reward: str = Field(min_length=1, description="a value > 0 (a click) becomes a click signal")
+    propensity: str = Field(min_length=1, description="the logging policy's probability of this item "
+                                                      "in this slot, in (0, 1]")
+    policy: Literal[POLICIES] = Field(description="what logged it: explore for a uniformly random logger, "
+                                                  "champion for the production policy (no default)")
+    request: str | None = Field(None, description="rows sharing it form one slate; without it each "
+                                                  "row is its own interaction")
+    user: str | None = Field(None, description="pseudonymous user ids; without it each slate is its "
+                                               "own anonymous user")
+    session: str | None = Field(None, description="session ids; without it each slate is its own session")
+    consent: str | None = Field(None, description="a column of granted/denied per row, over importing.consent")
+    input: str | None = Field(None, description="the query; without it the input is empty (a feed)")
+    content: str | None = Field(None, description="the item's title; without it the item id")
+    context: list[str] = Field(default_factory=list, description="serving-time columns: strings go to "
+                               "context, numbers to context.features")
+    model_version: str = Field("baseline", min_length=1, description="what served the logged slates")
+
+    @model_validator(mode="after")
+    def _columns_once(self) -> BanditLog:
+        named = [c for c in (self.timestamp, self.item, self.position, self.reward, self.propensity,
+                             self.request, self.user, self.session, self.consent, self.input, self.content)
+                 if c is not None]
+        twice = sorted({c for c in named + self.context if (named + self.context).count(c) > 1})
+        if twice:
+            raise ValueError(f"each column maps to one field; used more than once: {twice}")
+        return self
+
+
+class Importing(_Strict):
+    """How `flywheel import` maps files into this domain (docs/importing.md)."""
+
+    consent: Literal[CONSENT_STATES] = Field(
+        description="may imported interactions be used for training: the source does not say, so the "
+                    "domain declares it (no default)")
+    bandit_log: BanditLog | None = Field(None, description="the column mapping of `flywheel import bandit`")
+
+
 class DomainConfig(_Strict):
     shape: Literal["assistant", "recommendation"]
     cadence: str
@@ -85,6 +129,8 @@ class DomainConfig(_Strict):
     approvers: list[str] = Field(default_factory=list)
     retention_days: int = Field(365, gt=0, description="days of events (rows and landing batches) kept; "
                                 "the retention job deletes older ones (docs/privacy.md)")
+    importing: Importing | None = Field(None, description="how `flywheel import` maps files into this "
+                                        "domain (docs/importing.md)")
 
     @field_validator("cadence")
     @classmethod
