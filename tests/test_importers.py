@@ -39,14 +39,14 @@ BANDIT_LOG = {"timestamp": "ts", "item": "item_id", "position": "slot", "positio
               "context": ["device", "affinity"]}
 
 
-def project_config(tmp_path: Path) -> Path:
+def project_config(tmp_path: Path, **recommendation_settings: object) -> Path:
     """The repository's flywheel.yaml with both domains set up for importing: assistant spans
     (no exploration: an app's chat spans are all its champion's), a random logger's clicks."""
     raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
     assistant, recommendation = raw["domains"]["assistant"], raw["domains"]["recommendation"]
     assistant.update(exploration_share=0.0, importing={"consent": "granted"})
-    recommendation.update(exploration_share=0.99, lookback_days=7, holdout_days=7,
-                          importing={"consent": "granted", "bandit_log": BANDIT_LOG})
+    recommendation.update(lookback_days=7, holdout_days=7, importing={"consent": "granted", "bandit_log": BANDIT_LOG},
+                          **recommendation_settings)
     path = tmp_path / "flywheel.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -257,7 +257,7 @@ def bandit_cycle(tmp_path_factory) -> Iterator[Imported]:
     """A random logger's 1-based click log imported, then the recommendation domain's whole cycle."""
     root = tmp_path_factory.mktemp("bandit")
     with pytest.MonkeyPatch.context() as patch:
-        path = project_config(root)
+        path = project_config(root, exploration_share=1.0)  # a uniformly random logger explores always
         patch.setenv("FLYWHEEL_CONFIG", str(path))
         for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
             patch.delenv(name, raising=False)

@@ -20,20 +20,19 @@ rows from 1 (a CSV's header is not a row).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import polars as pl
 
 from flywheel_pipeline.config import BanditLog, ConfigError, FlywheelConfig
 from flywheel_pipeline.events import CONSENT_STATES, ID_PATTERN, MAX_ID_LENGTH, MAX_IMPRESSIONS
-from flywheel_pipeline.importers.base import RECORDS, Event, Mapped, Rejected, UnreadableFile
+from flywheel_pipeline.importers.base import RECORDS, Encoded, Mapped, Rejected, UnreadableFile
 from flywheel_pipeline.importers.landing import source_name
 
 _ROW = "__record"  # the row number column
 _SLATE = "__slate"  # the interaction id column
 _TS = "__ts"
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%.fZ"
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%.3fZ"
 _MAX_SLATE_ID = MAX_ID_LENGTH - len(":click:49")  # the longest id made from it (a click's) fits
 
 
@@ -118,12 +117,14 @@ def _row_reasons(log: BanditLog, frame: pl.DataFrame) -> pl.Expr:
     return reason
 
 
-def _slate_reasons(log: BanditLog) -> pl.Expr:
-    """A slate's broken rule (on every one of its rows), null when it maps."""
-    slate = pl.col(_SLATE)
-    return (pl.when(pl.len().over(slate) > MAX_IMPRESSIONS).then(pl.lit("too_many_impressions"))
-            .when(pl.col("position").n_unique().over(slate) < pl.len().over(slate)).then(pl.lit("duplicate_position"))
-            .when(pl.col("item_id").n_unique().over(slate) < pl.len().over(slate)).then(pl.lit("duplicate_item")))
+def _slate_reasons() -> pl.Expr:
+    """A slate's broken rule over its mappable rows (on every one of them), null when it maps."""
+    mappable = pl.col("reason").is_null()
+    rows = mappable.sum().over(_SLATE)
+    return (pl.when(~mappable).then(None)
+            .when(rows > MAX_IMPRESSIONS).then(pl.lit("too_many_impressions"))
+            .when(pl.col("position").filter(mappable).n_unique().over(_SLATE) < rows).then(pl.lit("duplicate_position"))
+            .when(pl.col("item_id").filter(mappable).n_unique().over(_SLATE) < rows).then(pl.lit("duplicate_item")))
 
 
 def _checked(log: BanditLog, frame: pl.DataFrame, source: str) -> pl.DataFrame:
@@ -135,12 +136,10 @@ def _checked(log: BanditLog, frame: pl.DataFrame, source: str) -> pl.DataFrame:
                                item_id=pl.col(log.item).cast(pl.String).str.strip_chars(),
                                position=(_number(log.position) - log.position_base).cast(pl.Int64, strict=False),
                                propensity=_number(log.propensity), reward=_number(log.reward))
-    valid = frame.filter(pl.col("reason").is_null()).with_columns(slate_reason=_slate_reasons(log))
-    return frame.join(valid.select(_ROW, "slate_reason"), on=_ROW, how="left").with_columns(
-        reason=pl.coalesce("reason", "slate_reason")).drop("slate_reason").sort(_ROW)
+    return frame.with_columns(reason=pl.coalesce("reason", _slate_reasons()))
 
 
-def _rejects(log: BanditLog, checked: pl.DataFrame) -> Mapped:
+def _rejects(checked: pl.DataFrame) -> Mapped:
     raw_columns = [c for c in checked.columns if not c.startswith("__") and c not in
                    ("reason", "item_id", "position", "propensity", "reward")]
     for row in checked.filter(pl.col("reason").is_not_null()).iter_rows(named=True):
@@ -149,51 +148,66 @@ def _rejects(log: BanditLog, checked: pl.DataFrame) -> Mapped:
                           ts.date() if ts is not None else None)
 
 
-def _context(row: dict, log: BanditLog, numeric: set[str]) -> dict | None:
-    strings = {c: str(row[c]) for c in log.context if c not in numeric and row[c] is not None}
-    features = {c: float(row[c]) for c in log.context
-                if c in numeric and row[c] is not None and math.isfinite(row[c])}
-    context = {**strings, **({"features": features} if features else {})}
-    return context or None
-
-
-def _events(log: BanditLog, checked: pl.DataFrame, domain: str, consent: str) -> Mapped:
-    """One interaction per slate (in the order of its first row), then its clicks."""
-    valid = checked.filter(pl.col("reason").is_null())
+def _slates(log: BanditLog, valid: pl.DataFrame) -> pl.DataFrame:
+    """One row per slate, in the order of its first row: its time, row count, impressions by
+    position, clicked items, and its first row's user, session, consent, input and context."""
+    content = pl.col(log.content).cast(pl.String).fill_null(pl.col("item_id")) if log.content else pl.col("item_id")
     firsts = [c for c in (log.user, log.session, log.consent, log.input, *log.context) if c]
-    numeric = {c for c in log.context if checked.schema[c].is_numeric()}
-    slates = (valid.sort("position", maintain_order=True)
-              .group_by(_SLATE, maintain_order=True)
-              .agg(pl.col(_ROW).min().alias("first_row"), pl.col(_TS).min().dt.strftime(_TIME_FORMAT).alias("ts"),
-                   pl.len().alias("rows"), pl.col("item_id"), pl.col("position"), pl.col("propensity"),
-                   pl.col("reward"), *([pl.col(log.content).cast(pl.String)] if log.content else []),
-                   *(pl.col(c).first() for c in firsts))
-              .sort("first_row"))
-    for row in slates.iter_rows(named=True):
-        interaction_id = row[_SLATE]
-        user = row[log.user] if log.user else f"anon:{interaction_id}"
-        session = row[log.session] if log.session else interaction_id
-        common = {"domain": domain, "timestamp": row["ts"], "user_id": user, "session_id": session,
-                  "interaction_id": interaction_id}
-        contents = row[log.content] if log.content else row["item_id"]
-        interaction: Event = {
-            "event_id": interaction_id, "event_type": "interaction", **common,
-            "model_version": log.model_version, "policy": log.policy,
-            "consent": row[log.consent].strip() if log.consent else consent,
-            "input": str(row[log.input] or "") if log.input else "",
-            "impressions": [{"item_id": item, "position": position, "propensity": propensity,
-                             "content": str(content) if content is not None else item}
-                            for item, position, propensity, content
-                            in zip(row["item_id"], row["position"], row["propensity"], contents)],
-            RECORDS: row["rows"],
-        }
-        if (context := _context(row, log, numeric)) is not None:
-            interaction["context"] = context
-        yield interaction
-        for item, position, reward in zip(row["item_id"], row["position"], row["reward"]):
-            if reward > 0:
-                yield {"event_id": f"{interaction_id}:click:{position}", "event_type": "signal", **common,
-                       "signal_type": "click", "item_id": item, RECORDS: 0}
+    clicked = pl.col("reward") > 0
+    return (valid.sort("position", maintain_order=True)
+            .group_by(_SLATE, maintain_order=True)
+            .agg(pl.col(_ROW).min(), pl.col(_TS).min(), pl.len().alias(RECORDS),
+                 pl.struct(item_id="item_id", position="position", propensity="propensity",
+                           content=content).alias("impressions"),
+                 pl.col("item_id").filter(clicked).alias("clicked_items"),
+                 pl.col("position").filter(clicked).alias("clicked_positions"),
+                 *(pl.col(c).first() for c in firsts))
+            .sort(_ROW))
+
+
+def _common(log: BanditLog, domain: str) -> dict[str, pl.Expr]:
+    """The fields every event of a slate carries."""
+    return {"domain": pl.lit(domain), "timestamp": pl.col(_TS).dt.strftime(_TIME_FORMAT),
+            "user_id": pl.col(log.user) if log.user else pl.lit("anon:") + pl.col(_SLATE),
+            "session_id": pl.col(log.session) if log.session else pl.col(_SLATE),
+            "interaction_id": pl.col(_SLATE)}
+
+
+def _context(log: BanditLog, numeric: set[str], present: list[str]) -> dict[str, pl.Expr]:
+    """``context``: the ``present`` columns, strings as they are, numbers under ``features``."""
+    strings = {c: pl.col(c).cast(pl.String) for c in present if c not in numeric}
+    features = {c: pl.col(c).cast(pl.Float64) for c in present if c in numeric}
+    context = {**strings, **({"features": pl.struct(**features)} if features else {})}
+    return {"context": pl.struct(**context)} if context else {}
+
+
+def _encoded(frame: pl.DataFrame, event_type: str, fields: dict[str, pl.Expr], records: pl.Expr) -> Encoded:
+    return Encoded(frame.select(day=pl.col(_TS).dt.date(), event_type=pl.lit(event_type), records=records,
+                                line=pl.struct(event_type=pl.lit(event_type), **fields).struct.json_encode()))
+
+
+def _interactions(log: BanditLog, slates: pl.DataFrame, domain: str, consent: str, numeric: set[str]) -> Mapped:
+    """The slates as interactions, a frame per pattern of missing context values (a missing
+    string or a non-finite number is left out of the slate's context, never written as null)."""
+    present = {c: pl.col(c).is_not_null() & (pl.col(c).cast(pl.Float64).is_finite() if c in numeric else True)
+               for c in log.context}
+    mask = pl.concat_str([present[c].cast(pl.Int8).cast(pl.String) for c in log.context]) if log.context else pl.lit("")
+    for group in slates.with_columns(mask.alias("__mask")).partition_by("__mask", maintain_order=True):
+        columns = [c for c, bit in zip(log.context, group["__mask"][0]) if bit == "1"]
+        fields = {"event_id": pl.col(_SLATE), **_common(log, domain), "model_version": pl.lit(log.model_version),
+                  "policy": pl.lit(log.policy),
+                  "consent": pl.col(log.consent).str.strip_chars() if log.consent else pl.lit(consent),
+                  "input": pl.col(log.input).cast(pl.String).fill_null("") if log.input else pl.lit(""),
+                  "impressions": pl.col("impressions"), **_context(log, numeric, columns)}
+        yield _encoded(group, "interaction", fields, pl.col(RECORDS))
+
+
+def _clicks(log: BanditLog, slates: pl.DataFrame, domain: str) -> Encoded:
+    """A click signal per item whose reward is > 0, at its slate's time (logs have no click times)."""
+    clicks = slates.explode("clicked_items", "clicked_positions").drop_nulls("clicked_items")
+    fields = {"event_id": pl.col(_SLATE) + ":click:" + pl.col("clicked_positions").cast(pl.String),
+              **_common(log, domain), "signal_type": pl.lit("click"), "item_id": pl.col("clicked_items")}
+    return _encoded(clicks, "signal", fields, pl.lit(0))
 
 
 def read(path: Path, domain: str, config: FlywheelConfig) -> Mapped:
@@ -201,5 +215,8 @@ def read(path: Path, domain: str, config: FlywheelConfig) -> Mapped:
     log = mapping(config, domain)
     consent = config.domain(domain).importing.consent
     checked = _checked(log, _load(path, log), source_name("bandit", path))
-    yield from _rejects(log, checked)
-    yield from _events(log, checked, domain, consent)
+    yield from _rejects(checked)
+    numeric = {c for c in log.context if checked.schema[c].is_numeric()}
+    slates = _slates(log, checked.filter(pl.col("reason").is_null()))
+    yield from _interactions(log, slates, domain, consent, numeric)
+    yield _clicks(log, slates, domain)

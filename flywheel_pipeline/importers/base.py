@@ -1,7 +1,8 @@
 """What every importer yields: events of the contract (docs/events.md), or a record it could not map.
 
 An importer reads a file another tool wrote (OpenTelemetry spans, a bandit log, a review tool's
-export) and yields, record by record, either event dicts that follow the event contract, a
+export) and yields, record by record, either event dicts that follow the event contract (or, for
+a vectorised reader, frames of them already encoded: ``Encoded``), a
 ``Rejected`` naming the record and why it could not be mapped, or a ``Skipped`` record that is not
 meant for the flywheel (a span of a database call in a trace export): records in = records mapped +
 records rejected + records skipped, as for accumulation's lines.
@@ -18,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
+
+import polars as pl
 
 from flywheel_pipeline.events import ID_PATTERN
 
@@ -47,8 +50,17 @@ class Skipped:
     reason: str  # e.g. ``not_a_chat_span``
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """Events already written as JSON, a frame at a time: a vectorised reader's way out (a bandit
+    log's millions of rows never become Python dicts). Columns: ``day`` (the event's UTC day),
+    ``event_type``, ``records`` (as under ``RECORDS``) and ``line`` (the event as JSON)."""
+
+    frame: pl.DataFrame
+
+
 Event = dict[str, Any]  # one event of the contract, ready to be written as a landing line
-Mapped = Iterator[Event | Rejected | Skipped]
+Mapped = Iterator[Event | Encoded | Rejected | Skipped]
 
 _ID = re.compile(ID_PATTERN)
 

@@ -28,7 +28,7 @@ from flywheel_pipeline import privacy
 from flywheel_pipeline.accumulation import LABEL_BATCHES
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.importers.base import RECORDS, Event, Mapped, Rejected, Skipped
+from flywheel_pipeline.importers.base import RECORDS, Encoded, Event, Mapped, Rejected, Skipped
 from flywheel_pipeline.warehouse import connect, ensure_raw_tables, transaction
 
 _MAX_OPEN_BATCHES = 64  # temporary batch files held open at once while events stream in
@@ -63,9 +63,12 @@ class ImportReport:
 def _event_day(event: Event, today: date) -> date:
     """The UTC day of the event's timestamp (an unreadable one lands today, where accumulation
     quarantines it)."""
+    timestamp = str(event.get("timestamp"))
     try:
-        return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).astimezone(UTC).date()
-    except (KeyError, ValueError):
+        if timestamp.endswith("Z"):  # UTC already: the day is its first ten characters
+            return date.fromisoformat(timestamp[:10])
+        return datetime.fromisoformat(timestamp).astimezone(UTC).date()
+    except ValueError:
         return today
 
 
@@ -75,42 +78,47 @@ class _Batches:
 
     def __init__(self, landing: Path, domain: str, source: str) -> None:
         self.landing, self.domain, self.source = landing, domain, source
-        self.started: dict[Path, Path] = {}  # final path -> temporary path
-        self.open: dict[Path, IO[str]] = {}
+        self.started: dict[tuple[date, bool], tuple[Path, Path]] = {}  # -> (final path, temporary path)
+        self.open: dict[tuple[date, bool], IO[str]] = {}
 
     def folder(self, labels: bool) -> Path:
         return self.landing / self.domain / LABEL_BATCHES if labels else self.landing / self.domain
 
-    def add(self, day: date, labels: bool, line: str) -> None:
-        final = self.folder(labels) / f"{day.isoformat()}.{self.source}.jsonl"
-        handle = self.open.get(final)
+    def add(self, day: date, labels: bool, text: str) -> None:
+        """Append ``text`` (lines, each ending in a newline) to the batch of ``day``."""
+        key = (day, labels)
+        handle = self.open.get(key)
         if handle is None:
             if len(self.open) >= _MAX_OPEN_BATCHES:
                 self.open.pop(next(iter(self.open))).close()
-            temporary = self.started.get(final)
-            if temporary is None:
+            if key not in self.started:
+                final = self.folder(labels) / f"{day.isoformat()}.{self.source}.jsonl"
                 final.parent.mkdir(parents=True, exist_ok=True)
-                temporary = self.started[final] = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-            handle = self.open[final] = temporary.open("a" if temporary.exists() else "w", encoding="utf-8")
-        handle.write(line)
+                self.started[key] = (final, final.with_name(f".{final.name}.{os.getpid()}.tmp"))
+                handle = self.started[key][1].open("w", encoding="utf-8")
+            else:
+                handle = self.started[key][1].open("a", encoding="utf-8")
+            self.open[key] = handle
+        handle.write(text)
 
     def commit(self) -> tuple[list[Path], list[Path]]:
         """Rename every batch into place; remove this source's batches not written this time.
         Returns (written, removed)."""
         for handle in self.open.values():
             handle.close()
-        for final, temporary in self.started.items():
+        written = {final for final, _ in self.started.values()}
+        for final, temporary in self.started.values():
             temporary.replace(final)
         stale = [path for labels in (False, True) if (folder := self.folder(labels)).exists()
-                 for path in folder.glob(f"*.{self.source}.jsonl") if path not in self.started]
+                 for path in folder.glob(f"*.{self.source}.jsonl") if path not in written]
         for path in stale:
             path.unlink()
-        return sorted(self.started), sorted(stale)
+        return sorted(written), sorted(stale)
 
     def discard(self) -> None:
         for handle in self.open.values():
             handle.close()
-        for temporary in self.started.values():
+        for _, temporary in self.started.values():
             temporary.unlink(missing_ok=True)
 
 
@@ -130,12 +138,14 @@ def write_import(home: Home, config: FlywheelConfig, fmt: str, path: Path, domai
                 report.rejected[item.reason] += 1
             elif isinstance(item, Skipped):
                 report.skipped[item.reason] += 1
+            elif isinstance(item, Encoded):
+                _add_encoded(batches, report, days, item.frame)
             else:
                 report.records_mapped += item.pop(RECORDS, 1)
                 report.events[item["event_type"]] += 1
                 day = _event_day(item, now.date())
                 days.add(day)
-                batches.add(day, item["event_type"] == "label", json.dumps(item, ensure_ascii=False) + "\n")
+                batches.add(day, item["event_type"] == "label", json.dumps(item, ensure_ascii=False, separators=(",", ":")) + "\n")
     except BaseException:
         batches.discard()
         raise
@@ -145,6 +155,15 @@ def write_import(home: Home, config: FlywheelConfig, fmt: str, path: Path, domai
     report.days = sorted(days)
     _quarantine(home, config, domain, path, rejects, now)
     return report
+
+
+def _add_encoded(batches: _Batches, report: ImportReport, days: set[date], frame: pl.DataFrame) -> None:
+    """A frame of encoded events into the batches of their days, a write per (day, event type)."""
+    report.records_mapped += int(frame["records"].sum())
+    for (day, event_type), group in frame.group_by("day", "event_type", maintain_order=True):
+        report.events[event_type] += group.height
+        days.add(day)
+        batches.add(day, event_type == "label", "\n".join(group["line"]) + "\n")
 
 
 def _quarantine(home: Home, config: FlywheelConfig, domain: str, path: Path, rejects: list[Rejected],
