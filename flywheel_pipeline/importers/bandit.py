@@ -154,11 +154,11 @@ def _slates(log: BanditLog, valid: pl.DataFrame) -> pl.DataFrame:
     content = pl.col(log.content).cast(pl.String).fill_null(pl.col("item_id")) if log.content else pl.col("item_id")
     firsts = [c for c in (log.user, log.session, log.consent, log.input, *log.context) if c]
     clicked = pl.col("reward") > 0
-    return (valid.sort("position", maintain_order=True)
-            .group_by(_SLATE, maintain_order=True)
+    rows = valid.select(_SLATE, _ROW, _TS, "item_id", "position", "propensity", "reward",
+                        content.alias("content"), *firsts)  # only what the events carry
+    return (rows.group_by(_SLATE, maintain_order=True)
             .agg(pl.col(_ROW).min(), pl.col(_TS).min(), pl.len().alias(RECORDS),
-                 pl.struct(item_id="item_id", position="position", propensity="propensity",
-                           content=content).alias("impressions"),
+                 pl.struct("item_id", "position", "propensity", "content").sort_by("position").alias("impressions"),
                  pl.col("item_id").filter(clicked).alias("clicked_items"),
                  pl.col("position").filter(clicked).alias("clicked_positions"),
                  *(pl.col(c).first() for c in firsts))
@@ -218,5 +218,6 @@ def read(path: Path, domain: str, config: FlywheelConfig) -> Mapped:
     yield from _rejects(checked)
     numeric = {c for c in log.context if checked.schema[c].is_numeric()}
     slates = _slates(log, checked.filter(pl.col("reason").is_null()))
+    del checked  # the rows' memory, before the slates are encoded
     yield from _interactions(log, slates, domain, consent, numeric)
     yield _clicks(log, slates, domain)
