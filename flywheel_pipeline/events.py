@@ -23,6 +23,10 @@ SIGNAL_TYPES = (
 # Delayed outcomes a domain can wait for (flywheel.yaml's label_maturity.outcome). An outcome
 # event's `name` may be anything; only these are ones a domain's labels and gate can be built on.
 OUTCOME_NAMES = ("resolved", "purchase")
+# What a domain's labels can wait for (label_maturity.outcome): one of those outcomes, or, for a
+# domain that logs clicks and nothing later, the click itself.
+CLICK_MATURITY = "click"
+MATURITY_OUTCOMES = (*OUTCOME_NAMES, CLICK_MATURITY)
 MAX_ID_LENGTH = 128
 ID_PATTERN = rf"^[A-Za-z0-9_.:-]{{1,{MAX_ID_LENGTH}}}$"  # no control, invisible or right-to-left characters
 MAX_INPUT_LENGTH = 4000

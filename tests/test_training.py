@@ -44,6 +44,7 @@ REACTION_COLUMNS = {
     "abandoned_after_s": "DOUBLE",
     "rating": "DOUBLE",
     "clicked": "BOOLEAN",
+    "clicked_after_s": "DOUBLE",
     "dwell_s": "DOUBLE",
     "max_clicked_position": "INTEGER",
     "outcome_name": "VARCHAR",

@@ -45,6 +45,7 @@ select
     impressions.abandoned_after_s,
     impressions.rating,
     impressions.clicked,
+    impressions.clicked_after_s,
     impressions.dwell_s,
     impressions.max_clicked_position,
     impressions.outcome_name,
