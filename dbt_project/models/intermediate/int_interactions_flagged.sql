@@ -74,6 +74,7 @@ flagged as (
         interactions.model_version,
         interactions.consent,
         interactions.segment,
+        interactions.context_features,
         interactions.input_text,
         slates.slate_size,
         first_days.first_day = interactions.event_date as is_new_user,

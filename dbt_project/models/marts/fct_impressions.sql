@@ -29,6 +29,7 @@ select
     interactions.session_id,
     interactions.is_new_user,
     interactions.segment,
+    interactions.context_features,
     interactions.input_text,
     impressions.item_content,
     interactions.slate_size,
