@@ -121,6 +121,8 @@ def cmd_run(args: argparse.Namespace) -> None:
                   + (f" ({held_out})" if held_out else ""))
     if outcome.reasons and outcome.gate != "passed":
         console.print(f"  {outcome.reasons}")
+    for check in outcome.failed_checks:
+        console.print(f"  [yellow]check[/] {check}", markup=True, highlight=False)
     if outcome.revisit:
         console.print(f"  revisited the previous inconclusive candidate: {outcome.revisit}")
     if outcome.version:

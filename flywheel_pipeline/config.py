@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from flywheel_pipeline.events import CONSENT_STATES, OUTCOME_NAMES, POLICIES
+from flywheel_pipeline.events import CONSENT_STATES, MATURITY_OUTCOMES, POLICIES
 
 CONFIG_ENV = "FLYWHEEL_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "flywheel.yaml"
@@ -47,14 +47,15 @@ class _Strict(BaseModel):
 
 
 class LabelMaturity(_Strict):
-    outcome: str = Field(min_length=1, description="the delayed outcome the domain waits for")
+    outcome: str = Field(min_length=1, description="the delayed outcome the domain waits for "
+                                                   "(`click`: a click-only domain waits for its clicks)")
     quantile: float = Field(0.9, gt=0, lt=1, description="delay quantile a day must be older than")
 
     @field_validator("outcome")
     @classmethod
     def _known_outcome(cls, value: str) -> str:
-        if value not in OUTCOME_NAMES:
-            raise ValueError(f"must be an outcome the event contract knows, one of {list(OUTCOME_NAMES)} "
+        if value not in MATURITY_OUTCOMES:
+            raise ValueError(f"must be an outcome the event contract knows, one of {list(MATURITY_OUTCOMES)} "
                              f"(docs/events.md), got {value!r}")
         return value
 
@@ -120,7 +121,11 @@ class DomainConfig(_Strict):
     cadence: str
     lookback_days: int = Field(gt=0)
     holdout_days: int = Field(gt=0)
-    exploration_share: float = Field(0.1, ge=0, lt=1)
+    exploration_share: float = Field(0.1, ge=0, le=1, description="share of traffic the logger serves "
+                                     "uniformly at random: 0 a pure on-policy logger, 1 a fully random one")
+    input: Literal["required", "optional"] | None = Field(
+        None, description="optional: an empty input is valid (a feed has no query); default optional "
+                          "for a recommendation domain, required for an assistant")
     audit_share: float = Field(0.02, ge=0, lt=1, description="share of interactions routed to "
                                "human review (gold labels, `label` events)")
     label_maturity: LabelMaturity
@@ -166,6 +171,11 @@ class DomainConfig(_Strict):
                              f"holdout_days ({self.lookback_days + self.holdout_days}): training and "
                              f"validation read that far back")
         return self
+
+    @property
+    def input_optional(self) -> bool:
+        """Whether an interaction with an empty input is kept (quality filtering, its check)."""
+        return (self.input or ("optional" if self.shape == "recommendation" else "required")) == "optional"
 
     @property
     def cron(self) -> str:

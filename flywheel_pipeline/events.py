@@ -23,6 +23,10 @@ SIGNAL_TYPES = (
 # Delayed outcomes a domain can wait for (flywheel.yaml's label_maturity.outcome). An outcome
 # event's `name` may be anything; only these are ones a domain's labels and gate can be built on.
 OUTCOME_NAMES = ("resolved", "purchase")
+# What a domain's labels can wait for (label_maturity.outcome): one of those outcomes, or, for a
+# domain that logs clicks and nothing later, the click itself.
+CLICK_MATURITY = "click"
+MATURITY_OUTCOMES = (*OUTCOME_NAMES, CLICK_MATURITY)
 MAX_ID_LENGTH = 128
 ID_PATTERN = rf"^[A-Za-z0-9_.:-]{{1,{MAX_ID_LENGTH}}}$"  # no control, invisible or right-to-left characters
 MAX_INPUT_LENGTH = 4000
@@ -198,7 +202,18 @@ def _field_rules() -> list[tuple[str, str]]:
             f"wrong_type:impressions.{field.name}",
             _for_types(("interaction",), f"NOT list_bool_and(list_transform({types}, lambda t: t IN {allowed}))"),
         ))
-    return missing + mistyped
+    return missing + mistyped + [_features_rule()]
+
+
+def _features_rule() -> tuple[str, str]:
+    """``context.features``, when present, is an object of name -> finite number (serving-time
+    numeric features: user features, user-item affinities); other context entries are free."""
+    features = "(fields.context -> '$.features')"
+    values = f"""map_values(from_json({features}, '"MAP(VARCHAR, JSON)"'))"""
+    finite = "lambda v: coalesce(isfinite(TRY_CAST(CAST(v AS VARCHAR) AS DOUBLE)), false)"
+    return ("wrong_type:context.features", _for_types(("interaction",), f"""{_type_of('context')} = 'OBJECT'
+        AND contains(CAST(fields.context AS VARCHAR), '"features"') AND json_type({features}) <> 'NULL'
+        AND (json_type({features}) <> 'OBJECT' OR NOT coalesce(list_bool_and(list_transform({values}, {finite})), true))"""))
 
 
 def _value_rules() -> list[tuple[str, str]]:

@@ -120,7 +120,7 @@ def raw_interactions_suite(domain_config: DomainConfig, first: date, last: date)
         gxe.ExpectColumnValuesToBeInSet(column="policy", value_set=list(POLICIES)),
         gxe.ExpectColumnValuesToBeInSet(column="consent", value_set=list(CONSENT_STATES)),
     ]
-    if share > 0:  # the exploration slice the domain's config promises is in the logs
+    if share > 0:  # the exploration slice the domain's config promises is in the logs (0: nothing promised)
         expectations.append(
             gxe.ExpectColumnMeanToBeBetween(
                 column="is_exploration",
@@ -131,6 +131,15 @@ def raw_interactions_suite(domain_config: DomainConfig, first: date, last: date)
     return expectations
 
 
+def exploration_suite() -> list[Expectation]:
+    """Some of the run's traffic was served at random (whatever the domain declares): without an
+    exploration slice the examination curve and the off-policy estimates have nothing unbiased to
+    learn from, and each model only re-ranks what its predecessor showed. A warning."""
+    import great_expectations.expectations as gxe
+
+    return [gxe.ExpectColumnMaxToBeBetween(column="is_exploration", min_value=1)]
+
+
 def daily_traffic_suite(median_day: float, min_share: float) -> list[Expectation]:
     """Every day delivered traffic: at least ``min_share`` of the median day, and at least one interaction."""
     import great_expectations.expectations as gxe
@@ -138,8 +147,9 @@ def daily_traffic_suite(median_day: float, min_share: float) -> list[Expectation
     return [gxe.ExpectColumnValuesToBeBetween(column="interactions", min_value=max(1.0, min_share * median_day))]
 
 
-def filtered_impressions_suite() -> list[Expectation]:
-    """What quality filtering promises downstream: keys, positions, propensities, text bounds."""
+def filtered_impressions_suite(input_optional: bool = False) -> list[Expectation]:
+    """What quality filtering promises downstream: keys, positions, propensities, text bounds (an
+    empty input allowed where the domain declares its input optional)."""
     import great_expectations.expectations as gxe
 
     bounds = dbt_vars()
@@ -151,13 +161,15 @@ def filtered_impressions_suite() -> list[Expectation]:
         ),
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["domain", "interaction_id", "item_id"]),
         gxe.ExpectColumnValuesToBeBetween(column="position", min_value=0),
+        # positions are 0-based: without a top slot (a 1-based log) no examination curve exists
+        gxe.ExpectColumnMinToBeBetween(column="position", min_value=0, max_value=0),
         gxe.ExpectColumnValuesToBeBetween(
             column="propensity", min_value=0, max_value=1, strict_min=True
         ),
         gxe.ExpectColumnValuesToBeInSet(column="policy", value_set=list(POLICIES)),
         gxe.ExpectColumnValueLengthsToBeBetween(
             column="input_text",
-            min_value=bounds["min_input_chars"],
+            min_value=0 if input_optional else bounds["min_input_chars"],
             max_value=bounds["max_input_chars"],
         ),
     ]
@@ -228,7 +240,7 @@ def _columns(expectation: Expectation) -> list[str]:
 
 
 def _describe(outcome: Any) -> str:
-    """``expect_column_mean_to_be_between(is_exploration): observed 0.0``."""
+    """``expect_column_mean_to_be_between(is_exploration): observed 0.0, expected 0.05..0.2``."""
     config = outcome.expectation_config
     target = config.kwargs.get("column") or config.kwargs.get("column_list") or "table"
     observed = outcome.result.get("observed_value")
@@ -239,4 +251,14 @@ def _describe(outcome: Any) -> str:
         observed = f"{outcome.result['unexpected_count']} unexpected rows"
     if outcome.exception_info and outcome.exception_info.get("raised_exception"):
         observed = outcome.exception_info.get("exception_message")
-    return f"{config.type}({target}): observed {observed}"
+    return f"{config.type}({target}): observed {observed}{_expected(config.kwargs)}"
+
+
+def _expected(kwargs: dict[str, Any]) -> str:
+    """``, expected 0.05..0.2`` from an expectation's bounds or value set ('' without either)."""
+    if kwargs.get("value_set") is not None:
+        return f", expected one of {list(kwargs['value_set'])}"
+    low, high = kwargs.get("min_value"), kwargs.get("max_value")
+    if low is None and high is None:
+        return ""
+    return f", expected {'' if low is None else low}..{'' if high is None else high}"

@@ -36,6 +36,7 @@ class CycleOutcome:
     candidate: dict[str, object] = field(default_factory=dict)  # candidate_model's metadata (model_uri, windows)
     version: str | None = None  # registered candidate version
     next_step: str = ""
+    failed_checks: list[str] = field(default_factory=list)  # ``check_failure`` of each, the gate aside
 
     @property
     def succeeded(self) -> bool:
@@ -75,6 +76,8 @@ def read_outcome(instance: dg.DagsterInstance, domain: str, run: dg.DagsterRun) 
         event = record.event_log_entry.dagster_event
         if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
             evaluation = event.event_specific_data
+            if not evaluation.passed and evaluation.check_name != "gate":
+                outcome.failed_checks.append(check_failure(evaluation))
             if evaluation.asset_key == keys["validation_report"] and evaluation.check_name == "gate":
                 outcome.gate = _value(evaluation.metadata, "gate")
                 outcome.reasons = _value(evaluation.metadata, "reasons")
@@ -89,6 +92,18 @@ def read_outcome(instance: dg.DagsterInstance, domain: str, run: dg.DagsterRun) 
             outcome.version = str(_value(metadata, "version"))
             outcome.next_step = _value(metadata, "next")
     return outcome
+
+
+def check_failure(evaluation: dg.AssetCheckEvaluation) -> str:
+    """``accumulated_traffic (error): expect_column_mean_to_be_between(is_exploration): observed
+    0.0, expected 0.05..0.2``: a failed check, its severity and what it observed against what it
+    expected (a GX suite's ``failures``; a dbt test's failing rows)."""
+    metadata = evaluation.metadata
+    detail = _value(metadata, "failures") or (
+        f"{_value(metadata, 'dagster_dbt/failed_row_count')} failing rows"
+        if "dagster_dbt/failed_row_count" in metadata else "")
+    severity = evaluation.severity.value.lower() if evaluation.severity else "error"
+    return f"{evaluation.check_name} ({severity})" + (f": {detail}" if detail else "")
 
 
 def _value(metadata, key: str):

@@ -18,6 +18,7 @@ SERVING_FEATURES = [
     "domain",
     "user_id",
     "segment",
+    "context_features",  # JSON object of name -> number (context.features), "{}" without any
     "is_new_user",
     "input_text",
     "item_id",

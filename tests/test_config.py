@@ -53,7 +53,7 @@ def test_bad_key_is_named(path, value, named):
         (["domains", "recommendation", "approvers"], [], "a manual domain needs at least one approver"),
         (["domains", "assistant", "approvers"], ["flywheel:auto"], "the pipeline's own identity"),
         (["domains", "assistant", "approvers"], [" "], "a person's non-blank name"),
-        (["domains", "assistant", "label_maturity", "outcome"], "resolvd", "one of ['resolved', 'purchase']"),
+        (["domains", "assistant", "label_maturity", "outcome"], "resolvd", "one of ['resolved', 'purchase', 'click']"),
     ],
 )
 def test_cross_field_rules_name_the_key(path, value, why):

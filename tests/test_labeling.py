@@ -47,6 +47,7 @@ FCT_IMPRESSIONS = {
     "abandoned_after_s": pl.Float64,
     "rating": pl.Float64,
     "clicked": pl.Boolean,
+    "clicked_after_s": pl.Float64,
     "dwell_s": pl.Float64,
     "max_clicked_position": pl.Int32,
     "outcome_name": pl.String,
@@ -55,6 +56,7 @@ FCT_IMPRESSIONS = {
     "outcome_delay_s": pl.Float64,
     "review_value": pl.Float64,
     "reviewed_at": pl.Datetime("us"),
+    "reaction_window_closed": pl.Boolean,  # added by the labeling stage, not in the mart
 }
 
 DAYS = [date(2026, 3, 1), date(2026, 3, 2), date(2026, 3, 3)]
@@ -128,7 +130,7 @@ def recommendation_day(day: date) -> list[dict[str, object]]:
 def con(tmp_path):
     rows = [row for day in [date(2026, 2, 20), *DAYS] for row in assistant_day(day)]
     rows += [row for day in DAYS for row in recommendation_day(day)]
-    frame = pl.DataFrame(rows, schema=FCT_IMPRESSIONS)
+    frame = pl.DataFrame(rows, schema=FCT_IMPRESSIONS).drop(lfs.STAGE_COLUMNS)
     connection = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
     connection.execute("CREATE SCHEMA marts")
     connection.register("fct_rows", frame)

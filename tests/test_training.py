@@ -44,6 +44,7 @@ REACTION_COLUMNS = {
     "abandoned_after_s": "DOUBLE",
     "rating": "DOUBLE",
     "clicked": "BOOLEAN",
+    "clicked_after_s": "DOUBLE",
     "dwell_s": "DOUBLE",
     "max_clicked_position": "INTEGER",
     "outcome_name": "VARCHAR",
@@ -59,7 +60,7 @@ CREATE SCHEMA IF NOT EXISTS labels;
 CREATE TABLE IF NOT EXISTS marts.fct_impressions (
     domain VARCHAR, event_date DATE, interaction_id VARCHAR, item_id VARCHAR, position INTEGER,
     propensity DOUBLE, policy VARCHAR, model_version VARCHAR, served_at TIMESTAMP,
-    user_id VARCHAR, session_id VARCHAR, is_new_user BOOLEAN, segment VARCHAR,
+    user_id VARCHAR, session_id VARCHAR, is_new_user BOOLEAN, segment VARCHAR, context_features VARCHAR,
     input_text VARCHAR, item_content VARCHAR, slate_size INTEGER, {reactions}
 );
 CREATE TABLE IF NOT EXISTS labels.impression_labels (
@@ -151,6 +152,7 @@ def assistant_impressions(
                     "session_id": f"s{d}_{k}",
                     "is_new_user": bool(rng.random() < 0.3),
                     "segment": None,
+                    "context_features": "{}",
                     "input_text": rng.choice(templates).format(v=verb, n=noun),
                     "item_content": responses[choice][1],
                     "slate_size": 1,
@@ -212,6 +214,7 @@ def recommendation_impressions(
                         "session_id": f"s{d}_{k}",
                         "is_new_user": is_new,
                         "segment": f"s{segment}",
+                        "context_features": "{}",
                         "input_text": "home",
                         "item_content": f"item {item}",
                         "slate_size": 5,
@@ -421,6 +424,7 @@ def test_recommendation_trainer_corrects_position_bias_and_reports_its_sources(c
                 "domain": "recommendation",
                 "user_id": "nobody",
                 "segment": f"s{s}",
+                "context_features": "{}",
                 "is_new_user": False,
                 "input_text": "home",
                 "item_id": f"i{i}",

@@ -95,7 +95,7 @@ def logged_bandit(n: int, seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
             "domain": "assistant", "event_date": date(2026, 3, 30), "interaction_id": f"i{i}",
             "item_id": f"r{a}", "position": 0, "propensity": LOGGING[q, a], "policy": "champion",
             "model_version": "1", "served_at": datetime(2026, 3, 30), "user_id": f"u{i % 50}",
-            "session_id": f"s{i}", "is_new_user": i % 4 == 0, "segment": None,
+            "session_id": f"s{i}", "is_new_user": i % 4 == 0, "segment": None, "context_features": "{}",
             "input_text": QUERIES[q], "item_content": f"response {a}", "slate_size": 1,
             "p_good": 0.95 if resolved else 0.05, "label": bool(resolved), "clicked": 0.0,
             "outcome": resolved, "verdict": resolved if i % 10 == 0 else None,

@@ -2,6 +2,7 @@
 
 - ``raw_events`` / ``accumulated_traffic``: per day x domain partition, the run's days as a whole.
 - ``raw_events`` / ``daily_traffic``: each day of the run, against the domain's median day (a warning).
+- ``raw_events`` / ``exploration``: the run logged some exploration traffic (a warning).
 - ``fct_impressions`` / ``filtered_impressions``: the run's partitions of the mart labeling reads,
   after every dbt test.
 """
@@ -47,6 +48,18 @@ def quality_checks(config: FlywheelConfig) -> list[dg.AssetChecksDefinition]:
         return dg.AssetCheckResult(passed=result.success, severity=dg.AssetCheckSeverity.WARN,
                                    metadata={**result.metadata(), "median_day": median_day})
 
+    @dg.asset_check(asset=RAW_EVENTS, partitions_def=partitions,
+                    description="GX: some of the run's traffic was served at random; a warning, as a "
+                                "domain may declare exploration_share 0, yet without exploration the "
+                                "flywheel only re-ranks what its champion showed.")
+    def exploration(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        domain, days = run_scope(context, partitions)
+        with warehouse.connect() as con:
+            frame = quality.raw_interactions(con, domain, days[0], days[-1])
+        result = quality.run_suite(f"exploration_{domain}", frame, quality.exploration_suite())
+        return dg.AssetCheckResult(passed=result.success, severity=dg.AssetCheckSeverity.WARN,
+                                   metadata=result.metadata())
+
     @dg.asset_check(asset=fct_impressions_key(), blocking=True, partitions_def=partitions,
                     description="GX: the run's filtered impressions keep their keys unique, positions "
                                 "and propensities in range, inputs within the length bounds.")
@@ -56,6 +69,6 @@ def quality_checks(config: FlywheelConfig) -> list[dg.AssetChecksDefinition]:
         with warehouse.connect() as con:
             frame = quality.filtered_impressions(con, domain, days[0], days[-1])
         return _result(quality.run_suite(f"filtered_impressions_{domain}", frame,
-                                         quality.filtered_impressions_suite()))
+                                         quality.filtered_impressions_suite(config.domain(domain).input_optional)))
 
-    return [accumulated_traffic, daily_traffic, filtered_impressions]
+    return [accumulated_traffic, daily_traffic, exploration, filtered_impressions]

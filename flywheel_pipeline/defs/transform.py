@@ -31,7 +31,7 @@ from dagster_dbt import (
     dbt_assets,
 )
 
-from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.config import DomainConfig, FlywheelConfig
 from flywheel_pipeline.defs.partitions import day_domain_partitions, run_scope
 from flywheel_pipeline.home import HOME_ENV, Home
 
@@ -121,9 +121,11 @@ dbt_project = _prepare(DbtProject(project_dir=DBT_PROJECT_DIR))
 TRANSLATOR = FlywheelDbtTranslator(settings=DagsterDbtTranslatorSettings(enable_duplicate_source_asset_keys=True))
 
 
-def partition_vars(domain: str, days: Sequence[date]) -> dict[str, Any]:
-    """The dbt vars that make a build cover ``domain``'s ``days`` (dbt_project/macros/partitions.sql)."""
-    return {"flywheel_domain": domain, "flywheel_days": [day.isoformat() for day in days]}
+def partition_vars(domain: str, days: Sequence[date], settings: DomainConfig) -> dict[str, Any]:
+    """The dbt vars that make a build cover ``domain``'s ``days`` (dbt_project/macros/partitions.sql),
+    with what filtering needs of the domain's config (whether its input may be empty)."""
+    return {"flywheel_domain": domain, "flywheel_days": [day.isoformat() for day in days],
+            "flywheel_input_optional": settings.input_optional}
 
 
 def build_dbt_assets(config: FlywheelConfig) -> dg.AssetsDefinition:
@@ -136,7 +138,7 @@ def build_dbt_assets(config: FlywheelConfig) -> dg.AssetsDefinition:
         """Rebuild the run's partitions of staging -> intermediate -> marts and run every dbt test on
         them (one asset check each)."""
         domain, days = run_scope(context, partitions)
-        invocation = dbt.cli(["build", "--vars", json.dumps(partition_vars(domain, days))], context=context)
+        invocation = dbt.cli(["build", "--vars", json.dumps(partition_vars(domain, days, config.domain(domain)))], context=context)
         with dies_with_this_process(invocation.process):
             yield from invocation.stream()
 

@@ -12,12 +12,15 @@ from datetime import UTC, date, datetime, time, timedelta
 import numpy as np
 import polars as pl
 
-from flywheel_pipeline.labeling.functions import ABSTAIN, BAD, GOOD
+from flywheel_pipeline.events import CLICK_MATURITY
+from flywheel_pipeline.labeling.functions import ABSTAIN, BAD, GOOD, REACTION_WINDOW_CLOSED
 from flywheel_pipeline.labeling.model import vote_patterns
 
 COHORT = ["domain", "is_new_user", "segment"]
 DELAY_QUANTILES = {"p50_h": 0.5, "p90_h": 0.9, "p99_h": 0.99}
-OUTCOME_COLUMNS = ["domain", "interaction_id", "outcome_name", "outcome_at", "outcome_delay_s"]
+OUTCOME_COLUMNS = [
+    "domain", "interaction_id", "outcome_name", "outcome_at", "outcome_delay_s", "clicked_after_s"
+]
 
 
 def lf_summary(
@@ -110,11 +113,30 @@ def outcome_delays(impressions: pl.DataFrame, outcome: str) -> pl.Series:
     )
 
 
+def maturity_delays(impressions: pl.DataFrame, outcome: str) -> pl.Series:
+    """Seconds from serving to what the domain waits for: its delayed ``outcome`` (``outcome_delays``)
+    or, for a click-only domain (``CLICK_MATURITY``), each impression's first click."""
+    if outcome == CLICK_MATURITY:
+        return impressions.get_column("clicked_after_s").drop_nulls()
+    return outcome_delays(impressions, outcome)
+
+
+def reaction_window_closed(
+    served_at: pl.Series, delays_s: pl.Series, quantile: float, as_of: datetime | date
+) -> pl.Series:
+    """Per impression, whether the ``quantile`` delay has passed since it was served, by ``as_of``:
+    whatever reaction it was going to get has most likely come. Null (unknown) without delays."""
+    if delays_s.is_empty():
+        return pl.repeat(None, len(served_at), dtype=pl.Boolean, eager=True).alias(REACTION_WINDOW_CLOSED)
+    wait = timedelta(seconds=float(np.quantile(delays_s.to_numpy(), quantile)))
+    return (served_at + wait <= _utc(as_of)).alias(REACTION_WINDOW_CLOSED)
+
+
 def label_delays(impressions: pl.DataFrame, maturity_outcome: Mapping[str, str]) -> pl.DataFrame:
     """Per domain: its maturity outcome, how many arrived, and the p50/p90/p99 delay in hours."""
     rows = []
     for domain, outcome in maturity_outcome.items():
-        delays_h = outcome_delays(impressions.filter(pl.col("domain") == domain), outcome) / 3600
+        delays_h = maturity_delays(impressions.filter(pl.col("domain") == domain), outcome) / 3600
         quantiles = {
             name: delays_h.quantile(q, interpolation="linear")
             for name, q in DELAY_QUANTILES.items()

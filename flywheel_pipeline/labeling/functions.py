@@ -32,6 +32,11 @@ GOOD_RATING = 4  # explicit rating at or above: good
 BAD_RATING = 2  # explicit rating at or below: bad
 LONG_DWELL_S = 30.0  # reading a clicked item this long means it was worth it
 POGO_STICK_DWELL_S = 10.0  # bouncing back this fast means the click disappointed
+TOP_SLOTS = 1  # slots 0..TOP_SLOTS-1 are (nearly) always examined; lower ones often are not
+
+# Columns the labeling stage adds to what it reads from marts.fct_impressions (stage.read_impressions).
+REACTION_WINDOW_CLOSED = "reaction_window_closed"  # the impression's reaction window has passed
+STAGE_COLUMNS = frozenset({REACTION_WINDOW_CLOSED})
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,20 @@ def flag(column: str) -> pl.Expr:
 def within(column: str, seconds: float) -> pl.Expr:
     """The ``*_s`` signal came, and no later than ``seconds``."""
     return pl.col(column).le(seconds).fill_null(False)
+
+
+def unclicked_after_window() -> pl.Expr:
+    """Shown, not clicked, and its reaction window has passed (unknown while it is open).
+
+    Silence is the only negative evidence a click-only log has, and it is position-dependent: an
+    item in the top slot was almost surely looked at, one lower down maybe never (examination
+    falls with the slot). Rather than a fixed examination-weighted rule, the "not clicked" vote is
+    split by slot band into separate LFs of the implicit source (``not_clicked_top``,
+    ``not_clicked_lower``): the label model then learns from the data how much each band's
+    silence says (a lower slot's less), as it does for every other reaction, with no examination
+    curve to estimate first (which needs an exploration slice the log may not have).
+    """
+    return ~flag("clicked") & pl.col(REACTION_WINDOW_CLOSED)
 
 
 @labeling_function(name="accepted_kept", source=IMPLICIT)
@@ -168,6 +187,18 @@ def _pogo_stick() -> pl.Expr:
 def _examined_but_skipped() -> pl.Expr:
     """Shown above the lowest clicked item (so seen) yet not clicked: bad."""
     return vote(bad=~flag("clicked") & (pl.col("position") < pl.col("max_clicked_position")))
+
+
+@labeling_function(name="not_clicked_top", source=IMPLICIT)
+def _not_clicked_top() -> pl.Expr:
+    """Shown in a top slot (below TOP_SLOTS), not clicked once its reaction window passed: bad."""
+    return vote(bad=unclicked_after_window() & (pl.col("position") < TOP_SLOTS))
+
+
+@labeling_function(name="not_clicked_lower", source=IMPLICIT)
+def _not_clicked_lower() -> pl.Expr:
+    """Shown lower down (perhaps never examined), not clicked once its window passed: bad, weaker."""
+    return vote(bad=unclicked_after_window() & (pl.col("position") >= TOP_SLOTS))
 
 
 def apply_lfs(

@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 
 from flywheel_pipeline.config import DomainConfig, FlywheelConfig
+from flywheel_pipeline.events import CLICK_MATURITY
 from flywheel_pipeline.labeling.analysis import (
     COHORT,
     OUTCOME_COLUMNS,
@@ -24,12 +25,14 @@ from flywheel_pipeline.labeling.analysis import (
     label_accuracy,
     label_delays,
     lf_summary,
+    maturity_delays,
     mature_until,
-    outcome_delays,
+    reaction_window_closed,
 )
 from flywheel_pipeline.labeling.functions import (
     ABSTAIN,
     LABELING_FUNCTIONS,
+    STAGE_COLUMNS,
     apply_lfs,
     vote_matrix,
     voters,
@@ -51,8 +54,10 @@ CREATE TABLE IF NOT EXISTS labels.impression_labels (
 """
 
 IMPRESSION_KEY = ["domain", "event_date", "interaction_id", "item_id"]
-# Read besides what the LFs read: cohorts, label delay, gold labels.
+# Read besides what the LFs read: cohorts, label delay and reaction windows, gold labels.
 _REPORT_COLUMNS = [
+    "served_at",
+    "clicked_after_s",
     "is_new_user",
     "segment",
     "outcome_name",
@@ -151,7 +156,9 @@ def label_partitions(
     dates = sorted(set(dates))
     fit_start, fit_end = fit_window(dates[-1], settings, fit_window_days)
 
-    impressions = read_impressions(con, domain, min(fit_start, dates[0]), fit_end)
+    impressions = with_reaction_window(
+        con, domain, settings, read_impressions(con, domain, min(fit_start, dates[0]), fit_end)
+    )
     lf_votes = apply_lfs(impressions)
     votes = vote_matrix(lf_votes)
     in_fit = impressions.get_column("event_date").is_between(fit_start, fit_end).to_numpy()
@@ -191,7 +198,7 @@ def label_partitions(
             partitions.select(COHORT).with_columns(labels.get_column("p_good"))
         ),
         label_delay=label_delays(fitted, {domain: maturity.outcome}),
-        mature_until=_cutoff(outcome_delays(fitted, maturity.outcome), maturity.quantile, fit_end),
+        mature_until=_cutoff(maturity_delays(fitted, maturity.outcome), maturity.quantile, fit_end),
         per_day=labels.group_by("event_date").agg(
             pl.len().alias("impressions"), pl.col("p_good").is_not_null().sum().alias("labelled"),
             pl.col("label").mean().alias("share_good"),
@@ -217,12 +224,33 @@ def read_impressions(
     lf_inputs = {
         name for lf in LABELING_FUNCTIONS.values() for name in lf.expression.meta.root_names()
     }
-    columns = IMPRESSION_KEY + sorted((lf_inputs | set(_REPORT_COLUMNS)) - set(IMPRESSION_KEY))
+    columns = IMPRESSION_KEY + sorted(
+        (lf_inputs | set(_REPORT_COLUMNS)) - set(IMPRESSION_KEY) - STAGE_COLUMNS
+    )
     return con.sql(
         f"""SELECT {", ".join(columns)} FROM marts.fct_impressions
             WHERE domain = $domain AND event_date BETWEEN $start AND $end""",
         params={"domain": domain, "start": start, "end": end},
     ).pl()
+
+
+def with_reaction_window(
+    con: duckdb.DuckDBPyConnection, domain: str, settings: DomainConfig, impressions: pl.DataFrame
+) -> pl.DataFrame:
+    """``impressions`` with ``reaction_window_closed``: served at least the domain's maturity
+    delay quantile before the end of its latest day in the warehouse (the moment maturity_cutoff
+    measures from). Null, so the "not clicked" LFs abstain, where items are not clicked (an
+    assistant's responses) or no delay is measured yet."""
+    maturity = settings.label_maturity
+    [(latest,)] = con.execute(
+        "SELECT max(event_date) FROM marts.fct_impressions WHERE domain = ?", [domain]
+    ).fetchall()
+    clicked = settings.shape == "recommendation" and latest is not None
+    delays = maturity_delays(impressions, maturity.outcome) if clicked else pl.Series([], dtype=pl.Float64)
+    as_of = latest + timedelta(days=1) if clicked else date.max
+    return impressions.with_columns(
+        reaction_window_closed(impressions.get_column("served_at"), delays, maturity.quantile, as_of)
+    )
 
 
 def impression_labels(
@@ -297,10 +325,11 @@ def maturity_cutoff(
     outcomes = con.sql(
         f"""SELECT {", ".join(OUTCOME_COLUMNS)} FROM marts.fct_impressions
             WHERE domain = $domain AND event_date BETWEEN $start AND $end
-              AND outcome_name = $outcome""",
-        params={"domain": domain, "start": start, "end": end, "outcome": outcome},
+              AND (outcome_name = $outcome OR ($outcome = $click AND clicked_after_s IS NOT NULL))""",
+        params={"domain": domain, "start": start, "end": end, "outcome": outcome,
+                "click": CLICK_MATURITY},
     ).pl()
-    return _cutoff(outcome_delays(outcomes, outcome), settings.label_maturity.quantile, as_of)
+    return _cutoff(maturity_delays(outcomes, outcome), settings.label_maturity.quantile, as_of)
 
 
 def _cutoff(delays_s: pl.Series, quantile: float, last_day: date) -> date | None:

@@ -90,6 +90,7 @@ def candidate_frame(domain: str, user_id: np.ndarray, segment: np.ndarray | None
         "domain": domain,
         "user_id": np.repeat(user_id, k),
         "segment": None if segment is None else np.repeat(segment, k),
+        "context_features": "{}",
         "is_new_user": np.repeat(is_new_user, k),
         "input_text": np.repeat(input_text, k),
         "item_id": item_id.ravel(),

@@ -14,6 +14,8 @@ from datetime import date, timedelta
 from importlib.metadata import version
 from typing import Any, ClassVar, Protocol
 
+import json
+
 import duckdb
 import mlflow
 import numpy as np
@@ -44,6 +46,7 @@ SERVING_TIME_COLUMNS = [
     "session_id",
     "is_new_user",
     "segment",
+    "context_features",
     "input_text",
     "item_content",
     "slate_size",
@@ -111,6 +114,18 @@ def impressions(
         ORDER BY i.served_at, i.interaction_id, i.position
     """
     return con.sql(query, params={"domain": domain, "start": start, "end": end}).pl()
+
+
+def context_features(text: str | None) -> dict[str, float]:
+    """A row's ``context_features`` (JSON object of name -> number) as a dict; {} for none."""
+    return {name: float(value) for name, value in json.loads(text).items()} if text else {}
+
+
+def crossed(features: dict[str, float], with_key: str) -> dict[str, float]:
+    """Each numeric feature alone and crossed with ``with_key`` (e.g. ``i=<item>``), at its value:
+    how much that feature says about this item in particular."""
+    return {**{f"f={name}": value for name, value in features.items()},
+            **{f"f={name}|{with_key}": value for name, value in features.items()}}
 
 
 class FittedScorer(Protocol):
@@ -341,7 +356,9 @@ def input_example(domain: str, train: pd.DataFrame, rows: int = 2) -> pd.DataFra
     made_up = {}
     for name in SERVING_FEATURES:
         dtype = train[name].dtype
-        if pd.api.types.is_bool_dtype(dtype):
+        if name == "context_features":
+            values = ['{"example": 0.5}'] * rows
+        elif pd.api.types.is_bool_dtype(dtype):
             values = [index % 2 == 0 for index in range(rows)]
         elif pd.api.types.is_numeric_dtype(dtype):
             values = [0] * rows

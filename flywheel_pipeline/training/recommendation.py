@@ -17,18 +17,20 @@ from dataclasses import dataclass
 import pandas as pd
 import polars as pl
 
-from flywheel_pipeline.training.base import HashedLogisticTrainer
+from flywheel_pipeline.training.base import HashedLogisticTrainer, context_features, crossed
 
-USER_ITEM_COLUMNS = ["user_id", "segment", "is_new_user", "item_id"]
+USER_ITEM_COLUMNS = ["user_id", "segment", "is_new_user", "context_features", "item_id"]
 
 
 def user_item_features(rows: pd.DataFrame) -> list[dict[str, float]]:
-    """Hashed-feature dicts for (user, item) rows: item, segment x item, user x item, new x item."""
+    """Hashed-feature dicts for (user, item) rows: item, segment x item, user x item, new x item,
+    and each numeric context feature alone and x item (at its value)."""
     features = []
-    for user, segment, is_new, item in zip(
+    for user, segment, is_new, numeric, item in zip(
         rows["user_id"].tolist(),
         rows["segment"].tolist(),
         rows["is_new_user"].tolist(),
+        rows["context_features"].tolist(),
         rows["item_id"].tolist(),
     ):
         segment = segment if isinstance(segment, str) else "none"
@@ -38,6 +40,7 @@ def user_item_features(rows: pd.DataFrame) -> list[dict[str, float]]:
                 f"s={segment}|i={item}": 1.0,
                 f"u={user}|i={item}": 1.0,
                 f"new={bool(is_new)}|i={item}": 1.0,
+                **crossed(context_features(numeric), f"i={item}"),
             }
         )
     return features

@@ -30,7 +30,8 @@ REWARD = {"assistant": "outcome", "recommendation": "clicked"}  # the column of 
 REWARD_MODEL_KEYS = {"assistant": ["input_text", "item_id"], "recommendation": ["segment", "item_id"]}
 REWARD_MODEL_PRIOR = 5.0  # pseudo-observations shrinking a key's attraction to its item's
 _CANDIDATES_SCHEMA = '[{"item_id": "VARCHAR", "content": "VARCHAR", "propensities": ["DOUBLE"]}]'
-_INTERACTION_FEATURES = ["domain", "user_id", "segment", "is_new_user", "input_text", "policy"]
+_INTERACTION_FEATURES = ["domain", "user_id", "segment", "context_features", "is_new_user", "input_text",
+                         "policy"]
 
 
 def holdout_rows(con: duckdb.DuckDBPyConnection, domain: str, windows: Windows,

@@ -40,6 +40,7 @@ per_impression as (
         min(after_s) filter (where signal_type = 'abandon') as abandoned_after_s,
         arg_max(value, reacted_at) filter (where signal_type = 'rating') as rating,
         count(*) filter (where signal_type = 'click') > 0 as clicked,
+        min(after_s) filter (where signal_type = 'click') as clicked_after_s,
         sum(value) filter (where signal_type = 'dwell') as dwell_s,
         arg_min(
             {'name': outcome_name, 'value': value, 'at': reacted_at, 'after_s': after_s}, reacted_at
@@ -98,6 +99,7 @@ pivoted as (
         per_impression.abandoned_after_s,
         per_impression.rating,
         coalesce(per_impression.clicked, false) as clicked,
+        per_impression.clicked_after_s,
         per_impression.dwell_s,
         deepest_clicks.max_clicked_position,
         per_impression.first_outcome.name as outcome_name,

@@ -1,7 +1,8 @@
 -- Every staged interaction with the first filtering rule it breaks (drop_reason), null when kept.
 -- Incremental per (day, domain) partition: a run rebuilds its partitions' interactions, reading from
 -- other days only what their rules need: the earlier deliveries of their interaction_ids, their
--- users' earlier days, their sessions (int_sessions).
+-- users' earlier days, their sessions (int_sessions). An empty input is kept where the run's domain
+-- declares its input optional (var flywheel_input_optional: a feed has no query).
 
 with
 
@@ -73,6 +74,7 @@ flagged as (
         interactions.model_version,
         interactions.consent,
         interactions.segment,
+        interactions.context_features,
         interactions.input_text,
         slates.slate_size,
         first_days.first_day = interactions.event_date as is_new_user,
@@ -82,6 +84,8 @@ flagged as (
             when interactions.consent <> 'granted' then 'consent_denied'
             when sessions.is_bot then 'bot_session'
             when length(trim(interactions.input_text)) < {{ var('min_input_chars') }}
+                and not ({{ 'true' if var('flywheel_input_optional', false) else 'false' }}
+                         and length(trim(interactions.input_text)) = 0)
                 then 'input_too_short'
             when length(trim(interactions.input_text)) > {{ var('max_input_chars') }}
                 then 'input_too_long'

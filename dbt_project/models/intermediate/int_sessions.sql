@@ -1,5 +1,6 @@
 -- One row per session: how many interactions, how fast, how repetitive; is_bot flags bot/spam-like ones.
--- Inputs of consent-denied interactions are null here (stg_interactions) and count as no repeat.
+-- Inputs of consent-denied interactions are null here (stg_interactions) and count as no repeat,
+-- as do empty ones (a feed has no query).
 -- A session is judged whole, whatever days it spans: a run rebuilds the sessions its partitions'
 -- interactions belong to, with their interactions on every day.
 
@@ -68,7 +69,8 @@ repeats as (
 
     select domain, session_id, max(n_same_input) as max_repeated_input
     from (
-        select domain, session_id, normalized_input, count(normalized_input) as n_same_input
+        -- an empty input (a feed's: no query) is no repeat
+        select domain, session_id, normalized_input, count(nullif(normalized_input, '')) as n_same_input
         from interactions
         group by domain, session_id, normalized_input
     )
