@@ -257,7 +257,8 @@ def bandit_cycle(tmp_path_factory) -> Iterator[Imported]:
     """A random logger's 1-based click log imported, then the recommendation domain's whole cycle."""
     root = tmp_path_factory.mktemp("bandit")
     with pytest.MonkeyPatch.context() as patch:
-        path = project_config(root, exploration_share=1.0)  # a uniformly random logger explores always
+        # a uniformly random logger explores always; a click-only log waits for its clicks
+        path = project_config(root, exploration_share=1.0, label_maturity={"outcome": "click"})
         patch.setenv("FLYWHEEL_CONFIG", str(path))
         for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
             patch.delenv(name, raising=False)
