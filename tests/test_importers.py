@@ -12,18 +12,19 @@ from typing import NamedTuple
 
 import dagster as dg
 import numpy as np
+import polars as pl
 import pytest
 import yaml
 
 from flywheel_pipeline import warehouse
 from flywheel_pipeline.accumulation import accumulate
 from flywheel_pipeline.cli import main
-from flywheel_pipeline.config import ConfigError, FlywheelConfig, load_config
+from flywheel_pipeline.config import BanditLog, ConfigError, FlywheelConfig, Importing, load_config
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.defs.assets import LABELS
 from flywheel_pipeline.defs.transform import RAW_EVENTS, dbt_model_keys
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.importers import import_file
+from flywheel_pipeline.importers import UnreadableFile, import_file
 from tests.conftest import REPO
 
 TODAY = datetime.now(UTC).date()
@@ -220,12 +221,29 @@ def test_a_slate_with_two_items_in_one_slot_is_rejected_whole(project, tmp_path)
     assert report.rejected == {"duplicate_position": 2, "invalid_value:pscore": 1} and not report.batches
 
 
+def test_a_parquet_log_imports_as_its_csv_does(project, tmp_path):
+    home, config = project
+    csv_path = bandit_file(tmp_path / "log.csv", BANDIT_FIRST, days=1)
+    frame = pl.read_csv(csv_path).with_columns(pl.col("ts").str.to_datetime())  # a naive timestamp column
+    frame.write_parquet(tmp_path / "log.parquet")
+    from_csv = import_file(home, config, "bandit", csv_path, "recommendation")
+    from_parquet = import_file(home, config, "bandit", tmp_path / "log.parquet", "recommendation")
+    assert (home.landing / from_csv.batches[0]).read_text() == (home.landing / from_parquet.batches[0]).read_text()
+    assert from_parquet.rejected == from_csv.rejected
+
+
 def test_importing_needs_the_domain_to_declare_its_mapping(config, home, tmp_path):
     path = bandit_file(tmp_path / "log.csv", BANDIT_FIRST, days=1)
     with pytest.raises(ConfigError, match=r"domains.recommendation.importing.bandit_log: missing"):
         import_file(home, config, "bandit", path, "recommendation")
     with pytest.raises(ConfigError, match=r"domains.assistant.importing.consent: missing"):
         import_file(home, config, "otel", otel_file(tmp_path / "t.json", [D0], 1), "assistant")
+    log = dict(BANDIT_LOG, position="rank")
+    importing = {"importing": Importing(consent="granted", bandit_log=BanditLog(**log))}
+    declared = config.model_copy(update={"domains": {**config.domains, "recommendation": config.domains[
+        "recommendation"].model_copy(update=importing)}})
+    with pytest.raises(UnreadableFile, match=r"no column 'rank' \(domains.recommendation.importing.bandit_log.position"):
+        import_file(home, declared, "bandit", path, "recommendation")
 
 
 def test_accumulation_reads_imported_batches_and_keeps_the_import_quarantine(project, tmp_path):

@@ -33,7 +33,6 @@ _ROW = "__record"  # the row number column
 _SLATE = "__slate"  # the interaction id column
 _TS = "__ts"
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%.3fZ"
-_MAX_SLATE_ID = MAX_ID_LENGTH - len(":click:49")  # the longest id made from it (a click's) fits
 
 
 def mapping(config: FlywheelConfig, domain: str) -> BanditLog:
@@ -49,17 +48,27 @@ def mapping(config: FlywheelConfig, domain: str) -> BanditLog:
     return settings.importing.bandit_log
 
 
-def _load(path: Path, log: BanditLog) -> pl.DataFrame:
-    """The mapped columns of the file; the core ones as read, context columns with their types."""
-    core = [c for c in (log.timestamp, log.item, log.position, log.reward, log.propensity, log.request,
-                        log.user, log.session, log.consent, log.input, log.content) if c is not None]
-    columns = core + log.context
+_CORE_KEYS = ("timestamp", "item", "position", "reward", "propensity", "request", "user", "session", "consent",
+              "input", "content")
+
+
+def _load(path: Path, domain: str, log: BanditLog) -> pl.DataFrame:
+    """The mapped columns of the file; the core ones as read, context columns with their types.
+    A declared column the file lacks stops the import, naming the key that declares it."""
+    core = {key: column for key in _CORE_KEYS if (column := getattr(log, key)) is not None}
+    parquet = path.suffix.lower() == ".parquet"
     try:
-        if path.suffix.lower() == ".parquet":
-            frame = pl.read_parquet(path, columns=columns)
-        else:
-            frame = pl.read_csv(path, columns=columns, schema_overrides={c: pl.String for c in core},
-                                infer_schema_length=100_000)
+        present = set(pl.read_parquet_schema(path) if parquet else pl.read_csv(path, n_rows=0).columns)
+        declared = [(f"{key}: {column}", column) for key, column in core.items()] + [
+            (f"context: [{column}]", column) for column in log.context]
+        for key, column in declared:
+            if column not in present:
+                raise UnreadableFile(f"{path} has no column {column!r} (domains.{domain}.importing.bandit_log."
+                                     f"{key}); its columns: {sorted(present)}")
+        columns = [*core.values(), *log.context]
+        frame = (pl.read_parquet(path, columns=columns) if parquet else
+                 pl.read_csv(path, columns=columns, schema_overrides={c: pl.String for c in core.values()},
+                             infer_schema_length=100_000))
     except (pl.exceptions.PolarsError, OSError) as error:
         raise UnreadableFile(f"{path}: {str(error).strip().splitlines()[0]}") from None
     return frame.with_row_index(_ROW, offset=1)
@@ -110,7 +119,8 @@ def _row_reasons(log: BanditLog, frame: pl.DataFrame) -> pl.Expr:
     if log.consent:
         rules.append((f"invalid_value:{log.consent}",
                       ~pl.col(log.consent).str.strip_chars().is_in(list(CONSENT_STATES)).fill_null(False)))
-    rules.append((f"invalid_value:{log.request or 'row'}", pl.col(_SLATE).str.len_chars() > _MAX_SLATE_ID))
+    click_id = pl.col(_SLATE).str.len_chars() + len(":click:") + position.cast(pl.Int64).cast(pl.String).str.len_chars()
+    rules.append((f"invalid_value:{log.request or 'row'}", click_id > MAX_ID_LENGTH))  # the longest id made from it
     reason = pl.lit(None, dtype=pl.String)
     for name, broken in reversed(rules):
         reason = pl.when(broken).then(pl.lit(name)).otherwise(reason)
@@ -214,7 +224,7 @@ def read(path: Path, domain: str, config: FlywheelConfig) -> Mapped:
     """The bandit log at ``path`` as events of ``domain``, and its rows that cannot map."""
     log = mapping(config, domain)
     consent = config.domain(domain).importing.consent
-    checked = _checked(log, _load(path, log), source_name("bandit", path))
+    checked = _checked(log, _load(path, domain, log), source_name("bandit", path))
     yield from _rejects(checked)
     numeric = {c for c in log.context if checked.schema[c].is_numeric()}
     slates = _slates(log, checked.filter(pl.col("reason").is_null()))

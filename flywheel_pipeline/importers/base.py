@@ -14,6 +14,7 @@ writer drops the key before the event lands.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,7 +40,9 @@ class Rejected:
 
     @classmethod
     def of(cls, record: int, reason: str, raw: object, day: date | None = None) -> Rejected:
-        return cls(record, reason, str(raw)[:QUARANTINED_TEXT_CHARS], day)
+        """``raw`` as the quarantine keeps it: text as it is, a parsed record (a span, a row) as JSON."""
+        text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
+        return cls(record, reason, text[:QUARANTINED_TEXT_CHARS], day)
 
 
 @dataclass(frozen=True)
