@@ -25,8 +25,8 @@ from flywheel_pipeline.labeling.analysis import (
     label_accuracy,
     label_delays,
     lf_summary,
-    maturity_delays,
     mature_until,
+    maturity_delays,
     reaction_window_closed,
 )
 from flywheel_pipeline.labeling.functions import (
