@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from flywheel_pipeline.events import MATURITY_OUTCOMES
+from flywheel_pipeline.events import CLICK_MATURITY, MATURITY_OUTCOMES
 
 CONFIG_ENV = "FLYWHEEL_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "flywheel.yaml"
@@ -124,6 +124,13 @@ class DomainConfig(_Strict):
             raise ValueError(f"retention_days ({self.retention_days}) must be at least lookback_days + "
                              f"holdout_days ({self.lookback_days + self.holdout_days}): training and "
                              f"validation read that far back")
+        return self
+
+    @model_validator(mode="after")
+    def _clicks_where_items_are_clicked(self) -> DomainConfig:
+        if self.label_maturity.outcome == CLICK_MATURITY and self.shape != "recommendation":
+            raise ValueError(f"label_maturity.outcome {CLICK_MATURITY!r} needs shape recommendation: "
+                             f"an {self.shape}'s responses are not clicked")
         return self
 
     @property

@@ -65,6 +65,10 @@ def test_real_loggers_fit_the_config(config):
     raw["domains"]["recommendation"]["exploration_share"] = 1.5
     with pytest.raises(ConfigError, match=r"domains\.recommendation\.exploration_share: .*less than or equal to 1"):
         parse_config(raw)
+    raw["domains"]["recommendation"]["exploration_share"] = 1.0
+    raw["domains"]["assistant"]["label_maturity"] = {"outcome": "click"}
+    with pytest.raises(ConfigError, match=r"domains\.assistant: .*label_maturity\.outcome 'click' needs shape"):
+        parse_config(raw)
 
 
 # --- negative evidence -----------------------------------------------------------------------------
