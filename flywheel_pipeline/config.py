@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from flywheel_pipeline.events import CONSENT_STATES, MATURITY_OUTCOMES, POLICIES
+from flywheel_pipeline.events import CLICK_MATURITY, CONSENT_STATES, MATURITY_OUTCOMES, POLICIES
 
 CONFIG_ENV = "FLYWHEEL_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "flywheel.yaml"
@@ -170,6 +170,13 @@ class DomainConfig(_Strict):
             raise ValueError(f"retention_days ({self.retention_days}) must be at least lookback_days + "
                              f"holdout_days ({self.lookback_days + self.holdout_days}): training and "
                              f"validation read that far back")
+        return self
+
+    @model_validator(mode="after")
+    def _clicks_where_items_are_clicked(self) -> DomainConfig:
+        if self.label_maturity.outcome == CLICK_MATURITY and self.shape != "recommendation":
+            raise ValueError(f"label_maturity.outcome {CLICK_MATURITY!r} needs shape recommendation: "
+                             f"an {self.shape}'s responses are not clicked")
         return self
 
     @property

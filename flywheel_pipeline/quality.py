@@ -255,10 +255,15 @@ def _describe(outcome: Any) -> str:
 
 
 def _expected(kwargs: dict[str, Any]) -> str:
-    """``, expected 0.05..0.2`` from an expectation's bounds or value set ('' without either)."""
+    """``, expected 0.05..0.2`` (or ``>= 1``, ``<= 0``) from an expectation's bounds or value set ('' without
+    either)."""
     if kwargs.get("value_set") is not None:
         return f", expected one of {list(kwargs['value_set'])}"
-    low, high = kwargs.get("min_value"), kwargs.get("max_value")
+    low, high = (_number(kwargs.get(bound)) for bound in ("min_value", "max_value"))
     if low is None and high is None:
         return ""
-    return f", expected {'' if low is None else low}..{'' if high is None else high}"
+    return f", expected {low}..{high}" if low and high else f", expected {'>= ' + low if low else '<= ' + high}"
+
+
+def _number(value: object) -> str | None:
+    return f"{value:g}" if isinstance(value, float) else None if value is None else str(value)

@@ -66,6 +66,11 @@ class DawidSkene:
     vote, which also fixes which class is "good"; stops when no vote pattern's p_good moves more
     than ``tol`` or after ``max_iter`` rounds. Deterministic: no random restarts. A response never
     seen in the fit counts as no evidence.
+
+    With fewer than two voters that ever vote (a click-only log: one implicit source), the votes
+    alone cannot tell how far to trust them: every labelling is a fixed point of EM, which then
+    only drifts with the smoothing. The model then keeps the majority vote it starts from (one
+    M-step, no EM rounds).
     """
 
     voters: Sequence[Sequence[int]] | None = None  # LF columns voting as one; None: each LF alone
@@ -95,6 +100,10 @@ class DawidSkene:
         seen = self._response_index(codes)
         state = np.append(majority_vote(patterns), np.zeros(2))  # p_good per pattern, silent rows
         self.n_iter, self.converged = 0, False
+        if (codes != SILENT).any(axis=0).sum() < 2:
+            self._m_step(seen, state[:-2], rows, state[-2:])
+            self.converged = True
+            return self
         while not self.converged and self.n_iter < self.max_iter:
             state = self._accelerated_steps(partial(self._em_step, seen, rows), state)
         return self

@@ -25,13 +25,14 @@ from flywheel_pipeline.labeling.analysis import (
     label_accuracy,
     label_delays,
     lf_summary,
-    maturity_delays,
     mature_until,
+    maturity_delays,
     reaction_window_closed,
 )
 from flywheel_pipeline.labeling.functions import (
     ABSTAIN,
     LABELING_FUNCTIONS,
+    REACTION_WINDOW_CLOSED,
     STAGE_COLUMNS,
     apply_lfs,
     vote_matrix,
@@ -241,13 +242,14 @@ def with_reaction_window(
     delay quantile before the end of its latest day in the warehouse (the moment maturity_cutoff
     measures from). Null, so the "not clicked" LFs abstain, where items are not clicked (an
     assistant's responses) or no delay is measured yet."""
-    maturity = settings.label_maturity
     [(latest,)] = con.execute(
         "SELECT max(event_date) FROM marts.fct_impressions WHERE domain = ?", [domain]
     ).fetchall()
-    clicked = settings.shape == "recommendation" and latest is not None
-    delays = maturity_delays(impressions, maturity.outcome) if clicked else pl.Series([], dtype=pl.Float64)
-    as_of = latest + timedelta(days=1) if clicked else date.max
+    if settings.shape != "recommendation" or latest is None:
+        return impressions.with_columns(pl.lit(None, pl.Boolean).alias(REACTION_WINDOW_CLOSED))
+    maturity = settings.label_maturity
+    delays = maturity_delays(impressions, maturity.outcome)
+    as_of = latest + timedelta(days=1)
     return impressions.with_columns(
         reaction_window_closed(impressions.get_column("served_at"), delays, maturity.quantile, as_of)
     )

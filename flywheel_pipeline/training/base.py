@@ -8,13 +8,12 @@ wrapper, FlywheelScorerModel, so any domain's model loads with ``mlflow.pyfunc.l
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
 from importlib.metadata import version
 from typing import Any, ClassVar, Protocol
-
-import json
 
 import duckdb
 import mlflow

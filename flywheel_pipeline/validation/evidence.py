@@ -96,7 +96,7 @@ class Evidence:
     def unit_attributes(self) -> pl.DataFrame:
         """One row per unit: is_new_user, segment, policy."""
         return (self.options.filter(pl.col("position").is_not_null())
-                .group_by("unit").agg(pl.col("is_new_user", "segment", "policy").first())
+                .group_by("unit", maintain_order=True).agg(pl.col("is_new_user", "segment", "policy").first())
                 .sort("unit"))
 
 
@@ -117,7 +117,8 @@ def assemble(rows: pl.DataFrame, candidates: pl.DataFrame, reward: str) -> Evide
         .join(shown.drop("item_content"), on=["interaction_id", "item_id"], how="left")
         .with_columns(pl.col("mu").list.head(slate_size).list.to_array(slate_size))
     )
-    fallback = shown.join(logged.select("interaction_id").unique(), on="interaction_id", how="anti")
+    fallback = shown.join(logged.select("interaction_id").unique(maintain_order=True), on="interaction_id",
+                          how="anti", maintain_order="left")
     fallback = fallback.join(context, on="interaction_id").with_columns(
         mu=pl.concat_list([pl.when(pl.col("position") == j).then(pl.col("propensity")).otherwise(0.0)
                            for j in range(slate_size)]).list.to_array(slate_size))
@@ -125,7 +126,9 @@ def assemble(rows: pl.DataFrame, candidates: pl.DataFrame, reward: str) -> Evide
                "p_good", "label", "mu"]
     options = pl.concat([with_candidates.select(columns), fallback.select(columns)])
     order = context.select("interaction_id").with_row_index("unit")
-    options = options.join(order, on="interaction_id").sort("unit", "position", nulls_last=True)
+    # a total order (item_id breaks the ties of unshown candidates): the per-unit sums, and so the
+    # bootstrap, come out the same whatever order the warehouse returned the rows in
+    options = options.join(order, on="interaction_id").sort("unit", "position", "item_id", nulls_last=True)
     mu = np.stack(options["mu"].to_numpy()) if options.height else np.zeros((0, slate_size))
     n_units = order.height
     share = logged["interaction_id"].n_unique() / n_units if n_units else 0.0
@@ -135,10 +138,12 @@ def assemble(rows: pl.DataFrame, candidates: pl.DataFrame, reward: str) -> Evide
 def _usable(candidates: pl.DataFrame, shown: pl.DataFrame, slate_size: int) -> pl.DataFrame:
     """Logged candidates of held-out interactions whose list is whole: a propensity for every
     position, and every shown item among them (else the interaction falls back)."""
-    logged = candidates.join(shown.select("interaction_id").unique(), on="interaction_id", how="semi")
+    logged = candidates.join(shown.select("interaction_id").unique(maintain_order=True), on="interaction_id",
+                             how="semi", maintain_order="left")
     short = logged.filter(pl.col("mu").list.len() < slate_size).select("interaction_id")
     missing = shown.join(logged, on=["interaction_id", "item_id"], how="anti").select("interaction_id")
-    return logged.join(pl.concat([short, missing]).unique(), on="interaction_id", how="anti")
+    return logged.join(pl.concat([short, missing]).unique(maintain_order=True), on="interaction_id", how="anti",
+                       maintain_order="left")
 
 
 def reward_model(evidence: Evidence, theta: np.ndarray, keys: list[str], folds: int = 2) -> np.ndarray:
