@@ -182,7 +182,7 @@ def test_spans_become_interactions_and_signals_and_a_span_without_messages_is_qu
     assert reformulation["timestamp"] < second_turn["timestamp"]  # when the user re-asked
     assert {e["value"] for e in events if e.get("signal_type") == "rating"} == {5}
 
-    quarantined = f"SELECT event_date, source_file, source_line, reason FROM raw.quarantine"
+    quarantined = "SELECT event_date, source_file, source_line, reason FROM raw.quarantine"
     assert rows(home, quarantined) == [(D0, str(path), 2 * 3 + 2, "missing_field:gen_ai.input.messages")]
     before = {batch: (home.landing / batch).read_bytes() for batch in report.batches}
     again = import_file(home, config, "otel", path, "assistant")  # re-importing changes nothing

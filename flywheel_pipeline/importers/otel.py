@@ -31,13 +31,22 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from flywheel_pipeline.config import ConfigError, FlywheelConfig
 from flywheel_pipeline.events import MAX_INPUT_LENGTH, SIGNAL_TYPES
-from flywheel_pipeline.importers.base import RECORDS, Event, Mapped, Rejected, Skipped, UnreadableFile, is_id
+from flywheel_pipeline.importers.base import (
+    RECORDS,
+    Event,
+    Mapped,
+    Rejected,
+    Skipped,
+    UnreadableFile,
+    is_id,
+)
 
 CHAT_OPERATIONS = ("chat", "generate_content", "text_completion")
 GOOD_LABELS = frozenset({"pass", "passed", "correct", "relevant", "good", "positive", "helpful", "thumbs_up", "yes"})
@@ -154,20 +163,13 @@ def _reasks(earlier: _Turn, later: _Turn) -> bool:
     return bool(first and second) and len(first & second) / min(len(first), len(second)) >= REASK_OVERLAP
 
 
-def _map_span(record: int, span: dict, resource: dict, domain: str, consent: str) -> _Turn | Rejected | Skipped:
-    attrs = attributes(span.get("attributes", []))
-    if attrs.get("gen_ai.operation.name") not in CHAT_OPERATIONS:
-        return Skipped(record, "not_a_chat_span")
-    try:
-        trace, span_id = span["traceId"], span["spanId"]
-        started, ended = _time(span["startTimeUnixNano"]), _time(span["endTimeUnixNano"])
-    except KeyError as error:
-        return Rejected.of(record, f"missing_field:{error.args[0]}", span)
-    except (TypeError, ValueError, OverflowError):
-        return Rejected.of(record, "invalid_value:startTimeUnixNano", span)
-    if (span.get("status") or {}).get("code") in _ERROR_STATUS:
-        return Skipped(record, "failed_call")
-    day = ended.date()
+def _first(attrs: dict, resource: dict, *keys: str) -> Any:
+    """The first of ``keys`` set on the span, else on its resource; None when none is."""
+    return next((where[k] for k in keys for where in (attrs, resource) if where.get(k) not in (None, "")), None)
+
+
+def _exchange(record: int, span: dict, attrs: dict, day: date) -> tuple[str, str] | Rejected | Skipped:
+    """The span's (question, response): the last user message's text, the first assistant output's."""
     messages = {}
     for key in ("gen_ai.input.messages", "gen_ai.output.messages"):
         if key not in attrs:
@@ -183,28 +185,42 @@ def _map_span(record: int, span: dict, resource: dict, domain: str, consent: str
     question = _text(questions[-1]) if questions else ""
     if len(question) > MAX_INPUT_LENGTH:
         return Rejected.of(record, "invalid_value:input", span, day)
+    return question, response
 
-    def attribute(*keys: str) -> Any:
-        return next((where[k] for k in keys for where in (attrs, resource) if where.get(k) not in (None, "")), None)
 
-    session = attribute("session.id", "gen_ai.conversation.id") or trace
-    user = attribute("user.id", "enduser.id") or f"anon:{session}"
+def _map_span(record: int, span: dict, resource: dict, domain: str, consent: str) -> _Turn | Rejected | Skipped:
+    attrs = attributes(span.get("attributes", []))
+    if attrs.get("gen_ai.operation.name") not in CHAT_OPERATIONS:
+        return Skipped(record, "not_a_chat_span")
+    try:
+        trace, span_id = span["traceId"], span["spanId"]
+        started, ended = _time(span["startTimeUnixNano"]), _time(span["endTimeUnixNano"])
+    except KeyError as error:
+        return Rejected.of(record, f"missing_field:{error.args[0]}", span)
+    except (TypeError, ValueError, OverflowError):
+        return Rejected.of(record, "invalid_value:startTimeUnixNano", span)
+    if (span.get("status") or {}).get("code") in _ERROR_STATUS:
+        return Skipped(record, "failed_call")
+    exchange = _exchange(record, span, attrs, ended.date())
+    if not isinstance(exchange, tuple):
+        return exchange
+    question, response = exchange
+    session = str(_first(attrs, resource, "session.id", "gen_ai.conversation.id") or trace)
+    user = str(_first(attrs, resource, "user.id", "enduser.id") or f"anon:{session}")
     interaction_id = f"otel:{trace}:{span_id}"
-    if not is_id(interaction_id):
-        return Rejected.of(record, "invalid_value:spanId", span, day)
-    if not is_id(str(session)):
-        return Rejected.of(record, "invalid_value:session.id", span, day)
-    if not is_id(str(user)):
-        return Rejected.of(record, "user_id_not_pseudonymous", span, day)
+    for value, reason in ((interaction_id, "invalid_value:spanId"), (session, "invalid_value:session.id"),
+                          (user, "user_id_not_pseudonymous")):
+        if not is_id(value):
+            return Rejected.of(record, reason, span, ended.date())
     interaction = {
         "event_id": interaction_id, "event_type": "interaction", "domain": domain, "timestamp": _iso(ended),
-        "user_id": str(user), "session_id": str(session), "interaction_id": interaction_id,
-        "model_version": str(attribute("gen_ai.response.model", "gen_ai.request.model") or "unknown"),
+        "user_id": user, "session_id": session, "interaction_id": interaction_id,
+        "model_version": str(_first(attrs, resource, "gen_ai.response.model", "gen_ai.request.model") or "unknown"),
         "policy": "champion", "consent": consent, "input": question,
         "impressions": [{"item_id": str(attrs.get("gen_ai.response.id") or span_id), "position": 0,
                          "propensity": 1.0, "content": response}],
     }
-    conversation = str(attribute("gen_ai.conversation.id", "session.id") or trace)
+    conversation = str(_first(attrs, resource, "gen_ai.conversation.id", "session.id") or trace)
     return _Turn(interaction, conversation, started, ended, question)
 
 
@@ -265,6 +281,6 @@ def _reformulations(turns: list[tuple[_Turn, int]]) -> Iterator[Event]:
         by_conversation.setdefault(turn.conversation, []).append((turn, signals))
     for conversation in by_conversation.values():
         conversation.sort(key=lambda pair: pair[0].started)
-        for (earlier, signals), (later, _) in zip(conversation, conversation[1:]):
+        for (earlier, signals), (later, _) in pairwise(conversation):
             if _reasks(earlier, later):
                 yield _signal(earlier, signals + 1, later.started, "reformulate", text=later.question)
