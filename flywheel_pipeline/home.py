@@ -2,6 +2,7 @@
 
     <home>/warehouse.duckdb   the warehouse (raw, dbt models, labels, approvals)
     <home>/landing/<domain>/<YYYY-MM-DD>.jsonl   landing batches, one a day per domain
+    <home>/landing/<domain>/<YYYY-MM-DD>.<source>.jsonl   an importer's batches (docs/importing.md)
     <home>/dagster/           DAGSTER_HOME (runs, event log, schedules)
     <home>/mlflow/            MLflow tracking store (sqlite) and artifacts
     <home>/simulator/         the simulator's world and hidden truth (never read by the pipeline)
