@@ -24,7 +24,7 @@ from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.defs.assets import LABELS
 from flywheel_pipeline.defs.transform import RAW_EVENTS, dbt_model_keys
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.importers import UnreadableFile, import_file
+from flywheel_pipeline.importers import FORMATS, UnreadableFile, import_file, otel
 from tests.conftest import REPO
 
 TODAY = datetime.now(UTC).date()
@@ -230,6 +230,22 @@ def test_a_parquet_log_imports_as_its_csv_does(project, tmp_path):
     from_parquet = import_file(home, config, "bandit", tmp_path / "log.parquet", "recommendation")
     assert (home.landing / from_csv.batches[0]).read_text() == (home.landing / from_parquet.batches[0]).read_text()
     assert from_parquet.rejected == from_csv.rejected
+
+
+def test_an_import_that_fails_midway_writes_no_batch(project, tmp_path, monkeypatch):
+    home, config = project
+    path = otel_file(tmp_path / "traces.jsonl", [D0, D0 + timedelta(days=1)], per_day=1)
+
+    def fails_after_the_first_day(path, domain, config):
+        for event in otel.read(path, domain, config):
+            if isinstance(event, dict) and event["timestamp"].startswith(str(D0 + timedelta(days=1))):
+                raise OSError("disk full")
+            yield event
+
+    monkeypatch.setitem(FORMATS, "otel", fails_after_the_first_day)
+    with pytest.raises(OSError, match="disk full"):
+        import_file(home, config, "otel", path, "assistant")
+    assert not list((home.landing / "assistant").iterdir())  # neither a batch nor a temporary file
 
 
 def test_importing_needs_the_domain_to_declare_its_mapping(config, home, tmp_path):

@@ -109,10 +109,12 @@ class _Batches:
         written = {final for final, _ in self.started.values()}
         for final, temporary in self.started.values():
             temporary.replace(final)
-        stale = [path for labels in (False, True) if (folder := self.folder(labels)).exists()
-                 for path in folder.glob(f"*.{self.source}.jsonl") if path not in written]
+        folders = [folder for labels in (False, True) if (folder := self.folder(labels)).exists()]
+        stale = [path for folder in folders for path in folder.glob(f"*.{self.source}.jsonl") if path not in written]
         for path in stale:
             path.unlink()
+        for leftover in (path for folder in folders for path in folder.glob(f".*.{self.source}.jsonl.*.tmp")):
+            leftover.unlink(missing_ok=True)  # an earlier import's, which crashed
         return sorted(written), sorted(stale)
 
     def discard(self) -> None:
