@@ -3,8 +3,8 @@
 Hard labels (p_good >= 0.5) weighted by the label's confidence |2 p_good - 1|, on hashed features:
 query-token x response-token crosses (generalise across paraphrases), query-token x response id,
 the normalised query x response id (memorise what worked for a known query), the response id, the
-lexical overlap the day-zero policy used, and each numeric context feature alone and x response id. The training window holds the traffic of earlier
-champions and the exploration slice alike.
+lexical overlap the day-zero policy used, and each numeric context feature alone and x response id.
+The training window holds the traffic of earlier champions and the exploration slice alike.
 """
 
 from __future__ import annotations
