@@ -131,6 +131,24 @@ class DawidSkene:
         p_good = self._posterior(self._response_index(self._codes(patterns)))
         return np.where(has_votes(patterns), p_good, np.nan)[row_pattern]
 
+    def log_likelihood(self, votes: np.ndarray) -> float:
+        """Log-likelihood of the rows with a vote under the fitted model; like the fit, it
+        conditions on some LF voting (silent rows are truncated). A response the fit never saw
+        counts as no evidence."""
+        patterns, _, rows = vote_patterns(votes)
+        voted = has_votes(patterns)
+        index = self._response_index(self._codes(patterns[voted]))
+        log_rates = np.vstack([np.log(self.rates), np.zeros((1, 2))])
+        class_share = np.array([1 - self.prior_good, self.prior_good])
+        joint = np.log(class_share) + log_rates[index].sum(axis=1)  # (patterns, class)
+        all_silent = np.prod(self.rates[self.table_starts], axis=0) @ class_share
+        return float(rows[voted] @ np.logaddexp.reduce(joint, axis=1) - rows[voted].sum() * np.log1p(-all_silent))
+
+    @property
+    def n_parameters(self) -> int:
+        """Free parameters of the fitted model: each voter's table per class, and the prior."""
+        return 2 * (self._table_rows - len(self.responses)) + 1
+
     def vote_rates(self) -> np.ndarray:
         """P(LF votes abstain / bad / good | true class), as [lf, vote + 1, class]."""
         rates = np.zeros((sum(map(len, self.lf_voters)), 3, 2))
