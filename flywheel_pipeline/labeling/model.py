@@ -84,7 +84,9 @@ class DawidSkene:
     n_iter: int = field(init=False, default=0)
     converged: bool = field(init=False, default=False)
 
-    def fit(self, votes: np.ndarray) -> DawidSkene:
+    def fit(self, votes: np.ndarray, start: DawidSkene | None = None) -> DawidSkene:
+        """EM from majority vote, or from ``start``'s p_good (a model of the same LFs fitted
+        before, e.g. with its voters grouped otherwise: fewer rounds when the two are close)."""
         self.lf_voters = [list(v) for v in self.voters or [[lf] for lf in range(votes.shape[1])]]
         patterns, _, rows = vote_patterns(votes)
         voted = has_votes(patterns)
@@ -93,7 +95,8 @@ class DawidSkene:
         self.responses = [np.union1d(code, [SILENT]) for code in codes.T]
         self.table_starts = np.cumsum([0] + [len(r) for r in self.responses[:-1]])
         seen = self._response_index(codes)
-        state = np.append(majority_vote(patterns), np.zeros(2))  # p_good per pattern, silent rows
+        initial = majority_vote(patterns) if start is None else start.predict_proba(patterns)
+        state = np.append(initial, np.zeros(2))  # p_good per pattern, silent rows
         self.n_iter, self.converged = 0, False
         while not self.converged and self.n_iter < self.max_iter:
             state = self._accelerated_steps(partial(self._em_step, seen, rows), state)

@@ -33,8 +33,7 @@ from scipy import stats
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
-from flywheel_pipeline.labeling.functions import ABSTAIN
-from flywheel_pipeline.labeling.model import DawidSkene, MajorityVote, has_votes
+from flywheel_pipeline.labeling.model import DawidSkene, MajorityVote, has_votes, vote_patterns
 
 CalibrationMethod = Literal["platt", "isotonic", "off"]
 CALIBRATION_FOLDS = 5
@@ -59,7 +58,7 @@ class Dependency:
     @property
     def excess_agreement(self) -> float:
         """Share of the disagreement independence predicts that does not happen (1: a copy)."""
-        return (self.agreement - self.expected_agreement) / (1 - self.expected_agreement)
+        return _excess(self.agreement, self.expected_agreement)
 
     def message(self) -> str:
         (a, b), (source_a, source_b), (lf, source) = self.lfs, self.sources, self.declare
@@ -85,29 +84,37 @@ def dependent_sources(
 ) -> list[Dependency]:
     """Pairs of ``fitted``'s voters (sources) that are not independent given the class.
 
-    For each pair, Dawid-Skene is refitted with the two as one voter (a joint table: any
-    dependence allowed). The pair is flagged when the likelihood ratio test rejects independence
-    at ``significance`` (Bonferroni over the pairs) and, under the refitted model, one of its LF
-    pairs has at least ``min_excess_agreement``: with many rows, a dependence too weak to matter
-    is significant, while a copy of an LF has an excess agreement of 1.
+    Nothing is when ``fitted`` explains the joint votes of every pair of LFs of different
+    sources (a G test per LF pair, Bonferroni over them): refits can take many EM rounds. Else
+    each pair of voters is refitted as one voter (a joint table: any dependence allowed) and
+    flagged when the likelihood ratio test rejects independence at ``significance`` (Bonferroni
+    over the voter pairs) and, under the refitted model, one of its LF pairs has at least
+    ``min_excess_agreement``: with many rows, a dependence too weak to matter is significant,
+    while a copy of an LF has an excess agreement of 1. (The misfit need not show in the copied
+    pair itself: the fit may take the copied LF for the truth, and the others then misfit.)
     """
     pairs = list(combinations(range(len(fitted.lf_voters)), 2))
+    lf_pairs = {(a, b): [(j, k) for j in fitted.lf_voters[a] for k in fitted.lf_voters[b]] for a, b in pairs}
+    screen_level = significance / max(sum(map(len, lf_pairs.values())), 1)
+    patterns, _, rows = vote_patterns(votes)
     labels = fitted.predict_proba(votes) >= 0.5
     labelled = has_votes(votes)
     log_likelihood = fitted.log_likelihood(votes)
+    if all(_misfit(patterns, rows, fitted, j, k) >= screen_level
+           for pair in lf_pairs.values() for j, k in pair):
+        return []
     found = []
     for a, b in pairs:
         joined = [v for i, v in enumerate(fitted.lf_voters) if i not in (a, b)]
         joined.append(fitted.lf_voters[a] + fitted.lf_voters[b])
-        merged = DawidSkene(joined, smoothing=fitted.smoothing).fit(votes)
+        merged = DawidSkene(joined, smoothing=fitted.smoothing).fit(votes, start=fitted)
         statistic = 2 * (merged.log_likelihood(votes) - log_likelihood)
         extra = max(merged.n_parameters - fitted.n_parameters, 1)
         p_value = float(stats.chi2.sf(max(statistic, 0.0), extra))
         if p_value >= significance / len(pairs):
             continue
         (agreement, expected), j, k = max(
-            ((_agreement(votes, merged, j, k), j, k)
-             for j in fitted.lf_voters[a] for k in fitted.lf_voters[b]),
+            ((_agreement(patterns, rows, merged, j, k), j, k) for j, k in lf_pairs[a, b]),
             key=lambda found: _excess(*found[0]),
         )
         if _excess(agreement, expected) >= min_excess_agreement:
@@ -124,15 +131,44 @@ def dependent_sources(
     return found
 
 
-def _agreement(votes: np.ndarray, model: DawidSkene, j: int, k: int) -> tuple[float, float]:
+def dependent_with(names: Sequence[str], dependencies: list[Dependency]) -> list[str | None]:
+    """Per LF, the LFs of other sources it was found dependent on (comma-separated), else None."""
+    partners: dict[str, list[str]] = {}
+    for dependency in dependencies:
+        a, b = dependency.lfs
+        partners.setdefault(a, []).append(b)
+        partners.setdefault(b, []).append(a)
+    return [", ".join(partners[name]) if name in partners else None for name in names]
+
+
+def _joint_votes(
+    patterns: np.ndarray, rows: np.ndarray, model: DawidSkene, j: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows per (LF j's vote + 1, LF k's vote + 1), observed and expected under ``model`` were
+    the two independent given the class; the cell where both abstained left out (zero)."""
+    observed = np.zeros((3, 3))
+    np.add.at(observed, (patterns[:, j] + 1, patterns[:, k] + 1), rows)
+    rates, class_share = model.vote_rates(), np.array([1 - model.prior_good, model.prior_good])
+    expected = np.einsum("uy,vy,y->uv", rates[j], rates[k], class_share)
+    observed[0, 0] = expected[0, 0] = 0.0
+    return observed, expected * observed.sum() / expected.sum()
+
+
+def _misfit(patterns: np.ndarray, rows: np.ndarray, model: DawidSkene, j: int, k: int) -> float:
+    """p-value of a G test: LF j and LF k's joint votes are as ``model`` expects."""
+    observed, expected = _joint_votes(patterns, rows, model, j, k)
+    seen = observed > 0
+    statistic = 2 * (observed[seen] * np.log(observed[seen] / expected[seen])).sum()
+    return float(stats.chi2.sf(statistic, 7)) if seen.any() else 1.0
+
+
+def _agreement(
+    patterns: np.ndarray, rows: np.ndarray, model: DawidSkene, j: int, k: int
+) -> tuple[float, float]:
     """On the rows where LF j or LF k voted, the share where both cast the same vote (one voting
     alone counts as disagreeing): observed, and expected under ``model`` were they independent
     given the class."""
-    observed = np.zeros((3, 3))
-    np.add.at(observed, (votes[:, j] + 1, votes[:, k] + 1), 1)
-    rates, class_share = model.vote_rates(), np.array([1 - model.prior_good, model.prior_good])
-    expected = np.einsum("uy,vy,y->uv", rates[j], rates[k], class_share)
-    observed[0, 0] = expected[0, 0] = 0.0  # both abstained
+    observed, expected = _joint_votes(patterns, rows, model, j, k)
     if not observed.any():
         return 0.0, 0.0
     return float(np.trace(observed) / observed.sum()), float(np.trace(expected) / expected.sum())

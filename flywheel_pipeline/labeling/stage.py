@@ -21,7 +21,7 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from flywheel_pipeline.config import DomainConfig, FlywheelConfig
+from flywheel_pipeline.config import DomainConfig, FlywheelConfig, LabelModelSettings
 from flywheel_pipeline.labeling.analysis import (
     COHORT,
     OUTCOME_COLUMNS,
@@ -47,6 +47,7 @@ from flywheel_pipeline.labeling.safety import (
     calibrate,
     choose_label_model,
     dependent_sources,
+    dependent_with,
 )
 from flywheel_pipeline.warehouse import transaction
 
@@ -202,24 +203,15 @@ def label_partitions(
     requested = impressions.get_column("event_date").is_in(dates).to_numpy()
 
     fitted, fitted_votes = impressions.filter(in_fit), votes[in_fit]
-    gold, audit = review_gold(fitted), audit_gold(fitted)
+    audit = audit_gold(fitted)
     model = DawidSkene(voters(lfs)).fit(fitted_votes)
-    p_model, p_majority = model.predict_proba(votes), MajorityVote().predict_proba(votes)
-    safety = settings.label_model
-    choice = choose_label_model(
-        p_model[in_fit], p_majority[in_fit], audit, model.version,
-        min_gold_rows=safety.min_gold_rows, significance=safety.significance,
+    p_good, choice, calibration = checked_p_good(
+        model, votes, in_fit, review_gold(fitted), audit, settings.label_model
     )
-    chosen = p_majority if choice.fell_back else p_model
-    calibration = calibrate(
-        chosen[in_fit], gold, safety.calibration,
-        min_gold_rows=safety.min_gold_rows, significance=safety.significance,
-    )
-    p_good = calibration(chosen)
-    version = f"{choice.version}+{calibration.method}" if calibration.applied else choice.version
+    version = label_model_version(choice, calibration)
     dependencies = dependent_sources(
         fitted_votes, lf_votes.columns, [lf.source for lf in lfs], model,
-        min_excess_agreement=safety.dependency_min_excess_agreement,
+        min_excess_agreement=settings.label_model.dependency_min_excess_agreement,
     )
     for dependency in dependencies:
         logger.warning("%s: %s", domain, dependency.message())
@@ -246,7 +238,7 @@ def label_partitions(
         share_good=labels.get_column("label").mean(),
         gold_rows=gold_rows,
         gold_accuracy=gold_accuracy,
-        gold_accuracy_majority_vote=label_accuracy(p_majority[in_fit], audit)[1],
+        gold_accuracy_majority_vote=choice.majority_vote_accuracy,
         label_model_choice=choice,
         calibration=calibration,
         dependencies=dependencies,
@@ -263,6 +255,36 @@ def label_partitions(
             pl.col("label").mean().alias("share_good"),
         ).sort("event_date"),
     )
+
+
+def checked_p_good(
+    model: DawidSkene,
+    votes: np.ndarray,
+    in_fit: np.ndarray,
+    gold: np.ndarray,
+    audit: np.ndarray,
+    settings: LabelModelSettings,
+) -> tuple[np.ndarray, ModelChoice, Calibration]:
+    """p_good of every row of ``votes``: ``model``'s, or majority vote's where that is
+    significantly more accurate on the fit window's ``audit`` reviews; calibrated on all its
+    reviews (``gold``) where that lowers the held-out Brier score."""
+    p_model, p_majority = model.predict_proba(votes), MajorityVote().predict_proba(votes)
+    choice = choose_label_model(
+        p_model[in_fit], p_majority[in_fit], audit, model.version,
+        min_gold_rows=settings.min_gold_rows, significance=settings.significance,
+    )
+    chosen = p_majority if choice.fell_back else p_model
+    calibration = calibrate(
+        chosen[in_fit], gold, settings.calibration,
+        min_gold_rows=settings.min_gold_rows, significance=settings.significance,
+    )
+    return calibration(chosen), choice, calibration
+
+
+def label_model_version(choice: ModelChoice, calibration: Calibration) -> str:
+    """The label model that wrote the labels, and its calibration if applied: e.g.
+    ``dawid-skene-v1+isotonic``, ``majority-vote-v1``."""
+    return f"{choice.version}+{calibration.method}" if calibration.applied else choice.version
 
 
 def fit_window(
@@ -306,16 +328,6 @@ def audit_gold(impressions: pl.DataFrame) -> np.ndarray:
         return gold
     selection = impressions.get_column(REVIEW_SELECTION).fill_null(AUDIT)
     return np.where((selection == AUDIT).to_numpy(), gold, np.nan)
-
-
-def dependent_with(names: list[str], dependencies: list[Dependency]) -> list[str | None]:
-    """Per LF, the LFs of other sources it was found dependent on (comma-separated), else None."""
-    partners: dict[str, list[str]] = {}
-    for dependency in dependencies:
-        a, b = dependency.lfs
-        partners.setdefault(a, []).append(b)
-        partners.setdefault(b, []).append(a)
-    return [", ".join(partners[name]) if name in partners else None for name in names]
 
 
 def impression_labels(
