@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from flywheel_pipeline.config import ConfigError, parse_config
 from flywheel_pipeline.labeling.functions import (
     ABSTAIN,
     BAD,
@@ -27,6 +28,7 @@ from flywheel_pipeline.labeling.stage import (
     audit_gold,
     label_partitions,
 )
+from tests.test_config import broken
 from tests.test_labeling import FCT_IMPRESSIONS, impression, independent_votes
 
 # --- the dependent-source warning ----------------------------------------------------------------
@@ -138,6 +140,14 @@ def test_calibration_needs_enough_reviews_of_both_classes():
     p_good = np.linspace(0.01, 0.99, 100)
     assert "one class" in calibrate(p_good, np.ones(100)).reason
     assert calibrate(p_good, (p_good > 0.5) * 1.0, "off").reason == "calibration is off"
+
+
+def test_label_model_settings_name_a_bad_key():
+    raw = broken(["domains", "assistant", "label_model"], {"calibration": "sigmoid"})
+    with pytest.raises(ConfigError, match=r"domains\.assistant\.label_model\.calibration"):
+        parse_config(raw)
+    settings = parse_config(broken(["domains", "assistant", "label_model"], {"min_gold_rows": 200}))
+    assert settings.domain("assistant").label_model.min_gold_rows == 200
 
 
 # --- through label_partitions --------------------------------------------------------------------
