@@ -138,7 +138,7 @@ def test_calibration_needs_enough_reviews_of_both_classes():
     p_good = np.linspace(0.01, 0.99, 40)
     assert "fewer than the 50 needed" in calibrate(p_good, (p_good > 0.5) * 1.0).reason
     p_good = np.linspace(0.01, 0.99, 100)
-    assert "one class" in calibrate(p_good, np.ones(100)).reason
+    assert "too few of one class" in calibrate(p_good, np.ones(100)).reason
     assert calibrate(p_good, (p_good > 0.5) * 1.0, "off").reason == "calibration is off"
 
 

@@ -65,8 +65,8 @@ class Dependency:
         return (
             f"labeling functions {a!r} (source {source_a!r}) and {b!r} (source {source_b!r}) "
             f"cast the same vote on {self.agreement:.1%} of the rows where either voted, "
-            f"{self.expected_agreement:.1%} if "
-            f"independent given the class (p={self.p_value:.1g}); the label model counts their "
+            f"{self.expected_agreement:.1%} if independent given the class "
+            f"({_p_value(self.p_value)}); the label model counts their "
             f"evidence twice, and hearing their sources as one voter changes "
             f"{self.labels_changed:.1%} of the labels. If they read the same evidence, declare "
             f"{lf!r} with source={source!r}."
@@ -93,38 +93,32 @@ def dependent_sources(
     while a copy of an LF has an excess agreement of 1. (The misfit need not show in the copied
     pair itself: the fit may take the copied LF for the truth, and the others then misfit.)
     """
-    pairs = list(combinations(range(len(fitted.lf_voters)), 2))
-    lf_pairs = {(a, b): [(j, k) for j in fitted.lf_voters[a] for k in fitted.lf_voters[b]] for a, b in pairs}
-    screen_level = significance / max(sum(map(len, lf_pairs.values())), 1)
+    voters = fitted.lf_voters
+    pairs = {
+        (a, b): [(j, k) for j in voters[a] for k in voters[b]]
+        for a, b in combinations(range(len(voters)), 2)
+    }
     patterns, _, rows = vote_patterns(votes)
-    labels = fitted.predict_proba(votes) >= 0.5
-    labelled = has_votes(votes)
-    log_likelihood = fitted.log_likelihood(votes)
+    screen_level = significance / max(sum(map(len, pairs.values())), 1)
     if all(_misfit(patterns, rows, fitted, j, k) >= screen_level
-           for pair in lf_pairs.values() for j, k in pair):
+           for lf_pairs in pairs.values() for j, k in lf_pairs):
         return []
     found = []
-    for a, b in pairs:
-        joined = [v for i, v in enumerate(fitted.lf_voters) if i not in (a, b)]
-        joined.append(fitted.lf_voters[a] + fitted.lf_voters[b])
-        merged = DawidSkene(joined, smoothing=fitted.smoothing).fit(votes, start=fitted)
-        statistic = 2 * (merged.log_likelihood(votes) - log_likelihood)
-        extra = max(merged.n_parameters - fitted.n_parameters, 1)
-        p_value = float(stats.chi2.sf(max(statistic, 0.0), extra))
+    for (a, b), lf_pairs in pairs.items():
+        merged, p_value = _as_one_voter(votes, fitted, a, b)
         if p_value >= significance / len(pairs):
             continue
         (agreement, expected), j, k = max(
-            ((_agreement(patterns, rows, merged, j, k), j, k) for j, k in lf_pairs[a, b]),
-            key=lambda found: _excess(*found[0]),
+            ((_agreement(patterns, rows, merged, j, k), j, k) for j, k in lf_pairs),
+            key=lambda candidate: _excess(*candidate[0]),
         )
         if _excess(agreement, expected) >= min_excess_agreement:
-            changed = float(((merged.predict_proba(votes) >= 0.5) != labels)[labelled].mean())
             found.append(Dependency(
                 lfs=(names[j], names[k]),
                 sources=(sources[j], sources[k]),
                 agreement=agreement,
                 expected_agreement=expected,
-                labels_changed=changed,
+                labels_changed=_labels_changed(votes, fitted, merged),
                 p_value=p_value,
                 declare=_declare(names, sources, j, k),
             ))
@@ -139,6 +133,23 @@ def dependent_with(names: Sequence[str], dependencies: list[Dependency]) -> list
         partners.setdefault(a, []).append(b)
         partners.setdefault(b, []).append(a)
     return [", ".join(partners[name]) if name in partners else None for name in names]
+
+
+def _as_one_voter(votes: np.ndarray, fitted: DawidSkene, a: int, b: int) -> tuple[DawidSkene, float]:
+    """``fitted`` refitted with its voters ``a`` and ``b`` as one, and the p-value of the
+    likelihood ratio test that this explains the votes no better."""
+    voters = [v for i, v in enumerate(fitted.lf_voters) if i not in (a, b)]
+    voters.append(fitted.lf_voters[a] + fitted.lf_voters[b])
+    merged = DawidSkene(voters, smoothing=fitted.smoothing).fit(votes, start=fitted)
+    statistic = 2 * (merged.log_likelihood(votes) - fitted.log_likelihood(votes))
+    extra_parameters = max(merged.n_parameters - fitted.n_parameters, 1)
+    return merged, float(stats.chi2.sf(max(statistic, 0.0), extra_parameters))
+
+
+def _labels_changed(votes: np.ndarray, fitted: DawidSkene, other: DawidSkene) -> float:
+    """Share of the labelled rows whose label differs between two models."""
+    labelled = has_votes(votes)
+    return float(((fitted.predict_proba(votes) >= 0.5) != (other.predict_proba(votes) >= 0.5))[labelled].mean())
 
 
 def _joint_votes(
@@ -172,6 +183,10 @@ def _agreement(
     if not observed.any():
         return 0.0, 0.0
     return float(np.trace(observed) / observed.sum()), float(np.trace(expected) / expected.sum())
+
+
+def _p_value(p_value: float) -> str:
+    return "p<1e-16" if p_value < 1e-16 else f"p={p_value:.1g}"
 
 
 def _excess(agreement: float, expected: float) -> float:
@@ -226,8 +241,8 @@ def choose_label_model(
     majority_right = (p_majority[scored] >= 0.5) == truth
     accuracies = (float(model_right.mean()), float(majority_right.mean())) if rows else (None, None)
     if rows < min_gold_rows:
-        return ModelChoice(version, f"{rows} audit reviews, fewer than the {min_gold_rows} needed "
-                           "to compare it with majority vote", rows, *accuracies, None)
+        return ModelChoice(version, f"kept {version}: {rows} audit reviews, fewer than the "
+                           f"{min_gold_rows} needed to compare it with majority vote", rows, *accuracies, None)
     only_model = int((model_right & ~majority_right).sum())
     only_majority = int((majority_right & ~model_right).sum())
     discordant = only_model + only_majority
@@ -256,15 +271,15 @@ class Calibration:
     gold_rows: int  # reviews with a p_good
     brier_raw: float | None  # held-out Brier score of p_good as the model gave it
     brier_calibrated: float | None  # of the cross-fitted calibrated p_good
-    calibrate: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
+    mapping: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
     def __call__(self, p_good: np.ndarray) -> np.ndarray:
         """p_good calibrated if the map was applied, as it was otherwise; NaN stays NaN."""
-        if not self.applied or self.calibrate is None:
+        if self.mapping is None:
             return p_good
         labelled = ~np.isnan(p_good)
         calibrated = p_good.copy()
-        calibrated[labelled] = self.calibrate(p_good[labelled])
+        calibrated[labelled] = self.mapping(p_good[labelled])
         return calibrated
 
 
@@ -273,6 +288,7 @@ def calibrate(
     gold: np.ndarray,
     method: CalibrationMethod = "isotonic",
     *,
+    row_keys: np.ndarray | None = None,
     min_gold_rows: int = 50,
     significance: float = 0.05,
     folds: int = CALIBRATION_FOLDS,
@@ -281,11 +297,14 @@ def calibrate(
     (each fold scored by a map fitted on the others), it lowers the Brier score, significantly
     at ``significance`` (one-sided paired t-test on the per-review squared errors).
 
-    Folds are assigned in order of (p_good, gold), so they do not depend on row order and each
-    spans the whole range of p_good.
+    Folds are dealt in order of p_good, so each spans its range; ties are ordered by
+    ``row_keys`` (a number per row that does not depend on the row's order or its review, e.g.
+    a hash of the impression key; default: the row order). Never by the reviews: folds that
+    depend on the labels make the held-out error optimistic.
     """
     reviewed = ~np.isnan(p_good) & ~np.isnan(gold)
     p, truth = p_good[reviewed], gold[reviewed]
+    keys = np.arange(len(p_good)) if row_keys is None else row_keys
     rows = len(p)
 
     def skipped(reason: str) -> Calibration:
@@ -295,10 +314,10 @@ def calibrate(
         return skipped("calibration is off")
     if rows < min_gold_rows:
         return skipped(f"{rows} reviews, fewer than the {min_gold_rows} needed to calibrate on")
-    if min((truth == 1).sum(), (truth == 0).sum()) < 2:
-        return skipped(f"the {rows} reviews are nearly all of one class")
     fold = np.empty(rows, dtype=int)
-    fold[np.lexsort((truth, p))] = np.arange(rows) % folds
+    fold[np.lexsort((keys[reviewed], p))] = np.arange(rows) % folds
+    if any(np.unique(truth[fold != f]).size < 2 for f in range(folds)):
+        return skipped(f"the {rows} reviews hold too few of one class to calibrate on")
     held_out = np.empty(rows)
     for f in range(folds):
         held_out[fold == f] = _fit_map(method, p[fold != f], truth[fold != f])(p[fold == f])

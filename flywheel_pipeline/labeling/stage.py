@@ -206,7 +206,7 @@ def label_partitions(
     audit = audit_gold(fitted)
     model = DawidSkene(voters(lfs)).fit(fitted_votes)
     p_good, choice, calibration = checked_p_good(
-        model, votes, in_fit, review_gold(fitted), audit, settings.label_model
+        model, votes, in_fit, fitted, audit, settings.label_model
     )
     version = label_model_version(choice, calibration)
     dependencies = dependent_sources(
@@ -261,13 +261,13 @@ def checked_p_good(
     model: DawidSkene,
     votes: np.ndarray,
     in_fit: np.ndarray,
-    gold: np.ndarray,
+    fitted: pl.DataFrame,
     audit: np.ndarray,
     settings: LabelModelSettings,
 ) -> tuple[np.ndarray, ModelChoice, Calibration]:
     """p_good of every row of ``votes``: ``model``'s, or majority vote's where that is
-    significantly more accurate on the fit window's ``audit`` reviews; calibrated on all its
-    reviews (``gold``) where that lowers the held-out Brier score."""
+    significantly more accurate on the ``audit`` reviews of the fit window (the rows of
+    ``fitted``); calibrated on all its reviews where that lowers the held-out Brier score."""
     p_model, p_majority = model.predict_proba(votes), MajorityVote().predict_proba(votes)
     choice = choose_label_model(
         p_model[in_fit], p_majority[in_fit], audit, model.version,
@@ -275,7 +275,8 @@ def checked_p_good(
     )
     chosen = p_majority if choice.fell_back else p_model
     calibration = calibrate(
-        chosen[in_fit], gold, settings.calibration,
+        chosen[in_fit], review_gold(fitted), settings.calibration,
+        row_keys=fitted.select(pl.struct(IMPRESSION_KEY).hash(seed=0)).to_series().to_numpy(),
         min_gold_rows=settings.min_gold_rows, significance=settings.significance,
     )
     return calibration(chosen), choice, calibration
