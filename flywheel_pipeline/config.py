@@ -82,10 +82,10 @@ class LabelModelSettings(_Strict):
     calibration: Literal["isotonic", "platt", "off"] = Field(
         "isotonic", description="calibration map of p_good fitted on reviews, kept only where it "
                              "lowers the held-out Brier score")
-    dependency_min_excess_agreement: float = Field(
-        0.5, gt=0, le=1, description="two LFs of different sources are reported as dependent when "
-                                     "they miss at least this share of the disagreement that "
-                                     "independence predicts (a copy: 1)")
+    dependency_min_shared_information: float = Field(
+        0.5, gt=0, le=1, description="two LFs of different sources are reported as dependent when, "
+                                     "given the class, their votes share at least this share of "
+                                     "their information (a copy: 1)")
 
 
 class DomainConfig(_Strict):

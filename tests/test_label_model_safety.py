@@ -66,9 +66,14 @@ def test_the_warning_names_an_undeclared_copy_and_stays_quiet_on_independent_sou
     assert dependency.lfs == ("resolved", "resolved_copy")
     assert dependency.sources == ("outcome", "copy")
     assert dependency.declare == ("resolved_copy", "outcome")
-    assert dependency.agreement == 1.0 and dependency.excess_agreement == 1.0
-    assert dependency.expected_agreement < 0.5 and dependency.p_value < 1e-6
+    assert dependency.shared_information == pytest.approx(1.0) and dependency.p_value < 1e-6
     assert "declare 'resolved_copy' with source='outcome'" in dependency.message()
+
+    not_accepted = np.where(votes[:, [0]] == ABSTAIN, BAD, ABSTAIN)  # votes where 'accepted' abstains
+    complement = np.hstack([votes, not_accepted]).astype(np.int8)
+    model = DawidSkene([*VOTERS, [6]]).fit(complement)
+    [dependency] = dependent_sources(complement, [*NAMES, "not_accepted"], [*SOURCES, "negative"], model)
+    assert dependency.lfs == ("accepted", "not_accepted") and dependency.shared_information > 0.9
 
 
 # --- the majority-vote fallback ------------------------------------------------------------------

@@ -6,8 +6,9 @@ Three checks, each reported with its evidence (``stage`` writes them to the run'
   the class. Two sources that read the same evidence (a copy under another name) count it twice
   and can pull the whole fit off (benchmarks/label_model.py: 0.87 -> 0.63 accuracy). A pair of
   sources is flagged when hearing them as one voter explains the votes significantly better (a
-  likelihood ratio test) *and* two of their LFs vote alike far beyond what independence given the
-  class allows (excess agreement); the warning names that pair and the source to declare.
+  likelihood ratio test) *and*, given the class, two of their LFs' responses share most of their
+  information (a copy, or a complement that votes exactly where the other abstains); the warning
+  names that pair and the source to declare.
 - ``choose_label_model``: the label model's labels against majority vote's on the audit reviews
   (gold labels from a random slice); falls back to majority vote only when that is significantly
   better (an exact one-sided McNemar test on the reviews where exactly one of them is right) on
@@ -33,10 +34,12 @@ from scipy import stats
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
+from flywheel_pipeline.labeling.functions import ABSTAIN
 from flywheel_pipeline.labeling.model import DawidSkene, MajorityVote, has_votes, vote_patterns
 
 CalibrationMethod = Literal["platt", "isotonic", "off"]
 CALIBRATION_FOLDS = 5
+MIN_LF_VOTES = 30  # an LF named in a dependency voted at least this often (rarer: no information to share)
 LOGIT_CLIP = 1e-6  # Platt scaling reads logit(p_good); Dawid-Skene's p_good can be 1 - 1e-12
 
 
@@ -45,29 +48,26 @@ LOGIT_CLIP = 1e-6  # Platt scaling reads logit(p_good); Dawid-Skene's p_good can
 
 @dataclass(frozen=True)
 class Dependency:
-    """Two LFs of different sources that vote alike far beyond independence given the class."""
+    """Two LFs of different sources that are far from independent given the class."""
 
     lfs: tuple[str, str]
     sources: tuple[str, str]
-    agreement: float  # share of the rows where either voted on which both cast the same vote
-    expected_agreement: float  # the same, were they independent given the class
+    # I(a; b | class) / min(H(a | class), H(b | class)) of their responses (abstaining counts),
+    # with the two sources heard as one voter: 0 independent given the class, 1 for a copy (or
+    # a complement, voting exactly where the other abstains)
+    shared_information: float
     labels_changed: float  # share of labels that change when the two sources are one voter
     p_value: float  # likelihood ratio test: one voter explains the votes no better than two
     declare: tuple[str, str]  # (LF, source): the LF whose source to declare, and as which
 
-    @property
-    def excess_agreement(self) -> float:
-        """Share of the disagreement independence predicts that does not happen (1: a copy)."""
-        return _excess(self.agreement, self.expected_agreement)
-
     def message(self) -> str:
         (a, b), (source_a, source_b), (lf, source) = self.lfs, self.sources, self.declare
         return (
-            f"labeling functions {a!r} (source {source_a!r}) and {b!r} (source {source_b!r}) "
-            f"cast the same vote on {self.agreement:.1%} of the rows where either voted, "
-            f"{self.expected_agreement:.1%} if independent given the class "
-            f"({_p_value(self.p_value)}); the label model counts their "
-            f"evidence twice, and hearing their sources as one voter changes "
+            f"labeling functions {a!r} (source {source_a!r}) and {b!r} (source {source_b!r}) are "
+            f"not independent given the class: their votes, abstentions included, share "
+            f"{self.shared_information:.0%} of their information beyond the class (0% if "
+            f"independent, 100% for a copy) ({_p_value(self.p_value)}). The label model counts "
+            f"that evidence twice; hearing their sources as one voter changes "
             f"{self.labels_changed:.1%} of the labels. If they read the same evidence, declare "
             f"{lf!r} with source={source!r}."
         )
@@ -80,7 +80,7 @@ def dependent_sources(
     fitted: DawidSkene,
     *,
     significance: float = 1e-3,
-    min_excess_agreement: float = 0.5,
+    min_shared_information: float = 0.5,
 ) -> list[Dependency]:
     """Pairs of ``fitted``'s voters (sources) that are not independent given the class.
 
@@ -88,14 +88,14 @@ def dependent_sources(
     sources (a G test per LF pair, Bonferroni over them): refits can take many EM rounds. Else
     each pair of voters is refitted as one voter (a joint table: any dependence allowed) and
     flagged when the likelihood ratio test rejects independence at ``significance`` (Bonferroni
-    over the voter pairs) and, under the refitted model, one of its LF pairs has at least
-    ``min_excess_agreement``: with many rows, a dependence too weak to matter is significant,
-    while a copy of an LF has an excess agreement of 1. (The misfit need not show in the copied
-    pair itself: the fit may take the copied LF for the truth, and the others then misfit.)
+    over the voter pairs) and, under the refitted model, two of its LFs (each with MIN_LF_VOTES
+    votes) share at least ``min_shared_information``: with many rows, a dependence too weak to
+    matter is significant, while a copy shares all. (The misfit need not show in the copied pair
+    itself: the fit may take the copied LF for the truth, and the others then misfit.)
     """
-    voters = fitted.lf_voters
+    voters, lf_votes = fitted.lf_voters, (votes != ABSTAIN).sum(axis=0)
     pairs = {
-        (a, b): [(j, k) for j in voters[a] for k in voters[b]]
+        (a, b): [(j, k) for j in voters[a] for k in voters[b] if min(lf_votes[[j, k]]) >= MIN_LF_VOTES]
         for a, b in combinations(range(len(voters)), 2)
     }
     patterns, _, rows = vote_patterns(votes)
@@ -105,19 +105,17 @@ def dependent_sources(
         return []
     found = []
     for (a, b), lf_pairs in pairs.items():
+        if not lf_pairs:
+            continue
         merged, p_value = _as_one_voter(votes, fitted, a, b)
         if p_value >= significance / len(pairs):
             continue
-        (agreement, expected), j, k = max(
-            ((_agreement(patterns, rows, merged, j, k), j, k) for j, k in lf_pairs),
-            key=lambda candidate: _excess(*candidate[0]),
-        )
-        if _excess(agreement, expected) >= min_excess_agreement:
+        shared, j, k = max((_shared_information(merged, j, k), j, k) for j, k in lf_pairs)
+        if shared >= min_shared_information:
             found.append(Dependency(
                 lfs=(names[j], names[k]),
                 sources=(sources[j], sources[k]),
-                agreement=agreement,
-                expected_agreement=expected,
+                shared_information=shared,
                 labels_changed=_labels_changed(votes, fitted, merged),
                 p_value=p_value,
                 declare=_declare(names, sources, j, k),
@@ -152,45 +150,57 @@ def _labels_changed(votes: np.ndarray, fitted: DawidSkene, other: DawidSkene) ->
     return float(((fitted.predict_proba(votes) >= 0.5) != (other.predict_proba(votes) >= 0.5))[labelled].mean())
 
 
-def _joint_votes(
-    patterns: np.ndarray, rows: np.ndarray, model: DawidSkene, j: int, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows per (LF j's vote + 1, LF k's vote + 1), observed and expected under ``model`` were
-    the two independent given the class; the cell where both abstained left out (zero)."""
+def _misfit(patterns: np.ndarray, rows: np.ndarray, model: DawidSkene, j: int, k: int) -> float:
+    """p-value of a G test that LF j and LF k's joint votes are as ``model`` expects (LFs of
+    different voters: independent given the class), over the cells where one of them voted."""
     observed = np.zeros((3, 3))
     np.add.at(observed, (patterns[:, j] + 1, patterns[:, k] + 1), rows)
     rates, class_share = model.vote_rates(), np.array([1 - model.prior_good, model.prior_good])
     expected = np.einsum("uy,vy,y->uv", rates[j], rates[k], class_share)
-    observed[0, 0] = expected[0, 0] = 0.0
-    return observed, expected * observed.sum() / expected.sum()
-
-
-def _misfit(patterns: np.ndarray, rows: np.ndarray, model: DawidSkene, j: int, k: int) -> float:
-    """p-value of a G test: LF j and LF k's joint votes are as ``model`` expects."""
-    observed, expected = _joint_votes(patterns, rows, model, j, k)
+    observed[0, 0] = expected[0, 0] = 0.0  # both abstained
     seen = observed > 0
+    if not seen.any():
+        return 1.0
+    expected *= observed.sum() / expected.sum()
     statistic = 2 * (observed[seen] * np.log(observed[seen] / expected[seen])).sum()
-    return float(stats.chi2.sf(statistic, 7)) if seen.any() else 1.0
+    return float(stats.chi2.sf(statistic, 7))
 
 
-def _agreement(
-    patterns: np.ndarray, rows: np.ndarray, model: DawidSkene, j: int, k: int
-) -> tuple[float, float]:
-    """On the rows where LF j or LF k voted, the share where both cast the same vote (one voting
-    alone counts as disagreeing): observed, and expected under ``model`` were they independent
-    given the class."""
-    observed, expected = _joint_votes(patterns, rows, model, j, k)
-    if not observed.any():
-        return 0.0, 0.0
-    return float(np.trace(observed) / observed.sum()), float(np.trace(expected) / expected.sum())
+def _shared_information(model: DawidSkene, j: int, k: int) -> float:
+    """I(j; k | class) / min(H(j | class), H(k | class)) of two LFs' responses (vote or abstain)
+    under ``model``, where they are of one voter."""
+    joint = _joint_rates(model, j, k)
+    class_share = np.array([1 - model.prior_good, model.prior_good])
+    rates_j, rates_k = joint.sum(axis=1), joint.sum(axis=0)  # [vote + 1, class]
+    independent = rates_j[:, None, :] * rates_k[None, :, :]
+    mutual = _weighted_sum(joint, np.log(joint, where=joint > 0, out=np.zeros_like(joint))
+                           - np.log(independent, where=joint > 0, out=np.zeros_like(joint)), class_share)
+    smaller = min(_entropy(rates_j, class_share), _entropy(rates_k, class_share))
+    return float(mutual / smaller) if smaller > 0 else 0.0
+
+
+def _entropy(rates: np.ndarray, class_share: np.ndarray) -> float:
+    """H(vote | class) from rates [vote + 1, class]."""
+    return -_weighted_sum(rates, np.log(rates, where=rates > 0, out=np.zeros_like(rates)), class_share)
+
+
+def _weighted_sum(probability: np.ndarray, value: np.ndarray, class_share: np.ndarray) -> float:
+    """Sum of probability * value over the cells, weighting each class (last axis) by its share."""
+    return float(((probability * value).reshape(-1, 2) @ class_share).sum())
+
+
+def _joint_rates(model: DawidSkene, j: int, k: int) -> np.ndarray:
+    """P(LF j votes u, LF k votes v | class) as [u + 1, v + 1, class], from the table of the voter
+    that holds both."""
+    tables = zip(model.lf_voters, model.responses, np.split(model.rates, model.table_starts[1:]), strict=True)
+    voter, responses, table = next(entry for entry in tables if j in entry[0] and k in entry[0])
+    joint = np.zeros((3, 3, 2))
+    np.add.at(joint, (responses // 3 ** voter.index(j) % 3, responses // 3 ** voter.index(k) % 3), table)
+    return joint
 
 
 def _p_value(p_value: float) -> str:
     return "p<1e-16" if p_value < 1e-16 else f"p={p_value:.1g}"
-
-
-def _excess(agreement: float, expected: float) -> float:
-    return (agreement - expected) / (1 - expected) if expected < 1 else 0.0
 
 
 def _declare(names: Sequence[str], sources: Sequence[str], j: int, k: int) -> tuple[str, str]:

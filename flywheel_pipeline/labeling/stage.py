@@ -211,7 +211,7 @@ def label_partitions(
     version = label_model_version(choice, calibration)
     dependencies = dependent_sources(
         fitted_votes, lf_votes.columns, [lf.source for lf in lfs], model,
-        min_excess_agreement=settings.label_model.dependency_min_excess_agreement,
+        min_shared_information=settings.label_model.dependency_min_shared_information,
     )
     for dependency in dependencies:
         logger.warning("%s: %s", domain, dependency.message())
