@@ -11,8 +11,9 @@ heuristics that vote on nearly every impression. Dawid-Skene runs as the pipelin
 reaction LFs as one voter) and, for comparison, with every LF as its own voter; majority vote
 both with ties labelled good (as the pipeline's fallback writes them) and with ties abstaining.
 
-Two scenarios: the LFs as declared, and an undeclared copy (the delayed outcome again, under a
-source of its own). Each runs the safety checks as the labeling stage does: the dependent-source
+Three scenarios: the LFs as declared, an undeclared copy (the delayed outcome again, under a
+source of its own), and an undeclared complement (an LF voting bad wherever ``copied`` abstains,
+as a "shown, not copied" LF would, under a source of its own). Each runs the safety checks as the labeling stage does: the dependent-source
 warning, the majority-vote fallback on an audit sample of reviews (REVIEW_SHARE of the
 impressions, the truth with REVIEWER_ERROR), and calibration on the reviews (held-out Brier score
 against the reviews, and against the truth on every labelled impression).
@@ -76,6 +77,7 @@ LF_NAMES = REACTION_LFS + list(INDEPENDENT_LFS)
 VOTERS = [list(range(len(REACTION_LFS)))] + [[j] for j in range(len(REACTION_LFS), len(LF_NAMES))]
 SOURCES = ["implicit_reaction"] * len(REACTION_LFS) + list(INDEPENDENT_LFS)
 COPIED_LF, COPY = "delayed_outcome", "delayed_outcome_copy"  # the undeclared copy scenario
+COMPLEMENTED_LF, COMPLEMENT = "copied", "not_copied"  # the undeclared complement scenario
 REVIEW_SHARE = 0.02  # impressions reviewed at random (the audit slice)
 REVIEWER_ERROR = 0.05  # share of reviews that get the truth wrong
 
@@ -130,11 +132,18 @@ def benchmark_synthetic(rows: int, seed: int) -> None:
           f"({REVIEW_SHARE:.0%} at random, {REVIEWER_ERROR:.0%} reviewer error)")
     print("LFs as declared:")
     benchmark_safety(votes, LF_NAMES, SOURCES, VOTERS, truth, reviews)
-    copied = np.hstack([votes, votes[:, [LF_NAMES.index(COPIED_LF)]]])
-    print(f"an undeclared copy: {COPIED_LF!r} again as {COPY!r}, a source of its own:")
-    print_accuracy(DawidSkene.version, DawidSkene([*VOTERS, [len(LF_NAMES)]]).fit(copied).predict_proba(copied), truth)
-    print_majority_votes(copied, truth)
-    benchmark_safety(copied, [*LF_NAMES, COPY], [*SOURCES, COPY], [*VOTERS, [len(LF_NAMES)]], truth, reviews)
+    copied = votes[:, LF_NAMES.index(COPIED_LF)]
+    complement = np.where(votes[:, LF_NAMES.index(COMPLEMENTED_LF)] == ABSTAIN, BAD, ABSTAIN)
+    for scenario, (name, column) in {
+        f"an undeclared copy: {COPIED_LF!r} again": (COPY, copied),
+        f"an undeclared complement: bad wherever {COMPLEMENTED_LF!r} abstains": (COMPLEMENT, complement),
+    }.items():
+        print(f"{scenario}, as {name!r}, a source of its own:")
+        extended = np.column_stack([votes, column]).astype(np.int8)
+        lf_voters = [*VOTERS, [len(LF_NAMES)]]
+        print_accuracy(DawidSkene.version, DawidSkene(lf_voters).fit(extended).predict_proba(extended), truth)
+        print_majority_votes(extended, truth)
+        benchmark_safety(extended, [*LF_NAMES, name], [*SOURCES, name], lf_voters, truth, reviews)
 
 
 def synthetic_reviews(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
