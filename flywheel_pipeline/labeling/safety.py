@@ -84,7 +84,7 @@ def dependent_sources(
 ) -> list[Dependency]:
     """Pairs of ``fitted``'s voters (sources) that are not independent given the class.
 
-    Nothing is when ``fitted`` explains the joint votes of every pair of LFs of different
+    Nothing is flagged when ``fitted`` explains the joint votes of every pair of LFs of different
     sources (a G test per LF pair, Bonferroni over them): refits can take many EM rounds. Else
     each pair of voters is refitted as one voter (a joint table: any dependence allowed) and
     flagged when the likelihood ratio test rejects independence at ``significance`` (Bonferroni
