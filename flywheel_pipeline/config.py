@@ -116,6 +116,23 @@ class Importing(_Strict):
     bandit_log: BanditLog | None = Field(None, description="the column mapping of `flywheel import bandit`")
 
 
+class LabelModelSettings(_Strict):
+    """The label model's safety checks (flywheel_pipeline/labeling/safety.py)."""
+
+    min_gold_rows: int = Field(50, gt=0, description="reviews needed before they can overrule the "
+                               "label model (majority-vote fallback) or calibrate it")
+    significance: float = Field(0.05, gt=0, lt=1, description="level of the tests on reviews: majority "
+                                "vote replaces the label model, or calibration is applied, only when "
+                                "significantly better")
+    calibration: Literal["isotonic", "platt", "off"] = Field(
+        "isotonic", description="calibration map of p_good fitted on reviews, kept only where it "
+                             "lowers the held-out Brier score")
+    dependency_min_shared_information: float = Field(
+        0.5, gt=0, le=1, description="two LFs of different sources are reported as dependent when, "
+                                     "given the class, their votes share at least this share of "
+                                     "their information (a copy: 1)")
+
+
 class DomainConfig(_Strict):
     shape: Literal["assistant", "recommendation"]
     cadence: str
@@ -130,6 +147,7 @@ class DomainConfig(_Strict):
                                "human review (gold labels, `label` events)")
     label_maturity: LabelMaturity
     gate: Gate = Gate()
+    label_model: LabelModelSettings = LabelModelSettings()
     automation: Literal["manual", "auto"] = "manual"
     approvers: list[str] = Field(default_factory=list)
     retention_days: int = Field(365, gt=0, description="days of events (rows and landing batches) kept; "

@@ -62,6 +62,8 @@ def build_data_assets(config: FlywheelConfig) -> list[dg.AssetsDefinition]:
         domain, days = run_scope(context, partitions)
         with warehouse.connect() as con:
             report = label_partitions(con, domain, days, config)
+        for warning in report.warnings:
+            context.log.warning(warning)
         tables = {"labeling_functions": dg.MetadataValue.md(to_markdown(report.lf_stats)),
                   "cohort_coverage": dg.MetadataValue.md(to_markdown(report.cohort_coverage))}
         for day in days:

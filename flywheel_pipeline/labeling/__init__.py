@@ -2,8 +2,9 @@
 
 ``functions`` holds the labeling functions (LFs), ``model`` the label models that combine their
 votes (Dawid-Skene, and majority vote as the baseline), ``analysis`` the statistics that say how
-far to trust the result, and ``stage`` what the Dagster assets call: ``label_partitions`` and
-``maturity_cutoff``.
+far to trust the result, ``safety`` the checks before labels are written (dependent sources,
+majority-vote fallback, calibration on reviews; docs/labeling.md), and ``stage`` what the Dagster
+assets call: ``label_partitions`` and ``maturity_cutoff``.
 """
 
 from flywheel_pipeline.labeling.analysis import label_delays, lf_summary, mature_until

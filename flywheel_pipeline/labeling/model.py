@@ -89,7 +89,9 @@ class DawidSkene:
     n_iter: int = field(init=False, default=0)
     converged: bool = field(init=False, default=False)
 
-    def fit(self, votes: np.ndarray) -> DawidSkene:
+    def fit(self, votes: np.ndarray, start: DawidSkene | None = None) -> DawidSkene:
+        """EM from majority vote, or from ``start``'s p_good (a model of the same LFs fitted
+        before, e.g. with its voters grouped otherwise: fewer rounds when the two are close)."""
         self.lf_voters = [list(v) for v in self.voters or [[lf] for lf in range(votes.shape[1])]]
         patterns, _, rows = vote_patterns(votes)
         voted = has_votes(patterns)
@@ -98,7 +100,8 @@ class DawidSkene:
         self.responses = [np.union1d(code, [SILENT]) for code in codes.T]
         self.table_starts = np.cumsum([0] + [len(r) for r in self.responses[:-1]])
         seen = self._response_index(codes)
-        state = np.append(majority_vote(patterns), np.zeros(2))  # p_good per pattern, silent rows
+        initial = majority_vote(patterns) if start is None else start.predict_proba(patterns)
+        state = np.append(initial, np.zeros(2))  # p_good per pattern, silent rows
         self.n_iter, self.converged = 0, False
         if (codes != SILENT).any(axis=0).sum() < 2:
             self._m_step(seen, state[:-2], rows, state[-2:])
@@ -139,6 +142,24 @@ class DawidSkene:
         patterns, row_pattern, _ = vote_patterns(votes)
         p_good = self._posterior(self._response_index(self._codes(patterns)))
         return np.where(has_votes(patterns), p_good, np.nan)[row_pattern]
+
+    def log_likelihood(self, votes: np.ndarray) -> float:
+        """Log-likelihood of the rows with a vote under the fitted model; like the fit, it
+        conditions on some LF voting (silent rows are truncated). A response the fit never saw
+        counts as no evidence."""
+        patterns, _, rows = vote_patterns(votes)
+        voted = has_votes(patterns)
+        index = self._response_index(self._codes(patterns[voted]))
+        log_rates = np.vstack([np.log(self.rates), np.zeros((1, 2))])
+        class_share = np.array([1 - self.prior_good, self.prior_good])
+        joint = np.log(class_share) + log_rates[index].sum(axis=1)  # (patterns, class)
+        all_silent = np.prod(self.rates[self.table_starts], axis=0) @ class_share
+        return float(rows[voted] @ np.logaddexp.reduce(joint, axis=1) - rows[voted].sum() * np.log1p(-all_silent))
+
+    @property
+    def n_parameters(self) -> int:
+        """Free parameters of the fitted model: each voter's table per class, and the prior."""
+        return 2 * (self._table_rows - len(self.responses)) + 1
 
     def vote_rates(self) -> np.ndarray:
         """P(LF votes abstain / bad / good | true class), as [lf, vote + 1, class]."""

@@ -5,10 +5,15 @@ ending at the last requested day), so re-labelling one day learns from as much e
 weekly run does; only the requested days are rewritten. The window's votes are recomputed from
 ``marts.fct_impressions`` rather than read back from ``labels.label_matrix``: stored votes of the
 other days would miss the outcomes and reviews that arrived since those days were labelled.
+
+Before writing, the label model passes the checks of ``safety``: majority vote replaces it where it
+is significantly worse on the audit reviews, p_good is calibrated on the reviews where that lowers
+a held-out error, and sources that vote together beyond independence are reported and logged.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
@@ -16,7 +21,7 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from flywheel_pipeline.config import DomainConfig, FlywheelConfig
+from flywheel_pipeline.config import DomainConfig, FlywheelConfig, LabelModelSettings
 from flywheel_pipeline.events import CLICK_MATURITY
 from flywheel_pipeline.labeling.analysis import (
     COHORT,
@@ -39,7 +44,18 @@ from flywheel_pipeline.labeling.functions import (
     voters,
 )
 from flywheel_pipeline.labeling.model import DawidSkene, MajorityVote
+from flywheel_pipeline.labeling.safety import (
+    Calibration,
+    Dependency,
+    ModelChoice,
+    calibrate,
+    choose_label_model,
+    dependent_sources,
+    dependent_with,
+)
 from flywheel_pipeline.warehouse import transaction
+
+logger = logging.getLogger(__name__)
 
 LABELS_DDL = """
 CREATE SCHEMA IF NOT EXISTS labels;
@@ -66,6 +82,10 @@ _REPORT_COLUMNS = [
     "outcome_delay_s",
     "review_value",
 ]
+# How a review was chosen, where the mart says: AUDIT (at random) or by the review queue's
+# uncertainty sampling. Only audit reviews measure accuracy; every review calibrates.
+REVIEW_SELECTION = "review_selection"
+AUDIT = "audit"
 
 
 @dataclass(frozen=True)
@@ -83,9 +103,12 @@ class LabelingReport:
     impressions: int  # rows written to labels.impression_labels
     labelled: int  # of which got a label (some LF voted)
     share_good: float | None  # of the labelled, the share labelled good
-    gold_rows: int  # reviewed impressions in the fit window that got a label
-    gold_accuracy: float | None  # the label model's labels against the reviews
+    gold_rows: int  # audit reviews in the fit window that got a label
+    gold_accuracy: float | None  # the labels written against the audit reviews
     gold_accuracy_majority_vote: float | None
+    label_model_choice: ModelChoice  # the label model or, where worse on gold, majority vote
+    calibration: Calibration  # of p_good on the reviews, applied where it helps held-out
+    dependencies: list[Dependency]  # LFs of different sources that are not independent
     lf_stats: pl.DataFrame  # per LF over the fit window
     cohort_coverage: pl.DataFrame  # over the requested days
     label_delay: pl.DataFrame  # over the fit window: outcomes and p50/p90/p99 hours
@@ -97,6 +120,25 @@ class LabelingReport:
     @property
     def coverage(self) -> float | None:
         return self.labelled / self.impressions if self.impressions else None
+
+    @property
+    def warnings(self) -> list[str]:
+        return [dependency.message() for dependency in self.dependencies]
+
+    def safety_metadata(self) -> dict[str, object]:
+        """The label model's safety checks: fallback, calibration, dependent sources."""
+        choice, calibration = self.label_model_choice, self.calibration
+        return {
+            "label_model_choice": choice.reason,
+            "gold_accuracy_label_model": choice.model_accuracy,
+            "calibration": calibration.reason,
+            "calibration_applied": calibration.applied,
+            "calibration_reviews": calibration.gold_rows,
+            "calibration_brier_raw": calibration.brier_raw,
+            "calibration_brier_calibrated": calibration.brier_calibrated,
+            "lf_dependencies": len(self.dependencies),
+            "lf_dependency_warnings": "\n".join(self.warnings) or "none",
+        }
 
     def day_metadata(self, day: date) -> dict[str, object]:
         """One (day, domain) partition's labels, and the label model that wrote them."""
@@ -112,6 +154,7 @@ class LabelingReport:
                            f"gold accuracy {_fmt(self.gold_accuracy)} vs majority vote "
                            f"{_fmt(self.gold_accuracy_majority_vote)} on {self.gold_rows} reviews",
             "mature_until": self.mature_until.isoformat() if self.mature_until else None,
+            **self.safety_metadata(),
         }
 
     def metadata(self) -> dict[str, object]:
@@ -132,6 +175,7 @@ class LabelingReport:
             "gold_rows": self.gold_rows,
             "gold_accuracy": self.gold_accuracy,
             "gold_accuracy_majority_vote": self.gold_accuracy_majority_vote,
+            **self.safety_metadata(),
             "label_delay_outcome": delay["outcome"],
             "label_delay_outcomes": delay["outcomes"],
             "label_delay_p50_h": delay["p50_h"],
@@ -160,27 +204,38 @@ def label_partitions(
     impressions = with_reaction_window(
         con, domain, settings, read_impressions(con, domain, min(fit_start, dates[0]), fit_end)
     )
-    lf_votes = apply_lfs(impressions)
+    lfs = list(LABELING_FUNCTIONS.values())
+    lf_votes = apply_lfs(impressions, lfs)
     votes = vote_matrix(lf_votes)
     in_fit = impressions.get_column("event_date").is_between(fit_start, fit_end).to_numpy()
     requested = impressions.get_column("event_date").is_in(dates).to_numpy()
 
-    model = DawidSkene(voters(list(LABELING_FUNCTIONS.values()))).fit(votes[in_fit])
-    p_good = model.predict_proba(votes)
+    fitted, fitted_votes = impressions.filter(in_fit), votes[in_fit]
+    audit = audit_gold(fitted)
+    model = DawidSkene(voters(lfs)).fit(fitted_votes)
+    p_good, choice, calibration = checked_p_good(
+        model, votes, in_fit, fitted, audit, settings.label_model
+    )
+    version = label_model_version(choice, calibration)
+    dependencies = dependent_sources(
+        fitted_votes, lf_votes.columns, [lf.source for lf in lfs], model,
+        min_shared_information=settings.label_model.dependency_min_shared_information,
+    )
+    for dependency in dependencies:
+        logger.warning("%s: %s", domain, dependency.message())
+
     partitions = impressions.filter(requested)
-    labels = impression_labels(partitions, votes[requested], p_good[requested], model.version)
+    labels = impression_labels(partitions, votes[requested], p_good[requested], version)
     write_labels(
         con, domain, dates, long_label_matrix(partitions, lf_votes.filter(requested)), labels
     )
 
-    fitted, fitted_votes = impressions.filter(in_fit), votes[in_fit]
-    gold = fitted.get_column("review_value").cast(pl.Float64).fill_null(np.nan).to_numpy()
-    gold_rows, gold_accuracy = label_accuracy(p_good[in_fit], gold)
+    gold_rows, gold_accuracy = label_accuracy(p_good[in_fit], audit)
     maturity = settings.label_maturity
     return LabelingReport(
         domain=domain,
         dates=dates,
-        label_model_version=model.version,
+        label_model_version=version,
         fit_start=fit_start,
         fit_end=fit_end,
         fit_rows=fitted.height,
@@ -191,10 +246,13 @@ def label_partitions(
         share_good=labels.get_column("label").mean(),
         gold_rows=gold_rows,
         gold_accuracy=gold_accuracy,
-        gold_accuracy_majority_vote=label_accuracy(
-            MajorityVote().predict_proba(fitted_votes), gold
-        )[1],
-        lf_stats=lf_summary(fitted_votes, lf_votes.columns, gold, model.lf_accuracies()),
+        gold_accuracy_majority_vote=choice.majority_vote_accuracy,
+        label_model_choice=choice,
+        calibration=calibration,
+        dependencies=dependencies,
+        lf_stats=lf_summary(fitted_votes, lf_votes.columns, audit, model.lf_accuracies()).with_columns(
+            pl.Series("dependent_with", dependent_with(lf_votes.columns, dependencies), pl.String)
+        ),
         cohort_coverage=cohort_coverage(
             partitions.select(COHORT).with_columns(labels.get_column("p_good"))
         ),
@@ -205,6 +263,37 @@ def label_partitions(
             pl.col("label").mean().alias("share_good"),
         ).sort("event_date"),
     )
+
+
+def checked_p_good(
+    model: DawidSkene,
+    votes: np.ndarray,
+    in_fit: np.ndarray,
+    fitted: pl.DataFrame,
+    audit: np.ndarray,
+    settings: LabelModelSettings,
+) -> tuple[np.ndarray, ModelChoice, Calibration]:
+    """p_good of every row of ``votes``: ``model``'s, or majority vote's where that is
+    significantly more accurate on the ``audit`` reviews of the fit window (the rows of
+    ``fitted``); calibrated on all its reviews where that lowers the held-out Brier score."""
+    p_model, p_majority = model.predict_proba(votes), MajorityVote().predict_proba(votes)
+    choice = choose_label_model(
+        p_model[in_fit], p_majority[in_fit], audit, model.version,
+        min_gold_rows=settings.min_gold_rows, significance=settings.significance,
+    )
+    chosen = p_majority if choice.fell_back else p_model
+    calibration = calibrate(
+        chosen[in_fit], review_gold(fitted), settings.calibration,
+        row_keys=fitted.select(pl.struct(IMPRESSION_KEY).hash(seed=0)).to_series().to_numpy(),
+        min_gold_rows=settings.min_gold_rows, significance=settings.significance,
+    )
+    return calibration(chosen), choice, calibration
+
+
+def label_model_version(choice: ModelChoice, calibration: Calibration) -> str:
+    """The label model that wrote the labels, and its calibration if applied: e.g.
+    ``dawid-skene-v1+isotonic``, ``majority-vote-v1``."""
+    return f"{choice.version}+{calibration.method}" if calibration.applied else choice.version
 
 
 def fit_window(
@@ -225,9 +314,9 @@ def read_impressions(
     lf_inputs = {
         name for lf in LABELING_FUNCTIONS.values() for name in lf.expression.meta.root_names()
     }
-    columns = IMPRESSION_KEY + sorted(
-        (lf_inputs | set(_REPORT_COLUMNS)) - set(IMPRESSION_KEY) - STAGE_COLUMNS
-    )
+    selection = {REVIEW_SELECTION} & set(con.sql("SELECT * FROM marts.fct_impressions LIMIT 0").columns)
+    read = lf_inputs | set(_REPORT_COLUMNS) | selection
+    columns = IMPRESSION_KEY + sorted(read - set(IMPRESSION_KEY) - STAGE_COLUMNS)
     return con.sql(
         f"""SELECT {", ".join(columns)} FROM marts.fct_impressions
             WHERE domain = $domain AND event_date BETWEEN $start AND $end""",
@@ -253,6 +342,21 @@ def with_reaction_window(
     return impressions.with_columns(
         reaction_window_closed(impressions.get_column("served_at"), delays, maturity.quantile, as_of)
     )
+
+
+def review_gold(impressions: pl.DataFrame) -> np.ndarray:
+    """The reviewers' verdicts, 1 good / 0 bad, NaN where no one reviewed the impression."""
+    return impressions.get_column("review_value").cast(pl.Float64).fill_null(np.nan).to_numpy()
+
+
+def audit_gold(impressions: pl.DataFrame) -> np.ndarray:
+    """The verdicts of reviews chosen at random (the audit slice), NaN elsewhere. A review whose
+    selection the mart does not record counts as audit (before the review queue, all were)."""
+    gold = review_gold(impressions)
+    if REVIEW_SELECTION not in impressions.columns:
+        return gold
+    selection = impressions.get_column(REVIEW_SELECTION).fill_null(AUDIT)
+    return np.where((selection == AUDIT).to_numpy(), gold, np.nan)
 
 
 def impression_labels(
