@@ -91,9 +91,8 @@ def queue_for_review(con: duckdb.DuckDBPyConnection, home_root: Path, domain: st
     now = (now or datetime.now(UTC)).astimezone(UTC).replace(tzinfo=None)
     con.execute(QUEUE_DDL)
     impressions = candidates(con, domain, days)
-    previous = con.execute(
-        "SELECT * FROM labels.review_queue WHERE domain = $domain AND event_date IN $days",
-        {"domain": domain, "days": days}).pl()
+    previous = con.sql("SELECT * FROM labels.review_queue WHERE domain = $domain AND event_date IN $days",
+                       params={"domain": domain, "days": days}).pl()
     queue = select(impressions, previous, settings, now)
     with transaction(con):
         con.execute("DELETE FROM labels.review_queue WHERE domain = $domain AND event_date IN $days",
@@ -118,8 +117,8 @@ def queue_for_review(con: duckdb.DuckDBPyConnection, home_root: Path, domain: st
 def candidates(con: duckdb.DuckDBPyConnection, domain: str, days: list[date]) -> pl.DataFrame:
     """The days' impressions (marts.fct_impressions) with their p_good, their audit order, whether a
     review of them has landed (raw.labels), and what a reviewer sees."""
-    has_reviews = con.execute("SELECT count(*) FROM information_schema.tables "
-                              "WHERE table_schema = 'raw' AND table_name = 'labels'").fetchone()[0]
+    [(has_reviews,)] = con.execute("SELECT count(*) FROM information_schema.tables "
+                                   "WHERE table_schema = 'raw' AND table_name = 'labels'").fetchall()
     reviewed = ("SELECT DISTINCT interaction_id, item_id FROM raw.labels WHERE domain = $domain"
                 if has_reviews else "SELECT NULL::VARCHAR AS interaction_id, NULL::VARCHAR AS item_id LIMIT 0")
     return con.sql(
@@ -195,10 +194,11 @@ def label_studio_task(row: dict) -> dict[str, object]:
 
 def argilla_record(row: dict) -> dict[str, object]:
     """One record as Argilla 2.x's ``dataset.records.log`` takes it: keys naming the dataset's fields
-    (input, content; an empty input is left out) and metadata properties (the ids), and ``id``."""
-    fields = {"input": row["input"] or None, "content": row["content"]}
+    (input, content) and metadata properties (the ids), and ``id``; an empty input and an unknown
+    p_good are left out."""
+    values = {"input": row["input"] or None, "content": row["content"], **_ids(row)}
     return {"id": f"{row['domain']}:{row['interaction_id']}:{row['item_id']}",
-            **{name: value for name, value in fields.items() if value is not None}, **_ids(row)}
+            **{name: value for name, value in values.items() if value is not None}}
 
 
 def _write_atomically(path: Path, text: str) -> Path:
