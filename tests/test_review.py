@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 
 from flywheel_pipeline import simulation, warehouse
+from flywheel_pipeline.accumulation import accumulate
 from flywheel_pipeline.config import ReviewQueue
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.defs.assets import LABELS
@@ -271,7 +272,8 @@ def test_reviews_of_a_labelled_day_come_back_as_gold_relabel_it_and_validation_s
     events = list(read_label_studio(export, DOMAIN, config))
     assert not [e for e in events if isinstance(e, Rejected)]
     land_reviews(home, reviewed_on, events)
-    assert execute_cycle(defs, instance, DOMAIN, reviewed_on, reviewed_on, asset_selection=[RAW_EVENTS]).success
+    with warehouse.connect(home.warehouse) as con:  # (a Dagster run of a day without traffic fails its check)
+        accumulate(con, home, config, DOMAIN, [reviewed_on])
     assert rows(home, "SELECT count(*), count(selection) FROM raw.labels WHERE reviewer = 'label-studio:3'") == [
         (len(tasks), len(tasks))]
 
@@ -291,7 +293,7 @@ def test_reviews_of_a_labelled_day_come_back_as_gold_relabel_it_and_validation_s
                             FROM labels.review_queue q JOIN marts.fct_impressions i
                               USING (domain, event_date, interaction_id, item_id)
                             WHERE q.event_date = DATE '{first}'""")
-    assert {(sel, True, sel == "audit", sel) for sel, *_ in queued} == set(queued)
+    assert queued and {(sel, True, sel == "audit", sel) for sel, *_ in queued} == set(queued)
     with warehouse.connect(home.warehouse, read_only=True) as con:
         held_out = holdout_rows(con, DOMAIN, Windows(first - timedelta(days=1), first - timedelta(days=1), first, first))
         gold = con.sql(f"""SELECT interaction_id, item_id FROM marts.fct_impressions
