@@ -74,9 +74,8 @@ class QueueReport:
                 "files": ", ".join(str(path) for path in self.files if path.name.startswith(day.isoformat()))}
 
     def metadata(self) -> dict[str, object]:
-        totals = self.per_day.select(pl.col("audit", "uncertainty", "pending").sum()).row(0, named=True)
-        return {"domain": self.domain, **{f"queued_{k}" if k != "pending" else k: int(v or 0)
-                                          for k, v in totals.items()},
+        audit, uncertainty, pending = self.per_day.select(pl.col("audit", "uncertainty", "pending").sum()).row(0)
+        return {"domain": self.domain, "queued_audit": audit, "queued_uncertainty": uncertainty, "pending": pending,
                 "files": ", ".join(str(path) for path in self.files)}
 
 
@@ -145,7 +144,7 @@ def select(impressions: pl.DataFrame, previous: pl.DataFrame, settings: ReviewQu
     key = ["domain", "event_date", "interaction_id", "item_id"]
     ranked = impressions.with_columns(in_audit_slice=pl.int_range(pl.len()).over("event_date") < n_audit)
     done = ranked.filter(pl.col("reviewed")).join(previous.select(*key, "selection"), on=key)
-    done_uncertain = done.filter(pl.col("selection") == UNCERTAINTY).group_by("event_date").len("kept")
+    done_uncertain = done.filter(pl.col("selection") == UNCERTAINTY).group_by("event_date").agg(kept=pl.len().cast(pl.Int64))
     uncertain = (
         ranked.filter(~pl.col("in_audit_slice") & ~pl.col("reviewed") & pl.col("p_good").is_not_null())
         .sort("event_date", (pl.col("p_good") - 0.5).abs(), "audit_order")
@@ -199,6 +198,27 @@ def argilla_record(row: dict) -> dict[str, object]:
     values = {"input": row["input"] or None, "content": row["content"], **_ids(row)}
     return {"id": f"{row['domain']}:{row['interaction_id']}:{row['item_id']}",
             **{name: value for name, value in values.items() if value is not None}}
+
+
+def forget_user(home_root: Path, user_id: str) -> int:
+    """Take a forgotten user's tasks out of every review file (``flywheel forget``); how many."""
+    removed = 0
+    for path in sorted((home_root / "review").glob("*/*.*.json")):
+        entries = json.loads(path.read_text())
+        kept = [entry for entry in entries if entry.get("data", entry).get("user_id") != user_id]
+        if len(kept) < len(entries):
+            removed += len(entries) - len(kept)
+            _write_atomically(path, json.dumps(kept, indent=1))
+    return removed
+
+
+def expire(home_root: Path, domain: str, cutoff: date) -> list[Path]:
+    """Delete the review files of ``domain``'s days before ``cutoff`` (retention)."""
+    expired = [path for path in sorted(review_folder(home_root, domain).glob("*.*.json"))
+               if path.name[:10] < cutoff.isoformat()]
+    for path in expired:
+        path.unlink()
+    return expired
 
 
 def _write_atomically(path: Path, text: str) -> Path:

@@ -22,7 +22,8 @@ from flywheel_pipeline.defs.review import REVIEW_QUEUE
 from flywheel_pipeline.defs.transform import RAW_EVENTS, dbt_model_keys
 from flywheel_pipeline.importers.base import Rejected
 from flywheel_pipeline.importers.reviews import read_argilla, read_label_studio
-from flywheel_pipeline.review import queue_for_review, review_folder
+from flywheel_pipeline.review import expire, forget_user, queue_for_review, review_folder
+from flywheel_pipeline.simulation.reviewers import answer_review_queue
 from flywheel_pipeline.training.base import Windows
 from flywheel_pipeline.validation.evidence import holdout_rows
 
@@ -137,6 +138,11 @@ def test_reviewed_impressions_are_never_queued_again_and_a_rerun_replaces_the_pa
     tasks = json.loads((review_folder(tmp_path, DOMAIN) / f"{DAYS[0]}.label-studio.json").read_text())
     assert len(tasks) == 19 and done not in {task["data"]["interaction_id"] for task in tasks}
 
+    report = queue_for_review(con, tmp_path, DOMAIN, DAYS, ReviewQueue(daily_budget=0), now=again_at)
+    assert queue_rows(con).filter(pl.col("selection") == "audit").is_empty()  # only the done review stays
+    assert report.metadata()["pending"] == 0
+    assert not list(review_folder(tmp_path, DOMAIN).glob("*.argilla.json"))  # nothing left to review
+
 
 def test_the_files_are_what_label_studio_and_argilla_import(con, tmp_path):
     report = queue_for_review(con, tmp_path, DOMAIN, DAYS, BUDGET, now=NOW)
@@ -161,6 +167,13 @@ def test_the_files_are_what_label_studio_and_argilla_import(con, tmp_path):
     for record in records:  # flat dicts for dataset.records.log: field, metadata and id keys
         assert isinstance(record["content"], str) and record["selection"] in ("audit", "uncertainty")
         assert all(isinstance(value, str | int | float) for value in record.values())
+
+    user = tasks[0]["data"]["user_id"]  # flywheel forget takes a user's tasks out of every file
+    assert forget_user(tmp_path, user) == 2 * sum(t["data"]["user_id"] == user for t in tasks)
+    assert f'"{user}"' not in (folder / f"{DAYS[0]}.label-studio.json").read_text() + (
+        folder / f"{DAYS[0]}.argilla.json").read_text()
+    assert [path.name for path in expire(tmp_path, DOMAIN, DAYS[1])] == [  # retention
+        f"{DAYS[0]}.argilla.json", f"{DAYS[0]}.label-studio.json"]
 
 
 # --- reading reviews back -----------------------------------------------------------------------------
@@ -250,7 +263,7 @@ def rows(home, sql: str) -> list[tuple]:
 
 
 def test_reviews_of_a_labelled_day_come_back_as_gold_relabel_it_and_validation_scores_only_the_audit(
-        home, config, tmp_path):
+        home, config):
     first, last = date(2026, 11, 2), date(2026, 11, 3)
     simulation.simulate(home, config, first, 2, seed=3, interactions_per_day=60, domains=[DOMAIN])
     defs = build_definitions(config, home)
@@ -261,20 +274,20 @@ def test_reviews_of_a_labelled_day_come_back_as_gold_relabel_it_and_validation_s
     resources = {"warehouse": defs.resources["warehouse"]}
     before = sensor(dg.build_sensor_context(instance=instance, resources=resources, definitions=defs))
 
-    # a reviewer answers the first day's queue in Label Studio, two days later; it is imported
+    # reviewers answer the first day's queue in Label Studio two days later (from the hidden truth)
     tasks = json.loads((review_folder(home.root, DOMAIN) / f"{first}.label-studio.json").read_text())
-    selections = {t["data"]["selection"] for t in tasks}
-    assert selections == {"audit", "uncertainty"}
+    assert {t["data"]["selection"] for t in tasks} == {"audit", "uncertainty"}
     reviewed_on = first + timedelta(days=2)
-    export = tmp_path / "export.json"
-    export.write_text(json.dumps(label_studio_export(tasks, ["good", "bad"] * (len(tasks) // 2) + ["good"] * (
-        len(tasks) % 2), datetime.combine(reviewed_on, datetime.min.time(), UTC))))
+    export = answer_review_queue(home, DOMAIN, first, reviewer_error=0.0, delay_days=1.0)
     events = list(read_label_studio(export, DOMAIN, config))
-    assert not [e for e in events if isinstance(e, Rejected)]
+    assert len(events) == len(tasks) and not [e for e in events if isinstance(e, Rejected)]
+    truth = {(i, t): good for i, t, good in simulation.true_labels(home, DOMAIN).iter_rows()}
+    assert all((e["verdict"] == "good") == truth[e["interaction_id"], e["item_id"]] for e in events)
+    assert {e["timestamp"][:10] for e in events} == {reviewed_on.isoformat()}
     land_reviews(home, reviewed_on, events)
     with warehouse.connect(home.warehouse) as con:  # (a Dagster run of a day without traffic fails its check)
         accumulate(con, home, config, DOMAIN, [reviewed_on])
-    assert rows(home, "SELECT count(*), count(selection) FROM raw.labels WHERE reviewer = 'label-studio:3'") == [
+    assert rows(home, "SELECT count(*), count(selection) FROM raw.labels WHERE reviewer LIKE 'label-studio:%'") == [
         (len(tasks), len(tasks))]
 
     # the late-label sensor relabels exactly the reviewed day
