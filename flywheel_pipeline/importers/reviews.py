@@ -136,6 +136,7 @@ def _review(number: int, record: object, ids: dict, choices: list, reviewer: str
     timestamp = _utc(when)
     if timestamp is None:
         return Rejected.of(number, "invalid_value:timestamp", record)
+    key = ":".join([key, ids["interaction_id"], ids["item_id"]])
     event = {
         "event_id": "review-" + hashlib.sha256(key.encode()).hexdigest()[:32],
         "event_type": "label", "domain": domain, "timestamp": timestamp,
