@@ -14,7 +14,7 @@ import pytest
 
 from flywheel_pipeline import simulation, warehouse
 from flywheel_pipeline.accumulation import accumulate
-from flywheel_pipeline.config import ReviewQueue
+from flywheel_pipeline.config import ConfigError, ReviewQueue, parse_config
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.defs.assets import LABELS
 from flywheel_pipeline.defs.jobs import cycle_job_name
@@ -74,6 +74,14 @@ def review(connection, interaction_id: str, selection: str | None = None) -> Non
 
 
 BUDGET = ReviewQueue(daily_budget=20, audit_fraction=0.25)
+
+
+@pytest.mark.parametrize("key, value", [("daily_budget", -1), ("audit_fraction", 1.5), ("per_week", 3)])
+def test_a_bad_review_setting_is_named(key, value):
+    from tests.test_config import broken
+
+    with pytest.raises(ConfigError, match=rf"domains\.assistant\.review\.{key}"):
+        parse_config(broken(["domains", "assistant", "review", key], value))
 
 
 def test_each_day_queues_its_budget_an_audit_slice_and_the_impressions_nearest_one_half(con, tmp_path):
