@@ -30,6 +30,7 @@ import duckdb
 import polars as pl
 
 from flywheel_pipeline.config import ReviewQueue
+from flywheel_pipeline.events import SELECTIONS
 from flywheel_pipeline.warehouse import transaction
 
 QUEUE_DDL = """
@@ -39,7 +40,7 @@ CREATE TABLE IF NOT EXISTS labels.review_queue (
     item_id VARCHAR NOT NULL, selection VARCHAR NOT NULL, p_good DOUBLE, queued_at TIMESTAMP NOT NULL
 );
 """
-AUDIT, UNCERTAINTY = "audit", "uncertainty"  # events.SELECTIONS
+AUDIT, UNCERTAINTY = SELECTIONS
 AUDIT_ORDER_SALT = "flywheel-review-audit"  # the audit slice's order: md5(salt, domain, ids)
 VERDICT_CONTROL = "verdict"  # the Label Studio Choices / Argilla question reviewers answer
 # What each task carries so that its review maps back to the impression (task data, record metadata).
