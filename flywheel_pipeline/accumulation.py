@@ -503,7 +503,7 @@ _INSERTS = {
         INSERT INTO raw.labels
         SELECT event_id, $domain, event_date, event_ts, {field_text('user_id')}, {field_text('session_id')},
                {field_text('interaction_id')}, {field_text('item_id')}, {field_text('reviewer')}, {field_text('verdict')},
-               source_file, source_line, coalesce(first_ingested.ingested_at, $now)
+               source_file, source_line, coalesce(first_ingested.ingested_at, $now), {field_text('selection')}
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'label'""",
     "quarantine": """

@@ -133,6 +133,16 @@ class LabelModelSettings(_Strict):
                                      "their information (a copy: 1)")
 
 
+class ReviewQueue(_Strict):
+    """What the review_queue asset asks people to judge each day (docs/importing.md: Label Studio and
+    Argilla): a random audit slice, and the impressions the label model is least sure of."""
+
+    daily_budget: int = Field(0, ge=0, le=10_000, description="impressions queued per day partition; "
+                              "0: no queue")
+    audit_fraction: float = Field(0.2, ge=0, le=1, description="share of the budget drawn uniformly at "
+                                  "random (the audit slice, gold for validation); the rest by uncertainty")
+
+
 class DomainConfig(_Strict):
     shape: Literal["assistant", "recommendation"]
     cadence: str
@@ -146,6 +156,7 @@ class DomainConfig(_Strict):
     audit_share: float = Field(0.02, ge=0, lt=1, description="share of interactions routed to "
                                "human review (gold labels, `label` events)")
     label_maturity: LabelMaturity
+    review: ReviewQueue = ReviewQueue()
     gate: Gate = Gate()
     label_model: LabelModelSettings = LabelModelSettings()
     automation: Literal["manual", "auto"] = "manual"

@@ -21,6 +21,7 @@ from flywheel_pipeline.defs.jobs import (
 )
 from flywheel_pipeline.defs.partitions import range_tags
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
+from flywheel_pipeline.defs.review import build_review_queue
 from flywheel_pipeline.defs.schedules import build_retention_schedule, build_schedule
 from flywheel_pipeline.defs.sensors import build_sensors
 from flywheel_pipeline.defs.transform import build_dbt_assets, dbt_resource
@@ -31,7 +32,7 @@ def build_definitions(config: FlywheelConfig, home: Home) -> dg.Definitions:
     home.ensure()
     model_assets = [a for domain in config.domains for a in build_model_assets(config, domain)]
     return dg.Definitions(
-        assets=[*build_data_assets(config), build_dbt_assets(config), *model_assets],
+        assets=[*build_data_assets(config), build_dbt_assets(config), build_review_queue(config), *model_assets],
         asset_checks=quality_checks(config),
         jobs=[*(cycle_job(d) for d in config.domains), approve_candidate, deploy_champion, rollback_champion,
               enforce_retention],

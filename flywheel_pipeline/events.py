@@ -17,6 +17,9 @@ EVENT_TYPES = ("interaction", "signal", "outcome", "label")
 POLICIES = ("champion", "explore", "candidate", "baseline")
 CONSENT_STATES = ("granted", "denied")
 VERDICTS = ("good", "bad")
+# How a reviewed impression was chosen: at random (the product's audit_share, or the review queue's
+# audit slice: gold for validation) or by the label model's uncertainty (the review queue's other part).
+SELECTIONS = ("audit", "uncertainty")
 SIGNAL_TYPES = (
     "rating", "accept", "reject", "edit", "revert", "copy", "reformulate", "abandon", "dwell", "click",
 )
@@ -88,6 +91,7 @@ FIELDS_BY_TYPE: dict[str, tuple[Field, ...]] = {
         Field("item_id", "string"),
         Field("reviewer", "string"),
         Field("verdict", "string"),
+        Field("selection", "string", required=False),
     ),
 }
 IMPRESSION_FIELDS = (
@@ -238,6 +242,7 @@ def _value_rules() -> list[tuple[str, str]]:
         ("invalid_value:impressions.position", _for_types(
             ("interaction",), f"NOT list_bool_and(list_transform({positions}, lambda p: p >= 0))")),
         ("invalid_value:verdict", _for_types(("label",), f"{field_text('verdict')} NOT IN {_sql_list(VERDICTS)}")),
+        ("invalid_value:selection", _for_types(("label",), f"{field_text('selection')} NOT IN {_sql_list(SELECTIONS)}")),
         ("invalid_value:reviewer", _for_types(("label",), f"length({field_text('reviewer')}) NOT BETWEEN 1 AND {MAX_ID_LENGTH}")),
         ("invalid_value:signal_type", _for_types(("signal",), f"{signal_type} NOT IN {_sql_list(SIGNAL_TYPES)}")),
         ("missing_field:value", _for_types(("signal",), f"{signal_type} IN ('rating', 'dwell') AND {value} IS NULL")),

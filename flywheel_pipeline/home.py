@@ -5,6 +5,7 @@
     <home>/landing/<domain>/<YYYY-MM-DD>.<source>.jsonl   an importer's batches (docs/importing.md)
     <home>/dagster/           DAGSTER_HOME (runs, event log, schedules)
     <home>/mlflow/            MLflow tracking store (sqlite) and artifacts
+    <home>/review/<domain>/   the review queue's files for Label Studio and Argilla (docs/importing.md)
     <home>/simulator/         the simulator's world and hidden truth (never read by the pipeline)
     <home>/flywheel.log       output of the tools commands run (dbt, Dagster's daemon and code server)
 

@@ -8,7 +8,7 @@ patterns run as DuckDB regular expressions, vectorised; benchmarks/redaction.py 
 against Presidio's recognizers on a labelled corpus (docs/privacy.md).
 
 Forgetting (``flywheel forget --user ID``): the user's rows leave every warehouse table, their
-lines leave the landing batches (rewritten atomically), and a tombstone (a hash of the id) makes
+lines leave the landing batches (rewritten atomically), their tasks the review files, and a tombstone (a hash of the id) makes
 accumulation quarantine any replayed event of theirs as ``forgotten_user``, with no content.
 
 Retention: ``retention_days`` per domain; ``enforce_retention`` deletes older rows and batches.
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import duckdb
 
-from flywheel_pipeline import accumulation
+from flywheel_pipeline import accumulation, review
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
@@ -312,6 +312,7 @@ def forget_user(con: duckdb.DuckDBPyConnection, home: Home, user_id: str,
     con.execute("CHECKPOINT")
     removed = {str(path.relative_to(home.landing)): count for path in sorted(home.landing.rglob("*.jsonl"))
                if (count := _rewrite_without_user(path, user_id))}
+    review.forget_user(home.root, user_id)
     return ForgetReport(user_hash(user_id), deleted, removed,
                         {domain: tuple(d) for domain, d in days.items()})
 
@@ -361,6 +362,7 @@ def enforce_retention(con: duckdb.DuckDBPyConnection, home: Home, config: Flywhe
         batches = accumulation.batches_for(home, domain, [date.min, cutoff - timedelta(days=1)], 0)
         for path in batches:
             path.unlink()
+        review.expire(home.root, domain, cutoff)
         reports.append(RetentionReport(domain, cutoff, deleted,
                                        [str(path.relative_to(home.landing)) for path in batches]))
     con.execute("CHECKPOINT")

@@ -50,6 +50,9 @@ CREATE TABLE IF NOT EXISTS raw.labels (
     verdict VARCHAR NOT NULL,
     source_file VARCHAR NOT NULL, source_line BIGINT NOT NULL, ingested_at TIMESTAMP NOT NULL
 );
+-- How the reviewed impression was chosen (events.SELECTIONS; NULL: the product's own audit), last so
+-- that a warehouse made before gets it too.
+ALTER TABLE raw.labels ADD COLUMN IF NOT EXISTS selection VARCHAR;
 CREATE TABLE IF NOT EXISTS raw.quarantine (
     domain VARCHAR NOT NULL, event_date DATE NOT NULL, source_file VARCHAR NOT NULL,
     source_line BIGINT NOT NULL, event_id VARCHAR, reason VARCHAR NOT NULL, line VARCHAR,

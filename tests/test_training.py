@@ -53,6 +53,8 @@ REACTION_COLUMNS = {
     "outcome_delay_s": "DOUBLE",
     "review_value": "DOUBLE",
     "reviewed_at": "TIMESTAMP",
+    "review_selection": "VARCHAR",
+    "audit_review_value": "DOUBLE",
 }
 FCT_IMPRESSIONS_DDL = """
 CREATE SCHEMA IF NOT EXISTS marts;

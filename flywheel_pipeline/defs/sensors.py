@@ -91,7 +91,7 @@ def build_sensors(config: FlywheelConfig) -> list[dg.SensorDefinition]:
 
     @dg.sensor(asset_selection=RELABEL_SELECTION, minimum_interval_seconds=config.daemon.late_label_sensor_seconds,
                default_status=dg.DefaultSensorStatus.RUNNING,
-               description="When outcomes land for interactions in already-labelled partitions, re-labels "
+               description="When outcomes or reviews land for interactions in already-labelled partitions, re-labels "
                            "exactly those (day, domain) partitions (after rebuilding the dbt models), once "
                            "per new batch of outcomes.")
     def late_label_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource) -> dg.SensorResult:

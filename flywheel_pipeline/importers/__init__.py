@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.importers import bandit, otel
+from flywheel_pipeline.importers import bandit, otel, reviews
 from flywheel_pipeline.importers.base import Mapped, UnreadableFile
 from flywheel_pipeline.importers.landing import ImportReport, write_import
 
@@ -23,6 +23,8 @@ Reader = Callable[[Path, str, FlywheelConfig], Mapped]
 FORMATS: dict[str, Reader] = {
     "otel": otel.read,  # OpenTelemetry GenAI spans, OTLP JSON
     "bandit": bandit.read,  # logged bandit feedback, CSV or Parquet
+    "label-studio": reviews.read_label_studio,  # a Label Studio JSON export of the review queue's tasks
+    "argilla": reviews.read_argilla,  # Argilla records with their responses, JSON or JSON Lines
 }
 
 

@@ -38,14 +38,15 @@ def holdout_rows(con: duckdb.DuckDBPyConnection, domain: str, windows: Windows,
                  outcome: str = "") -> pl.DataFrame:
     """Held-out impressions: serving-time columns, the weak label (p_good, label), and the
     held-out evidence: ``clicked``, ``outcome`` (value of the ``outcome`` named, else 0) and
-    ``verdict`` (the audit reviewer's 1/0, null when not reviewed)."""
+    ``verdict`` (the reviewer's 1/0 where the impression was reviewed at random, the audit;
+    null when not reviewed, or reviewed because the label model was unsure: not a random sample)."""
     columns = ", ".join(f"i.{name}" for name in SERVING_TIME_COLUMNS)
     return con.sql(
         f"""SELECT {columns}, l.p_good, l.label,
                    coalesce(i.clicked, false)::DOUBLE AS clicked,
                    CASE WHEN i.outcome_name = $outcome THEN coalesce(i.outcome_value, 0) ELSE 0 END
                        AS outcome,
-                   i.review_value AS verdict
+                   i.audit_review_value AS verdict
             FROM marts.fct_impressions AS i
             LEFT JOIN labels.impression_labels AS l USING (domain, event_date, interaction_id, item_id)
             WHERE i.domain = $domain AND i.event_date BETWEEN $start AND $end

@@ -45,8 +45,10 @@ per_impression as (
         arg_min(
             {'name': outcome_name, 'value': value, 'at': reacted_at, 'after_s': after_s}, reacted_at
         ) filter (where outcome_name <> 'human_review') as first_outcome,
-        arg_max({'value': value, 'at': reacted_at}, reacted_at)
-            filter (where outcome_name = 'human_review') as last_review
+        arg_max({'value': value, 'at': reacted_at, 'selection': review_selection}, reacted_at)
+            filter (where outcome_name = 'human_review') as last_review,
+        arg_max(value, reacted_at)
+            filter (where outcome_name = 'human_review' and review_selection = 'audit') as audit_review_value
 
     from impressions
     inner join reactions
@@ -107,7 +109,9 @@ pivoted as (
         per_impression.first_outcome.at as outcome_at,
         per_impression.first_outcome.after_s as outcome_delay_s,
         per_impression.last_review.value as review_value,
-        per_impression.last_review.at as reviewed_at
+        per_impression.last_review.at as reviewed_at,
+        per_impression.last_review.selection as review_selection,
+        per_impression.audit_review_value
 
     from impressions
     left join per_impression using (domain, interaction_id, item_id)

@@ -24,7 +24,8 @@ signals as (
         null::varchar as outcome_name,
         value,
         text,
-        signalled_at as reacted_at
+        signalled_at as reacted_at,
+        null::varchar as review_selection
 
     from {{ ref('stg_signals') }}
     where {{ in_domain_to_build(since='first_day') }}
@@ -42,7 +43,8 @@ outcomes as (
         outcome_name,
         outcome_value as value,
         null::varchar as text,
-        outcome_at as reacted_at
+        outcome_at as reacted_at,
+        review_selection
 
     from {{ ref('stg_outcomes') }}
     where {{ in_domain_to_build(since='first_day') }}

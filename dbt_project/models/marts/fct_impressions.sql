@@ -54,7 +54,9 @@ select
     impressions.outcome_at,
     impressions.outcome_delay_s,
     impressions.review_value,
-    impressions.reviewed_at
+    impressions.reviewed_at,
+    impressions.review_selection,
+    impressions.audit_review_value
 
 from impressions
 inner join interactions using (interaction_event_id)

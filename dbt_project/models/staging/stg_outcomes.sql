@@ -1,5 +1,6 @@
 -- Delayed outcomes and human reviews alike: a reviewer's label event is the outcome human_review
--- (1 good / 0 bad) of the impression it judged.
+-- (1 good / 0 bad) of the impression it judged, with how that impression was chosen for review
+-- (review_selection: audit, at random, when the event does not say; or uncertainty).
 
 with
 
@@ -13,7 +14,8 @@ outcomes as (
         item_id,
         event_ts as outcome_at,
         name as outcome_name,
-        value as outcome_value
+        value as outcome_value,
+        null::varchar as review_selection
 
     from {{ source('raw', 'outcomes') }}
 
@@ -29,7 +31,8 @@ reviews as (
         item_id,
         event_ts as outcome_at,
         'human_review' as outcome_name,
-        case verdict when 'good' then 1.0 else 0.0 end as outcome_value
+        case verdict when 'good' then 1.0 else 0.0 end as outcome_value,
+        coalesce(selection, 'audit') as review_selection
 
     from {{ source('raw', 'labels') }}
 
