@@ -12,11 +12,14 @@ import datasets
 import mlflow
 import polars as pl
 import pytest
+import yaml
 
 from flywheel_pipeline import privacy, training_sets
 from flywheel_pipeline.cli import main
+from flywheel_pipeline.config import ConfigError, parse_config
 from flywheel_pipeline.defs.training_sets import training_set_keys
 from flywheel_pipeline.home import Home
+from tests.conftest import REPO
 from tests.test_accumulation import interaction, signal
 from tests.test_pipeline import DOMAIN, metadata, simulated_cycle
 from tests.test_privacy import CANARIES, DENIED, files_holding
@@ -139,6 +142,17 @@ def test_the_mlflow_run_records_each_set_as_a_dataset_input(cycle):
     artifacts = {a.path for name in KEYS for a in mlflow.MlflowClient(cycle.home.mlflow_tracking_uri)
                  .list_artifacts(run_id, name)}
     assert artifacts == {f"{name}/{training_sets.CARD}" for name in KEYS}
+
+
+def test_config_errors_name_the_training_sets_key():
+    raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
+    raw["domains"]["assistant"]["training_sets"]["sft_min_p_good"] = 0.3
+    with pytest.raises(ConfigError, match=r"domains\.assistant\.training_sets\.sft_min_p_good: Input should be"):
+        parse_config(raw)
+    raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
+    raw["domains"]["recommendation"]["training_sets"] = {}
+    with pytest.raises(ConfigError, match="training_sets: only an assistant domain"):
+        parse_config(raw)
 
 
 def test_a_failed_write_leaves_the_previous_set_whole(tmp_path, monkeypatch):
