@@ -19,6 +19,7 @@ from flywheel_pipeline.cli import main
 from flywheel_pipeline.config import ConfigError, parse_config
 from flywheel_pipeline.defs.training_sets import training_set_keys
 from flywheel_pipeline.home import Home
+from flywheel_pipeline.warehouse import connect
 from tests.conftest import REPO
 from tests.test_accumulation import interaction, signal
 from tests.test_pipeline import DOMAIN, metadata, simulated_cycle
@@ -188,3 +189,18 @@ def test_forget_rewrites_the_sets_without_the_user(cycle, monkeypatch, capsys): 
         assert after.height == before[name].height - theirs[name] == training_sets.read_card(path)["records"]
         assert privacy.user_hash("u_pairs") not in after["user_hash"].to_list()
         assert len((path / training_sets.JSONL).read_text().splitlines()) == after.height
+
+
+def test_retention_rewrites_the_sets_without_the_expired_days(cycle):  # after forgetting: it deletes days
+    home, config = cycle.home, cycle.config
+    cutoff = PLANTED_DAY + timedelta(days=1)
+    with connect(home.warehouse) as con:
+        [report, _] = privacy.enforce_retention(con, home, config, cutoff + timedelta(
+            days=config.domain(DOMAIN).retention_days))
+
+    assert report.domain == DOMAIN and report.metadata()[f"{DOMAIN}_dataset_records_deleted"] > 0
+    for key in KEYS.values():
+        path = Path(metadata(cycle.result, key)["path"])
+        records, card = pl.read_parquet(path / training_sets.PARQUET), training_sets.read_card(path)
+        assert records["event_date"].min() >= cutoff and card["records"] == records.height
+        assert card["records_removed"]["retention"] == report.dataset_records_deleted[str(path.relative_to(home.datasets))]
