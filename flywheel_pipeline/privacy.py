@@ -293,8 +293,11 @@ class ForgetReport:
 
 def forget_user(con: duckdb.DuckDBPyConnection, home: Home, user_id: str,
                 now: datetime | None = None) -> ForgetReport:
-    """Delete a user's rows from every table and their lines from every landing batch, and
-    tombstone them so that a replayed batch cannot bring them back."""
+    """Delete a user's rows from every table, their lines from every landing batch and their
+    records from the exported training sets, and tombstone them so that a replayed batch cannot
+    bring them back."""
+    from flywheel_pipeline import training_sets  # MLflow's import is slow; accumulation needs none
+
     if not user_id.strip():
         raise PrivacyError("forget needs a user id")
     ensure_raw_tables(con)
@@ -314,8 +317,6 @@ def forget_user(con: duckdb.DuckDBPyConnection, home: Home, user_id: str,
     con.execute("CHECKPOINT")
     removed = {str(path.relative_to(home.landing)): count for path in sorted(home.landing.rglob("*.jsonl"))
                if (count := _rewrite_without_user(path, user_id))}
-    from flywheel_pipeline import training_sets  # MLflow's import is slow; accumulation needs none of it
-
     return ForgetReport(user_hash(user_id), deleted, removed,
                         {domain: tuple(d) for domain, d in days.items()},
                         training_sets.forget_user(home, user_hash(user_id)))

@@ -40,7 +40,12 @@ from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 
 from flywheel_pipeline.config import FlywheelConfig, TrainingSets
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.training.base import DAGSTER_RUN_TAG, Windows, ensure_experiment, label_model_versions
+from flywheel_pipeline.training.base import (
+    DAGSTER_RUN_TAG,
+    Windows,
+    ensure_experiment,
+    label_model_versions,
+)
 
 SFT, PREFERENCE = "sft_dataset", "preference_dataset"
 PARQUET, JSONL, CARD = "train.parquet", "train.jsonl", "README.md"
