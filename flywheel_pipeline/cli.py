@@ -206,6 +206,8 @@ def cmd_forget(args: argparse.Namespace) -> None:
                   f"{len(report.landing_lines_removed)} landing batches")
     for table, count in report.rows_deleted.items():
         console.print(f"  {table:<40} {count:>8,} rows")
+    for dataset, count in report.dataset_records_removed.items():
+        console.print(f"  datasets/{dataset:<31} {count:>8,} records")
     models = privacy.trained_on(mlflow.MlflowClient(), report.user_days)
     if not models:
         console.print("no registered model was trained on their data")

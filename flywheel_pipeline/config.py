@@ -143,6 +143,17 @@ class ReviewQueue(_Strict):
                                   "random (the audit slice, gold for validation); the rest by uncertainty")
 
 
+class TrainingSets(_Strict):
+    """What the assistant shape's training sets keep (docs/training_sets.md)."""
+
+    sft_min_p_good: float = Field(0.9, gt=0.5, le=1, description="an SFT response's P(good) is at least this")
+    chosen_min_p_good: float = Field(0.7, gt=0.5, le=1, description="a regenerated or reformulated "
+                                     "pair's chosen response has P(good) at least this")
+    rejected_max_p_good: float = Field(0.3, ge=0, lt=0.5, description="and its rejected response at most this")
+    reformulation_within_s: int = Field(600, gt=0, description="a reformulation's follow-up is the session's "
+                                        "next interaction, served at most this long after the reformulated one")
+
+
 class DomainConfig(_Strict):
     shape: Literal["assistant", "recommendation"]
     cadence: str
@@ -165,6 +176,8 @@ class DomainConfig(_Strict):
                                 "the retention job deletes older ones (docs/privacy.md)")
     importing: Importing | None = Field(None, description="how `flywheel import` maps files into this "
                                         "domain (docs/importing.md)")
+    training_sets: TrainingSets = Field(TrainingSets(), description="an assistant domain's SFT and "
+                                        "preference datasets (docs/training_sets.md)")
 
     @field_validator("cadence")
     @classmethod
@@ -206,6 +219,13 @@ class DomainConfig(_Strict):
         if self.label_maturity.outcome == CLICK_MATURITY and self.shape != "recommendation":
             raise ValueError(f"label_maturity.outcome {CLICK_MATURITY!r} needs shape recommendation: "
                              f"an {self.shape}'s responses are not clicked")
+        return self
+
+    @model_validator(mode="after")
+    def _training_sets_of_an_assistant(self) -> DomainConfig:
+        if "training_sets" in self.model_fields_set and self.shape != "assistant":
+            raise ValueError(f"training_sets: only an assistant domain exports training sets "
+                             f"(this one's shape is {self.shape})")
         return self
 
     @property

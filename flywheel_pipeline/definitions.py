@@ -24,6 +24,7 @@ from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.defs.review import build_review_queue
 from flywheel_pipeline.defs.schedules import build_retention_schedule, build_schedule
 from flywheel_pipeline.defs.sensors import build_sensors
+from flywheel_pipeline.defs.training_sets import build_training_set_assets
 from flywheel_pipeline.defs.transform import build_dbt_assets, dbt_resource
 from flywheel_pipeline.home import Home
 
@@ -31,8 +32,10 @@ from flywheel_pipeline.home import Home
 def build_definitions(config: FlywheelConfig, home: Home) -> dg.Definitions:
     home.ensure()
     model_assets = [a for domain in config.domains for a in build_model_assets(config, domain)]
+    training_set_assets = [a for domain in config.domains for a in build_training_set_assets(config, domain)]
     return dg.Definitions(
-        assets=[*build_data_assets(config), build_dbt_assets(config), build_review_queue(config), *model_assets],
+        assets=[*build_data_assets(config), build_dbt_assets(config), build_review_queue(config), *model_assets,
+                *training_set_assets],
         asset_checks=quality_checks(config),
         jobs=[*(cycle_job(d) for d in config.domains), approve_candidate, deploy_champion, rollback_champion,
               enforce_retention],

@@ -6,6 +6,7 @@
     <home>/dagster/           DAGSTER_HOME (runs, event log, schedules)
     <home>/mlflow/            MLflow tracking store (sqlite) and artifacts
     <home>/review/<domain>/   the review queue's files for Label Studio and Argilla (docs/importing.md)
+    <home>/datasets/<domain>/<name>/<window>/   exported training sets (Parquet, JSONL, dataset card)
     <home>/simulator/         the simulator's world and hidden truth (never read by the pipeline)
     <home>/flywheel.log       output of the tools commands run (dbt, Dagster's daemon and code server)
 
@@ -109,6 +110,11 @@ class Home:
     @property
     def mlflow_artifacts(self) -> Path:
         return self.mlflow / "artifacts"
+
+    @property
+    def datasets(self) -> Path:
+        """Exported training sets (flywheel_pipeline.training_sets)."""
+        return self.root / "datasets"
 
     @property
     def log(self) -> Path:

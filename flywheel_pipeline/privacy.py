@@ -12,6 +12,7 @@ lines leave the landing batches (rewritten atomically), their tasks the review f
 accumulation quarantine any replayed event of theirs as ``forgotten_user``, with no content.
 
 Retention: ``retention_days`` per domain; ``enforce_retention`` deletes older rows and batches.
+Both reach the exported training sets (flywheel_pipeline.training_sets), rewritten without the records.
 """
 
 from __future__ import annotations
@@ -287,12 +288,16 @@ class ForgetReport:
     rows_deleted: dict[str, int]
     landing_lines_removed: dict[str, int]
     user_days: dict[str, tuple[date, ...]]  # per domain, the days of the user's consented interactions
+    dataset_records_removed: dict[str, int]  # per exported training set folder
 
 
 def forget_user(con: duckdb.DuckDBPyConnection, home: Home, user_id: str,
                 now: datetime | None = None) -> ForgetReport:
-    """Delete a user's rows from every table and their lines from every landing batch, and
-    tombstone them so that a replayed batch cannot bring them back."""
+    """Delete a user's rows from every table, their lines from every landing batch and their
+    records from the exported training sets, and tombstone them so that a replayed batch cannot
+    bring them back."""
+    from flywheel_pipeline import training_sets  # MLflow's import is slow; accumulation needs none
+
     if not user_id.strip():
         raise PrivacyError("forget needs a user id")
     ensure_raw_tables(con)
@@ -314,7 +319,8 @@ def forget_user(con: duckdb.DuckDBPyConnection, home: Home, user_id: str,
                if (count := _rewrite_without_user(path, user_id))}
     review.forget_user(home.root, user_id)
     return ForgetReport(user_hash(user_id), deleted, removed,
-                        {domain: tuple(d) for domain, d in days.items()})
+                        {domain: tuple(d) for domain, d in days.items()},
+                        training_sets.forget_user(home, user_hash(user_id)))
 
 
 def trained_on(client: MlflowClient, user_days: dict[str, tuple[date, ...]]) -> list[TrainedOn]:
@@ -340,17 +346,22 @@ class RetentionReport:
     cutoff: date  # rows and batches of days before this are gone
     rows_deleted: dict[str, int]
     batches_deleted: list[str]
+    dataset_records_deleted: dict[str, int]  # per exported training set folder
 
     def metadata(self) -> dict[str, object]:
         return {f"{self.domain}_cutoff": self.cutoff.isoformat(),
                 f"{self.domain}_rows_deleted": sum(self.rows_deleted.values()),
-                f"{self.domain}_batches_deleted": len(self.batches_deleted)}
+                f"{self.domain}_batches_deleted": len(self.batches_deleted),
+                f"{self.domain}_dataset_records_deleted": sum(self.dataset_records_deleted.values())}
 
 
 def enforce_retention(con: duckdb.DuckDBPyConnection, home: Home, config: FlywheelConfig,
                       today: date) -> list[RetentionReport]:
     """Per domain, delete the rows of days older than its ``retention_days`` from every table (and
-    what was derived from them), then the landing batches of those days."""
+    what was derived from them), then the landing batches of those days and their records in the
+    exported training sets."""
+    from flywheel_pipeline import training_sets
+
     ensure_raw_tables(con)
     reports = []
     for domain, domain_config in config.domains.items():
@@ -364,6 +375,7 @@ def enforce_retention(con: duckdb.DuckDBPyConnection, home: Home, config: Flywhe
             path.unlink()
         review.expire(home.root, domain, cutoff)
         reports.append(RetentionReport(domain, cutoff, deleted,
-                                       [str(path.relative_to(home.landing)) for path in batches]))
+                                       [str(path.relative_to(home.landing)) for path in batches],
+                                       training_sets.expire(home, domain, cutoff)))
     con.execute("CHECKPOINT")
     return reports

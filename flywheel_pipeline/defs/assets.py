@@ -74,7 +74,7 @@ def build_data_assets(config: FlywheelConfig) -> list[dg.AssetsDefinition]:
     return [raw_events, labels]
 
 
-def _latest_labelled_day(con: duckdb.DuckDBPyConnection, domain: str) -> date:
+def latest_labelled_day(con: duckdb.DuckDBPyConnection, domain: str) -> date:
     [(day,)] = con.execute(
         "SELECT max(event_date) FROM labels.impression_labels WHERE domain = ? AND p_good IS NOT NULL",
         [domain],
@@ -96,7 +96,7 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
         if closed := close_abandoned_runs(warehouse.home(), domain, partial(in_progress, context.instance)):
             context.log.warning(f"closed as FAILED the MLflow runs {closed}: their process died")
         with warehouse.connect() as con:  # train_candidate points MLflow at the home's store
-            as_of = _latest_labelled_day(con, domain)
+            as_of = latest_labelled_day(con, domain)
             mature_until = maturity_cutoff(con, config, domain, as_of)
             result = train_candidate(con, warehouse.home(), config, domain, as_of, mature_until=mature_until,
                                      dagster_run_id=context.run_id)

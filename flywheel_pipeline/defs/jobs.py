@@ -1,6 +1,7 @@
 """The jobs: each domain's cycle, what a person launches from the Launchpad, what the sensor launches.
 
     <domain>_cycle      accumulate -> filter -> label (-> review queue) -> fine-tune -> validate -> register
+                        (schedules); an assistant domain's training sets too, from its labels
     approve_candidate   record a person's approval or rejection of a candidate version
     deploy_champion     move `champion` to an approved version (launched by the approval sensor)
     rollback_champion   put the previous champion back
@@ -19,6 +20,7 @@ from flywheel_pipeline import approval, privacy, registry
 from flywheel_pipeline.defs.assets import LABELS, model_keys
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.defs.review import REVIEW_QUEUE
+from flywheel_pipeline.defs.training_sets import training_sets_group
 from flywheel_pipeline.defs.transform import DBT_MODELS, RAW_EVENTS
 
 WAREHOUSE_TAG = {"flywheel/warehouse": "duckdb"}
@@ -33,7 +35,8 @@ def cycle_job_name(domain: str) -> str:
 
 def cycle_job(domain: str):  # an unresolved asset job (its type is not public)
     """A domain's whole cycle as one run over a range of its days (the partitions come from the assets)."""
-    selection = dg.AssetSelection.assets(RAW_EVENTS, LABELS, REVIEW_QUEUE, *model_keys(domain).values()) | DBT_MODELS
+    selection = (dg.AssetSelection.assets(RAW_EVENTS, LABELS, REVIEW_QUEUE, *model_keys(domain).values())
+                 | DBT_MODELS | dg.AssetSelection.groups(training_sets_group(domain)))
     return dg.define_asset_job(
         cycle_job_name(domain), selection=selection,
         tags={**WAREHOUSE_TAG, "flywheel/domain": domain},
