@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import dagster as dg
+
 from flywheel_pipeline.definitions import build_definitions
 from flywheel_pipeline.defs.assets import LABELS, model_keys
-from flywheel_pipeline.defs.transform import RAW_EVENTS, dbt_model_key, dbt_model_keys, fct_impressions_key
+from flywheel_pipeline.defs.transform import (
+    RAW_EVENTS,
+    dbt_model_key,
+    fct_impressions_key,
+)
 
 
 def test_definitions_load_and_wire_every_domains_chain(home, config):

@@ -106,7 +106,7 @@ def test_a_session_across_midnight_is_judged_whole_when_only_its_second_day_is_b
 
 def test_a_late_outcome_reaches_its_interactions_day(incremental):
     home, _, _ = incremental
-    assert rows(home, f"""SELECT DISTINCT event_date, outcome_name, outcome_at::DATE FROM marts.fct_impressions
+    assert rows(home, """SELECT DISTINCT event_date, outcome_name, outcome_at::DATE FROM marts.fct_impressions
                          WHERE interaction_id = (SELECT interaction_id FROM raw.outcomes
                                                  WHERE event_id = 'late_outcome')""") == [(D0, "resolved", D3)]
 

@@ -23,10 +23,9 @@ from flywheel_pipeline.labeling.functions import (
 from flywheel_pipeline.labeling.model import DawidSkene, MajorityVote
 from flywheel_pipeline.labeling.safety import calibrate, choose_label_model, dependent_sources
 from flywheel_pipeline.labeling.stage import (
-    AUDIT,
-    REVIEW_SELECTION,
     audit_gold,
     label_partitions,
+    review_gold,
 )
 from tests.test_config import broken
 from tests.test_labeling import FCT_IMPRESSIONS, impression, independent_votes
@@ -109,11 +108,9 @@ def test_majority_vote_replaces_the_label_model_only_when_significantly_better_o
 
 
 def test_only_audit_reviews_measure_accuracy():
-    reviews = pl.DataFrame(
-        {"review_value": [1.0, 0.0, None, 1.0], REVIEW_SELECTION: [AUDIT, "uncertainty", None, None]}
-    )
+    reviews = pl.DataFrame({"review_value": [1.0, 0.0, None, 1.0], "audit_review_value": [1.0, None, None, 1.0]})
     np.testing.assert_array_equal(audit_gold(reviews), [1.0, np.nan, np.nan, 1.0])
-    np.testing.assert_array_equal(audit_gold(reviews.drop(REVIEW_SELECTION)), [1.0, 0.0, np.nan, 1.0])
+    np.testing.assert_array_equal(review_gold(reviews), [1.0, 0.0, np.nan, 1.0])
 
 
 # --- calibration on reviews ----------------------------------------------------------------------
@@ -178,7 +175,7 @@ def assistant_impressions(per_day: int, seed: int) -> pl.DataFrame:
             if rng.random() < 0.1:
                 values["rating"] = 5.0 if (good if rng.random() < 0.93 else not good) else 1.0
             if rng.random() < 0.15:
-                values["review_value"] = float(good)
+                values["review_value"] = values["audit_review_value"] = float(good)
             rows.append(impression(domain="assistant", event_date=day, interaction_id=f"a-{day:%d}-{i}",
                                    item_id="r0", position=0, served_at=served_at, is_new_user=False,
                                    segment="s0", **values))

@@ -56,6 +56,7 @@ FCT_IMPRESSIONS = {
     "outcome_delay_s": pl.Float64,
     "review_value": pl.Float64,
     "reviewed_at": pl.Datetime("us"),
+    "audit_review_value": pl.Float64,
     "reaction_window_closed": pl.Boolean,  # added by the labeling stage, not in the mart
 }
 
@@ -89,7 +90,7 @@ def assistant_day(day: date, per_day: int = 30) -> list[dict[str, object]]:
             reaction["outcome_delay_s"] = 3600.0 * (i + 1)
             reaction["outcome_at"] = served_at + timedelta(seconds=reaction["outcome_delay_s"])
         if i % 5 == 0:
-            reaction["review_value"] = 1.0 if i % len(REACTIONS) in (0, 3) else 0.0
+            reaction["review_value"] = reaction["audit_review_value"] = 1.0 if i % len(REACTIONS) in (0, 3) else 0.0
         rows.append(
             impression(
                 domain="assistant",

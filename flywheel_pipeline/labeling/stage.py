@@ -80,12 +80,9 @@ _REPORT_COLUMNS = [
     "outcome_name",
     "outcome_at",
     "outcome_delay_s",
-    "review_value",
+    "review_value",  # every review's verdict: calibration learns from them all
+    "audit_review_value",  # the randomly chosen reviews' only: they alone measure accuracy
 ]
-# How a review was chosen, where the mart says: AUDIT (at random) or by the review queue's
-# uncertainty sampling. Only audit reviews measure accuracy; every review calibrates.
-REVIEW_SELECTION = "review_selection"
-AUDIT = "audit"
 
 
 @dataclass(frozen=True)
@@ -314,9 +311,9 @@ def read_impressions(
     lf_inputs = {
         name for lf in LABELING_FUNCTIONS.values() for name in lf.expression.meta.root_names()
     }
-    selection = {REVIEW_SELECTION} & set(con.sql("SELECT * FROM marts.fct_impressions LIMIT 0").columns)
-    read = lf_inputs | set(_REPORT_COLUMNS) | selection
-    columns = IMPRESSION_KEY + sorted(read - set(IMPRESSION_KEY) - STAGE_COLUMNS)
+    columns = IMPRESSION_KEY + sorted(
+        (lf_inputs | set(_REPORT_COLUMNS)) - set(IMPRESSION_KEY) - STAGE_COLUMNS
+    )
     return con.sql(
         f"""SELECT {", ".join(columns)} FROM marts.fct_impressions
             WHERE domain = $domain AND event_date BETWEEN $start AND $end""",
@@ -345,18 +342,18 @@ def with_reaction_window(
 
 
 def review_gold(impressions: pl.DataFrame) -> np.ndarray:
-    """The reviewers' verdicts, 1 good / 0 bad, NaN where no one reviewed the impression."""
-    return impressions.get_column("review_value").cast(pl.Float64).fill_null(np.nan).to_numpy()
+    """Every reviewer's verdict, 1 good / 0 bad, NaN where no one reviewed the impression."""
+    return _verdicts(impressions, "review_value")
 
 
 def audit_gold(impressions: pl.DataFrame) -> np.ndarray:
-    """The verdicts of reviews chosen at random (the audit slice), NaN elsewhere. A review whose
-    selection the mart does not record counts as audit (before the review queue, all were)."""
-    gold = review_gold(impressions)
-    if REVIEW_SELECTION not in impressions.columns:
-        return gold
-    selection = impressions.get_column(REVIEW_SELECTION).fill_null(AUDIT)
-    return np.where((selection == AUDIT).to_numpy(), gold, np.nan)
+    """The verdicts of reviews chosen at random (the audit slice; an uncertainty-sampled review is
+    not a random sample), NaN elsewhere."""
+    return _verdicts(impressions, "audit_review_value")
+
+
+def _verdicts(impressions: pl.DataFrame, column: str) -> np.ndarray:
+    return impressions.get_column(column).cast(pl.Float64).fill_null(np.nan).to_numpy()
 
 
 def impression_labels(
