@@ -24,6 +24,8 @@ SERVING_FEATURES = [
     "item_id",
     "item_content",
 ]
+# What a serving feature added later means when a caller (or a model logged before it) lacks it.
+SERVING_FEATURE_DEFAULTS = {"context_features": "{}"}
 
 _TOKEN = re.compile(r"[a-z0-9']+")
 

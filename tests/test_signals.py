@@ -35,6 +35,7 @@ from flywheel_pipeline.labeling.functions import (
 from flywheel_pipeline.labeling.model import DawidSkene
 from flywheel_pipeline.labeling.stage import label_partitions
 from flywheel_pipeline.runs import read_outcome
+from flywheel_pipeline.training.base import FlywheelScorerModel
 from flywheel_pipeline.training.recommendation import RecommendationTrainer
 from flywheel_pipeline.validation import compare_models, gate
 from flywheel_pipeline.validation.evidence import assemble
@@ -285,11 +286,15 @@ def test_the_recommendation_trainer_learns_from_a_numeric_context_feature():
         "p_good": np.where(good, 0.9, 0.1), "weight": 0.8,
     })
     train, held_out = rows.head(3000), rows.tail(1000)
-    auc = {}
-    for name, frame in (("with", train), ("without", train.with_columns(context_features=pl.lit("{}")))):
-        scorer = RecommendationTrainer().fit(frame)
-        auc[name] = roc_auc_score(good[3000:], scorer.predict(held_out.to_pandas()))
+    scorers = {name: RecommendationTrainer().fit(frame)
+               for name, frame in (("with", train), ("without", train.with_columns(context_features=pl.lit("{}"))))}
+    auc = {name: roc_auc_score(good[3000:], scorer.predict(held_out.to_pandas())) for name, scorer in scorers.items()}
     assert auc["with"] > 0.9 and auc["without"] < 0.65
+    # a model logged before context_features existed is served a frame without them (MLflow drops
+    # inputs its signature does not name): they count as none
+    served = FlywheelScorerModel(scorers["with"]).predict(None, held_out.drop("context_features").to_pandas())
+    as_none = held_out.with_columns(context_features=pl.lit("{}")).to_pandas()
+    assert np.allclose(served, scorers["with"].predict(as_none))
 
 
 # --- validation ------------------------------------------------------------------------------------

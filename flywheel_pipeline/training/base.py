@@ -28,7 +28,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from flywheel_pipeline.config import DomainConfig
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.scoring import SERVING_FEATURES
+from flywheel_pipeline.scoring import SERVING_FEATURE_DEFAULTS, SERVING_FEATURES
 
 # marts.fct_impressions columns known when the model chose (docs/warehouse.md).
 SERVING_TIME_COLUMNS = [
@@ -220,7 +220,10 @@ class FlywheelScorerModel(mlflow.pyfunc.PythonModel):
         self.scorer = scorer
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
-        return np.asarray(self.scorer.predict(model_input[SERVING_FEATURES]), dtype=float)
+        """Scores; a serving feature the input lacks gets its default (MLflow drops the inputs a
+        model's signature predates, e.g. ``context_features`` for a model logged before it)."""
+        missing = {name: value for name, value in SERVING_FEATURE_DEFAULTS.items() if name not in model_input}
+        return np.asarray(self.scorer.predict(model_input.assign(**missing)[SERVING_FEATURES]), dtype=float)
 
 
 @dataclass(frozen=True)
