@@ -223,7 +223,7 @@ class DomainConfig(_Strict):
 
     @model_validator(mode="after")
     def _training_sets_of_an_assistant(self) -> DomainConfig:
-        if "training_sets" in self.model_fields_set and self.shape != "assistant":
+        if self.shape != "assistant" and self.training_sets != TrainingSets():
             raise ValueError(f"training_sets: only an assistant domain exports training sets "
                              f"(this one's shape is {self.shape})")
         return self

@@ -232,9 +232,10 @@ def test_retention_deletes_the_days_past_it_from_every_table_and_the_landing_bat
     cutoff = FIRST + timedelta(days=5)
     today = cutoff + timedelta(days=retention)
     schedule = defs.resolve_schedule_def("retention_daily")
-    context = dg.build_schedule_context(instance=instance,
-                                        scheduled_execution_time=datetime(today.year, today.month, today.day, 4))
-    (request,) = schedule.evaluate_tick(context).run_requests
+    # as a context manager: it enters an instance of its own, which must not outlive the test
+    with dg.build_schedule_context(instance=instance,
+                                   scheduled_execution_time=datetime(today.year, today.month, today.day, 4)) as context:
+        (request,) = schedule.evaluate_tick(context).run_requests
 
     job = defs.resolve_job_def("enforce_retention")
     assert job.execute_in_process(run_config=request.run_config, instance=instance).success

@@ -37,8 +37,11 @@ def ticks_in_2027(schedule: dg.ScheduleDefinition) -> list[datetime]:
 
 def evaluate(defs_, name: str, at: datetime) -> dg.RunRequest:
     schedule = defs_.resolve_schedule_def(name)
-    with dg.instance_for_test() as instance:
-        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=at)
+    # the context enters an instance of its own: left open, it stays Dagster's current defs-state
+    # storage after the instance is gone, and a later test's Definitions fail to load
+    with dg.instance_for_test() as instance, dg.build_schedule_context(
+        instance=instance, scheduled_execution_time=at
+    ) as context:
         (request,) = schedule.evaluate_tick(context).run_requests
     return request
 

@@ -151,7 +151,7 @@ def test_config_errors_name_the_training_sets_key():
     with pytest.raises(ConfigError, match=r"domains\.assistant\.training_sets\.sft_min_p_good: Input should be"):
         parse_config(raw)
     raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
-    raw["domains"]["recommendation"]["training_sets"] = {}
+    raw["domains"]["recommendation"]["training_sets"] = {"sft_min_p_good": 0.95}
     with pytest.raises(ConfigError, match="training_sets: only an assistant domain"):
         parse_config(raw)
 
