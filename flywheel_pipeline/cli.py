@@ -2,7 +2,7 @@
 
     flywheel demo        the closed loop over several simulated weeks (the README's first command)
     flywheel simulate    write simulated landing batches
-    flywheel import      a file other tools wrote (OpenTelemetry spans, a bandit log) as landing batches
+    flywheel import      a file other tools wrote (OpenTelemetry spans, a bandit log, reviews) as landing batches
     flywheel run         run one domain's cycle job over a range of days
     flywheel approve     approve (or --reject) a candidate; the approval sensor deploys it
     flywheel rollback    put a domain's previous champion back
@@ -282,7 +282,8 @@ def parser() -> argparse.ArgumentParser:
     importing = commands.add_parser("import", help="write a file other tools wrote as landing batches "
                                                    "(docs/importing.md)")
     importing.add_argument("format", choices=sorted(FORMATS))
-    importing.add_argument("path", help="the file: OTLP JSON (otel), CSV or Parquet (bandit)")
+    importing.add_argument("path", help="the file: OTLP JSON (otel), CSV or Parquet (bandit), a Label Studio "
+                                        "JSON export (label-studio), Argilla records (argilla)")
     importing.add_argument("--domain", required=True, help="whose landing folder (its importing: mapping "
                                                            "in flywheel.yaml)")
     importing.set_defaults(func=cmd_import)
