@@ -35,6 +35,7 @@ benchmark: setup
 	$(BIN)/python benchmarks/label_model.py
 	$(BIN)/python benchmarks/redaction.py
 	$(BIN)/python benchmarks/scale.py --events 1000000
+	$(BIN)/python benchmarks/importers.py --rows 1000000
 
 clean:
 	rm -rf $(FLYWHEEL_HOME)
