@@ -16,6 +16,7 @@ The home is $FLYWHEEL_HOME, or ``.flywheel`` beside the project's flywheel.yaml.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,3 +144,14 @@ class Home:
         os.environ["MLFLOW_TRACKING_URI"] = self.mlflow_tracking_uri
         os.environ.setdefault(CONFIG_ENV, str(config_path().resolve()))
         return self
+
+
+def write_atomically(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a hidden file beside it, synced and renamed into place:
+    a reader sees the old file or the new one, never half of one."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as new:
+        new.write(data)
+        new.flush()
+        os.fsync(new.fileno())
+    os.replace(new.name, path)
+    return path

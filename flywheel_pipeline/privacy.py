@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -30,7 +28,7 @@ import duckdb
 
 from flywheel_pipeline import accumulation, review
 from flywheel_pipeline.config import FlywheelConfig
-from flywheel_pipeline.home import Home
+from flywheel_pipeline.home import Home, write_atomically
 from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
 
 if TYPE_CHECKING:
@@ -257,11 +255,7 @@ def _rewrite_without_user(path: Path, user_id: str) -> int:
         return 0
     lines = data.splitlines(keepends=True)
     kept = [line for line in lines if quoted not in line or _line_user(line) not in (user_id, None)]
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as new:
-        new.writelines(kept)
-        new.flush()
-        os.fsync(new.fileno())
-    os.replace(new.name, path)
+    write_atomically(path, b"".join(kept))
     return len(lines) - len(kept)
 
 

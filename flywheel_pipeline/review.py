@@ -21,7 +21,6 @@ Argilla's ``dataset.records.log``). The ids each task carries come back in the t
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -31,6 +30,7 @@ import polars as pl
 
 from flywheel_pipeline.config import ReviewQueue
 from flywheel_pipeline.events import SELECTIONS
+from flywheel_pipeline.home import write_atomically
 from flywheel_pipeline.warehouse import transaction
 
 QUEUE_DDL = """
@@ -168,7 +168,7 @@ def export(folder: Path, pending: pl.DataFrame, days: list[date]) -> list[Path]:
     """Write each day's pending reviews for Label Studio and Argilla (replacing the day's files; a
     day with none pending has none), and the Label Studio labeling interface."""
     folder.mkdir(parents=True, exist_ok=True)
-    written = [_write_atomically(folder / "label-studio-config.xml", LABEL_STUDIO_CONFIG)]
+    written = [_write_text(folder / "label-studio-config.xml", LABEL_STUDIO_CONFIG)]
     for day in days:
         rows = pending.filter(pl.col("event_date") == day).sort("selection", "interaction_id", "item_id")
         paths = (folder / f"{day.isoformat()}.label-studio.json", folder / f"{day.isoformat()}.argilla.json")
@@ -178,8 +178,8 @@ def export(folder: Path, pending: pl.DataFrame, days: list[date]) -> list[Path]:
             continue
         tasks = [label_studio_task(row) for row in rows.iter_rows(named=True)]
         records = [argilla_record(row) for row in rows.iter_rows(named=True)]
-        written += [_write_atomically(paths[0], json.dumps(tasks, indent=1)),
-                    _write_atomically(paths[1], json.dumps(records, indent=1))]
+        written += [_write_text(paths[0], json.dumps(tasks, indent=1)),
+                    _write_text(paths[1], json.dumps(records, indent=1))]
     return written
 
 
@@ -209,7 +209,7 @@ def forget_user(home_root: Path, user_id: str) -> int:
         kept = [entry for entry in entries if entry.get("data", entry).get("user_id") != user_id]
         if len(kept) < len(entries):
             removed += len(entries) - len(kept)
-            _write_atomically(path, json.dumps(kept, indent=1))
+            _write_text(path, json.dumps(kept, indent=1))
     return removed
 
 
@@ -222,8 +222,5 @@ def expire(home_root: Path, domain: str, cutoff: date) -> list[Path]:
     return expired
 
 
-def _write_atomically(path: Path, text: str) -> Path:
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(text)
-    partial.replace(path)
-    return path
+def _write_text(path: Path, text: str) -> Path:
+    return write_atomically(path, text.encode())
