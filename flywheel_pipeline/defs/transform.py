@@ -107,12 +107,21 @@ def dbt_resource(home: Home, config: FlywheelConfig) -> FlywheelDbtResource:
 
 
 def _prepare(project: DbtProject) -> DbtProject:
-    """Write target/manifest.json with `dbt parse`: under `dagster dev`, or when it is missing
-    (a fresh clone), so `dagster definitions validate` works without a manual step."""
-    if project.preparer.using_dagster_dev() or not project.manifest_path.exists():
+    """Write target/manifest.json with `dbt parse`: under `dagster dev`, or when it is missing (a
+    fresh clone) or older than a model, macro or YAML file (a checkout that changed the models), so
+    `dagster definitions validate` works without a manual step."""
+    if project.preparer.using_dagster_dev() or _manifest_is_stale(project):
         parser = DbtCliResource(project_dir=project, dbt_executable=str(DBT_EXECUTABLE))
         parser.cli(["parse", "--quiet"], target_path=project.target_path).wait()
     return project
+
+
+def _manifest_is_stale(project: DbtProject) -> bool:
+    if not project.manifest_path.exists():
+        return True
+    built = project.manifest_path.stat().st_mtime
+    sources = (path for folder in ("models", "macros") for path in (project.project_dir / folder).rglob("*"))
+    return any(path.stat().st_mtime > built for path in (project.project_dir / "dbt_project.yml", *sources))
 
 
 dbt_project = _prepare(DbtProject(project_dir=DBT_PROJECT_DIR))
