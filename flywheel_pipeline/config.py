@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from flywheel_pipeline.events import CLICK_MATURITY, CONSENT_STATES, MATURITY_OUTCOMES, POLICIES
+from flywheel_pipeline.health import TRAPS
 
 CONFIG_ENV = "FLYWHEEL_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "flywheel.yaml"
@@ -154,6 +155,33 @@ class TrainingSets(_Strict):
                                         "next interaction, served at most this long after the reformulated one")
 
 
+class HealthSettings(_Strict):
+    """The flywheel_health audit's thresholds (docs/health.md): a check warns when its trap is
+    flagged, and blocks registration when the trap is listed in ``blocking``."""
+
+    blocking: list[Literal[TRAPS]] = Field(default_factory=list, description="traps whose flag stops "
+                                           "the candidate's registration (the others warn)")
+    min_exploration_share: float = Field(0.02, ge=0, le=1, description="exposure_bias: share of the "
+                                         "training window's impressions served at random")
+    churn_days: int = Field(7, gt=0, description="survivorship: a user not seen again this many days "
+                            "after an impression counts as churned for it")
+    min_cohort_coverage_ratio: float = Field(0.5, gt=0, le=1, description="survivorship: a cohort's or "
+                                             "segment's label coverage over the rest's")
+    max_immature_share: float = Field(0.0, ge=0, le=1, description="label_delay: share of training days "
+                                      "younger than the outcome's arrival delay quantile")
+    max_feature_auc: float = Field(0.95, gt=0.5, le=1, description="leakage: a single serving-time "
+                                   "feature that separates the labels this well was likely made after them")
+    max_self_consumption_share: float = Field(0.95, gt=0, le=1, description="self_consumption: share of "
+                                              "training labels on the serving model's own choices")
+    min_independent_share: float = Field(0.01, ge=0, le=1, description="self_consumption: share of "
+                                         "training labels with evidence the model did not choose "
+                                         "(exploration, random human review)")
+    min_catalogue_coverage: float = Field(0.2, ge=0, le=1, description="diversity: share of the "
+                                          "catalogue a version shows at all")
+    max_top_items_share: float = Field(0.5, gt=0, le=1, description="diversity: share of a version's "
+                                       "exposure taken by its top 10 items")
+
+
 class DomainConfig(_Strict):
     shape: Literal["assistant", "recommendation"]
     cadence: str
@@ -178,6 +206,8 @@ class DomainConfig(_Strict):
                                         "domain (docs/importing.md)")
     training_sets: TrainingSets = Field(TrainingSets(), description="an assistant domain's SFT and "
                                         "preference datasets (docs/training_sets.md)")
+    health: HealthSettings = Field(HealthSettings(), description="the flywheel_health audit's thresholds "
+                                   "and which traps block registration (docs/health.md)")
 
     @field_validator("cadence")
     @classmethod
