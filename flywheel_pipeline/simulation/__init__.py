@@ -9,7 +9,7 @@ and inputs give byte-identical batches, and successive calls continue the same w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -25,6 +25,7 @@ from flywheel_pipeline.simulation.assistant import Assistant
 from flywheel_pipeline.simulation.delivery import Outbox, write_batch
 from flywheel_pipeline.simulation.recommendation import Recommendation
 from flywheel_pipeline.simulation.serving import Audit, Policy, Product
+from flywheel_pipeline.simulation.traps import Traps
 from flywheel_pipeline.simulation.world import Stream, World, rng_for
 
 __all__ = ["DayBatch", "SimulationSummary", "label_batch", "simulate", "simulated_through",
@@ -35,7 +36,7 @@ PRODUCTS: dict[str, Callable[[World], Product]] = {
     "recommendation": Recommendation.open,
 }
 DAILY_STREAMS = (Stream.TRAFFIC, Stream.REQUESTS, Stream.SERVING, Stream.REACTIONS,
-                 Stream.DELIVERY)
+                 Stream.DELIVERY, Stream.TRAPS)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
              scorers: Mapping[str, Scorer] | None = None,
              model_versions: Mapping[str, str] | None = None,
              domains: Sequence[str] | None = None, reviewer_error: float = 0.05,
-             review_delay_days: tuple[float, float] = (0.5, 2.0)) -> SimulationSummary:
+             review_delay_days: tuple[float, float] = (0.5, 2.0),
+             traps: Collection[str] = ()) -> SimulationSummary:
     """Serve ``days`` days from ``start`` in each domain and write their landing batches.
 
     A domain without a scorer serves ``baseline_scorer(shape)`` and logs model version
@@ -90,27 +92,34 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
     Each domain's ``audit_share`` of interactions goes to human review: reviewers answer from the
     hidden truth, wrong ``reviewer_error`` of the time, ``review_delay_days`` (uniform) later, as
     ``label`` events in a batch of their own (``labels/<day>.jsonl``, see ``label_batch``).
+
+    ``traps`` (names from ``health.TRAPS``) make the product commit those traps on purpose
+    (simulation/traps.py); the world and the hidden truth are the same whichever are on.
     """
     if days < 1 or interactions_per_day < 1 or seed < 0 or not 0 <= bad_row_share < 1:
         raise ValueError("need days >= 1, interactions_per_day >= 1, seed >= 0 and "
                          "0 <= bad_row_share < 1")
     scorers, model_versions = scorers or {}, model_versions or {}
+    domains = domains or list(config.domains)
+    trapped = {domain: Traps.of(traps, config.domain(domain).shape) for domain in domains}
     batches: list[DayBatch] = []
-    for domain in domains or list(config.domains):
-        shape = config.domain(domain).shape
+    for domain in domains:
         settings = config.domain(domain)
+        shape = settings.shape
         audit = Audit(settings.audit_share, reviewer_error, review_delay_days)
         policy = Policy(scorers[domain] if domain in scorers else baseline_scorer(shape),
-                        model_versions.get(domain, "baseline"), settings.exploration_share, audit)
-        batches += _simulate_domain(home, domain, shape, policy, start, days, seed=seed,
-                                    interactions_per_day=interactions_per_day,
+                        model_versions.get(domain, "baseline"),
+                        trapped[domain].exploration_share(settings.exploration_share), audit,
+                        head_only="diversity" in trapped[domain])
+        batches += _simulate_domain(home, domain, shape, policy, trapped[domain], start, days,
+                                    seed=seed, interactions_per_day=interactions_per_day,
                                     bad_row_share=bad_row_share,
                                     max_lateness_days=config.max_lateness_days)
     return SimulationSummary(tuple(batches))
 
 
-def _simulate_domain(home: Home, domain: str, shape: str, policy: Policy, start: date, days: int,
-                     *, seed: int, interactions_per_day: int, bad_row_share: float,
+def _simulate_domain(home: Home, domain: str, shape: str, policy: Policy, traps: Traps, start: date,
+                     days: int, *, seed: int, interactions_per_day: int, bad_row_share: float,
                      max_lateness_days: int) -> list[DayBatch]:
     folder = home.simulator / domain
     world = World.open(folder, domain, shape, seed=seed, epoch=start,
@@ -129,7 +138,9 @@ def _simulate_domain(home: Home, domain: str, shape: str, policy: Policy, start:
         traffic = world.traffic(day, interactions_per_day, rng[Stream.TRAFFIC])
         served = product.serve_day(traffic, policy, rng)
         truth.save_day(folder, day, served.truth)
-        outbox.post(served.events, rng[Stream.DELIVERY], max_lateness_days)
+        events, sent_at = traps.deliver(served.events, traffic, rng[Stream.TRAPS],
+                                        max_lateness_days)
+        outbox.post(events, rng[Stream.DELIVERY], max_lateness_days, sent_at)
         batch = outbox.collect(day)
         reviews = [event for event in batch if event["event_type"] == "label"]
         batch = [event for event in batch if event["event_type"] != "label"]

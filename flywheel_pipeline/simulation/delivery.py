@@ -99,12 +99,16 @@ class Outbox:
                     entry = json.loads(line)
                     self._by_day[entry["deliver"]].append(entry["event"])
 
-    def post(self, events: list[dict], rng: np.random.Generator, max_lateness_days: int) -> None:
-        """Schedule each event for its own day's batch, a few of them late."""
+    def post(self, events: list[dict], rng: np.random.Generator, max_lateness_days: int,
+             sent_at: list[int] | None = None) -> None:
+        """Schedule each event for the batch of the day it is sent (by default, when it happened),
+        a few of them late, never more than ``max_lateness_days`` after their timestamp."""
         late = rng.random(len(events)) < LATE_SHARE
         lateness = np.minimum(rng.integers(*LATENESS_DAYS, len(events)), max_lateness_days)
-        for event, days_late in zip(events, np.where(late, lateness, 0)):
-            self._by_day[event["timestamp"] // DAY_S + int(days_late)].append(event)
+        sent_at = sent_at or [event["timestamp"] for event in events]
+        for event, at, days_late in zip(events, sent_at, np.where(late, lateness, 0)):
+            latest = event["timestamp"] // DAY_S + max_lateness_days
+            self._by_day[min(at // DAY_S + int(days_late), latest)].append(event)
 
     def collect(self, day: date) -> list[dict]:
         """Everything due by ``day`` (anything due on a day never simulated arrives late)."""

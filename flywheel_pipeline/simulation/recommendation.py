@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import polars as pl
 
 from flywheel_pipeline.scoring import Scorer
@@ -19,12 +20,14 @@ from flywheel_pipeline.simulation.serving import (
     Audit,
     DayLog,
     Policy,
+    Served,
     candidate_frame,
     impressions,
     logged_candidates,
     score,
     serve,
 )
+from flywheel_pipeline.simulation.traps import head_items, serve_collapsed
 from flywheel_pipeline.simulation.world import (
     DAY_S,
     RATING_NOISE,
@@ -101,13 +104,12 @@ class Recommendation:
 
     def serve_day(self, traffic: Traffic, policy: Policy,
                   rng: dict[Stream, np.random.Generator]) -> DayLog:
-        n = len(traffic)
-        candidates = traffic.bots_repeat(_retrieve(n, rng[Stream.REQUESTS]))
-        frame = candidate_frame(traffic.domain, traffic.user_id, traffic.segment,
-                                traffic.is_new_user, np.full(n, REQUEST), self.item_id[candidates],
-                                self.title[candidates])
-        served = serve(score(policy.scorer, frame, CANDIDATES), SLATE, policy.exploration_share,
-                       rng[Stream.SERVING])
+        if policy.head_only:
+            candidates, served = self._serve_head(traffic, policy, rng)
+        else:
+            candidates = traffic.bots_repeat(_retrieve(len(traffic), rng[Stream.REQUESTS]))
+            served = serve(score(policy.scorer, self._frame(traffic, candidates), CANDIDATES),
+                           SLATE, policy.exploration_share, rng[Stream.SERVING])
         shown = np.take_along_axis(candidates, served.slate, axis=1)
         relevance = self.relevance(traffic.taste, shown)
         reactions = _Reactions(relevance, policy.audit, rng[Stream.REACTIONS])
@@ -128,6 +130,23 @@ class Recommendation:
             "relevance": relevance.ravel(),
         }, schema_overrides={"interaction_id": pl.String, "item_id": pl.String})
         return DayLog(log.events, truth)
+
+    def _frame(self, traffic: Traffic, candidates: np.ndarray) -> pd.DataFrame:
+        """The scorer's input for each interaction's (n, k) ``candidates``."""
+        return candidate_frame(traffic.domain, traffic.user_id, traffic.segment,
+                               traffic.is_new_user, np.full(len(traffic), REQUEST),
+                               self.item_id[candidates], self.title[candidates])
+
+    def _serve_head(self, traffic: Traffic, policy: Policy,
+                    rng: dict[Stream, np.random.Generator]) -> tuple[np.ndarray, Served]:
+        """The diversity trap: the request's candidates (none from the head), then the head,
+        which alone the champion ranks; candidates (n, CANDIDATES + HEAD_ITEMS) and what was shown."""
+        head = head_items(self.bias)
+        requested = traffic.bots_repeat(_retrieve(len(traffic), rng[Stream.REQUESTS], head))
+        heads = np.broadcast_to(head, (len(traffic), len(head)))
+        served = serve_collapsed(score(policy.scorer, self._frame(traffic, heads), len(head)),
+                                 CANDIDATES, SLATE, policy.exploration_share, rng[Stream.SERVING])
+        return np.concatenate([requested, heads], axis=1), served
 
     def accuracy(self, world: World, scorer: Scorer) -> float:
         """Mean precision@5: the scorer's top 5 of 20 random candidates vs the truly best 5.
@@ -222,9 +241,12 @@ class _Reactions:
             log.review(i, after, bool(good[k]), item_id=item, reviewer=reviewer)
 
 
-def _retrieve(n: int, rng: np.random.Generator) -> np.ndarray:
-    """CANDIDATES distinct random items per request, (n, CANDIDATES)."""
-    return np.argpartition(rng.random((n, ITEMS)), CANDIDATES, axis=1)[:, :CANDIDATES]
+def _retrieve(n: int, rng: np.random.Generator, excluded: np.ndarray | None = None) -> np.ndarray:
+    """CANDIDATES distinct random items per request, none of ``excluded``, (n, CANDIDATES)."""
+    draws = rng.random((n, ITEMS))
+    if excluded is not None:
+        draws[:, excluded] = 2.0  # after every drawn item
+    return np.argpartition(draws, CANDIDATES, axis=1)[:, :CANDIDATES]
 
 
 def _catalogue(rng: np.random.Generator) -> pl.DataFrame:

@@ -45,13 +45,15 @@ class Audit:
 
 @dataclass(frozen=True)
 class Policy:
-    """What serves a domain: the model, the version it logs, the exploration share, and the
-    audit sample routed to human review."""
+    """What serves a domain: the model, the version it logs, the exploration share, the audit
+    sample routed to human review, and whether the champion ranks only the catalogue's head (the
+    diversity trap, simulation/traps.py)."""
 
     scorer: Scorer
     model_version: str
     exploration_share: float
     audit: Audit = Audit()
+    head_only: bool = False
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ class Stream(IntEnum):
     SERVING = 6
     REACTIONS = 7
     DELIVERY = 8
+    TRAPS = 9
 
 
 def rng_for(seed: int, domain: str, stream: Stream, day: date | None = None) -> np.random.Generator:
