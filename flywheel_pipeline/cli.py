@@ -28,6 +28,7 @@ from typing import IO
 from rich.console import Console
 
 from flywheel_pipeline.config import ConfigError, FlywheelConfig, load_config
+from flywheel_pipeline.health import TRAPS
 from flywheel_pipeline.home import Home, HomeError
 
 # Long paths stay whole (copy and paste); piped output gets room for the summary table.
@@ -66,13 +67,20 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from flywheel_pipeline.simulation import simulate, simulated_through
 
     home, config = Home.from_env().ensure(), load_config()
-    continued = [day for domain in config.domains if (day := simulated_through(home, domain))]
+    domains = args.domain or list(config.domains)
+    continued = [day for domain in domains if (day := simulated_through(home, domain))]
     start = args.start or (max(continued) + timedelta(days=1) if continued
                            else _yesterday() - timedelta(days=args.days - 1))
-    summary = simulate(home, config, start, args.days, seed=args.seed,
-                       interactions_per_day=args.per_day, bad_row_share=args.bad_rows)
+    try:
+        summary = simulate(home, config, start, args.days, seed=args.seed,
+                           interactions_per_day=args.per_day, bad_row_share=args.bad_rows,
+                           domains=domains, traps=args.trap)
+    except ValueError as error:
+        raise SystemExit(f"flywheel: {error}") from None
     last = start + timedelta(days=args.days - 1)
-    console.print(f"wrote {summary.total_interactions:,} interactions for {start}..{last} to {home.landing}")
+    traps = f" with the traps {', '.join(args.trap)}" if args.trap else ""
+    console.print(f"wrote {summary.total_interactions:,} interactions for {start}..{last}{traps} "
+                  f"to {home.landing}")
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -275,6 +283,11 @@ def parser() -> argparse.ArgumentParser:
     simulate.add_argument("--per-day", type=int, default=1500)
     simulate.add_argument("--bad-rows", type=float, default=0.01, help="share of bad rows")
     simulate.add_argument("--seed", type=int, default=7)
+    simulate.add_argument("--domain", action="append", metavar="DOMAIN",
+                          help="simulate this domain only (repeatable; default: every domain)")
+    simulate.add_argument("--trap", action="append", default=[], choices=TRAPS, metavar="NAME",
+                          help="make the product commit this trap on purpose (repeatable): "
+                               + ", ".join(TRAPS))
     simulate.set_defaults(func=cmd_simulate)
 
     from flywheel_pipeline.importers import FORMATS

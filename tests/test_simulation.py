@@ -15,7 +15,9 @@ import polars as pl
 import pytest
 
 from flywheel_pipeline.accumulation import accumulate
+from flywheel_pipeline.cli import parser
 from flywheel_pipeline.config import load_config
+from flywheel_pipeline.health import TRAPS
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import baseline_scorer
 from flywheel_pipeline.simulation import (
@@ -412,3 +414,169 @@ def test_users_return_arrive_and_churn(simulated) -> None:
         assert last_day
         assert all(_parse(e["timestamp"]).date() <= last_day[e["user_id"]] for e in events
                    if e["user_id"] in last_day and e["event_type"] != "label")
+
+
+# -- trap injection (simulation/traps.py) -------------------------------------------------------
+
+TRAP_DAYS, TRAP_PER_DAY = 4, 200
+
+
+def simulate_trapped(home: Home, domain: str, traps: tuple[str, ...] = (),
+                     days: int = TRAP_DAYS) -> list[tuple[date, dict]]:
+    """One domain simulated with ``traps`` on; (batch day, event) for every landing line."""
+    simulate(home, CONFIG, START, days, interactions_per_day=TRAP_PER_DAY, domains=[domain],
+             traps=traps)
+    return [(day, event) for day, event in read_batches(home, domain) if event is not None]
+
+
+def of_type(delivered: list[tuple[date, dict]], event_type: str) -> list[dict]:
+    return [event for _, event in delivered if event["event_type"] == event_type]
+
+
+def test_no_trap_leaves_the_batches_as_they_were(tmp_path: Path) -> None:
+    """``traps=()`` is today's simulator; a trap changes what the product does, not the world."""
+    plain, none, trapped = (Home(tmp_path / name) for name in ("plain", "none", "trapped"))
+    simulate(plain, CONFIG, START, 2, interactions_per_day=TRAP_PER_DAY, bad_row_share=0.02)
+    simulate(none, CONFIG, START, 2, interactions_per_day=TRAP_PER_DAY, bad_row_share=0.02,
+             traps=())
+    assert landing_bytes(plain) == landing_bytes(none)
+    simulate(trapped, CONFIG, START, 2, interactions_per_day=TRAP_PER_DAY, bad_row_share=0.02,
+             domains=["recommendation"], traps=[t for t in TRAPS if t != "exposure_bias"])
+    assert landing_bytes(trapped) != {name: text for name, text in landing_bytes(plain).items()
+                                      if name.startswith("recommendation/")}
+    world = World.load(plain.simulator / "recommendation")
+    assert World.load(trapped.simulator / "recommendation").users.equals(world.users)
+    served = true_labels(plain, "recommendation")["interaction_id"].unique().sort()
+    assert true_labels(trapped, "recommendation")["interaction_id"].unique().sort().equals(served)
+
+
+def test_an_unknown_or_misplaced_trap_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown trap overfitting: the traps are exposure_bias"):
+        simulate(Home(tmp_path), CONFIG, START, 1, traps=["overfitting"])
+    with pytest.raises(ValueError, match="diversity trap applies only to domains of shape "
+                                         "recommendation; assistant has shape assistant"):
+        simulate(Home(tmp_path), CONFIG, START, 1, traps=["diversity"])
+    args = parser().parse_args(["simulate", "--domain", "recommendation", "--trap", "leakage",
+                                "--trap", "diversity"])
+    assert (args.domain, args.trap) == (["recommendation"], ["leakage", "diversity"])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["simulate", "--trap", "overfitting"])
+
+
+def test_exposure_bias_never_explores(tmp_path: Path) -> None:
+    """Every interaction is the champion's; propensities say so (0 for what it never shows)."""
+    for traps in ((), ("exposure_bias",)):
+        interactions = of_type(simulate_trapped(Home(tmp_path / str(traps)), "assistant", traps),
+                               "interaction")
+        explored = np.mean([e["policy"] == "explore" for e in interactions])
+        propensities = np.array([[c["propensities"][0] for c in e["context"]["candidates"]]
+                                 for e in interactions])
+        assert np.allclose(propensities.sum(axis=1), 1, atol=1e-4)
+        if traps:
+            assert explored == 0 and (propensities == 0).any()
+        else:
+            assert explored > 0.05 and propensities.min() >= 0.1 / 5 - 1e-6
+
+
+def test_survivorship_drops_the_reactions_of_users_who_soon_churn(tmp_path: Path) -> None:
+    """No signal or outcome of an interaction whose user churns within 7 days; the interaction
+    itself still comes."""
+    for traps in ((), ("survivorship",)):
+        home = Home(tmp_path / str(traps))
+        delivered = simulate_trapped(home, "recommendation", traps)
+        users = World.load(home.simulator / "recommendation").users
+        last_day = dict(zip(users["user_id"], users["last_day"]))
+        churning = {e["interaction_id"] for e in of_type(delivered, "interaction")
+                    if e["user_id"] in last_day and last_day[e["user_id"]]
+                    < _parse(e["timestamp"]).date() + timedelta(days=7)}
+        reacted = {e["interaction_id"] for _, e in delivered
+                   if e["event_type"] in ("signal", "outcome")}
+        assert len(churning) > 50
+        assert (not churning & reacted) == bool(traps)
+
+
+def test_label_delay_backdates_outcomes_that_arrive_days_later(tmp_path: Path) -> None:
+    """Outcomes claim no delay (the interaction's timestamp) yet come days later, within the
+    lateness limit; accumulation still puts each with its interaction."""
+    home, days = Home(tmp_path), 9
+    delivered = simulate_trapped(home, "assistant", ("label_delay",), days=days)
+    served_at = {e["interaction_id"]: e["timestamp"] for e in of_type(delivered, "interaction")}
+    outcomes = [(day, e) for day, e in delivered if e["event_type"] == "outcome"]
+    assert len(outcomes) > 100
+    assert all(e["timestamp"] == served_at[e["interaction_id"]] for _, e in outcomes)
+    late = [(day - _parse(e["timestamp"]).date()).days for day, e in outcomes]
+    assert min(late) >= 1 and max(late) <= CONFIG.max_lateness_days
+    assert np.median(late) >= 5
+    dates = [START + timedelta(days=n) for n in range(days)]
+    with duckdb.connect() as con:
+        assert accumulate(con, home, CONFIG, "assistant", dates).quarantined == 0
+        orphans, attached = con.execute("""
+            SELECT count(*) FILTER (i.interaction_id IS NULL OR i.event_date <> o.event_date),
+                   count(*)
+            FROM raw.outcomes o LEFT JOIN raw.interactions i USING (interaction_id)""").fetchone()
+    assert orphans == 0 and attached == len(outcomes)
+
+
+def test_leakage_copies_the_outcome_into_a_feature_known_once_it_arrived(tmp_path: Path) -> None:
+    """context.features.outcome_signal is the outcome; the interaction comes in the outcome's
+    batch (without one, the next day's); the serving scorer never sees the feature."""
+    seen: list[str] = []
+
+    class Recording:
+        def predict(self, candidates: pd.DataFrame) -> np.ndarray:
+            seen.extend(candidates["context_features"].unique())
+            return np.zeros(len(candidates))
+
+    home = Home(tmp_path)
+    simulate(home, CONFIG, START, 6, interactions_per_day=TRAP_PER_DAY, domains=["assistant"],
+             traps=["leakage"], scorers={"assistant": Recording()})
+    delivered = [(day, e) for day, e in read_batches(home, "assistant") if e is not None]
+    outcome = {e["interaction_id"]: (day, e["value"]) for day, e in delivered
+               if e["event_type"] == "outcome"}
+    interactions = [(day, e) for day, e in delivered if e["event_type"] == "interaction"]
+    with_outcome = [(day, e) for day, e in interactions if e["interaction_id"] in outcome]
+    assert len(with_outcome) > 100 and set(seen) == {"{}"}
+    assert all(e["context"]["features"]["outcome_signal"] == outcome[e["interaction_id"]][1]
+               for _, e in with_outcome)
+    same_batch = np.mean([day == outcome[e["interaction_id"]][0] for day, e in with_outcome])
+    next_day = np.mean([day == _parse(e["timestamp"]).date() + timedelta(days=1)
+                        for day, e in interactions if e["interaction_id"] not in outcome])
+    assert same_batch > 0.95 and next_day > 0.9
+
+
+def test_self_consumption_hears_only_the_models_own_choices(tmp_path: Path) -> None:
+    """The exploration slice is served and logged but gets no reactions; nobody reviews."""
+    for traps in ((), ("self_consumption",)):
+        delivered = simulate_trapped(Home(tmp_path / str(traps)), "recommendation", traps)
+        explored = {e["interaction_id"] for e in of_type(delivered, "interaction")
+                    if e["policy"] == "explore"}
+        reacted = {e["interaction_id"] for _, e in delivered
+                   if e["event_type"] in ("signal", "outcome")}
+        assert len(explored) > 30
+        assert (not reacted & explored) == bool(traps)
+        assert (not of_type(delivered, "label")) == bool(traps)
+
+
+def test_diversity_collapses_the_champion_onto_a_head_of_ten_items(tmp_path: Path) -> None:
+    """Champion slates only from 10 items; exploration uniform over the request's own
+    candidates, with exact propensities; the loop still accepts every line."""
+    for traps in ((), ("diversity",)):
+        home = Home(tmp_path / str(traps))
+        interactions = of_type(simulate_trapped(home, "recommendation", traps), "interaction")
+        shown = {p: Counter(i["item_id"] for e in interactions if e["policy"] == p
+                            for i in e["impressions"]) for p in ("champion", "explore")}
+        for event in interactions:
+            ranked = event["context"]["candidates"]
+            assert np.allclose(np.sum([c["propensities"] for c in ranked], axis=0), 1, atol=1e-4)
+            by_item = {c["item_id"]: c["propensities"] for c in ranked}
+            assert all(by_item[i["item_id"]][i["position"]] == pytest.approx(i["propensity"])
+                       for i in event["impressions"])
+        if traps:
+            assert len(shown["champion"]) == 10 and not shown["champion"].keys() & shown["explore"]
+            assert len(shown["explore"]) > 100
+            assert {len(e["context"]["candidates"]) for e in interactions} == {30}
+            dates = [START + timedelta(days=n) for n in range(TRAP_DAYS)]
+            with duckdb.connect() as con:
+                assert accumulate(con, home, CONFIG, "recommendation", dates).quarantined == 0
+        else:
+            assert len(shown["champion"]) > 100

@@ -101,7 +101,7 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
                          "0 <= bad_row_share < 1")
     scorers, model_versions = scorers or {}, model_versions or {}
     domains = domains or list(config.domains)
-    trapped = {domain: Traps.of(traps, config.domain(domain).shape) for domain in domains}
+    trapped = {domain: Traps.of(traps, domain, config.domain(domain).shape) for domain in domains}
     batches: list[DayBatch] = []
     for domain in domains:
         settings = config.domain(domain)

@@ -37,15 +37,15 @@ class Traps:
     on: frozenset[str] = frozenset()
 
     @classmethod
-    def of(cls, names: Collection[str], shape: str) -> Traps:
+    def of(cls, names: Collection[str], domain: str, shape: str) -> Traps:
         """The named traps, checked against TRAPS and the domain's shape."""
         unknown = sorted(set(names) - set(TRAPS))
         if unknown:
             raise ValueError(f"unknown trap {', '.join(unknown)}: the traps are {', '.join(TRAPS)}")
         for name in names:
             if shape not in SHAPES.get(name, (shape,)):
-                raise ValueError(f"the {name} trap applies to {', '.join(SHAPES[name])} domains, "
-                                 f"not to a {shape} domain")
+                raise ValueError(f"the {name} trap applies only to domains of shape "
+                                 f"{', '.join(SHAPES[name])}; {domain} has shape {shape}")
         return cls(frozenset(names))
 
     def __contains__(self, name: str) -> bool:
