@@ -478,21 +478,24 @@ def test_exposure_bias_never_explores(tmp_path: Path) -> None:
             assert explored > 0.05 and propensities.min() >= 0.1 / 5 - 1e-6
 
 
-def test_survivorship_drops_the_reactions_of_users_who_soon_churn(tmp_path: Path) -> None:
-    """No signal or outcome of an interaction whose user churns within 7 days; the interaction
-    itself still comes."""
-    for traps in ((), ("survivorship",)):
-        home = Home(tmp_path / str(traps))
-        delivered = simulate_trapped(home, "recommendation", traps)
-        users = World.load(home.simulator / "recommendation").users
-        last_day = dict(zip(users["user_id"], users["last_day"]))
-        churning = {e["interaction_id"] for e in of_type(delivered, "interaction")
-                    if e["user_id"] in last_day and last_day[e["user_id"]]
-                    < _parse(e["timestamp"]).date() + timedelta(days=7)}
-        reacted = {e["interaction_id"] for _, e in delivered
-                   if e["event_type"] in ("signal", "outcome")}
-        assert len(churning) > 50
-        assert (not churning & reacted) == bool(traps)
+def test_survivorship_drops_exactly_the_reactions_of_users_who_soon_churn(tmp_path: Path) -> None:
+    """The honest batches less every signal and outcome of an interaction whose user churns within
+    7 days of it (the world's hidden last_day); the interaction itself still comes."""
+    honest = simulate_trapped(Home(tmp_path / "honest"), "recommendation")
+    home = Home(tmp_path / "trapped")
+    trapped = simulate_trapped(home, "recommendation", ("survivorship",))
+    users = World.load(home.simulator / "recommendation").users
+    last_day = dict(zip(users["user_id"], users["last_day"]))
+
+    def churns_soon(event: dict) -> bool:
+        served = datetime.strptime(event["interaction_id"].split("_")[2], "%Y%m%d").date()
+        return last_day.get(event["user_id"], date.max) < served + timedelta(days=7)
+
+    dropped = {e["event_id"] for _, e in honest
+               if e["event_type"] in ("signal", "outcome") and churns_soon(e)}
+    assert 0.05 < len(dropped) / len(honest) < 0.3
+    assert any(churns_soon(e) for e in of_type(trapped, "interaction"))
+    assert trapped == [(day, e) for day, e in honest if e["event_id"] not in dropped]
 
 
 def test_label_delay_backdates_outcomes_that_arrive_days_later(tmp_path: Path) -> None:
@@ -545,16 +548,21 @@ def test_leakage_copies_the_outcome_into_a_feature_known_once_it_arrived(tmp_pat
 
 
 def test_self_consumption_hears_only_the_models_own_choices(tmp_path: Path) -> None:
-    """The exploration slice is served and logged but gets no reactions; nobody reviews."""
-    for traps in ((), ("self_consumption",)):
-        delivered = simulate_trapped(Home(tmp_path / str(traps)), "recommendation", traps)
-        explored = {e["interaction_id"] for e in of_type(delivered, "interaction")
-                    if e["policy"] == "explore"}
-        reacted = {e["interaction_id"] for _, e in delivered
-                   if e["event_type"] in ("signal", "outcome")}
-        assert len(explored) > 30
-        assert (not reacted & explored) == bool(traps)
-        assert (not of_type(delivered, "label")) == bool(traps)
+    """The honest batches less every reaction to the exploration slice (which is still served and
+    logged) and every human review."""
+    home = Home(tmp_path / "honest")
+    honest = simulate_trapped(home, "recommendation")
+    trapped_home = Home(tmp_path / "trapped")
+    trapped = simulate_trapped(trapped_home, "recommendation", ("self_consumption",))
+    waiting = [json.loads(line)["event"] for line in
+               (home.simulator / "recommendation" / "outbox.jsonl").read_text().splitlines()]
+    explored = {e["interaction_id"] for e in [*of_type(honest, "interaction"), *waiting]
+                if e["event_type"] == "interaction" and e["policy"] == "explore"}
+    dropped = {e["event_id"] for _, e in honest if e["event_type"] == "label" or (
+        e["event_type"] in ("signal", "outcome") and e["interaction_id"] in explored)}
+    assert len(explored) > 30 and of_type(honest, "label") and len(dropped) > 100
+    assert trapped == [(day, e) for day, e in honest if e["event_id"] not in dropped]
+    assert not (trapped_home.landing / "recommendation" / "labels").exists()
 
 
 def test_diversity_collapses_the_champion_onto_a_head_of_ten_items(tmp_path: Path) -> None:

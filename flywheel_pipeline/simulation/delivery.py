@@ -100,15 +100,17 @@ class Outbox:
                     self._by_day[entry["deliver"]].append(entry["event"])
 
     def post(self, events: list[dict], rng: np.random.Generator, max_lateness_days: int,
-             sent_at: list[int] | None = None) -> None:
-        """Schedule each event for the batch of the day it is sent (by default, when it happened),
-        a few of them late, never more than ``max_lateness_days`` after their timestamp."""
+             sent_at: list[int | None] | None = None) -> None:
+        """Schedule each event for the batch of the day it is sent (by default, when it happened;
+        None: never), a few of them late, never more than ``max_lateness_days`` after their
+        timestamp."""
         late = rng.random(len(events)) < LATE_SHARE
         lateness = np.minimum(rng.integers(*LATENESS_DAYS, len(events)), max_lateness_days)
         sent_at = sent_at or [event["timestamp"] for event in events]
         for event, at, days_late in zip(events, sent_at, np.where(late, lateness, 0)):
-            latest = event["timestamp"] // DAY_S + max_lateness_days
-            self._by_day[min(at // DAY_S + int(days_late), latest)].append(event)
+            if at is not None:
+                latest = event["timestamp"] // DAY_S + max_lateness_days
+                self._by_day[min(at // DAY_S + int(days_late), latest)].append(event)
 
     def collect(self, day: date) -> list[dict]:
         """Everything due by ``day`` (anything due on a day never simulated arrives late)."""

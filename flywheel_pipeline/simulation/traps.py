@@ -56,22 +56,26 @@ class Traps:
         return 0.0 if "exposure_bias" in self else configured
 
     def deliver(self, events: list[dict], traffic: Traffic, rng: np.random.Generator,
-                max_lateness_days: int) -> tuple[list[dict], list[int] | None]:
-        """The day's events as the trapped product sends them, and when each is sent (unix
-        seconds; None: each when it happened, as an honest product does)."""
+                max_lateness_days: int) -> tuple[list[dict], list[int | None] | None]:
+        """The day's events as the trapped product sends them, and when it sends each (unix
+        seconds; None for an event it never sends). No list for an honest product: each event is
+        sent when it happened."""
         if not self.on & {"label_delay", "survivorship", "self_consumption", "leakage"}:
             return events, None
         day = _Day(traffic, max_lateness_days)
-        sent = [(event, event["timestamp"]) for event in events]
+        sent: list[Sent] = [(event, event["timestamp"]) for event in events]
         if "label_delay" in self:
             sent = day.late_backdated_outcomes(sent, rng)
         if "survivorship" in self:
-            sent = [(e, at) for e, at in sent if not day.churns_soon(e)]
+            sent = [(e, None if day.churns_soon(e) else at) for e, at in sent]
         if "self_consumption" in self:
             sent = day.on_model_choices_only(sent)
         if "leakage" in self:
             sent = day.leaked(sent)
         return [e for e, _ in sent], [at for _, at in sent]
+
+
+Sent = tuple[dict, int | None]  # an event, and when the product sends it (None: never)
 
 
 class _Day:
@@ -93,41 +97,42 @@ class _Day:
         return (event["event_type"] in REACTIONS
                 and self.active_until[i] <= self.served_at[i] + CHURN_HORIZON_DAYS * DAY_S)
 
-    def late_backdated_outcomes(self, sent: list[tuple[dict, int]],
-                                rng: np.random.Generator) -> list[tuple[dict, int]]:
-        """label_delay: each outcome comes LATE_OUTCOME_DAYS after its interaction (never after the
-        user churned), timestamped as the interaction and sent when it truly happens."""
+    def late_backdated_outcomes(self, sent: list[Sent], rng: np.random.Generator) -> list[Sent]:
+        """label_delay: each outcome comes LATE_OUTCOME_DAYS after its interaction (never once
+        the user churned), timestamped as the interaction and sent when it truly happens."""
         median, sigma = LATE_OUTCOME_DAYS
         outcomes = sum(event["event_type"] == "outcome" for event, _ in sent)
         delays = iter(rng.lognormal(np.log(median), sigma, outcomes) * DAY_S)
-        kept = []
+        backdated: list[Sent] = []
         for event, at in sent:
             if event["event_type"] == "outcome":
                 i = self.index[event["interaction_id"]]
-                at = min(self.served_at[i] + max(int(next(delays)), DAY_S), self.latest_sent(i))
-                if at >= self.active_until[i]:
-                    continue
+                happens = min(self.served_at[i] + max(int(next(delays)), DAY_S),
+                              self.latest_sent(i))
                 event = {**event, "timestamp": self.served_at[i]}
-            kept.append((event, at))
-        return kept
+                at = happens if happens < self.active_until[i] else None
+            backdated.append((event, at))
+        return backdated
 
-    def on_model_choices_only(self, sent: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
+    def on_model_choices_only(self, sent: list[Sent]) -> list[Sent]:
         """self_consumption: no reactions to the exploration slice, no human reviews."""
         explored = {e["interaction_id"] for e, _ in sent
                     if e["event_type"] == "interaction" and e["policy"] == "explore"}
-        return [(e, at) for e, at in sent if e["event_type"] != "label"
-                and not (e["event_type"] in REACTIONS and e["interaction_id"] in explored)]
+        return [(e, None if e["event_type"] == "label" or (
+                    e["event_type"] in REACTIONS and e["interaction_id"] in explored) else at)
+                for e, at in sent]
 
-    def leaked(self, sent: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
-        """leakage: LEAKED_FEATURE = the interaction's outcome (1 resolved / purchased, else 0);
-        the interaction is sent when its last outcome arrives (none: the next day)."""
+    def leaked(self, sent: list[Sent]) -> list[Sent]:
+        """leakage: LEAKED_FEATURE = the interaction's outcome (1 resolved / purchased, else 0),
+        as the product receives it; the interaction is sent when its last outcome arrives (none:
+        the next day)."""
         outcome: dict[str, tuple[float, int]] = {}
         for event, at in sent:
-            if event["event_type"] == "outcome":
+            if event["event_type"] == "outcome" and at is not None:
                 value, arrived = outcome.get(event["interaction_id"], (0.0, 0))
                 outcome[event["interaction_id"]] = (max(value, float(event["value"] == 1)),
                                                     max(arrived, at))
-        leaked = []
+        leaked: list[Sent] = []
         for event, at in sent:
             if event["event_type"] == "interaction":
                 i = self.index[event["interaction_id"]]
