@@ -38,6 +38,7 @@ HISTORY_COLUMNS = ("domain", "as_of", "champion", "candidate_model_uri", "trap",
 MINUS = "\u2212"
 
 _FIGSIZE = (6.4, 3.3)
+_LEGEND_IN = 1.9
 _SVG_RC = {"svg.fonttype": "none", "font.size": 9, "axes.titlesize": 10, "axes.spines.top": False,
            "axes.spines.right": False, "legend.fontsize": 8, "legend.frameon": False}
 
@@ -100,11 +101,11 @@ def format_estimate(point: float | None, interval: Iterable[float] | None = None
 
 def measures_history(con: duckdb.DuckDBPyConnection, domain: str) -> pl.DataFrame:
     """The domain's rows of ``health.measures`` (empty, with its columns, before the first audit)."""
-    exists = con.execute("SELECT count(*) FROM information_schema.tables "
-                         "WHERE table_schema = 'health' AND table_name = 'measures'").fetchone()[0]
+    exists = con.sql("SELECT count(*) FROM information_schema.tables "
+                     "WHERE table_schema = 'health' AND table_name = 'measures'").fetchall()[0][0]
     if not exists:
         return _empty_history()
-    return con.execute("SELECT * FROM health.measures WHERE domain = ?", [domain]).pl()
+    return con.sql("SELECT * FROM health.measures WHERE domain = $domain", params={"domain": domain}).pl()
 
 
 def _empty_history() -> pl.DataFrame:
@@ -117,10 +118,10 @@ def _cycles(report: HealthReport, history: pl.DataFrame | None) -> pl.DataFrame:
     """One value per cycle, trap and measure up to the report's day (the latest audit of a day
     wins), with the report's own measures for its day."""
     history = _empty_history() if history is None else history
-    past = history.filter(pl.col("domain") == report.domain, pl.col("as_of") <= report.as_of)
+    past = history.filter(pl.col("domain") == report.domain, pl.col("as_of").cast(pl.Date) <= report.as_of)
     if "audited_at" in past.columns:
         past = past.sort("audited_at")
-    past = past.select(HISTORY_COLUMNS).with_columns(pl.col("value").cast(pl.Float64))
+    past = past.select(HISTORY_COLUMNS).cast(_empty_history().schema)
     own = pl.DataFrame(
         [(report.domain, report.as_of, report.champion, report.candidate_model_uri, finding.trap, name, float(value))
          for finding in report.findings for name, value in finding.measures.items()],
@@ -155,8 +156,17 @@ def _svg(figure: Figure) -> Markup:
     return Markup(svg)
 
 
-def _figure() -> Figure:
-    return Figure(figsize=_FIGSIZE, layout="constrained")
+def _figure(panels: int = 1) -> Figure:
+    return Figure(figsize=(_FIGSIZE[0] * panels, _FIGSIZE[1]))
+
+
+def _layout(figure: Figure, legend: bool = False) -> None:
+    """Fixed margins, in inches, room for the legend on the right (a constrained layout draws
+    every figure twice: half the report's time)."""
+    width, height = figure.get_size_inches()
+    right = _LEGEND_IN if legend else 0.2
+    figure.subplots_adjust(left=0.75 / width, right=1 - right / width, bottom=0.72 / height,
+                           top=1 - 0.3 / height, wspace=0.3)
 
 
 def _percent_axis(axis: Any) -> None:
@@ -189,8 +199,10 @@ def _trend(cycles: pl.DataFrame, lines: Mapping[str, pl.DataFrame], title: str, 
             _percent_axis(axis)
         if extra:
             extra(axis)
-        if len(axis.get_legend_handles_labels()[1]) > 1:
+        legend = len(axis.get_legend_handles_labels()[1]) > 1
+        if legend:
             axis.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+        _layout(figure, legend)
         return _svg(figure)
 
 
@@ -231,6 +243,7 @@ def _examination_plot(cycles: pl.DataFrame, trap: str) -> Markup | None:
         axis.set_ylim(bottom=0)
         axis.set_title("Examination curve per cycle", loc="left")
         axis.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+        _layout(figure, legend=True)
         return _svg(figure)
 
 
@@ -250,7 +263,7 @@ def _delay_plot(cycles: pl.DataFrame, trap: str, holdout_hours: float) -> Markup
             styles[label] = {"linestyle": dashes[base], "color": colours[outcome]}
 
     def window(axis: Any) -> None:
-        axis.axhline(holdout_hours, color="0.3", linewidth=1, label=f"held-out window ({holdout_hours:.0f} h)")
+        axis.axhline(holdout_hours, color="0.3", linewidth=1, label=f"held out: {holdout_hours:.0f} h")
         axis.set_ylim(bottom=0)
 
     return _trend(cycles, lines, "Label delay vs the held-out window", "hours", styles=styles, extra=window)
@@ -295,7 +308,7 @@ def _validation_plot(cycles: pl.DataFrame, truth: Mapping[str, float] | None) ->
     known = {uri: value for uri, value in (truth or {}).items() if value is not None and math.isfinite(value)}
     true = [(xi, known[uri]) for xi, uri in zip(x, wide["candidate_model_uri"], strict=True) if uri in known]
     with _rc():
-        figure = Figure(figsize=(_FIGSIZE[0] * (2 if true else 1), _FIGSIZE[1]), layout="constrained")
+        figure = _figure(2 if true else 1)
         held_out, *beside = figure.subplots(1, 2 if true else 1, squeeze=False)[0]
         difference = wide["difference"].to_list()
         if {"difference_lo", "difference_hi"} <= set(wide.columns):
@@ -314,6 +327,7 @@ def _validation_plot(cycles: pl.DataFrame, truth: Mapping[str, float] | None) ->
             _cycle_axis(axis, labels)
             axis.set_ylabel("true accuracy")
             axis.set_title("Candidate's true accuracy (simulator)", loc="left")
+        _layout(figure)
         return _svg(figure)
 
 
