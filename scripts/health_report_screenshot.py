@@ -14,6 +14,7 @@ Usage: python scripts/health_report_screenshot.py --out <folder> [--report <json
 from __future__ import annotations
 
 import argparse
+import math
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -36,44 +37,63 @@ from flywheel_pipeline.warehouse import connect
 
 CHROMIUM = "/usr/bin/chromium"
 DOMAIN = "recommendation"
-CYCLES = [date(2026, 11, 1) + timedelta(days=7 * i) for i in range(4)]
-CHAMPIONS = ["baseline", "1", "2", "2"]
-URIS = [f"models:/m-{i:04d}" for i in range(4)]
+FIRST = date(2026, 11, 1)
+
+
+def _day(i: int) -> date:
+    return FIRST + timedelta(days=7 * i)
+
+
+def _champion(i: int) -> str:
+    return "baseline" if i == 0 else str(max(1, i - i // 3))
+
+
+def _uri(i: int) -> str:
+    return f"models:/m-{i:04d}"
+
+
+def _truth(i: int) -> float:
+    return round(0.612 + 0.006 * math.sin(i) - 0.004 * max(0, i - 1), 4)
+
+
+def _share(value: float) -> float:
+    return round(min(max(value, 0.01), 0.99), 4)
 
 
 def _cycle_measures(i: int) -> dict[str, dict[str, float]]:
     """Each trap's measures in cycle i: exploration and coverage of churned users shrink, the
-    catalogue narrows, self-consumption grows."""
+    catalogue narrows, self-consumption grows (shares kept within 1% to 99%)."""
     return {
         "exposure_bias": {**{f"theta@{p}": round(0.94 ** (p * (1 + 0.15 * i)), 4) for p in range(6)},
-                          "exploration_share": 0.12 - 0.03 * i},
-        "survivorship": {"coverage@new": 0.41 - 0.02 * i, "coverage@returning": 0.78 + 0.01 * i,
-                         "coverage@churned": 0.22 - 0.06 * i},
+                          "exploration_share": _share(0.12 - 0.03 * i)},
+        "survivorship": {"coverage@new": _share(0.41 - 0.02 * i), "coverage@returning": _share(0.78 + 0.01 * i),
+                         "coverage@churned": _share(0.22 - 0.06 * i)},
         "label_delay": {"delay_p50_h@resolved": 6.5 + i, "delay_p90_h@resolved": 40.0 + 9 * i,
                         "delay_p99_h@resolved": 120.0 + 30 * i, "delay_p50_h@escalated": 20.0,
                         "delay_p90_h@escalated": 95.0, "delay_p99_h@escalated": 190.0,
-                        "immature_share": 0.03 + 0.025 * i},
+                        "immature_share": _share(0.03 + 0.025 * i)},
         "leakage": {"max_feature_auc": 0.58 + 0.005 * i},
-        "self_consumption": {"self_consumption_share": 0.55 + 0.1 * i, "exploration_share": 0.12 - 0.03 * i},
-        "diversity": {"top10_share": 0.31 + 0.07 * i, "catalogue_coverage": 0.64 - 0.08 * i, "gini": 0.52 + 0.06 * i},
+        "self_consumption": {"self_consumption_share": _share(0.55 + 0.1 * i), "exploration_share": _share(0.12 - 0.03 * i)},
+        "diversity": {"top10_share": _share(0.31 + 0.07 * i), "catalogue_coverage": _share(0.64 - 0.08 * i), "gini": _share(0.52 + 0.06 * i)},
     }
 
 
-def example_history() -> pl.DataFrame:
-    rows = [(DOMAIN, day, CHAMPIONS[i], URIS[i], trap, name, value)
-            for i, day in enumerate(CYCLES) for trap, measures in _cycle_measures(i).items()
+def example_history(cycles: int) -> pl.DataFrame:
+    rows = [(DOMAIN, _day(i), _champion(i), _uri(i), trap, name, value)
+            for i in range(cycles) for trap, measures in _cycle_measures(i).items()
             for name, value in measures.items()]
-    for i, day in enumerate(CYCLES):
+    for i in range(cycles):
         difference = 0.004 + 0.006 * i
         validation = {"candidate": 0.31 + difference, "champion": 0.31, "difference": difference,
                       "difference_lo": difference - 0.009, "difference_hi": difference + 0.008}
-        rows += [(DOMAIN, day, CHAMPIONS[i], URIS[i], "validation", name, value) for name, value in validation.items()]
+        rows += [(DOMAIN, _day(i), _champion(i), _uri(i), "validation", name, value)
+                 for name, value in validation.items()]
     return pl.DataFrame(rows, orient="row", schema=["domain", "as_of", "champion", "candidate_model_uri", "trap",
                                                    "measure", "value"])
 
 
-def example_report() -> HealthReport:
-    i, as_of = len(CYCLES) - 1, CYCLES[-1]
+def example_report(cycles: int) -> HealthReport:
+    i, as_of = cycles - 1, _day(cycles - 1)
     measures = _cycle_measures(i)
     flagged = {"exposure_bias": True, "survivorship": True, "label_delay": True, "leakage": False,
                "self_consumption": True, "diversity": True}
@@ -111,8 +131,8 @@ def example_report() -> HealthReport:
                              tables.get(trap, {})) for trap in TRAPS)
     return HealthReport(domain=DOMAIN, as_of=as_of, train_start=as_of - timedelta(days=27),
                         train_end=as_of - timedelta(days=7), holdout_start=as_of - timedelta(days=6),
-                        mature_until=as_of - timedelta(days=2), champion=CHAMPIONS[i],
-                        candidate_model_uri=URIS[i], findings=findings)
+                        mature_until=as_of - timedelta(days=2), champion=_champion(i),
+                        candidate_model_uri=_uri(i), findings=findings)
 
 
 def example_validation(report: HealthReport) -> dict:
@@ -134,9 +154,6 @@ def example_validation(report: HealthReport) -> dict:
         champion_model_uri="models:/flywheel-recommendation/2", slices=slices, reward="click",
         decision=GateDecision("passed", ["dr difference's lower bound +0.0092 > 0"]),
     ).to_dict()
-
-
-EXAMPLE_TRUTH = {URIS[0]: 0.612, URIS[1]: 0.618, URIS[2]: 0.611, URIS[3]: 0.597}
 
 
 def stored(path: Path) -> str:
@@ -176,12 +193,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the page and screenshots")
     parser.add_argument("--report", type=Path, help="a stored report's .json (default: the constructed example)")
     parser.add_argument("--width", type=int, default=1280, help="browser window width in pixels")
+    parser.add_argument("--cycles", type=int, default=4, help="cycles in the constructed example")
     args = parser.parse_args()
     if args.report:
         html = stored(args.report)
     else:
-        report = example_report()
-        html = render_html(report, example_history(), example_validation(report), EXAMPLE_TRUTH)
+        report = example_report(args.cycles)
+        truth = {_uri(i): _truth(i) for i in range(args.cycles)}
+        html = render_html(report, example_history(args.cycles), example_validation(report), truth)
     args.out.mkdir(parents=True, exist_ok=True)
     page_file = args.out / "health-report.html"
     page_file.write_text(html)

@@ -21,6 +21,7 @@ from typing import Any
 
 import duckdb
 import jinja2
+import matplotlib
 import polars as pl
 from markupsafe import Markup
 from matplotlib.figure import Figure
@@ -39,6 +40,8 @@ MINUS = "\u2212"
 
 _FIGSIZE = (6.4, 3.3)
 _LEGEND_IN = 1.9
+_MAX_TICKS = 8  # cycles labelled on an axis
+_MAX_CURVES = 6  # examination curves drawn: the latest audits
 _SVG_RC = {"svg.fonttype": "none", "font.size": 9, "axes.titlesize": 10, "axes.spines.top": False,
            "axes.spines.right": False, "legend.fontsize": 8, "legend.frameon": False}
 
@@ -186,7 +189,7 @@ def _trend(cycles: pl.DataFrame, lines: Mapping[str, pl.DataFrame], title: str, 
     """Values over cycles, one line per label; x: the cycles (day and serving version)."""
     labels = _cycle_labels(cycles)
     position = {day: i for i, day in enumerate(labels)}
-    with _rc():
+    with matplotlib.rc_context(_SVG_RC):
         figure = _figure()
         axis = figure.add_subplot()
         for label, frame in lines.items():
@@ -207,28 +210,26 @@ def _trend(cycles: pl.DataFrame, lines: Mapping[str, pl.DataFrame], title: str, 
 
 
 def _cycle_axis(axis: Any, labels: Mapping[date, str]) -> None:
-    """x: the cycles, each labelled with its held-out day and the version serving then."""
-    axis.set_xticks(range(len(labels)), list(labels.values()))
+    """x: the cycles, labelled with their held-out day and the version serving then (at most
+    _MAX_TICKS labels, the latest cycle's always)."""
+    step = math.ceil(len(labels) / _MAX_TICKS)
+    ticks = list(range(len(labels) - 1, -1, -step))[::-1]
+    names = list(labels.values())
+    axis.set_xticks(ticks, [names[tick] for tick in ticks])
     axis.set_xlim(-0.5, len(labels) - 0.5)
     axis.set_xlabel("cycle (held-out day, version serving)")
 
 
-def _rc() -> Any:
-    import matplotlib
-
-    return matplotlib.rc_context(_SVG_RC)
-
-
 def _examination_plot(cycles: pl.DataFrame, trap: str) -> Markup | None:
-    """Examination probability by position, one line per audit (the latest darkest)."""
+    """Examination probability by position, one line per audit (the latest ones; darkest last)."""
     thetas = cycles.filter(pl.col("trap") == trap, pl.col("measure").str.starts_with("theta@")).with_columns(
         position=pl.col("measure").str.split_exact("@", 1).struct.field("field_1").cast(pl.Int64, strict=False))
     thetas = thetas.drop_nulls("position")
     if thetas.is_empty():
         return None
     labels = _cycle_labels(cycles)
-    days = sorted(thetas["as_of"].unique())
-    with _rc():
+    days = sorted(thetas["as_of"].unique())[-_MAX_CURVES:]
+    with matplotlib.rc_context(_SVG_RC):
         figure = _figure()
         axis = figure.add_subplot()
         for i, day in enumerate(days):
@@ -295,9 +296,9 @@ def _min_span(axis: Any, low: float, high: float, span: float = 0.1) -> None:
         axis.set_ylim(middle - span / 2 - 0.01, middle + span / 2 + 0.01)
 
 
-def _validation_plot(cycles: pl.DataFrame, truth: Mapping[str, float] | None) -> Markup | None:
-    """The gate's held-out difference (with its interval) per cycle; beside it, where known, the
-    simulator's true accuracy of each cycle's candidate."""
+def _validation_plot(cycles: pl.DataFrame, truth: Mapping[str, float] | None, metric: str | None) -> Markup | None:
+    """The gate's held-out difference in its primary ``metric`` (with its interval) per cycle;
+    beside it, where known, the simulator's true accuracy of each cycle's candidate."""
     wide = cycles.filter(pl.col("trap") == VALIDATION)
     if "difference" not in wide["measure"].to_list():
         return None
@@ -307,7 +308,7 @@ def _validation_plot(cycles: pl.DataFrame, truth: Mapping[str, float] | None) ->
     x = [list(labels).index(day) for day in wide["as_of"]]
     known = {uri: value for uri, value in (truth or {}).items() if value is not None and math.isfinite(value)}
     true = [(xi, known[uri]) for xi, uri in zip(x, wide["candidate_model_uri"], strict=True) if uri in known]
-    with _rc():
+    with matplotlib.rc_context(_SVG_RC):
         figure = _figure(2 if true else 1)
         held_out, *beside = figure.subplots(1, 2 if true else 1, squeeze=False)[0]
         difference = wide["difference"].to_list()
@@ -320,7 +321,7 @@ def _validation_plot(cycles: pl.DataFrame, truth: Mapping[str, float] | None) ->
         held_out.axhline(0, color="0.5", linewidth=0.8)
         _cycle_axis(held_out, labels)
         held_out.set_ylabel("candidate \u2212 champion")
-        held_out.set_title(f"Held-out difference ({CI_LEVEL:.0%} CI)", loc="left")
+        held_out.set_title(f"Held-out {metric or 'primary metric'}: difference ({CI_LEVEL:.0%} CI)", loc="left")
         if true:
             axis = beside[0]
             axis.plot([p[0] for p in true], [p[1] for p in true], "s-", color="C3")
@@ -509,7 +510,7 @@ def render_html(report: HealthReport, history: pl.DataFrame | None, validation: 
     return _ENVIRONMENT.from_string(_TEMPLATE).render(
         r=report, champion=_version(report.champion), holdout_days=holdout_days, findings=findings,
         flagged=report.flagged, evidence=[_evidence(v) for v in reports if v],
-        validation_plot=_validation_plot(cycles, truth), ci_level=f"{CI_LEVEL:.0%}")
+        validation_plot=_validation_plot(cycles, truth, (validation or {}).get("primary_metric")), ci_level=f"{CI_LEVEL:.0%}")
 
 
 # --- stored reports --------------------------------------------------------------------------
