@@ -251,37 +251,22 @@ def _print_status(home: Home, config: FlywheelConfig) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     import webbrowser
 
-    import mlflow
-
     from flywheel_pipeline.health.report import (
         ReportMissing,
-        load_report,
-        measures_history,
-        render_html,
+        render_stored,
         report_paths,
-        simulator_truth,
         stored_report,
     )
     from flywheel_pipeline.home import write_atomically
-    from flywheel_pipeline.warehouse import connect
 
     home = Home.existing()
     try:
-        report, validation = load_report(stored_report(home, args.domain, args.as_of))
+        report, html = render_stored(home, stored_report(home, args.domain, args.as_of))
     except ReportMissing as error:
         raise SystemExit(f"flywheel: {error}") from None
-    history = None
-    if home.warehouse.exists():
-        with connect(home.warehouse, read_only=True) as con:
-            history = measures_history(con, args.domain)
-    truth = {}
-    if (home.mlflow / "mlflow.db").exists():
-        earlier = [] if history is None else history["candidate_model_uri"].to_list()
-        uris = [report.candidate_model_uri, *earlier]
-        truth = simulator_truth(mlflow.MlflowClient(home.mlflow_tracking_uri), uris)
     page = args.output or report_paths(home, args.domain, report.as_of)[0]
     page.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(page, render_html(report, history, validation, truth).encode())
+    write_atomically(page, html.encode())
     console.print(str(page.resolve()), highlight=False)
     if args.open:
         webbrowser.open(page.resolve().as_uri())

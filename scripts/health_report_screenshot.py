@@ -22,18 +22,12 @@ import polars as pl
 from playwright.sync_api import sync_playwright
 
 from flywheel_pipeline.health import TRAPS, Finding, HealthReport
-from flywheel_pipeline.health.report import (
-    load_report,
-    measures_history,
-    render_html,
-    simulator_truth,
-)
+from flywheel_pipeline.health.report import render_html, render_stored
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.training.base import Windows
 from flywheel_pipeline.validation.gate import GateDecision
 from flywheel_pipeline.validation.intervals import MetricComparison
 from flywheel_pipeline.validation.report import SliceResult, ValidationReport
-from flywheel_pipeline.warehouse import connect
 
 CHROMIUM = "/usr/bin/chromium"
 DOMAIN = "recommendation"
@@ -156,21 +150,6 @@ def example_validation(report: HealthReport) -> dict:
     ).to_dict()
 
 
-def stored(path: Path) -> str:
-    """The page of a stored report, from its home's warehouse and MLflow."""
-    import mlflow
-
-    report, validation = load_report(path)
-    home = Home(path.resolve().parents[2])
-    history = None
-    if home.warehouse.exists():
-        with connect(home.warehouse, read_only=True) as con:
-            history = measures_history(con, report.domain)
-    truth = simulator_truth(mlflow.MlflowClient(home.mlflow_tracking_uri), [report.candidate_model_uri]
-                            + (history["candidate_model_uri"].to_list() if history is not None else []))
-    return render_html(report, history, validation, truth)
-
-
 def screenshots(page_file: Path, out: Path, width: int) -> list[Path]:
     """The whole page, then each section on its own."""
     with sync_playwright() as pw:
@@ -196,7 +175,7 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=4, help="cycles in the constructed example")
     args = parser.parse_args()
     if args.report:
-        html = stored(args.report)
+        html = render_stored(Home(args.report.resolve().parents[2]), args.report)[1]
     else:
         report = example_report(args.cycles)
         truth = {_uri(i): _truth(i) for i in range(args.cycles)}

@@ -32,6 +32,7 @@ from flywheel_pipeline.health import TRAPS, Finding, HealthReport
 from flywheel_pipeline.home import Home, write_atomically
 from flywheel_pipeline.validation.intervals import CI_LEVEL
 from flywheel_pipeline.validation.report import SHOWN_METRICS
+from flywheel_pipeline.warehouse import connect
 
 TRUE_ACCURACY_TAG = "simulator.true_accuracy"
 VALIDATION = "validation"  # health.measures' trap for the gate's primary metric per cycle
@@ -580,6 +581,21 @@ def stored_report(home: Home, domain: str, as_of: date | None = None) -> Path:
         raise ReportMissing(f"no health report for {domain} in {home.reports / domain}: run a cycle first "
                             f"(flywheel run --domain {domain})")
     return stored[-1]
+
+
+def render_stored(home: Home, stored: Path) -> tuple[HealthReport, str]:
+    """A stored report and its page rendered again: the history from the home's warehouse
+    (read-only), the truth its MLflow's candidates carry now."""
+    report, validation = load_report(stored)
+    history = None
+    if home.warehouse.exists():
+        with connect(home.warehouse, read_only=True) as con:
+            history = measures_history(con, report.domain)
+    truth = {}
+    if (home.mlflow / "mlflow.db").exists():
+        earlier = [] if history is None else history["candidate_model_uri"].to_list()
+        truth = simulator_truth(MlflowClient(home.mlflow_tracking_uri), [report.candidate_model_uri, *earlier])
+    return report, render_html(report, history, validation, truth)
 
 
 def simulator_truth(client: MlflowClient, uris: Iterable[str]) -> dict[str, float]:
