@@ -266,7 +266,7 @@ def _delay_plot(cycles: pl.DataFrame, trap: str, holdout_hours: float) -> Markup
 
     def window(axis: Any) -> None:
         axis.axhline(holdout_hours, color="0.3", linewidth=1, label=f"held out: {holdout_hours:.0f} h")
-        axis.set_ylim(bottom=0)
+        axis.set_ylim(0, max(axis.get_ylim()[1], 1.08 * holdout_hours))
 
     return _trend(cycles, lines, "Label delay vs the held-out window", "hours", styles=styles, extra=window)
 
