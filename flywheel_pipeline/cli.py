@@ -8,6 +8,7 @@
     flywheel rollback    put a domain's previous champion back
     flywheel status      champion, candidate and warehouse row counts per domain
     flywheel forget      delete a user's data everywhere; list the models trained on it
+    flywheel report      a domain's health report (one HTML page per cycle): write it again, --open it
 
 Runs go through the home's Dagster instance and daemon (``flywheel_pipeline.launcher``), so they
 show in the Dagster UI like runs launched there. Tool output (dbt, the daemon) goes to the home's
@@ -23,6 +24,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import IO
 
 from rich.console import Console
@@ -254,6 +256,30 @@ def _print_status(home: Home, config: FlywheelConfig) -> None:
                       ", ".join(f"{alias}=v{v}" if v else f"{alias}=none" for alias, v in aliases.items()))
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    import webbrowser
+
+    from flywheel_pipeline.health.report import (
+        ReportMissing,
+        render_stored,
+        report_paths,
+        stored_report,
+    )
+    from flywheel_pipeline.home import write_atomically
+
+    home = Home.existing()
+    try:
+        report, html = render_stored(home, stored_report(home, args.domain, args.as_of))
+    except ReportMissing as error:
+        raise SystemExit(f"flywheel: {error}") from None
+    page = args.output or report_paths(home, args.domain, report.as_of)[0]
+    page.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(page, html.encode())
+    console.print(str(page.resolve()), highlight=False)
+    if args.open:
+        webbrowser.open(page.resolve().as_uri())
+
+
 def _date(text: str) -> date:
     try:
         return date.fromisoformat(text)
@@ -326,6 +352,14 @@ def parser() -> argparse.ArgumentParser:
     forget = commands.add_parser("forget", help="delete a user's data everywhere and keep it out (docs/privacy.md)")
     forget.add_argument("--user", required=True, help="the pseudonymous user_id their events carry")
     forget.set_defaults(func=cmd_forget)
+
+    report = commands.add_parser("report", help="write a domain's health report again (latest cycle) and print its path")
+    report.add_argument("--domain", required=True)
+    report.add_argument("--as-of", type=_date, help="the cycle's last held-out day (default: the latest report)")
+    report.add_argument("--output", type=Path, help="where to write the page (default: beside its stored data "
+                                                    "in <home>/reports/<domain>/)")
+    report.add_argument("--open", action="store_true", help="open the page in the browser")
+    report.set_defaults(func=cmd_report)
     return root
 
 

@@ -7,6 +7,7 @@
     <home>/mlflow/            MLflow tracking store (sqlite) and artifacts
     <home>/review/<domain>/   the review queue's files for Label Studio and Argilla (docs/importing.md)
     <home>/datasets/<domain>/<name>/<window>/   exported training sets (Parquet, JSONL, dataset card)
+    <home>/reports/<domain>/<as_of>.html   the cycle's health report (and its .json)
     <home>/simulator/         the simulator's world and hidden truth (never read by the pipeline)
     <home>/flywheel.log       output of the tools commands run (dbt, Dagster's daemon and code server)
 
@@ -121,6 +122,11 @@ class Home:
     def log(self) -> Path:
         """Where commands send the output of the tools they run (dbt, the daemon, the code server)."""
         return self.root / "flywheel.log"
+
+    @property
+    def reports(self) -> Path:
+        """The health reports: <domain>/<as_of>.html and the .json that renders it again."""
+        return self.root / "reports"
 
     @property
     def simulator(self) -> Path:
