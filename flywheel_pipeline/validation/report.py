@@ -99,6 +99,14 @@ class ValidationReport:
             "validation_run_id": self.run_id or "",
         }
 
+    def evidence(self) -> dict[str, float]:
+        """The primary metric's candidate, champion and difference with its interval (the health
+        report's history of held-out evidence)."""
+        primary = self.overall.metrics[self.primary_metric]
+        low, high = primary.difference_ci
+        return {"candidate": primary.candidate, "champion": primary.champion,
+                "difference": primary.difference, "difference_lo": low, "difference_hi": high}
+
     def summary(self) -> str:
         """``<model> on <held-out days>: <outcome>, dr +0.0123 [-0.0010, +0.0250]``."""
         primary = self.overall.metrics[self.primary_metric]
