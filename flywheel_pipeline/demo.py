@@ -31,6 +31,7 @@ from flywheel_pipeline.defs.ui import (
     approval_launchpad_url,
     approval_run_config,
 )
+from flywheel_pipeline.health.report import record_true_accuracy
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.launcher import Dagster, LaunchError, daemon_running, local_dagster
 from flywheel_pipeline.runs import CycleOutcome, run_cycle, wait_for_deployment
@@ -164,6 +165,8 @@ class Demo:
             self.console.print(f"    {outcome.reasons}")
         if outcome.revisit:
             self.console.print(f"    revisited the previous inconclusive candidate: {outcome.revisit}")
+        for check in outcome.failed_checks:
+            self.console.print(f"    check failed: {check}")
         return self._row(cycle, domain, served_by, outcome)
 
     def _approve(self, dagster: Dagster, outcome: CycleOutcome, status) -> None:
@@ -200,6 +203,7 @@ class Demo:
         candidate_accuracy = None
         if "model_uri" in outcome.candidate:
             candidate_accuracy = model_true_accuracy(self.home, self.config, domain, outcome.candidate["model_uri"])
+            record_true_accuracy(mlflow.MlflowClient(), outcome.candidate["model_uri"], candidate_accuracy)
             self.oracles[domain] = oracle_accuracy(self.home, self.config, domain,
                                                    Windows.from_params(outcome.candidate))
         return CycleRow(cycle, domain, shown(served_by), outcome.held_out(detail=False), gate,

@@ -99,7 +99,7 @@ def check_failure(evaluation: dg.AssetCheckEvaluation) -> str:
     0.0, expected 0.05..0.2``: a failed check, its severity and what it observed against what it
     expected (a GX suite's ``failures``; a dbt test's failing rows)."""
     metadata = evaluation.metadata
-    detail = _value(metadata, "failures") or (
+    detail = _value(metadata, "failures") or _value(metadata, "measured") or (
         f"{_value(metadata, 'dagster_dbt/failed_row_count')} failing rows"
         if "dagster_dbt/failed_row_count" in metadata else "")
     severity = evaluation.severity.value.lower() if evaluation.severity else "error"

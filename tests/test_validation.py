@@ -262,6 +262,13 @@ def test_metadata_is_small_and_names_the_outcome_and_the_samples_needed():
     assert "| all | 1000 |" in report.markdown()
 
 
+def test_an_importance_weighted_value_outside_the_rewards_range_is_marked_and_explained():
+    report = report_with({"all": (1000, 1.28, 0.3)})  # dr 1.78 for a 0/1 reward
+    markdown = report.markdown()
+    assert "| 1.7800 (" in markdown and ")† |" in markdown and "outside the 0..1 range" in markdown
+    assert "†" not in report_with({"all": (1000, 0.2, 0.01)}).markdown()
+
+
 # --- the whole step -----------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@
       -> labels (day x domain)                      labeling.label_partitions
       -> <domain>/candidate_model                   training.train_candidate
       -> <domain>/validation_report (+ gate check)  validation.validate_cycle
+      -> <domain>/flywheel_health (+ a check per trap)  health.audit (defs/health.py)
       -> <domain>/registered_candidate              registry.register_candidate (+ auto approval)
 """
 
@@ -18,10 +19,12 @@ import duckdb
 from flywheel_pipeline import approval, registry
 from flywheel_pipeline.accumulation import accumulate
 from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.defs.health import HEALTH, build_health_asset
 from flywheel_pipeline.defs.partitions import day_domain_partitions, partition_key, run_scope
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.defs.transform import RAW_EVENTS, fct_impressions_key
 from flywheel_pipeline.defs.ui import approval_launchpad_url
+from flywheel_pipeline.health import HealthReport
 from flywheel_pipeline.labeling import label_partitions, maturity_cutoff
 from flywheel_pipeline.labeling.stage import to_markdown
 from flywheel_pipeline.launcher import in_progress
@@ -34,7 +37,7 @@ LABELS = dg.AssetKey("labels")
 
 def model_keys(domain: str) -> dict[str, dg.AssetKey]:
     return {step: dg.AssetKey([domain, step])
-            for step in ("candidate_model", "validation_report", "registered_candidate")}
+            for step in ("candidate_model", "validation_report", HEALTH, "registered_candidate")}
 
 
 def build_data_assets(config: FlywheelConfig) -> list[dg.AssetsDefinition]:
@@ -100,7 +103,8 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
             mature_until = maturity_cutoff(con, config, domain, as_of)
             result = train_candidate(con, warehouse.home(), config, domain, as_of, mature_until=mature_until,
                                      dagster_run_id=context.run_id)
-        return dg.Output(result, metadata=result.metadata())
+        return dg.Output(result, metadata={**result.metadata(),
+                                           "metrics": dg.MetadataValue.md(result.metrics_markdown())})
 
     @dg.asset(key=keys["validation_report"], ins={"candidate": dg.AssetIn(keys["candidate_model"])},
               group_name=group, kinds={"mlflow"},
@@ -120,15 +124,18 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
         yield dg.Output(report, metadata={**report.metadata(), "report": dg.MetadataValue.md(report.markdown())})
         yield _gate_check(report)
 
+    flywheel_health = build_health_asset(config, domain, keys["candidate_model"], keys["validation_report"])
+
     @dg.asset(key=keys["registered_candidate"],
               ins={"candidate": dg.AssetIn(keys["candidate_model"]),
-                   "report": dg.AssetIn(keys["validation_report"])},
+                   "report": dg.AssetIn(keys["validation_report"]), "health": dg.AssetIn(keys[HEALTH])},
               group_name=group, kinds={"mlflow"}, output_required=False,
               description="A candidate that passed its gate, registered with lineage and aliased "
                           "`candidate`; auto domains also get their approval here. Not materialized "
-                          "when the gate did not pass (see the validation_report's gate check).")
+                          "when the gate did not pass (see the validation_report's gate check), nor when "
+                          "a blocking flywheel_health check failed.")
     def registered_candidate(context: dg.AssetExecutionContext, candidate: TrainingResult,
-                             report: ValidationReport, warehouse: WarehouseResource,
+                             report: ValidationReport, health: HealthReport, warehouse: WarehouseResource,
                              mlflow: MlflowResource) -> Iterator[dg.MaterializeResult]:
         accepted = report.accepted
         if accepted is None:
@@ -143,14 +150,15 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
             candidate = TrainingResult.logged(client, accepted.candidate_model_uri)
             context.log.info(f"registering the revisited candidate {candidate.model_uri}: {accepted.summary()}")
         lineage = {**candidate.lineage(), **accepted.lineage(), "code_version": registry.code_version(),
-                   "validation.gate": "passed"}
+                   "validation.gate": "passed", "health.flagged": ", ".join(health.flagged) or "none"}
         version = registry.register_candidate(client, domain, candidate.model_uri, candidate.run_id, lineage)
         yield dg.MaterializeResult(metadata={
             "model": registry.model_name(domain), "version": version, "model_uri": candidate.model_uri,
+            "health": ", ".join(health.flagged) + " flagged (see flywheel_health)" if health.flagged else "no trap flagged",
             **_next_step(config, domain, version, warehouse, client),
         })
 
-    return [candidate_model, validation_report, registered_candidate]
+    return [candidate_model, validation_report, flywheel_health, registered_candidate]
 
 
 def _gate_check(report: ValidationReport) -> dg.AssetCheckResult:

@@ -51,6 +51,9 @@ SERVING_TIME_COLUMNS = [
     "slate_size",
 ]
 LABEL_COLUMNS = ["p_good", "label"]
+# A training run's metrics shown on their own in Dagster (the rest in a table).
+HEADLINE_METRICS = ("label_coverage", "exploration_share", "self_consumption_share", "internal_check_auc",
+                    "training_auc")
 DAGSTER_RUN_TAG = "flywheel.dagster_run_id"  # the Dagster run whose process holds the MLflow run
 INTERNAL_SPLIT_SHARE = 0.2  # most recent share of the training rows kept for the internal check
 # Pinned to this environment; the models also need flywheel_pipeline importable where they load.
@@ -258,8 +261,16 @@ class TrainingResult:
             params=dict(params),
         )
 
+    @property
+    def mature_until(self) -> date | None:
+        """The last day the training run believed mature (None: no delay to measure it from)."""
+        day = self.params.get("mature_until", "none")
+        return None if day == "none" else date.fromisoformat(str(day))
+
     def metadata(self) -> dict[str, Any]:
-        """A flat dict for Dagster asset metadata."""
+        """Dagster asset metadata: the headline figures rounded (plotted across materializations);
+        every metric is in ``metrics_markdown()``."""
+        headline = {name: round(self.metrics[name], 4) for name in HEADLINE_METRICS if name in self.metrics}
         return {
             "domain": self.domain,
             "training_run_id": self.run_id,
@@ -268,8 +279,13 @@ class TrainingResult:
             "n_labelled": self.n_labelled,
             **self.windows.params(),
             "mature_until": self.params.get("mature_until", "none"),
-            **self.metrics,
+            **headline,
         }
+
+    def metrics_markdown(self) -> str:
+        """Every metric of the run as a Markdown table, 4 significant digits."""
+        rows = "\n".join(f"| {name} | {_shown(value)} |" for name, value in sorted(self.metrics.items()))
+        return "| metric | value |\n|---|---|\n" + rows
 
     def lineage(self) -> dict[str, Any]:
         """Registry tags: where the candidate came from (run, windows, data sources)."""
@@ -286,6 +302,11 @@ class TrainingResult:
                 if name in self.metrics
             },
         }
+
+
+def _shown(value: float) -> str:
+    """A metric as a person reads it: 4 significant digits, n/a for a missing one."""
+    return "n/a" if not np.isfinite(value) else f"{value:.4g}"
 
 
 def label_model_versions(

@@ -13,6 +13,10 @@ from flywheel_pipeline.validation.gate import GOLD_METRIC, GateDecision
 from flywheel_pipeline.validation.intervals import CI_LEVEL, MetricComparison
 
 SHOWN_METRICS = ("dr", "pbm_ips", "snips", "audit", "weak_label_value", "weak_label_auc")
+# Values of a 0/1 reward: an estimate outside this range is the estimator's variance, said so in the report.
+VALUE_METRICS = ("dr", "pbm_ips", "snips")
+OUT_OF_RANGE = ("† outside the 0..1 range of the reward: an importance-weighted estimate is that far "
+                "off when a few impressions carry large weights (see ess); read its interval, or snips")
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,14 @@ class ValidationReport:
             "validation_run_id": self.run_id or "",
         }
 
+    def evidence(self) -> dict[str, float]:
+        """The primary metric's candidate, champion and difference with its interval (the health
+        report's history of held-out evidence)."""
+        primary = self.overall.metrics[self.primary_metric]
+        low, high = primary.difference_ci
+        return {"candidate": primary.candidate, "champion": primary.champion,
+                "difference": primary.difference, "difference_lo": low, "difference_hi": high}
+
     def summary(self) -> str:
         """``<model> on <held-out days>: <outcome>, dr +0.0123 [-0.0010, +0.0250]``."""
         primary = self.overall.metrics[self.primary_metric]
@@ -142,19 +154,26 @@ class ValidationReport:
             f"| slice | n | reviewed | metric | candidate ({level}) | champion ({level}) | difference ({level}) |",
             "|---|---|---|---|---|---|---|",
         ]
+        out_of_range = False
         for result in self.slices:
             for metric in SHOWN_METRICS:
                 if metric in result.metrics:
                     m = result.metrics[metric]
+                    marks = ["†" if metric in VALUE_METRICS and not 0 <= value <= 1 else ""
+                             for value in (m.candidate, m.champion)]
+                    out_of_range |= any(marks)
                     lines.append(
                         f"| {result.name} | {result.n_samples} | {result.n_reviewed} | {metric} "
-                        f"| {_value(m.candidate, m.candidate_ci)} | {_value(m.champion, m.champion_ci)} "
+                        f"| {_value(m.candidate, m.candidate_ci)}{marks[0]} "
+                        f"| {_value(m.champion, m.champion_ci)}{marks[1]} "
                         f"| {_value(m.difference, m.difference_ci, signed=True)} |"
                     )
             ess = result.metrics.get("ess")
             if ess is not None:
                 lines.append(f"| {result.name} | {result.n_samples} | {result.n_reviewed} | ess "
                              f"| {ess.candidate:.1f} | {ess.champion:.1f} | |")
+        if out_of_range:
+            lines += ["", OUT_OF_RANGE]
         if self.revisit is not None:
             lines += ["", self.revisit.markdown()]
         return "\n".join(lines) + "\n"

@@ -1,0 +1,99 @@
+"""Flywheel health, as a Dagster asset: thin wiring around flywheel_pipeline.health.
+
+    <domain>/candidate_model + <domain>/validation_report -> <domain>/flywheel_health
+        -> <domain>/registered_candidate
+
+One asset check per trap (health.TRAPS): a flagged trap warns, or blocks registration when the
+domain's ``health.blocking`` lists it. The HTML report is written under the home, logged to the
+validation run in MLflow and linked from the asset's metadata.
+"""
+
+from typing import Any
+
+import dagster as dg
+
+from flywheel_pipeline import registry
+from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
+from flywheel_pipeline.health import TRAPS, Finding, HealthReport
+from flywheel_pipeline.health.audit import audit, measure_history, save_measures
+from flywheel_pipeline.health.report import simulator_truth, write_report
+from flywheel_pipeline.training import TrainingResult
+from flywheel_pipeline.validation import ValidationReport
+
+HEALTH = "flywheel_health"
+CHECK_DESCRIPTIONS = {
+    "exposure_bias": "the training window holds exploration traffic, so the model does not learn only "
+                     "from what the last model chose to show",
+    "survivorship": "every cohort (new, returning, churned) and segment is labelled about as often as the rest",
+    "label_delay": "no training day is younger than its outcomes' delivery delay",
+    "leakage": "no training feature separates the labels too well or arrived after them; no held-out row "
+               "is in training",
+    "self_consumption": "training labels do not all come from the serving model's own choices",
+    "diversity": "the serving model shows enough of the catalogue, not a few items",
+}
+# The measures shown as plot-friendly series in the asset's metadata (Dagster plots numbers over time).
+SERIES = {"exposure_bias": "exploration_share", "survivorship": "min_coverage_ratio",
+          "label_delay": "immature_share", "leakage": "max_feature_auc",
+          "self_consumption": "self_consumption_share", "diversity": "top10_share"}
+
+
+def health_key(domain: str) -> dg.AssetKey:
+    return dg.AssetKey([domain, HEALTH])
+
+
+def build_health_asset(config: FlywheelConfig, domain: str, candidate_key: dg.AssetKey,
+                       report_key: dg.AssetKey) -> dg.AssetsDefinition:
+    key, blocking = health_key(domain), set(config.domain(domain).health.blocking)
+    specs = [dg.AssetCheckSpec(trap, asset=key, blocking=trap in blocking,
+                               description=CHECK_DESCRIPTIONS[trap] + (" (blocks registration)" if trap in blocking else ""))
+             for trap in TRAPS]
+
+    @dg.asset(key=key, ins={"candidate": dg.AssetIn(candidate_key), "report": dg.AssetIn(report_key)},
+              check_specs=specs, group_name=f"{domain}_model", kinds={"duckdb", "mlflow", "html"},
+              description="The cycle's audit of the traps that make a flywheel spin in place (exposure bias, "
+                          "survivorship, label delay, leakage, self-consumption, diversity), one check each; "
+                          "the HTML report (`flywheel report --domain D`) plots each measure across cycles.")
+    def flywheel_health(context: dg.AssetExecutionContext, candidate: TrainingResult, report: ValidationReport,
+                        warehouse: WarehouseResource, mlflow: MlflowResource):
+        client = mlflow.client()
+        champion = registry.alias_version(client, domain, registry.CHAMPION) or "baseline"
+        with warehouse.connect() as con:
+            health = audit(con, config, domain, candidate.windows, candidate.mature_until, champion,
+                           candidate.model_uri)
+            save_measures(con, health, report.evidence())
+            history = measure_history(con, domain)
+        truth = simulator_truth(client, history["candidate_model_uri"].unique().to_list())
+        path = write_report(warehouse.home(), health, history, report.to_dict(), truth)
+        if report.run_id:
+            client.log_artifact(report.run_id, str(path), "health")
+        for trap in health.flagged:
+            context.log.warning(f"{domain}: {trap}: {health.finding(trap).summary}")
+        yield dg.Output(health, metadata=_metadata(health, path, report.run_id))
+        for finding in health.findings:
+            yield _check(finding, finding.trap in blocking)
+
+    return flywheel_health
+
+
+def _metadata(health: HealthReport, path, run_id: str | None) -> dict[str, Any]:
+    """What the Dagster UI shows: the verdicts as one Markdown table, a rounded series per trap, links."""
+    rows = [f"| {f.trap} | {'**flagged**' if f.flagged else 'healthy'} | {f.summary} |" for f in health.findings]
+    series = {SERIES[f.trap]: round(f.measures[SERIES[f.trap]], 4) for f in health.findings
+              if SERIES[f.trap] in f.measures}
+    return {
+        "flagged": ", ".join(health.flagged) or "none",
+        "verdicts": dg.MetadataValue.md("| trap | verdict | measured |\n|---|---|---|\n" + "\n".join(rows)),
+        **series,
+        "report": dg.MetadataValue.path(str(path)),
+        "mlflow_artifact": f"runs:/{run_id}/health/{path.name}" if run_id else "not logged (no validation run)",
+    }
+
+
+def _check(finding: Finding, blocking: bool) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=finding.trap, passed=not finding.flagged,
+        severity=dg.AssetCheckSeverity.ERROR if blocking else dg.AssetCheckSeverity.WARN,
+        metadata={"measured": finding.summary, "why_it_matters": finding.explanation,
+                  **{name: round(value, 4) for name, value in finding.measures.items() if "@" not in name}},
+    )
