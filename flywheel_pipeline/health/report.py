@@ -598,6 +598,12 @@ def render_stored(home: Home, stored: Path) -> tuple[HealthReport, str]:
     return report, render_html(report, history, validation, truth)
 
 
+def record_true_accuracy(client: MlflowClient, model_uri: str, accuracy: float) -> None:
+    """Tag a candidate's logged model with its true accuracy (the simulator's scoring code: the
+    demo and benchmarks), so its health reports plot it beside the held-out evidence."""
+    client.set_logged_model_tags(model_uri.removeprefix("models:/"), {TRUE_ACCURACY_TAG: f"{accuracy:.6f}"})
+
+
 def simulator_truth(client: MlflowClient, uris: Iterable[str]) -> dict[str, float]:
     """Each candidate's true accuracy, as the simulator's scoring code tagged its logged model
     (``models:/<model_id>``); models without the tag, or not found, are left out."""

@@ -30,6 +30,11 @@ SHAPES = {"diversity": ("recommendation",)}  # traps that apply to some shapes o
 REACTIONS = ("signal", "outcome")
 
 
+def applies_to(trap: str, shape: str) -> bool:
+    """Whether the product of a domain of ``shape`` can commit ``trap``."""
+    return shape in SHAPES.get(trap, (shape,))
+
+
 @dataclass(frozen=True)
 class Traps:
     """The traps switched on for one domain."""
@@ -43,7 +48,7 @@ class Traps:
         if unknown:
             raise ValueError(f"unknown trap {', '.join(unknown)}: the traps are {', '.join(TRAPS)}")
         for name in names:
-            if shape not in SHAPES.get(name, (shape,)):
+            if not applies_to(name, shape):
                 raise ValueError(f"the {name} trap applies only to domains of shape "
                                  f"{', '.join(SHAPES[name])}; {domain} has shape {shape}")
         return cls(frozenset(names))
