@@ -171,6 +171,9 @@ class HealthSettings(_Strict):
                                       "younger than the outcome's arrival delay quantile")
     max_feature_auc: float = Field(0.95, gt=0.5, le=1, description="leakage: a single serving-time "
                                    "feature that separates the labels this well was likely made after them")
+    max_late_feature_share: float = Field(0.05, ge=0, le=1, description="leakage: share of labelled "
+                                          "interactions delivered after their label's evidence (signals, "
+                                          "outcomes): their features may have been made after the label")
     max_self_consumption_share: float = Field(0.95, gt=0, le=1, description="self_consumption: share of "
                                               "training labels on the serving model's own choices")
     min_independent_share: float = Field(0.01, ge=0, le=1, description="self_consumption: share of "
