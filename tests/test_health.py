@@ -1,4 +1,4 @@
-"""The flywheel_health measures, each on both sides of its threshold, and the audit on a warehouse."""
+"""The flywheel_health measures, each on both sides of its threshold; the audit on a warehouse."""
 
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def impressions(n: int, seed: int = 0, *, explore: float = 0.1, audit: float = 0
         "session_id": "s",
         "is_new_user": user % 4 == 0,
         "segment": np.where(user % 2 == 0, "a", "b"),
-        "context_features": [json.dumps({"hour": float(h)}) for h in rng.integers(24, size=n * slate)],
+        "context_features": [json.dumps({"hour": float(hour)})
+                             for hour in rng.integers(24, size=n * slate)],
         "slate_size": slate,
         "p_good": np.where(good, 0.9, 0.1),
         "audit_review_value": np.where(rng.random(n * slate) < audit, good.astype(float), np.nan),
@@ -95,10 +96,10 @@ def test_exposure_bias_measures_the_examination_curve_and_its_correction():
     raw_gap = 1 - table["raw_rate"][2] / table["raw_rate"][0]
     weighted_gap = 1 - table["weighted_rate"][2] / table["weighted_rate"][0]
     assert weighted_gap < raw_gap / 2  # the trainer's weights close most of the position gap
-    thin = measures.exposure_bias(rows.filter(pl.col("policy") == "champion")
-                                  .with_columns(policy=pl.when(pl.int_range(pl.len()) < 60)
-                                                .then(pl.lit("explore")).otherwise(pl.col("policy"))),
-                                  SETTINGS.model_copy(update={"min_exploration_share": 0.0}), "recommendation")
+    few_explored = rows.filter(pl.col("policy") == "champion").with_columns(
+        policy=pl.when(pl.int_range(pl.len()) < 60).then(pl.lit("explore")).otherwise("policy"))
+    thin = measures.exposure_bias(few_explored, SETTINGS.model_copy(
+        update={"min_exploration_share": 0.0}), "recommendation")
     assert thin.flagged and "examination curve cannot be estimated" in thin.summary
 
 
@@ -120,13 +121,14 @@ def test_survivorship_flags_churned_users_without_labels():
 
 def test_survivorship_flags_a_segment_left_unlabelled():
     rows = impressions(3000)
-    half = rows.with_columns(p_good=pl.when((pl.col("segment") == "a") & (pl.int_range(pl.len()) % 10 < 7))
-                             .then(None).otherwise(pl.col("p_good")))
-    finding = measures.survivorship(half, activity(rows), SETTINGS)
+    def unlabelled(tenths: int) -> pl.DataFrame:
+        """``tenths`` of segment a's impressions without a label."""
+        dropped = (pl.col("segment") == "a") & (pl.int_range(pl.len()) % 10 < tenths)
+        return rows.with_columns(p_good=pl.when(dropped).then(None).otherwise("p_good"))
+
+    finding = measures.survivorship(unlabelled(7), activity(rows), SETTINGS)
     assert finding.flagged and "segment=a" in finding.summary
-    mild = rows.with_columns(p_good=pl.when((pl.col("segment") == "a") & (pl.int_range(pl.len()) % 10 < 3))
-                             .then(None).otherwise(pl.col("p_good")))
-    assert not measures.survivorship(mild, activity(rows), SETTINGS).flagged
+    assert not measures.survivorship(unlabelled(1), activity(rows), SETTINGS).flagged
 
 
 # --- label delay -----------------------------------------------------------------------------
@@ -168,7 +170,8 @@ def test_leakage_names_a_feature_made_from_the_label():
     healthy = measures.leakage(rows, holdout, SETTINGS)
     assert not healthy.flagged and healthy.measures["max_feature_auc"] < 0.6
     purchased = (pl.col("p_good") > 0.5).cast(pl.Int8).cast(pl.String)
-    leaky = rows.with_columns(context_features=pl.lit('{"hour": 3, "purchased": ') + purchased + pl.lit("}"))
+    leaky = rows.with_columns(
+        context_features=pl.lit('{"hour": 3, "purchased": ') + purchased + pl.lit("}"))
     finding = measures.leakage(leaky, holdout, SETTINGS)
     assert finding.flagged and "context.purchased" in finding.summary
     assert finding.measures["auc@context.purchased"] == 1.0
@@ -179,11 +182,12 @@ def test_leakage_flags_interactions_delivered_after_their_evidence():
     rows = impressions(2000)
     holdout = impressions(300, seed=1, days=(WINDOWS.holdout_start, WINDOWS.holdout_end))
     late = pl.when(pl.int_range(pl.len()) % 10 == 0)
-    few = rows.with_columns(interaction_delivered=late.then(pl.col("event_date") + timedelta(days=3))
-                            .otherwise(pl.col("interaction_delivered")))
+    few = rows.with_columns(interaction_delivered=late.then(
+        pl.col("event_date") + timedelta(days=3)).otherwise("interaction_delivered"))
     finding = measures.leakage(few, holdout, SETTINGS)
     assert finding.flagged and finding.measures["late_interaction_share"] == pytest.approx(0.1)
-    assert not measures.leakage(few, holdout, SETTINGS.model_copy(update={"max_late_feature_share": 0.2})).flagged
+    lenient = SETTINGS.model_copy(update={"max_late_feature_share": 0.2})
+    assert not measures.leakage(few, holdout, lenient).flagged
 
 
 def test_leakage_flags_held_out_rows_in_training():
@@ -199,7 +203,8 @@ def test_leakage_flags_held_out_rows_in_training():
 
 def test_self_consumption_flags_a_loop_with_no_independent_labels():
     for explore, audit_share in ((0.1, 0.03), (0.0, 0.03), (0.1, 0.0)):
-        finding = measures.self_consumption(impressions(3000, explore=explore, audit=audit_share), SETTINGS)
+        rows = impressions(3000, explore=explore, audit=audit_share)
+        finding = measures.self_consumption(rows, SETTINGS)
         assert not finding.flagged, (explore, audit_share, finding.summary)
     closed = measures.self_consumption(
         impressions(3000, explore=0.0, audit=0.0, model_version="3"), SETTINGS)
@@ -228,11 +233,11 @@ def test_diversity_flags_a_champion_that_shows_a_few_items():
 
 
 def warehouse(con: duckdb.DuckDBPyConnection, rows: pl.DataFrame) -> None:
-    """raw interactions and outcomes with their batch files, fct_impressions/_interactions, labels."""
+    """raw interactions and outcomes with their batch files, the marts and the labels."""
     ensure_raw_tables(con)
     con.register("rows", rows.with_columns(
-        interaction_file=pl.format("recommendation/interactions/{}.jsonl", pl.col("interaction_delivered")),
-        outcome_file=pl.format("recommendation/outcomes/{}.jsonl", pl.col("evidence_delivered"))))
+        interaction_file=pl.format("recommendation/{}.jsonl", pl.col("interaction_delivered")),
+        outcome_file=pl.format("recommendation/{}.shop.jsonl", pl.col("evidence_delivered"))))
     con.execute("""
         CREATE SCHEMA marts; CREATE SCHEMA labels;
         CREATE TABLE marts.fct_impressions AS SELECT * EXCLUDE (p_good, interaction_delivered,
@@ -253,12 +258,14 @@ def warehouse(con: duckdb.DuckDBPyConnection, rows: pl.DataFrame) -> None:
 
 
 def test_audit_reads_the_warehouse_and_keeps_each_cycles_measures(tmp_path):
+    held_out = (WINDOWS.holdout_start, WINDOWS.holdout_end)
     rows = pl.concat([impressions(1500, slate=3, explore=0.2),
-                      impressions(400, seed=1, slate=3, days=(WINDOWS.holdout_start, WINDOWS.holdout_end))])
+                      impressions(400, seed=1, slate=3, days=held_out)])
     con = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
     warehouse(con, rows)
     assert measure_history(con, "recommendation").is_empty()
-    report = audit(con, CONFIG, "recommendation", WINDOWS, date(2026, 3, 25), "baseline", "models:/m/1")
+    report = audit(con, CONFIG, "recommendation", WINDOWS, date(2026, 3, 25), "baseline",
+                   "models:/m/1")
     assert [finding.trap for finding in report.findings] == list(TRAPS)
     assert report.flagged == [], [f.summary for f in report.findings if f.flagged]
     assert report.finding("label_delay").measures["delivery_wait_days"] == 1

@@ -56,7 +56,8 @@ def audit(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str, w
     )
     con.unregister("delivery_days")
     return HealthReport(domain, windows.holdout_end, windows.train_start, windows.train_end,
-                        windows.holdout_start, mature_until, champion, candidate_model_uri, findings)
+                        windows.holdout_start, mature_until, champion, candidate_model_uri,
+                        findings)
 
 
 def _delivery_days(con: duckdb.DuckDBPyConnection, domain: str) -> None:
@@ -74,12 +75,15 @@ def _delivery_days(con: duckdb.DuckDBPyConnection, domain: str) -> None:
     con.register("delivery_days", days)
 
 
-def _impressions(con: duckdb.DuckDBPyConnection, domain: str, start: date, end: date) -> pl.DataFrame:
+def _impressions(
+    con: duckdb.DuckDBPyConnection, domain: str, start: date, end: date
+) -> pl.DataFrame:
     """Impressions of [start, end]: serving-time columns, p_good, audit_review_value, and the days
     their interaction and its first label evidence were delivered."""
     columns = ", ".join(f"i.{name}" for name in SERVING_TIME_COLUMNS)
     evidence = " UNION ALL ".join(
-        f"SELECT interaction_id, source_file FROM {table} WHERE domain = $domain AND event_date >= $start"
+        f"SELECT interaction_id, source_file FROM {table} "
+        "WHERE domain = $domain AND event_date >= $start"
         for table in EVIDENCE_TABLES)
     return con.sql(
         f"""WITH delivered AS (
@@ -94,7 +98,8 @@ def _impressions(con: duckdb.DuckDBPyConnection, domain: str, start: date, end: 
             SELECT {columns}, l.p_good, i.audit_review_value,
                    delivered.interaction_delivered, evidence.evidence_delivered
             FROM marts.fct_impressions AS i
-            LEFT JOIN labels.impression_labels AS l USING (domain, event_date, interaction_id, item_id)
+            LEFT JOIN labels.impression_labels AS l
+              USING (domain, event_date, interaction_id, item_id)
             LEFT JOIN delivered USING (interaction_id)
             LEFT JOIN evidence USING (interaction_id)
             WHERE i.domain = $domain AND i.event_date BETWEEN $start AND $end""",
@@ -102,7 +107,9 @@ def _impressions(con: duckdb.DuckDBPyConnection, domain: str, start: date, end: 
     ).pl()
 
 
-def _outcomes(con: duckdb.DuckDBPyConnection, domain: str, windows: Windows, maturity: str) -> pl.DataFrame:
+def _outcomes(
+    con: duckdb.DuckDBPyConnection, domain: str, windows: Windows, maturity: str
+) -> pl.DataFrame:
     """name, event_date, served_at, delay_s, delivered: each outcome (and, for a click-maturity
     domain, each click) of the windows' interactions."""
     clicks = (
@@ -147,7 +154,8 @@ def save_measures(con: duckdb.DuckDBPyConnection, report: HealthReport,
             for trap, name, value in values]
     con.execute(MEASURES_DDL)
     with transaction(con):
-        con.execute("DELETE FROM health.measures WHERE domain = ? AND as_of = ? AND candidate_model_uri = ?",
+        con.execute("DELETE FROM health.measures "
+                    "WHERE domain = ? AND as_of = ? AND candidate_model_uri = ?",
                     [report.domain, report.as_of, report.candidate_model_uri])
         if rows:
             con.executemany("INSERT INTO health.measures VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
@@ -156,10 +164,12 @@ def save_measures(con: duckdb.DuckDBPyConnection, report: HealthReport,
 
 def measure_history(con: duckdb.DuckDBPyConnection, domain: str) -> pl.DataFrame:
     """Every audit's measures of ``domain``, oldest first (empty before the first audit)."""
-    tables = con.sql("SELECT table_name FROM information_schema.tables WHERE table_schema = 'health'")
+    tables = con.sql(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'health'")
     if ("measures",) not in tables.fetchall():
         return pl.DataFrame(schema=MEASURE_COLUMNS)
     return con.sql(
-        "SELECT * FROM health.measures WHERE domain = $domain ORDER BY as_of, audited_at, trap, measure",
+        "SELECT * FROM health.measures WHERE domain = $domain "
+        "ORDER BY as_of, audited_at, trap, measure",
         params={"domain": domain},
     ).pl()

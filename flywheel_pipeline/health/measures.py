@@ -37,8 +37,8 @@ EXPLANATIONS = {
                      "exploration and position correction its own choices look best.",
     "survivorship": "Labels come from users who stayed and reacted: a cohort that leaves or stays "
                     "silent is unheard, and the model drifts toward those who remain.",
-    "label_delay": "Days whose outcomes have not arrived yet look bad: training on them teaches the "
-                   "model that recent traffic failed.",
+    "label_delay": "Days whose outcomes have not arrived yet look bad: training on them teaches "
+                   "the model that recent traffic failed.",
     "leakage": "A feature known only after the label, or held-out rows in training, makes the "
                "model look better offline than it can be when serving.",
     "self_consumption": "Labels only on the model's own choices, with no exploration or random "
@@ -56,9 +56,9 @@ def exposure_bias(training: pl.DataFrame, settings: HealthSettings, shape: str) 
     ess = float(weights.sum() ** 2 / (weights**2).sum()) if len(weights) else 0.0
     measures = {"exploration_share": exploration, "ips_ess": ess,
                 "ips_ess_share": ess / len(weights) if len(weights) else math.nan}
-    tables, problems = {}, []
-    if exploration < settings.min_exploration_share:
-        problems.append(f"exploration share {exploration:.1%} < {settings.min_exploration_share:.1%}")
+    tables, problems, least = {}, [], settings.min_exploration_share
+    if exploration < least:
+        problems.append(f"exploration share {exploration:.1%} < {least:.1%}")
     if shape == "recommendation":
         by_position = _position_correction(training.filter(pl.col("p_good").is_not_null()))
         tables["by_position"] = by_position
@@ -68,8 +68,9 @@ def exposure_bias(training: pl.DataFrame, settings: HealthSettings, shape: str) 
             for name in ("theta", "raw_rate", "weighted_rate"):
                 measures[f"{name}@{row['position']}"] = _float(row[name])
         if not estimated:
-            problems.append("the examination curve cannot be estimated (too few explored impressions)")
-    judged = (f"exploration share {exploration:.1%} (min {settings.min_exploration_share:.1%}), "
+            problems.append("the examination curve cannot be estimated "
+                            "(too few explored impressions)")
+    judged = (f"exploration share {exploration:.1%} (min {least:.1%}), "
               f"IPS ESS {ess:.0f} of {len(weights)}")
     return _finding("exposure_bias", problems, judged, measures, tables)
 
@@ -91,25 +92,30 @@ def _position_correction(labelled: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def survivorship(training: pl.DataFrame, activity: pl.DataFrame, settings: HealthSettings) -> Finding:
+def survivorship(
+    training: pl.DataFrame, activity: pl.DataFrame, settings: HealthSettings
+) -> Finding:
     """Label coverage of new vs returning users, churned vs staying ones and each segment, each
     against the coverage of the rest of its traffic."""
     cohorts = _cohorts(training, activity, settings.churn_days)
     rows = [_coverage(cohorts, dimension) for dimension in ("user", "churn", "segment")]
-    table = pl.concat([row for row in rows if row.height]).sort("dimension", "cohort")
-    measures = {f"coverage@{row['cohort']}": row["coverage"] for row in table.iter_rows(named=True)}
-    judged = table.filter((pl.col("traffic_share") >= MIN_TRAFFIC_SHARE) & pl.col("ratio").is_not_nan())
+    table = pl.concat(rows, how="vertical_relaxed").sort("dimension", "cohort")
+    measures = {f"coverage@{row['cohort']}": row["coverage"]
+                for row in table.iter_rows(named=True)}
+    judged = table.filter((pl.col("traffic_share") >= MIN_TRAFFIC_SHARE)
+                          & pl.col("ratio").is_not_nan())
     worst = judged.sort("ratio").row(0, named=True) if judged.height else None
     measures["coverage@all"] = _share(training["p_good"].is_not_null())
     measures["min_coverage_ratio"] = worst["ratio"] if worst else math.nan
     threshold = settings.min_cohort_coverage_ratio
     problems = [
-        f"{row['cohort']} ({row['traffic_share']:.0%} of traffic) has {row['coverage']:.1%} labelled "
-        f"vs {row['rest_coverage']:.1%} for the rest (ratio {row['ratio']:.2f} < {threshold})"
+        f"{row['cohort']} ({row['traffic_share']:.0%} of traffic) has {row['coverage']:.1%} "
+        f"labelled vs {row['rest_coverage']:.1%} for the rest (ratio {row['ratio']:.2f} < "
+        f"{threshold})"
         for row in judged.filter(pl.col("ratio") < threshold).iter_rows(named=True)
     ]
-    judged_line = (f"lowest coverage ratio {worst['ratio']:.2f} ({worst['cohort']}) vs min {threshold}"
-                   if worst else "no cohort large enough to judge")
+    judged_line = (f"lowest coverage ratio {worst['ratio']:.2f} ({worst['cohort']}) vs min "
+                   f"{threshold}" if worst else "no cohort large enough to judge")
     return _finding("survivorship", problems, judged_line, measures, {"coverage": table})
 
 
@@ -124,7 +130,7 @@ def _cohorts(training: pl.DataFrame, activity: pl.DataFrame, churn_days: int) ->
     visits = (
         training.select("user_id", "event_date").unique().sort("event_date")
         .join_asof(returns, left_on="event_date", right_on="returned_on", by="user_id",
-                   strategy="forward", allow_exact_matches=False)
+                   strategy="forward", allow_exact_matches=False, check_sortedness=False)
     )
     churned = (pl.col("returned_on").is_null()
                | (pl.col("returned_on") > pl.col("event_date") + timedelta(days=churn_days)))
@@ -132,7 +138,8 @@ def _cohorts(training: pl.DataFrame, activity: pl.DataFrame, churn_days: int) ->
     return training.join(visits, on=["user_id", "event_date"], how="left").select(
         labelled=pl.col("p_good").is_not_null(),
         user=pl.when(pl.col("is_new_user")).then(pl.lit("new")).otherwise(pl.lit("returning")),
-        churn=pl.when(judgeable).then(pl.when(churned).then(pl.lit("churned")).otherwise(pl.lit("stayed"))),
+        churn=pl.when(judgeable).then(
+            pl.when(churned).then(pl.lit("churned")).otherwise(pl.lit("stayed"))),
         segment=pl.lit("segment=") + pl.col("segment").fill_null("none"),
     )
 
@@ -162,11 +169,12 @@ def label_delay(outcomes: pl.DataFrame, windows: Windows, domain_config: DomainC
     delivered_h = (pl.col("delivered").cast(pl.Datetime("us")) + timedelta(days=1)
                    - pl.col("served_at")).dt.total_seconds() / 3600
     quantiles = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
+    claimed_h = pl.col("delay_s") / 3600
     table = (
         outcomes.group_by("name")
         .agg(outcomes=pl.len(),
              **{f"delivery_{k}_h": delivered_h.quantile(q) for k, q in quantiles.items()},
-             **{f"claimed_{k}_h": (pl.col("delay_s") / 3600).quantile(q) for k, q in quantiles.items()})
+             **{f"claimed_{k}_h": claimed_h.quantile(q) for k, q in quantiles.items()})
         .sort("name")
     )
     measures = {f"{column}@{row['name']}": _float(row[column])
@@ -178,18 +186,19 @@ def label_delay(outcomes: pl.DataFrame, windows: Windows, domain_config: DomainC
     measures |= {"cadence_days": cadence, "lookback_days": float(domain_config.lookback_days),
                  "holdout_days": float(domain_config.holdout_days)}
     if not lags.height:
-        return _finding("label_delay", [], f"no {maturity.outcome} outcome arrived: no delay to judge",
-                        measures, {"delays": table})
+        return _finding("label_delay", [], f"no {maturity.outcome} outcome arrived: no delay to "
+                        "judge", measures, {"delays": table})
     wait = int(np.quantile(lags.to_series().to_numpy(), maturity.quantile, method="higher"))
     days = pl.date_range(windows.train_start, windows.train_end, eager=True)
     immature = int((days + timedelta(days=wait) > windows.holdout_end).sum())
     share = immature / len(days)
     measures |= {"delivery_wait_days": float(wait), "immature_days": float(immature),
                  "immature_share": share}
+    most = domain_config.health.max_immature_share
     judged = (f"{immature} of {len(days)} training days ({share:.0%}) younger than the "
               f"{maturity.quantile:.0%} delivery delay of {maturity.outcome} ({wait} d; holdout "
-              f"{domain_config.holdout_days} d, cadence {cadence:.0f} d), max {domain_config.health.max_immature_share:.0%}")
-    problems = [judged] if share > domain_config.health.max_immature_share else []
+              f"{domain_config.holdout_days} d, cadence {cadence:.0f} d), max {most:.0%}")
+    problems = [judged] if share > most else []
     return _finding("label_delay", problems, judged, measures, {"delays": table})
 
 
@@ -219,15 +228,16 @@ def leakage(training: pl.DataFrame, holdout: pl.DataFrame, settings: HealthSetti
     measures["max_feature_auc"] = top["auc"]
     problems = []
     if top["auc"] > settings.max_feature_auc:
-        problems.append(f"feature {top['feature']} alone separates the labels with AUC {top['auc']:.3f} "
-                        f"> {settings.max_feature_auc}")
+        problems.append(f"feature {top['feature']} alone separates the labels with AUC "
+                        f"{top['auc']:.3f} > {settings.max_feature_auc}")
     if late > settings.max_late_feature_share:
         problems.append(f"{late:.1%} of labelled interactions arrived after their label's evidence "
                         f"> {settings.max_late_feature_share:.0%}")
     if ids.sum() or user_days:
-        problems.append(f"{int(ids.sum())} held-out interactions and {user_days} held-out user-days "
-                        "are in the training rows")
-    judged = (f"top feature {top['feature']} AUC {top['auc']:.3f} (max {settings.max_feature_auc}), "
+        problems.append(f"{int(ids.sum())} held-out interactions and {user_days} held-out "
+                        "user-days are in the training rows")
+    judged = (f"top feature {top['feature']} AUC {top['auc']:.3f} "
+              f"(max {settings.max_feature_auc}), "
               f"{late:.1%} interactions delivered after their evidence "
               f"(max {settings.max_late_feature_share:.0%}), no held-out rows in training")
     return _finding("leakage", problems, judged, measures, {"feature_auc": aucs})
@@ -272,22 +282,27 @@ def self_consumption(training: pl.DataFrame, settings: HealthSettings) -> Findin
     """Share of training labels on the serving model's own choices (per model version, and from
     flywheel models) vs labels with independent evidence (exploration, random human review)."""
     labelled = training.filter(pl.col("p_good").is_not_null())
-    own = _share(labelled["policy"] == "champion")
-    flywheel = _share((labelled["policy"] == "champion") & (labelled["model_version"] != "baseline"))
-    independent = _share((labelled["policy"] == "explore") | labelled["audit_review_value"].is_not_null())
+    chosen = labelled["policy"] == "champion"
+    own = _share(chosen)
+    flywheel = _share(chosen & (labelled["model_version"] != "baseline"))
+    explored = labelled["policy"] == "explore"
+    independent = _share(explored | labelled["audit_review_value"].is_not_null())
     table = (
         labelled.group_by("policy", "model_version").agg(labels=pl.len())
         .with_columns(share=pl.col("labels") / max(labelled.height, 1))
         .sort("policy", "model_version")
     )
-    measures = {"self_consumption_share": own, "flywheel_share": flywheel, "independent_share": independent}
+    measures = {"self_consumption_share": own, "flywheel_share": flywheel,
+                "independent_share": independent}
     measures |= {f"share@{row['model_version']}": row["share"]
                  for row in table.filter(pl.col("policy") == "champion").iter_rows(named=True)}
     judged = (f"{own:.1%} of training labels on the champion's own choices (max "
               f"{settings.max_self_consumption_share:.0%}), {independent:.1%} independent "
               f"(min {settings.min_independent_share:.0%})")
-    loop = own > settings.max_self_consumption_share and independent < settings.min_independent_share
-    return _finding("self_consumption", [judged] if loop else [], judged, measures, {"by_version": table})
+    loop = (own > settings.max_self_consumption_share
+            and independent < settings.min_independent_share)
+    return _finding("self_consumption", [judged] if loop else [], judged, measures,
+                    {"by_version": table})
 
 
 def diversity(impressions: pl.DataFrame, settings: HealthSettings) -> Finding:
@@ -311,15 +326,17 @@ def diversity(impressions: pl.DataFrame, settings: HealthSettings) -> Finding:
                  "top_share": current["top_share"]}
     problems = []
     if current["coverage"] < settings.min_catalogue_coverage:
-        problems.append(f"version {current['model_version']} shows {current['coverage']:.1%} of the "
-                        f"catalogue < {settings.min_catalogue_coverage:.0%}")
+        problems.append(f"version {current['model_version']} shows {current['coverage']:.1%} of "
+                        f"the catalogue < {settings.min_catalogue_coverage:.0%}")
     if current["top_share"] > settings.max_top_items_share:
         problems.append(f"version {current['model_version']}'s top {TOP_ITEMS} items take "
-                        f"{current['top_share']:.1%} of its exposure > {settings.max_top_items_share:.0%}")
+                        f"{current['top_share']:.1%} of its exposure > "
+                        f"{settings.max_top_items_share:.0%}")
     judged = (f"version {current['model_version']} shows {current['coverage']:.1%} of {catalogue} "
               f"items (min {settings.min_catalogue_coverage:.0%}), top {TOP_ITEMS} take "
               f"{current['top_share']:.1%} (max {settings.max_top_items_share:.0%})")
-    return _finding("diversity", problems, judged, measures, {"by_version": table.drop("last_served")})
+    return _finding("diversity", problems, judged, measures,
+                    {"by_version": table.drop("last_served")})
 
 
 def _exposure(counts: np.ndarray, catalogue: int) -> dict[str, float]:
@@ -329,9 +346,9 @@ def _exposure(counts: np.ndarray, catalogue: int) -> dict[str, float]:
     shares = counts / counts.sum()
     ranks = np.arange(1, catalogue + 1)
     gini = float(((2 * ranks - catalogue - 1) * full).sum() / (catalogue * full.sum()))
-    entropy = float(-(shares * np.log(shares)).sum() / math.log(catalogue)) if catalogue > 1 else 0.0
+    entropy = -(shares * np.log(shares)).sum() / math.log(catalogue) if catalogue > 1 else 0.0
     return {"impressions": float(counts.sum()), "items": float(len(counts)),
-            "coverage": len(counts) / catalogue, "gini": gini, "entropy": entropy,
+            "coverage": len(counts) / catalogue, "gini": gini, "entropy": float(entropy),
             "top_share": float(np.sort(shares)[::-1][:TOP_ITEMS].sum())}
 
 
