@@ -93,9 +93,11 @@ def test_exposure_bias_measures_the_examination_curve_and_its_correction():
     table = finding.tables["by_position"]
     assert not finding.flagged and table["position"].to_list() == [0, 1, 2]
     assert finding.measures["theta@2"] == pytest.approx(0.25, abs=0.08)
-    raw_gap = 1 - table["raw_rate"][2] / table["raw_rate"][0]
-    weighted_gap = 1 - table["weighted_rate"][2] / table["weighted_rate"][0]
-    assert weighted_gap < raw_gap / 2  # the trainer's weights close most of the position gap
+    assert table["explore_rate"][2] / table["explore_rate"][0] == pytest.approx(0.25, abs=0.08)
+    # the trainer's weights close most of the position gap
+    assert finding.measures["position_gap_raw"] == pytest.approx(0.75, abs=0.08)
+    assert finding.measures["position_gap_weighted"] < finding.measures["position_gap_raw"] / 2
+    assert "lower raw" in finding.summary and "as the trainer weighs" in finding.summary
     few_explored = rows.filter(pl.col("policy") == "champion").with_columns(
         policy=pl.when(pl.int_range(pl.len()) < 60).then(pl.lit("explore")).otherwise("policy"))
     thin = measures.exposure_bias(few_explored, SETTINGS.model_copy(
@@ -121,6 +123,7 @@ def test_survivorship_flags_churned_users_without_labels():
 
 def test_survivorship_flags_a_segment_left_unlabelled():
     rows = impressions(3000)
+
     def unlabelled(tenths: int) -> pl.DataFrame:
         """``tenths`` of segment a's impressions without a label."""
         dropped = (pl.col("segment") == "a") & (pl.int_range(pl.len()) % 10 < tenths)

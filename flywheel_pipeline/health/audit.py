@@ -8,7 +8,7 @@ were delivered on, the delayed outcomes' claimed and delivered delays, and each 
 from __future__ import annotations
 
 import math
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import duckdb
@@ -41,38 +41,39 @@ def audit(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str, w
     """One Finding per trap over the candidate's training and held-out windows."""
     settings = config.domain(domain)
     health = settings.health
-    _delivery_days(con, domain)
-    rows = _impressions(con, domain, windows.train_start, windows.holdout_end)
+    con.register("delivery_days", _delivery_days(con, domain))
+    try:
+        rows = _impressions(con, domain, windows.train_start, windows.holdout_end)
+        outcomes = _outcomes(con, domain, windows, settings.label_maturity.outcome)
+    finally:
+        con.unregister("delivery_days")
     training = rows.filter(pl.col("event_date") <= windows.train_end)
     holdout = rows.filter(pl.col("event_date") >= windows.holdout_start)
     findings = (
         measures.exposure_bias(training, health, settings.shape),
         measures.survivorship(training, _activity(con, domain, windows), health),
-        measures.label_delay(_outcomes(con, domain, windows, settings.label_maturity.outcome),
-                             windows, settings),
+        measures.label_delay(outcomes, windows, settings),
         measures.leakage(training, holdout, health),
         measures.self_consumption(training, health),
         measures.diversity(rows, health),
     )
-    con.unregister("delivery_days")
     return HealthReport(domain, windows.holdout_end, windows.train_start, windows.train_end,
                         windows.holdout_start, mature_until, champion, candidate_model_uri,
                         findings)
 
 
-def _delivery_days(con: duckdb.DuckDBPyConnection, domain: str) -> None:
-    """Register ``delivery_days`` (source_file, delivered): each landing batch's delivery day."""
+def _delivery_days(con: duckdb.DuckDBPyConnection, domain: str) -> pl.DataFrame:
+    """source_file, delivered: the day each of the domain's landing batches was delivered."""
     files = con.sql(
         " UNION ".join(f"SELECT DISTINCT source_file FROM {table} WHERE domain = $domain"
                        for table in ("raw.interactions", *EVIDENCE_TABLES)),
         params={"domain": domain},
     ).fetchall()
-    days = pl.DataFrame(
+    return pl.DataFrame(
         {"source_file": [name for (name,) in files],
          "delivered": [batch_day(Path(name)) for (name,) in files]},
         schema={"source_file": pl.String, "delivered": pl.Date},
     )
-    con.register("delivery_days", days)
 
 
 def _impressions(
@@ -145,7 +146,7 @@ def save_measures(con: duckdb.DuckDBPyConnection, report: HealthReport,
                   validation: dict[str, float] | None = None) -> int:
     """Replace the audit's rows of (domain, as_of, candidate) in health.measures (``validation``'s
     under trap ``validation``); returns how many were written. NaN is stored as NULL."""
-    audited_at = datetime.now().replace(microsecond=0)
+    audited_at = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
     values = [(finding.trap, name, value) for finding in report.findings
               for name, value in finding.measures.items()]
     values += [("validation", name, value) for name, value in (validation or {}).items()]

@@ -67,29 +67,42 @@ def exposure_bias(training: pl.DataFrame, settings: HealthSettings, shape: str) 
         for row in by_position.iter_rows(named=True):
             for name in ("theta", "raw_rate", "weighted_rate"):
                 measures[f"{name}@{row['position']}"] = _float(row[name])
+        for name in ("raw", "weighted"):
+            measures[f"position_gap_{name}"] = _gap(by_position[f"{name}_rate"])
         if not estimated:
             problems.append("the examination curve cannot be estimated "
                             "(too few explored impressions)")
     judged = (f"exploration share {exploration:.1%} (min {least:.1%}), "
               f"IPS ESS {ess:.0f} of {len(weights)}")
+    if "position_gap_raw" in measures:
+        judged += (f", good rate lowest vs top slot {measures['position_gap_raw']:.0%} lower raw, "
+                   f"{measures['position_gap_weighted']:.0%} as the trainer weighs")
     return _finding("exposure_bias", problems, judged, measures, tables)
 
 
 def _position_correction(labelled: pl.DataFrame) -> pl.DataFrame:
-    """position, theta (null when not estimated), raw and trainer-weighted good rate."""
+    """position, theta (null when not estimated), explored impressions' good rate, and every
+    impression's good rate raw and weighted as the trainer weighs."""
     trainer = RecommendationTrainer()
     curve = examination_curve(labelled, trainer.min_exploration_rows, 1 / trainer.max_ips_weight)
     weighted, _ = trainer.weigh(labelled)
     good = (pl.col("p_good") >= 0.5).cast(pl.Float64)
     return (
         weighted.group_by("position")
-        .agg(impressions=pl.len(), raw_rate=good.mean(),
+        .agg(impressions=pl.len(), explore_rate=good.filter(pl.col("policy") == "explore").mean(),
+             raw_rate=good.mean(),
              weighted_rate=(good * pl.col("weight")).sum() / pl.col("weight").sum())
         .with_columns(theta=pl.col("position").replace_strict(curve, default=None,
                                                               return_dtype=pl.Float64))
-        .select("position", "impressions", "theta", "raw_rate", "weighted_rate")
+        .select("position", "impressions", "theta", "explore_rate", "raw_rate", "weighted_rate")
         .sort("position")
     )
+
+
+def _gap(rates: pl.Series) -> float:
+    """How much lower the lowest slot's rate is than the top slot's; NaN without a top rate."""
+    top = rates[0] if len(rates) else None
+    return float(1 - rates[-1] / top) if top else math.nan
 
 
 def survivorship(
