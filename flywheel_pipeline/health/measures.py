@@ -244,14 +244,14 @@ def leakage(training: pl.DataFrame, holdout: pl.DataFrame, settings: HealthSetti
         problems.append(f"feature {top['feature']} alone separates the labels with AUC "
                         f"{top['auc']:.3f} > {settings.max_feature_auc}")
     if late > settings.max_late_feature_share:
-        problems.append(f"{late:.1%} of labelled interactions arrived after their label's evidence "
-                        f"> {settings.max_late_feature_share:.0%}")
+        problems.append(f"{late:.1%} of labelled impressions' interactions arrived after their "
+                        f"label's evidence > {settings.max_late_feature_share:.0%}")
     if ids.sum() or user_days:
         problems.append(f"{int(ids.sum())} held-out interactions and {user_days} held-out "
                         "user-days are in the training rows")
     judged = (f"top feature {top['feature']} AUC {top['auc']:.3f} "
               f"(max {settings.max_feature_auc}), "
-              f"{late:.1%} interactions delivered after their evidence "
+              f"{late:.1%} of interactions delivered after their evidence "
               f"(max {settings.max_late_feature_share:.0%}), no held-out rows in training")
     return _finding("leakage", problems, judged, measures, {"feature_auc": aucs})
 
