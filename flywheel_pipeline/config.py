@@ -165,12 +165,17 @@ class HealthSettings(_Strict):
                                          "training window's impressions served at random")
     churn_days: int = Field(7, gt=0, description="survivorship: a user not seen again this many days "
                             "after an impression counts as churned for it")
-    min_cohort_coverage_ratio: float = Field(0.5, gt=0, le=1, description="survivorship: a cohort's or "
-                                             "segment's label coverage over the rest's")
-    max_immature_share: float = Field(0.0, ge=0, le=1, description="label_delay: share of training days "
-                                      "younger than the outcome's arrival delay quantile")
+    min_cohort_coverage_ratio: float = Field(0.8, gt=0, le=1, description="survivorship: a cohort's or "
+                                             "segment's (>= 5% of traffic) label coverage over the rest's "
+                                             "(healthy simulated runs: 0.96-1.0)")
+    max_immature_share: float = Field(0.05, ge=0, le=1, description="label_delay: share of training days "
+                                      "younger than the maturity quantile of the outcome's delivery delay "
+                                      "(batches land at day's end: one day in 28 is rounding, not a trap)")
     max_feature_auc: float = Field(0.95, gt=0.5, le=1, description="leakage: a single serving-time "
                                    "feature that separates the labels this well was likely made after them")
+    max_late_feature_share: float = Field(0.05, ge=0, le=1, description="leakage: share of labelled "
+                                          "interactions delivered after their label's evidence (signals, "
+                                          "outcomes): their features may have been made after the label")
     max_self_consumption_share: float = Field(0.95, gt=0, le=1, description="self_consumption: share of "
                                               "training labels on the serving model's own choices")
     min_independent_share: float = Field(0.01, ge=0, le=1, description="self_consumption: share of "
