@@ -19,7 +19,6 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import jinja2
 import matplotlib
 import polars as pl
@@ -29,6 +28,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from flywheel_pipeline.health import TRAPS, Finding, HealthReport
+from flywheel_pipeline.health.audit import MEASURE_COLUMNS, measure_history
 from flywheel_pipeline.home import Home, write_atomically
 from flywheel_pipeline.validation.intervals import CI_LEVEL
 from flywheel_pipeline.validation.report import SHOWN_METRICS
@@ -37,6 +37,7 @@ from flywheel_pipeline.warehouse import connect
 TRUE_ACCURACY_TAG = "simulator.true_accuracy"
 VALIDATION = "validation"  # health.measures' trap for the gate's primary metric per cycle
 HISTORY_COLUMNS = ("domain", "as_of", "champion", "candidate_model_uri", "trap", "measure", "value")
+HISTORY_SCHEMA = {name: MEASURE_COLUMNS[name] for name in HISTORY_COLUMNS}
 MINUS = "\u2212"
 
 _FIGSIZE = (6.4, 3.3)
@@ -103,33 +104,18 @@ def format_estimate(point: float | None, interval: Iterable[float] | None = None
 
 # --- history ---------------------------------------------------------------------------------
 
-def measures_history(con: duckdb.DuckDBPyConnection, domain: str) -> pl.DataFrame:
-    """The domain's rows of ``health.measures`` (empty, with its columns, before the first audit)."""
-    exists = con.sql("SELECT count(*) FROM information_schema.tables "
-                     "WHERE table_schema = 'health' AND table_name = 'measures'").fetchall()[0][0]
-    if not exists:
-        return _empty_history()
-    return con.sql("SELECT * FROM health.measures WHERE domain = $domain", params={"domain": domain}).pl()
-
-
-def _empty_history() -> pl.DataFrame:
-    return pl.DataFrame(schema={"domain": pl.String, "as_of": pl.Date, "champion": pl.String,
-                                "candidate_model_uri": pl.String, "trap": pl.String, "measure": pl.String,
-                                "value": pl.Float64})
-
-
 def _cycles(report: HealthReport, history: pl.DataFrame | None) -> pl.DataFrame:
     """One value per cycle, trap and measure up to the report's day (the latest audit of a day
     wins), with the report's own measures for its day."""
-    history = _empty_history() if history is None else history
+    history = pl.DataFrame(schema=MEASURE_COLUMNS) if history is None else history
     past = history.filter(pl.col("domain") == report.domain, pl.col("as_of").cast(pl.Date) <= report.as_of)
     if "audited_at" in past.columns:
         past = past.sort("audited_at")
-    past = past.select(HISTORY_COLUMNS).cast(_empty_history().schema)
+    past = past.select(HISTORY_COLUMNS).cast(HISTORY_SCHEMA)
     own = pl.DataFrame(
         [(report.domain, report.as_of, report.champion, report.candidate_model_uri, finding.trap, name, float(value))
          for finding in report.findings for name, value in finding.measures.items()],
-        schema=_empty_history().schema, orient="row")
+        schema=HISTORY_SCHEMA, orient="row")
     own_traps = own["trap"].unique().to_list()
     past = past.filter(~((pl.col("as_of") == report.as_of) & pl.col("trap").is_in(own_traps)))
     return (pl.concat([past, own]).unique(["as_of", "trap", "measure"], keep="last", maintain_order=True)
@@ -590,7 +576,7 @@ def render_stored(home: Home, stored: Path) -> tuple[HealthReport, str]:
     history = None
     if home.warehouse.exists():
         with connect(home.warehouse, read_only=True) as con:
-            history = measures_history(con, report.domain)
+            history = measure_history(con, report.domain)
     truth = {}
     if (home.mlflow / "mlflow.db").exists():
         earlier = [] if history is None else history["candidate_model_uri"].to_list()
