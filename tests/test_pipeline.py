@@ -15,7 +15,7 @@ import mlflow
 import pytest
 
 from flywheel_pipeline import registry, simulation
-from flywheel_pipeline.config import FlywheelConfig, load_config
+from flywheel_pipeline.config import FlywheelConfig, HealthSettings, load_config
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.defs.assets import LABELS, model_keys
 from flywheel_pipeline.defs.jobs import cycle_job_name
@@ -25,6 +25,7 @@ from flywheel_pipeline.defs.partitions import (
     partition_key,
 )
 from flywheel_pipeline.defs.transform import RAW_EVENTS, dbt_model_keys, fct_impressions_key
+from flywheel_pipeline.health import TRAPS
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.labeling import maturity_cutoff
 from flywheel_pipeline.warehouse import connect
@@ -213,3 +214,37 @@ def test_late_outcomes_relabel_exactly_their_labelled_days(cycle):
     assert {day for day in before if after[day] != before[day]} <= expected
     assert any(after[day] != before[day] for day in expected)
     assert all(after[day] == before[day] for day in before if day not in expected)
+
+
+def test_the_health_audit_checks_each_trap_writes_its_report_and_a_blocking_flag_stops_registration(cycle):
+    home, config, _, instance, result = cycle
+    health = model_keys(DOMAIN)["flywheel_health"]
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations() if e.asset_key == health}
+    assert set(checks) == set(TRAPS) and all(e.passed for e in checks.values())
+    assert all(e.severity == dg.AssetCheckSeverity.WARN for e in checks.values())  # none blocks by default
+    shown = metadata(result, health)
+    report = Path(shown["report"])
+    assert shown["flagged"] == "none" and report.exists() and "<svg" in report.read_text()
+    assert 0 < shown["exploration_share"] < 1 and "| exposure_bias | healthy |" in shown["verdicts"]
+    validation = metadata(result, model_keys(DOMAIN)["validation_report"])
+    client = mlflow.MlflowClient(home.mlflow_tracking_uri)
+    assert [a.path for a in client.list_artifacts(validation["validation_run_id"], "health")] == [
+        f"health/{report.name}"]
+    assert {trap for (trap,) in rows(home, "SELECT DISTINCT trap FROM health.measures")} == {*TRAPS, "validation"}
+    registered = client.get_model_version(registry.model_name(DOMAIN), str(
+        metadata(result, model_keys(DOMAIN)["registered_candidate"])["version"]))
+    assert registered.tags["health.flagged"] == "none"
+
+    # the same candidate again, under a domain that demands more exploration than the logs hold and
+    # makes exposure_bias blocking: the check fails as an error and nothing is registered
+    strict = config.model_copy(update={"domains": {**config.domains, DOMAIN: config.domain(DOMAIN).model_copy(
+        update={"health": HealthSettings(blocking=["exposure_bias"], min_exploration_share=0.5)})}})
+    job = build_definitions(strict, home).resolve_job_def(cycle_job_name(DOMAIN))
+    again = job.execute_in_process(instance=instance, raise_on_error=False, tags=result.dagster_run.tags,
+                                   asset_selection=[health, model_keys(DOMAIN)["registered_candidate"]])
+    blocked = {e.check_name: e for e in again.get_asset_check_evaluations()}
+    assert not blocked["exposure_bias"].passed
+    assert blocked["exposure_bias"].severity == dg.AssetCheckSeverity.ERROR
+    assert "exploration share" in blocked["exposure_bias"].metadata["measured"].value
+    assert model_keys(DOMAIN)["registered_candidate"] not in {
+        e.asset_key for e in again.get_asset_materialization_events()}
