@@ -20,3 +20,15 @@ def home(tmp_path: Path) -> Home:
 @pytest.fixture
 def config() -> FlywheelConfig:
     return load_config(REPO / "flywheel.yaml")
+
+
+@pytest.fixture(scope="session")
+def assistant_cycle(tmp_path_factory):
+    """One assistant cycle over simulated days with the training sets' events planted, shared by
+    test_pipeline (it reruns the cycle and relabels late outcomes) and then test_training_sets (whose
+    last tests forget a user and expire days): one cycle instead of two."""
+    from tests.test_pipeline import FIRST, LAST, simulated_cycle
+    from tests.test_training_sets import plant
+
+    with simulated_cycle(tmp_path_factory.mktemp("assistant_cycle"), FIRST, LAST, before=plant) as cycle:
+        yield cycle

@@ -85,10 +85,10 @@ def simulated_cycle(root: Path, first: date, last: date,
 
 
 @pytest.fixture(scope="module")
-def cycle(tmp_path_factory):
-    """One assistant cycle over 24 simulated days (both domains simulated, 2% bad rows)."""
-    with simulated_cycle(tmp_path_factory.mktemp("pipeline"), FIRST, LAST) as cycle:
-        yield cycle
+def cycle(assistant_cycle):
+    """One assistant cycle over 24 simulated days (both domains simulated, 2% bad rows; the training
+    sets' events planted in one day: conftest's assistant_cycle)."""
+    return assistant_cycle
 
 
 def test_every_stage_materializes_and_every_check_passes(cycle):

@@ -5,7 +5,7 @@ data in an input and an edit, and a session with a reformulation and a regenerat
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import datasets
@@ -22,12 +22,9 @@ from flywheel_pipeline.home import Home
 from flywheel_pipeline.warehouse import connect
 from tests.conftest import REPO
 from tests.test_accumulation import interaction, signal
-from tests.test_pipeline import DOMAIN, metadata, simulated_cycle
+from tests.test_pipeline import DOMAIN, FIRST, metadata
 from tests.test_privacy import CANARIES, DENIED, files_holding
 
-DAYS = 14
-LAST = datetime.now(UTC).date() - timedelta(days=1)
-FIRST = LAST - timedelta(days=DAYS - 1)
 PLANTED_DAY = FIRST + timedelta(days=3)  # in the training window
 EMAIL = CANARIES["EMAIL_ADDRESS"]
 QUESTION = f"how do I reset my password? write to {EMAIL}"
@@ -75,15 +72,16 @@ def planted_events() -> list[dict]:
     ]
 
 
-@pytest.fixture(scope="module")
-def cycle(tmp_path_factory):
-    """One assistant cycle over 14 simulated days with the planted events in one day's batch."""
-    def plant(home: Home) -> None:
-        with home.landing_file(DOMAIN, PLANTED_DAY.isoformat()).open("a") as batch:
-            batch.writelines(json.dumps(event) + "\n" for event in planted_events())
+def plant(home: Home) -> None:
+    """The planted events, in their day's batch."""
+    with home.landing_file(DOMAIN, PLANTED_DAY.isoformat()).open("a") as batch:
+        batch.writelines(json.dumps(event) + "\n" for event in planted_events())
 
-    with simulated_cycle(tmp_path_factory.mktemp("training_sets"), FIRST, LAST, before=plant) as cycle:
-        yield cycle
+
+@pytest.fixture(scope="module")
+def cycle(assistant_cycle):
+    """test_pipeline's assistant cycle, whose simulated days hold the planted events (conftest)."""
+    return assistant_cycle
 
 
 def load(path, cache, **files) -> datasets.Dataset:
