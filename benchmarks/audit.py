@@ -50,7 +50,7 @@ class Run:
 
     def __init__(self, root: Path, config: FlywheelConfig, trap: str | None, seed: int, per_day: int,
                  warmup_days: int, cycles: int) -> None:
-        self.home, self.config, self.trap = Home(root).activate(), config, trap
+        self.home, self.config, self.trap = Home(root).activate(), declared(config, trap), trap
         self.seed, self.per_day, self.warmup_days, self.cycles = seed, per_day, warmup_days, cycles
         self.domains = [d for d in config.domains if trap is None or applies_to(trap, config.domain(d).shape)]
         self.instance = dg.DagsterInstance.local_temp(str(self.home.dagster))
@@ -103,6 +103,16 @@ class Run:
         return checks
 
 
+def declared(config: FlywheelConfig, trap: str | None) -> FlywheelConfig:
+    """The configuration the trapped product runs under. One that never explores says so
+    (exploration_share 0): one that promised exploration and logged none would be stopped before
+    any audit, by the accumulated_traffic check (its exploration expectation)."""
+    if trap != "exposure_bias":
+        return config
+    domains = {name: domain.model_copy(update={"exploration_share": 0.0}) for name, domain in config.domains.items()}
+    return config.model_copy(update={"domains": domains})
+
+
 def _metadata(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict:
     for event in result.get_asset_materialization_events():
         if event.asset_key == key:
@@ -135,7 +145,11 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "flywheel.yaml")
     parser.add_argument("--keep", type=Path, help="keep each run's home (its health reports) under this folder")
     parser.add_argument("--records", type=Path, help="append each run's checks here as JSON lines")
+    parser.add_argument("--report", type=Path, help="only print the tables of a --records file")
     args = parser.parse_args()
+    if args.report:
+        report({(entry := json.loads(line))["run"]: entry["checks"] for line in args.report.read_text().splitlines()})
+        return
     warnings.filterwarnings("ignore")
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     config = load_config(args.config)
@@ -152,6 +166,11 @@ def main() -> None:
         if args.records:
             with args.records.open("a") as out:
                 out.write(json.dumps({"run": name, "checks": results[name]}) + "\n")
+    report(results)
+
+
+def report(results: dict[str, dict[str, dict[str, dict]]]) -> None:
+    """The run x check table, then every check's measured line per run and domain."""
     print("\n" + table(results))
     for name, domains in results.items():
         for domain, checks in domains.items():
