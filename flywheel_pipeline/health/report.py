@@ -235,8 +235,9 @@ def _examination_plot(cycles: pl.DataFrame, trap: str) -> Markup | None:
         return _svg(figure)
 
 
-def _delay_plot(cycles: pl.DataFrame, trap: str, holdout_hours: float) -> Markup | None:
-    """Label delay quantiles per outcome over cycles, against the held-out window's length."""
+def _delay_plot(cycles: pl.DataFrame, trap: str, holdout_hours: float, cadence_days: float) -> Markup | None:
+    """Label delay quantiles per outcome over cycles, against the held-out window's length and the
+    cadence (drawn when it is on the scale of the delays)."""
     quantiles = {base: _series(cycles, trap, base) for base in ("delay_p50_h", "delay_p90_h", "delay_p99_h")}
     if not any(quantiles.values()):
         return None
@@ -251,10 +252,17 @@ def _delay_plot(cycles: pl.DataFrame, trap: str, holdout_hours: float) -> Markup
             styles[label] = {"linestyle": dashes[base], "color": colours[outcome]}
 
     def window(axis: Any) -> None:
+        top = max(axis.get_ylim()[1], 1.08 * holdout_hours)
         axis.axhline(holdout_hours, color="0.3", linewidth=1, label=f"held out: {holdout_hours:.0f} h")
-        axis.set_ylim(0, max(axis.get_ylim()[1], 1.08 * holdout_hours))
+        if math.isfinite(cadence_days) and cadence_days * 24 <= 2 * top:
+            axis.axhline(cadence_days * 24, color="0.5", linewidth=1, linestyle="-.",
+                         label=f"cadence: {cadence_days * 24:.0f} h")
+            top = max(top, 1.08 * cadence_days * 24)
+        axis.set_ylim(0, top)
 
-    return _trend(cycles, lines, "Label delay vs the held-out window", "hours", styles=styles, extra=window)
+    cadence = f"{cadence_days:.0f} d" if math.isfinite(cadence_days) else "unknown"
+    return _trend(cycles, lines, f"Label delay vs the held-out window and the cadence ({cadence})", "hours",
+                  styles=styles, extra=window)
 
 
 def _scalar_plots(cycles: pl.DataFrame, trap: str, title: str) -> list[Markup]:
@@ -328,7 +336,8 @@ _SERIES_TITLES = {"coverage": ("Label coverage by cohort", "coverage")}
 def _trap_plots(cycles: pl.DataFrame, finding: Finding, holdout_hours: float) -> list[Markup]:
     """The named plots whose series exist, then one per other series and the plain measures."""
     trap = finding.trap
-    plots = [_examination_plot(cycles, trap), _delay_plot(cycles, trap, holdout_hours)]
+    plots = [_examination_plot(cycles, trap),
+             _delay_plot(cycles, trap, holdout_hours, finding.measures.get("cadence_days", math.nan))]
     bases = cycles.filter(pl.col("trap") == trap, pl.col("measure").str.contains("@"))["measure"]
     for base in bases.str.split_exact("@", 1).struct.field("field_0").unique(maintain_order=True):
         if base == "theta" or base.startswith("delay_p"):
