@@ -6,9 +6,11 @@ home (loopback only), open the UI in headless Chromium (Debian's binary) and sav
     1-asset-graph.png             the whole lineage, raw_events -> dbt models -> labels -> models
     2-validation-report.png       <domain>/validation_report: report Markdown and headline values
     3-validation-gate-check.png   <domain>/validation_report's `gate` asset check
-    4-registered-candidate.png    <domain>/registered_candidate with its `approve` link
-    5-approve-launchpad.png       the approve_candidate Launchpad that link opens, config filled in
-    6-approval-run.png            with --approve: the run Launch Run started (then the daemon's
+    4-flywheel-health.png         <domain>/flywheel_health: the verdict per trap, its series, the report
+    5-flywheel-health-checks.png  its six asset checks, one per trap
+    6-registered-candidate.png    <domain>/registered_candidate with its `approve` link
+    7-approve-launchpad.png       the approve_candidate Launchpad that link opens, config filled in
+    8-approval-run.png            with --approve: the run Launch Run started (then the daemon's
                                   approval sensor deploys the candidate; the script waits for it)
 
 Usage: FLYWHEEL_HOME=<home> python scripts/ui_screenshots.py --out <folder> [--domain D] [--port N]
@@ -106,8 +108,12 @@ def take_screenshots(base: str, domain: str, version: str, approve_url: str, out
             shots.append(save(page, out / "2-validation-report.png"))
             open_page(page, f"{asset}/validation_report?view=checks", "Latest execution")
             shots.append(save(page, out / "3-validation-gate-check.png"))
+            open_page(page, f"{asset}/flywheel_health", metadata_key(page, "verdicts"))
+            shots.append(save(page, out / "4-flywheel-health.png"))
+            open_page(page, f"{asset}/flywheel_health?view=checks", "Latest execution")
+            shots.append(save(page, out / "5-flywheel-health-checks.png"))
             open_page(page, f"{asset}/registered_candidate", metadata_key(page, "approve"))
-            shots.append(save(page, out / "4-registered-candidate.png"))
+            shots.append(save(page, out / "6-registered-candidate.png"))
             if approve:
                 follow_approve_link(page, domain, version)
             else:
@@ -115,12 +121,12 @@ def take_screenshots(base: str, domain: str, version: str, approve_url: str, out
             # The button stays disabled (grey) until Dagster has validated the filled-in config.
             launch = page.get_by_role("button", name="Launch Run")
             expect(launch).to_be_enabled(timeout=LOAD_TIMEOUT_MS)
-            shots.append(save(page, out / "5-approve-launchpad.png"))
+            shots.append(save(page, out / "7-approve-launchpad.png"))
             if approve:
                 launch.click()
                 page.wait_for_url("**/runs/**", timeout=LOAD_TIMEOUT_MS)
                 page.get_by_text("approve_candidate").first.wait_for(timeout=LOAD_TIMEOUT_MS)
-                shots.append(save(page, out / "6-approval-run.png"))
+                shots.append(save(page, out / "8-approval-run.png"))
             return shots
         finally:
             browser.close()
