@@ -54,7 +54,7 @@ class Run:
         self.seed, self.per_day, self.warmup_days, self.cycles = seed, per_day, warmup_days, cycles
         self.domains = [d for d in config.domains if trap is None or applies_to(trap, config.domain(d).shape)]
         self.instance = dg.DagsterInstance.local_temp(str(self.home.dagster))
-        self.defs = build_definitions(config, self.home)
+        self.defs = build_definitions(self.config, self.home)
         end = date.today() - timedelta(days=1)
         self.start = end - timedelta(days=warmup_days + cycles * DAYS_PER_CYCLE - 1)
         mlflow.set_tracking_uri(self.home.mlflow_tracking_uri)
