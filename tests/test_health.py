@@ -121,6 +121,17 @@ def test_survivorship_flags_churned_users_without_labels():
     assert finding.measures["coverage@churned"] == 0.0
 
 
+def test_survivorship_flags_churned_users_whose_reactions_never_came_though_they_are_labelled():
+    """A slate nobody clicked is labelled bad: a cohort whose clicks never arrive stays labelled."""
+    rows = impressions(3000)
+    leavers = pl.col("user_id").is_in([f"u{u}" for u in range(0, 300, 3)])
+    unheard = rows.with_columns(evidence_delivered=pl.when(leavers).then(None).otherwise("evidence_delivered"))
+    finding = measures.survivorship(unheard, activity(rows.filter(~leavers)), SETTINGS)
+    assert finding.flagged and "churned" in finding.summary and "reactions" in finding.summary
+    assert finding.measures["coverage@churned"] == 1.0 and finding.measures["reaction_coverage@churned"] == 0.0
+    assert not measures.survivorship(rows, activity(rows.filter(~leavers)), SETTINGS).flagged
+
+
 def test_survivorship_flags_a_segment_left_unlabelled():
     rows = impressions(3000)
 

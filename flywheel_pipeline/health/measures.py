@@ -30,6 +30,8 @@ from flywheel_pipeline.training.recommendation import RecommendationTrainer, exa
 CADENCE_DAYS = {"daily": 1, "weekly": 7, "monthly": 30, "quarterly": 91}
 MIN_TRAFFIC_SHARE = 0.05  # survivorship: smaller cohorts and segments are too thin to judge
 TOP_ITEMS = 10
+# survivorship: what a cohort's coverage counts, and its measures' names
+COVERAGE_OF = {"labels": "coverage", "reactions": "reaction_coverage"}
 # leakage: serving columns judged alone besides the numeric context features
 SERVING_NUMERIC = ("position", "propensity", "slate_size", "is_new_user")
 EXPLANATIONS = {
@@ -108,33 +110,37 @@ def _gap(rates: pl.Series) -> float:
 def survivorship(
     training: pl.DataFrame, activity: pl.DataFrame, settings: HealthSettings
 ) -> Finding:
-    """Label coverage of new vs returning users, churned vs staying ones and each segment, each
-    against the coverage of the rest of its traffic."""
+    """Coverage of new vs returning users, churned vs staying ones and each segment, each against
+    the coverage of the rest of its traffic: by labels, and by reactions (a signal or outcome came
+    back). Reactions matter on their own: a label can come from missing evidence (a slate nobody
+    clicked), so a cohort whose reactions never arrive can look labelled, and all bad."""
     cohorts = _cohorts(training, activity, settings.churn_days)
-    rows = [_coverage(cohorts, dimension) for dimension in ("user", "churn", "segment")]
-    table = pl.concat(rows, how="vertical_relaxed").sort("dimension", "cohort")
-    measures = {f"coverage@{row['cohort']}": row["coverage"]
+    table = pl.concat([_coverage(cohorts, dimension, of) for of in COVERAGE_OF
+                       for dimension in ("user", "churn", "segment")],
+                      how="vertical_relaxed").sort("of", "dimension", "cohort")
+    measures = {f"{COVERAGE_OF[row['of']]}@{row['cohort']}": row["coverage"]
                 for row in table.iter_rows(named=True)}
     judged = table.filter((pl.col("traffic_share") >= MIN_TRAFFIC_SHARE)
                           & pl.col("ratio").is_not_nan())
     worst = judged.sort("ratio").row(0, named=True) if judged.height else None
-    measures["coverage@all"] = _share(training["p_good"].is_not_null())
+    measures["coverage@all"] = _share(cohorts["labels"])
+    measures["reaction_coverage@all"] = _share(cohorts["reactions"])
     measures["min_coverage_ratio"] = worst["ratio"] if worst else math.nan
     threshold = settings.min_cohort_coverage_ratio
     problems = [
         f"{row['cohort']} ({row['traffic_share']:.0%} of traffic) has {row['coverage']:.1%} "
-        f"labelled vs {row['rest_coverage']:.1%} for the rest (ratio {row['ratio']:.2f} < "
+        f"{row['of']} vs {row['rest_coverage']:.1%} for the rest (ratio {row['ratio']:.2f} < "
         f"{threshold})"
         for row in judged.filter(pl.col("ratio") < threshold).iter_rows(named=True)
     ]
-    judged_line = (f"lowest coverage ratio {worst['ratio']:.2f} ({worst['cohort']}) vs min "
-                   f"{threshold}" if worst else "no cohort large enough to judge")
+    judged_line = (f"lowest coverage ratio {worst['ratio']:.2f} ({worst['cohort']}, {worst['of']}) "
+                   f"vs min {threshold}" if worst else "no cohort large enough to judge")
     return _finding("survivorship", problems, judged_line, measures, {"coverage": table})
 
 
 def _cohorts(training: pl.DataFrame, activity: pl.DataFrame, churn_days: int) -> pl.DataFrame:
-    """Per impression: labelled, user (new/returning), churn (churned/stayed, null when too recent
-    to judge) and segment cohorts."""
+    """Per impression: labelled, reacted to, user (new/returning), churn (churned/stayed, null
+    when too recent to judge) and segment cohorts."""
     last_day = activity["event_date"].max()
     returns = (
         activity.select("user_id", pl.col("event_date").alias("returned_on"))
@@ -149,7 +155,8 @@ def _cohorts(training: pl.DataFrame, activity: pl.DataFrame, churn_days: int) ->
                | (pl.col("returned_on") > pl.col("event_date") + timedelta(days=churn_days)))
     judgeable = pl.col("event_date") <= pl.lit(last_day) - timedelta(days=churn_days)
     return training.join(visits, on=["user_id", "event_date"], how="left").select(
-        labelled=pl.col("p_good").is_not_null(),
+        labels=pl.col("p_good").is_not_null(),
+        reactions=pl.col("evidence_delivered").is_not_null(),
         user=pl.when(pl.col("is_new_user")).then(pl.lit("new")).otherwise(pl.lit("returning")),
         churn=pl.when(judgeable).then(
             pl.when(churned).then(pl.lit("churned")).otherwise(pl.lit("stayed"))),
@@ -157,21 +164,23 @@ def _cohorts(training: pl.DataFrame, activity: pl.DataFrame, churn_days: int) ->
     )
 
 
-def _coverage(cohorts: pl.DataFrame, dimension: str) -> pl.DataFrame:
-    """dimension, cohort, impressions, traffic_share, coverage, rest_coverage, ratio."""
+def _coverage(cohorts: pl.DataFrame, dimension: str, of: str) -> pl.DataFrame:
+    """of, dimension, cohort, impressions, traffic_share, coverage (share with ``of``: labels or
+    reactions), rest_coverage, ratio."""
     rows = cohorts.filter(pl.col(dimension).is_not_null())
-    total, total_labelled = rows.height, int(rows["labelled"].sum())
+    total, total_covered = rows.height, int(rows[of].sum())
     return (
         rows.group_by(pl.col(dimension).alias("cohort"))
-        .agg(impressions=pl.len(), labelled=pl.col("labelled").sum())
+        .agg(impressions=pl.len(), covered=pl.col(of).sum())
         .with_columns(
+            of=pl.lit(of),
             dimension=pl.lit(dimension),
             traffic_share=pl.col("impressions") / total,
-            coverage=pl.col("labelled") / pl.col("impressions"),
-            rest_coverage=(total_labelled - pl.col("labelled")) / (total - pl.col("impressions")),
+            coverage=pl.col("covered") / pl.col("impressions"),
+            rest_coverage=(total_covered - pl.col("covered")) / (total - pl.col("impressions")),
         )
         .with_columns(ratio=(pl.col("coverage") / pl.col("rest_coverage")).fill_null(math.nan))
-        .select("dimension", "cohort", "impressions", "traffic_share", "coverage",
+        .select("of", "dimension", "cohort", "impressions", "traffic_share", "coverage",
                 "rest_coverage", "ratio")
     )
 
