@@ -7,11 +7,11 @@ import dagster as dg
 from flywheel_pipeline.definitions import build_definitions
 from flywheel_pipeline.defs.assets import LABELS, model_keys
 from flywheel_pipeline.defs.transform import (
-from flywheel_pipeline.health import TRAPS
     RAW_EVENTS,
     dbt_model_key,
     fct_impressions_key,
 )
+from flywheel_pipeline.health import TRAPS
 
 
 def test_definitions_load_and_wire_every_domains_chain(home, config):
