@@ -103,13 +103,18 @@ class Run:
         return checks
 
 
+# What the trapped product's domains declare (the rest as flywheel.yaml says):
+# - exposure_bias: a product that never explores says so; one that promised exploration and logged
+#   none is stopped before any audit, by accumulated_traffic's exploration expectation.
+# - label_delay: backdated outcomes arrive within max_lateness_days (later ones are quarantined as
+#   too_late), so a 7-day held-out window absorbs them; a domain with a 3-day one trains on them.
+DECLARED = {"exposure_bias": {"exploration_share": 0.0}, "label_delay": {"holdout_days": 3}}
+
+
 def declared(config: FlywheelConfig, trap: str | None) -> FlywheelConfig:
-    """The configuration the trapped product runs under. One that never explores says so
-    (exploration_share 0): one that promised exploration and logged none would be stopped before
-    any audit, by the accumulated_traffic check (its exploration expectation)."""
-    if trap != "exposure_bias":
-        return config
-    domains = {name: domain.model_copy(update={"exploration_share": 0.0}) for name, domain in config.domains.items()}
+    """The configuration the trapped product runs under (DECLARED)."""
+    update = DECLARED.get(trap or "", {})
+    domains = {name: domain.model_copy(update=update) for name, domain in config.domains.items()}
     return config.model_copy(update={"domains": domains})
 
 
