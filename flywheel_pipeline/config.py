@@ -171,6 +171,10 @@ class HealthSettings(_Strict):
     max_immature_share: float = Field(0.05, ge=0, le=1, description="label_delay: share of training days "
                                       "younger than the maturity quantile of the outcome's delivery delay "
                                       "(batches land at day's end: one day in 28 is rounding, not a trap)")
+    max_understated_delay_days: float = Field(2.0, ge=0, description="label_delay: how much later than "
+                                              "their timestamps say outcomes may arrive (median, beyond "
+                                              "the day a batch holds them) before the maturity cutoff "
+                                              "is called fooled")
     max_feature_auc: float = Field(0.95, gt=0.5, le=1, description="leakage: a single serving-time "
                                    "feature that separates the labels this well was likely made after them")
     max_late_feature_share: float = Field(0.05, ge=0, le=1, description="leakage: share of labelled "

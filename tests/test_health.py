@@ -159,6 +159,14 @@ def outcomes(delivered_after_days: int, claimed_h: float = 30.0, n: int = 500) -
     })
 
 
+def test_label_delay_flags_outcomes_arriving_much_later_than_their_timestamps_say():
+    backdated = measures.label_delay(outcomes(6, claimed_h=0.0), WINDOWS, CONFIG.domain("recommendation"))
+    assert backdated.flagged and "later than their timestamps say" in backdated.summary
+    assert backdated.measures["understated_delay_days"] == pytest.approx(5.5)
+    honest = measures.label_delay(outcomes(2, claimed_h=30.0), WINDOWS, CONFIG.domain("recommendation"))
+    assert honest.measures["understated_delay_days"] < 2 and "timestamps" not in honest.summary
+
+
 def test_label_delay_sees_backdated_outcomes_by_their_delivery():
     settings = CONFIG.domain("recommendation")
     healthy = measures.label_delay(outcomes(2), WINDOWS, settings)

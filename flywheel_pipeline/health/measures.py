@@ -221,7 +221,21 @@ def label_delay(outcomes: pl.DataFrame, windows: Windows, domain_config: DomainC
               f"{maturity.quantile:.0%} delivery delay of {maturity.outcome} ({wait} d; holdout "
               f"{domain_config.holdout_days} d, cadence {cadence:.0f} d), max {most:.0%}")
     problems = [judged] if share > most else []
+    understated = _understated_days(table, maturity.outcome)
+    measures["understated_delay_days"] = understated
+    if understated > domain_config.health.max_understated_delay_days:
+        problems.append(f"{maturity.outcome} outcomes arrive a median {understated:.1f} d later than "
+                        f"their timestamps say: the maturity cutoff, which believes the timestamps, "
+                        f"calls days mature too soon")
     return _finding("label_delay", problems, judged, measures, {"delays": table})
+
+
+def _understated_days(delays: pl.DataFrame, outcome: str) -> float:
+    """How much later than claimed the median outcome arrives, less the day a batch can hold it."""
+    row = delays.filter(pl.col("name") == outcome)
+    if not row.height:
+        return math.nan
+    return max(0.0, (row["delivery_p50_h"][0] - row["claimed_p50_h"][0]) / 24 - 1)
 
 
 def cadence_days(cadence: str) -> float:
