@@ -268,7 +268,9 @@ def leakage(training: pl.DataFrame, holdout: pl.DataFrame, settings: HealthSetti
                         f"{top['auc']:.3f} > {settings.max_feature_auc}")
     if late > settings.max_late_feature_share:
         problems.append(f"{late:.1%} of labelled impressions' interactions arrived after their "
-                        f"label's evidence > {settings.max_late_feature_share:.0%}")
+                        f"label's evidence > {settings.max_late_feature_share:.0%}: their features "
+                        f"may have been made knowing it (top feature {top['feature']}, AUC "
+                        f"{top['auc']:.3f})")
     if ids.sum() or user_days:
         problems.append(f"{int(ids.sum())} held-out interactions and {user_days} held-out "
                         "user-days are in the training rows")
