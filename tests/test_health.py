@@ -233,6 +233,12 @@ def test_self_consumption_flags_a_loop_with_no_independent_labels():
     assert closed.flagged and closed.measures["self_consumption_share"] == 1.0
     assert closed.measures["flywheel_share"] == 1.0 and closed.measures["share@3"] == 1.0
     assert closed.measures["independent_share"] == 0.0
+    # exploration still served, but nothing came back from it (labelled bad from silence): no evidence
+    rows = impressions(3000, explore=0.1, audit=0.0)
+    unheard = rows.with_columns(evidence_delivered=pl.when(pl.col("policy") == "explore").then(None)
+                                .otherwise("evidence_delivered"))
+    silent = measures.self_consumption(unheard, SETTINGS)
+    assert silent.flagged and silent.measures["independent_share"] == 0.0
 
 
 # --- diversity -------------------------------------------------------------------------------

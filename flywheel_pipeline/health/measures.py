@@ -318,8 +318,12 @@ def _auc(values: np.ndarray, label: np.ndarray) -> float:
 
 def self_consumption(training: pl.DataFrame, settings: HealthSettings) -> Finding:
     """Share of training labels on the serving model's own choices (per model version, and from
-    flywheel models) vs labels with independent evidence (exploration, random human review)."""
-    labelled = training.filter(pl.col("p_good").is_not_null())
+    flywheel models) vs labels with independent evidence (exploration, random human review).
+    Only labels something came back for count: a label made from silence (a slate nobody clicked)
+    is no evidence of anything the model did not choose."""
+    labelled = training.filter(pl.col("p_good").is_not_null()
+                               & (pl.col("evidence_delivered").is_not_null()
+                                  | pl.col("audit_review_value").is_not_null()))
     chosen = labelled["policy"] == "champion"
     own = _share(chosen)
     flywheel = _share(chosen & (labelled["model_version"] != "baseline"))
@@ -334,7 +338,7 @@ def self_consumption(training: pl.DataFrame, settings: HealthSettings) -> Findin
                 "independent_share": independent}
     measures |= {f"share@{row['model_version']}": row["share"]
                  for row in table.filter(pl.col("policy") == "champion").iter_rows(named=True)}
-    judged = (f"{own:.1%} of training labels on the champion's own choices (max "
+    judged = (f"{own:.1%} of training labels with a reaction on the champion's own choices (max "
               f"{settings.max_self_consumption_share:.0%}), {independent:.1%} independent "
               f"(min {settings.min_independent_share:.0%})")
     loop = (own > settings.max_self_consumption_share
