@@ -211,8 +211,8 @@ def _examination_plot(cycles: pl.DataFrame, trap: str) -> Markup | None:
     """Examination probability by position, one line per audit (the latest ones; darkest last)."""
     thetas = cycles.filter(pl.col("trap") == trap, pl.col("measure").str.starts_with("theta@")).with_columns(
         position=pl.col("measure").str.split_exact("@", 1).struct.field("field_1").cast(pl.Int64, strict=False))
-    thetas = thetas.drop_nulls("position")
-    if thetas.is_empty():
+    thetas = thetas.drop_nulls("position").filter(pl.col("value").is_not_nan())
+    if thetas.is_empty():  # never estimated (no exploration): the section says so, nothing to draw
         return None
     labels = _cycle_labels(cycles)
     days = sorted(thetas["as_of"].unique())[-_MAX_CURVES:]
