@@ -21,6 +21,7 @@ from flywheel_pipeline import registry
 from flywheel_pipeline.config import Gate, parse_config
 from flywheel_pipeline.defs.assets import build_model_assets
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
+from flywheel_pipeline.health import HealthReport
 from flywheel_pipeline.scoring import UniformScorer
 from flywheel_pipeline.training import train_candidate
 from flywheel_pipeline.training.base import Windows
@@ -350,6 +351,13 @@ def test_a_candidate_compared_with_itself_is_inconclusive_not_promoted(world):
     assert latest_inconclusive(home, "recommendation").model_uri == candidate.model_uri  # for the next cycle
 
 
+def unflagged(candidate) -> HealthReport:
+    """The flywheel_health audit of ``candidate`` with no trap flagged."""
+    w = candidate.windows
+    return HealthReport(candidate.domain, w.holdout_end, w.train_start, w.train_end, w.holdout_start, None,
+                        "baseline", candidate.model_uri, findings=())
+
+
 def test_a_candidate_regressing_on_a_slice_is_not_registered_so_never_promoted(world):
     """The registered_candidate asset itself, given a real candidate and a failed gate."""
     _, home, config, candidate = world
@@ -358,7 +366,7 @@ def test_a_candidate_regressing_on_a_slice_is_not_registered_so_never_promoted(w
     *_, registered_candidate = build_model_assets(config, "recommendation")
 
     results = list(registered_candidate(
-        dg.build_asset_context(), candidate=candidate, report=report,
+        dg.build_asset_context(), candidate=candidate, report=report, health=unflagged(candidate),
         warehouse=WarehouseResource(home_path=str(home.root)), mlflow=MlflowResource(home_path=str(home.root)),
     ))
 
@@ -403,10 +411,11 @@ def test_an_inconclusive_candidate_is_revisited_next_cycle_on_more_days_and_regi
 
     *_, registered_candidate = build_model_assets(config, "recommendation")
     [result] = registered_candidate(
-        dg.build_asset_context(), candidate=second, report=cycle_2,
+        dg.build_asset_context(), candidate=second, report=cycle_2, health=unflagged(second),
         warehouse=WarehouseResource(home_path=str(home.root)), mlflow=MlflowResource(home_path=str(home.root)))
     assert result.metadata["model_uri"] == first.model_uri
     version = client.get_model_version(registry.model_name("recommendation"), str(result.metadata["version"]))
     assert version.run_id == first.run_id
     assert version.tags["training.holdout_start"] == first.windows.holdout_start.isoformat()
     assert version.tags["validation.revisit"] == "true"
+    assert version.tags["health.flagged"] == "none"
