@@ -160,7 +160,10 @@ def _layout(figure: Figure, legend: bool = False) -> None:
 
 
 def _percent_axis(axis: Any) -> None:
-    axis.yaxis.set_major_formatter(lambda value, _: f"{100 * value:.0f}%")
+    """Percent ticks, with as many decimals as the axis's span needs to tell them apart."""
+    low, high = axis.get_ylim()
+    decimals = max(0, min(3, 1 - math.floor(math.log10(max(high - low, 1e-6) * 100))))
+    axis.yaxis.set_major_formatter(lambda value, _: f"{100 * value:.{decimals}f}%")
 
 
 def _series(cycles: pl.DataFrame, trap: str, base: str) -> dict[str, pl.DataFrame]:
@@ -330,7 +333,11 @@ def _validation_plot(cycles: pl.DataFrame, truth: Mapping[str, float] | None, me
 _TITLES = {"exposure_bias": "Exploration", "survivorship": "Survivorship", "label_delay": "Labels not yet arrived",
            "leakage": "Leakage", "self_consumption": "Exploration and self-consumption",
            "diversity": "Exposure concentration across versions"}
-_SERIES_TITLES = {"coverage": ("Label coverage by cohort", "coverage")}
+# (trap, series) -> the plot's title and y label; other series are plotted "<series> by key"
+_SERIES_TITLES = {("survivorship", "coverage"): ("Label coverage by cohort", "labelled"),
+                  ("survivorship", "reaction_coverage"): ("Reaction coverage by cohort", "reacted to"),
+                  **{("diversity", base): (f"{base.replace('_', ' ')} by version", base.replace("_", " "))
+                     for base in ("items", "coverage", "gini", "entropy", "top_share")}}
 
 
 def _trap_plots(cycles: pl.DataFrame, finding: Finding, holdout_hours: float) -> list[Markup]:
@@ -342,7 +349,8 @@ def _trap_plots(cycles: pl.DataFrame, finding: Finding, holdout_hours: float) ->
     for base in bases.str.split_exact("@", 1).struct.field("field_0").unique(maintain_order=True):
         if base == "theta" or base.startswith("delay_p"):
             continue
-        title, ylabel = _SERIES_TITLES.get(base, (f"{base.replace('_', ' ')} by key", base.replace("_", " ")))
+        title, ylabel = _SERIES_TITLES.get((trap, base), (f"{base.replace('_', ' ')} by key",
+                                                          base.replace("_", " ")))
         plots.append(_trend(cycles, _series(cycles, trap, base), title, ylabel, percent=_unit(base) == "percent"))
     plots += _scalar_plots(cycles, trap, _TITLES.get(trap, trap.replace("_", " ")))
     return [plot for plot in plots if plot]
