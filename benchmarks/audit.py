@@ -33,10 +33,10 @@ from flywheel_pipeline import registry, simulation
 from flywheel_pipeline.config import FlywheelConfig, load_config
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.defs.health import health_key
+from flywheel_pipeline.demo import champion_scorer
 from flywheel_pipeline.health import TRAPS
 from flywheel_pipeline.health.report import record_true_accuracy
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.scoring import Scorer, baseline_scorer
 from flywheel_pipeline.simulation.oracle import model_true_accuracy
 from flywheel_pipeline.simulation.traps import applies_to
 
@@ -61,15 +61,11 @@ class Run:
         mlflow.set_registry_uri(self.home.mlflow_tracking_uri)
         self.client = mlflow.MlflowClient(self.home.mlflow_tracking_uri, self.home.mlflow_tracking_uri)
 
-    def champion(self, domain: str) -> Scorer:
-        uri = registry.alias_uri(self.client, domain, registry.CHAMPION)
-        return mlflow.pyfunc.load_model(uri) if uri else baseline_scorer(self.config.domain(domain).shape)
-
     def serve(self, first: date, days: int) -> None:
-        versions = {d: registry.alias_version(self.client, d, registry.CHAMPION) or "baseline" for d in self.domains}
+        serving = {d: champion_scorer(self.config, d) for d in self.domains}  # this home's MLflow (set above)
         simulation.simulate(self.home, self.config, first, days, seed=self.seed, interactions_per_day=self.per_day,
-                            bad_row_share=0.01, scorers={d: self.champion(d) for d in self.domains},
-                            model_versions=versions, domains=self.domains,
+                            bad_row_share=0.01, scorers={d: scorer for d, (scorer, _) in serving.items()},
+                            model_versions={d: version for d, (_, version) in serving.items()}, domains=self.domains,
                             traps=() if self.trap is None else (self.trap,))
 
     def cycle(self, domain: str, first: date, last: date) -> dict[str, dict]:

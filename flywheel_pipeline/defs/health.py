@@ -17,7 +17,6 @@ from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.health import TRAPS, Finding, HealthReport
 from flywheel_pipeline.health.audit import audit, measure_history, save_measures
-from flywheel_pipeline.health.report import simulator_truth, write_report
 from flywheel_pipeline.training import TrainingResult
 from flywheel_pipeline.validation import ValidationReport
 
@@ -56,6 +55,9 @@ def build_health_asset(config: FlywheelConfig, domain: str, candidate_key: dg.As
                           "the HTML report (`flywheel report --domain D`) plots each measure across cycles.")
     def flywheel_health(context: dg.AssetExecutionContext, candidate: TrainingResult, report: ValidationReport,
                         warehouse: WarehouseResource, mlflow: MlflowResource):
+        # the report (matplotlib) loads only when a cycle runs, not with every process's Definitions
+        from flywheel_pipeline.health.report import simulator_truth, write_report
+
         client = mlflow.client()
         champion = registry.alias_version(client, domain, registry.CHAMPION) or "baseline"
         with warehouse.connect() as con:
