@@ -214,13 +214,16 @@ def benchmark_warehouse(home: Home) -> None:
     except ImportError:
         print("simulator labels: flywheel_pipeline.simulation.true_labels not available, skipped")
         return
-    with connect(home.warehouse, read_only=True) as con:
-        for domain in load_config().domains:
+    for domain in load_config().domains:
+        if not home.warehouse(domain).exists():
+            print(f"simulator labels: no {domain} warehouse yet, skipped")
+            continue
+        with connect(home.warehouse(domain), read_only=True) as con:
             try:
                 labels = _labels_with_majority_vote(con, domain)
             except duckdb.CatalogException:
-                print("simulator labels: no labels.* tables in the warehouse yet, skipped")
-                return
+                print(f"simulator labels: no labels.* tables in the {domain} warehouse yet, skipped")
+                continue
             scored = labels.join(true_labels(home, domain), on=["interaction_id", "item_id"])
             truth = scored.get_column("good").cast(pl.Float64).to_numpy()
             coverage = scored.get_column("p_good").is_not_null().mean()

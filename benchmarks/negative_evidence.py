@@ -61,8 +61,8 @@ def accuracy(scored: pl.DataFrame, column: str) -> tuple[float, float]:
 
 def benchmark(home: Home, domain: str) -> None:
     truth = true_labels(home, domain).unique(KEY, keep="first", maintain_order=True)
-    before, _ = relabel(home.warehouse, domain, NOT_CLICKED)
-    after, report = relabel(home.warehouse, domain, ())
+    before, _ = relabel(home.warehouse(domain), domain, NOT_CLICKED)
+    after, report = relabel(home.warehouse(domain), domain, ())
     scored = before.join(after, on=KEY, suffix="_after").join(truth, on=KEY)
     print(f"{domain}: {scored.height:,} impressions with truth, {scored['good'].mean():.3f} truly good")
     for name, column in (("without not_clicked", "p_good"), ("with not_clicked", "p_good_after")):

@@ -207,9 +207,9 @@ def throughput_accumulation(events: int, pii_share: float) -> dict[str, float]:
         timings, protect = {}, privacy.protect_partition_lines
         for label, step in (("without", lambda con: None), ("with", protect)):
             privacy.protect_partition_lines = step  # accumulation calls it through the module
-            home.warehouse.unlink(missing_ok=True)
+            home.warehouse("assistant").unlink(missing_ok=True)
             try:
-                with warehouse.connect(home.warehouse, memory_limit=config.warehouse.memory_limit) as con:
+                with warehouse.connect(home.warehouse("assistant"), memory_limit=config.warehouse.memory_limit) as con:
                     began = time.perf_counter()
                     report = accumulation.accumulate(con, home, config, "assistant", days,
                                                      now=datetime(2026, 11, 3, tzinfo=UTC))

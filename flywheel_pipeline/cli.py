@@ -9,6 +9,7 @@
     flywheel status      champion, candidate and warehouse row counts per domain
     flywheel forget      delete a user's data everywhere; list the models trained on it
     flywheel report      a domain's health report (one HTML page per cycle): write it again, --open it
+    flywheel warehouse split   give each domain its own warehouse file (a home kept before in one)
 
 Runs go through the home's Dagster instance and daemon (``flywheel_pipeline.launcher``), so they
 show in the Dagster UI like runs launched there. Tool output (dbt, the daemon) goes to the home's
@@ -205,11 +206,9 @@ def cmd_forget(args: argparse.Namespace) -> None:
     import mlflow
 
     from flywheel_pipeline import privacy
-    from flywheel_pipeline.warehouse import connect
 
-    home = Home.existing().activate()
-    with connect(home.warehouse) as con:
-        report = privacy.forget_user(con, home, args.user)
+    home, config = Home.existing().activate(), load_config()
+    report = privacy.forget_user(home, config.domains, args.user, memory_limit=config.warehouse.memory_limit)
     console.print(f"forgot the user (tombstone {report.user_hash[:12]}...): "
                   f"{sum(report.rows_deleted.values()):,} rows from {len(report.rows_deleted)} tables, "
                   f"{sum(report.landing_lines_removed.values()):,} lines from "
@@ -238,22 +237,35 @@ def _print_status(home: Home, config: FlywheelConfig) -> None:
     from flywheel_pipeline import registry
     from flywheel_pipeline.warehouse import connect
 
-    console.print(f"\nhome: {home.root}\nwarehouse: {home.warehouse}")
-    if home.warehouse.exists():
-        with connect(home.warehouse, read_only=True) as con:
-            tables = con.execute(
-                """SELECT table_schema || '.' || table_name FROM information_schema.tables
-                   WHERE table_schema IN ('raw', 'marts', 'labels', 'registry') ORDER BY 1"""
-            ).fetchall()
-            for (table,) in tables:
-                count = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-                console.print(f"  {table:<32} {count:>10,} rows")
+    console.print(f"\nhome: {home.root}")
     client = mlflow.MlflowClient()
     for domain in config.domains:
+        path = home.warehouse(domain)
+        console.print(f"{domain}: warehouse {path}" + ("" if path.exists() else " (none yet)"))
+        if path.exists():
+            with connect(path, read_only=True) as con:
+                tables = con.execute(
+                    """SELECT table_schema || '.' || table_name FROM information_schema.tables
+                       WHERE table_schema IN ('raw', 'marts', 'labels') ORDER BY 1"""
+                ).fetchall()
+                for (table,) in tables:
+                    count = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                    console.print(f"  {table:<32} {count:>10,} rows")
         aliases = {alias: registry.alias_version(client, domain, alias)
                    for alias in (registry.CHAMPION, registry.CANDIDATE, registry.PREVIOUS)}
         console.print(f"  {registry.model_name(domain)}: " +
                       ", ".join(f"{alias}=v{v}" if v else f"{alias}=none" for alias, v in aliases.items()))
+
+
+def cmd_warehouse_split(args: argparse.Namespace) -> None:
+    from flywheel_pipeline.warehouse import split_shared_warehouse
+
+    home, config = Home.from_env(), load_config()
+    report = split_shared_warehouse(home, list(config.domains))
+    for name, rows in report.rows.items():
+        console.print(f"  {name:<20} {rows:>12,} rows")
+    console.print(f"each domain has its own warehouse in {home.warehouses}, the approvals are in "
+                  f"{home.approvals}; the shared file is kept as {report.kept_as} (delete it when you are sure)")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -360,6 +372,12 @@ def parser() -> argparse.ArgumentParser:
                                                     "in <home>/reports/<domain>/)")
     report.add_argument("--open", action="store_true", help="open the page in the browser")
     report.set_defaults(func=cmd_report)
+
+    warehouse = commands.add_parser("warehouse", help="the warehouse files")
+    warehouse_commands = warehouse.add_subparsers(dest="warehouse_command", required=True)
+    split = warehouse_commands.add_parser("split", help="give each domain its own warehouse file, from the one "
+                                                        "file a home kept before (docs/warehouse.md)")
+    split.set_defaults(func=cmd_warehouse_split)
     return root
 
 

@@ -34,7 +34,7 @@ from flywheel_pipeline.defs.ui import (
 from flywheel_pipeline.health.report import record_true_accuracy
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.launcher import Dagster, LaunchError, daemon_running, local_dagster
-from flywheel_pipeline.runs import CycleOutcome, run_cycle, wait_for_deployment
+from flywheel_pipeline.runs import CycleOutcome, follow_cycle, submit_cycle, wait_for_deployment
 from flywheel_pipeline.scoring import Scorer, baseline_scorer
 from flywheel_pipeline.simulation.oracle import model_true_accuracy, oracle_accuracy
 from flywheel_pipeline.training import Windows
@@ -79,7 +79,9 @@ def previous_demo(home: Home) -> str | None:
     days = [day for folder in folders if (day := simulation.simulated_through(home, folder.name))]
     if days:
         return f"simulated through {max(days)}"
-    return "a warehouse" if home.warehouse.exists() else None
+    if home.shared_warehouse.exists() or (home.warehouses.exists() and any(home.warehouses.iterdir())):
+        return "a warehouse"
+    return None
 
 
 class Demo:
@@ -110,8 +112,11 @@ class Demo:
                 self._simulate(first, DAYS_PER_CYCLE, note=f"cycle {cycle}")
                 run_from = self.start if cycle == 1 else first - timedelta(days=self.config.max_lateness_days)
                 last = first + timedelta(days=DAYS_PER_CYCLE - 1)
-                for domain in self.config.domains:
-                    rows.append(self._cycle(dagster, cycle, domain, run_from, last))
+                started = time.monotonic()
+                # Every domain's cycle at once: each writes its own warehouse.
+                run_ids = {domain: submit_cycle(dagster, domain, run_from, last) for domain in self.config.domains}
+                for domain, run_id in run_ids.items():
+                    rows.append(self._cycle(dagster, cycle, domain, run_from, last, run_id, started))
             with self.console.status("waiting for runs the sensors launched"):
                 dagster.wait_for_idle()
         return rows
@@ -145,13 +150,13 @@ class Demo:
         self.console.print(f"  simulated {first}..{first + timedelta(days=days - 1)} ({note}; serving {served}; "
                            f"{summary.total_interactions:,} interactions) in {time.monotonic() - started:.1f}s")
 
-    def _cycle(self, dagster: Dagster, cycle: int, domain: str, first: date, last: date) -> CycleRow:
+    def _cycle(self, dagster: Dagster, cycle: int, domain: str, first: date, last: date, run_id: str,
+               started: float) -> CycleRow:
         served_by = champion_version(domain)
-        started = time.monotonic()
         label = f"cycle {cycle} {domain}: {first}..{last}"
         with self.console.status(f"{label}: queued") as status:
-            outcome = run_cycle(dagster, domain, first, last,
-                                on_step=lambda step: status.update(f"{label}: {step.name} {step.status}"))
+            outcome = follow_cycle(dagster, domain, run_id,
+                                   on_step=lambda step: status.update(f"{label}: {step.name} {step.status}"))
             if not outcome.succeeded:
                 raise LaunchError(f"{domain} cycle {cycle} {outcome.status.value.lower()}; "
                                   f"see run {outcome.run_id} in the Dagster UI")

@@ -1,6 +1,8 @@
 """The local home folder: everything the embedded default keeps lives under one directory.
 
-    <home>/warehouse.duckdb   the warehouse (raw, dbt models, labels, approvals)
+    <home>/warehouse/<domain>.duckdb   a domain's warehouse (raw, dbt models, labels, health): one
+                              file per domain, so that domains' runs write at the same time
+    <home>/approvals.duckdb   the signed approval records of every domain (registry.approvals)
     <home>/landing/<domain>/<YYYY-MM-DD>.jsonl   landing batches, one a day per domain
     <home>/landing/<domain>/<YYYY-MM-DD>.<source>.jsonl   an importer's batches (docs/importing.md)
     <home>/dagster/           DAGSTER_HOME (runs, event log, schedules)
@@ -29,13 +31,16 @@ DEFAULT_HOME = ".flywheel"
 _DAGSTER_YAML_MARK = "# Written by flywheel"
 _DAGSTER_YAML = """\
 # Written by flywheel, and rewritten when flywheel's defaults change (delete this line to keep edits).
-# Runs share one DuckDB file, so at most one run writes at a time.
+# Each domain's warehouse is one DuckDB file, which one process writes at a time: at most one run per
+# domain (the tag's value) at once; domains run side by side.
 run_coordinator:
   module: dagster._core.run_coordinator
   class: QueuedRunCoordinator
   config:
     tag_concurrency_limits:
       - key: flywheel/warehouse
+        value:
+          applyLimitPerUniqueValue: true
         limit: 1
 # A run whose process died (killed, out of memory, machine restarted) is marked failed and leaves
 # the queue: the daemon checks every in-progress run's worker process (docs/operations.md).
@@ -84,14 +89,33 @@ class Home:
     def existing(cls) -> Home:
         """The home a command reads from; refuses, naming FLYWHEEL_HOME, when there is none."""
         home = cls.from_env()
-        if not home.warehouse.exists() and not home.landing.exists():
+        if not home.warehouses.exists() and not home.landing.exists():
             raise HomeError(f"no flywheel home at {home.root}: run `make demo` (or `flywheel simulate`) "
                             f"first, or set {HOME_ENV} to the home you mean")
         return home
 
     @property
-    def warehouse(self) -> Path:
+    def warehouses(self) -> Path:
+        """The folder of the domains' warehouses."""
+        return self.root / "warehouse"
+
+    def warehouse(self, domain: str) -> Path:
+        """``domain``'s DuckDB warehouse. A home made before domains had their own files is split
+        first (`flywheel warehouse split`): it refuses until then."""
+        if self.shared_warehouse.exists():
+            raise HomeError(f"{self.shared_warehouse} holds every domain's data in one file, from before "
+                            f"each domain had its own: run `flywheel warehouse split` once (it keeps the file)")
+        return self.warehouses / f"{domain}.duckdb"
+
+    @property
+    def shared_warehouse(self) -> Path:
+        """The one warehouse file of every domain, as homes kept it before (warehouse.split_shared_warehouse)."""
         return self.root / "warehouse.duckdb"
+
+    @property
+    def approvals(self) -> Path:
+        """The approval records of every domain: one signed chain (flywheel_pipeline.approval)."""
+        return self.root / "approvals.duckdb"
 
     @property
     def landing(self) -> Path:
@@ -137,7 +161,7 @@ class Home:
 
     def ensure(self) -> Home:
         """Create the folders and the Dagster instance config; safe to call repeatedly."""
-        for folder in (self.landing, self.dagster, self.mlflow_artifacts, self.simulator):
+        for folder in (self.landing, self.warehouses, self.dagster, self.mlflow_artifacts, self.simulator):
             folder.mkdir(parents=True, exist_ok=True)
         _write_dagster_yaml(self.dagster / "dagster.yaml")
         return self

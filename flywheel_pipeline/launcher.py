@@ -2,8 +2,8 @@
 
 ``flywheel run`` and ``flywheel demo`` submit runs the way a launch from the UI does: to the
 instance, from the ``flywheel`` code location, with the job's tags; the daemon's run queue starts
-them (one warehouse writer at a time) and its sensors react to them. So every run shows under its
-job, in the timeline and in each asset's history, and the approval and late-label sensors run in
+them (one run per domain's warehouse at a time) and its sensors react to them. So every run shows
+under its job, in the timeline and in each asset's history, and the approval and late-label sensors run in
 the real daemon. When no daemon is running for the home (``make ui`` starts one), a command starts
 a code server and a daemon of its own for its duration and stops them when its runs are done.
 
@@ -293,7 +293,7 @@ def _listening(port: int) -> bool:
 @contextmanager
 def _only_command_with_services(home: Home) -> Iterator[None]:
     """Refuse while another command runs a code server and daemon of its own for this home: two
-    daemons on one instance would each start queued runs, side by side on one warehouse."""
+    daemons on one instance would each start queued runs, two of one domain side by side."""
     with (home.dagster / "services.lock").open("a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -27,9 +28,8 @@ from typing import TYPE_CHECKING
 import duckdb
 
 from flywheel_pipeline import accumulation, review
-from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home, write_atomically
-from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
+from flywheel_pipeline.warehouse import connect, ensure_raw_tables, transaction
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -285,21 +285,38 @@ class ForgetReport:
     dataset_records_removed: dict[str, int]  # per exported training set folder
 
 
-def forget_user(con: duckdb.DuckDBPyConnection, home: Home, user_id: str,
-                now: datetime | None = None) -> ForgetReport:
-    """Delete a user's rows from every table, their lines from every landing batch and their
-    records from the exported training sets, and tombstone them so that a replayed batch cannot
-    bring them back."""
+def forget_user(home: Home, domains: Iterable[str], user_id: str, now: datetime | None = None,
+                memory_limit: str | None = None) -> ForgetReport:
+    """Delete a user's rows from every table of every domain's warehouse, their lines from every
+    landing batch and their records from the exported training sets, and tombstone them so that a
+    replayed batch cannot bring them back. A warehouse a run is writing raises WarehouseBusy: what
+    was done stays done, and running it again finishes the rest."""
     from flywheel_pipeline import training_sets  # MLflow's import is slow; accumulation needs none
 
     if not user_id.strip():
         raise PrivacyError("forget needs a user id")
+    now = (now or datetime.now(UTC)).astimezone(UTC).replace(tzinfo=None)
+    deleted, days = {}, {}
+    for domain in (domain for domain in domains if home.warehouse(domain).exists()):
+        with connect(home.warehouse(domain), memory_limit=memory_limit) as con:
+            for table, count in _forget_in_warehouse(con, user_id, now, days).items():
+                deleted[f"{domain}/{table}"] = count
+    removed = {str(path.relative_to(home.landing)): count for path in sorted(home.landing.rglob("*.jsonl"))
+               if (count := _rewrite_without_user(path, user_id))}
+    review.forget_user(home.root, user_id)
+    return ForgetReport(user_hash(user_id), deleted, removed, days,
+                        training_sets.forget_user(home, user_hash(user_id)))
+
+
+def _forget_in_warehouse(con: duckdb.DuckDBPyConnection, user_id: str, now: datetime,
+                         days: dict[str, tuple[date, ...]]) -> dict[str, int]:
+    """Tombstone the user and delete their rows from one warehouse's tables (rows deleted per table);
+    adds the days of their consented interactions to ``days`` (per domain)."""
     ensure_raw_tables(con)
     ensure_privacy_tables(con)
-    days = dict(con.execute(
+    days.update((domain, tuple(d)) for domain, d in con.execute(
         """SELECT domain, list(DISTINCT event_date ORDER BY event_date) FROM raw.interactions
            WHERE user_id = $user AND consent = 'granted' GROUP BY domain""", {"user": user_id}).fetchall())
-    now = (now or datetime.now(UTC)).astimezone(UTC).replace(tzinfo=None)
     with transaction(con):
         con.execute("INSERT OR IGNORE INTO privacy.forgotten_users VALUES ($hash, $now)",
                     {"hash": user_hash(user_id), "now": now})
@@ -309,12 +326,7 @@ def forget_user(con: duckdb.DuckDBPyConnection, home: Home, user_id: str,
     if left := _tables_mentioning(con, user_id):
         raise PrivacyError(f"the user is still in {', '.join(left)} after deletion")
     con.execute("CHECKPOINT")
-    removed = {str(path.relative_to(home.landing)): count for path in sorted(home.landing.rglob("*.jsonl"))
-               if (count := _rewrite_without_user(path, user_id))}
-    review.forget_user(home.root, user_id)
-    return ForgetReport(user_hash(user_id), deleted, removed,
-                        {domain: tuple(d) for domain, d in days.items()},
-                        training_sets.forget_user(home, user_hash(user_id)))
+    return deleted
 
 
 def trained_on(client: MlflowClient, user_days: dict[str, tuple[date, ...]]) -> list[TrainedOn]:
@@ -349,27 +361,23 @@ class RetentionReport:
                 f"{self.domain}_dataset_records_deleted": sum(self.dataset_records_deleted.values())}
 
 
-def enforce_retention(con: duckdb.DuckDBPyConnection, home: Home, config: FlywheelConfig,
-                      today: date) -> list[RetentionReport]:
-    """Per domain, delete the rows of days older than its ``retention_days`` from every table (and
-    what was derived from them), then the landing batches of those days and their records in the
-    exported training sets."""
+def enforce_retention(con: duckdb.DuckDBPyConnection, home: Home, domain: str, retention_days: int,
+                      today: date) -> RetentionReport:
+    """Delete, from ``domain``'s warehouse (``con``), the rows of days older than ``retention_days``
+    (and what was derived from them), then the landing batches of those days and their records in
+    the exported training sets."""
     from flywheel_pipeline import training_sets
 
     ensure_raw_tables(con)
-    reports = []
-    for domain, domain_config in config.domains.items():
-        cutoff = today - timedelta(days=domain_config.retention_days)
-        expired = "domain = $domain AND event_date < $cutoff"
-        with transaction(con):
-            deleted = _erase(con, expired, {"domain": domain, "cutoff": cutoff},
-                             also={frozenset({"domain", "event_date"}): expired})
-        batches = accumulation.batches_for(home, domain, [date.min, cutoff - timedelta(days=1)], 0)
-        for path in batches:
-            path.unlink()
-        review.expire(home.root, domain, cutoff)
-        reports.append(RetentionReport(domain, cutoff, deleted,
-                                       [str(path.relative_to(home.landing)) for path in batches],
-                                       training_sets.expire(home, domain, cutoff)))
+    cutoff = today - timedelta(days=retention_days)
+    expired = "domain = $domain AND event_date < $cutoff"
+    with transaction(con):
+        deleted = _erase(con, expired, {"domain": domain, "cutoff": cutoff},
+                         also={frozenset({"domain", "event_date"}): expired})
     con.execute("CHECKPOINT")
-    return reports
+    batches = accumulation.batches_for(home, domain, [date.min, cutoff - timedelta(days=1)], 0)
+    for path in batches:
+        path.unlink()
+    review.expire(home.root, domain, cutoff)
+    return RetentionReport(domain, cutoff, deleted, [str(path.relative_to(home.landing)) for path in batches],
+                           training_sets.expire(home, domain, cutoff))

@@ -59,14 +59,25 @@ def run_cycle(dagster: Dagster, domain: str, first: date, last: date,
               on_submit: Callable[[str], None] = lambda run_id: None) -> CycleOutcome:
     """Submit ``domain``'s cycle over first..last, follow it, and read back what it decided;
     refused while another run of the domain's cycle is queued or in progress."""
+    run_id = submit_cycle(dagster, domain, first, last)
+    on_submit(run_id)
+    return follow_cycle(dagster, domain, run_id, on_step)
+
+
+def submit_cycle(dagster: Dagster, domain: str, first: date, last: date) -> str:
+    """Queue ``domain``'s cycle over first..last (the queue runs other domains' cycles beside it);
+    refused while another run of the domain's cycle is queued or in progress."""
     job = cycle_job_name(domain)
     if running := dagster.active_runs(job):
         raise LaunchError(f"domain {domain} is already running (run {running[-1].run_id}, "
                           f"{running[-1].status.value.lower()}): run it again once that run has ended")
-    run_id = dagster.submit(job, range_tags(domain, first, last))
-    on_submit(run_id)
-    run = dagster.wait(run_id, on_step)
-    return read_outcome(dagster.instance, domain, run)
+    return dagster.submit(job, range_tags(domain, first, last))
+
+
+def follow_cycle(dagster: Dagster, domain: str, run_id: str,
+                 on_step: Callable[[Step], None] = lambda step: None) -> CycleOutcome:
+    """Follow a submitted cycle run to its end and read back what it decided."""
+    return read_outcome(dagster.instance, domain, dagster.wait(run_id, on_step))
 
 
 def read_outcome(instance: dg.DagsterInstance, domain: str, run: dg.DagsterRun) -> CycleOutcome:

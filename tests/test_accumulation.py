@@ -53,12 +53,12 @@ def write_batch(home, day: str, lines: list[object], domain: str = "assistant", 
 
 
 def run(home, config, dates=(DAY,), now=NOW):
-    with warehouse.connect(home.warehouse) as con:
+    with warehouse.connect(home.warehouse("assistant")) as con:
         return accumulate(con, home, config, "assistant", list(dates), now=now)
 
 
-def table(home, sql: str) -> list[tuple]:
-    with warehouse.connect(home.warehouse, read_only=True) as con:
+def table(home, sql: str, domain: str = "assistant") -> list[tuple]:
+    with warehouse.connect(home.warehouse(domain), read_only=True) as con:
         return con.execute(sql).fetchall()
 
 
@@ -160,12 +160,12 @@ def test_crash_mid_write_keeps_the_previous_partition(home, config, monkeypatch)
 
 
 def test_unknown_domain_is_a_clear_error(home, config):
-    with warehouse.connect(home.warehouse) as con, pytest.raises(Exception, match="unknown domain 'search'"):
+    with warehouse.connect(home.warehouse("assistant")) as con, pytest.raises(Exception, match="unknown domain 'search'"):
         accumulate(con, home, config, "search", [DAY], now=NOW)
 
 
 def test_the_warehouse_connection_takes_the_configured_memory_limit(home, config):
     assert config.warehouse.memory_limit == "2GB"
-    with warehouse.connect(home.warehouse, memory_limit=config.warehouse.memory_limit) as con:
+    with warehouse.connect(home.warehouse("assistant"), memory_limit=config.warehouse.memory_limit) as con:
         [(limit,)] = con.execute("SELECT current_setting('memory_limit')").fetchall()
     assert limit == "1.8 GiB"  # DuckDB reports 2 GB (10^9 bytes) in GiB

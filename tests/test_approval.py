@@ -94,7 +94,7 @@ def champion(client, domain: str = "recommendation") -> str | None:
 
 
 def sql(resources, statement: str, params: list | None = None) -> None:
-    with resources["warehouse"].connect() as con:
+    with resources["warehouse"].approvals() as con:
         approval.ensure_tables(con)
         con.execute(statement, params or [])
 
@@ -136,13 +136,13 @@ def test_a_later_rejection_supersedes_an_approval(resources, client, config, key
     version = candidate(client)
     approve(resources, version)
     approve(resources, version, decision="rejected", reason="found a bug")
-    with resources["warehouse"].connect() as con, pytest.raises(approval.ApprovalError, match="superseded"):
+    with resources["warehouse"].approvals() as con, pytest.raises(approval.ApprovalError, match="superseded"):
         approval.deploy(con, client, config, key, 1)
 
 
 def test_approval_is_refused_for_a_failed_gate_or_an_unknown_approver(resources, client, config, key):
     failed = candidate(client, outcome="failed")
-    with resources["warehouse"].connect() as con:
+    with resources["warehouse"].approvals() as con:
         with pytest.raises(approval.ApprovalError, match="did not pass its validation gate"):
             approval.record_decision(con, client, config, key, "recommendation", failed, "approved", "recsys-lead")
         with pytest.raises(approval.ApprovalError, match="may not decide"):
@@ -211,7 +211,7 @@ def test_nobody_signs_as_the_pipeline(resources, client, instance, config, key):
     assert not refused.success and "pipeline's own identity" in failure(instance, refused.run_id)
 
     manual = candidate(client)
-    with resources["warehouse"].connect() as con:
+    with resources["warehouse"].approvals() as con:
         with pytest.raises(approval.ApprovalError, match="a person approves its candidates"):
             approval.record_auto_approval(con, client, config, key, "recommendation", manual)
         record = approval.record_auto_approval(con, client, config, key, "assistant", version)

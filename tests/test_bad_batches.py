@@ -33,7 +33,7 @@ def write_bytes(home, day: date, lines: list[bytes], compress: bool = False) -> 
 
 
 def accumulate_under_the_memory_limit(home, config, dates):
-    with warehouse.connect(home.warehouse, memory_limit=config.warehouse.memory_limit) as con:
+    with warehouse.connect(home.warehouse("assistant"), memory_limit=config.warehouse.memory_limit) as con:
         return accumulate(con, home, config, "assistant", list(dates), now=NOW)
 
 
@@ -89,7 +89,7 @@ def test_a_batch_that_runs_out_of_memory_is_quarantined_line_by_line_and_named(h
     write_batch(home, "2026-11-02", [interaction(f"b{i}", context={"notes": "x" * (9 * MB // 10)}) for i in range(6)])
     write_batch(home, "2026-11-03", [interaction("ok", timestamp="2026-11-03T10:00:00Z")])
 
-    with warehouse.connect(home.warehouse, memory_limit="64MB") as con:
+    with warehouse.connect(home.warehouse("assistant"), memory_limit="64MB") as con:
         con.execute("SET threads = 1")
         report = accumulate(con, home, config, "assistant", [DAY, NEXT_DAY], now=NOW)
 
@@ -142,7 +142,7 @@ def test_a_day_without_traffic_and_a_day_with_far_too_little_are_flagged(home, c
             write_batch(home, day.isoformat(), [interaction(f"{day}-{i}", timestamp=stamp) for i in range(n)])
     run(home, config, dates=days)
 
-    with warehouse.connect(home.warehouse) as con:
+    with warehouse.connect(home.warehouse("assistant")) as con:
         frame, median_day = quality.daily_traffic(con, "assistant", days[0], days[-1])
     suite = quality.daily_traffic_suite(median_day, config.landing.min_daily_traffic_share)
     result = quality.run_suite("daily_traffic", frame, suite, index_column="day")
@@ -228,7 +228,7 @@ def test_a_duplicate_of_an_event_kept_in_another_partition_is_quarantined_with_i
 
 
 def test_a_warehouse_made_with_primary_keys_keeps_accumulating(home, config):
-    with warehouse.connect(home.warehouse) as con:
+    with warehouse.connect(home.warehouse("assistant")) as con:
         old = "event_id VARCHAR {}, domain VARCHAR NOT NULL, event_date DATE NOT NULL,\n    event_ts"
         con.execute(warehouse.RAW_DDL.replace(old.format("NOT NULL"), old.format("PRIMARY KEY")))
     write_batch(home, "2026-11-02", [interaction("a"), signal("s1")])

@@ -29,7 +29,7 @@ def test_simulate_writes_landing_batches_and_continues_where_it_stopped(cli_home
 def test_status_names_the_warehouse_and_every_domains_aliases(cli_home, capsys):
     main(["status"])
     out = capsys.readouterr().out
-    assert str(cli_home.warehouse) in out
+    assert f"assistant: warehouse {cli_home.warehouse('assistant')}" in out
     assert "flywheel-assistant: champion=none, candidate=none, previous=none" in out
 
 

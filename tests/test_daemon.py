@@ -101,7 +101,7 @@ def ticks(web: GraphQL, sensor: str) -> dict[str, list[dict]]:
 
 def labelled_days_with_outcomes_after(home: Home, since: datetime) -> set[date]:
     """Labelled days whose interactions got outcomes ingested after ``since`` and after labelling."""
-    with connect(home.warehouse, read_only=True) as con:
+    with connect(home.warehouse(DOMAIN), read_only=True) as con:
         return {day for (day,) in con.execute(f"""
             SELECT DISTINCT i.event_date FROM raw.outcomes o JOIN raw.interactions i USING (domain, interaction_id)
             WHERE o.domain = '{DOMAIN}' AND o.ingested_at > ? AND o.ingested_at > (
@@ -201,7 +201,7 @@ def test_schedules_late_label_backfills_and_ui_approval_run_through_the_daemon(d
     assert relabel.tags["dagster/sensor_name"] == "late_label_sensor"
     dagster.wait_for_idle()
     relabelled = set().union(*(covered_days(run) for run in dagster.instance.get_runs(dg.RunsFilter(tags=LATE_LABELS_TAG))))
-    with connect(home.warehouse, read_only=True) as con:
+    with connect(home.warehouse(DOMAIN), read_only=True) as con:
         reached = {day for (day,) in con.execute(f"""
             SELECT DISTINCT i.event_date FROM raw.outcomes o JOIN raw.interactions i USING (domain, interaction_id)
             WHERE o.domain = '{DOMAIN}' AND o.ingested_at >= ? AND i.event_date < ?""", [landed, LAST]).fetchall()}

@@ -203,7 +203,8 @@ def store(home: Home, cycles: int = 3) -> None:
     """A stored report of the last cycle and health.measures' history in the warehouse."""
     write_report(home, health_report(cycles - 1), None, validation(health_report(cycles - 1)))
     rows = history(cycles)  # noqa: F841 (read by DuckDB below)
-    with duckdb.connect(str(home.warehouse)) as con:
+    home.warehouses.mkdir(parents=True, exist_ok=True)
+    with duckdb.connect(str(home.warehouse(DOMAIN))) as con:
         con.execute("CREATE SCHEMA health")
         con.execute("CREATE TABLE health.measures AS SELECT * FROM rows")
 

@@ -147,8 +147,8 @@ def bandit_file(path: Path, first: date, days: int, seed: int = 0) -> Path:
     return path
 
 
-def rows(home: Home, sql: str) -> list[tuple]:
-    with warehouse.connect(home.warehouse, read_only=True) as con:
+def rows(home: Home, sql: str, domain: str = "assistant") -> list[tuple]:
+    with warehouse.connect(home.warehouse(domain), read_only=True) as con:
         return con.execute(sql).fetchall()
 
 
@@ -206,7 +206,7 @@ def test_a_bandit_log_with_1_based_slots_becomes_slates_and_clicks(project, tmp_
     assert first["context"]["device"] == "ios" and set(first["context"]["features"]) == {"affinity"}
     clicks = [e for e in events if e["event_type"] == "signal"]
     assert clicks and {e["signal_type"] for e in clicks} == {"click"}
-    assert rows(home, "SELECT source_line, reason FROM raw.quarantine ORDER BY 1") == [
+    assert rows(home, "SELECT source_line, reason FROM raw.quarantine ORDER BY 1", "recommendation") == [
         (SLATES_PER_DAY * SLOTS + 1, "invalid_value:slot"), (SLATES_PER_DAY * SLOTS + 2, "missing_field:item_id")]
 
 
@@ -266,7 +266,7 @@ def test_accumulation_reads_imported_batches_and_keeps_the_import_quarantine(pro
     home, config = project
     path = otel_file(tmp_path / "traces.jsonl", [D0], per_day=1)
     import_file(home, config, "otel", path, "assistant")
-    with warehouse.connect(home.warehouse) as con:
+    with warehouse.connect(home.warehouse("assistant")) as con:
         report = accumulate(con, home, config, "assistant", [D0])
     assert report.batches_read == [f"{D0}.otel-traces.jsonl"] and report.accepted["interactions"] == 3
     assert rows(home, "SELECT source_file FROM raw.quarantine") == [(str(path),)]  # the importer's row stays
@@ -310,9 +310,10 @@ def test_an_imported_click_log_ends_in_labelled_rows(bandit_cycle):
     home = bandit_cycle.home
     [(labelled, good, bad)] = rows(home, """SELECT count(*), count(*) FILTER (p_good > 0.5),
                                                    count(*) FILTER (p_good < 0.5)
-                                            FROM labels.impression_labels WHERE domain = 'recommendation'""")
+                                            FROM labels.impression_labels WHERE domain = 'recommendation'""",
+                                   "recommendation")
     assert labelled == BANDIT_DAYS * SLATES_PER_DAY * SLOTS and good > 0 and bad > 0  # "shown, not clicked" votes bad
-    assert rows(home, "SELECT reason FROM raw.quarantine ORDER BY source_line") == [
+    assert rows(home, "SELECT reason FROM raw.quarantine ORDER BY source_line", "recommendation") == [
         ("invalid_value:slot",), ("missing_field:item_id",)]
 
 

@@ -35,12 +35,12 @@ def build(home: Home, config, first: date, last: date) -> None:
 
 def accumulate_days(home: Home, config, first: date, last: date) -> None:
     days = [first + timedelta(days=offset) for offset in range((last - first).days + 1)]
-    with warehouse.connect(home.warehouse) as con:
+    with warehouse.connect(home.warehouse(DOMAIN)) as con:
         accumulate(con, home, config, DOMAIN, days, now=datetime.combine(D4 + timedelta(days=1), time(), UTC))
 
 
 def rows(home: Home, sql: str) -> list[tuple]:
-    with warehouse.connect(home.warehouse, read_only=True) as con:
+    with warehouse.connect(home.warehouse(DOMAIN), read_only=True) as con:
         return con.execute(sql).fetchall()
 
 
@@ -114,12 +114,12 @@ def test_a_late_outcome_reaches_its_interactions_day(incremental):
 def test_partition_runs_leave_what_a_build_from_scratch_leaves(incremental, tmp_path):
     home, config, _ = incremental
     scratch = Home(tmp_path / "scratch").ensure()
-    shutil.copy(home.warehouse, scratch.warehouse)
-    with warehouse.connect(scratch.warehouse) as con:
+    shutil.copy(home.warehouse(DOMAIN), scratch.warehouse(DOMAIN))
+    with warehouse.connect(scratch.warehouse(DOMAIN)) as con:
         con.execute("DROP SCHEMA intermediate CASCADE; DROP SCHEMA marts CASCADE")
     build(scratch, config, D0, D4)  # no tables yet: every day in one run
-    with warehouse.connect(home.warehouse, read_only=True) as con:
-        con.execute(f"ATTACH '{scratch.warehouse}' AS scratch (READ_ONLY)")
+    with warehouse.connect(home.warehouse(DOMAIN), read_only=True) as con:
+        con.execute(f"ATTACH '{scratch.warehouse(DOMAIN)}' AS scratch (READ_ONLY)")
         tables = con.execute("""SELECT table_schema, table_name FROM information_schema.tables
                                 WHERE table_catalog = current_database() AND table_type = 'BASE TABLE'
                                   AND table_schema IN ('intermediate', 'marts') ORDER BY ALL""").fetchall()
@@ -142,7 +142,7 @@ def test_dbt_connects_with_the_configured_memory_limit(incremental):
     home, config, _ = incremental
     limited = config.model_copy(update={"warehouse": config.warehouse.model_copy(update={"memory_limit": "1GB"})})
     invocation = dbt_resource(home, limited).cli(
-        ["show", "--inline", "select current_setting('memory_limit') as memory_limit"])
+        ["show", "--inline", "select current_setting('memory_limit') as memory_limit"], domain=DOMAIN)
     [preview] = [event.raw_event["data"]["preview"] for event in invocation.stream_raw_events()
                  if event.raw_event["info"]["name"] == "ShowNode"]
     assert "953.6 MiB" in preview  # DuckDB's 1GB

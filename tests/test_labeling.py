@@ -523,7 +523,7 @@ def test_a_review_label_arriving_after_its_day_was_labelled_makes_that_day_stale
     served, labelled_at, reviewed = (datetime(2026, 11, 2, 12), datetime(2026, 11, 2, 13),
                                      datetime(2026, 11, 4, 12))
     write_batch(home, DAY.isoformat(), [interaction("a")])
-    with connect(home.warehouse) as con:
+    with connect(home.warehouse("assistant")) as con:
         accumulate(con, home, config, "assistant", [DAY], now=served.replace(tzinfo=UTC))
         con.execute(stage.LABELS_DDL)
         con.execute("INSERT INTO labels.impression_labels VALUES "

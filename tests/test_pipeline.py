@@ -50,7 +50,7 @@ def partition_metadata(result, key: dg.AssetKey) -> dict[str, dict]:
 
 
 def rows(home: Home, sql: str) -> list[tuple]:
-    with connect(home.warehouse) as con:
+    with connect(home.warehouse(DOMAIN)) as con:
         return con.execute(sql).fetchall()
 
 
@@ -138,7 +138,7 @@ def test_the_candidate_is_registered_with_its_lineage_and_the_auto_domain_deploy
     assert {"code_version", "validation.gate", "training.self_consumption_share"} <= set(tags)
     [(label_model,)] = rows(home, "SELECT DISTINCT label_model_version FROM labels.impression_labels")
     assert tags["training.label_model_version"] == label_model
-    with connect(home.warehouse) as con:  # trained on mature days only, and says so
+    with connect(home.warehouse(DOMAIN)) as con:  # trained on mature days only, and says so
         assert training["mature_until"] == maturity_cutoff(con, config, DOMAIN, LAST).isoformat()
     assert training["train_end"] <= training["mature_until"]
 

@@ -103,8 +103,7 @@ def test_json_escapes_hide_nothing(home, config):
 def test_a_forgotten_users_replayed_events_are_quarantined_empty_and_counted(home, config):
     write_batch(home, "2026-11-02", [*canary_events(), interaction("other")])
     run(home, config)
-    with connect(home.warehouse) as con:
-        forgotten = privacy.forget_user(con, home, "u_canary")
+    forgotten = privacy.forget_user(home, config.domains, "u_canary")
     assert forgotten.landing_lines_removed == {"assistant/2026-11-02.jsonl": 3}
     assert "u_canary" not in (home.landing / "assistant" / "2026-11-02.jsonl").read_text()
     write_batch(home, "2026-11-03", canary_events(day="2026-11-02"))  # the same events delivered again
@@ -121,7 +120,7 @@ def tables_holding(home: Home, *needles: str) -> list[str]:
     """Warehouse tables with a row whose text (any column, as text) contains a needle."""
     found = []
     params = {f"n{n}": needle for n, needle in enumerate(needles)}
-    with connect(home.warehouse, read_only=True) as con:
+    with connect(home.warehouse("assistant"), read_only=True) as con:
         tables = con.execute("""SELECT table_schema || '.' || table_name, list(column_name)
                                 FROM information_schema.columns WHERE table_catalog = current_database()
                                 GROUP BY ALL ORDER BY 1""").fetchall()
@@ -235,12 +234,14 @@ def test_retention_deletes_the_days_past_it_from_every_table_and_the_landing_bat
     # as a context manager: it enters an instance of its own, which must not outlive the test
     with dg.build_schedule_context(instance=instance,
                                    scheduled_execution_time=datetime(today.year, today.month, today.day, 4)) as context:
-        (request,) = schedule.evaluate_tick(context).run_requests
+        requests = {request.tags["flywheel/warehouse"]: request for request in schedule.evaluate_tick(context).run_requests}
+    assert sorted(requests) == sorted(config.domains)  # one run per domain's warehouse
+    request = requests[DOMAIN]
 
     job = defs.resolve_job_def("enforce_retention")
     assert job.execute_in_process(run_config=request.run_config, instance=instance).success
 
-    with connect(home.warehouse) as con:
+    with connect(home.warehouse("assistant")) as con:
         dated = con.execute("""SELECT table_schema || '.' || table_name FROM information_schema.columns
                                WHERE column_name = 'event_date' AND table_schema <> 'staging'""").fetchall()
         for (name,) in dated:
@@ -256,5 +257,5 @@ def test_retention_deletes_the_days_past_it_from_every_table_and_the_landing_bat
 
 
 def rows(home: Home, sql: str) -> list[tuple]:
-    with connect(home.warehouse, read_only=True) as con:
+    with connect(home.warehouse("assistant"), read_only=True) as con:
         return con.execute(sql).fetchall()

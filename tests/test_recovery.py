@@ -156,7 +156,7 @@ def dbt_build(parent: int) -> psutil.Process | None:
 
 def test_dbt_dies_with_the_process_that_runs_it(simulated):
     home, config = simulated, load_config()
-    with connect(home.warehouse) as con:
+    with connect(home.warehouse("assistant")) as con:
         accumulate(con, home, config, DOMAIN, [FIRST + timedelta(days=d) for d in range(7)])
     parent = subprocess.Popen([sys.executable, "-c", DBT_PARENT], cwd=REPO, env=os.environ.copy())
     dbt = wait_for(lambda: dbt_build(parent.pid), "dbt build", timeout=300)
@@ -164,7 +164,7 @@ def test_dbt_dies_with_the_process_that_runs_it(simulated):
     killed = time.monotonic()
     dbt.wait(timeout=10)  # psutil.TimeoutExpired when dbt outlives its parent
     print(f"\ndbt ended {time.monotonic() - killed:.2f}s after its parent was killed", file=sys.__stdout__)
-    with duckdb.connect(str(home.warehouse)) as con:  # the lock is free, and dbt did not go on building
+    with duckdb.connect(str(home.warehouse("assistant"))) as con:  # the lock is free, and dbt did not go on building
         assert not con.sql("SELECT * FROM duckdb_tables() WHERE schema_name = 'marts'").fetchall()
 
 

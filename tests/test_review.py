@@ -266,7 +266,7 @@ def land_reviews(home, day: date, events: list[dict]) -> None:
 
 
 def rows(home, sql: str) -> list[tuple]:
-    with warehouse.connect(home.warehouse, read_only=True) as con:
+    with warehouse.connect(home.warehouse(DOMAIN), read_only=True) as con:
         return con.execute(sql).fetchall()
 
 
@@ -293,7 +293,7 @@ def test_reviews_of_a_labelled_day_come_back_as_gold_relabel_it_and_validation_s
     assert all((e["verdict"] == "good") == truth[e["interaction_id"], e["item_id"]] for e in events)
     assert {e["timestamp"][:10] for e in events} == {reviewed_on.isoformat()}
     land_reviews(home, reviewed_on, events)
-    with warehouse.connect(home.warehouse) as con:  # (a Dagster run of a day without traffic fails its check)
+    with warehouse.connect(home.warehouse(DOMAIN)) as con:  # (a Dagster run of a day without traffic fails its check)
         accumulate(con, home, config, DOMAIN, [reviewed_on])
     assert rows(home, "SELECT count(*), count(selection) FROM raw.labels WHERE reviewer LIKE 'label-studio:%'") == [
         (len(tasks), len(tasks))]
@@ -315,7 +315,7 @@ def test_reviews_of_a_labelled_day_come_back_as_gold_relabel_it_and_validation_s
                               USING (domain, event_date, interaction_id, item_id)
                             WHERE q.event_date = DATE '{first}'""")
     assert queued and {(sel, True, sel == "audit", sel) for sel, *_ in queued} == set(queued)
-    with warehouse.connect(home.warehouse, read_only=True) as con:
+    with warehouse.connect(home.warehouse(DOMAIN), read_only=True) as con:
         held_out = holdout_rows(con, DOMAIN, Windows(first - timedelta(days=1), first - timedelta(days=1), first, first))
         gold = con.sql(f"""SELECT interaction_id, item_id FROM marts.fct_impressions
                            WHERE event_date = DATE '{first}' AND (review_selection = 'audit')""").pl()

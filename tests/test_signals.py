@@ -211,7 +211,7 @@ def feed_cycle(tmp_path_factory):
         outcome = read_outcome(instance, "recommendation", instance.get_run_by_id(result.run_id))
 
         write_batch(home, first.isoformat(), [interaction("empty", input="  ", timestamp=f"{first}T10:00:00Z")])
-        with warehouse.connect(home.warehouse) as con:
+        with warehouse.connect(home.warehouse("assistant")) as con:
             accumulate(con, home, config, "assistant", [first])
         dg.materialize([build_dbt_assets(config)], resources={"dbt": dbt_resource(home, config)},
                        tags=range_tags("assistant", first, first), instance=instance)
@@ -221,10 +221,10 @@ def feed_cycle(tmp_path_factory):
 
 def test_a_feed_keeps_its_empty_input_where_an_assistant_drops_it(feed_cycle):
     home, _ = feed_cycle
-    assert table(home, """SELECT domain, drop_reason, count(*) FROM intermediate.int_interactions_flagged
-                          GROUP BY ALL ORDER BY ALL""") == [("assistant", "input_too_short", 1),
-                                                            ("recommendation", None, 80)]
-    assert table(home, "SELECT count(*), min(position) FROM marts.fct_impressions") == [(240, 1)]
+    flagged = "SELECT domain, drop_reason, count(*) FROM intermediate.int_interactions_flagged GROUP BY ALL"
+    assert table(home, flagged, "assistant") == [("assistant", "input_too_short", 1)]
+    assert table(home, flagged, "recommendation") == [("recommendation", None, 80)]
+    assert table(home, "SELECT count(*), min(position) FROM marts.fct_impressions", "recommendation") == [(240, 1)]
 
 
 def test_a_failed_check_says_what_it_observed_and_expected(feed_cycle):

@@ -192,9 +192,9 @@ def test_forget_rewrites_the_sets_without_the_user(cycle, monkeypatch, capsys): 
 def test_retention_rewrites_the_sets_without_the_expired_days(cycle):  # after forgetting: it deletes days
     home, config = cycle.home, cycle.config
     cutoff = PLANTED_DAY + timedelta(days=1)
-    with connect(home.warehouse) as con:
-        [report, _] = privacy.enforce_retention(con, home, config, cutoff + timedelta(
-            days=config.domain(DOMAIN).retention_days))
+    with connect(home.warehouse(DOMAIN)) as con:
+        retention = config.domain(DOMAIN).retention_days
+        report = privacy.enforce_retention(con, home, DOMAIN, retention, cutoff + timedelta(days=retention))
 
     assert report.domain == DOMAIN and report.metadata()[f"{DOMAIN}_dataset_records_deleted"] > 0
     for key in KEYS.values():

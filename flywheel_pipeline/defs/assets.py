@@ -50,7 +50,7 @@ def build_data_assets(config: FlywheelConfig) -> list[dg.AssetsDefinition]:
                           "(rows in = accepted + quarantined; reasons in raw.quarantine).")
     def raw_events(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
         domain, days = run_scope(context, partitions)
-        with warehouse.connect() as con:
+        with warehouse.connect(domain) as con:
             report = accumulate(con, warehouse.home(), config, domain, days)
         for day in days:
             context.add_asset_metadata(report.day_metadata(day), partition_key=partition_key(domain, day))
@@ -63,7 +63,7 @@ def build_data_assets(config: FlywheelConfig) -> list[dg.AssetsDefinition]:
                           "Dawid-Skene label model into a probabilistic label per impression.")
     def labels(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
         domain, days = run_scope(context, partitions)
-        with warehouse.connect() as con:
+        with warehouse.connect(domain) as con:
             report = label_partitions(con, domain, days, config)
         for warning in report.warnings:
             context.log.warning(warning)
@@ -98,7 +98,7 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
                         warehouse: WarehouseResource) -> dg.Output[TrainingResult]:
         if closed := close_abandoned_runs(warehouse.home(), domain, partial(in_progress, context.instance)):
             context.log.warning(f"closed as FAILED the MLflow runs {closed}: their process died")
-        with warehouse.connect() as con:  # train_candidate points MLflow at the home's store
+        with warehouse.connect(domain) as con:  # train_candidate points MLflow at the home's store
             as_of = latest_labelled_day(con, domain)
             mature_until = maturity_cutoff(con, config, domain, as_of)
             result = train_candidate(con, warehouse.home(), config, domain, as_of, mature_until=mature_until,
@@ -118,7 +118,7 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
                           warehouse: WarehouseResource, mlflow: MlflowResource):
         client = mlflow.client()
         champion_uri = registry.alias_uri(client, domain, registry.CHAMPION)
-        with warehouse.connect() as con:
+        with warehouse.connect(domain) as con:
             report = validate_cycle(con, warehouse.home(), config, domain, candidate.model_uri,
                                     champion_uri, candidate.windows)
         yield dg.Output(report, metadata={**report.metadata(), "report": dg.MetadataValue.md(report.markdown())})
@@ -188,7 +188,7 @@ def _next_step(config: FlywheelConfig, domain: str, version: str, warehouse: War
                 f"**[Approve {domain} v{version}]({approval_launchpad_url(config, domain, version)})**: opens "
                 f"approve_candidate's Launchpad filled in; check it and click Launch Run."),
         }
-    with warehouse.connect() as con:
+    with warehouse.approvals() as con:
         record = approval.record_auto_approval(con, client, config, approval.signing_key(warehouse.home()),
                                                domain, version)
     return {"next": f"auto-approved (approval {record.approval_id}); the approval sensor deploys it"}

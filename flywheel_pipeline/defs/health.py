@@ -60,7 +60,7 @@ def build_health_asset(config: FlywheelConfig, domain: str, candidate_key: dg.As
 
         client = mlflow.client()
         champion = registry.alias_version(client, domain, registry.CHAMPION) or "baseline"
-        with warehouse.connect() as con:
+        with warehouse.connect(domain) as con:
             health = audit(con, config, domain, candidate.windows, candidate.mature_until, champion,
                            candidate.model_uri)
             save_measures(con, health, report.evidence())

@@ -23,10 +23,16 @@ from flywheel_pipeline.defs.review import REVIEW_QUEUE
 from flywheel_pipeline.defs.training_sets import training_sets_group
 from flywheel_pipeline.defs.transform import DBT_MODELS, RAW_EVENTS
 
-WAREHOUSE_TAG = {"flywheel/warehouse": "duckdb"}
+WAREHOUSE = "flywheel/warehouse"
 # A person's decision and a deployment take seconds: one that hangs is terminated after 10 minutes
-# (the instance's run monitoring), so that it cannot hold the warehouse's place in the queue.
-QUICK_JOB_TAGS = {**WAREHOUSE_TAG, "dagster/max_runtime": "600"}
+# (the instance's run monitoring). They write only the approvals' file, in short transactions.
+QUICK_JOB_TAGS = {"dagster/max_runtime": "600"}
+
+
+def warehouse_tags(domain: str) -> dict[str, str]:
+    """The tags of a run that writes ``domain``'s warehouse: the run queue starts one such run per
+    domain at a time (its DuckDB file has one writer), and runs of different domains side by side."""
+    return {WAREHOUSE: domain, "flywheel/domain": domain}
 
 
 def cycle_job_name(domain: str) -> str:
@@ -39,7 +45,7 @@ def cycle_job(domain: str):  # an unresolved asset job (its type is not public)
                  | DBT_MODELS | dg.AssetSelection.groups(training_sets_group(domain)))
     return dg.define_asset_job(
         cycle_job_name(domain), selection=selection,
-        tags={**WAREHOUSE_TAG, "flywheel/domain": domain},
+        tags=warehouse_tags(domain),
         description=f"{domain}: accumulate -> filter (dbt + GX) -> label -> fine-tune -> validate -> register",
     )
 
@@ -64,7 +70,7 @@ class ApprovalConfig(dg.Config):
 @dg.op(description="Record an approval or rejection of a candidate; the approval sensor deploys approvals.")
 def record_approval(context: dg.OpExecutionContext, config: ApprovalConfig,
                     warehouse: WarehouseResource, mlflow: MlflowResource) -> None:
-    with warehouse.connect() as con, refusal_as_failure():
+    with warehouse.approvals() as con, refusal_as_failure():
         record = approval.record_decision(con, mlflow.client(), warehouse.config(),
                                           approval.signing_key(warehouse.home()), config.domain,
                                           config.version, config.decision, config.approver,
@@ -81,7 +87,7 @@ class DeployConfig(dg.Config):
                    "the champion alias to the version it names; the old one becomes previous.")
 def deploy_approved(context: dg.OpExecutionContext, config: DeployConfig,
                     warehouse: WarehouseResource, mlflow: MlflowResource) -> None:
-    with warehouse.connect() as con, refusal_as_failure():
+    with warehouse.approvals() as con, refusal_as_failure():
         new, old = approval.deploy(con, mlflow.client(), warehouse.config(),
                                    approval.signing_key(warehouse.home()), config.approval_id)
     context.log.info(f"v{new} was already the champion" if new == old else f"champion is now v{new} (previous: v{old})")
@@ -113,21 +119,23 @@ def rollback_champion() -> None:
 
 
 class RetentionConfig(dg.Config):
+    domain: str = Field(description="the domain whose expired events are deleted")
     today: str = Field("", description="the day retention counts back from (YYYY-MM-DD); default: today (UTC)")
 
 
-@dg.op(description="Delete the events of days older than each domain's retention_days: their rows in "
+@dg.op(description="Delete the events of a domain's days older than its retention_days: their rows in "
                    "every table and their landing batches.")
 def delete_expired(context: dg.OpExecutionContext, config: RetentionConfig, warehouse: WarehouseResource) -> None:
     today = date.fromisoformat(config.today) if config.today else datetime.now(UTC).date()
-    with warehouse.connect() as con:
-        reports = privacy.enforce_retention(con, warehouse.home(), warehouse.config(), today)
-    for report in reports:
-        context.log.info(f"{report.domain}: deleted {sum(report.rows_deleted.values())} rows and "
-                         f"{len(report.batches_deleted)} landing batches before {report.cutoff}")
-    context.add_output_metadata({key: value for report in reports for key, value in report.metadata().items()})
+    settings = warehouse.config().domain(config.domain)
+    with warehouse.connect(config.domain) as con:
+        report = privacy.enforce_retention(con, warehouse.home(), config.domain, settings.retention_days, today)
+    context.log.info(f"{report.domain}: deleted {sum(report.rows_deleted.values())} rows and "
+                     f"{len(report.batches_deleted)} landing batches before {report.cutoff}")
+    context.add_output_metadata(report.metadata())
 
 
-@dg.job(tags=WAREHOUSE_TAG, description="Delete events older than each domain's retention_days (docs/privacy.md).")
+@dg.job(description="Delete a domain's events older than its retention_days (docs/privacy.md); the daily "
+                    "schedule launches one run per domain, tagged with its warehouse.")
 def enforce_retention() -> None:
     delete_expired()

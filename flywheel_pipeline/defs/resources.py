@@ -1,4 +1,4 @@
-"""Dagster resources: the warehouse (DuckDB in the home folder) and the MLflow store."""
+"""Dagster resources: the warehouses (a DuckDB file per domain in the home folder) and the MLflow store."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from flywheel_pipeline.home import Home
 
 
 class WarehouseResource(dg.ConfigurableResource):
-    """The home folder and its DuckDB warehouse."""
+    """The home folder, its domains' DuckDB warehouses and the approval records."""
 
     home_path: str
     config_path: str | None = None
@@ -28,9 +28,16 @@ class WarehouseResource(dg.ConfigurableResource):
         return load_config(self.config_path)
 
     @contextmanager
-    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        with warehouse.connect(self.home().warehouse, read_only=read_only,
+    def connect(self, domain: str, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """``domain``'s warehouse."""
+        with warehouse.connect(self.home().warehouse(domain), read_only=read_only,
                                memory_limit=self.memory_limit) as con:
+            yield con
+
+    @contextmanager
+    def approvals(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The approval records of every domain (short transactions: every domain's runs share it)."""
+        with warehouse.connect(self.home().approvals, read_only=read_only) as con:
             yield con
 
 

@@ -22,7 +22,7 @@ def build_review_queue(config: FlywheelConfig) -> dg.AssetsDefinition:
                           "Argilla records of each day's pending ones (docs/importing.md).")
     def review_queue(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
         domain, days = run_scope(context, partitions)
-        with warehouse.connect() as con:
+        with warehouse.connect(domain) as con:
             report = queue_for_review(con, warehouse.home().root, domain, days, config.domain(domain).review)
         for day in days:
             context.add_asset_metadata(report.day_metadata(day), partition_key=partition_key(domain, day))

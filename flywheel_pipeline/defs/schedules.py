@@ -13,7 +13,12 @@ import dagster as dg
 from croniter import croniter
 
 from flywheel_pipeline.config import DomainConfig, FlywheelConfig
-from flywheel_pipeline.defs.jobs import cycle_job_name, delete_expired, enforce_retention
+from flywheel_pipeline.defs.jobs import (
+    cycle_job_name,
+    delete_expired,
+    enforce_retention,
+    warehouse_tags,
+)
 from flywheel_pipeline.defs.partitions import range_tags
 
 
@@ -50,10 +55,12 @@ def build_retention_schedule(config: FlywheelConfig) -> dg.ScheduleDefinition:
 
     @dg.schedule(name="retention_daily", cron_schedule="0 4 * * *", job=enforce_retention,
                  execution_timezone="UTC", default_status=dg.DefaultScheduleStatus(config.daemon.schedules.upper()),
-                 description="delete events older than each domain's retention_days (rows and landing batches)")
-    def retention(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+                 description="delete events older than each domain's retention_days (rows and landing "
+                             "batches): one run per domain")
+    def retention(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest]:
         day = context.scheduled_execution_time.date().isoformat()
-        return dg.RunRequest(run_key=f"retention:{day}",
-                             run_config={"ops": {delete_expired.name: {"config": {"today": day}}}})
+        return [dg.RunRequest(run_key=f"retention:{domain}:{day}", tags=warehouse_tags(domain),
+                              run_config={"ops": {delete_expired.name: {"config": {"domain": domain, "today": day}}}})
+                for domain in config.domains]
 
     return retention

@@ -7,6 +7,7 @@ dbt models that feed it), so every run request it yields is validated against th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from datetime import date, datetime, timedelta
 from itertools import groupby
@@ -16,7 +17,7 @@ import dagster as dg
 from flywheel_pipeline import approval
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.defs.assets import LABELS
-from flywheel_pipeline.defs.jobs import WAREHOUSE_TAG, deploy_champion
+from flywheel_pipeline.defs.jobs import deploy_champion, warehouse_tags
 from flywheel_pipeline.defs.partitions import range_tags
 from flywheel_pipeline.defs.resources import WarehouseResource
 from flywheel_pipeline.defs.transform import DBT_MODELS
@@ -63,10 +64,19 @@ def relabel_requests(partitions: list[tuple[str, date]], selection: Iterable[dg.
         dg.RunRequest(
             run_key=f"late-labels:{domain}:{first}..{last}:{cursor}",
             asset_selection=sorted(selection, key=lambda key: key.to_user_string()),
-            tags={**range_tags(domain, first, last), **LATE_LABELS_TAG, **WAREHOUSE_TAG, "flywheel/domain": domain},
+            tags={**range_tags(domain, first, last), **LATE_LABELS_TAG, **warehouse_tags(domain)},
         )
         for domain, first, last in day_ranges(partitions)
     ]
+
+
+def domain_cursors(cursor: str | None, domains: Iterable[str]) -> dict[str, str | None]:
+    """The late-label sensor's cursor: per domain, the newest ingestion time it has seen. A cursor
+    from before domains had their own warehouses (one time for all) applies to each."""
+    if cursor and not cursor.startswith("{"):
+        return dict.fromkeys(domains, cursor)
+    seen = json.loads(cursor) if cursor else {}
+    return {domain: seen.get(domain) for domain in domains}
 
 
 def build_sensors(config: FlywheelConfig) -> list[dg.SensorDefinition]:
@@ -80,7 +90,7 @@ def build_sensors(config: FlywheelConfig) -> list[dg.SensorDefinition]:
     def approval_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource) -> dg.SensorResult:
         last_seen = int(context.cursor or 0)
         try:
-            with warehouse.connect() as con:
+            with warehouse.approvals() as con:
                 approval.verify_chain(con, approval.signing_key(warehouse.home()))  # a broken one fails the tick
                 records = approval.decisions_after(con, last_seen)
         except WarehouseBusy as busy:
@@ -93,19 +103,31 @@ def build_sensors(config: FlywheelConfig) -> list[dg.SensorDefinition]:
                default_status=dg.DefaultSensorStatus.RUNNING,
                description="When outcomes or reviews land for interactions in already-labelled partitions, re-labels "
                            "exactly those (day, domain) partitions (after rebuilding the dbt models), once "
-                           "per new batch of outcomes.")
+                           "per new batch of outcomes. Each domain's warehouse is read in turn; one a run is "
+                           "writing is looked at again next tick.")
     def late_label_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource) -> dg.SensorResult:
-        since = datetime.fromisoformat(context.cursor) if context.cursor else None
-        try:
-            with warehouse.connect() as con:
-                stale, newest = late_outcome_partitions(con, since)
-        except WarehouseBusy as busy:
-            return dg.SensorResult(skip_reason=f"{busy}; looking again next tick")
-        cursor = newest.isoformat() if newest else context.cursor
-        if not stale:
-            return dg.SensorResult(skip_reason="no late outcomes for labelled partitions", cursor=cursor)
-        context.log.info(f"late outcomes reached {len(stale)} labelled partitions: {stale}")
-        selection = RELABEL_SELECTION.resolve(context.repository_def.asset_graph)
-        return dg.SensorResult(run_requests=relabel_requests(stale, selection, cursor), cursor=cursor)
+        cursors = domain_cursors(context.cursor, config.domains)
+        requests, busy = [], []
+        for domain in config.domains:
+            if not warehouse.home().warehouse(domain).exists():
+                continue
+            since = datetime.fromisoformat(cursors[domain]) if cursors[domain] else None
+            try:
+                with warehouse.connect(domain, read_only=True) as con:
+                    stale, newest = late_outcome_partitions(con, since)
+            except WarehouseBusy:
+                busy.append(domain)
+                continue
+            if newest:
+                cursors[domain] = newest.isoformat()
+            if stale:
+                context.log.info(f"late outcomes reached {len(stale)} labelled partitions: {stale}")
+                selection = RELABEL_SELECTION.resolve(context.repository_def.asset_graph)
+                requests += relabel_requests(stale, selection, cursors[domain])
+        cursor = json.dumps(cursors, sort_keys=True)
+        if requests:
+            return dg.SensorResult(run_requests=requests, cursor=cursor)
+        waiting = f"; {', '.join(busy)} busy (a run is writing), looking again next tick" if busy else ""
+        return dg.SensorResult(skip_reason=f"no late outcomes for labelled partitions{waiting}", cursor=cursor)
 
     return [approval_sensor, late_label_sensor]

@@ -42,7 +42,7 @@ def build_training_set_assets(config: FlywheelConfig, domain: str) -> list[dg.As
     @dg.multi_asset(name=training_sets_group(domain), specs=specs, can_subset=True)
     def export_training_sets(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
         names = [name for name, key in keys.items() if key in context.selected_asset_keys]
-        with warehouse.connect() as con:
+        with warehouse.connect(domain) as con:
             as_of = latest_labelled_day(con, domain)
             windows = split_windows(as_of, config.domain(domain), maturity_cutoff(con, config, domain, as_of))
             exported = training_sets.export(con, warehouse.home(), config, domain, names, windows,

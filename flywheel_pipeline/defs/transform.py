@@ -41,8 +41,9 @@ DBT_EXECUTABLE = Path(sys.executable).with_name("dbt")
 RAW_EVENTS = dg.AssetKey("raw_events")
 GROUP = "quality_filtering"
 DBT_MODELS = dg.AssetSelection.groups(GROUP)
-# What profiles.yml reads for the DuckDB connection dbt opens (flywheel.yaml's warehouse settings).
-MEMORY_LIMIT_ENV, THREADS_ENV = "FLYWHEEL_DBT_MEMORY_LIMIT", "FLYWHEEL_DBT_THREADS"
+# What profiles.yml reads for the DuckDB connection dbt opens: the domain whose warehouse it builds, and
+# flywheel.yaml's warehouse settings.
+DOMAIN_ENV, MEMORY_LIMIT_ENV, THREADS_ENV = "FLYWHEEL_DOMAIN", "FLYWHEEL_DBT_MEMORY_LIMIT", "FLYWHEEL_DBT_THREADS"
 
 
 class FlywheelDbtTranslator(DagsterDbtTranslator):
@@ -58,16 +59,17 @@ class FlywheelDbtTranslator(DagsterDbtTranslator):
 
 
 class FlywheelDbtResource(DbtCliResource):
-    """A DbtCliResource whose dbt builds the warehouse of one home (FLYWHEEL_HOME=home_path) within
-    flywheel.yaml's warehouse.memory_limit, running warehouse.dbt_threads models at once."""
+    """A DbtCliResource whose dbt builds a domain's warehouse in one home (FLYWHEEL_HOME=home_path,
+    FLYWHEEL_DOMAIN) within flywheel.yaml's warehouse.memory_limit, running warehouse.dbt_threads
+    models at once."""
 
     home_path: str
     memory_limit: str
     threads: int
 
-    def cli(self, args: Sequence[str], **kwargs: Any) -> DbtCliInvocation:
+    def cli(self, args: Sequence[str], *, domain: str, **kwargs: Any) -> DbtCliInvocation:
         # dagster-dbt hands dbt a copy of this process's environment, taken inside cli().
-        with _environ({HOME_ENV: self.home_path, MEMORY_LIMIT_ENV: self.memory_limit,
+        with _environ({HOME_ENV: self.home_path, DOMAIN_ENV: domain, MEMORY_LIMIT_ENV: self.memory_limit,
                        THREADS_ENV: str(self.threads)}):
             return super().cli(args, **kwargs)
 
@@ -112,7 +114,8 @@ def _prepare(project: DbtProject) -> DbtProject:
     `dagster definitions validate` works without a manual step."""
     if project.preparer.using_dagster_dev() or _manifest_is_stale(project):
         parser = DbtCliResource(project_dir=project, dbt_executable=str(DBT_EXECUTABLE))
-        parser.cli(["parse", "--quiet"], target_path=project.target_path).wait()
+        with _environ({DOMAIN_ENV: os.environ.get(DOMAIN_ENV, "parse")}):  # parsing opens no warehouse
+            parser.cli(["parse", "--quiet"], target_path=project.target_path).wait()
     return project
 
 
@@ -143,11 +146,12 @@ def build_dbt_assets(config: FlywheelConfig) -> dg.AssetsDefinition:
 
     @dbt_assets(manifest=dbt_project.manifest_path, project=dbt_project, dagster_dbt_translator=TRANSLATOR,
                 partitions_def=partitions, backfill_policy=dg.BackfillPolicy.single_run())
-    def flywheel_dbt_assets(context: dg.AssetExecutionContext, dbt: DbtCliResource):
-        """Rebuild the run's partitions of staging -> intermediate -> marts and run every dbt test on
-        them (one asset check each)."""
+    def flywheel_dbt_assets(context: dg.AssetExecutionContext, dbt: FlywheelDbtResource):
+        """Rebuild the run's partitions of staging -> intermediate -> marts in the domain's warehouse
+        and run every dbt test on them (one asset check each)."""
         domain, days = run_scope(context, partitions)
-        invocation = dbt.cli(["build", "--vars", json.dumps(partition_vars(domain, days, config.domain(domain)))], context=context)
+        invocation = dbt.cli(["build", "--vars", json.dumps(partition_vars(domain, days, config.domain(domain)))],
+                             domain=domain, context=context)
         with dies_with_this_process(invocation.process):
             yield from invocation.stream()
 

@@ -177,7 +177,7 @@ def _quarantine(home: Home, config: FlywheelConfig, domain: str, path: Path, rej
         schema={"event_date": pl.Date, "source_line": pl.Int64, "reason": pl.String, "line": pl.String},
     )
     params = {"domain": domain, "file": str(path), "now": now.astimezone(UTC).replace(tzinfo=None)}
-    with connect(home.warehouse, memory_limit=config.warehouse.memory_limit) as con:
+    with connect(home.warehouse(domain), memory_limit=config.warehouse.memory_limit) as con:
         ensure_raw_tables(con)
         privacy.install_redaction(con)
         con.register("rejects", frame)

@@ -20,7 +20,7 @@ from flywheel_pipeline.warehouse import connect
 
 def oracle_accuracy(home: Home, config: FlywheelConfig, domain: str, windows: Windows) -> float:
     """True accuracy of the domain's trainer fitted on the truth of ``windows``' training days."""
-    with connect(home.warehouse, read_only=True) as con:
+    with connect(home.warehouse(domain), read_only=True) as con:
         rows = impressions(con, domain, windows.train_start, windows.train_end)
     truth = true_labels(home, domain).unique(["interaction_id", "item_id"])
     rows = rows.drop("p_good", "label").join(truth, on=["interaction_id", "item_id"])
