@@ -53,6 +53,7 @@ from flywheel_pipeline.labeling.safety import (
     dependent_sources,
     dependent_with,
 )
+from flywheel_pipeline.sources import IMPRESSIONS, DuckDBSource, Readable, Source, as_source
 from flywheel_pipeline.warehouse import transaction
 
 logger = logging.getLogger(__name__)
@@ -190,8 +191,11 @@ def label_partitions(
     dates: list[date],
     config: FlywheelConfig,
     fit_window_days: int | None = None,
+    source: Source | None = None,
 ) -> LabelingReport:
-    """Label ``domain``'s impressions on ``dates``: rewrite exactly those partitions of labels.*."""
+    """Label ``domain``'s impressions on ``dates``: rewrite exactly those partitions of labels.* in
+    the warehouse of ``con``, reading the impressions from ``source`` (default: that warehouse)."""
+    source = source or DuckDBSource(con)
     settings = config.domain(domain)
     if not dates:
         raise ValueError("label_partitions needs at least one day")
@@ -199,7 +203,7 @@ def label_partitions(
     fit_start, fit_end = fit_window(dates[-1], settings, fit_window_days)
 
     impressions = with_reaction_window(
-        con, domain, settings, read_impressions(con, domain, min(fit_start, dates[0]), fit_end)
+        source, domain, settings, read_impressions(source, domain, min(fit_start, dates[0]), fit_end)
     )
     lfs = list(LABELING_FUNCTIONS.values())
     lf_votes = apply_lfs(impressions, lfs)
@@ -304,34 +308,28 @@ def fit_window(
     return last_day - timedelta(days=days - 1), last_day
 
 
-def read_impressions(
-    con: duckdb.DuckDBPyConnection, domain: str, start: date, end: date
-) -> pl.DataFrame:
-    """The domain's impressions from ``start`` to ``end`` (inclusive) with what the LFs read."""
+def read_impressions(source: Readable, domain: str, start: date, end: date) -> pl.DataFrame:
+    """The domain's impressions from ``start`` to ``end`` (inclusive) with what the LFs read, in
+    key order (the same rows in the same order from any source)."""
     lf_inputs = {
         name for lf in LABELING_FUNCTIONS.values() for name in lf.expression.meta.root_names()
     }
     columns = IMPRESSION_KEY + sorted(
         (lf_inputs | set(_REPORT_COLUMNS)) - set(IMPRESSION_KEY) - STAGE_COLUMNS
     )
-    return con.sql(
-        f"""SELECT {", ".join(columns)} FROM marts.fct_impressions
-            WHERE domain = $domain AND event_date BETWEEN $start AND $end""",
-        params={"domain": domain, "start": start, "end": end},
-    ).pl()
+    return as_source(source).read(IMPRESSIONS, domain, start, end, columns).sort(IMPRESSION_KEY)
 
 
 def with_reaction_window(
-    con: duckdb.DuckDBPyConnection, domain: str, settings: DomainConfig, impressions: pl.DataFrame
+    source: Readable, domain: str, settings: DomainConfig, impressions: pl.DataFrame
 ) -> pl.DataFrame:
     """``impressions`` with ``reaction_window_closed``: served at least the domain's maturity
     delay quantile before the end of its latest day in the warehouse (the moment maturity_cutoff
     measures from). Null, so the "not clicked" LFs abstain, where items are not clicked (an
     assistant's responses) or no delay is measured yet."""
-    [(latest,)] = con.execute(
-        "SELECT max(event_date) FROM marts.fct_impressions WHERE domain = ?", [domain]
-    ).fetchall()
-    if settings.shape != "recommendation" or latest is None:
+    latest = as_source(source).read(IMPRESSIONS, domain, columns=["event_date"])["event_date"].max() \
+        if settings.shape == "recommendation" else None
+    if latest is None:
         return impressions.with_columns(pl.lit(None, pl.Boolean).alias(REACTION_WINDOW_CLOSED))
     maturity = settings.label_maturity
     delays = maturity_delays(impressions, maturity.outcome)
@@ -415,7 +413,7 @@ def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: pl.DataFrame) -> N
 
 
 def maturity_cutoff(
-    con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str, as_of: date
+    source: Readable, config: FlywheelConfig, domain: str, as_of: date
 ) -> date | None:
     """The last day of ``domain`` mature by the end of ``as_of``; later days may still get outcomes.
 
@@ -425,13 +423,11 @@ def maturity_cutoff(
     settings = config.domain(domain)
     start, end = fit_window(as_of, settings)
     outcome = settings.label_maturity.outcome
-    outcomes = con.sql(
-        f"""SELECT {", ".join(OUTCOME_COLUMNS)} FROM marts.fct_impressions
-            WHERE domain = $domain AND event_date BETWEEN $start AND $end
-              AND (outcome_name = $outcome OR ($outcome = $click AND clicked_after_s IS NOT NULL))""",
-        params={"domain": domain, "start": start, "end": end, "outcome": outcome,
-                "click": CLICK_MATURITY},
-    ).pl()
+    rows = as_source(source).read(IMPRESSIONS, domain, start, end, OUTCOME_COLUMNS)
+    arrived = pl.col("outcome_name") == outcome
+    if outcome == CLICK_MATURITY:
+        arrived = arrived | pl.col("clicked_after_s").is_not_null()
+    outcomes = rows.filter(arrived)
     return _cutoff(maturity_delays(outcomes, outcome), settings.label_maturity.quantile, as_of)
 
 

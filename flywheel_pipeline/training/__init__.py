@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from datetime import date
 
-import duckdb
-
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
+from flywheel_pipeline.sources import Readable
 from flywheel_pipeline.training.assistant import AssistantTrainer
 from flywheel_pipeline.training.base import (
     FittedScorer,
@@ -44,7 +43,7 @@ def trainer_for(shape: str) -> Trainer:
 
 
 def train_candidate(
-    con: duckdb.DuckDBPyConnection,
+    source: Readable,
     home: Home,
     config: FlywheelConfig,
     domain: str,
@@ -53,10 +52,11 @@ def train_candidate(
     dagster_run_id: str | None = None,
 ) -> TrainingResult:
     """Fit a candidate on the domain's training window and log it as one MLflow run (tagged with
-    the Dagster run that trains, when there is one)."""
+    the Dagster run that trains, when there is one). ``source``: where it reads the impressions and
+    their labels (flywheel_pipeline.sources)."""
     domain_config = config.domain(domain)
     windows = split_windows(as_of, domain_config, mature_until)
-    rows = impressions(con, domain, windows.train_start, windows.train_end)
+    rows = impressions(source, domain, windows.train_start, windows.train_end)
     train = training_set(rows)
     if train.is_empty():
         raise ValueError(f"{domain}: no labelled impressions in {windows.params()}")
@@ -81,7 +81,7 @@ def train_candidate(
         "n_labelled": train.height,
         "n_interactions": train["interaction_id"].n_unique(),
         "label_model_version": label_model_versions(
-            con, domain, windows.train_start, windows.train_end
+            source, domain, windows.train_start, windows.train_end
         ),
     }
     run_id, model = log_training_run(

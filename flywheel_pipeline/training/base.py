@@ -15,7 +15,6 @@ from datetime import date, timedelta
 from importlib.metadata import version
 from typing import Any, ClassVar, Protocol
 
-import duckdb
 import mlflow
 import numpy as np
 import pandas as pd
@@ -29,6 +28,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from flywheel_pipeline.config import DomainConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import SERVING_FEATURE_DEFAULTS, SERVING_FEATURES
+from flywheel_pipeline.sources import IMPRESSIONS, LABELS, Readable, as_source
 
 # marts.fct_impressions columns known when the model chose (docs/warehouse.md).
 SERVING_TIME_COLUMNS = [
@@ -51,6 +51,7 @@ SERVING_TIME_COLUMNS = [
     "slate_size",
 ]
 LABEL_COLUMNS = ["p_good", "label"]
+IMPRESSION_KEY = ["domain", "event_date", "interaction_id", "item_id"]  # an impression's row in each table
 # A training run's metrics shown on their own in Dagster (the rest in a table).
 HEADLINE_METRICS = ("label_coverage", "exploration_share", "self_consumption_share", "internal_check_auc",
                     "training_auc")
@@ -100,22 +101,23 @@ def split_windows(
     return Windows(train_start, train_end, holdout_start, as_of)
 
 
-def impressions(
-    con: duckdb.DuckDBPyConnection, domain: str, start: date, end: date
-) -> pl.DataFrame:
+def impressions(source: Readable, domain: str, start: date, end: date) -> pl.DataFrame:
     """Impressions of [start, end] with their labels (null p_good when unlabelled), serving-time
     columns only, in serving order."""
-    columns = ", ".join(f"i.{name}" for name in SERVING_TIME_COLUMNS)
-    labels = ", ".join(f"l.{name}" for name in LABEL_COLUMNS)
-    query = f"""
-        SELECT {columns}, {labels}
-        FROM marts.fct_impressions AS i
-        LEFT JOIN labels.impression_labels AS l
-          USING (domain, event_date, interaction_id, item_id)
-        WHERE i.domain = $domain AND i.event_date BETWEEN $start AND $end
-        ORDER BY i.served_at, i.interaction_id, i.position
-    """
-    return con.sql(query, params={"domain": domain, "start": start, "end": end}).pl()
+    return labelled_impressions(source, domain, start, end, SERVING_TIME_COLUMNS)
+
+
+def labelled_impressions(source: Readable, domain: str, start: date, end: date,
+                         columns: list[str]) -> pl.DataFrame:
+    """``columns`` of the impressions of [start, end] with their labels' ``p_good`` and ``label``
+    (null where unlabelled), in serving order."""
+    source = as_source(source)
+    shown = source.read(IMPRESSIONS, domain, start, end, columns)
+    labels = source.read(LABELS, domain, start, end, [*IMPRESSION_KEY, *LABEL_COLUMNS])
+    if labels.is_empty():  # none yet (or no table): every impression unlabelled
+        labels = pl.DataFrame(schema={**shown.select(IMPRESSION_KEY).schema, "p_good": pl.Float64,
+                                      "label": pl.Boolean})
+    return shown.join(labels, on=IMPRESSION_KEY, how="left").sort("served_at", "interaction_id", "position")
 
 
 def context_features(text: str | None) -> dict[str, float]:
@@ -309,16 +311,10 @@ def _shown(value: float) -> str:
     return "n/a" if not np.isfinite(value) else f"{value:.4g}"
 
 
-def label_model_versions(
-    con: duckdb.DuckDBPyConnection, domain: str, start: date, end: date
-) -> str:
+def label_model_versions(source: Readable, domain: str, start: date, end: date) -> str:
     """The label model version(s) behind the labels of [start, end], comma-separated."""
-    rows = con.execute(
-        """SELECT DISTINCT label_model_version FROM labels.impression_labels
-           WHERE domain = ? AND event_date BETWEEN ? AND ? AND p_good IS NOT NULL ORDER BY 1""",
-        [domain, start, end],
-    ).fetchall()
-    return ",".join(version for (version,) in rows)
+    labels = as_source(source).read(LABELS, domain, start, end, ["label_model_version", "p_good"])
+    return ",".join(sorted(labels.filter(pl.col("p_good").is_not_null())["label_model_version"].unique()))
 
 
 def training_set(rows: pl.DataFrame) -> pl.DataFrame:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import duckdb
 import mlflow
 import numpy as np
 import polars as pl
@@ -19,6 +18,7 @@ import polars as pl
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import SERVING_FEATURES, Scorer, baseline_scorer
+from flywheel_pipeline.sources import Readable
 from flywheel_pipeline.training.base import Windows
 from flywheel_pipeline.validation.comparison import PRIMARY_METRIC, compare_on_holdout
 from flywheel_pipeline.validation.estimators import Positions, examination_curve, weighted_auc
@@ -61,12 +61,12 @@ __all__ = [
 ]
 
 
-def held_out_evidence(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str,
+def held_out_evidence(source: Readable, config: FlywheelConfig, domain: str,
                       windows: Windows) -> Evidence:
     """The domain's held-out evidence with its reward (``evidence.REWARD``)."""
     settings = config.domain(domain)
-    rows = holdout_rows(con, domain, windows, outcome=settings.label_maturity.outcome)
-    return assemble(rows, logged_candidates(con, domain, windows), REWARD[settings.shape])
+    rows = holdout_rows(source, domain, windows, outcome=settings.label_maturity.outcome)
+    return assemble(rows, logged_candidates(source, domain, windows), REWARD[settings.shape])
 
 
 def reward_name(config: FlywheelConfig, domain: str) -> str:
@@ -97,7 +97,7 @@ def compare_models(evidence: Evidence, shape: str, candidate: Scorer,
 
 
 def validate_candidate(
-    con: duckdb.DuckDBPyConnection,
+    source: Readable,
     home: Home,
     config: FlywheelConfig,
     domain: str,
@@ -113,7 +113,7 @@ def validate_candidate(
     candidate = mlflow.pyfunc.load_model(candidate_model_uri)
     champion = (mlflow.pyfunc.load_model(champion_model_uri) if champion_model_uri
                 else baseline_scorer(settings.shape))
-    evidence = held_out_evidence(con, config, domain, windows)
+    evidence = held_out_evidence(source, config, domain, windows)
     slices, positions = compare_models(evidence, settings.shape, candidate, champion)
     report = ValidationReport(
         domain=domain,
@@ -133,7 +133,7 @@ def validate_candidate(
 
 
 def validate_cycle(
-    con: duckdb.DuckDBPyConnection,
+    source: Readable,
     home: Home,
     config: FlywheelConfig,
     domain: str,
@@ -146,11 +146,11 @@ def validate_cycle(
     cycle's (days it never trained on), with the report's ``revisit`` holding the second look.
     ``accepted`` says which candidate, if any, the gate lets through."""
     pending = latest_inconclusive(home, domain)
-    report = validate_candidate(con, home, config, domain, candidate_model_uri, champion_model_uri, windows)
+    report = validate_candidate(source, home, config, domain, candidate_model_uri, champion_model_uri, windows)
     if report.decision.passed or not _has_fresh_evidence(pending, candidate_model_uri, windows):
         return report
     extended = replace(pending.windows, holdout_end=windows.holdout_end)
-    revisit = validate_candidate(con, home, config, domain, pending.model_uri, champion_model_uri,
+    revisit = validate_candidate(source, home, config, domain, pending.model_uri, champion_model_uri,
                                  extended, is_revisit=True)
     return replace(report, revisit=revisit)
 

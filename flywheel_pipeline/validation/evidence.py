@@ -18,64 +18,56 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import duckdb
 import numpy as np
 import polars as pl
 
 from flywheel_pipeline.scoring import SERVING_FEATURES
-from flywheel_pipeline.training.base import SERVING_TIME_COLUMNS, Windows
+from flywheel_pipeline.sources import INTERACTIONS, Readable, as_source
+from flywheel_pipeline.training.base import SERVING_TIME_COLUMNS, Windows, labelled_impressions
 from flywheel_pipeline.validation.estimators import PolicyTerms, Positions, pbm_weight
 
 REWARD = {"assistant": "outcome", "recommendation": "clicked"}  # the column of holdout_rows
 REWARD_MODEL_KEYS = {"assistant": ["input_text", "item_id"], "recommendation": ["segment", "item_id"]}
 REWARD_MODEL_PRIOR = 5.0  # pseudo-observations shrinking a key's attraction to its item's
-_CANDIDATES_SCHEMA = '[{"item_id": "VARCHAR", "content": "VARCHAR", "propensities": ["DOUBLE"]}]'
+_LOGGED_CANDIDATE = {"item_id": pl.String, "content": pl.String, "propensities": pl.List(pl.Float64)}
+_CANDIDATES_SCHEMA = {"interaction_id": pl.String, "item_id": pl.String, "item_content": pl.String,
+                      "mu": pl.List(pl.Float64)}
+_EVIDENCE_COLUMNS = ["clicked", "outcome_name", "outcome_value", "audit_review_value"]
 _INTERACTION_FEATURES = ["domain", "user_id", "segment", "context_features", "is_new_user", "input_text",
                          "policy"]
 
 
-def holdout_rows(con: duckdb.DuckDBPyConnection, domain: str, windows: Windows,
-                 outcome: str = "") -> pl.DataFrame:
+def holdout_rows(source: Readable, domain: str, windows: Windows, outcome: str = "") -> pl.DataFrame:
     """Held-out impressions: serving-time columns, the weak label (p_good, label), and the
     held-out evidence: ``clicked``, ``outcome`` (value of the ``outcome`` named, else 0) and
     ``verdict`` (the reviewer's 1/0 where the impression was reviewed at random, the audit;
     null when not reviewed, or reviewed because the label model was unsure: not a random sample)."""
-    columns = ", ".join(f"i.{name}" for name in SERVING_TIME_COLUMNS)
-    return con.sql(
-        f"""SELECT {columns}, l.p_good, l.label,
-                   coalesce(i.clicked, false)::DOUBLE AS clicked,
-                   CASE WHEN i.outcome_name = $outcome THEN coalesce(i.outcome_value, 0) ELSE 0 END
-                       AS outcome,
-                   i.audit_review_value AS verdict
-            FROM marts.fct_impressions AS i
-            LEFT JOIN labels.impression_labels AS l USING (domain, event_date, interaction_id, item_id)
-            WHERE i.domain = $domain AND i.event_date BETWEEN $start AND $end
-            ORDER BY i.served_at, i.interaction_id, i.position""",
-        params={"domain": domain, "start": windows.holdout_start, "end": windows.holdout_end,
-                "outcome": outcome},
-    ).pl()
+    rows = labelled_impressions(source, domain, windows.holdout_start, windows.holdout_end,
+                                [*SERVING_TIME_COLUMNS, *_EVIDENCE_COLUMNS])
+    return rows.with_columns(
+        clicked=pl.col("clicked").fill_null(False).cast(pl.Float64),
+        outcome=pl.when(pl.col("outcome_name") == outcome).then(pl.col("outcome_value").fill_null(0.0))
+        .otherwise(0.0).cast(pl.Float64),
+        verdict=pl.col("audit_review_value"),
+    ).drop("outcome_name", "outcome_value", "audit_review_value")
 
 
-def logged_candidates(con: duckdb.DuckDBPyConnection, domain: str, windows: Windows) -> pl.DataFrame:
+def logged_candidates(source: Readable, domain: str, windows: Windows) -> pl.DataFrame:
     """interaction_id, item_id, item_content, mu (the logger's probability per position) of every
     held-out interaction that logged its candidates; empty where none did."""
-    if not con.execute("SELECT count(*) FROM information_schema.tables "
-                       "WHERE table_schema = 'raw' AND table_name = 'interactions'").fetchall()[0][0]:
-        return pl.DataFrame(schema={"interaction_id": pl.String, "item_id": pl.String,
-                                    "item_content": pl.String, "mu": pl.List(pl.Float64)})
-    return con.sql(
-        f"""WITH logged AS (
-                SELECT interaction_id, any_value(context -> 'candidates') AS candidates
-                FROM raw.interactions
-                WHERE domain = $domain AND event_date BETWEEN $start AND $end
-                  AND json_array_length(context -> 'candidates') > 0
-                GROUP BY interaction_id
-            )
-            SELECT interaction_id, c.item_id, c.content AS item_content, c.propensities AS mu
-            FROM (SELECT interaction_id, unnest(from_json(candidates, '{_CANDIDATES_SCHEMA}')) AS c
-                  FROM logged)""",
-        params={"domain": domain, "start": windows.holdout_start, "end": windows.holdout_end},
-    ).pl()
+    interactions = as_source(source).read(INTERACTIONS, domain, windows.holdout_start, windows.holdout_end,
+                                          ["interaction_id", "context"])
+    if interactions.is_empty():
+        return pl.DataFrame(schema=_CANDIDATES_SCHEMA)
+    return (
+        interactions
+        .select("interaction_id", candidates=pl.col("context").str.json_path_match("$.candidates")
+                .str.json_decode(dtype=pl.List(pl.Struct(_LOGGED_CANDIDATE))))
+        .filter(pl.col("candidates").list.len() > 0)
+        .unique("interaction_id", keep="first", maintain_order=True)
+        .explode("candidates").unnest("candidates")
+        .select("interaction_id", "item_id", item_content="content", mu="propensities")
+    )
 
 
 @dataclass(frozen=True)
