@@ -42,7 +42,7 @@
 
 
 {#- The JSON object under the top-level entry ``key`` of ``json`` as JSON text, '{}' when it is absent
-    or not an object. Both engines write it compact, but may spell a number differently (1e-05, 1.0E-5). -#}
+    or not an object. Both engines write it compact, but may spell a number differently (0.00001, 1.0E-5). -#}
 {% macro json_object_text(json, key) -%}
     {{ return(adapter.dispatch('json_object_text', 'flywheel')(json, key)) }}
 {%- endmacro %}
