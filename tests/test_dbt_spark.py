@@ -24,8 +24,8 @@ MISSING = [name for name, present in (
 
 pytestmark = [
     pytest.mark.spark,
-    pytest.mark.skipif(bool(MISSING), reason=f"dbt on Spark needs {', '.join(MISSING)}: "
-                       "`pip install -e '.[spark]'` and a Java 17+ runtime"),
+    pytest.mark.skipif(bool(MISSING), reason=f"dbt on Spark: {', '.join(MISSING)} missing; it needs "
+                       "the optional extra spark (`pip install -e '.[spark]'`) and Java 17+"),
     pytest.mark.timeout(1200),
 ]
 
