@@ -32,22 +32,23 @@ per_impression as (
 
         count(*) filter (where signal_type = 'accept') > 0 as accepted,
         min(after_s) filter (where signal_type = 'accept') as accepted_at_s,
-        list(after_s) filter (where signal_type = 'revert') as reverts_after_s,
+        {{ list_of('after_s') }} filter (where signal_type = 'revert') as reverts_after_s,
         count(*) filter (where signal_type = 'reject') > 0 as rejected,
-        arg_max(text, reacted_at) filter (where signal_type = 'edit') as edited_text,
+        {{ last_by('text', 'reacted_at') }} filter (where signal_type = 'edit') as edited_text,
         min(after_s) filter (where signal_type = 'reformulate') as reformulated_after_s,
         count(*) filter (where signal_type = 'copy') > 0 as copied,
         min(after_s) filter (where signal_type = 'abandon') as abandoned_after_s,
-        arg_max(value, reacted_at) filter (where signal_type = 'rating') as rating,
+        {{ last_by('value', 'reacted_at') }} filter (where signal_type = 'rating') as rating,
         count(*) filter (where signal_type = 'click') > 0 as clicked,
         min(after_s) filter (where signal_type = 'click') as clicked_after_s,
         sum(value) filter (where signal_type = 'dwell') as dwell_s,
-        arg_min(
-            {'name': outcome_name, 'value': value, 'at': reacted_at, 'after_s': after_s}, reacted_at
-        ) filter (where outcome_name <> 'human_review') as first_outcome,
-        arg_max({'value': value, 'at': reacted_at, 'selection': review_selection}, reacted_at)
+        {{ first_by(
+            struct_of({'name': 'outcome_name', 'value': 'value', 'at': 'reacted_at', 'after_s': 'after_s'}),
+            'reacted_at'
+        ) }} filter (where outcome_name <> 'human_review') as first_outcome,
+        {{ last_by(struct_of({'value': 'value', 'at': 'reacted_at', 'selection': 'review_selection'}), 'reacted_at') }}
             filter (where outcome_name = 'human_review') as last_review,
-        arg_max(value, reacted_at)
+        {{ last_by('value', 'reacted_at') }}
             filter (where outcome_name = 'human_review' and review_selection = 'audit') as audit_review_value
 
     from impressions
@@ -83,17 +84,16 @@ pivoted as (
 
         coalesce(per_impression.accepted, false) as accepted,
         per_impression.accepted_at_s,
-        list_min(
-            list_filter(per_impression.reverts_after_s, lambda t: t >= per_impression.accepted_at_s)
-        ) - per_impression.accepted_at_s as reverted_after_accept_s,
+        {{ smallest_at_least('per_impression.reverts_after_s', 'per_impression.accepted_at_s') }}
+            - per_impression.accepted_at_s as reverted_after_accept_s,
         coalesce(per_impression.rejected, false) as rejected,
-        -- DuckDB's levenshtein counts UTF-8 bytes, so the lengths are byte lengths (strlen) too
+        -- the distance in UTF-8 bytes (DuckDB's levenshtein counts them) over the longer byte length
         case
             when per_impression.edited_text is null then null
-            when greatest(strlen(impressions.item_content), strlen(per_impression.edited_text)) = 0
+            when greatest({{ byte_length('impressions.item_content') }}, {{ byte_length('per_impression.edited_text') }}) = 0
                 then 0.0
-            else levenshtein(impressions.item_content, per_impression.edited_text)
-                / greatest(strlen(impressions.item_content), strlen(per_impression.edited_text))
+            else {{ byte_levenshtein('impressions.item_content', 'per_impression.edited_text') }}
+                / greatest({{ byte_length('impressions.item_content') }}, {{ byte_length('per_impression.edited_text') }})
         end as edit_ratio,
         per_impression.edited_text,
         per_impression.reformulated_after_s,

@@ -8,7 +8,7 @@ with
 
 staged as (
 
-    select * exclude (is_duplicate) from {{ ref('stg_interactions') }}
+    select {{ all_columns_except(ref('stg_interactions'), ['is_duplicate']) }} from {{ ref('stg_interactions') }}
     where {{ in_partitions_to_build() }}
 
 ),

@@ -21,11 +21,11 @@ signals as (
         interaction_id,
         item_id,
         signal_type,
-        null::varchar as outcome_name,
+        {{ dbt.cast('null', dbt.type_string()) }} as outcome_name,
         value,
         text,
         signalled_at as reacted_at,
-        null::varchar as review_selection
+        {{ dbt.cast('null', dbt.type_string()) }} as review_selection
 
     from {{ ref('stg_signals') }}
     where {{ in_domain_to_build(since='first_day') }}
@@ -39,10 +39,10 @@ outcomes as (
         domain,
         interaction_id,
         item_id,
-        null::varchar as signal_type,
+        {{ dbt.cast('null', dbt.type_string()) }} as signal_type,
         outcome_name,
         outcome_value as value,
-        null::varchar as text,
+        {{ dbt.cast('null', dbt.type_string()) }} as text,
         outcome_at as reacted_at,
         review_selection
 

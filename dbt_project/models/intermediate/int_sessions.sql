@@ -2,17 +2,21 @@
 -- Inputs of consent-denied interactions are null here (stg_interactions) and count as no repeat,
 -- as do empty ones (a feed has no query).
 -- A session is judged whole, whatever days it spans: a run rebuilds the sessions its partitions'
--- interactions belong to, with their interactions on every day.
+-- interactions belong to, with their interactions on every day. On Spark (Parquet tables: no
+-- row-level delete) the table is partitioned by domain and a run rebuilds every session of its domain.
 
-{{ config(materialized='incremental', incremental_strategy='delete+insert', unique_key=['domain', 'session_id']) }}
+{%- set on_spark = target.type == 'spark' %}
+{{ config(materialized='incremental', unique_key=['domain', 'session_id'],
+          incremental_strategy='insert_overwrite' if on_spark else 'delete+insert',
+          partition_by='domain' if on_spark else none) }}
 
 with
 
 staged as (
 
-    select * exclude (is_duplicate) from {{ ref('stg_interactions') }}
+    select {{ all_columns_except(ref('stg_interactions'), ['is_duplicate']) }} from {{ ref('stg_interactions') }}
     where {{ in_domain_to_build() }}
-    {%- if builds_some_partitions() %}
+    {%- if builds_some_partitions() and not on_spark %}
         and (domain, session_id) in (
             select domain, session_id from {{ ref('stg_interactions') }} where {{ in_run_partitions() }}
         )

@@ -25,10 +25,9 @@ renamed as (
         policy,
         consent,
         case when consent = 'granted' then input_text end as input_text,
-        context ->> 'segment' as segment,
+        {{ json_entry_text('context', 'segment') }} as segment,
         -- numeric serving-time features, name -> number (the contract checks them); {} without any
-        case when json_type(context, '$.features') = 'OBJECT'
-            then (context -> '$.features')::varchar else '{}' end as context_features
+        {{ json_object_text('context', 'features') }} as context_features
 
     from source
 

@@ -15,7 +15,7 @@ outcomes as (
         event_ts as outcome_at,
         name as outcome_name,
         value as outcome_value,
-        null::varchar as review_selection
+        {{ dbt.cast('null', dbt.type_string()) }} as review_selection
 
     from {{ source('raw', 'outcomes') }}
 
