@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from flywheel_pipeline import simulation, warehouse
 from flywheel_pipeline.accumulation import accumulate
 from flywheel_pipeline.config import load_config
+from flywheel_pipeline.defs.transform import DOMAIN_ENV
 from flywheel_pipeline.home import HOME_ENV, Home
 
 DBT_PROJECT_DIR = REPO / "dbt_project"
@@ -86,8 +87,8 @@ def make_warehouse(home: Home, days: int, interactions_per_day: int, domains: Se
     plant_edge_cases(home, domains[0], FIRST_DAY)
     dates = [FIRST_DAY + timedelta(days=offset) for offset in range(days)]
     now = datetime.combine(dates[-1] + timedelta(days=2), clock(), UTC)
-    with warehouse.connect(home.warehouse) as con:
-        for domain in domains:
+    for domain in domains:
+        with warehouse.connect(home.warehouse(domain)) as con:
             accumulate(con, home, config, domain, dates, now=now)
 
 
@@ -145,10 +146,11 @@ def plant_edge_cases(home: Home, domain: str, day: date) -> None:
             batch.writelines(json.dumps(one) + "\n" for one in events)
 
 
-def dbt(home: Home, target: str, *args: str) -> float:
-    """Run ``dbt <args>`` on ``target`` for ``home``; its seconds. Its target and log folders are
-    under the home, so the project's target/manifest.json (Dagster's) stays as it is."""
-    env = {**os.environ, HOME_ENV: str(home.root)}
+def dbt(home: Home, target: str, *args: str, domain: str = "") -> float:
+    """Run ``dbt <args>`` on ``target`` for ``home`` (the local target: ``domain``'s warehouse);
+    its seconds. Its target and log folders are under the home, so the project's
+    target/manifest.json (Dagster's) stays as it is."""
+    env = {**os.environ, HOME_ENV: str(home.root), DOMAIN_ENV: domain}
     began = time.perf_counter()
     completed = subprocess.run(
         [str(DBT_EXECUTABLE), *args, "--target", target, "--target-path", str(home.root / "dbt" / target),
@@ -166,25 +168,28 @@ def spark_folder(home: Home) -> Path:
     return home.root / "spark"
 
 
-def export_raw(home: Home) -> Path:
-    """Write each raw table to <home>/spark/raw/<table>/data.parquet (JSON columns as text); the folder."""
+def export_raw(home: Home, domains: Sequence[str]) -> Path:
+    """Write each raw table of each domain's warehouse to <home>/spark/raw/<table>/<domain>.parquet
+    (JSON columns as text): one Spark table of every domain; the folder."""
     folder = spark_folder(home) / "raw"
-    with warehouse.connect(home.warehouse, read_only=True) as con:
-        for table in RAW_TABLES:
-            (folder / table).mkdir(parents=True, exist_ok=True)
-            columns = con.execute("""SELECT column_name, data_type FROM information_schema.columns
-                                     WHERE table_schema = 'raw' AND table_name = ? ORDER BY ordinal_position""",
-                                  [table]).fetchall()
-            select = ", ".join(f"{name}::VARCHAR AS {name}" if kind == "JSON" else name for name, kind in columns)
-            con.execute(f"COPY (SELECT {select} FROM raw.{table}) TO '{folder / table / 'data.parquet'}'")
+    for domain in domains:
+        with warehouse.connect(home.warehouse(domain), read_only=True) as con:
+            for table in RAW_TABLES:
+                (folder / table).mkdir(parents=True, exist_ok=True)
+                columns = con.execute("""SELECT column_name, data_type FROM information_schema.columns
+                                         WHERE table_schema = 'raw' AND table_name = ? ORDER BY ordinal_position""",
+                                      [table]).fetchall()
+                select = ", ".join(f"{name}::VARCHAR AS {name}" if kind == "JSON" else name for name, kind in columns)
+                con.execute(f"COPY (SELECT {select} FROM raw.{table}) TO '{folder / table / f'{domain}.parquet'}'")
     return folder
 
 
-def build_both(home: Home) -> dict[str, float]:
-    """`dbt build` of the whole project on DuckDB, then on Spark over the same raw tables: seconds of
-    each, and of registering the raw tables on Spark."""
-    seconds = {"duckdb": dbt(home, "local", "build")}
-    folder = export_raw(home)
+def build_both(home: Home, domains: Sequence[str]) -> dict[str, float]:
+    """`dbt build` of the whole project on DuckDB (each domain's warehouse), then on Spark over the
+    same raw tables (one warehouse of every domain): seconds of each, and of registering the raw
+    tables on Spark."""
+    seconds = {"duckdb": sum(dbt(home, "local", "build", domain=domain) for domain in domains)}
+    folder = export_raw(home, domains)
     seconds["spark_raw"] = dbt(home, "spark", "run-operation", "register_raw_tables",
                                "--args", json.dumps({"folder": str(folder)}))
     seconds["spark"] = dbt(home, "spark", "build")
@@ -193,13 +198,17 @@ def build_both(home: Home) -> dict[str, float]:
 
 # -- the comparison ----------------------------------------------------------------------------------
 
-def duckdb_tables(home: Home) -> dict[str, pl.DataFrame]:
-    """Every table dbt built in the compared schemas of the DuckDB warehouse."""
-    with warehouse.connect(home.warehouse, read_only=True) as con:
-        names = con.execute(f"""SELECT table_schema || '.' || table_name FROM information_schema.tables
-                                WHERE table_type = 'BASE TABLE' AND table_schema IN {COMPARED_SCHEMAS}
-                                ORDER BY ALL""").fetchall()
-        return {name: con.sql(f"SELECT * FROM {name}").pl() for (name,) in names}
+def duckdb_tables(home: Home, domains: Sequence[str]) -> dict[str, pl.DataFrame]:
+    """Every table dbt built in the compared schemas of the DuckDB warehouses, every domain's rows."""
+    tables: dict[str, list[pl.DataFrame]] = {}
+    for domain in domains:
+        with warehouse.connect(home.warehouse(domain), read_only=True) as con:
+            names = con.execute(f"""SELECT table_schema || '.' || table_name FROM information_schema.tables
+                                    WHERE table_type = 'BASE TABLE' AND table_schema IN {COMPARED_SCHEMAS}
+                                    ORDER BY ALL""").fetchall()
+            for (name,) in names:
+                tables.setdefault(name, []).append(con.sql(f"SELECT * FROM {name}").pl())
+    return {name: pl.concat(parts, how="vertical_relaxed") for name, parts in sorted(tables.items())}
 
 
 def spark_table(home: Home, name: str) -> pl.DataFrame | None:
@@ -241,10 +250,10 @@ def checksum(frame: pl.DataFrame) -> int:
     return total % CHECKSUM_MODULUS
 
 
-def compare(home: Home) -> list[Comparison]:
-    """Each DuckDB table of the compared schemas against its Spark table."""
+def compare(home: Home, domains: Sequence[str]) -> list[Comparison]:
+    """Each DuckDB table of the compared schemas (all domains) against its Spark table."""
     comparisons = []
-    for name, ours in duckdb_tables(home).items():
+    for name, ours in duckdb_tables(home, domains).items():
         theirs = spark_table(home, name)
         if theirs is None:
             theirs = pl.DataFrame()
@@ -259,8 +268,8 @@ def compare_engines(home: Home, days: int, interactions_per_day: int,
                     domains: Sequence[str]) -> tuple[list[Comparison], dict[str, float]]:
     """Make the warehouse, build it on both engines, compare: the comparisons and build seconds."""
     make_warehouse(home, days, interactions_per_day, domains)
-    seconds = build_both(home)
-    return compare(home), seconds
+    seconds = build_both(home, domains)
+    return compare(home, domains), seconds
 
 
 def report(comparisons: Sequence[Comparison], seconds: dict[str, float]) -> str:
