@@ -82,12 +82,12 @@ def test_production_writes_postgres_storage_read_from_the_named_variable(project
 def test_a_missing_or_driverless_url_names_the_setting(project, monkeypatch):
     home = project(profile="production", production={"postgres_url_env": "PG_URL"})
     with pytest.raises(ConfigError, match="production.postgres_url_env: the environment variable PG_URL is not set"):
-        home.mlflow_tracking_uri
+        _ = home.mlflow_tracking_uri
     with pytest.raises(ConfigError, match="production.postgres_url_env"):
         home.activate()
     monkeypatch.setenv("PG_URL", URL.replace("+psycopg2", ""))
     with pytest.raises(ConfigError, match=r"must name the driver flywheel installs, postgresql\+psycopg2://") as error:
-        home.mlflow_tracking_uri
+        _ = home.mlflow_tracking_uri
     assert "s3cret" not in str(error.value) and "flywheel:***@db.internal" in str(error.value)
 
 
