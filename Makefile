@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export FLYWHEEL_HOME ?= $(CURDIR)/.flywheel
 export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
 
-.PHONY: setup demo test ui mlflow-ui benchmark clean
+.PHONY: setup demo test ui mlflow-ui postgres benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -28,8 +28,15 @@ test: setup
 ui: setup
 	$(BIN)/dagster dev -w workspace.yaml
 
+# The home's MLflow store (sqlite, or PostgreSQL under the production profile), as the pipeline sees it.
+HOME_SAYS = $(BIN)/python -c 'from flywheel_pipeline.home import Home; print(Home.from_env().$(1))'
 mlflow-ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(FLYWHEEL_HOME)/mlflow/mlflow.db --default-artifact-root $(FLYWHEEL_HOME)/mlflow/artifacts
+	$(BIN)/mlflow ui --backend-store-uri "$$($(call HOME_SAYS,mlflow_tracking_uri))" \
+		--default-artifact-root "$$($(call HOME_SAYS,mlflow_artifact_uri))"
+
+# A local PostgreSQL for the production profile (docs/deploying.md); prints the variables to export.
+postgres:
+	scripts/postgres.sh start
 
 benchmark: setup
 	$(BIN)/python benchmarks/label_model.py

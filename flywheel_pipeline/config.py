@@ -10,7 +10,8 @@ import os
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from croniter import croniter
@@ -28,6 +29,9 @@ from flywheel_pipeline.events import CLICK_MATURITY, CONSENT_STATES, MATURITY_OU
 from flywheel_pipeline.health import TRAPS
 
 CONFIG_ENV = "FLYWHEEL_CONFIG"
+PROFILE_ENV = "FLYWHEEL_PROFILE"  # overrides flywheel.yaml's `profile`
+POSTGRES_SCHEME = "postgresql+psycopg2"  # SQLAlchemy's name for the driver dagster-postgres installs
+Profile = Literal["embedded", "production"]
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "flywheel.yaml"
 AUTO_APPROVER = "flywheel:auto"  # the pipeline's own identity: it approves auto domains' candidates
 
@@ -314,7 +318,67 @@ class DaemonSettings(_Strict):
     late_label_sensor_seconds: int = Field(300, ge=5, description="how often the late-label sensor looks")
 
 
-class FlywheelConfig(_Strict):
+def redacted(url: str) -> str:
+    """``url`` with its password replaced by ***, fit for an error message or a log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
+class ProductionSettings(_Strict):
+    """The production profile (docs/deploying.md): the Dagster instance and MLflow's tracking store
+    and registry in PostgreSQL, MLflow's artifacts where ``mlflow_artifacts`` says."""
+
+    postgres_url_env: str = Field(
+        "FLYWHEEL_POSTGRES_URL", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="the environment variable that holds postgresql+psycopg2://user:password@host:port/database "
+                    "(the Dagster instance's database); the file never holds the URL itself")
+    mlflow_database: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="the database on the same server for MLflow's tracking store and registry, created "
+                    "on first use when the role may; default: <the URL's database>_mlflow")
+    mlflow_artifacts: str | None = Field(
+        None, min_length=1, description="where MLflow keeps models and other artifacts: a URI (s3://, "
+                                        "gs://, file://) or a path (relative: under the home); "
+                                        "default <home>/mlflow/artifacts")
+
+    def postgres_url(self) -> str:
+        """The Dagster instance's database, from the environment variable ``postgres_url_env``."""
+        url = os.environ.get(self.postgres_url_env, "")
+        if not url:
+            raise ConfigError(f"production.postgres_url_env: the environment variable {self.postgres_url_env} "
+                              f"is not set; it holds {POSTGRES_SCHEME}://user:password@host:port/database "
+                              f"(`make postgres` starts a local server and prints it)")
+        parts = urlsplit(url)
+        if parts.scheme in ("postgresql", "postgres"):
+            raise ConfigError(f"production.postgres_url_env: {self.postgres_url_env} must name the driver "
+                              f"flywheel installs, {POSTGRES_SCHEME}://... (SQLAlchemy 2.1 reads "
+                              f"{parts.scheme}:// as psycopg 3), got {redacted(url)!r}")
+        if parts.scheme != POSTGRES_SCHEME or not parts.path.strip("/"):
+            raise ConfigError(f"production.postgres_url_env: {self.postgres_url_env} must be "
+                              f"{POSTGRES_SCHEME}://user:password@host:port/database, got {redacted(url)!r}")
+        return url
+
+    def mlflow_database_name(self) -> str:
+        """MLflow's database: ``mlflow_database``, or the Dagster database's name + ``_mlflow``."""
+        return self.mlflow_database or f"{urlsplit(self.postgres_url()).path.strip('/')}_mlflow"
+
+    def mlflow_url(self) -> str:
+        """MLflow's database on the same server, as a tracking and registry URI."""
+        parts = urlsplit(self.postgres_url())
+        return urlunsplit(parts._replace(path=f"/{self.mlflow_database_name()}"))
+
+
+class Deployment(_Strict):
+    """Where the Dagster instance and MLflow keep their state: ``embedded`` in the home folder
+    (sqlite), or ``production`` in PostgreSQL (``production:``)."""
+
+    profile: Profile = Field("embedded", description=f"embedded | production; ${PROFILE_ENV} overrides it")
+    production: ProductionSettings = ProductionSettings()
+
+
+class FlywheelConfig(Deployment):
     partitions_start: date
     max_lateness_days: int = Field(7, ge=0)
     warehouse: WarehouseSettings = WarehouseSettings()
@@ -371,16 +435,37 @@ def config_path() -> Path:
                       f"{CONFIG_ENV} (and FLYWHEEL_HOME) to say where it is")
 
 
-def load_config(path: Path | str | None = None) -> FlywheelConfig:
-    """Read and validate flywheel.yaml (or $FLYWHEEL_CONFIG, or ``path``)."""
-    path = Path(path) if path else config_path()
+def _read(path: Path) -> object:
+    """flywheel.yaml's document, its ``profile`` replaced by $FLYWHEEL_PROFILE when that is set."""
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as error:
         raise ConfigError(f"cannot read {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    return parse_config(raw, source=str(path))
+    if PROFILE_ENV in os.environ and isinstance(raw, dict):
+        if (profile := os.environ[PROFILE_ENV]) not in get_args(Profile):
+            raise ConfigError(f"{PROFILE_ENV}: must be one of {list(get_args(Profile))}, got {profile!r}")
+        raw = {**raw, "profile": profile}
+    return raw
+
+
+def load_config(path: Path | str | None = None) -> FlywheelConfig:
+    """Read and validate flywheel.yaml (or $FLYWHEEL_CONFIG, or ``path``)."""
+    path = Path(path) if path else config_path()
+    return parse_config(_read(path), source=str(path))
+
+
+def load_deployment(path: Path | str | None = None) -> Deployment:
+    """Only the profile and its settings from flywheel.yaml: what the home needs to say where the
+    Dagster instance and MLflow keep their state."""
+    path = Path(path) if path else config_path()
+    raw = _read(path)
+    section = {key: raw[key] for key in ("profile", "production") if key in raw} if isinstance(raw, dict) else {}
+    try:
+        return Deployment.model_validate(section)
+    except ValidationError as error:
+        raise ConfigError(f"{path}: {_describe(error)}") from None
 
 
 @lru_cache(maxsize=1)

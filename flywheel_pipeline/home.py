@@ -14,16 +14,31 @@
     <home>/flywheel.log       output of the tools commands run (dbt, Dagster's daemon and code server)
 
 The home is $FLYWHEEL_HOME, or ``.flywheel`` beside the project's flywheel.yaml.
+
+Under the production profile (flywheel.yaml's ``profile``, or $FLYWHEEL_PROFILE) the Dagster
+instance's runs, event log and schedules and MLflow's tracking store and registry live in PostgreSQL
+instead, and MLflow's artifacts where ``production.mlflow_artifacts`` says (docs/deploying.md).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import closing
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
-from flywheel_pipeline.config import CONFIG_ENV, config_path
+from flywheel_pipeline.config import (
+    CONFIG_ENV,
+    POSTGRES_SCHEME,
+    ConfigError,
+    Deployment,
+    ProductionSettings,
+    config_path,
+    load_deployment,
+    redacted,
+)
 
 HOME_ENV = "FLYWHEEL_HOME"
 DEFAULT_HOME = ".flywheel"
@@ -59,14 +74,68 @@ telemetry:
 """
 
 
-def _write_dagster_yaml(path: Path) -> None:
+_POSTGRES_STORAGE = """\
+# The production profile: runs, event log and schedules in PostgreSQL (flywheel.yaml's production).
+storage:
+  postgres:
+    postgres_url:
+      env: {env}
+"""
+
+
+def dagster_yaml(deployment: Deployment) -> str:
+    """The instance config for the profile: the embedded one keeps Dagster's sqlite default."""
+    if deployment.profile == "production":
+        return _DAGSTER_YAML + _POSTGRES_STORAGE.format(env=deployment.production.postgres_url_env)
+    return _DAGSTER_YAML
+
+
+def _write_dagster_yaml(path: Path, text: str) -> None:
     """Write the instance config when it is missing or is still flywheel's own (its first line
     says so) and differs; in one step, so that no process reads a part of it."""
     current = path.read_text() if path.exists() else _DAGSTER_YAML_MARK
-    if current.startswith(_DAGSTER_YAML_MARK) and current != _DAGSTER_YAML:
+    if current.startswith(_DAGSTER_YAML_MARK) and current != text:
         partial = path.with_name(f".{path.name}.{os.getpid()}")
-        partial.write_text(_DAGSTER_YAML)
+        partial.write_text(text)
         partial.replace(path)
+
+
+def _connect(url: str, setting: str):
+    """A connection to ``url``; a ConfigError naming ``setting`` when the server does not answer."""
+    import psycopg2
+
+    try:
+        return psycopg2.connect(url.replace(f"{POSTGRES_SCHEME}://", "postgresql://", 1), connect_timeout=10)
+    except psycopg2.OperationalError as error:
+        raise ConfigError(f"{setting}: cannot connect to {redacted(url)}: "
+                          f"{str(error).strip().splitlines()[0]}") from None
+
+
+def prepare_postgres(settings: ProductionSettings) -> None:
+    """Check that the Dagster instance's database answers, and create MLflow's beside it (with its
+    tables, before several processes would race to) when it is missing."""
+    import mlflow
+    from psycopg2 import errors, sql
+
+    setting = f"production.postgres_url_env ({settings.postgres_url_env})"
+    database = settings.mlflow_database_name()
+    with closing(_connect(settings.postgres_url(), setting)) as con:
+        con.autocommit = True
+        with con.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", [database])
+            if cursor.fetchone():
+                return
+            try:
+                cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+            except errors.DuplicateDatabase:
+                return  # another process created it
+            except errors.InsufficientPrivilege:
+                raise ConfigError(f"production.mlflow_database: database {database!r} does not exist and "
+                                  f"this role may not create it: create it (createdb {database})") from None
+    mlflow_url = settings.mlflow_url()
+    client = mlflow.MlflowClient(mlflow_url, mlflow_url)
+    client.search_experiments(max_results=1)
+    client.search_registered_models(max_results=1)
 
 
 class HomeError(RuntimeError):
@@ -76,6 +145,11 @@ class HomeError(RuntimeError):
 @dataclass(frozen=True)
 class Home:
     root: Path
+
+    @cached_property
+    def deployment(self) -> Deployment:
+        """The profile (embedded or production) and its settings, from flywheel.yaml."""
+        return load_deployment()
 
     @classmethod
     def from_env(cls) -> Home:
@@ -131,11 +205,26 @@ class Home:
 
     @property
     def mlflow_tracking_uri(self) -> str:
+        """MLflow's tracking store and registry: every client and command gets it here."""
+        if self.deployment.profile == "production":
+            return self.deployment.production.mlflow_url()
         return f"sqlite:///{self.mlflow / 'mlflow.db'}"
 
     @property
     def mlflow_artifacts(self) -> Path:
+        """The embedded profile's artifacts folder."""
         return self.mlflow / "artifacts"
+
+    @property
+    def mlflow_artifact_uri(self) -> str:
+        """Where new experiments keep their artifacts: ``production.mlflow_artifacts`` under the
+        production profile (a relative path is under the home), else the home's folder."""
+        configured = self.deployment.production.mlflow_artifacts
+        if self.deployment.profile != "production" or configured is None:
+            return self.mlflow_artifacts.as_uri()
+        if "://" in configured:
+            return configured
+        return (self.root / configured).resolve().as_uri()
 
     @property
     def datasets(self) -> Path:
@@ -163,12 +252,15 @@ class Home:
         """Create the folders and the Dagster instance config; safe to call repeatedly."""
         for folder in (self.landing, self.warehouses, self.dagster, self.mlflow_artifacts, self.simulator):
             folder.mkdir(parents=True, exist_ok=True)
-        _write_dagster_yaml(self.dagster / "dagster.yaml")
+        _write_dagster_yaml(self.dagster / "dagster.yaml", dagster_yaml(self.deployment))
         return self
 
     def activate(self) -> Home:
-        """Point this process (and the tools it starts) at this home."""
+        """Point this process (and the tools it starts) at this home; under the production profile,
+        check that PostgreSQL answers first."""
         self.ensure()
+        if self.deployment.profile == "production":
+            prepare_postgres(self.deployment.production)
         os.environ[HOME_ENV] = str(self.root)
         os.environ["DAGSTER_HOME"] = str(self.dagster)
         os.environ["MLFLOW_TRACKING_URI"] = self.mlflow_tracking_uri

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,3 +38,26 @@ def assistant_cycle(tmp_path_factory):
 
     with simulated_cycle(tmp_path_factory.mktemp("assistant_cycle"), FIRST, LAST, before=plant) as cycle:
         yield cycle
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server for the production profile, started by scripts/postgres.sh (as
+    `make postgres` does) on a free port with its data in a temporary folder, and stopped after; the
+    test is skipped when PostgreSQL's binaries are not installed."""
+    from flywheel_pipeline.launcher import free_port
+
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        pytest.skip("PostgreSQL's binaries are not installed (/usr/lib/postgresql/*/bin): "
+                    "apt-get install postgresql to run the production profile's test")
+    data = Path(tempfile.mkdtemp(prefix="flywheel-postgres-"))
+    env = {**os.environ, "FLYWHEEL_POSTGRES_DATA": str(data), "FLYWHEEL_POSTGRES_PORT": str(free_port())}
+    env.pop("FLYWHEEL_POSTGRES_URL", None)
+    script = str(REPO / "scripts" / "postgres.sh")
+    started = subprocess.run([script, "start"], check=False, env=env, capture_output=True, text=True)
+    assert started.returncode == 0, started.stderr
+    try:
+        yield started.stdout.split("FLYWHEEL_POSTGRES_URL=")[1].strip()
+    finally:
+        subprocess.run([script, "stop"], check=False, env=env, capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)

@@ -5,6 +5,10 @@ the webserver's GraphQL API the way the UI drives it: a person turns the domain'
 its tick launches the cycle; late outcomes land and the late-label sensor's tick launches the
 re-labelling of exactly the days they reach; a person launches approve_candidate and the approval
 sensor's tick deploys it. No sensor or schedule tick may fail on the way.
+
+It runs under the production profile (docs/deploying.md): the Dagster instance and MLflow's store
+and registry in a throwaway PostgreSQL server (the ``postgres_url`` fixture), which it checks they
+really used; without PostgreSQL's binaries it is skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
 import mlflow
+import psycopg2
 import pytest
 import yaml
 
@@ -41,17 +46,20 @@ REPOSITORY = {"repositoryLocationName": LOCATION, "repositoryName": "__repositor
 TODAY = datetime.now(UTC).date()
 LAST = TODAY - timedelta(days=1)  # a per-minute schedule's tick runs yesterday and the lateness days
 
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = [pytest.mark.timeout(1500), pytest.mark.postgres]
+ARTIFACTS = "shared-artifacts"  # production.mlflow_artifacts, under the home
 
 
 def write_config(path) -> None:
-    """flywheel.yaml with one domain, manual (a person approves), on a per-minute cadence, quick sensors."""
+    """flywheel.yaml with one domain, manual (a person approves), on a per-minute cadence, quick sensors;
+    the production profile."""
     raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
     domain = raw["domains"][DOMAIN]
     domain.update(cadence="* * * * *", lookback_days=4, holdout_days=2, automation="manual")
     domain["gate"].update(min_samples=100, min_ess=20)
     raw["domains"] = {DOMAIN: domain}
     raw["daemon"] = {"schedules": "stopped", "approval_sensor_seconds": 5, "late_label_sensor_seconds": 5}
+    raw.update(profile="production", production={"mlflow_artifacts": ARTIFACTS})
     path.write_text(yaml.safe_dump(raw))
 
 
@@ -115,12 +123,19 @@ def covered_days(run: dg.DagsterRun) -> set[date]:
     return {first + timedelta(days=offset) for offset in range((last - first).days + 1)}
 
 
+def postgres_rows(url: str, query: str, *params) -> list[tuple]:
+    with psycopg2.connect(url.replace("+psycopg2", ""), connect_timeout=10) as con, con.cursor() as cursor:
+        cursor.execute(query, params)
+        return cursor.fetchall()
+
+
 @pytest.fixture
-def deployment(tmp_path, monkeypatch):
+def deployment(tmp_path, monkeypatch, postgres_url):
     """A home with 14 days of traffic (the last day's batch held back), a code server, the daemon
-    and the webserver, all on loopback ports."""
-    for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI", "FLYWHEEL_CONFIG"):
+    and the webserver, all on loopback ports; Dagster's instance and MLflow in PostgreSQL."""
+    for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI", "FLYWHEEL_CONFIG", "FLYWHEEL_PROFILE"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FLYWHEEL_POSTGRES_URL", postgres_url)
     write_config(tmp_path / "flywheel.yaml")
     monkeypatch.setenv("FLYWHEEL_CONFIG", str(tmp_path / "flywheel.yaml"))
     home = Home(tmp_path / "home")
@@ -223,3 +238,17 @@ def test_schedules_late_label_backfills_and_ui_approval_run_through_the_daemon(d
             assert not [t for t in history if t["status"] == "FAILURE"], (name, history)
     for run in (cycle, accumulation, relabel, deploy):
         assert run.remote_job_origin.location_name == LOCATION
+
+    # Everything lived in PostgreSQL: Dagster's runs, event log and schedules, MLflow's registry.
+    dagster_db = config.production.postgres_url()
+    runs = dict(postgres_rows(dagster_db, "SELECT run_id, status FROM runs"))
+    assert {runs[run.run_id] for run in (cycle, accumulation, relabel, deploy)} == {"SUCCESS"}
+    assert postgres_rows(dagster_db, "SELECT count(*) FROM event_logs WHERE run_id = %s", cycle.run_id)[0][0] > 100
+    assert postgres_rows(dagster_db, "SELECT count(*) FROM job_ticks WHERE type = 'SCHEDULE' AND status = 'SUCCESS' "
+                         "AND tick_body LIKE %s", f"%{SCHEDULE}%")[0][0] >= 1
+    assert postgres_rows(dagster_db, "SELECT count(*) FROM job_ticks WHERE type = 'SENSOR'")[0][0] > 0
+    assert (registry.model_name(DOMAIN), registry.CHAMPION, int(outcome.version)) in postgres_rows(
+        home.mlflow_tracking_uri, "SELECT name, alias, version FROM registered_model_aliases")
+    deployed = client.get_model_version(registry.model_name(DOMAIN), outcome.version)
+    assert client.get_run(deployed.run_id).info.artifact_uri.startswith((home.root / ARTIFACTS).as_uri())
+    assert not list(home.dagster.rglob("*.db")) and not (home.mlflow / "mlflow.db").exists()

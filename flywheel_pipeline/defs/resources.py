@@ -42,14 +42,15 @@ class WarehouseResource(dg.ConfigurableResource):
 
 
 class MlflowResource(dg.ConfigurableResource):
-    """MLflow tracking + registry in the home folder (sqlite store, local artifacts)."""
+    """MLflow tracking + registry: the home's sqlite store, or PostgreSQL under the production
+    profile (``Home.mlflow_tracking_uri``)."""
 
     home_path: str
 
     def client(self):
         import mlflow
 
-        home = Home(Path(self.home_path).resolve()).ensure()
-        mlflow.set_tracking_uri(home.mlflow_tracking_uri)
-        mlflow.set_registry_uri(home.mlflow_tracking_uri)
-        return mlflow.MlflowClient(home.mlflow_tracking_uri)
+        uri = Home(Path(self.home_path).resolve()).ensure().mlflow_tracking_uri
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        return mlflow.MlflowClient(uri, uri)

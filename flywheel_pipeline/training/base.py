@@ -388,15 +388,15 @@ def input_example(domain: str, train: pd.DataFrame, rows: int = 2) -> pd.DataFra
 
 
 def ensure_experiment(home: Home, domain: str) -> str:
-    """The id of the domain's experiment (``flywheel-<domain>``, artifacts under the home),
-    created on first use; points this process's MLflow at the home."""
+    """The id of the domain's experiment (``flywheel-<domain>``, artifacts at the home's
+    ``mlflow_artifact_uri``), created on first use; points this process's MLflow at the home."""
     home.ensure()
     mlflow.set_tracking_uri(home.mlflow_tracking_uri)
     name = f"flywheel-{domain}"
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return mlflow.create_experiment(name, artifact_location=home.mlflow_artifacts.as_uri())
+    return mlflow.create_experiment(name, artifact_location=home.mlflow_artifact_uri)
 
 
 def close_abandoned_runs(home: Home, domain: str, in_progress: Callable[[str], bool]) -> list[str]:
