@@ -104,6 +104,9 @@ def test_a_forgotten_users_replayed_events_are_quarantined_empty_and_counted(hom
     write_batch(home, "2026-11-02", [*canary_events(), interaction("other")])
     run(home, config)
     forgotten = privacy.forget_user(home, config.domains, "u_canary")
+    with connect(home.warehouse("recommendation"), read_only=True) as con:  # no warehouse before: one now
+        assert con.execute("SELECT user_hash FROM privacy.forgotten_users").fetchall() == [
+            (privacy.user_hash("u_canary"),)]
     assert forgotten.landing_lines_removed == {"assistant/2026-11-02.jsonl": 3}
     assert "u_canary" not in (home.landing / "assistant" / "2026-11-02.jsonl").read_text()
     write_batch(home, "2026-11-03", canary_events(day="2026-11-02"))  # the same events delivered again
