@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import date
+
+import dagster as dg
 import pytest
+from dagster._utils.tags import TagConcurrencyLimitsCounter
 
 from flywheel_pipeline import approval, warehouse
 from flywheel_pipeline.accumulation import accumulate
 from flywheel_pipeline.cli import main
-from flywheel_pipeline.defs.sensors import domain_cursors
+from flywheel_pipeline.definitions import build_definitions
+from flywheel_pipeline.defs.jobs import cycle_job_name
+from flywheel_pipeline.defs.sensors import domain_cursors, relabel_requests
 from flywheel_pipeline.home import Home, HomeError
 from tests.test_accumulation import DAY, NOW, interaction, write_batch
 
@@ -90,3 +96,20 @@ def test_the_late_label_sensors_cursor_is_kept_per_domain():
     assert domain_cursors(before, DOMAINS) == {"assistant": before, "recommendation": before}
     assert domain_cursors('{"assistant": "2026-11-03T00:00:00"}', DOMAINS) == {
         "assistant": "2026-11-03T00:00:00", "recommendation": None}
+
+
+def test_the_run_queue_starts_one_run_per_domain_and_domains_side_by_side(home, config):
+    """The daemon's own counter over the home instance's limits and the tags flywheel's runs carry."""
+    defs = build_definitions(config, home)
+    with dg.DagsterInstance.from_config(str(home.dagster)) as instance:
+        limits = instance.run_coordinator.get_run_queue_config().tag_concurrency_limits
+
+    def run(tags: dict[str, str]) -> dg.DagsterRun:
+        return dg.DagsterRun(job_name="run", tags=tags)
+
+    cycles = {domain: run(defs.resolve_job_def(cycle_job_name(domain)).tags) for domain in DOMAINS}
+    relabel = run(relabel_requests([("assistant", date(2026, 11, 2))], [], "c")[0].tags)
+    queue = TagConcurrencyLimitsCounter(limits, [cycles["assistant"]])  # assistant's cycle is running
+    assert queue.is_blocked(cycles["assistant"]) and queue.is_blocked(relabel)  # its own runs wait
+    assert not queue.is_blocked(cycles["recommendation"])  # another domain's starts beside it
+    assert not TagConcurrencyLimitsCounter(limits, []).is_blocked(cycles["assistant"])
