@@ -50,16 +50,17 @@ pytestmark = [pytest.mark.timeout(1500), pytest.mark.postgres]
 ARTIFACTS = "shared-artifacts"  # production.mlflow_artifacts, under the home
 
 
-def write_config(path) -> None:
+def write_config(path, production: bool = False) -> None:
     """flywheel.yaml with one domain, manual (a person approves), on a per-minute cadence, quick sensors;
-    the production profile."""
+    the embedded profile, or the production one."""
     raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
     domain = raw["domains"][DOMAIN]
     domain.update(cadence="* * * * *", lookback_days=4, holdout_days=2, automation="manual")
     domain["gate"].update(min_samples=100, min_ess=20)
     raw["domains"] = {DOMAIN: domain}
     raw["daemon"] = {"schedules": "stopped", "approval_sensor_seconds": 5, "late_label_sensor_seconds": 5}
-    raw.update(profile="production", production={"mlflow_artifacts": ARTIFACTS})
+    if production:
+        raw.update(profile="production", production={"mlflow_artifacts": ARTIFACTS})
     path.write_text(yaml.safe_dump(raw))
 
 
@@ -136,7 +137,7 @@ def deployment(tmp_path, monkeypatch, postgres_url):
     for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI", "FLYWHEEL_CONFIG", "FLYWHEEL_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("FLYWHEEL_POSTGRES_URL", postgres_url)
-    write_config(tmp_path / "flywheel.yaml")
+    write_config(tmp_path / "flywheel.yaml", production=True)
     monkeypatch.setenv("FLYWHEEL_CONFIG", str(tmp_path / "flywheel.yaml"))
     home = Home(tmp_path / "home")
     monkeypatch.setenv("FLYWHEEL_HOME", str(home.root))
