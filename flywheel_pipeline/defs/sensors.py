@@ -107,9 +107,10 @@ def build_sensors(config: FlywheelConfig) -> list[dg.SensorDefinition]:
                            "writing is looked at again next tick.")
     def late_label_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource) -> dg.SensorResult:
         cursors = domain_cursors(context.cursor, config.domains)
+        home, selection = warehouse.home(), RELABEL_SELECTION.resolve(context.repository_def.asset_graph)
         requests, busy = [], []
         for domain in config.domains:
-            if not warehouse.home().warehouse(domain).exists():
+            if not home.warehouse(domain).exists():
                 continue
             since = datetime.fromisoformat(cursors[domain]) if cursors[domain] else None
             try:
@@ -122,7 +123,6 @@ def build_sensors(config: FlywheelConfig) -> list[dg.SensorDefinition]:
                 cursors[domain] = newest.isoformat()
             if stale:
                 context.log.info(f"late outcomes reached {len(stale)} labelled partitions: {stale}")
-                selection = RELABEL_SELECTION.resolve(context.repository_def.asset_graph)
                 requests += relabel_requests(stale, selection, cursors[domain])
         cursor = json.dumps(cursors, sort_keys=True)
         if requests:

@@ -591,8 +591,8 @@ def render_stored(home: Home, stored: Path) -> tuple[HealthReport, str]:
     (read-only), the truth its MLflow's candidates carry now."""
     report, validation = load_report(stored)
     history = None
-    if home.warehouse(report.domain).exists():
-        with connect(home.warehouse(report.domain), read_only=True) as con:
+    if (path := home.warehouse(report.domain)).exists():
+        with connect(path, read_only=True) as con:
             history = measure_history(con, report.domain)
     truth = {}
     if (home.mlflow / "mlflow.db").exists():

@@ -53,7 +53,14 @@ from flywheel_pipeline.labeling.safety import (
     dependent_sources,
     dependent_with,
 )
-from flywheel_pipeline.sources import IMPRESSIONS, DuckDBSource, Readable, Source, as_source
+from flywheel_pipeline.sources import (
+    IMPRESSION_KEY,
+    IMPRESSIONS,
+    DuckDBSource,
+    Readable,
+    Source,
+    as_source,
+)
 from flywheel_pipeline.warehouse import transaction
 
 logger = logging.getLogger(__name__)
@@ -71,7 +78,6 @@ CREATE TABLE IF NOT EXISTS labels.impression_labels (
 );
 """
 
-IMPRESSION_KEY = ["domain", "event_date", "interaction_id", "item_id"]
 # Read besides what the LFs read: cohorts, label delay and reaction windows, gold labels.
 _REPORT_COLUMNS = [
     "served_at",
@@ -327,8 +333,10 @@ def with_reaction_window(
     delay quantile before the end of its latest day in the warehouse (the moment maturity_cutoff
     measures from). Null, so the "not clicked" LFs abstain, where items are not clicked (an
     assistant's responses) or no delay is measured yet."""
-    latest = as_source(source).read(IMPRESSIONS, domain, columns=["event_date"])["event_date"].max() \
-        if settings.shape == "recommendation" else None
+    latest = None
+    if settings.shape == "recommendation":  # days from the last one read on: the domain's latest
+        latest = as_source(source).read(IMPRESSIONS, domain, first=impressions["event_date"].max(),
+                                        columns=["event_date"])["event_date"].max()
     if latest is None:
         return impressions.with_columns(pl.lit(None, pl.Boolean).alias(REACTION_WINDOW_CLOSED))
     maturity = settings.label_maturity

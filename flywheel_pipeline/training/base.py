@@ -28,7 +28,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from flywheel_pipeline.config import DomainConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import SERVING_FEATURE_DEFAULTS, SERVING_FEATURES
-from flywheel_pipeline.sources import IMPRESSIONS, LABELS, Readable, as_source
+from flywheel_pipeline.sources import IMPRESSION_KEY, IMPRESSIONS, LABELS, Readable, as_source
 
 # marts.fct_impressions columns known when the model chose (docs/warehouse.md).
 SERVING_TIME_COLUMNS = [
@@ -51,7 +51,6 @@ SERVING_TIME_COLUMNS = [
     "slate_size",
 ]
 LABEL_COLUMNS = ["p_good", "label"]
-IMPRESSION_KEY = ["domain", "event_date", "interaction_id", "item_id"]  # an impression's row in each table
 # A training run's metrics shown on their own in Dagster (the rest in a table).
 HEADLINE_METRICS = ("label_coverage", "exploration_share", "self_consumption_share", "internal_check_auc",
                     "training_auc")
