@@ -163,6 +163,12 @@ class Home:
         return f"sqlite:///{self.mlflow / 'mlflow.db'}"
 
     @property
+    def has_mlflow_store(self) -> bool:
+        """Whether MLflow's store is there to read (a reader must not make an empty sqlite one):
+        PostgreSQL's under the production profile, checked when the home is activated."""
+        return self.deployment.profile == "production" or (self.mlflow / "mlflow.db").exists()
+
+    @property
     def mlflow_artifacts(self) -> Path:
         """The embedded profile's artifacts folder."""
         return self.mlflow / "artifacts"

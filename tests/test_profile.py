@@ -40,6 +40,7 @@ def test_the_default_profile_is_embedded_with_sqlite_stores(project):
     assert load_config().profile == "embedded" and home.deployment.profile == "embedded"
     assert home.mlflow_tracking_uri == f"sqlite:///{home.mlflow / 'mlflow.db'}"
     assert home.mlflow_artifact_uri == home.mlflow_artifacts.as_uri()
+    assert not home.has_mlflow_store  # no sqlite store until something writes one
     with dg.DagsterInstance.from_config(str(home.dagster)) as instance:
         assert type(instance.run_storage).__name__ == "SqliteRunStorage"
         assert type(instance.run_launcher).__name__ == "LocalRunLauncher"
@@ -74,6 +75,7 @@ def test_production_writes_postgres_storage_read_from_the_named_variable(project
     assert config["run_monitoring"]["enabled"]
     monkeypatch.setenv("PG_URL", URL)
     assert home.mlflow_tracking_uri == "postgresql+psycopg2://flywheel:s3cret@db.internal:5432/flywheel_mlflow"
+    assert home.has_mlflow_store  # in PostgreSQL: a report reads the candidates' truth from it
 
     back = project().ensure()  # back to embedded: flywheel's own dagster.yaml is rewritten
     assert "storage" not in dagster_instance_config(str(back.dagster))[0]

@@ -595,7 +595,7 @@ def render_stored(home: Home, stored: Path) -> tuple[HealthReport, str]:
         with connect(path, read_only=True) as con:
             history = measure_history(con, report.domain)
     truth = {}
-    if (home.mlflow / "mlflow.db").exists():
+    if home.has_mlflow_store:
         earlier = [] if history is None else history["candidate_model_uri"].to_list()
         truth = simulator_truth(MlflowClient(home.mlflow_tracking_uri), [report.candidate_model_uri, *earlier])
     return report, render_html(report, history, validation, truth)
