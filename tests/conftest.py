@@ -17,6 +17,29 @@ from flywheel_pipeline.home import Home
 
 REPO = Path(__file__).resolve().parent.parent
 
+# `make test` runs the suite on two xdist workers (--dist loadgroup): each module is one group, so
+# its module-scoped fixtures are built once, and modules sharing a session fixture are one group.
+# Groups are handed out in this order, the longest first, so that both workers finish together.
+SHARED_FIXTURE_GROUPS = {"test_pipeline": "assistant_cycle", "test_training_sets": "assistant_cycle",
+                         "test_daemon": "postgres", "test_profile": "postgres"}
+LONGEST_FIRST = ["test_recovery", "postgres", "assistant_cycle", "test_incremental", "test_importers",
+                 "test_privacy", "test_signals", "test_review", "test_bulk", "test_warehouse",
+                 "test_validation"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def group(item: pytest.Item) -> str:
+        module = item.module.__name__.rpartition(".")[2]
+        return SHARED_FIXTURE_GROUPS.get(module, module)
+
+    def rank(item: pytest.Item) -> int:
+        name = group(item)
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=rank)  # stable: within a group, the module's own order
+
 
 @pytest.fixture
 def home(tmp_path: Path) -> Home:

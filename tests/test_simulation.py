@@ -197,6 +197,32 @@ def test_same_seed_gives_byte_identical_batches(tmp_path: Path) -> None:
     assert first != other_seed
 
 
+def _shifted_back(line: str, days: int) -> str:
+    """``line`` with every timestamp (ISO, or unix seconds as some bad rows have it) moved ``days``
+    days earlier."""
+    def earlier(match: re.Match) -> str:
+        moved = datetime.fromisoformat(match.group(0).replace("Z", "+00:00")) - timedelta(days=days)
+        return moved.strftime("%Y-%m-%dT%H:%M:%S") + "Z"
+    line = re.sub(r'"timestamp":(\d+)', lambda m: f'"timestamp":{int(m.group(1)) - days * 86_400}', line)
+    return re.sub(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", earlier, line)
+
+
+def test_the_same_seed_draws_the_same_world_whatever_date_it_starts(tmp_path: Path) -> None:
+    """Randomness is keyed by the day's number in the world, not the calendar: a test's outcome
+    cannot depend on the day it runs. Started 400 days apart, the batches differ only in dates."""
+    later = START + timedelta(days=400)
+    homes = [Home(tmp_path / name) for name in ("start", "later")]
+    for home, first in zip(homes, (START, later)):
+        simulate(home, CONFIG, first, 3, seed=3, interactions_per_day=200, bad_row_share=0.05)
+    early, late = (landing_bytes(home) for home in homes)
+    renamed = {name.replace(str(later + timedelta(days=n)), str(START + timedelta(days=n))): lines
+               for name, lines in late.items() for n in range(3) if str(later + timedelta(days=n)) in name}
+    assert renamed.keys() == early.keys() and len(early) >= 6
+    for name, lines in early.items():
+        moved = [_shifted_back(line, 400) for line in renamed[name].decode().splitlines()]
+        assert moved == lines.decode().splitlines(), name
+
+
 def test_every_valid_line_keeps_the_contract_and_bad_rows_are_the_rest(simulated) -> None:
     home, summary = simulated
     for domain in ("assistant", "recommendation"):

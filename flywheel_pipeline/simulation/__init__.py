@@ -26,7 +26,7 @@ from flywheel_pipeline.simulation.delivery import Outbox, write_batch
 from flywheel_pipeline.simulation.recommendation import Recommendation
 from flywheel_pipeline.simulation.serving import Audit, Policy, Product
 from flywheel_pipeline.simulation.traps import Traps
-from flywheel_pipeline.simulation.world import Stream, World, rng_for
+from flywheel_pipeline.simulation.world import Stream, World
 
 __all__ = ["DayBatch", "SimulationSummary", "label_batch", "simulate", "simulated_through",
            "true_accuracy", "true_labels"]
@@ -133,7 +133,7 @@ def _simulate_domain(home: Home, domain: str, shape: str, policy: Policy, traps:
     outbox = Outbox(folder / "outbox.jsonl")
     batches = []
     for day in (start + timedelta(days=n) for n in range(days)):
-        rng = {stream: rng_for(seed, domain, stream, day) for stream in DAILY_STREAMS}
+        rng = {stream: world.rng(stream, day) for stream in DAILY_STREAMS}
         world.grow_through(day)
         traffic = world.traffic(day, interactions_per_day, rng[Stream.TRAFFIC])
         served = product.serve_day(traffic, policy, rng)

@@ -30,7 +30,7 @@ class EventLog:
     def __init__(self, traffic: Traffic):
         self.events: list[dict] = []
         self._domain = traffic.domain
-        self._prefix = f"e_{traffic.domain}_{traffic.day.strftime('%Y%m%d')}_"
+        self._prefix = f"e_{traffic.domain}_d{traffic.day_number:04d}_"
         # plain lists: per-event indexing of numpy arrays is slow
         self._who = list(zip(traffic.user_id.tolist(), traffic.session_id.tolist(),
                              traffic.interaction_id.tolist()))

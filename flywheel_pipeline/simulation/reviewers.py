@@ -17,6 +17,7 @@ import numpy as np
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.review import VERDICT_CONTROL, review_folder
 from flywheel_pipeline.simulation import truth
+from flywheel_pipeline.simulation.world import World
 
 
 def answer_review_queue(home: Home, domain: str, day: date, *, reviewer_error: float = 0.05,
@@ -28,7 +29,8 @@ def answer_review_queue(home: Home, domain: str, day: date, *, reviewer_error: f
     tasks = json.loads(tasks_file.read_text())
     hidden = {(row["interaction_id"], row["item_id"]): row["good"]
               for row in truth.load(home.simulator / domain).iter_rows(named=True)}
-    wrong = np.random.default_rng([seed, day.toordinal()]).random(len(tasks)) < reviewer_error
+    day_number = World.load(home.simulator / domain).day_number(day)
+    wrong = np.random.default_rng([seed, day_number]).random(len(tasks)) < reviewer_error
     reviewed_at = datetime.combine(day, time(), UTC) + timedelta(days=1 + delay_days)
     export = [
         {"id": number, "data": task["data"], "annotations": [{

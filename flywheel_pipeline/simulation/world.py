@@ -1,8 +1,10 @@
 """The simulated product's hidden world: users who arrive, return and churn, day by day.
 
 Kept under ``Home.simulator/<domain>/`` (the pipeline never reads it) so that successive
-``simulate`` calls continue the same world. Randomness is keyed by (seed, domain, stream, day):
-a day's draws never depend on how many draws earlier days made.
+``simulate`` calls continue the same world. Randomness is keyed by (seed, domain, stream, day),
+the day counted from the world's first day (its epoch), never the calendar: a day's draws never
+depend on how many draws earlier days made, and the same seed makes the same world whichever date it
+starts on (a test's outcome cannot depend on the day it runs).
 """
 
 from __future__ import annotations
@@ -45,10 +47,11 @@ class Stream(IntEnum):
     TRAPS = 9
 
 
-def rng_for(seed: int, domain: str, stream: Stream, day: date | None = None) -> np.random.Generator:
+def rng_for(seed: int, domain: str, stream: Stream, day_number: int | None = None) -> np.random.Generator:
+    """The stream's generator; a daily stream's is keyed by the day's number from the epoch."""
     keys = [seed, zlib.crc32(domain.encode()), int(stream)]
-    if day is not None:
-        keys.append(day.toordinal())
+    if day_number is not None:
+        keys.append(day_number)
     return np.random.default_rng(keys)
 
 
@@ -67,6 +70,7 @@ class Traffic:
 
     domain: str
     day: date
+    day_number: int           # days since the world's epoch: names its interactions and events
     interaction_id: np.ndarray
     session_id: np.ndarray
     session: np.ndarray       # session number; a bot repeats one request within its session
@@ -141,6 +145,13 @@ class World:
         }
         (self.folder / "world.json").write_text(json.dumps(meta, indent=1) + "\n")
 
+    def day_number(self, day: date) -> int:
+        """Days since the world's epoch: what keys a day's randomness and names its interactions."""
+        return (day - self.epoch).days
+
+    def rng(self, stream: Stream, day: date) -> np.random.Generator:
+        return rng_for(self.seed, self.domain, stream, self.day_number(day))
+
     def grow_through(self, day: date) -> None:
         """Add the new users who arrive on each day up to ``day``."""
         cohorts = []
@@ -151,7 +162,7 @@ class World:
             self.users = pl.concat([self.users, *cohorts])
 
     def _arrivals(self, day: date) -> pl.DataFrame:
-        rng = rng_for(self.seed, self.domain, Stream.COHORT, day)
+        rng = self.rng(Stream.COHORT, day)
         return self._cohort(day, int(rng.poisson(self.population * CHURN_SHARE)), rng,
                             returning=False)
 
@@ -208,7 +219,7 @@ class World:
             np.clip(rng.normal(14 * 3600, 4.5 * 3600, len(human_lengths)), 0, 23 * 3600),
             rng.uniform(0, 22 * 3600, n_bots),
         ])
-        return _arrange(self.domain, day, sessions, lengths, starts, gaps)
+        return _arrange(self.domain, day, self.day_number(day), sessions, lengths, starts, gaps)
 
 
 def _session_lengths(interactions: int, rng: np.random.Generator) -> np.ndarray:
@@ -227,9 +238,10 @@ def _bot_sessions(interactions: int, rng: np.random.Generator) -> np.ndarray:
     return lengths[np.cumsum(lengths) <= interactions // 10]
 
 
-def _arrange(domain: str, day: date, sessions: dict[str, np.ndarray], lengths: np.ndarray,
-             starts: np.ndarray, gaps: np.ndarray) -> Traffic:
-    """Lay sessions out in time; number sessions and interactions in time order."""
+def _arrange(domain: str, day: date, day_number: int, sessions: dict[str, np.ndarray],
+             lengths: np.ndarray, starts: np.ndarray, gaps: np.ndarray) -> Traffic:
+    """Lay sessions out in time; number sessions and interactions in time order, named by the
+    world's day number (not the date: ids key hashes downstream, e.g. the label model's folds)."""
     by_start = np.argsort(starts, kind="stable")
     session_of = np.repeat(np.arange(len(lengths)), lengths)
     first = np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -241,10 +253,11 @@ def _arrange(domain: str, day: date, sessions: dict[str, np.ndarray], lengths: n
     session_rank[by_start] = np.arange(len(lengths))
     order = np.lexsort((offset, session_rank[session_of], served_at))
     session_of = session_of[order]
-    stamp = day.strftime("%Y%m%d")
+    stamp = f"d{day_number:04d}"
     return Traffic(
         domain=domain,
         day=day,
+        day_number=day_number,
         interaction_id=np.array([f"i_{domain}_{stamp}_{n:06d}" for n in range(len(order))],
                                 dtype=object),
         session_id=np.array([f"s_{domain}_{stamp}_{session_rank[s]:05d}" for s in session_of],
