@@ -20,11 +20,12 @@ REPO = Path(__file__).resolve().parent.parent
 # `make test` runs the suite on two xdist workers (--dist loadgroup): each module is one group, so
 # its module-scoped fixtures are built once, and modules sharing a session fixture are one group.
 # Groups are handed out in this order, the longest first, so that both workers finish together.
-SHARED_FIXTURE_GROUPS = {"test_pipeline": "assistant_cycle", "test_training_sets": "assistant_cycle",
+SHARED_FIXTURE_GROUPS = {"test_pipeline": "assistant_cycle", "test_sources": "assistant_cycle",
+                         "test_training_sets": "assistant_cycle",
                          "test_daemon": "postgres", "test_profile": "postgres"}
 LONGEST_FIRST = ["test_recovery", "postgres", "assistant_cycle", "test_incremental", "test_importers",
-                 "test_privacy", "test_signals", "test_review", "test_bulk", "test_warehouse",
-                 "test_validation"]
+                 "test_privacy", "test_signals", "test_services_stop", "test_review", "test_bulk",
+                 "test_warehouse", "test_validation"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -54,8 +55,9 @@ def config() -> FlywheelConfig:
 @pytest.fixture(scope="session")
 def assistant_cycle(tmp_path_factory):
     """One assistant cycle over simulated days with the training sets' events planted, shared by
-    test_pipeline (it reruns the cycle and relabels late outcomes) and then test_training_sets (whose
-    last tests forget a user and expire days): one cycle instead of two."""
+    test_pipeline (it reruns the cycle and relabels late outcomes), test_sources, and then
+    test_training_sets (whose last tests forget a user and expire days): one cycle instead of two.
+    The three modules are one xdist group and run in that (alphabetical) order."""
     from tests.test_pipeline import FIRST, LAST, simulated_cycle
     from tests.test_training_sets import plant
 

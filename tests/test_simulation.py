@@ -201,7 +201,7 @@ def _shifted_back(line: str, days: int) -> str:
     """``line`` with every timestamp (ISO, or unix seconds as some bad rows have it) moved ``days``
     days earlier."""
     def earlier(match: re.Match) -> str:
-        moved = datetime.fromisoformat(match.group(0).replace("Z", "+00:00")) - timedelta(days=days)
+        moved = datetime.fromisoformat(match.group(0)) - timedelta(days=days)
         return moved.strftime("%Y-%m-%dT%H:%M:%S") + "Z"
     line = re.sub(r'"timestamp":(\d+)', lambda m: f'"timestamp":{int(m.group(1)) - days * 86_400}', line)
     return re.sub(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", earlier, line)
@@ -510,11 +510,11 @@ def test_survivorship_drops_exactly_the_reactions_of_users_who_soon_churn(tmp_pa
     honest = simulate_trapped(Home(tmp_path / "honest"), "recommendation")
     home = Home(tmp_path / "trapped")
     trapped = simulate_trapped(home, "recommendation", ("survivorship",))
-    users = World.load(home.simulator / "recommendation").users
-    last_day = dict(zip(users["user_id"], users["last_day"]))
+    world = World.load(home.simulator / "recommendation")
+    last_day = dict(zip(world.users["user_id"], world.users["last_day"]))
 
     def churns_soon(event: dict) -> bool:
-        served = datetime.strptime(event["interaction_id"].split("_")[2], "%Y%m%d").date()
+        served = world.epoch + timedelta(days=int(event["interaction_id"].split("_")[2].removeprefix("d")))
         return last_day.get(event["user_id"], date.max) < served + timedelta(days=7)
 
     dropped = {e["event_id"] for _, e in honest
