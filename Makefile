@@ -22,11 +22,15 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 demo: setup
 	$(BIN)/flywheel demo
 
+# The full suite on two workers (tests/conftest.py groups the modules), with the slowest tests named.
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15
 
+# The Dagster UI on http://localhost:$(UI_PORT) with a code server and the daemon (sensors, run queue);
+# Ctrl-C or SIGTERM stops every process it started (flywheel_pipeline.launcher.serve_ui).
+UI_PORT ?= 3000
 ui: setup
-	$(BIN)/dagster dev -w workspace.yaml
+	$(BIN)/flywheel ui --port $(UI_PORT)
 
 # The home's MLflow store (sqlite, or PostgreSQL under the production profile), as the pipeline sees it.
 HOME_SAYS = $(BIN)/python -c 'from flywheel_pipeline.home import Home; print(Home.from_env().$(1))'

@@ -306,8 +306,9 @@ def check_deployable(con: duckdb.DuckDBPyConnection, client: MlflowClient, confi
 
 
 def deploy(con: duckdb.DuckDBPyConnection, client: MlflowClient, config: FlywheelConfig, key: bytes,
-           approval_id: int) -> tuple[str, str | None]:
-    """Move ``champion`` to the version a verified approval names. Returns (new, old) champion."""
+           approval_id: int) -> tuple[ApprovalRecord, str | None]:
+    """Move ``champion`` to the version a verified approval names. Returns the approval deployed and
+    the champion before it (None: the baseline)."""
     record = check_deployable(con, client, config, key, approval_id)
     previous = registry.promote(client, record.domain, record.model_version)
     con.execute(
@@ -315,4 +316,4 @@ def deploy(con: duckdb.DuckDBPyConnection, client: MlflowClient, config: Flywhee
         [approval_id, record.domain, record.model_version, previous,
          datetime.now(UTC).replace(tzinfo=None)],
     )
-    return record.model_version, previous
+    return record, previous

@@ -10,6 +10,7 @@
     flywheel forget      delete a user's data everywhere; list the models trained on it
     flywheel report      a domain's health report (one HTML page per cycle): write it again, --open it
     flywheel warehouse split   give each domain its own warehouse file (a home kept before in one)
+    flywheel ui          the Dagster UI with its daemon (`make ui`), until Ctrl-C or SIGTERM
 
 Runs go through the home's Dagster instance and daemon (``flywheel_pipeline.launcher``), so they
 show in the Dagster UI like runs launched there. Tool output (dbt, the daemon) goes to the home's
@@ -26,20 +27,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from rich.console import Console
 
 from flywheel_pipeline.config import ConfigError, FlywheelConfig, load_config
 from flywheel_pipeline.health import TRAPS
 from flywheel_pipeline.home import Home, HomeError
+from flywheel_pipeline.run_range import ACCUMULATE, RunRefused, run_range
+
+if TYPE_CHECKING:
+    from flywheel_pipeline.runs import CycleOutcome
 
 # Long paths stay whole (copy and paste); piped output gets room for the summary table.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 
 
+def _today() -> date:
+    return datetime.now(UTC).date()
+
+
 def _yesterday() -> date:
-    return datetime.now(UTC).date() - timedelta(days=1)
+    return _today() - timedelta(days=1)
 
 
 @contextmanager
@@ -103,33 +112,57 @@ def cmd_import(args: argparse.Namespace) -> None:
         for reason, n in counts.most_common():
             console.print(f"  {title}: {reason} {n:,}")
     if report.days:
-        console.print(f"next: flywheel run --domain {report.domain} --start {report.days[0]} --end {report.days[-1]} "
-                      f"(accumulates the batches, labels, trains, validates: the gate decision prints at the end)")
+        _print_after_import(report.domain, report.days[0], report.days[-1],
+                            reviews=set(report.events) == {"label"})
+
+
+def _print_after_import(domain: str, first: date, last: date, reviews: bool) -> None:
+    """The next steps after an import: load its days without training (first, for reviews), or
+    the whole cycle over the windows ending on its last day."""
+    load = (f"flywheel run --domain {domain} --start {first} --end {last} --only {ACCUMULATE}   "
+            f"(accumulates the batches and labels their days; no training)")
+    cycle = (f"flywheel run --domain {domain} --end {last}   (the whole cycle over the domain's "
+             f"windows ending {last}: the gate decision prints at the end)")
+    steps = [load, cycle] if reviews else [cycle, load]
+    console.print(f"next: {steps[0]}\n  or: {steps[1]}")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     from flywheel_pipeline.defs.ui import run_url
     from flywheel_pipeline.launcher import local_dagster
-    from flywheel_pipeline.runs import next_step_for_person, run_cycle
+    from flywheel_pipeline.runs import run_cycle
 
     home, config = Home.existing().activate(), load_config()
     config.domain(args.domain)
-    last = args.end or _yesterday()
-    first = args.start or last - timedelta(days=6)
-    if first > last:
-        raise SystemExit(f"flywheel: --start {first} is after --end {last}")
-    console.print(f"{args.domain} {first}..{last}: accumulate -> filter -> label -> fine-tune -> validate -> "
-                  f"register (tool output: {'here' if args.verbose else home.log})")
+    first, last = run_range(home, config, args.domain, args.start, args.end, _today(),
+                            accumulate_only=args.only is not None)  # refused before anything starts
+    steps = "accumulate -> filter -> label" + (
+        "" if args.only else " -> fine-tune -> validate -> register")
+    console.print(f"{args.domain} {first}..{last}: {steps} "
+                  f"(tool output: {'here' if args.verbose else home.log})")
     with tool_output(home, args.verbose) as log, local_dagster(home, log) as dagster:
         outcome = run_cycle(
-            dagster, args.domain, first, last,
+            dagster, args.domain, first, last, only=args.only,
             on_step=lambda step: console.print(f"  {_mark(step.status)} {step.name} {step.status}"
                                                + (f": {step.detail}" if step.detail else "")),
             on_submit=lambda run_id: console.print(f"  run {run_id} ({run_url(config, run_id)})"),
         )
-    held_out = outcome.held_out()
-    console.print(f"{args.domain}: run {outcome.status.value.lower()}; gate [bold]{outcome.gate or 'not reached'}[/]"
-                  + (f" ({held_out})" if held_out else ""))
+    _print_outcome(config, outcome)
+    if not outcome.succeeded:
+        sys.exit(1)
+
+
+def _print_outcome(config: FlywheelConfig, outcome: CycleOutcome) -> None:
+    """How a cycle's run ended, what its gate decided (a whole cycle), and the next step."""
+    from flywheel_pipeline.runs import next_step_for_person
+
+    status = f"{outcome.domain}: run {outcome.status.value.lower()}"
+    if outcome.only:
+        console.print(status)
+    else:
+        held_out = outcome.held_out()
+        console.print(f"{status}; gate [bold]{outcome.gate or 'not reached'}[/]"
+                      + (f" ({held_out})" if held_out else ""))
     if outcome.reasons and outcome.gate != "passed":
         console.print(f"  {outcome.reasons}")
     for check in outcome.failed_checks:
@@ -137,10 +170,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     if outcome.revisit:
         console.print(f"  revisited the previous inconclusive candidate: {outcome.revisit}")
     if outcome.version:
-        console.print(f"  registered {args.domain} v{outcome.version}")
+        console.print(f"  registered {outcome.domain} v{outcome.version}")
     console.print(f"next: {next_step_for_person(config, outcome)}")
-    if not outcome.succeeded:
-        sys.exit(1)
 
 
 def _mark(status: str) -> str:
@@ -179,7 +210,7 @@ def cmd_approve(args: argparse.Namespace) -> None:
             champion = registry.alias_version(client, args.domain, registry.CHAMPION)
             if not deploy.is_success:
                 raise SystemExit(f"flywheel: the deployment of {args.domain} v{version} was refused: "
-                                 f"{failure(dagster.instance, deploy.run_id)} (champion: {f'v{champion}' if champion else 'none'})")
+                                 f"{failure(dagster.instance, deploy.run_id)} (champion: {registry.shown_champion(champion)})")
             console.print(f"deployed: {args.domain} champion is v{champion}")
 
 
@@ -232,6 +263,8 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def _print_status(home: Home, config: FlywheelConfig) -> None:
+    """Per domain: its warehouse's tables and row counts, and its model's aliases (``champion=baseline``
+    before the first deployment: the product serves its baseline)."""
     import mlflow
 
     from flywheel_pipeline import registry
@@ -251,10 +284,11 @@ def _print_status(home: Home, config: FlywheelConfig) -> None:
                 for (table,) in tables:
                     count = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
                     console.print(f"  {table:<32} {count:>10,} rows")
-        aliases = {alias: registry.alias_version(client, domain, alias)
-                   for alias in (registry.CHAMPION, registry.CANDIDATE, registry.PREVIOUS)}
-        console.print(f"  {registry.model_name(domain)}: " +
-                      ", ".join(f"{alias}=v{v}" if v else f"{alias}=none" for alias, v in aliases.items()))
+        champion = registry.shown_champion(registry.alias_version(client, domain, registry.CHAMPION))
+        others = {alias: registry.alias_version(client, domain, alias)
+                  for alias in (registry.CANDIDATE, registry.PREVIOUS)}
+        console.print(f"  {registry.model_name(domain)}: champion={champion}, "
+                      + ", ".join(f"{alias}=v{v}" if v else f"{alias}=none" for alias, v in others.items()))
 
 
 def cmd_warehouse_split(args: argparse.Namespace) -> None:
@@ -292,6 +326,19 @@ def cmd_report(args: argparse.Namespace) -> None:
         webbrowser.open(page.resolve().as_uri())
 
 
+def cmd_ui(args: argparse.Namespace) -> None:
+    from flywheel_pipeline.launcher import serve_ui
+
+    home = Home.from_env().activate()
+    console.print(f"starting the Dagster code server, daemon and webserver for {home.root} "
+                  f"(tool output: {'here' if args.verbose else home.log})")
+    with tool_output(home, args.verbose) as log:
+        serve_ui(home, log, args.port, on_ready=lambda url: console.print(
+            f"Dagster UI on {url}, its daemon running the sensors and the run queue; "
+            "Ctrl-C stops them all"))
+    console.print("stopped the Dagster UI, its daemon and its code server")
+
+
 def _date(text: str) -> date:
     try:
         return date.fromisoformat(text)
@@ -315,7 +362,8 @@ def parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     simulate = commands.add_parser("simulate", help="write simulated landing batches")
-    simulate.add_argument("--days", type=int, default=7)
+    simulate.add_argument("--days", type=int, default=35,
+                          help="days of traffic (default 35: a training window of 28 days and a held-out week)")
     simulate.add_argument("--start", type=_date,
                           help="first day (default: the day after the last simulated one, else DAYS days ending yesterday)")
     simulate.add_argument("--per-day", type=int, default=1500)
@@ -341,8 +389,14 @@ def parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", parents=[verbose], help="run one domain's cycle over a range of days")
     run.add_argument("--domain", required=True)
-    run.add_argument("--start", type=_date, help="first day (default: 6 days before --end)")
+    run.add_argument("--start", type=_date,
+                     help="first day (default: the first day of the domain's windows, "
+                          "lookback_days + holdout_days ending --end; no earlier than the home's "
+                          "first day of traffic)")
     run.add_argument("--end", type=_date, help="last day (default: yesterday)")
+    run.add_argument("--only", choices=[ACCUMULATE],
+                     help="accumulate: accumulate -> filter -> label only, no training (e.g. after "
+                          "`flywheel import` of reviews)")
     run.set_defaults(func=cmd_run)
 
     approve = commands.add_parser("approve", parents=[verbose],
@@ -378,6 +432,11 @@ def parser() -> argparse.ArgumentParser:
     split = warehouse_commands.add_parser("split", help="give each domain its own warehouse file, from the one "
                                                         "file a home kept before (docs/warehouse.md)")
     split.set_defaults(func=cmd_warehouse_split)
+
+    ui = commands.add_parser("ui", parents=[verbose], help="the Dagster UI with its daemon (`make ui`), "
+                                                           "until Ctrl-C or SIGTERM")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(func=cmd_ui)
     return root
 
 
@@ -397,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (ConfigError, HomeError, ApprovalError, RegistryError, LaunchError, PrivacyError,
-            WarehouseBusy, UnreadableFile) as error:
+            WarehouseBusy, UnreadableFile, RunRefused) as error:
         raise SystemExit(f"flywheel: {error}") from None
 
 

@@ -17,6 +17,7 @@ from flywheel_pipeline.defs.jobs import (
     cycle_job_name,
     deploy_champion,
     enforce_retention,
+    relabel_job,
     rollback_champion,
 )
 from flywheel_pipeline.defs.partitions import range_tags
@@ -37,8 +38,8 @@ def build_definitions(config: FlywheelConfig, home: Home) -> dg.Definitions:
         assets=[*build_data_assets(config), build_dbt_assets(config), build_review_queue(config), *model_assets,
                 *training_set_assets],
         asset_checks=quality_checks(config),
-        jobs=[*(cycle_job(d) for d in config.domains), approve_candidate, deploy_champion, rollback_champion,
-              enforce_retention],
+        jobs=[*(cycle_job(d) for d in config.domains), *(relabel_job(d) for d in config.domains),
+              approve_candidate, deploy_champion, rollback_champion, enforce_retention],
         schedules=[*(build_schedule(config, domain) for domain in config.domains), build_retention_schedule(config)],
         sensors=build_sensors(config),
         resources={

@@ -158,8 +158,7 @@ class Demo:
             outcome = follow_cycle(dagster, domain, run_id,
                                    on_step=lambda step: status.update(f"{label}: {step.name} {step.status}"))
             if not outcome.succeeded:
-                raise LaunchError(f"{domain} cycle {cycle} {outcome.status.value.lower()}; "
-                                  f"see run {outcome.run_id} in the Dagster UI")
+                raise LaunchError(f"{domain} cycle {cycle} {outcome.status.value.lower()}: {outcome.failure}")
             status.update(f"{label}: {outcome.gate}; deploying")
             self._approve(dagster, outcome, status)
         self.console.print(f"  {label} in {time.monotonic() - started:.0f}s; gate {outcome.gate}"
@@ -222,9 +221,11 @@ def _reason_codes(reasons: str) -> str:
 
 
 def print_summary(rows: list[CycleRow], oracles: dict[str, float], console: Console) -> None:
+    """Each cycle's row, then each domain's oracle; rates to 3 decimals, as the cycle lines say them."""
     table = Table(title="flywheel: each cycle's candidate and champion, scored against the simulator's hidden truth",
                   caption="held out: candidate vs champion on the primary metric; true: accuracy against the "
-                          "hidden truth")
+                          f"hidden truth; {registry.BASELINE}: no model deployed yet, the product serves its "
+                          "baseline")
     for column in ("cycle", "domain", "served by", "held out", "gate", "candidate true", "registered",
                    "champion", "champion true"):
         table.add_column(column, no_wrap=column in ("domain", "held out"), overflow="fold")

@@ -17,22 +17,24 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 import dagster as dg
 import psutil
+from dagster._core.definitions.repository_definition import SINGLETON_REPOSITORY_NAME
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 from dagster._core.storage.tags import GRPC_INFO_TAG
 
@@ -43,9 +45,26 @@ PROJECT_WORKSPACE = Path(__file__).resolve().parent.parent / "workspace.yaml"
 BIN = Path(sys.executable).parent
 HEARTBEAT_FRESH_SECONDS = 60
 START_TIMEOUT_SECONDS = 180
+STOP_GRACE_SECONDS = 8  # a service still running this long after SIGTERM is killed
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what `kill` and service managers send
+IN_PROGRESS = {dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
+               dg.DagsterRunStatus.CANCELING}
 FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 PROGRESS_EVENTS = {dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE,
                    dg.DagsterEventType.STEP_SKIPPED, dg.DagsterEventType.ASSET_CHECK_EVALUATION}
+RUN_ENDS = {dg.DagsterEventType.RUN_FAILURE, dg.DagsterEventType.RUN_CANCELED}
+# The Launchpad's mutation: the run, or why it was refused.
+LAUNCH_RUN = """mutation Launch($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename ... on LaunchRunSuccess { run { runId } } ... on Error { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}"""
+# A Python exception's last line, `module.SomeError: message`, as tracebacks end.
+EXCEPTION_LINE = re.compile(r"^([A-Za-z_]\w*\.)*[A-Z]\w*(Error|Exception|Exit|Failure)\b(:.*)?$")
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
+LOG_TAIL_BYTES = 64 * 1024  # how much of the log's end a failure to start is looked for in
+MAX_CAUSE_CHARS = 500
 
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", socket.gethostname()}
@@ -134,16 +153,30 @@ class Dagster:
     workspace: Path
     log: IO[str] | None
 
-    def submit(self, job: str, tags: dict[str, str] | None = None, run_config: dict | None = None) -> str:
-        """Launch ``job`` as the UI's Launchpad would; returns the run id (the run waits in the queue)."""
-        run_id = str(uuid.uuid4())
-        command = [str(BIN / "dagster"), "job", "launch", "-w", str(self.workspace), "-l", LOCATION, "-j", job,
-                   "--run-id", run_id, "--tags", json.dumps(tags or {}),
-                   "--config-json", json.dumps(run_config or {})]
-        done = subprocess.run(command, check=False, stdout=self.log, stderr=subprocess.STDOUT, text=True)
-        if done.returncode != 0 or self.instance.get_run_by_id(run_id) is None:
-            raise LaunchError(f"could not launch {job} (exit {done.returncode}); see the log")
-        return run_id
+    def submit(self, job: str, tags: dict[str, str] | None = None, run_config: dict | None = None,
+               assets: Sequence[dg.AssetKey] | None = None) -> str:
+        """Launch ``job`` (only ``assets`` of it, with their checks, when given) as the UI's
+        Launchpad does; returns the run id (the run waits in the queue). Refused with the launch's
+        own error: a bad config, a partition the job does not know."""
+        selector = {"repositoryLocationName": LOCATION, "repositoryName": SINGLETON_REPOSITORY_NAME,
+                    "jobName": job}
+        if assets:
+            selector["assetSelection"] = [{"path": key.path} for key in assets]
+        params = {"selector": selector, "runConfigData": run_config or {}, "executionMetadata": {
+            "tags": [{"key": key, "value": value} for key, value in (tags or {}).items()]}}
+        with tempfile.TemporaryDirectory(prefix="flywheel-launch-") as folder:
+            response = Path(folder) / "response.json"
+            command = [str(BIN / "dagster-graphql"), "-w", str(self.workspace), "-t", LAUNCH_RUN,
+                       "-v", json.dumps({"params": params}), "-o", str(response)]
+            done = subprocess.run(command, check=False, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+            _echo(self.log, done.stdout)
+            if done.returncode != 0 or not response.exists():
+                raise LaunchError(f"could not launch {job}: {cause(done.stdout)}")
+            launched = json.loads(response.read_text())["data"]["launchRun"]
+        if launched["__typename"] != "LaunchRunSuccess":
+            raise LaunchError(f"could not launch {job}: {_refusal(launched)}")
+        return launched["run"]["runId"]
 
     def wait(self, run_id: str, on_step: Callable[[Step], None] = lambda step: None,
              timeout: float = 3600) -> dg.DagsterRun:
@@ -204,11 +237,18 @@ def op_error(error) -> str:
 
 
 def failure(instance: dg.DagsterInstance, run_id: str) -> str:
-    """Why a run failed: its first failed step's own error."""
+    """Why a run failed: its first failed step's own error, else the run's own end (its process
+    died, it did not start, it was canceled)."""
     for record in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records:
         if message := op_error(record.event_log_entry.dagster_event.step_failure_data.error):
             return message
-    return f"see run {run_id}"
+    for record in instance.get_records_for_run(run_id, of_type=RUN_ENDS, ascending=False).records:
+        event = record.event_log_entry.dagster_event
+        if message := op_error(getattr(event.event_specific_data, "error", None)) or event.message:
+            return message
+    run = instance.get_run_by_id(run_id)
+    status = run.status.value.lower() if run else "unknown to the instance"
+    return f"run {run_id} is {status} and no step of it failed"
 
 
 def _check_detail(metadata) -> str:
@@ -239,25 +279,100 @@ def _start(command: list[str], log: IO[str] | None) -> subprocess.Popen:
                             cwd=PROJECT_WORKSPACE.parent, env=os.environ.copy())
 
 
-def _stop(process: subprocess.Popen, grace: float = 20) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+def _stop(*processes: subprocess.Popen, grace: float = STOP_GRACE_SECONDS) -> None:
+    """End the sessions ``_start`` began for ``processes``, all at once: SIGTERM, then SIGKILL to
+    whatever of them (their children included) still runs ``grace`` seconds later."""
+    members = [member for process in processes for member in _session_members(process)]
+    _signal_sessions(processes, signal.SIGTERM)
+    if not _ended(members, grace):
+        _signal_sessions(processes, signal.SIGKILL)
+        _ended(members, grace)
+    for process in processes:
         process.wait()
 
 
-def _wait_until(ready: Callable[[], bool], what: str, processes: list[subprocess.Popen]) -> None:
+def _ended(members: list[psutil.Process], timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for every one of ``members`` to end; whether they have."""
+    deadline = time.monotonic() + timeout
+    while any(_running(member) for member in members):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _session_members(process: subprocess.Popen) -> list[psutil.Process]:
+    """The process and every process it started, as they are now."""
+    try:
+        leader = psutil.Process(process.pid)
+        return [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal_sessions(processes: Sequence[subprocess.Popen], signum: int) -> None:
+    for process in processes:
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:  # every process of that session has ended
+            pass
+
+
+def _running(member: psutil.Process) -> bool:
+    """Whether a process still runs: an ended one waiting to be reaped (a zombie) does not."""
+    try:
+        return member.is_running() and member.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_until(ready: Callable[[], bool], what: str, processes: list[subprocess.Popen],
+                log: IO[str] | None = None) -> None:
+    """Wait until ``ready``; refused, with the last error the processes printed to ``log``, when
+    one of them exits or they are not ready in time."""
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while not ready():
-        if any(process.poll() is not None for process in processes):
-            raise LaunchError(f"{what} exited while starting; see the log")
+        if exited := [process for process in processes if process.poll() is not None]:
+            raise LaunchError(f"{what} exited while starting (exit {exited[0].returncode}): "
+                              f"{printed(log)}")
         if time.monotonic() > deadline:
-            raise LaunchError(f"{what} did not start within {START_TIMEOUT_SECONDS}s; see the log")
+            raise LaunchError(f"{what} did not start within {START_TIMEOUT_SECONDS}s: "
+                              f"{printed(log)}")
         time.sleep(1)
+
+
+def printed(log: IO[str] | None) -> str:
+    """The last error the tools printed to ``log`` (the home's flywheel.log), and where the rest is;
+    with --verbose (no log) it is above, in the terminal."""
+    if log is None:
+        return "its output is above"
+    log.flush()
+    with open(log.name, "rb") as text:
+        text.seek(max(0, text.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+        tail = text.read().decode(errors="replace")
+    return f"{cause(tail)} (the rest in {log.name})"
+
+
+def cause(output: str) -> str:
+    """The error a tool printed: the last exception line of its output (``CheckError: Invariant
+    failed...``), else its last line."""
+    lines = [line.strip() for line in ANSI_CODES.sub("", output).splitlines() if line.strip()]
+    errors = [line for line in lines if EXCEPTION_LINE.match(line)]
+    found = errors[-1] if errors else lines[-1] if lines else "it printed nothing"
+    return found[:MAX_CAUSE_CHARS]
+
+
+def _refusal(launched: dict) -> str:
+    """Why GraphQL refused a launch: the config's errors, or the error's message."""
+    if errors := launched.get("errors"):
+        return "; ".join(error["message"] for error in errors)
+    return launched.get("message", launched["__typename"]).strip()
+
+
+def _echo(log: IO[str] | None, output: str) -> None:
+    """A tool's captured output to the log (or, with --verbose, the terminal)."""
+    (log or sys.stdout).write(output)
+    (log or sys.stdout).flush()
 
 
 def _answers(url: str) -> bool:
@@ -275,7 +390,7 @@ def webserver(workspace: Path, log: IO[str] | None, port: int | None = None) -> 
     url = f"http://127.0.0.1:{port}"
     process = _start([str(BIN / "dagster-webserver"), "-w", str(workspace), "-h", "127.0.0.1", "-p", str(port)], log)
     try:
-        _wait_until(lambda: _answers(f"{url}/server_info"), "the Dagster webserver", [process])
+        _wait_until(lambda: _answers(f"{url}/server_info"), "the Dagster webserver", [process], log)
         yield url
     finally:
         _stop(process)
@@ -323,20 +438,153 @@ def local_dagster(home: Home, log: IO[str] | None) -> Iterator[Dagster]:
 
 @contextmanager
 def _services(instance: dg.DagsterInstance, home: Home, log: IO[str] | None) -> Iterator[Dagster]:
-    """A code server and a daemon for this instance, until every run they launched has finished."""
-    if shutil.which("dagster-daemon", path=str(BIN)) is None:
-        raise LaunchError(f"dagster-daemon is not installed in {BIN}")
+    """A code server and a daemon for this instance, until every run they launched has finished
+    (when the command fails, until the runs in progress have); Ctrl-C or SIGTERM stops them at
+    once."""
+    with _stopped_by_signals(), _code_server_and_daemon(instance, home, log) as services:
+        dagster = Dagster(instance, services.workspace, log)
+        try:
+            yield dagster
+            dagster.wait_for_idle()  # what the command and the sensors launched runs to its end
+        except Exception:  # a stop (KeyboardInterrupt) does not wait
+            services.stop_daemon()
+            dagster.wait_for_idle({dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED})
+            raise
+
+
+def serve_ui(home: Home, log: IO[str] | None, port: int, on_ready: Callable[[str], None]) -> None:
+    """``make ui``: the Dagster UI on ``port``, with a code server and a daemon for the home that
+    also serve the commands started beside it, until Ctrl-C or SIGTERM stops them all (runs in
+    progress fail with them; queued ones wait for the next daemon)."""
+    instance = dg.DagsterInstance.get()
+    try:
+        with _stopped_by_signals(), ExitStack() as stack:
+            with _only_command_with_services(home):
+                if daemon_running(instance):
+                    raise LaunchError("a Dagster daemon already runs for this home (another "
+                                      "`make ui`, or one killed less than a minute ago): use it, "
+                                      "or stop it first")
+                services = stack.enter_context(_code_server_and_daemon(instance, home, log))
+            on_ready(services.start_webserver(port))
+            while services.running():
+                time.sleep(1)
+    except KeyboardInterrupt:
+        return
+    raise LaunchError(f"a Dagster service exited: {printed(log)}")
+
+
+@contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """Within it, the first SIGINT or SIGTERM raises KeyboardInterrupt (later ones are ignored while
+    the services stop), whatever they did before: a shell's background job ignores SIGINT, and
+    Python ends at SIGTERM without stopping anything. The services started within get both signals
+    at their defaults: Dagster's processes handle SIGTERM as they handle SIGINT, and so would ignore
+    both had they inherited an ignored SIGINT (``dagster dev`` did, in the background)."""
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+    def stop(signum: int, frame: object) -> None:
+        _ignore_stop_signals()
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _ignore_stop_signals() -> None:
+    """A second Ctrl-C or SIGTERM must not cut short the stopping of the services
+    (``_stopped_by_signals`` sets them back)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+@dataclass
+class _Services:
+    """Dagster's processes for the home's instance, each in a session of its own: a code server on
+    ``port`` and what uses it through ``workspace`` (the daemon, the webserver)."""
+
+    instance: dg.DagsterInstance
+    log: IO[str] | None
+    port: int
+    workspace: Path
+    processes: list[subprocess.Popen] = field(default_factory=list)
+    daemon: subprocess.Popen | None = None
+
+    def start_code_server(self) -> None:
+        command = [str(BIN / "dagster"), "code-server", "start", "-m",
+                   "flywheel_pipeline.definitions", "--location-name", LOCATION, "-h", "127.0.0.1",
+                   "-p", str(self.port)]
+        self._start(command, "the Dagster code server", lambda: _listening(self.port))
+
+    def start_daemon(self) -> None:
+        if shutil.which("dagster-daemon", path=str(BIN)) is None:
+            raise LaunchError(f"dagster-daemon is not installed in {BIN}")
+        self.daemon = self._start([str(BIN / "dagster-daemon"), "run", "-w", str(self.workspace)],
+                                  "the Dagster daemon", lambda: daemon_running(self.instance))
+
+    def start_webserver(self, port: int) -> str:
+        """The Dagster UI on 127.0.0.1:``port``; returns its URL."""
+        url = f"http://127.0.0.1:{port}"
+        self._start([str(BIN / "dagster-webserver"), "-w", str(self.workspace), "-h", "127.0.0.1",
+                     "-p", str(port)], "the Dagster webserver",
+                    lambda: _answers(f"{url}/server_info"))
+        return url
+
+    def _start(self, command: list[str], what: str, ready: Callable[[], bool]) -> subprocess.Popen:
+        process = _start(command, self.log)
+        self.processes.append(process)
+        _wait_until(ready, what, [process], self.log)
+        return process
+
+    def running(self) -> bool:
+        """Whether every process started still runs."""
+        return all(process.poll() is None for process in self.processes)
+
+    def stop_daemon(self) -> None:
+        """Stop the daemon, so that it launches nothing more; the next command must not take its
+        heartbeats for a running daemon."""
+        if self.daemon is not None:
+            _stop(self.daemon)
+        self.instance.wipe_daemon_heartbeats()
+
+    def stop(self) -> None:
+        """Stop every process at once; then no daemon looks alive and no run the code server was
+        running looks in progress."""
+        _ignore_stop_signals()
+        _stop(*self.processes)
+        self.instance.wipe_daemon_heartbeats()
+        _end_runs_of_stopped_server(self.instance, self.port)
+
+
+@contextmanager
+def _code_server_and_daemon(instance: dg.DagsterInstance, home: Home, log: IO[str] | None
+                            ) -> Iterator[_Services]:
+    """A code server on a free port and a daemon using it, stopped on the way out
+    (``_Services.stop``)."""
     port = free_port()
-    dagster = Dagster(instance, grpc_workspace(home, port), log)
-    with ExitStack() as stack:  # on the way out, in reverse: daemon, its heartbeats, started runs, server
-        server = _start([str(BIN / "dagster"), "code-server", "start", "-m", "flywheel_pipeline.definitions",
-                         "--location-name", LOCATION, "-h", "127.0.0.1", "-p", str(port)], log)
-        stack.callback(_stop, server)
-        stack.callback(dagster.wait_for_idle, {dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED})
-        _wait_until(lambda: _listening(port), "the Dagster code server", [server])
-        daemon = _start([str(BIN / "dagster-daemon"), "run", "-w", str(dagster.workspace)], log)
-        stack.callback(instance.wipe_daemon_heartbeats)  # the next command must not take it for running
-        stack.callback(_stop, daemon)
-        _wait_until(lambda: daemon_running(instance), "the Dagster daemon", [daemon])
-        yield dagster
-        dagster.wait_for_idle()  # what the command and the sensors launched runs to its end
+    services = _Services(instance, log, port, grpc_workspace(home, port))
+    try:
+        services.start_code_server()
+        services.start_daemon()
+        yield services
+    finally:
+        services.stop()
+
+
+def _end_runs_of_stopped_server(instance: dg.DagsterInstance, port: int) -> None:
+    """The runs the code server on ``port`` was running ended with it: mark them failed (canceled
+    when a person asked to terminate them) rather than leave them in progress."""
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=list(IN_PROGRESS))):
+        server = json.loads(run.tags.get(GRPC_INFO_TAG, "{}"))
+        if server.get("host") != "127.0.0.1" or server.get("port") != port:
+            continue
+        if run.status == dg.DagsterRunStatus.CANCELING:
+            instance.report_run_canceled(run, "its code server was stopped while it was terminated")
+        else:
+            instance.report_run_failed(run, "the code server running it was stopped before it "
+                                            "finished (`make ui`, or the command that started it, "
+                                            "ended)")

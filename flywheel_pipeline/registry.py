@@ -4,6 +4,9 @@
     flywheel-<domain>@champion    serving
     flywheel-<domain>@previous    the champion before, kept for rollback
 
+Before its first deployment a domain has no champion: the product serves its baseline, shown as
+``baseline`` everywhere (``shown_champion``).
+
 Lineage (data windows, row counts, label model, code version, validation run) rides on each
 version as tags, so the registry alone answers "what was this model trained on".
 """
@@ -18,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
+BASELINE = "baseline"  # what a domain serves while it has no champion (scoring.baseline_scorer)
 
 
 class RegistryError(RuntimeError):
@@ -45,6 +49,26 @@ def alias_version(client: MlflowClient, domain: str, alias: str) -> str | None:
         return str(client.get_model_version_by_alias(model_name(domain), alias).version)
     except MlflowException:
         return None
+
+
+def shown_champion(version: str | None) -> str:
+    """``v4``, or ``baseline`` while no version has been deployed."""
+    return f"v{version}" if version else BASELINE
+
+
+def champion_summary(client: MlflowClient, domain: str) -> str:
+    """The champion as it is now, and how it got there: ``v4 (deployed 2026-11-28T10:02:11+00:00,
+    approved by recsys-lead)``, ``v3 (restored by a rollback at ...)``, or ``baseline (no model
+    deployed yet)``."""
+    version = alias_version(client, domain, CHAMPION)
+    if version is None:
+        return f"{BASELINE} (no model deployed yet)"
+    tags = version_tags(client, domain, version)
+    deployed, restored = tags.get("deployed_at", ""), tags.get("restored_at", "")
+    if restored and restored >= deployed:
+        return f"v{version} (restored by a rollback at {restored})"
+    approver = f", approved by {tags['approval.approver']}" if tags.get("approval.approver") else ""
+    return f"v{version} (deployed {deployed or 'at an unrecorded time'}{approver})"
 
 
 def alias_uri(client: MlflowClient, domain: str, alias: str) -> str | None:
@@ -89,7 +113,9 @@ def rollback(client: MlflowClient, domain: str) -> tuple[str, str]:
         raise RegistryError(f"{name} has no previous champion to roll back to")
     client.set_registered_model_alias(name, CHAMPION, previous)
     client.delete_registered_model_alias(name, PREVIOUS)
-    client.set_model_version_tag(name, current, "rolled_back_at", _now())
+    now = _now()
+    client.set_model_version_tag(name, current, "rolled_back_at", now)
+    client.set_model_version_tag(name, previous, "restored_at", now)
     return current, previous
 
 

@@ -12,11 +12,13 @@ import dagster as dg
 
 from flywheel_pipeline import registry
 from flywheel_pipeline.config import FlywheelConfig
-from flywheel_pipeline.defs.assets import model_keys
+from flywheel_pipeline.defs.assets import LABELS, model_keys
 from flywheel_pipeline.defs.jobs import cycle_job_name
 from flywheel_pipeline.defs.partitions import range_tags
+from flywheel_pipeline.defs.transform import RAW_EVENTS, dbt_model_keys
 from flywheel_pipeline.defs.ui import approval_launchpad_url, run_url
-from flywheel_pipeline.launcher import Dagster, LaunchError, Step
+from flywheel_pipeline.launcher import Dagster, LaunchError, Step, failure
+from flywheel_pipeline.run_range import ACCUMULATE
 
 OUTCOME_EVENTS = {dg.DagsterEventType.ASSET_MATERIALIZATION, dg.DagsterEventType.ASSET_CHECK_EVALUATION}
 
@@ -37,41 +39,56 @@ class CycleOutcome:
     version: str | None = None  # registered candidate version
     next_step: str = ""
     failed_checks: list[str] = field(default_factory=list)  # ``check_failure`` of each, the gate aside
+    failure: str = ""  # why the run did not succeed (launcher.failure)
+    only: str | None = None  # ACCUMULATE: the run covered accumulation and labels only
 
     @property
     def succeeded(self) -> bool:
         return self.status == dg.DagsterRunStatus.SUCCESS
 
     def held_out(self, detail: bool = True) -> str:
-        """``dr 0.812 vs 0.655 (+0.157 [+0.12, +0.19])``: the candidate against the champion, held out
-        (without ``detail``: ``0.812 vs 0.655``)."""
+        """``dr 0.812 vs 0.655 (+0.1570 [+0.1203, +0.1911])``: the candidate against the champion,
+        held out (without ``detail``: ``0.812 vs 0.655``). Values to 3 decimals, as the true
+        accuracies beside them; the difference and its interval signed to 4, as the gate's reasons
+        and the revisit's summary say them."""
         e = self.evidence
         if "primary_metric" not in e:
             return ""
         if not detail:
             return f"{e['candidate']:.3f} vs {e['champion']:.3f}"
         return (f"{e['primary_metric']} {e['candidate']:.3f} vs {e['champion']:.3f} "
-                f"({e['difference']:+.3f} {e['difference_ci']})")
+                f"({e['difference']:+.4f} {e['difference_ci']})")
 
 
 def run_cycle(dagster: Dagster, domain: str, first: date, last: date,
               on_step: Callable[[Step], None] = lambda step: None,
-              on_submit: Callable[[str], None] = lambda run_id: None) -> CycleOutcome:
-    """Submit ``domain``'s cycle over first..last, follow it, and read back what it decided;
-    refused while another run of the domain's cycle is queued or in progress."""
-    run_id = submit_cycle(dagster, domain, first, last)
+              on_submit: Callable[[str], None] = lambda run_id: None,
+              only: str | None = None) -> CycleOutcome:
+    """Submit ``domain``'s cycle over first..last (``only`` ACCUMULATE: its accumulation and
+    labels), follow it, and read back what it decided; refused while another run of the domain's
+    cycle is queued or in progress."""
+    run_id = submit_cycle(dagster, domain, first, last, only)
     on_submit(run_id)
     return follow_cycle(dagster, domain, run_id, on_step)
 
 
-def submit_cycle(dagster: Dagster, domain: str, first: date, last: date) -> str:
-    """Queue ``domain``'s cycle over first..last (the queue runs other domains' cycles beside it);
-    refused while another run of the domain's cycle is queued or in progress."""
+def submit_cycle(dagster: Dagster, domain: str, first: date, last: date,
+                 only: str | None = None) -> str:
+    """Queue ``domain``'s cycle over first..last (``only`` ACCUMULATE: its accumulation_assets);
+    the queue runs other domains' cycles beside it. Refused while another run of the domain's
+    cycle is queued or in progress."""
     job = cycle_job_name(domain)
     if running := dagster.active_runs(job):
         raise LaunchError(f"domain {domain} is already running (run {running[-1].run_id}, "
                           f"{running[-1].status.value.lower()}): run it again once that run has ended")
-    return dagster.submit(job, range_tags(domain, first, last))
+    assets = accumulation_assets() if only == ACCUMULATE else None
+    return dagster.submit(job, range_tags(domain, first, last), assets=assets)
+
+
+def accumulation_assets() -> list[dg.AssetKey]:
+    """What `flywheel run --only accumulate` materializes of a cycle (with their checks): the
+    landing batches into raw tables, the dbt models, and labels; no training."""
+    return [RAW_EVENTS, *dbt_model_keys(), LABELS]
 
 
 def follow_cycle(dagster: Dagster, domain: str, run_id: str,
@@ -81,8 +98,12 @@ def follow_cycle(dagster: Dagster, domain: str, run_id: str,
 
 
 def read_outcome(instance: dg.DagsterInstance, domain: str, run: dg.DagsterRun) -> CycleOutcome:
-    outcome = CycleOutcome(domain, run.run_id, run.status)
     keys = model_keys(domain)
+    outcome = CycleOutcome(domain, run.run_id, run.status)
+    if run.status != dg.DagsterRunStatus.SUCCESS:
+        outcome.failure = failure(instance, run.run_id)
+    if run.asset_selection is not None and keys["candidate_model"] not in run.asset_selection:
+        outcome.only = ACCUMULATE
     for record in instance.get_records_for_run(run.run_id, of_type=OUTCOME_EVENTS).records:
         event = record.event_log_entry.dagster_event
         if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
@@ -133,13 +154,17 @@ def wait_for_deployment(dagster: Dagster, config: FlywheelConfig, domain: str, v
         time.sleep(2)
     raise LaunchError(f"no deployment of {domain} v{version} after {config.daemon.approval_sensor_seconds + 600}s; "
                       f"is the approval sensor running? (current champion: "
-                      f"v{registry.alias_version(client, domain, registry.CHAMPION)})")
+                      f"{registry.shown_champion(registry.alias_version(client, domain, registry.CHAMPION))})")
 
 
 def next_step_for_person(config: FlywheelConfig, outcome: CycleOutcome) -> str:
     """One line a person can act on after a cycle."""
     if not outcome.succeeded:
-        return f"the run {outcome.status.value.lower()}: open {run_url(config, outcome.run_id)}"
+        return (f"the run {outcome.status.value.lower()}: {outcome.failure}; its steps and logs: "
+                f"{run_url(config, outcome.run_id)}")
+    if outcome.only == ACCUMULATE:
+        return (f"accumulated and labelled; the next cycle trains on them: flywheel run --domain "
+                f"{outcome.domain}")
     if outcome.version is None:
         return f"nothing to approve: the gate {outcome.gate or 'did not run'}"
     if config.domain(outcome.domain).automation == "auto":

@@ -13,6 +13,7 @@ import yaml
 
 from flywheel_pipeline import approval, registry
 from flywheel_pipeline.config import load_config
+from flywheel_pipeline.defs.assets import model_keys
 from flywheel_pipeline.defs.jobs import approve_candidate, deploy_champion, rollback_champion
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.defs.sensors import build_sensors
@@ -93,6 +94,12 @@ def champion(client, domain: str = "recommendation") -> str | None:
     return registry.alias_version(client, domain, registry.CHAMPION)
 
 
+def shown_on_the_asset(instance, domain: str = "recommendation") -> dict[str, str]:
+    """The latest observation of the domain's registered_candidate: what its Events tab shows."""
+    (record,) = instance.fetch_observations(model_keys(domain)["registered_candidate"], limit=1).records
+    return {name: entry.value for name, entry in record.asset_observation.metadata.items()}
+
+
 def sql(resources, statement: str, params: list | None = None) -> None:
     with resources["warehouse"].approvals() as con:
         approval.ensure_tables(con)
@@ -111,6 +118,11 @@ def test_sensor_deploys_only_after_an_approval(resources, client, instance):
     assert deploy(resources, instance, approval_id(result.run_requests[0])).success
     assert champion(client) == version
     assert registry.alias_version(client, "recommendation", registry.CANDIDATE) is None
+    deployed_at = registry.version_tags(client, "recommendation", version)["deployed_at"]
+    assert shown_on_the_asset(instance) == {  # the asset page says so, not "waiting for approval"
+        "champion": f"v{version} (deployed {deployed_at}, approved by recsys-lead)",
+        "change": f"deploy_champion deployed v{version}, approved by recsys-lead (approval 1)",
+        "candidate": "none", "previous": "none"}
 
     assert tick(resources, instance, cursor=result.cursor).run_requests == []
     assert tick(resources, instance).run_requests == []  # a deployed approval never deploys again
@@ -296,11 +308,17 @@ def test_rollback_restores_the_previous_champion(resources, client, instance):
     assert champion(client) == second
     assert registry.alias_version(client, "recommendation", registry.PREVIOUS) == first
 
+    assert shown_on_the_asset(instance)["previous"] == f"v{first}"
     rollback_champion.execute_in_process(
-        run_config={"ops": {"restore_previous": {"config": {"domain": "recommendation"}}}}, resources=resources)
+        run_config={"ops": {"restore_previous": {"config": {"domain": "recommendation"}}}}, resources=resources,
+        instance=instance)
 
     assert champion(client) == first
     assert "rolled_back_at" in registry.version_tags(client, "recommendation", second)
+    restored_at = registry.version_tags(client, "recommendation", first)["restored_at"]
+    assert shown_on_the_asset(instance) == {
+        "champion": f"v{first} (restored by a rollback at {restored_at})",
+        "change": f"rollback_champion rolled back v{second}", "candidate": "none", "previous": "none"}
     with pytest.raises(registry.RegistryError, match="no previous champion"):
         registry.rollback(client, "recommendation")
 

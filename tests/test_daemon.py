@@ -27,12 +27,13 @@ import yaml
 
 from flywheel_pipeline import registry, simulation
 from flywheel_pipeline.config import load_config
+from flywheel_pipeline.defs.assets import model_keys
+from flywheel_pipeline.defs.jobs import LATE_LABELS_TAG, relabel_job_name
 from flywheel_pipeline.defs.partitions import (
     PARTITION_RANGE_END_TAG,
     PARTITION_RANGE_START_TAG,
     range_tags,
 )
-from flywheel_pipeline.defs.sensors import LATE_LABELS_TAG
 from flywheel_pipeline.defs.ui import APPROVE_JOB, APPROVE_OP, LOCATION
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.launcher import Dagster, local_dagster, webserver
@@ -215,6 +216,7 @@ def test_schedules_late_label_backfills_and_ui_approval_run_through_the_daemon(d
     relabel = finished_run(dagster, 600, **LATE_LABELS_TAG)
     assert relabel.status == dg.DagsterRunStatus.SUCCESS
     assert relabel.tags["dagster/sensor_name"] == "late_label_sensor"
+    assert relabel.job_name == relabel_job_name(DOMAIN)  # shown under its own job, not __ASSET_JOB
     dagster.wait_for_idle()
     relabelled = set().union(*(covered_days(run) for run in dagster.instance.get_runs(dg.RunsFilter(tags=LATE_LABELS_TAG))))
     with connect(home.warehouse(DOMAIN), read_only=True) as con:
@@ -231,6 +233,8 @@ def test_schedules_late_label_backfills_and_ui_approval_run_through_the_daemon(d
     deploy = finished_run(dagster, 300, **{"flywheel/version": outcome.version, "flywheel/domain": DOMAIN})
     assert deploy.job_name == "deploy_champion" and deploy.status == dg.DagsterRunStatus.SUCCESS
     assert registry.alias_version(client, DOMAIN, registry.CHAMPION) == outcome.version
+    (shown,) = dagster.instance.fetch_observations(model_keys(DOMAIN)["registered_candidate"], limit=1).records
+    assert shown.asset_observation.metadata["champion"].value.startswith(f"v{outcome.version} (deployed ")
 
     # No tick failed, and the runs are the UI's: under their job, from the code location.
     for sensor in ("approval_sensor", "late_label_sensor"):

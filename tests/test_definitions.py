@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import date
+
 import dagster as dg
 
 from flywheel_pipeline.definitions import build_definitions
 from flywheel_pipeline.defs.assets import LABELS, model_keys
+from flywheel_pipeline.defs.jobs import (
+    LATE_LABELS_TAG,
+    cycle_job_name,
+    relabel_job_name,
+    warehouse_tags,
+)
+from flywheel_pipeline.defs.sensors import relabel_requests
 from flywheel_pipeline.defs.transform import (
     RAW_EVENTS,
     dbt_model_key,
@@ -35,3 +44,21 @@ def test_definitions_load_and_wire_every_domains_chain(home, config):
     assert not blocking & set(TRAPS)  # the health checks warn unless a domain's health.blocking names them
     assert {s.name for s in defs.sensors} == {"approval_sensor", "late_label_sensor"}
     assert {s.name for s in defs.schedules} == {"assistant_weekly", "recommendation_quarterly", "retention_daily"}
+
+
+def test_late_labels_relabel_under_each_domains_named_job(home, config):
+    """The late-label sensor's runs show under ``<domain>_relabel``: the dbt models and labels, over
+    the cycle's partitions, tagged for the run queue like the domain's other runs."""
+    defs = build_definitions(config, home)
+    sensor = defs.resolve_sensor_def("late_label_sensor")
+    assert {target.job_name for target in sensor.targets} == {relabel_job_name(d) for d in config.domains}
+    for domain in config.domains:
+        job = defs.resolve_job_def(relabel_job_name(domain))
+        assets = job.asset_layer.executable_asset_keys
+        assert LABELS in assets and fct_impressions_key() in assets and RAW_EVENTS not in assets
+        assert job.partitions_def == defs.resolve_job_def(cycle_job_name(domain)).partitions_def
+        assert job.tags == {**LATE_LABELS_TAG, **warehouse_tags(domain)}
+    (request,) = relabel_requests([("recommendation", date(2026, 11, 2)), ("recommendation", date(2026, 11, 3))],
+                                  "cursor")
+    assert request.job_name == "recommendation_relabel" and request.asset_selection is None
+    assert request.tags["dagster/asset_partition_range_end"] == "2026-11-03|recommendation"

@@ -10,8 +10,10 @@ from pathlib import Path
 import duckdb
 import polars as pl
 import pytest
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from flywheel_pipeline import registry
 from flywheel_pipeline.cli import main
 from flywheel_pipeline.health import TRAPS, Finding, HealthReport
 from flywheel_pipeline.health.report import (
@@ -225,6 +227,37 @@ def test_cli_report_writes_the_latest_cycle_again(home: Home, monkeypatch: pytes
     main(["report", "--domain", DOMAIN, "--as-of", "2026-11-22", "--output", str(output), "--open"])
     assert opened == [output.as_uri()]
     assert sections(output.read_text()).keys() == set(TRAPS)
+
+
+def meta(html: str) -> dict[str, str]:
+    """The page's header: each <dt> and its <dd>."""
+    return dict(re.findall(r"<dt>([^<]*)</dt><dd>(.*?)</dd>", html))
+
+
+def test_the_cycles_page_names_its_champion_and_says_how_to_see_the_one_now(page: str) -> None:
+    shown = meta(page)
+    assert shown["champion during the cycle"] == "v2"
+    assert "flywheel report --domain support writes it again with the champion then" in shown["champion now"]
+    assert meta(render_html(health_report(0), None, None))["champion during the cycle"] == "baseline"
+
+
+def test_cli_report_names_the_champion_as_the_registry_has_it_now(home: Home, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("FLYWHEEL_HOME", str(home.root))
+    store(home)
+    client = MlflowClient(tracking_uri=home.mlflow_tracking_uri, registry_uri=home.mlflow_tracking_uri)
+    main(["report", "--domain", DOMAIN])
+    page = Path(capsys.readouterr().out.strip())
+    assert meta(page.read_text())["champion now"].startswith("baseline (no model deployed yet), as of ")
+
+    version = registry.register_candidate(client, DOMAIN, (home.root / "model").as_uri(), None,
+                                         {"approval.approver": "lead"})
+    registry.promote(client, DOMAIN, version)
+    main(["report", "--domain", DOMAIN])
+    deployed_at = registry.version_tags(client, DOMAIN, version)["deployed_at"]
+    shown = meta(page.read_text())
+    assert shown["champion during the cycle"] == "v2"  # what the cycle audited and compared against
+    assert shown["champion now"].startswith(f"v{version} (deployed {deployed_at}, approved by lead), as of ")
 
 
 def test_cli_report_says_when_there_is_none(home: Home, monkeypatch: pytest.MonkeyPatch) -> None:

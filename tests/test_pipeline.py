@@ -18,7 +18,7 @@ from flywheel_pipeline import registry, simulation
 from flywheel_pipeline.config import FlywheelConfig, HealthSettings, load_config
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.defs.assets import LABELS, model_keys
-from flywheel_pipeline.defs.jobs import cycle_job_name
+from flywheel_pipeline.defs.jobs import cycle_job_name, relabel_job_name
 from flywheel_pipeline.defs.partitions import (
     PARTITION_RANGE_END_TAG,
     PARTITION_RANGE_START_TAG,
@@ -195,9 +195,10 @@ def test_late_outcomes_relabel_exactly_their_labelled_days(cycle):
     tick = late_label_sensor(context)
     requested = set().union(*(requested_days(request) for request in tick.run_requests))
     assert requested == {(DOMAIN, day) for day in expected}
-    for request in tick.run_requests:  # the dbt models feeding labels, and labels; never accumulation
-        assert {LABELS, fct_impressions_key()} <= set(request.asset_selection)
-        assert RAW_EVENTS not in request.asset_selection
+    assert {request.job_name for request in tick.run_requests} == {relabel_job_name(DOMAIN)}
+    job = defs.resolve_job_def(relabel_job_name(DOMAIN))  # the dbt models feeding labels, and labels
+    assert {LABELS, fct_impressions_key()} <= job.asset_layer.executable_asset_keys
+    assert RAW_EVENTS not in job.asset_layer.executable_asset_keys  # never accumulation
 
     again = dg.build_sensor_context(instance=instance, resources=sensor_resources, definitions=defs,
                                     cursor=tick.cursor)
@@ -205,10 +206,9 @@ def test_late_outcomes_relabel_exactly_their_labelled_days(cycle):
 
     before = dict(rows(home, f"""SELECT event_date, sum(hash(interaction_id, item_id, p_good))
                                  FROM labels.impression_labels WHERE domain = '{DOMAIN}' GROUP BY ALL"""))
-    job = defs.resolve_job_def(cycle_job_name(DOMAIN))
     for request in tick.run_requests:  # what the daemon launches for each request
-        assert job.execute_in_process(instance=instance, tags=request.tags, asset_selection=request.asset_selection,
-                                      raise_on_error=False).success
+        run = job.execute_in_process(instance=instance, tags=request.tags, raise_on_error=False)
+        assert run.success and run.dagster_run.job_name == relabel_job_name(DOMAIN)
     after = dict(rows(home, f"""SELECT event_date, sum(hash(interaction_id, item_id, p_good))
                                 FROM labels.impression_labels WHERE domain = '{DOMAIN}' GROUP BY ALL"""))
     assert {day for day in before if after[day] != before[day]} <= expected

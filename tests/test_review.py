@@ -17,7 +17,6 @@ from flywheel_pipeline.accumulation import accumulate
 from flywheel_pipeline.config import ConfigError, ReviewQueue, parse_config
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.defs.assets import LABELS
-from flywheel_pipeline.defs.jobs import cycle_job_name
 from flywheel_pipeline.defs.review import REVIEW_QUEUE
 from flywheel_pipeline.defs.transform import RAW_EVENTS, dbt_model_keys
 from flywheel_pipeline.importers.base import Rejected
@@ -304,9 +303,8 @@ def test_reviews_of_a_labelled_day_come_back_as_gold_relabel_it_and_validation_s
     (request,) = tick.run_requests
     assert request.tags["dagster/asset_partition_range_start"].startswith(f"{first}|")
     assert request.tags["dagster/asset_partition_range_end"].startswith(f"{first}|")
-    job = defs.resolve_job_def(cycle_job_name(DOMAIN))
-    assert job.execute_in_process(instance=instance, tags=request.tags, asset_selection=request.asset_selection,
-                                  raise_on_error=False).success
+    job = defs.resolve_job_def(request.job_name)
+    assert job.execute_in_process(instance=instance, tags=request.tags, raise_on_error=False).success
 
     # marts hold every review; validation's gold only the audit ones (and the product's own audit)
     queued = rows(home, f"""SELECT q.selection, i.review_value IS NOT NULL, i.audit_review_value IS NOT NULL,

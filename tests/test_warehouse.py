@@ -108,7 +108,7 @@ def test_the_run_queue_starts_one_run_per_domain_and_domains_side_by_side(home, 
         return dg.DagsterRun(job_name="run", tags=tags)
 
     cycles = {domain: run(defs.resolve_job_def(cycle_job_name(domain)).tags) for domain in DOMAINS}
-    relabel = run(relabel_requests([("assistant", date(2026, 11, 2))], [], "c")[0].tags)
+    relabel = run(relabel_requests([("assistant", date(2026, 11, 2))], "c")[0].tags)
     queue = TagConcurrencyLimitsCounter(limits, [cycles["assistant"]])  # assistant's cycle is running
     assert queue.is_blocked(cycles["assistant"]) and queue.is_blocked(relabel)  # its own runs wait
     assert not queue.is_blocked(cycles["recommendation"])  # another domain's starts beside it

@@ -15,6 +15,7 @@ from functools import partial
 
 import dagster as dg
 import duckdb
+from mlflow import MlflowClient
 
 from flywheel_pipeline import approval, registry
 from flywheel_pipeline.accumulation import accumulate
@@ -33,6 +34,7 @@ from flywheel_pipeline.training.base import close_abandoned_runs
 from flywheel_pipeline.validation import ValidationReport, validate_cycle
 
 LABELS = dg.AssetKey("labels")
+DEPLOYMENTS_SINCE = "deployments since: this asset's observations (Events)"
 
 
 def model_keys(domain: str) -> dict[str, dg.AssetKey]:
@@ -133,7 +135,10 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
               description="A candidate that passed its gate, registered with lineage and aliased "
                           "`candidate`; auto domains also get their approval here. Not materialized "
                           "when the gate did not pass (see the validation_report's gate check), nor when "
-                          "a blocking flywheel_health check failed.")
+                          "a blocking flywheel_health check failed. Its materialization tells the state "
+                          "at registration; each deployment (deploy_champion) and rollback "
+                          "(rollback_champion) since is an observation of it (Events): the champion, "
+                          "candidate and previous versions as they are then.")
     def registered_candidate(context: dg.AssetExecutionContext, candidate: TrainingResult,
                              report: ValidationReport, health: HealthReport, warehouse: WarehouseResource,
                              mlflow: MlflowResource) -> Iterator[dg.MaterializeResult]:
@@ -179,11 +184,12 @@ def _gate_check(report: ValidationReport) -> dg.AssetCheckResult:
 def _next_step(config: FlywheelConfig, domain: str, version: str, warehouse: WarehouseResource,
                client) -> dict[str, object]:
     """Auto domains approve themselves; a manual domain's candidate waits, with a link that opens
-    the approve_candidate Launchpad filled in for it."""
+    the approve_candidate Launchpad filled in for it. Said as of registration: a deployment since
+    is the asset's latest observation (``champion_observation``)."""
     if config.domain(domain).automation != "auto":
         approvers = ", ".join(config.domain(domain).approvers)
         return {
-            "next": f"waiting for approval by {approvers}",
+            "next": f"waiting for approval by {approvers} when registered; {DEPLOYMENTS_SINCE}",
             "approve": dg.MetadataValue.md(
                 f"**[Approve {domain} v{version}]({approval_launchpad_url(config, domain, version)})**: opens "
                 f"approve_candidate's Launchpad filled in; check it and click Launch Run."),
@@ -191,4 +197,17 @@ def _next_step(config: FlywheelConfig, domain: str, version: str, warehouse: War
     with warehouse.approvals() as con:
         record = approval.record_auto_approval(con, client, config, approval.signing_key(warehouse.home()),
                                                domain, version)
-    return {"next": f"auto-approved (approval {record.approval_id}); the approval sensor deploys it"}
+    return {"next": f"auto-approved (approval {record.approval_id}); the approval sensor deploys it; "
+                    f"{DEPLOYMENTS_SINCE}"}
+
+
+def champion_observation(client: MlflowClient, domain: str, change: str) -> dg.AssetObservation:
+    """The registered_candidate asset's state after ``change`` (a deployment or a rollback) moved
+    the champion alias: an observation, since no version was registered, their roles changed."""
+    aliases = {alias: registry.alias_version(client, domain, alias)
+               for alias in (registry.CANDIDATE, registry.PREVIOUS)}
+    return dg.AssetObservation(
+        asset_key=model_keys(domain)["registered_candidate"], description=change,
+        metadata={"champion": registry.champion_summary(client, domain), "change": change,
+                  **{alias: f"v{version}" if version else "none" for alias, version in aliases.items()}},
+    )

@@ -2,6 +2,8 @@
 
     <domain>_cycle      accumulate -> filter -> label (-> review queue) -> fine-tune -> validate -> register
                         (schedules); an assistant domain's training sets too, from its labels
+    <domain>_relabel    rebuild the dbt models and labels of the days late outcomes reached
+                        (launched by the late-label sensor)
     approve_candidate   record a person's approval or rejection of a candidate version
     deploy_champion     move `champion` to an approved version (launched by the approval sensor)
     rollback_champion   put the previous champion back
@@ -11,19 +13,25 @@
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
+from functools import cache
 from typing import Literal
 
 import dagster as dg
 from pydantic import Field
 
 from flywheel_pipeline import approval, privacy, registry
-from flywheel_pipeline.defs.assets import LABELS, model_keys
+from flywheel_pipeline.defs.assets import LABELS, champion_observation, model_keys
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.defs.review import REVIEW_QUEUE
 from flywheel_pipeline.defs.training_sets import training_sets_group
 from flywheel_pipeline.defs.transform import DBT_MODELS, RAW_EVENTS
 
 WAREHOUSE = "flywheel/warehouse"
+LATE_LABELS_TAG = {"flywheel/reason": "late-labels"}
+# What a late outcome changes: the dbt models' partitions of the interactions it reacts to (rebuilt
+# together, so the marts stay consistent with each other and their tests pass) and their labels.
+# Never accumulation: the outcome is already in raw.
+RELABEL_SELECTION = DBT_MODELS | dg.AssetSelection.assets(LABELS)
 # A person's decision and a deployment take seconds: one that hangs is terminated after 10 minutes
 # (the instance's run monitoring). They write only the approvals' file, in short transactions.
 QUICK_JOB_TAGS = {"dagster/max_runtime": "600"}
@@ -47,6 +55,22 @@ def cycle_job(domain: str):  # an unresolved asset job (its type is not public)
         cycle_job_name(domain), selection=selection,
         tags=warehouse_tags(domain),
         description=f"{domain}: accumulate -> filter (dbt + GX) -> label -> fine-tune -> validate -> register",
+    )
+
+
+def relabel_job_name(domain: str) -> str:
+    return f"{domain}_relabel"
+
+
+@cache  # one definition per domain: the sensor that launches it and the Definitions share it
+def relabel_job(domain: str):  # an unresolved asset job, as cycle_job
+    """A domain's re-labelling of a range of its days: the dbt models, then labels (the partitions
+    come from the run's range tags, as the cycle's)."""
+    return dg.define_asset_job(
+        relabel_job_name(domain), selection=RELABEL_SELECTION,
+        tags={**LATE_LABELS_TAG, **warehouse_tags(domain)},
+        description=f"{domain}: rebuild the dbt models and labels of the days late outcomes or reviews "
+                    f"reached (launched by the late_label_sensor)",
     )
 
 
@@ -87,10 +111,16 @@ class DeployConfig(dg.Config):
                    "the champion alias to the version it names; the old one becomes previous.")
 def deploy_approved(context: dg.OpExecutionContext, config: DeployConfig,
                     warehouse: WarehouseResource, mlflow: MlflowResource) -> None:
+    client = mlflow.client()
     with warehouse.approvals() as con, refusal_as_failure():
-        new, old = approval.deploy(con, mlflow.client(), warehouse.config(),
-                                   approval.signing_key(warehouse.home()), config.approval_id)
-    context.log.info(f"v{new} was already the champion" if new == old else f"champion is now v{new} (previous: v{old})")
+        record, old = approval.deploy(con, client, warehouse.config(), approval.signing_key(warehouse.home()),
+                                      config.approval_id)
+    new = record.model_version
+    context.log.info(f"v{new} was already the champion" if new == old
+                     else f"champion is now v{new} (previous: {registry.shown_champion(old)})")
+    context.log_event(champion_observation(
+        client, record.domain, f"deploy_champion deployed v{new}, approved by {record.approver} "
+                               f"(approval {record.approval_id})"))
 
 
 class RollbackConfig(dg.Config):
@@ -99,8 +129,11 @@ class RollbackConfig(dg.Config):
 
 @dg.op(description="Put the previous champion back.")
 def restore_previous(context: dg.OpExecutionContext, config: RollbackConfig, mlflow: MlflowResource) -> None:
-    rolled_back, restored = registry.rollback(mlflow.client(), config.domain)
+    client = mlflow.client()
+    rolled_back, restored = registry.rollback(client, config.domain)
     context.log.info(f"{config.domain}: rolled back v{rolled_back}, champion is v{restored} again")
+    context.log_event(champion_observation(client, config.domain,
+                                           f"rollback_champion rolled back v{rolled_back}"))
 
 
 @dg.job(tags=QUICK_JOB_TAGS, description="A person approves or rejects a candidate (launch from the Launchpad).")

@@ -1,8 +1,8 @@
 """Sensors: approvals launch deployments; late outcomes re-label the partitions they change.
 
 Both are declared the way the Dagster daemon checks them: the approval sensor targets the
-``deploy_champion`` job; the late-label sensor declares the assets it may launch (``labels`` and the
-dbt models that feed it), so every run request it yields is validated against that selection.
+``deploy_champion`` job; the late-label sensor targets each domain's ``<domain>_relabel`` job (the dbt
+models and ``labels``), so its runs show under that job in the UI.
 """
 
 from __future__ import annotations
@@ -16,19 +16,17 @@ import dagster as dg
 
 from flywheel_pipeline import approval
 from flywheel_pipeline.config import FlywheelConfig
-from flywheel_pipeline.defs.assets import LABELS
-from flywheel_pipeline.defs.jobs import deploy_champion, warehouse_tags
+from flywheel_pipeline.defs.jobs import (
+    LATE_LABELS_TAG,
+    deploy_champion,
+    relabel_job,
+    relabel_job_name,
+    warehouse_tags,
+)
 from flywheel_pipeline.defs.partitions import range_tags
 from flywheel_pipeline.defs.resources import WarehouseResource
-from flywheel_pipeline.defs.transform import DBT_MODELS
 from flywheel_pipeline.labeling.late import late_outcome_partitions
 from flywheel_pipeline.warehouse import WarehouseBusy
-
-LATE_LABELS_TAG = {"flywheel/reason": "late-labels"}
-# What a late outcome changes: the dbt models' partitions of the interactions it reacts to (rebuilt
-# together, so the marts stay consistent with each other and their tests pass) and their labels.
-# Never accumulation: the outcome is already in raw.
-RELABEL_SELECTION = DBT_MODELS | dg.AssetSelection.assets(LABELS)
 
 
 def deployment_requests(records: list[approval.ApprovalRecord]) -> list[dg.RunRequest]:
@@ -56,14 +54,13 @@ def day_ranges(partitions: Iterable[tuple[str, date]]) -> list[tuple[str, date, 
     return ranges
 
 
-def relabel_requests(partitions: list[tuple[str, date]], selection: Iterable[dg.AssetKey],
-                     cursor: str) -> list[dg.RunRequest]:
-    """One run per domain and run of consecutive days: refresh ``selection`` (the dbt models, then
-    ``labels`` of exactly those (day, domain) partitions)."""
+def relabel_requests(partitions: list[tuple[str, date]], cursor: str) -> list[dg.RunRequest]:
+    """One run of the domain's relabel job per run of consecutive days: the dbt models, then
+    ``labels``, of exactly those (day, domain) partitions."""
     return [
         dg.RunRequest(
             run_key=f"late-labels:{domain}:{first}..{last}:{cursor}",
-            asset_selection=sorted(selection, key=lambda key: key.to_user_string()),
+            job_name=relabel_job_name(domain),
             tags={**range_tags(domain, first, last), **LATE_LABELS_TAG, **warehouse_tags(domain)},
         )
         for domain, first, last in day_ranges(partitions)
@@ -99,7 +96,8 @@ def build_sensors(config: FlywheelConfig) -> list[dg.SensorDefinition]:
             return dg.SensorResult(skip_reason="no new approval decisions")
         return dg.SensorResult(run_requests=deployment_requests(records), cursor=str(records[-1].approval_id))
 
-    @dg.sensor(asset_selection=RELABEL_SELECTION, minimum_interval_seconds=config.daemon.late_label_sensor_seconds,
+    @dg.sensor(jobs=[relabel_job(domain) for domain in config.domains],
+               minimum_interval_seconds=config.daemon.late_label_sensor_seconds,
                default_status=dg.DefaultSensorStatus.RUNNING,
                description="When outcomes or reviews land for interactions in already-labelled partitions, re-labels "
                            "exactly those (day, domain) partitions (after rebuilding the dbt models), once "
@@ -107,7 +105,7 @@ def build_sensors(config: FlywheelConfig) -> list[dg.SensorDefinition]:
                            "writing is looked at again next tick.")
     def late_label_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource) -> dg.SensorResult:
         cursors = domain_cursors(context.cursor, config.domains)
-        home, selection = warehouse.home(), RELABEL_SELECTION.resolve(context.repository_def.asset_graph)
+        home = warehouse.home()
         requests, busy = [], []
         for domain in config.domains:
             if not home.warehouse(domain).exists():
@@ -123,7 +121,7 @@ def build_sensors(config: FlywheelConfig) -> list[dg.SensorDefinition]:
                 cursors[domain] = newest.isoformat()
             if stale:
                 context.log.info(f"late outcomes reached {len(stale)} labelled partitions: {stale}")
-                requests += relabel_requests(stale, selection, cursors[domain])
+                requests += relabel_requests(stale, cursors[domain])
         cursor = json.dumps(cursors, sort_keys=True)
         if requests:
             return dg.SensorResult(run_requests=requests, cursor=cursor)

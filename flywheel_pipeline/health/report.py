@@ -5,7 +5,9 @@
 
 The page opens with a verdict per trap, then a section per trap (its measures, tables and plots
 across cycles from ``health.measures``), then the held-out evidence the gate saw and, where the
-simulator's scoring code tagged the candidates, their true accuracy beside it.
+simulator's scoring code tagged the candidates, their true accuracy beside it. It names the champion
+the cycle audited (serving during its days) and, when ``flywheel report`` renders it again, the
+champion then: the cycle's page is written before its candidate is registered, let alone deployed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from flywheel_pipeline.health import TRAPS, Finding, HealthReport
 from flywheel_pipeline.health.audit import MEASURE_COLUMNS, measure_history
 from flywheel_pipeline.home import Home, write_atomically
+from flywheel_pipeline.registry import BASELINE, champion_summary
 from flywheel_pipeline.validation.intervals import CI_LEVEL
 from flywheel_pipeline.validation.report import SHOWN_METRICS
 from flywheel_pipeline.warehouse import connect
@@ -129,7 +132,7 @@ def _cycle_labels(cycles: pl.DataFrame) -> dict[date, str]:
 
 
 def _version(champion: str | None) -> str:
-    champion = champion or "baseline"
+    champion = champion or BASELINE
     return f"v{champion}" if champion.isdigit() else champion
 
 
@@ -401,7 +404,7 @@ def _evidence(validation: Mapping[str, Any]) -> dict[str, Any]:
             })
     windows = validation.get("windows") or {}
     return {"candidate": validation.get("candidate_model_uri"),
-            "champion": validation.get("champion_model_uri") or "baseline",
+            "champion": validation.get("champion_model_uri") or BASELINE,
             "held_out": f"{windows.get('holdout_start')} to {windows.get('holdout_end')}",
             "primary": primary, "reward": validation.get("reward", ""),
             "outcome": decision.get("outcome", "undecided"), "reasons": decision.get("reasons", []),
@@ -452,7 +455,8 @@ table.measures td.num{text-align:left}
 <dt>held out</dt><dd>{{ r.holdout_start }} to {{ r.as_of }} ({{ holdout_days }} days)</dd>
 <dt>trained on</dt><dd>{{ r.train_start }} to {{ r.train_end }}</dd>
 <dt>labels mature until</dt><dd>{{ r.mature_until or "not measured" }}</dd>
-<dt>champion</dt><dd>{{ champion }}</dd>
+<dt>champion during the cycle</dt><dd>{{ champion }}</dd>
+<dt>champion now</dt><dd>{{ champion_now }}</dd>
 <dt>candidate</dt><dd>{{ r.candidate_model_uri }}</dd>
 {% if evidence %}<dt>gate</dt><dd><span class="badge {{ evidence[0].outcome }}">{{ evidence[0].outcome }}</span></dd>{% endif %}
 </dl>
@@ -490,14 +494,17 @@ table.measures td.num{text-align:left}
 </main></body></html>
 """
 
+_CHAMPION_UNKNOWN = ("not known here (the cycle writes this page before its candidate can be deployed): "
+                     "flywheel report --domain {domain} writes it again with the champion then")
 _ENVIRONMENT = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
 
 
 def render_html(report: HealthReport, history: pl.DataFrame | None, validation: Mapping[str, Any] | None,
-                truth: Mapping[str, float] | None = None) -> str:
+                truth: Mapping[str, float] | None = None, champion_now: str | None = None) -> str:
     """The cycle's page: verdicts, a section per trap with its measures, tables and plots across
     cycles (``history``: health.measures' rows; None before any), and the gate's evidence (with the
-    simulator's true accuracy where ``truth`` has it)."""
+    simulator's true accuracy where ``truth`` has it). ``champion_now``: the champion as the registry
+    has it while rendering (None: the page says how to get it)."""
     cycles = _cycles(report, history)
     holdout_days = (report.as_of - report.holdout_start).days + 1
     known = [trap for trap in TRAPS if any(f.trap == trap for f in report.findings)]
@@ -513,6 +520,7 @@ def render_html(report: HealthReport, history: pl.DataFrame | None, validation: 
     reports = [validation, (validation or {}).get("revisit")]
     return _ENVIRONMENT.from_string(_TEMPLATE).render(
         r=report, champion=_version(report.champion), holdout_days=holdout_days, findings=findings,
+        champion_now=champion_now or _CHAMPION_UNKNOWN.format(domain=report.domain),
         flagged=report.flagged, evidence=[_evidence(v) for v in reports if v],
         validation_plot=_validation_plot(cycles, truth, (validation or {}).get("primary_metric")), ci_level=f"{CI_LEVEL:.0%}")
 
@@ -588,17 +596,19 @@ def stored_report(home: Home, domain: str, as_of: date | None = None) -> Path:
 
 def render_stored(home: Home, stored: Path) -> tuple[HealthReport, str]:
     """A stored report and its page rendered again: the history from the home's warehouse
-    (read-only), the truth its MLflow's candidates carry now."""
+    (read-only), the truth its MLflow's candidates carry now and the champion its registry names now."""
     report, validation = load_report(stored)
     history = None
     if (path := home.warehouse(report.domain)).exists():
         with connect(path, read_only=True) as con:
             history = measure_history(con, report.domain)
-    truth = {}
+    truth, champion_now = {}, None
     if home.has_mlflow_store:
+        client = MlflowClient(tracking_uri=home.mlflow_tracking_uri, registry_uri=home.mlflow_tracking_uri)
         earlier = [] if history is None else history["candidate_model_uri"].to_list()
-        truth = simulator_truth(MlflowClient(home.mlflow_tracking_uri), [report.candidate_model_uri, *earlier])
-    return report, render_html(report, history, validation, truth)
+        truth = simulator_truth(client, [report.candidate_model_uri, *earlier])
+        champion_now = f"{champion_summary(client, report.domain)}, as of {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+    return report, render_html(report, history, validation, truth, champion_now)
 
 
 def record_true_accuracy(client: MlflowClient, model_uri: str, accuracy: float) -> None:
