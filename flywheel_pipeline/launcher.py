@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +36,8 @@ import psutil
 from dagster._core.definitions.repository_definition import SINGLETON_REPOSITORY_NAME
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 from dagster._core.storage.tags import GRPC_INFO_TAG
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import WorkspaceFileTarget
 
 from flywheel_pipeline.defs.ui import LOCATION
 from flywheel_pipeline.home import Home
@@ -164,16 +165,19 @@ class Dagster:
             selector["assetSelection"] = [{"path": key.path} for key in assets]
         params = {"selector": selector, "runConfigData": run_config or {}, "executionMetadata": {
             "tags": [{"key": key, "value": value} for key, value in (tags or {}).items()]}}
-        with tempfile.TemporaryDirectory(prefix="flywheel-launch-") as folder:
-            response = Path(folder) / "response.json"
-            command = [str(BIN / "dagster-graphql"), "-w", str(self.workspace), "-t", LAUNCH_RUN,
-                       "-v", json.dumps({"params": params}), "-o", str(response)]
-            done = subprocess.run(command, check=False, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
-            _echo(self.log, done.stdout)
-            if done.returncode != 0 or not response.exists():
-                raise LaunchError(f"could not launch {job}: {cause(done.stdout)}")
-            launched = json.loads(response.read_text())["data"]["launchRun"]
+        # The UI's GraphQL schema, run in this process (imported here: a second to import).
+        from dagster_graphql.cli import execute_query
+
+        with WorkspaceProcessContext(self.instance, WorkspaceFileTarget([str(self.workspace)]),
+                                     read_only=False) as workspace:
+            # a code server that is down, or could not load the definitions (a bad flywheel.yaml)
+            if error := workspace.create_request_context().get_code_location_error(LOCATION):
+                raise LaunchError(f"could not launch {job}: the code location {LOCATION} did not "
+                                  f"load: {cause(error.to_string())}")
+            response = execute_query(workspace, LAUNCH_RUN, {"params": params})
+        if errors := response.get("errors"):
+            raise LaunchError(f"could not launch {job}: {errors[0]['message']}")
+        launched = response["data"]["launchRun"]
         if launched["__typename"] != "LaunchRunSuccess":
             raise LaunchError(f"could not launch {job}: {_refusal(launched)}")
         return launched["run"]["runId"]
@@ -367,12 +371,6 @@ def _refusal(launched: dict) -> str:
     if errors := launched.get("errors"):
         return "; ".join(error["message"] for error in errors)
     return launched.get("message", launched["__typename"]).strip()
-
-
-def _echo(log: IO[str] | None, output: str) -> None:
-    """A tool's captured output to the log (or, with --verbose, the terminal)."""
-    (log or sys.stdout).write(output)
-    (log or sys.stdout).flush()
 
 
 def _answers(url: str) -> bool:
