@@ -314,7 +314,7 @@ class DaemonSettings(_Strict):
         description="default status of each domain's cadence schedule: stopped until a person turns it "
                     "on (UI > Automation, or `dagster schedule start`), or running as soon as the daemon starts",
     )
-    approval_sensor_seconds: int = Field(30, ge=5, description="how often the approval sensor looks")
+    approval_sensor_seconds: int = Field(10, ge=5, description="how often the approval sensor looks")
     late_label_sensor_seconds: int = Field(300, ge=5, description="how often the late-label sensor looks")
 
 

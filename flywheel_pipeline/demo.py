@@ -146,7 +146,7 @@ class Demo:
         summary = simulation.simulate(self.home, self.config, first, days, seed=self.seed,
                                       interactions_per_day=self.per_day, bad_row_share=0.01,
                                       scorers=scorers, model_versions=versions)
-        served = ", ".join(f"{d}: {v}" for d, v in versions.items())
+        served = ", ".join(f"{d}: {shown(v)}" for d, v in versions.items())
         self.console.print(f"  simulated {first}..{first + timedelta(days=days - 1)} ({note}; serving {served}; "
                            f"{summary.total_interactions:,} interactions) in {time.monotonic() - started:.1f}s")
 
@@ -199,11 +199,7 @@ class Demo:
         accuracy = simulation.true_accuracy(self.home, self.config, domain, scorer)
         if outcome is None:
             return CycleRow(cycle, domain, shown(served_by), "", "", "", shown(champion), accuracy)
-        gate = outcome.gate or "not reached"
-        if outcome.gate != "passed" and outcome.reasons:
-            gate += ": " + _reason_codes(outcome.reasons)
-        if outcome.revisit:
-            gate += f"; revisit {outcome.revisit_gate}"
+        gate = outcome.gate or "not reached"  # its reasons are in the cycle's lines above the table
         candidate_accuracy = None
         if "model_uri" in outcome.candidate:
             candidate_accuracy = model_true_accuracy(self.home, self.config, domain, outcome.candidate["model_uri"])
@@ -215,11 +211,6 @@ class Demo:
                         candidate_accuracy)
 
 
-def _reason_codes(reasons: str) -> str:
-    """``improvement_below_minimum, slice_regression`` from the gate's full reasons."""
-    return ", ".join(reason.split(":")[0].strip() for reason in reasons.split(";") if reason.strip())
-
-
 def print_summary(rows: list[CycleRow], oracles: dict[str, float], console: Console) -> None:
     """Each cycle's row, then each domain's oracle; rates to 3 decimals, as the cycle lines say them."""
     table = Table(title="flywheel: each cycle's candidate and champion, scored against the simulator's hidden truth",
@@ -228,7 +219,7 @@ def print_summary(rows: list[CycleRow], oracles: dict[str, float], console: Cons
                           "baseline")
     for column in ("cycle", "domain", "served by", "held out", "gate", "candidate true", "registered",
                    "champion", "champion true"):
-        table.add_column(column, no_wrap=column in ("domain", "held out"), overflow="fold")
+        table.add_column(column, no_wrap=column in ("domain", "held out", "gate"), overflow="fold")
     for row in rows:
         candidate = "" if row.candidate_true_accuracy is None else f"{row.candidate_true_accuracy:.3f}"
         table.add_row(str(row.cycle), row.domain, row.served_by, row.held_out, row.gate, candidate,
@@ -254,6 +245,7 @@ def print_pending_approvals(demo: Demo, console: Console) -> None:
             f"  - or open Jobs > approve_candidate > Launchpad and paste\n"
             + "\n".join(f"      {line}" for line in approval_run_config(demo.config, domain, version).splitlines())
             + f"\n  then click Launch Run. Within {demo.config.daemon.approval_sensor_seconds}s the approval_sensor "
-            f"launches deploy_champion and `champion` moves to v{version} (check: flywheel status).\n"
+            f"launches deploy_champion, and `champion` moves to v{version} when that run ends, about half a minute later\n"
+            f"  (check: flywheel status).\n"
             f"  From a shell instead: flywheel approve --domain {domain} --approver "
             f"{demo.config.domain(domain).approvers[0]}")

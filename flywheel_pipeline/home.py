@@ -42,6 +42,7 @@ run_coordinator:
   module: dagster._core.run_coordinator
   class: QueuedRunCoordinator
   config:
+    dequeue_interval_seconds: 1  # a queued run starts within a second of its turn (Dagster's default: 5)
     tag_concurrency_limits:
       - key: flywheel/warehouse
         value:
