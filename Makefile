@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export FLYWHEEL_HOME ?= $(CURDIR)/.flywheel
 export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
 
-.PHONY: setup demo test ui mlflow-ui postgres benchmark clean
+.PHONY: setup demo test test-fast ui mlflow-ui postgres benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ demo: setup
 # The full suite on two workers (tests/conftest.py groups the modules), with the slowest tests named.
 test: setup
 	$(BIN)/pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15
+
+# Before each commit: the tests not marked slow (no cycle, no Dagster services, no database server).
+test-fast: setup
+	$(BIN)/pytest -q -n 2 -m "not slow" --durations=5
 
 # The Dagster UI on http://localhost:$(UI_PORT) with a code server and the daemon (sensors, run queue);
 # Ctrl-C or SIGTERM stops every process it started (flywheel_pipeline.launcher.serve_ui).

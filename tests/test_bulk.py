@@ -68,6 +68,7 @@ def test_every_valid_line_is_accepted_and_every_bad_line_quarantined(bulk):
             assert all(report.accepted.values()) and report.impressions > report.accepted["interactions"] / 2
 
 
+@pytest.mark.slow
 def test_the_marts_and_labels_build_from_them_through_dagster(bulk):
     """Each domain's accumulate -> dbt (+ its tests and the GX checks) -> labels, as a cycle runs it."""
     home, config, _ = bulk

@@ -47,7 +47,7 @@ REPOSITORY = {"repositoryLocationName": LOCATION, "repositoryName": "__repositor
 TODAY = datetime.now(UTC).date()
 LAST = TODAY - timedelta(days=1)  # a per-minute schedule's tick runs yesterday and the lateness days
 
-pytestmark = [pytest.mark.timeout(1500), pytest.mark.postgres]
+pytestmark = [pytest.mark.timeout(1500), pytest.mark.postgres, pytest.mark.slow]
 ARTIFACTS = "shared-artifacts"  # production.mlflow_artifacts, under the home
 
 

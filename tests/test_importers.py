@@ -306,6 +306,7 @@ def bandit_cycle(tmp_path_factory) -> Iterator[Imported]:
         instance.dispose()
 
 
+@pytest.mark.slow
 def test_an_imported_click_log_ends_in_labelled_rows(bandit_cycle):
     home = bandit_cycle.home
     [(labelled, good, bad)] = rows(home, """SELECT count(*), count(*) FILTER (p_good > 0.5),
@@ -317,6 +318,7 @@ def test_an_imported_click_log_ends_in_labelled_rows(bandit_cycle):
         ("invalid_value:slot",), ("missing_field:item_id",)]
 
 
+@pytest.mark.slow
 def test_a_random_loggers_click_log_trains_and_gets_a_gate_decision(bandit_cycle):
     evaluations = {e.check_name: e for e in bandit_cycle.result.get_asset_check_evaluations()}
     gate = {name: value.value for name, value in evaluations["gate"].metadata.items()}
@@ -324,6 +326,7 @@ def test_a_random_loggers_click_log_trains_and_gets_a_gate_decision(bandit_cycle
     assert "too_few_samples" not in gate["reasons"] and "undefined_metric" not in gate["reasons"], gate
 
 
+@pytest.mark.slow
 def test_imported_spans_end_in_labelled_rows(project, tmp_path):
     home, config = project
     days = [D0, D0 + timedelta(days=1)]

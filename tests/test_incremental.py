@@ -20,6 +20,8 @@ from flywheel_pipeline.home import Home
 from tests.conftest import REPO
 from tests.test_accumulation import interaction
 
+pytestmark = pytest.mark.slow  # dbt builds of partitions, from scratch and one by one
+
 DOMAIN = "assistant"
 D0 = date(2026, 11, 2)
 D3, D4 = D0 + timedelta(days=3), D0 + timedelta(days=4)

@@ -36,6 +36,7 @@ def fresh_home(tmp_path, monkeypatch) -> Home:
     return Home(tmp_path / "home").activate()
 
 
+@pytest.mark.slow
 def test_a_refused_launch_names_the_refusal(fresh_home):
     with fresh_home.log.open("a") as log, local_dagster(fresh_home, log) as dagster:
         with pytest.raises(LaunchError, match=r"could not launch approve_candidate: .*"
@@ -47,6 +48,7 @@ def test_a_refused_launch_names_the_refusal(fresh_home):
         assert not dagster.instance.get_runs(), "a refused launch left a run behind"
 
 
+@pytest.mark.slow
 def test_a_code_server_that_cannot_load_the_definitions_names_their_error(fresh_home, tmp_path,
                                                                            monkeypatch):
     broken = tmp_path / "flywheel.yaml"

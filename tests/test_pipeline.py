@@ -30,6 +30,8 @@ from flywheel_pipeline.home import Home
 from flywheel_pipeline.labeling import maturity_cutoff
 from flywheel_pipeline.warehouse import connect
 
+pytestmark = pytest.mark.slow  # the assistant cycle (conftest), shared with test_sources and test_training_sets
+
 DOMAIN = "assistant"
 DAYS = 24
 LAST = datetime.now(UTC).date() - timedelta(days=4)  # leaves room for 3 later days

@@ -174,6 +174,7 @@ def files_holding(where: Path, *needles: str) -> list[str]:
             if path.is_file() and any(needle.encode() in path.read_bytes() for needle in needles)]
 
 
+@pytest.mark.slow
 def test_canaries_reach_no_table_no_mlflow_artifact_and_no_dagster_event(cycle):
     home, _, _, instance, result = cycle
     assert result.success
@@ -194,6 +195,7 @@ def test_canaries_reach_no_table_no_mlflow_artifact_and_no_dagster_event(cycle):
     assert len(logs) > 100 and not [entry for entry in logs if any(c in entry for c in CANARIES.values())]
 
 
+@pytest.mark.slow
 def test_consent_denied_text_stays_in_the_raw_layer(cycle):
     home = cycle.home
     assert tables_holding(home, DENIED) == ["raw.impressions", "raw.interactions", "raw.signals"]
@@ -201,6 +203,7 @@ def test_consent_denied_text_stays_in_the_raw_layer(cycle):
                       "WHERE interaction_id = 'i_d1'") == [("consent_denied", None)]
 
 
+@pytest.mark.slow
 def test_forget_deletes_the_user_everywhere_and_a_replay_does_not_bring_them_back(cycle, monkeypatch, capsys):
     home, _, defs, instance, _ = cycle
     batch = home.landing_file(DOMAIN, CANARY_DAY.isoformat())
@@ -228,6 +231,7 @@ def test_forget_deletes_the_user_everywhere_and_a_replay_does_not_bring_them_bac
     assert "forgotten_user: 2" in reasons and "forgotten_user: 1" in reasons  # malformed line: batch day
 
 
+@pytest.mark.slow
 def test_retention_deletes_the_days_past_it_from_every_table_and_the_landing_batches(cycle):
     home, config, defs, instance, _ = cycle
     retention = config.domain(DOMAIN).retention_days

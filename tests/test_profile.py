@@ -14,6 +14,8 @@ from flywheel_pipeline.home import Home
 from flywheel_pipeline.launcher import free_port
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # a PostgreSQL server and the production profile's cycle
+
 URL = "postgresql+psycopg2://flywheel:s3cret@db.internal:5432/flywheel"
 
 

@@ -80,6 +80,7 @@ def started_at(instance: dg.DagsterInstance, run_id: str) -> float:
 
 
 @pytest.mark.timeout(1500)
+@pytest.mark.slow
 def test_a_killed_run_is_marked_failed_and_the_next_deployment_is_not_blocked(simulated, capsys):
     home, config = simulated, load_config()
     instance = dg.DagsterInstance.get()
@@ -154,6 +155,7 @@ def dbt_build(parent: int) -> psutil.Process | None:
     return None
 
 
+@pytest.mark.slow
 def test_dbt_dies_with_the_process_that_runs_it(simulated):
     home, config = simulated, load_config()
     with connect(home.warehouse("assistant")) as con:

@@ -269,6 +269,7 @@ def rows(home, sql: str) -> list[tuple]:
         return con.execute(sql).fetchall()
 
 
+@pytest.mark.slow
 def test_reviews_of_a_labelled_day_come_back_as_gold_relabel_it_and_validation_scores_only_the_audit(
         home, config):
     first, last = date(2026, 11, 2), date(2026, 11, 3)

@@ -26,6 +26,8 @@ from dagster._core.storage.tags import GRPC_INFO_TAG
 from flywheel_pipeline.launcher import _end_runs_of_stopped_server, daemon_running, free_port
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # starts Dagster's services, tens of seconds each
+
 STOPPED_WITHIN_SECONDS = 15
 START_TIMEOUT_SECONDS = 240
 # What `flywheel run` does while no daemon runs (launcher.local_dagster), until it is stopped.

@@ -219,6 +219,7 @@ def feed_cycle(tmp_path_factory):
         instance.dispose()
 
 
+@pytest.mark.slow
 def test_a_feed_keeps_its_empty_input_where_an_assistant_drops_it(feed_cycle):
     home, _ = feed_cycle
     flagged = "SELECT domain, drop_reason, count(*) FROM intermediate.int_interactions_flagged GROUP BY ALL"
@@ -227,6 +228,7 @@ def test_a_feed_keeps_its_empty_input_where_an_assistant_drops_it(feed_cycle):
     assert table(home, "SELECT count(*), min(position) FROM marts.fct_impressions", "recommendation") == [(240, 1)]
 
 
+@pytest.mark.slow
 def test_a_failed_check_says_what_it_observed_and_expected(feed_cycle):
     _, outcome = feed_cycle
     assert not outcome.succeeded and outcome.gate is None
@@ -326,6 +328,7 @@ print(json.dumps({s.name: {m: [c.candidate_ci, c.difference_ci] for m, c in s.me
 """
 
 
+@pytest.mark.slow
 def test_seeded_bootstrap_intervals_are_the_same_in_another_process():
     from tests.conftest import REPO
 

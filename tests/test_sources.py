@@ -17,6 +17,8 @@ from flywheel_pipeline.validation.evidence import holdout_rows, logged_candidate
 from flywheel_pipeline.warehouse import connect
 from tests.test_pipeline import DOMAIN, FIRST, LAST
 
+pytestmark = pytest.mark.slow  # reads the assistant cycle (conftest)
+
 TABLES = [sources.IMPRESSIONS, sources.LABELS, sources.INTERACTIONS]
 
 

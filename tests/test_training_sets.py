@@ -25,6 +25,8 @@ from tests.test_accumulation import interaction, signal
 from tests.test_pipeline import DOMAIN, FIRST, metadata
 from tests.test_privacy import CANARIES, DENIED, files_holding
 
+pytestmark = pytest.mark.slow  # reads the assistant cycle (conftest)
+
 PLANTED_DAY = FIRST + timedelta(days=3)  # in the training window
 EMAIL = CANARIES["EMAIL_ADDRESS"]
 QUESTION = f"how do I reset my password? write to {EMAIL}"

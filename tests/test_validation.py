@@ -377,6 +377,7 @@ def test_a_candidate_regressing_on_a_slice_is_not_registered_so_never_promoted(w
     assert registry.alias_version(client, "recommendation", registry.CHAMPION) is None
 
 
+@pytest.mark.slow
 def test_an_inconclusive_candidate_is_revisited_next_cycle_on_more_days_and_registered_when_it_passes(
         tmp_path):
     """Cycle 1's candidate has too few held-out samples (3 days < min_samples); cycle 2's too. Cycle 2
