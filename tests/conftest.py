@@ -28,6 +28,7 @@ LONGEST_FIRST = ["test_recovery", "postgres", "assistant_cycle", "test_increment
                  "test_warehouse", "test_validation"]
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups to schedule by
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     def group(item: pytest.Item) -> str:
         module = item.module.__name__.rpartition(".")[2]

@@ -88,12 +88,30 @@ def wait_for(condition, what: str, timeout: float):
     return result
 
 
+def stop_between_ticks(web: GraphQL, selector: dict) -> None:
+    """Reset the per-minute schedule to its default, stopped, where no tick is in flight: the daemon
+    saves the schedule's state as it ends a tick, over a reset made meanwhile (then the schedule
+    went on launching a cycle a minute). Ticks start on the minute and take seconds; checked after."""
+    for _ in range(3):
+        while not 15 <= datetime.now(UTC).second <= 45:
+            time.sleep(1)
+        assert web(RESET_SCHEDULE, selector=selector)["resetSchedule"]["scheduleState"]["status"] == "STOPPED"
+        time.sleep(5)
+        if web(SCHEDULE_STATUS, selector=selector)["scheduleOrError"]["scheduleState"]["status"] == "STOPPED":
+            return
+    raise AssertionError("the schedule did not stay stopped")
+
+
 def finished_run(dagster: Dagster, timeout: float, **tags: str) -> dg.DagsterRun:
     """The first run carrying ``tags``, once it has finished."""
     runs = wait_for(lambda: dagster.instance.get_runs(dg.RunsFilter(tags=tags)), f"a run tagged {tags}", timeout)
     return dagster.wait(runs[-1].run_id, timeout=timeout)
 
 
+SCHEDULE_STATUS = """
+query Status($selector: ScheduleSelector!) {
+  scheduleOrError(scheduleSelector: $selector) { ... on Schedule { scheduleState { status } } }
+}"""
 TICKS = """
 query Ticks($sensor: SensorSelector!, $schedule: ScheduleSelector!) {
   sensorOrError(sensorSelector: $sensor) { ... on Sensor { sensorState { ticks(limit: 200) { status error { message } } } } }
@@ -194,11 +212,10 @@ def test_schedules_late_label_backfills_and_ui_approval_run_through_the_daemon(d
     assert web(START_SCHEDULE, selector=selector)["startSchedule"]["scheduleState"]["status"] == "RUNNING"
     launched = wait_for(lambda: dagster.instance.get_runs(dg.RunsFilter(tags={"dagster/schedule_name": SCHEDULE})),
                         "the schedule's first tick", timeout=180)
-    # Once the daemon has finished that tick (it saves the schedule's state as it ends one), put the
-    # schedule back to its default, stopped: the next minute's tick would launch another cycle.
+    # Put the schedule back to its default, stopped: the next minute's tick would launch another cycle.
     wait_for(lambda: [t["status"] for t in ticks(web, "approval_sensor")[SCHEDULE]][:1] == ["SUCCESS"],
              "the schedule's tick to end", timeout=60)
-    assert web(RESET_SCHEDULE, selector=selector)["resetSchedule"]["scheduleState"]["status"] == "STOPPED"
+    stop_between_ticks(web, selector)
     cycle = dagster.wait(launched[-1].run_id, timeout=600)
     assert cycle.status == dg.DagsterRunStatus.SUCCESS
     assert covered_days(cycle) == {LAST - timedelta(days=offset) for offset in range(config.max_lateness_days + 1)}

@@ -9,6 +9,7 @@ with the run's process: a killed run does not leave it writing, holding the ware
 """
 
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import date
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from dagster_dbt import (
     DbtProject,
     dbt_assets,
 )
+from packaging import version
 
 from flywheel_pipeline.config import DomainConfig, FlywheelConfig
 from flywheel_pipeline.defs.partitions import day_domain_partitions, run_scope
@@ -66,6 +68,12 @@ class FlywheelDbtResource(DbtCliResource):
     home_path: str
     memory_limit: str
     threads: int
+
+    @cached_property
+    def _cli_version(self) -> version.Version:
+        """dbt-core's version as installed beside this process (dbt_executable is this venv's):
+        dagster-dbt would start `dbt --version`, 1.5-5 s, before each invocation to learn it."""
+        return version.parse(importlib.metadata.version("dbt-core"))
 
     def cli(self, args: Sequence[str], *, domain: str, **kwargs: Any) -> DbtCliInvocation:
         # dagster-dbt hands dbt a copy of this process's environment, taken inside cli().
