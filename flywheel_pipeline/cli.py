@@ -89,8 +89,6 @@ def cmd_simulate(args: argparse.Namespace) -> None:
                            domains=domains, traps=args.trap)
     except ValueError as error:
         raise SystemExit(f"flywheel: {error}") from None
-    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, while services run): stopped, no traceback
-        raise SystemExit(130) from None
     last = start + timedelta(days=args.days - 1)
     traps = f" with the traps {', '.join(args.trap)}" if args.trap else ""
     console.print(f"wrote {summary.total_interactions:,} interactions for {start}..{last}{traps} "
@@ -320,8 +318,6 @@ def cmd_report(args: argparse.Namespace) -> None:
         report, html = render_stored(home, stored_report(home, args.domain, args.as_of))
     except ReportMissing as error:
         raise SystemExit(f"flywheel: {error}") from None
-    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, while services run): stopped, no traceback
-        raise SystemExit(130) from None
     page = args.output or report_paths(home, args.domain, report.as_of)[0]
     page.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(page, html.encode())

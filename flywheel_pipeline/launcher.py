@@ -381,12 +381,17 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _webserver_command(workspace: Path, port: int) -> tuple[list[str], str]:
+    """dagster-webserver for ``workspace`` on 127.0.0.1:``port``, and the URL it answers on."""
+    return ([str(BIN / "dagster-webserver"), "-w", str(workspace), "-h", "127.0.0.1", "-p", str(port)],
+            f"http://127.0.0.1:{port}")
+
+
 @contextmanager
 def webserver(workspace: Path, log: IO[str] | None, port: int | None = None) -> Iterator[str]:
     """The Dagster UI (dagster-webserver) on 127.0.0.1 for the instance in $DAGSTER_HOME; yields its URL."""
-    port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = _start([str(BIN / "dagster-webserver"), "-w", str(workspace), "-h", "127.0.0.1", "-p", str(port)], log)
+    command, url = _webserver_command(workspace, port or free_port())
+    process = _start(command, log)
     try:
         _wait_until(lambda: _answers(f"{url}/server_info"), "the Dagster webserver", [process], log)
         yield url
@@ -526,10 +531,8 @@ class _Services:
 
     def start_webserver(self, port: int) -> str:
         """The Dagster UI on 127.0.0.1:``port``; returns its URL."""
-        url = f"http://127.0.0.1:{port}"
-        self._start([str(BIN / "dagster-webserver"), "-w", str(self.workspace), "-h", "127.0.0.1",
-                     "-p", str(port)], "the Dagster webserver",
-                    lambda: _answers(f"{url}/server_info"))
+        command, url = _webserver_command(self.workspace, port)
+        self._start(command, "the Dagster webserver", lambda: _answers(f"{url}/server_info"))
         return url
 
     def _start(self, command: list[str], what: str, ready: Callable[[], bool]) -> subprocess.Popen:

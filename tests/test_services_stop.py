@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +22,13 @@ import psutil
 import pytest
 from dagster._core.storage.tags import GRPC_INFO_TAG
 
-from flywheel_pipeline.launcher import _end_runs_of_stopped_server, daemon_running, free_port
+from flywheel_pipeline.launcher import (
+    _answers,
+    _end_runs_of_stopped_server,
+    _running,
+    daemon_running,
+    free_port,
+)
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow  # starts Dagster's services, tens of seconds each
@@ -68,24 +73,9 @@ def wait_until(ready: Callable[[], bool], shell: subprocess.Popen, output: Path)
         time.sleep(1)
 
 
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def still_running(processes: list[psutil.Process]) -> list[psutil.Process]:
     """Those of ``processes`` that have not ended (a zombie has)."""
-    running = []
-    for process in processes:
-        try:
-            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                running.append(process)
-        except psutil.NoSuchProcess:
-            pass
-    return running
+    return [process for process in processes if _running(process)]
 
 
 def described(processes: list[psutil.Process]) -> list[str]:
@@ -122,7 +112,7 @@ def test_make_ui_stops_every_process_it_started_on_a_signal(tmp_path, signum):
     # --old-file: the venv is the one running these tests, whatever its timestamps say.
     make_ui = f"make --old-file=.venv/.installed ui UI_PORT={port}"
     with in_background(make_ui, home, output) as shell:
-        wait_until(lambda: answers(f"http://127.0.0.1:{port}/server_info"), shell, output)
+        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/server_info"), shell, output)
         assert_all_stop(shell, signum, home)
     assert "stopped the Dagster UI" in output.read_text()
 
