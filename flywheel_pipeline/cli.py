@@ -34,7 +34,7 @@ from rich.console import Console
 from flywheel_pipeline.config import ConfigError, FlywheelConfig, load_config
 from flywheel_pipeline.health import TRAPS
 from flywheel_pipeline.home import Home, HomeError
-from flywheel_pipeline.run_range import ACCUMULATE, RunRefused, run_range
+from flywheel_pipeline.run_range import ACCUMULATE, RunRefused, cycle_refusals, expiring, run_range
 
 if TYPE_CHECKING:
     from flywheel_pipeline.runs import CycleOutcome
@@ -96,7 +96,9 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    from flywheel_pipeline.importers import import_file
+    """Import the file and print its report; a file none of whose records mapped fails, naming the
+    top reasons."""
+    from flywheel_pipeline.importers import UnreadableFile, import_file
 
     home, config = Home.from_env().ensure(), load_config()
     report = import_file(home, config, args.format, args.path, args.domain)
@@ -105,12 +107,18 @@ def cmd_import(args: argparse.Namespace) -> None:
                   f"{report.skipped.total():,} skipped")
     console.print("  events written: " + (", ".join(f"{kind} {n:,}" for kind, n in sorted(report.events.items()))
                                           or "none"))
+    if report.catalogue_items is not None:
+        console.print(f"  catalogue: {report.catalogue_items:,} items kept in {home.catalogue(report.domain)}")
     if report.batches:
         shown = report.batches if len(report.batches) <= 3 else [report.batches[0], "...", report.batches[-1]]
         console.print(f"  batches: {len(report.batches)} in {home.landing} ({', '.join(shown)})")
     for title, counts in (("rejected (raw.quarantine)", report.rejected), ("skipped", report.skipped)):
         for reason, n in counts.most_common():
             console.print(f"  {title}: {reason} {n:,}")
+    if not report.records_mapped:
+        reasons = (report.rejected + report.skipped).most_common(3)
+        raise UnreadableFile(f"no record of {report.path} could be mapped: "
+                             + (", ".join(f"{reason} {n:,}" for reason, n in reasons) or "it holds none"))
     if report.days:
         _print_after_import(report.domain, report.days[0], report.days[-1],
                             reviews=set(report.events) == {"label"})
@@ -118,13 +126,20 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 def _print_after_import(domain: str, first: date, last: date, reviews: bool) -> None:
     """The next steps after an import: load its days without training (first, for reviews), or
-    the whole cycle over the windows ending on its last day."""
+    the whole cycle over the windows ending on its last day; then what `flywheel run` would refuse
+    in that cycle (e.g. windows longer than the days held) and what retention will delete, with the
+    settings to change."""
     load = (f"flywheel run --domain {domain} --start {first} --end {last} --only {ACCUMULATE}   "
             f"(accumulates the batches and labels their days; no training)")
     cycle = (f"flywheel run --domain {domain} --end {last}   (the whole cycle over the domain's "
              f"windows ending {last}: the gate decision prints at the end)")
     steps = [load, cycle] if reviews else [cycle, load]
     console.print(f"next: {steps[0]}\n  or: {steps[1]}")
+    config = load_config()
+    for refusal in cycle_refusals(Home.from_env(), config, domain, last, _today()):
+        console.print(f"  until changed, `flywheel run` refuses the cycle: {refusal}")
+    if note := expiring(config, domain, first, _today()):
+        console.print(f"  note: {note}")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -140,6 +155,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         "" if args.only else " -> fine-tune -> validate -> register")
     console.print(f"{args.domain} {first}..{last}: {steps} "
                   f"(tool output: {'here' if args.verbose else home.log})")
+    if note := expiring(config, args.domain, first, _today()):
+        console.print(f"  note: {note}")
     with tool_output(home, args.verbose) as log, local_dagster(home, log) as dagster:
         outcome = run_cycle(
             dagster, args.domain, first, last, only=args.only,

@@ -77,16 +77,35 @@ class Gate(_Strict):
                                                     "is inconclusive")
 
 
-class BanditLog(_Strict):
-    """The columns of a logged bandit feedback file, one row per slot shown (docs/importing.md)."""
+# a bandit log's timestamp_format keywords (or a strftime pattern), and its declaration of a logger
+# whose probabilities were not logged
+TIMESTAMP_FORMATS = ("iso", "epoch_s", "epoch_ms")
+UNKNOWN_PROPENSITY = "unknown"
 
+
+class BanditLog(_Strict):
+    """The columns of a logged bandit feedback file, one row per slot shown, and how to read it
+    (docs/importing.md)."""
+
+    separator: str = Field(",", description="a CSV's field separator, one character (\"\\t\": TSV)")
+    header: bool = Field(True, description="the CSV's first line names its columns; false: `columns` names them")
+    columns: list[str] | None = Field(None, description="the columns of a CSV without a header line, in order")
     timestamp: str = Field(min_length=1, description="when the slate was served")
+    timestamp_format: str = Field("iso", description="iso (naive: UTC), epoch_s, epoch_ms, or a strftime "
+                                                     "pattern (naive: UTC)")
     item: str = Field(min_length=1, description="the item shown")
-    position: str = Field(min_length=1, description="the slot it was shown in")
-    position_base: Literal[0, 1] = Field(description="the top slot's number in the log: 0 or 1 (no default)")
-    reward: str = Field(min_length=1, description="a value > 0 (a click) becomes a click signal")
-    propensity: str = Field(min_length=1, description="the logging policy's probability of this item "
-                                                      "in this slot, in (0, 1]")
+    position: str | None = Field(None, min_length=1, description="the slot it was shown in; without it "
+                                                                 "every row is shown at the top slot")
+    position_base: Literal[0, 1] | None = Field(None, description="the top slot's number in the log: 0 or 1 "
+                                                                  "(no default; required with position)")
+    reward: str = Field(min_length=1, description="the reward: a click signal when > 0, or at least "
+                                                  "reward_threshold")
+    reward_threshold: float | None = Field(None, description="a reward at or above it is a click (explicit "
+                                                             "ratings); without it a reward > 0 is")
+    rating_scale: tuple[float, float] | None = Field(None, description="[min, max] of an explicit rating: "
+                                                     "each row also becomes a rating signal, rescaled to 1..5")
+    propensity: str = Field(None, min_length=1, validate_default=True, description=(
+        "the logging policy's probability of this item in this slot, in (0, 1]; `unknown`: not logged"))
     policy: Literal[POLICIES] = Field(description="what logged it: explore for a uniformly random logger, "
                                                   "champion for the production policy (no default)")
     request: str | None = Field(None, description="rows sharing it form one slate; without it each "
@@ -101,15 +120,84 @@ class BanditLog(_Strict):
                                "context, numbers to context.features")
     model_version: str = Field("baseline", min_length=1, description="what served the logged slates")
 
+    @field_validator("separator")
+    @classmethod
+    def _one_character(cls, value: str) -> str:
+        if len(value.encode()) != 1 or value in ('"', "\n", "\r"):
+            raise ValueError(f'must be one character other than a quote or a line end, e.g. "," or "\\t" '
+                             f"(in double quotes, for a tab), got {value!r}")
+        return value
+
+    @field_validator("columns")
+    @classmethod
+    def _headerless_only(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if info.data.get("header", True) != (value is None):
+            raise ValueError("names the columns of a file without a header line: declare it with "
+                             "`header: false`, and only then")
+        if value is not None and (not all(name.strip() for name in value) or len(set(value)) < len(value)):
+            raise ValueError(f"each column a distinct, non-blank name, got {value}")
+        return value
+
+    @field_validator("timestamp_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in TIMESTAMP_FORMATS and "%" not in value:
+            raise ValueError(f"must be one of {list(TIMESTAMP_FORMATS)} or a strftime pattern "
+                             f"(e.g. '%d/%m/%Y %H:%M'), got {value!r}")
+        return value
+
+    @field_validator("rating_scale")
+    @classmethod
+    def _a_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not value[0] < value[1]:
+            raise ValueError(f"must be [min, max] with min < max, got {list(value)}")
+        return value
+
+    @field_validator("propensity", mode="before")
+    @classmethod
+    def _declared(cls, value: object) -> object:
+        if value is None:
+            raise ValueError(f"missing: declare the column of the logger's probabilities, or "
+                             f"`{UNKNOWN_PROPENSITY}` when they were not logged (no importance-weighted "
+                             f"estimate is then possible)")
+        return value
+
     @model_validator(mode="after")
-    def _columns_once(self) -> BanditLog:
-        named = [c for c in (self.timestamp, self.item, self.position, self.reward, self.propensity,
+    def _consistent(self) -> BanditLog:
+        if self.position is not None and self.position_base is None:
+            raise ValueError("position_base: missing; the top slot's number in the log, 0 or 1 "
+                             "(a wrong base loses the examination curve)")
+        if self.position is None and self.request is not None:
+            raise ValueError(f"position: missing; rows sharing request {self.request!r} form a slate, "
+                             f"whose slots it gives")
+        if self.header is False and self.columns is None:
+            raise ValueError("columns: missing; a file without a header line (header: false) needs its "
+                             "columns named, in order")
+        low, high = self.rating_scale or (None, None)
+        if low is not None and self.reward_threshold is not None and not low <= self.reward_threshold <= high:
+            raise ValueError(f"reward_threshold: {self.reward_threshold} lies outside rating_scale "
+                             f"[{low}, {high}]")
+        named = [c for c in (self.timestamp, self.item, self.position, self.reward, self.propensity_column,
                              self.request, self.user, self.session, self.consent, self.input, self.content)
                  if c is not None]
         twice = sorted({c for c in named + self.context if (named + self.context).count(c) > 1})
         if twice:
             raise ValueError(f"each column maps to one field; used more than once: {twice}")
         return self
+
+    @property
+    def propensity_column(self) -> str | None:
+        """The propensity column; None when the logger's probabilities are unknown."""
+        return None if self.propensity == UNKNOWN_PROPENSITY else self.propensity
+
+
+class CatalogueFile(_Strict):
+    """A file of the items a policy may choose from, one row per item (CSV, TSV or Parquet)."""
+
+    file: Path = Field(description="the catalogue's path (relative: to flywheel.yaml's folder)")
+    item: str = Field(min_length=1, description="the column of item ids, as the log names its items")
+    content: str | None = Field(None, description="the item's text (a title); without it the item id")
+    separator: str = Field(",", min_length=1, max_length=1, description="a CSV's field separator (\\t: TSV)")
 
 
 class Importing(_Strict):
@@ -119,6 +207,18 @@ class Importing(_Strict):
         description="may imported interactions be used for training: the source does not say, so the "
                     "domain declares it (no default)")
     bandit_log: BanditLog | None = Field(None, description="the column mapping of `flywheel import bandit`")
+    catalogue: Literal["log"] | CatalogueFile | None = Field(
+        None, description="the candidates of every interaction whose log names only what was shown: `log` "
+                          "(every item the domain's log shows) or a file of items (docs/importing.md)")
+
+
+class Serving(_Strict):
+    """How a model's scores become what users see; validation judges a model as it would serve."""
+
+    ranking: Literal["top_k", "epsilon_greedy"] = Field(
+        "top_k", description="top_k: the highest scores, in order; epsilon_greedy: that ranking, or with "
+                             "probability epsilon a uniformly random slate of the candidates")
+    epsilon: float = Field(0.1, gt=0, lt=1, description="epsilon_greedy's share of random slates")
 
 
 class LabelModelSettings(_Strict):
@@ -210,6 +310,7 @@ class DomainConfig(_Strict):
     label_maturity: LabelMaturity
     review: ReviewQueue = ReviewQueue()
     gate: Gate = Gate()
+    serving: Serving = Field(Serving(), description="how a model's scores become a slate (docs/validation.md)")
     label_model: LabelModelSettings = LabelModelSettings()
     automation: Literal["manual", "auto"] = "manual"
     approvers: list[str] = Field(default_factory=list)

@@ -1,7 +1,8 @@
 """The one Dagster Definitions object, built from flywheel.yaml and the home folder.
 
 ``dagster dev -w workspace.yaml`` (``make ui``) and the daemon load ``defs`` from here; the pieces
-live in ``flywheel_pipeline.defs``.
+live in ``flywheel_pipeline.defs``. Its day partitions start where the home says (a log imported
+from before ``partitions_start`` moves them back: ``defs.partitions.home_partitions``).
 """
 
 from datetime import date
@@ -20,7 +21,7 @@ from flywheel_pipeline.defs.jobs import (
     relabel_job,
     rollback_champion,
 )
-from flywheel_pipeline.defs.partitions import range_tags
+from flywheel_pipeline.defs.partitions import home_partitions, range_tags
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.defs.review import build_review_queue
 from flywheel_pipeline.defs.schedules import build_retention_schedule, build_schedule
@@ -32,6 +33,7 @@ from flywheel_pipeline.home import Home
 
 def build_definitions(config: FlywheelConfig, home: Home) -> dg.Definitions:
     home.ensure()
+    config = home_partitions(config, home)
     model_assets = [a for domain in config.domains for a in build_model_assets(config, domain)]
     training_set_assets = [a for domain in config.domains for a in build_training_set_assets(config, domain)]
     return dg.Definitions(

@@ -53,6 +53,7 @@ class Field:
     name: str
     kind: Kind
     required: bool = True
+    nullable: bool = False  # an impression's field that may be null (unknown), never absent
 
 
 COMMON_FIELDS = (
@@ -97,7 +98,7 @@ FIELDS_BY_TYPE: dict[str, tuple[Field, ...]] = {
 IMPRESSION_FIELDS = (
     Field("item_id", "string"),
     Field("position", "integer"),
-    Field("propensity", "number"),
+    Field("propensity", "number", nullable=True),  # null: the logger's probability was not logged
     Field("content", "string"),
 )
 
@@ -135,11 +136,12 @@ def impressions_sql(fields: str = "fields") -> str:
 
 
 def kind_sql(fragment: str) -> str:
-    """A JSON fragment's type as ``json_type`` names it, from its first character (no parsing)."""
+    """A JSON fragment's type as ``json_type`` names it, from its first character (no parsing);
+    NULL for a NULL fragment (absent, or a null member of a parsed object)."""
     text = f"CAST({fragment} AS VARCHAR)"
     return f"""CASE left({text}, 1) WHEN '"' THEN 'VARCHAR' WHEN '{{' THEN 'OBJECT' WHEN '[' THEN 'ARRAY'
         WHEN 't' THEN 'BOOLEAN' WHEN 'f' THEN 'BOOLEAN' WHEN 'n' THEN 'NULL' WHEN '' THEN NULL
-        ELSE CASE WHEN regexp_matches({text}, '[.eE]') THEN 'DOUBLE' ELSE 'BIGINT' END END"""
+        ELSE CASE WHEN regexp_matches({text}, '[.eE]') THEN 'DOUBLE' WHEN {text} IS NOT NULL THEN 'BIGINT' END END"""
 
 
 def text_sql(fragment: str) -> str:
@@ -199,14 +201,24 @@ def _field_rules() -> list[tuple[str, str]]:
         types = _member_types(field.name)
         missing.append((
             f"missing_field:impressions.{field.name}",
-            _for_types(("interaction",), f"list_bool_or(list_transform({types}, lambda t: t IS NULL))"),
+            _for_types(("interaction",), _absent_member(field)),
         ))
-        allowed = _sql_list(_JSON_TYPES[field.kind])
+        allowed = f"t IN {_sql_list(_JSON_TYPES[field.kind])}"
         mistyped.append((
             f"wrong_type:impressions.{field.name}",
-            _for_types(("interaction",), f"NOT list_bool_and(list_transform({types}, lambda t: t IN {allowed}))"),
+            _for_types(("interaction",), f"NOT list_bool_and(list_transform({types}, lambda t: "
+                                         f"{f't IS NULL OR {allowed}' if field.nullable else allowed}))"),
         ))
     return missing + mistyped + [_features_rule()]
+
+
+def _absent_member(field: Field) -> str:
+    """Some impression lacks ``field``. The fragments read a null as absent, so for a nullable field
+    the impressions holding the key are counted, parsing them again only where a fragment is null."""
+    null = f"list_bool_or(list_transform({_member_types(field.name)}, lambda t: t IS NULL))"
+    if not field.nullable:
+        return null
+    return f"{null} AND len(json_extract(fields.impressions, '$[*].{field.name}')) < len(imps)"
 
 
 def _features_rule() -> tuple[str, str]:
@@ -237,8 +249,8 @@ def _value_rules() -> list[tuple[str, str]]:
         ("invalid_value:input", _for_types(("interaction",), f"length({field_text('input')}) > {MAX_INPUT_LENGTH}")),
         ("invalid_value:impressions", _for_types(
             ("interaction",), f"len(imps) NOT BETWEEN 1 AND {MAX_IMPRESSIONS}")),
-        ("invalid_value:impressions.propensity", _for_types(
-            ("interaction",), f"NOT list_bool_and(list_transform({propensities}, lambda p: p > 0 AND p <= 1))")),
+        ("invalid_value:impressions.propensity", _for_types(  # null: unknown
+            ("interaction",), f"NOT list_bool_and(list_transform({propensities}, lambda p: p IS NULL OR (p > 0 AND p <= 1)))")),
         ("invalid_value:impressions.position", _for_types(
             ("interaction",), f"NOT list_bool_and(list_transform({positions}, lambda p: p >= 0))")),
         ("invalid_value:verdict", _for_types(("label",), f"{field_text('verdict')} NOT IN {_sql_list(VERDICTS)}")),

@@ -7,6 +7,8 @@
     <home>/landing/<domain>/<YYYY-MM-DD>.<source>.jsonl   an importer's batches (docs/importing.md)
     <home>/dagster/           DAGSTER_HOME (runs, event log, schedules)
     <home>/mlflow/            MLflow tracking store (sqlite) and artifacts
+    <home>/partitions_start   the earliest day an import landed, when before flywheel.yaml's partitions_start
+    <home>/catalogues/<domain>.parquet   the items a domain's policies choose from (docs/importing.md)
     <home>/review/<domain>/   the review queue's files for Label Studio and Argilla (docs/importing.md)
     <home>/datasets/<domain>/<name>/<window>/   exported training sets (Parquet, JSONL, dataset card)
     <home>/reports/<domain>/<as_of>.html   the cycle's health report (and its .json)
@@ -199,6 +201,10 @@ class Home:
     def reports(self) -> Path:
         """The health reports: <domain>/<as_of>.html and the .json that renders it again."""
         return self.root / "reports"
+
+    def catalogue(self, domain: str) -> Path:
+        """The domain's catalogue as `flywheel import` stored it (flywheel_pipeline/catalogue.py)."""
+        return self.root / "catalogues" / f"{domain}.parquet"
 
     @property
     def simulator(self) -> Path:

@@ -148,8 +148,9 @@ def daily_traffic_suite(median_day: float, min_share: float) -> list[Expectation
 
 
 def filtered_impressions_suite(input_optional: bool = False) -> list[Expectation]:
-    """What quality filtering promises downstream: keys, positions, propensities, text bounds (an
-    empty input allowed where the domain declares its input optional)."""
+    """What quality filtering promises downstream: keys, positions, propensities in (0, 1] where
+    known (null: the logger's probability was not logged), text bounds (an empty input allowed
+    where the domain declares its input optional)."""
     import great_expectations.expectations as gxe
 
     bounds = dbt_vars()
@@ -157,7 +158,7 @@ def filtered_impressions_suite(input_optional: bool = False) -> list[Expectation
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
         *(
             gxe.ExpectColumnValuesToNotBeNull(column=column)
-            for column in ("domain", "interaction_id", "item_id", "position", "propensity", "policy")
+            for column in ("domain", "interaction_id", "item_id", "position", "policy")
         ),
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["domain", "interaction_id", "item_id"]),
         gxe.ExpectColumnValuesToBeBetween(column="position", min_value=0),

@@ -1,18 +1,26 @@
 """The days `flywheel run` covers, checked before anything is launched.
 
-A run's days must be day partitions: on or after ``partitions_start``, and ended (the latest is
-yesterday, UTC). A whole cycle also needs traffic in both of the domain's windows, as the training
+A run's days must be day partitions: on or after the first one, and ended (the latest is yesterday,
+UTC). The first day partition is ``partitions_start`` (flywheel.yaml), or the earliest day an
+import wrote when that is earlier: `flywheel import` records it in ``<home>/partitions_start``
+(``record_imported_days``) and the Dagster definitions start their days there, so a log of any age
+needs no edit. A whole cycle also needs traffic in both of the domain's windows, as the training
 code computes them from the run's last day: the held-out window (``holdout_days`` up to it) and the
-training window (``lookback_days`` before that). The traffic a run sees is the domain's landing
-batches of its days, which it accumulates, and the days its warehouse already holds. A run that
-lacks them would fail minutes later; refused here, in seconds, the message names what is missing
-and the option or setting to change.
+training window (``lookback_days`` before that); a log no longer than the held-out window is
+refused with the windows that fit it. The traffic a run sees is the domain's landing batches of its
+days, which it accumulates, and the days its warehouse already holds. A run that lacks them would
+fail minutes later; refused here, in seconds, the message names what is missing and the option or
+setting to change. Days older than ``retention_days`` run, with a note (``expiring``): the
+retention job deletes them once it runs, counting back from the calendar (how long events may be
+kept, docs/privacy.md), so an old log needs a longer retention.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +28,7 @@ import duckdb
 
 from flywheel_pipeline.accumulation import LABEL_BATCHES, batch_day
 from flywheel_pipeline.config import FlywheelConfig
-from flywheel_pipeline.home import HOME_ENV, Home
+from flywheel_pipeline.home import HOME_ENV, Home, write_atomically
 from flywheel_pipeline.warehouse import WarehouseBusy, connect
 
 if TYPE_CHECKING:
@@ -28,6 +36,7 @@ if TYPE_CHECKING:
 
 
 ACCUMULATE = "accumulate"  # `flywheel run --only accumulate`: accumulate -> filter -> label
+IMPORTED_START = "partitions_start"  # <home>/partitions_start: the earliest day an import wrote
 
 
 class RunRefused(ValueError):
@@ -71,15 +80,53 @@ def run_range(home: Home, config: FlywheelConfig, domain: str, start: date | Non
     windows ending yesterday, from no earlier than the first day of traffic the home holds.
     Raises RunRefused when the run would fail: days that are no partitions, or (a whole cycle) a
     window without traffic, or (``accumulate_only``) nothing to accumulate."""
-    held, latest = held_days(home, domain), today - timedelta(days=1)
-    last = end or latest
+    held, last = held_days(home, domain), end or today - timedelta(days=1)
     first = start or default_start(config, domain, held, last)
-    check_partitions(config, first, last, latest)
-    if accumulate_only:
-        check_something_to_accumulate(home, domain, held, first, last)
-    else:
-        check_windows(config, domain, held, first, last, latest)
+    for check in _checks(home, config, domain, held, first, last, today, accumulate_only):
+        check()
     return first, last
+
+
+def cycle_refusals(home: Home, config: FlywheelConfig, domain: str, last: date,
+                   today: date) -> list[str]:
+    """Every reason a whole cycle of ``domain`` ending ``last`` (from the default first day) would
+    be refused, each with its fix: an import's next steps name them all at once."""
+    held = held_days(home, domain)
+    first = default_start(config, domain, held, last)
+    refusals = []
+    for check in _checks(home, config, domain, held, first, last, today, accumulate_only=False):
+        try:
+            check()
+        except RunRefused as refused:
+            refusals.append(str(refused))
+    return refusals
+
+
+def _checks(home: Home, config: FlywheelConfig, domain: str, held: HeldDays, first: date,
+            last: date, today: date, accumulate_only: bool) -> list[Callable[[], None]]:
+    """A run's checks, in the order a refusal names them: its days are partitions, it has traffic
+    (both windows, or something to accumulate)."""
+    begin, latest = partitions_start(config, home), today - timedelta(days=1)
+    traffic = (partial(check_something_to_accumulate, home, domain, held, first, last)
+               if accumulate_only else partial(check_windows, config, domain, held, first, last,
+                                               latest, begin))
+    return [partial(check_partitions, config, begin, first, last, latest), traffic]
+
+
+def partitions_start(config: FlywheelConfig, home: Home) -> date:
+    """The first day partition: ``partitions_start`` (flywheel.yaml), or the earliest day an
+    import wrote into the home when that is earlier."""
+    path = home.root / IMPORTED_START
+    imported = date.fromisoformat(path.read_text().strip()) if path.exists() else None
+    return min(config.partitions_start, imported) if imported else config.partitions_start
+
+
+def record_imported_days(home: Home, config: FlywheelConfig, days: Iterable[date]) -> None:
+    """Move the home's first day partition back to the earliest of an import's ``days`` when it is
+    earlier, so that they are partitions (the Dagster definitions start there when next loaded)."""
+    earliest = min(days, default=None)
+    if earliest is not None and earliest < partitions_start(config, home):
+        write_atomically(home.root / IMPORTED_START, f"{earliest}\n".encode())
 
 
 def held_days(home: Home, domain: str) -> HeldDays:
@@ -128,33 +175,35 @@ def windows(config: FlywheelConfig, domain: str, last: date) -> Windows:
     return split_windows(last, config.domain(domain))
 
 
-def check_partitions(config: FlywheelConfig, first: date, last: date, latest: date) -> None:
-    """Refuse days that are no day partitions: before ``partitions_start``, or after ``latest``
-    (yesterday: a day has no partition before it has ended)."""
+def check_partitions(config: FlywheelConfig, begin: date, first: date, last: date,
+                     latest: date) -> None:
+    """Refuse days that are no day partitions: before ``begin`` (``partitions_start``, or the
+    earliest day imported), or after ``latest`` (yesterday: a day has no partition before it has
+    ended)."""
     if first > last:
         raise RunRefused(f"--start {first} is after --end {last}")
-    begin = config.partitions_start
-    if first < begin:
+    if first < begin:  # then before flywheel.yaml's partitions_start too
         also = f", or pass --start {begin} or later" if last >= begin else ""
-        raise RunRefused(f"the days {first}..{last} start before partitions_start {begin} "
-                         f"(flywheel.yaml), the first day partition the pipeline knows: set "
-                         f"partitions_start to {first} or earlier{also}")
+        raise RunRefused(f"the days {first}..{last} start before partitions_start "
+                         f"{config.partitions_start} (flywheel.yaml), the first day partition the "
+                         f"pipeline knows: set partitions_start to {first} or earlier{also}")
     if last > latest:
         raise RunRefused(f"--end {last} has not ended yet: a day is a partition once it has ended "
                          f"(UTC), the latest is {latest}: pass --end {latest} or earlier")
 
 
 def check_windows(config: FlywheelConfig, domain: str, held: HeldDays, first: date, last: date,
-                  latest: date) -> None:
+                  latest: date, begin: date) -> None:
     """Refuse a cycle whose held-out or training window has no day of traffic (``latest``: the
-    last day a run may end on). A busy warehouse's days cannot be read: then the launch tells."""
+    last day a run may end on; ``begin``: the first day partition). A busy warehouse's days cannot
+    be read: then the launch tells."""
     if held.warehouse is None:
         return
     settings, spans = config.domain(domain), windows(config, domain, last)
     seen = held.seen_by(first, last)
     held_out = f"{spans.holdout_start}..{spans.holdout_end}"
     if not _any_between(seen, spans.holdout_start, spans.holdout_end):
-        fix = _held_out_fix(config, domain, held, latest)
+        fix = _held_out_fix(config, domain, held, latest, begin)
         raise RunRefused(f"{domain}: no traffic in the held-out window {held_out} (holdout_days "
                          f"{settings.holdout_days} up to the run's last day): "
                          f"{held.summary(domain)}; {fix}")
@@ -165,30 +214,66 @@ def check_windows(config: FlywheelConfig, domain: str, held: HeldDays, first: da
                          f"held-out window {held_out}): {held.summary(domain)}; {fix}")
 
 
-def _held_out_fix(config: FlywheelConfig, domain: str, held: HeldDays, latest: date) -> str:
+def _held_out_fix(config: FlywheelConfig, domain: str, held: HeldDays, latest: date,
+                  begin: date) -> str:
     """What to change when the held-out window has no traffic: --end on the last day of traffic
-    that is a partition, or traffic."""
+    that is a partition (and windows that fit it, when it is short), or traffic."""
     ended = sorted(day for day in held.traffic() if day <= latest)
-    begin = config.partitions_start
+    fit = f"; then {fix}" if (fix := _fitting_windows(config, domain, held)) else ""
     if ended and ended[-1] < begin:
         return (f"pass --end {ended[-1]}, the last day of traffic it holds, and set "
-                f"partitions_start (flywheel.yaml, now {begin}) to {ended[0]} or earlier: its "
-                f"traffic is before it")
+                f"partitions_start (flywheel.yaml, now {config.partitions_start}) to {ended[0]} or "
+                f"earlier: its traffic is before it{fit}")
     if ended:
-        return f"pass --end {ended[-1]}, the last day of traffic it holds"
+        return f"pass --end {ended[-1]}, the last day of traffic it holds{fit}"
     return f"land or import its traffic (docs/importing.md), or {_simulate(config, domain, held)}"
 
 
 def _training_fix(config: FlywheelConfig, domain: str, held: HeldDays, first: date,
                   spans: Windows) -> str:
-    """What to change when the training window has no traffic: the range, the home or the window."""
+    """What to change when the training window has no traffic: the range, the windows (a log no
+    longer than the held-out window), or the home."""
     skipped = sorted(day for day in held.landing if spans.train_start <= day < first)
     if skipped:
         return (f"its landing holds {len(skipped)} of those days from {skipped[0]}, before the "
                 f"run's first day {first}: pass --start {skipped[0]} (or leave --start out)")
+    if fit := _fitting_windows(config, domain, held):
+        return fit
     return (f"land or import the days {spans.train_start}..{spans.train_end} (docs/importing.md), "
             f"{_simulate(config, domain, held)}, or shorten domains.{domain}.lookback_days in "
             f"flywheel.yaml")
+
+
+def _fitting_windows(config: FlywheelConfig, domain: str, held: HeldDays) -> str | None:
+    """The windows to set when the home's traffic spans no more days than the held-out window (no
+    run ending on its last day has a day to train on): both within those days, about half of them
+    held out (``holdout_days`` <= ``lookback_days``); None when the windows are not the problem."""
+    settings, days = config.domain(domain), sorted(held.traffic())
+    span = (days[-1] - days[0]).days + 1 if days else 0
+    if not days or span > settings.holdout_days:
+        return None
+    needed = (f"lookback_days {settings.lookback_days} + holdout_days {settings.holdout_days} need "
+              f"{settings.lookback_days + settings.holdout_days} days, its traffic spans {span}")
+    if span < 2:
+        return f"{needed}: a cycle needs 2 days (one to train on, one held out): import more days"
+    holdout = span // 2
+    return (f"{needed}: set domains.{domain}.lookback_days to {span - holdout} and holdout_days to "
+            f"{holdout} in flywheel.yaml, or import more days")
+
+
+def expiring(config: FlywheelConfig, domain: str, first: date, today: date) -> str | None:
+    """What the retention job will delete of the days from ``first`` on, and the retention that
+    keeps them; None when nothing. It counts back from ``today`` (the calendar, not the days held:
+    how long events may be kept) and runs on its own schedule, never within a run."""
+    keep = config.domain(domain).retention_days
+    cutoff = today - timedelta(days=keep)
+    if first >= cutoff:
+        return None
+    return (f"{domain}: the days from {first} are older than retention_days {keep}: the retention "
+            f"job (schedule retention_daily, once on) deletes the events before {cutoff}, counting "
+            f"back from today; to keep them, set domains.{domain}.retention_days in flywheel.yaml "
+            f"to at least {(today - first).days} (the days since {first}), plus the days to keep "
+            f"them for")
 
 
 def _simulate(config: FlywheelConfig, domain: str, held: HeldDays) -> str:

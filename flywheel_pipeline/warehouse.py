@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS raw.interactions (
 CREATE TABLE IF NOT EXISTS raw.impressions (
     event_id VARCHAR NOT NULL, domain VARCHAR NOT NULL, event_date DATE NOT NULL,
     interaction_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL, position INTEGER NOT NULL,
-    propensity DOUBLE NOT NULL, content VARCHAR NOT NULL
+    propensity DOUBLE, content VARCHAR NOT NULL  -- propensity NULL: unknown, the logger's was not logged
 );
 CREATE TABLE IF NOT EXISTS raw.signals (
     event_id VARCHAR NOT NULL, domain VARCHAR NOT NULL, event_date DATE NOT NULL,
@@ -118,7 +118,19 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
 
 
 def ensure_raw_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """Create the raw tables; a warehouse made before gets what they gained since."""
     con.execute(RAW_DDL)
+    _allow_unknown_propensities(con)
+
+
+def _allow_unknown_propensities(con: duckdb.DuckDBPyConnection) -> None:
+    """A warehouse made before kept ``raw.impressions.propensity`` NOT NULL: drop that, once."""
+    not_null = con.execute("""SELECT count(*) FROM information_schema.columns
+                              WHERE table_catalog = current_database() AND table_schema = 'raw'
+                                AND table_name = 'impressions' AND column_name = 'propensity'
+                                AND is_nullable = 'NO'""").fetchall()[0][0]
+    if not_null:
+        con.execute("ALTER TABLE raw.impressions ALTER COLUMN propensity DROP NOT NULL")
 
 
 # --- splitting a home's shared warehouse into one file per domain ---------------------------------

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from flywheel_pipeline.validation import estimators as est
-from flywheel_pipeline.validation.evidence import Evidence, policy_terms
+from flywheel_pipeline.validation.evidence import Options, policy_terms
 
 N_CONTEXTS, N_ITEMS, SLATE = 40, 8, 3
 THETA = np.array([1.0, 0.6, 0.35])  # examination by position
@@ -56,7 +56,7 @@ def world():
         "position": pl.Series(shown_position.ravel()).replace(-1, None),
         "reward": reward.ravel(),
     })
-    evidence = Evidence(options, mu[context].reshape(-1, SLATE), SLATE, N_LOGGED, 1.0)
+    evidence = Options(options, mu[context].reshape(-1, SLATE))
     scores = pl.Series(target_scores[context].ravel())
     pi = est.position_probabilities(scores, options["unit"], SLATE)
 
@@ -80,16 +80,16 @@ def test_position_probabilities_split_tied_positions_evenly():
 
 def test_pbm_ips_is_unbiased_for_a_new_ranking(world):
     evidence, pi, _, truth, *_ = world
-    terms = policy_terms(evidence, pi, POSITIONS, np.zeros(evidence.options.height))
+    terms = policy_terms(evidence, pi, POSITIONS, np.zeros(evidence.frame.height), N_LOGGED)
     _within(terms.ips, truth)
 
 
 def test_pbm_ips_is_unbiased_for_expected_clicks_when_positions_count_by_examination(world):
     evidence, pi, attraction, *_ = world
     clicks = est.Positions(THETA, THETA)
-    terms = policy_terms(evidence, pi, clicks, np.zeros(evidence.options.height))
-    units = evidence.options["unit"].to_numpy()
-    per_unit = np.bincount(units, weights=(pi @ THETA) * attraction, minlength=evidence.n_units)
+    terms = policy_terms(evidence, pi, clicks, np.zeros(evidence.frame.height), N_LOGGED)
+    units = evidence.frame["unit"].to_numpy()
+    per_unit = np.bincount(units, weights=(pi @ THETA) * attraction, minlength=N_LOGGED)
     _within(terms.ips, float(per_unit.mean()))  # the target's clicks in the logged contexts
 
 
@@ -97,7 +97,7 @@ def test_ips_with_the_examination_ignored_is_biased(world):
     """The check above can fail: weights that forget the examination curve miss the truth."""
     evidence, pi, _, truth, *_ = world
     blind = est.Positions(np.ones(SLATE), POSITIONS.value)
-    terms = policy_terms(evidence, pi, blind, np.zeros(evidence.options.height))
+    terms = policy_terms(evidence, pi, blind, np.zeros(evidence.frame.height), N_LOGGED)
     estimate, se = terms.ips.mean(), terms.ips.std(ddof=1) / np.sqrt(N_LOGGED)
     assert abs(estimate - truth) > Z * se
 
@@ -108,19 +108,19 @@ def test_doubly_robust_is_unbiased_whatever_the_reward_model(world, model):
     rng = np.random.default_rng(5)
     rho = (np.full_like(attraction, 0.5) if model == "constant"
            else np.clip(attraction + rng.normal(0, 0.2, attraction.shape), 0, 1))
-    terms = policy_terms(evidence, pi, POSITIONS, rho)
+    terms = policy_terms(evidence, pi, POSITIONS, rho, N_LOGGED)
     _within(terms.direct + terms.residual, truth)
 
 
 def test_doubly_robust_with_a_good_reward_model_has_lower_variance_than_ips(world):
     evidence, pi, attraction, *_ = world
-    terms = policy_terms(evidence, pi, POSITIONS, attraction)
+    terms = policy_terms(evidence, pi, POSITIONS, attraction, N_LOGGED)
     assert (terms.direct + terms.residual).var() < terms.ips.var()
 
 
 def test_snips_is_consistent(world):
     evidence, pi, _, truth, *_ = world
-    terms = policy_terms(evidence, pi, POSITIONS, np.zeros(evidence.options.height))
+    terms = policy_terms(evidence, pi, POSITIONS, np.zeros(evidence.frame.height), N_LOGGED)
     ones = np.ones((1, N_LOGGED))
     total = POSITIONS.value.sum()
     estimate = est.snips(terms, ones, POSITIONS)[0]

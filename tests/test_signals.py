@@ -305,7 +305,7 @@ def test_the_recommendation_trainer_learns_from_a_numeric_context_feature():
 def test_a_held_out_window_where_no_user_returns_is_reported_not_a_crash(config):
     rows, candidates = logged_bandit(400, seed=3)
     evidence = assemble(rows.with_columns(is_new_user=pl.lit(True)), candidates, "outcome")
-    slices, _ = compare_models(evidence, "assistant", *target_and_logger_favourite())
+    slices = compare_models(evidence, "assistant", *target_and_logger_favourite()).slices
     returning = {s.name: s for s in slices}["returning_users"]
     assert returning.n_samples == 0
     assert all(np.isnan(m.candidate) and np.isnan(m.difference_ci[0]) for m in returning.metrics.values())
@@ -323,7 +323,7 @@ rows, candidates = logged_bandit(3000, seed=3)
 rows = rows.with_columns(segment=pl.format("s{}", pl.col("user_id").str.slice(1).cast(pl.Int64) % 3))
 if sys.argv[1] == "shuffled":  # the same rows as a warehouse may return them: in another order
     candidates = candidates.sample(fraction=1.0, shuffle=True, seed=1)
-slices, _ = compare_models(assemble(rows, candidates, "outcome"), "assistant", *target_and_logger_favourite())
+slices = compare_models(assemble(rows, candidates, "outcome"), "assistant", *target_and_logger_favourite()).slices
 print(json.dumps({s.name: {m: [c.candidate_ci, c.difference_ci] for m, c in s.metrics.items()} for s in slices}))
 """
 

@@ -171,15 +171,26 @@ def recommendation_relevance(seed: int = 0) -> np.ndarray:
 
 
 def _slate(rng: np.random.Generator, preference: np.ndarray) -> tuple[list[int], list[float]]:
-    """Plackett-Luce draw of 5 items; each item's probability of its position given the above."""
-    weights, items, propensities = preference.copy(), [], []
+    """Plackett-Luce draw of 5 items; each with the logger's probability of that item at that
+    position (the contract's propensity: a marginal, not the draw's conditional)."""
+    weights, items = preference.copy(), []
     for _ in range(5):
-        probabilities = weights / weights.sum()
-        item = int(rng.choice(len(weights), p=probabilities))
+        item = int(rng.choice(len(weights), p=weights / weights.sum()))
         items.append(item)
-        propensities.append(float(probabilities[item]))
         weights[item] = 0.0
-    return items, propensities
+    marginals = _plackett_luce_marginals(tuple(preference))
+    return items, [float(marginals[item, position]) for position, item in enumerate(items)]
+
+
+@functools.cache
+def _plackett_luce_marginals(preference: tuple[float, ...], draws: int = 400_000) -> np.ndarray:
+    """(items, 5): P(item at position) under Plackett-Luce, by Gumbel-top-5 draws (a fixed seed)."""
+    gumbel = np.log(np.asarray(preference)) + np.random.default_rng(99).gumbel(size=(draws, len(preference)))
+    top = np.argsort(-gumbel, axis=1)[:, :5]
+    counts = np.zeros((len(preference), 5))
+    for position in range(5):
+        counts[:, position] = np.bincount(top[:, position], minlength=len(preference))
+    return counts / draws
 
 
 def recommendation_impressions(

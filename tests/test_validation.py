@@ -116,7 +116,7 @@ def test_off_policy_estimates_recover_the_targets_true_value_where_a_naive_mean_
     rows, candidates = logged_bandit(20_000, seed=3)
     evidence = assemble(rows, candidates, "outcome")
     target, favourite = target_and_logger_favourite()
-    overall = compare_models(evidence, "assistant", target, favourite)[0][0]
+    overall = compare_models(evidence, "assistant", target, favourite).slices[0]
 
     true_value = float(np.mean([GOOD_RATE[q, TARGET[q]] for q in range(2)]))
     weight = np.array([1 / LOGGING[q, TARGET[q]] for q in range(2)])
@@ -138,7 +138,7 @@ def test_without_logged_candidates_a_policy_is_judged_on_what_was_shown():
                                                    "item_content": pl.String, "mu": pl.List(pl.Float64)}),
                         "outcome")
     assert evidence.candidates_logged == 0
-    assert evidence.options.height == rows.height  # only the shown response per interaction
+    assert sum(o.frame.height for o in evidence.chunks()) == rows.height  # only the shown response per interaction
 
 
 def test_an_interaction_whose_logged_candidates_miss_a_shown_item_falls_back_to_what_was_shown():
@@ -147,7 +147,7 @@ def test_an_interaction_whose_logged_candidates_miss_a_shown_item_falls_back_to_
     broken = candidates.filter((pl.col("interaction_id") != "i0") | (pl.col("item_id") != shown_of_i0))
     evidence = assemble(rows, broken, "outcome")
     assert evidence.candidates_logged == pytest.approx(0.99)
-    own = evidence.options.filter(pl.col("interaction_id") == "i0")
+    own = evidence.options(0, evidence.n_units).frame.filter(pl.col("interaction_id") == "i0")
     assert own["item_id"].to_list() == [shown_of_i0] and own["position"].to_list() == [0]
     assert evidence.n_units == 100 and evidence.unit_attributes().height == 100
 
@@ -159,7 +159,7 @@ def test_tied_scores_split_the_target_policy_evenly():
     evidence = assemble(slates, pl.DataFrame(schema={"interaction_id": pl.String, "item_id": pl.String,
                                                      "item_content": pl.String, "mu": pl.List(pl.Float64)}),
                         "clicked")
-    overall = compare_models(evidence, "recommendation", UniformScorer(), UniformScorer())[0][0]
+    overall = compare_models(evidence, "recommendation", UniformScorer(), UniformScorer()).slices[0]
     assert all(m.difference == 0 for m in overall.metrics.values() if np.isfinite(m.difference))
 
 
@@ -263,10 +263,14 @@ def test_metadata_is_small_and_names_the_outcome_and_the_samples_needed():
     assert "| all | 1000 |" in report.markdown()
 
 
-def test_an_importance_weighted_value_outside_the_rewards_range_is_marked_and_explained():
+def test_an_estimate_outside_the_rewards_range_is_never_reported_as_the_estimate():
     report = report_with({"all": (1000, 1.28, 0.3)})  # dr 1.78 for a 0/1 reward
     markdown = report.markdown()
-    assert "| 1.7800 (" in markdown and ")† |" in markdown and "outside the 0..1 range" in markdown
+    assert "| 1.7800 (" not in markdown and "| † (1.7800) |" in markdown and "not an estimate of it" in markdown
+    assert report.metadata()["candidate"] == "outside 0..1 (1.7800): no estimate"
+    decision = gate(report, GATE)
+    assert decision.outcome == "inconclusive"
+    assert decision.reasons[0].startswith("estimate_out_of_range: dr of the candidate is 1.7800")
     assert "†" not in report_with({"all": (1000, 0.2, 0.01)}).markdown()
 
 
@@ -347,8 +351,9 @@ def test_a_candidate_compared_with_itself_is_inconclusive_not_promoted(world):
     assert all(m.difference == 0 for s in report.slices for m in s.metrics.values()
                if np.isfinite(m.difference))
     assert report.decision.outcome == "inconclusive"  # no gain shown, no harm either
-    assert report.decision.reasons[0].startswith("improvement_uncertain")
-    assert latest_inconclusive(home, "recommendation").model_uri == candidate.model_uri  # for the next cycle
+    assert report.decision.reasons[0].startswith("same_choices: the candidate and champion choose the same")
+    assert report.decision.samples_needed is None and not report.decision.decidable
+    assert latest_inconclusive(home, "recommendation") is None  # more days would not decide: nothing to revisit
 
 
 def unflagged(candidate) -> HealthReport:

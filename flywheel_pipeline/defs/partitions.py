@@ -1,7 +1,9 @@
 """Day x domain partitions: each domain's data is partitioned by the UTC day of its events.
 
 A run covers one domain and a range of days (``dagster/asset_partition_range_*`` tags), so a weekly
-cycle is one run and the UI shows every domain's days in one grid.
+cycle is one run and the UI shows every domain's days in one grid. The days start at
+``partitions_start`` (flywheel.yaml), or at the earliest day an import wrote into the home when
+that is earlier (``home_partitions``): one start for every domain, since the domains share the grid.
 """
 
 from __future__ import annotations
@@ -11,11 +13,19 @@ from datetime import date, timedelta
 import dagster as dg
 
 from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.home import Home
+from flywheel_pipeline.run_range import partitions_start
 
 DATE, DOMAIN = "date", "domain"
 # The run tags Dagster reads as "this run covers the partitions start..end" (a single-run backfill).
 PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"
 PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
+
+
+def home_partitions(config: FlywheelConfig, home: Home) -> FlywheelConfig:
+    """``config`` with its ``partitions_start`` moved back to the earliest day imported into
+    ``home``, when earlier (run_range.partitions_start): what the definitions partition by."""
+    return config.model_copy(update={"partitions_start": partitions_start(config, home)})
 
 
 def day_domain_partitions(config: FlywheelConfig) -> dg.MultiPartitionsDefinition:

@@ -51,13 +51,16 @@ EXPLANATIONS = {
 
 
 def exposure_bias(training: pl.DataFrame, settings: HealthSettings, shape: str) -> Finding:
-    """Exploration share and ESS of the IPS weights; for a recommendation domain the examination
-    curve and the good rate by position, raw and weighted as the trainer weighs."""
+    """Exploration share and ESS of the IPS weights (over the impressions whose propensity was
+    logged; null: unknown); for a recommendation domain the examination curve and the good rate by
+    position, raw and weighted as the trainer weighs."""
     exploration = _share(training["policy"] == "explore")
+    known = _share(training["propensity"].is_not_null())
     weights = 1 / training.filter(pl.col("propensity") > 0)["propensity"].to_numpy()
     ess = float(weights.sum() ** 2 / (weights**2).sum()) if len(weights) else 0.0
     measures = {"exploration_share": exploration, "ips_ess": ess,
-                "ips_ess_share": ess / len(weights) if len(weights) else math.nan}
+                "ips_ess_share": ess / len(weights) if len(weights) else math.nan,
+                "propensity_known_share": known}
     tables, problems, least = {}, [], settings.min_exploration_share
     if exploration < least:
         problems.append(f"exploration share {exploration:.1%} < {least:.1%}")
@@ -76,6 +79,8 @@ def exposure_bias(training: pl.DataFrame, settings: HealthSettings, shape: str) 
                             "(too few explored impressions)")
     judged = (f"exploration share {exploration:.1%} (min {least:.1%}), "
               f"IPS ESS {ess:.0f} of {len(weights)}")
+    if known < 1:
+        judged += f" (propensities logged for {known:.0%} of impressions)"
     if "position_gap_raw" in measures:
         judged += (f", good rate lowest vs top slot {measures['position_gap_raw']:.0%} lower raw, "
                    f"{measures['position_gap_weighted']:.0%} as the trainer weighs")

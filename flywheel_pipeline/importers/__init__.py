@@ -2,16 +2,24 @@
 
 Each format's reader (``read(path, domain, config) -> Mapped``, importers/base.py) maps a file's
 records to events of the contract; ``import_file`` writes them as the domain's landing batches
-and the records it could not map to ``raw.quarantine`` (importers/landing.py). docs/importing.md
+and the records it could not map to ``raw.quarantine`` (importers/landing.py); a bandit log's
+declared catalogue is read first and kept in the home (flywheel_pipeline/catalogue.py). docs/importing.md
 walks through each format, from file to a gate decision.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
+from flywheel_pipeline.catalogue import (
+    CatalogueError,
+    declared_file,
+    keep_catalogue,
+    read_catalogue_file,
+)
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.importers import bandit, otel, reviews
@@ -37,7 +45,16 @@ def import_file(home: Home, config: FlywheelConfig, fmt: str, path: Path | str, 
     path = Path(path).resolve()
     if not path.is_file():
         raise UnreadableFile(f"{path}: no such file")
-    return write_import(home, config, fmt, path, domain, FORMATS[fmt](path, domain, config), now)
+    catalogue = declared_file(config, domain) if fmt == "bandit" else None
+    try:
+        items = read_catalogue_file(catalogue, domain) if catalogue else None  # a bad catalogue stops it first
+    except CatalogueError as error:
+        raise UnreadableFile(str(error)) from None
+    report = write_import(home, config, fmt, path, domain, FORMATS[fmt](path, domain, config), now)
+    if items is not None:
+        keep_catalogue(home, domain, items)
+        report = replace(report, catalogue_items=items.height)
+    return report
 
 
 __all__ = ["FORMATS", "ImportReport", "UnreadableFile", "import_file"]

@@ -6,9 +6,11 @@ per event day, in ``<home>/landing/<domain>/`` (``label`` events in ``labels/``)
 accumulation run picks them up like the product's own batches. Each batch is written whole to a
 temporary file and renamed, so a crash never leaves half a batch; importing the same file again
 rewrites the same batches (event ids come from the source, so accumulation deduplicates) and
-removes that source's batches it no longer produces. Rejected records go to ``raw.quarantine``
-(source_file: the imported file's absolute path; source_line: the record number) in one
-transaction that replaces the file's earlier rejects, redacted like accumulation's.
+removes that source's batches it no longer produces. Days before the first day partition move it
+back to them (``run_range.record_imported_days``), so a log of any age is runnable. Rejected
+records go to ``raw.quarantine`` (source_file: the imported file's absolute path; source_line: the
+record number) in one transaction that replaces the file's earlier rejects, redacted like
+accumulation's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from flywheel_pipeline.accumulation import LABEL_BATCHES
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.importers.base import RECORDS, Encoded, Event, Mapped, Rejected, Skipped
+from flywheel_pipeline.run_range import record_imported_days
 from flywheel_pipeline.warehouse import connect, ensure_raw_tables, transaction
 
 _MAX_OPEN_BATCHES = 64  # temporary batch files held open at once while events stream in
@@ -54,6 +57,7 @@ class ImportReport:
     batches: list[str] = field(default_factory=list)  # relative to the landing folder
     days: list[date] = field(default_factory=list)  # the event days the batches carry
     removed_batches: list[str] = field(default_factory=list)  # this source's stale batches
+    catalogue_items: int | None = None  # items of the domain's catalogue file kept (flywheel_pipeline/catalogue.py)
 
     @property
     def records(self) -> int:
@@ -151,6 +155,7 @@ def write_import(home: Home, config: FlywheelConfig, fmt: str, path: Path, domai
     except BaseException:
         batches.discard()
         raise
+    record_imported_days(home, config, days)  # before the batches: their days are partitions
     written, removed = batches.commit()
     report.batches = [str(p.relative_to(home.landing)) for p in written]
     report.removed_batches = [str(p.relative_to(home.landing)) for p in removed]

@@ -9,18 +9,22 @@ what each estimator assumes.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import mlflow
 import numpy as np
-import polars as pl
 
-from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.catalogue import candidate_catalogue, judges_slots
+from flywheel_pipeline.config import FlywheelConfig, Serving
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.scoring import SERVING_FEATURES, Scorer, baseline_scorer
+from flywheel_pipeline.scoring import Scorer, baseline_scorer
 from flywheel_pipeline.sources import Readable
 from flywheel_pipeline.training.base import Windows
-from flywheel_pipeline.validation.comparison import PRIMARY_METRIC, compare_on_holdout
+from flywheel_pipeline.validation.comparison import (
+    PRIMARY_METRIC,
+    compare_on_holdout,
+    score_holdout,
+)
 from flywheel_pipeline.validation.estimators import Positions, examination_curve, weighted_auc
 from flywheel_pipeline.validation.evidence import (
     REWARD,
@@ -33,7 +37,7 @@ from flywheel_pipeline.validation.evidence import (
 )
 from flywheel_pipeline.validation.gate import GateDecision, gate, threshold
 from flywheel_pipeline.validation.intervals import MetricComparison
-from flywheel_pipeline.validation.report import SliceResult, ValidationReport
+from flywheel_pipeline.validation.report import Judged, SliceResult, ValidationReport
 from flywheel_pipeline.validation.tracking import (
     Inconclusive,
     latest_inconclusive,
@@ -42,6 +46,7 @@ from flywheel_pipeline.validation.tracking import (
 
 __all__ = [
     "PRIMARY_METRIC",
+    "Compared",
     "Evidence",
     "GateDecision",
     "Inconclusive",
@@ -61,12 +66,15 @@ __all__ = [
 ]
 
 
-def held_out_evidence(source: Readable, config: FlywheelConfig, domain: str,
+def held_out_evidence(source: Readable, home: Home, config: FlywheelConfig, domain: str,
                       windows: Windows) -> Evidence:
-    """The domain's held-out evidence with its reward (``evidence.REWARD``)."""
+    """The domain's held-out evidence with its reward (``evidence.REWARD``), its candidates as
+    logged or from its catalogue."""
     settings = config.domain(domain)
     rows = holdout_rows(source, domain, windows, outcome=settings.label_maturity.outcome)
-    return assemble(rows, logged_candidates(source, domain, windows), REWARD[settings.shape])
+    return assemble(rows, logged_candidates(source, domain, windows), REWARD[settings.shape],
+                    catalogue=candidate_catalogue(home, source, config, domain),
+                    slot_decisions=judges_slots(config, domain))
 
 
 def reward_name(config: FlywheelConfig, domain: str) -> str:
@@ -82,18 +90,32 @@ def value_positions(theta: np.ndarray, candidates_logged: float) -> Positions:
     return Positions.precision(theta) if candidates_logged >= 0.5 else Positions(theta, theta)
 
 
-def compare_models(evidence: Evidence, shape: str, candidate: Scorer,
-                   champion: Scorer) -> tuple[list[SliceResult], Positions]:
-    """Every metric on every slice, and the positions' examination and value used."""
-    features = evidence.options.select(SERVING_FEATURES).to_pandas()
-    scores = {role: np.asarray(model.predict(features), dtype=float)
-              for role, model in (("candidate", candidate), ("champion", champion))}
-    explored = evidence.options.filter((pl.col("policy") == "explore") & pl.col("position").is_not_null())
+@dataclass(frozen=True)
+class Compared:
+    """Every metric on every slice, the positions' examination and value used, and what the
+    evidence can tell apart (``comparison.Scored``)."""
+
+    slices: list[SliceResult]
+    positions: Positions
+    same_choices: bool
+    no_overlap: bool
+
+
+def compare_models(evidence: Evidence, shape: str, candidate: Scorer, champion: Scorer,
+                   serving: Serving | None = None) -> Compared:
+    """Candidate and champion, each as it would serve (``serving``: the default, top-k), on the
+    held-out evidence."""
+    serving = serving or Serving()
+    explored = evidence.explored()
     theta = examination_curve(explored["position"].to_numpy(), explored["reward"].to_numpy(),
                               evidence.slate_size)
-    positions = value_positions(theta, evidence.candidates_logged)
-    rho = reward_model(evidence, theta, REWARD_MODEL_KEYS[shape])
-    return compare_on_holdout(evidence, scores, positions, rho), positions
+    positions = (Positions.precision(np.ones(evidence.slate_size)) if evidence.slot_decisions
+                 else value_positions(theta, evidence.candidates_logged))
+    rho = reward_model(evidence, positions.examination, REWARD_MODEL_KEYS[shape])
+    scored = score_holdout(evidence, {"candidate": candidate, "champion": champion}, positions, rho,
+                           serving.ranking, serving.epsilon)
+    return Compared(compare_on_holdout(evidence, scored, positions), positions, scored.same_choices,
+                    scored.no_overlap)
 
 
 def validate_candidate(
@@ -113,20 +135,22 @@ def validate_candidate(
     candidate = mlflow.pyfunc.load_model(candidate_model_uri)
     champion = (mlflow.pyfunc.load_model(champion_model_uri) if champion_model_uri
                 else baseline_scorer(settings.shape))
-    evidence = held_out_evidence(source, config, domain, windows)
-    slices, positions = compare_models(evidence, settings.shape, candidate, champion)
+    evidence = held_out_evidence(source, home, config, domain, windows)
+    compared = compare_models(evidence, settings.shape, candidate, champion, settings.serving)
     report = ValidationReport(
         domain=domain,
         primary_metric=PRIMARY_METRIC,
         windows=windows,
         candidate_model_uri=candidate_model_uri,
         champion_model_uri=champion_model_uri,
-        slices=slices,
+        slices=compared.slices,
         reward=reward_name(config, domain),
-        examination=tuple(float(t) for t in positions.examination),
-        value_weights=tuple(float(v) for v in positions.value),
+        examination=tuple(float(t) for t in compared.positions.examination),
+        value_weights=tuple(float(v) for v in compared.positions.value),
         candidates_logged=evidence.candidates_logged,
         is_revisit=is_revisit,
+        judged=Judged(slots=evidence.slot_decisions, propensities_known=evidence.propensities_known,
+                      same_choices=compared.same_choices, no_overlap=compared.no_overlap),
     )
     report = replace(report, decision=gate(report, settings.gate))
     return replace(report, run_id=log_validation_run(home, report))

@@ -11,19 +11,31 @@ Metrics (candidate, champion, difference, paired bootstrap intervals):
 - ``weak_label_value``, ``weak_label_auc``: the same against the label model's p_good, and the AUC
   of the scores against the weak labels of shown impressions. Secondary: these are the kind of
   labels the candidate was trained on, and the AUC only sees what the champion chose to show.
+- ``replay``: only where the logger's propensities are unknown (every importance-weighted metric
+  is then undefined): the reward of the shown items weighted by how likely the policy was to show
+  them there; biased unless the logger chose uniformly at random, like ``direct`` (the reward
+  model's guess for what was never shown).
+
+Models score the candidate rows a chunk of units at a time (``Evidence.chunks``); only per-unit
+sums are kept, so memory stays bounded however many candidates a catalogue gives each unit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
 
+from flywheel_pipeline.scoring import SERVING_FEATURES, Scorer
 from flywheel_pipeline.validation import estimators as est
 from flywheel_pipeline.validation.evidence import (
     Evidence,
+    Options,
+    RewardModel,
     per_unit_labelled,
+    per_unit_replay,
     policy_terms,
     slice_masks,
 )
@@ -38,66 +50,144 @@ from flywheel_pipeline.validation.report import SliceResult
 
 PRIMARY_METRIC = "dr"
 ROLES = ("candidate", "champion")
+SAME_CHOICE_TOLERANCE = 1e-9  # slot probabilities closer than this are the same choice
+
+
+@dataclass
+class RoleSums:
+    """One policy's per-unit sums over every chunk, and its scores of the shown rows."""
+
+    terms: est.PolicyTerms
+    gold: tuple[np.ndarray, np.ndarray]
+    weak: tuple[np.ndarray, np.ndarray]
+    replay: tuple[np.ndarray, np.ndarray]
+    shown_scores: list[np.ndarray] = field(default_factory=list)
+
+    @classmethod
+    def zeros(cls, n: int) -> RoleSums:
+        pair = (np.zeros(n), np.zeros(n))
+        return cls(est.PolicyTerms(*(np.zeros(n) for _ in range(4))), pair, pair, pair)
+
+    def add(self, terms: est.PolicyTerms, gold: tuple, weak: tuple, replay: tuple) -> None:
+        self.terms = est.PolicyTerms(*(a + b for a, b in zip(_fields(self.terms), _fields(terms))))
+        self.gold, self.weak, self.replay = (tuple(a + b for a, b in zip(mine, new)) for mine, new in
+                                             ((self.gold, gold), (self.weak, weak), (self.replay, replay)))
+
+
+@dataclass
+class Scored:
+    """Both policies' sums over the held-out evidence, and what tells them apart: the largest
+    difference in a slot probability (0: they choose the same on every context), and the shown
+    rows' units and weak labels (for the AUC)."""
+
+    roles: dict[str, RoleSums]
+    largest_difference: float = 0.0
+    shown_units: list[np.ndarray] = field(default_factory=list)
+    shown_p_good: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def same_choices(self) -> bool:
+        return self.largest_difference <= SAME_CHOICE_TOLERANCE
+
+    @property
+    def no_overlap(self) -> bool:
+        """The candidate's importance weights are 0 on every shown row: the logger never showed
+        what the candidate would."""
+        return float(np.nansum(self.roles["candidate"].terms.weight)) == 0.0
+
+
+def _fields(terms: est.PolicyTerms) -> tuple[np.ndarray, ...]:
+    return terms.ips, terms.weight, terms.direct, terms.residual
+
+
+def score_holdout(evidence: Evidence, models: dict[str, Scorer], positions: est.Positions, rho: RewardModel,
+                  ranking: str = "top_k", epsilon: float = 0.1) -> Scored:
+    """Score every candidate row with each model, a chunk of units at a time, and keep per-unit sums."""
+    n = evidence.n_units
+    scored = Scored({role: RoleSums.zeros(n) for role in ROLES})
+    for options in evidence.chunks():
+        features = options.frame.select(SERVING_FEATURES).to_pandas()
+        rho_hat = rho.predict(options)
+        shown = options.shown
+        pi = {}
+        for role in ROLES:
+            scores = np.asarray(models[role].predict(features), dtype=float)
+            pi[role] = est.policy_probabilities(scores, options.frame["unit"], evidence.slate_size, ranking, epsilon)
+            sums = scored.roles[role]
+            sums.add(policy_terms(options, pi[role], positions, rho_hat, n),
+                     per_unit_labelled(options, pi[role], positions, "verdict", n),
+                     per_unit_labelled(options, pi[role], positions, "p_good", n),
+                     per_unit_replay(options, pi[role], n))
+            sums.shown_scores.append((scores if scores.ndim == 1 else pi[role] @ positions.value)[shown])
+        scored.largest_difference = max(scored.largest_difference, _largest_difference(options, pi))
+        scored.shown_units.append(options.frame["unit"].to_numpy()[shown])
+        scored.shown_p_good.append(options.frame["p_good"].cast(pl.Float64).fill_null(np.nan).to_numpy()[shown])
+    return scored
+
+
+def _largest_difference(options: Options, pi: dict[str, np.ndarray]) -> float:
+    """The largest difference between the two policies' probabilities of a judged slot."""
+    difference = np.abs(pi["candidate"] - pi["champion"])
+    if options.slots is not None:
+        difference = difference * options.slots
+    return float(difference.max()) if difference.size else 0.0
 
 
 def compare_on_holdout(
     evidence: Evidence,
-    scores: dict[str, np.ndarray],
+    scored: Scored,
     positions: est.Positions,
-    rho: np.ndarray,
     n_resamples: int = N_BOOTSTRAP,
     seed: int = BOOTSTRAP_SEED,
 ) -> list[SliceResult]:
-    """``scores``: each role's ("candidate", "champion") score of every candidate row; the
-    policy ranks each interaction's candidates by it."""
-    units = evidence.options["unit"]
-    pi = {role: est.position_probabilities(pl.Series(scores[role]), units, evidence.slate_size)
-          for role in ROLES}
-    terms = {role: policy_terms(evidence, pi[role], positions, rho) for role in ROLES}
-    gold = {role: per_unit_labelled(evidence, pi[role], positions, "verdict") for role in ROLES}
-    weak = {role: per_unit_labelled(evidence, pi[role], positions, "p_good") for role in ROLES}
+    """Every metric of both policies on every slice, with paired bootstrap intervals."""
+    roles = scored.roles
+    shown_units = np.concatenate(scored.shown_units) if scored.shown_units else np.zeros(0, int)
+    p_good = np.concatenate(scored.shown_p_good) if scored.shown_p_good else np.zeros(0)
+    shown_scores = {role: np.concatenate(roles[role].shown_scores) if roles[role].shown_scores else np.zeros(0)
+                    for role in ROLES}
     rng = np.random.default_rng(seed)
     results = []
     for name, mask in slice_masks(evidence.unit_attributes()).items():
         chosen = np.flatnonzero(mask)
         counts = bootstrap_counts(len(chosen), n_resamples, rng)
-        metrics = _slice_metrics(terms, gold, weak, positions, chosen, counts)
-        metrics["weak_label_auc"] = _weak_label_auc(evidence, scores, chosen, counts)
-        reviewed = int((gold["candidate"][1][chosen] > 0).sum())
+        metrics = _slice_metrics(roles, positions, chosen, counts, evidence.propensities_known)
+        metrics["weak_label_auc"] = _weak_label_auc(shown_units, p_good, shown_scores, chosen, counts)
+        reviewed = int((roles["candidate"].gold[1][chosen] > 0).sum())
         results.append(SliceResult(name, len(chosen), metrics, reviewed))
     return results
 
 
-def _slice_metrics(terms: dict[str, est.PolicyTerms], gold: dict, weak: dict, positions: est.Positions,
-                   chosen: np.ndarray, counts: np.ndarray) -> dict[str, MetricComparison]:
+def _slice_metrics(roles: dict[str, RoleSums], positions: est.Positions, chosen: np.ndarray,
+                   counts: np.ndarray, propensities_known: bool) -> dict[str, MetricComparison]:
     """The off-policy metrics of the ``chosen`` units, resampled by ``counts``."""
-    mine = {role: terms[role].take(chosen) for role in ROLES}
+    mine = {role: roles[role].terms.take(chosen) for role in ROLES}
 
     def both(metric: Callable[[str], np.ndarray]) -> MetricComparison:
         return compare(metric("candidate"), metric("champion"))
 
-    def labelled(family: dict, role: str) -> np.ndarray:
-        numerator, denominator = family[role]
-        return est.ratio(numerator[chosen], denominator[chosen], counts)
+    def ratio(pair: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return est.ratio(pair[0][chosen], pair[1][chosen], counts)
 
-    return {
+    metrics = {
         "dr": both(lambda r: est.dr(mine[r], counts)),
         "pbm_ips": both(lambda r: est.ips(mine[r], counts)),
         "snips": both(lambda r: est.snips(mine[r], counts, positions)),
         "direct": both(lambda r: est.direct_method(mine[r], counts)),
         "ess": both(lambda r: est.effective_sample_size(mine[r].weight, counts)),
-        "audit": both(lambda r: labelled(gold, r)),
-        "weak_label_value": both(lambda r: labelled(weak, r)),
+        "audit": both(lambda r: ratio(roles[r].gold)),
+        "weak_label_value": both(lambda r: ratio(roles[r].weak)),
     }
+    if not propensities_known:
+        metrics["replay"] = both(lambda r: ratio(roles[r].replay))
+    return metrics
 
 
-def _weak_label_auc(evidence: Evidence, scores: dict[str, np.ndarray], chosen: np.ndarray,
+def _weak_label_auc(units: np.ndarray, p_good: np.ndarray, scores: dict[str, np.ndarray], chosen: np.ndarray,
                     counts: np.ndarray) -> MetricComparison:
     """AUC of each model's scores against the weak labels of the shown rows of ``chosen`` units,
     each row weighted by its label confidence |2 p_good - 1|."""
-    units = evidence.options["unit"].to_numpy()
-    p_good = evidence.options["p_good"].cast(pl.Float64).fill_null(np.nan).to_numpy()
-    rows = np.flatnonzero(evidence.shown & np.isfinite(p_good) & np.isin(units, chosen))
+    rows = np.flatnonzero(np.isfinite(p_good) & np.isin(units, chosen))
     column = np.searchsorted(chosen, units[rows])
     confidence = np.abs(2 * p_good[rows] - 1) * counts[:, column]
     good = p_good[rows] >= 0.5

@@ -57,6 +57,39 @@ def position_probabilities(scores: pl.Series, units: pl.Series, slate_size: int)
     return ((above <= position) & (position < above + ties)) / ties
 
 
+def policy_probabilities(scores: np.ndarray, units: pl.Series, slate_size: int, ranking: str = "top_k",
+                         epsilon: float = 0.1) -> np.ndarray:
+    """pi(row at position j) of a model as it would serve (flywheel.yaml ``serving``): its scores
+    ranked (``top_k``), or that ranking mixed with a uniformly random slate of the unit's
+    candidates with probability ``epsilon`` (``epsilon_greedy``); a model whose ``predict``
+    returns a matrix (rows, >= slate_size) gives its own slot probabilities (a stochastic policy,
+    e.g. Thompson sampling's)."""
+    scores = np.asarray(scores, dtype=float)
+    if scores.ndim == 2:
+        return _given(scores, units, slate_size)
+    ranked = position_probabilities(pl.Series(scores), units, slate_size)
+    if ranking == "top_k":
+        return ranked
+    sizes = units.to_frame("unit").select(pl.len().over("unit")).to_series().to_numpy()[:, None]
+    uniform = (np.arange(slate_size)[None, :] < sizes) / sizes
+    return (1 - epsilon) * ranked + epsilon * uniform
+
+
+def _given(probabilities: np.ndarray, units: pl.Series, slate_size: int) -> np.ndarray:
+    """A model's own slot probabilities, checked: each in [0, 1], each slot's summing to at most 1
+    over a unit's candidates."""
+    if probabilities.shape[1] < slate_size:
+        raise ValueError(f"the model gives slot probabilities for {probabilities.shape[1]} positions; the "
+                         f"held-out slates have {slate_size}")
+    pi = probabilities[:, :slate_size]
+    frame = pl.DataFrame(pi, schema=[str(j) for j in range(slate_size)]).with_columns(unit=units)
+    totals = frame.group_by("unit").agg(pl.all().sum()).drop("unit").to_numpy()
+    if not np.isfinite(pi).all() or (pi < 0).any() or (pi > 1).any() or (totals > 1 + 1e-6).any():
+        raise ValueError("a model's slot probabilities must lie in [0, 1] and sum to at most 1 per slot "
+                         "over an interaction's candidates")
+    return pi
+
+
 def examination_curve(positions: np.ndarray, rewards: np.ndarray, slate_size: int,
                       min_rows: int = 30) -> np.ndarray:
     """theta_k / theta_0 from slates served uniformly at random (the exploration slice): there an

@@ -1,27 +1,37 @@
-"""The held-out evidence: what the logger could have shown, what it showed, and what came back.
+"""The held-out evidence: what a policy could have shown, what the logger showed, and what came back.
 
-For every held-out interaction the candidates it ranked (``context.candidates`` of the
-interaction event, each with the logger's probability at each position; docs/events.md) with
-serving-time features, and for the items shown: their position, reward, the audit reviewer's
-verdict (gold) and the weak label. An interaction logged without candidates falls back to its
-shown items, each known at its own position only: then the estimate is that of re-ranking the
-logged slate, biased for a policy that would show other items (``candidates_logged`` says how
-often that happened).
+Each held-out interaction is a unit; its candidates are, first found:
+- the ones it logged (``context.candidates`` of the interaction event, each with the logger's
+  probability at each position; docs/events.md): a new ranking of them is judged slate by slate,
+  under the position-based click model (``estimators.pbm_weight``);
+- else the domain's catalogue (docs/importing.md), every item of it: the logger's probability is
+  known for the shown item at its slot only, so each shown slot is judged as its own decision,
+  pi(item, slot | context) / mu(item, slot | context), as obp defines its estimators;
+- else the items it showed, each known at its own position only: the estimate is then that of
+  re-ranking the logged slate, biased for a policy that would show other items
+  (``candidates_logged`` says how often a unit had more).
+
+The candidate rows of every unit against the catalogue can outgrow memory (a million held-out
+rows x a thousand items), so ``Evidence`` keeps the units, the shown rows and the candidate lists
+apart and yields the rows a chunk of units at a time (``chunks``); the estimators sum per unit.
 
 Rewards are held-out evidence that never produced a training label: the click for a
 recommendation slate (what the position-based click model explains), the domain's delayed
-outcome (e.g. ``resolved``) for an assistant response, 0 when it did not come.
+outcome (e.g. ``resolved``) for an assistant response, 0 when it did not come. A shown item whose
+propensity is unknown (a log without one, ``propensity: unknown``) has a null propensity; no
+importance weight exists for it.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
-from flywheel_pipeline.scoring import SERVING_FEATURES
+from flywheel_pipeline.catalogue import CATALOGUE_SCHEMA
 from flywheel_pipeline.sources import INTERACTIONS, Readable, as_source
 from flywheel_pipeline.training.base import SERVING_TIME_COLUMNS, Windows, labelled_impressions
 from flywheel_pipeline.validation.estimators import PolicyTerms, Positions, pbm_weight
@@ -29,12 +39,13 @@ from flywheel_pipeline.validation.estimators import PolicyTerms, Positions, pbm_
 REWARD = {"assistant": "outcome", "recommendation": "clicked"}  # the column of holdout_rows
 REWARD_MODEL_KEYS = {"assistant": ["input_text", "item_id"], "recommendation": ["segment", "item_id"]}
 REWARD_MODEL_PRIOR = 5.0  # pseudo-observations shrinking a key's attraction to its item's
+CHUNK_ROWS = 200_000  # candidate rows scored at once
 _LOGGED_CANDIDATE = {"item_id": pl.String, "content": pl.String, "propensities": pl.List(pl.Float64)}
 _CANDIDATES_SCHEMA = {"interaction_id": pl.String, "item_id": pl.String, "item_content": pl.String,
                       "mu": pl.List(pl.Float64)}
 _EVIDENCE_COLUMNS = ["clicked", "outcome_name", "outcome_value", "audit_review_value"]
-_INTERACTION_FEATURES = ["domain", "user_id", "segment", "context_features", "is_new_user", "input_text",
-                         "policy"]
+_UNIT_FEATURES = ["domain", "user_id", "segment", "context_features", "is_new_user", "input_text"]
+_SHOWN = ["position", "propensity", "reward", "verdict", "p_good", "label"]
 
 
 def holdout_rows(source: Readable, domain: str, windows: Windows, outcome: str = "") -> pl.DataFrame:
@@ -71,66 +82,143 @@ def logged_candidates(source: Readable, domain: str, windows: Windows) -> pl.Dat
 
 
 @dataclass(frozen=True)
-class Evidence:
-    """Held-out interactions as ``units`` 0..n-1 and one row per candidate in ``options``:
-    ``unit``, SERVING_FEATURES, ``mu`` (n_rows, slate_size), ``shown`` rows with ``position``,
-    ``reward``, ``verdict`` and ``p_good``."""
+class Options:
+    """Candidate rows of some units: ``frame`` (``unit``, SERVING_FEATURES, ``policy`` and, for
+    shown rows, ``position``, ``propensity``, ``reward``, ``verdict``, ``p_good``, ``label``),
+    ``mu`` (rows, slate_size): the logger's probability of the row's item at each position (NaN
+    where unknown), and ``slots`` (rows, slate_size): 1 at the positions its unit showed, when
+    each shown slot is judged as its own decision (None: whole slates)."""
 
-    options: pl.DataFrame
+    frame: pl.DataFrame
     mu: np.ndarray
-    slate_size: int
-    n_units: int
-    candidates_logged: float  # share of interactions whose candidates were logged
+    slots: np.ndarray | None = None
 
     @property
     def shown(self) -> np.ndarray:
-        return self.options["position"].is_not_null().to_numpy()
+        return self.frame["position"].is_not_null().to_numpy()
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Held-out interactions as ``units`` 0..n-1 (``interaction_id``, serving-time features, ``policy``),
+    their ``shown`` rows, and their candidates: the ``logged`` lists (``unit``, ``item_id``,
+    ``item_content``, ``mu``), else the ``catalogue`` (``item_id``, ``item_content``), else the
+    shown items. ``slot_decisions``: each shown slot is judged on its own (see the module)."""
+
+    units: pl.DataFrame
+    shown: pl.DataFrame
+    logged: pl.DataFrame
+    catalogue: pl.DataFrame | None
+    slate_size: int
+    slot_decisions: bool
+
+    @property
+    def n_units(self) -> int:
+        return self.units.height
+
+    @property
+    def candidates_logged(self) -> float:
+        """Share of units ranked over more than what they showed (logged candidates or a catalogue)."""
+        if not self.n_units:
+            return 0.0
+        return 1.0 if self.catalogue is not None else self.logged["unit"].n_unique() / self.n_units
+
+    @property
+    def propensities_known(self) -> bool:
+        """Whether every shown item carries the logger's probability (else no importance weight)."""
+        return self.shown["propensity"].null_count() == 0
 
     def unit_attributes(self) -> pl.DataFrame:
         """One row per unit: is_new_user, segment, policy."""
-        return (self.options.filter(pl.col("position").is_not_null())
-                .group_by("unit", maintain_order=True).agg(pl.col("is_new_user", "segment", "policy").first())
-                .sort("unit"))
+        return self.units.select("is_new_user", "segment", "policy")
+
+    def explored(self) -> pl.DataFrame:
+        """Shown rows of the exploration slice (uniformly random slates): position, reward."""
+        return (self.shown.join(self.units.filter(pl.col("policy") == "explore").select("unit"), on="unit")
+                .select("position", "reward"))
+
+    def rows_per_unit(self) -> np.ndarray:
+        """How many candidate rows each unit has."""
+        shown = np.bincount(self.shown["unit"].to_numpy(), minlength=self.n_units)
+        if self.catalogue is not None:
+            outside = self.shown.join(self.catalogue, on="item_id", how="anti")["unit"].to_numpy()
+            shown = self.catalogue.height + np.bincount(outside, minlength=self.n_units)
+        logged = np.bincount(self.logged["unit"].to_numpy(), minlength=self.n_units)
+        return np.where(logged > 0, logged, shown)
+
+    def chunks(self, max_rows: int = CHUNK_ROWS) -> Iterator[Options]:
+        """The candidate rows, whole units at a time, about ``max_rows`` rows each."""
+        ends = np.cumsum(self.rows_per_unit())
+        first = 0
+        while first < self.n_units:
+            last = max(first + 1, int(np.searchsorted(ends, (ends[first - 1] if first else 0) + max_rows,
+                                                      side="right")))
+            yield self.options(first, min(last, self.n_units))
+            first = last
+
+    def options(self, first: int, last: int) -> Options:
+        """The candidate rows of units first..last-1, in a total order (unit, position, item_id:
+        item_id breaks the ties of unshown candidates), so per-unit sums, and the bootstrap, come
+        out the same whatever order the warehouse returned the rows in."""
+        in_range = pl.col("unit").is_between(first, last - 1)
+        units, shown = self.units.filter(in_range), self.shown.filter(in_range)
+        logged = self.logged.filter(in_range)
+        rest = units.select("unit").join(logged.select("unit").unique(), on="unit", how="anti")
+        candidates = [logged, *self._unlogged(rest, shown)]
+        frame = (pl.concat(candidates, how="diagonal_relaxed")
+                 .join(shown.drop("item_content"), on=["unit", "item_id"], how="left")
+                 .join(units, on="unit")
+                 .sort("unit", "position", "item_id", nulls_last=True))
+        size = self.slate_size
+        at_shown = pl.concat_list([pl.when(pl.col("position") == j).then(pl.col("propensity").fill_null(np.nan))
+                                   .otherwise(0.0) for j in range(size)])
+        mu = frame.select(pl.coalesce(pl.col("mu").list.head(size), at_shown).list.to_array(size))
+        options = Options(frame.drop("mu"), mu.to_series().to_numpy().reshape(-1, size).astype(float))
+        return Options(options.frame, options.mu, self._slots(frame, shown) if self.slot_decisions else None)
+
+    def _unlogged(self, units: pl.DataFrame, shown: pl.DataFrame) -> list[pl.DataFrame]:
+        """Candidates of units without a logged list: the catalogue (and any shown item it lacks),
+        else their shown items."""
+        mine = shown.join(units, on="unit", how="semi").select("unit", "item_id", "item_content")
+        if self.catalogue is None:
+            return [mine]
+        return [units.join(self.catalogue, how="cross"), mine.join(self.catalogue, on="item_id", how="anti")]
+
+    def _slots(self, frame: pl.DataFrame, shown: pl.DataFrame) -> np.ndarray:
+        """(rows, slate_size): 1 where the row's unit showed something."""
+        showed = (shown.select("unit", "position").with_columns(one=pl.lit(1.0))
+                  .pivot(on="position", index="unit", values="one", aggregate_function="first"))
+        columns = [(pl.col(str(j)).fill_null(0.0) if str(j) in showed.columns else pl.lit(0.0)).alias(str(j))
+                   for j in range(self.slate_size)]
+        return frame.select("unit").join(showed, on="unit", how="left").select(columns).to_numpy()
 
 
-def assemble(rows: pl.DataFrame, candidates: pl.DataFrame, reward: str) -> Evidence:
-    """Evidence from held-out impressions (``holdout_rows``) and ``logged_candidates``; ``reward``
-    names the column of ``rows`` that is the reward."""
+def assemble(rows: pl.DataFrame, candidates: pl.DataFrame, reward: str,
+             catalogue: pl.DataFrame | None = None, slot_decisions: bool = False) -> Evidence:
+    """Evidence from held-out impressions (``holdout_rows``), ``logged_candidates`` and the
+    domain's ``catalogue`` (None: it has none); ``reward`` names the column of ``rows`` that is the
+    reward; ``slot_decisions``: judge each shown slot as its own decision (the log has no slates,
+    or its propensities are per slot)."""
     slate_size = int(rows["position"].max()) + 1 if rows.height else 1
-    shown = rows.select(
-        "interaction_id", "item_id", "item_content", "position", "propensity",
-        pl.col(reward).cast(pl.Float64).alias("reward"), pl.col("verdict").cast(pl.Float64), "p_good",
-        "label",
-    )
-    context = rows.unique("interaction_id", keep="first", maintain_order=True).select(
-        "interaction_id", *_INTERACTION_FEATURES)
-    logged = _usable(candidates, shown, slate_size)
-    with_candidates = (
-        logged.join(context, on="interaction_id")
-        .join(shown.drop("item_content"), on=["interaction_id", "item_id"], how="left")
-        .with_columns(pl.col("mu").list.head(slate_size).list.to_array(slate_size))
-    )
-    fallback = shown.join(logged.select("interaction_id").unique(maintain_order=True), on="interaction_id",
-                          how="anti", maintain_order="left")
-    fallback = fallback.join(context, on="interaction_id").with_columns(
-        mu=pl.concat_list([pl.when(pl.col("position") == j).then(pl.col("propensity")).otherwise(0.0)
-                           for j in range(slate_size)]).list.to_array(slate_size))
-    columns = ["interaction_id", *SERVING_FEATURES, "policy", "position", "reward", "verdict",
-               "p_good", "label", "mu"]
-    options = pl.concat([with_candidates.select(columns), fallback.select(columns)])
-    order = context.select("interaction_id").with_row_index("unit")
-    # a total order (item_id breaks the ties of unshown candidates): the per-unit sums, and so the
-    # bootstrap, come out the same whatever order the warehouse returned the rows in
-    options = options.join(order, on="interaction_id").sort("unit", "position", "item_id", nulls_last=True)
-    mu = np.stack(options["mu"].to_numpy()) if options.height else np.zeros((0, slate_size))
-    n_units = order.height
-    share = logged["interaction_id"].n_unique() / n_units if n_units else 0.0
-    return Evidence(options.drop("mu"), mu.reshape(-1, slate_size), slate_size, n_units, share)
+    units = (rows.unique("interaction_id", keep="first", maintain_order=True)
+             .select("interaction_id", *_UNIT_FEATURES, "policy").with_row_index("unit"))
+    unit_of = units.select("interaction_id", "unit")
+    shown = (rows.join(unit_of, on="interaction_id")
+             .select("unit", "item_id", "item_content", "position", "propensity",
+                     pl.col(reward).cast(pl.Float64).alias("reward"), pl.col("verdict").cast(pl.Float64),
+                     "p_good", "label")
+             .sort("unit", "position"))
+    logged = (_usable(candidates, rows, slate_size).join(unit_of, on="interaction_id")
+              .select("unit", "item_id", "item_content", "mu"))
+    if catalogue is not None:
+        catalogue = catalogue.select(*CATALOGUE_SCHEMA).unique("item_id", keep="first").sort("item_id")
+    return Evidence(units, shown, logged, catalogue, slate_size, slot_decisions)
 
 
-def _usable(candidates: pl.DataFrame, shown: pl.DataFrame, slate_size: int) -> pl.DataFrame:
+def _usable(candidates: pl.DataFrame, rows: pl.DataFrame, slate_size: int) -> pl.DataFrame:
     """Logged candidates of held-out interactions whose list is whole: a propensity for every
     position, and every shown item among them (else the interaction falls back)."""
+    shown = rows.select("interaction_id", "item_id")
     logged = candidates.join(shown.select("interaction_id").unique(maintain_order=True), on="interaction_id",
                              how="semi", maintain_order="left")
     short = logged.filter(pl.col("mu").list.len() < slate_size).select("interaction_id")
@@ -139,28 +227,45 @@ def _usable(candidates: pl.DataFrame, shown: pl.DataFrame, slate_size: int) -> p
                        maintain_order="left")
 
 
-def reward_model(evidence: Evidence, theta: np.ndarray, keys: list[str], folds: int = 2) -> np.ndarray:
-    """rho_hat per candidate row: the attraction (reward per examination) of its key, shrunk to
-    its item's and the item's to the overall; cross-fitted, so a unit's own reward never fits
-    the model used on it (what keeps the doubly robust estimate unbiased)."""
-    options = evidence.options.with_columns(
+@dataclass(frozen=True)
+class RewardModel:
+    """rho_hat(key, item): the attraction (reward per examination) of a key, shrunk to its item's
+    and the item's to the overall, one table per fold of units; cross-fitted, so a unit's own
+    reward never fits the model used on it (what keeps the doubly robust estimate unbiased)."""
+
+    keys: list[str]
+    folds: list[tuple[float, pl.DataFrame, pl.DataFrame]]  # per fold: overall, item table, key table
+
+    def predict(self, options: Options) -> np.ndarray:
+        """rho_hat of every candidate row."""
+        frame = options.frame.with_row_index("row").with_columns(fold=pl.col("unit") % len(self.folds))
+        rho = np.zeros(frame.height)
+        for fold, (overall, item, key) in enumerate(self.folds):
+            mine = frame.filter(pl.col("fold") == fold)
+            predicted = (mine.select("row", "item_id", *[k for k in self.keys if k != "item_id"])
+                         .join(item, on="item_id", how="left").join(key, on=self.keys, how="left")
+                         .select("row", pl.coalesce("rho_key", "rho_item", pl.lit(overall))))
+            rho[predicted["row"].to_numpy()] = predicted[:, 1].to_numpy()
+        return rho
+
+
+def reward_model(evidence: Evidence, theta: np.ndarray, keys: list[str], folds: int = 2) -> RewardModel:
+    """Fit ``RewardModel`` on the shown rows, each examined theta[position] (1 for slot decisions:
+    the slot is given, so its effect is part of the reward)."""
+    examination = np.ones_like(theta) if evidence.slot_decisions else theta
+    shown = evidence.shown.join(evidence.units.select("unit", *[k for k in keys if k != "item_id"]), on="unit")
+    shown = shown.with_columns(
         fold=pl.col("unit") % folds,
-        examined=pl.when(pl.col("position").is_not_null())
-        .then(pl.col("position").replace_strict(dict(enumerate(theta.tolist())), default=1.0))
-        .otherwise(None),
-    )
-    rho = np.zeros(options.height)
+        examined=pl.col("position").replace_strict(dict(enumerate(examination.tolist())), default=1.0,
+                                                   return_dtype=pl.Float64))
+    tables = []
     for fold in range(folds):
-        fit = options.filter((pl.col("fold") != fold) & pl.col("position").is_not_null())
+        fit = shown.filter(pl.col("fold") != fold)
         overall = fit["reward"].sum() / max(fit["examined"].sum(), 1e-9)
         item = _shrunk(fit, ["item_id"], pl.lit(overall), "rho_item")
         key = _shrunk(fit.join(item, on="item_id", how="left"), keys, pl.col("rho_item"), "rho_key")
-        predicted = (options.filter(pl.col("fold") == fold).with_row_index("row")
-                     .join(item, on="item_id", how="left").join(key, on=keys, how="left")
-                     .select("row", pl.coalesce("rho_key", "rho_item", pl.lit(overall)))
-                     .sort("row"))
-        rho[(options["fold"] == fold).to_numpy()] = predicted[:, 1].to_numpy()
-    return rho
+        tables.append((float(overall), item, key))
+    return RewardModel(keys, tables)
 
 
 def _shrunk(fit: pl.DataFrame, keys: list[str], prior: pl.Expr, name: str) -> pl.DataFrame:
@@ -169,39 +274,71 @@ def _shrunk(fit: pl.DataFrame, keys: list[str], prior: pl.Expr, name: str) -> pl
          / (pl.col("examined").sum() + REWARD_MODEL_PRIOR)).alias(name))
 
 
-def policy_terms(evidence: Evidence, pi: np.ndarray, positions: Positions, rho: np.ndarray) -> PolicyTerms:
-    """Per-unit sums for one policy (``estimators.PolicyTerms``)."""
-    shown = evidence.shown
-    units = evidence.options["unit"].to_numpy()
-    position = evidence.options["position"].fill_null(0).to_numpy()
-    reward = evidence.options["reward"].fill_null(0.0).to_numpy()
-    weight = np.where(shown, pbm_weight(pi, evidence.mu, positions), 0.0)
-    examined = positions.examination[position]
+def shown_weights(options: Options, pi: np.ndarray, positions: Positions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per candidate row: the importance weight w of a shown row (0 elsewhere; NaN where the
+    logger's probability is unknown), how examined its position is, and how much the row's item
+    counts in the policy's value, sum_j v_j pi(item at j).
 
-    def per_unit(values: np.ndarray) -> np.ndarray:
-        return np.bincount(units, weights=values, minlength=evidence.n_units)
+    Slates: w = sum_j v_j pi(a at j) / sum_j theta_j mu(a at j) (``estimators.pbm_weight``).
+    Slot decisions: w = pi(a at k) / mu(a at k) at the shown slot k, each of the unit's shown
+    slots counting alike (v = 1 / slots shown) and examined 1 (the slot was given)."""
+    shown = options.shown
+    position = options.frame["position"].fill_null(0).to_numpy()
+    rows = np.arange(len(position))
+    if options.slots is None:
+        value = pi @ positions.value
+        weight = np.where(shown, pbm_weight(pi, options.mu, positions), 0.0)
+        return weight, positions.examination[position], value
+    share = options.slots / np.maximum(options.slots.sum(axis=1, keepdims=True), 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        at_slot = share[rows, position] * pi[rows, position] / options.mu[rows, position]
+    return np.where(shown, at_slot, 0.0), np.ones(len(position)), (pi * share).sum(axis=1)
 
+
+def policy_terms(options: Options, pi: np.ndarray, positions: Positions, rho: np.ndarray,
+                 n_units: int) -> PolicyTerms:
+    """Per-unit sums for one policy over ``options``'s rows (``estimators.PolicyTerms``); units are
+    numbered 0..n_units-1."""
+    shown = options.shown
+    reward = options.frame["reward"].fill_null(0.0).to_numpy()
+    weight, examined, value = shown_weights(options, pi, positions)
+    per_unit = _summer(options, n_units)
     return PolicyTerms(
         ips=per_unit(weight * reward),
         weight=per_unit(weight * examined),
-        direct=per_unit(rho * (pi @ positions.value)),
+        direct=per_unit(rho * value),
         residual=per_unit(np.where(shown, weight * (reward - examined * rho), 0.0)),
     )
 
 
-def per_unit_labelled(evidence: Evidence, pi: np.ndarray, positions: Positions,
-                      column: str) -> tuple[np.ndarray, np.ndarray]:
+def per_unit_labelled(options: Options, pi: np.ndarray, positions: Positions, column: str,
+                      n_units: int) -> tuple[np.ndarray, np.ndarray]:
     """sum theta_k w y and sum theta_k w over a unit's shown rows where ``column`` (y) is known:
     the self-normalised value of the policy under that label (gold verdicts, weak p_good)."""
-    label = evidence.options[column].cast(pl.Float64).to_numpy()
-    known = evidence.shown & np.isfinite(label)
-    position = evidence.options["position"].fill_null(0).to_numpy()
-    weight = np.where(known, pbm_weight(pi, evidence.mu, positions)
-                      * positions.examination[position], 0.0)
-    units = evidence.options["unit"].to_numpy()
-    numerator = np.bincount(units, weights=np.where(known, weight * np.nan_to_num(label), 0.0),
-                            minlength=evidence.n_units)
-    return numerator, np.bincount(units, weights=weight, minlength=evidence.n_units)
+    label = options.frame[column].cast(pl.Float64).fill_null(np.nan).to_numpy()
+    known = options.shown & np.isfinite(label)
+    weight, examined, _ = shown_weights(options, pi, positions)
+    weight = np.where(known, weight * examined, 0.0)
+    per_unit = _summer(options, n_units)
+    return per_unit(np.where(known, weight * np.nan_to_num(label), 0.0)), per_unit(weight)
+
+
+def per_unit_replay(options: Options, pi: np.ndarray, n_units: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit, sum of pi(a at k) r and of pi(a at k) over the shown (a, k): the replay estimate
+    (Li et al. 2011, "Unbiased offline evaluation of contextual-bandit-based news article
+    recommendation algorithms", WSDM), unbiased only when the logger chose uniformly at random."""
+    shown = options.shown
+    position = options.frame["position"].fill_null(0).to_numpy()
+    chosen = np.where(shown, pi[np.arange(len(position)), position], 0.0)
+    reward = options.frame["reward"].fill_null(0.0).to_numpy()
+    per_unit = _summer(options, n_units)
+    return per_unit(chosen * reward), per_unit(chosen)
+
+
+def _summer(options: Options, n_units: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Sums of per-row values by unit, over units 0..n_units-1."""
+    units = options.frame["unit"].to_numpy()
+    return lambda values: np.bincount(units, weights=values, minlength=n_units)
 
 
 def slice_masks(units: pl.DataFrame) -> dict[str, np.ndarray]:

@@ -1,6 +1,12 @@
 """The promotion gate: passed, failed or inconclusive, decided on the intervals.
 
-- inconclusive: too few held-out samples, an effective sample size below ``min_ess`` (the
+- inconclusive, and no evidence of this kind can decide (``samples_needed`` None, a reason of its
+  own): the logger's propensities are unknown (``propensity_unknown``), the candidate and
+  champion choose the same on every held-out context (``same_choices``), the logger never shows
+  what the candidate would (``no_overlap``), or their estimates differ by the same amount on every
+  resample (``no_difference``).
+- inconclusive: a primary estimate outside the reward's range (``estimate_out_of_range``: the
+  weights are too uneven to trust it), too few held-out samples, an effective sample size below ``min_ess`` (the
   importance weights rest on a handful of interactions), an undefined metric, or a primary
   difference whose interval straddles the threshold. Says how many more samples would settle it.
 - failed: the primary difference's interval lies wholly below the threshold (no gain, or harm),
@@ -15,9 +21,6 @@ domain sets one (promote what is no worse than the margin).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
-
 import numpy as np
 
 from flywheel_pipeline.config import Gate
@@ -27,25 +30,17 @@ from flywheel_pipeline.validation.intervals import (
     p_below,
     samples_needed,
 )
+from flywheel_pipeline.validation.report import (
+    GOLD_METRIC,
+    GateDecision,
+    Outcome,
+    ValidationReport,
+    in_range,
+)
 
-if TYPE_CHECKING:
-    from flywheel_pipeline.validation.report import ValidationReport
-
-Outcome = Literal["passed", "failed", "inconclusive"]
 MIN_SLICE_SAMPLES = 50  # a smaller slice is reported, not gated
-GOLD_METRIC = "audit"
 
 
-@dataclass(frozen=True)
-class GateDecision:
-    outcome: Outcome
-    reasons: list[str]
-    ungated_slices: list[str] = field(default_factory=list)
-    samples_needed: int | None = None  # inconclusive: more held-out samples that would decide
-
-    @property
-    def passed(self) -> bool:
-        return self.outcome == "passed"
 
 
 def threshold(gate_config: Gate) -> float:
@@ -61,7 +56,10 @@ def gate(
     """Decide on the report's intervals; every reason is ``code: explanation``."""
     overall, metric = report.overall, report.primary_metric
     primary = overall.metrics[metric]
-    unsure = _evidence_shortfall(report, gate_config)
+    undecidable = _undecidable(report)
+    if undecidable:
+        return GateDecision("inconclusive", undecidable, decidable=False)
+    unsure = _evidence_shortfall(report, gate_config) + _out_of_range(report)
     if unsure:
         needed = _ess_samples_needed(report, gate_config)
         return GateDecision("inconclusive", unsure, samples_needed=needed)
@@ -74,15 +72,45 @@ def gate(
         failed.append(f"improvement_below_minimum: {interval_text} lies below {bar:+.4f}")
     elif low <= bar:
         needed = samples_needed(overall.n_samples, primary, bar)
-        more = f"about {needed} more held-out samples" if needed is not None else "more evidence"
-        inconclusive.append(
-            f"improvement_uncertain: {interval_text} straddles {bar:+.4f} ({more} would decide)"
-        )
+        more = (f"about {needed} more held-out samples would decide" if needed is not None
+                else "the estimate sits on it: no number of samples can be named")
+        inconclusive.append(f"improvement_uncertain: {interval_text} straddles {bar:+.4f} ({more})")
     regressions, ungated = _regressions(report, gate_config, min_slice_samples)
     failed += regressions
     outcome: Outcome = "failed" if failed else "inconclusive" if inconclusive else "passed"
     return GateDecision(outcome, failed + inconclusive, ungated,
                         needed if outcome == "inconclusive" else None)
+
+
+def _undecidable(report: ValidationReport) -> list[str]:
+    """Reasons no amount of evidence of this kind can decide."""
+    judged, primary = report.judged, report.overall.metrics[report.primary_metric]
+    if not judged.propensities_known:
+        return [("propensity_unknown: the log does not say how likely its logger was to show each item, so no "
+                "importance-weighted estimate exists (direct and replay are shown, biased); a decision needs an "
+                "exploration slice (traffic served at random, exploration_share) or logged propensities")]
+    if judged.same_choices:
+        return [("same_choices: the candidate and champion choose the same on every held-out context; no "
+                "evidence can tell them apart")]
+    if judged.no_overlap:
+        return [("no_overlap: the logger never shows what the candidate would (its importance weights are 0 on "
+                "every held-out impression); a decision needs a logger that explores the candidate's choices")]
+    if np.isfinite(primary.difference) and primary.difference_se == 0:
+        return [(f"no_difference: {report.primary_metric} candidate - champion is {primary.difference:+.4f} on "
+                f"every resample: the held-out contexts where their choices differ carry no reward that tells "
+                f"them apart")]
+    return []
+
+
+def _out_of_range(report: ValidationReport) -> list[str]:
+    """A primary estimate outside the range of a policy's value: no estimate of it, so no decision on it."""
+    metric, primary = report.primary_metric, report.overall.metrics[report.primary_metric]
+    ess = report.overall.metrics.get("ess")
+    return [f"estimate_out_of_range: {metric} of the {role} is {value:.4f}, outside a policy's 0..{report.highest_value:g}: "
+            f"its importance weights are too uneven for this sample"
+            + (f" (ess {getattr(ess, role):.0f})" if ess is not None else "")
+            for role, value in (("candidate", primary.candidate), ("champion", primary.champion))
+            if not in_range(metric, value, report.highest_value)]
 
 
 def _evidence_shortfall(report: ValidationReport, gate_config: Gate) -> list[str]:

@@ -5,18 +5,37 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 from flywheel_pipeline.training.base import Windows
-from flywheel_pipeline.validation.gate import GOLD_METRIC, GateDecision
 from flywheel_pipeline.validation.intervals import CI_LEVEL, MetricComparison
 
+Outcome = Literal["passed", "failed", "inconclusive"]
+GOLD_METRIC = "audit"
 SHOWN_METRICS = ("dr", "pbm_ips", "snips", "audit", "weak_label_value", "weak_label_auc")
-# Values of a 0/1 reward: an estimate outside this range is the estimator's variance, said so in the report.
-VALUE_METRICS = ("dr", "pbm_ips", "snips")
-OUT_OF_RANGE = ("† outside the 0..1 range of the reward: an importance-weighted estimate is that far "
-                "off when a few impressions carry large weights (see ess); read its interval, or snips")
+# Shown instead, labelled biased, where the logger's propensities are unknown.
+BIASED_METRICS = ("direct", "replay")
+# Values of a 0/1 reward: an estimate outside this range is not reported as the estimate.
+VALUE_METRICS = ("dr", "pbm_ips", "snips", "direct", "replay")
+OUT_OF_RANGE = ("† outside the range of a policy's value (0..1 of the reward; expected clicks: 0..the sum of "
+                "the examination), so not an estimate of it: an importance-weighted "
+                "estimate lands there when a few impressions carry large weights (see ess)")
+BIASED = ("‡ biased: the logger's propensities are unknown, so no importance-weighted estimate exists; "
+          "direct is the reward model's guess, replay assumes a uniformly random logger")
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    outcome: Outcome
+    reasons: list[str]
+    ungated_slices: list[str] = field(default_factory=list)
+    samples_needed: int | None = None  # inconclusive: more held-out samples that would decide
+    decidable: bool = True  # False: no evidence of this kind can decide (gate.py), so nothing to revisit
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome == "passed"
 
 
 @dataclass(frozen=True)
@@ -25,6 +44,22 @@ class SliceResult:
     n_samples: int  # held-out interactions
     metrics: dict[str, MetricComparison]
     n_reviewed: int = 0  # of which the audit sample reviewed
+
+
+@dataclass(frozen=True)
+class Judged:
+    """What the held-out evidence can tell apart (validation/evidence.py)."""
+
+    slots: bool = False  # each shown slot judged as its own decision (a per-row log, a catalogue)
+    propensities_known: bool = True  # else no importance-weighted estimate exists
+    same_choices: bool = False  # candidate and champion choose the same on every held-out context
+    no_overlap: bool = False  # the logger never showed what the candidate would
+
+
+def in_range(metric: str, value: float, highest: float = 1.0) -> bool:
+    """Whether ``value`` can be ``metric``'s estimate: a policy's value of a 0/1 reward lies in
+    0..``highest``, the sum of its positions' weights (1 but for expected clicks per slate)."""
+    return metric not in VALUE_METRICS or not math.isfinite(value) or 0 <= value <= highest + 1e-12
 
 
 @dataclass(frozen=True)
@@ -43,6 +78,12 @@ class ValidationReport:
     run_id: str | None = None
     is_revisit: bool = False  # a second look at an earlier inconclusive candidate
     revisit: ValidationReport | None = None  # this cycle's revisit of the previous candidate
+    judged: Judged = field(default_factory=Judged)
+
+    @property
+    def highest_value(self) -> float:
+        """The largest value a policy can have: the sum of its positions' weights."""
+        return float(sum(self.value_weights)) if self.value_weights else 1.0
 
     @property
     def overall(self) -> SliceResult:
@@ -81,8 +122,8 @@ class ValidationReport:
             "gate": self.outcome,
             "gate_reasons": "; ".join(self.decision.reasons) if self.decision else "",
             "primary_metric": f"{self.primary_metric} ({self.reward})",
-            "candidate": _round(primary.candidate),
-            "champion": _round(primary.champion),
+            "candidate": self._headline(primary.candidate),
+            "champion": self._headline(primary.champion),
             "difference": _round(primary.difference),
             "difference_ci": _interval(primary.difference_ci),
             "n_samples": self.overall.n_samples,
@@ -145,7 +186,7 @@ class ValidationReport:
             f"{'##' if self.is_revisit else '#'} {title} {self.candidate_model_uri} ({self.domain})",
             f"- champion: {self.champion_model_uri or 'baseline'}",
             (f"- held-out: {self.windows.holdout_start} to {self.windows.holdout_end}; reward: "
-             f"{self.reward}; candidates logged for {self.candidates_logged:.0%} of interactions"),
+             f"{self.reward}; {self._candidates()}"),
             f"- by position: examination {theta}; weight in the value {value}",
             f"- gate: **{self.outcome}** (primary metric {self.primary_metric})",
             *(f"  - {reason}" for reason in reasons),
@@ -155,28 +196,42 @@ class ValidationReport:
             "|---|---|---|---|---|---|---|",
         ]
         out_of_range = False
+        metrics = SHOWN_METRICS if self.judged.propensities_known else (*BIASED_METRICS, *SHOWN_METRICS)
         for result in self.slices:
-            for metric in SHOWN_METRICS:
-                if metric in result.metrics:
-                    m = result.metrics[metric]
-                    marks = ["†" if metric in VALUE_METRICS and not 0 <= value <= 1 else ""
-                             for value in (m.candidate, m.champion)]
-                    out_of_range |= any(marks)
-                    lines.append(
-                        f"| {result.name} | {result.n_samples} | {result.n_reviewed} | {metric} "
-                        f"| {_value(m.candidate, m.candidate_ci)}{marks[0]} "
-                        f"| {_value(m.champion, m.champion_ci)}{marks[1]} "
-                        f"| {_value(m.difference, m.difference_ci, signed=True)} |"
-                    )
+            for metric in (name for name in metrics if name in result.metrics):
+                m = result.metrics[metric]
+                cells = [_value(m.candidate, m.candidate_ci), _value(m.champion, m.champion_ci)]
+                for i, value in enumerate((m.candidate, m.champion)):
+                    if not in_range(metric, value, self.highest_value):
+                        cells[i], out_of_range = f"† ({value:.4f})", True
+                label = f"{metric} ‡" if metric in BIASED_METRICS else metric
+                lines.append(
+                    f"| {result.name} | {result.n_samples} | {result.n_reviewed} | {label} "
+                    f"| {cells[0]} | {cells[1]} | {_value(m.difference, m.difference_ci, signed=True)} |"
+                )
             ess = result.metrics.get("ess")
-            if ess is not None:
+            if ess is not None and self.judged.propensities_known:
                 lines.append(f"| {result.name} | {result.n_samples} | {result.n_reviewed} | ess "
                              f"| {ess.candidate:.1f} | {ess.champion:.1f} | |")
         if out_of_range:
             lines += ["", OUT_OF_RANGE]
+        if not self.judged.propensities_known:
+            lines += ["", BIASED]
         if self.revisit is not None:
             lines += ["", self.revisit.markdown()]
         return "\n".join(lines) + "\n"
+
+    def _headline(self, value: float) -> float | str:
+        """A primary estimate as the headline shows it: rounded, or why it is no estimate."""
+        if not math.isfinite(value):
+            return "undefined"
+        if in_range(self.primary_metric, value, self.highest_value):
+            return _round(value)
+        return f"outside 0..{self.highest_value:g} ({value:.4f}): no estimate"
+
+    def _candidates(self) -> str:
+        judged = "each shown slot judged as its own decision" if self.judged.slots else "whole slates judged"
+        return f"ranked over more than what was shown for {self.candidates_logged:.0%} of interactions; {judged}"
 
     def _ungated(self) -> list[str]:
         if not (self.decision and self.decision.ungated_slices):

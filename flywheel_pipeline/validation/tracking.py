@@ -29,6 +29,7 @@ def log_validation_run(home: Home, report: ValidationReport) -> str:
             "flywheel.gate.outcome": decision.outcome,
             "flywheel.revisit": str(report.is_revisit).lower(),
             "flywheel.gate.passed": str(decision.passed).lower(),
+            "flywheel.gate.decidable": str(decision.decidable).lower(),
             "flywheel.gate.reasons": "; ".join(decision.reasons) or "none",
         },
     ) as run:
@@ -61,14 +62,16 @@ class Inconclusive:
 
 def latest_inconclusive(home: Home, domain: str) -> Inconclusive | None:
     """The candidate of the domain's latest first validation (revisits aside) when that gate was
-    inconclusive, else None: what the next cycle revisits on fresh held-out evidence. A candidate
+    inconclusive and more evidence could decide, else None: what the next cycle revisits on fresh
+    held-out evidence. A candidate
     gets one revisit: after it, the latest first validation is the next cycle's."""
     experiment = ensure_experiment(home, domain)
     runs = mlflow.search_runs(
         experiment_ids=[experiment],
         filter_string="tags.`flywheel.stage` = 'validation' and tags.`flywheel.revisit` != 'true'",
         order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
-    if not runs or runs[0].data.tags.get("flywheel.gate.outcome") != "inconclusive":
+    tags = runs[0].data.tags if runs else {}
+    if tags.get("flywheel.gate.outcome") != "inconclusive" or tags.get("flywheel.gate.decidable") == "false":
         return None
     return Inconclusive(
         runs[0].data.tags["flywheel.candidate_model_uri"],
