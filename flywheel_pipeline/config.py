@@ -87,7 +87,7 @@ class BanditLog(_Strict):
     """The columns of a logged bandit feedback file, one row per slot shown, and how to read it
     (docs/importing.md)."""
 
-    separator: str = Field(",", description="a CSV's field separator, one character (\"\\t\": TSV)")
+    separator: str = Field(",", description="a CSV's field separator (\"\\t\": TSV; \"::\": MovieLens-1M)")
     header: bool = Field(True, description="the CSV's first line names its columns; false: `columns` names them")
     columns: list[str] | None = Field(None, description="the columns of a CSV without a header line, in order")
     timestamp: str = Field(min_length=1, description="when the slate was served")
@@ -122,10 +122,10 @@ class BanditLog(_Strict):
 
     @field_validator("separator")
     @classmethod
-    def _one_character(cls, value: str) -> str:
-        if len(value.encode()) != 1 or value in ('"', "\n", "\r"):
-            raise ValueError(f'must be one character other than a quote or a line end, e.g. "," or "\\t" '
-                             f"(in double quotes, for a tab), got {value!r}")
+    def _a_separator(cls, value: str) -> str:
+        if not value or '"' in value or "\n" in value or "\r" in value:
+            raise ValueError(f'must be one or more characters other than a quote or a line end, e.g. ",", "\\t" '
+                             f'(in double quotes, for a tab) or "::" (MovieLens-1M), got {value!r}')
         return value
 
     @field_validator("columns")
@@ -194,10 +194,20 @@ class BanditLog(_Strict):
 class CatalogueFile(_Strict):
     """A file of the items a policy may choose from, one row per item (CSV, TSV or Parquet)."""
 
-    file: Path = Field(description="the catalogue's path (relative: to flywheel.yaml's folder)")
+    file: Path = Field(description="the catalogue's path (relative: to the folder flywheel runs in)")
     item: str = Field(min_length=1, description="the column of item ids, as the log names its items")
     content: str | None = Field(None, description="the item's text (a title); without it the item id")
-    separator: str = Field(",", min_length=1, max_length=1, description="a CSV's field separator (\\t: TSV)")
+    separator: str = Field(",", min_length=1, description="a text file's field separator (\"\\t\": TSV; \"::\": "
+                                                          "MovieLens-1M's movies.dat)")
+    header: bool = Field(True, description="the first line names the columns; false: `columns` names them")
+    columns: list[str] | None = Field(None, description="the columns of a file without a header line, in order")
+
+    @model_validator(mode="after")
+    def _named_columns(self) -> CatalogueFile:
+        if self.header != (self.columns is None):
+            raise ValueError("columns: names the columns of a file without a header line: declare it with "
+                             "`header: false`, and only then")
+        return self
 
 
 class Importing(_Strict):

@@ -3,6 +3,7 @@ back as the gate's outcome and the next step for a person."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,10 +55,16 @@ class CycleOutcome:
         e = self.evidence
         if "primary_metric" not in e:
             return ""
-        if not detail:
-            return f"{e['candidate']:.3f} vs {e['champion']:.3f}"
-        return (f"{e['primary_metric']} {e['candidate']:.3f} vs {e['champion']:.3f} "
-                f"({e['difference']:+.4f} {e['difference_ci']})")
+        values = f"{_estimate(e['candidate'])} vs {_estimate(e['champion'])}"
+        if not detail or not (isinstance(e["difference"], int | float) and math.isfinite(e["difference"])):
+            return values if not detail else f"{e['primary_metric']} {values}"
+        return f"{e['primary_metric']} {values} ({e['difference']:+.4f} {e['difference_ci']})"
+
+
+def _estimate(value: float | str, spec: str = ".3f") -> str:
+    """A value of the gate's metadata: a number formatted, or the text saying why there is none
+    ("undefined", "outside 0..1 (...): no estimate")."""
+    return format(value, spec) if isinstance(value, int | float) and math.isfinite(value) else str(value)
 
 
 def run_cycle(dagster: Dagster, domain: str, first: date, last: date,

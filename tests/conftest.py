@@ -25,7 +25,7 @@ SHARED_FIXTURE_GROUPS = {"test_pipeline": "assistant_cycle", "test_sources": "as
                          "test_daemon": "postgres", "test_profile": "postgres"}
 LONGEST_FIRST = ["test_recovery", "postgres", "assistant_cycle", "test_incremental", "test_importers",
                  "test_privacy", "test_signals", "test_services_stop", "test_review", "test_bulk",
-                 "test_warehouse", "test_validation"]
+                 "test_warehouse", "test_validation", "test_action_space"]
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups to schedule by

@@ -3,20 +3,22 @@ scores become as it would serve, and a gate that says when no evidence can decid
 
 from __future__ import annotations
 
-from datetime import date
+from collections.abc import Iterator
+from datetime import date, timedelta
+from pathlib import Path
 
+import dagster as dg
 import numpy as np
 import pandas as pd
 import polars as pl
 import pytest
+import yaml
 
-from flywheel_pipeline.catalogue import (
-    CatalogueError,
-    candidate_catalogue,
-    judges_slots,
-    store_catalogue,
-)
-from flywheel_pipeline.config import Gate, Serving, parse_config
+from flywheel_pipeline.catalogue import candidate_catalogue, judges_slots
+from flywheel_pipeline.config import Gate, Serving, load_config, parse_config
+from flywheel_pipeline.definitions import build_definitions, execute_cycle
+from flywheel_pipeline.home import Home
+from flywheel_pipeline.importers import UnreadableFile, import_file
 from flywheel_pipeline.scoring import UniformScorer
 from flywheel_pipeline.training.base import Windows
 from flywheel_pipeline.validation import ValidationReport, compare_models, gate
@@ -24,7 +26,7 @@ from flywheel_pipeline.validation import estimators as est
 from flywheel_pipeline.validation import evidence as evidence_module
 from flywheel_pipeline.validation.evidence import assemble
 from flywheel_pipeline.validation.report import Judged
-from tests.test_training import TEST_CONFIG, fresh_home
+from tests.conftest import REPO
 
 ITEMS, SLOTS = 12, 3
 WINDOWS = Windows(date(2026, 3, 1), date(2026, 3, 28), date(2026, 3, 29), date(2026, 3, 31))
@@ -199,23 +201,141 @@ def test_a_log_without_propensities_never_shows_an_importance_weighted_value():
     assert "‡ biased" in markdown and report.metadata()["candidate"] == "undefined"
 
 
-def test_a_catalogue_file_is_kept_in_the_home_and_read_back(tmp_path):
-    items = tmp_path / "item_context.csv"
-    items.write_text(",item_id,item_feature_0\n0,0,-0.5\n1,1,0.25\n2,2,0.1\n")
-    config = parse_config({**TEST_CONFIG, "domains": {"recommendation": {
-        **TEST_CONFIG["domains"]["recommendation"],
-        "importing": {"consent": "granted", "catalogue": {"file": str(items), "item": "item_id"}}}}})
-    home = fresh_home(tmp_path / "home")
-    assert store_catalogue(home, config, "recommendation") == 3
-    items.unlink()  # the cycle reads the home's copy, never the file
-    stored = candidate_catalogue(home, None, config, "recommendation")
-    assert stored["item_id"].to_list() == ["0", "1", "2"] and judges_slots(config, "recommendation")
+def catalogue_project(root: Path, catalogue: dict, bandit_log: dict | None = None) -> tuple[Home, object]:
+    raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
+    raw["domains"]["recommendation"]["importing"] = {"consent": "granted", "catalogue": catalogue,
+                                                     "bandit_log": bandit_log or OPEN_BANDIT}
+    return Home(root / "home").ensure(), parse_config(raw)
 
-    items.write_text("item_id\n0\n0\n")
-    with pytest.raises(CatalogueError, match=r"importing.catalogue: .* lists an item more than once"):
-        store_catalogue(home, config, "recommendation")
-    bad_column = parse_config({**TEST_CONFIG, "domains": {"recommendation": {
-        **TEST_CONFIG["domains"]["recommendation"],
-        "importing": {"consent": "granted", "catalogue": {"file": str(items), "item": "sku"}}}}})
-    with pytest.raises(CatalogueError, match=r"importing.catalogue.item: .* no column 'sku'"):
-        store_catalogue(home, bad_column, "recommendation")
+
+def test_an_import_keeps_the_catalogue_in_the_home_and_a_bad_one_stops_it_first(tmp_path):
+    items = tmp_path / "item_context.csv"
+    items.write_text(",item_id,item_feature_0\n" + "".join(f"{a},{a},0.1\n" for a in range(ITEMS)))
+    home, config = catalogue_project(tmp_path, {"file": str(items), "item": "item_id"})
+    report = import_file(home, config, "bandit", open_bandit_log(tmp_path / "all.csv", rows_per_day=5),
+                         "recommendation")
+    assert report.catalogue_items == ITEMS and report.records_mapped == 30
+    items.unlink()  # a cycle reads the home's copy, never the file
+    stored = candidate_catalogue(home, None, config, "recommendation")
+    assert stored["item_id"].to_list() == [str(a) for a in range(ITEMS)]  # as the file lists them
+    assert judges_slots(config, "recommendation")
+
+    items.write_text("item_id\n3\n3\n")
+    batches = sorted(home.landing.rglob("*.jsonl"))
+    with pytest.raises(UnreadableFile, match=r"importing.catalogue: .* lists an item more than once, e.g. \['3'\]"):
+        import_file(home, config, "bandit", tmp_path / "all.csv", "recommendation")
+    assert sorted(home.landing.rglob("*.jsonl")) == batches and candidate_catalogue(
+        home, None, config, "recommendation").height == ITEMS  # nothing written, the kept one kept
+    _, sku = catalogue_project(tmp_path, {"file": str(items), "item": "sku"})
+    with pytest.raises(UnreadableFile, match=r"importing.catalogue.item: .* no column 'sku'"):
+        import_file(home, sku, "bandit", tmp_path / "all.csv", "recommendation")
+
+
+def test_movielens_1m_reads_with_its_double_colon_separator_and_latin_1_titles(tmp_path):
+    movies = tmp_path / "movies.dat"
+    movies.write_bytes("1::Toy Story (1995)::Animation\n2::Misérables, Les (1995)::Drama\n".encode("latin-1"))
+    ratings = tmp_path / "ratings.dat"
+    ratings.write_text("1::1::5::978300760\n1::2::3::978302109\n2::1::4::978298709\n")
+    home, config = catalogue_project(
+        tmp_path, {"file": str(movies), "item": "movie_id", "content": "title", "separator": "::", "header": False,
+                   "columns": ["movie_id", "title", "genres"]},
+        {**RATINGS, "separator": "::", "columns": ["user_id", "item_id", "rating", "timestamp"]})
+    report = import_file(home, config, "bandit", ratings, "recommendation")
+    assert report.catalogue_items == 2 and report.records_mapped == 3 and report.events["signal"] == 3 + 2
+    titles = candidate_catalogue(home, None, config, "recommendation")["item_content"].to_list()
+    assert titles[0] == "Toy Story (1995)" and titles[1].startswith("Mis") and titles[1].endswith("Les (1995)")
+
+
+# --- real log shapes through the whole cycle ------------------------------------------------------
+
+LOG_DAYS = [date(2019, 11, 24) + timedelta(days=d) for d in range(6)]  # an old, short log: 3 trained, 3 held out
+
+
+def open_bandit_log(path: Path, rows_per_day: int = 400) -> Path:
+    """The Open Bandit Dataset's CSV shape: an unnamed index column, 1-based slots, no slate key, a
+    uniformly random logger over 12 items that logs 1/12 at every slot."""
+    rng = np.random.default_rng(8)
+    attraction = np.linspace(0.02, 0.4, ITEMS)
+    lines = [",timestamp,item_id,position,click,propensity_score,user_feature_0"]
+    for d, day in enumerate(LOG_DAYS):
+        for k in range(rows_per_day):
+            item, slot = int(rng.integers(ITEMS)), int(rng.integers(1, SLOTS + 1))
+            click = int(rng.random() < attraction[item] / slot)
+            lines.append(f"{d * rows_per_day + k},{day} 10:{k // 60 % 60:02d}:{k % 60:02d}.5+00:00,{item},{slot},"
+                         f"{click},{1 / ITEMS},{'abc'[k % 3]}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def ratings_log(path: Path, rows_per_day: int = 400) -> Path:
+    """MovieLens-100K's u.data shape: tab-separated, no header, user, item, rating 1-5, unix seconds."""
+    rng = np.random.default_rng(9)
+    lines = []
+    for day in LOG_DAYS:
+        start = int(pd.Timestamp(day, tz="UTC").timestamp())
+        for _ in range(rows_per_day):
+            lines.append(f"{rng.integers(1, 90)}\t{rng.integers(1, ITEMS + 1)}\t{rng.integers(1, 6)}\t"
+                         f"{start + int(rng.integers(86_400))}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+OPEN_BANDIT = {"timestamp": "timestamp", "item": "item_id", "position": "position", "position_base": 1,
+               "reward": "click", "propensity": "propensity_score", "policy": "explore",
+               "context": ["user_feature_0"]}
+RATINGS = {"separator": "\t", "header": False, "columns": ["user_id", "item_id", "rating", "timestamp"],
+           "timestamp": "timestamp", "timestamp_format": "epoch_s", "item": "item_id", "user": "user_id",
+           "reward": "rating", "reward_threshold": 4, "rating_scale": [1, 5], "propensity": "unknown",
+           "policy": "champion"}
+
+
+def cycle_on(root: Path, log: Path, bandit_log: dict, catalogue: object, exploration: float) -> dict:
+    """Import ``log`` through the documented config only, run the recommendation domain's cycle
+    over its days, and return the gate check's metadata and the validation report's."""
+    raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
+    raw["domains"]["recommendation"].update(
+        lookback_days=3, holdout_days=3, exploration_share=exploration, audit_share=0.0, retention_days=3650,
+        label_maturity={"outcome": "click"}, gate={"min_samples": 200, "min_ess": 20},
+        importing={"consent": "granted", "bandit_log": bandit_log, "catalogue": catalogue})
+    path = root / "flywheel.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLYWHEEL_CONFIG", str(path))
+        for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
+            patch.delenv(name, raising=False)
+        home, config = Home(root / "home").activate(), load_config(path)
+        import_file(home, config, "bandit", log, "recommendation")
+        instance = dg.DagsterInstance.local_temp(str(home.dagster))
+        result = execute_cycle(build_definitions(config, home), instance, "recommendation", LOG_DAYS[0], LOG_DAYS[-1])
+        gate_check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "gate")
+        report = next(m for m in result.get_asset_materialization_events()
+                      if m.asset_key == dg.AssetKey(["recommendation", "validation_report"]))
+        instance.dispose()
+    metadata = {**report.materialization.metadata, **gate_check.metadata}
+    return {name: value.value for name, value in metadata.items()}
+
+
+@pytest.fixture(scope="module")
+def open_bandit_cycle(tmp_path_factory) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("obd")
+    items = root / "item_context.csv"
+    items.write_text(",item_id,item_feature_0\n" + "".join(f"{a},{a},{a / ITEMS}\n" for a in range(ITEMS)))
+    yield cycle_on(root, open_bandit_log(root / "all.csv"), OPEN_BANDIT, {"file": str(items), "item": "item_id"}, 1.0)
+
+
+@pytest.mark.slow
+def test_a_per_row_log_with_a_catalogue_gets_a_decision_on_sane_numbers(open_bandit_cycle):
+    gate = open_bandit_cycle
+    assert not any(code in gate["reasons"] for code in ("same_choices", "no_overlap", "estimate_out_of_range",
+                                                         "too_few_samples", "undefined_metric")), gate["reasons"]
+    assert 0 <= gate["champion"] <= 1 and 0 <= gate["candidate"] <= 1  # click rates, each slot judged alone
+    assert gate["ess_candidate"] < gate["n_samples"]  # a ranking over 12 items is no uniform logger
+    assert gate["n_samples"] == 3 * 400
+
+
+@pytest.mark.slow
+def test_a_ratings_log_without_propensities_is_told_what_a_decision_needs(tmp_path):
+    gate = cycle_on(tmp_path, ratings_log(tmp_path / "u.data"), RATINGS, "log", 0.0)
+    assert gate["gate"] == "inconclusive" and gate["reasons"].startswith("propensity_unknown:")
+    assert "exploration slice" in gate["reasons"] and gate["candidate"] == "undefined"
+    assert "samples_needed" not in gate or gate["samples_needed"] == "unknown"

@@ -305,6 +305,10 @@ def _validation_plot(cycles: pl.DataFrame, truth: Mapping[str, float] | None, me
         return None
     wide = wide.pivot(on="measure", index=["as_of", "candidate_model_uri"], values="value",
                       aggregate_function="last").sort("as_of")
+    wide = wide.filter(pl.all_horizontal(pl.col(c).is_not_null() & pl.col(c).is_finite() for c in
+                                         ("difference", "difference_lo", "difference_hi") if c in wide.columns))
+    if wide.is_empty():  # no cycle had a difference to show (e.g. propensities unknown)
+        return None
     labels = _cycle_labels(cycles)
     x = [list(labels).index(day) for day in wide["as_of"]]
     known = {uri: value for uri, value in (truth or {}).items() if value is not None and math.isfinite(value)}

@@ -3,7 +3,7 @@
 Each format's reader (``read(path, domain, config) -> Mapped``, importers/base.py) maps a file's
 records to events of the contract; ``import_file`` writes them as the domain's landing batches
 and the records it could not map to ``raw.quarantine`` (importers/landing.py); a bandit log's
-declared catalogue is read first and kept in the home (flywheel_pipeline/catalogue.py). docs/importing.md
+declared catalogue is read first and kept in the home (importers/catalogue.py). docs/importing.md
 walks through each format, from file to a gate decision.
 """
 
@@ -14,16 +14,11 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from flywheel_pipeline.catalogue import (
-    CatalogueError,
-    declared_file,
-    keep_catalogue,
-    read_catalogue_file,
-)
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.importers import bandit, otel, reviews
 from flywheel_pipeline.importers.base import Mapped, UnreadableFile
+from flywheel_pipeline.importers.catalogue import declared_file, keep_catalogue, read_catalogue_file
 from flywheel_pipeline.importers.landing import ImportReport, write_import
 
 Reader = Callable[[Path, str, FlywheelConfig], Mapped]
@@ -46,10 +41,7 @@ def import_file(home: Home, config: FlywheelConfig, fmt: str, path: Path | str, 
     if not path.is_file():
         raise UnreadableFile(f"{path}: no such file")
     catalogue = declared_file(config, domain) if fmt == "bandit" else None
-    try:
-        items = read_catalogue_file(catalogue, domain) if catalogue else None  # a bad catalogue stops it first
-    except CatalogueError as error:
-        raise UnreadableFile(str(error)) from None
+    items = read_catalogue_file(catalogue, domain) if catalogue else None  # a bad catalogue stops it first
     report = write_import(home, config, fmt, path, domain, FORMATS[fmt](path, domain, config), now)
     if items is not None:
         keep_catalogue(home, domain, items)

@@ -32,6 +32,7 @@ from flywheel_pipeline.config import BanditLog, ConfigError, FlywheelConfig
 from flywheel_pipeline.events import CONSENT_STATES, ID_PATTERN, MAX_ID_LENGTH, MAX_IMPRESSIONS
 from flywheel_pipeline.importers.base import RECORDS, Encoded, Mapped, Rejected, UnreadableFile
 from flywheel_pipeline.importers.landing import source_name
+from flywheel_pipeline.importers.text import first_row_width, read_delimited
 
 _ROW = "__record"  # the row number column
 _SLATE = "__slate"  # the interaction id column
@@ -79,10 +80,8 @@ def _load(path: Path, domain: str, log: BanditLog) -> pl.DataFrame:
                                      f"{sorted(present)}{_separator_hint(len(present), log, key)}")
         columns = [*core.values(), *log.context]
         frame = (pl.read_parquet(path, columns=columns) if parquet else
-                 pl.read_csv(path, separator=log.separator, has_header=log.header, new_columns=log.columns,
-                             columns=columns if log.header else None,
-                             schema_overrides={c: pl.String for c in core.values()},
-                             infer_schema_length=100_000).select(columns))
+                 read_delimited(path, log.separator, log.header, log.columns, columns,
+                                text_columns=list(core.values())))
     except (pl.exceptions.PolarsError, OSError) as error:
         raise UnreadableFile(f"{path}: {str(error).strip().splitlines()[0]}") from None
     return frame.with_row_index(_ROW, offset=1)
@@ -97,8 +96,8 @@ def _column_names(path: Path, parquet: bool, log: BanditLog, key: str) -> list[s
                                  f"columns are for CSV and TSV files")
         return list(pl.read_parquet_schema(path))
     if log.header:
-        return pl.read_csv(path, separator=log.separator, n_rows=0).columns
-    width = pl.read_csv(path, separator=log.separator, has_header=False, n_rows=1).width
+        return read_delimited(path, log.separator, header=True, n_rows=0).columns
+    width = first_row_width(path, log.separator)
     if width != len(log.columns):
         raise UnreadableFile(f"{path}: {key}.columns names {len(log.columns)} columns, {log.columns}, its "
                              f"first row holds {width}{_separator_hint(width, log, key)}")
