@@ -83,6 +83,14 @@ TIMESTAMP_FORMATS = ("iso", "epoch_s", "epoch_ms")
 UNKNOWN_PROPENSITY = "unknown"
 
 
+def _separator(value: str) -> str:
+    """A text file's field separator, as written in YAML."""
+    if not value or any(c in value for c in ('"', "\\", "\n", "\r")):
+        raise ValueError(f'must be one or more characters other than a quote, a backslash or a line end, e.g. '
+                         f'",", "\\t" (in double quotes: a tab) or "::" (MovieLens-1M), got {value!r}')
+    return value
+
+
 class BanditLog(_Strict):
     """The columns of a logged bandit feedback file, one row per slot shown, and how to read it
     (docs/importing.md)."""
@@ -120,13 +128,7 @@ class BanditLog(_Strict):
                                "context, numbers to context.features")
     model_version: str = Field("baseline", min_length=1, description="what served the logged slates")
 
-    @field_validator("separator")
-    @classmethod
-    def _a_separator(cls, value: str) -> str:
-        if not value or '"' in value or "\n" in value or "\r" in value:
-            raise ValueError(f'must be one or more characters other than a quote or a line end, e.g. ",", "\\t" '
-                             f'(in double quotes, for a tab) or "::" (MovieLens-1M), got {value!r}')
-        return value
+    _a_separator = field_validator("separator")(lambda value: _separator(value))
 
     @field_validator("columns")
     @classmethod
@@ -197,10 +199,12 @@ class CatalogueFile(_Strict):
     file: Path = Field(description="the catalogue's path (relative: to the folder flywheel runs in)")
     item: str = Field(min_length=1, description="the column of item ids, as the log names its items")
     content: str | None = Field(None, description="the item's text (a title); without it the item id")
-    separator: str = Field(",", min_length=1, description="a text file's field separator (\"\\t\": TSV; \"::\": "
+    separator: str = Field(",", description="a text file's field separator (\"\\t\": TSV; \"::\": "
                                                           "MovieLens-1M's movies.dat)")
     header: bool = Field(True, description="the first line names the columns; false: `columns` names them")
     columns: list[str] | None = Field(None, description="the columns of a file without a header line, in order")
+
+    _a_separator = field_validator("separator")(lambda value: _separator(value))
 
     @model_validator(mode="after")
     def _named_columns(self) -> CatalogueFile:

@@ -161,7 +161,7 @@ def config_error(tmp_path: Path, bandit_log: dict) -> str:
 
 
 def test_bad_reading_keys_are_named(tmp_path):
-    assert f"{KEY}.separator: Value error, must be one character" in config_error(
+    assert f"{KEY}.separator: Value error, must be one or more characters other than a quote, a backslash" in config_error(
         tmp_path, dict(U_DATA, separator="\\t"))  # a backslash and a t: YAML without double quotes
     missing = config_error(tmp_path, {k: v for k, v in U_DATA.items() if k != "propensity"})
     assert f"{KEY}.propensity: Value error, missing: declare the column" in missing and "`unknown`" in missing
