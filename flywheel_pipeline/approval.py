@@ -1,8 +1,8 @@
 """Human approval: the record that stands between a candidate and the champion alias.
 
 A decision (approve or reject, who, why) is appended to ``registry.approvals`` and mirrored as tags
-on the model version. A domain whose automation level is ``auto`` gets its approval from the
-pipeline itself (``flywheel:auto``) when every gate passed.
+on the model version. A domain at automation level ``full`` gets its approval from the pipeline
+itself (``flywheel:auto``) when every gate passed.
 
 The records are append-only and tamper-evident: each is signed with an HMAC over its fields and the
 previous record's signature, with a key kept outside the warehouse (``signing_key``). A row
@@ -35,7 +35,7 @@ from flywheel_pipeline.home import Home
 from flywheel_pipeline.warehouse import transaction
 
 KEY_ENV = "FLYWHEEL_APPROVAL_KEY_FILE"
-AUTO_REASON = "automation=auto and every gate passed"
+AUTO_REASON = "automation=full and every gate passed"
 LINEAGE_TAGS = ("training.run_id", "validation.run_id", "validation.gate")
 Decision = Literal["approved", "rejected"]
 
@@ -222,9 +222,9 @@ def record_decision(con: duckdb.DuckDBPyConnection, client: MlflowClient, config
 
 def record_auto_approval(con: duckdb.DuckDBPyConnection, client: MlflowClient, config: FlywheelConfig,
                          key: bytes, domain: str, version: str) -> ApprovalRecord:
-    """The pipeline's own approval of an ``automation: auto`` domain's candidate that passed its gate."""
-    if config.domain(domain).automation != "auto":
-        raise ApprovalError(f"domain {domain!r} is not automation=auto: a person approves its candidates")
+    """The pipeline's own approval of an ``automation: full`` domain's candidate that passed its gate."""
+    if config.domain(domain).automation != "full":
+        raise ApprovalError(f"domain {domain!r} is not automation=full: a person approves its candidates")
     check_passed_gate(client, domain, version)
     return _append(con, client, key, domain, version, "approved", AUTO_APPROVER, AUTO_REASON)
 
@@ -298,7 +298,7 @@ def check_deployable(con: duckdb.DuckDBPyConnection, client: MlflowClient, confi
     domain_config = config.domain(record.domain)
     if record.approver != AUTO_APPROVER:
         check_person(record.domain, domain_config, record.approver)
-    elif domain_config.automation != "auto":
+    elif domain_config.automation != "full":
         raise ApprovalError(f"approval {approval_id} is by {AUTO_APPROVER} but domain {record.domain!r} is "
                             f"automation={domain_config.automation}: a person must approve it")
     check_passed_gate(client, record.domain, record.model_version)

@@ -226,6 +226,43 @@ class Importing(_Strict):
                           "(every item the domain's log shows) or a file of items (docs/importing.md)")
 
 
+# The four levels of automation, by what people still do (docs/operations.md: who does what):
+#   off        people run every cycle and approve every deployment; nothing runs on its own
+#   semi       data and evaluation run on their own (accumulate, label, monitor); people decide
+#              training and deployment
+#   oversight  training and evaluation run on schedule; people approve each deployment
+#   full       the pipeline deploys what passes every gate and rolls back what regresses live;
+#              people act when alerts fire
+AUTOMATION_LEVELS = ("off", "semi", "oversight", "full")
+LEGACY_AUTOMATION = {"manual": "oversight", "auto": "full"}  # the names flywheel.yaml used before the levels
+Automation = Literal["off", "semi", "oversight", "full"]
+
+
+class Monitor(_Strict):
+    """How the deployed champion is watched on the traffic it serves (docs/monitoring.md)."""
+
+    false_alarm_rate: float = Field(0.05, gt=0, lt=0.5, description="the chance a champion no worse than "
+                                    "its reference is ever declared regressed, however long it is watched "
+                                    "(the confidence sequence's alpha)")
+    regression_margin: float = Field(0.0, ge=0, description="a regression is a drop of the primary value "
+                                     "beyond this")
+    planned_days: int = Field(3, gt=0, description="the days of traffic the confidence sequence is tightest "
+                                                   "at (it stays valid at every day)")
+    max_days: int = Field(28, gt=0, description="days after a deployment the monitor keeps watching")
+
+
+class Drift(_Strict):
+    """Input drift between the champion's training window and recent traffic (docs/monitoring.md)."""
+
+    recent_days: int = Field(3, gt=0, description="the recent traffic compared with the training window")
+    max_psi: float = Field(0.2, gt=0, description="population stability index of a serving feature beyond "
+                                                  "which the inputs drifted (0.1 small, 0.25 large)")
+    max_new_item_share: float = Field(0.2, ge=0, le=1, description="share of recent impressions of items "
+                                      "the training window never showed beyond which the items drifted")
+    triggers_cycle: bool = Field(True, description="drift beyond a threshold launches an off-cadence cycle "
+                                                   "(the drift sensor)")
+
+
 class Serving(_Strict):
     """How a model's scores become what users see; validation judges a model as it would serve."""
 
@@ -326,8 +363,11 @@ class DomainConfig(_Strict):
     gate: Gate = Gate()
     serving: Serving = Field(Serving(), description="how a model's scores become a slate (docs/validation.md)")
     label_model: LabelModelSettings = LabelModelSettings()
-    automation: Literal["manual", "auto"] = "manual"
+    automation: Automation = Field("oversight", description="off | semi | oversight | full (the names "
+                                   "manual and auto, from before the levels, mean oversight and full)")
     approvers: list[str] = Field(default_factory=list)
+    monitor: Monitor = Field(Monitor(), description="the deployed champion, watched on its traffic")
+    drift: Drift = Field(Drift(), description="input drift since the champion's training window")
     retention_days: int = Field(365, gt=0, description="days of events (rows and landing batches) kept; "
                                 "the retention job deletes older ones (docs/privacy.md)")
     importing: Importing | None = Field(None, description="how `flywheel import` maps files into this "
@@ -353,11 +393,17 @@ class DomainConfig(_Strict):
                              f"the candidate would be judged on more days than it learnt from")
         return value
 
+    @field_validator("automation", mode="before")
+    @classmethod
+    def _legacy_level(cls, value: object) -> object:
+        return LEGACY_AUTOMATION.get(value, value) if isinstance(value, str) else value
+
     @field_validator("approvers")
     @classmethod
     def _someone_approves(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        if info.data.get("automation") == "manual" and not value:
-            raise ValueError("a manual domain needs at least one approver (or automation: auto)")
+        if info.data.get("automation") != "full" and not value:
+            raise ValueError(f"a domain at automation {info.data.get('automation')!r} needs at least one approver "
+                             f"(a person approves its deployments; or automation: full)")
         for name in value:
             if not name.strip() or name == AUTO_APPROVER:
                 raise ValueError(f"{name!r} cannot be an approver: a person's non-blank name, not "
@@ -493,6 +539,14 @@ class Deployment(_Strict):
     production: ProductionSettings = ProductionSettings()
 
 
+class Alerts(_Strict):
+    """Where an alert goes besides its failed asset check (docs/monitoring.md)."""
+
+    webhook_url_env: str | None = Field(None, description="the environment variable holding a webhook URL "
+                                        "(Slack, Teams, or a relay to e-mail): each alert is POSTed there as "
+                                        "JSON, {\"text\": ...}; never the URL itself")
+
+
 class FlywheelConfig(Deployment):
     partitions_start: date
     max_lateness_days: int = Field(7, ge=0)
@@ -501,6 +555,7 @@ class FlywheelConfig(Deployment):
     daemon: DaemonSettings = DaemonSettings()
     ui_url: str = Field("http://localhost:3000", pattern=r"^https?://\S+[^/]$",
                         description="where people open the Dagster UI (links in metadata and the CLI)")
+    alerts: Alerts = Field(Alerts(), description="where regressions and drift are announced")
     domains: dict[str, DomainConfig]
 
     @model_validator(mode="after")

@@ -180,7 +180,7 @@ class Demo:
         if version is None:
             return
         domain_config = self.config.domain(domain)
-        if domain_config.automation == "manual":
+        if domain_config.automation != "full":
             if not self.stand_in:
                 self.pending[domain] = version
                 return
@@ -238,7 +238,7 @@ def print_pending_approvals(demo: Demo, console: Console) -> None:
         return
     for domain, version in demo.pending.items():
         console.print(
-            f"\n[bold]{domain} v{version} waits for a person[/] (automation: manual). Approve it in the "
+            f"\n[bold]{domain} v{version} waits for a person[/] (automation: oversight). Approve it in the "
             f"Dagster UI: run [bold]make ui[/], then either\n"
             f"  - open Assets > {domain}/registered_candidate and click the [bold]approve[/] link of its latest "
             f"materialization, or open\n    {approval_launchpad_url(demo.config, domain, version)}\n"

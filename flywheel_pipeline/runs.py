@@ -174,7 +174,7 @@ def next_step_for_person(config: FlywheelConfig, outcome: CycleOutcome) -> str:
                 f"{outcome.domain}")
     if outcome.version is None:
         return f"nothing to approve: the gate {outcome.gate or 'did not run'}"
-    if config.domain(outcome.domain).automation == "auto":
+    if config.domain(outcome.domain).automation == "full":
         return "auto-approved; the approval sensor deploys it"
     approvers = config.domain(outcome.domain).approvers
     return (f"approve in the UI: {approval_launchpad_url(config, outcome.domain, outcome.version)}\n"

@@ -50,7 +50,7 @@ def test_bad_key_is_named(path, value, named):
     ("path", "value", "why"),
     [
         (["domains", "assistant", "holdout_days"], 30, "exceed lookback_days (28)"),
-        (["domains", "recommendation", "approvers"], [], "a manual domain needs at least one approver"),
+        (["domains", "recommendation", "approvers"], [], "a domain at automation 'oversight' needs at least one approver"),
         (["domains", "assistant", "approvers"], ["flywheel:auto"], "the pipeline's own identity"),
         (["domains", "assistant", "approvers"], [" "], "a person's non-blank name"),
         (["domains", "assistant", "label_maturity", "outcome"], "resolvd", "one of ['resolved', 'purchase', 'click']"),

@@ -186,7 +186,7 @@ def _next_step(config: FlywheelConfig, domain: str, version: str, warehouse: War
     """Auto domains approve themselves; a manual domain's candidate waits, with a link that opens
     the approve_candidate Launchpad filled in for it. Said as of registration: a deployment since
     is the asset's latest observation (``champion_observation``)."""
-    if config.domain(domain).automation != "auto":
+    if config.domain(domain).automation != "full":
         approvers = ", ".join(config.domain(domain).approvers)
         return {
             "next": f"waiting for approval by {approvers} when registered; {DEPLOYMENTS_SINCE}",
