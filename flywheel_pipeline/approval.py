@@ -229,6 +229,21 @@ def record_auto_approval(con: duckdb.DuckDBPyConnection, client: MlflowClient, c
     return _append(con, client, key, domain, version, "approved", AUTO_APPROVER, AUTO_REASON)
 
 
+def record_rollback(con: duckdb.DuckDBPyConnection, client: MlflowClient, config: FlywheelConfig, key: bytes,
+                    domain: str, reason: str) -> ApprovalRecord:
+    """The pipeline's own approval to put the previous champion back (automation ``full``, a
+    regression on the champion's traffic: flywheel_pipeline/monitoring.py), appended to the chain
+    like any decision; the approval sensor deploys it through deploy_champion."""
+    if config.domain(domain).automation != "full":
+        raise ApprovalError(f"domain {domain!r} is automation={config.domain(domain).automation}: a person decides "
+                            f"a rollback (`flywheel rollback --domain {domain}` or the rollback_champion job)")
+    previous = registry.alias_version(client, domain, registry.PREVIOUS)
+    if previous is None:
+        raise ApprovalError(f"{domain} has no previous champion to roll back to")
+    check_passed_gate(client, domain, previous)
+    return _append(con, client, key, domain, previous, "approved", AUTO_APPROVER, f"rollback: {reason}")
+
+
 def _append(con: duckdb.DuckDBPyConnection, client: MlflowClient, key: bytes, domain: str, version: str,
             decision: Decision, approver: str, reason: str | None) -> ApprovalRecord:
     """Sign and append one record (refused on a broken chain), then mirror it as version tags."""

@@ -86,13 +86,23 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     try:
         summary = simulate(home, config, start, args.days, seed=args.seed,
                            interactions_per_day=args.per_day, bad_row_share=args.bad_rows,
-                           domains=domains, traps=args.trap)
+                           domains=domains, traps=args.trap, scenario=args.scenario,
+                           scenario_day=args.scenario_day, scenario_span_days=args.scenario_span)
     except ValueError as error:
         raise SystemExit(f"flywheel: {error}") from None
     last = start + timedelta(days=args.days - 1)
     traps = f" with the traps {', '.join(args.trap)}" if args.trap else ""
+    if args.scenario:
+        traps += f" through the {args.scenario} scenario from {args.scenario_day}"
     console.print(f"wrote {summary.total_interactions:,} interactions for {start}..{last}{traps} "
                   f"to {home.landing}")
+
+
+def _scenario_day(text: str) -> date | int:
+    """A scenario's day: a date, or a number of days from the simulated world's first day."""
+    if text.isdigit():
+        return int(text)
+    return _date(text)
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -375,7 +385,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--per-day", type=int, default=1500, help="interactions per day per domain")
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--stand-in-for-approvers", action="store_true",
-                      help="approve manual domains' candidates too (by default they wait for a person)")
+                      help="approve the candidates of domains below automation full too (by default they wait for a person)")
     demo.set_defaults(func=cmd_demo)
 
     simulate = commands.add_parser("simulate", help="write simulated landing batches")
@@ -391,6 +401,15 @@ def parser() -> argparse.ArgumentParser:
     simulate.add_argument("--trap", action="append", default=[], choices=TRAPS, metavar="NAME",
                           help="make the product commit this trap on purpose (repeatable): "
                                + ", ".join(TRAPS))
+    from flywheel_pipeline.simulation.scenarios import SCENARIOS, STALE_SPAN_DAYS
+
+    simulate.add_argument("--scenario", choices=SCENARIOS, metavar="NAME",
+                          help="make the world change on purpose from --scenario-day on "
+                               "(docs/simulation-scenarios.md): " + ", ".join(SCENARIOS))
+    simulate.add_argument("--scenario-day", type=_scenario_day, metavar="N",
+                          help="the scenario's day: YYYY-MM-DD, or N days after the world's first day")
+    simulate.add_argument("--scenario-span", type=int, default=STALE_SPAN_DAYS, metavar="DAYS",
+                          help=f"stale_holdout: how long the fad lasts before the day (default {STALE_SPAN_DAYS})")
     simulate.set_defaults(func=cmd_simulate)
 
     from flywheel_pipeline.importers import FORMATS

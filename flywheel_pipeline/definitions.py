@@ -21,11 +21,12 @@ from flywheel_pipeline.defs.jobs import (
     relabel_job,
     rollback_champion,
 )
+from flywheel_pipeline.defs.monitor import build_monitor_asset, build_monitor_schedule, monitor_job
 from flywheel_pipeline.defs.partitions import home_partitions, range_tags
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.defs.review import build_review_queue
 from flywheel_pipeline.defs.schedules import build_retention_schedule, build_schedule
-from flywheel_pipeline.defs.sensors import build_sensors
+from flywheel_pipeline.defs.sensors import build_drift_sensor, build_sensors
 from flywheel_pipeline.defs.training_sets import build_training_set_assets
 from flywheel_pipeline.defs.transform import build_dbt_assets, dbt_resource
 from flywheel_pipeline.home import Home
@@ -36,14 +37,19 @@ def build_definitions(config: FlywheelConfig, home: Home) -> dg.Definitions:
     config = home_partitions(config, home)
     model_assets = [a for domain in config.domains for a in build_model_assets(config, domain)]
     training_set_assets = [a for domain in config.domains for a in build_training_set_assets(config, domain)]
+    cycle_jobs = [cycle_job(d) for d in config.domains]  # one definition each: the jobs and the drift sensor's
+    monitor_assets = [build_monitor_asset(config, domain) for domain in config.domains]
     return dg.Definitions(
         assets=[*build_data_assets(config), build_dbt_assets(config), build_review_queue(config), *model_assets,
-                *training_set_assets],
+                *training_set_assets, *monitor_assets],
         asset_checks=quality_checks(config),
-        jobs=[*(cycle_job(d) for d in config.domains), *(relabel_job(d) for d in config.domains),
+        jobs=[*cycle_jobs, *(relabel_job(d) for d in config.domains),
+              *(monitor_job(d) for d in config.domains),
               approve_candidate, deploy_champion, rollback_champion, enforce_retention],
-        schedules=[*(build_schedule(config, domain) for domain in config.domains), build_retention_schedule(config)],
-        sensors=build_sensors(config),
+        schedules=[*(build_schedule(config, domain) for domain in config.domains),
+                   *(build_monitor_schedule(config, domain) for domain in config.domains),
+                   build_retention_schedule(config)],
+        sensors=[*build_sensors(config), build_drift_sensor(config, cycle_jobs)],
         resources={
             "warehouse": WarehouseResource(home_path=str(home.root), config_path=str(config_path()),
                                            memory_limit=config.warehouse.memory_limit),

@@ -2,9 +2,9 @@
 
 Each cycle: the simulated product serves a week of traffic with each domain's current champion ->
 the domain's cycle job is submitted to the Dagster instance and run by the daemon (accumulate,
-filter, label, fine-tune, validate, register) -> auto domains approve themselves when the gate
-passes and the approval sensor deploys -> the new champion serves the next week. A manual domain's
-candidate waits for a person (the demo prints what to click), unless the demo is told to stand in.
+filter, label, fine-tune, validate, register) -> domains at automation full approve themselves when
+the gate passes and the approval sensor deploys -> the new champion serves the next week. An oversight
+domain's candidate waits for a person (the demo prints what to click), unless the demo is told to stand in.
 Everything lives in the home's Dagster instance and MLflow store, so ``make ui`` and
 ``make mlflow-ui`` show the history afterwards. While the daemon runs, the late-label sensor may
 re-label older days between cycles, as it would in production.
@@ -92,7 +92,7 @@ class Demo:
         self.stand_in = stand_in_for_approvers
         self.end = datetime.now(UTC).date() - timedelta(days=1)
         self.start = self.end - timedelta(days=warmup_days + cycles * DAYS_PER_CYCLE - 1)
-        self.pending: dict[str, str] = {}  # manual domain -> the version waiting for a person
+        self.pending: dict[str, str] = {}  # oversight domain -> the version waiting for a person
         self.oracles: dict[str, float] = {}  # domain -> its trainer fitted on the last cycle's hidden truth
 
     def run(self, log: IO[str] | None) -> list[CycleRow]:
@@ -174,7 +174,7 @@ class Demo:
         return self._row(cycle, domain, served_by, outcome)
 
     def _approve(self, dagster: Dagster, outcome: CycleOutcome, status) -> None:
-        """Auto domains are deployed by the approval sensor; a manual one waits for a person, unless
+        """Domains at automation full are deployed by the approval sensor; others wait for a person, unless
         the demo stands in (it launches approve_candidate, as a person would in the Launchpad)."""
         domain, version = outcome.domain, outcome.version
         if version is None:

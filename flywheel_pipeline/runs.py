@@ -13,10 +13,9 @@ import dagster as dg
 
 from flywheel_pipeline import registry
 from flywheel_pipeline.config import FlywheelConfig
-from flywheel_pipeline.defs.assets import LABELS, model_keys
-from flywheel_pipeline.defs.jobs import cycle_job_name
+from flywheel_pipeline.defs.assets import model_keys
+from flywheel_pipeline.defs.jobs import accumulation_assets, cycle_job_name
 from flywheel_pipeline.defs.partitions import range_tags
-from flywheel_pipeline.defs.transform import RAW_EVENTS, dbt_model_keys
 from flywheel_pipeline.defs.ui import approval_launchpad_url, run_url
 from flywheel_pipeline.launcher import Dagster, LaunchError, Step, failure
 from flywheel_pipeline.run_range import ACCUMULATE
@@ -90,12 +89,6 @@ def submit_cycle(dagster: Dagster, domain: str, first: date, last: date,
                           f"{running[-1].status.value.lower()}): run it again once that run has ended")
     assets = accumulation_assets() if only == ACCUMULATE else None
     return dagster.submit(job, range_tags(domain, first, last), assets=assets)
-
-
-def accumulation_assets() -> list[dg.AssetKey]:
-    """What `flywheel run --only accumulate` materializes of a cycle (with their checks): the
-    landing batches into raw tables, the dbt models, and labels; no training."""
-    return [RAW_EVENTS, *dbt_model_keys(), LABELS]
 
 
 def follow_cycle(dagster: Dagster, domain: str, run_id: str,

@@ -217,7 +217,7 @@ def test_a_tampered_record_breaks_the_chain_and_nothing_deploys(resources, clien
 
 
 def test_nobody_signs_as_the_pipeline(resources, client, instance, config, key):
-    """On an auto domain only the pipeline approves as flywheel:auto; on a manual one nobody does."""
+    """On a `full` domain only the pipeline approves as flywheel:auto; on an `oversight` one nobody does."""
     version = candidate(client, domain="assistant")
     refused = approve(resources, version, domain="assistant", approver=approval.AUTO_APPROVER, instance=instance)
     assert not refused.success and "pipeline's own identity" in failure(instance, refused.run_id)

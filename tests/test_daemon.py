@@ -52,7 +52,8 @@ ARTIFACTS = "shared-artifacts"  # production.mlflow_artifacts, under the home
 
 
 def write_config(path, production: bool = False) -> None:
-    """flywheel.yaml with one domain, manual (a person approves), on a per-minute cadence, quick sensors;
+    """flywheel.yaml with one domain at automation oversight, written by its old name `manual` (a person
+    approves), on a per-minute cadence, quick sensors;
     the embedded profile, or the production one."""
     raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
     domain = raw["domains"][DOMAIN]
@@ -220,7 +221,7 @@ def test_schedules_late_label_backfills_and_ui_approval_run_through_the_daemon(d
     assert cycle.status == dg.DagsterRunStatus.SUCCESS
     assert covered_days(cycle) == {LAST - timedelta(days=offset) for offset in range(config.max_lateness_days + 1)}
     outcome = read_outcome(dagster.instance, DOMAIN, cycle)
-    assert outcome.gate == "passed" and outcome.version  # manual domain: registered, waiting for a person
+    assert outcome.gate == "passed" and outcome.version  # oversight domain: registered, waiting for a person
     assert registry.alias_version(client, DOMAIN, registry.CANDIDATE) == outcome.version
     assert registry.alias_version(client, DOMAIN, registry.CHAMPION) is None
 

@@ -144,7 +144,7 @@ def test_the_candidate_is_registered_with_its_lineage_and_the_auto_domain_deploy
         assert training["mature_until"] == maturity_cutoff(con, config, DOMAIN, LAST).isoformat()
     assert training["train_end"] <= training["mature_until"]
 
-    # assistant is automation=auto: its approval is on record, the sensor deploys it
+    # assistant is automation=full: its approval is on record, the sensor deploys it
     context = dg.build_sensor_context(instance=instance, resources={"warehouse": defs.resources["warehouse"]})
     (request,) = defs.resolve_sensor_def("approval_sensor")(context).run_requests
     deploy = defs.resolve_job_def("deploy_champion")

@@ -56,8 +56,8 @@ FIRST = LAST - timedelta(days=6)
 
 @pytest.fixture
 def simulated(tmp_path, monkeypatch) -> Home:
-    """A home with a week of assistant traffic (manual approval, a 5 s approval sensor), active in
-    this process and in the commands it starts."""
+    """A home with a week of assistant traffic (automation oversight: a person approves; a 5 s
+    approval sensor), active in this process and in the commands it starts."""
     for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI", "FLYWHEEL_CONFIG"):
         monkeypatch.delenv(name, raising=False)
     write_config(tmp_path / "flywheel.yaml")

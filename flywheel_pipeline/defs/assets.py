@@ -6,7 +6,7 @@
       -> <domain>/candidate_model                   training.train_candidate
       -> <domain>/validation_report (+ gate check)  validation.validate_cycle
       -> <domain>/flywheel_health (+ a check per trap)  health.audit (defs/health.py)
-      -> <domain>/registered_candidate              registry.register_candidate (+ auto approval)
+      -> <domain>/registered_candidate              registry.register_candidate (+ approval at automation full)
 """
 
 from collections.abc import Iterator
@@ -133,7 +133,7 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
                    "report": dg.AssetIn(keys["validation_report"]), "health": dg.AssetIn(keys[HEALTH])},
               group_name=group, kinds={"mlflow"}, output_required=False,
               description="A candidate that passed its gate, registered with lineage and aliased "
-                          "`candidate`; auto domains also get their approval here. Not materialized "
+                          "`candidate`; a domain at automation full also gets its approval here. Not materialized "
                           "when the gate did not pass (see the validation_report's gate check), nor when "
                           "a blocking flywheel_health check failed. Its materialization tells the state "
                           "at registration; each deployment (deploy_champion) and rollback "
@@ -183,7 +183,7 @@ def _gate_check(report: ValidationReport) -> dg.AssetCheckResult:
 
 def _next_step(config: FlywheelConfig, domain: str, version: str, warehouse: WarehouseResource,
                client) -> dict[str, object]:
-    """Auto domains approve themselves; a manual domain's candidate waits, with a link that opens
+    """A domain at automation full approves itself; below it the candidate waits, with a link that opens
     the approve_candidate Launchpad filled in for it. Said as of registration: a deployment since
     is the asset's latest observation (``champion_observation``)."""
     if config.domain(domain).automation != "full":

@@ -5,7 +5,9 @@
 
 One asset check per trap (health.TRAPS): a flagged trap warns, or blocks registration when the
 domain's ``health.blocking`` lists it. The HTML report is written under the home, logged to the
-validation run in MLflow and linked from the asset's metadata.
+validation run in MLflow and linked from the asset's metadata. The cycle's input drift (the
+held-out days' last ``drift.recent_days`` against the champion's training window, health/drift.py) is
+shown beside the traps, in the metadata and the report; it checks nothing (the drift sensor acts on it).
 """
 
 from typing import Any
@@ -17,6 +19,7 @@ from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.health import TRAPS, Finding, HealthReport
 from flywheel_pipeline.health.audit import audit, measure_history, save_measures
+from flywheel_pipeline.health.drift import DriftReport, domain_drift
 from flywheel_pipeline.training import TrainingResult
 from flywheel_pipeline.validation import ValidationReport
 
@@ -59,27 +62,56 @@ def build_health_asset(config: FlywheelConfig, domain: str, candidate_key: dg.As
         from flywheel_pipeline.health.report import simulator_truth, write_report
 
         client = mlflow.client()
-        champion = registry.alias_version(client, domain, registry.CHAMPION) or "baseline"
+        version = registry.alias_version(client, domain, registry.CHAMPION)
+        champion = version or "baseline"
+        champion_tags = registry.version_tags(client, domain, version) if version else None
         with warehouse.connect(domain) as con:
             health = audit(con, config, domain, candidate.windows, candidate.mature_until, champion,
                            candidate.model_uri)
             save_measures(con, health, report.evidence())
             history = measure_history(con, domain)
+            drift = domain_drift(con, config.domain(domain), domain, version, champion_tags,
+                                 as_of=candidate.windows.holdout_end)
         truth = simulator_truth(client, history["candidate_model_uri"].unique().to_list())
-        path = write_report(warehouse.home(), health, history, report.to_dict(), truth)
+        path = write_report(warehouse.home(), health, history, report.to_dict(), truth,
+                            drift=drift.to_dict() if drift else None)
         if report.run_id:
             client.log_artifact(report.run_id, str(path), "health")
         for trap in health.flagged:
             context.log.warning(f"{domain}: {trap}: {health.finding(trap).summary}")
-        yield dg.Output(health, metadata=_metadata(health, path, report.run_id))
+        if drift and drift.drifted:
+            context.log.warning(f"input drift: {drift.summary()}")
+        yield dg.Output(health, metadata=_metadata(health, path, report.run_id, drift))
         for finding in health.findings:
             yield _check(finding, finding.trap in blocking)
 
     return flywheel_health
 
 
-def _metadata(health: HealthReport, path, run_id: str | None) -> dict[str, Any]:
-    """What the Dagster UI shows: the verdicts as one Markdown table, a rounded series per trap, links."""
+def _drift_metadata(drift: DriftReport | None) -> dict[str, Any]:
+    """The cycle's input drift: a Markdown table (feature, PSI, threshold; new-item share) and two
+    rounded numbers Dagster plots across materializations."""
+    if drift is None:
+        return {"drift": "not measured (no impressions)"}
+    if drift.note:
+        return {"drift": f"not measured: {drift.note}"}
+    rows = [f"| {f.feature} | {f.psi:.3f} | {drift.max_psi:g} |" for f in drift.features]
+    rows.append(f"| new items (share of recent impressions) | {drift.new_item_share:.1%} | "
+                f"{drift.max_new_item_share:.0%} |")
+    verdict = "**drifted**: " + "; ".join(drift.reasons) if drift.drifted else "no drift"
+    return {
+        "drift": dg.MetadataValue.md(
+            f"{verdict}. Days {drift.recent_start} to {drift.recent_end} against {drift.reference} "
+            f"({drift.reference_start} to {drift.reference_end}).\n\n| feature | PSI | threshold |\n|---|---|---|\n"
+            + "\n".join(rows)),
+        "drift_max_psi": round(drift.measures()["max_psi"], 4),
+        "new_item_share": round(drift.new_item_share, 4),
+    }
+
+
+def _metadata(health: HealthReport, path, run_id: str | None, drift: DriftReport | None = None) -> dict[str, Any]:
+    """What the Dagster UI shows: the verdicts as one Markdown table, a rounded series per trap, the
+    input drift, links."""
     rows = [f"| {f.trap} | {'**flagged**' if f.flagged else 'healthy'} | {f.summary} |" for f in health.findings]
     series = {SERIES[f.trap]: round(f.measures[SERIES[f.trap]], 4) for f in health.findings
               if SERIES[f.trap] in f.measures}
@@ -87,6 +119,7 @@ def _metadata(health: HealthReport, path, run_id: str | None) -> dict[str, Any]:
         "flagged": ", ".join(health.flagged) or "none",
         "verdicts": dg.MetadataValue.md("| trap | verdict | measured |\n|---|---|---|\n" + "\n".join(rows)),
         **series,
+        **_drift_metadata(drift),
         "report": dg.MetadataValue.path(str(path)),
         "mlflow_artifact": f"runs:/{run_id}/health/{path.name}" if run_id else "not logged (no validation run)",
     }

@@ -1,7 +1,8 @@
 """The jobs: each domain's cycle, what a person launches from the Launchpad, what the sensor launches.
 
     <domain>_cycle      accumulate -> filter -> label (-> review queue) -> fine-tune -> validate -> register
-                        (schedules); an assistant domain's training sets too, from its labels
+                        (schedules; at automation semi accumulate -> filter -> label only, the
+                        accumulation_assets); an assistant domain's training sets too, from its labels
     <domain>_relabel    rebuild the dbt models and labels of the days late outcomes reached
                         (launched by the late-label sensor)
     approve_candidate   record a person's approval or rejection of a candidate version
@@ -24,7 +25,7 @@ from flywheel_pipeline.defs.assets import LABELS, champion_observation, model_ke
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.defs.review import REVIEW_QUEUE
 from flywheel_pipeline.defs.training_sets import training_sets_group
-from flywheel_pipeline.defs.transform import DBT_MODELS, RAW_EVENTS
+from flywheel_pipeline.defs.transform import DBT_MODELS, RAW_EVENTS, dbt_model_keys
 
 WAREHOUSE = "flywheel/warehouse"
 LATE_LABELS_TAG = {"flywheel/reason": "late-labels"}
@@ -45,6 +46,13 @@ def warehouse_tags(domain: str) -> dict[str, str]:
 
 def cycle_job_name(domain: str) -> str:
     return f"{domain}_cycle"
+
+
+def accumulation_assets() -> list[dg.AssetKey]:
+    """What a cycle run limited to accumulation materializes (with their checks): the landing
+    batches into raw tables, the dbt models, and labels; no training. `flywheel run --only
+    accumulate` submits it, and so does the cadence schedule of a domain at automation semi."""
+    return [RAW_EVENTS, *dbt_model_keys(), LABELS]
 
 
 def cycle_job(domain: str):  # an unresolved asset job (its type is not public)

@@ -1,8 +1,10 @@
-"""Sensors: approvals launch deployments; late outcomes re-label the partitions they change.
+"""Sensors: approvals launch deployments; late outcomes re-label the partitions they change; input
+drift launches an off-cadence cycle.
 
-Both are declared the way the Dagster daemon checks them: the approval sensor targets the
+Each is declared the way the Dagster daemon checks it: the approval sensor targets the
 ``deploy_champion`` job; the late-label sensor targets each domain's ``<domain>_relabel`` job (the dbt
-models and ``labels``), so its runs show under that job in the UI.
+models and ``labels``), so its runs show under that job in the UI; the drift sensor targets each
+domain's ``<domain>_cycle`` job (docs/monitoring.md: Input drift).
 """
 
 from __future__ import annotations
@@ -14,18 +16,21 @@ from itertools import groupby
 
 import dagster as dg
 
-from flywheel_pipeline import approval
+from flywheel_pipeline import approval, registry
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.defs.jobs import (
     LATE_LABELS_TAG,
+    cycle_job_name,
     deploy_champion,
     relabel_job,
     relabel_job_name,
     warehouse_tags,
 )
-from flywheel_pipeline.defs.partitions import range_tags
-from flywheel_pipeline.defs.resources import WarehouseResource
+from flywheel_pipeline.defs.partitions import PARTITION_RANGE_END_TAG, range_tags
+from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
+from flywheel_pipeline.health.drift import DriftReport, domain_drift
 from flywheel_pipeline.labeling.late import late_outcome_partitions
+from flywheel_pipeline.training.base import split_windows
 from flywheel_pipeline.warehouse import WarehouseBusy
 
 
@@ -129,3 +134,105 @@ def build_sensors(config: FlywheelConfig) -> list[dg.SensorDefinition]:
         return dg.SensorResult(skip_reason=f"no late outcomes for labelled partitions{waiting}", cursor=cursor)
 
     return [approval_sensor, late_label_sensor]
+
+
+# --- input drift -----------------------------------------------------------------------------
+
+DRIFT_TAG = {"flywheel/reason": "drift"}
+DRIFT_REASONS_TAG = "flywheel/drift"  # the reasons a drift run was launched: "segment: PSI 0.412 > 0.2; ..."
+# A run of the cycle job in one of these states has trained, or will train, on the days it covers.
+_COVERING = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+             dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.SUCCESS]
+
+
+def drift_cursors(cursor: str | None) -> dict[str, dict[str, str]]:
+    """The drift sensor's cursor: per domain in a drift episode it launched a cycle for, the latest
+    day that cycle ends on and the champion it measured against."""
+    return json.loads(cursor) if cursor else {}
+
+
+def drift_request(config: FlywheelConfig, report: DriftReport, champion: str) -> dg.RunRequest:
+    """The domain's cycle over its windows (training and held-out) ending on the latest day held,
+    tagged with why."""
+    domain, latest = report.domain, report.recent_end
+    first = max(split_windows(latest, config.domain(domain)).train_start, config.partitions_start)
+    return dg.RunRequest(
+        run_key=f"drift:{domain}:{latest.isoformat()}:{champion}",
+        job_name=cycle_job_name(domain),
+        tags={**range_tags(domain, first, latest), **warehouse_tags(domain), **DRIFT_TAG,
+              DRIFT_REASONS_TAG: "; ".join(report.reasons)[:1000]},
+    )
+
+
+def covering_cycle(instance: dg.DagsterInstance, domain: str, latest: date) -> str | None:
+    """A whole cycle of ``domain`` (queued, running or done) whose days reach ``latest``: it trains
+    on the drifted traffic already, so drift launches no other. Its run id, or None."""
+    runs = instance.get_runs(dg.RunsFilter(job_name=cycle_job_name(domain), statuses=_COVERING), limit=20)
+    for run in runs:
+        end = run.tags.get(PARTITION_RANGE_END_TAG, "").split("|")[0]
+        trains = run.asset_selection is None or any(key.path[-1] == "candidate_model" for key in run.asset_selection)
+        if end and trains and date.fromisoformat(end) >= latest:
+            return run.run_id
+    return None
+
+
+def build_drift_sensor(config: FlywheelConfig, cycle_jobs: list) -> dg.SensorDefinition:
+    """One sensor over every domain whose automation is not ``off``: drift beyond a threshold
+    launches the domain's cycle (``cycle_jobs``: the cycle jobs the Definitions hold, one per
+    domain). Running by default when some such domain has ``drift.triggers_cycle``."""
+    watched = [domain for domain, settings in config.domains.items() if settings.automation != "off"]
+    triggers = any(config.domain(domain).drift.triggers_cycle for domain in watched)
+
+    @dg.sensor(jobs=cycle_jobs, minimum_interval_seconds=config.daemon.late_label_sensor_seconds,
+               default_status=dg.DefaultSensorStatus.RUNNING if triggers else dg.DefaultSensorStatus.STOPPED,
+               description="Compares each domain's recent traffic (drift.recent_days) with the deployed champion's "
+                           "training window: a PSI per serving feature and the share of new items. Beyond "
+                           "drift.max_psi or drift.max_new_item_share it launches the domain's cycle over the "
+                           "days ending on the latest one held (tag flywheel/reason: drift), once per drift "
+                           "episode; domains at automation off, or with drift.triggers_cycle false, are "
+                           "measured only (docs/monitoring.md).")
+    def drift_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource,
+                     mlflow: MlflowResource) -> dg.SensorResult:
+        cursors = drift_cursors(context.cursor)
+        home = warehouse.home()
+        client = mlflow.client() if home.has_mlflow_store else None  # a reader makes no empty store
+        requests, lines = [], []
+        for domain in watched:
+            settings = config.domain(domain)
+            if not home.warehouse(domain).exists():
+                lines.append(f"{domain}: no warehouse yet")
+                continue
+            champion = registry.alias_version(client, domain, registry.CHAMPION) if client else None
+            tags = registry.version_tags(client, domain, champion) if champion else None
+            try:
+                with warehouse.connect(domain, read_only=True) as con:
+                    report = domain_drift(con, settings, domain, champion, tags)
+            except WarehouseBusy:
+                lines.append(f"{domain}: busy (a run is writing), looking again next tick")
+                continue
+            if report is None:
+                lines.append(f"{domain}: no impressions yet")
+                continue
+            context.log.info(report.summary())
+            shown, latest, episode = registry.shown_champion(champion), report.recent_end, cursors.get(domain)
+            if not report.drifted:
+                cursors.pop(domain, None)  # the episode, if any, is over
+                lines.append(report.summary())
+            elif not settings.drift.triggers_cycle:
+                lines.append(f"{report.summary()}; drift.triggers_cycle is off: no cycle launched")
+            elif episode and (episode["day"] == latest.isoformat() or episode["champion"] == shown):
+                lines.append(f"{report.summary()}; this drift episode already launched a cycle (days ending "
+                             f"{episode['day']}, against {episode['champion']})")
+            elif run_id := covering_cycle(context.instance, domain, latest):
+                lines.append(f"{report.summary()}; cycle run {run_id} already covers {latest}")
+            else:
+                context.log.warning(f"launching {cycle_job_name(domain)}: {report.summary()}")
+                requests.append(drift_request(config, report, shown))
+                cursors[domain] = {"day": latest.isoformat(), "champion": shown}
+        cursor = json.dumps(cursors, sort_keys=True)
+        if requests:
+            return dg.SensorResult(run_requests=requests, cursor=cursor)
+        return dg.SensorResult(skip_reason="; ".join(lines) or "no domain watched (every automation is off)",
+                               cursor=cursor)
+
+    return drift_sensor

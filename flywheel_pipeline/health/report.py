@@ -1,10 +1,12 @@
 """The health report: one self-contained HTML page per cycle and domain.
 
     <home>/reports/<domain>/<as_of>.html   the page people read (inline CSS, plots as inline SVG)
-    <home>/reports/<domain>/<as_of>.json   what renders it again: the HealthReport and the gate's evidence
+    <home>/reports/<domain>/<as_of>.json   what renders it again: the HealthReport, the gate's evidence
+                                           and the input drift
 
 The page opens with a verdict per trap, then a section per trap (its measures, tables and plots
-across cycles from ``health.measures``), then the held-out evidence the gate saw and, where the
+across cycles from ``health.measures``), then the cycle's input drift (health/drift.py: a PSI per
+serving feature against its threshold, the new-item share), then the held-out evidence the gate saw and, where the
 simulator's scoring code tagged the candidates, their true accuracy beside it. It names the champion
 the cycle audited (serving during its days) and, when ``flywheel report`` renders it again, the
 champion then: the cycle's page is written before its candidate is registered, let alone deployed.
@@ -438,7 +440,8 @@ section{background:#fff;border:1px solid #e4e7ec;border-radius:8px;padding:18px 
 .healthy .badge,.badge.healthy,.badge.passed{background:#dcfae6;color:#067647}
 .badge.inconclusive,.badge.undecided{background:#fef0c7;color:#93370d}
 tr.flagged td:first-child{border-left:4px solid #d92d20}tr.healthy td:first-child{border-left:4px solid #17b26a}
-section.trap.flagged{border-left:5px solid #d92d20}section.trap.healthy{border-left:5px solid #17b26a}
+section.trap.flagged,section.drift.flagged{border-left:5px solid #d92d20}
+section.trap.healthy,section.drift.healthy{border-left:5px solid #17b26a}
 .head{display:flex;align-items:center;gap:12px}.summary{margin:8px 0 2px;font-weight:500}.why{margin:0;color:#475467}
 a{color:#1849a9;text-decoration:none}
 table.data{border-collapse:collapse;font-size:13px;margin:4px 0}
@@ -481,6 +484,18 @@ table.measures td.num{text-align:left}
 {% if f.plots %}<div class="plots">{% for p in f.plots %}<figure>{{ p }}</figure>{% endfor %}</div>{% endif %}
 </section>
 {% endfor %}
+{% if drift %}<section class="drift {{ drift.state }}" id="drift">
+<div class="head"><h2>Input drift</h2><span class="badge {{ drift.state }}">{{ drift.verdict }}</span></div>
+<p class="summary">{{ drift.recent }} against {{ drift.reference }}</p>
+{% if drift.note %}<p class="none">Not measured: {{ drift.note }}.</p>{% else %}
+{% if drift.reasons %}<ul>{% for reason in drift.reasons %}<li>{{ reason }}</li>{% endfor %}</ul>{% endif %}
+<table class="data"><tr><th>feature</th><th>PSI</th><th>threshold</th></tr>
+{% for row in drift.rows %}<tr><td>{{ row.feature }}</td><td class="num {{ row.sign }}">{{ row.value }}</td>
+<td class="num">{{ row.threshold }}</td></tr>{% endfor %}</table>{% endif %}
+<p class="why">The population stability index compares each serving feature's distribution (categories, or the
+reference's deciles) between the two windows: below 0.1 little change, above 0.25 a large one. Drift beyond a
+threshold makes the drift sensor launch a cycle (docs/monitoring.md).</p>
+</section>{% endif %}
 <section id="evidence"><h2>The gate's evidence</h2>
 {% if validation_plot %}<div class="plots"><figure class="wide">{{ validation_plot }}</figure></div>{% endif %}
 {% for e in evidence %}
@@ -503,12 +518,34 @@ _CHAMPION_UNKNOWN = ("not known here (the cycle writes this page before its cand
 _ENVIRONMENT = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
 
 
+def _drift(drift: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The input drift section's rows, from DriftReport.to_dict() (None: no section)."""
+    if not drift:
+        return None
+    rows = [{"feature": f["feature"], "value": f"{f['psi']:.3f}", "threshold": f"{drift['max_psi']:g}",
+             "sign": "worse" if f["psi"] > drift["max_psi"] else ""} for f in drift["features"]]
+    share = drift["new_item_share"]
+    if _finite(share):
+        rows.append({"feature": "new items (share of recent impressions)", "value": format_value(share, "share"),
+                     "threshold": format_value(drift["max_new_item_share"], "share"),
+                     "sign": "worse" if share > drift["max_new_item_share"] else ""})
+    return {"state": "flagged" if drift["drifted"] else "healthy",
+            "verdict": "drifted" if drift["drifted"] else "no drift", "note": drift.get("note", ""),
+            "reasons": drift["reasons"], "rows": rows, "reference": (
+                f"{drift['reference']}, {drift['reference_start']} to {drift['reference_end']} "
+                f"({drift['reference_interactions']:,} interactions)"),
+            "recent": (f"Days {drift['recent_start']} to {drift['recent_end']} "
+                       f"({drift['recent_interactions']:,} interactions)")}
+
+
 def render_html(report: HealthReport, history: pl.DataFrame | None, validation: Mapping[str, Any] | None,
-                truth: Mapping[str, float] | None = None, champion_now: str | None = None) -> str:
+                truth: Mapping[str, float] | None = None, champion_now: str | None = None,
+                drift: Mapping[str, Any] | None = None) -> str:
     """The cycle's page: verdicts, a section per trap with its measures, tables and plots across
-    cycles (``history``: health.measures' rows; None before any), and the gate's evidence (with the
-    simulator's true accuracy where ``truth`` has it). ``champion_now``: the champion as the registry
-    has it while rendering (None: the page says how to get it)."""
+    cycles (``history``: health.measures' rows; None before any), the input drift (``drift``:
+    DriftReport.to_dict(); None: no section), and the gate's evidence (with the simulator's true
+    accuracy where ``truth`` has it). ``champion_now``: the champion as the registry has it while
+    rendering (None: the page says how to get it)."""
     cycles = _cycles(report, history)
     holdout_days = (report.as_of - report.holdout_start).days + 1
     known = [trap for trap in TRAPS if any(f.trap == trap for f in report.findings)]
@@ -525,7 +562,7 @@ def render_html(report: HealthReport, history: pl.DataFrame | None, validation: 
     return _ENVIRONMENT.from_string(_TEMPLATE).render(
         r=report, champion=_version(report.champion), holdout_days=holdout_days, findings=findings,
         champion_now=champion_now or _CHAMPION_UNKNOWN.format(domain=report.domain),
-        flagged=report.flagged, evidence=[_evidence(v) for v in reports if v],
+        flagged=report.flagged, evidence=[_evidence(v) for v in reports if v], drift=_drift(drift),
         validation_plot=_validation_plot(cycles, truth, (validation or {}).get("primary_metric")), ci_level=f"{CI_LEVEL:.0%}")
 
 
@@ -569,13 +606,14 @@ def report_paths(home: Home, domain: str, as_of: date) -> tuple[Path, Path]:
 
 
 def write_report(home: Home, report: HealthReport, history: pl.DataFrame | None, validation: Mapping[str, Any] | None,
-                 truth: Mapping[str, float] | None = None) -> Path:
-    """Write the cycle's page and, beside it, the data that renders it again; returns the page."""
+                 truth: Mapping[str, float] | None = None, drift: Mapping[str, Any] | None = None) -> Path:
+    """Write the cycle's page and, beside it, the data that renders it again (``drift``:
+    DriftReport.to_dict()); returns the page."""
     page, stored = report_paths(home, report.domain, report.as_of)
     page.parent.mkdir(parents=True, exist_ok=True)
-    data = {"report": report_to_dict(report), "validation": validation}
+    data = {"report": report_to_dict(report), "validation": validation, "drift": drift}
     write_atomically(stored, json.dumps(data, indent=1, default=str).encode())
-    return write_atomically(page, render_html(report, history, validation, truth).encode())
+    return write_atomically(page, render_html(report, history, validation, truth, drift=drift).encode())
 
 
 def load_report(path: Path) -> tuple[HealthReport, dict[str, Any] | None]:
@@ -602,6 +640,7 @@ def render_stored(home: Home, stored: Path) -> tuple[HealthReport, str]:
     """A stored report and its page rendered again: the history from the home's warehouse
     (read-only), the truth its MLflow's candidates carry now and the champion its registry names now."""
     report, validation = load_report(stored)
+    drift = json.loads(Path(stored).with_suffix(".json").read_text()).get("drift")  # none before drift was measured
     history = None
     if (path := home.warehouse(report.domain)).exists():
         with connect(path, read_only=True) as con:
@@ -612,7 +651,7 @@ def render_stored(home: Home, stored: Path) -> tuple[HealthReport, str]:
         earlier = [] if history is None else history["candidate_model_uri"].to_list()
         truth = simulator_truth(client, [report.candidate_model_uri, *earlier])
         champion_now = f"{champion_summary(client, report.domain)}, as of {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
-    return report, render_html(report, history, validation, truth, champion_now)
+    return report, render_html(report, history, validation, truth, champion_now, drift)
 
 
 def record_true_accuracy(client: MlflowClient, model_uri: str, accuracy: float) -> None:

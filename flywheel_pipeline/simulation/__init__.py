@@ -3,7 +3,8 @@
 ``simulate`` writes one landing batch a day per domain in the event contract (docs/events.md),
 served by the model it is given, so the loop can close. The world (users, queries, items) and the
 truth behind every impression stay under ``Home.simulator``, which the pipeline never reads; only
-scoring code (demo, benchmarks, tests) asks ``true_accuracy`` and ``true_labels``. The same seed
+scoring code (demo, benchmarks, tests) asks ``true_accuracy`` (``true_accuracy_on`` a given day,
+under the world's scenario: simulation/scenarios.py) and ``true_labels``. The same seed
 and inputs give byte-identical batches, and successive calls continue the same world.
 """
 
@@ -20,16 +21,17 @@ from flywheel_pipeline.accumulation import LABEL_BATCHES
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import Scorer, baseline_scorer
-from flywheel_pipeline.simulation import truth
+from flywheel_pipeline.simulation import scenarios, truth
 from flywheel_pipeline.simulation.assistant import Assistant
 from flywheel_pipeline.simulation.delivery import Outbox, write_batch
 from flywheel_pipeline.simulation.recommendation import Recommendation
+from flywheel_pipeline.simulation.scenarios import SCENARIOS, STALE_SPAN_DAYS
 from flywheel_pipeline.simulation.serving import Audit, Policy, Product
 from flywheel_pipeline.simulation.traps import Traps
 from flywheel_pipeline.simulation.world import Stream, World
 
-__all__ = ["DayBatch", "SimulationSummary", "label_batch", "simulate", "simulated_through",
-           "true_accuracy", "true_labels"]
+__all__ = ["SCENARIOS", "DayBatch", "SimulationSummary", "label_batch", "simulate",
+           "simulated_through", "true_accuracy", "true_accuracy_on", "true_labels"]
 
 PRODUCTS: dict[str, Callable[[World], Product]] = {
     "assistant": Assistant.open,
@@ -80,7 +82,9 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
              model_versions: Mapping[str, str] | None = None,
              domains: Sequence[str] | None = None, reviewer_error: float = 0.05,
              review_delay_days: tuple[float, float] = (0.5, 2.0),
-             traps: Collection[str] = ()) -> SimulationSummary:
+             traps: Collection[str] = (), scenario: str | None = None,
+             scenario_day: date | int | None = None,
+             scenario_span_days: int = STALE_SPAN_DAYS) -> SimulationSummary:
     """Serve ``days`` days from ``start`` in each domain and write their landing batches.
 
     A domain without a scorer serves ``baseline_scorer(shape)`` and logs model version
@@ -95,6 +99,12 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
 
     ``traps`` (names from ``health.TRAPS``) make the product commit those traps on purpose
     (simulation/traps.py); the world and the hidden truth are the same whichever are on.
+
+    ``scenario`` (one of ``SCENARIOS``) changes the world itself from ``scenario_day`` (a date, or
+    days from the world's first day) on: preference_shift, new_items, or stale_holdout (a shift
+    during the ``scenario_span_days`` before the day only); simulation/scenarios.py. It is kept
+    with the world, so later calls continue it without naming it again; days before it are
+    untouched.
     """
     if days < 1 or interactions_per_day < 1 or seed < 0 or not 0 <= bad_row_share < 1:
         raise ValueError("need days >= 1, interactions_per_day >= 1, seed >= 0 and "
@@ -102,6 +112,10 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
     scorers, model_versions = scorers or {}, model_versions or {}
     domains = domains or list(config.domains)
     trapped = {domain: Traps.of(traps, domain, config.domain(domain).shape) for domain in domains}
+    if scenario is not None:
+        for domain in domains:  # every domain's scenario is checked before any is simulated
+            scenarios.Scenario.of(scenario, date.min, domain, config.domain(domain).shape,
+                                  scenario_span_days)
     batches: list[DayBatch] = []
     for domain in domains:
         settings = config.domain(domain)
@@ -114,13 +128,16 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
         batches += _simulate_domain(home, domain, shape, policy, trapped[domain], start, days,
                                     seed=seed, interactions_per_day=interactions_per_day,
                                     bad_row_share=bad_row_share,
-                                    max_lateness_days=config.max_lateness_days)
+                                    max_lateness_days=config.max_lateness_days,
+                                    scenario=(scenario, scenario_day, scenario_span_days))
     return SimulationSummary(tuple(batches))
 
 
 def _simulate_domain(home: Home, domain: str, shape: str, policy: Policy, traps: Traps, start: date,
                      days: int, *, seed: int, interactions_per_day: int, bad_row_share: float,
-                     max_lateness_days: int) -> list[DayBatch]:
+                     max_lateness_days: int,
+                     scenario: tuple[str | None, date | int | None, int] = (None, None, 0)
+                     ) -> list[DayBatch]:
     folder = home.simulator / domain
     world = World.open(folder, domain, shape, seed=seed, epoch=start,
                        population=max(100, interactions_per_day // 2))
@@ -129,6 +146,7 @@ def _simulate_domain(home: Home, domain: str, shape: str, policy: Policy, traps:
     if world.last_day and start <= world.last_day:
         raise ValueError(f"{domain} is simulated through {world.last_day}; "
                          f"start on {world.last_day + timedelta(days=1)} or later")
+    scenarios.choose(world, *scenario[:2], domain, shape, scenario[2])
     product = PRODUCTS[shape](world)
     outbox = Outbox(folder / "outbox.jsonl")
     batches = []
@@ -176,9 +194,19 @@ def true_accuracy(home: Home, config: FlywheelConfig, domain: str, scorer: Score
     candidates against each user's truly most relevant 5, over a fixed panel of users. Ties are
     broken at random, in expectation. For scoring code (demo, benchmarks, tests) only.
     """
+    return true_accuracy_on(home, config, domain, scorer, None)
+
+
+def true_accuracy_on(home: Home, config: FlywheelConfig, domain: str, scorer: Scorer,
+                     day: date | None) -> float:
+    """``true_accuracy`` against the hidden truth of ``day`` (None: the last simulated day) under
+    the world's scenario (simulation/scenarios.py): after a preference shift, the shifted tastes or
+    answers; with new items, candidates that include them. Without a scenario every day's truth is
+    the same. Any day, simulated or not. For scoring code (benchmarks, tests) only.
+    """
     shape = config.domain(domain).shape
     world = World.load(home.simulator / domain)
-    return PRODUCTS[shape](world).accuracy(world, scorer)
+    return PRODUCTS[shape](world).accuracy(world, scorer, day)
 
 
 def true_labels(home: Home, domain: str) -> pl.DataFrame:

@@ -9,6 +9,7 @@ rejected, heavily edited or abandoned.
 
 from __future__ import annotations
 
+from datetime import date
 from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
@@ -19,6 +20,7 @@ import yaml
 
 from flywheel_pipeline.scoring import Scorer
 from flywheel_pipeline.simulation.delivery import EventLog
+from flywheel_pipeline.simulation.scenarios import Shift
 from flywheel_pipeline.simulation.serving import (
     Audit,
     DayLog,
@@ -67,8 +69,10 @@ class Exchange(NamedTuple):
 class Assistant:
     """The corpus as the product knows it, plus the hidden truth of which candidates are good."""
 
-    def __init__(self, queries: pl.DataFrame, responses: pl.DataFrame, candidates: pl.DataFrame):
+    def __init__(self, queries: pl.DataFrame, responses: pl.DataFrame, candidates: pl.DataFrame,
+                 shift: Shift | None = None):
         self.queries = queries        # query_id, category, text, popularity
+        self.shift = shift or Shift(None, 0, "")  # the world's scenario (simulation/scenarios.py)
         self.responses = responses    # response_id, category, text
         self.candidates = candidates  # query_id, slot, response_id, good (the hidden truth)
         index = {rid: n for n, rid in enumerate(responses["response_id"])}
@@ -86,10 +90,28 @@ class Assistant:
         names = ("queries", "responses", "candidates")
         paths = [world.folder / f"{name}.parquet" for name in names]
         if all(p.exists() for p in paths):
-            return cls(*(pl.read_parquet(p) for p in paths))
-        assistant = _build(rng_for(world.seed, world.domain, Stream.CATALOGUE))
-        assistant.save(world.folder)
+            assistant = cls(*(pl.read_parquet(p) for p in paths))
+        else:
+            assistant = _build(rng_for(world.seed, world.domain, Stream.CATALOGUE))
+            assistant.save(world.folder)
+        assistant.shift = Shift.of_world(world)
+        if assistant.shift.scenario and not (world.folder / "scenario.json").exists():
+            moved = assistant.shift.moved_answers(assistant.good, assistant.popularity)
+            assistant.shift.record(world.folder, {
+                "moved_answers": {assistant.queries["query_id"][q]:
+                                  assistant.response_id[assistant.slots[q, slot]]
+                                  for q, slot in moved.items()},
+                "moved_share": float(assistant.popularity[list(moved)].sum()),
+            })
         return assistant
+
+    def truth_on(self, day: date) -> tuple[np.ndarray, np.ndarray]:
+        """(queries, K) which candidates are truly good on ``day``, and each query's answer (the
+        response a user who edits heavily writes)."""
+        if not self.shift.shifted(day):
+            return self.good, self.answer
+        good = self.shift.good_on(day, self.good, self.popularity)
+        return good, self.slots[np.arange(len(self.slots)), good.argmax(axis=1)]
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -108,14 +130,15 @@ class Assistant:
                        rng[Stream.SERVING])
         chosen = served.slate[:, 0]
         response = slots[np.arange(len(query)), chosen]
-        good = self.good[query, chosen]
+        truly_good, answer = self.truth_on(traffic.day)
+        good = truly_good[query, chosen]
         shown = impressions(self.response_id[response][:, None],
                             self.response_text[response][:, None], served.propensity)
         ranked = logged_candidates(self.response_id[slots], self.response_text[slots],
                                    served.candidate_propensity)
         exchanges = [Exchange(*row) for row in zip(
             self.response_id[response].tolist(), self.response_text[response].tolist(),
-            self.query_text[query].tolist(), self.response_text[self.answer[query]].tolist())]
+            self.query_text[query].tolist(), self.response_text[answer[query]].tolist())]
         log = EventLog(traffic)
         reactions = _Reactions(good, policy.audit, rng[Stream.REACTIONS])
         for i, (exchange, policy_name, bot) in enumerate(
@@ -127,6 +150,8 @@ class Assistant:
         truth = pl.DataFrame({"interaction_id": traffic.interaction_id,
                               "item_id": self.response_id[response], "good": good},
                              schema_overrides={"interaction_id": pl.String, "item_id": pl.String})
+        if self.shift.shifted(traffic.day):
+            truth = truth.with_columns(scenario=(truly_good != self.good).any(axis=1)[query])
         return DayLog(log.events, truth)
 
     def _queries(self, traffic: Traffic, rng: np.random.Generator) -> np.ndarray:
@@ -134,19 +159,22 @@ class Assistant:
         return traffic.bots_repeat(rng.choice(len(self.queries), size=len(traffic),
                                               p=self.popularity))
 
-    def accuracy(self, world: World, scorer: Scorer) -> float:
+    def accuracy(self, world: World, scorer: Scorer, day: date | None = None) -> float:
         """Share of traffic whose top-scored candidate is truly good.
 
         Every query counts with its popularity (the expected share over served queries); a tie
         at the top counts the share of good candidates among the tied ones (random tie-break).
+        The truth is the one of ``day`` (default: the last simulated day) under the world's
+        scenario.
         """
+        good, _ = self.truth_on(day or world.last_day or world.epoch)
         n = len(self.queries)
         frame = candidate_frame(world.domain, np.full(n, EVALUATION_USER), None,
                                 np.zeros(n, bool), self.query_text, self.response_id[self.slots],
                                 self.response_text[self.slots])
         scores = score(scorer, frame, K)
         top = scores == scores.max(axis=1, keepdims=True)
-        hit = (top & self.good).sum(axis=1) / top.sum(axis=1)
+        hit = (top & good).sum(axis=1) / top.sum(axis=1)
         return float(hit @ self.popularity)
 
 

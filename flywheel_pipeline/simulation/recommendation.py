@@ -8,6 +8,7 @@ they click, abandon slates they do not click, and sometimes buy a clicked item d
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import polars as pl
 
 from flywheel_pipeline.scoring import Scorer
 from flywheel_pipeline.simulation.delivery import EventLog
+from flywheel_pipeline.simulation.scenarios import Shift
 from flywheel_pipeline.simulation.serving import (
     Audit,
     DayLog,
@@ -74,10 +76,14 @@ CATEGORIES = {
 
 
 class Recommendation:
-    """The item catalogue: titles the product shows, tastes and biases it never sees."""
+    """The item catalogue: titles the product shows, tastes and biases it never sees; with the
+    new_items scenario, the new items after the ITEMS first (simulation/scenarios.py)."""
 
-    def __init__(self, items: pl.DataFrame):
+    def __init__(self, items: pl.DataFrame, shift: Shift | None = None,
+                 segment_tastes: np.ndarray | None = None):
         self.items = items  # item_id, category, title, bias, taste
+        self.shift = shift or Shift(None, 0, "")
+        self.segment_tastes = segment_tastes
         self.item_id = items["item_id"].to_numpy()
         self.title = items["title"].to_numpy()
         self.bias = items["bias"].to_numpy()
@@ -88,14 +94,28 @@ class Recommendation:
         """Load the world's catalogue, or build it on first use."""
         path = world.folder / "items.parquet"
         if path.exists():
-            return cls(pl.read_parquet(path))
-        recommendation = cls(_catalogue(rng_for(world.seed, world.domain, Stream.CATALOGUE)))
-        recommendation.save(world.folder)
-        return recommendation
+            items = pl.read_parquet(path)
+        else:
+            items = _catalogue(rng_for(world.seed, world.domain, Stream.CATALOGUE))
+            world.folder.mkdir(parents=True, exist_ok=True)
+            items.write_parquet(path)
+        shift = Shift.of_world(world)
+        if shift.scenario is None:
+            return cls(items, shift, world.segment_tastes)
+        if shift.scenario.name == "new_items":
+            new = world.folder / "new_items.parquet"
+            if not new.exists():
+                shift.new_catalogue(items).write_parquet(new)
+            items = pl.concat([items, pl.read_parquet(new)])
+        if not (world.folder / "scenario.json").exists():
+            shift.record(world.folder, {"new_items": items["item_id"][ITEMS:].to_list()}
+                         if shift.scenario.name == "new_items" else
+                         {"swapped_segments": [f"s{n}" for n in shift.swapped_segments().tolist()]})
+        return cls(items, shift, world.segment_tastes)
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.items.write_parquet(folder / "items.parquet")
+        self.items[:ITEMS].write_parquet(folder / "items.parquet")
 
     def relevance(self, taste: np.ndarray, items: np.ndarray) -> np.ndarray:
         """True relevance of (n, k) ``items`` to each of n users with ``taste``."""
@@ -107,11 +127,14 @@ class Recommendation:
         if policy.head_only:
             candidates, served = self._serve_head(traffic, policy, rng)
         else:
-            candidates = traffic.bots_repeat(_retrieve(len(traffic), rng[Stream.REQUESTS]))
+            candidates = traffic.bots_repeat(self.shift.with_new_items(
+                traffic.day, _retrieve(len(traffic), rng[Stream.REQUESTS]), ITEMS,
+                rng[Stream.REQUESTS]))
             served = serve(score(policy.scorer, self._frame(traffic, candidates), CANDIDATES),
                            SLATE, policy.exploration_share, rng[Stream.SERVING])
         shown = np.take_along_axis(candidates, served.slate, axis=1)
-        relevance = self.relevance(traffic.taste, shown)
+        relevance = self.relevance(self._tastes(traffic.day, traffic.taste, traffic.segment,
+                                                traffic.bot), shown)
         reactions = _Reactions(relevance, policy.audit, rng[Stream.REACTIONS])
         slates = impressions(self.item_id[shown], self.title[shown], served.propensity)
         ranked = logged_candidates(self.item_id[candidates], self.title[candidates],
@@ -129,7 +152,18 @@ class Recommendation:
             "good": relevance.ravel() >= GOOD_RELEVANCE,
             "relevance": relevance.ravel(),
         }, schema_overrides={"interaction_id": pl.String, "item_id": pl.String})
+        if self.shift.shifted(traffic.day) or self.shift.new_items(traffic.day):
+            changed = self.shift.changed_users(traffic.day, traffic.segment, traffic.bot)
+            truth = truth.with_columns(scenario=(np.repeat(changed, SLATE)
+                                                 | (shown >= ITEMS).ravel()))
         return DayLog(log.events, truth)
+
+    def _tastes(self, day: date, taste: np.ndarray, segment: np.ndarray,
+                bot: np.ndarray | None = None) -> np.ndarray:
+        """The users' tastes on ``day``, as the world's scenario has them."""
+        if not self.shift.shifted(day):
+            return taste
+        return self.shift.tastes_on(day, taste, segment, self.segment_tastes, bot)
 
     def _frame(self, traffic: Traffic, candidates: np.ndarray) -> pd.DataFrame:
         """The scorer's input for each interaction's (n, k) ``candidates``."""
@@ -141,26 +175,32 @@ class Recommendation:
                     rng: dict[Stream, np.random.Generator]) -> tuple[np.ndarray, Served]:
         """The diversity trap: the request's candidates (none from the head), then the head,
         which alone the champion ranks; candidates (n, CANDIDATES + HEAD_ITEMS) and what was shown."""
-        head = head_items(self.bias)
-        requested = traffic.bots_repeat(_retrieve(len(traffic), rng[Stream.REQUESTS], head))
+        head = head_items(self.bias[:ITEMS])
+        requested = traffic.bots_repeat(self.shift.with_new_items(
+            traffic.day, _retrieve(len(traffic), rng[Stream.REQUESTS], head), ITEMS,
+            rng[Stream.REQUESTS]))
         heads = np.broadcast_to(head, (len(traffic), len(head)))
         served = serve_collapsed(score(policy.scorer, self._frame(traffic, heads), len(head)),
                                  CANDIDATES, SLATE, policy.exploration_share, rng[Stream.SERVING])
         return np.concatenate([requested, heads], axis=1), served
 
-    def accuracy(self, world: World, scorer: Scorer) -> float:
+    def accuracy(self, world: World, scorer: Scorer, day: date | None = None) -> float:
         """Mean precision@5: the scorer's top 5 of 20 random candidates vs the truly best 5.
 
         Over a fixed panel of the world's initial users, each with fixed candidates; a tie at the
-        cut counts the expected share of it that makes the top 5 (random tie-break).
+        cut counts the expected share of it that makes the top 5 (random tie-break). The truth is
+        the one of ``day`` (default: the last simulated day) under the world's scenario: shifted
+        tastes, and new items among the candidates (the same ones each day).
         """
+        day = day or world.last_day or world.epoch
         rng = rng_for(world.seed, world.domain, Stream.EVALUATION)
         initial = world.users.filter(pl.col("first_day") < world.epoch)
         panel = initial[np.sort(rng.choice(len(initial), min(EVALUATION_USERS, len(initial)),
                                            replace=False))]
         m = len(panel)
-        candidates = _retrieve(m, rng)
-        relevance = self.relevance(panel["taste"].to_numpy(), candidates)
+        candidates = self.shift.with_new_items(day, _retrieve(m, rng), ITEMS, rng)
+        relevance = self.relevance(self._tastes(day, panel["taste"].to_numpy(),
+                                                panel["segment"].to_numpy()), candidates)
         truly_best = relevance >= np.sort(relevance, axis=1)[:, [-SLATE]]
         frame = candidate_frame(world.domain, panel["user_id"].to_numpy(),
                                 panel["segment"].to_numpy(), np.zeros(m, bool),

@@ -10,6 +10,7 @@ ranking needs; docs/events.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import date
 from typing import Protocol
 
 import numpy as np
@@ -80,7 +81,7 @@ class Product(Protocol):
     def serve_day(self, traffic: Traffic, policy: Policy,
                   rng: dict[Stream, np.random.Generator]) -> DayLog: ...
 
-    def accuracy(self, world: World, scorer: Scorer) -> float: ...
+    def accuracy(self, world: World, scorer: Scorer, day: date | None = None) -> float: ...
 
 
 def candidate_frame(domain: str, user_id: np.ndarray, segment: np.ndarray | None,

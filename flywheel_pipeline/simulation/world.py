@@ -45,6 +45,7 @@ class Stream(IntEnum):
     REACTIONS = 7
     DELIVERY = 8
     TRAPS = 9
+    SCENARIO = 10
 
 
 def rng_for(seed: int, domain: str, stream: Stream, day_number: int | None = None) -> np.random.Generator:
@@ -107,6 +108,7 @@ class World:
     users: pl.DataFrame
     cohorts_through: date      # last day whose arrivals exist in ``users``
     last_day: date | None      # last day simulated
+    scenario: dict | None = None  # the scenario the world lives through (simulation/scenarios.py)
 
     @classmethod
     def open(cls, folder: Path, domain: str, shape: str, *, seed: int, epoch: date,
@@ -131,7 +133,8 @@ class World:
                    date.fromisoformat(meta["epoch"]), meta["population"],
                    np.array(meta["segment_tastes"]), pl.read_parquet(folder / "users.parquet"),
                    date.fromisoformat(meta["cohorts_through"]),
-                   date.fromisoformat(meta["last_day"]) if meta["last_day"] else None)
+                   date.fromisoformat(meta["last_day"]) if meta["last_day"] else None,
+                   meta.get("scenario"))
 
     def save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -143,6 +146,8 @@ class World:
             "cohorts_through": self.cohorts_through.isoformat(),
             "last_day": self.last_day.isoformat() if self.last_day else None,
         }
+        if self.scenario:
+            meta["scenario"] = self.scenario
         (self.folder / "world.json").write_text(json.dumps(meta, indent=1) + "\n")
 
     def day_number(self, day: date) -> int:

@@ -22,6 +22,7 @@ from flywheel_pipeline.sources import Readable
 from flywheel_pipeline.training.base import Windows
 from flywheel_pipeline.validation.comparison import (
     PRIMARY_METRIC,
+    Scored,
     compare_on_holdout,
     score_holdout,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "holdout_rows",
     "latest_inconclusive",
     "log_validation_run",
+    "score_models",
     "threshold",
     "validate_candidate",
     "validate_cycle",
@@ -101,10 +103,10 @@ class Compared:
     no_overlap: bool
 
 
-def compare_models(evidence: Evidence, shape: str, candidate: Scorer, champion: Scorer,
-                   serving: Serving | None = None) -> Compared:
-    """Candidate and champion, each as it would serve (``serving``: the default, top-k), on the
-    held-out evidence."""
+def score_models(evidence: Evidence, shape: str, candidate: Scorer, champion: Scorer,
+                 serving: Serving | None = None) -> tuple[Scored, Positions]:
+    """Both models' per-interaction sums on the evidence, each as it would serve (``serving``: the
+    default, top-k), and the positions' examination and value used."""
     serving = serving or Serving()
     explored = evidence.explored()
     theta = examination_curve(explored["position"].to_numpy(), explored["reward"].to_numpy(),
@@ -114,6 +116,14 @@ def compare_models(evidence: Evidence, shape: str, candidate: Scorer, champion: 
     rho = reward_model(evidence, positions.examination, REWARD_MODEL_KEYS[shape])
     scored = score_holdout(evidence, {"candidate": candidate, "champion": champion}, positions, rho,
                            serving.ranking, serving.epsilon)
+    return scored, positions
+
+
+def compare_models(evidence: Evidence, shape: str, candidate: Scorer, champion: Scorer,
+                   serving: Serving | None = None) -> Compared:
+    """Candidate and champion, each as it would serve, on the held-out evidence: every metric on
+    every slice."""
+    scored, positions = score_models(evidence, shape, candidate, champion, serving)
     return Compared(compare_on_holdout(evidence, scored, positions), positions, scored.same_choices,
                     scored.no_overlap)
 
