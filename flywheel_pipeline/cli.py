@@ -290,11 +290,13 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def _print_status(home: Home, config: FlywheelConfig) -> None:
-    """Per domain: its warehouse's tables and row counts, and its model's aliases (``champion=baseline``
-    before the first deployment: the product serves its baseline)."""
+    """Per domain: its warehouse's tables and row counts, its model's aliases (``champion=baseline``
+    before the first deployment: the product serves its baseline), how the champion got there (a
+    rollback says so) and the monitor's latest look."""
     import mlflow
 
     from flywheel_pipeline import registry
+    from flywheel_pipeline.monitoring import latest_watch
     from flywheel_pipeline.warehouse import connect
 
     console.print(f"\nhome: {home.root}")
@@ -316,6 +318,10 @@ def _print_status(home: Home, config: FlywheelConfig) -> None:
                   for alias in (registry.CANDIDATE, registry.PREVIOUS)}
         console.print(f"  {registry.model_name(domain)}: champion={champion}, "
                       + ", ".join(f"{alias}=v{v}" if v else f"{alias}=none" for alias, v in others.items()))
+        console.print(f"  champion: {registry.champion_summary(client, domain)}")
+        if path.exists():
+            with connect(path, read_only=True) as con:
+                console.print(f"  monitor: {latest_watch(con, domain)}")
 
 
 def cmd_warehouse_split(args: argparse.Namespace) -> None:

@@ -177,13 +177,16 @@ class Watch:
 def watch(source: Readable, home: Home, config: FlywheelConfig, domain: str, deployed: Deployed, day: date,
           champion: Scorer, previous: Scorer) -> Watch:
     """The champion's live value and its difference from the previous champion, over the
-    interactions its version served from its deployment's day to ``day``."""
+    interactions its version served from its deployment's day (at most ``monitor.max_days``
+    before) to ``day``."""
     settings = config.domain(domain)
-    first = max(deployed.first_day, day - timedelta(days=settings.monitor.max_days - 1))
-    days = (day - first).days + 1
+    first = day - timedelta(days=settings.monitor.max_days - 1)
+    if deployed.first_day <= day:  # a deployment recorded after the days watched (a replayed past) watches them all
+        first = max(first, deployed.first_day)
     evidence = held_out_evidence(source, home, config, domain,
                                  Windows(first - timedelta(days=1), first - timedelta(days=1), first, day))
     served = evidence.units["model_version"] == deployed.version
+    days = (day - first).days + 1
     if not served.any():
         return Watch(deployed, day, days, 0, Bound.undefined(), Bound.undefined(), settings.monitor.regression_margin)
     scored, _ = score_models(evidence, settings.shape, champion, previous, settings.serving)
@@ -252,3 +255,16 @@ def calibration(con, domain: str) -> pl.DataFrame:
         FROM {MONITOR_TABLE} WHERE domain = ? AND difference IS NOT NULL AND NOT isnan(difference)
         QUALIFY row_number() OVER (PARTITION BY version, deployed_at ORDER BY event_date DESC) = 1
         ORDER BY deployed_at""", params=[domain]).pl()
+
+
+def latest_watch(con, domain: str) -> str:
+    """The monitor's latest look at the domain's champion, in a line (``flywheel status``)."""
+    exists = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'health' "
+                         "AND table_name = 'champion_monitor'").fetchone()[0]
+    row = con.execute(f"SELECT event_date, version, regressed, below_forecast, action FROM {MONITOR_TABLE} "
+                      "WHERE domain = ? ORDER BY event_date DESC LIMIT 1", [domain]).fetchone() if exists else None
+    if row is None:
+        return "not run yet"
+    day, version, regressed, below, action = row
+    state = "regressed" if regressed else "below its forecast" if below else "healthy"
+    return f"{day}: v{version} {state}; {action}"

@@ -68,7 +68,8 @@ def champion_summary(client: MlflowClient, domain: str) -> str:
     if restored and restored >= deployed:
         return f"v{version} (restored by a rollback at {restored})"
     approver = f", approved by {tags['approval.approver']}" if tags.get("approval.approver") else ""
-    return f"v{version} (deployed {deployed or 'at an unrecorded time'}{approver})"
+    why = f": {tags['approval.reason']}" if tags.get("approval.reason", "").startswith("rollback:") else ""
+    return f"v{version} (deployed {deployed or 'at an unrecorded time'}{approver}{why})"
 
 
 def alias_uri(client: MlflowClient, domain: str, alias: str) -> str | None:

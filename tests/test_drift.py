@@ -19,7 +19,11 @@ from flywheel_pipeline import registry
 from flywheel_pipeline.config import parse_config
 from flywheel_pipeline.definitions import build_definitions
 from flywheel_pipeline.defs.jobs import cycle_job_name
-from flywheel_pipeline.defs.partitions import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG, partition_key
+from flywheel_pipeline.defs.partitions import (
+    PARTITION_RANGE_END_TAG,
+    PARTITION_RANGE_START_TAG,
+    partition_key,
+)
 from flywheel_pipeline.defs.sensors import DRIFT_REASONS_TAG
 from flywheel_pipeline.health.drift import (
     PSI_FLOOR,
@@ -98,7 +102,7 @@ def test_a_shifted_segment_mix_is_beyond_the_threshold_and_the_same_mix_is_not()
     same = categorical_psi(reference, rng.choice(["s0", "s1", "s2"], size=2_000, p=BEFORE))
     shifted = categorical_psi(reference, rng.choice(["s0", "s1", "s2"], size=2_000, p=AFTER))
     assert same.psi < 0.01 and same.bins == 3
-    assert shifted.psi > 0.25  # a large shift by the rule of thumb: about 1.1
+    assert shifted.psi > 0.25  # a large shift by the rule of thumb: about 1.8
     assert shifted.psi == pytest.approx(psi([0.6, 0.3, 0.1], [0.1, 0.3, 0.6]), abs=0.1)
     assert categorical_psi([None, "a"], [None, "a"]).psi == 0.0  # missing is a category
 
@@ -227,7 +231,8 @@ def test_the_sensor_launches_one_cycle_per_drift_episode(deployment) -> None:
     client.set_registered_model_alias(name, registry.CHAMPION, str(version))
     after = tick(defs, instance, again.cursor)
     assert not after.run_requests and json.loads(after.cursor) == {}
-    assert f"{DOMAIN}: no drift" in after.skip_reason.skip_message and f"champion v{version}'s training window" in after.skip_reason.skip_message
+    said = after.skip_reason.skip_message
+    assert f"{DOMAIN}: no drift" in said and f"champion v{version}'s training window" in said
 
 
 def test_a_cycle_covering_the_latest_day_launches_no_other(deployment) -> None:
@@ -247,7 +252,8 @@ def test_drift_that_triggers_nothing_is_measured_only(tmp_path) -> None:
     with dg.instance_for_test() as instance:
         result = tick(defs, instance)
     assert not result.run_requests
-    assert "drift.triggers_cycle is off" in result.skip_reason.skip_message and "assistant: no warehouse yet" in result.skip_reason.skip_message
+    said = result.skip_reason.skip_message
+    assert "drift.triggers_cycle is off" in said and "assistant: no warehouse yet" in said
 
 
 def test_domains_at_automation_off_are_not_watched(tmp_path) -> None:
@@ -282,3 +288,16 @@ def test_the_report_shows_the_cycles_drift(warehouse, tmp_path) -> None:
     page_path = write_report(home, report, history(), validation(report), drift=drift)
     _, again = render_stored(home, page_path.with_suffix(".json"))
     assert 'id="drift"' in again and "segment: PSI 1." in again
+
+
+def test_the_health_assets_metadata_shows_the_drift_table(warehouse) -> None:
+    from flywheel_pipeline.defs.health import _drift_metadata
+
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        drift = domain_drift(con, config().domain(DOMAIN), DOMAIN)
+    shown = _drift_metadata(drift)
+    assert shown["drift"].value.startswith("**drifted**: segment: PSI 1.")
+    assert "| segment | 1." in shown["drift"].value and "| new items (share of recent impressions) | 0.0% | 20% |" in \
+        shown["drift"].value
+    assert shown["drift_max_psi"] == round(drift.largest.psi, 4) and shown["new_item_share"] == 0.0
+    assert _drift_metadata(None) == {"drift": "not measured (no impressions)"}

@@ -73,8 +73,7 @@ def _look(context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflo
     with warehouse.approvals() as con:
         approval.ensure_tables(con)
         deployments = con.execute("SELECT model_version, previous_version, deployed_at FROM registry.deployments "
-                                  "WHERE domain = ? AND deployed_at < ? ORDER BY deployed_at DESC",
-                                  [domain, day + timedelta(days=1)]).fetchall()
+                                  "WHERE domain = ? ORDER BY deployed_at DESC", [domain]).fetchall()
     deployed = monitoring.deployed_champion(client, deployments, domain)
     if deployed is None:
         text = f"{domain} {day}: nothing to watch (no deployed version serves: baseline, or restored by hand)"

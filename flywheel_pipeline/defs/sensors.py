@@ -189,8 +189,8 @@ def build_drift_sensor(config: FlywheelConfig, cycle_jobs: list) -> dg.SensorDef
                            "training window: a PSI per serving feature and the share of new items. Beyond "
                            "drift.max_psi or drift.max_new_item_share it launches the domain's cycle over the "
                            "days ending on the latest one held (tag flywheel/reason: drift), once per drift "
-                           "episode; domains at automation off, or with drift.triggers_cycle false, are "
-                           "measured only (docs/monitoring.md).")
+                           "episode; domains at automation off or semi (people decide training), or with "
+                           "drift.triggers_cycle false, are measured only (docs/monitoring.md).")
     def drift_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource,
                      mlflow: MlflowResource) -> dg.SensorResult:
         cursors = drift_cursors(context.cursor)
@@ -220,6 +220,9 @@ def build_drift_sensor(config: FlywheelConfig, cycle_jobs: list) -> dg.SensorDef
                 lines.append(report.summary())
             elif not settings.drift.triggers_cycle:
                 lines.append(f"{report.summary()}; drift.triggers_cycle is off: no cycle launched")
+            elif settings.automation == "semi":
+                lines.append(f"{report.summary()}; automation semi: people decide training "
+                             f"(`flywheel run --domain {domain}`), no cycle launched")
             elif episode and (episode["day"] == latest.isoformat() or episode["champion"] == shown):
                 lines.append(f"{report.summary()}; this drift episode already launched a cycle (days ending "
                              f"{episode['day']}, against {episode['champion']})")

@@ -43,7 +43,7 @@ SHIFTED_SEGMENTS = 2          # recommendation: segments whose users swap tastes
 SHIFTED_QUERY_SHARE = 1 / 3   # assistant: popularity-weighted share of queries whose answer moves
 NEW_ITEMS = 60                # recommendation: items that enter the catalogue on the day
 NEW_ITEM_SHARE = 0.25         # share of retrieved candidates that are new items, from the day on
-NEW_ITEM_BIAS = (-0.5, 0.75)  # normal (mean, sd): more appealing than the catalogue's (-1.5, 0.5)
+NEW_ITEM_BIAS = (-1.0, 0.75)  # normal (mean, sd): more appealing than the catalogue's (-1.5, 0.5)
 STALE_SPAN_DAYS = 28          # stale_holdout: how long the fad lasts before ``day`` (a lookback)
 
 
