@@ -1,8 +1,8 @@
 """Monitor benchmark: days from a harmful event to the alert and to the rollback, and false alarms
 on healthy deployments, against the simulator's hidden truth.
 
-    .venv/bin/python benchmarks/monitor.py                        # 5 seeds, the demo's volume
-    .venv/bin/python benchmarks/monitor.py --seeds 1 --watch-days 4  # a quick look
+    .venv/bin/python benchmarks/monitor.py       # 10 healthy seeds, 5 per scenario, the demo's volume
+    .venv/bin/python benchmarks/monitor.py --healthy-seeds 1 --seeds 1 --scenarios stale_holdout --verbose
 
 Per seed, one recommendation domain at automation ``full`` (lookback 7, holdout 3, clicks as the
 reward), in a fresh home, at the demo's 1,500 interactions a day:
@@ -12,9 +12,10 @@ reward), in a fresh home, at the demo's 1,500 interactions a day:
 2. a scenario (simulation/scenarios.py) from the day after: ``stale_holdout`` (a fad during the next
    10 days, gone after them), or none (a healthy run); 10 days served by v1, a cycle: v2, fitted
    and held out inside the fad, passes and is deployed;
-3. ``--watch-days`` days served by the champion, each followed by the domain's monitor job (the real
-   ``<domain>_monitor`` run: accumulate, dbt, champion_monitor); a rollback approval the monitor
-   records is deployed as the sensor would, and the restored champion serves the next day.
+3. ``--watch-days`` days served by v2, then the domain's monitor job over them (the real
+   ``<domain>_monitor`` run: accumulate, dbt, and champion_monitor's looks, one a day in order, as
+   daily runs make them); a rollback approval it records is deployed as the sensor would.
+Healthy runs (no scenario) also watch v1 on its 10 days: two healthy deployments a run.
 
 For each run it prints the true values of v1 and v2 after the event (``true_accuracy_on``), the
 day the monitor first declared a regression (``live_regression``) or a miss of the forecast
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -82,9 +84,11 @@ class Loop:
     """One seed's home, its Dagster instance and MLflow, and what serves."""
 
     def __init__(self, root: Path, seed: int, automation: str = "full", per_day: int = 1500,
-                 scenario: str | None = None, webhook_env: str | None = None) -> None:
+                 scenario: str | None = None, webhook_env: str | None = None, verbose: bool = False) -> None:
         config_path = project(root, automation, webhook_env)
+        os.environ["FLYWHEEL_CONFIG"] = str(config_path)  # what the runs' resources read
         self.config, self.seed, self.per_day, self.scenario = load_config(config_path), seed, per_day, scenario
+        self.verbose = verbose
         self.home = Home(root / "home").activate()
         self.instance = dg.DagsterInstance.local_temp(str(self.home.dagster))
         self.defs = build_definitions(self.config, self.home)
@@ -122,26 +126,30 @@ class Loop:
                     deployed = record.model_version
         return deployed
 
-    def monitor(self, day: date) -> Look:
+    def monitor(self, first: date, last: date) -> list[Look]:
+        """The domain's monitor job over first..last: one look a day, in order, as daily runs would
+        make them (a rollback it records is deployed after it, by ``deploy_pending``)."""
         job = self.defs.resolve_job_def(monitor_job_name(DOMAIN))
         with redirect_stdout(StringIO()):
-            result = job.execute_in_process(instance=self.instance, tags=range_tags(DOMAIN, day, day),
+            result = job.execute_in_process(instance=self.instance, tags=range_tags(DOMAIN, first, last),
                                             raise_on_error=False, run_config=QUIET)
         if not result.success:
-            raise RuntimeError(f"seed {self.seed}: the monitor of {day} failed (run {result.run_id})")
+            raise RuntimeError(f"seed {self.seed}: the monitor of {first}..{last} failed (run {result.run_id})")
         with connect(self.home.warehouse(DOMAIN), read_only=True) as con:
             try:
-                row = con.execute("SELECT regressed, below_forecast, action, n_interactions, live, live_lo, live_hi, "
-                                  "forecast_lo, difference, difference_lo, difference_hi FROM health.champion_monitor "
-                                  "WHERE domain = ? AND event_date = ?", [DOMAIN, day]).fetchone()
-            except duckdb.CatalogException:  # nothing watched yet
-                row = None
-        regressed, below, action, *figures = row or (False, False, "nothing to watch")
-        if figures:
-            n, live, live_lo, live_hi, forecast_lo, d, d_lo, d_hi = figures
-            print(f"    day {(day - self.event).days}: {n} interactions; live {live:.4f} [{live_lo:.4f}, {live_hi:.4f}] "
-                  f"(forecast from {forecast_lo:.4f}); vs previous {d:+.4f} [{d_lo:+.4f}, {d_hi:+.4f}]", flush=True)
-        return Look((day - self.event).days, bool(regressed), bool(below), action)
+                rows = con.execute("SELECT event_date, regressed, below_forecast, action, n_interactions, live, "
+                                   "live_lo, live_hi, forecast_lo, difference, difference_lo, difference_hi "
+                                   "FROM health.champion_monitor WHERE domain = ? AND event_date BETWEEN ? AND ? "
+                                   "ORDER BY event_date", [DOMAIN, first, last]).fetchall()
+            except duckdb.CatalogException:  # nothing watched
+                rows = []
+        looks = []
+        for day, regressed, below, action, n, live, live_lo, live_hi, forecast_lo, d, d_lo, d_hi in rows:
+            if self.verbose:
+                print(f"    day {(day - first).days}: {n} interactions; live {live:.4f} [{live_lo:.4f}, {live_hi:.4f}] "
+                      f"(forecast from {forecast_lo:.4f}); vs previous {d:+.4f} [{d_lo:+.4f}, {d_hi:+.4f}]", flush=True)
+            looks.append(Look((day - first).days, bool(regressed), bool(below), action))
+        return looks
 
     def true_value(self, version: str, day: date) -> float:
         model = mlflow.pyfunc.load_model(f"models:/{registry.model_name(DOMAIN)}/{version}")
@@ -149,76 +157,94 @@ class Loop:
 
 
 @dataclass
-class Outcome:
+class Watched:
+    """One deployment watched: the scenario its days lived through, what was declared and when."""
+
     seed: int
-    scenario: str
-    deployed: bool  # v2 passed its gate and was deployed
-    true_v1: float = float("nan")
-    true_v2: float = float("nan")
-    alert_day: int | None = None
-    forecast_day: int | None = None
-    rollback_day: int | None = None
-    looks: int = 0
+    scenario: str  # healthy, or the scenario that struck after the deployment
+    version: str
+    true_gap: float  # true value of the deployed version - the one it replaced, on the first watched day
+    looks: int
+    alert_day: int | None = None  # live_regression declared
+    forecast_day: int | None = None  # live_vs_forecast declared
+    rollback_day: int | None = None  # the rollback's approval recorded (full), deployed by the sensor right after
 
 
-def run(root: Path, seed: int, scenario: str | None, watch_days: int, per_day: int) -> Outcome:
-    loop = Loop(root, seed, per_day=per_day, scenario=scenario)
+def watched(loop: Loop, looks: list[Look], scenario: str, version: str, gap: float) -> Watched:
+    record = Watched(loop.seed, scenario, version, gap, len(looks))
+    record.alert_day = next((look.day for look in looks if look.regressed), None)
+    record.forecast_day = next((look.day for look in looks if look.below_forecast), None)
+    record.rollback_day = next((look.day for look in looks if look.action.startswith("rollback")), None)
+    return record
+
+
+def run(root: Path, seed: int, scenario: str | None, watch_days: int, per_day: int,
+        verbose: bool = False) -> list[Watched]:
+    """Deploy v1 and watch it on the 10 days before the next cycle (healthy without a scenario; a
+    stale_holdout's fad starts then); deploy v2 and watch it ``watch_days`` days after the event."""
+    loop = Loop(root, seed, per_day=per_day, scenario=scenario, verbose=verbose)
     loop.serve(FIRST, WARMUP_DAYS)
     v1 = loop.cycle(FIRST, FIRST + timedelta(days=WARMUP_DAYS - 1))
     second = FIRST + timedelta(days=WARMUP_DAYS)
     loop.serve(second, WARMUP_DAYS)
+    out = []
+    if v1 is not None and scenario is None:
+        out.append(watched(loop, loop.monitor(second, loop.event - timedelta(days=1)), "healthy", v1, float("nan")))
     v2 = loop.cycle(second - timedelta(days=loop.config.max_lateness_days), loop.event - timedelta(days=1))
-    outcome = Outcome(seed, scenario or "healthy", deployed=v1 is not None and v2 is not None and v2 != v1)
-    if not outcome.deployed:
-        return outcome
-    outcome.true_v1, outcome.true_v2 = loop.true_value(v1, loop.event), loop.true_value(v2, loop.event)
-    for offset in range(watch_days):
-        day = loop.event + timedelta(days=offset)
-        loop.serve(day, 1)
-        look = loop.monitor(day)
-        outcome.looks += 1
-        if look.regressed and outcome.alert_day is None:
-            outcome.alert_day = look.day
-        if look.below_forecast and outcome.forecast_day is None:
-            outcome.forecast_day = look.day
-        if loop.deploy_pending() and outcome.rollback_day is None:
-            outcome.rollback_day = look.day
+    if v1 is None or v2 is None or v2 == v1:
+        loop.instance.dispose()
+        return out
+    gap = loop.true_value(v2, loop.event) - loop.true_value(v1, loop.event)
+    loop.serve(loop.event, watch_days)
+    looks = loop.monitor(loop.event, loop.event + timedelta(days=watch_days - 1))
+    out.append(watched(loop, looks, scenario or "healthy", v2, gap))
+    loop.deploy_pending()  # what the approval sensor does with a rollback's approval
     loop.instance.dispose()
-    return outcome
+    return out
+
+
+def _days(values: list[int | None]) -> str:
+    """``2/5 [1, 3]``: how many declared, of all, and on which days."""
+    found = sorted(v for v in values if v is not None)
+    return f"{len(found)}/{len(values)} {found}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--watch-days", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per scenario")
+    parser.add_argument("--healthy-seeds", type=int, default=10, help="seeds of healthy runs (2 deployments each)")
+    parser.add_argument("--watch-days", type=int, default=7)
     parser.add_argument("--per-day", type=int, default=1500)
-    parser.add_argument("--scenarios", nargs="+", default=["stale_holdout", "healthy"])
+    parser.add_argument("--scenarios", nargs="+", default=["stale_holdout", "preference_shift", "new_items"])
+    parser.add_argument("--verbose", action="store_true", help="each look's figures")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    outcomes = []
-    for seed in range(1, args.seeds + 1):
-        for scenario in args.scenarios:
-            started = time.monotonic()
-            with tempfile.TemporaryDirectory(prefix="flywheel-monitor-") as tmp:
-                outcome = run(Path(tmp), seed, None if scenario == "healthy" else scenario, args.watch_days,
-                              args.per_day)
-            outcomes.append(outcome)
-            print(f"  seed {seed} {outcome.scenario:<14} deployed v2: {outcome.deployed}; true v1 {outcome.true_v1:.3f} "
-                  f"v2 {outcome.true_v2:.3f}; regression declared on day {outcome.alert_day}, below forecast on day "
-                  f"{outcome.forecast_day}, rolled back on day {outcome.rollback_day} ({outcome.looks} looks, "
-                  f"{time.monotonic() - started:.0f}s)", flush=True)
-    print("\n| scenario | runs | v2 deployed | true v2 - v1 (mean) | regression declared | days to alert | rolled back | days to rollback |")
-    print("|---|---|---|---|---|---|---|---|")
-    for scenario in args.scenarios:
-        mine = [o for o in outcomes if o.scenario == scenario and o.deployed]
-        alerts = [o.alert_day for o in mine if o.alert_day is not None]
-        rollbacks = [o.rollback_day for o in mine if o.rollback_day is not None]
-        gap = sum(o.true_v2 - o.true_v1 for o in mine) / len(mine) if mine else float("nan")
-        print(f"| {scenario} | {len([o for o in outcomes if o.scenario == scenario])} | {len(mine)} | {gap:+.3f} "
-              f"| {len(alerts)} | {sorted(alerts)} | {len(rollbacks)} | {sorted(rollbacks)} |")
-    print("(days counted from the event's first day, 0 = the first day of traffic after it; on healthy runs any "
-          "regression declared is a false alarm and any rollback a false rollback)")
+    plan = [(None, seed) for seed in range(1, args.healthy_seeds + 1)]
+    plan += [(scenario, seed) for scenario in args.scenarios for seed in range(1, args.seeds + 1)]
+    results: list[Watched] = []
+    for scenario, seed in plan:
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="flywheel-monitor-") as tmp:
+            mine = run(Path(tmp), seed, scenario, args.watch_days, args.per_day, args.verbose)
+        results += mine
+        for w in mine:
+            print(f"  seed {seed} {w.scenario:<16} v{w.version}: true gap {w.true_gap:+.3f}; {w.looks} looks; "
+                  f"regression day {w.alert_day}, below forecast day {w.forecast_day}, rollback day {w.rollback_day}",
+                  flush=True)
+        print(f"  ({scenario or 'healthy'} seed {seed}: {time.monotonic() - started:.0f}s)", flush=True)
+    print("\n| deployments | n | true gap (mean) | live_regression declared (days) | live_vs_forecast declared (days) "
+          "| rolled back (days) |")
+    print("|---|---|---|---|---|---|")
+    for scenario in ["healthy", *args.scenarios]:
+        mine = [w for w in results if w.scenario == scenario]
+        gaps = [w.true_gap for w in mine if w.true_gap == w.true_gap]
+        gap = f"{sum(gaps) / len(gaps):+.3f}" if gaps else "-"
+
+        print(f"| {scenario} | {len(mine)} | {gap} | {_days([w.alert_day for w in mine])} "
+              f"| {_days([w.forecast_day for w in mine])} | {_days([w.rollback_day for w in mine])} |")
+    print("(days from the first day of traffic after the event or deployment, 0 = that day; on healthy deployments "
+          "every declaration is a false alarm and every rollback a false rollback)")
 
 
 if __name__ == "__main__":

@@ -244,10 +244,27 @@ def save_watch(con, watch: Watch, action: str, watched_at: datetime) -> None:
         con.execute(f"INSERT INTO {MONITOR_TABLE} BY NAME SELECT * FROM frame")
 
 
+def log_to_validation_run(client: MlflowClient, watch: Watch) -> None:
+    """The day's live figures on the MLflow validation run that let the version through, one step
+    per day watched: what the gate forecast and what came true sit side by side
+    (``live/value``, ``live/gain``, ``live/gain_within_forecast``)."""
+    d = watch.deployed
+    run_id = registry.version_tags(client, d.domain, d.version).get("validation.run_id")
+    if not run_id or not math.isfinite(watch.difference.mean):
+        return
+    gain = d.forecast.gain
+    within = float(gain.low <= watch.difference.mean <= gain.high)
+    for key, value in (("live/value", watch.live.mean), ("live/gain", watch.difference.mean),
+                       ("live/gain_within_forecast", within)):
+        client.log_metric(run_id, key, value, step=watch.days_watched)
+
+
 def calibration(con, domain: str) -> pl.DataFrame:
     """Per deployment (its latest watched day): the gate's forecast gain interval, the realised
-    gain (champion - previous on its traffic), and whether the realised gain lies in the interval."""
-    con.execute(_DDL)
+    gain (champion - previous on its traffic), and whether the realised gain lies in the interval;
+    empty before the monitor's first look (read-only connections welcome)."""
+    if not _has_table(con):
+        return pl.DataFrame()
     return con.sql(f"""
         SELECT version, previous_version, deployed_at, event_date AS last_watched, days_watched, n_interactions,
                forecast_gain, forecast_gain_lo, forecast_gain_hi, difference AS realised_gain,
@@ -257,14 +274,17 @@ def calibration(con, domain: str) -> pl.DataFrame:
         ORDER BY deployed_at""", params=[domain]).pl()
 
 
+def _has_table(con) -> bool:
+    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'health' "
+                            "AND table_name = 'champion_monitor'").fetchall()[0][0])
+
+
 def latest_watch(con, domain: str) -> str:
     """The monitor's latest look at the domain's champion, in a line (``flywheel status``)."""
-    exists = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'health' "
-                         "AND table_name = 'champion_monitor'").fetchone()[0]
-    row = con.execute(f"SELECT event_date, version, regressed, below_forecast, action FROM {MONITOR_TABLE} "
-                      "WHERE domain = ? ORDER BY event_date DESC LIMIT 1", [domain]).fetchone() if exists else None
-    if row is None:
+    rows = con.execute(f"SELECT event_date, version, regressed, below_forecast, action FROM {MONITOR_TABLE} "
+                       "WHERE domain = ? ORDER BY event_date DESC LIMIT 1", [domain]).fetchall() if _has_table(con) else []
+    if not rows:
         return "not run yet"
-    day, version, regressed, below, action = row
+    day, version, regressed, below, action = rows[0]
     state = "regressed" if regressed else "below its forecast" if below else "healthy"
     return f"{day}: v{version} {state}; {action}"

@@ -20,6 +20,7 @@ from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.health import TRAPS, Finding, HealthReport
 from flywheel_pipeline.health.audit import audit, measure_history, save_measures
 from flywheel_pipeline.health.drift import DriftReport, domain_drift
+from flywheel_pipeline.monitoring import calibration
 from flywheel_pipeline.training import TrainingResult
 from flywheel_pipeline.validation import ValidationReport
 
@@ -72,9 +73,10 @@ def build_health_asset(config: FlywheelConfig, domain: str, candidate_key: dg.As
             history = measure_history(con, domain)
             drift = domain_drift(con, config.domain(domain), domain, version, champion_tags,
                                  as_of=candidate.windows.holdout_end)
+            live = calibration(con, domain).to_dicts()
         truth = simulator_truth(client, history["candidate_model_uri"].unique().to_list())
         path = write_report(warehouse.home(), health, history, report.to_dict(), truth,
-                            drift=drift.to_dict() if drift else None)
+                            drift=drift.to_dict() if drift else None, live=live)
         if report.run_id:
             client.log_artifact(report.run_id, str(path), "health")
         for trap in health.flagged:

@@ -87,6 +87,7 @@ def _look(context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflo
         earlier = monitoring.earlier_flags(con, domain, deployed, day)
         action = _act(config, warehouse, client, seen, earlier)
         monitoring.save_watch(con, seen, action, datetime.now(UTC).replace(tzinfo=None))
+    monitoring.log_to_validation_run(client, seen)
     context.log.info(f"{domain} {day}: {seen.summary()}; {action}")
     checks = {"summary": seen.summary(), "action": action}
     metadata = {**checks, "version": f"v{deployed.version}", "days_watched": seen.days_watched,

@@ -34,6 +34,7 @@ from mlflow.exceptions import MlflowException
 from flywheel_pipeline.health import TRAPS, Finding, HealthReport
 from flywheel_pipeline.health.audit import MEASURE_COLUMNS, measure_history
 from flywheel_pipeline.home import Home, write_atomically
+from flywheel_pipeline.monitoring import calibration
 from flywheel_pipeline.registry import BASELINE, champion_summary
 from flywheel_pipeline.validation.intervals import CI_LEVEL
 from flywheel_pipeline.validation.report import SHOWN_METRICS
@@ -496,6 +497,14 @@ table.measures td.num{text-align:left}
 reference's deciles) between the two windows: below 0.1 little change, above 0.25 a large one. Drift beyond a
 threshold makes the drift sensor launch a cycle (docs/monitoring.md).</p>
 </section>{% endif %}
+{% if live %}<section id="live"><h2>After deployment: the gate's forecast against what came true</h2>
+<p class="summary">{{ live.within }} of {{ live.total }} deployments gained within the interval their validation forecast.</p>
+<table class="data"><tr><th>version</th><th>replaced</th><th>watched</th><th>forecast gain</th><th>realised gain</th><th>within</th></tr>
+{% for row in live.rows %}<tr><td>{{ row.version }}</td><td>{{ row.previous }}</td><td class="num">{{ row.watched }}</td>
+<td class="num">{{ row.forecast }}</td><td class="num">{{ row.realised }}</td><td>{{ row.within }}</td></tr>{% endfor %}</table>
+<p class="why">The champion_monitor asset measures each deployed champion on the traffic it served against the version it
+replaced (docs/monitoring.md); a forecast that keeps missing says the held-out window does not stand for the days after it.</p>
+</section>{% endif %}
 <section id="evidence"><h2>The gate's evidence</h2>
 {% if validation_plot %}<div class="plots"><figure class="wide">{{ validation_plot }}</figure></div>{% endif %}
 {% for e in evidence %}
@@ -516,6 +525,18 @@ threshold makes the drift sensor launch a cycle (docs/monitoring.md).</p>
 _CHAMPION_UNKNOWN = ("not known here (the cycle writes this page before its candidate can be deployed): "
                      "flywheel report --domain {domain} writes it again with the champion then")
 _ENVIRONMENT = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+
+
+def _live(live: list[Mapping[str, Any]] | None) -> dict[str, Any] | None:
+    """The after-deployment section's rows, from monitoring.calibration (None: no section)."""
+    if not live:
+        return None
+    rows = [{"version": f"v{row['version']}", "previous": f"v{row['previous_version']}" if row["previous_version"] else "baseline",
+             "watched": f"{row['days_watched']} days, {row['n_interactions']:,} interactions",
+             "forecast": f"{row['forecast_gain']:+.4f} [{row['forecast_gain_lo']:+.4f}, {row['forecast_gain_hi']:+.4f}]",
+             "realised": f"{row['realised_gain']:+.4f}", "within": "yes" if row["within_forecast"] else "no"}
+            for row in live]
+    return {"rows": rows, "total": len(rows), "within": sum(bool(row["within_forecast"]) for row in live)}
 
 
 def _drift(drift: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -540,10 +561,11 @@ def _drift(drift: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 def render_html(report: HealthReport, history: pl.DataFrame | None, validation: Mapping[str, Any] | None,
                 truth: Mapping[str, float] | None = None, champion_now: str | None = None,
-                drift: Mapping[str, Any] | None = None) -> str:
+                drift: Mapping[str, Any] | None = None, live: list[Mapping[str, Any]] | None = None) -> str:
     """The cycle's page: verdicts, a section per trap with its measures, tables and plots across
     cycles (``history``: health.measures' rows; None before any), the input drift (``drift``:
-    DriftReport.to_dict(); None: no section), and the gate's evidence (with the simulator's true
+    DriftReport.to_dict(); None: no section), the deployed champions' live gain against the gate's
+    forecast (``live``: monitoring.calibration's rows; None or empty: no section), and the gate's evidence (with the simulator's true
     accuracy where ``truth`` has it). ``champion_now``: the champion as the registry has it while
     rendering (None: the page says how to get it)."""
     cycles = _cycles(report, history)
@@ -562,7 +584,7 @@ def render_html(report: HealthReport, history: pl.DataFrame | None, validation: 
     return _ENVIRONMENT.from_string(_TEMPLATE).render(
         r=report, champion=_version(report.champion), holdout_days=holdout_days, findings=findings,
         champion_now=champion_now or _CHAMPION_UNKNOWN.format(domain=report.domain),
-        flagged=report.flagged, evidence=[_evidence(v) for v in reports if v], drift=_drift(drift),
+        flagged=report.flagged, evidence=[_evidence(v) for v in reports if v], drift=_drift(drift), live=_live(live),
         validation_plot=_validation_plot(cycles, truth, (validation or {}).get("primary_metric")), ci_level=f"{CI_LEVEL:.0%}")
 
 
@@ -606,14 +628,15 @@ def report_paths(home: Home, domain: str, as_of: date) -> tuple[Path, Path]:
 
 
 def write_report(home: Home, report: HealthReport, history: pl.DataFrame | None, validation: Mapping[str, Any] | None,
-                 truth: Mapping[str, float] | None = None, drift: Mapping[str, Any] | None = None) -> Path:
+                 truth: Mapping[str, float] | None = None, drift: Mapping[str, Any] | None = None,
+                 live: list[Mapping[str, Any]] | None = None) -> Path:
     """Write the cycle's page and, beside it, the data that renders it again (``drift``:
-    DriftReport.to_dict()); returns the page."""
+    DriftReport.to_dict(); ``live``: monitoring.calibration's rows); returns the page."""
     page, stored = report_paths(home, report.domain, report.as_of)
     page.parent.mkdir(parents=True, exist_ok=True)
-    data = {"report": report_to_dict(report), "validation": validation, "drift": drift}
+    data = {"report": report_to_dict(report), "validation": validation, "drift": drift, "live": live}
     write_atomically(stored, json.dumps(data, indent=1, default=str).encode())
-    return write_atomically(page, render_html(report, history, validation, truth, drift=drift).encode())
+    return write_atomically(page, render_html(report, history, validation, truth, drift=drift, live=live).encode())
 
 
 def load_report(path: Path) -> tuple[HealthReport, dict[str, Any] | None]:
@@ -641,17 +664,18 @@ def render_stored(home: Home, stored: Path) -> tuple[HealthReport, str]:
     (read-only), the truth its MLflow's candidates carry now and the champion its registry names now."""
     report, validation = load_report(stored)
     drift = json.loads(Path(stored).with_suffix(".json").read_text()).get("drift")  # none before drift was measured
-    history = None
+    history, live = None, None
     if (path := home.warehouse(report.domain)).exists():
         with connect(path, read_only=True) as con:
             history = measure_history(con, report.domain)
+            live = calibration(con, report.domain).to_dicts()
     truth, champion_now = {}, None
     if home.has_mlflow_store:
         client = MlflowClient(tracking_uri=home.mlflow_tracking_uri, registry_uri=home.mlflow_tracking_uri)
         earlier = [] if history is None else history["candidate_model_uri"].to_list()
         truth = simulator_truth(client, [report.candidate_model_uri, *earlier])
         champion_now = f"{champion_summary(client, report.domain)}, as of {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
-    return report, render_html(report, history, validation, truth, champion_now, drift)
+    return report, render_html(report, history, validation, truth, champion_now, drift, live)
 
 
 def record_true_accuracy(client: MlflowClient, model_uri: str, accuracy: float) -> None:

@@ -1,0 +1,151 @@
+"""After a bad deployment, through the real Dagster daemon: at automation full the monitor rolls the
+champion back without a person; at oversight it alerts (a webhook received by a local server) and
+nothing moves until a person decides.
+
+The situation is built, not drawn: the simulator's ``stale_holdout`` scenario (a fad during the 10
+days before the second cycle, gone after them) makes the second cycle's candidate, fitted and held
+out inside the fad, pass its gate and then lose live to the champion it replaced, by construction
+(benchmarks/monitor.py measures the same on more seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+import pytest
+import yaml
+
+from benchmarks.monitor import DOMAIN, Loop
+from flywheel_pipeline import registry
+from flywheel_pipeline.cli import main
+from flywheel_pipeline.defs.monitor import monitor_job_name
+from flywheel_pipeline.defs.partitions import range_tags
+from flywheel_pipeline.home import Home
+from flywheel_pipeline.launcher import local_dagster
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+WATCH_DAYS = 8
+SEED = 1
+WEBHOOK_ENV = "FLYWHEEL_TEST_WEBHOOK"
+
+
+@pytest.fixture(scope="module")
+def bad_deployment(tmp_path_factory):
+    """A home at automation full where v2 (deployed after v1) is truly worse than v1 on the
+    WATCH_DAYS served since; and a copy of it, before any monitor ran, set to oversight."""
+    root = tmp_path_factory.mktemp("monitor-full")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI", "FLYWHEEL_CONFIG"):
+            patch.delenv(name, raising=False)
+        loop = Loop(root, SEED, scenario="stale_holdout")
+        first = loop.event - timedelta(days=20)
+        loop.serve(first, 10)
+        v1 = loop.cycle(first, first + timedelta(days=9))
+        loop.serve(first + timedelta(days=10), 10)
+        v2 = loop.cycle(first + timedelta(days=10 - loop.config.max_lateness_days), loop.event - timedelta(days=1))
+        assert v1 and v2 and v2 != v1, "both cycles pass and deploy"
+        assert loop.true_value(v2, loop.event) < loop.true_value(v1, loop.event) - 0.02  # the built situation
+        loop.serve(loop.event, WATCH_DAYS)
+        loop.instance.dispose()
+    oversight = tmp_path_factory.mktemp("monitor-oversight") / "project"
+    shutil.copytree(root, oversight)
+    raw = yaml.safe_load((oversight / "flywheel.yaml").read_text())
+    raw["domains"][DOMAIN]["automation"] = "oversight"
+    raw["alerts"] = {"webhook_url_env": WEBHOOK_ENV}
+    (oversight / "flywheel.yaml").write_text(yaml.safe_dump(raw))
+    return {"full": root, "oversight": oversight, "v1": v1, "v2": v2, "days": (loop.event, loop.event + timedelta(days=WATCH_DAYS - 1))}
+
+
+def services(root: Path, patch: pytest.MonkeyPatch):
+    """The project at ``root`` as a deployment runs it: its home active, a code server and the daemon."""
+    for name in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
+        patch.delenv(name, raising=False)
+    patch.setenv("FLYWHEEL_CONFIG", str(root / "flywheel.yaml"))
+    patch.setenv("FLYWHEEL_HOME", str(root / "home"))
+    home = Home(root / "home").activate()
+    return home, local_dagster(home, (root / "services.log").open("a"))
+
+
+def client_of(home: Home) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=home.mlflow_tracking_uri, registry_uri=home.mlflow_tracking_uri)
+
+
+def check_results(instance: dg.DagsterInstance, run_id: str) -> dict[str, bool]:
+    return {e.check_name: e.passed for e in (record.event_log_entry.dagster_event.event_specific_data
+                                             for record in instance.get_records_for_run(
+                                                 run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records)}
+
+
+def test_at_full_a_live_regression_is_rolled_back_without_a_person(bad_deployment, capsys):
+    first, last = bad_deployment["days"]
+    with pytest.MonkeyPatch.context() as patch:
+        home, started = services(bad_deployment["full"], patch)
+        with started as dagster:
+            run = dagster.wait(dagster.submit(monitor_job_name(DOMAIN), tags=range_tags(DOMAIN, first, last)))
+            assert check_results(dagster.instance, run.run_id)["live_regression"] is False
+            deploy = wait_for_run(dagster.instance, "deploy_champion")
+            assert deploy.status == dg.DagsterRunStatus.SUCCESS
+            assert deploy.tags["dagster/sensor_name"] == "approval_sensor"  # no person launched it
+        client = client_of(home)
+        assert registry.alias_version(client, DOMAIN, registry.CHAMPION) == bad_deployment["v1"]
+        tags = registry.version_tags(client, DOMAIN, bad_deployment["v1"])
+        assert tags["approval.approver"] == "flywheel:auto" and tags["approval.reason"].startswith(
+            f"rollback: v{bad_deployment['v2']} regressed live")
+        main(["status"])
+        shown = capsys.readouterr().out
+        assert f"champion=v{bad_deployment['v1']}" in shown and "rollback: v" in shown
+        assert "regressed; rollback to v" in shown  # the monitor's latest look
+
+
+def test_at_oversight_the_same_regression_alerts_and_nothing_moves(bad_deployment):
+    first, last = bad_deployment["days"]
+    received: list[dict] = []
+    server = HTTPServer(("127.0.0.1", 0), _receiver(received))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(WEBHOOK_ENV, f"http://127.0.0.1:{server.server_port}/hook")
+        home, started = services(bad_deployment["oversight"], patch)
+        with started as dagster:
+            run = dagster.wait(dagster.submit(monitor_job_name(DOMAIN), tags=range_tags(DOMAIN, first, last)))
+            assert check_results(dagster.instance, run.run_id)["live_regression"] is False
+            dagster.wait_for_idle()
+            assert not dagster.instance.get_runs(dg.RunsFilter(job_name="deploy_champion", created_after=run.create_timestamp))
+    server.shutdown()
+    kinds = [message["kind"] for message in received]
+    assert "live_regression" in kinds and kinds.count("live_regression") == 1  # once per deployment
+    text = next(m["text"] for m in received if m["kind"] == "live_regression")
+    assert f"v{bad_deployment['v2']} regressed live" in text and "a person decides" in text
+    assert registry.alias_version(client_of(home), DOMAIN, registry.CHAMPION) == bad_deployment["v2"]
+
+
+def wait_for_run(instance: dg.DagsterInstance, job: str, timeout: float = 180) -> dg.DagsterRun:
+    """The first run of ``job``, once finished (a sensor launches it within its interval)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = instance.get_runs(dg.RunsFilter(job_name=job))
+        if runs and runs[0].is_finished:
+            return runs[0]
+        time.sleep(2)
+    raise AssertionError(f"no finished {job} run within {timeout:.0f}s")
+
+
+def _receiver(received: list[dict]) -> type[BaseHTTPRequestHandler]:
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    return Receiver
