@@ -54,13 +54,20 @@ def bad_deployment(tmp_path_factory):
         assert loop.true_value(v2, loop.event) < loop.true_value(v1, loop.event) - 0.02  # the built situation
         loop.serve(loop.event, WATCH_DAYS)
         loop.instance.dispose()
+    configure(root, drift={"triggers_cycle": False})  # no drift cycle: the monitor alone acts
     oversight = tmp_path_factory.mktemp("monitor-oversight") / "project"
     shutil.copytree(root, oversight)
-    raw = yaml.safe_load((oversight / "flywheel.yaml").read_text())
-    raw["domains"][DOMAIN]["automation"] = "oversight"
-    raw["alerts"] = {"webhook_url_env": WEBHOOK_ENV}
-    (oversight / "flywheel.yaml").write_text(yaml.safe_dump(raw))
+    configure(oversight, automation="oversight", alerts={"webhook_url_env": WEBHOOK_ENV})
     return {"full": root, "oversight": oversight, "v1": v1, "v2": v2, "days": (loop.event, loop.event + timedelta(days=WATCH_DAYS - 1))}
+
+
+def configure(root: Path, alerts: dict | None = None, **domain: object) -> None:
+    """Change the project's flywheel.yaml: the domain's settings, and the alerts."""
+    raw = yaml.safe_load((root / "flywheel.yaml").read_text())
+    raw["domains"][DOMAIN].update(domain)
+    if alerts:
+        raw["alerts"] = alerts
+    (root / "flywheel.yaml").write_text(yaml.safe_dump(raw))
 
 
 def services(root: Path, patch: pytest.MonkeyPatch):

@@ -17,6 +17,7 @@ from itertools import groupby
 import dagster as dg
 
 from flywheel_pipeline import approval, registry
+from flywheel_pipeline.alerts import Alert, notify
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.defs.jobs import (
     LATE_LABELS_TAG,
@@ -218,7 +219,11 @@ def build_drift_sensor(config: FlywheelConfig, cycle_jobs: list) -> dg.SensorDef
             if not report.drifted:
                 cursors.pop(domain, None)  # the episode, if any, is over
                 lines.append(report.summary())
-            elif not settings.drift.triggers_cycle:
+                continue
+            if episode is None:  # a new drift episode: said once, where people look
+                context.log.info(notify(config, Alert(domain, "drift", report.summary())))
+                cursors[domain] = {"day": "", "champion": ""}
+            if not settings.drift.triggers_cycle:
                 lines.append(f"{report.summary()}; drift.triggers_cycle is off: no cycle launched")
             elif settings.automation == "semi":
                 lines.append(f"{report.summary()}; automation semi: people decide training "
