@@ -15,7 +15,8 @@ reward), in a fresh home, at the demo's 1,500 interactions a day:
 3. ``--watch-days`` days served by v2, then the domain's monitor job over them (the real
    ``<domain>_monitor`` run: accumulate, dbt, and champion_monitor's looks, one a day in order, as
    daily runs make them); a rollback approval it records is deployed as the sensor would.
-Healthy runs (no scenario) also watch v1 on its 10 days: two healthy deployments a run.
+Every run but stale_holdout's (whose fad starts after v1's deployment) also watches v1 on its 10
+days, before any event: a healthy deployment.
 
 For each run it prints the true values of v1 and v2 after the event (``true_accuracy_on``), the
 day the monitor first declared a regression (``live_regression``) or a miss of the forecast
@@ -134,7 +135,9 @@ class Loop:
             result = job.execute_in_process(instance=self.instance, tags=range_tags(DOMAIN, first, last),
                                             raise_on_error=False, run_config=QUIET)
         if not result.success:
-            raise RuntimeError(f"seed {self.seed}: the monitor of {first}..{last} failed (run {result.run_id})")
+            failures = [event.message for event in result.all_events if event.is_failure]
+            raise RuntimeError(f"seed {self.seed}: the monitor of {first}..{last} failed (run {result.run_id}): "
+                               f"{failures[:2]}")
         with connect(self.home.warehouse(DOMAIN), read_only=True) as con:
             try:
                 rows = con.execute("SELECT event_date, regressed, below_forecast, action, n_interactions, live, "
@@ -180,15 +183,15 @@ def watched(loop: Loop, looks: list[Look], scenario: str, version: str, gap: flo
 
 def run(root: Path, seed: int, scenario: str | None, watch_days: int, per_day: int,
         verbose: bool = False) -> list[Watched]:
-    """Deploy v1 and watch it on the 10 days before the next cycle (healthy without a scenario; a
-    stale_holdout's fad starts then); deploy v2 and watch it ``watch_days`` days after the event."""
+    """Deploy v1 and watch it on the 10 days before the next cycle (healthy: no scenario strikes
+    before the event but stale_holdout's fad); deploy v2 and watch it ``watch_days`` days after the event."""
     loop = Loop(root, seed, per_day=per_day, scenario=scenario, verbose=verbose)
     loop.serve(FIRST, WARMUP_DAYS)
     v1 = loop.cycle(FIRST, FIRST + timedelta(days=WARMUP_DAYS - 1))
     second = FIRST + timedelta(days=WARMUP_DAYS)
     loop.serve(second, WARMUP_DAYS)
     out = []
-    if v1 is not None and scenario is None:
+    if v1 is not None and scenario != "stale_holdout":  # v1's days are untouched but by stale_holdout's fad
         out.append(watched(loop, loop.monitor(second, loop.event - timedelta(days=1)), "healthy", v1, float("nan")))
     v2 = loop.cycle(second - timedelta(days=loop.config.max_lateness_days), loop.event - timedelta(days=1))
     if v1 is None or v2 is None or v2 == v1:
@@ -226,7 +229,11 @@ def main() -> None:
     for scenario, seed in plan:
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="flywheel-monitor-") as tmp:
-            mine = run(Path(tmp), seed, scenario, args.watch_days, args.per_day, args.verbose)
+            try:
+                mine = run(Path(tmp), seed, scenario, args.watch_days, args.per_day, args.verbose)
+            except RuntimeError as error:  # a failed run is reported, and the others go on
+                print(f"  {scenario or 'healthy'} seed {seed}: FAILED: {error}", flush=True)
+                mine = []
         results += mine
         for w in mine:
             print(f"  seed {seed} {w.scenario:<16} v{w.version}: true gap {w.true_gap:+.3f}; {w.looks} looks; "

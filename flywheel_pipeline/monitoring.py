@@ -186,9 +186,9 @@ def watch(source: Readable, home: Home, config: FlywheelConfig, domain: str, dep
     evidence = held_out_evidence(source, home, config, domain,
                                  Windows(first - timedelta(days=1), first - timedelta(days=1), first, day))
     served = evidence.units["model_version"] == deployed.version
-    days = (day - first).days + 1
     if not served.any():
-        return Watch(deployed, day, days, 0, Bound.undefined(), Bound.undefined(), settings.monitor.regression_margin)
+        return Watch(deployed, day, 0, 0, Bound.undefined(), Bound.undefined(), settings.monitor.regression_margin)
+    days = (day - evidence.units.filter(served)["event_date"].min()).days + 1
     scored, _ = score_models(evidence, settings.shape, champion, previous, settings.serving)
     live, before = (_values(scored, role)[served.to_numpy()] for role in ("candidate", "champion"))
     planned = served.sum() / days * settings.monitor.planned_days
@@ -226,8 +226,10 @@ def previous_scorer(client: MlflowClient, config: FlywheelConfig, deployed: Depl
     return mlflow.pyfunc.load_model(f"models:/{registry.model_name(deployed.domain)}/{deployed.previous_version}")
 
 
-def save_watch(con, watch: Watch, action: str, watched_at: datetime) -> None:
-    """Replace the domain's row of the day in ``health.champion_monitor``."""
+def save_watch(con, watch: Watch, action: str, watched_at: datetime, earlier: tuple[bool, bool] = (False, False)) -> None:
+    """Replace the domain's row of the day in ``health.champion_monitor``; ``regressed`` and
+    ``below_forecast`` say whether it was declared by this day (``earlier``: before it), since a
+    declaration stands for the deployment."""
     con.execute(_DDL)
     d, f = watch.deployed, watch.deployed.forecast
     row = {"domain": d.domain, "event_date": watch.day, "version": d.version, "previous_version": d.previous_version,
@@ -236,8 +238,8 @@ def save_watch(con, watch: Watch, action: str, watched_at: datetime) -> None:
            "forecast": f.value.mean, "forecast_lo": f.value.low, "forecast_hi": f.value.high,
            "forecast_gain": f.gain.mean, "forecast_gain_lo": f.gain.low, "forecast_gain_hi": f.gain.high,
            "difference": watch.difference.mean, "difference_lo": watch.difference.low,
-           "difference_hi": watch.difference.high, "regressed": watch.regressed,
-           "below_forecast": watch.below_forecast, "action": action, "watched_at": watched_at}
+           "difference_hi": watch.difference.high, "regressed": watch.regressed or earlier[0],
+           "below_forecast": watch.below_forecast or earlier[1], "action": action, "watched_at": watched_at}
     frame = pl.DataFrame([row])  # noqa: F841 (read by the SQL below)
     with transaction(con):
         con.execute(f"DELETE FROM {MONITOR_TABLE} WHERE domain = ? AND event_date = ?", [d.domain, watch.day])

@@ -123,7 +123,7 @@ def test_at_oversight_the_same_regression_alerts_and_nothing_moves(bad_deploymen
             run = dagster.wait(dagster.submit(monitor_job_name(DOMAIN), tags=range_tags(DOMAIN, first, last)))
             assert check_results(dagster.instance, run.run_id)["live_regression"] is False
             dagster.wait_for_idle()
-            assert not dagster.instance.get_runs(dg.RunsFilter(job_name="deploy_champion", created_after=run.create_timestamp))
+            assert not dagster.instance.get_runs(dg.RunsFilter(job_name="deploy_champion"))  # nothing deployed
     server.shutdown()
     kinds = [message["kind"] for message in received]
     assert "live_regression" in kinds and kinds.count("live_regression") == 1  # once per deployment
@@ -156,3 +156,28 @@ def _receiver(received: list[dict]) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Receiver
+
+
+def test_new_items_drift_launches_an_off_cadence_cycle_through_the_sensor(tmp_path):
+    """The simulator's new_items scenario: from the day on a quarter of the candidates are items the
+    training window never showed; once those days are in the warehouse, the daemon's drift sensor
+    launches the domain's cycle, tagged as drift's, without a schedule or a person."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI", "FLYWHEEL_CONFIG"):
+            patch.delenv(name, raising=False)
+        loop = Loop(tmp_path, SEED, scenario="new_items")
+        first = loop.event - timedelta(days=10)
+        loop.serve(first, 13)  # 10 days as before, 3 with new items
+        last = first + timedelta(days=12)
+        job = loop.defs.resolve_job_def(monitor_job_name(DOMAIN))  # accumulate + marts, nothing to watch yet
+        assert job.execute_in_process(instance=loop.instance, tags=range_tags(DOMAIN, first, last)).success
+        loop.instance.dispose()
+        raw = yaml.safe_load((tmp_path / "flywheel.yaml").read_text())
+        raw["daemon"] = {"late_label_sensor_seconds": 5, "approval_sensor_seconds": 5}
+        (tmp_path / "flywheel.yaml").write_text(yaml.safe_dump(raw))
+        _, started = services(tmp_path, patch)
+        with started as dagster:
+            drift_cycle = wait_for_run(dagster.instance, f"{DOMAIN}_cycle", timeout=300)
+        assert drift_cycle.tags["dagster/sensor_name"] == "drift_sensor"
+        assert drift_cycle.tags["flywheel/reason"] == "drift" and "new items" in drift_cycle.tags["flywheel/drift"]
+        assert drift_cycle.status == dg.DagsterRunStatus.SUCCESS

@@ -5,7 +5,8 @@
 
 ``<domain>_monitor`` (job) accumulates a day's traffic, builds its marts and watches the champion;
 ``<domain>_monitor_daily`` (schedule) launches it each morning for yesterday, at every automation
-level but ``off``. A regression fails ``live_regression`` and alerts (flywheel_pipeline/alerts.py);
+level but ``off``. A regression fails ``live_regression`` (from the day it is declared on, for as
+long as the deployment serves) and alerts once (flywheel_pipeline/alerts.py);
 at ``full`` the monitor also records the rollback's signed approval, which the approval sensor
 deploys (deploy_champion: a run, and an observation of registered_candidate).
 """
@@ -86,15 +87,16 @@ def _look(context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflo
         seen = monitoring.watch(con, warehouse.home(), config, domain, deployed, day, champion, previous)
         earlier = monitoring.earlier_flags(con, domain, deployed, day)
         action = _act(config, warehouse, client, seen, earlier)
-        monitoring.save_watch(con, seen, action, datetime.now(UTC).replace(tzinfo=None))
+        monitoring.save_watch(con, seen, action, datetime.now(UTC).replace(tzinfo=None), earlier)
     monitoring.log_to_validation_run(client, seen)
     context.log.info(f"{domain} {day}: {seen.summary()}; {action}")
     checks = {"summary": seen.summary(), "action": action}
     metadata = {**checks, "version": f"v{deployed.version}", "days_watched": seen.days_watched,
                 "interactions": seen.n_interactions, "live": _number(seen.live.mean),
                 "difference_vs_previous": _number(seen.difference.mean)}
-    return {"metadata": metadata, "checks": checks, "regressed": seen.regressed,
-            "below_forecast": seen.below_forecast}
+    # a declaration stands for the deployment: the sequence's bound may come back above later
+    return {"metadata": metadata, "checks": checks, "regressed": seen.regressed or earlier[0],
+            "below_forecast": seen.below_forecast or earlier[1]}
 
 
 def _act(config: FlywheelConfig, warehouse: WarehouseResource, client, seen: monitoring.Watch,

@@ -101,7 +101,7 @@ class Options:
 @dataclass(frozen=True)
 class Evidence:
     """Held-out interactions as ``units`` 0..n-1 (``interaction_id``, serving-time features,
-    ``policy``, ``model_version``),
+    ``policy``, ``model_version``, ``event_date``),
     their ``shown`` rows, and their candidates: the ``logged`` lists (``unit``, ``item_id``,
     ``item_content``, ``mu``), else the ``catalogue`` (``item_id``, ``item_content``), else the
     shown items. ``slot_decisions``: each shown slot is judged on its own (see the module)."""
@@ -202,7 +202,9 @@ def assemble(rows: pl.DataFrame, candidates: pl.DataFrame, reward: str,
     or its propensities are per slot)."""
     slate_size = int(rows["position"].max()) + 1 if rows.height else 1
     units = (rows.unique("interaction_id", keep="first", maintain_order=True)
-             .select("interaction_id", *_UNIT_FEATURES, "policy", "model_version").with_row_index("unit"))
+             .select("interaction_id", *_UNIT_FEATURES, "policy",
+                     *(c for c in ("model_version", "event_date") if c in rows.columns))  # the monitor's
+             .with_row_index("unit"))
     unit_of = units.select("interaction_id", "unit")
     shown = (rows.join(unit_of, on="interaction_id")
              .select("unit", "item_id", "item_content", "position", "propensity",
