@@ -181,7 +181,7 @@ def watch(source: Readable, home: Home, config: FlywheelConfig, domain: str, dep
     before) to ``day``."""
     settings = config.domain(domain)
     first = day - timedelta(days=settings.monitor.max_days - 1)
-    if deployed.first_day <= day:  # a deployment recorded after the days watched (a replayed past) watches them all
+    if deployed.first_day <= day:  # else recorded after the days watched (a replayed past): the version's traffic
         first = max(first, deployed.first_day)
     evidence = held_out_evidence(source, home, config, domain,
                                  Windows(first - timedelta(days=1), first - timedelta(days=1), first, day))

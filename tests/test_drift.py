@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from datetime import date, timedelta
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import dagster as dg
 import duckdb
@@ -305,21 +303,9 @@ def test_the_health_assets_metadata_shows_the_drift_table(warehouse) -> None:
     assert _drift_metadata(None) == {"drift": "not measured (no impressions)"}
 
 
-def test_a_drift_episode_is_announced_once_and_semi_launches_no_training(tmp_path, monkeypatch) -> None:
-    received: list[dict] = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("DRIFT_HOOK", f"http://127.0.0.1:{server.server_port}/")
+def test_a_drift_episode_is_announced_once_and_semi_launches_no_training(tmp_path, monkeypatch, webhook) -> None:
+    url, received = webhook
+    monkeypatch.setenv("DRIFT_HOOK", url)
     raw = json.loads(json.dumps(TEST_CONFIG))
     raw["alerts"] = {"webhook_url_env": "DRIFT_HOOK"}
     raw["domains"][DOMAIN]["automation"] = "semi"
@@ -329,7 +315,6 @@ def test_a_drift_episode_is_announced_once_and_semi_launches_no_training(tmp_pat
     with dg.instance_for_test() as instance:
         first = tick(defs, instance)
         again = tick(defs, instance, first.cursor)
-    server.shutdown()
     assert not first.run_requests and not again.run_requests  # semi: people decide training
     assert "automation semi: people decide training" in first.skip_reason.skip_message
     assert [m["kind"] for m in received] == ["drift"]  # once for the episode, not every tick

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime
 
 import numpy as np
@@ -39,7 +40,7 @@ def test_a_regression_is_found_within_days_and_the_bound_tightens():
     first = next(d for d, b in enumerate(bounds) if b.high < 0)
     assert first <= 3
     widths = [b.high - b.low for b in bounds]
-    assert all(a > b for a, b in zip(widths, widths[1:]))
+    assert all(a > b for a, b in itertools.pairwise(widths))
 
 
 def test_too_few_values_or_no_spread():

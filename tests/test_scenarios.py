@@ -19,6 +19,7 @@ from flywheel_pipeline.simulation import simulate, true_accuracy, true_accuracy_
 from flywheel_pipeline.simulation.recommendation import ITEMS, Recommendation
 from flywheel_pipeline.simulation.scenarios import NEW_ITEM_SHARE, NEW_ITEMS, SCENARIOS
 from flywheel_pipeline.simulation.world import World
+from tests.test_simulation import AssistantOracle
 
 CONFIG = load_config(Path(__file__).resolve().parent.parent / "flywheel.yaml")
 START = date(2025, 3, 1)
@@ -40,19 +41,8 @@ def landing(home: Home, domain: str, days: list[date] | None = None) -> dict[str
             if days is None or any(day.isoformat() in f.name for day in days)}
 
 
-class AssistantBefore:
+class AssistantBefore(AssistantOracle):
     """Perfect before the change: reads the hidden truth as the world was created."""
-
-    def __init__(self, home: Home):
-        folder = home.simulator / "assistant"
-        queries = pl.read_parquet(folder / "queries.parquet")
-        good = pl.read_parquet(folder / "candidates.parquet").filter("good").join(queries,
-                                                                                 on="query_id")
-        self.good = set(zip(good["text"], good["response_id"]))
-
-    def predict(self, candidates: pd.DataFrame) -> np.ndarray:
-        return np.array([float((q, r) in self.good)
-                         for q, r in zip(candidates["input_text"], candidates["item_id"])])
 
 
 class RecommendationBefore:
