@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import itertools
-from datetime import datetime
+from datetime import date, datetime
 
+import duckdb
 import numpy as np
 import pytest
 
-from flywheel_pipeline.monitoring import Bound, Deployed, Forecast, Watch, confidence_sequence
+from flywheel_pipeline.health.report import render_html
+from flywheel_pipeline.monitoring import (
+    Bound,
+    Deployed,
+    Forecast,
+    Watch,
+    calibration,
+    confidence_sequence,
+    latest_watch,
+    save_watch,
+)
+from tests.test_health_report import health_report, history, validation
 
 ALPHA = 0.05
 
@@ -62,3 +74,28 @@ def test_a_watch_says_regressed_only_when_the_whole_sequence_is_below(difference
     seen = Watch(deployed(), datetime(2026, 11, 5).date(), 3, 4500, live, difference, margin=0.0)
     assert (seen.regressed, seen.below_forecast) == (regressed, below)
     assert "v4 live" in seen.summary() and "vs v3" in seen.summary()
+
+
+def test_each_deployments_realised_gain_is_set_against_its_forecast_in_the_table_and_the_report(tmp_path):
+    """save_watch keeps a row a day; calibration takes each deployment's latest; the health report
+    shows them with the share that fell within the forecast."""
+    con = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+    assert calibration(con, "recommendation").is_empty()  # before any look
+    good, bad = deployed(), Deployed("recommendation", "5", "4", datetime(2026, 11, 9, 9),
+                                     Forecast(Bound(0.56, 0.52, 0.6), Bound(0.01, -0.01, 0.03)))
+    for day, difference in ((5, Bound(0.01, -0.02, 0.04)), (6, Bound(0.02, 0.0, 0.04))):
+        save_watch(con, Watch(good, date(2026, 11, day), day - 1, 1500 * (day - 1), Bound(0.5, 0.49, 0.51),
+                              difference, 0.0), "healthy", datetime(2026, 11, day, 6))
+    save_watch(con, Watch(bad, date(2026, 11, 12), 3, 4500, Bound(0.5, 0.49, 0.51), Bound(-0.05, -0.07, -0.03), 0.0),
+               "rollback ...", datetime(2026, 11, 12, 6))
+    rows = calibration(con, "recommendation")
+    assert rows["version"].to_list() == ["4", "5"] and rows["realised_gain"].to_list() == [0.02, -0.05]
+    assert rows["within_forecast"].to_list() == [True, False]  # 0.02 in [0.0, 0.04]; -0.05 below [-0.01, 0.03]
+    assert latest_watch(con, "recommendation").startswith("2026-11-12: v5 regressed; rollback")
+
+    report = health_report()
+    page = render_html(report, history(), validation(report), live=rows.to_dicts())
+    section = page[page.index('id="live"'):page.index('id="evidence"')]
+    assert "1 of 2 deployments gained within the interval" in section
+    assert "<td>v5</td><td>v4</td>" in section and "+0.0100 [-0.0100, +0.0300]" in section
+    assert 'id="live"' not in render_html(report, history(), validation(report))
