@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Alert:
     domain: str
-    kind: str  # e.g. live_regression, below_forecast, rolled_back, drift
+    kind: str  # live_regression, drift
     text: str  # one line a person can act on
 
     def payload(self) -> dict[str, str]:

@@ -101,7 +101,9 @@ def _look(context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflo
 
 def _act(config: FlywheelConfig, warehouse: WarehouseResource, client, seen: monitoring.Watch,
          earlier: tuple[bool, bool]) -> str:
-    """Alert on a regression (once per deployment and kind), and at automation full record the rollback."""
+    """Alert on a regression (once per deployment), and at automation full record the rollback. A
+    miss of the forecast warns through its check and the health report's calibration only: the
+    gate's off-policy forecasts can run above live values on every deployment (docs/monitoring.md)."""
     domain, done = seen.deployed.domain, []
     was_regressed, was_below = earlier
     if seen.regressed and not was_regressed:
@@ -116,11 +118,10 @@ def _act(config: FlywheelConfig, warehouse: WarehouseResource, client, seen: mon
             text = (f"v{seen.deployed.version} regressed live: {seen.summary()}; a person decides: "
                     f"`flywheel rollback --domain {domain}` or the rollback_champion job")
         done.append(notify(config, Alert(domain, "live_regression", text)))
-    if seen.below_forecast and not was_below:
-        done.append(notify(config, Alert(domain, "below_forecast",
-                                         f"v{seen.deployed.version} is below its validation's forecast: {seen.summary()}")))
-    if seen.regressed or seen.below_forecast:
+    if seen.regressed or was_regressed:
         return "; ".join(done) or "alerted on an earlier day"
+    if seen.below_forecast or was_below:  # a warning in the UI and the calibration, not a page (docs/monitoring.md)
+        return "below the gate's forecast (the live_vs_forecast check warns)"
     return "healthy"
 
 
