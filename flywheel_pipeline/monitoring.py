@@ -282,11 +282,21 @@ def _has_table(con) -> bool:
 
 
 def latest_watch(con, domain: str) -> str:
-    """The monitor's latest look at the domain's champion, in a line (``flywheel status``)."""
-    rows = con.execute(f"SELECT event_date, version, regressed, below_forecast, action FROM {MONITOR_TABLE} "
-                       "WHERE domain = ? ORDER BY event_date DESC LIMIT 1", [domain]).fetchall() if _has_table(con) else []
+    """The monitor's latest look at the domain's champion, in a line (``flywheel status``); a
+    regression says the day it was declared and what was done then."""
+    if not _has_table(con):
+        return "not run yet"
+    rows = con.execute(f"""
+        SELECT latest.event_date, latest.version, latest.regressed, latest.below_forecast, latest.action,
+               declared.event_date, declared.action
+        FROM (SELECT * FROM {MONITOR_TABLE} WHERE domain = $domain ORDER BY event_date DESC LIMIT 1) AS latest
+        LEFT JOIN (SELECT * FROM {MONITOR_TABLE} WHERE domain = $domain AND regressed
+                   QUALIFY row_number() OVER (PARTITION BY version, deployed_at ORDER BY event_date) = 1) AS declared
+          ON declared.version = latest.version AND declared.deployed_at IS NOT DISTINCT FROM latest.deployed_at
+        """, {"domain": domain}).fetchall()
     if not rows:
         return "not run yet"
-    day, version, regressed, below, action = rows[0]
-    state = "regressed" if regressed else "below its forecast" if below else "healthy"
-    return f"{day}: v{version} {state}; {action}"
+    day, version, regressed, below, action, declared_on, declared_action = rows[0]
+    if regressed:
+        return f"{day}: v{version} regressed (declared {declared_on}: {declared_action})"
+    return f"{day}: v{version} {'below its forecast' if below else 'healthy'}; {action}"

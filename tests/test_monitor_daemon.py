@@ -105,7 +105,7 @@ def test_at_full_a_live_regression_is_rolled_back_without_a_person(bad_deploymen
         main(["status"])
         shown = capsys.readouterr().out
         assert f"champion=v{bad_deployment['v1']}" in shown and "rollback: v" in shown
-        assert "regressed; rollback to v" in shown  # the monitor's latest look
+        assert f"v{bad_deployment['v2']} regressed (declared " in shown and ": rollback to v" in shown  # the monitor
 
 
 def test_at_oversight_the_same_regression_alerts_and_nothing_moves(bad_deployment, webhook):

@@ -91,7 +91,7 @@ def test_each_deployments_realised_gain_is_set_against_its_forecast_in_the_table
     rows = calibration(con, "recommendation")
     assert rows["version"].to_list() == ["4", "5"] and rows["realised_gain"].to_list() == [0.02, -0.05]
     assert rows["within_forecast"].to_list() == [True, False]  # 0.02 in [0.0, 0.04]; -0.05 below [-0.01, 0.03]
-    assert latest_watch(con, "recommendation").startswith("2026-11-12: v5 regressed; rollback")
+    assert latest_watch(con, "recommendation") == "2026-11-12: v5 regressed (declared 2026-11-12: rollback ...)"
 
     report = health_report()
     page = render_html(report, history(), validation(report), live=rows.to_dicts())
