@@ -8,20 +8,22 @@ Per seed, one recommendation domain at automation ``full`` (lookback 7, holdout 
 reward), in a fresh home, at the demo's 1,500 interactions a day:
 
 1. 10 days served by the baseline, a cycle: v1 passes and is deployed (the approval sensor's
-   path: ``approval.deploy`` of the pending approvals);
-2. a scenario (simulation/scenarios.py) from the day after: ``stale_holdout`` (a fad during the next
-   10 days, gone after them), or none (a healthy run); 10 days served by v1, a cycle: v2, fitted
-   and held out inside the fad, passes and is deployed;
-3. ``--watch-days`` days served by v2, then the domain's monitor job over them (the real
+   path: ``approval.deploy`` of the pending approvals); the monitor watches v1's 10 days (a healthy
+   deployment: no scenario strikes before the event but stale_holdout's fad);
+2. a second cycle at the event day: v2 is deployed if it passes;
+3. the event (simulation/scenarios.py): ``stale_holdout`` (a fad during the 10 days before it, gone
+   from it: v2, fitted and held out inside the fad, loses live to v1), ``preference_shift`` (2
+   segments swap tastes) or ``new_items`` (60 unseen items, a quarter of the candidates);
+4. ``--watch-days`` days served by the champion, then the domain's monitor job over them (the real
    ``<domain>_monitor`` run: accumulate, dbt, and champion_monitor's looks, one a day in order, as
-   daily runs make them); a rollback approval it records is deployed as the sensor would.
-Every run but stale_holdout's (whose fad starts after v1's deployment) also watches v1 on its 10
-days, before any event: a healthy deployment.
+   daily runs make them); a rollback approval it records is deployed as the sensor would; and what
+   the drift sensor measures on each of those days.
 
-For each run it prints the true values of v1 and v2 after the event (``true_accuracy_on``), the
-day the monitor first declared a regression (``live_regression``) or a miss of the forecast
-(``live_vs_forecast``), and the day the rollback was deployed; on healthy runs, any regression
-declared is a false alarm and any rollback a false rollback.
+It prints, per watched deployment, the true gap (stale_holdout: v2 - v1 after the event; the other
+scenarios: the champion's true value after - before), the day the monitor first declared a
+regression (``live_regression``) or a miss of the forecast (``live_vs_forecast``), the day of the
+rollback, and the first day drift passed its thresholds; on healthy deployments any declaration is
+a false alarm and any rollback a false rollback.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from flywheel_pipeline.config import load_config
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.defs.monitor import monitor_job_name
 from flywheel_pipeline.defs.partitions import range_tags
+from flywheel_pipeline.health.drift import domain_drift
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import baseline_scorer
 from flywheel_pipeline.warehouse import connect
@@ -164,13 +167,14 @@ class Watched:
     """One deployment watched: the scenario its days lived through, what was declared and when."""
 
     seed: int
-    scenario: str  # healthy, or the scenario that struck after the deployment
+    scenario: str  # healthy, or the scenario that struck while it served
     version: str
-    true_gap: float  # true value of the deployed version - the one it replaced, on the first watched day
+    true_gap: float  # stale_holdout: true value of v2 - v1; others: the champion's true value after - before
     looks: int
     alert_day: int | None = None  # live_regression declared
     forecast_day: int | None = None  # live_vs_forecast declared
     rollback_day: int | None = None  # the rollback's approval recorded (full), deployed by the sensor right after
+    drift_day: int | None = None  # the drift sensor's measure beyond its thresholds
 
 
 def watched(loop: Loop, looks: list[Look], scenario: str, version: str, gap: float) -> Watched:
@@ -181,26 +185,48 @@ def watched(loop: Loop, looks: list[Look], scenario: str, version: str, gap: flo
     return record
 
 
+def drift_day(loop: Loop, version: str, first: date, days: int) -> int | None:
+    """The first of ``days`` days from ``first`` whose recent traffic drifted from the champion's
+    training window (what the drift sensor measures on its tick)."""
+    settings = loop.config.domain(DOMAIN)
+    tags = registry.version_tags(loop.client, DOMAIN, version)
+    with connect(loop.home.warehouse(DOMAIN), read_only=True) as con:
+        for offset in range(days):
+            report = domain_drift(con, settings, DOMAIN, version, tags, as_of=first + timedelta(days=offset))
+            if report is not None and report.drifted:
+                return offset
+    return None
+
+
 def run(root: Path, seed: int, scenario: str | None, watch_days: int, per_day: int,
         verbose: bool = False) -> list[Watched]:
     """Deploy v1 and watch it on the 10 days before the next cycle (healthy: no scenario strikes
-    before the event but stale_holdout's fad); deploy v2 and watch it ``watch_days`` days after the event."""
+    before the event but stale_holdout's fad); run the second cycle (v2 deployed if it passes) and
+    watch the champion then serving ``watch_days`` days after the event."""
     loop = Loop(root, seed, per_day=per_day, scenario=scenario, verbose=verbose)
     loop.serve(FIRST, WARMUP_DAYS)
     v1 = loop.cycle(FIRST, FIRST + timedelta(days=WARMUP_DAYS - 1))
     second = FIRST + timedelta(days=WARMUP_DAYS)
     loop.serve(second, WARMUP_DAYS)
     out = []
-    if v1 is not None and scenario != "stale_holdout":  # v1's days are untouched but by stale_holdout's fad
-        out.append(watched(loop, loop.monitor(second, loop.event - timedelta(days=1)), "healthy", v1, float("nan")))
-    v2 = loop.cycle(second - timedelta(days=loop.config.max_lateness_days), loop.event - timedelta(days=1))
-    if v1 is None or v2 is None or v2 == v1:
+    if v1 is None:
         loop.instance.dispose()
         return out
-    gap = loop.true_value(v2, loop.event) - loop.true_value(v1, loop.event)
+    if scenario != "stale_holdout":  # v1's days are untouched but by stale_holdout's fad
+        out.append(watched(loop, loop.monitor(second, loop.event - timedelta(days=1)), "healthy", v1, float("nan")))
+    v2 = loop.cycle(second - timedelta(days=loop.config.max_lateness_days), loop.event - timedelta(days=1))
+    serving = v2 or v1
+    if scenario == "stale_holdout" and serving == v1:
+        loop.instance.dispose()
+        return out  # the fad's candidate did not pass: nothing was deployed to lose live
+    before = loop.event - timedelta(days=1)
+    gap = (loop.true_value(v2, loop.event) - loop.true_value(v1, loop.event) if scenario == "stale_holdout"
+           else loop.true_value(serving, loop.event) - loop.true_value(serving, before))
     loop.serve(loop.event, watch_days)
     looks = loop.monitor(loop.event, loop.event + timedelta(days=watch_days - 1))
-    out.append(watched(loop, looks, scenario or "healthy", v2, gap))
+    record = watched(loop, looks, scenario or "healthy", serving, gap)
+    record.drift_day = drift_day(loop, serving, loop.event, watch_days)
+    out.append(record)
     loop.deploy_pending()  # what the approval sensor does with a rollback's approval
     loop.instance.dispose()
     return out
@@ -237,19 +263,20 @@ def main() -> None:
         results += mine
         for w in mine:
             print(f"  seed {seed} {w.scenario:<16} v{w.version}: true gap {w.true_gap:+.3f}; {w.looks} looks; "
-                  f"regression day {w.alert_day}, below forecast day {w.forecast_day}, rollback day {w.rollback_day}",
-                  flush=True)
+                  f"regression day {w.alert_day}, below forecast day {w.forecast_day}, rollback day {w.rollback_day}, "
+                  f"drift day {w.drift_day}", flush=True)
         print(f"  ({scenario or 'healthy'} seed {seed}: {time.monotonic() - started:.0f}s)", flush=True)
     print("\n| deployments | n | true gap (mean) | live_regression declared (days) | live_vs_forecast declared (days) "
-          "| rolled back (days) |")
-    print("|---|---|---|---|---|---|")
+          "| rolled back (days) | drift (days) |")
+    print("|---|---|---|---|---|---|---|")
     for scenario in ["healthy", *args.scenarios]:
         mine = [w for w in results if w.scenario == scenario]
         gaps = [w.true_gap for w in mine if w.true_gap == w.true_gap]
         gap = f"{sum(gaps) / len(gaps):+.3f}" if gaps else "-"
 
         print(f"| {scenario} | {len(mine)} | {gap} | {_days([w.alert_day for w in mine])} "
-              f"| {_days([w.forecast_day for w in mine])} | {_days([w.rollback_day for w in mine])} |")
+              f"| {_days([w.forecast_day for w in mine])} | {_days([w.rollback_day for w in mine])} "
+              f"| {_days([w.drift_day for w in mine])} |")
     print("(days from the first day of traffic after the event or deployment, 0 = that day; on healthy deployments "
           "every declaration is a false alarm and every rollback a false rollback)")
 
