@@ -241,6 +241,7 @@ def _days(values: list[int | None]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5, help="seeds per scenario")
+    parser.add_argument("--first-seed", type=int, default=1)
     parser.add_argument("--healthy-seeds", type=int, default=10, help="seeds of healthy runs (2 deployments each)")
     parser.add_argument("--watch-days", type=int, default=7)
     parser.add_argument("--per-day", type=int, default=1500)
@@ -249,8 +250,9 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    plan = [(None, seed) for seed in range(1, args.healthy_seeds + 1)]
-    plan += [(scenario, seed) for scenario in args.scenarios for seed in range(1, args.seeds + 1)]
+    first = args.first_seed
+    plan = [(None, seed) for seed in range(first, first + args.healthy_seeds)]
+    plan += [(scenario, seed) for scenario in args.scenarios for seed in range(first, first + args.seeds)]
     results: list[Watched] = []
     for scenario, seed in plan:
         started = time.monotonic()

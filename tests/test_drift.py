@@ -131,7 +131,7 @@ def test_new_items_are_counted_and_named_with_every_psi() -> None:
     assert report.new_item_share == pytest.approx(0.3, abs=0.05)
     assert report.drifted and report.reasons == (f"new items: {report.new_item_share:.1%} of recent impressions > 20%",)
     names = [f.feature for f in report.features]
-    assert names == ["segment", "is_new_user", "policy", "context:hour", "input_length"]  # no tokens: a recommender
+    assert names == ["segment", "context:hour", "input_length"]  # no tokens: a recommender
     assert report.largest.psi < 0.05  # the inputs did not move
     assert report.measures()["new_item_share"] == report.new_item_share
     assert "input_tokens" in [f.feature for f in measure(

@@ -8,14 +8,16 @@ from ``marts.fct_impressions`` (``sources.IMPRESSIONS``), never after the recent
 Per serving feature (``scoring.SERVING_FEATURES``) that describes the request rather than naming a
 user or an item, the population stability index between the two windows' distributions:
 
-    segment, is_new_user, policy     categories (a missing value is its own category)
+    segment                          categories (a missing value is its own category)
     context:<name>                   each numeric context feature (``context_features`` JSON),
                                      binned by the reference's deciles; absent is its own bin
     input_length                     the input text's length in characters, by the same deciles
     input_tokens                     (assistant) the share of each of the reference's top
                                      TOP_TOKENS tokens among the input's tokens, the rest as one
 
-The identities (``user_id``, ``item_id``, ``item_content``) have too many values for a PSI; the
+``is_new_user`` and ``policy`` describe the product's age and its exploration, not what users ask:
+a young product's share of new users falls week after week (the simulator's does, from 100%), and
+would read as drift every day. The identities (``user_id``, ``item_id``, ``item_content``) have too many values for a PSI; the
 items' drift is measured instead as the share of recent impressions whose item the reference window
 never showed (``new_item_share``).
 
@@ -63,7 +65,7 @@ DECILES = np.linspace(0.1, 0.9, 9)  # a numeric feature's bin edges: the referen
 TOP_TOKENS = 20  # the input tokens compared one by one; the rest are one bin
 MISSING = "(missing)"
 OTHER = "(other)"
-CATEGORICAL = ("segment", "is_new_user", "policy")
+CATEGORICAL = ("segment",)
 COLUMNS = ["event_date", "interaction_id", "item_id", "policy", "is_new_user", "segment", "context_features",
            "input_text"]
 TRAIN_START_TAG, TRAIN_END_TAG = "training.train_start", "training.train_end"  # the champion's lineage
