@@ -178,7 +178,8 @@ def watch(source: Readable, home: Home, config: FlywheelConfig, domain: str, dep
           champion: Scorer, previous: Scorer) -> Watch:
     """The champion's live value and its difference from the previous champion, over the
     interactions its version served from its deployment's day (at most ``monitor.max_days``
-    before) to ``day``."""
+    before) to ``day``, and never before the last day the version it replaced served (a version
+    restored by a rollback is judged on its traffic since, not on its earlier turn)."""
     settings = config.domain(domain)
     first = day - timedelta(days=settings.monitor.max_days - 1)
     if deployed.first_day <= day:  # else recorded after the days watched (a replayed past): the version's traffic
@@ -186,6 +187,9 @@ def watch(source: Readable, home: Home, config: FlywheelConfig, domain: str, dep
     evidence = held_out_evidence(source, home, config, domain,
                                  Windows(first - timedelta(days=1), first - timedelta(days=1), first, day))
     served = evidence.units["model_version"] == deployed.version
+    replaced = evidence.units.filter(pl.col("model_version") == (deployed.previous_version or "baseline"))
+    if not replaced.is_empty():  # only what it served since it replaced the previous version
+        served = served & (evidence.units["event_date"] >= replaced["event_date"].max())
     if not served.any():
         return Watch(deployed, day, 0, 0, Bound.undefined(), Bound.undefined(), settings.monitor.regression_margin)
     days = (day - evidence.units.filter(served)["event_date"].min()).days + 1

@@ -11,6 +11,7 @@ out inside the fad, pass its gate and then lose live to the champion it replaced
 from __future__ import annotations
 
 import shutil
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def test_at_full_a_live_regression_is_rolled_back_without_a_person(bad_deploymen
         assert tags["approval.approver"] == "flywheel:auto" and tags["approval.reason"].startswith(
             f"rollback: v{bad_deployment['v2']} regressed live")
         main(["status"])
-        shown = capsys.readouterr().out
+        shown = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
         assert f"champion=v{bad_deployment['v1']}" in shown and "rollback: v" in shown
         assert f"v{bad_deployment['v2']} regressed (declared " in shown and ": rollback to v" in shown  # the monitor
 
@@ -126,14 +127,39 @@ def test_at_oversight_the_same_regression_alerts_and_nothing_moves(bad_deploymen
     assert registry.alias_version(client_of(home), DOMAIN, registry.CHAMPION) == bad_deployment["v2"]
 
 
-def wait_for_run(instance: dg.DagsterInstance, job: str, timeout: float = 180) -> dg.DagsterRun:
-    """The first run of ``job``, once finished (a sensor launches it within its interval)."""
-    import time
+def test_new_items_drift_launches_an_off_cadence_cycle_through_the_sensor(tmp_path):
+    """The simulator's new_items scenario: from the day on a quarter of the candidates are items the
+    training window never showed; once those days are in the warehouse, the daemon's drift sensor
+    launches the domain's cycle, tagged as drift's, without a schedule or a person."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI", "FLYWHEEL_CONFIG"):
+            patch.delenv(name, raising=False)
+        loop = Loop(tmp_path, SEED, scenario="new_items")
+        first = loop.event - timedelta(days=10)
+        loop.serve(first, 13)  # 10 days as before, 3 with new items
+        last = first + timedelta(days=12)
+        job = loop.defs.resolve_job_def(monitor_job_name(DOMAIN))  # accumulate + marts, nothing to watch yet
+        assert job.execute_in_process(instance=loop.instance, tags=range_tags(DOMAIN, first, last)).success
+        loop.instance.dispose()
+        raw = yaml.safe_load((tmp_path / "flywheel.yaml").read_text())
+        raw["daemon"] = {"late_label_sensor_seconds": 5, "approval_sensor_seconds": 5}
+        (tmp_path / "flywheel.yaml").write_text(yaml.safe_dump(raw))
+        _, started = services(tmp_path, patch)
+        with started as dagster:
+            drift_cycle = wait_for_run(dagster.instance, f"{DOMAIN}_cycle", timeout=300, finished=False)
+            # the launch is the sensor's part (a cycle's own run is tests/test_pipeline.py's): stop it
+            dagster.instance.run_coordinator.cancel_run(drift_cycle.run_id)
+        assert drift_cycle.tags["dagster/sensor_name"] == "drift_sensor"
+        assert drift_cycle.tags["flywheel/reason"] == "drift" and "new items" in drift_cycle.tags["flywheel/drift"]
 
+
+def wait_for_run(instance: dg.DagsterInstance, job: str, timeout: float = 180, finished: bool = True) -> dg.DagsterRun:
+    """The latest run of ``job`` once it exists (and, with ``finished``, has finished): a sensor
+    launches it within its interval."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         runs = instance.get_runs(dg.RunsFilter(job_name=job))
-        if runs and runs[0].is_finished:
+        if runs and (runs[0].is_finished or not finished):
             return runs[0]
         time.sleep(2)
-    raise AssertionError(f"no finished {job} run within {timeout:.0f}s")
+    raise AssertionError(f"no {'finished ' if finished else ''}{job} run within {timeout:.0f}s")

@@ -16,7 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
 
-from flywheel_pipeline import approval, monitoring
+from flywheel_pipeline import approval, monitoring, registry
 from flywheel_pipeline.alerts import Alert, notify
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.defs.jobs import warehouse_tags
@@ -107,7 +107,9 @@ def _act(config: FlywheelConfig, warehouse: WarehouseResource, client, seen: mon
     domain, done = seen.deployed.domain, []
     was_regressed, was_below = earlier
     if seen.regressed and not was_regressed:
-        if config.domain(domain).automation == "full" and seen.deployed.previous_version is not None:
+        restored = registry.version_tags(client, domain, seen.deployed.version).get("approval.reason", "")
+        if (config.domain(domain).automation == "full" and seen.deployed.previous_version is not None
+                and not restored.startswith("rollback:")):  # a rollback is never undone without a person
             with warehouse.approvals() as con:
                 record = approval.record_rollback(con, client, config, approval.signing_key(warehouse.home()),
                                                   domain, f"v{seen.deployed.version} regressed live: {seen.summary()}")
