@@ -27,6 +27,7 @@ from flywheel_pipeline.defs.monitor import monitor_job_name
 from flywheel_pipeline.defs.partitions import range_tags
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.launcher import local_dagster
+from flywheel_pipeline.warehouse import connect
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 WATCH_DAYS = 8
@@ -93,8 +94,7 @@ def test_at_full_a_live_regression_is_rolled_back_without_a_person(bad_deploymen
     with pytest.MonkeyPatch.context() as patch:
         home, started = services(bad_deployment["full"], patch)
         with started as dagster:
-            run = dagster.wait(dagster.submit(monitor_job_name(DOMAIN), tags=range_tags(DOMAIN, first, last)))
-            assert check_results(dagster.instance, run.run_id)["live_regression"] is False
+            dagster.wait(dagster.submit(monitor_job_name(DOMAIN), tags=range_tags(DOMAIN, first, last)))
             deploy = wait_for_run(dagster.instance, "deploy_champion")
             assert deploy.status == dg.DagsterRunStatus.SUCCESS
             assert deploy.tags["dagster/sensor_name"] == "approval_sensor"  # no person launched it
@@ -103,10 +103,14 @@ def test_at_full_a_live_regression_is_rolled_back_without_a_person(bad_deploymen
         tags = registry.version_tags(client, DOMAIN, bad_deployment["v1"])
         assert tags["approval.approver"] == "flywheel:auto" and tags["approval.reason"].startswith(
             f"rollback: v{bad_deployment['v2']} regressed live")
+        with connect(home.warehouse(DOMAIN), read_only=True) as con:  # the day v2 was found regressed, kept
+            [(declared,)] = con.execute("SELECT min(event_date) FILTER (regressed) FROM health.champion_monitor "
+                                        "WHERE version = ?", [bad_deployment["v2"]]).fetchall()
+        assert first <= declared <= last
         main(["status"])
         shown = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
-        assert f"champion=v{bad_deployment['v1']}" in shown and "rollback: v" in shown
-        assert f"v{bad_deployment['v2']} regressed (declared " in shown and ": rollback to v" in shown  # the monitor
+        assert f"champion=v{bad_deployment['v1']}" in shown and f"previous=v{bad_deployment['v2']}" in shown
+        assert f"flywheel:auto: rollback: v{bad_deployment['v2']} regressed live" in shown
 
 
 def test_at_oversight_the_same_regression_alerts_and_nothing_moves(bad_deployment, webhook):
