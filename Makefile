@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export FLYWHEEL_HOME ?= $(CURDIR)/.flywheel
 export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
 
-.PHONY: setup demo test test-fast ui mlflow-ui postgres benchmark clean
+.PHONY: setup demo test test-monitor test-fast ui mlflow-ui postgres benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -24,7 +24,10 @@ demo: setup
 
 # The full suite on two workers (tests/conftest.py groups the modules), with the slowest tests named.
 test: setup
-	$(BIN)/pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15
+	$(BIN)/pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15 -m "not monitor_daemon"
+
+test-monitor: setup
+	$(BIN)/pytest -q -n 0 -m monitor_daemon --durations=5
 
 # Before each commit: the tests not marked slow (no cycle, no Dagster services, no database server).
 test-fast: setup

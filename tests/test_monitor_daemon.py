@@ -29,7 +29,7 @@ from flywheel_pipeline.home import Home
 from flywheel_pipeline.launcher import local_dagster
 from flywheel_pipeline.warehouse import connect
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.slow, pytest.mark.monitor_daemon, pytest.mark.timeout(1500)]
 WATCH_DAYS = 8
 SEED = 1
 WEBHOOK_ENV = "FLYWHEEL_TEST_WEBHOOK"
