@@ -41,8 +41,9 @@ def bad_deployment(tmp_path_factory):
     WATCH_DAYS served since; and a copy of it, before any monitor ran, set to oversight."""
     root = tmp_path_factory.mktemp("monitor-full")
     with pytest.MonkeyPatch.context() as patch:
-        for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI", "FLYWHEEL_CONFIG"):
+        for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
             patch.delenv(name, raising=False)
+        patch.setenv("FLYWHEEL_CONFIG", str(root / "flywheel.yaml"))  # Loop sets it too: undone after
         loop = Loop(root, SEED, scenario="stale_holdout")
         first = loop.event - timedelta(days=20)
         loop.serve(first, 10)
@@ -136,8 +137,9 @@ def test_new_items_drift_launches_an_off_cadence_cycle_through_the_sensor(tmp_pa
     training window never showed; once those days are in the warehouse, the daemon's drift sensor
     launches the domain's cycle, tagged as drift's, without a schedule or a person."""
     with pytest.MonkeyPatch.context() as patch:
-        for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI", "FLYWHEEL_CONFIG"):
+        for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
             patch.delenv(name, raising=False)
+        patch.setenv("FLYWHEEL_CONFIG", str(tmp_path / "flywheel.yaml"))  # Loop sets it too: undone after
         loop = Loop(tmp_path, SEED, scenario="new_items")
         first = loop.event - timedelta(days=10)
         loop.serve(first, 13)  # 10 days as before, 3 with new items
