@@ -42,7 +42,7 @@ def bad_deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("monitor-full")
     with pytest.MonkeyPatch.context() as patch:
         for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
-            patch.delenv(name, raising=False)
+            patch.setenv(name, "")  # the Loop's home sets them: recorded here, so they are undone after
         patch.setenv("FLYWHEEL_CONFIG", str(root / "flywheel.yaml"))  # Loop sets it too: undone after
         loop = Loop(root, SEED, scenario="stale_holdout")
         first = loop.event - timedelta(days=20)
@@ -138,7 +138,7 @@ def test_new_items_drift_launches_an_off_cadence_cycle_through_the_sensor(tmp_pa
     launches the domain's cycle, tagged as drift's, without a schedule or a person."""
     with pytest.MonkeyPatch.context() as patch:
         for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
-            patch.delenv(name, raising=False)
+            patch.setenv(name, "")  # the Loop's home sets them: recorded here, so they are undone after
         patch.setenv("FLYWHEEL_CONFIG", str(tmp_path / "flywheel.yaml"))  # Loop sets it too: undone after
         loop = Loop(tmp_path, SEED, scenario="new_items")
         first = loop.event - timedelta(days=10)
