@@ -304,8 +304,10 @@ def _print_status(home: Home, config: FlywheelConfig) -> None:
     for domain in config.domains:
         path = home.warehouse(domain)
         console.print(f"{domain}: warehouse {path}" + ("" if path.exists() else " (none yet)"))
+        watched = "not run yet"
         if path.exists():
             with connect(path, read_only=True) as con:
+                watched = latest_watch(con, domain)
                 tables = con.execute(
                     """SELECT table_schema || '.' || table_name FROM information_schema.tables
                        WHERE table_schema IN ('raw', 'marts', 'labels') ORDER BY 1"""
@@ -319,9 +321,7 @@ def _print_status(home: Home, config: FlywheelConfig) -> None:
         console.print(f"  {registry.model_name(domain)}: champion={champion}, "
                       + ", ".join(f"{alias}=v{v}" if v else f"{alias}=none" for alias, v in others.items()))
         console.print(f"  champion: {registry.champion_summary(client, domain)}")
-        if path.exists():
-            with connect(path, read_only=True) as con:
-                console.print(f"  monitor: {latest_watch(con, domain)}")
+        console.print(f"  monitor: {watched}")
 
 
 def cmd_warehouse_split(args: argparse.Namespace) -> None:

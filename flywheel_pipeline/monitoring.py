@@ -207,11 +207,6 @@ def _values(scored, role: str) -> np.ndarray:
     return terms.direct + terms.residual
 
 
-def load_version(deployed: Deployed) -> Scorer:
-    """The deployed version's model."""
-    return mlflow.pyfunc.load_model(f"models:/{registry.model_name(deployed.domain)}/{deployed.version}")
-
-
 def earlier_flags(con, domain: str, deployed: Deployed, day: date) -> tuple[bool, bool]:
     """Whether this deployment was already found regressed, and below its forecast, before ``day``
     (an alert goes out once per deployment and kind)."""
@@ -223,11 +218,11 @@ def earlier_flags(con, domain: str, deployed: Deployed, day: date) -> tuple[bool
     return bool(regressed), bool(below)
 
 
-def previous_scorer(client: MlflowClient, config: FlywheelConfig, deployed: Deployed) -> Scorer:
-    """The model the champion replaced, or the domain's baseline."""
-    if deployed.previous_version is None:
-        return baseline_scorer(config.domain(deployed.domain).shape)
-    return mlflow.pyfunc.load_model(f"models:/{registry.model_name(deployed.domain)}/{deployed.previous_version}")
+def version_scorer(config: FlywheelConfig, domain: str, version: str | None) -> Scorer:
+    """A registered version's model, or the domain's baseline for None."""
+    if version is None:
+        return baseline_scorer(config.domain(domain).shape)
+    return mlflow.pyfunc.load_model(f"models:/{registry.model_name(domain)}/{version}")
 
 
 def save_watch(con, watch: Watch, action: str, watched_at: datetime, earlier: tuple[bool, bool] = (False, False)) -> None:

@@ -41,10 +41,7 @@ def bad_deployment(tmp_path_factory):
     WATCH_DAYS served since; and a copy of it, before any monitor ran, set to oversight."""
     root = tmp_path_factory.mktemp("monitor-full")
     with pytest.MonkeyPatch.context() as patch:
-        for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
-            patch.setenv(name, "")  # the Loop's home sets them: recorded here, so they are undone after
-        patch.setenv("FLYWHEEL_CONFIG", str(root / "flywheel.yaml"))  # Loop sets it too: undone after
-        loop = Loop(root, SEED, scenario="stale_holdout")
+        loop = simulated(patch, root, "stale_holdout")
         first = loop.event - timedelta(days=20)
         loop.serve(first, 10)
         v1 = loop.cycle(first, first + timedelta(days=9))
@@ -59,6 +56,15 @@ def bad_deployment(tmp_path_factory):
     shutil.copytree(root, oversight)
     configure(oversight, automation="oversight", alerts={"webhook_url_env": WEBHOOK_ENV})
     return {"full": root, "oversight": oversight, "v1": v1, "v2": v2, "days": (loop.event, loop.event + timedelta(days=WATCH_DAYS - 1))}
+
+
+def simulated(patch: pytest.MonkeyPatch, root: Path, scenario: str) -> Loop:
+    """The benchmark's simulated project under ``root``; the variables its home sets are recorded
+    in ``patch`` first, so they are undone after."""
+    for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
+        patch.setenv(name, "")
+    patch.setenv("FLYWHEEL_CONFIG", str(root / "flywheel.yaml"))
+    return Loop(root, SEED, scenario=scenario)
 
 
 def configure(root: Path, alerts: dict | None = None, **domain: object) -> None:
@@ -137,10 +143,7 @@ def test_new_items_drift_launches_an_off_cadence_cycle_through_the_sensor(tmp_pa
     training window never showed; once those days are in the warehouse, the daemon's drift sensor
     launches the domain's cycle, tagged as drift's, without a schedule or a person."""
     with pytest.MonkeyPatch.context() as patch:
-        for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
-            patch.setenv(name, "")  # the Loop's home sets them: recorded here, so they are undone after
-        patch.setenv("FLYWHEEL_CONFIG", str(tmp_path / "flywheel.yaml"))  # Loop sets it too: undone after
-        loop = Loop(tmp_path, SEED, scenario="new_items")
+        loop = simulated(patch, tmp_path, "new_items")
         first = loop.event - timedelta(days=10)
         loop.serve(first, 13)  # 10 days as before, 3 with new items
         last = first + timedelta(days=12)

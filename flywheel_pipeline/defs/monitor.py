@@ -23,6 +23,7 @@ from flywheel_pipeline.defs.jobs import warehouse_tags
 from flywheel_pipeline.defs.partitions import day_domain_partitions, range_tags, run_scope
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.defs.transform import DBT_MODELS, RAW_EVENTS, fct_impressions_key
+from flywheel_pipeline.scoring import Scorer
 
 MONITOR = "champion_monitor"
 CHECKS = {
@@ -56,7 +57,8 @@ def build_monitor_asset(config: FlywheelConfig, domain: str) -> dg.AssetsDefinit
         run_domain, days = run_scope(context, partitions)
         if run_domain != domain:
             raise dg.Failure(f"{key.to_user_string()} watches {domain}, not {run_domain}")
-        looks = [_look(context, warehouse, mlflow, domain, day) for day in days]
+        scorers: dict[str | None, Scorer] = {}  # each version's model, loaded once for the run's days
+        looks = [_look(context, warehouse, mlflow, domain, day, scorers) for day in days]
         last = looks[-1]
         yield dg.MaterializeResult(metadata=last["metadata"])
         yield dg.AssetCheckResult(check_name="live_regression", passed=not last["regressed"],
@@ -68,7 +70,7 @@ def build_monitor_asset(config: FlywheelConfig, domain: str) -> dg.AssetsDefinit
 
 
 def _look(context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflow: MlflowResource, domain: str,
-          day: date) -> dict:
+          day: date, scorers: dict[str | None, Scorer]) -> dict:
     """One day's watch: saved, alerted, and (automation full) the rollback recorded."""
     config, client = warehouse.config(), mlflow.client()
     with warehouse.approvals() as con:
@@ -81,8 +83,10 @@ def _look(context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflo
         context.log.info(text)
         return {"metadata": {"watching": text}, "checks": {"watching": text}, "regressed": False,
                 "below_forecast": False}
-    previous = monitoring.previous_scorer(client, config, deployed)
-    champion = monitoring.load_version(deployed)
+    for version in (deployed.version, deployed.previous_version):
+        if version not in scorers:
+            scorers[version] = monitoring.version_scorer(config, domain, version)
+    champion, previous = scorers[deployed.version], scorers[deployed.previous_version]
     with warehouse.connect(domain) as con:
         seen = monitoring.watch(con, warehouse.home(), config, domain, deployed, day, champion, previous)
         earlier = monitoring.earlier_flags(con, domain, deployed, day)

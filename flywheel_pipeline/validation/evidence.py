@@ -174,8 +174,8 @@ class Evidence:
         at_shown = pl.concat_list([pl.when(pl.col("position") == j).then(pl.col("propensity").fill_null(np.nan))
                                    .otherwise(0.0) for j in range(size)])
         mu = frame.select(pl.coalesce(pl.col("mu").list.head(size), at_shown).list.to_array(size))
-        options = Options(frame.drop("mu"), mu.to_series().to_numpy().reshape(-1, size).astype(float))
-        return Options(options.frame, options.mu, self._slots(frame, shown) if self.slot_decisions else None)
+        return Options(frame.drop("mu"), mu.to_series().to_numpy().reshape(-1, size).astype(float),
+                       self._slots(frame, shown) if self.slot_decisions else None)
 
     def _unlogged(self, units: pl.DataFrame, shown: pl.DataFrame) -> list[pl.DataFrame]:
         """Candidates of units without a logged list: the catalogue (and any shown item it lacks),
