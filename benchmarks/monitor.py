@@ -48,6 +48,7 @@ import yaml
 from flywheel_pipeline import approval, registry, simulation
 from flywheel_pipeline.config import load_config
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
+from flywheel_pipeline.demo import holdback_scorer
 from flywheel_pipeline.defs.monitor import monitor_job_name
 from flywheel_pipeline.defs.partitions import range_tags
 from flywheel_pipeline.health.drift import domain_drift
@@ -62,12 +63,15 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 REPO = Path(__file__).resolve().parent.parent
 
 
-def project(root: Path, automation: str, webhook_env: str | None = None) -> Path:
-    """flywheel.yaml with the recommendation domain alone, short windows, clicks as the reward."""
+def project(root: Path, automation: str, webhook_env: str | None = None, holdback: float | None = None) -> Path:
+    """flywheel.yaml with the recommendation domain alone, short windows, clicks as the reward
+    (``holdback``: the monitor's, else flywheel.yaml's)."""
     raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
     domain = raw["domains"][DOMAIN]
     domain.update(lookback_days=7, holdout_days=3, automation=automation, label_maturity={"outcome": "click"},
                   approvers=["recsys-lead"])
+    if holdback is not None:
+        domain.setdefault("monitor", {})["holdback"] = holdback
     raw["domains"] = {DOMAIN: domain}
     if webhook_env:
         raw["alerts"] = {"webhook_url_env": webhook_env}
@@ -88,8 +92,9 @@ class Loop:
     """One seed's home, its Dagster instance and MLflow, and what serves."""
 
     def __init__(self, root: Path, seed: int, automation: str = "full", per_day: int = 1500,
-                 scenario: str | None = None, webhook_env: str | None = None, verbose: bool = False) -> None:
-        config_path = project(root, automation, webhook_env)
+                 scenario: str | None = None, webhook_env: str | None = None, verbose: bool = False,
+                 holdback: float | None = None) -> None:
+        config_path = project(root, automation, webhook_env, holdback)
         os.environ["FLYWHEEL_CONFIG"] = str(config_path)  # what the runs' resources read
         self.config, self.seed, self.per_day, self.scenario = load_config(config_path), seed, per_day, scenario
         self.verbose = verbose
@@ -106,9 +111,12 @@ class Loop:
         return mlflow.pyfunc.load_model(uri) if uri else baseline_scorer("recommendation")
 
     def serve(self, first: date, days: int) -> None:
+        """Serve ``days`` days with the champion, and the holdback while the registry has one
+        (as a serving system reads them: registry.active_holdback)."""
         version = registry.alias_version(self.client, DOMAIN, registry.CHAMPION) or "baseline"
+        held = holdback_scorer(DOMAIN)
         simulation.simulate(self.home, self.config, first, days, seed=self.seed, interactions_per_day=self.per_day,
-                            scorers={DOMAIN: self.champion()}, model_versions={DOMAIN: version},
+                            scorers={DOMAIN: self.champion()}, model_versions={DOMAIN: version}, holdbacks={DOMAIN: held} if held else None,
                             scenario=self.scenario, scenario_day=self.event if self.scenario else None,
                             scenario_span_days=WARMUP_DAYS)
 
@@ -199,11 +207,11 @@ def drift_day(loop: Loop, version: str, first: date, days: int) -> int | None:
 
 
 def run(root: Path, seed: int, scenario: str | None, watch_days: int, per_day: int,
-        verbose: bool = False) -> list[Watched]:
+        verbose: bool = False, holdback: float | None = None) -> list[Watched]:
     """Deploy v1 and watch it on the 10 days before the next cycle (healthy: no scenario strikes
     before the event but stale_holdout's fad); run the second cycle (v2 deployed if it passes) and
     watch the champion then serving ``watch_days`` days after the event."""
-    loop = Loop(root, seed, per_day=per_day, scenario=scenario, verbose=verbose)
+    loop = Loop(root, seed, per_day=per_day, scenario=scenario, verbose=verbose, holdback=holdback)
     loop.serve(FIRST, WARMUP_DAYS)
     v1 = loop.cycle(FIRST, FIRST + timedelta(days=WARMUP_DAYS - 1))
     second = FIRST + timedelta(days=WARMUP_DAYS)
@@ -246,6 +254,7 @@ def main() -> None:
     parser.add_argument("--watch-days", type=int, default=7)
     parser.add_argument("--per-day", type=int, default=1500)
     parser.add_argument("--scenarios", nargs="+", default=["stale_holdout", "preference_shift", "new_items"])
+    parser.add_argument("--holdback", type=float, help="the monitor's holdback share (default: flywheel.yaml's)")
     parser.add_argument("--verbose", action="store_true", help="each look's figures")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -258,7 +267,7 @@ def main() -> None:
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="flywheel-monitor-") as tmp:
             try:
-                mine = run(Path(tmp), seed, scenario, args.watch_days, args.per_day, args.verbose)
+                mine = run(Path(tmp), seed, scenario, args.watch_days, args.per_day, args.verbose, args.holdback)
             except RuntimeError as error:  # a failed run is reported, and the others go on
                 print(f"  {scenario or 'healthy'} seed {seed}: FAILED: {error}", flush=True)
                 mine = []

@@ -325,7 +325,9 @@ def deploy(con: duckdb.DuckDBPyConnection, client: MlflowClient, config: Flywhee
     """Move ``champion`` to the version a verified approval names. Returns the approval deployed and
     the champion before it (None: the baseline)."""
     record = check_deployable(con, client, config, key, approval_id)
-    previous = registry.promote(client, record.domain, record.model_version)
+    monitor = config.domain(record.domain).monitor
+    previous = registry.promote(client, record.domain, record.model_version,
+                                registry.Holdback(monitor.holdback, monitor.holdback_days))
     con.execute(
         "INSERT OR IGNORE INTO registry.deployments VALUES (?, ?, ?, ?, ?)",
         [approval_id, record.domain, record.model_version, previous,

@@ -249,6 +249,10 @@ class Monitor(_Strict):
     planned_days: int = Field(3, gt=0, description="the days of traffic the confidence sequence is tightest "
                                                    "at (it stays valid at every day)")
     max_days: int = Field(28, gt=0, description="days after a deployment the monitor keeps watching")
+    holdback: float = Field(0.2, ge=0, le=0.5, description="share of requests the version a new champion "
+                            "replaced keeps serving, at random, for holdback_days after the deployment "
+                            "(0: none; the comparison then rests on the exploration slice)")
+    holdback_days: int = Field(7, gt=0, description="days the holdback lasts after a first deployment")
 
 
 class Drift(_Strict):

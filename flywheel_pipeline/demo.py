@@ -73,6 +73,17 @@ def champion_scorer(config: FlywheelConfig, domain: str) -> tuple[Scorer, str]:
     return mlflow.pyfunc.load_model(registry.alias_uri(mlflow.MlflowClient(), domain, registry.CHAMPION)), version
 
 
+def holdback_scorer(domain: str) -> simulation.Holdback | None:
+    """The version a new champion replaced, with its share of requests, while its holdback lasts
+    (registry.active_holdback: what a serving system routes)."""
+    held = registry.active_holdback(mlflow.MlflowClient(), domain)
+    if held is None:
+        return None
+    version, share = held
+    return simulation.Holdback(mlflow.pyfunc.load_model(f"models:/{registry.model_name(domain)}/{version}"),
+                               version, share)
+
+
 def previous_demo(home: Home) -> str | None:
     """What a demo already in ``home`` left (``simulated through 2026-11-28``), or None."""
     folders = home.simulator.iterdir() if home.simulator.exists() else []
@@ -139,13 +150,15 @@ class Demo:
                            "(delete that folder when you no longer need it); starting a fresh demo")
 
     def _simulate(self, first: date, days: int, note: str) -> None:
-        scorers, versions = {}, {}
+        scorers, versions, holdbacks = {}, {}, {}
         for domain in self.config.domains:
             scorers[domain], versions[domain] = champion_scorer(self.config, domain)
+            if (held := holdback_scorer(domain)) is not None:
+                holdbacks[domain] = held
         started = time.monotonic()
         summary = simulation.simulate(self.home, self.config, first, days, seed=self.seed,
                                       interactions_per_day=self.per_day, bad_row_share=0.01,
-                                      scorers=scorers, model_versions=versions)
+                                      scorers=scorers, model_versions=versions, holdbacks=holdbacks)
         served = ", ".join(f"{d}: {shown(v)}" for d, v in versions.items())
         self.console.print(f"  simulated {first}..{first + timedelta(days=days - 1)} ({note}; serving {served}; "
                            f"{summary.total_interactions:,} interactions) in {time.monotonic() - started:.1f}s")

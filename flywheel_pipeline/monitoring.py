@@ -50,7 +50,7 @@ from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import Scorer, baseline_scorer
 from flywheel_pipeline.sources import Readable
 from flywheel_pipeline.training.base import Windows
-from flywheel_pipeline.validation import PRIMARY_METRIC, held_out_evidence, score_models
+from flywheel_pipeline.validation import PRIMARY_METRIC, Routing, held_out_evidence, score_models
 from flywheel_pipeline.warehouse import transaction
 
 MONITOR_TABLE = "health.champion_monitor"
@@ -115,6 +115,7 @@ class Deployed:
     previous_version: str | None  # None: the baseline
     deployed_at: datetime
     forecast: Forecast
+    holdback: registry.Holdback | None = None  # the previous version's share of requests, and for how long
 
     @property
     def first_day(self) -> date:
@@ -129,13 +130,14 @@ def deployed_champion(client: MlflowClient, deployments: list[tuple], domain: st
     if not deployments or champion is None or deployments[0][0] != champion:
         return None
     version, previous, deployed_at = deployments[0]
-    return Deployed(domain, version, previous, deployed_at, gate_forecast(client, domain, version))
+    tags = registry.version_tags(client, domain, version)
+    return Deployed(domain, version, previous, deployed_at, gate_forecast(tags), registry.Holdback.of(tags))
 
 
-def gate_forecast(client: MlflowClient, domain: str, version: str) -> Forecast:
+def gate_forecast(tags: dict[str, str]) -> Forecast:
     """The primary metric's candidate value and difference, with their intervals, from the
-    validation run that let ``version`` through (its report.json)."""
-    run_id = registry.version_tags(client, domain, version).get("validation.run_id", "")
+    validation run that let a version through (its report.json; ``tags``: the version's)."""
+    run_id = tags.get("validation.run_id", "")
     try:
         report = mlflow.artifacts.load_dict(f"runs:/{run_id}/validation/report.json")
     except (MlflowException, OSError):
@@ -186,19 +188,48 @@ def watch(source: Readable, home: Home, config: FlywheelConfig, domain: str, dep
         first = max(first, deployed.first_day)
     evidence = held_out_evidence(source, home, config, domain,
                                  Windows(first - timedelta(days=1), first - timedelta(days=1), first, day))
-    served = evidence.units["model_version"] == deployed.version
-    replaced = evidence.units.filter(pl.col("model_version") == (deployed.previous_version or "baseline"))
-    if not replaced.is_empty():  # only what it served since it replaced the previous version
-        served = served & (evidence.units["event_date"] >= replaced["event_date"].max())
+    served, held_back, routed = _watched_units(evidence.units, deployed)
+    watched = (served | held_back).to_numpy()
     if not served.any():
         return Watch(deployed, day, 0, 0, Bound.undefined(), Bound.undefined(), settings.monitor.regression_margin)
     days = (day - evidence.units.filter(served)["event_date"].min()).days + 1
-    scored, _ = score_models(evidence, settings.shape, champion, previous, settings.serving)
-    live, before = (_values(scored, role)[served.to_numpy()] for role in ("candidate", "champion"))
-    planned = served.sum() / days * settings.monitor.planned_days
+    routing = None
+    if held_back.any():
+        routing = Routing(_daily_share(evidence.units, held_back, routed), held_back.to_numpy(),
+                          settings.exploration_share)
+    scored, _ = score_models(evidence, settings.shape, champion, previous, settings.serving, routing)
+    live, before = (_values(scored, role)[watched] for role in ("candidate", "champion"))
+    planned = watched.sum() / days * settings.monitor.planned_days
     alpha = settings.monitor.false_alarm_rate
-    return Watch(deployed, day, days, int(served.sum()), confidence_sequence(live, alpha, planned),
+    return Watch(deployed, day, days, int(watched.sum()), confidence_sequence(live, alpha, planned),
                  confidence_sequence(live - before, alpha, planned), settings.monitor.regression_margin)
+
+
+def _watched_units(units: pl.DataFrame, deployed: Deployed) -> tuple[pl.Series, pl.Series, pl.Series]:
+    """Which units the champion served since it replaced the previous version (a version restored
+    by a rollback: since then, not on its earlier turn); which the previous version served as the
+    deployment's holdback; and which fell in the holdback's days (requests routed at its share)."""
+    version, event_date = units["model_version"], units["event_date"]
+    previous = deployed.previous_version or registry.BASELINE
+    served = version == deployed.version
+    if deployed.holdback is not None and served.any():
+        since = event_date.filter(served).min()
+        routed = (event_date >= since) & (event_date < since + timedelta(days=deployed.holdback.days))
+        return served, (version == previous) & routed, routed
+    replaced = event_date.filter(version == previous)
+    if not replaced.is_empty():
+        served = served & (event_date >= replaced.max())
+    none = pl.Series([False] * units.height)
+    return served, none, none
+
+
+def _daily_share(units: pl.DataFrame, held_back: pl.Series, routed: pl.Series) -> np.ndarray:
+    """Per unit, the share of its day's watched requests the holdback served (0 outside the
+    holdback's days): the routing as it happened, whatever share the serving system was set to."""
+    return (units.select("event_date").with_columns(held=held_back, routed=routed)
+            .select(pl.when(pl.col("routed")).then(pl.col("held").mean().over("event_date", "routed"))
+                    .otherwise(0.0))
+            .to_series().to_numpy())
 
 
 def _values(scored, role: str) -> np.ndarray:

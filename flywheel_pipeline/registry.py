@@ -3,6 +3,8 @@
     flywheel-<domain>@candidate   passed validation, waiting for approval
     flywheel-<domain>@champion    serving
     flywheel-<domain>@previous    the champion before, kept for rollback
+    flywheel-<domain>@holdback    the champion before, still serving a random share of requests
+                                  after a new champion's first deployment (docs/monitoring.md)
 
 Before its first deployment a domain has no champion: the product serves its baseline, shown as
 ``baseline`` everywhere (``shown_champion``).
@@ -14,13 +16,15 @@ version as tags, so the registry alone answers "what was this model trained on".
 from __future__ import annotations
 
 import subprocess
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
+CANDIDATE, CHAMPION, PREVIOUS, HOLDBACK = "candidate", "champion", "previous", "holdback"
+HOLDBACK_TAGS = ("holdback.share", "holdback.days", "holdback.until")  # on the champion, while one lasts
 BASELINE = "baseline"  # what a domain serves while it has no champion (scoring.baseline_scorer)
 
 
@@ -90,10 +94,15 @@ def register_candidate(client: MlflowClient, domain: str, model_uri: str, run_id
     return version
 
 
-def promote(client: MlflowClient, domain: str, version: str) -> str | None:
-    """Make ``version`` the champion; the old champion becomes ``previous``. Returns the old one."""
+def promote(client: MlflowClient, domain: str, version: str, holdback: Holdback | None = None) -> str | None:
+    """Make ``version`` the champion; the old champion becomes ``previous``. Returns the old one.
+
+    On ``version``'s first deployment over an old champion, ``holdback`` (when given) keeps the
+    old one serving its share of requests for its days: the alias ``holdback`` and the new
+    champion's ``HOLDBACK_TAGS`` say so to the serving system (``active_holdback``). A version
+    deployed again (a rollback's restore) ends any holdback instead."""
     name = model_name(domain)
-    client.get_model_version(name, version)  # raises when the version does not exist
+    tags = dict(client.get_model_version(name, version).tags)  # raises when the version does not exist
     old = alias_version(client, domain, CHAMPION)
     if old == version:
         return old
@@ -102,8 +111,51 @@ def promote(client: MlflowClient, domain: str, version: str) -> str | None:
     client.set_registered_model_alias(name, CHAMPION, version)
     if alias_version(client, domain, CANDIDATE) == version:
         client.delete_registered_model_alias(name, CANDIDATE)
-    client.set_model_version_tag(name, version, "deployed_at", _now())
+    now = datetime.now(UTC)
+    client.set_model_version_tag(name, version, "deployed_at", now.isoformat(timespec="seconds"))
+    _end_holdback(client, domain)
+    for key in HOLDBACK_TAGS:  # they describe this deployment only
+        if key in tags:
+            client.delete_model_version_tag(name, version, key)
+    if holdback and holdback.share > 0 and old and "deployed_at" not in tags:
+        client.set_registered_model_alias(name, HOLDBACK, old)
+        until = now + timedelta(days=holdback.days)
+        for key, value in zip(HOLDBACK_TAGS, (holdback.share, holdback.days, until.isoformat(timespec="seconds"))):
+            client.set_model_version_tag(name, version, key, str(value))
     return old
+
+
+@dataclass(frozen=True)
+class Holdback:
+    """A share of requests the replaced version keeps serving, for some days after a deployment."""
+
+    share: float
+    days: int
+
+    @classmethod
+    def of(cls, tags: dict[str, str]) -> Holdback | None:
+        """The holdback a champion's deployment started (its version's tags), if any."""
+        if "holdback.share" not in tags:
+            return None
+        return cls(float(tags["holdback.share"]), int(tags["holdback.days"]))
+
+
+def active_holdback(client: MlflowClient, domain: str, now: datetime | None = None) -> tuple[str, float] | None:
+    """The version held back and the share of requests it serves, while its holdback lasts (what a
+    serving system routes); None when there is none."""
+    held, champion = alias_version(client, domain, HOLDBACK), alias_version(client, domain, CHAMPION)
+    if held is None or champion is None:
+        return None
+    tags = version_tags(client, domain, champion)
+    until = tags.get("holdback.until")
+    if not until or (now or datetime.now(UTC)) >= datetime.fromisoformat(until):
+        return None
+    return held, float(tags["holdback.share"])
+
+
+def _end_holdback(client: MlflowClient, domain: str) -> None:
+    if alias_version(client, domain, HOLDBACK):
+        client.delete_registered_model_alias(model_name(domain), HOLDBACK)
 
 
 def rollback(client: MlflowClient, domain: str) -> tuple[str, str]:
@@ -114,6 +166,7 @@ def rollback(client: MlflowClient, domain: str) -> tuple[str, str]:
         raise RegistryError(f"{name} has no previous champion to roll back to")
     client.set_registered_model_alias(name, CHAMPION, previous)
     client.delete_registered_model_alias(name, PREVIOUS)
+    _end_holdback(client, domain)
     now = _now()
     client.set_model_version_tag(name, current, "rolled_back_at", now)
     client.set_model_version_tag(name, previous, "restored_at", now)

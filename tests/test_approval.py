@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import dagster as dg
 import mlflow
@@ -307,6 +307,7 @@ def test_rollback_restores_the_previous_champion(resources, client, instance):
             approve(resources, second)
     assert champion(client) == second
     assert registry.alias_version(client, "recommendation", registry.PREVIOUS) == first
+    assert registry.active_holdback(client, "recommendation") == (first, 0.2)  # flywheel.yaml's default share
 
     assert shown_on_the_asset(instance)["previous"] == f"v{first}"
     rollback_champion.execute_in_process(
@@ -314,6 +315,7 @@ def test_rollback_restores_the_previous_champion(resources, client, instance):
         instance=instance)
 
     assert champion(client) == first
+    assert registry.active_holdback(client, "recommendation") is None  # a rollback ends the holdback
     assert "rolled_back_at" in registry.version_tags(client, "recommendation", second)
     restored_at = registry.version_tags(client, "recommendation", first)["restored_at"]
     assert shown_on_the_asset(instance) == {
@@ -321,6 +323,31 @@ def test_rollback_restores_the_previous_champion(resources, client, instance):
         "change": f"rollback_champion rolled back v{second}", "candidate": "none", "previous": "none"}
     with pytest.raises(registry.RegistryError, match="no previous champion"):
         registry.rollback(client, "recommendation")
+
+
+def test_a_first_deployment_keeps_the_replaced_version_serving_its_share_for_its_days(client):
+    """The holdback the monitor compares against (docs/monitoring.md): set on a version's first
+    deployment over a champion, gone when its days end, never on a restore or a redeployment."""
+    domain, holdback = "recommendation", registry.Holdback(0.2, 7)
+    first, second = candidate(client), candidate(client)
+    registry.promote(client, domain, first, holdback)
+    assert registry.active_holdback(client, domain) is None  # the baseline is no version to hold back
+
+    registry.promote(client, domain, second, holdback)
+    assert registry.alias_version(client, domain, registry.HOLDBACK) == first
+    tags = registry.version_tags(client, domain, second)
+    assert registry.Holdback.of(tags) == holdback
+    until = datetime.fromisoformat(tags["holdback.until"])
+    assert until - datetime.fromisoformat(tags["deployed_at"]) == timedelta(days=7)
+    assert registry.active_holdback(client, domain, now=until - timedelta(seconds=1)) == (first, 0.2)
+    assert registry.active_holdback(client, domain, now=until) is None
+
+    registry.promote(client, domain, first, holdback)  # restored: it served before
+    assert registry.active_holdback(client, domain) is None
+    assert registry.alias_version(client, domain, registry.HOLDBACK) is None
+    registry.promote(client, domain, second, holdback)  # deployed again: its old holdback is gone too
+    assert registry.active_holdback(client, domain) is None
+    assert registry.Holdback.of(registry.version_tags(client, domain, second)) is None
 
 
 def test_the_signing_key_is_private_and_kept_outside_the_warehouse(home, monkeypatch, tmp_path):

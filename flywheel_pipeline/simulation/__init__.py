@@ -26,11 +26,11 @@ from flywheel_pipeline.simulation.assistant import Assistant
 from flywheel_pipeline.simulation.delivery import Outbox, write_batch
 from flywheel_pipeline.simulation.recommendation import Recommendation
 from flywheel_pipeline.simulation.scenarios import SCENARIOS, STALE_SPAN_DAYS
-from flywheel_pipeline.simulation.serving import Audit, Policy, Product
+from flywheel_pipeline.simulation.serving import Audit, Holdback, Policy, Product
 from flywheel_pipeline.simulation.traps import Traps
 from flywheel_pipeline.simulation.world import Stream, World
 
-__all__ = ["SCENARIOS", "DayBatch", "SimulationSummary", "label_batch", "simulate",
+__all__ = ["SCENARIOS", "DayBatch", "Holdback", "SimulationSummary", "label_batch", "simulate",
            "simulated_through", "true_accuracy", "true_accuracy_on", "true_labels"]
 
 PRODUCTS: dict[str, Callable[[World], Product]] = {
@@ -38,7 +38,7 @@ PRODUCTS: dict[str, Callable[[World], Product]] = {
     "recommendation": Recommendation.open,
 }
 DAILY_STREAMS = (Stream.TRAFFIC, Stream.REQUESTS, Stream.SERVING, Stream.REACTIONS,
-                 Stream.DELIVERY, Stream.TRAPS)
+                 Stream.DELIVERY, Stream.TRAPS, Stream.ROUTING)
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
              interactions_per_day: int = 1500, bad_row_share: float = 0.0,
              scorers: Mapping[str, Scorer] | None = None,
              model_versions: Mapping[str, str] | None = None,
+             holdbacks: Mapping[str, Holdback] | None = None,
              domains: Sequence[str] | None = None, reviewer_error: float = 0.05,
              review_delay_days: tuple[float, float] = (0.5, 2.0),
              traps: Collection[str] = (), scenario: str | None = None,
@@ -88,7 +89,8 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
     """Serve ``days`` days from ``start`` in each domain and write their landing batches.
 
     A domain without a scorer serves ``baseline_scorer(shape)`` and logs model version
-    "baseline". Each domain's world is created from ``seed`` on first use (its population sized
+    "baseline". A domain in ``holdbacks`` routes that share of requests, at random, to the version
+    the champion replaced (docs/monitoring.md), and logs that version on them. Each domain's world is created from ``seed`` on first use (its population sized
     for that call's ``interactions_per_day``); later calls continue it and must start after the
     last simulated day (``simulated_through``). Events due after the last day wait in the
     simulator's outbox for the call that simulates their day.
@@ -124,7 +126,7 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
         policy = Policy(scorers[domain] if domain in scorers else baseline_scorer(shape),
                         model_versions.get(domain, "baseline"),
                         trapped[domain].exploration_share(settings.exploration_share), audit,
-                        head_only="diversity" in trapped[domain])
+                        head_only="diversity" in trapped[domain], holdback=(holdbacks or {}).get(domain))
         batches += _simulate_domain(home, domain, shape, policy, trapped[domain], start, days,
                                     seed=seed, interactions_per_day=interactions_per_day,
                                     bad_row_share=bad_row_share,

@@ -126,8 +126,8 @@ class Assistant:
         frame = candidate_frame(traffic.domain, traffic.user_id, None, traffic.is_new_user,
                                 self.query_text[query], self.response_id[slots],
                                 self.response_text[slots])
-        served = serve(score(policy.scorer, frame, K), 1, policy.exploration_share,
-                       rng[Stream.SERVING])
+        scores, versions = policy.score(frame, K, rng[Stream.ROUTING])
+        served = serve(scores, 1, policy.exploration_share, rng[Stream.SERVING])
         chosen = served.slate[:, 0]
         response = slots[np.arange(len(query)), chosen]
         truly_good, answer = self.truth_on(traffic.day)
@@ -141,9 +141,9 @@ class Assistant:
             self.query_text[query].tolist(), self.response_text[answer[query]].tolist())]
         log = EventLog(traffic)
         reactions = _Reactions(good, policy.audit, rng[Stream.REACTIONS])
-        for i, (exchange, policy_name, bot) in enumerate(
-                zip(exchanges, served.policy.tolist(), traffic.bot.tolist())):
-            log.interaction(i, model_version=policy.model_version, policy=policy_name,
+        for i, (exchange, policy_name, version, bot) in enumerate(
+                zip(exchanges, served.policy.tolist(), versions.tolist(), traffic.bot.tolist())):
+            log.interaction(i, model_version=version, policy=policy_name,
                             input_text=exchange.query, impressions=shown[i],
                             context={"candidates": ranked[i]})
             reactions.log(log, i, exchange, bot)

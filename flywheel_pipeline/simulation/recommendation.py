@@ -125,13 +125,13 @@ class Recommendation:
     def serve_day(self, traffic: Traffic, policy: Policy,
                   rng: dict[Stream, np.random.Generator]) -> DayLog:
         if policy.head_only:
-            candidates, served = self._serve_head(traffic, policy, rng)
+            candidates, served, versions = self._serve_head(traffic, policy, rng)
         else:
             candidates = traffic.bots_repeat(self.shift.with_new_items(
                 traffic.day, _retrieve(len(traffic), rng[Stream.REQUESTS]), ITEMS,
                 rng[Stream.REQUESTS]))
-            served = serve(score(policy.scorer, self._frame(traffic, candidates), CANDIDATES),
-                           SLATE, policy.exploration_share, rng[Stream.SERVING])
+            scores, versions = policy.score(self._frame(traffic, candidates), CANDIDATES, rng[Stream.ROUTING])
+            served = serve(scores, SLATE, policy.exploration_share, rng[Stream.SERVING])
         shown = np.take_along_axis(candidates, served.slate, axis=1)
         relevance = self.relevance(self._tastes(traffic.day, traffic.taste, traffic.segment,
                                                 traffic.bot), shown)
@@ -140,9 +140,9 @@ class Recommendation:
         ranked = logged_candidates(self.item_id[candidates], self.title[candidates],
                                    served.candidate_propensity)
         log = EventLog(traffic)
-        for i, (slate, policy_name, segment, bot) in enumerate(zip(
-                slates, served.policy.tolist(), traffic.segment.tolist(), traffic.bot.tolist())):
-            log.interaction(i, model_version=policy.model_version, policy=policy_name,
+        for i, (slate, policy_name, version, segment, bot) in enumerate(zip(
+                slates, served.policy.tolist(), versions.tolist(), traffic.segment.tolist(), traffic.bot.tolist())):
+            log.interaction(i, model_version=version, policy=policy_name,
                             input_text=REQUEST, impressions=slate,
                             context={"segment": segment, "candidates": ranked[i]})
             reactions.log(log, i, [item["item_id"] for item in slate], bot)
@@ -172,17 +172,18 @@ class Recommendation:
                                self.item_id[candidates], self.title[candidates])
 
     def _serve_head(self, traffic: Traffic, policy: Policy,
-                    rng: dict[Stream, np.random.Generator]) -> tuple[np.ndarray, Served]:
+                    rng: dict[Stream, np.random.Generator]) -> tuple[np.ndarray, Served, np.ndarray]:
         """The diversity trap: the request's candidates (none from the head), then the head,
-        which alone the champion ranks; candidates (n, CANDIDATES + HEAD_ITEMS) and what was shown."""
+        which alone the champion ranks; candidates (n, CANDIDATES + HEAD_ITEMS), what was shown
+        and the versions that served."""
         head = head_items(self.bias[:ITEMS])
         requested = traffic.bots_repeat(self.shift.with_new_items(
             traffic.day, _retrieve(len(traffic), rng[Stream.REQUESTS], head), ITEMS,
             rng[Stream.REQUESTS]))
         heads = np.broadcast_to(head, (len(traffic), len(head)))
-        served = serve_collapsed(score(policy.scorer, self._frame(traffic, heads), len(head)),
-                                 CANDIDATES, SLATE, policy.exploration_share, rng[Stream.SERVING])
-        return np.concatenate([requested, heads], axis=1), served
+        scores, versions = policy.score(self._frame(traffic, heads), len(head), rng[Stream.ROUTING])
+        served = serve_collapsed(scores, CANDIDATES, SLATE, policy.exploration_share, rng[Stream.SERVING])
+        return np.concatenate([requested, heads], axis=1), served, versions
 
     def accuracy(self, world: World, scorer: Scorer, day: date | None = None) -> float:
         """Mean precision@5: the scorer's top 5 of 20 random candidates vs the truly best 5.

@@ -45,16 +45,38 @@ class Audit:
 
 
 @dataclass(frozen=True)
+class Holdback:
+    """The version a new champion replaced, still serving a random ``share`` of requests while the
+    monitor compares the two (docs/monitoring.md)."""
+
+    scorer: Scorer
+    model_version: str
+    share: float
+
+
+@dataclass(frozen=True)
 class Policy:
     """What serves a domain: the model, the version it logs, the exploration share, the audit
-    sample routed to human review, and whether the champion ranks only the catalogue's head (the
-    diversity trap, simulation/traps.py)."""
+    sample routed to human review, whether the champion ranks only the catalogue's head (the
+    diversity trap, simulation/traps.py), and the holdback, if any."""
 
     scorer: Scorer
     model_version: str
     exploration_share: float
     audit: Audit = Audit()
     head_only: bool = False
+    holdback: Holdback | None = None
+
+    def score(self, candidates: pd.DataFrame, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(interactions, k) scores and each interaction's model version: the champion's, or the
+        holdback's for the requests routed to it (one uniform draw each, independent of the request)."""
+        scores = score(self.scorer, candidates, k)
+        versions = np.full(len(scores), self.model_version, dtype=object)
+        if self.holdback is None:
+            return scores, versions
+        routed = rng.random(len(scores)) < self.holdback.share
+        scores = np.where(routed[:, None], score(self.holdback.scorer, candidates, k), scores)
+        return scores, np.where(routed, self.holdback.model_version, versions)
 
 
 @dataclass(frozen=True)

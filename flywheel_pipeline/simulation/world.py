@@ -46,6 +46,7 @@ class Stream(IntEnum):
     DELIVERY = 8
     TRAPS = 9
     SCENARIO = 10
+    ROUTING = 11
 
 
 def rng_for(seed: int, domain: str, stream: Stream, day_number: int | None = None) -> np.random.Generator:

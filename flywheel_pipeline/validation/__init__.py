@@ -22,6 +22,7 @@ from flywheel_pipeline.sources import Readable
 from flywheel_pipeline.training.base import Windows
 from flywheel_pipeline.validation.comparison import (
     PRIMARY_METRIC,
+    Routing,
     Scored,
     compare_on_holdout,
     score_holdout,
@@ -52,6 +53,7 @@ __all__ = [
     "GateDecision",
     "Inconclusive",
     "MetricComparison",
+    "Routing",
     "SliceResult",
     "ValidationReport",
     "compare_models",
@@ -104,9 +106,10 @@ class Compared:
 
 
 def score_models(evidence: Evidence, shape: str, candidate: Scorer, champion: Scorer,
-                 serving: Serving | None = None) -> tuple[Scored, Positions]:
+                 serving: Serving | None = None, routing: Routing | None = None) -> tuple[Scored, Positions]:
     """Both models' per-interaction sums on the evidence, each as it would serve (``serving``: the
-    default, top-k), and the positions' examination and value used."""
+    default, top-k), and the positions' examination and value used (``routing``: the two served
+    the evidence side by side)."""
     serving = serving or Serving()
     explored = evidence.explored()
     theta = examination_curve(explored["position"].to_numpy(), explored["reward"].to_numpy(),
@@ -115,7 +118,7 @@ def score_models(evidence: Evidence, shape: str, candidate: Scorer, champion: Sc
                  else value_positions(theta, evidence.candidates_logged))
     rho = reward_model(evidence, positions.examination, REWARD_MODEL_KEYS[shape])
     scored = score_holdout(evidence, {"candidate": candidate, "champion": champion}, positions, rho,
-                           serving.ranking, serving.epsilon)
+                           serving.ranking, serving.epsilon, routing)
     return scored, positions
 
 

@@ -100,25 +100,57 @@ def _fields(terms: est.PolicyTerms) -> tuple[np.ndarray, ...]:
     return terms.ips, terms.weight, terms.direct, terms.residual
 
 
+@dataclass(frozen=True)
+class Routing:
+    """Both roles' models served the evidence side by side (a holdback, docs/monitoring.md): per
+    unit, the share of requests routed to the champion role's model at the time (0: none were)
+    and whether it served that unit; each served epsilon-greedy with ``exploration``.
+
+    Each unit's logger is then the routing's mixture, and its propensity of a shown item is
+    (1 - share) mu_candidate + share mu_champion, the served role's as logged and the other's as
+    its model gives it: the balanced estimator of Agarwal, Basu, Schnabel & Joachims (2017,
+    "Effective evaluation using logged bandit feedback from multiple loggers", KDD), with the
+    routing's own shares. What either role would show then has the support of the requests it
+    served, and the two values are compared on the same units."""
+
+    share: np.ndarray  # (units,)
+    held_back: np.ndarray  # (units,) bool: the champion role served the unit
+    exploration: float
+
+    def mixed(self, options: Options, scores: dict[str, np.ndarray], slate_size: int) -> Options:
+        """``options`` with each row's logger probabilities as the routing's mixture."""
+        units = options.frame["unit"]
+        share, held = self.share[units.to_numpy()][:, None], self.held_back[units.to_numpy()][:, None]
+        other = {role: est.policy_probabilities(scores[role], units, slate_size, "epsilon_greedy", self.exploration)
+                 for role in ROLES}
+        mu = np.where(held, share * options.mu + (1 - share) * other["candidate"],
+                      (1 - share) * options.mu + share * other["champion"])
+        return Options(options.frame, mu, options.slots)
+
+
 def score_holdout(evidence: Evidence, models: dict[str, Scorer], positions: est.Positions, rho: RewardModel,
-                  ranking: str = "top_k", epsilon: float = 0.1) -> Scored:
-    """Score every candidate row with each model, a chunk of units at a time, and keep per-unit sums."""
+                  ranking: str = "top_k", epsilon: float = 0.1, routing: Routing | None = None) -> Scored:
+    """Score every candidate row with each model, a chunk of units at a time, and keep per-unit sums
+    (``routing``: the two served side by side)."""
     n = evidence.n_units
     scored = Scored({role: RoleSums.zeros(n) for role in ROLES})
     for options in evidence.chunks():
         features = options.frame.select(SERVING_FEATURES).to_pandas()
+        scores = {role: np.asarray(models[role].predict(features), dtype=float) for role in ROLES}
+        if routing is not None:
+            options = routing.mixed(options, scores, evidence.slate_size)
         rho_hat = rho.predict(options)
         shown = options.shown
         pi = {}
         for role in ROLES:
-            scores = np.asarray(models[role].predict(features), dtype=float)
-            pi[role] = est.policy_probabilities(scores, options.frame["unit"], evidence.slate_size, ranking, epsilon)
+            pi[role] = est.policy_probabilities(scores[role], options.frame["unit"], evidence.slate_size, ranking,
+                                                epsilon)
             sums = scored.roles[role]
             sums.add(policy_terms(options, pi[role], positions, rho_hat, n),
                      per_unit_labelled(options, pi[role], positions, "verdict", n),
                      per_unit_labelled(options, pi[role], positions, "p_good", n),
                      per_unit_replay(options, pi[role], n))
-            sums.shown_scores.append((scores if scores.ndim == 1 else pi[role] @ positions.value)[shown])
+            sums.shown_scores.append((scores[role] if scores[role].ndim == 1 else pi[role] @ positions.value)[shown])
         scored.largest_difference = max(scored.largest_difference, _largest_difference(options, pi))
         scored.shown_units.append(options.frame["unit"].to_numpy()[shown])
         scored.shown_p_good.append(options.frame["p_good"].cast(pl.Float64).fill_null(np.nan).to_numpy()[shown])
