@@ -48,9 +48,9 @@ import yaml
 from flywheel_pipeline import approval, registry, simulation
 from flywheel_pipeline.config import load_config
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
-from flywheel_pipeline.demo import holdback_scorer
 from flywheel_pipeline.defs.monitor import monitor_job_name
 from flywheel_pipeline.defs.partitions import range_tags
+from flywheel_pipeline.demo import holdback_scorer
 from flywheel_pipeline.health.drift import domain_drift
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import baseline_scorer

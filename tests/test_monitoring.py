@@ -11,7 +11,6 @@ import polars as pl
 import pytest
 
 from flywheel_pipeline.config import Serving
-
 from flywheel_pipeline.health.report import render_html
 from flywheel_pipeline.monitoring import (
     Bound,
