@@ -117,6 +117,24 @@ def test_numeric_features_are_binned_by_the_references_deciles() -> None:
     assert numeric_psi([1.0, 2.0] * 50, [1.0, 2.0] * 20 + [None] * 40).psi > 1  # absent is its own bin
 
 
+def test_new_items_the_champion_ranks_low_are_seen_among_the_candidates() -> None:
+    """Impressions show only what the champion ranks high; the logged candidates hold every new
+    item offered: a quarter of them new is drift though no impression shows one."""
+    reference = frame(traffic(days(FIRST, 10), 200, BEFORE, seed=2))
+    recent = frame(traffic(days(FIRST + timedelta(days=10), 3), 300, BEFORE, seed=3))
+    old = pl.Series("item_id", [f"item_{i:03d}" for i in range(40)] * 50)
+    offered = pl.Series("item_id", [f"item_{i:03d}" for i in range(30)] * 30 + [f"new_{i}" for i in range(10)] * 30)
+    windows = (FIRST, FIRST + timedelta(days=9)), (FIRST + timedelta(days=10), FIRST + timedelta(days=12))
+    settings = config().domain(DOMAIN).drift
+    assert measure(reference, recent, settings, "recommendation", DOMAIN, *windows).new_item_share == 0.0
+    report = measure(reference, recent, settings, "recommendation", DOMAIN, *windows, offered=(old, offered))
+    assert report.new_item_share == pytest.approx(0.25)
+    assert report.reasons == ("new items: 25.0% of recent candidates > 20%",)
+    unlogged = measure(reference, recent, settings, "recommendation", DOMAIN, *windows,
+                       offered=(old, pl.Series("item_id", [], pl.String)))
+    assert unlogged.new_items_among == "impressions" and unlogged.new_item_share == 0.0
+
+
 def test_the_input_tokens_distribution() -> None:
     reference = ["how do i reset my router"] * 50 + ["install the phone app"] * 50
     assert token_psi(reference, reference[::-1]).psi == pytest.approx(0.0)

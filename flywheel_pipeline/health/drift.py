@@ -18,8 +18,10 @@ user or an item, the population stability index between the two windows' distrib
 ``is_new_user`` and ``policy`` describe the product's age and its exploration, not what users ask:
 a young product's share of new users falls week after week (the simulator's does, from 100%), and
 would read as drift every day. The identities (``user_id``, ``item_id``, ``item_content``) have too many values for a PSI; the
-items' drift is measured instead as the share of recent impressions whose item the reference window
-never showed (``new_item_share``).
+items' drift is measured instead as the share of new items (``new_item_share``): among the
+candidates the recent requests were ranked over, where they logged them (``context.candidates``),
+those the reference window neither offered nor showed; else among the recent impressions, those it
+never showed. The candidates see a new item the champion ranks low, which impressions rarely do.
 
 The population stability index (Siddiqi 2006, "Credit Risk Scorecards", ch. 8; Yurdakul 2018,
 "Statistical properties of population stability index") is
@@ -41,7 +43,7 @@ one, above 0.25 a large one; ``drift.max_psi`` defaults to 0.2. What it assumes:
   (0.3 - 0.0001) * ln(0.3 / 0.0001) = 2.4, not infinity.
 
 Per-interaction features are measured over distinct interactions (a slate's five rows are one
-request); the new-item share over impressions.
+request); the new-item share over candidates (or impressions).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ import polars as pl
 from flywheel_pipeline.config import DomainConfig, Drift
 from flywheel_pipeline.scoring import tokens
 from flywheel_pipeline.sources import IMPRESSIONS, Readable, as_source
-from flywheel_pipeline.training.base import context_features
+from flywheel_pipeline.training.base import Windows, context_features
+from flywheel_pipeline.validation.evidence import logged_candidates
 
 PSI_FLOOR = 1e-4  # an empty bin's share, on either side (ln(0) is undefined)
 DECILES = np.linspace(0.1, 0.9, 9)  # a numeric feature's bin edges: the reference's deciles
@@ -95,12 +98,13 @@ class DriftReport:
     max_psi: float
     max_new_item_share: float
     note: str = ""  # why nothing could be measured, when so
+    new_items_among: str = "impressions"  # or "candidates": what the new-item share counts
     reasons: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         reasons = [f"{f.feature}: PSI {f.psi:.3f} > {self.max_psi:g}" for f in self.features if f.psi > self.max_psi]
         if self.new_item_share > self.max_new_item_share:
-            reasons.append(f"new items: {self.new_item_share:.1%} of recent impressions > "
+            reasons.append(f"new items: {self.new_item_share:.1%} of recent {self.new_items_among} > "
                            f"{self.max_new_item_share:.0%}")
         object.__setattr__(self, "reasons", tuple(reasons))
 
@@ -128,7 +132,7 @@ class DriftReport:
         largest = self.largest
         values = (f"largest PSI {largest.psi:.3f} ({largest.feature}) vs {self.max_psi:g}"
                   if largest else "no feature to compare")
-        values += f", new items {self.new_item_share:.1%} vs {self.max_new_item_share:.0%}"
+        values += f", new items {self.new_item_share:.1%} of {self.new_items_among} vs {self.max_new_item_share:.0%}"
         verdict = "drifted: " + "; ".join(self.reasons) if self.drifted else "no drift"
         return f"{self.domain}: {verdict} ({values}; {windows})"
 
@@ -139,7 +143,7 @@ class DriftReport:
                 "reference_interactions": self.reference_interactions,
                 "recent_interactions": self.recent_interactions,
                 "features": [{"feature": f.feature, "psi": f.psi, "bins": f.bins} for f in self.features],
-                "new_item_share": self.new_item_share, "max_psi": self.max_psi,
+                "new_item_share": self.new_item_share, "new_items_among": self.new_items_among, "max_psi": self.max_psi,
                 "max_new_item_share": self.max_new_item_share, "note": self.note,
                 "drifted": self.drifted, "reasons": list(self.reasons)}
 
@@ -209,9 +213,10 @@ def _contexts(rows: pl.DataFrame) -> list[dict[str, float]]:
 
 def measure(reference: pl.DataFrame, recent: pl.DataFrame, settings: Drift, shape: str, domain: str,
             reference_window: tuple[date, date], recent_window: tuple[date, date],
-            reference_name: str = "reference") -> DriftReport:
+            reference_name: str = "reference", offered: tuple[pl.Series, pl.Series] | None = None) -> DriftReport:
     """The drift of ``recent``'s impressions from ``reference``'s (marts.fct_impressions rows with
-    COLUMNS), judged against ``settings``."""
+    COLUMNS), judged against ``settings``; ``offered``: the item ids of the candidates each
+    window's requests logged (``offered_items``), when the recent ones did."""
     window = {"domain": domain, "reference": reference_name,
               "reference_start": reference_window[0], "reference_end": reference_window[1],
               "recent_start": recent_window[0], "recent_end": recent_window[1],
@@ -235,9 +240,20 @@ def measure(reference: pl.DataFrame, recent: pl.DataFrame, settings: Drift, shap
     if shape == "assistant":
         features.append(_named(token_psi(ref_requests["input_text"].to_list(), new_requests["input_text"].to_list()),
                                "input_tokens"))
-    seen = reference["item_id"].unique().implode()
-    new_items = recent.select(pl.col("item_id").is_in(seen).not_().mean()).item()
-    return DriftReport(**window, **counts, features=tuple(features), new_item_share=float(new_items))
+    seen, recent_items, among = reference["item_id"], recent["item_id"], "impressions"
+    if offered is not None and not offered[1].is_empty():
+        seen, recent_items, among = pl.concat([seen, offered[0]]), offered[1], "candidates"
+    new_items = recent_items.is_in(seen.unique().implode()).not_().mean()
+    return DriftReport(**window, **counts, features=tuple(features), new_item_share=float(new_items),
+                       new_items_among=among)
+
+
+def offered_items(source: Readable, domain: str, start: date, end: date) -> pl.Series:
+    """The item id of every candidate the requests of start..end logged (empty where none did)."""
+    if start > end:
+        return pl.Series("item_id", [], pl.String)
+    return logged_candidates(source, domain, Windows(start - timedelta(days=1), start - timedelta(days=1),
+                                                     start, end))["item_id"]
 
 
 def traffic_days(source: Readable, domain: str) -> tuple[date, date] | None:
@@ -278,5 +294,6 @@ def domain_drift(source: Readable, settings: DomainConfig, domain: str, champion
     reference = (source.read(IMPRESSIONS, domain, start, end, COLUMNS) if start <= end
                  else pl.DataFrame(schema={name: pl.String for name in COLUMNS}))
     recent = source.read(IMPRESSIONS, domain, recent_start, recent_end, COLUMNS)
+    offered = offered_items(source, domain, start, end), offered_items(source, domain, recent_start, recent_end)
     return measure(reference, recent, settings.drift, settings.shape, domain, (start, max(start, end)),
-                   (recent_start, recent_end), what)
+                   (recent_start, recent_end), what, offered)
