@@ -292,7 +292,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 def _print_status(home: Home, config: FlywheelConfig) -> None:
     """Per domain: its warehouse's tables and row counts, its model's aliases (``champion=baseline``
     before the first deployment: the product serves its baseline), how the champion got there (a
-    rollback says so) and the monitor's latest look."""
+    rollback says so), the holdback while one lasts and the monitor's latest look."""
     import mlflow
 
     from flywheel_pipeline import registry
@@ -321,6 +321,7 @@ def _print_status(home: Home, config: FlywheelConfig) -> None:
         console.print(f"  {registry.model_name(domain)}: champion={champion}, "
                       + ", ".join(f"{alias}=v{v}" if v else f"{alias}=none" for alias, v in others.items()))
         console.print(f"  champion: {registry.champion_summary(client, domain)}")
+        console.print(f"  holdback: {registry.holdback_summary(client, domain)}")
         console.print(f"  monitor: {watched}")
 
 

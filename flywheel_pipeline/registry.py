@@ -153,6 +153,15 @@ def active_holdback(client: MlflowClient, domain: str, now: datetime | None = No
     return held, float(tags["holdback.share"])
 
 
+def holdback_summary(client: MlflowClient, domain: str) -> str:
+    """``v3 serves 20% of requests until 2026-12-13T10:02:11+00:00``, or ``none``."""
+    held = active_holdback(client, domain)
+    if held is None:
+        return "none"
+    until = version_tags(client, domain, alias_version(client, domain, CHAMPION) or "")["holdback.until"]
+    return f"v{held[0]} serves {held[1]:.0%} of requests until {until}"
+
+
 def _end_holdback(client: MlflowClient, domain: str) -> None:
     if alias_version(client, domain, HOLDBACK):
         client.delete_registered_model_alias(model_name(domain), HOLDBACK)

@@ -340,6 +340,7 @@ def test_a_first_deployment_keeps_the_replaced_version_serving_its_share_for_its
     until = datetime.fromisoformat(tags["holdback.until"])
     assert until - datetime.fromisoformat(tags["deployed_at"]) == timedelta(days=7)
     assert registry.active_holdback(client, domain, now=until - timedelta(seconds=1)) == (first, 0.2)
+    assert registry.holdback_summary(client, domain) == f"v{first} serves 20% of requests until {until.isoformat()}"
     assert registry.active_holdback(client, domain, now=until) is None
 
     registry.promote(client, domain, first, holdback)  # restored: it served before
