@@ -238,6 +238,31 @@ LEGACY_AUTOMATION = {"manual": "oversight", "auto": "full"}  # the names flywhee
 Automation = Literal["off", "semi", "oversight", "full"]
 
 
+class Groups(_Strict):
+    """Groups of users whose value is measured per model version, and those the gate protects
+    (docs/fairness.md). A group comes from the interaction's ``segment`` (a serving-time context
+    field), or from a file that maps user ids to groups for evaluation only: never a feature."""
+
+    field: Literal["segment"] | None = Field("segment", description="the context field naming each "
+                                             "interaction's group; null: the users file says it")
+    users_file: Path | None = Field(None, description="CSV of user_id,group (a header line), read by validation "
+                                    "and the audit only; relative: to the folder flywheel runs in")
+    protected: list[str] = Field(default_factory=list, description="groups that must not regress: each needs "
+                                 "min_samples held-out interactions for a decision, and a drop beyond "
+                                 "max_regression fails the gate")
+    min_samples: int = Field(100, gt=0, description="held-out interactions a protected group needs before "
+                             "the gate decides (with fewer it is inconclusive for that group)")
+    max_regression: float = Field(0.02, ge=0, description="a protected group's drop of the primary value "
+                                  "beyond this (significant, Holm-corrected) fails the gate")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Groups:
+        if (self.field is None) == (self.users_file is None):
+            raise ValueError("name exactly one source of groups: field (e.g. segment) or users_file "
+                             "(set field: null to use the file)")
+        return self
+
+
 class Monitor(_Strict):
     """How the deployed champion is watched on the traffic it serves (docs/monitoring.md)."""
 
@@ -370,6 +395,8 @@ class DomainConfig(_Strict):
     automation: Automation = Field("oversight", description="off | semi | oversight | full (the names "
                                    "manual and auto, from before the levels, mean oversight and full)")
     approvers: list[str] = Field(default_factory=list)
+    groups: Groups | None = Field(None, description="groups of users measured per version and protected by "
+                                  "the gate (docs/fairness.md)")
     monitor: Monitor = Field(Monitor(), description="the deployed champion, watched on its traffic")
     drift: Drift = Field(Drift(), description="input drift since the champion's training window")
     retention_days: int = Field(365, gt=0, description="days of events (rows and landing batches) kept; "

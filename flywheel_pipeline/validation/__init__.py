@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import mlflow
 import numpy as np
 
+from flywheel_pipeline import groups
 from flywheel_pipeline.catalogue import candidate_catalogue, judges_slots
 from flywheel_pipeline.config import FlywheelConfig, Serving
 from flywheel_pipeline.home import Home
@@ -73,12 +74,13 @@ __all__ = [
 def held_out_evidence(source: Readable, home: Home, config: FlywheelConfig, domain: str,
                       windows: Windows) -> Evidence:
     """The domain's held-out evidence with its reward (``evidence.REWARD``), its candidates as
-    logged or from its catalogue."""
+    logged or from its catalogue, and each unit's declared group (``groups.assign``)."""
     settings = config.domain(domain)
     rows = holdout_rows(source, domain, windows, outcome=settings.label_maturity.outcome)
-    return assemble(rows, logged_candidates(source, domain, windows), REWARD[settings.shape],
-                    catalogue=candidate_catalogue(home, source, config, domain),
-                    slot_decisions=judges_slots(config, domain))
+    evidence = assemble(rows, logged_candidates(source, domain, windows), REWARD[settings.shape],
+                        catalogue=candidate_catalogue(home, source, config, domain),
+                        slot_decisions=judges_slots(config, domain))
+    return replace(evidence, units=groups.assign(evidence.units, settings.groups))
 
 
 def reward_name(config: FlywheelConfig, domain: str) -> str:
@@ -165,7 +167,7 @@ def validate_candidate(
         judged=Judged(slots=evidence.slot_decisions, propensities_known=evidence.propensities_known,
                       same_choices=compared.same_choices, no_overlap=compared.no_overlap),
     )
-    report = replace(report, decision=gate(report, settings.gate))
+    report = replace(report, decision=gate(report, settings.gate, groups=settings.groups))
     return replace(report, run_id=log_validation_run(home, report))
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import polars as pl
 
 from flywheel_pipeline.catalogue import CATALOGUE_SCHEMA
+from flywheel_pipeline.groups import slice_name
 from flywheel_pipeline.sources import INTERACTIONS, Readable, as_source
 from flywheel_pipeline.training.base import SERVING_TIME_COLUMNS, Windows, labelled_impressions
 from flywheel_pipeline.validation.estimators import PolicyTerms, Positions, pbm_weight
@@ -130,8 +131,9 @@ class Evidence:
         return self.shown["propensity"].null_count() == 0
 
     def unit_attributes(self) -> pl.DataFrame:
-        """One row per unit: is_new_user, segment, policy."""
-        return self.units.select("is_new_user", "segment", "policy")
+        """One row per unit: is_new_user, segment, policy, and the declared group (null: none)."""
+        group = pl.col("group") if "group" in self.units.columns else pl.lit(None, pl.String).alias("group")
+        return self.units.select("is_new_user", "segment", "policy", group)
 
     def explored(self) -> pl.DataFrame:
         """Shown rows of the exploration slice (uniformly random slates): position, reward."""
@@ -345,10 +347,15 @@ def _summer(options: Options, n_units: int) -> Callable[[np.ndarray], np.ndarray
 
 
 def slice_masks(units: pl.DataFrame) -> dict[str, np.ndarray]:
-    """The whole domain, new vs returning users, and each segment present (over units)."""
+    """The whole domain, new vs returning users, each segment present and each declared group
+    present (``groups.slice_name``) over units; a segment is not repeated as its group's slice."""
     new = units["is_new_user"].fill_null(False).to_numpy()
     masks = {"all": np.ones(units.height, bool), "new_users": new, "returning_users": ~new}
-    segments = units["segment"]
+    segments, declared = units["segment"], units["group"]
+    if declared.null_count() < units.height and declared.equals(segments, null_equal=True):
+        segments = pl.Series([None] * units.height, dtype=pl.String)
     for segment in sorted(segments.drop_nulls().unique().to_list()):
         masks["segment_" + re.sub(r"[^\w.-]", "_", segment)] = (segments == segment).fill_null(False).to_numpy()
+    for group in sorted(declared.drop_nulls().unique().to_list()):
+        masks[slice_name(group)] = (declared == group).fill_null(False).to_numpy()
     return masks

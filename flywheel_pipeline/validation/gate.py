@@ -15,6 +15,12 @@
   (Holm 1979, "A simple sequentially rejective multiple test procedure", Scand. J. Statistics).
 - passed: the interval's lower bound clears the threshold and nothing regresses.
 
+Declared groups (flywheel.yaml ``groups``, docs/fairness.md) add two reasons of their own, each
+naming the group: a protected group with fewer than ``groups.min_samples`` held-out interactions
+leaves the gate inconclusive (``group_evidence``: the aggregate cannot vouch for it), and one whose
+drop beyond ``groups.max_regression`` is significant fails it (``group_regression``), Holm-corrected
+across the protected groups: the aggregate's gain never buys a protected group's loss.
+
 The threshold is ``min_improvement`` (superiority), or ``-non_inferiority_margin`` when the
 domain sets one (promote what is no worse than the margin).
 """
@@ -23,7 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from flywheel_pipeline.config import Gate
+from flywheel_pipeline.config import Gate, Groups
+from flywheel_pipeline.groups import slice_name
 from flywheel_pipeline.validation.intervals import (
     CI_LEVEL,
     MetricComparison,
@@ -41,8 +48,6 @@ from flywheel_pipeline.validation.report import (
 MIN_SLICE_SAMPLES = 50  # a smaller slice is reported, not gated
 
 
-
-
 def threshold(gate_config: Gate) -> float:
     """What the primary difference's interval must clear."""
     if gate_config.non_inferiority_margin is not None:
@@ -51,9 +56,11 @@ def threshold(gate_config: Gate) -> float:
 
 
 def gate(
-    report: ValidationReport, gate_config: Gate, min_slice_samples: int = MIN_SLICE_SAMPLES
+    report: ValidationReport, gate_config: Gate, min_slice_samples: int = MIN_SLICE_SAMPLES,
+    groups: Groups | None = None,
 ) -> GateDecision:
-    """Decide on the report's intervals; every reason is ``code: explanation``."""
+    """Decide on the report's intervals (``groups``: the domain's declared groups); every reason is
+    ``code: explanation``."""
     overall, metric = report.overall, report.primary_metric
     primary = overall.metrics[metric]
     undecidable = _undecidable(report)
@@ -77,6 +84,9 @@ def gate(
         inconclusive.append(f"improvement_uncertain: {interval_text} straddles {bar:+.4f} ({more})")
     regressions, ungated = _regressions(report, gate_config, min_slice_samples)
     failed += regressions
+    group_failures, group_shortfalls = _protected_groups(report, groups)
+    failed += group_failures
+    inconclusive += group_shortfalls
     outcome: Outcome = "failed" if failed else "inconclusive" if inconclusive else "passed"
     return GateDecision(outcome, failed + inconclusive, ungated,
                         needed if outcome == "inconclusive" else None)
@@ -171,3 +181,33 @@ def _regressions(
         reasons.append(f"{code}: {what} changed {comparison.difference:+.4f} (p={p_values[i]:.4f}), "
                        f"a drop beyond max_slice_regression {gate_config.max_slice_regression}")
     return reasons, ungated
+
+
+def _protected_groups(report: ValidationReport, groups: Groups | None) -> tuple[list[str], list[str]]:
+    """Protected groups that regressed beyond ``groups.max_regression`` (Holm-corrected across
+    them, one-sided at the interval's level), and those with too little evidence to tell."""
+    if groups is None or not groups.protected:
+        return [], []
+    by_name = {result.name: result for result in report.slices}
+    tests, short = [], []
+    for group in groups.protected:
+        result = by_name.get(slice_name(group))
+        n = result.n_samples if result else 0
+        comparison = result.metrics[report.primary_metric] if result else None
+        if n < groups.min_samples or comparison is None or not np.isfinite(comparison.difference_se):
+            short.append(f"group_evidence: protected group {group} has {n} held-out interactions < groups.min_samples "
+                         f"{groups.min_samples}; the aggregate cannot vouch for it")
+        else:
+            tests.append((group, comparison))
+    alpha = (1 - CI_LEVEL) / 2
+    p_values = [p_below(comparison, -groups.max_regression) for _, comparison in tests]
+    failed = []
+    for rank, i in enumerate(np.argsort(p_values, kind="stable")):
+        if p_values[i] > alpha / (len(tests) - rank):
+            break
+        group, comparison = tests[i]
+        low, high = comparison.difference_ci
+        failed.append(f"group_regression: protected group {group} {report.primary_metric} changed "
+                      f"{comparison.difference:+.4f} [{low:+.4f}, {high:+.4f}] (p={p_values[i]:.4f}), a drop beyond "
+                      f"groups.max_regression {groups.max_regression}")
+    return failed, short
