@@ -68,8 +68,8 @@ def test_a_protected_group_too_small_to_judge_leaves_the_gate_inconclusive():
     report = report_with({"all": (2000, 0.03, 0.01), "group_a": (1950, 0.03, 0.01), "group_b": (50, 0.0, 0.05)})
     decision = gate(report, GATE, groups=PROTECT_B)
     assert decision.outcome == "inconclusive"
-    assert decision.reasons == ["group_evidence: protected group b has 50 held-out interactions < groups.min_samples "
-                                "100; the aggregate cannot vouch for it"]
+    assert decision.reasons == [("group_evidence: protected group b has 50 held-out interactions < "
+                                 "groups.min_samples 100; the aggregate cannot vouch for it")]
     absent = gate(report_with({"all": (2000, 0.03, 0.01)}), GATE, groups=Groups(protected=["c"]))
     assert absent.outcome == "inconclusive" and "protected group c has 0 held-out" in absent.reasons[0]
 
