@@ -11,7 +11,8 @@ from flywheel_pipeline import groups
 from flywheel_pipeline.config import Groups
 from flywheel_pipeline.validation import gate
 from flywheel_pipeline.validation.evidence import slice_masks
-from tests.test_validation import GATE, report_with
+from flywheel_pipeline.validation.report import SliceResult
+from tests.test_validation import GATE, comparison, report_with
 
 PROTECT_B = Groups(protected=["b"], min_samples=100, max_regression=0.02)
 
@@ -77,3 +78,15 @@ def test_a_protected_group_too_small_to_judge_leaves_the_gate_inconclusive():
 def test_a_protected_group_within_its_margin_passes():
     report = report_with({"all": (2000, 0.03, 0.01), "group_b": (400, -0.01, 0.01)})
     assert gate(report, GATE, groups=PROTECT_B).passed
+
+
+def test_the_report_shows_each_groups_share_value_and_the_disparity():
+    report = report_with({"all": (2000, 0.03, 0.01)})
+    report.slices.extend(SliceResult(name, n, {"dr": comparison(d, 0.01, champion=champion)})
+                         for name, n, d, champion in (("group_a", 1500, 0.05, 0.35), ("group_b", 500, -0.03, 0.23)))
+    assert report.disparity() == pytest.approx({"candidate": 0.20, "champion": 0.12})  # 0.40 - 0.20, 0.35 - 0.23
+    assert report.metrics()["disparity/candidate"] == pytest.approx(0.20)
+    text = report.markdown()
+    assert "| b | 25.0% |" in text and "| a | 75.0% |" in text
+    assert "Disparity (largest - smallest group value): candidate 0.2000, champion 0.1200" in text
+    assert "disparity/candidate" not in report_with({"all": (2000, 0.03, 0.01)}).metrics()

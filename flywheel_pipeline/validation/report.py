@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from flywheel_pipeline.groups import GROUP_SLICE
 from flywheel_pipeline.training.base import Windows
 from flywheel_pipeline.validation.intervals import CI_LEVEL, MetricComparison
 
@@ -101,9 +102,25 @@ class ValidationReport:
     def outcome(self) -> str:
         return self.decision.outcome if self.decision else "undecided"
 
+    def group_slices(self) -> list[SliceResult]:
+        """The declared groups' slices (``groups.slice_name``), in name order."""
+        return [result for result in self.slices if result.name.startswith(GROUP_SLICE)]
+
+    def disparity(self) -> dict[str, float]:
+        """Per role, the largest minus the smallest primary value among the declared groups (NaN
+        with fewer than two groups valued): how unequal the policy's value is across groups."""
+        out = {}
+        for role in ("candidate", "champion"):
+            values = [getattr(r.metrics[self.primary_metric], role) for r in self.group_slices()]
+            values = [v for v in values if math.isfinite(v)]
+            out[role] = max(values) - min(values) if len(values) > 1 else math.nan
+        return out
+
     def metrics(self) -> dict[str, float]:
-        """Flat ``<slice>/<metric>/<candidate|champion|difference>`` values (MLflow)."""
-        flat: dict[str, float] = {}
+        """Flat ``<slice>/<metric>/<candidate|champion|difference>`` values (MLflow), and the
+        groups' ``disparity/<candidate|champion>``."""
+        flat: dict[str, float] = {f"disparity/{role}": value for role, value in self.disparity().items()
+                                  if math.isfinite(value)}
         for result in self.slices:
             flat[f"{result.name}/n_samples"] = float(result.n_samples)
             flat[f"{result.name}/n_reviewed"] = float(result.n_reviewed)
@@ -213,6 +230,7 @@ class ValidationReport:
             if ess is not None and self.judged.propensities_known:
                 lines.append(f"| {result.name} | {result.n_samples} | {result.n_reviewed} | ess "
                              f"| {ess.candidate:.1f} | {ess.champion:.1f} | |")
+        lines += self._groups_table()
         if out_of_range:
             lines += ["", OUT_OF_RANGE]
         if not self.judged.propensities_known:
@@ -220,6 +238,25 @@ class ValidationReport:
         if self.revisit is not None:
             lines += ["", self.revisit.markdown()]
         return "\n".join(lines) + "\n"
+
+    def _groups_table(self) -> list[str]:
+        """Per declared group: its share of the held-out traffic and of the reviews, and the
+        primary value of both policies; then the disparity between groups."""
+        mine = self.group_slices()
+        if not mine:
+            return []
+        total, reviewed = max(self.overall.n_samples, 1), max(self.overall.n_reviewed, 1)
+        lines = ["", f"Groups ({self.primary_metric}; docs/fairness.md):", "",
+                 "| group | traffic | reviews | candidate | champion | difference |", "|---|---|---|---|---|---|"]
+        for result in mine:
+            m = result.metrics[self.primary_metric]
+            lines.append(f"| {result.name[len(GROUP_SLICE):]} | {result.n_samples / total:.1%} "
+                         f"| {result.n_reviewed / reviewed:.1%} | {_value(m.candidate, m.candidate_ci)} "
+                         f"| {_value(m.champion, m.champion_ci)} | {_value(m.difference, m.difference_ci, signed=True)} |")
+        spread = self.disparity()
+        lines += ["", (f"Disparity (largest - smallest group value): candidate {spread['candidate']:.4f}, "
+                       f"champion {spread['champion']:.4f}")]
+        return lines
 
     def _headline(self, value: float) -> float | str:
         """A primary estimate as the headline shows it: rounded, or why it is no estimate."""
