@@ -254,6 +254,8 @@ class Groups(_Strict):
                              "the gate decides (with fewer it is inconclusive for that group)")
     max_regression: float = Field(0.02, ge=0, description="a protected group's drop of the primary value "
                                   "beyond this (significant, Holm-corrected) fails the gate")
+    reweight: bool = Field(False, description="training weighs each group's rows so every group counts alike "
+                           "(the corrective lever; docs/fairness.md)")
 
     @model_validator(mode="after")
     def _one_source(self) -> Groups:

@@ -2,6 +2,10 @@
 held-out interaction, for evaluation only (validation's slices, the gate's protected groups);
 never a model's feature.
 
+``reweight`` is the corrective lever: each group's training rows weigh (1 / groups) / its share of
+the weight, so every group counts alike in the fit, however few rows it has (a minority that
+reacts rarely is not drowned by the majority); rows of no declared group keep their weight.
+
 A group is the interaction's ``segment`` (a serving-time context field), or the group a file maps
 its user to (``users_file``: CSV with a header, columns ``user_id`` and ``group``).
 """
@@ -16,6 +20,7 @@ import polars as pl
 from flywheel_pipeline.config import Groups
 
 GROUP_SLICE = "group_"  # validation's slice of a group: group_<name>
+MAX_GROUP_WEIGHT = 10.0  # the most a group's rows are up-weighted by ``reweight`` (and 1/10 the least)
 
 
 def slice_name(group: str) -> str:
@@ -45,3 +50,25 @@ def assign(units: pl.DataFrame, settings: Groups | None) -> pl.DataFrame:
         return units.with_columns(group=pl.col(settings.field))
     mapping = user_groups(settings.users_file)
     return units.join(mapping, on="user_id", how="left", maintain_order="left")
+
+
+def balance(rows: pl.DataFrame, settings: Groups | None) -> tuple[pl.DataFrame, dict[str, float]]:
+    """With ``settings.reweight``, ``rows``' ``weight`` multiplied per group so each group holds an
+    equal share of the total (the factor clipped to [1/MAX_GROUP_WEIGHT, MAX_GROUP_WEIGHT]); the
+    metrics give each group's share of the weight before and its factor. Else unchanged."""
+    if settings is None or not settings.reweight:
+        return rows, {}
+    grouped = assign(rows, settings)
+    shares = (grouped.filter(pl.col("group").is_not_null()).group_by("group")
+              .agg(share=pl.col("weight").sum()).with_columns(share=pl.col("share") / pl.col("share").sum()))
+    if shares.height < 2:
+        return rows, {}
+    factors = shares.with_columns(factor=(1 / (shares.height * pl.col("share")))
+                                  .clip(1 / MAX_GROUP_WEIGHT, MAX_GROUP_WEIGHT))
+    weighted = (grouped.join(factors.select("group", "factor"), on="group", how="left", maintain_order="left")
+                .with_columns(weight=pl.col("weight") * pl.col("factor").fill_null(1.0))
+                .select(rows.columns))
+    metrics = {}
+    for group, share, factor in factors.sort("group").iter_rows():
+        metrics[f"group_share/{group}"], metrics[f"group_weight/{group}"] = share, factor
+    return weighted, metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import date
 
+from flywheel_pipeline import groups
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.sources import Readable
@@ -62,11 +63,13 @@ def train_candidate(
         raise ValueError(f"{domain}: no labelled impressions in {windows.params()}")
     trainer = trainer_for(domain_config.shape)
     weighted, weighting_metrics = trainer.weigh(train)
+    weighted, group_metrics = groups.balance(weighted, domain_config.groups)
     scorer, fit_metrics = fit_with_internal_check(trainer, weighted)
     metrics = {
         "label_coverage": train.height / rows.height,
         **policy_metrics(train),
         **weighting_metrics,
+        **group_metrics,
         **fit_metrics,
     }
     params = {
