@@ -288,8 +288,9 @@ class Drift(_Strict):
     recent_days: int = Field(3, gt=0, description="the recent traffic compared with the training window")
     max_psi: float = Field(0.2, gt=0, description="population stability index of a serving feature beyond "
                                                   "which the inputs drifted (0.1 small, 0.25 large)")
-    max_new_item_share: float = Field(0.2, ge=0, le=1, description="share of recent impressions of items "
-                                      "the training window never showed beyond which the items drifted")
+    max_new_item_share: float = Field(0.2, ge=0, le=1, description="share of recent candidates (or, where "
+                                      "none are logged, impressions) of items the training window never "
+                                      "offered or showed beyond which the items drifted")
     triggers_cycle: bool = Field(True, description="drift beyond a threshold launches an off-cadence cycle "
                                                    "(the drift sensor)")
 

@@ -98,7 +98,7 @@ def _drift_metadata(drift: DriftReport | None) -> dict[str, Any]:
     if drift.note:
         return {"drift": f"not measured: {drift.note}"}
     rows = [f"| {f.feature} | {f.psi:.3f} | {drift.max_psi:g} |" for f in drift.features]
-    rows.append(f"| new items (share of recent impressions) | {drift.new_item_share:.1%} | "
+    rows.append(f"| new items (share of recent {drift.new_items_among}) | {drift.new_item_share:.1%} | "
                 f"{drift.max_new_item_share:.0%} |")
     verdict = "**drifted**: " + "; ".join(drift.reasons) if drift.drifted else "no drift"
     return {

@@ -547,7 +547,8 @@ def _drift(drift: Mapping[str, Any] | None) -> dict[str, Any] | None:
              "sign": "worse" if f["psi"] > drift["max_psi"] else ""} for f in drift["features"]]
     share = drift["new_item_share"]
     if _finite(share):
-        rows.append({"feature": "new items (share of recent impressions)", "value": format_value(share, "share"),
+        among = drift.get("new_items_among", "impressions")  # reports stored before it counted impressions
+        rows.append({"feature": f"new items (share of recent {among})", "value": format_value(share, "share"),
                      "threshold": format_value(drift["max_new_item_share"], "share"),
                      "sign": "worse" if share > drift["max_new_item_share"] else ""})
     return {"state": "flagged" if drift["drifted"] else "healthy",
