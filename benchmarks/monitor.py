@@ -5,7 +5,9 @@ on healthy deployments, against the simulator's hidden truth.
     .venv/bin/python benchmarks/monitor.py --healthy-seeds 1 --seeds 1 --scenarios stale_holdout --verbose
 
 Per seed, one recommendation domain at automation ``full`` (lookback 7, holdout 3, clicks as the
-reward), in a fresh home, at the demo's 1,500 interactions a day:
+reward), in a fresh home, at the demo's 1,500 interactions a day, served as a serving system reads
+the registry: the champion, and for a week after a first deployment over another version the
+holdback (``monitor.holdback`` of requests, 20% unless ``--holdback`` says otherwise):
 
 1. 10 days served by the baseline, a cycle: v1 passes and is deployed (the approval sensor's
    path: ``approval.deploy`` of the pending approvals); the monitor watches v1's 10 days (a healthy
