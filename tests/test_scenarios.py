@@ -273,3 +273,20 @@ def test_the_baseline_keeps_serving_through_every_scenario(shifted) -> None:
                 value = true_accuracy_on(home, CONFIG, domain,
                                          baseline_scorer(CONFIG.domain(domain).shape), AFTER)
                 assert 0.1 <= value <= 0.6
+
+
+def test_a_groups_truth_moves_only_where_its_users_tastes_moved(shifted) -> None:
+    """true_accuracy_on per segment (the truth of a group, docs/fairness.md): the preference shift
+    swaps two segments' tastes; a model perfect before it stays perfect on every other segment."""
+    home = shifted["preference_shift"]
+    model = RecommendationBefore(home)
+    swapped = json.loads((home.simulator / "recommendation" / "scenario.json").read_text())["swapped_segments"]
+    for segment in (f"s{n}" for n in range(6)):
+        before = true_accuracy_on(home, CONFIG, "recommendation", model, BEFORE, segment=segment)
+        after = true_accuracy_on(home, CONFIG, "recommendation", model, AFTER, segment=segment)
+        assert before == pytest.approx(1.0)
+        assert (after < 0.9) if segment in swapped else after == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no user of segment 's9'"):
+        true_accuracy_on(home, CONFIG, "recommendation", model, AFTER, segment="s9")
+    with pytest.raises(ValueError, match="carry no segment"):
+        true_accuracy_on(home, CONFIG, "assistant", AssistantBefore(home), AFTER, segment="s0")

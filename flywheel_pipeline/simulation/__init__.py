@@ -200,15 +200,16 @@ def true_accuracy(home: Home, config: FlywheelConfig, domain: str, scorer: Score
 
 
 def true_accuracy_on(home: Home, config: FlywheelConfig, domain: str, scorer: Scorer,
-                     day: date | None) -> float:
+                     day: date | None, segment: str | None = None) -> float:
     """``true_accuracy`` against the hidden truth of ``day`` (None: the last simulated day) under
     the world's scenario (simulation/scenarios.py): after a preference shift, the shifted tastes or
     answers; with new items, candidates that include them. Without a scenario every day's truth is
-    the same. Any day, simulated or not. For scoring code (benchmarks, tests) only.
+    the same. Any day, simulated or not. ``segment`` (recommendation): over that segment's users
+    only, the truth of a group (docs/fairness.md). For scoring code (benchmarks, tests) only.
     """
     shape = config.domain(domain).shape
     world = World.load(home.simulator / domain)
-    return PRODUCTS[shape](world).accuracy(world, scorer, day)
+    return PRODUCTS[shape](world).accuracy(world, scorer, day, segment)
 
 
 def true_labels(home: Home, domain: str) -> pl.DataFrame:

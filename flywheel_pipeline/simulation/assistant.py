@@ -159,14 +159,16 @@ class Assistant:
         return traffic.bots_repeat(rng.choice(len(self.queries), size=len(traffic),
                                               p=self.popularity))
 
-    def accuracy(self, world: World, scorer: Scorer, day: date | None = None) -> float:
+    def accuracy(self, world: World, scorer: Scorer, day: date | None = None, segment: str | None = None) -> float:
         """Share of traffic whose top-scored candidate is truly good.
 
         Every query counts with its popularity (the expected share over served queries); a tie
         at the top counts the share of good candidates among the tied ones (random tie-break).
         The truth is the one of ``day`` (default: the last simulated day) under the world's
-        scenario.
+        scenario. The assistant's requests carry no segment: ``segment`` must be None.
         """
+        if segment is not None:
+            raise ValueError(f"{world.domain}: an assistant's requests carry no segment to score {segment!r} on")
         good, _ = self.truth_on(day or world.last_day or world.epoch)
         n = len(self.queries)
         frame = candidate_frame(world.domain, np.full(n, EVALUATION_USER), None,

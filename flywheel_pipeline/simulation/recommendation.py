@@ -185,17 +185,22 @@ class Recommendation:
         served = serve_collapsed(scores, CANDIDATES, SLATE, policy.exploration_share, rng[Stream.SERVING])
         return np.concatenate([requested, heads], axis=1), served, versions
 
-    def accuracy(self, world: World, scorer: Scorer, day: date | None = None) -> float:
+    def accuracy(self, world: World, scorer: Scorer, day: date | None = None, segment: str | None = None) -> float:
         """Mean precision@5: the scorer's top 5 of 20 random candidates vs the truly best 5.
 
-        Over a fixed panel of the world's initial users, each with fixed candidates; a tie at the
-        cut counts the expected share of it that makes the top 5 (random tie-break). The truth is
-        the one of ``day`` (default: the last simulated day) under the world's scenario: shifted
-        tastes, and new items among the candidates (the same ones each day).
+        Over a fixed panel of the world's initial users (of ``segment`` only, when given), each
+        with fixed candidates; a tie at the cut counts the expected share of it that makes the top
+        5 (random tie-break). The truth is the one of ``day`` (default: the last simulated day)
+        under the world's scenario: shifted tastes, and new items among the candidates (the same
+        ones each day).
         """
         day = day or world.last_day or world.epoch
         rng = rng_for(world.seed, world.domain, Stream.EVALUATION)
         initial = world.users.filter(pl.col("first_day") < world.epoch)
+        if segment is not None:
+            initial = initial.filter(pl.col("segment") == segment)
+            if initial.is_empty():
+                raise ValueError(f"{world.domain} has no user of segment {segment!r}")
         panel = initial[np.sort(rng.choice(len(initial), min(EVALUATION_USERS, len(initial)),
                                            replace=False))]
         m = len(panel)

@@ -103,7 +103,8 @@ class Product(Protocol):
     def serve_day(self, traffic: Traffic, policy: Policy,
                   rng: dict[Stream, np.random.Generator]) -> DayLog: ...
 
-    def accuracy(self, world: World, scorer: Scorer, day: date | None = None) -> float: ...
+    def accuracy(self, world: World, scorer: Scorer, day: date | None = None,
+                 segment: str | None = None) -> float: ...
 
 
 def candidate_frame(domain: str, user_id: np.ndarray, segment: np.ndarray | None,
