@@ -68,11 +68,12 @@ BEFORE_MODELS = {"assistant": AssistantBefore, "recommendation": RecommendationB
 
 @pytest.fixture(scope="module")
 def shifted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Home]:
-    """Each scenario (and none) over the same seed: both domains, new_items recommendation only."""
+    """Each scenario (and none) over the same seed: both domains, new_items and majority_trend
+    recommendation only."""
     homes = {}
     for scenario in (None, *SCENARIOS):
         home = Home(tmp_path_factory.mktemp(scenario or "plain"))
-        run(home, scenario, ["recommendation"] if scenario == "new_items"
+        run(home, scenario, ["recommendation"] if scenario in ("new_items", "majority_trend")
             else ["assistant", "recommendation"])
         homes[scenario or "plain"] = home
     return homes
@@ -290,3 +291,15 @@ def test_a_groups_truth_moves_only_where_its_users_tastes_moved(shifted) -> None
         true_accuracy_on(home, CONFIG, "recommendation", model, AFTER, segment="s9")
     with pytest.raises(ValueError, match="carry no segment"):
         true_accuracy_on(home, CONFIG, "assistant", AssistantBefore(home), AFTER, segment="s0")
+
+
+def test_majority_trend_moves_every_group_but_the_minority(shifted) -> None:
+    home = shifted["majority_trend"]
+    model = RecommendationBefore(home)
+    record = json.loads((home.simulator / "recommendation" / "scenario.json").read_text())
+    minority = record["minority_segment"]
+    assert np.linalg.norm(record["trend"]) == pytest.approx(2.0)
+    for segment in (f"s{n}" for n in range(6)):
+        after = true_accuracy_on(home, CONFIG, "recommendation", model, AFTER, segment=segment)
+        assert after == pytest.approx(1.0) if segment == minority else after < 0.95
+    assert true_accuracy_on(home, CONFIG, "recommendation", model, BEFORE) == pytest.approx(1.0)

@@ -108,9 +108,7 @@ class Recommendation:
                 shift.new_catalogue(items).write_parquet(new)
             items = pl.concat([items, pl.read_parquet(new)])
         if not (world.folder / "scenario.json").exists():
-            shift.record(world.folder, {"new_items": items["item_id"][ITEMS:].to_list()}
-                         if shift.scenario.name == "new_items" else
-                         {"swapped_segments": [f"s{n}" for n in shift.swapped_segments().tolist()]})
+            shift.record(world.folder, _scenario_details(shift, items))
         return cls(items, shift, world.segment_tastes)
 
     def save(self, folder: Path) -> None:
@@ -285,6 +283,15 @@ class _Reactions:
         good = (self.relevance[i] >= GOOD_RELEVANCE) != self.review_noise[i]
         for k, item in enumerate(items):
             log.review(i, after, bool(good[k]), item_id=item, reviewer=reviewer)
+
+
+def _scenario_details(shift: Shift, items: pl.DataFrame) -> dict:
+    """What the scenario changes, for its record beside the world (hidden truth)."""
+    if shift.scenario.name == "new_items":
+        return {"new_items": items["item_id"][ITEMS:].to_list()}
+    if shift.scenario.name == "majority_trend":
+        return {"minority_segment": shift.minority_segment(), "trend": shift.trend(TASTE_DIM).tolist()}
+    return {"swapped_segments": [f"s{n}" for n in shift.swapped_segments().tolist()]}
 
 
 def _retrieve(n: int, rng: np.random.Generator, excluded: np.ndarray | None = None) -> np.ndarray:

@@ -17,6 +17,11 @@ hidden folder that the pipeline never reads:
     new_items         recommendation only: from ``day`` on, NEW_ITEMS items the champion never saw
                       are in the catalogue, attractive on average (bias NEW_ITEM_BIAS), and each
                       retrieved candidate is a new item with probability NEW_ITEM_SHARE.
+    majority_trend    recommendation only: from ``day`` on, the users of every segment but one (the
+                      minority, drawn from the seed) share a new trend: their tastes move by one
+                      common vector of length TREND_LENGTH, the minority's stay. A model fitted on
+                      the new traffic serves the majority better and, where its item effects follow
+                      the majority, the minority worse (docs/fairness.md).
     stale_holdout     the preference shift is on during the ``span_days`` before ``day`` only (a fad)
                       and gone from ``day`` on: a candidate fitted and held-out-evaluated inside the
                       fad (``day`` = the day after its held-out window, when it is deployed) learnt a
@@ -37,14 +42,15 @@ import polars as pl
 
 from flywheel_pipeline.simulation.world import SEGMENTS, Stream, rng_for
 
-SCENARIOS = ("preference_shift", "new_items", "stale_holdout")
-SHAPES = {"new_items": ("recommendation",)}  # scenarios that apply to some shapes only
+SCENARIOS = ("preference_shift", "new_items", "stale_holdout", "majority_trend")
+SHAPES = {"new_items": ("recommendation",), "majority_trend": ("recommendation",)}  # some shapes only
 SHIFTED_SEGMENTS = 2          # recommendation: segments whose users swap tastes
 SHIFTED_QUERY_SHARE = 1 / 3   # assistant: popularity-weighted share of queries whose answer moves
 NEW_ITEMS = 60                # recommendation: items that enter the catalogue on the day
 NEW_ITEM_SHARE = 0.25         # share of retrieved candidates that are new items, from the day on
 NEW_ITEM_BIAS = (-1.0, 0.75)  # normal (mean, sd): more appealing than the catalogue's (-1.5, 0.5)
 STALE_SPAN_DAYS = 28          # stale_holdout: how long the fad lasts before ``day`` (a lookback)
+TREND_LENGTH = 2.0            # majority_trend: how far the majority's tastes move (a segment's spread is ~2.8)
 
 
 def applies_to(scenario: str, shape: str) -> bool:
@@ -95,7 +101,7 @@ class Scenario:
 
     def shifted(self, day: date) -> bool:
         """Whether users' preferences are shifted on ``day``."""
-        if self.name == "preference_shift":
+        if self.name in ("preference_shift", "majority_trend"):
             return day >= self.day
         if self.name == "stale_holdout":
             return self.first_day <= day < self.day
@@ -132,12 +138,25 @@ class Shift:
         """The SHIFTED_SEGMENTS segments (numbers) whose users swap tastes, in swap order."""
         return self.rng().choice(SEGMENTS, SHIFTED_SEGMENTS, replace=False)
 
+    def minority_segment(self) -> str:
+        """majority_trend: the segment whose users do not follow the trend."""
+        return f"s{self.rng().integers(SEGMENTS)}"
+
+    def trend(self, dimensions: int) -> np.ndarray:
+        """majority_trend: the vector the majority's tastes move by (length TREND_LENGTH)."""
+        direction = rng_for(self.seed, self.domain, Stream.SCENARIO, 2).standard_normal(dimensions)
+        return TREND_LENGTH * direction / np.linalg.norm(direction)
+
     def tastes_on(self, day: date, taste: np.ndarray, segment: np.ndarray,
                   segment_tastes: np.ndarray, bot: np.ndarray | None = None) -> np.ndarray:
         """Each user's taste on ``day``: in a swapped segment, the user's own deviation from their
-        segment's typical taste around the next swapped segment's (bots have no taste)."""
+        segment's typical taste around the next swapped segment's; in majority_trend, moved by the
+        trend outside the minority (bots have no taste)."""
         if not self.shifted(day):
             return taste
+        if self.scenario.name == "majority_trend":
+            moved = self.changed_users(day, segment, np.zeros(len(segment), bool) if bot is None else bot)
+            return taste + np.where(moved[:, None], self.trend(taste.shape[1])[None, :], 0.0)
         swapped = self.swapped_segments()
         number = np.array([int(s[1:]) for s in segment.tolist()])
         partner = np.arange(SEGMENTS)
@@ -153,6 +172,8 @@ class Shift:
         """Which users' tastes ``tastes_on`` changes on ``day``."""
         if not self.shifted(day):
             return np.zeros(len(segment), bool)
+        if self.scenario.name == "majority_trend":
+            return (segment != self.minority_segment()) & ~bot
         swapped = {f"s{s}" for s in self.swapped_segments().tolist()}
         return np.array([s in swapped for s in segment.tolist()]) & ~bot
 
