@@ -65,13 +65,14 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 REPO = Path(__file__).resolve().parent.parent
 
 
-def project(root: Path, automation: str, webhook_env: str | None = None, holdback: float | None = None) -> Path:
+def project(root: Path, automation: str, webhook_env: str | None = None, holdback: float | None = None,
+            **settings: object) -> Path:
     """flywheel.yaml with the recommendation domain alone, short windows, clicks as the reward
-    (``holdback``: the monitor's, else flywheel.yaml's)."""
+    (``holdback``: the monitor's, else flywheel.yaml's; ``settings``: more of the domain's)."""
     raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
     domain = raw["domains"][DOMAIN]
     domain.update(lookback_days=7, holdout_days=3, automation=automation, label_maturity={"outcome": "click"},
-                  approvers=["recsys-lead"])
+                  approvers=["recsys-lead"], **settings)
     if holdback is not None:
         domain.setdefault("monitor", {})["holdback"] = holdback
     raw["domains"] = {DOMAIN: domain}
@@ -95,8 +96,8 @@ class Loop:
 
     def __init__(self, root: Path, seed: int, automation: str = "full", per_day: int = 1500,
                  scenario: str | None = None, webhook_env: str | None = None, verbose: bool = False,
-                 holdback: float | None = None) -> None:
-        config_path = project(root, automation, webhook_env, holdback)
+                 holdback: float | None = None, **settings: object) -> None:
+        config_path = project(root, automation, webhook_env, holdback, **settings)
         os.environ["FLYWHEEL_CONFIG"] = str(config_path)  # what the runs' resources read
         self.config, self.seed, self.per_day, self.scenario = load_config(config_path), seed, per_day, scenario
         self.verbose = verbose

@@ -10,6 +10,7 @@ and inputs give byte-identical batches, and successive calls continue the same w
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -30,8 +31,19 @@ from flywheel_pipeline.simulation.serving import Audit, Holdback, Policy, Produc
 from flywheel_pipeline.simulation.traps import Traps
 from flywheel_pipeline.simulation.world import Stream, World
 
-__all__ = ["SCENARIOS", "DayBatch", "Holdback", "SimulationSummary", "label_batch", "simulate",
-           "simulated_through", "true_accuracy", "true_accuracy_on", "true_labels"]
+__all__ = [
+    "SCENARIOS",
+    "DayBatch",
+    "Holdback",
+    "SimulationSummary",
+    "label_batch",
+    "scenario_details",
+    "simulate",
+    "simulated_through",
+    "true_accuracy",
+    "true_accuracy_on",
+    "true_labels",
+]
 
 PRODUCTS: dict[str, Callable[[World], Product]] = {
     "assistant": Assistant.open,
@@ -210,6 +222,13 @@ def true_accuracy_on(home: Home, config: FlywheelConfig, domain: str, scorer: Sc
     shape = config.domain(domain).shape
     world = World.load(home.simulator / domain)
     return PRODUCTS[shape](world).accuracy(world, scorer, day, segment)
+
+
+def scenario_details(home: Home, domain: str) -> dict:
+    """What the world's scenario changes (its scenario.json: hidden truth, e.g. majority_trend's
+    ``minority_segment``); {} without a scenario. For scoring code (benchmarks, tests) only."""
+    path = home.simulator / domain / "scenario.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def true_labels(home: Home, domain: str) -> pl.DataFrame:

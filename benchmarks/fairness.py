@@ -1,0 +1,117 @@
+"""Fairness benchmark: an aggregate gain that a minority pays for, the gate's verdict on it, and the
+reweighting lever, against the simulator's per-group truth.
+
+    .venv/bin/python benchmarks/fairness.py              # seeds 1-3
+    .venv/bin/python benchmarks/fairness.py --seeds 1
+
+Per seed and lever (``groups.reweight`` off, then on, each in a fresh home), one recommendation
+domain at automation ``full`` (lookback 7, holdout 3, clicks as the reward, 1,500 interactions a
+day) whose users fall in two declared groups (docs/fairness.md): ``minority``, the users of the
+segment the ``majority_trend`` scenario leaves alone, and ``majority``, everyone else (a users file
+written from the simulator's users: evaluation and reweighting only). ``minority`` is protected
+(min_samples 100, max_regression 0.02).
+
+1. 10 days served by the baseline; a cycle; v1 deployed.
+2. From day 10 the majority's tastes follow a trend, the minority's do not; 10 days served by v1.
+3. A second cycle over those days: its candidate's gate outcome and reasons, and the true
+   precision@5 of the candidate and of v1 on day 20, for each group's users.
+
+It prints a row per seed and lever: the gate's outcome (and the group it names), and the
+candidate's true gain over v1 for the minority, the majority, and everyone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import mlflow
+import polars as pl
+
+from benchmarks.monitor import DOMAIN, FIRST, WARMUP_DAYS, Loop
+from flywheel_pipeline import registry, simulation
+from flywheel_pipeline.simulation.world import SEGMENTS, World
+
+MINORITY, MAJORITY = "minority", "majority"
+
+
+@dataclass
+class Outcome:
+    seed: int
+    reweight: bool
+    gate: str
+    reasons: str
+    gains: dict[str, float]  # group -> the candidate's true precision@5 minus v1's
+
+
+def write_groups(loop: Loop, path: Path) -> str:
+    """The users file from the simulator's users so far; returns the minority's segment."""
+    world = World.load(loop.home.simulator / DOMAIN)
+    minority = simulation.scenario_details(loop.home, DOMAIN)["minority_segment"]
+    (world.users.select("user_id", group=pl.when(pl.col("segment") == minority).then(pl.lit(MINORITY))
+                        .otherwise(pl.lit(MAJORITY)))
+     .write_csv(path))
+    return minority
+
+
+def run(root: Path, seed: int, reweight: bool) -> Outcome:
+    users_file = root / "groups.csv"
+    users_file.write_text("user_id,group\n")
+    groups = {"field": None, "users_file": str(users_file), "protected": [MINORITY], "min_samples": 100,
+              "max_regression": 0.02, "reweight": reweight}
+    loop = Loop(root, seed, scenario="majority_trend", groups=groups)
+    loop.event = FIRST + timedelta(days=WARMUP_DAYS)  # the trend starts after v1's windows
+    loop.serve(FIRST, WARMUP_DAYS)
+    write_groups(loop, users_file)
+    v1 = loop.cycle(FIRST, FIRST + timedelta(days=WARMUP_DAYS - 1))
+    if v1 is None:
+        raise RuntimeError(f"seed {seed}: v1 did not pass")
+    loop.serve(loop.event, WARMUP_DAYS)
+    minority = write_groups(loop, users_file)
+    last = loop.event + timedelta(days=WARMUP_DAYS - 1)
+    loop.cycle(loop.event - timedelta(days=loop.config.max_lateness_days), last)
+    [validation] = mlflow.search_runs(
+        experiment_names=[f"flywheel-{DOMAIN}"], filter_string="tags.`flywheel.stage` = 'validation'",
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    tags = validation.data.tags
+    candidate = mlflow.pyfunc.load_model(tags["flywheel.candidate_model_uri"])
+    champion = mlflow.pyfunc.load_model(f"models:/{registry.model_name(DOMAIN)}/{v1}")
+    day = last + timedelta(days=1)
+    by_segment = {segment: [simulation.true_accuracy_on(loop.home, loop.config, DOMAIN, model, day, segment=segment)
+                            for model in (candidate, champion)]
+                  for segment in (f"s{n}" for n in range(SEGMENTS))}
+    majority = [s for s in by_segment if s != minority]
+    gains = {MINORITY: by_segment[minority][0] - by_segment[minority][1],
+             MAJORITY: sum(by_segment[s][0] - by_segment[s][1] for s in majority) / len(majority),
+             "everyone": (simulation.true_accuracy_on(loop.home, loop.config, DOMAIN, candidate, day)
+                          - simulation.true_accuracy_on(loop.home, loop.config, DOMAIN, champion, day))}
+    loop.instance.dispose()
+    return Outcome(seed, reweight, tags["flywheel.gate.outcome"], tags["flywheel.gate.reasons"], gains)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=1)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    print("| seed | reweight | gate | named | minority gain | majority gain | everyone |")
+    print("|---|---|---|---|---|---|---|")
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for reweight in (False, True):
+            with tempfile.TemporaryDirectory(prefix="flywheel-fairness-") as tmp:
+                o = run(Path(tmp), seed, reweight)
+            named = next((r.split(":")[0] for r in o.reasons.split("; ") if r.startswith("group_")), "-")
+            print(f"| {seed} | {'on' if reweight else 'off'} | {o.gate} | {named} | {o.gains[MINORITY]:+.3f} "
+                  f"| {o.gains[MAJORITY]:+.3f} | {o.gains['everyone']:+.3f} |", flush=True)
+            print(f"    reasons: {o.reasons}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
