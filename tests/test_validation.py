@@ -18,7 +18,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from flywheel_pipeline import registry
-from flywheel_pipeline.config import Gate, parse_config
+from flywheel_pipeline.config import Gate, Groups, parse_config
 from flywheel_pipeline.defs.assets import build_model_assets
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.health import HealthReport
@@ -335,6 +335,37 @@ def test_validation_against_the_baseline_logs_a_gated_report(world):
     assert artifacts == {"validation/report.json", "validation/report.md"}
     logged = json.loads(mlflow.artifacts.load_text(f"runs:/{report.run_id}/validation/report.json"))
     assert logged["decision"]["outcome"] == report.decision.outcome
+
+
+def test_declared_groups_are_measured_and_a_protected_one_with_too_little_evidence_is_named(world, tmp_path):
+    """Through validate_candidate on the warehouse: the segments as declared groups (one protected,
+    needing more held-out interactions than there are), then a users file's groups."""
+    con, home, config, candidate = world
+    report = validate_candidate(con, home, with_groups(config, protected=["s1"], min_samples=10**6), "recommendation",
+                                candidate.model_uri, None, candidate.windows)
+    assert [s.name for s in report.slices] == ["all", "new_users", "returning_users", "group_s0", "group_s1",
+                                               "group_s2"]
+    assert report.decision.outcome == "inconclusive"
+    assert any(r.startswith("group_evidence: protected group s1 has ") for r in report.decision.reasons)
+    logged = mlflow.MlflowClient(home.mlflow_tracking_uri).get_run(report.run_id).data.metrics
+    assert report.disparity()["candidate"] > 0
+    assert logged["disparity/candidate"] == pytest.approx(report.disparity()["candidate"])
+    assert "group_s1/dr/difference" in logged and "| s1 |" in report.markdown()
+
+    users = holdout_rows(con, "recommendation", candidate.windows)["user_id"].unique().sort()
+    path = tmp_path / "groups.csv"
+    pl.DataFrame({"user_id": users, "group": ["north" if i % 3 else "south" for i in range(len(users))]}).write_csv(path)
+    mapped = validate_candidate(con, home, with_groups(config, field=None, users_file=path), "recommendation",
+                                candidate.model_uri, None, candidate.windows)
+    names = [s.name for s in mapped.slices]
+    assert names[-2:] == ["group_north", "group_south"] and "segment_s1" in names
+    assert sum(s.n_samples for s in mapped.slices[-2:]) == mapped.overall.n_samples
+
+
+def with_groups(config, **groups):
+    """``config`` with the recommendation domain's groups declared."""
+    domain = config.domain("recommendation").model_copy(update={"groups": Groups(**groups)})
+    return config.model_copy(update={"domains": {**config.domains, "recommendation": domain}})
 
 
 def test_a_candidate_compared_with_itself_is_inconclusive_not_promoted(world):
