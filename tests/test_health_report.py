@@ -290,3 +290,19 @@ def test_page_in_a_browser_shows_six_sections_and_plots(page: str, tmp_path: Pat
             assert view.get_by_text("1 of 6 traps flagged").is_visible()
         finally:
             browser.close()
+
+
+def test_declared_groups_are_plotted_cycle_by_cycle_with_their_disparity() -> None:
+    """The validation measures of each cycle carry each group's value and the disparity
+    (ValidationReport.evidence); the evidence section plots them across cycles, text as SVG paths."""
+    frame = history()
+    rows = [(DOMAIN, DAYS[i], CHAMPIONS[i], URIS[i], "validation", name, value, f"{DAYS[i]}T06:00:00")
+            for i in range(3) for name, value in
+            {"group@s0": 0.50 + 0.02 * i, "group@s5": 0.48 - 0.03 * i, "disparity": 0.02 + 0.05 * i}.items()]
+    grouped = pl.concat([frame, pl.DataFrame(rows, orient="row", schema=frame.columns)])
+    report = health_report()
+    page = render_html(report, grouped, validation(report))
+    assert page.count("<svg") == PLOTS + 1
+    evidence = page[page.index('id="evidence"'):]
+    assert evidence.count("<svg") == 2  # the gate's difference, and the groups
+    assert render_html(report, history(), validation(report)).count("<svg") == PLOTS  # no groups: no plot

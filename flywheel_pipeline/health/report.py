@@ -340,6 +340,32 @@ def _validation_plot(cycles: pl.DataFrame, truth: Mapping[str, float] | None, me
         return _svg(figure)
 
 
+def _groups_plot(cycles: pl.DataFrame) -> Markup | None:
+    """Per declared group, each cycle's candidate value on the held-out days, and the disparity
+    between groups (docs/fairness.md); None when no cycle declared groups."""
+    groups = cycles.filter((pl.col("trap") == VALIDATION) & pl.col("measure").str.starts_with("group@"))
+    if groups.is_empty():
+        return None
+    labels = _cycle_labels(cycles)
+    disparity = cycles.filter((pl.col("trap") == VALIDATION) & (pl.col("measure") == "disparity"))
+    with matplotlib.rc_context(_SVG_RC):
+        figure = _figure(2)
+        values, spread = figure.subplots(1, 2, squeeze=False)[0]
+        for (measure,), rows in groups.sort("as_of").group_by("measure", maintain_order=True):
+            values.plot([list(labels).index(day) for day in rows["as_of"]], rows["value"], "o-",
+                        label=measure.removeprefix("group@"))
+        values.set_ylabel("candidate's value")
+        values.set_title("Each group's value, cycle by cycle", loc="left")
+        values.legend(fontsize="small")
+        spread.plot([list(labels).index(day) for day in disparity["as_of"]], disparity["value"], "s-", color="C3")
+        spread.set_ylabel("largest − smallest")
+        spread.set_title("Disparity between groups", loc="left")
+        for axis in (values, spread):
+            _cycle_axis(axis, labels)
+        _layout(figure)
+        return _svg(figure)
+
+
 _TITLES = {"exposure_bias": "Exploration", "survivorship": "Survivorship", "label_delay": "Labels not yet arrived",
            "leakage": "Leakage", "self_consumption": "Exploration and self-consumption",
            "diversity": "Exposure concentration across versions"}
@@ -507,6 +533,7 @@ replaced (docs/monitoring.md); a forecast that keeps missing says the held-out w
 </section>{% endif %}
 <section id="evidence"><h2>The gate's evidence</h2>
 {% if validation_plot %}<div class="plots"><figure class="wide">{{ validation_plot }}</figure></div>{% endif %}
+{% if groups_plot %}<div class="plots"><figure class="wide">{{ groups_plot }}</figure></div>{% endif %}
 {% for e in evidence %}
 <h3>{{ "Revisit of " if e.revisit else "" }}{{ e.candidate }} vs {{ e.champion }}, held out {{ e.held_out }}:
 <span class="badge {{ e.outcome }}">{{ e.outcome }}</span></h3>
@@ -586,7 +613,8 @@ def render_html(report: HealthReport, history: pl.DataFrame | None, validation: 
         r=report, champion=_version(report.champion), holdout_days=holdout_days, findings=findings,
         champion_now=champion_now or _CHAMPION_UNKNOWN.format(domain=report.domain),
         flagged=report.flagged, evidence=[_evidence(v) for v in reports if v], drift=_drift(drift), live=_live(live),
-        validation_plot=_validation_plot(cycles, truth, (validation or {}).get("primary_metric")), ci_level=f"{CI_LEVEL:.0%}")
+        validation_plot=_validation_plot(cycles, truth, (validation or {}).get("primary_metric")),
+        groups_plot=_groups_plot(cycles), ci_level=f"{CI_LEVEL:.0%}")
 
 
 # --- stored reports --------------------------------------------------------------------------

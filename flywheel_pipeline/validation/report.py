@@ -162,12 +162,19 @@ class ValidationReport:
         }
 
     def evidence(self) -> dict[str, float]:
-        """The primary metric's candidate, champion and difference with its interval (the health
-        report's history of held-out evidence)."""
+        """The primary metric's candidate, champion and difference with its interval, and per
+        declared group the candidate's value (``group@<name>``) and gain (``group_gain@<name>``)
+        with the candidate's ``disparity`` (the health report's history of held-out evidence)."""
         primary = self.overall.metrics[self.primary_metric]
         low, high = primary.difference_ci
+        groups = {}
+        for result in self.group_slices():
+            name, metric = result.name[len(GROUP_SLICE):], result.metrics[self.primary_metric]
+            groups[f"group@{name}"], groups[f"group_gain@{name}"] = metric.candidate, metric.difference
+        if groups:
+            groups["disparity"] = self.disparity()["candidate"]
         return {"candidate": primary.candidate, "champion": primary.champion,
-                "difference": primary.difference, "difference_lo": low, "difference_hi": high}
+                "difference": primary.difference, "difference_lo": low, "difference_hi": high, **groups}
 
     def summary(self) -> str:
         """``<model> on <held-out days>: <outcome>, dr +0.0123 [-0.0010, +0.0250]``."""
