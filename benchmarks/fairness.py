@@ -47,6 +47,7 @@ class Outcome:
     gate: str
     reasons: str
     gains: dict[str, float]  # group -> the candidate's true precision@5 minus v1's
+    held_out: dict[str, str]  # group -> the gate's difference on it, with its interval
 
 
 def write_groups(loop: Loop, path: Path) -> str:
@@ -79,6 +80,13 @@ def run(root: Path, seed: int, reweight: bool) -> Outcome:
         experiment_names=[f"flywheel-{DOMAIN}"], filter_string="tags.`flywheel.stage` = 'validation'",
         order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
     tags = validation.data.tags
+    report = mlflow.artifacts.load_dict(f"runs:/{validation.info.run_id}/validation/report.json")
+    held_out = {}
+    for result in report["slices"]:
+        if result["name"] in (f"group_{MINORITY}", f"group_{MAJORITY}"):
+            dr = result["metrics"]["dr"]
+            held_out[result["name"][len("group_"):]] = (f"{dr['difference']:+.3f} [{dr['difference_ci'][0]:+.3f}, "
+                                                        f"{dr['difference_ci'][1]:+.3f}] n={result['n_samples']}")
     candidate = mlflow.pyfunc.load_model(tags["flywheel.candidate_model_uri"])
     champion = mlflow.pyfunc.load_model(f"models:/{registry.model_name(DOMAIN)}/{v1}")
     day = last + timedelta(days=1)
@@ -91,7 +99,7 @@ def run(root: Path, seed: int, reweight: bool) -> Outcome:
              "everyone": (simulation.true_accuracy_on(loop.home, loop.config, DOMAIN, candidate, day)
                           - simulation.true_accuracy_on(loop.home, loop.config, DOMAIN, champion, day))}
     loop.instance.dispose()
-    return Outcome(seed, reweight, tags["flywheel.gate.outcome"], tags["flywheel.gate.reasons"], gains)
+    return Outcome(seed, reweight, tags["flywheel.gate.outcome"], tags["flywheel.gate.reasons"], gains, held_out)
 
 
 def main() -> None:
@@ -110,7 +118,7 @@ def main() -> None:
             named = next((r.split(":")[0] for r in o.reasons.split("; ") if r.startswith("group_")), "-")
             print(f"| {seed} | {'on' if reweight else 'off'} | {o.gate} | {named} | {o.gains[MINORITY]:+.3f} "
                   f"| {o.gains[MAJORITY]:+.3f} | {o.gains['everyone']:+.3f} |", flush=True)
-            print(f"    reasons: {o.reasons}", flush=True)
+            print(f"    held out (dr, candidate - champion): {o.held_out}; reasons: {o.reasons}", flush=True)
 
 
 if __name__ == "__main__":

@@ -75,9 +75,14 @@ def test_a_protected_group_too_small_to_judge_leaves_the_gate_inconclusive():
     assert absent.outcome == "inconclusive" and "protected group c has 0 held-out" in absent.reasons[0]
 
 
-def test_a_protected_group_within_its_margin_passes():
-    report = report_with({"all": (2000, 0.03, 0.01), "group_b": (400, -0.01, 0.01)})
-    assert gate(report, GATE, groups=PROTECT_B).passed
+def test_a_protected_group_must_be_shown_within_its_margin_to_pass():
+    """-0.005 +- 0.0082: shown within 0.02, passes; -0.01 +- 0.0164: a drop beyond 0.02 is not
+    ruled out (nor shown), inconclusive for that group."""
+    assert gate(report_with({"all": (2000, 0.03, 0.01), "group_b": (400, -0.005, 0.005)}), GATE, groups=PROTECT_B).passed
+    decision = gate(report_with({"all": (2000, 0.03, 0.01), "group_b": (400, -0.01, 0.01)}), GATE, groups=PROTECT_B)
+    assert decision.outcome == "inconclusive"
+    assert decision.reasons == [("group_uncertain: protected group b dr changed -0.0100 [-0.0264, +0.0064]: a drop "
+                                 "beyond groups.max_regression 0.02 is not ruled out")]
 
 
 def test_the_report_shows_each_groups_share_value_and_the_disparity():

@@ -15,11 +15,14 @@
   (Holm 1979, "A simple sequentially rejective multiple test procedure", Scand. J. Statistics).
 - passed: the interval's lower bound clears the threshold and nothing regresses.
 
-Declared groups (flywheel.yaml ``groups``, docs/fairness.md) add two reasons of their own, each
-naming the group: a protected group with fewer than ``groups.min_samples`` held-out interactions
-leaves the gate inconclusive (``group_evidence``: the aggregate cannot vouch for it), and one whose
-drop beyond ``groups.max_regression`` is significant fails it (``group_regression``), Holm-corrected
-across the protected groups: the aggregate's gain never buys a protected group's loss.
+Declared groups (flywheel.yaml ``groups``, docs/fairness.md): a candidate passes only when every
+protected group is shown no worse than ``groups.max_regression`` (its difference's lower bound
+clears the margin: a non-inferiority test per group, all of which must hold). Each reason names the
+group: fewer than ``groups.min_samples`` held-out interactions leave the gate inconclusive
+(``group_evidence``: the aggregate cannot vouch for it), and so does a lower bound below the
+margin (``group_uncertain``: a drop beyond it is not ruled out); a drop beyond the margin that is
+significant, Holm-corrected across the protected groups, fails it (``group_regression``). The
+aggregate's gain never buys a protected group's loss.
 
 The threshold is ``min_improvement`` (superiority), or ``-non_inferiority_margin`` when the
 domain sets one (promote what is no worse than the margin).
@@ -185,7 +188,8 @@ def _regressions(
 
 def _protected_groups(report: ValidationReport, groups: Groups | None) -> tuple[list[str], list[str]]:
     """Protected groups that regressed beyond ``groups.max_regression`` (Holm-corrected across
-    them, one-sided at the interval's level), and those with too little evidence to tell."""
+    them, one-sided at the interval's level), and those not shown within it: too little evidence,
+    or a lower bound below the margin."""
     if groups is None or not groups.protected:
         return [], []
     by_name = {result.name: result for result in report.slices}
@@ -201,13 +205,22 @@ def _protected_groups(report: ValidationReport, groups: Groups | None) -> tuple[
             tests.append((group, comparison))
     alpha = (1 - CI_LEVEL) / 2
     p_values = [p_below(comparison, -groups.max_regression) for _, comparison in tests]
-    failed = []
+    failed, regressed = [], set()
     for rank, i in enumerate(np.argsort(p_values, kind="stable")):
         if p_values[i] > alpha / (len(tests) - rank):
             break
         group, comparison = tests[i]
-        low, high = comparison.difference_ci
+        regressed.add(group)
         failed.append(f"group_regression: protected group {group} {report.primary_metric} changed "
-                      f"{comparison.difference:+.4f} [{low:+.4f}, {high:+.4f}] (p={p_values[i]:.4f}), a drop beyond "
-                      f"groups.max_regression {groups.max_regression}")
+                      f"{_interval_text(comparison)} (p={p_values[i]:.4f}), a drop beyond groups.max_regression "
+                      f"{groups.max_regression}")
+    short += [f"group_uncertain: protected group {group} {report.primary_metric} changed {_interval_text(comparison)}: "
+              f"a drop beyond groups.max_regression {groups.max_regression} is not ruled out"
+              for group, comparison in tests
+              if group not in regressed and comparison.difference_ci[0] < -groups.max_regression]
     return failed, short
+
+
+def _interval_text(comparison: MetricComparison) -> str:
+    low, high = comparison.difference_ci
+    return f"{comparison.difference:+.4f} [{low:+.4f}, {high:+.4f}]"
