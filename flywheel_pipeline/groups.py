@@ -53,22 +53,27 @@ def assign(units: pl.DataFrame, settings: Groups | None) -> pl.DataFrame:
 
 
 def balance(rows: pl.DataFrame, settings: Groups | None) -> tuple[pl.DataFrame, dict[str, float]]:
-    """With ``settings.reweight``, ``rows``' ``weight`` multiplied per group so each group holds an
-    equal share of the total (the factor clipped to [1/MAX_GROUP_WEIGHT, MAX_GROUP_WEIGHT]); the
-    metrics give each group's share of the weight before and its factor. Else unchanged."""
-    if settings is None or not settings.reweight:
+    """Training rows (with ``weight``) and, per declared group, its share of the labelled rows
+    (``group_labels/<group>``) and of their weight (``group_share/<group>``). With
+    ``settings.reweight``, the weights multiplied per group so each group holds an equal share of
+    the total (``group_weight/<group>``: the factor, clipped to [1/MAX_GROUP_WEIGHT,
+    MAX_GROUP_WEIGHT]); else unchanged."""
+    if settings is None:
         return rows, {}
     grouped = assign(rows, settings)
     shares = (grouped.filter(pl.col("group").is_not_null()).group_by("group")
-              .agg(share=pl.col("weight").sum()).with_columns(share=pl.col("share") / pl.col("share").sum()))
-    if shares.height < 2:
-        return rows, {}
+              .agg(labels=pl.len(), share=pl.col("weight").sum()).sort("group")
+              .with_columns(labels=pl.col("labels") / grouped.height, share=pl.col("share") / pl.col("share").sum()))
+    metrics = {}
+    for group, labels, share in shares.iter_rows():
+        metrics[f"group_labels/{group}"], metrics[f"group_share/{group}"] = labels, share
+    if not settings.reweight or shares.height < 2:
+        return rows, metrics
     factors = shares.with_columns(factor=(1 / (shares.height * pl.col("share")))
                                   .clip(1 / MAX_GROUP_WEIGHT, MAX_GROUP_WEIGHT))
     weighted = (grouped.join(factors.select("group", "factor"), on="group", how="left", maintain_order="left")
                 .with_columns(weight=pl.col("weight") * pl.col("factor").fill_null(1.0))
                 .select(rows.columns))
-    metrics = {}
-    for group, share, factor in factors.sort("group").iter_rows():
-        metrics[f"group_share/{group}"], metrics[f"group_weight/{group}"] = share, factor
+    for group, factor in factors.select("group", "factor").iter_rows():
+        metrics[f"group_weight/{group}"] = factor
     return weighted, metrics

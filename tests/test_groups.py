@@ -100,12 +100,16 @@ def test_the_report_shows_each_groups_share_value_and_the_disparity():
 def test_reweighting_gives_every_group_the_same_share_of_the_training_weight():
     rows = pl.DataFrame({"user_id": [f"u{i}" for i in range(12)], "segment": ["a"] * 9 + ["b"] * 2 + [None],
                          "weight": [1.0] * 9 + [0.5, 0.5] + [2.0]})
-    assert groups.balance(rows, Groups())[0].equals(rows)  # off by default
+    unchanged, measured = groups.balance(rows, Groups())  # off by default: measured only
+    assert unchanged.equals(rows)
+    assert measured == pytest.approx({"group_labels/a": 9 / 12, "group_share/a": 0.9,
+                                      "group_labels/b": 2 / 12, "group_share/b": 0.1})
     balanced, metrics = groups.balance(rows, Groups(reweight=True))
     assert balanced.columns == rows.columns
     totals = balanced.group_by("segment").agg(pl.col("weight").sum()).sort("segment", nulls_last=True)
     assert totals["weight"].to_list() == pytest.approx([5.0, 5.0, 2.0])  # a and b alike; no group: kept
-    assert metrics == pytest.approx({"group_share/a": 0.9, "group_weight/a": 0.5 / 0.9,
-                                     "group_share/b": 0.1, "group_weight/b": 5.0})
+    assert metrics == pytest.approx({**measured, "group_weight/a": 0.5 / 0.9, "group_weight/b": 5.0})
+    undeclared, none = groups.balance(rows, None)
+    assert undeclared is rows and none == {}
     tiny = rows.with_columns(weight=pl.when(pl.col("segment") == "b").then(0.01).otherwise(pl.col("weight")))
     assert groups.balance(tiny, Groups(reweight=True))[1]["group_weight/b"] == groups.MAX_GROUP_WEIGHT
