@@ -4,20 +4,21 @@ reweighting lever, against the simulator's per-group truth.
     .venv/bin/python benchmarks/fairness.py              # seeds 1-3
     .venv/bin/python benchmarks/fairness.py --seeds 1
 
-Per seed and lever (``groups.reweight`` off, then on, each in a fresh home), one recommendation
-domain at automation ``full`` (lookback 7, holdout 3, clicks as the reward, 1,500 interactions a
-day) whose users fall in two declared groups (docs/fairness.md): ``minority``, the users of the
-segment the ``majority_trend`` scenario leaves alone, and ``majority``, everyone else (a users file
-written from the simulator's users: evaluation and reweighting only). ``minority`` is protected
-(min_samples 100, max_regression 0.02).
+Per seed, in a fresh home, one recommendation domain at automation ``oversight`` (lookback 7,
+holdout 3, clicks as the reward, 1,500 interactions a day) whose users fall in two declared groups
+(docs/fairness.md): ``minority``, the users of the segment the ``majority_trend`` scenario leaves
+alone, and ``majority``, everyone else (a users file written from the simulator's users:
+evaluation and reweighting only). ``minority`` is protected (min_samples 100, max_regression 0.02).
 
 1. 10 days served by the baseline; a cycle; v1 deployed.
 2. From day 10 the majority's tastes follow a trend, the minority's do not; 10 days served by v1.
 3. A second cycle over those days: its candidate's gate outcome and reasons, and the true
    precision@5 of the candidate and of v1 on day 20, for each group's users.
+4. The same cycle again with ``groups.reweight`` on: the lever's candidate, judged the same way.
 
-It prints a row per seed and lever: the gate's outcome (and the group it names), and the
-candidate's true gain over v1 for the minority, the majority, and everyone.
+It prints a row per seed and lever: the gate's outcome (and the group reason it gives), the gate's
+held-out difference on each group, and the candidate's true gain over v1 for the minority, the
+majority and everyone.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import logging
 import tempfile
 import warnings
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import mlflow
@@ -60,24 +61,40 @@ def write_groups(loop: Loop, path: Path) -> str:
     return minority
 
 
-def run(root: Path, seed: int, reweight: bool) -> Outcome:
+def run(root: Path, seed: int) -> list[Outcome]:
+    """v1 deployed before the trend; the second cycle's candidate without the lever, then with it."""
     users_file = root / "groups.csv"
     users_file.write_text("user_id,group\n")
     groups = {"field": None, "users_file": str(users_file), "protected": [MINORITY], "min_samples": 100,
-              "max_regression": 0.02, "reweight": reweight}
-    loop = Loop(root, seed, scenario="majority_trend", groups=groups)
+              "max_regression": 0.02}
+    loop = Loop(root, seed, automation="oversight", scenario="majority_trend", groups=groups)
     loop.event = FIRST + timedelta(days=WARMUP_DAYS)  # the trend starts after v1's windows
     loop.serve(FIRST, WARMUP_DAYS)
     write_groups(loop, users_file)
-    v1 = loop.cycle(FIRST, FIRST + timedelta(days=WARMUP_DAYS - 1))
+    loop.cycle(FIRST, FIRST + timedelta(days=WARMUP_DAYS - 1))
+    v1 = registry.alias_version(loop.client, DOMAIN, registry.CANDIDATE)
     if v1 is None:
         raise RuntimeError(f"seed {seed}: v1 did not pass")
+    registry.promote(loop.client, DOMAIN, v1)  # approved by a person: the champion
     loop.serve(loop.event, WARMUP_DAYS)
     minority = write_groups(loop, users_file)
     last = loop.event + timedelta(days=WARMUP_DAYS - 1)
-    loop.cycle(loop.event - timedelta(days=loop.config.max_lateness_days), last)
+    outcomes = []
+    for reweight in (False, True):
+        if reweight:  # the same cycle again, with the lever
+            groups["reweight"] = True
+            loop.reconfigure(groups=groups)
+        loop.cycle(loop.event - timedelta(days=loop.config.max_lateness_days), last)
+        outcomes.append(judged(loop, seed, reweight, v1, minority, last + timedelta(days=1)))
+    loop.instance.dispose()
+    return outcomes
+
+
+def judged(loop: Loop, seed: int, reweight: bool, v1: str, minority: str, day: date) -> Outcome:
+    """The latest first validation's outcome, its held-out difference per group, and the truth."""
     [validation] = mlflow.search_runs(
-        experiment_names=[f"flywheel-{DOMAIN}"], filter_string="tags.`flywheel.stage` = 'validation'",
+        experiment_names=[f"flywheel-{DOMAIN}"],
+        filter_string="tags.`flywheel.stage` = 'validation' and tags.`flywheel.revisit` != 'true'",
         order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
     tags = validation.data.tags
     report = mlflow.artifacts.load_dict(f"runs:/{validation.info.run_id}/validation/report.json")
@@ -89,16 +106,13 @@ def run(root: Path, seed: int, reweight: bool) -> Outcome:
                                                         f"{dr['difference_ci'][1]:+.3f}] n={result['n_samples']}")
     candidate = mlflow.pyfunc.load_model(tags["flywheel.candidate_model_uri"])
     champion = mlflow.pyfunc.load_model(f"models:/{registry.model_name(DOMAIN)}/{v1}")
-    day = last + timedelta(days=1)
-    by_segment = {segment: [simulation.true_accuracy_on(loop.home, loop.config, DOMAIN, model, day, segment=segment)
-                            for model in (candidate, champion)]
-                  for segment in (f"s{n}" for n in range(SEGMENTS))}
-    majority = [s for s in by_segment if s != minority]
-    gains = {MINORITY: by_segment[minority][0] - by_segment[minority][1],
-             MAJORITY: sum(by_segment[s][0] - by_segment[s][1] for s in majority) / len(majority),
-             "everyone": (simulation.true_accuracy_on(loop.home, loop.config, DOMAIN, candidate, day)
-                          - simulation.true_accuracy_on(loop.home, loop.config, DOMAIN, champion, day))}
-    loop.instance.dispose()
+
+    def gain(segment: str | None) -> float:
+        return (simulation.true_accuracy_on(loop.home, loop.config, DOMAIN, candidate, day, segment=segment)
+                - simulation.true_accuracy_on(loop.home, loop.config, DOMAIN, champion, day, segment=segment))
+
+    majority = [gain(f"s{n}") for n in range(SEGMENTS) if f"s{n}" != minority]
+    gains = {MINORITY: gain(minority), MAJORITY: sum(majority) / len(majority), "everyone": gain(None)}
     return Outcome(seed, reweight, tags["flywheel.gate.outcome"], tags["flywheel.gate.reasons"], gains, held_out)
 
 
@@ -112,11 +126,11 @@ def main() -> None:
     print("| seed | reweight | gate | named | minority gain | majority gain | everyone |")
     print("|---|---|---|---|---|---|---|")
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        for reweight in (False, True):
-            with tempfile.TemporaryDirectory(prefix="flywheel-fairness-") as tmp:
-                o = run(Path(tmp), seed, reweight)
+        with tempfile.TemporaryDirectory(prefix="flywheel-fairness-") as tmp:
+            outcomes = run(Path(tmp), seed)
+        for o in outcomes:
             named = next((r.split(":")[0] for r in o.reasons.split("; ") if r.startswith("group_")), "-")
-            print(f"| {seed} | {'on' if reweight else 'off'} | {o.gate} | {named} | {o.gains[MINORITY]:+.3f} "
+            print(f"| {seed} | {'on' if o.reweight else 'off'} | {o.gate} | {named} | {o.gains[MINORITY]:+.3f} "
                   f"| {o.gains[MAJORITY]:+.3f} | {o.gains['everyone']:+.3f} |", flush=True)
             print(f"    held out (dr, candidate - champion): {o.held_out}; reasons: {o.reasons}", flush=True)
 

@@ -109,6 +109,15 @@ class Loop:
         self.client = mlflow.MlflowClient(self.home.mlflow_tracking_uri, self.home.mlflow_tracking_uri)
         self.event = FIRST + timedelta(days=2 * WARMUP_DAYS)  # the fad ends, v2 is deployed
 
+    def reconfigure(self, **settings: object) -> None:
+        """Change the domain's settings in flywheel.yaml; the next runs use them."""
+        path = Path(os.environ["FLYWHEEL_CONFIG"])
+        raw = yaml.safe_load(path.read_text())
+        raw["domains"][DOMAIN].update(settings)
+        path.write_text(yaml.safe_dump(raw))
+        self.config = load_config(path)
+        self.defs = build_definitions(self.config, self.home)
+
     def champion(self):
         uri = registry.alias_uri(self.client, DOMAIN, registry.CHAMPION)
         return mlflow.pyfunc.load_model(uri) if uri else baseline_scorer("recommendation")
