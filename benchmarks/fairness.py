@@ -5,7 +5,7 @@ reweighting lever, against the simulator's per-group truth.
     .venv/bin/python benchmarks/fairness.py --seeds 1
 
 Per seed, in a fresh home, one recommendation domain at automation ``oversight`` (lookback 7,
-holdout 3, clicks as the reward, 1,500 interactions a day) whose users fall in two declared groups
+holdout 3, clicks as the reward, ``--per-day`` interactions a day) whose users fall in two declared groups
 (docs/fairness.md): ``minority``, the users of the segment the ``majority_trend`` scenario leaves
 alone, and ``majority``, everyone else (a users file written from the simulator's users:
 evaluation and reweighting only). ``minority`` is protected (min_samples 100, max_regression 0.02).
@@ -61,13 +61,13 @@ def write_groups(loop: Loop, path: Path) -> str:
     return minority
 
 
-def run(root: Path, seed: int) -> list[Outcome]:
+def run(root: Path, seed: int, per_day: int) -> list[Outcome]:
     """v1 deployed before the trend; the second cycle's candidate without the lever, then with it."""
     users_file = root / "groups.csv"
     users_file.write_text("user_id,group\n")
     groups = {"field": None, "users_file": str(users_file), "protected": [MINORITY], "min_samples": 100,
               "max_regression": 0.02}
-    loop = Loop(root, seed, automation="oversight", scenario="majority_trend", groups=groups)
+    loop = Loop(root, seed, automation="oversight", per_day=per_day, scenario="majority_trend", groups=groups)
     loop.event = FIRST + timedelta(days=WARMUP_DAYS)  # the trend starts after v1's windows
     loop.serve(FIRST, WARMUP_DAYS)
     write_groups(loop, users_file)
@@ -120,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=1)
+    parser.add_argument("--per-day", type=int, default=1500, help="interactions a day")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -127,7 +128,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         with tempfile.TemporaryDirectory(prefix="flywheel-fairness-") as tmp:
-            outcomes = run(Path(tmp), seed)
+            outcomes = run(Path(tmp), seed, args.per_day)
         for o in outcomes:
             named = next((r.split(":")[0] for r in o.reasons.split("; ") if r.startswith("group_")), "-")
             print(f"| {seed} | {'on' if o.reweight else 'off'} | {o.gate} | {named} | {o.gains[MINORITY]:+.3f} "
