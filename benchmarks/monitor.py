@@ -21,6 +21,10 @@ holdback (``monitor.holdback`` of requests, 20% unless ``--holdback`` says other
    daily runs make them); a rollback approval it records is deployed as the sensor would; and what
    the drift sensor measures on each of those days.
 
+A healthy run (no scenario) is one deployment per version: v1 watched through both periods when
+no v2 passed, else v1 and then v2 (over v1, with its holdback); a scenario's days before its event
+are those of the healthy run of the same seed, so only its days after the event are reported.
+
 It prints, per watched deployment, the true gap (stale_holdout: v2 - v1 after the event; the other
 scenarios: the champion's true value after - before), the day the monitor first declared a
 regression (``live_regression``) or a miss of the forecast (``live_vs_forecast``), the day of the
@@ -37,7 +41,7 @@ import tempfile
 import time
 import warnings
 from contextlib import redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from io import StringIO
 from pathlib import Path
@@ -228,12 +232,14 @@ def run(root: Path, seed: int, scenario: str | None, watch_days: int, per_day: i
     v1 = loop.cycle(FIRST, FIRST + timedelta(days=WARMUP_DAYS - 1))
     second = FIRST + timedelta(days=WARMUP_DAYS)
     loop.serve(second, WARMUP_DAYS)
-    out = []
+    out, first_looks = [], []
     if v1 is None:
         loop.instance.dispose()
         return out
     if scenario != "stale_holdout":  # v1's days are untouched but by stale_holdout's fad
-        out.append(watched(loop, loop.monitor(second, loop.event - timedelta(days=1)), "healthy", v1, float("nan")))
+        first_looks = loop.monitor(second, loop.event - timedelta(days=1))
+    if scenario is None:  # (a scenario's days before its event are the healthy run's of its seed)
+        out.append(watched(loop, first_looks, "healthy", v1, float("nan")))
     v2 = loop.cycle(second - timedelta(days=loop.config.max_lateness_days), loop.event - timedelta(days=1))
     serving = v2 or v1
     if scenario == "stale_holdout" and serving == v1:
@@ -244,7 +250,12 @@ def run(root: Path, seed: int, scenario: str | None, watch_days: int, per_day: i
            else loop.true_value(serving, loop.event) - loop.true_value(serving, before))
     loop.serve(loop.event, watch_days)
     looks = loop.monitor(loop.event, loop.event + timedelta(days=watch_days - 1))
-    record = watched(loop, looks, scenario or "healthy", serving, gap)
+    if scenario is None and serving == v1:  # no new deployment: v1's watch goes on, one deployment
+        out.pop()
+        looks = [*first_looks, *(replace(look, day=look.day + WARMUP_DAYS) for look in looks)]
+        record = watched(loop, looks, "healthy", v1, float("nan"))
+    else:
+        record = watched(loop, looks, scenario or "healthy", serving, gap)
     record.drift_day = drift_day(loop, serving, loop.event, watch_days)
     out.append(record)
     loop.deploy_pending()  # what the approval sensor does with a rollback's approval
