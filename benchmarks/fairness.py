@@ -5,15 +5,15 @@ reweighting lever, against the simulator's per-group truth.
     .venv/bin/python benchmarks/fairness.py --seeds 1
 
 Per seed, in a fresh home, one recommendation domain at automation ``oversight`` (lookback 7,
-holdout 3, clicks as the reward, ``--per-day`` interactions a day) whose users fall in two declared groups
+holdout 7, clicks as the reward, ``--per-day`` interactions a day) whose users fall in two declared groups
 (docs/fairness.md): ``minority``, the users of the segment the ``majority_trend`` scenario leaves
 alone, and ``majority``, everyone else (a users file written from the simulator's users:
 evaluation and reweighting only). ``minority`` is protected (min_samples 100, max_regression 0.02).
 
-1. 10 days served by the baseline; a cycle; v1 deployed.
-2. From day 10 the majority's tastes follow a trend, the minority's do not; 10 days served by v1.
+1. 14 days served by the baseline; a cycle; v1 deployed.
+2. From day 14 the majority's tastes follow a trend, the minority's do not; 14 days served by v1.
 3. A second cycle over those days: its candidate's gate outcome and reasons, and the true
-   precision@5 of the candidate and of v1 on day 20, for each group's users.
+   precision@5 of the candidate and of v1 on day 28, for each group's users.
 4. The same cycle again with ``groups.reweight`` on: the lever's candidate, judged the same way.
 
 It prints a row per seed and lever: the gate's outcome (and the group reason it gives), the gate's
@@ -34,11 +34,13 @@ from pathlib import Path
 import mlflow
 import polars as pl
 
-from benchmarks.monitor import DOMAIN, FIRST, WARMUP_DAYS, Loop
+from benchmarks.monitor import DOMAIN, FIRST, Loop
 from flywheel_pipeline import registry, simulation
 from flywheel_pipeline.simulation.world import SEGMENTS, World
 
 MINORITY, MAJORITY = "minority", "majority"
+HOLDOUT_DAYS = 7  # the domain's held-out days (lookback 7): the minority's evidence
+WINDOW_DAYS = 7 + HOLDOUT_DAYS
 
 
 @dataclass
@@ -67,18 +69,19 @@ def run(root: Path, seed: int, per_day: int) -> list[Outcome]:
     users_file.write_text("user_id,group\n")
     groups = {"field": None, "users_file": str(users_file), "protected": [MINORITY], "min_samples": 100,
               "max_regression": 0.02}
-    loop = Loop(root, seed, automation="oversight", per_day=per_day, scenario="majority_trend", groups=groups)
-    loop.event = FIRST + timedelta(days=WARMUP_DAYS)  # the trend starts after v1's windows
-    loop.serve(FIRST, WARMUP_DAYS)
+    loop = Loop(root, seed, automation="oversight", per_day=per_day, scenario="majority_trend", groups=groups,
+                holdout_days=HOLDOUT_DAYS)
+    loop.event = FIRST + timedelta(days=WINDOW_DAYS)  # the trend starts after v1's windows
+    loop.serve(FIRST, WINDOW_DAYS)
     write_groups(loop, users_file)
-    loop.cycle(FIRST, FIRST + timedelta(days=WARMUP_DAYS - 1))
+    loop.cycle(FIRST, FIRST + timedelta(days=WINDOW_DAYS - 1))
     v1 = registry.alias_version(loop.client, DOMAIN, registry.CANDIDATE)
     if v1 is None:
         raise RuntimeError(f"seed {seed}: v1 did not pass")
     registry.promote(loop.client, DOMAIN, v1)  # approved by a person: the champion
-    loop.serve(loop.event, WARMUP_DAYS)
+    loop.serve(loop.event, WINDOW_DAYS)
     minority = write_groups(loop, users_file)
-    last = loop.event + timedelta(days=WARMUP_DAYS - 1)
+    last = loop.event + timedelta(days=WINDOW_DAYS - 1)
     outcomes = []
     for reweight in (False, True):
         if reweight:  # the same cycle again, with the lever

@@ -76,7 +76,8 @@ def project(root: Path, automation: str, webhook_env: str | None = None, holdbac
     raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
     domain = raw["domains"][DOMAIN]
     domain.update(lookback_days=7, holdout_days=3, automation=automation, label_maturity={"outcome": "click"},
-                  approvers=["recsys-lead"], **settings)
+                  approvers=["recsys-lead"])
+    domain.update(settings)
     if holdback is not None:
         domain.setdefault("monitor", {})["holdback"] = holdback
     raw["domains"] = {DOMAIN: domain}
