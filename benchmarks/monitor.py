@@ -1,7 +1,7 @@
 """Monitor benchmark: days from a harmful event to the alert and to the rollback, and false alarms
 on healthy deployments, against the simulator's hidden truth.
 
-    .venv/bin/python benchmarks/monitor.py       # 10 healthy seeds, 5 per scenario, the demo's volume
+    .venv/bin/python benchmarks/monitor.py       # 20 healthy seeds, 5 improvements, 5 per scenario
     .venv/bin/python benchmarks/monitor.py --healthy-seeds 1 --seeds 1 --scenarios stale_holdout --verbose
 
 Per seed, one recommendation domain at automation ``full`` (lookback 7, holdout 3, clicks as the
@@ -20,6 +20,10 @@ holdback (``monitor.holdback`` of requests, 20% unless ``--holdback`` says other
    ``<domain>_monitor`` run: accumulate, dbt, and champion_monitor's looks, one a day in order, as
    daily runs make them); a rollback approval it records is deployed as the sensor would; and what
    the drift sensor measures on each of those days.
+
+An ``improvement`` run is healthy too: two segments swap tastes from day 10, after v1's windows, so
+the second cycle's v2 truly beats v1 and is deployed over it with its holdback; its watch checks
+that a better champion, compared with the version it replaced, is not declared regressed.
 
 A healthy run (no scenario) is one deployment per version: v1 watched through both periods when
 no v2 passed, else v1 and then v2 (over v1, with its holdback); a scenario's days before its event
@@ -264,6 +268,29 @@ def run(root: Path, seed: int, scenario: str | None, watch_days: int, per_day: i
     return out
 
 
+def run_improvement(root: Path, seed: int, watch_days: int, per_day: int, verbose: bool = False,
+                    holdback: float | None = None) -> list[Watched]:
+    """A truly better v2 deployed over v1, with its holdback: two segments swap tastes from day 10,
+    after v1's windows, so the second cycle learns what v1 does not know. v2's watch is a healthy
+    deployment: any regression it is found to have is a false alarm."""
+    loop = Loop(root, seed, per_day=per_day, scenario="preference_shift", verbose=verbose, holdback=holdback)
+    loop.event = FIRST + timedelta(days=WARMUP_DAYS)  # the shift, after v1's windows
+    loop.serve(FIRST, WARMUP_DAYS)
+    v1 = loop.cycle(FIRST, loop.event - timedelta(days=1))
+    loop.serve(loop.event, WARMUP_DAYS)
+    watch_start = loop.event + timedelta(days=WARMUP_DAYS)
+    v2 = loop.cycle(loop.event - timedelta(days=loop.config.max_lateness_days), watch_start - timedelta(days=1))
+    out = []
+    if v1 and v2 and v2 != v1:
+        gap = loop.true_value(v2, watch_start) - loop.true_value(v1, watch_start)
+        loop.serve(watch_start, watch_days)
+        out.append(watched(loop, loop.monitor(watch_start, watch_start + timedelta(days=watch_days - 1)),
+                           "improvement", v2, gap))
+        loop.deploy_pending()
+    loop.instance.dispose()
+    return out
+
+
 def _days(values: list[int | None]) -> str:
     """``2/5 [1, 3]``: how many declared, of all, and on which days."""
     found = sorted(v for v in values if v is not None)
@@ -274,7 +301,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5, help="seeds per scenario")
     parser.add_argument("--first-seed", type=int, default=1)
-    parser.add_argument("--healthy-seeds", type=int, default=10, help="seeds of healthy runs (2 deployments each)")
+    parser.add_argument("--healthy-seeds", type=int, default=20, help="seeds of healthy runs (1 or 2 deployments each)")
+    parser.add_argument("--improvement-seeds", type=int, default=5,
+                        help="seeds of a truly better v2 deployed over v1 with its holdback (healthy)")
     parser.add_argument("--watch-days", type=int, default=7)
     parser.add_argument("--per-day", type=int, default=1500)
     parser.add_argument("--scenarios", nargs="+", default=["stale_holdout", "preference_shift", "new_items"])
@@ -285,13 +314,17 @@ def main() -> None:
     logging.disable(logging.WARNING)
     first = args.first_seed
     plan = [(None, seed) for seed in range(first, first + args.healthy_seeds)]
+    plan += [("improvement", seed) for seed in range(first, first + args.improvement_seeds)]
     plan += [(scenario, seed) for scenario in args.scenarios for seed in range(first, first + args.seeds)]
     results: list[Watched] = []
     for scenario, seed in plan:
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="flywheel-monitor-") as tmp:
             try:
-                mine = run(Path(tmp), seed, scenario, args.watch_days, args.per_day, args.verbose, args.holdback)
+                if scenario == "improvement":
+                    mine = run_improvement(Path(tmp), seed, args.watch_days, args.per_day, args.verbose, args.holdback)
+                else:
+                    mine = run(Path(tmp), seed, scenario, args.watch_days, args.per_day, args.verbose, args.holdback)
             except RuntimeError as error:  # a failed run is reported, and the others go on
                 print(f"  {scenario or 'healthy'} seed {seed}: FAILED: {error}", flush=True)
                 mine = []
@@ -304,7 +337,7 @@ def main() -> None:
     print("\n| deployments | n | true gap (mean) | live_regression declared (days) | live_vs_forecast declared (days) "
           "| rolled back (days) | drift (days) |")
     print("|---|---|---|---|---|---|---|")
-    for scenario in ["healthy", *args.scenarios]:
+    for scenario in ["healthy", "improvement", *args.scenarios]:
         mine = [w for w in results if w.scenario == scenario]
         gaps = [w.true_gap for w in mine if w.true_gap == w.true_gap]
         gap = f"{sum(gaps) / len(gaps):+.3f}" if gaps else "-"
