@@ -256,6 +256,8 @@ class Groups(_Strict):
                                   "beyond this (significant, Holm-corrected) fails the gate")
     reweight: bool = Field(False, description="training weighs each group's rows so every group counts alike "
                            "(the corrective lever; docs/fairness.md)")
+    max_disparity_increase: float = Field(0.05, ge=0, description="the audit's fairness check flags a candidate "
+                                          "whose disparity between groups exceeds the champion's by more than this")
 
     @model_validator(mode="after")
     def _one_source(self) -> Groups:

@@ -6,6 +6,7 @@ from datetime import date
 
 import dagster as dg
 
+from flywheel_pipeline.config import Groups
 from flywheel_pipeline.definitions import build_definitions
 from flywheel_pipeline.defs.assets import LABELS, model_keys
 from flywheel_pipeline.defs.jobs import (
@@ -63,3 +64,15 @@ def test_late_labels_relabel_under_each_domains_named_job(home, config):
                                   "cursor")
     assert request.job_name == "recommendation_relabel" and request.asset_selection is None
     assert request.tags["dagster/asset_partition_range_end"] == "2026-11-03|recommendation"
+
+
+def test_a_domain_with_declared_groups_gets_the_fairness_check(home, config):
+    declared = config.domain("recommendation").model_copy(update={"groups": Groups(protected=["s1"])})
+    grouped = config.model_copy(update={"domains": {**config.domains, "recommendation": declared}})
+    defs = build_definitions(grouped, home)
+    dg.Definitions.validate_loadable(defs)
+    def checks(domain: str) -> set[str]:
+        return {spec.name for spec in defs.resolve_assets_def(model_keys(domain)["flywheel_health"]).check_specs}
+
+    assert checks("recommendation") == {*TRAPS, "fairness"}
+    assert checks("assistant") == set(TRAPS)  # no groups declared

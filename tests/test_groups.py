@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from flywheel_pipeline import groups
 from flywheel_pipeline.config import Groups
+from flywheel_pipeline.health.fairness import fairness
 from flywheel_pipeline.validation import gate
 from flywheel_pipeline.validation.evidence import slice_masks
 from flywheel_pipeline.validation.report import SliceResult
@@ -113,3 +114,25 @@ def test_reweighting_gives_every_group_the_same_share_of_the_training_weight():
     assert undeclared is rows and none == {}
     tiny = rows.with_columns(weight=pl.when(pl.col("segment") == "b").then(0.01).otherwise(pl.col("weight")))
     assert groups.balance(tiny, Groups(reweight=True))[1]["group_weight/b"] == groups.MAX_GROUP_WEIGHT
+
+
+def grouped_report(groups_: dict[str, tuple[float, float, float]], overall: float = 0.03) -> object:
+    """A report whose group slices have (champion value, difference, its standard error)."""
+    report = report_with({"all": (2000, overall, 0.01)})
+    report.slices.extend(SliceResult(f"group_{name}", 500, {"dr": comparison(d, se, champion=champion)})
+                         for name, (champion, d, se) in groups_.items())
+    return report
+
+
+def test_the_audit_flags_a_group_left_behind_while_the_aggregate_gains():
+    behind = fairness(grouped_report({"a": (0.40, 0.06, 0.01), "b": (0.38, -0.04, 0.01)}), Groups())
+    assert behind.flagged and behind.trap == "fairness"
+    assert behind.summary.startswith("group b dr -0.0400 (upper bound -0.0236) while the aggregate gained +0.0300")
+    assert behind.measures["gain@b"] == pytest.approx(-0.04) and behind.measures["min_group_gain"] == pytest.approx(-0.04)
+    # disparity 0.02 -> 0.12: grown by 0.10 > 0.05
+    assert "disparity 0.0200 -> 0.1200 (+0.1000 > groups.max_disparity_increase 0.05)" in behind.summary
+    fair = fairness(grouped_report({"a": (0.40, 0.03, 0.01), "b": (0.38, 0.02, 0.01)}), Groups())
+    assert not fair.flagged and fair.summary == "2 groups, none significantly worse; disparity 0.0200 -> 0.0300"
+    # a group worse while the aggregate lost too is the gate's business, not a differential
+    assert not fairness(grouped_report({"a": (0.40, -0.02, 0.005), "b": (0.38, -0.01, 0.005)}, overall=-0.02),
+                        Groups()).flagged

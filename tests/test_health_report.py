@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import re
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -306,3 +308,15 @@ def test_declared_groups_are_plotted_cycle_by_cycle_with_their_disparity() -> No
     evidence = page[page.index('id="evidence"'):]
     assert evidence.count("<svg") == 2  # the gate's difference, and the groups
     assert render_html(report, history(), validation(report)).count("<svg") == PLOTS  # no groups: no plot
+
+
+def test_the_fairness_finding_is_a_section_of_its_own_with_its_plots() -> None:
+    report = health_report()
+    finding = Finding("fairness", True, "group b dr -0.0400 (upper bound -0.0236) while the aggregate gained +0.0300",
+                      "a group left behind", {"disparity": 0.12, "disparity_change": 0.1, "min_group_gain": -0.04,
+                                              "gain@a": 0.06, "gain@b": -0.04})
+    grouped = replace(report, findings=(*report.findings, finding))
+    page = render_html(grouped, history(), validation(grouped))
+    shown = sections(page)
+    assert list(shown) == [*TRAPS, "fairness"]
+    assert "group b dr -0.0400" in shown["fairness"] and "<svg" in shown["fairness"]

@@ -10,6 +10,7 @@ held-out days' last ``drift.recent_days`` against the champion's training window
 shown beside the traps, in the metadata and the report; it checks nothing (the drift sensor acts on it).
 """
 
+from dataclasses import replace
 from typing import Any
 
 import dagster as dg
@@ -17,7 +18,7 @@ import dagster as dg
 from flywheel_pipeline import registry
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
-from flywheel_pipeline.health import TRAPS, Finding, HealthReport
+from flywheel_pipeline.health import TRAPS, Finding, HealthReport, fairness
 from flywheel_pipeline.health.audit import audit, measure_history, save_measures
 from flywheel_pipeline.health.drift import DriftReport, domain_drift
 from flywheel_pipeline.monitoring import calibration
@@ -35,10 +36,13 @@ CHECK_DESCRIPTIONS = {
     "self_consumption": "training labels do not all come from the serving model's own choices",
     "diversity": "the serving model shows enough of the catalogue, not a few items",
 }
+FAIRNESS_DESCRIPTION = ("the candidate's gain reaches every declared group (none significantly worse while the "
+                        "aggregate gains) and the disparity between groups does not grow beyond "
+                        "groups.max_disparity_increase")
 # The measures shown as plot-friendly series in the asset's metadata (Dagster plots numbers over time).
 SERIES = {"exposure_bias": "exploration_share", "survivorship": "min_coverage_ratio",
           "label_delay": "immature_share", "leakage": "max_feature_auc",
-          "self_consumption": "self_consumption_share", "diversity": "top10_share"}
+          "self_consumption": "self_consumption_share", "diversity": "top10_share", fairness.CHECK: "disparity"}
 
 
 def health_key(domain: str) -> dg.AssetKey:
@@ -48,9 +52,12 @@ def health_key(domain: str) -> dg.AssetKey:
 def build_health_asset(config: FlywheelConfig, domain: str, candidate_key: dg.AssetKey,
                        report_key: dg.AssetKey) -> dg.AssetsDefinition:
     key, blocking = health_key(domain), set(config.domain(domain).health.blocking)
+    groups = config.domain(domain).groups
     specs = [dg.AssetCheckSpec(trap, asset=key, blocking=trap in blocking,
                                description=CHECK_DESCRIPTIONS[trap] + (" (blocks registration)" if trap in blocking else ""))
              for trap in TRAPS]
+    if groups is not None:  # declared groups: the fairness check (docs/fairness.md)
+        specs.append(dg.AssetCheckSpec(fairness.CHECK, asset=key, description=FAIRNESS_DESCRIPTION))
 
     @dg.asset(key=key, ins={"candidate": dg.AssetIn(candidate_key), "report": dg.AssetIn(report_key)},
               check_specs=specs, group_name=f"{domain}_model", kinds={"duckdb", "mlflow", "html"},
@@ -69,6 +76,8 @@ def build_health_asset(config: FlywheelConfig, domain: str, candidate_key: dg.As
         with warehouse.connect(domain) as con:
             health = audit(con, config, domain, candidate.windows, candidate.mature_until, champion,
                            candidate.model_uri)
+            if groups is not None:
+                health = replace(health, findings=(*health.findings, fairness.fairness(report, groups)))
             save_measures(con, health, report.evidence())
             history = measure_history(con, domain)
             drift = domain_drift(con, config.domain(domain), domain, version, champion_tags,
