@@ -7,8 +7,11 @@ reward and the same primary value, ``dr``, as the gate):
 
 - the champion's **live value** (its doubly robust terms per interaction; on its own traffic close
   to on-policy), against the **gate's forecast**: the interval its validation gave it;
-- the champion **minus the previous champion** (or the baseline), the previous one estimated
-  off-policy on the same interactions (the exploration slice gives it support).
+- the champion **minus the previous champion** (or the baseline), both estimated on the same
+  interactions: the champion's and, for the ``monitor.holdback_days`` after a first deployment,
+  those the previous version still served as its holdback (``registry.Holdback``), each logger
+  then the routing's mixture (``validation.Routing``); without a holdback the previous one rests
+  on the exploration slice alone.
 
 A regression is declared by a confidence sequence, not by one day's estimate: the asymptotic
 confidence sequence of Waudby-Smith, Arbour, Sinha, Kennedy & Ramdas (2024, "Time-uniform central
