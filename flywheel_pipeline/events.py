@@ -185,11 +185,20 @@ def _for_types(types: tuple[str, ...], condition: str) -> str:
     return f"(event_type IN {_sql_list(types)} AND {condition})"
 
 
+def _event_type_rules() -> list[tuple[str, str]]:
+    """The event type first: every other rule is scoped by it, so a line without a string one
+    (null, absent, a number, a list...) would match none and be neither accepted nor quarantined."""
+    return [("missing_field:event_type", f"NOT {_present('event_type')}"),
+            ("wrong_type:event_type", f"{_type_of('event_type')} NOT IN {_sql_list(_JSON_TYPES['string'])}"),
+            ("invalid_value:event_type", f"event_type IS NULL OR event_type NOT IN {_sql_list(EVENT_TYPES)}")]
+
+
 def _field_rules() -> list[tuple[str, str]]:
-    """(reason, bad-when) for every missing or mistyped field, common fields first."""
+    """(reason, bad-when) for every missing or mistyped field but the event type
+    (``_event_type_rules``), common fields first."""
     missing: list[tuple[str, str]] = []
     mistyped: list[tuple[str, str]] = []
-    scoped = [(f, EVENT_TYPES) for f in COMMON_FIELDS] + [
+    scoped = [(f, EVENT_TYPES) for f in COMMON_FIELDS if f.name != "event_type"] + [
         (f, (event_type,)) for event_type, fields in FIELDS_BY_TYPE.items() for f in fields
     ]
     for field, types in scoped:
@@ -239,7 +248,6 @@ def _value_rules() -> list[tuple[str, str]]:
     value = _number("value")
     signal_type = field_text("signal_type")
     return [
-        ("invalid_value:event_type", f"event_type NOT IN {_sql_list(EVENT_TYPES)}"),
         ("invalid_value:event_id", _not_an_id("event_id")),
         ("invalid_value:timestamp", f"NOT regexp_matches({field_text('timestamp')}, '{TIMESTAMP_PATTERN}') OR event_ts IS NULL"),
         ("invalid_value:session_id", _not_an_id("session_id")),
@@ -274,6 +282,7 @@ def reason_sql(allowed_domains: tuple[str, ...], whole_line: bool = True) -> str
     """
     rules = [
         *([("malformed_json", "doc IS NULL"), ("not_an_object", "json_type(doc) <> 'OBJECT'")] if whole_line else []),
+        *_event_type_rules(),
         *_field_rules(),
         *_value_rules(),
         ("unknown_domain", f"{field_text('domain')} NOT IN {_sql_list(allowed_domains)}"),

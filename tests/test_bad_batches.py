@@ -134,6 +134,24 @@ def test_ids_outside_the_safe_character_set_are_quarantined(home, config, field,
     assert run(home, config).reasons == {reason: 1}
 
 
+@pytest.mark.parametrize(("event_type", "reason"), [
+    (None, "missing_field:event_type"), ("absent", "missing_field:event_type"), (7, "wrong_type:event_type"),
+    (["interaction"], "wrong_type:event_type"), ({"a": 1}, "wrong_type:event_type"),
+    ("purchase", "invalid_value:event_type"),
+])
+def test_a_line_without_a_known_string_event_type_is_quarantined_and_the_rest_lands(home, config, event_type, reason):
+    """Every other rule is scoped by the event type: a line without a string one used to be neither
+    accepted nor quarantined, and the domain's run failed to reconcile."""
+    bad = interaction("x")
+    if event_type == "absent":
+        del bad["event_type"]
+    else:
+        bad["event_type"] = event_type
+    write_batch(home, "2026-11-02", [interaction("ok"), bad])
+    report = run(home, config)
+    assert report.reasons == {reason: 1} and report.reconciles
+
+
 def test_a_day_without_traffic_and_a_day_with_far_too_little_are_flagged(home, config):
     days = [DAY + timedelta(days=i) for i in range(5)]
     for day, n in zip(days, (10, 12, 0, 1, 11)):
