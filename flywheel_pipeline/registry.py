@@ -143,6 +143,21 @@ class Holdback:
 def active_holdback(client: MlflowClient, domain: str, now: datetime | None = None) -> tuple[str, float] | None:
     """The version held back and the share of requests it serves, while its holdback lasts (what a
     serving system routes); None when there is none."""
+    held = _holdback(client, domain, now)
+    return None if held is None else (held[0], float(held[1]["holdback.share"]))
+
+
+def holdback_summary(client: MlflowClient, domain: str) -> str:
+    """``v3 serves 20% of requests until 2026-12-13T10:02:11+00:00``, or ``none``."""
+    held = _holdback(client, domain)
+    if held is None:
+        return "none"
+    version, tags = held
+    return f"v{version} serves {float(tags['holdback.share']):.0%} of requests until {tags['holdback.until']}"
+
+
+def _holdback(client: MlflowClient, domain: str, now: datetime | None = None) -> tuple[str, dict[str, str]] | None:
+    """The version held back and the champion's tags, while the holdback lasts."""
     held, champion = alias_version(client, domain, HOLDBACK), alias_version(client, domain, CHAMPION)
     if held is None or champion is None:
         return None
@@ -150,16 +165,7 @@ def active_holdback(client: MlflowClient, domain: str, now: datetime | None = No
     until = tags.get("holdback.until")
     if not until or (now or datetime.now(UTC)) >= datetime.fromisoformat(until):
         return None
-    return held, float(tags["holdback.share"])
-
-
-def holdback_summary(client: MlflowClient, domain: str) -> str:
-    """``v3 serves 20% of requests until 2026-12-13T10:02:11+00:00``, or ``none``."""
-    held = active_holdback(client, domain)
-    if held is None:
-        return "none"
-    until = version_tags(client, domain, alias_version(client, domain, CHAMPION) or "")["holdback.until"]
-    return f"v{held[0]} serves {held[1]:.0%} of requests until {until}"
+    return held, tags
 
 
 def _end_holdback(client: MlflowClient, domain: str) -> None:

@@ -35,10 +35,10 @@ CHECK_DESCRIPTIONS = {
                "is in training",
     "self_consumption": "training labels do not all come from the serving model's own choices",
     "diversity": "the serving model shows enough of the catalogue, not a few items",
+    fairness.CHECK: "the candidate's gain reaches every declared group (none significantly worse while the "
+                    "aggregate gains) and the disparity between groups does not grow beyond "
+                    "groups.max_disparity_increase",
 }
-FAIRNESS_DESCRIPTION = ("the candidate's gain reaches every declared group (none significantly worse while the "
-                        "aggregate gains) and the disparity between groups does not grow beyond "
-                        "groups.max_disparity_increase")
 # The measures shown as plot-friendly series in the asset's metadata (Dagster plots numbers over time).
 SERIES = {"exposure_bias": "exploration_share", "survivorship": "min_coverage_ratio",
           "label_delay": "immature_share", "leakage": "max_feature_auc",
@@ -53,11 +53,10 @@ def build_health_asset(config: FlywheelConfig, domain: str, candidate_key: dg.As
                        report_key: dg.AssetKey) -> dg.AssetsDefinition:
     key, blocking = health_key(domain), set(config.domain(domain).health.blocking)
     groups = config.domain(domain).groups
-    specs = [dg.AssetCheckSpec(trap, asset=key, blocking=trap in blocking,
-                               description=CHECK_DESCRIPTIONS[trap] + (" (blocks registration)" if trap in blocking else ""))
-             for trap in TRAPS]
-    if groups is not None:  # declared groups: the fairness check (docs/fairness.md)
-        specs.append(dg.AssetCheckSpec(fairness.CHECK, asset=key, description=FAIRNESS_DESCRIPTION))
+    checks = [*TRAPS, fairness.CHECK] if groups is not None else TRAPS  # declared groups: docs/fairness.md
+    specs = [dg.AssetCheckSpec(check, asset=key, blocking=check in blocking,
+                               description=CHECK_DESCRIPTIONS[check] + (" (blocks registration)" if check in blocking else ""))
+             for check in checks]
 
     @dg.asset(key=key, ins={"candidate": dg.AssetIn(candidate_key), "report": dg.AssetIn(report_key)},
               check_specs=specs, group_name=f"{domain}_model", kinds={"duckdb", "mlflow", "html"},
