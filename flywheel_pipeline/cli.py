@@ -75,6 +75,20 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print_pending_approvals(demo, console)
 
 
+def _trap(text: str) -> tuple[str, float]:
+    """--trap NAME[=STRENGTH]: a trap of health.TRAPS and its strength in (0, 1] (default 1)."""
+    name, _, strength = text.partition("=")
+    if name not in TRAPS:
+        raise argparse.ArgumentTypeError(f"unknown trap {name}: the traps are {', '.join(TRAPS)}")
+    try:
+        value = float(strength or 1)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: a trap's strength is a number in (0, 1]")
+    return name, value
+
+
 def cmd_simulate(args: argparse.Namespace) -> None:
     from flywheel_pipeline.simulation import simulate, simulated_through
 
@@ -86,12 +100,12 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     try:
         summary = simulate(home, config, start, args.days, seed=args.seed,
                            interactions_per_day=args.per_day, bad_row_share=args.bad_rows,
-                           domains=domains, traps=args.trap, scenario=args.scenario,
+                           domains=domains, traps=dict(args.trap), scenario=args.scenario,
                            scenario_day=args.scenario_day, scenario_span_days=args.scenario_span)
     except ValueError as error:
         raise SystemExit(f"flywheel: {error}") from None
     last = start + timedelta(days=args.days - 1)
-    traps = f" with the traps {', '.join(args.trap)}" if args.trap else ""
+    traps = f" with the traps {', '.join(f'{name}={strength:g}' for name, strength in args.trap)}" if args.trap else ""
     if args.scenario:
         traps += f" through the {args.scenario} scenario from {args.scenario_day}"
     console.print(f"wrote {summary.total_interactions:,} interactions for {start}..{last}{traps} "
@@ -405,9 +419,9 @@ def parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=7)
     simulate.add_argument("--domain", action="append", metavar="DOMAIN",
                           help="simulate this domain only (repeatable; default: every domain)")
-    simulate.add_argument("--trap", action="append", default=[], choices=TRAPS, metavar="NAME",
-                          help="make the product commit this trap on purpose (repeatable): "
-                               + ", ".join(TRAPS))
+    simulate.add_argument("--trap", action="append", default=[], type=_trap, metavar="NAME[=STRENGTH]",
+                          help="make the product commit this trap on purpose (repeatable), at a strength "
+                               "in (0, 1] (default 1, the blatant trap): " + ", ".join(TRAPS))
     from flywheel_pipeline.simulation.scenarios import SCENARIOS, STALE_SPAN_DAYS
 
     simulate.add_argument("--scenario", choices=SCENARIOS, metavar="NAME",

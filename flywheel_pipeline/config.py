@@ -252,6 +252,9 @@ class Groups(_Strict):
                                  "max_regression fails the gate")
     min_samples: int = Field(100, gt=0, description="held-out interactions a protected group needs before "
                              "the gate decides (with fewer it is inconclusive for that group)")
+    min_reviews: int = Field(0, ge=0, description="review.daily_budget's audit slice is stratified: each protected "
+                             "group gets at least this many of its impressions a day (its share otherwise), "
+                             "weighted back in validation; 0: a plain uniform slice")
     max_regression: float = Field(0.02, ge=0, description="a protected group's drop of the primary value "
                                   "beyond this (significant, Holm-corrected) fails the gate")
     reweight: bool = Field(False, description="training weighs each group's rows so every group counts alike "
@@ -378,6 +381,15 @@ class HealthSettings(_Strict):
                                           "catalogue a version shows at all")
     max_top_items_share: float = Field(0.5, gt=0, le=1, description="diversity: share of a version's "
                                        "exposure taken by its top 10 items")
+    max_reaction_overrepresentation: float = Field(1.5, gt=1, description="vocal_minority: a segment's (>= 5% "
+                                                   "of traffic) share of the impressions reacted to over its "
+                                                   "share of the impressions (healthy simulated runs: 1.0)")
+    max_popularity_z: float = Field(3.0, gt=0, description="popularity: z statistic of how much more an explored "
+                                    "item is clicked on the days it is among the most shown, within items "
+                                    "(healthy simulated runs: about -1 to 1)")
+    min_outcome_per_click_ratio: float = Field(0.8, gt=0, description="engagement: outcomes per click of the "
+                                               "tenth of items with the highest click rate over the other items' "
+                                               "(its 95% upper bound; healthy simulated runs: 1.1-1.2)")
 
 
 class DomainConfig(_Strict):

@@ -3,7 +3,12 @@
 Each (day, domain) partition queues up to ``review.daily_budget`` impressions (flywheel.yaml):
 - the **audit slice**, ``audit_fraction`` of the budget: the impressions of the day first in a fixed
   pseudo-random order (an md5 of their ids), whatever the label model says, so it is a uniform
-  sample of the day's impressions, gold for validation like the product's own ``audit_share``;
+  sample of the day's impressions, gold for validation like the product's own ``audit_share``.
+  With protected groups and ``groups.min_reviews`` (docs/fairness.md) it is stratified: each
+  protected group gets its share of the slice, and at least ``min_reviews`` of its impressions,
+  the rest of the traffic what is left; within a stratum it stays uniform, and each row's
+  ``design_weight`` (the stratum's impressions per review, over the day's) weighs its verdict
+  back in validation's aggregate, so an over-sampled group counts as much as it serves;
 - **uncertainty**, the rest: the labelled impressions outside the audit slice whose ``p_good`` is
   nearest 0.5, where a review teaches the label model most (its calibration may use them; validation
   may not: they are no random sample).
@@ -28,8 +33,9 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-from flywheel_pipeline.config import ReviewQueue
+from flywheel_pipeline.config import Groups, ReviewQueue
 from flywheel_pipeline.events import SELECTIONS
+from flywheel_pipeline.groups import assign
 from flywheel_pipeline.home import write_atomically
 from flywheel_pipeline.warehouse import transaction
 
@@ -39,6 +45,7 @@ CREATE TABLE IF NOT EXISTS labels.review_queue (
     domain VARCHAR NOT NULL, event_date DATE NOT NULL, interaction_id VARCHAR NOT NULL,
     item_id VARCHAR NOT NULL, selection VARCHAR NOT NULL, p_good DOUBLE, queued_at TIMESTAMP NOT NULL
 );
+ALTER TABLE labels.review_queue ADD COLUMN IF NOT EXISTS design_weight DOUBLE DEFAULT 1.0;
 """
 AUDIT, UNCERTAINTY = SELECTIONS
 AUDIT_ORDER_SALT = "flywheel-review-audit"  # the audit slice's order: md5(salt, domain, ids)
@@ -85,15 +92,16 @@ def review_folder(home_root: Path, domain: str) -> Path:
 
 
 def queue_for_review(con: duckdb.DuckDBPyConnection, home_root: Path, domain: str, days: list[date],
-                     settings: ReviewQueue, now: datetime | None = None) -> QueueReport:
-    """Select ``domain``'s impressions of ``days`` for review, replace those partitions of
-    labels.review_queue in one transaction, and export each day's pending reviews."""
+                     settings: ReviewQueue, now: datetime | None = None, groups: Groups | None = None) -> QueueReport:
+    """Select ``domain``'s impressions of ``days`` for review (the audit slice stratified by
+    ``groups``' protected ones), replace those partitions of labels.review_queue in one
+    transaction, and export each day's pending reviews."""
     now = (now or datetime.now(UTC)).astimezone(UTC).replace(tzinfo=None)
     con.execute(QUEUE_DDL)
     impressions = candidates(con, domain, days)
     previous = con.sql("SELECT * FROM labels.review_queue WHERE domain = $domain AND event_date IN $days",
                        params={"domain": domain, "days": days}).pl()
-    queue = select(impressions, previous, settings, now)
+    queue = select(impressions, previous, settings, now, groups)
     with transaction(con):
         con.execute("DELETE FROM labels.review_queue WHERE domain = $domain AND event_date IN $days",
                     {"domain": domain, "days": days})
@@ -122,7 +130,7 @@ def candidates(con: duckdb.DuckDBPyConnection, domain: str, days: list[date]) ->
     reviewed = ("SELECT DISTINCT interaction_id, item_id FROM raw.labels WHERE domain = $domain"
                 if has_reviews else "SELECT NULL::VARCHAR AS interaction_id, NULL::VARCHAR AS item_id LIMIT 0")
     return con.sql(
-        f"""SELECT i.domain, i.event_date, i.interaction_id, i.item_id, i.position, i.user_id, i.session_id,
+        f"""SELECT i.domain, i.event_date, i.interaction_id, i.item_id, i.position, i.user_id, i.session_id, i.segment,
                    coalesce(i.input_text, '') AS input, coalesce(i.item_content, '') AS content, l.p_good,
                    md5(concat_ws(':', '{AUDIT_ORDER_SALT}', i.domain, i.interaction_id, i.item_id)) AS audit_order,
                    r.item_id IS NOT NULL AS reviewed
@@ -136,14 +144,14 @@ def candidates(con: duckdb.DuckDBPyConnection, domain: str, days: list[date]) ->
 
 
 def select(impressions: pl.DataFrame, previous: pl.DataFrame, settings: ReviewQueue,
-           now: datetime) -> pl.DataFrame:
+           now: datetime, groups: Groups | None = None) -> pl.DataFrame:
     """Rows of labels.review_queue for the days of ``impressions`` (``candidates``): per day the
     queued impressions already reviewed (done, as they were selected), the audit slice's pending
     ones, and the most uncertain pending ones to fill the budget; a row queued before keeps its
     queued_at."""
     n_audit = round(settings.daily_budget * settings.audit_fraction)
     key = ["domain", "event_date", "interaction_id", "item_id"]
-    ranked = impressions.with_columns(in_audit_slice=pl.int_range(pl.len()).over("event_date") < n_audit)
+    ranked = audit_slice(impressions, n_audit, groups)
     done = ranked.filter(pl.col("reviewed")).join(previous.select(*key, "selection"), on=key)
     done_uncertain = done.filter(pl.col("selection") == UNCERTAINTY).group_by("event_date").agg(kept=pl.len().cast(pl.Int64))
     uncertain = (
@@ -154,14 +162,45 @@ def select(impressions: pl.DataFrame, previous: pl.DataFrame, settings: ReviewQu
                 < settings.daily_budget - n_audit - pl.col("kept").fill_null(0))
     )
     queued = pl.concat([
-        done.select(*key, "selection", "p_good"),
+        done.select(*key, "selection", "p_good", "design_weight"),
         ranked.filter(pl.col("in_audit_slice") & ~pl.col("reviewed")).select(
-            *key, pl.lit(AUDIT).alias("selection"), "p_good"),
-        uncertain.select(*key, pl.lit(UNCERTAINTY).alias("selection"), "p_good"),
+            *key, pl.lit(AUDIT).alias("selection"), "p_good", "design_weight"),
+        uncertain.select(*key, pl.lit(UNCERTAINTY).alias("selection"), "p_good", pl.lit(1.0).alias("design_weight")),
     ])
     return (queued.join(previous.select(*key, "queued_at"), on=key, how="left")
             .with_columns(pl.col("queued_at").fill_null(pl.lit(now)).cast(pl.Datetime("us")))
             .sort("event_date", "selection", "interaction_id", "item_id"))
+
+
+def audit_slice(impressions: pl.DataFrame, n_audit: int, groups: Groups | None) -> pl.DataFrame:
+    """``impressions`` (in audit order within each day) with ``in_audit_slice`` and ``design_weight``.
+
+    Without protected groups to stratify for, the day's first ``n_audit`` (weight 1). Otherwise each
+    protected group is a stratum and the rest of the traffic another: a protected group gets its
+    proportional share of ``n_audit`` and at least ``groups.min_reviews`` (all it has, when fewer),
+    the rest what is left; each stratum's first impressions in audit order are its sample, and
+    ``design_weight`` = (stratum impressions / its sample) / (day impressions / ``n_audit``).
+    """
+    if groups is None or not groups.protected or not groups.min_reviews:
+        return impressions.with_columns(in_audit_slice=pl.int_range(pl.len()).over("event_date") < n_audit,
+                                        design_weight=pl.lit(1.0))
+    stratum = pl.when(pl.col("group").is_in(groups.protected)).then(pl.col("group")).otherwise(pl.lit(None))
+    strata = assign(impressions, groups).with_columns(stratum=stratum)
+    protected = pl.col("stratum").is_not_null()
+    day_size = pl.len().over("event_date")
+    size = pl.len().over("event_date", "stratum")
+    proportional = (n_audit * size / day_size).round()
+    quota = pl.when(protected).then(pl.max_horizontal(proportional, pl.min_horizontal(size, groups.min_reviews)))
+    sized = strata.with_columns(quota=quota.cast(pl.Int64))
+    taken = sized.select("event_date", "stratum", "quota").unique().group_by("event_date").agg(
+        taken=pl.col("quota").sum())
+    sized = sized.join(taken, on="event_date", how="left").with_columns(
+        quota=pl.col("quota").fill_null(pl.max_horizontal(pl.lit(n_audit) - pl.col("taken").fill_null(0), pl.lit(0))))
+    sample = pl.min_horizontal(pl.col("quota"), size)
+    return sized.with_columns(
+        in_audit_slice=pl.int_range(pl.len()).over("event_date", "stratum") < pl.col("quota"),
+        design_weight=pl.when(sample > 0).then((size / sample) / (day_size / n_audit)).otherwise(1.0),
+    ).drop("group", "stratum", "quota", "taken")
 
 
 def export(folder: Path, pending: pl.DataFrame, days: list[date]) -> list[Path]:

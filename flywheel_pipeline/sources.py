@@ -27,6 +27,7 @@ import polars as pl
 IMPRESSIONS = "marts.fct_impressions"  # dbt's filtered impressions with their signals and outcomes
 LABELS = "labels.impression_labels"  # labeling's p_good per impression
 INTERACTIONS = "raw.interactions"  # accumulation's interactions (their logged candidates)
+REVIEW_QUEUE = "labels.review_queue"  # the review queue's selections, with their design weights
 IMPRESSION_KEY = ["domain", "event_date", "interaction_id", "item_id"]  # an impression's row in each table
 
 

@@ -64,6 +64,9 @@ def impressions(n: int, seed: int = 0, *, explore: float = 0.1, audit: float = 0
         "interaction_delivered": day,
         "evidence_delivered": day + timedelta(days=1),
     }).with_columns(pl.col("audit_review_value").fill_nan(None))
+    clicked = good & (rng.random(n * slate) < 0.7)
+    frame = frame.with_columns(clicked=clicked, outcome_value=pl.Series(
+        np.where(clicked & (rng.random(n * slate) < 0.3), 1.0, np.nan)).fill_nan(None))
     return frame.with_columns(**{name: pl.lit(value) for name, value in columns.items()})
 
 

@@ -35,7 +35,8 @@ DOMAIN = "support"
 DAYS = [date(2026, 11, 8), date(2026, 11, 15), date(2026, 11, 22)]
 URIS = ["models:/m-first", "models:/m-second", "models:/m-third"]
 CHAMPIONS = ["baseline", "1", "2"]
-PLOTS = 8  # examination, exploration, coverage, delay, leakage, self-consumption, diversity, evidence
+PLOTS = 11  # examination, exploration, coverage, delay, leakage, self-consumption, diversity, representation,
+# head clicks, outcomes per click, evidence
 
 
 def measures(i: int) -> dict[str, dict[str, float]]:
@@ -48,6 +49,9 @@ def measures(i: int) -> dict[str, dict[str, float]]:
         "leakage": {"max_feature_auc": 0.55},
         "self_consumption": {"self_consumption_share": 0.5 + 0.1 * i},
         "diversity": {"top10_share": 0.2 + 0.1 * i, "catalogue_coverage": 0.7, "gini": 0.5},
+        "vocal_minority": {"representation@s0": 1.0 + 0.4 * i, "representation@s1": 1.0 - 0.1 * i},
+        "popularity": {"head_click_z": 0.5 + i},
+        "engagement": {"outcome_per_click_ratio": 1.2 - 0.2 * i},
     }
 
 
@@ -123,8 +127,8 @@ def test_page_shows_each_traps_verdict_measures_and_plots(page: str) -> None:
     traps = sections(page)
     assert list(traps) == list(TRAPS)
     assert '<section class="trap flagged" id="label_delay">' in page
-    assert page.count('class="trap healthy"') == 5
-    assert "1 of 6 traps flagged" in page
+    assert page.count('class="trap healthy"') == len(TRAPS) - 1
+    assert "1 of 9 traps flagged" in page
     assert "110 h" in traps["label_delay"] and "33.3%" in traps["label_delay"]  # its table
     assert "held out: 168 h" in traps["label_delay"]  # the delay plot's line
     assert '<td>exploration share</td><td class="num">10%</td>' in traps["exposure_bias"]  # this cycle's
@@ -268,7 +272,7 @@ def test_cli_report_says_when_there_is_none(home: Home, monkeypatch: pytest.Monk
         main(["report", "--domain", DOMAIN, "--as-of", "2026-11-21"])
 
 
-def test_page_in_a_browser_shows_six_sections_and_plots(page: str, tmp_path: Path) -> None:
+def test_page_in_a_browser_shows_a_section_per_trap_and_plots(page: str, tmp_path: Path) -> None:
     chromium = Path("/usr/bin/chromium")
     if not chromium.exists():
         pytest.skip("no Chromium at /usr/bin/chromium to render the page")
@@ -287,7 +291,7 @@ def test_page_in_a_browser_shows_six_sections_and_plots(page: str, tmp_path: Pat
             boxes = [svg.bounding_box() for svg in view.locator("svg.plot").all()]
             assert len(boxes) == PLOTS
             assert all(box and box["width"] > 300 and box["height"] > 100 for box in boxes)
-            assert view.get_by_text("1 of 6 traps flagged").is_visible()
+            assert view.get_by_text("1 of 9 traps flagged").is_visible()
         finally:
             browser.close()
 

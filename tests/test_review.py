@@ -14,7 +14,7 @@ import pytest
 
 from flywheel_pipeline import simulation, warehouse
 from flywheel_pipeline.accumulation import accumulate
-from flywheel_pipeline.config import ConfigError, ReviewQueue, parse_config
+from flywheel_pipeline.config import ConfigError, Groups, ReviewQueue, parse_config
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.defs.assets import LABELS
 from flywheel_pipeline.defs.review import REVIEW_QUEUE
@@ -37,7 +37,8 @@ def impressions(per_day: int) -> pl.DataFrame:
     """per_day impressions a day, p_good spread over [0, 1) (every 10th unlabelled)."""
     rows = [{"domain": DOMAIN, "event_date": day, "interaction_id": f"i-{day:%d}-{n}", "item_id": "r0",
              "position": 0, "user_id": f"u{n}", "session_id": f"s{n}", "input_text": f"question {n}",
-             "item_content": f"answer {n}", "p_good": None if n % 10 == 9 else (n * 37 % per_day) / per_day}
+             "item_content": f"answer {n}", "segment": "minority" if n % 20 == 0 else "majority",
+             "p_good": None if n % 10 == 9 else (n * 37 % per_day) / per_day}
             for day in DAYS for n in range(per_day)]
     return pl.DataFrame(rows)
 
@@ -96,6 +97,49 @@ def test_each_day_queues_its_budget_an_audit_slice_and_the_impressions_nearest_o
             queued.filter(pl.col("event_date") == day), on="interaction_id", how="anti")
         distance = (pl.col("p_good") - 0.5).abs()
         assert uncertain.select(distance.max()).item() <= others.select(distance.min()).item()
+
+
+def test_a_stratified_audit_slice_gives_each_protected_group_its_minimum_and_weighs_it_back(con, tmp_path):
+    """A 5% minority would get 0 of a 10-review slice (its share rounds to 0); protected with min_reviews 4 it gets
+    4 a day, the rest 6, and the design weights give each stratum back its share of the day."""
+    budget = ReviewQueue(daily_budget=20, audit_fraction=0.5)
+    queue_for_review(con, tmp_path, DOMAIN, DAYS, budget, now=NOW)
+    plain = queue_rows(con).filter(pl.col("selection") == "audit")
+    assert plain["design_weight"].to_list() == [1.0] * 20
+    groups = Groups(protected=["minority"], min_reviews=4)
+    queue_for_review(con, tmp_path, DOMAIN, DAYS, budget, now=NOW, groups=groups)
+    audit = queue_rows(con).filter(pl.col("selection") == "audit").join(
+        impressions(200).select("event_date", "interaction_id", "segment"), on=["event_date", "interaction_id"])
+    per_day = audit.group_by("event_date", "segment").agg(pl.len(), pl.col("design_weight").unique())
+    assert sorted(per_day.iter_rows()) == [(day, segment, n, [weight]) for day in DAYS for segment, n, weight in
+                                          (("majority", 6, (190 / 6) / (200 / 10)), ("minority", 4, (10 / 4) / (200 / 10)))]
+    weighted = audit.group_by("event_date").agg(
+        minority=((pl.col("segment") == "minority") * pl.col("design_weight")).sum() / pl.col("design_weight").sum())
+    assert weighted["minority"].to_list() == pytest.approx([10 / 200] * 2)  # the day's true share, not 4/10
+    within = audit.filter(pl.col("segment") == "minority")["interaction_id"].to_list()
+    first_in_audit_order = con.sql(
+        """SELECT interaction_id FROM (SELECT interaction_id, event_date, md5(concat_ws(':', 'flywheel-review-audit',
+                   domain, interaction_id, item_id)) AS o FROM marts.fct_impressions WHERE segment = 'minority')
+            QUALIFY row_number() OVER (PARTITION BY event_date ORDER BY o) <= 4""").pl()["interaction_id"].to_list()
+    assert sorted(within) == sorted(first_in_audit_order)  # uniform within the stratum
+
+
+def test_validation_weighs_a_verdict_by_its_design_weight(con, tmp_path):
+    """holdout_rows carries each audit verdict's design weight (1 where the queue did not stratify)."""
+    queue_for_review(con, tmp_path, DOMAIN, DAYS, ReviewQueue(daily_budget=20, audit_fraction=0.5), now=NOW,
+                     groups=Groups(protected=["minority"], min_reviews=4))
+    frame = impressions(200).with_columns(
+        propensity=1.0, policy=pl.lit("champion"), model_version=pl.lit("baseline"),
+        served_at=pl.col("event_date").cast(pl.Datetime("us")), is_new_user=False, context_features=pl.lit("{}"),
+        slate_size=1, clicked=False, outcome_name=pl.lit(None, pl.String), outcome_value=pl.lit(None, pl.Float64),
+        audit_review_value=pl.lit(1.0))
+    fill(con, frame)
+    con.execute("ALTER TABLE labels.impression_labels ADD COLUMN label BOOLEAN")
+    held_out = holdout_rows(con, DOMAIN, Windows(DAYS[0], DAYS[0], DAYS[1], DAYS[1]))
+    queued = queue_rows(con).filter((pl.col("selection") == "audit") & (pl.col("event_date") == DAYS[1]))
+    weights = dict(held_out.select("interaction_id", "verdict_weight").iter_rows())
+    assert {weights[i] for i in queued["interaction_id"]} == {(190 / 6) / 20, (10 / 4) / 20}
+    assert {w for i, w in weights.items() if i not in set(queued["interaction_id"])} == {1.0}
 
 
 def test_the_audit_slice_is_uniform_whatever_the_label_model_says(con, tmp_path):

@@ -482,11 +482,14 @@ def test_an_unknown_or_misplaced_trap_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="diversity trap applies only to domains of shape "
                                          "recommendation; assistant has shape assistant"):
         simulate(Home(tmp_path), CONFIG, START, 1, traps=["diversity"])
+    with pytest.raises(ValueError, match="the leakage trap's strength is 1.5: it must be in"):
+        simulate(Home(tmp_path), CONFIG, START, 1, traps={"leakage": 1.5})
     args = parser().parse_args(["simulate", "--domain", "recommendation", "--trap", "leakage",
-                                "--trap", "diversity"])
-    assert (args.domain, args.trap) == (["recommendation"], ["leakage", "diversity"])
-    with pytest.raises(SystemExit):
-        parser().parse_args(["simulate", "--trap", "overfitting"])
+                                "--trap", "diversity=0.25"])
+    assert (args.domain, args.trap) == (["recommendation"], [("leakage", 1.0), ("diversity", 0.25)])
+    for bad in ("overfitting", "leakage=0", "leakage=strong"):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["simulate", "--trap", bad])
 
 
 def test_exposure_bias_never_explores(tmp_path: Path) -> None:

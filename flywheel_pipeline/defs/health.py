@@ -35,6 +35,9 @@ CHECK_DESCRIPTIONS = {
                "is in training",
     "self_consumption": "training labels do not all come from the serving model's own choices",
     "diversity": "the serving model shows enough of the catalogue, not a few items",
+    "vocal_minority": "no segment's share of the reactions far exceeds its share of the traffic",
+    "popularity": "an item is not clicked more on the days it is among the most shown, whatever its merit",
+    "engagement": "the items that draw the most clicks lead to the outcome about as often per click as the rest",
     fairness.CHECK: "the candidate's gain reaches every declared group (none significantly worse while the "
                     "aggregate gains) and the disparity between groups does not grow beyond "
                     "groups.max_disparity_increase",
@@ -42,7 +45,9 @@ CHECK_DESCRIPTIONS = {
 # The measures shown as plot-friendly series in the asset's metadata (Dagster plots numbers over time).
 SERIES = {"exposure_bias": "exploration_share", "survivorship": "min_coverage_ratio",
           "label_delay": "immature_share", "leakage": "max_feature_auc",
-          "self_consumption": "self_consumption_share", "diversity": "top10_share", fairness.CHECK: "disparity"}
+          "self_consumption": "self_consumption_share", "diversity": "top_share",
+          "vocal_minority": "max_representation", "popularity": "head_click_z", "engagement": "outcome_per_click_ratio",
+          fairness.CHECK: "disparity"}
 
 
 def health_key(domain: str) -> dg.AssetKey:

@@ -23,7 +23,8 @@ def build_review_queue(config: FlywheelConfig) -> dg.AssetsDefinition:
     def review_queue(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
         domain, days = run_scope(context, partitions)
         with warehouse.connect(domain) as con:
-            report = queue_for_review(con, warehouse.home().root, domain, days, config.domain(domain).review)
+            settings = config.domain(domain)
+            report = queue_for_review(con, warehouse.home().root, domain, days, settings.review, groups=settings.groups)
         for day in days:
             context.add_asset_metadata(report.day_metadata(day), partition_key=partition_key(domain, day))
         context.log.info(f"review queue: {report.metadata()}")

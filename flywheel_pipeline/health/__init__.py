@@ -9,6 +9,9 @@ trap (TRAPS, also the names of its asset checks and of the simulator's ``--trap`
     leakage           features known only after the label; held-out rows in training
     self_consumption  labels on the model's own choices, with no independent evidence
     diversity         what is shown narrows: catalogue coverage, concentration, per version
+    vocal_minority    a few who react speak for everyone: each segment's share of reactions vs traffic
+    popularity        exposure feeds on exposure: explored items' clicks on the days they are most shown
+    engagement        clicks that do not lead to outcomes: the clickiest items' outcomes per click vs the rest's
 
 ``measures.py`` holds one plain function per trap over polars frames; ``audit.py`` reads their
 frames from the warehouse and keeps each cycle's measures (``health.measures``) for the report's
@@ -23,7 +26,8 @@ from typing import Literal
 
 import polars as pl
 
-TRAPS = ("exposure_bias", "survivorship", "label_delay", "leakage", "self_consumption", "diversity")
+TRAPS = ("exposure_bias", "survivorship", "label_delay", "leakage", "self_consumption", "diversity",
+         "vocal_minority", "popularity", "engagement")
 Trap = Literal[TRAPS]
 
 

@@ -56,6 +56,9 @@ def audit(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str, w
         measures.leakage(training, holdout, health),
         measures.self_consumption(training, health),
         measures.diversity(rows, health),
+        measures.vocal_minority(training, health),
+        measures.popularity(training, health),
+        measures.engagement(training, health),
     )
     return HealthReport(domain, windows.holdout_end, windows.train_start, windows.train_end,
                         windows.holdout_start, mature_until, champion, candidate_model_uri,
@@ -79,7 +82,8 @@ def _delivery_days(con: duckdb.DuckDBPyConnection, domain: str) -> pl.DataFrame:
 def _impressions(
     con: duckdb.DuckDBPyConnection, domain: str, start: date, end: date
 ) -> pl.DataFrame:
-    """Impressions of [start, end]: serving-time columns, p_good, audit_review_value, and the days
+    """Impressions of [start, end]: serving-time columns, p_good, audit_review_value, clicked,
+    outcome_value, and the days
     their interaction and its first label evidence were delivered."""
     columns = ", ".join(f"i.{name}" for name in SERVING_TIME_COLUMNS)
     evidence = " UNION ALL ".join(
@@ -96,7 +100,7 @@ def _impressions(
                 SELECT interaction_id, min(d.delivered) AS evidence_delivered
                 FROM ({evidence}) JOIN delivery_days AS d USING (source_file)
                 GROUP BY interaction_id)
-            SELECT {columns}, l.p_good, i.audit_review_value,
+            SELECT {columns}, l.p_good, i.audit_review_value, i.clicked, i.outcome_value,
                    delivered.interaction_delivered, evidence.evidence_delivered
             FROM marts.fct_impressions AS i
             LEFT JOIN labels.impression_labels AS l

@@ -4,7 +4,7 @@ The frames (``audit.py`` reads them from the warehouse; tests build them by hand
 
 ``training`` / ``holdout``: impressions of the window, serving-time columns (``training.base``) with
 ``p_good`` (null: unlabelled), ``audit_review_value`` (a random human review's verdict),
-``interaction_delivered`` (the batch day the interaction arrived) and ``evidence_delivered`` (the
+``clicked`` and ``outcome_value`` (the impression's click, its last outcome), ``interaction_delivered`` (the batch day the interaction arrived) and ``evidence_delivered`` (the
 first batch day one of its signals or outcomes arrived: what its label was made from).
 ``outcomes``: one row per delayed outcome (or, for a click-maturity domain, click) of the windows'
 interactions: ``name, event_date`` (the interaction's day), ``served_at, delay_s`` (what the event
@@ -28,7 +28,11 @@ from flywheel_pipeline.training.base import Windows
 from flywheel_pipeline.training.recommendation import RecommendationTrainer, examination_curve
 
 CADENCE_DAYS = {"daily": 1, "weekly": 7, "monthly": 30, "quarterly": 91}
-MIN_TRAFFIC_SHARE = 0.05  # survivorship: smaller cohorts and segments are too thin to judge
+MIN_TRAFFIC_SHARE = 0.05  # survivorship, vocal_minority: smaller cohorts and segments are too thin to judge
+MIN_CLICKS = 50  # engagement: fewer clicks of the clickiest items are too thin to judge their outcomes
+MIN_ITEM_IMPRESSIONS = 20  # engagement: an item shown less has no click rate to rank it by
+HEAD_SHARE = 0.1  # popularity: the share of a day's shown items, most shown first, that is its head
+CLICKIEST_SHARE = 0.1  # engagement: the share of items, by click rate, whose outcomes per click are judged
 TOP_ITEMS = 10
 # survivorship: what a cohort's coverage counts, and its measures' names
 COVERAGE_OF = {"labels": "coverage", "reactions": "reaction_coverage"}
@@ -47,6 +51,12 @@ EXPLANATIONS = {
                         "human review, let the loop confirm itself.",
     "diversity": "Each version trained on the last one's exposure narrows what is shown, until a "
                  "few items take all the traffic.",
+    "vocal_minority": "The users who react are not the users who don't: when one group's reactions "
+                      "make most of the labels, the model learns to please that group.",
+    "popularity": "Items gain reactions because they were shown, not because they are good: the "
+                  "model learns their exposure and shows them more.",
+    "engagement": "Clicks are not the outcome that matters: a model that learns what draws clicks "
+                  "(clickbait) looks better while the outcomes get worse.",
 }
 
 
@@ -384,6 +394,123 @@ def diversity(impressions: pl.DataFrame, settings: HealthSettings) -> Finding:
               f"{current['top_share']:.1%} (max {settings.max_top_items_share:.0%})")
     return _finding("diversity", problems, judged, measures,
                     {"by_version": table.drop("last_served")})
+
+
+def vocal_minority(training: pl.DataFrame, settings: HealthSettings) -> Finding:
+    """Each segment's share of the impressions reacted to (a signal or outcome came back) over its
+    share of the impressions (its representation); judged on segments of at least
+    MIN_TRAFFIC_SHARE of the traffic."""
+    reacted = pl.col("evidence_delivered").is_not_null()
+    reactions = max(int(training.select(reacted.sum()).item()), 1)
+    table = (
+        training.group_by(segment=pl.col("segment").fill_null("none"))
+        .agg(impressions=pl.len(), reactions=reacted.sum())
+        .with_columns(traffic_share=pl.col("impressions") / max(training.height, 1),
+                      reaction_share=pl.col("reactions") / reactions)
+        .with_columns(representation=pl.col("reaction_share") / pl.col("traffic_share"))
+        .sort("segment")
+    )
+    judged = table.filter(pl.col("traffic_share") >= MIN_TRAFFIC_SHARE).sort("representation")
+    measures = {f"representation@{row['segment']}": row["representation"]
+                for row in table.iter_rows(named=True)}
+    if not judged.height:
+        return _finding("vocal_minority", [], "no segment large enough to judge", measures,
+                        {"by_segment": table})
+    top = judged.row(-1, named=True)
+    measures["max_representation"] = top["representation"]
+    most = settings.max_reaction_overrepresentation
+    judged_line = (f"segment {top['segment']} has {top['traffic_share']:.1%} of the impressions and "
+                   f"{top['reaction_share']:.1%} of those reacted to (representation "
+                   f"{top['representation']:.2f}, max {most})")
+    problems = [judged_line] if top["representation"] > most else []
+    return _finding("vocal_minority", problems, judged_line, measures, {"by_segment": table})
+
+
+def popularity(training: pl.DataFrame, settings: HealthSettings) -> Finding:
+    """Is an item clicked more on the days it is among the most shown (the day's HEAD_SHARE of
+    items with the most impressions), whatever its merit? Over the explored impressions (shown at
+    random, to anyone, at any position, so merit and position are the same on every day), the
+    slope of the click on being in the day's head, with a fixed effect per item (each item's days
+    against its own mean), and its z statistic. Honest clicks do not care what else was shown."""
+    exposure = training.group_by("event_date", "item_id").agg(shown=pl.len()).with_columns(
+        head=pl.col("shown").rank("min", descending=True).over("event_date")
+        <= (HEAD_SHARE * pl.len().over("event_date")).round().clip(1))
+    explored = (
+        training.filter((pl.col("policy") == "explore") & pl.col("clicked").is_not_null())
+        .join(exposure, on=["event_date", "item_id"])
+        .select("item_id", x=pl.col("head").cast(pl.Float64), y=pl.col("clicked").cast(pl.Float64))
+        .filter(pl.len().over("item_id") >= 2)
+        .with_columns(pl.col("x", "y") - pl.col("x", "y").mean().over("item_id"))
+    )
+    slope, z = _fixed_effects_slope(explored)
+    measures = {"head_click_lift": slope, "head_click_z": z, "explored_impressions": float(explored.height)}
+    most = settings.max_popularity_z
+    judged = (f"explored items are clicked {slope:+.3f} more often on the days they are in the head (the "
+              f"{HEAD_SHARE:.0%} most shown), within items (z {z:.1f}, max {most}; {explored.height} explored "
+              f"impressions)")
+    problems = [judged] if z > most else []
+    return _finding("popularity", problems, judged, measures, {})
+
+
+def _fixed_effects_slope(demeaned: pl.DataFrame) -> tuple[float, float]:
+    """Least-squares slope of ``y`` on ``x`` (both demeaned within items) and its z statistic
+    (NaN, NaN when x does not vary)."""
+    x, y = demeaned["x"].to_numpy(), demeaned["y"].to_numpy()
+    sxx = float((x * x).sum())
+    dof = len(x) - demeaned["item_id"].n_unique() - 1
+    if sxx <= 0 or dof < 1:
+        return math.nan, math.nan
+    slope = float((x * y).sum() / sxx)
+    error = math.sqrt(float(((y - slope * x) ** 2).sum()) / dof / sxx)
+    return slope, slope / error if error else math.nan
+
+
+def engagement(training: pl.DataFrame, settings: HealthSettings) -> Finding:
+    """Outcomes per click of the clickiest items (the CLICKIEST_SHARE of items, with at least
+    MIN_ITEM_IMPRESSIONS impressions, of highest click rate) against the other items'. An honest
+    click says the item suits the user, so the clickiest items lead to the outcome at least as
+    often as the rest; items that draw clicks without outcomes (clickbait) lead to it less."""
+    clicked = pl.col("clicked").fill_null(False)
+    items = (
+        training.filter(pl.col("clicked").is_not_null())
+        .group_by("item_id")
+        .agg(impressions=pl.len(), clicks=clicked.sum(),
+             outcomes=(clicked & (pl.col("outcome_value").fill_null(0) > 0)).sum())
+        .filter(pl.col("impressions") >= MIN_ITEM_IMPRESSIONS)
+        .with_columns(click_rate=pl.col("clicks") / pl.col("impressions"))
+    )
+    cut = items["click_rate"].quantile(1 - CLICKIEST_SHARE, "higher") if items.height else None
+    table = (
+        items.group_by(clickiest=pl.col("click_rate") >= cut)
+        .agg(items=pl.len(), impressions=pl.col("impressions").sum(), clicks=pl.col("clicks").sum(),
+             outcomes=pl.col("outcomes").sum())
+        .with_columns(click_rate=pl.col("clicks") / pl.col("impressions"),
+                      outcomes_per_click=pl.col("outcomes") / pl.col("clicks"))
+        .sort("clickiest", descending=True)
+    )
+    rate = {row["clickiest"]: row for row in table.iter_rows(named=True)}
+    measures = {f"outcomes_per_click@{'clickiest' if key else 'rest'}": _float(row["outcomes_per_click"])
+                for key, row in rate.items()}
+    if len(rate) < 2 or rate[True]["clicks"] < MIN_CLICKS or not rate[False]["outcomes"]:
+        return _finding("engagement", [], f"too few clicks or outcomes to judge (the clickiest items need "
+                        f"{MIN_CLICKS} clicks, the rest an outcome)", measures, {"by_click_rate": table})
+    ratio, upper = _ratio_upper_bound(rate[True], rate[False])
+    measures |= {"outcome_per_click_ratio": ratio, "outcome_per_click_ratio_upper": upper}
+    least = settings.min_outcome_per_click_ratio
+    judged = (f"the {rate[True]['items']} clickiest items (click rate {rate[True]['click_rate']:.1%}) lead to an "
+              f"outcome on {rate[True]['outcomes_per_click']:.1%} of their clicks, the other "
+              f"{rate[False]['items']} on {rate[False]['outcomes_per_click']:.1%} (ratio {ratio:.2f}, 95% upper "
+              f"bound {upper:.2f}, min {least})")
+    return _finding("engagement", [judged] if upper < least else [], judged, measures,
+                    {"by_click_rate": table})
+
+
+def _ratio_upper_bound(some: dict, others: dict) -> tuple[float, float]:
+    """The ratio of two outcomes-per-click rates and its 95% upper bound (delta method on the log
+    ratio; ``some``'s rate taken as at least one outcome)."""
+    ratio = some["outcomes_per_click"] / others["outcomes_per_click"]
+    variance = sum((1 - row["outcomes_per_click"]) / max(row["outcomes"], 1) for row in (some, others))
+    return ratio, max(ratio, 1 / some["clicks"] / others["outcomes_per_click"]) * math.exp(1.96 * math.sqrt(variance))
 
 
 def _exposure(counts: np.ndarray, catalogue: int) -> dict[str, float]:

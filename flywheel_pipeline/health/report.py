@@ -368,11 +368,15 @@ def _groups_plot(cycles: pl.DataFrame) -> Markup | None:
 
 _TITLES = {"exposure_bias": "Exploration", "survivorship": "Survivorship", "label_delay": "Labels not yet arrived",
            "leakage": "Leakage", "self_consumption": "Exploration and self-consumption",
-           "diversity": "Exposure concentration across versions", "fairness": "Fairness across groups"}
+           "diversity": "Exposure concentration across versions", "fairness": "Fairness across groups",
+           "vocal_minority": "Who reacts", "popularity": "Exposure feeding on exposure",
+           "engagement": "Clicks and outcomes"}
 # (trap, series) -> the plot's title and y label; other series are plotted "<series> by key"
 _SERIES_TITLES = {("survivorship", "coverage"): ("Label coverage by cohort", "labelled"),
                   ("fairness", "gain"): ("Each group's gain over the champion", "candidate \u2212 champion"),
                   ("survivorship", "reaction_coverage"): ("Reaction coverage by cohort", "reacted to"),
+                  ("vocal_minority", "representation"): ("Share of reactions over share of traffic, by segment",
+                                                         "representation"),
                   **{("diversity", base): (f"{base.replace('_', ' ')} by version", base.replace("_", " "))
                      for base in ("items", "coverage", "gini", "entropy", "top_share")}}
 

@@ -138,7 +138,7 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
         policy = Policy(scorers[domain] if domain in scorers else baseline_scorer(shape),
                         model_versions.get(domain, "baseline"),
                         trapped[domain].exploration_share(settings.exploration_share), audit,
-                        head_only="diversity" in trapped[domain], holdback=(holdbacks or {}).get(domain))
+                        traps=trapped[domain].strength, holdback=(holdbacks or {}).get(domain))
         batches += _simulate_domain(home, domain, shape, policy, trapped[domain], start, days,
                                     seed=seed, interactions_per_day=interactions_per_day,
                                     bad_row_share=bad_row_share,

@@ -29,7 +29,12 @@ from flywheel_pipeline.simulation.serving import (
     score,
     serve,
 )
-from flywheel_pipeline.simulation.traps import head_items, serve_collapsed
+from flywheel_pipeline.simulation.traps import (
+    CLICKBAIT_CATEGORY,
+    click_chance,
+    head_items,
+    serve_collapsed,
+)
 from flywheel_pipeline.simulation.world import (
     DAY_S,
     RATING_NOISE,
@@ -88,6 +93,7 @@ class Recommendation:
         self.title = items["title"].to_numpy()
         self.bias = items["bias"].to_numpy()
         self.taste = items["taste"].to_numpy()
+        self.category = items["category"].to_numpy()
 
     @classmethod
     def open(cls, world: World) -> Recommendation:
@@ -122,7 +128,7 @@ class Recommendation:
 
     def serve_day(self, traffic: Traffic, policy: Policy,
                   rng: dict[Stream, np.random.Generator]) -> DayLog:
-        if policy.head_only:
+        if "diversity" in policy.traps:
             candidates, served, versions = self._serve_head(traffic, policy, rng)
         else:
             candidates = traffic.bots_repeat(self.shift.with_new_items(
@@ -133,7 +139,8 @@ class Recommendation:
         shown = np.take_along_axis(candidates, served.slate, axis=1)
         relevance = self.relevance(self._tastes(traffic.day, traffic.taste, traffic.segment,
                                                 traffic.bot), shown)
-        reactions = _Reactions(relevance, policy.audit, rng[Stream.REACTIONS])
+        chance = click_chance(relevance, shown, policy.traps, self.category == CLICKBAIT_CATEGORY)
+        reactions = _Reactions(relevance, policy.audit, rng[Stream.REACTIONS], chance)
         slates = impressions(self.item_id[shown], self.title[shown], served.propensity)
         ranked = logged_candidates(self.item_id[candidates], self.title[candidates],
                                    served.candidate_propensity)
@@ -174,7 +181,7 @@ class Recommendation:
         """The diversity trap: the request's candidates (none from the head), then the head,
         which alone the champion ranks; candidates (n, CANDIDATES + HEAD_ITEMS), what was shown
         and the versions that served."""
-        head = head_items(self.bias[:ITEMS])
+        head = head_items(self.bias[:ITEMS], policy.traps["diversity"])
         requested = traffic.bots_repeat(self.shift.with_new_items(
             traffic.day, _retrieve(len(traffic), rng[Stream.REQUESTS], head), ITEMS,
             rng[Stream.REQUESTS]))
@@ -218,17 +225,24 @@ class Recommendation:
 
 
 class _Reactions:
-    """Examinations, clicks, dwell, purchases and ratings for a day's slates, drawn in one go."""
+    """Examinations, clicks, dwell, purchases and ratings for a day's slates, drawn in one go.
 
-    def __init__(self, relevance: np.ndarray, audit: Audit, rng: np.random.Generator):
+    A click's chance once examined, and the dwell that follows, go with ``click_chance`` (the true
+    relevance, unless a popularity or engagement trap inflates it); a purchase follows only the
+    clicks the true relevance would have drawn, as often as it says."""
+
+    def __init__(self, relevance: np.ndarray, audit: Audit, rng: np.random.Generator,
+                 click_chance: np.ndarray):
         n = len(relevance)
         self.relevance = relevance
         self.audit = audit
         examined = rng.random((n, SLATE)) < 1 / (1 + np.arange(SLATE)) ** EXAMINATION_DECAY
-        self.clicked = examined & (rng.random((n, SLATE)) < relevance)
+        draw = rng.random((n, SLATE))
+        self.clicked = examined & (draw < click_chance)
         self.clicked_any = self.clicked.any(axis=1).tolist()
-        self.dwell_s = np.round(rng.lognormal(np.log(15 + 90 * relevance), 0.6), 1)
-        self.purchased = self.clicked & (rng.random((n, SLATE)) < PURCHASE_RATE * relevance)
+        self.dwell_s = np.round(rng.lognormal(np.log(15 + 90 * click_chance), 0.6), 1)
+        self.purchased = (examined & (draw < relevance)
+                          & (rng.random((n, SLATE)) < PURCHASE_RATE * relevance))
         median, sigma = PURCHASE_DELAY_DAYS
         delay_days = np.clip(rng.lognormal(np.log(median), sigma, (n, SLATE)), 1, 14)
         self.purchase_after_s = (delay_days * DAY_S).astype(np.int64)

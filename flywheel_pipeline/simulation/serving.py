@@ -9,7 +9,8 @@ ranking needs; docs/events.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Protocol
 
@@ -57,14 +58,14 @@ class Holdback:
 @dataclass(frozen=True)
 class Policy:
     """What serves a domain: the model, the version it logs, the exploration share, the audit
-    sample routed to human review, whether the champion ranks only the catalogue's head (the
-    diversity trap, simulation/traps.py), and the holdback, if any."""
+    sample routed to human review, the traps the product commits with their strengths
+    (simulation/traps.py), and the holdback, if any."""
 
     scorer: Scorer
     model_version: str
     exploration_share: float
     audit: Audit = Audit()
-    head_only: bool = False
+    traps: Mapping[str, float] = field(default_factory=dict)
     holdback: Holdback | None = None
 
     def score(self, candidates: pd.DataFrame, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -33,7 +33,13 @@ import polars as pl
 
 from flywheel_pipeline.catalogue import CATALOGUE_SCHEMA
 from flywheel_pipeline.groups import slice_name
-from flywheel_pipeline.sources import INTERACTIONS, Readable, as_source
+from flywheel_pipeline.sources import (
+    IMPRESSION_KEY,
+    INTERACTIONS,
+    REVIEW_QUEUE,
+    Readable,
+    as_source,
+)
 from flywheel_pipeline.training.base import SERVING_TIME_COLUMNS, Windows, labelled_impressions
 from flywheel_pipeline.validation.estimators import PolicyTerms, Positions, pbm_weight
 
@@ -46,17 +52,23 @@ _CANDIDATES_SCHEMA = {"interaction_id": pl.String, "item_id": pl.String, "item_c
                       "mu": pl.List(pl.Float64)}
 _EVIDENCE_COLUMNS = ["clicked", "outcome_name", "outcome_value", "audit_review_value"]
 _UNIT_FEATURES = ["domain", "user_id", "segment", "context_features", "is_new_user", "input_text"]
-_SHOWN = ["position", "propensity", "reward", "verdict", "p_good", "label"]
 
 
 def holdout_rows(source: Readable, domain: str, windows: Windows, outcome: str = "") -> pl.DataFrame:
     """Held-out impressions: serving-time columns, the weak label (p_good, label), and the
     held-out evidence: ``clicked``, ``outcome`` (value of the ``outcome`` named, else 0) and
     ``verdict`` (the reviewer's 1/0 where the impression was reviewed at random, the audit;
-    null when not reviewed, or reviewed because the label model was unsure: not a random sample)."""
+    null when not reviewed, or reviewed because the label model was unsure: not a random sample)
+    with its ``verdict_weight`` (the review queue's design weight of a stratified audit slice, else 1)."""
     rows = labelled_impressions(source, domain, windows.holdout_start, windows.holdout_end,
                                 [*SERVING_TIME_COLUMNS, *_EVIDENCE_COLUMNS])
-    return rows.with_columns(
+    queued = as_source(source).read(REVIEW_QUEUE, domain, windows.holdout_start, windows.holdout_end)
+    if "design_weight" in queued.columns:
+        weights = queued.filter(pl.col("selection") == "audit").select(*IMPRESSION_KEY, verdict_weight="design_weight")
+        rows = rows.join(weights, on=IMPRESSION_KEY, how="left", maintain_order="left")
+    else:
+        rows = rows.with_columns(verdict_weight=pl.lit(None, pl.Float64))
+    return rows.with_columns(verdict_weight=pl.col("verdict_weight").fill_null(1.0),
         clicked=pl.col("clicked").fill_null(False).cast(pl.Float64),
         outcome=pl.when(pl.col("outcome_name") == outcome).then(pl.col("outcome_value").fill_null(0.0))
         .otherwise(0.0).cast(pl.Float64),
@@ -211,6 +223,7 @@ def assemble(rows: pl.DataFrame, candidates: pl.DataFrame, reward: str,
     shown = (rows.join(unit_of, on="interaction_id")
              .select("unit", "item_id", "item_content", "position", "propensity",
                      pl.col(reward).cast(pl.Float64).alias("reward"), pl.col("verdict").cast(pl.Float64),
+                     "verdict_weight" if "verdict_weight" in rows.columns else pl.lit(1.0).alias("verdict_weight"),
                      "p_good", "label")
              .sort("unit", "position"))
     logged = (_usable(candidates, rows, slate_size).join(unit_of, on="interaction_id")
@@ -319,11 +332,14 @@ def policy_terms(options: Options, pi: np.ndarray, positions: Positions, rho: np
 def per_unit_labelled(options: Options, pi: np.ndarray, positions: Positions, column: str,
                       n_units: int) -> tuple[np.ndarray, np.ndarray]:
     """sum theta_k w y and sum theta_k w over a unit's shown rows where ``column`` (y) is known:
-    the self-normalised value of the policy under that label (gold verdicts, weak p_good)."""
+    the self-normalised value of the policy under that label (gold verdicts, each weighed by its
+    ``verdict_weight``, a stratified audit slice's design weight; weak p_good)."""
     label = options.frame[column].cast(pl.Float64).fill_null(np.nan).to_numpy()
     known = options.shown & np.isfinite(label)
     weight, examined, _ = shown_weights(options, pi, positions)
     weight = np.where(known, weight * examined, 0.0)
+    if column == "verdict":
+        weight = weight * options.frame["verdict_weight"].fill_null(1.0).to_numpy()
     per_unit = _summer(options, n_units)
     return per_unit(np.where(known, weight * np.nan_to_num(label), 0.0)), per_unit(weight)
 
