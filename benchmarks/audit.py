@@ -265,7 +265,7 @@ def report(records: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="+", type=parse_run, default=[parse_run(r) for r in RUNS],
+    parser.add_argument("--runs", nargs="*", type=parse_run, default=[parse_run(r) for r in RUNS],
                         help="healthy, a trap, or trap=strength")
     parser.add_argument("--curves", nargs="*", type=float, default=[],
                         help="also run every trap at these strengths")

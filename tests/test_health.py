@@ -260,6 +260,68 @@ def test_diversity_flags_a_champion_that_shows_a_few_items():
     assert finding.tables["by_version"]["model_version"].to_list() == ["baseline", "2"]
 
 
+# --- vocal minority, popularity, engagement ---------------------------------------------------
+
+
+def test_vocal_minority_flags_a_segment_whose_reactions_make_most_of_the_labels():
+    rows = impressions(3000)
+
+    def quiet(tenths: int) -> pl.DataFrame:
+        """``tenths`` of segment b's impressions with nothing coming back."""
+        lost = (pl.col("segment") == "b") & (pl.int_range(pl.len()) % 10 < tenths)
+        return rows.with_columns(evidence_delivered=pl.when(lost).then(None).otherwise("evidence_delivered"))
+
+    finding = measures.vocal_minority(quiet(8), SETTINGS)
+    assert finding.flagged and "segment a" in finding.summary
+    assert finding.measures["representation@a"] == pytest.approx(1 / (0.5 + 0.5 * 0.2) * 0.5 / 0.5, rel=0.05)
+    assert not measures.vocal_minority(quiet(0), SETTINGS).flagged
+    assert measures.vocal_minority(quiet(0), SETTINGS).measures["max_representation"] == pytest.approx(1.0)
+
+
+def explored_days(head_lift: float, seed: int = 0) -> pl.DataFrame:
+    """20 days of 40 items, 4 a day in the head (shown 50 times, the others 5), at random; explored
+    impressions clicked at the item's own rate, plus ``head_lift`` on its head days."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for day in range(20):
+        head = set(rng.choice(40, 4, replace=False).tolist())
+        for item in range(40):
+            in_head = item in head
+            merit = 0.1 + 0.4 * item / 40
+            for n in range(50 if in_head else 5):
+                explore = n < 5
+                rows.append({"event_date": WINDOWS.train_start + timedelta(days=day), "item_id": f"i{item}",
+                             "policy": "explore" if explore else "champion",
+                             "clicked": bool(rng.random() < merit + head_lift * in_head)})
+    return pl.DataFrame(rows)
+
+
+def test_popularity_flags_items_clicked_more_on_the_days_they_are_most_shown():
+    finding = measures.popularity(explored_days(0.3), SETTINGS)
+    assert finding.flagged and finding.measures["head_click_lift"] == pytest.approx(0.3, abs=0.1)
+    honest = measures.popularity(explored_days(0.0), SETTINGS)
+    assert not honest.flagged and abs(honest.measures["head_click_z"]) < 3
+
+
+def items_clicked(clickbait_outcomes: float, seed: int = 0) -> pl.DataFrame:
+    """100 items shown 100 times each, clicked more the better they are (and the outcome with it);
+    the 10 clickiest are clickbait: clicked 60% of the time, an outcome on ``clickbait_outcomes`` of clicks."""
+    rng = np.random.default_rng(seed)
+    merit = np.repeat(np.linspace(0.05, 0.4, 100), 100)
+    bait = merit >= np.linspace(0.05, 0.4, 100)[90]
+    clicked = rng.random(merit.size) < np.where(bait, 0.6, merit)
+    outcome = clicked & (rng.random(merit.size) < np.where(bait, clickbait_outcomes, merit))
+    return pl.DataFrame({"item_id": np.repeat([f"i{i}" for i in range(100)], 100), "clicked": clicked,
+                         "outcome_value": np.where(outcome, 1.0, np.nan)}).with_columns(pl.col("outcome_value").fill_nan(None))
+
+
+def test_engagement_flags_the_clickiest_items_leading_to_fewer_outcomes_per_click():
+    finding = measures.engagement(items_clicked(0.05), SETTINGS)
+    assert finding.flagged and finding.measures["outcome_per_click_ratio_upper"] < 0.8
+    honest = measures.engagement(items_clicked(0.4), SETTINGS)
+    assert not honest.flagged and honest.measures["outcome_per_click_ratio"] > 1
+
+
 # --- the audit on a warehouse ----------------------------------------------------------------
 
 

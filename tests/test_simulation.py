@@ -617,3 +617,69 @@ def test_diversity_collapses_the_champion_onto_a_head_of_ten_items(tmp_path: Pat
                 assert accumulate(con, home, CONFIG, "recommendation", dates).quarantined == 0
         else:
             assert len(shown["champion"]) > 100
+
+
+def test_a_trap_at_strength_one_is_the_named_trap_and_a_weaker_one_loses_about_its_share(tmp_path: Path) -> None:
+    """``{"survivorship": 1.0}`` writes the same batches as ``["survivorship"]``; at 0.5 about half of
+    the reactions the full trap loses are lost, and nothing else."""
+    honest = simulate_trapped(Home(tmp_path / "honest"), "recommendation")
+    full = simulate_trapped(Home(tmp_path / "full"), "recommendation", ("survivorship",))
+    simulate(Home(tmp_path / "one"), CONFIG, START, TRAP_DAYS, interactions_per_day=TRAP_PER_DAY,
+             domains=["recommendation"], traps={"survivorship": 1.0})
+    assert landing_bytes(Home(tmp_path / "one")) == landing_bytes(Home(tmp_path / "full"))
+    simulate(Home(tmp_path / "half"), CONFIG, START, TRAP_DAYS, interactions_per_day=TRAP_PER_DAY,
+             domains=["recommendation"], traps={"survivorship": 0.5})
+    half = {e["event_id"] for _, e in read_batches(Home(tmp_path / "half"), "recommendation") if e}
+    lost_by_full = {e["event_id"] for _, e in honest} - {e["event_id"] for _, e in full}
+    lost_by_half = {e["event_id"] for _, e in honest} - half
+    assert len(lost_by_full) > 200 and lost_by_half < lost_by_full
+    assert 0.4 < len(lost_by_half) / len(lost_by_full) < 0.6
+
+
+def test_vocal_minority_hears_one_segment_and_loses_most_of_the_others(tmp_path: Path) -> None:
+    """Every interaction comes; segment s0 sends all its reactions, the others about a fifth of theirs."""
+    honest = simulate_trapped(Home(tmp_path / "honest"), "recommendation")
+    trapped = simulate_trapped(Home(tmp_path / "trapped"), "recommendation", ("vocal_minority",))
+    segment = {e["interaction_id"]: e["context"]["segment"] for e in of_type(honest, "interaction")}
+    kept = {e["event_id"] for _, e in trapped}
+    assert {e["event_id"] for e in of_type(honest, "interaction")} <= kept
+    reactions = [e for _, e in honest if e["event_type"] in ("signal", "outcome") and e["interaction_id"] in segment]
+    share = {vocal: np.mean([e["event_id"] in kept for e in reactions if (segment[e["interaction_id"]] == "s0") == vocal])
+             for vocal in (True, False)}
+    assert share[True] == 1.0 and 0.1 < share[False] < 0.3
+
+
+def clicks_and_purchases(home: Home) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+    """(interaction_id, item_id) of every click and every purchase the recommendation product sent (written, or
+    waiting in the outbox for a later day)."""
+    waiting = [json.loads(line)["event"] for line in
+               (home.simulator / "recommendation" / "outbox.jsonl").read_text().splitlines()]
+    events = [e for _, e in read_batches(home, "recommendation") if e] + waiting
+    pairs = {kind: {(e["interaction_id"], e["item_id"]) for e in events
+                    if e.get("signal_type", e.get("name")) == kind} for kind in ("click", "purchase")}
+    return pairs["click"], pairs["purchase"]
+
+
+@pytest.mark.parametrize("trap", ["popularity", "engagement"])
+def test_popularity_and_engagement_draw_clicks_but_not_purchases(tmp_path: Path, trap: str) -> None:
+    """The same slates; every honest click is still there, the extra ones only on the day's most shown
+    items (popularity) or on electronics (engagement); the purchases are exactly the honest ones."""
+    honest_home, trapped_home = Home(tmp_path / "honest"), Home(tmp_path / "trapped")
+    simulate_trapped(honest_home, "recommendation")
+    simulate_trapped(trapped_home, "recommendation", (trap,))
+    (honest_clicks, honest_purchases), (clicks, purchases) = map(clicks_and_purchases, (honest_home, trapped_home))
+    assert purchases == honest_purchases and honest_clicks < clicks
+    extra = {item for _, item in clicks - honest_clicks}
+    if trap == "engagement":
+        catalogue = pl.read_parquet(trapped_home.simulator / "recommendation" / "items.parquet")
+        electronics = set(catalogue.filter(pl.col("category") == "electronics")["item_id"])
+        assert len(clicks - honest_clicks) > 50 and extra <= electronics
+    else:
+        shown = true_labels(trapped_home, "recommendation").with_columns(
+            day=pl.col("interaction_id").str.extract(r"_d(\d+)_"))
+        counts = shown.group_by("day", "item_id").len()
+        head = counts.filter(pl.col("len") >= pl.col("len").sort(descending=True).get(29).over("day"))
+        day_of = dict(shown.select("interaction_id", "day").unique().iter_rows())
+        in_head = set(head.select("day", "item_id").iter_rows())
+        assert len(clicks - honest_clicks) > 50
+        assert all((day_of[i], item) in in_head for i, item in clicks - honest_clicks)

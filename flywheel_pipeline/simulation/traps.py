@@ -40,7 +40,9 @@ POPULAR_SHARE = 0.1
 POPULARITY_PULL = 0.5
 CLICKBAIT_CATEGORY = "electronics"
 CLICKBAIT_PULL = 0.7
-SHAPES = {trap: ("recommendation",) for trap in ("diversity", "popularity", "engagement")}
+# traps that apply to some shapes only: the simulated assistant logs no segment (no group to hear) and
+# has no catalogue (nothing to collapse onto, no items to badge or bait with)
+SHAPES = {trap: ("recommendation",) for trap in ("diversity", "vocal_minority", "popularity", "engagement")}
 REACTIONS = ("signal", "outcome")
 DELIVERY_TRAPS = frozenset({"label_delay", "survivorship", "self_consumption", "leakage", "vocal_minority"})
 
