@@ -39,7 +39,7 @@ from flywheel_pipeline.config import FlywheelConfig, load_config
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.defs.health import health_key
 from flywheel_pipeline.demo import champion_scorer
-from flywheel_pipeline.health import TRAPS
+from flywheel_pipeline.health import FAULTS, TRAPS
 from flywheel_pipeline.health.report import record_true_accuracy
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.simulation.oracle import model_true_accuracy
@@ -47,7 +47,7 @@ from flywheel_pipeline.simulation.traps import applies_to
 
 DAYS_PER_CYCLE = 7
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
-RUNS = ("healthy", *TRAPS)
+RUNS = ("healthy", *TRAPS, *FAULTS)
 # Each check's statistics, as (measure, HealthSettings threshold, "min" or "max"): what the tables show
 STATISTICS = {
     "exposure_bias": [("exploration_share", "min_exploration_share", "min")],
@@ -62,7 +62,13 @@ STATISTICS = {
     "vocal_minority": [("max_representation", "max_reaction_overrepresentation", "max")],
     "popularity": [("head_click_z", "max_popularity_z", "max")],
     "engagement": [("outcome_per_click_ratio_upper", "min_outcome_per_click_ratio", "min")],
+    "mislogged_propensity": [("explored_below_floor_share", "max_below_floor_share", "max")],
 }
+
+
+def own_check(trap: str) -> str:
+    """The check that must catch ``trap``: its own, or the one a fault (health.FAULTS) belongs to."""
+    return FAULTS.get(trap, trap)
 
 
 def run_name(trap: str | None, strength: float) -> str:
@@ -190,6 +196,11 @@ def _number(value) -> str:
     return "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def latest(records: list[dict]) -> list[dict]:
+    """One record per (run, seed): the last one (a rerun replaces its earlier record)."""
+    return list({(r["run"], r["seed"]): r for r in records}.values())
+
+
 def flag_table(records: list[dict]) -> str:
     """Full strength: run x check, per cell the seeds (of all) whose run flagged it in some domain."""
     runs = {r["run"]: [] for r in records if r["strength"] == 1}
@@ -201,7 +212,7 @@ def flag_table(records: list[dict]) -> str:
         flagged = [{t for d in r["domains"].values() for t in flagged_checks(d)} for r in rows]
         cells = [(f"**{n}/{len(rows)}**" if (n := sum(t in f for f in flagged)) else "-") for t in TRAPS]
         verdict = ("false alarms: " + ", ".join(sorted(set().union(*flagged))) if any(flagged) else "none flagged") \
-            if name == "healthy" else f"caught {sum(name in f for f in flagged)}/{len(rows)}"
+            if name == "healthy" else f"caught {sum(own_check(name) in f for f in flagged)}/{len(rows)}"
         lines.append(f"| {name} | {', '.join(str(r['seed']) for r in rows)} | {' | '.join(cells)} | {verdict} |")
     return "\n".join(lines)
 
@@ -213,15 +224,15 @@ def value_table(records: list[dict]) -> str:
     for record in records:
         if record["trap"] is None or record["strength"] != 1:
             continue
-        trap = record["trap"]
+        trap, check = record["trap"], own_check(record["trap"])
         for domain, result in record["domains"].items():
             thresholds = record["thresholds"][domain]
             before = healthy.get((record["seed"], domain))
             lines.append(f"| {trap} | {domain} | {record['seed']} | "
-                         f"{statistic(before['checks'][trap], trap, thresholds) if before else 'not run'} | "
-                         f"{statistic(result['checks'][trap], trap, thresholds)} | "
-                         f"{'yes' if result['checks'][trap]['flagged'] else 'no'} |")
-    return "\n".join(lines[:2] + sorted(lines[2:], key=lambda line: TRAPS.index(line.split(" | ")[0][2:])))
+                         f"{statistic(before['checks'][check], trap, thresholds) if before else 'not run'} | "
+                         f"{statistic(result['checks'][check], trap, thresholds)} | "
+                         f"{'yes' if result['checks'][check]['flagged'] else 'no'} |")
+    return "\n".join(lines[:2] + sorted(lines[2:], key=lambda line: RUNS.index(line.split(" | ")[0][2:])))
 
 
 def curve_table(records: list[dict]) -> str:
@@ -235,7 +246,7 @@ def curve_table(records: list[dict]) -> str:
         if record["trap"] is None:
             continue
         for domain, result in record["domains"].items():
-            check = result["checks"][record["trap"]]
+            check = result["checks"][own_check(record["trap"])]
             measure = STATISTICS[record["trap"]][0][0]
             harm = healthy.get((record["seed"], domain), float("nan")) - result["champion_true_accuracy"]
             cells.setdefault((record["trap"], domain, record["strength"]), []).append(
@@ -243,7 +254,7 @@ def curve_table(records: list[dict]) -> str:
     lines = ["| trap | domain | strength | flagged seeds | statistic (mean) | harm: true accuracy lost (mean, per seed) |",
              "|---|---|---|---|---|---|"]
     weakest: dict[tuple[str, str], float] = {}
-    for (trap, domain, strength), rows in sorted(cells.items(), key=lambda c: (TRAPS.index(c[0][0]), c[0][1], c[0][2])):
+    for (trap, domain, strength), rows in sorted(cells.items(), key=lambda c: (RUNS.index(c[0][0]), c[0][1], c[0][2])):
         flagged = sum(f for f, _, _ in rows)
         if flagged * 2 > len(rows):
             weakest.setdefault((trap, domain), strength)
@@ -258,6 +269,7 @@ def curve_table(records: list[dict]) -> str:
 
 
 def report(records: list[dict]) -> None:
+    records = latest(records)
     print("\n## Which checks flag, at full strength\n\n" + flag_table(records))
     print("\n## Each trap's own check: statistic (threshold), healthy vs trapped\n\n" + value_table(records))
     print("\n## Detection curves and harm\n\n" + curve_table(records))
@@ -283,7 +295,7 @@ def main() -> None:
     if args.report:
         report([json.loads(line) for path in args.report for line in path.read_text().splitlines()])
         return
-    runs = list(dict.fromkeys([*args.runs, *((t, s) for s in args.curves for t in TRAPS)]))
+    runs = list(dict.fromkeys([*args.runs, *((t, s) for s in args.curves for t in (*TRAPS, *FAULTS))]))
     tasks = [(run, seed) for run in runs for seed in args.seeds]
     records = []
     context = multiprocessing.get_context("spawn")

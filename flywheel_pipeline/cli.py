@@ -32,7 +32,7 @@ from typing import IO, TYPE_CHECKING
 from rich.console import Console
 
 from flywheel_pipeline.config import ConfigError, FlywheelConfig, load_config
-from flywheel_pipeline.health import TRAPS
+from flywheel_pipeline.health import FAULTS, TRAPS
 from flywheel_pipeline.home import Home, HomeError
 from flywheel_pipeline.run_range import ACCUMULATE, RunRefused, cycle_refusals, expiring, run_range
 
@@ -78,8 +78,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def _trap(text: str) -> tuple[str, float]:
     """--trap NAME[=STRENGTH]: a trap of health.TRAPS and its strength in (0, 1] (default 1)."""
     name, _, strength = text.partition("=")
-    if name not in TRAPS:
-        raise argparse.ArgumentTypeError(f"unknown trap {name}: the traps are {', '.join(TRAPS)}")
+    if name not in (*TRAPS, *FAULTS):
+        raise argparse.ArgumentTypeError(f"unknown trap {name}: the traps are {', '.join([*TRAPS, *FAULTS])}")
     try:
         value = float(strength or 1)
     except ValueError:
@@ -421,7 +421,7 @@ def parser() -> argparse.ArgumentParser:
                           help="simulate this domain only (repeatable; default: every domain)")
     simulate.add_argument("--trap", action="append", default=[], type=_trap, metavar="NAME[=STRENGTH]",
                           help="make the product commit this trap on purpose (repeatable), at a strength "
-                               "in (0, 1] (default 1, the blatant trap): " + ", ".join(TRAPS))
+                               "in (0, 1] (default 1, the blatant trap): " + ", ".join([*TRAPS, *FAULTS]))
     from flywheel_pipeline.simulation.scenarios import SCENARIOS, STALE_SPAN_DAYS
 
     simulate.add_argument("--scenario", choices=SCENARIOS, metavar="NAME",

@@ -355,6 +355,9 @@ class HealthSettings(_Strict):
                                            "the candidate's registration (the others warn)")
     min_exploration_share: float = Field(0.02, ge=0, le=1, description="exposure_bias: share of the "
                                          "training window's impressions served at random")
+    max_below_floor_share: float = Field(0.05, ge=0, le=1, description="exposure_bias: share of explored "
+                                         "impressions logged as less likely than exploration alone made them "
+                                         "(a stale exploration share or a wrong position; healthy runs: 0)")
     churn_days: int = Field(7, gt=0, description="survivorship: a user not seen again this many days "
                             "after an impression counts as churned for it")
     min_cohort_coverage_ratio: float = Field(0.8, gt=0, le=1, description="survivorship: a cohort's or "

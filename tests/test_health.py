@@ -59,6 +59,7 @@ def impressions(n: int, seed: int = 0, *, explore: float = 0.1, audit: float = 0
         "context_features": [json.dumps({"hour": float(hour)})
                              for hour in rng.integers(24, size=n * slate)],
         "slate_size": slate,
+        "candidates": items,
         "p_good": np.where(good, 0.9, 0.1),
         "audit_review_value": np.where(rng.random(n * slate) < audit, good.astype(float), np.nan),
         "interaction_delivered": day,
@@ -85,6 +86,17 @@ def test_exposure_bias_flags_a_logger_without_exploration():
     assert 0 < healthy.measures["ips_ess_share"] <= 1
     on_policy = measures.exposure_bias(impressions(2000, explore=0.0), SETTINGS, "assistant")
     assert on_policy.flagged and "exploration share 0.0%" in on_policy.summary
+
+
+def test_exposure_bias_flags_explored_impressions_logged_as_rarer_than_exploration_made_them():
+    """Exploring 10% over 50 candidates shows each at least 0.002 of the time; a logger that believes it
+    explores 5% logs 0.001 for the explored ones the champion would not have shown."""
+    rows = impressions(3000)
+    stale = rows.with_columns(propensity=pl.when(pl.col("policy") == "explore").then(0.001).otherwise("propensity"))
+    finding = measures.exposure_bias(stale, SETTINGS, "assistant")
+    assert finding.flagged and "not the serving policy's" in finding.summary
+    assert finding.measures["explored_below_floor_share"] == 1.0
+    assert measures.exposure_bias(rows, SETTINGS, "assistant").measures["explored_below_floor_share"] == 0.0
 
 
 def test_exposure_bias_measures_the_examination_curve_and_its_correction():

@@ -683,3 +683,28 @@ def test_popularity_and_engagement_draw_clicks_but_not_purchases(tmp_path: Path,
         in_head = set(head.select("day", "item_id").iter_rows())
         assert len(clicks - honest_clicks) > 50
         assert all((day_of[i], item) in in_head for i, item in clicks - honest_clicks)
+
+
+def test_mislogged_propensity_serves_the_same_slates_and_logs_a_stale_exploration_share(tmp_path: Path) -> None:
+    """The same interactions and slates; each candidate's logged chances still sum to 1 per position, but as if
+    the product explored half as often: an explored item the champion would not have shown is logged at half
+    exploration's chance, exploration share / candidates (a champion without ties: one that ties every item
+    shows each with the same chance whatever it believes)."""
+    class ByItem:
+        def predict(self, candidates: pd.DataFrame) -> np.ndarray:
+            return candidates["item_id"].str.removeprefix("item_").astype(float).to_numpy()
+
+    for name, traps in (("honest", {}), ("trapped", {"mislogged_propensity": 0.5})):
+        simulate(Home(tmp_path / name), CONFIG, START, TRAP_DAYS, interactions_per_day=TRAP_PER_DAY,
+                 domains=["recommendation"], traps=traps, scorers={"recommendation": ByItem()})
+    honest, trapped = (of_type([(d, e) for d, e in read_batches(Home(tmp_path / name), "recommendation") if e],
+                               "interaction") for name in ("honest", "trapped"))
+    slates = {e["interaction_id"]: [i["item_id"] for i in e["impressions"]] for e in honest}
+    assert {e["interaction_id"]: [i["item_id"] for i in e["impressions"]] for e in trapped} == slates
+    share = CONFIG.domain("recommendation").exploration_share
+    lowest = min(i["propensity"] for e in trapped if e["policy"] == "explore" for i in e["impressions"])
+    assert lowest == pytest.approx(share / 2 / 20, rel=1e-3)
+    assert min(i["propensity"] for e in honest if e["policy"] == "explore"
+               for i in e["impressions"]) == pytest.approx(share / 20, rel=1e-3)
+    for event in trapped:
+        assert np.allclose(np.sum([c["propensities"] for c in event["context"]["candidates"]], axis=0), 1, atol=1e-4)

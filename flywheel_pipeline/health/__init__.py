@@ -29,6 +29,8 @@ import polars as pl
 TRAPS = ("exposure_bias", "survivorship", "label_delay", "leakage", "self_consumption", "diversity",
          "vocal_minority", "popularity", "engagement")
 Trap = Literal[TRAPS]
+# Faults the simulator can commit besides the traps themselves, each with the check that must catch it.
+FAULTS = {"mislogged_propensity": "exposure_bias"}
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ def _impressions(
     con: duckdb.DuckDBPyConnection, domain: str, start: date, end: date
 ) -> pl.DataFrame:
     """Impressions of [start, end]: serving-time columns, p_good, audit_review_value, clicked,
-    outcome_value, and the days
+    outcome_value, the number of candidates their interaction logged, and the days
     their interaction and its first label evidence were delivered."""
     columns = ", ".join(f"i.{name}" for name in SERVING_TIME_COLUMNS)
     evidence = " UNION ALL ".join(
@@ -99,14 +99,20 @@ def _impressions(
             evidence AS (
                 SELECT interaction_id, min(d.delivered) AS evidence_delivered
                 FROM ({evidence}) JOIN delivery_days AS d USING (source_file)
+                GROUP BY interaction_id),
+            logged AS (
+                SELECT interaction_id, any_value(json_array_length(context, '$.candidates')) AS candidates
+                FROM raw.interactions
+                WHERE domain = $domain AND event_date BETWEEN $start AND $end
                 GROUP BY interaction_id)
             SELECT {columns}, l.p_good, i.audit_review_value, i.clicked, i.outcome_value,
-                   delivered.interaction_delivered, evidence.evidence_delivered
+                   logged.candidates, delivered.interaction_delivered, evidence.evidence_delivered
             FROM marts.fct_impressions AS i
             LEFT JOIN labels.impression_labels AS l
               USING (domain, event_date, interaction_id, item_id)
             LEFT JOIN delivered USING (interaction_id)
             LEFT JOIN evidence USING (interaction_id)
+            LEFT JOIN logged USING (interaction_id)
             WHERE i.domain = $domain AND i.event_date BETWEEN $start AND $end""",
         params={"domain": domain, "start": start, "end": end},
     ).pl()

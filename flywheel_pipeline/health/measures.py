@@ -4,7 +4,8 @@ The frames (``audit.py`` reads them from the warehouse; tests build them by hand
 
 ``training`` / ``holdout``: impressions of the window, serving-time columns (``training.base``) with
 ``p_good`` (null: unlabelled), ``audit_review_value`` (a random human review's verdict),
-``clicked`` and ``outcome_value`` (the impression's click, its last outcome), ``interaction_delivered`` (the batch day the interaction arrived) and ``evidence_delivered`` (the
+``clicked`` and ``outcome_value`` (the impression's click, its last outcome), ``candidates`` (how
+many candidates its interaction logged; null: none), ``interaction_delivered`` (the batch day the interaction arrived) and ``evidence_delivered`` (the
 first batch day one of its signals or outcomes arrived: what its label was made from).
 ``outcomes``: one row per delayed outcome (or, for a click-maturity domain, click) of the windows'
 interactions: ``name, event_date`` (the interaction's day), ``served_at, delay_s`` (what the event
@@ -29,6 +30,7 @@ from flywheel_pipeline.training.recommendation import RecommendationTrainer, exa
 
 CADENCE_DAYS = {"daily": 1, "weekly": 7, "monthly": 30, "quarterly": 91}
 MIN_TRAFFIC_SHARE = 0.05  # survivorship, vocal_minority: smaller cohorts and segments are too thin to judge
+FLOOR_TOLERANCE = 0.2  # exposure_bias: how far below exploration's own chance a logged propensity may fall
 MIN_CLICKS = 50  # engagement: fewer clicks of the clickiest items are too thin to judge their outcomes
 MIN_ITEM_IMPRESSIONS = 20  # engagement: an item shown less has no click rate to rank it by
 HEAD_SHARE = 0.1  # popularity: the share of a day's shown items, most shown first, that is its head
@@ -62,18 +64,24 @@ EXPLANATIONS = {
 
 def exposure_bias(training: pl.DataFrame, settings: HealthSettings, shape: str) -> Finding:
     """Exploration share and ESS of the IPS weights (over the impressions whose propensity was
-    logged; null: unknown); for a recommendation domain the examination curve and the good rate by
-    position, raw and weighted as the trainer weighs."""
+    logged; null: unknown); explored impressions logged as rarer than exploration alone made them;
+    for a recommendation domain the examination curve and the good rate by position, raw and
+    weighted as the trainer weighs."""
     exploration = _share(training["policy"] == "explore")
     known = _share(training["propensity"].is_not_null())
     weights = 1 / training.filter(pl.col("propensity") > 0)["propensity"].to_numpy()
     ess = float(weights.sum() ** 2 / (weights**2).sum()) if len(weights) else 0.0
+    below = _below_exploration_floor(training, exploration)
     measures = {"exploration_share": exploration, "ips_ess": ess,
                 "ips_ess_share": ess / len(weights) if len(weights) else math.nan,
-                "propensity_known_share": known}
+                "propensity_known_share": known, "explored_below_floor_share": below}
     tables, problems, least = {}, [], settings.min_exploration_share
     if exploration < least:
         problems.append(f"exploration share {exploration:.1%} < {least:.1%}")
+    if below > settings.max_below_floor_share:
+        problems.append(f"{below:.1%} of explored impressions are logged as less likely than exploration alone "
+                        f"made them (exploration share / candidates) > {settings.max_below_floor_share:.0%}: "
+                        "the logged propensities are not the serving policy's")
     if shape == "recommendation":
         by_position = _position_correction(training.filter(pl.col("p_good").is_not_null()))
         tables["by_position"] = by_position
@@ -95,6 +103,19 @@ def exposure_bias(training: pl.DataFrame, settings: HealthSettings, shape: str) 
         judged += (f", good rate lowest vs top slot {measures['position_gap_raw']:.0%} lower raw, "
                    f"{measures['position_gap_weighted']:.0%} as the trainer weighs")
     return _finding("exposure_bias", problems, judged, measures, tables)
+
+
+def _below_exploration_floor(training: pl.DataFrame, exploration: float) -> float:
+    """Share of the explored impressions (of interactions that logged their candidates) whose logged
+    propensity is below (1 - FLOOR_TOLERANCE) of exploration's own chance of showing any candidate
+    there, the exploration share over the candidates; NaN without such impressions. A uniformly
+    random slate shows each candidate at each position with at least that chance, whatever the
+    champion does, so a propensity below it was computed for another policy (a stale exploration
+    share, a wrong position)."""
+    explored = training.filter((pl.col("policy") == "explore") & pl.col("propensity").is_not_null()
+                               & (pl.col("candidates") > 0))
+    floor = (1 - FLOOR_TOLERANCE) * exploration / explored["candidates"]
+    return _share(explored["propensity"] < floor)
 
 
 def _position_correction(labelled: pl.DataFrame) -> pl.DataFrame:

@@ -33,6 +33,7 @@ from flywheel_pipeline.simulation.traps import (
     CLICKBAIT_CATEGORY,
     click_chance,
     head_items,
+    mislogged,
     serve_collapsed,
 )
 from flywheel_pipeline.simulation.world import (
@@ -136,6 +137,8 @@ class Recommendation:
                 rng[Stream.REQUESTS]))
             scores, versions = policy.score(self._frame(traffic, candidates), CANDIDATES, rng[Stream.ROUTING])
             served = serve(scores, SLATE, policy.exploration_share, rng[Stream.SERVING])
+            if "mislogged_propensity" in policy.traps:
+                served = mislogged(served, policy.exploration_share, policy.traps["mislogged_propensity"])
         shown = np.take_along_axis(candidates, served.slate, axis=1)
         relevance = self.relevance(self._tastes(traffic.day, traffic.taste, traffic.segment,
                                                 traffic.bot), shown)

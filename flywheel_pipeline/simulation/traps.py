@@ -17,6 +17,11 @@ truth whatever is on (docs/events.md: Trap injection). At strength s:
                       their merit
     engagement        items of CLICKBAIT_CATEGORY draw clicks and dwell as if s * CLICKBAIT_PULL of
                       the way to certain, but buy only as often as their true relevance says
+
+Besides the traps, one subtler exposure fault (``health.FAULTS``, caught by the exposure_bias check):
+
+    mislogged_propensity  the logger computes propensities with a stale exploration share,
+                          (1 - s) of the one it serves with: explored items look rarer than they were
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flywheel_pipeline.health import TRAPS
+from flywheel_pipeline.health import FAULTS, TRAPS
 from flywheel_pipeline.simulation.serving import Served, position_propensities
 from flywheel_pipeline.simulation.world import DAY_S, Traffic
 
@@ -42,7 +47,8 @@ CLICKBAIT_CATEGORY = "electronics"
 CLICKBAIT_PULL = 0.7
 # traps that apply to some shapes only: the simulated assistant logs no segment (no group to hear) and
 # has no catalogue (nothing to collapse onto, no items to badge or bait with)
-SHAPES = {trap: ("recommendation",) for trap in ("diversity", "vocal_minority", "popularity", "engagement")}
+SHAPES = {trap: ("recommendation",)
+          for trap in ("diversity", "vocal_minority", "popularity", "engagement", "mislogged_propensity")}
 REACTIONS = ("signal", "outcome")
 DELIVERY_TRAPS = frozenset({"label_delay", "survivorship", "self_consumption", "leakage", "vocal_minority"})
 
@@ -63,9 +69,9 @@ class Traps:
         """The named traps (a mapping gives their strengths; names alone are at strength 1),
         checked against TRAPS and the domain's shape."""
         strength = dict(traps) if isinstance(traps, Mapping) else dict.fromkeys(traps, 1.0)
-        unknown = sorted(set(strength) - set(TRAPS))
+        unknown = sorted(set(strength) - {*TRAPS, *FAULTS})
         if unknown:
-            raise ValueError(f"unknown trap {', '.join(unknown)}: the traps are {', '.join(TRAPS)}")
+            raise ValueError(f"unknown trap {', '.join(unknown)}: the traps are {', '.join([*TRAPS, *FAULTS])}")
         for name, value in strength.items():
             if not 0 < value <= 1:
                 raise ValueError(f"the {name} trap's strength is {value}: it must be in (0, 1]")
@@ -202,6 +208,21 @@ class _Day:
                     **context, "features": {**context.get("features", {}), LEAKED_FEATURE: value}}}
             leaked.append((event, at))
         return leaked
+
+
+def mislogged(served: Served, exploration_share: float, strength: float) -> Served:
+    """mislogged_propensity: what was served, with the propensities of a logger that believes it
+    explores (1 - ``strength``) of ``exploration_share``: each candidate's chance at each position
+    recomputed as (1 - eps') * P(champion puts it there) + eps' / candidates. A logger that only
+    explores (share 1) never serves the champion: nothing stale to believe."""
+    if exploration_share >= 1:
+        return served
+    candidates = served.candidate_propensity.shape[1]
+    champion = (served.candidate_propensity - exploration_share / candidates) / (1 - exploration_share)
+    believed = exploration_share * (1 - strength)
+    every = (1 - believed) * champion + believed / candidates
+    shown = np.take_along_axis(every, served.slate[:, :, None], axis=1)
+    return Served(served.slate, np.diagonal(shown, axis1=1, axis2=2), served.policy, every)
 
 
 def head_items(bias: np.ndarray, strength: float) -> np.ndarray:
