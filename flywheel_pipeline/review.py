@@ -178,10 +178,11 @@ def audit_slice(impressions: pl.DataFrame, n_audit: int, groups: Groups | None) 
     Without protected groups to stratify for, the day's first ``n_audit`` (weight 1). Otherwise each
     protected group is a stratum and the rest of the traffic another: a protected group gets its
     proportional share of ``n_audit`` and at least ``groups.min_reviews`` (all it has, when fewer),
-    the rest what is left; each stratum's first impressions in audit order are its sample, and
-    ``design_weight`` = (stratum impressions / its sample) / (day impressions / ``n_audit``).
+    the rest what is left (the slice grows beyond ``n_audit`` when the minimums need more); each
+    stratum's first impressions in audit order are its sample, and ``design_weight`` = (stratum
+    impressions / its sample) / (day impressions / ``n_audit``). No slice (``n_audit`` 0), no minimum.
     """
-    if groups is None or not groups.protected or not groups.min_reviews:
+    if not n_audit or groups is None or not groups.protected or not groups.min_reviews:
         return impressions.with_columns(in_audit_slice=pl.int_range(pl.len()).over("event_date") < n_audit,
                                         design_weight=pl.lit(1.0))
     stratum = pl.when(pl.col("group").is_in(groups.protected)).then(pl.col("group")).otherwise(pl.lit(None))
