@@ -603,6 +603,7 @@ def accumulate(
     con.execute("SET TimeZone = 'UTC'")
     con.execute("SET preserve_insertion_order = true")  # a batch's rows keep its line order
     batches = [_batch(home, path) for path in batches_for(home, domain, dates, config.max_lateness_days)]
+    privacy.install_redaction(con)  # the contract's id rules look for personal data (unsafe_id:<field>)
     problems = _read_batches(con, config, domain, batches, now)
     _mark_duplicates(con, domain, dates)
     _keep_quarantined_text(con, config, batches, problems)

@@ -102,6 +102,10 @@ IMPRESSION_FIELDS = (
     Field("content", "string"),
 )
 
+# Ids of some event types (beyond event_id, session_id, interaction_id and the user): safe ids
+_TYPED_IDS = (("model_version", ("interaction",)), ("item_id", ("signal", "outcome", "label")),
+              ("name", ("outcome",)), ("reviewer", ("label",)))
+
 TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})$"
 
 
@@ -179,6 +183,26 @@ def _number(name: str) -> str:
 
 def _not_an_id(path: str) -> str:
     return f"NOT regexp_full_match(coalesce({field_text(path)}, ''), '{ID_PATTERN}')"
+
+
+def _unsafe_id(text: str) -> str:
+    """``text`` (an id's value, SQL) is no safe id: outside ID_PATTERN, or holding personal data
+    (``holds_pii``, the macro privacy.install_redaction creates on the connection)."""
+    return f"(NOT regexp_full_match(coalesce({text}, ''), '{ID_PATTERN}') OR holds_pii({text}))"
+
+
+def _id_rules() -> list[tuple[str, str]]:
+    """``unsafe_id:<field>`` for every id an event carries beyond its user (``user_id_not_pseudonymous``):
+    ids are kept unredacted in every table, so each must be a safe id."""
+    def unsafe(name: str) -> str:
+        return f"{_present(name)} AND {_unsafe_id(field_text(name))}"
+
+    return [
+        *[(f"unsafe_id:{name}", unsafe(name)) for name in ("event_id", "session_id", "interaction_id")],
+        *[(f"unsafe_id:{name}", _for_types(types, unsafe(name))) for name, types in _TYPED_IDS],
+        ("unsafe_id:impressions.item_id", _for_types(("interaction",), (
+            f"list_bool_or(list_transform(imps, lambda imp: {_unsafe_id(text_sql('imp.item_id'))}))"))),
+    ]
 
 
 def _for_types(types: tuple[str, ...], condition: str) -> str:
@@ -278,7 +302,8 @@ def reason_sql(allowed_domains: tuple[str, ...], whole_line: bool = True) -> str
     Expects columns ``fields`` (``FIELDS_TYPE``), ``imps`` (``impressions_sql()``), ``event_type``,
     ``event_ts`` (parsed, UTC), ``batch_domain`` (the landing folder's domain), ``latest_allowed_ts``
     and, for a ``whole_line`` check, ``doc`` (the line as JSON, NULL when it does not parse).
-    Without ``whole_line`` (fields read by read_json) the line is taken as an object.
+    Without ``whole_line`` (fields read by read_json) the line is taken as an object. The ids'
+    rules call ``holds_pii``: privacy.install_redaction must have run on the connection.
     """
     rules = [
         *([("malformed_json", "doc IS NULL"), ("not_an_object", "json_type(doc) <> 'OBJECT'")] if whole_line else []),
@@ -288,7 +313,9 @@ def reason_sql(allowed_domains: tuple[str, ...], whole_line: bool = True) -> str
         ("unknown_domain", f"{field_text('domain')} NOT IN {_sql_list(allowed_domains)}"),
         ("domain_mismatch", f"{field_text('domain')} <> batch_domain"),
         ("future_timestamp", "event_ts > latest_allowed_ts"),
-        ("user_id_not_pseudonymous", _not_an_id("user_id")),  # so no e-mail address, no whitespace
+        # an id holding no personal data: no e-mail address, phone or card number, no whitespace
+        ("user_id_not_pseudonymous", _unsafe_id(field_text("user_id"))),
+        *_id_rules(),
     ]
     whens = "\n".join(f"    WHEN {condition} THEN '{reason}'" for reason, condition in rules)
     return f"CASE\n{whens}\n    ELSE NULL\nEND"

@@ -8,10 +8,15 @@ reacts rarely is not drowned by the majority); rows of no declared group keep th
 
 A group is the interaction's ``segment`` (a serving-time context field), or the group a file maps
 its user to (``users_file``: CSV with a header, columns ``user_id`` and ``group``).
+
+A group's name becomes slice names, MLflow metric keys and report text, which hold no users' text
+(docs/privacy.md): a declared group (a protected one, or one of the users file, which the operator
+wrote) keeps its name; any other value the product sent is named by its hash (``anonymous``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -24,8 +29,20 @@ MAX_GROUP_WEIGHT = 10.0  # the most a group's rows are up-weighted by ``reweight
 
 
 def slice_name(group: str) -> str:
-    """The validation slice of ``group`` (characters outside [A-Za-z0-9_.-] as ``_``)."""
+    """The validation slice of ``group`` (a name ``assign`` gave; characters outside [A-Za-z0-9_.-] as ``_``)."""
     return GROUP_SLICE + re.sub(r"[^\w.-]", "_", group)
+
+
+def anonymous(value: str) -> str:
+    """What names an undeclared value the product sent: ``hash-`` and 10 hex digits of its SHA-256."""
+    return "hash-" + hashlib.sha256(value.encode()).hexdigest()[:10]
+
+
+def anonymised(values: pl.Expr, declared: list[str]) -> pl.Expr:
+    """``values`` with each one not ``declared`` replaced by its ``anonymous`` name (null stays null)."""
+    return values.map_batches(lambda column: column.replace_strict(
+        {value: value if value in declared else anonymous(value) for value in column.drop_nulls().unique()},
+        default=None, return_dtype=pl.String), return_dtype=pl.String)
 
 
 def user_groups(path: Path) -> pl.DataFrame:
@@ -43,11 +60,12 @@ def user_groups(path: Path) -> pl.DataFrame:
 
 
 def assign(units: pl.DataFrame, settings: Groups | None) -> pl.DataFrame:
-    """``units`` (with ``user_id`` and ``segment``) with a ``group`` column: null where none is known."""
+    """``units`` (with ``user_id`` and ``segment``) with a ``group`` column, each unit's group's name:
+    declared ones as they are, the segment's other values ``anonymous``; null where none is known."""
     if settings is None:
         return units.with_columns(group=pl.lit(None, pl.String))
     if settings.field is not None:
-        return units.with_columns(group=pl.col(settings.field))
+        return units.with_columns(group=anonymised(pl.col(settings.field), settings.protected))
     mapping = user_groups(settings.users_file)
     return units.join(mapping, on="user_id", how="left", maintain_order="left")
 

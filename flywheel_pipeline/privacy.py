@@ -17,8 +17,11 @@ Both reach the exported training sets (flywheel_pipeline.training_sets), rewritt
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import re
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -34,7 +37,36 @@ from flywheel_pipeline.warehouse import connect, ensure_raw_tables, transaction
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-# RE2 patterns by Presidio entity name, replaced in this order (keys before the digit runs in them).
+# IBAN length by country (SWIFT's IBAN registry): a candidate is a country's code, two check digits
+# and exactly its length's letters and digits (in groups of four or not), checked by mod 97.
+IBAN_LENGTHS = {
+    "NO": 15, "BE": 16, "DK": 18, "FI": 18, "FK": 18, "FO": 18, "GL": 18, "NL": 18, "SD": 18, "MK": 19,
+    "SI": 19, "AT": 20, "BA": 20, "EE": 20, "KZ": 20, "LT": 20, "LU": 20, "MN": 20, "XK": 20, "CH": 21,
+    "HR": 21, "LI": 21, "LV": 21, "BG": 22, "BH": 22, "CR": 22, "DE": 22, "GB": 22, "GE": 22, "IE": 22,
+    "ME": 22, "RS": 22, "VA": 22, "AE": 23, "GI": 23, "IL": 23, "IQ": 23, "OM": 23, "SO": 23, "TL": 23,
+    "AD": 24, "CZ": 24, "ES": 24, "MD": 24, "PK": 24, "RO": 24, "SA": 24, "SE": 24, "SK": 24, "TN": 24,
+    "VG": 24, "LY": 25, "PT": 25, "ST": 25, "IS": 26, "TR": 26, "BI": 27, "DJ": 27, "FR": 27, "GR": 27,
+    "IT": 27, "MC": 27, "MR": 27, "SM": 27, "AL": 28, "AZ": 28, "BY": 28, "CY": 28, "DO": 28, "GT": 28,
+    "HN": 28, "HU": 28, "LB": 28, "NI": 28, "PL": 28, "SV": 28, "BR": 29, "EG": 29, "PS": 29, "QA": 29,
+    "UA": 29, "JO": 30, "KW": 30, "MU": 30, "YE": 30, "LC": 32, "MT": 31, "SC": 31, "RU": 33,
+}
+
+
+def _iban_pattern() -> str:
+    """One alternative per IBAN length: its countries' codes, then exactly that many characters."""
+    by_length: dict[int, list[str]] = {}
+    for country, length in IBAN_LENGTHS.items():
+        by_length.setdefault(length, []).append(country)
+    return r"\b(?i:" + "|".join(f"(?:{'|'.join(sorted(countries))})\\d{{2}}(?: ?[A-Z0-9]){{{length - 4}}}"
+                                for length, countries in sorted(by_length.items())) + r")\b"
+
+
+_IPV4 = r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_HEX = "[0-9A-Fa-f]{1,4}"
+# card numbers: 12 to 19 digits, whole or in the groups cards are printed in
+CARD_FORMATS = (r"\d{12,19}", r"\d{4}(?:[ -]\d{4}){2,3}(?:[ -]\d{1,4})?", r"\d{4}[ -]\d{6}[ -]\d{4,5}")
+# RE2 patterns by Presidio entity name, replaced in this order: keys and addresses before the digit
+# runs in them, SSNs before the card numbers a following group could start.
 PII_PATTERNS: dict[str, tuple[str, ...]] = {
     "API_KEY": (
         r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",  # AWS access key id
@@ -47,15 +79,18 @@ PII_PATTERNS: dict[str, tuple[str, ...]] = {
         r"(?i:\b(?:api[_-]?key|secret|token|password|passwd)\b\s*[:=]\s*)[^\s,;]{8,}",  # key=value
     ),
     "EMAIL_ADDRESS": (r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",),
-    "CREDIT_CARD": (  # 12 to 19 digits, Luhn-valid (luhn_valid below)
-        r"\b\d{12,19}\b",
-        r"\b\d{4}(?:[ -]\d{4}){2,3}(?:[ -]\d{1,4})?\b",  # in fours: 4111 1111 1111 1111
-        r"\b\d{4}[ -]\d{6}[ -]\d{4,5}\b",  # American Express, Diners: 3782 822463 10005
+    "IBAN_CODE": (_iban_pattern(),),  # mod-97-valid (iban_valid below)
+    "IP_ADDRESS": (
+        rf"\b{_IPV4}\b",
+        rf"\b(?:{_HEX}:){{7}}{_HEX}\b",  # IPv6 in full
+        rf"\b(?:{_HEX}:){{2,6}}(?::{_HEX}){{1,5}}\b|\b{_HEX}:(?::{_HEX}){{2,6}}\b",  # '::', 3 groups or more
     ),
     "US_SSN": (  # area not 000, 666 or 9xx; group not 00; serial not 0000
         (r"\b(?:00[1-9]|0[1-9]\d|[1-578]\d\d|6[0-57-9]\d|66[0-57-9])[- ](?:0[1-9]|[1-9]\d)[- ]"
          r"(?:000[1-9]|00[1-9]\d|0[1-9]\d\d|[1-9]\d{3})\b"),
     ),
+    # each span of digit groups in one of CARD_FORMATS, Luhn-valid (card_numbers below)
+    "CREDIT_CARD": tuple(rf"\b{card}\b" for card in CARD_FORMATS),
     "PHONE_NUMBER": (
         # North American: +1 (415) 555-0132, 415.555.0132, 4155550132, with an extension
         (r"(?:\+?\b1[ .-]?|\b001[ .-]?)?(?:\(\d{3}\)\s?|\b\d{3}[ .-]?)\d{3}[ .-]?\d{4}"
@@ -66,8 +101,14 @@ PII_PATTERNS: dict[str, tuple[str, ...]] = {
         r"(?:\(0\d{2,4}\)\s?|\b0\d{2,4}[ -]?)\d{2,4}[ -]?\d{3,4}\b",
     ),
 }
+# Entities whose matches are checked before they are redacted: the macro listing a text's valid ones
+CHECKED = {"IBAN_CODE": "iban_codes", "CREDIT_CARD": "card_numbers"}
+_DIGIT_GROUPS = r"\b\d+(?:[ -]\d+)*\b"  # a run of digit groups, single separators: where cards are looked for
+_JSON_TOKEN = r'"(?:[^"\\]|\\.)*"|[^"]+'  # a JSON text's string literals and what lies between them
 FORGOTTEN_USER = "forgotten_user"  # the quarantine reason of a replayed event of a forgotten user
 _USER_ID_IN_LINE = r'"user_id"\s*:\s*"([^"\\]*)"'  # a malformed line's user, where it can be read
+_USER_ID_IN_BYTES = re.compile(_USER_ID_IN_LINE.encode())
+_GZIP_MAGIC = b"\x1f\x8b"  # a gzip'd landing batch, whatever its name (accumulation reads it so too)
 
 PRIVACY_DDL = """
 CREATE SCHEMA IF NOT EXISTS privacy;
@@ -81,34 +122,71 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _line_user_sql(line: str) -> str:
+    """SQL: the user a landing line (text) names in its user field, NULL where none can be read: a
+    line that parses, its ``user_id``; one that does not, the first ``"user_id": "..."`` in it."""
+    return (f"coalesce(TRY_CAST({line} AS JSON) ->> 'user_id', "
+            f"nullif(regexp_extract({line}, {_literal(_USER_ID_IN_LINE)}, 1), ''))")
+
+
+# A user's rows by their user field: a column ``user_id``, or a quarantined ``line`` naming them
+_USER_FIELDS = {frozenset({"user_id"}): "user_id = $user", frozenset({"line"}): f"{_line_user_sql('line')} = $user"}
+
+
 def _pattern(entity: str) -> str:
     """One entity's patterns as one RE2 alternation (one pass over the text)."""
     return "|".join(f"(?:{pattern})" for pattern in PII_PATTERNS[entity])
 
 
 def _redacted(expr: str) -> str:
-    """SQL redacting ``expr``, entity after entity in PII_PATTERNS' order."""
+    """SQL redacting ``expr``, entity after entity in PII_PATTERNS' order. A checked entity's step
+    binds its input once (a one-element list's lambda), so the expression grows linearly."""
     for entity in PII_PATTERNS:
-        expr = (f"redact_cards({expr})" if entity == "CREDIT_CARD"
-                else f"regexp_replace({expr}, {_literal(_pattern(entity))}, '<{entity}>', 'g')")
+        token = _literal(f"<{entity}>")
+        if entity in CHECKED:
+            expr = (f"list_transform([{expr}], lambda t: CASE WHEN regexp_matches(t, {_literal(_pattern(entity))}) "
+                    f"THEN replaced(t, {CHECKED[entity]}(t), {token}) ELSE t END)[1]")
+        else:
+            expr = f"regexp_replace({expr}, {_literal(_pattern(entity))}, {token}, 'g')"
     return expr
 
 
 def install_redaction(con: duckdb.DuckDBPyConnection) -> None:
-    """Create the connection's ``redact_pii(text)`` and ``redact_json(json)`` macros."""
-    card = _literal(_pattern("CREDIT_CARD"))
+    """Create the connection's ``redact_pii(text)``, ``holds_pii(text)`` and ``redact_json(json)`` macros."""
     anything = _literal("|".join(_pattern(entity) for entity in PII_PATTERNS))
+    card = _literal("^(?:" + "|".join(CARD_FORMATS) + ")$")
     con.execute(rf"""
         CREATE OR REPLACE TEMP MACRO luhn_valid(digits) AS list_sum(list_transform(
             list_reverse(regexp_extract_all(digits, '\d')),
             lambda d, i: CASE WHEN i % 2 = 0 THEN (2 * d::INT) // 10 + (2 * d::INT) % 10 ELSE d::INT END
         )) % 10 = 0;
-        CREATE OR REPLACE TEMP MACRO redact_cards(text) AS CASE WHEN regexp_matches(text, {card}) THEN
-            list_reduce(list_prepend(text, list_filter(regexp_extract_all(text, {card}), lambda c: luhn_valid(c))),
-                        lambda redacted, c: replace(redacted, c, '<CREDIT_CARD>'))
-            ELSE text END;
+        -- ISO 13616: the code's first four characters moved to its end, letters as 10..35, mod 97 is 1
+        CREATE OR REPLACE TEMP MACRO iban_valid(code) AS list_reduce(list_transform(
+            string_split(upper(substr(replace(code, ' ', ''), 5) || left(replace(code, ' ', ''), 4)), ''),
+            lambda ch: CASE WHEN ch BETWEEN '0' AND '9' THEN ascii(ch) - 48 ELSE ascii(ch) - 55 END),
+            lambda acc, v: (acc * CASE WHEN v >= 10 THEN 100 ELSE 10 END + v) % 97) = 1;
+        CREATE OR REPLACE TEMP MACRO iban_codes(text) AS
+            list_filter(regexp_extract_all(text, {_literal(_pattern("IBAN_CODE"))}), lambda code: iban_valid(code));
+        -- every span of one to five consecutive groups of a digit run ((digits, separator)* digits)
+        CREATE OR REPLACE TEMP MACRO group_spans(parts) AS flatten(list_transform(
+            range(1, (len(parts) + 1) // 2 + 1),
+            lambda i: list_transform(range(i, least((len(parts) + 1) // 2, i + 4) + 1),
+                                     lambda j: array_to_string(parts[2 * i - 1:2 * j - 1], ''))));
+        -- the card numbers in a text: each span of digit groups in a card's format, Luhn-valid, so
+        -- that a card after another group of digits (a year, a reference) is found
+        CREATE OR REPLACE TEMP MACRO card_numbers(text) AS list_filter(flatten(list_transform(
+            regexp_extract_all(text, {_literal(_DIGIT_GROUPS)}),
+            lambda run: group_spans(regexp_extract_all(run, '\d+|[ -]')))),
+            lambda span: regexp_full_match(span, {card}) AND length(regexp_replace(span, '[ -]', '', 'g')) <= 19
+                         AND luhn_valid(span));
+        -- ``found`` replaced by ``token`` in ``text``, the longest first (a span inside another goes with it)
+        CREATE OR REPLACE TEMP MACRO replaced(text, found, token) AS list_reduce(
+            list_prepend(text, list_transform(list_sort(list_transform(found, lambda f: {{'n': -length(f), 'f': f}})),
+                                              lambda s: s.f)),
+            lambda redacted, f: replace(redacted, f, token));
         CREATE OR REPLACE TEMP MACRO redact_pii(text) AS
             CASE WHEN regexp_matches(text, {anything}) THEN {_redacted("text")} ELSE text END;
+        CREATE OR REPLACE TEMP MACRO holds_pii(text) AS regexp_matches(text, {anything}) AND redact_pii(text) <> text;
         -- JSON text with its escapes (\n, \") read as spaces, so that they do not hide a match
         CREATE OR REPLACE TEMP MACRO unescaped(line) AS regexp_replace(line, '\\[bfnrt"/\\]', ' ', 'g');
         -- false for JSON text none of whose strings can hold a match: most events, spared
@@ -120,19 +198,15 @@ def install_redaction(con: duckdb.DuckDBPyConnection) -> None:
         CREATE OR REPLACE TEMP MACRO quarantined_line(line) AS CASE
             WHEN json_valid(line) THEN redact_pii(unescaped(json(line)::VARCHAR))
             WHEN NOT contains(line, '\u') THEN redact_pii(unescaped(line)) END;
-        CREATE OR REPLACE TEMP MACRO redact_json_0(j) AS
-            CASE WHEN json_type(j) = 'VARCHAR' THEN to_json(redact_pii(j ->> '$')) ELSE j END;
+        -- JSON with every string redacted, at any depth (keys too): its string literals are each
+        -- decoded, redacted and encoded again; what lies between them is kept as it is
+        CREATE OR REPLACE TEMP MACRO redact_json(j) AS list_transform([j::VARCHAR], lambda doc:
+            CASE WHEN may_hold_pii(doc) THEN array_to_string(list_transform(
+                regexp_extract_all(doc, {_literal(_JSON_TOKEN)}),
+                lambda token: CASE WHEN starts_with(token, '"') AND may_hold_pii(token)
+                                   THEN to_json(redact_pii(token::JSON ->> '$'))::VARCHAR ELSE token END), '')
+            ELSE doc END)[1]::JSON;
     """)
-    for depth in (1, 2, 3):  # context -> candidates -> candidate -> content: three containers deep
-        inner = f"redact_json_{depth - 1}"
-        con.execute(f"""
-            CREATE OR REPLACE TEMP MACRO redact_json_{depth}(j) AS CASE json_type(j)
-                WHEN 'OBJECT' THEN to_json(map_from_entries(list_transform(
-                    map_entries(from_json(j, '"MAP(VARCHAR, JSON)"')),
-                    lambda e: {{'key': e.key, 'value': {inner}(e.value)}})))
-                WHEN 'ARRAY' THEN to_json(list_transform(from_json(j, '["JSON"]'), lambda v: {inner}(v)))
-                ELSE redact_json_0(j) END""")
-    con.execute("CREATE OR REPLACE TEMP MACRO redact_json(j) AS redact_json_3(j)")
 
 
 def ensure_privacy_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -146,16 +220,17 @@ def user_hash(user_id: str) -> str:
 
 def protect_partition_lines(con: duckdb.DuckDBPyConnection) -> None:
     """Accumulation's last step before writing (temp table ``partition_lines``): a forgotten user's
-    lines become empty ``forgotten_user`` quarantine rows; quarantined lines and accepted events'
-    free text are redacted."""
+    lines become empty ``forgotten_user`` quarantine rows; quarantined lines (and their event ids)
+    and accepted events' free text are redacted."""
     ensure_privacy_tables(con)
     install_redaction(con)
     if con.execute("SELECT count(*) FROM privacy.forgotten_users").fetchone()[0]:
         con.execute(f"""
             UPDATE partition_lines SET reason = '{FORGOTTEN_USER}', line = NULL, event_id = NULL, fields = NULL
-            WHERE sha256(coalesce(fields.user_id ->> '$', regexp_extract(line, {_literal(_USER_ID_IN_LINE)}, 1)))
+            WHERE sha256(coalesce(fields.user_id ->> '$', {_line_user_sql("line")}))
                   IN (SELECT user_hash FROM privacy.forgotten_users)""")
-    con.execute("UPDATE partition_lines SET line = quarantined_line(line) WHERE reason IS NOT NULL")
+    con.execute("UPDATE partition_lines SET line = quarantined_line(line), event_id = redact_pii(event_id) "
+                "WHERE reason IS NOT NULL")
     con.execute("""
         UPDATE partition_lines SET fields = struct_update(fields,
             input := to_json(redact_pii(fields.input ->> '$')),
@@ -227,35 +302,52 @@ def _erase(con: duckdb.DuckDBPyConnection, where: str, params: dict[str, object]
     return deleted
 
 
-def _tables_mentioning(con: duckdb.DuckDBPyConnection, value: str) -> list[str]:
-    """Tables with a text column equal to ``value``."""
+def _tables_holding_user(con: duckdb.DuckDBPyConnection, user_id: str) -> list[str]:
+    """Tables with a row of the user by its user field (``_USER_FIELDS``): never by other columns,
+    which may hold the same value as another user's item, version or session."""
     found = []
     for table, columns in _tables(con).items():
-        text = [column for column, kind in columns.items() if kind == "VARCHAR"]
-        if text and con.execute(f"SELECT count(*) FROM {table} WHERE $value IN ({', '.join(text)})",
-                                {"value": value}).fetchone()[0]:
+        conditions = [condition for needed, condition in _USER_FIELDS.items() if needed <= columns.keys()]
+        if conditions and con.execute(f"SELECT count(*) FROM {table} WHERE {' OR '.join(conditions)}",
+                                      {"user": user_id}).fetchone()[0]:
             found.append(table)
     return found
 
 
-def _line_user(line: bytes) -> str | None:
+def _batch_user(line: bytes) -> str | None:
+    """The user a landing line names in its user field, read as accumulation reads it
+    (``_line_user_sql``): a JSON object's ``user_id``, else the first ``"user_id": "..."`` in the line."""
     try:
         event = json.loads(line)
     except ValueError:
-        return None
-    return event.get("user_id") if isinstance(event, dict) else None
+        event = None
+    user = event.get("user_id") if isinstance(event, dict) else None
+    if user is None:
+        match = _USER_ID_IN_BYTES.search(line)
+        return match.group(1).decode(errors="replace") if match else None
+    return user if isinstance(user, str) else json.dumps(user)
+
+
+def _batch_lines(path: Path) -> tuple[bytes, bool]:
+    """A landing batch's text and whether it is gzip'd, told by its first bytes as accumulation does."""
+    data = path.read_bytes()
+    gzipped = data[:2] == _GZIP_MAGIC
+    return (gzip.decompress(data) if gzipped else data), gzipped
 
 
 def _rewrite_without_user(path: Path, user_id: str) -> int:
-    """Rewrite a landing batch without the user's lines (atomically: a reader sees the old file or
-    the new one); returns how many lines left it. A line that does not parse goes when it names them."""
-    quoted = json.dumps(user_id).encode()
-    data = path.read_bytes()
-    if quoted not in data:
+    """Rewrite a landing batch (plain or gzip'd, kept so) without the lines whose user field is the
+    user, atomically: a reader sees the old file or the new one. Returns how many lines left it.
+    Only a line holding the id or a ``\\u`` escape (which could spell it) is parsed."""
+    data, gzipped = _batch_lines(path)
+    needle = user_id.encode()
+    if needle not in data and b"\\u" not in data:
         return 0
-    lines = data.splitlines(keepends=True)
-    kept = [line for line in lines if quoted not in line or _line_user(line) not in (user_id, None)]
-    write_atomically(path, b"".join(kept))
+    lines = data.splitlines(keepends=True)  # at \n, \r\n or a lone \r, as accumulation reads them
+    kept = [line for line in lines if (needle not in line and b"\\u" not in line) or _batch_user(line) != user_id]
+    if len(kept) < len(lines):
+        text = b"".join(kept)
+        write_atomically(path, gzip.compress(text) if gzipped else text)
     return len(lines) - len(kept)
 
 
@@ -301,11 +393,28 @@ def forget_user(home: Home, domains: Iterable[str], user_id: str, now: datetime 
         with connect(home.warehouse(domain), memory_limit=memory_limit) as con:
             for table, count in _forget_in_warehouse(con, user_id, now, days).items():
                 deleted[f"{domain}/{table}"] = count
-    removed = {str(path.relative_to(home.landing)): count for path in sorted(home.landing.rglob("*.jsonl"))
-               if (count := _rewrite_without_user(path, user_id))}
+    removed, unreadable = _forget_in_landing(home, user_id)
     review.forget_user(home.root, user_id)
-    return ForgetReport(user_hash(user_id), deleted, removed, days,
-                        training_sets.forget_user(home, user_hash(user_id)))
+    report = ForgetReport(user_hash(user_id), deleted, removed, days,
+                          training_sets.forget_user(home, user_hash(user_id)))
+    if unreadable:
+        raise PrivacyError(f"the landing batches {', '.join(unreadable)} cannot be read, so the user's lines "
+                           "may still be in them (the rest is forgotten): repair or delete them, then run it again")
+    return report
+
+
+def _forget_in_landing(home: Home, user_id: str) -> tuple[dict[str, int], list[str]]:
+    """Lines removed per landing batch (``_rewrite_without_user``), and the batches that cannot be
+    read (a corrupt gzip): accumulation quarantines those whole, but their bytes stay."""
+    removed, unreadable = {}, []
+    for path in sorted(home.landing.rglob("*.jsonl")):
+        name = str(path.relative_to(home.landing))
+        try:
+            if count := _rewrite_without_user(path, user_id):
+                removed[name] = count
+        except (OSError, EOFError, zlib.error):
+            unreadable.append(name)
+    return removed, unreadable
 
 
 def _forget_in_warehouse(con: duckdb.DuckDBPyConnection, user_id: str, now: datetime,
@@ -320,10 +429,8 @@ def _forget_in_warehouse(con: duckdb.DuckDBPyConnection, user_id: str, now: date
     with transaction(con):
         con.execute("INSERT OR IGNORE INTO privacy.forgotten_users VALUES ($hash, $now)",
                     {"hash": user_hash(user_id), "now": now})
-        deleted = _erase(con, "user_id = $user", {"user": user_id, "quoted": json.dumps(user_id)},
-                         also={frozenset({"user_id"}): "user_id = $user",
-                               frozenset({"line"}): "contains(line, $quoted)"})
-    if left := _tables_mentioning(con, user_id):
+        deleted = _erase(con, "user_id = $user", {"user": user_id}, also=_USER_FIELDS)
+    if left := _tables_holding_user(con, user_id):
         raise PrivacyError(f"the user is still in {', '.join(left)} after deletion")
     con.execute("CHECKPOINT")
     return deleted

@@ -24,12 +24,13 @@ def units(segments: list[str | None], users: list[str] | None = None) -> pl.Data
 
 
 def test_a_group_from_the_segment_is_its_own_slice_and_not_repeated_as_a_segment():
-    assigned = groups.assign(units(["a", "b", "b", None]), Groups())
+    assigned = groups.assign(units(["a", "b", "b", None]), Groups(protected=["b"]))
     masks = slice_masks(assigned)
-    assert [name for name in masks if name.startswith(("group_", "segment_"))] == ["group_a", "group_b"]
+    hashed_a = "group_" + groups.anonymous("a")  # a segment's value is named only when declared (protected)
+    assert [name for name in masks if name.startswith(("group_", "segment_"))] == ["group_b", hashed_a]
     assert masks["group_b"].tolist() == [False, True, True, False]
     undeclared = slice_masks(groups.assign(units(["a", "b"]), None))
-    assert "segment_a" in undeclared and not any(name.startswith("group_") for name in undeclared)
+    assert "segment_" + groups.anonymous("a") in undeclared and not any(name.startswith("group_") for name in undeclared)
 
 
 def test_a_users_file_maps_users_to_groups_for_evaluation_only(tmp_path):
@@ -38,7 +39,7 @@ def test_a_users_file_maps_users_to_groups_for_evaluation_only(tmp_path):
     assigned = groups.assign(units(["a", "a", "b"]), Groups(field=None, users_file=path))
     assert assigned["group"].to_list() == ["north", None, "south"]
     masks = slice_masks(assigned)
-    assert "segment_a" in masks and masks["group_south"].tolist() == [False, False, True]
+    assert "segment_" + groups.anonymous("a") in masks and masks["group_south"].tolist() == [False, False, True]
 
     path.write_text("user_id,team\nu0,north\n")
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['group'\]"):
@@ -101,11 +102,11 @@ def test_the_report_shows_each_groups_share_value_and_the_disparity():
 def test_reweighting_gives_every_group_the_same_share_of_the_training_weight():
     rows = pl.DataFrame({"user_id": [f"u{i}" for i in range(12)], "segment": ["a"] * 9 + ["b"] * 2 + [None],
                          "weight": [1.0] * 9 + [0.5, 0.5] + [2.0]})
-    unchanged, measured = groups.balance(rows, Groups())  # off by default: measured only
+    unchanged, measured = groups.balance(rows, Groups(protected=["a", "b"]))  # off by default: measured only
     assert unchanged.equals(rows)
     assert measured == pytest.approx({"group_labels/a": 9 / 12, "group_share/a": 0.9,
                                       "group_labels/b": 2 / 12, "group_share/b": 0.1})
-    balanced, metrics = groups.balance(rows, Groups(reweight=True))
+    balanced, metrics = groups.balance(rows, Groups(protected=["a", "b"], reweight=True))
     assert balanced.columns == rows.columns
     totals = balanced.group_by("segment").agg(pl.col("weight").sum()).sort("segment", nulls_last=True)
     assert totals["weight"].to_list() == pytest.approx([5.0, 5.0, 2.0])  # a and b alike; no group: kept
@@ -113,7 +114,7 @@ def test_reweighting_gives_every_group_the_same_share_of_the_training_weight():
     undeclared, none = groups.balance(rows, None)
     assert undeclared is rows and none == {}
     tiny = rows.with_columns(weight=pl.when(pl.col("segment") == "b").then(0.01).otherwise(pl.col("weight")))
-    assert groups.balance(tiny, Groups(reweight=True))[1]["group_weight/b"] == groups.MAX_GROUP_WEIGHT
+    assert groups.balance(tiny, Groups(protected=["b"], reweight=True))[1]["group_weight/b"] == groups.MAX_GROUP_WEIGHT
 
 
 def grouped_report(groups_: dict[str, tuple[float, float, float]], overall: float = 0.03) -> object:

@@ -24,7 +24,6 @@ importance weight exists for it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ import numpy as np
 import polars as pl
 
 from flywheel_pipeline.catalogue import CATALOGUE_SCHEMA
-from flywheel_pipeline.groups import slice_name
+from flywheel_pipeline.groups import anonymised, slice_name
 from flywheel_pipeline.sources import (
     IMPRESSION_KEY,
     INTERACTIONS,
@@ -363,15 +362,18 @@ def _summer(options: Options, n_units: int) -> Callable[[np.ndarray], np.ndarray
 
 
 def slice_masks(units: pl.DataFrame) -> dict[str, np.ndarray]:
-    """The whole domain, new vs returning users, each segment present and each declared group
-    present (``groups.slice_name``) over units; a segment is not repeated as its group's slice."""
+    """The whole domain, new vs returning users, each segment present (``segment_<hash>``: a
+    segment is the product's text, so never a name) and each group present (``groups.slice_name``
+    of the name ``groups.assign`` gave) over units; a segment is not repeated as its group's slice."""
     new = units["is_new_user"].fill_null(False).to_numpy()
     masks = {"all": np.ones(units.height, bool), "new_users": new, "returning_users": ~new}
-    segments, declared = units["segment"], units["group"]
-    if declared.null_count() < units.height and declared.equals(segments, null_equal=True):
+    segments = units.select(anonymised(pl.col("segment"), declared=[])).to_series()
+    named = units.select(pl.when(pl.col("group") == pl.col("segment")).then(segments).otherwise(pl.col("group")))
+    declared = units["group"]
+    if declared.null_count() < units.height and named.to_series().equals(segments, null_equal=True):
         segments = pl.Series([None] * units.height, dtype=pl.String)
     for segment in sorted(segments.drop_nulls().unique().to_list()):
-        masks["segment_" + re.sub(r"[^\w.-]", "_", segment)] = (segments == segment).fill_null(False).to_numpy()
+        masks["segment_" + segment] = (segments == segment).fill_null(False).to_numpy()
     for group in sorted(declared.drop_nulls().unique().to_list()):
         masks[slice_name(group)] = (declared == group).fill_null(False).to_numpy()
     return masks

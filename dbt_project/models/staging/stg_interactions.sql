@@ -1,4 +1,5 @@
--- A consent-denied interaction keeps its ids (quality filtering counts it) but not its text.
+-- A consent-denied interaction keeps its ids (quality filtering counts it) but not its text: its input
+-- and every entry of its serving context (segment, features) stay in the raw layer.
 
 with
 
@@ -25,9 +26,10 @@ renamed as (
         policy,
         consent,
         case when consent = 'granted' then input_text end as input_text,
-        {{ json_entry_text('context', 'segment') }} as segment,
+        case when consent = 'granted' then {{ json_entry_text('context', 'segment') }} end as segment,
         -- numeric serving-time features, name -> number (the contract checks them); {} without any
-        {{ json_object_text('context', 'features') }} as context_features
+        case when consent = 'granted' then {{ json_object_text('context', 'features') }} else '{}' end
+            as context_features
 
     from source
 
