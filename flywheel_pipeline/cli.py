@@ -4,9 +4,10 @@
     flywheel simulate    write simulated landing batches
     flywheel import      a file other tools wrote (OpenTelemetry spans, a bandit log, reviews) as landing batches
     flywheel run         run one domain's cycle job over a range of days
-    flywheel approve     approve (or --reject) a candidate; the approval sensor deploys it
+    flywheel approve     approve (or --reject) a candidate, signed with your SSH key; the approval sensor deploys it
     flywheel rollback    put a domain's previous champion back
-    flywheel status      champion, candidate and warehouse row counts per domain
+    flywheel status      champion, candidate and warehouse row counts per domain; the registry against the deployment log
+    flywheel keys        the approvers' declared keys; the statement a decision's signature signs
     flywheel forget      delete a user's data everywhere; list the models trained on it
     flywheel report      a domain's health report (one HTML page per cycle): write it again, --open it
     flywheel warehouse split   give each domain its own warehouse file (a home kept before in one)
@@ -236,10 +237,12 @@ def cmd_approve(args: argparse.Namespace) -> None:
     version = args.version or registry.alias_version(client, args.domain, registry.CANDIDATE)
     if version is None:
         raise SystemExit(f"flywheel: {args.domain} has no candidate waiting; name one with --version")
-    approval.check_decision(client, config, args.domain, version, decision, args.approver, args.reason)  # fail fast
+    key = approval.signing_key(home)
+    approval.check_decision(client, config, key, args.domain, version, decision, args.approver, args.reason)  # fail fast
+    signature = _signature(args, config, _statement(home, client, args.domain, version, decision))
     run_config = {"ops": {APPROVE_OP: {"config": {"domain": args.domain, "version": version,
                                                   "approver": args.approver, "decision": decision,
-                                                  "reason": args.reason or ""}}}}
+                                                  "reason": args.reason or "", "signature": signature}}}}
     with tool_output(home, args.verbose) as log, local_dagster(home, log) as dagster:
         run = dagster.wait(dagster.submit(APPROVE_JOB, run_config=run_config))
         if not run.is_success:
@@ -253,6 +256,35 @@ def cmd_approve(args: argparse.Namespace) -> None:
                 raise SystemExit(f"flywheel: the deployment of {args.domain} v{version} was refused: "
                                  f"{failure(dagster.instance, deploy.run_id)} (champion: {registry.shown_champion(champion)})")
             console.print(f"deployed: {args.domain} champion is v{champion}")
+
+
+def _statement(home: Home, client, domain: str, version: str, decision: str):
+    """The statement a person's decision on ``version`` signs now (approval.statement)."""
+    from flywheel_pipeline import approval
+    from flywheel_pipeline.warehouse import connect
+
+    with connect(home.approvals) as con:
+        return approval.statement(con, client, domain, version, decision)
+
+
+def _signature(args: argparse.Namespace, config: FlywheelConfig, statement) -> str:
+    """The approver's signature of ``statement``: made now with --sign-with's key, or read from
+    --signature's file; checked here first, so a wrong one is refused before anything starts."""
+    from flywheel_pipeline import approval, signatures
+
+    if args.sign_with:
+        try:
+            signature = signatures.sign(args.sign_with.expanduser(), statement.text)
+        except signatures.SignatureError as error:
+            raise SystemExit(f"flywheel: {error}") from None
+    elif args.signature:
+        signature = args.signature.read_text()
+    else:
+        raise SystemExit(f"flywheel: a decision counts only with your signature: add --sign-with ~/.ssh/id_ed25519 "
+                         f"(your key, declared under approver_keys in flywheel.yaml), or --signature FILE with your "
+                         f"signature of this statement:\n{statement.text}{approval.how_to_sign(statement)}")
+    approval.check_signature(config, args.approver, statement, signature)
+    return signature
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
@@ -336,7 +368,58 @@ def _print_status(home: Home, config: FlywheelConfig) -> None:
                       + ", ".join(f"{alias}=v{v}" if v else f"{alias}=none" for alias, v in others.items()))
         console.print(f"  champion: {registry.champion_summary(client, domain)}")
         console.print(f"  holdback: {registry.holdback_summary(client, domain)}")
+        console.print(f"  registry: {_registry_state(home, config, client, domain)}")
         console.print(f"  monitor: {watched}")
+
+
+def _registry_state(home: Home, config: FlywheelConfig, client, domain: str) -> str:
+    """The domain's serving aliases against the signed deployment log, and the last revert."""
+    from flywheel_pipeline import approval, deployment_log
+    from flywheel_pipeline.warehouse import connect
+
+    if not home.approvals.exists():  # nothing was ever deployed (a reader makes no empty file)
+        found = {alias: version for alias, version in deployment_log.aliases(client, domain).items() if version}
+        return ("nothing deployed" if not found else f"[bold red]MISMATCH[/] {deployment_log.shown(found)} set "
+                f"outside flywheel: flywheel never deployed {domain}")
+    with connect(home.approvals) as con:
+        approval.ensure_tables(con)
+        found = deployment_log.mismatch(con, client, approval.signing_key(home), domain)
+        reverted = deployment_log.last_revert(con, domain)
+    state = ("matches the signed deployment log" if found is None
+             else f"[bold red]MISMATCH[/] {found.summary()} (registry_watch: {config.registry_watch})")
+    return state + (f"; last put back: {reverted.summary()}" if reverted else "")
+
+
+def cmd_keys_list(args: argparse.Namespace) -> None:
+    """Each domain's approvers and the fingerprints of the keys flywheel.yaml declares for them."""
+    from flywheel_pipeline.signatures import fingerprint
+
+    config = load_config()
+    for domain, settings in config.domains.items():
+        console.print(f"{domain} (automation {settings.automation}):" + ("" if settings.approvers else " no approvers"))
+        for approver in settings.approvers:
+            keys = config.approver_keys.get(approver, [])
+            shown = ", ".join(f"{line.split()[0]} {fingerprint(line)}" for line in keys)
+            console.print(f"  {approver}: {shown or f'no key: cannot decide until approver_keys.{approver} is set'}",
+                          highlight=False)
+
+
+def cmd_keys_statement(args: argparse.Namespace) -> None:
+    """The statement a decision's signature signs, on standard output alone (to pipe into
+    ssh-keygen -Y sign); how to sign it, on standard error."""
+    import mlflow
+
+    from flywheel_pipeline import approval, registry
+
+    home, config = Home.existing().activate(), load_config()
+    config.domain(args.domain)
+    client = mlflow.MlflowClient()
+    version = args.version or registry.alias_version(client, args.domain, registry.CANDIDATE)
+    if version is None:
+        raise SystemExit(f"flywheel: {args.domain} has no candidate waiting; name one with --version")
+    statement = _statement(home, client, args.domain, version, "rejected" if args.reject else "approved")
+    sys.stdout.write(statement.text)
+    print(approval.how_to_sign(statement), file=sys.stderr)
 
 
 def cmd_warehouse_split(args: argparse.Namespace) -> None:
@@ -463,14 +546,32 @@ def parser() -> argparse.ArgumentParser:
     approve.add_argument("--approver", required=True)
     approve.add_argument("--reject", action="store_true")
     approve.add_argument("--reason")
+    signing = approve.add_mutually_exclusive_group()
+    signing.add_argument("--sign-with", type=Path, metavar="KEY",
+                         help="your SSH key (declared under approver_keys in flywheel.yaml), e.g. ~/.ssh/id_ed25519; "
+                              "a .pub file signs through ssh-agent")
+    signing.add_argument("--signature", type=Path, metavar="FILE",
+                         help="your signature of the decision's statement, made elsewhere (`flywheel keys statement`)")
     approve.set_defaults(func=cmd_approve)
 
     rollback = commands.add_parser("rollback", parents=[verbose], help="put the previous champion back")
     rollback.add_argument("--domain", required=True)
     rollback.set_defaults(func=cmd_rollback)
 
-    status = commands.add_parser("status", help="champion, candidate and row counts per domain")
+    status = commands.add_parser("status", help="champion, candidate and row counts per domain; the registry "
+                                                "against the signed deployment log")
     status.set_defaults(func=cmd_status)
+
+    keys = commands.add_parser("keys", help="approvers' signing keys and the statements they sign (docs/security.md)")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    keys_commands.add_parser("list", help="each domain's approvers and their declared keys' fingerprints"
+                             ).set_defaults(func=cmd_keys_list)
+    statement = keys_commands.add_parser("statement", help="print the statement a decision signs (pipe it into "
+                                                           "ssh-keygen -Y sign -n flywheel-approval -f KEY)")
+    statement.add_argument("--domain", required=True)
+    statement.add_argument("--version", help="default: the version the `candidate` alias names")
+    statement.add_argument("--reject", action="store_true", help="the statement of a rejection")
+    statement.set_defaults(func=cmd_keys_statement)
 
     forget = commands.add_parser("forget", help="delete a user's data everywhere and keep it out (docs/privacy.md)")
     forget.add_argument("--user", required=True, help="the pseudonymous user_id their events carry")
@@ -504,6 +605,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     args = parser().parse_args(argv)
     from flywheel_pipeline.approval import ApprovalError
+    from flywheel_pipeline.deployment_log import LogError
     from flywheel_pipeline.importers import UnreadableFile
     from flywheel_pipeline.launcher import LaunchError
     from flywheel_pipeline.privacy import PrivacyError
@@ -513,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (ConfigError, HomeError, ApprovalError, RegistryError, LaunchError, PrivacyError,
-            WarehouseBusy, UnreadableFile, RunRefused) as error:
+            WarehouseBusy, UnreadableFile, RunRefused, LogError) as error:
         raise SystemExit(f"flywheel: {error}") from None
     except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, while services run): stopped, no traceback
         raise SystemExit(130) from None

@@ -10,12 +10,13 @@ import os
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from croniter import croniter
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,6 +28,7 @@ from pydantic import (
 
 from flywheel_pipeline.events import CLICK_MATURITY, CONSENT_STATES, MATURITY_OUTCOMES, POLICIES
 from flywheel_pipeline.health import TRAPS
+from flywheel_pipeline.signatures import SignatureError, public_key
 
 CONFIG_ENV = "FLYWHEEL_CONFIG"
 PROFILE_ENV = "FLYWHEEL_PROFILE"  # overrides flywheel.yaml's `profile`
@@ -236,6 +238,17 @@ class Importing(_Strict):
 AUTOMATION_LEVELS = ("off", "semi", "oversight", "full")
 LEGACY_AUTOMATION = {"manual": "oversight", "auto": "full"}  # the names flywheel.yaml used before the levels
 Automation = Literal["off", "semi", "oversight", "full"]
+
+
+def _public_key(line: str) -> str:
+    try:
+        public_key(line)
+    except SignatureError as error:
+        raise ValueError(str(error)) from None
+    return line
+
+
+PublicKey = Annotated[str, AfterValidator(_public_key)]  # a line of an OpenSSH .pub file
 
 
 class Groups(_Strict):
@@ -528,6 +541,8 @@ class DaemonSettings(_Strict):
     )
     approval_sensor_seconds: int = Field(10, ge=5, description="how often the approval sensor looks")
     late_label_sensor_seconds: int = Field(300, ge=5, description="how often the late-label sensor looks")
+    registry_watch_seconds: int = Field(30, ge=5, description="how often the registry watch compares each "
+                                        "domain's aliases with the signed deployment log")
 
 
 def redacted(url: str) -> str:
@@ -607,6 +622,14 @@ class FlywheelConfig(Deployment):
     ui_url: str = Field("http://localhost:3000", pattern=r"^https?://\S+[^/]$",
                         description="where people open the Dagster UI (links in metadata and the CLI)")
     alerts: Alerts = Field(Alerts(), description="where regressions and drift are announced")
+    approver_keys: dict[str, list[PublicKey]] = Field(
+        default_factory=dict, description="each approver's SSH public keys (a line of their .pub file): a "
+                                          "person's decision counts only with a signature by one of them "
+                                          "(docs/security.md)")
+    registry_watch: Literal["revert", "alert"] = Field(
+        "revert", description="a serving alias (champion, previous, holdback) set outside flywheel: revert puts "
+                              "it back as the signed deployment log says and alerts; alert only alerts (the "
+                              "registry_matches_log check fails until a person puts it back)")
     domains: dict[str, DomainConfig]
 
     @model_validator(mode="after")
@@ -616,6 +639,14 @@ class FlywheelConfig(Deployment):
         for name in self.domains:
             if not name.isidentifier() or name != name.lower():
                 raise ValueError(f"domain name {name!r} must be a lower-case identifier")
+        return self
+
+    @model_validator(mode="after")
+    def _keys_of_approvers(self) -> FlywheelConfig:
+        approvers = {name for domain in self.domains.values() for name in domain.approvers}
+        if strangers := sorted(set(self.approver_keys) - approvers):
+            raise ValueError(f"approver_keys.{strangers[0]}: not an approver of any domain (approvers: "
+                             f"{sorted(approvers)})")
         return self
 
     def domain(self, name: str) -> DomainConfig:

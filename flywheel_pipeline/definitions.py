@@ -23,6 +23,11 @@ from flywheel_pipeline.defs.jobs import (
 )
 from flywheel_pipeline.defs.monitor import build_monitor_asset, build_monitor_schedule, monitor_job
 from flywheel_pipeline.defs.partitions import home_partitions, range_tags
+from flywheel_pipeline.defs.registry_watch import (
+    build_registry_checks,
+    build_registry_watch,
+    build_serving_aliases,
+)
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.defs.review import build_review_queue
 from flywheel_pipeline.defs.schedules import build_retention_schedule, build_schedule
@@ -41,15 +46,15 @@ def build_definitions(config: FlywheelConfig, home: Home) -> dg.Definitions:
     monitor_assets = [build_monitor_asset(config, domain) for domain in config.domains]
     return dg.Definitions(
         assets=[*build_data_assets(config), build_dbt_assets(config), build_review_queue(config), *model_assets,
-                *training_set_assets, *monitor_assets],
-        asset_checks=quality_checks(config),
+                *training_set_assets, *monitor_assets, *build_serving_aliases(config)],
+        asset_checks=[*quality_checks(config), *build_registry_checks(config)],
         jobs=[*cycle_jobs, *(relabel_job(d) for d in config.domains),
               *(monitor_job(d) for d in config.domains),
               approve_candidate, deploy_champion, rollback_champion, enforce_retention],
         schedules=[*(build_schedule(config, domain) for domain in config.domains),
                    *(build_monitor_schedule(config, domain) for domain in config.domains),
                    build_retention_schedule(config)],
-        sensors=[*build_sensors(config), build_drift_sensor(config, cycle_jobs)],
+        sensors=[*build_sensors(config), build_drift_sensor(config, cycle_jobs), build_registry_watch(config)],
         resources={
             "warehouse": WarehouseResource(home_path=str(home.root), config_path=str(config_path()),
                                            memory_limit=config.warehouse.memory_limit),

@@ -1,9 +1,12 @@
-"""Promotion rules on a real MLflow registry, a real DuckDB file and a real Dagster instance."""
+"""Promotion rules on a real MLflow registry, a real DuckDB file and a real Dagster instance; each
+person's decision signed with their own SSH key (ssh-keygen), as flywheel.yaml declares it."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import astuple
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import dagster as dg
 import mlflow
@@ -11,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from flywheel_pipeline import approval, registry
+from flywheel_pipeline import approval, lineage, registry
 from flywheel_pipeline.config import load_config
 from flywheel_pipeline.defs.assets import model_keys
 from flywheel_pipeline.defs.jobs import approve_candidate, deploy_champion, rollback_champion
@@ -19,8 +22,11 @@ from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.defs.sensors import build_sensors
 from flywheel_pipeline.launcher import failure
 from tests.conftest import REPO
+from tests.signing import signed, ssh_key, write_config
 
 approval_sensor, _ = build_sensors(load_config(REPO / "flywheel.yaml"))
+KEYS: dict[str, Path] = {}  # each person's SSH key (private file): made once for the module by `keys`
+DECLARED = ("recsys-lead", "ml-oncall")  # the approvers whose public keys flywheel.yaml declares
 
 
 class ConstantModel(mlflow.pyfunc.PythonModel):
@@ -28,9 +34,28 @@ class ConstantModel(mlflow.pyfunc.PythonModel):
         return [0.5] * len(model_input)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def keys(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("keys")
+    KEYS.update({name: ssh_key(folder, name) for name in (*DECLARED, "mallory")})
+    return KEYS
+
+
 @pytest.fixture
-def resources(home):
-    return {"warehouse": WarehouseResource(home_path=str(home.root)), "mlflow": MlflowResource(home_path=str(home.root))}
+def config_file(tmp_path, keys) -> Path:
+    """The repository's flywheel.yaml with the approvers' public keys declared."""
+    return write_config(tmp_path / "flywheel.yaml", {name: keys[name] for name in DECLARED})
+
+
+@pytest.fixture
+def config(config_file):
+    return load_config(config_file)
+
+
+@pytest.fixture
+def resources(home, config_file):
+    return {"warehouse": WarehouseResource(home_path=str(home.root), config_path=str(config_file)),
+            "mlflow": MlflowResource(home_path=str(home.root))}
 
 
 @pytest.fixture
@@ -50,11 +75,11 @@ def key(home) -> bytes:
     return approval.signing_key(home)
 
 
-def candidate(client, domain: str = "recommendation", outcome: str = "passed", gate_tag: str | None = None,
-              validated_uri: str | None = None) -> str:
+def candidate(client, key: bytes, domain: str = "recommendation", outcome: str = "passed",
+              gate_tag: str | None = None, validated_uri: str | None = None) -> str:
     """A version registered as a cycle registers one: a training run that logged the model, a
-    validation run whose gate had ``outcome`` for that model (or ``validated_uri``), and lineage tags
-    naming both (``validation.gate``: ``gate_tag``, by default the outcome)."""
+    validation run whose gate had ``outcome`` for that model (or ``validated_uri``), and lineage
+    naming both (``validation.gate``: ``gate_tag``, by default the outcome), signed with ``key``."""
     mlflow.set_experiment(f"test-{domain}")
     with mlflow.start_run() as training:
         info = mlflow.pyfunc.log_model(name="model", python_model=ConstantModel(), pip_requirements=[])
@@ -62,14 +87,26 @@ def candidate(client, domain: str = "recommendation", outcome: str = "passed", g
                                 "flywheel.gate.outcome": outcome,
                                 "flywheel.candidate_model_uri": validated_uri or info.model_uri}) as validation:
         pass
-    lineage = {"training.run_id": training.info.run_id, "validation.run_id": validation.info.run_id,
-               "validation.gate": gate_tag or outcome}
-    return registry.register_candidate(client, domain, info.model_uri, training.info.run_id, lineage)
+    tags = {"training.run_id": training.info.run_id, "validation.run_id": validation.info.run_id,
+            "validation.gate": gate_tag or outcome}
+    return lineage.register(client, key, domain, info.model_uri, training.info.run_id, tags)
+
+
+def sign_as(resources, person: str, version: str, decision: str = "approved", domain: str = "recommendation") -> str:
+    """``person``'s signature of the statement a decision on ``version`` signs now ('' without a key)."""
+    if person not in KEYS:
+        return ""
+    return signed(resources["warehouse"].home().approvals, resources["mlflow"].client(), KEYS[person], domain,
+                  version, decision)
 
 
 def approve(resources, version: str, decision: str = "approved", reason: str = "", domain: str = "recommendation",
-            approver: str = "recsys-lead", instance: dg.DagsterInstance | None = None):
-    config = {"domain": domain, "version": version, "approver": approver, "decision": decision, "reason": reason}
+            approver: str = "recsys-lead", instance: dg.DagsterInstance | None = None, signature: str | None = None):
+    """approve_candidate launched as the approver launches it: signed with their own key (or ``signature``)."""
+    if signature is None:
+        signature = sign_as(resources, approver, version, decision, domain)
+    config = {"domain": domain, "version": version, "approver": approver, "decision": decision, "reason": reason,
+              "signature": signature}
     return approve_candidate.execute_in_process(
         run_config={"ops": {"record_approval": {"config": config}}}, resources=resources, instance=instance,
         raise_on_error=False)
@@ -106,8 +143,8 @@ def sql(resources, statement: str, params: list | None = None) -> None:
         con.execute(statement, params or [])
 
 
-def test_sensor_deploys_only_after_an_approval(resources, client, instance):
-    version = candidate(client)
+def test_sensor_deploys_only_after_an_approval(resources, client, instance, key):
+    version = candidate(client, key)
 
     assert tick(resources, instance).run_requests == []
     assert champion(client) is None
@@ -128,8 +165,8 @@ def test_sensor_deploys_only_after_an_approval(resources, client, instance):
     assert tick(resources, instance).run_requests == []  # a deployed approval never deploys again
 
 
-def test_rejected_candidate_never_becomes_champion(resources, client, instance):
-    version = candidate(client)
+def test_rejected_candidate_never_becomes_champion(resources, client, instance, key):
+    version = candidate(client, key)
 
     assert not approve(resources, version, decision="rejected").success  # a rejection needs a reason
     assert not approve(resources, version, decision="rejected", reason="   ").success
@@ -145,7 +182,7 @@ def test_rejected_candidate_never_becomes_champion(resources, client, instance):
 
 
 def test_a_later_rejection_supersedes_an_approval(resources, client, config, key):
-    version = candidate(client)
+    version = candidate(client, key)
     approve(resources, version)
     approve(resources, version, decision="rejected", reason="found a bug")
     with resources["warehouse"].approvals() as con, pytest.raises(approval.ApprovalError, match="superseded"):
@@ -153,7 +190,7 @@ def test_a_later_rejection_supersedes_an_approval(resources, client, config, key
 
 
 def test_approval_is_refused_for_a_failed_gate_or_an_unknown_approver(resources, client, config, key):
-    failed = candidate(client, outcome="failed")
+    failed = candidate(client, key, outcome="failed")
     with resources["warehouse"].approvals() as con:
         with pytest.raises(approval.ApprovalError, match="did not pass its validation gate"):
             approval.record_decision(con, client, config, key, "recommendation", failed, "approved", "recsys-lead")
@@ -178,6 +215,60 @@ def hand_registered(client) -> str:
                                        {"validation.gate": "passed"})
 
 
+def test_a_decision_counts_only_with_the_named_approvers_own_signature(resources, client, instance, key):
+    """The approver's name is free text; their signature is not: a decision in their name without
+    it, or signed by anyone else, of another version or decision, or already recorded, is refused
+    and records nothing. Their own signature is recorded and the approval deploys."""
+    version, other = candidate(client, key), candidate(client, key)
+    mallorys = signed(resources["warehouse"].home().approvals, client, KEYS["mallory"], "recommendation", version)
+    for signature, reason in [
+        ("", "needs their signature of this statement"),
+        (mallorys, "the signature is not 'recsys-lead''s signature"),
+        (sign_as(resources, "recsys-lead", other), "the signature is not"),  # of another version
+        (sign_as(resources, "recsys-lead", version, "rejected"), "the signature is not"),  # of another decision
+        ("-----BEGIN SSH SIGNATURE-----\nbm90IG9uZQ==\n-----END SSH SIGNATURE-----\n", "the signature is not"),
+    ]:
+        refused = approve(resources, version, instance=instance, signature=signature)
+        message = failure(instance, refused.run_id)
+        assert not refused.success and reason in message, (reason, message)
+        assert f"version: {version}\nartifact: sha256:" in message  # the statement to sign, shown
+    assert tick(resources, instance).run_requests == []  # nothing was recorded
+
+    theirs = sign_as(resources, "recsys-lead", version)
+    assert approve(resources, version, instance=instance, signature=theirs).success
+    replayed = approve(resources, version, instance=instance, signature=theirs)  # a signature counts once
+    assert not replayed.success and "decision number: 2" in failure(instance, replayed.run_id)
+    (request,) = tick(resources, instance).run_requests
+    assert deploy(resources, instance, approval_id(request)).success
+    assert champion(client) == version
+
+
+def test_an_approver_without_a_declared_key_cannot_decide(resources, client, key):
+    version = candidate(client, key)
+    undeclared = load_config(REPO / "flywheel.yaml")  # names recsys-lead, declares no key
+    with resources["warehouse"].approvals() as con, pytest.raises(
+            approval.ApprovalError, match=r"'recsys-lead' has no signing key in flywheel.yaml \(approver_keys.recsys-lead\)"):
+        approval.record_decision(con, client, undeclared, key, "recommendation", version, "approved", "recsys-lead",
+                                 signature=sign_as(resources, "recsys-lead", version))
+
+
+def test_a_record_sealed_with_the_machine_key_alone_deploys_nothing(resources, client, instance, key):
+    """Someone with the home's files and its key can append a record the chain accepts, and tag the
+    version to match; without the approver's signature its deployment is refused."""
+    version = candidate(client, key)
+    record = approval.ApprovalRecord(1, "recommendation", version, "approved", "recsys-lead", "trust me",
+                                     datetime.now())
+    sql(resources, "INSERT INTO registry.approvals (approval_id, domain, model_version, decision, approver, reason, "
+                   "decided_at, approver_signature, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [*astuple(record), approval._sign(key, record, "")])
+    client.set_model_version_tag(registry.model_name("recommendation"), version, "approval.id", "1")
+
+    (request,) = tick(resources, instance).run_requests  # the chain verifies: the key sealed it
+    refused = deploy(resources, instance, approval_id(request))
+    assert not refused.success and "needs their signature" in failure(instance, refused.run_id)
+    assert champion(client) is None
+
+
 def test_a_hand_inserted_approval_is_refused_by_the_sensor_and_the_deployment(resources, client, instance):
     """A version registered by hand (no lineage, no gate) and an approval row inserted by hand."""
     forged = hand_registered(client)
@@ -200,8 +291,8 @@ def test_a_hand_inserted_approval_is_refused_by_the_sensor_and_the_deployment(re
         ("DELETE FROM registry.approvals WHERE approval_id = 1", 2),
     ],
 )
-def test_a_tampered_record_breaks_the_chain_and_nothing_deploys(resources, client, instance, tampering, broken):
-    first, second = candidate(client), candidate(client)
+def test_a_tampered_record_breaks_the_chain_and_nothing_deploys(resources, client, instance, tampering, broken, key):
+    first, second = candidate(client, key), candidate(client, key)
     assert approve(resources, first).success and approve(resources, second).success
     sql(resources, tampering)
 
@@ -211,18 +302,18 @@ def test_a_tampered_record_breaks_the_chain_and_nothing_deploys(resources, clien
     refused = deploy(resources, instance, 2)
     assert not refused.success and message in failure(instance, refused.run_id)
     assert champion(client) is None
-    third = candidate(client)  # nothing is appended to a broken chain either
+    third = candidate(client, key)  # nothing is appended to a broken chain either
     recorded = approve(resources, third, instance=instance)
     assert not recorded.success and message in failure(instance, recorded.run_id)
 
 
 def test_nobody_signs_as_the_pipeline(resources, client, instance, config, key):
     """On a `full` domain only the pipeline approves as flywheel:auto; on an `oversight` one nobody does."""
-    version = candidate(client, domain="assistant")
+    version = candidate(client, key, domain="assistant")
     refused = approve(resources, version, domain="assistant", approver=approval.AUTO_APPROVER, instance=instance)
     assert not refused.success and "pipeline's own identity" in failure(instance, refused.run_id)
 
-    manual = candidate(client)
+    manual = candidate(client, key)
     with resources["warehouse"].approvals() as con:
         with pytest.raises(approval.ApprovalError, match="a person approves its candidates"):
             approval.record_auto_approval(con, client, config, key, "recommendation", manual)
@@ -232,23 +323,30 @@ def test_nobody_signs_as_the_pipeline(resources, client, instance, config, key):
     assert champion(client, "assistant") == version
 
 
-def test_deployment_checks_the_approval_again(resources, client, instance, home, tmp_path):
+def test_deployment_checks_the_approval_again(resources, client, instance, home, tmp_path, key, config_file):
     """What held at approval time is checked again at deploy time: the approver is still allowed,
-    the validation run still says passed."""
-    first, second = candidate(client), candidate(client)
-    assert approve(resources, first).success and approve(resources, second).success
+    their key is still declared, the validation run still says passed."""
+    first, second, third = candidate(client, key), candidate(client, key), candidate(client, key)
+    assert all(approve(resources, version).success for version in (first, second, third))
+
+    def deployed_under(raw: dict, approval_id: int) -> str:
+        (tmp_path / "moved_on.yaml").write_text(yaml.safe_dump(raw))
+        moved_on = {**resources, "warehouse": WarehouseResource(home_path=str(home.root),
+                                                                config_path=str(tmp_path / "moved_on.yaml"))}
+        refused = deploy(moved_on, instance, approval_id)
+        assert not refused.success
+        return failure(instance, refused.run_id)
 
     raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
     raw["domains"]["recommendation"]["approvers"] = ["new-lead"]
-    (tmp_path / "flywheel.yaml").write_text(yaml.safe_dump(raw))
-    moved_on = {**resources, "warehouse": WarehouseResource(home_path=str(home.root),
-                                                            config_path=str(tmp_path / "flywheel.yaml"))}
-    refused = deploy(moved_on, instance, 1)
-    assert not refused.success and "'recsys-lead' may not decide" in failure(instance, refused.run_id)
+    assert "'recsys-lead' may not decide" in deployed_under(raw, 1)
+    rotated = {**yaml.safe_load(config_file.read_text()),
+               "approver_keys": {"recsys-lead": [Path(f"{KEYS['mallory']}.pub").read_text().strip()]}}
+    assert "the signature is not 'recsys-lead''s signature" in deployed_under(rotated, 2)  # their old key revoked
 
-    validation_run = registry.version_tags(client, "recommendation", second)["validation.run_id"]
+    validation_run = registry.version_tags(client, "recommendation", third)["validation.run_id"]
     client.set_tag(validation_run, "flywheel.gate.outcome", "failed")
-    refused = deploy(resources, instance, 2)
+    refused = deploy(resources, instance, 3)
     assert not refused.success and "did not pass its validation gate" in failure(instance, refused.run_id)
     assert champion(client) is None
 
@@ -256,19 +354,19 @@ def test_deployment_checks_the_approval_again(resources, client, instance, home,
 @pytest.mark.parametrize(
     ("version_of", "reason"),
     [
-        (lambda client: candidate(client, outcome="failed", gate_tag="passed"), "did not pass its validation gate"),
-        (lambda client: candidate(client, validated_uri="models:/m-another"), "validated models:/m-another"),
-        (hand_registered, "no pipeline lineage"),
+        (lambda client, key: candidate(client, key, outcome="failed", gate_tag="passed"), "did not pass its validation gate"),
+        (lambda client, key: candidate(client, key, validated_uri="models:/m-another"), "validated models:/m-another"),
+        (lambda client, key: hand_registered(client), "has no signed lineage record"),
     ],
 )
-def test_a_gate_tag_on_the_version_is_not_proof(resources, client, instance, version_of, reason):
-    version = version_of(client)
+def test_a_gate_tag_on_the_version_is_not_proof(resources, client, instance, version_of, reason, key):
+    version = version_of(client, key)
     refused = approve(resources, version, instance=instance)
     assert not refused.success and reason in failure(instance, refused.run_id)
 
 
-def test_approving_twice_deploys_once_and_the_champion_cannot_be_approved_again(resources, client, instance):
-    version = candidate(client)
+def test_approving_twice_deploys_once_and_the_champion_cannot_be_approved_again(resources, client, instance, key):
+    version = candidate(client, key)
     assert approve(resources, version).success and approve(resources, version).success  # e.g. two clicks
     requests = tick(resources, instance).run_requests
     assert [deploy(resources, instance, approval_id(r)).success for r in requests] == [True, True]
@@ -278,8 +376,8 @@ def test_approving_twice_deploys_once_and_the_champion_cannot_be_approved_again(
     assert not again.success and "already the champion" in failure(instance, again.run_id)
 
 
-def test_rejecting_the_champion_is_refused_with_the_way_to_roll_back(resources, client, instance):
-    first, second = candidate(client), candidate(client)
+def test_rejecting_the_champion_is_refused_with_the_way_to_roll_back(resources, client, instance, key):
+    first, second = candidate(client, key), candidate(client, key)
     for version in (first, second):
         assert approve(resources, version).success
     for request in tick(resources, instance).run_requests:
@@ -293,8 +391,8 @@ def test_rejecting_the_champion_is_refused_with_the_way_to_roll_back(resources, 
     assert champion(client) == second
 
 
-def test_rollback_restores_the_previous_champion(resources, client, instance):
-    first, second = candidate(client), None
+def test_rollback_restores_the_previous_champion(resources, client, instance, key):
+    first, second = candidate(client, key), None
     approve(resources, first)
     cursor = None
     for _ in range(2):
@@ -303,7 +401,7 @@ def test_rollback_restores_the_previous_champion(resources, client, instance):
             deploy(resources, instance, approval_id(request))
         cursor = result.cursor
         if second is None:
-            second = candidate(client)
+            second = candidate(client, key)
             approve(resources, second)
     assert champion(client) == second
     assert registry.alias_version(client, "recommendation", registry.PREVIOUS) == first
@@ -325,11 +423,11 @@ def test_rollback_restores_the_previous_champion(resources, client, instance):
         registry.rollback(client, "recommendation")
 
 
-def test_a_first_deployment_keeps_the_replaced_version_serving_its_share_for_its_days(client):
+def test_a_first_deployment_keeps_the_replaced_version_serving_its_share_for_its_days(client, key):
     """The holdback the monitor compares against (docs/monitoring.md): set on a version's first
     deployment over a champion, gone when its days end, never on a restore or a redeployment."""
     domain, holdback = "recommendation", registry.Holdback(0.2, 7)
-    first, second = candidate(client), candidate(client)
+    first, second = candidate(client, key), candidate(client, key)
     registry.promote(client, domain, first, holdback)
     assert registry.active_holdback(client, domain) is None  # the baseline is no version to hold back
 

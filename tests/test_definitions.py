@@ -43,7 +43,7 @@ def test_definitions_load_and_wire_every_domains_chain(home, config):
     blocking = {spec.name for checks in defs.asset_checks for spec in checks.check_specs if spec.blocking}
     assert {"accumulated_traffic", "filtered_impressions"} <= blocking
     assert not blocking & set(TRAPS)  # the health checks warn unless a domain's health.blocking names them
-    assert {s.name for s in defs.sensors} == {"approval_sensor", "late_label_sensor", "drift_sensor"}
+    assert {s.name for s in defs.sensors} == {"approval_sensor", "late_label_sensor", "drift_sensor", "registry_watch"}
     assert {s.name for s in defs.schedules} == {"assistant_weekly", "recommendation_quarterly", "retention_daily",
                                                  "assistant_monitor_daily", "recommendation_monitor_daily"}
 

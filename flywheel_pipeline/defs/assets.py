@@ -6,7 +6,7 @@
       -> <domain>/candidate_model                   training.train_candidate
       -> <domain>/validation_report (+ gate check)  validation.validate_cycle
       -> <domain>/flywheel_health (+ a check per trap)  health.audit (defs/health.py)
-      -> <domain>/registered_candidate              registry.register_candidate (+ approval at automation full)
+      -> <domain>/registered_candidate              lineage.register (+ approval at automation full)
 """
 
 from collections.abc import Iterator
@@ -29,6 +29,7 @@ from flywheel_pipeline.health import HealthReport
 from flywheel_pipeline.labeling import label_partitions, maturity_cutoff
 from flywheel_pipeline.labeling.stage import to_markdown
 from flywheel_pipeline.launcher import in_progress
+from flywheel_pipeline.lineage import register
 from flywheel_pipeline.training import TrainingResult, train_candidate
 from flywheel_pipeline.training.base import close_abandoned_runs
 from flywheel_pipeline.validation import ValidationReport, validate_cycle
@@ -132,7 +133,7 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
               ins={"candidate": dg.AssetIn(keys["candidate_model"]),
                    "report": dg.AssetIn(keys["validation_report"]), "health": dg.AssetIn(keys[HEALTH])},
               group_name=group, kinds={"mlflow"}, output_required=False,
-              description="A candidate that passed its gate, registered with lineage and aliased "
+              description="A candidate that passed its gate, registered with its lineage (signed) and aliased "
                           "`candidate`; a domain at automation full also gets its approval here. Not materialized "
                           "when the gate did not pass (see the validation_report's gate check), nor when "
                           "a blocking flywheel_health check failed. Its materialization tells the state "
@@ -156,7 +157,8 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
             context.log.info(f"registering the revisited candidate {candidate.model_uri}: {accepted.summary()}")
         lineage = {**candidate.lineage(), **accepted.lineage(), "code_version": registry.code_version(),
                    "validation.gate": "passed", "health.flagged": ", ".join(health.flagged) or "none"}
-        version = registry.register_candidate(client, domain, candidate.model_uri, candidate.run_id, lineage)
+        version = register(client, approval.signing_key(warehouse.home()), domain, candidate.model_uri,
+                           candidate.run_id, lineage)
         yield dg.MaterializeResult(metadata={
             "model": registry.model_name(domain), "version": version, "model_uri": candidate.model_uri,
             "health": ", ".join(health.flagged) + " flagged (see flywheel_health)" if health.flagged else "no trap flagged",

@@ -97,6 +97,9 @@ class ApprovalConfig(dg.Config):
     approver: str = Field(description="your name, as listed under the domain's approvers in flywheel.yaml")
     decision: Literal["approved", "rejected"] = "approved"
     reason: str = Field("", description="why; required when rejecting")
+    signature: str = Field("", description="your SSH signature of the decision's statement: `flywheel keys "
+                                           "statement --domain D --version V | ssh-keygen -Y sign -n "
+                                           "flywheel-approval -f ~/.ssh/id_ed25519` prints it (docs/security.md)")
 
 
 @dg.op(description="Record an approval or rejection of a candidate; the approval sensor deploys approvals.")
@@ -106,7 +109,7 @@ def record_approval(context: dg.OpExecutionContext, config: ApprovalConfig,
         record = approval.record_decision(con, mlflow.client(), warehouse.config(),
                                           approval.signing_key(warehouse.home()), config.domain,
                                           config.version, config.decision, config.approver,
-                                          config.reason or None)
+                                          config.reason or None, config.signature)
     context.log.info(f"approval {record.approval_id}: {record.decision} {config.domain} v{config.version}")
     context.add_output_metadata({"approval_id": record.approval_id, "decision": record.decision})
 
@@ -115,8 +118,9 @@ class DeployConfig(dg.Config):
     approval_id: int = Field(description="the approval record to deploy")
 
 
-@dg.op(description="Verify an approval again (signature chain, approver, lineage, validation run) and move "
-                   "the champion alias to the version it names; the old one becomes previous.")
+@dg.op(description="Verify an approval again (signature chain, approver and their signature, signed lineage and "
+                   "the model's files, validation run, the registry's aliases) and move the champion alias to "
+                   "the version it names; the old one becomes previous.")
 def deploy_approved(context: dg.OpExecutionContext, config: DeployConfig,
                     warehouse: WarehouseResource, mlflow: MlflowResource) -> None:
     client = mlflow.client()
@@ -135,10 +139,13 @@ class RollbackConfig(dg.Config):
     domain: str = Field(description="the domain whose previous champion is restored")
 
 
-@dg.op(description="Put the previous champion back.")
-def restore_previous(context: dg.OpExecutionContext, config: RollbackConfig, mlflow: MlflowResource) -> None:
+@dg.op(description="Put the previous champion back, once the registry's aliases are the ones flywheel set and "
+                   "its signed lineage and model's files still hold.")
+def restore_previous(context: dg.OpExecutionContext, config: RollbackConfig, warehouse: WarehouseResource,
+                     mlflow: MlflowResource) -> None:
     client = mlflow.client()
-    rolled_back, restored = registry.rollback(client, config.domain)
+    with warehouse.approvals() as con, refusal_as_failure():
+        rolled_back, restored = approval.rollback(con, client, approval.signing_key(warehouse.home()), config.domain)
     context.log.info(f"{config.domain}: rolled back v{rolled_back}, champion is v{restored} again")
     context.log_event(champion_observation(client, config.domain,
                                            f"rollback_champion rolled back v{rolled_back}"))

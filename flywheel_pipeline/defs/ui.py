@@ -5,6 +5,7 @@ from __future__ import annotations
 from urllib.parse import quote, urlencode
 
 from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.signatures import sign_command
 
 LOCATION = "flywheel"  # workspace.yaml's location_name
 REPOSITORY = f"__repository__@{LOCATION}"
@@ -28,6 +29,8 @@ def approval_run_config(config: FlywheelConfig, domain: str, version: str) -> st
         f"      approver: {approvers[0] if approvers else '<you>'}  # you: one of {approvers}\n"
         f"      decision: approved  # or rejected, with a reason\n"
         f"      reason: \"\"\n"
+        f"      signature: \"\"  # yours, as `signature: |` and its lines indented; made by: flywheel keys statement "
+        f"--domain {domain} --version {version} | {sign_command()}\n"
     )
 
 
