@@ -2,10 +2,15 @@
 Presidio's recognizers), and throughput at a million events.
 
 The corpus is generated here with Faker (seeded): each text is a sentence with one planted value,
-either personal data of a known kind (email, phone, card, US SSN, API key) or a hard negative that
-looks like one (order numbers, cards failing Luhn, dates, ISBNs, tracking numbers, UUIDs...). A
-planted value counts as redacted when it no longer appears in the output: recall is the share of
-personal values redacted, precision the share of redacted values that were personal.
+either personal data of a known kind (email, phone, card, US SSN, API key, IBAN, IPv4/IPv6
+address; a third of the cards after another group of four digits: a year, a reference) or a hard
+negative that looks like one (order numbers, cards failing Luhn, IBANs failing mod 97, dates,
+ISBNs, tracking numbers, UUIDs, MAC addresses, four-part versions, C++ scopes...). A planted value
+counts as redacted when it no longer appears in the output: recall is the share of personal values
+redacted, precision the share of redacted values that were personal; per entity, recall by the
+kind planted and precision by the ``<ENTITY>`` that took the value's place. Each text is also
+redacted nested in an interaction's ``context`` at a depth of 1 to 8 (``redact_json``, as on
+ingest) and scored the same way.
 
     .venv/bin/python benchmarks/redaction.py [--texts 4000] [--events 1000000]
 """
@@ -13,6 +18,7 @@ personal values redacted, precision the share of redacted values that were perso
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import random
@@ -56,6 +62,34 @@ def luhn_failing(rng: random.Random, fake: Faker) -> str:
     return number[:-1] + str((int(number[-1]) + rng.randint(1, 9)) % 10)
 
 
+def in_fours(code: str) -> str:
+    return " ".join(code[i:i + 4] for i in range(0, len(code), 4))
+
+
+def iban(rng: random.Random, locales: list[Faker]) -> str:
+    """A valid IBAN of one of ``locales``' countries, printed in groups of four or not, in either case."""
+    code = rng.choice(locales).iban()
+    code = rng.choice([code, in_fours(code), in_fours(code)])
+    return code.lower() if rng.random() < 0.1 else code
+
+
+def iban_failing(rng: random.Random, locales: list[Faker]) -> str:
+    """An IBAN whose check digits are wrong."""
+    code = rng.choice(locales).iban()
+    digits = (int(code[2:4]) + rng.randint(1, 96)) % 97 or 98
+    return in_fours(f"{code[:2]}{digits:02d}{code[4:]}")
+
+
+def ipv6(rng: random.Random) -> str:
+    """An IPv6 address in full, or compressed (a run of two to four zero groups as ``::``, at the
+    end in some: a /64 prefix's zero host)."""
+    groups = [rng.randint(1, 0xFFFF) for _ in range(8)]
+    if rng.random() < 0.5:
+        start, length = rng.randint(1, 4), rng.randint(2, 4)
+        groups[start:start + length] = [0] * length
+    return ipaddress.IPv6Address(":".join(f"{g:x}" for g in groups)).compressed
+
+
 def positives(fake: Faker, rng: random.Random) -> dict[str, Callable[[], str]]:
     """Personal values of each kind, in the formats people paste them in. The patterns were
     written against en_US, en_GB and de_DE phone numbers; fr_FR and en_IN ones are held out."""
@@ -68,6 +102,9 @@ def positives(fake: Faker, rng: random.Random) -> dict[str, Callable[[], str]]:
         separator = rng.choice(["", " ", "-"])
         return separator.join(digits[i:i + 4] for i in range(0, len(digits), 4))
 
+    banks = [Faker(locale) for locale in ("de_DE", "en_GB", "fr_FR", "nl_NL", "es_ES", "it_IT", "pl_PL", "no_NO")]
+    for bank in banks:
+        bank.seed_instance(rng.random())
     return {
         "EMAIL_ADDRESS": lambda: rng.choice([fake.email, fake.free_email, fake.company_email])(),
         "PHONE_NUMBER": lambda: rng.choice([fake.phone_number] * 4 + [
@@ -75,6 +112,8 @@ def positives(fake: Faker, rng: random.Random) -> dict[str, Callable[[], str]]:
         "CREDIT_CARD": card,
         "US_SSN": lambda: rng.choice([fake.ssn(), fake.ssn().replace("-", " ")]),
         "API_KEY": lambda: api_key(rng),
+        "IBAN_CODE": lambda: iban(rng, banks),
+        "IP_ADDRESS": lambda: rng.choice([fake.ipv4, fake.ipv4_private, lambda: ipv6(rng)])(),
     }
 
 
@@ -93,6 +132,12 @@ def negatives(fake: Faker, rng: random.Random) -> dict[str, Callable[[], str]]:
         "zip_code": lambda: fake.zipcode(),
         "git_sha": lambda: secrets.token_hex(20),
         "amount": lambda: f"{rng.randint(1000, 10**9):,}",
+        "iban_failing_mod97": lambda: iban_failing(rng, [Faker(locale) for locale in ("de_DE", "fr_FR")]),
+        "reference_in_fours": lambda: in_fours(str(rng.randint(10**19, 10**20 - 1))),
+        "mac_address": lambda: fake.mac_address(),
+        "four_part_version": lambda: ".".join(str(rng.randint(0, 20)) for _ in range(4)),
+        "cpp_scope": lambda: rng.choice(["std::vector<int>", "abc::def", "Foo::Bar::baz()", "fmt::format", "ace::face"]),
+        "ipv4_out_of_range": lambda: ".".join(str(rng.randint(256, 999)) for _ in range(4)),
     }
 
 
@@ -105,8 +150,12 @@ TEMPLATES = [
 ]
 
 
-def corpus(texts: int, seed: int = 7) -> list[tuple[str, str, str]]:
-    """(text, planted value, its kind: an entity, or a hard negative's kind), 60% personal."""
+GROUP_BEFORE_A_CARD = ["ref {:04d}", "{:04d}", "ssn 219-09-{:04d}", "{:04d}"]  # a reference, a year, an SSN's last group
+
+
+def corpus(texts: int, seed: int = 7) -> list[tuple[str, str, str, bool]]:
+    """(text, planted value, its kind: an entity, or a hard negative's kind, whether the value comes
+    after another group of four digits), 60% personal; a third of the card numbers come so."""
     rng, fake = random.Random(seed), Faker("en_US")
     fake.seed_instance(seed)
     kinds = {**positives(fake, rng), **negatives(fake, rng)}
@@ -114,8 +163,12 @@ def corpus(texts: int, seed: int = 7) -> list[tuple[str, str, str]]:
     for _ in range(texts):
         kind = rng.choice(ENTITIES) if rng.random() < 0.6 else rng.choice(list(negatives(fake, rng)))
         value = kinds[kind]()
-        text = rng.choice(TEMPLATES).format(value=value, filler=fake.sentence(), label=kind.lower())
-        rows.append((text, value, kind))
+        shown, after_a_group = value, kind == "CREDIT_CARD" and rng.random() < 1 / 3
+        if after_a_group:
+            value = value.replace("-", " ")
+            shown = f"{rng.choice(GROUP_BEFORE_A_CARD).format(rng.randint(1990, 2030))} {value}"
+        text = rng.choice(TEMPLATES).format(value=shown, filler=fake.sentence(), label=kind.lower())
+        rows.append((text, value, kind, after_a_group))
     return rows
 
 
@@ -127,11 +180,40 @@ def duckdb_redact(texts: list[str]) -> list[str]:
         return [text for (text,) in con.execute("SELECT redact_pii(text) FROM texts ORDER BY n").fetchall()]
 
 
+def nested(text: str, depth: int) -> dict:
+    """An interaction's context holding ``text`` ``depth`` containers deep, objects and lists in turn."""
+    value: object = text
+    for level in reversed(range(depth)):
+        value = [value] if level % 2 else {f"k{level}": value, "n": level}
+    return {"segment": "s1", "nested": value}
+
+
+def duckdb_redact_nested(texts: list[str], seed: int = 11) -> list[str]:
+    """Each text redacted inside a context at a depth of 1 to 8 (``redact_json``), read back out."""
+    rng = random.Random(seed)
+    contexts = [json.dumps(nested(text, rng.randint(1, 8))) for text in texts]
+    with duckdb.connect() as con:
+        privacy.install_redaction(con)
+        con.execute("CREATE TABLE contexts AS SELECT unnest($c)::JSON AS context, generate_subscripts($c, 1) AS n",
+                    {"c": contexts})
+        redacted = [json.loads(c) for (c,) in con.execute(
+            "SELECT redact_json(context)::VARCHAR FROM contexts ORDER BY n").fetchall()]
+    out = []
+    for context in redacted:
+        value = context["nested"]
+        while not isinstance(value, str):
+            value = value[0] if isinstance(value, list) else next(v for k, v in value.items() if k != "n")
+        out.append(value)
+    return out
+
+
 def presidio_recognizers() -> list:
     from presidio_analyzer import Pattern, PatternRecognizer
     from presidio_analyzer.predefined_recognizers import (
         CreditCardRecognizer,
         EmailRecognizer,
+        IbanRecognizer,
+        IpRecognizer,
         PhoneRecognizer,
         UsSsnRecognizer,
     )
@@ -139,7 +221,8 @@ def presidio_recognizers() -> list:
     logging.getLogger("tldextract").setLevel(logging.CRITICAL)  # offline: its bundled suffix list
     api_keys = PatternRecognizer(supported_entity="API_KEY", patterns=[
         Pattern(f"api_key_{n}", pattern, 0.5) for n, pattern in enumerate(privacy.PII_PATTERNS["API_KEY"])])
-    return [EmailRecognizer(), PhoneRecognizer(), CreditCardRecognizer(), UsSsnRecognizer(), api_keys]
+    return [EmailRecognizer(), PhoneRecognizer(), CreditCardRecognizer(), UsSsnRecognizer(), api_keys,
+            IbanRecognizer(), IpRecognizer()]
 
 
 def presidio_redact(texts: list[str], recognizers: list) -> list[str]:
@@ -161,11 +244,19 @@ def presidio_redact(texts: list[str], recognizers: list) -> list[str]:
     return redacted
 
 
-def score(rows: list[tuple[str, str, str]], redacted: list[str]) -> dict[str, object]:
-    """Recall (overall, per entity), precision, and the hard negatives redacted by kind."""
-    planted, gone = Counter(kind for _, _, kind in rows), Counter()
-    for (_, value, kind), out in zip(rows, redacted):
-        gone[kind] += value not in out
+def score(rows: list[tuple[str, str, str, bool]], redacted: list[str]) -> dict[str, object]:
+    """Recall (overall, per entity planted), precision (overall, per entity whose ``<ENTITY>`` took
+    the value's place), the hard negatives redacted by kind, and the recall of cards after a group."""
+    planted, gone = Counter(kind for _, _, kind, _ in rows), Counter()
+    flagged_by, personal_by = Counter(), Counter()
+    after_a_group = Counter()  # cards after another group of digits: planted, redacted
+    for (_, value, kind, after), out in zip(rows, redacted):
+        removed = value not in out
+        gone[kind] += removed
+        after_a_group.update({"planted": after, "redacted": after and removed})
+        for entity in (entity for entity in ENTITIES if removed and f"<{entity}>" in out):
+            flagged_by[entity] += 1
+            personal_by[entity] += kind in ENTITIES
     true_positives = sum(gone[entity] for entity in ENTITIES)
     false_positives = {kind: n for kind, n in gone.items() if kind not in ENTITIES and n}
     flagged = true_positives + sum(false_positives.values())
@@ -173,11 +264,15 @@ def score(rows: list[tuple[str, str, str]], redacted: list[str]) -> dict[str, ob
         "recall": round(true_positives / sum(planted[entity] for entity in ENTITIES), 4),
         "precision": round(true_positives / flagged, 4) if flagged else None,
         "recall_by_entity": {entity: round(gone[entity] / planted[entity], 4) for entity in ENTITIES},
+        "precision_by_entity": {entity: round(personal_by[entity] / flagged_by[entity], 4) if flagged_by[entity]
+                                else None for entity in ENTITIES},
+        "recall_card_after_a_group": (round(after_a_group["redacted"] / after_a_group["planted"], 4)
+                                      if after_a_group["planted"] else None),
         "negatives_redacted": false_positives,
     }
 
 
-def throughput_texts(rows: list[tuple[str, str, str]], events: int) -> float:
+def throughput_texts(rows: list[tuple[str, str, str, bool]], events: int) -> float:
     """Texts per second of redact_pii over ``events`` corpus texts (60% carry personal data)."""
     with duckdb.connect() as con:
         privacy.install_redaction(con)
@@ -247,17 +342,19 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = corpus(args.texts)
-    texts = [text for text, _, _ in rows]
+    texts = [row[0] for row in rows]
     began = time.perf_counter()
     duckdb_out = duckdb_redact(texts)
     duckdb_seconds = time.perf_counter() - began
+    nested_out = duckdb_redact_nested(texts)
     recognizers = presidio_recognizers()
     began = time.perf_counter()
     presidio_out = presidio_redact(texts, recognizers)
     presidio_seconds = time.perf_counter() - began
     print(json.dumps({
-        "corpus": {"texts": len(rows), "personal": sum(1 for _, _, kind in rows if kind in ENTITIES)},
+        "corpus": {"texts": len(rows), "personal": sum(1 for _, _, kind, _ in rows if kind in ENTITIES)},
         "duckdb": {**score(rows, duckdb_out), "texts_per_second_corpus": round(len(rows) / duckdb_seconds)},
+        "duckdb_in_context_depth_1_to_8": score(rows, nested_out),
         "presidio": {**score(rows, presidio_out), "texts_per_second": round(len(rows) / presidio_seconds)},
         "duckdb_texts_per_second_at_1M": round(throughput_texts(rows, args.events)),
         "accumulation": throughput_accumulation(args.events, pii_share=0.01),

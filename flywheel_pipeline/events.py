@@ -187,8 +187,9 @@ def _not_an_id(path: str) -> str:
 
 def _unsafe_id(text: str) -> str:
     """``text`` (an id's value, SQL) is no safe id: outside ID_PATTERN, or holding personal data
-    (``holds_pii``, the macro privacy.install_redaction creates on the connection)."""
-    return f"(NOT regexp_full_match(coalesce({text}, ''), '{ID_PATTERN}') OR holds_pii({text}))"
+    (``holds_pii``, the macro privacy.install_redaction creates on the connection), an underscore
+    read as a space (``u_219-09-9999`` holds an SSN)."""
+    return f"(NOT regexp_full_match(coalesce({text}, ''), '{ID_PATTERN}') OR holds_pii(replace({text}, '_', ' ')))"
 
 
 def _id_rules() -> list[tuple[str, str]]:

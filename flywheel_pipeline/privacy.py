@@ -1,15 +1,18 @@
 """Privacy by construction: personal data is redacted on ingest, forgotten on request, expired on time.
 
 Redaction: before accumulation writes a partition, every free-text field of an accepted event
-(an interaction's ``input``, its impressions' ``content``, every string in its ``context``; a
-signal's ``text``) and every quarantined line has its email addresses, phone numbers, card numbers
-(Luhn-checked), US SSNs and API keys replaced by ``<ENTITY>`` (Presidio's entity names). The
-patterns run as DuckDB regular expressions, vectorised; benchmarks/redaction.py measures them
-against Presidio's recognizers on a labelled corpus (docs/privacy.md).
+(an interaction's ``input``, its impressions' ``content``, every string in its ``context`` at any
+depth; a signal's ``text``) and every quarantined line has its email addresses, phone numbers, card
+numbers (every span of a digit run, Luhn-checked), US SSNs, API keys, IBANs (mod 97) and IP
+addresses replaced by ``<ENTITY>`` (Presidio's entity names). Ids are not redacted: the contract
+quarantines one that holds any of them (``holds_pii``; events.py). The patterns run as DuckDB
+regular expressions, vectorised; benchmarks/redaction.py measures them against Presidio's
+recognizers on a labelled corpus (docs/privacy.md).
 
-Forgetting (``flywheel forget --user ID``): the user's rows leave every warehouse table, their
-lines leave the landing batches (rewritten atomically), their tasks the review files, and a tombstone (a hash of the id) makes
-accumulation quarantine any replayed event of theirs as ``forgotten_user``, with no content.
+Forgetting (``flywheel forget --user ID``), by the user field only: the user's rows leave every
+warehouse table, their lines leave the landing batches (plain or gzip'd, rewritten atomically),
+their tasks the review files, and a tombstone (a hash of the id) makes accumulation quarantine
+any replayed event of theirs as ``forgotten_user``, with no content.
 
 Retention: ``retention_days`` per domain; ``enforce_retention`` deletes older rows and batches.
 Both reach the exported training sets (flywheel_pipeline.training_sets), rewritten without the records.
@@ -84,6 +87,7 @@ PII_PATTERNS: dict[str, tuple[str, ...]] = {
         rf"\b{_IPV4}\b",
         rf"\b(?:{_HEX}:){{7}}{_HEX}\b",  # IPv6 in full
         rf"\b(?:{_HEX}:){{2,6}}(?::{_HEX}){{1,5}}\b|\b{_HEX}:(?::{_HEX}){{2,6}}\b",  # '::', 3 groups or more
+        rf"\b(?:{_HEX}:){{3,7}}:\B",  # a trailing '::' (a /64 prefix's zero host)
     ),
     "US_SSN": (  # area not 000, 666 or 9xx; group not 00; serial not 0000
         (r"\b(?:00[1-9]|0[1-9]\d|[1-578]\d\d|6[0-57-9]\d|66[0-57-9])[- ](?:0[1-9]|[1-9]\d)[- ]"
@@ -167,18 +171,26 @@ def install_redaction(con: duckdb.DuckDBPyConnection) -> None:
             lambda acc, v: (acc * CASE WHEN v >= 10 THEN 100 ELSE 10 END + v) % 97) = 1;
         CREATE OR REPLACE TEMP MACRO iban_codes(text) AS
             list_filter(regexp_extract_all(text, {_literal(_pattern("IBAN_CODE"))}), lambda code: iban_valid(code));
-        -- every span of one to five consecutive groups of a digit run ((digits, separator)* digits)
-        CREATE OR REPLACE TEMP MACRO group_spans(parts) AS flatten(list_transform(
-            range(1, (len(parts) + 1) // 2 + 1),
-            lambda i: list_transform(range(i, least((len(parts) + 1) // 2, i + 4) + 1),
-                                     lambda j: array_to_string(parts[2 * i - 1:2 * j - 1], ''))));
-        -- the card numbers in a text: each span of digit groups in a card's format, Luhn-valid, so
-        -- that a card after another group of digits (a year, a reference) is found
+        -- every span of one to five consecutive groups of a digit run, from its tokens (digits,
+        -- separator, digits...): windows of nine tokens from each group on (list_zip of the shifted
+        -- lists), each read as one, two... five groups; NULL past the run's end
+        CREATE OR REPLACE TEMP MACRO group_spans(tokens) AS flatten(list_transform(
+            list_filter(list_zip(tokens, tokens[2:], tokens[3:], tokens[4:], tokens[5:], tokens[6:], tokens[7:],
+                                 tokens[8:], tokens[9:]),
+                        lambda w: w[1] NOT IN (' ', '-')),
+            lambda w: [w[1], w[1] || w[2] || w[3], w[1] || w[2] || w[3] || w[4] || w[5],
+                       w[1] || w[2] || w[3] || w[4] || w[5] || w[6] || w[7],
+                       w[1] || w[2] || w[3] || w[4] || w[5] || w[6] || w[7] || w[8] || w[9]]));
+        -- the card numbers in a text: each span of digit groups in a card's format, starting as a
+        -- card network's numbers do (1 to 6), Luhn-valid, so that a card after another group of
+        -- digits (a year, a reference) is found; runs too short to hold 12 digits, and the digits of
+        -- what has an IBAN's shape (valid ones are redacted before), are passed over
         CREATE OR REPLACE TEMP MACRO card_numbers(text) AS list_filter(flatten(list_transform(
-            regexp_extract_all(text, {_literal(_DIGIT_GROUPS)}),
+            list_filter(regexp_extract_all(regexp_replace(text, {_literal(_pattern("IBAN_CODE"))}, ' ', 'g'),
+                                           {_literal(_DIGIT_GROUPS)}), lambda run: length(run) >= 12),
             lambda run: group_spans(regexp_extract_all(run, '\d+|[ -]')))),
-            lambda span: regexp_full_match(span, {card}) AND length(regexp_replace(span, '[ -]', '', 'g')) <= 19
-                         AND luhn_valid(span));
+            lambda span: span[1] BETWEEN '1' AND '6' AND regexp_full_match(span, {card})
+                         AND length(regexp_replace(span, '[ -]', '', 'g')) <= 19 AND luhn_valid(span));
         -- ``found`` replaced by ``token`` in ``text``, the longest first (a span inside another goes with it)
         CREATE OR REPLACE TEMP MACRO replaced(text, found, token) AS list_reduce(
             list_prepend(text, list_transform(list_sort(list_transform(found, lambda f: {{'n': -length(f), 'f': f}})),
@@ -229,8 +241,14 @@ def protect_partition_lines(con: duckdb.DuckDBPyConnection) -> None:
             UPDATE partition_lines SET reason = '{FORGOTTEN_USER}', line = NULL, event_id = NULL, fields = NULL
             WHERE sha256(coalesce(fields.user_id ->> '$', {_line_user_sql("line")}))
                   IN (SELECT user_hash FROM privacy.forgotten_users)""")
-    con.execute("UPDATE partition_lines SET line = quarantined_line(line), event_id = redact_pii(event_id) "
-                "WHERE reason IS NOT NULL")
+    # a line quarantined for an id is read with its underscores as spaces, as the id was checked
+    con.execute("""
+        UPDATE partition_lines SET
+            line = quarantined_line(CASE WHEN starts_with(reason, 'unsafe_id:') OR reason = 'user_id_not_pseudonymous'
+                                         THEN replace(line, '_', ' ') ELSE line END),
+            event_id = redact_pii(CASE reason WHEN 'unsafe_id:event_id' THEN replace(event_id, '_', ' ')
+                                              ELSE event_id END)
+        WHERE reason IS NOT NULL""")
     con.execute("""
         UPDATE partition_lines SET fields = struct_update(fields,
             input := to_json(redact_pii(fields.input ->> '$')),

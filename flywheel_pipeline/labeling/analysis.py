@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 
 from flywheel_pipeline.events import CLICK_MATURITY
+from flywheel_pipeline.groups import anonymised
 from flywheel_pipeline.labeling.functions import ABSTAIN, BAD, GOOD, REACTION_WINDOW_CLOSED
 from flywheel_pipeline.labeling.model import vote_patterns
 
@@ -89,9 +90,10 @@ def label_accuracy(p_good: np.ndarray, truth: np.ndarray) -> tuple[int, float | 
 
 
 def cohort_coverage(labels: pl.DataFrame) -> pl.DataFrame:
-    """Share of impressions with a label per cohort: where labels are missing, learning is blind."""
+    """Share of impressions with a label per cohort: where labels are missing, learning is blind.
+    A segment is named by its hash (``groups.anonymous``): the table is Dagster metadata."""
     return (
-        labels.group_by(COHORT)
+        labels.with_columns(segment=anonymised(pl.col("segment"), declared=[])).group_by(COHORT)
         .agg(
             pl.len().alias("impressions"),
             pl.col("p_good").is_not_null().sum().alias("labelled"),
