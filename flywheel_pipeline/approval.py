@@ -76,7 +76,6 @@ class ApprovalRecord:
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(_DDL)
-    deployment_log.ensure_log(con)
 
 
 # --- the signing key and the chain ---------------------------------------------------------------
@@ -222,8 +221,8 @@ def statement(con: duckdb.DuckDBPyConnection, client: MlflowClient, domain: str,
     decisions (counting those recorded before approval ``before``; by default all of them)."""
     ensure_tables(con)
     [(earlier,)] = con.execute(
-        "SELECT count(*) FROM registry.approvals WHERE domain = ? AND model_version = ? AND approval_id < ?",
-        [domain, version, before if before is not None else 2**62]).fetchall()
+        "SELECT count(*) FROM registry.approvals WHERE domain = ? AND model_version = ? "
+        "AND approval_id < coalesce(?, approval_id + 1)", [domain, version, before]).fetchall()
     if artifact is None:
         try:
             artifact = lineage.artifact_digest(client, domain, version)
@@ -303,7 +302,7 @@ def _append(con: duckdb.DuckDBPyConnection, client: MlflowClient, config: Flywhe
             check_signature(config, approver, statement(con, client, domain, version, decision), signature)
         approval_id = con.execute("SELECT nextval('registry.approval_ids')").fetchone()[0]
         record = ApprovalRecord(approval_id, domain, version, decision, approver, reason,
-                                datetime.now(UTC).replace(tzinfo=None), signature if approver != AUTO_APPROVER else None)
+                                datetime.now(UTC).replace(tzinfo=None), signature)
         con.execute(f"INSERT INTO registry.approvals ({_FIELDS}, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [*astuple(record), _sign(key, record, previous)])
     name = registry.model_name(domain)

@@ -382,8 +382,9 @@ def _registry_state(home: Home, config: FlywheelConfig, client, domain: str) -> 
         return ("nothing deployed" if not found else f"[bold red]MISMATCH[/] {deployment_log.shown(found)} set "
                 f"outside flywheel: flywheel never deployed {domain}")
     with connect(home.approvals) as con:
-        approval.ensure_tables(con)
         found = deployment_log.mismatch(con, client, approval.signing_key(home), domain)
+        if deployment_log.deployed_before_the_log(con, domain):
+            return deployment_log.UNLOGGED
         reverted = deployment_log.last_revert(con, domain)
     state = ("matches the signed deployment log" if found is None
              else f"[bold red]MISMATCH[/] {found.summary()} (registry_watch: {config.registry_watch})")

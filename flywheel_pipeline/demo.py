@@ -33,7 +33,7 @@ from flywheel_pipeline.defs.ui import (
 )
 from flywheel_pipeline.health.report import record_true_accuracy
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.launcher import Dagster, LaunchError, daemon_running, local_dagster
+from flywheel_pipeline.launcher import Dagster, LaunchError, daemon_running, failure, local_dagster
 from flywheel_pipeline.runs import CycleOutcome, follow_cycle, submit_cycle, wait_for_deployment
 from flywheel_pipeline.scoring import Scorer, baseline_scorer
 from flywheel_pipeline.simulation.oracle import model_true_accuracy, oracle_accuracy
@@ -202,7 +202,11 @@ class Demo:
                 "domain": domain, "version": version, "approver": approver, "decision": "approved",
                 "reason": "the demo stood in for the approver"}}}}
             status.update(f"{domain}: the demo stands in for {approver} and approves v{version}")
-            dagster.wait(dagster.submit(APPROVE_JOB, run_config=run_config))
+            run = dagster.wait(dagster.submit(APPROVE_JOB, run_config=run_config))
+            if not run.is_success:  # it holds no approver's key: their decision needs their signature
+                self.console.print(f"    the demo cannot stand in for {approver}: {failure(dagster.instance, run.run_id)}")
+                self.pending[domain] = version
+                return
         status.update(f"{domain}: waiting for the approval sensor to deploy v{version}")
         wait_for_deployment(dagster, self.config, domain, version, mlflow.MlflowClient())
         self.pending.pop(domain, None)
@@ -261,4 +265,6 @@ def print_pending_approvals(demo: Demo, console: Console) -> None:
             f"launches deploy_champion, and `champion` moves to v{version} when that run ends, about half a minute later\n"
             f"  (check: flywheel status).\n"
             f"  From a shell instead: flywheel approve --domain {domain} --approver "
-            f"{demo.config.domain(domain).approvers[0]}")
+            f"{demo.config.domain(domain).approvers[0]} --sign-with ~/.ssh/id_ed25519\n"
+            f"  Either way the decision is signed with the approver's SSH key, declared under approver_keys in "
+            f"flywheel.yaml (docs/security.md).")

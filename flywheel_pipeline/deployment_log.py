@@ -25,6 +25,7 @@ from flywheel_pipeline.warehouse import transaction
 
 WATCHED = (registry.CHAMPION, registry.PREVIOUS, registry.HOLDBACK)  # what serving reads or restores
 Change = Literal["deployed", "rolled back", "reverted"]
+UNLOGGED = "not compared: deployed before the signed deployment log began; its next deployment starts it"
 
 _FIELDS = "entry_id, domain, change, approval_id, champion, previous, holdback, note, logged_at"
 _DDL = """
@@ -126,9 +127,12 @@ def latest(con: duckdb.DuckDBPyConnection, domain: str) -> LogEntry | None:
     return LogEntry(*rows[0]) if rows else None
 
 
-def _deployed_before_the_log(con: duckdb.DuckDBPyConnection, domain: str) -> bool:
+def deployed_before_the_log(con: duckdb.DuckDBPyConnection, domain: str) -> bool:
     """A domain deployed by a flywheel from before the log (registry.deployments, approval.py's table,
-    holds its deployments): what it left in the registry cannot be told from a forgery."""
+    holds its deployments) and not since: what it left in the registry cannot be told from a
+    forgery, so it is not compared until its next deployment starts the log."""
+    if latest(con, domain) is not None:
+        return False
     [(count,)] = con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'registry' "
                              "AND table_name = 'deployments'").fetchall()
     return bool(count) and bool(con.execute("SELECT count(*) FROM registry.deployments WHERE domain = ?",
@@ -137,12 +141,11 @@ def _deployed_before_the_log(con: duckdb.DuckDBPyConnection, domain: str) -> boo
 
 def mismatch(con: duckdb.DuckDBPyConnection, client: MlflowClient, key: bytes, domain: str) -> Mismatch | None:
     """The domain's aliases against its latest log entry (none yet: no alias set), the log verified
-    first; None when they match, or when the domain was deployed before the log began (then its
-    next deployment starts it)."""
+    first; None when they match, or when the domain was ``deployed_before_the_log``."""
     verify_log(con, key)
-    entry = latest(con, domain)
-    if entry is None and _deployed_before_the_log(con, domain):
+    if deployed_before_the_log(con, domain):
         return None
+    entry = latest(con, domain)
     expected = entry.aliases if entry else dict.fromkeys(WATCHED)
     found = aliases(client, domain)
     return None if found == expected else Mismatch(domain, found, expected, entry)

@@ -172,4 +172,4 @@ def next_step_for_person(config: FlywheelConfig, outcome: CycleOutcome) -> str:
     approvers = config.domain(outcome.domain).approvers
     return (f"approve in the UI: {approval_launchpad_url(config, outcome.domain, outcome.version)}\n"
             f"  or: flywheel approve --domain {outcome.domain} --version {outcome.version} "
-            f"--approver {approvers[0] if approvers else '<you>'}")
+            f"--approver {approvers[0] if approvers else '<you>'} --sign-with ~/.ssh/id_ed25519")

@@ -5,6 +5,7 @@ changed after registration, refused at deployment and at rollback. A real MLflow
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import astuple
 from datetime import datetime
 from pathlib import Path
@@ -190,3 +191,19 @@ def test_a_cycles_registration_records_its_lineage_signed(project):
     assert record.artifact.startswith("sha256:") and record.source == client.get_model_version(NAME, version).source
     with pytest.raises(lineage.LineageError, match="does not carry flywheel's signature"):
         lineage.verify(client, b"another machine's key" * 2, DOMAIN, version)
+
+
+def test_the_statement_flywheel_keys_prints_signed_with_ssh_keygen_is_accepted_in_the_launchpad(project, key_file,
+                                                                                                 capsys):
+    """The UI path as docs/security.md gives it: `flywheel keys statement ... | ssh-keygen -Y sign
+    -n flywheel-approval -f KEY`, the output pasted as the Launchpad's signature."""
+    resources, client, key, instance = project
+    version = candidate(client, key)
+    main(["keys", "statement", "--domain", DOMAIN])  # the candidate waiting
+    statement = capsys.readouterr().out
+    assert statement.startswith(f"flywheel decision\ndomain: {DOMAIN}\nversion: {version}\nartifact: sha256:")
+    signature = subprocess.run(["ssh-keygen", "-Y", "sign", "-n", "flywheel-approval", "-f", str(key_file)],
+                               input=statement.encode(), capture_output=True, check=True).stdout.decode()
+    assert launchpad(resources, version, signature, instance).success
+    assert deploy(resources, instance, 1).success
+    assert registry.alias_version(client, DOMAIN, registry.CHAMPION) == version

@@ -198,3 +198,14 @@ def wait_until(condition, what: str, timeout: float):
         assert time.monotonic() < deadline, f"{what} did not happen within {timeout:.0f}s"
         time.sleep(0.5)
     return result
+
+
+def test_a_domain_deployed_before_the_log_is_compared_from_its_next_deployment(project, capsys):
+    """A home upgraded from a flywheel without the log: its deployments are in registry.deployments
+    only, so what the registry holds cannot be told from a forgery until flywheel deploys again."""
+    with project["resources"]["warehouse"].approvals() as con:
+        con.execute("DELETE FROM registry.deployment_log")
+    project["client"].set_registered_model_alias(NAME, registry.CHAMPION, project["second"])
+    with dg.instance_for_test() as instance:
+        assert reported(tick(project, instance)) == [(True, deployment_log.UNLOGGED)]
+    assert champion(project) == project["second"] and f"registry: {deployment_log.UNLOGGED}" in status(capsys)
