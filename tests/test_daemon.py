@@ -14,10 +14,12 @@ really used; without PostgreSQL's binaries it is skipped.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import urllib.request
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import dagster as dg
 import mlflow
@@ -40,6 +42,7 @@ from flywheel_pipeline.launcher import Dagster, local_dagster, webserver
 from flywheel_pipeline.runs import read_outcome
 from flywheel_pipeline.warehouse import connect
 from tests.conftest import REPO
+from tests.signing import declare, signed, ssh_key
 
 DOMAIN = "assistant"
 SCHEDULE = f"{DOMAIN}_cadence"
@@ -51,10 +54,10 @@ pytestmark = [pytest.mark.timeout(1500), pytest.mark.postgres, pytest.mark.slow]
 ARTIFACTS = "shared-artifacts"  # production.mlflow_artifacts, under the home
 
 
-def write_config(path, production: bool = False) -> None:
+def write_config(path, production: bool = False) -> Path:
     """flywheel.yaml with one domain at automation oversight, written by its old name `manual` (a person
-    approves), on a per-minute cadence, quick sensors;
-    the embedded profile, or the production one."""
+    approves, with their SSH key: made beside the file, ``approver_key``), on a per-minute cadence,
+    quick sensors; the embedded profile, or the production one."""
     raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
     domain = raw["domains"][DOMAIN]
     domain.update(cadence="* * * * *", lookback_days=4, holdout_days=2, automation="manual")
@@ -63,7 +66,15 @@ def write_config(path, production: bool = False) -> None:
     raw["daemon"] = {"schedules": "stopped", "approval_sensor_seconds": 5, "late_label_sensor_seconds": 5}
     if production:
         raw.update(profile="production", production={"mlflow_artifacts": ARTIFACTS})
-    path.write_text(yaml.safe_dump(raw))
+    approver = domain["approvers"][0]
+    key = ssh_key(path.parent / "keys", approver)
+    path.write_text(yaml.safe_dump(declare(raw, {approver: key})))
+    return key
+
+
+def approver_key(config_file: Path) -> Path:
+    """The SSH key of the approver the flywheel.yaml ``write_config`` wrote declares."""
+    return config_file.parent / "keys" / yaml.safe_load(config_file.read_text())["domains"][DOMAIN]["approvers"][0]
 
 
 class GraphQL:
@@ -244,9 +255,12 @@ def test_schedules_late_label_backfills_and_ui_approval_run_through_the_daemon(d
     assert reached and relabelled == reached  # exactly the labelled days the late outcomes reach
     assert labelled_days_with_outcomes_after(home, landed) == set()  # each re-labelled after they landed
 
-    # 3. A person approves the candidate in the Launchpad; the approval sensor deploys it.
+    # 3. A person approves the candidate in the Launchpad, with their signature; the approval sensor deploys it.
+    signature = signed(home.approvals, client, approver_key(Path(os.environ["FLYWHEEL_CONFIG"])), DOMAIN,
+                       outcome.version)
     approval = {"ops": {APPROVE_OP: {"config": {"domain": DOMAIN, "version": outcome.version,
-                                                "approver": config.domain(DOMAIN).approvers[0]}}}}
+                                                "approver": config.domain(DOMAIN).approvers[0],
+                                                "signature": signature}}}}
     assert dagster.wait(launch(web, APPROVE_JOB, approval)).status == dg.DagsterRunStatus.SUCCESS
     deploy = finished_run(dagster, 300, **{"flywheel/version": outcome.version, "flywheel/domain": DOMAIN})
     assert deploy.job_name == "deploy_champion" and deploy.status == dg.DagsterRunStatus.SUCCESS

@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from datetime import date, timedelta
+from pathlib import Path
 
 import dagster as dg
 import duckdb
@@ -41,7 +42,7 @@ from flywheel_pipeline.training import train_candidate
 from flywheel_pipeline.training.base import DAGSTER_RUN_TAG, close_abandoned_runs, ensure_experiment
 from flywheel_pipeline.warehouse import connect
 from tests.conftest import REPO
-from tests.test_daemon import DOMAIN, wait_for, write_config
+from tests.test_daemon import DOMAIN, approver_key, wait_for, write_config
 from tests.test_training import (
     AS_OF,
     TEST_CONFIG,
@@ -116,7 +117,8 @@ def test_a_killed_run_is_marked_failed_and_the_next_deployment_is_not_blocked(si
 
     # The person's next command approves the candidate: its daemon marks the dead run failed, the
     # approval leaves the queue, and the approval sensor deploys it.
-    main(["approve", "--domain", DOMAIN, "--approver", config.domain(DOMAIN).approvers[0]])
+    main(["approve", "--domain", DOMAIN, "--approver", config.domain(DOMAIN).approvers[0],
+          "--sign-with", str(approver_key(Path(os.environ["FLYWHEEL_CONFIG"])))])
     assert f"{DOMAIN} champion is v{version}" in capsys.readouterr().out
     assert registry.alias_version(client, DOMAIN, registry.CHAMPION) == version
     dead = instance.get_run_by_id(killed_run.run_id)
