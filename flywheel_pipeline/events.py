@@ -187,9 +187,9 @@ def _not_an_id(path: str) -> str:
 
 def _unsafe_id(text: str) -> str:
     """``text`` (an id's value, SQL) is no safe id: outside ID_PATTERN, or holding personal data
-    (``holds_pii``, the macro privacy.install_redaction creates on the connection), an underscore
-    read as a space (``u_219-09-9999`` holds an SSN)."""
-    return f"(NOT regexp_full_match(coalesce({text}, ''), '{ID_PATTERN}') OR holds_pii(replace({text}, '_', ' ')))"
+    (``id_holds_pii``, a macro privacy.install_redaction creates on the connection: an underscore
+    read as a space, so ``u_219-09-9999`` holds an SSN; a bare run of digits is a number, no phone)."""
+    return f"(NOT regexp_full_match(coalesce({text}, ''), '{ID_PATTERN}') OR id_holds_pii({text}))"
 
 
 def _id_rules() -> list[tuple[str, str]]:
@@ -304,7 +304,7 @@ def reason_sql(allowed_domains: tuple[str, ...], whole_line: bool = True) -> str
     ``event_ts`` (parsed, UTC), ``batch_domain`` (the landing folder's domain), ``latest_allowed_ts``
     and, for a ``whole_line`` check, ``doc`` (the line as JSON, NULL when it does not parse).
     Without ``whole_line`` (fields read by read_json) the line is taken as an object. The ids'
-    rules call ``holds_pii``: privacy.install_redaction must have run on the connection.
+    rules call ``id_holds_pii``: privacy.install_redaction must have run on the connection.
     """
     rules = [
         *([("malformed_json", "doc IS NULL"), ("not_an_object", "json_type(doc) <> 'OBJECT'")] if whole_line else []),

@@ -56,11 +56,12 @@ IBAN_LENGTHS = {
 
 
 def _iban_pattern() -> str:
-    """One alternative per IBAN length: its countries' codes, then exactly that many characters."""
+    """One alternative per IBAN length: its countries' codes, then exactly that many characters, in
+    capitals as IBANs are printed (so that a lowercase hex id is never read as one)."""
     by_length: dict[int, list[str]] = {}
     for country, length in IBAN_LENGTHS.items():
         by_length.setdefault(length, []).append(country)
-    return r"\b(?i:" + "|".join(f"(?:{'|'.join(sorted(countries))})\\d{{2}}(?: ?[A-Z0-9]){{{length - 4}}}"
+    return r"\b(?:" + "|".join(f"(?:{'|'.join(sorted(countries))})\\d{{2}}(?: ?[A-Z0-9]){{{length - 4}}}"
                                 for length, countries in sorted(by_length.items())) + r")\b"
 
 
@@ -142,21 +143,24 @@ def _pattern(entity: str) -> str:
     return "|".join(f"(?:{pattern})" for pattern in PII_PATTERNS[entity])
 
 
-def _redacted(expr: str) -> str:
-    """SQL redacting ``expr``, entity after entity in PII_PATTERNS' order. A checked entity's step
-    binds its input once (a one-element list's lambda), so the expression grows linearly."""
+def _redacted(text: str) -> str:
+    """SQL redacting ``text``, entity after entity in PII_PATTERNS' order. A checked entity's
+    matches are found in ``text`` as it came and replaced where the chain has got to: one that an
+    earlier entity took (an SSN's last group before a card) is no longer there to replace."""
+    expr = text
     for entity in PII_PATTERNS:
-        token = _literal(f"<{entity}>")
+        token, pattern = _literal(f"<{entity}>"), _literal(_pattern(entity))
         if entity in CHECKED:
-            expr = (f"list_transform([{expr}], lambda t: CASE WHEN regexp_matches(t, {_literal(_pattern(entity))}) "
-                    f"THEN replaced(t, {CHECKED[entity]}(t), {token}) ELSE t END)[1]")
+            found = f"CASE WHEN regexp_matches({text}, {pattern}) THEN {CHECKED[entity]}({text}) ELSE [] END"
+            expr = f"replaced({expr}, {found}, {token})"
         else:
-            expr = f"regexp_replace({expr}, {_literal(_pattern(entity))}, {token}, 'g')"
+            expr = f"regexp_replace({expr}, {pattern}, {token}, 'g')"
     return expr
 
 
 def install_redaction(con: duckdb.DuckDBPyConnection) -> None:
-    """Create the connection's ``redact_pii(text)``, ``holds_pii(text)`` and ``redact_json(json)`` macros."""
+    """Create the connection's ``redact_pii(text)``, ``holds_pii(text)``, ``id_holds_pii(id)`` and
+    ``redact_json(json)`` macros."""
     anything = _literal("|".join(_pattern(entity) for entity in PII_PATTERNS))
     card = _literal("^(?:" + "|".join(CARD_FORMATS) + ")$")
     con.execute(rf"""
@@ -171,16 +175,15 @@ def install_redaction(con: duckdb.DuckDBPyConnection) -> None:
             lambda acc, v: (acc * CASE WHEN v >= 10 THEN 100 ELSE 10 END + v) % 97) = 1;
         CREATE OR REPLACE TEMP MACRO iban_codes(text) AS
             list_filter(regexp_extract_all(text, {_literal(_pattern("IBAN_CODE"))}), lambda code: iban_valid(code));
-        -- every span of one to five consecutive groups of a digit run, from its tokens (digits,
-        -- separator, digits...): windows of nine tokens from each group on (list_zip of the shifted
-        -- lists), each read as one, two... five groups; NULL past the run's end
+        -- the spans of a digit run (its tokens: digits, separator, digits...) a card could be: from
+        -- each group on, a group of 12 to 19 digits alone, or three, four and five groups after a
+        -- group of four (windows of nine tokens: list_zip of the shifted lists; NULL past the end)
         CREATE OR REPLACE TEMP MACRO group_spans(tokens) AS flatten(list_transform(
             list_filter(list_zip(tokens, tokens[2:], tokens[3:], tokens[4:], tokens[5:], tokens[6:], tokens[7:],
-                                 tokens[8:], tokens[9:]),
-                        lambda w: w[1] NOT IN (' ', '-')),
-            lambda w: [w[1], w[1] || w[2] || w[3], w[1] || w[2] || w[3] || w[4] || w[5],
-                       w[1] || w[2] || w[3] || w[4] || w[5] || w[6] || w[7],
-                       w[1] || w[2] || w[3] || w[4] || w[5] || w[6] || w[7] || w[8] || w[9]]));
+                                 tokens[8:], tokens[9:]), lambda w: length(w[1]) = 4 OR length(w[1]) >= 12),
+            lambda w: CASE WHEN length(w[1]) >= 12 THEN [w[1]]
+                           ELSE [w[1] || w[2] || w[3] || w[4] || w[5], w[1] || w[2] || w[3] || w[4] || w[5] || w[6] || w[7],
+                                 w[1] || w[2] || w[3] || w[4] || w[5] || w[6] || w[7] || w[8] || w[9]] END));
         -- the card numbers in a text: each span of digit groups in a card's format, starting as a
         -- card network's numbers do (1 to 6), Luhn-valid, so that a card after another group of
         -- digits (a year, a reference) is found; runs too short to hold 12 digits, and the digits of
@@ -199,6 +202,14 @@ def install_redaction(con: duckdb.DuckDBPyConnection) -> None:
         CREATE OR REPLACE TEMP MACRO redact_pii(text) AS
             CASE WHEN regexp_matches(text, {anything}) THEN {_redacted("text")} ELSE text END;
         CREATE OR REPLACE TEMP MACRO holds_pii(text) AS regexp_matches(text, {anything}) AND redact_pii(text) <> text;
+        -- an id holds personal data when an API key is in it, or anything else once it is read with
+        -- underscores as spaces (u_219-09-9999) and each bare run of digits (a counter, a timestamp,
+        -- a numeric id: 1730539200 would be a phone number, one 13-digit id in ten a card's) as N;
+        -- digits joined by . : - stay (an SSN, a card in groups, an IP address)
+        CREATE OR REPLACE TEMP MACRO id_holds_pii(id) AS regexp_matches(id, {_literal(_pattern("API_KEY"))})
+            OR regexp_matches(replace(id, '_', ' '), {anything}) AND holds_pii(array_to_string(list_transform(
+                regexp_extract_all(replace(id, '_', ' '), '\d+(?:[.:-]\d+)+|\w+|\W'),
+                lambda part: CASE WHEN regexp_full_match(part, '\d+') THEN 'N' ELSE part END), ''));
         -- JSON text with its escapes (\n, \") read as spaces, so that they do not hide a match
         CREATE OR REPLACE TEMP MACRO unescaped(line) AS regexp_replace(line, '\\[bfnrt"/\\]', ' ', 'g');
         -- false for JSON text none of whose strings can hold a match: most events, spared
