@@ -187,7 +187,7 @@ def install_redaction(con: duckdb.DuckDBPyConnection) -> None:
         -- the card numbers in a text: each span of digit groups in a card's format, starting as a
         -- card network's numbers do (1 to 6), Luhn-valid, so that a card after another group of
         -- digits (a year, a reference) is found; runs too short to hold 12 digits, and the digits of
-        -- what has an IBAN's shape (valid ones are redacted before), are passed over
+        -- what has an IBAN's shape (an IBAN is redacted as one), are passed over
         CREATE OR REPLACE TEMP MACRO card_numbers(text) AS list_filter(flatten(list_transform(
             list_filter(regexp_extract_all(regexp_replace(text, {_literal(_pattern("IBAN_CODE"))}, ' ', 'g'),
                                            {_literal(_DIGIT_GROUPS)}), lambda run: length(run) >= 12),
@@ -223,12 +223,11 @@ def install_redaction(con: duckdb.DuckDBPyConnection) -> None:
             WHEN NOT contains(line, '\u') THEN redact_pii(unescaped(line)) END;
         -- JSON with every string redacted, at any depth (keys too): its string literals are each
         -- decoded, redacted and encoded again; what lies between them is kept as it is
-        CREATE OR REPLACE TEMP MACRO redact_json(j) AS list_transform([j::VARCHAR], lambda doc:
-            CASE WHEN may_hold_pii(doc) THEN array_to_string(list_transform(
-                regexp_extract_all(doc, {_literal(_JSON_TOKEN)}),
+        CREATE OR REPLACE TEMP MACRO redact_json(j) AS CASE WHEN may_hold_pii(j::VARCHAR) THEN
+            array_to_string(list_transform(regexp_extract_all(j::VARCHAR, {_literal(_JSON_TOKEN)}),
                 lambda token: CASE WHEN starts_with(token, '"') AND may_hold_pii(token)
-                                   THEN to_json(redact_pii(token::JSON ->> '$'))::VARCHAR ELSE token END), '')
-            ELSE doc END)[1]::JSON;
+                                   THEN to_json(redact_pii(token::JSON ->> '$'))::VARCHAR ELSE token END), '')::JSON
+            ELSE j END;
     """)
 
 
