@@ -89,10 +89,10 @@ def test_exposure_bias_flags_a_logger_without_exploration():
 
 
 def test_exposure_bias_flags_explored_impressions_logged_as_rarer_than_exploration_made_them():
-    """Exploring 10% over 50 candidates shows each at least 0.002 of the time; a logger that believes it
-    explores 5% logs 0.001 for the explored ones the champion would not have shown."""
+    """Exploring about 10% a day over 50 candidates shows each at least 0.002 of the time; a logger that believes it
+    explores 0.5% logs 0.0001 for the explored ones the champion would not have shown."""
     rows = impressions(3000)
-    stale = rows.with_columns(propensity=pl.when(pl.col("policy") == "explore").then(0.001).otherwise("propensity"))
+    stale = rows.with_columns(propensity=pl.when(pl.col("policy") == "explore").then(0.0001).otherwise("propensity"))
     finding = measures.exposure_bias(stale, SETTINGS, "assistant")
     assert finding.flagged and "not the serving policy's" in finding.summary
     assert finding.measures["explored_below_floor_share"] == 1.0

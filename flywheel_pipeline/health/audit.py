@@ -50,7 +50,7 @@ def audit(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str, w
     training = rows.filter(pl.col("event_date") <= windows.train_end)
     holdout = rows.filter(pl.col("event_date") >= windows.holdout_start)
     findings = (
-        measures.exposure_bias(training, health, settings.shape),
+        measures.exposure_bias(training, health, settings.shape, served=rows),
         measures.survivorship(training, _activity(con, domain, windows), health),
         measures.label_delay(outcomes, windows, settings),
         measures.leakage(training, holdout, health),

@@ -62,16 +62,18 @@ EXPLANATIONS = {
 }
 
 
-def exposure_bias(training: pl.DataFrame, settings: HealthSettings, shape: str) -> Finding:
+def exposure_bias(training: pl.DataFrame, settings: HealthSettings, shape: str,
+                  served: pl.DataFrame | None = None) -> Finding:
     """Exploration share and ESS of the IPS weights (over the impressions whose propensity was
-    logged; null: unknown); explored impressions logged as rarer than exploration alone made them;
-    for a recommendation domain the examination curve and the good rate by position, raw and
-    weighted as the trainer weighs."""
+    logged; null: unknown); explored impressions of ``served`` (default: the training window's;
+    the audit passes both windows, since validation weighs the held-out ones) logged as rarer than
+    exploration alone made them; for a recommendation domain the examination curve and the good
+    rate by position, raw and weighted as the trainer weighs."""
     exploration = _share(training["policy"] == "explore")
     known = _share(training["propensity"].is_not_null())
     weights = 1 / training.filter(pl.col("propensity") > 0)["propensity"].to_numpy()
     ess = float(weights.sum() ** 2 / (weights**2).sum()) if len(weights) else 0.0
-    below = _below_exploration_floor(training, exploration)
+    below = _below_exploration_floor(training if served is None else served)
     measures = {"exploration_share": exploration, "ips_ess": ess,
                 "ips_ess_share": ess / len(weights) if len(weights) else math.nan,
                 "propensity_known_share": known, "explored_below_floor_share": below}
@@ -105,17 +107,17 @@ def exposure_bias(training: pl.DataFrame, settings: HealthSettings, shape: str) 
     return _finding("exposure_bias", problems, judged, measures, tables)
 
 
-def _below_exploration_floor(training: pl.DataFrame, exploration: float) -> float:
+def _below_exploration_floor(served: pl.DataFrame) -> float:
     """Share of the explored impressions (of interactions that logged their candidates) whose logged
     propensity is below (1 - FLOOR_TOLERANCE) of exploration's own chance of showing any candidate
-    there, the exploration share over the candidates; NaN without such impressions. A uniformly
-    random slate shows each candidate at each position with at least that chance, whatever the
-    champion does, so a propensity below it was computed for another policy (a stale exploration
-    share, a wrong position)."""
-    explored = training.filter((pl.col("policy") == "explore") & pl.col("propensity").is_not_null()
-                               & (pl.col("candidates") > 0))
-    floor = (1 - FLOOR_TOLERANCE) * exploration / explored["candidates"]
-    return _share(explored["propensity"] < floor)
+    there: the day's exploration share (of its impressions, from the log itself) over the
+    candidates; NaN without such impressions. A uniformly random slate shows each candidate at
+    each position with at least that chance, whatever the champion does, so a propensity below it
+    was computed for another policy (a stale exploration share, a wrong position)."""
+    explored = served.with_columns(
+        floor=(1 - FLOOR_TOLERANCE) * (pl.col("policy") == "explore").mean().over("event_date") / pl.col("candidates"),
+    ).filter((pl.col("policy") == "explore") & pl.col("propensity").is_not_null() & (pl.col("candidates") > 0))
+    return _share(explored["propensity"] < explored["floor"])
 
 
 def _position_correction(labelled: pl.DataFrame) -> pl.DataFrame:
