@@ -368,9 +368,11 @@ def slice_masks(units: pl.DataFrame) -> dict[str, np.ndarray]:
     new = units["is_new_user"].fill_null(False).to_numpy()
     masks = {"all": np.ones(units.height, bool), "new_users": new, "returning_users": ~new}
     segments = units.select(anonymised(pl.col("segment"), declared=[])).to_series()
-    named = units.select(pl.when(pl.col("group") == pl.col("segment")).then(segments).otherwise(pl.col("group")))
     declared = units["group"]
-    if declared.null_count() < units.height and named.to_series().equals(segments, null_equal=True):
+    # the groups are the segments when each unit's group is its segment: by name (declared) or hashed
+    hashed_groups = units.select(pl.when(pl.col("group") == pl.col("segment")).then(segments)
+                                 .otherwise(pl.col("group"))).to_series()
+    if declared.null_count() < units.height and hashed_groups.equals(segments, null_equal=True):
         segments = pl.Series([None] * units.height, dtype=pl.String)
     for segment in sorted(segments.drop_nulls().unique().to_list()):
         masks["segment_" + segment] = (segments == segment).fill_null(False).to_numpy()
