@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -604,6 +605,7 @@ def main(argv: list[str] | None = None) -> None:
     # MLflow announces creating its tables. Neither helps a person at the terminal.
     warnings.filterwarnings("ignore", message=r".* is currently in (beta|preview)")
     logging.getLogger("mlflow").setLevel(logging.ERROR)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a model's files, hashed (lineage)
     args = parser().parse_args(argv)
     from flywheel_pipeline.approval import ApprovalError
     from flywheel_pipeline.deployment_log import LogError
