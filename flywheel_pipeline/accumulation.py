@@ -417,23 +417,27 @@ def _problem(batch: _Batch, what: str, error: duckdb.Error) -> str:
 
 
 def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date]) -> None:
-    """Keep this run's partitions' lines (``partition_lines``); an event id seen before in the batches
-    read (in batch, file, line order) is a duplicate, a ``conflicting_duplicate`` when its content
-    differs from the first copy's; one already kept in another partition is a duplicate too. Only
-    the repeated ids are ordered, and only the duplicates rewritten."""
+    """Keep this run's partitions' lines (``partition_lines``); among the lines that pass the contract
+    (a copy that fails it was quarantined for that, and never beats one that passes), an event id
+    read more than once is a ``duplicate_event_id`` after its first copy (in batch, file, line order)
+    when every copy holds the same content, and ``conflicting_duplicate``, every copy of it, when they
+    differ: which one is right cannot be told, so none is kept and all wait in the quarantine for
+    review. One already kept in another partition is a duplicate too. Only the repeated ids are
+    ordered, and only the duplicates rewritten."""
     con.execute("DELETE FROM checked_lines WHERE event_date NOT IN $dates", {"dates": dates})
     con.execute(
         """
         UPDATE checked_lines SET reason = repeats.reason FROM (
             SELECT source_file, source_line, reason FROM (
-                SELECT source_file, source_line, row_number() OVER first_copy AS nth,
-                    CASE WHEN content <> first_value(content) OVER first_copy THEN 'conflicting_duplicate'
-                         ELSE 'duplicate_event_id' END AS reason
+                SELECT source_file, source_line,
+                    CASE WHEN min(content) OVER copies <> max(content) OVER copies THEN 'conflicting_duplicate'
+                         WHEN row_number() OVER first_copy > 1 THEN 'duplicate_event_id' END AS reason
                 FROM checked_lines
                 WHERE reason IS NULL AND event_id IN (
                     SELECT event_id FROM checked_lines WHERE reason IS NULL GROUP BY 1 HAVING count(*) > 1)
-                WINDOW first_copy AS (PARTITION BY event_id ORDER BY batch_day, source_file, source_line)
-            ) WHERE nth > 1
+                WINDOW copies AS (PARTITION BY event_id),
+                       first_copy AS (PARTITION BY event_id ORDER BY batch_day, source_file, source_line)
+            ) WHERE reason IS NOT NULL
         ) AS repeats
         WHERE checked_lines.source_file = repeats.source_file AND checked_lines.source_line = repeats.source_line
         """

@@ -109,17 +109,23 @@ def test_a_batch_dated_in_the_future_is_rejected(home, config):
     assert report.reasons == {"future_batch": 1} and report.accepted["interactions"] == 0
 
 
-def test_conflicting_duplicates_are_flagged_and_exact_ones_deduplicated(home, config):
+def test_conflicting_copies_are_all_quarantined_and_exact_ones_deduplicated(home, config):
+    """Two valid copies of event a that differ: neither is kept (file order cannot say which is right), both wait in
+    the quarantine; an exact copy of b is a plain duplicate; a copy of c that breaks the contract never beats c."""
     exact = json.dumps(interaction("b"), indent=1).replace("\n", "")  # the same event, spaced differently
-    write_batch(home, "2026-11-02", [interaction("a"), interaction("b"), interaction("a", input="changed"), exact])
+    broken = {**interaction("c"), "impressions": None}
+    write_batch(home, "2026-11-02", [interaction("a"), interaction("b"), broken, interaction("a", input="changed"),
+                                     exact, interaction("c")])
 
     report = run(home, config)
 
-    assert report.reasons == {"conflicting_duplicate": 1, "duplicate_event_id": 1}
+    assert report.reasons == {"conflicting_duplicate": 2, "duplicate_event_id": 1, "missing_field:impressions": 1}
     assert table(home, "SELECT source_line, reason FROM raw.quarantine ORDER BY 1") == [
-        (3, "conflicting_duplicate"), (4, "duplicate_event_id")]
-    assert table(home, "SELECT input_text FROM raw.interactions WHERE event_id = 'a'") == [("What is a computer?",)]
-    assert report.day_metadata(DAY)["quarantine_reasons"] == "conflicting_duplicate: 1, duplicate_event_id: 1"
+        (1, "conflicting_duplicate"), (3, "missing_field:impressions"), (4, "conflicting_duplicate"),
+        (5, "duplicate_event_id")]
+    assert table(home, "SELECT event_id, source_line FROM raw.interactions ORDER BY 1") == [("b", 2), ("c", 6)]
+    assert report.day_metadata(DAY)["quarantine_reasons"] == (
+        "conflicting_duplicate: 2, duplicate_event_id: 1, missing_field:impressions: 1")
 
 
 @pytest.mark.parametrize(("field", "value", "reason"), [
@@ -209,7 +215,7 @@ def test_a_batch_mixing_good_lines_with_every_kind_of_bad_line_keeps_reasons_and
     report = run(home, config)
 
     expected = {**{reason: 1 for reason in BAD_LINES}, "line_too_long": 1, "invalid_utf8": 1,
-                "conflicting_duplicate": 1, "duplicate_event_id": 1}
+                "conflicting_duplicate": 2, "duplicate_event_id": 1}
     assert report.reasons == expected and report.reconciles
     assert report.lines_in == len(lines) - 2  # blank lines carry nothing
     where = {line: number for number, line in enumerate(lines, start=1)}
@@ -217,8 +223,8 @@ def test_a_batch_mixing_good_lines_with_every_kind_of_bad_line_keeps_reasons_and
     assert {(r, n) for r, n, _ in quarantined if r in bad} == {(r, where[line]) for r, line in bad.items()}
     assert all(text for _, _, text in quarantined)  # each keeps its (redacted) text
     assert {(r, n) for r, n, _ in quarantined if "duplicate" in r} == {
-        ("conflicting_duplicate", len(lines) - 3), ("duplicate_event_id", len(lines) - 1)}
-    assert table(home, "SELECT event_id, source_line FROM raw.interactions") == [("first", 1)]
+        ("conflicting_duplicate", 1), ("conflicting_duplicate", len(lines) - 3), ("duplicate_event_id", len(lines) - 1)}
+    assert table(home, "SELECT event_id, source_line FROM raw.interactions") == []
     assert table(home, "SELECT event_id, source_line FROM raw.signals ORDER BY 2") == [
         ("s1", len(lines) - 2), ("last", len(lines))]
 

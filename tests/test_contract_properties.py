@@ -69,6 +69,36 @@ def test_any_line_is_accepted_or_quarantined_and_the_run_never_fails(batch: list
         path.write_text("".join(line + "\n" for line in batch), encoding="utf-8", errors="surrogatepass")
         with warehouse.connect(home.warehouse("assistant")) as con:
             report = accumulate(con, home, CONFIG, "assistant", [DAY], now=NOW)
-        blank = sum(not line.strip() for line in batch)
+        blank = sum(not line.strip(" \t\r") for line in batch)  # JSON's whitespace only: "\x85" is a line
         assert report.lines_in + blank == len(batch)
         assert report.reconciles, (report.lines_in, report.accepted, report.quarantined, report.reasons)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["exact", "changed", "broken"]), st.booleans()), min_size=1, max_size=6))
+def test_a_copy_that_breaks_the_contract_never_wins_and_differing_copies_are_all_quarantined(
+        copies: list[tuple[str, bool]]) -> None:
+    """Each event comes twice, its copy before or after it: an exact copy is a duplicate (one kept), a copy that
+    breaks the contract is quarantined and the valid one kept, whichever came first; two valid copies that differ
+    are both quarantined (file order does not say which is right)."""
+    batch, kept, reasons = [], set(), {}
+    for n, (kind, copy_first) in enumerate(copies):
+        event = interaction(f"e{n}", interaction_id=f"i_{n}")
+        copy = {"exact": event, "changed": {**event, "input": "changed"},
+                "broken": {**event, "impressions": None}}[kind]
+        batch += [copy, event] if copy_first else [event, copy]
+        if kind != "changed":
+            kept.add(f"e{n}")
+        reason = {"exact": "duplicate_event_id", "changed": "conflicting_duplicate",
+                  "broken": "missing_field:impressions"}[kind]
+        reasons[reason] = reasons.get(reason, 0) + (2 if kind == "changed" else 1)
+    with tempfile.TemporaryDirectory() as root:
+        home = Home(Path(root)).ensure()
+        path = home.landing / "assistant" / f"{DAY}.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps(event) + "\n" for event in batch))
+        with warehouse.connect(home.warehouse("assistant")) as con:
+            report = accumulate(con, home, CONFIG, "assistant", [DAY], now=NOW)
+            accepted = {event_id for (event_id,) in con.execute("SELECT event_id FROM raw.interactions").fetchall()}
+            quarantined = con.execute("SELECT count(*) FROM raw.quarantine").fetchall()[0][0]
+    assert accepted == kept and report.reasons == reasons and quarantined == sum(reasons.values())

@@ -89,7 +89,7 @@ def test_exposure_bias_flags_a_logger_without_exploration():
 
 
 def test_exposure_bias_flags_explored_impressions_logged_as_rarer_than_exploration_made_them():
-    """Exploring about 10% a day over 50 candidates shows each at least 0.002 of the time; a logger that believes it
+    """Exploring 10% over 50 candidates shows each at least 0.002 of the time; a logger that believes it
     explores 0.5% logs 0.0001 for the explored ones the champion would not have shown."""
     rows = impressions(3000)
     stale = rows.with_columns(propensity=pl.when(pl.col("policy") == "explore").then(0.0001).otherwise("propensity"))

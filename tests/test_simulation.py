@@ -117,18 +117,24 @@ def _parse(timestamp: str) -> datetime:
 
 
 def read_batches(home: Home, domain: str) -> list[tuple[date, dict | None]]:
-    """(batch day, event or None when the line breaks the contract) for every landing line."""
+    """(batch day, event or None when the line breaks the contract) for every landing line; of the valid lines
+    sharing an event id in a batch, the first when they are all the same, none when they differ."""
     rows = []
     for path in sorted((home.landing / domain).rglob("*.jsonl")):
         day = date.fromisoformat(path.stem)
+        events = [json.loads(line) if contract_violation(line, domain) is None else None
+                  for line in filter(None, path.read_text(encoding="utf-8").split("\n"))]
+        copies: dict[str, list[dict]] = {}
+        for event in filter(None, events):
+            copies.setdefault(event["event_id"], []).append(event)
         seen: set[str] = set()
-        for line in filter(None, path.read_text(encoding="utf-8").split("\n")):
-            valid = contract_violation(line, domain) is None
-            event = json.loads(line) if valid else None
-            if event is not None and event["event_id"] in seen:
-                event = None  # the second line with an id already seen
+        for event in events:
             if event is not None:
-                seen.add(event["event_id"])
+                same = copies[event["event_id"]]
+                if event["event_id"] in seen or any(copy != same[0] for copy in same):
+                    event = None  # a repeated line, or one of copies that differ
+                else:
+                    seen.add(event["event_id"])
             rows.append((day, event))
     return rows
 

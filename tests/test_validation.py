@@ -19,9 +19,9 @@ from sklearn.metrics import roc_auc_score
 
 from flywheel_pipeline import registry
 from flywheel_pipeline.config import Gate, Groups, parse_config
-from flywheel_pipeline.groups import anonymous
 from flywheel_pipeline.defs.assets import build_model_assets
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
+from flywheel_pipeline.groups import anonymous
 from flywheel_pipeline.health import HealthReport
 from flywheel_pipeline.scoring import UniformScorer
 from flywheel_pipeline.training import train_candidate

@@ -110,12 +110,13 @@ def exposure_bias(training: pl.DataFrame, settings: HealthSettings, shape: str,
 def _below_exploration_floor(served: pl.DataFrame) -> float:
     """Share of the explored impressions (of interactions that logged their candidates) whose logged
     propensity is below (1 - FLOOR_TOLERANCE) of exploration's own chance of showing any candidate
-    there: the day's exploration share (of its impressions, from the log itself) over the
-    candidates; NaN without such impressions. A uniformly random slate shows each candidate at
+    there: the exploration share of ``served``'s impressions (from the log itself, over the whole
+    window: a day's share is too noisy at low traffic) over the candidates; NaN without such
+    impressions. A uniformly random slate shows each candidate at
     each position with at least that chance, whatever the champion does, so a propensity below it
     was computed for another policy (a stale exploration share, a wrong position)."""
     explored = served.with_columns(
-        floor=(1 - FLOOR_TOLERANCE) * (pl.col("policy") == "explore").mean().over("event_date") / pl.col("candidates"),
+        floor=(1 - FLOOR_TOLERANCE) * (pl.col("policy") == "explore").mean() / pl.col("candidates"),
     ).filter((pl.col("policy") == "explore") & pl.col("propensity").is_not_null() & (pl.col("candidates") > 0))
     return _share(explored["propensity"] < explored["floor"])
 

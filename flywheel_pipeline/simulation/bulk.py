@@ -15,7 +15,8 @@ number, so each event is computed on its own, and DuckDB streams the lines into 
   interactions reviewed as ``label`` events in ``labels/<day>.jsonl``, a few events delivered 1-3
   days late, and a ``bad_share`` of bad lines: malformed JSON, not an object, no ``user_id``, a
   numeric or future timestamp, an e-mail address as user id (each replacing a line), and an event
-  delivered again the next day, as it was or with other content (each an extra line).
+  delivered again the next day, as it was or with other content (each an extra line; a copy with
+  other content has both copies quarantined).
 
 Accumulation accepts every other line. Events due after the last day are not written (the
 simulator's outbox would hold them), and no hidden truth is kept: this feeds benchmarks, not the gate.
@@ -229,7 +230,7 @@ class _Shape(ABC):
         return source
 
     def _skeleton(self, per_day: int) -> str:
-        """One row per line to write, without its text: (i, slot, k, ts, batch_day, is_label, bad, copy)."""
+        """One row per line to write, without its text: (i, slot, k, ts, batch_day, is_label, bad, copy, conflicted)."""
         slots = self.slots()
         mask = " | ".join(f"(CASE WHEN {s.present} THEN {1 << n} ELSE 0 END)" for n, s in enumerate(slots))
         after = " ".join(f"WHEN {n} THEN {s.after_s}" for n, s in enumerate(slots))
@@ -242,7 +243,9 @@ class _Shape(ABC):
         return f"""
             SELECT i, slot, k, is_label, ts, batch_day + again AS batch_day,
                 CASE WHEN again = 0 AND bad < {_REPLACEMENTS} THEN bad END AS bad,
-                (CASE WHEN again = 1 THEN bad - {_REPLACEMENTS - 1} ELSE 0 END)::UTINYINT AS copy
+                (CASE WHEN again = 1 THEN bad - {_REPLACEMENTS - 1} ELSE 0 END)::UTINYINT AS copy,
+                -- the first copy of a line delivered again changed: quarantined with it (no copy is trusted)
+                again = 0 AND bad = {_REPLACEMENTS + _CONFLICTING_COPY - 1} AND batch_day + 1 < {self.days} AS conflicted
             FROM (
                 SELECT i, slot::UTINYINT AS slot, (CASE slot {position} END)::TINYINT AS k,
                     slot IN ({labels}) AS is_label, served + (CASE slot {after} END)::BIGINT AS ts,
@@ -269,7 +272,7 @@ class _Shape(ABC):
         self.tables(con)
         _number_interactions(con, per_day * self.days)
         con.execute(f"CREATE OR REPLACE TEMP TABLE lines AS {self._skeleton(per_day)}")
-        counts = con.execute("SELECT batch_day, is_label, count(*), count(*) FILTER (bad IS NOT NULL OR copy > 0) "
+        counts = con.execute("SELECT batch_day, is_label, count(*), count(*) FILTER (bad IS NOT NULL OR copy > 0 OR conflicted) "
                              "FROM lines GROUP BY ALL ORDER BY ALL").fetchall()
         batches = []
         for day_n, is_label, lines, bad in counts:

@@ -125,19 +125,24 @@ class Outbox:
 
 def write_batch(path: Path, events: list[dict], bad_row_share: float,
                 rng: np.random.Generator) -> int:
-    """Write one landing batch, a share of its lines replaced by bad rows; returns the bad count."""
+    """Write one landing batch, a share of its lines replaced by bad rows; returns how many lines the
+    pipeline will quarantine: the bad rows, and the good lines a bad row copied the event id of (two
+    valid copies that differ are both quarantined)."""
     events = sorted(events, key=lambda e: (e["timestamp"], e["event_id"]))
     lines = [{**event, "timestamp": iso(event["timestamp"])} for event in events]
     text = [_dumps(line) for line in lines]
     bad = np.flatnonzero(rng.random(len(lines)) < bad_row_share)
     good = np.setdiff1d(np.arange(len(lines)), bad)
     kinds = rng.integers(len(BAD_ROWS), size=len(bad))
+    conflicted = set()  # good lines whose id a bad row took: the pipeline quarantines every conflicting copy
     for i, kind in zip(bad, kinds):
-        other = lines[rng.choice(good)]["event_id"] if len(good) else "e_0"
-        text[i] = BAD_ROWS[kind](lines[i], other)
+        j = rng.choice(good) if len(good) else None
+        text[i] = BAD_ROWS[kind](lines[i], "e_0" if j is None else lines[j]["event_id"])
+        if BAD_ROWS[kind] is _duplicate_id and j is not None:
+            conflicted.add(int(j))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(line + "\n" for line in text), encoding="utf-8")
-    return len(bad)
+    return len(bad) + len(conflicted)
 
 
 @lru_cache(maxsize=4096)
