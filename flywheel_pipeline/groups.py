@@ -45,6 +45,12 @@ def anonymised(values: pl.Expr, declared: list[str]) -> pl.Expr:
         default=None, return_dtype=pl.String), return_dtype=pl.String)
 
 
+def declared_segments(settings: Groups | None) -> list[str]:
+    """The segment values the domain declares (its protected groups, when groups come from the segment):
+    the only ones shown by name."""
+    return list(settings.protected) if settings is not None and settings.field == "segment" else []
+
+
 def user_groups(path: Path) -> pl.DataFrame:
     """user_id, group from ``path``; a clear error for a missing file, column or a user listed twice."""
     if not path.exists():

@@ -17,6 +17,7 @@ import polars as pl
 from flywheel_pipeline.accumulation import batch_day
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.events import CLICK_MATURITY
+from flywheel_pipeline.groups import anonymised, declared_segments
 from flywheel_pipeline.health import HealthReport, measures
 from flywheel_pipeline.training.base import SERVING_TIME_COLUMNS, Windows
 from flywheel_pipeline.warehouse import transaction
@@ -38,7 +39,9 @@ EVIDENCE_TABLES = ("raw.signals", "raw.outcomes", "raw.labels")
 
 def audit(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str, windows: Windows,
           mature_until: date | None, champion: str, candidate_model_uri: str) -> HealthReport:
-    """One Finding per trap over the candidate's training and held-out windows."""
+    """One Finding per trap over the candidate's training and held-out windows. A segment is named by
+    its ``groups.anonymous`` hash unless the domain declares it (its measures reach health.measures,
+    the report and MLflow: no text the product sent)."""
     settings = config.domain(domain)
     health = settings.health
     con.register("delivery_days", _delivery_days(con, domain))
@@ -47,6 +50,7 @@ def audit(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str, w
         outcomes = _outcomes(con, domain, windows, settings.label_maturity.outcome)
     finally:
         con.unregister("delivery_days")
+    rows = rows.with_columns(segment=anonymised(pl.col("segment"), declared_segments(settings.groups)))
     training = rows.filter(pl.col("event_date") <= windows.train_end)
     holdout = rows.filter(pl.col("event_date") >= windows.holdout_start)
     findings = (
