@@ -693,8 +693,8 @@ def test_popularity_and_engagement_draw_clicks_but_not_purchases(tmp_path: Path,
 
 def test_mislogged_propensity_serves_the_same_slates_and_logs_a_stale_exploration_share(tmp_path: Path) -> None:
     """The same interactions and slates; each candidate's logged chances still sum to 1 per position, but as if
-    the product explored half as often: an explored item the champion would not have shown is logged at half
-    exploration's chance, exploration share / candidates (a champion without ties: one that ties every item
+    the product explored 0.55 as often (1 - 0.9 x 0.5): an explored item the champion would not have shown is
+    logged at 0.55 of exploration's chance, exploration share / candidates (a champion without ties: one that ties every item
     shows each with the same chance whatever it believes)."""
     class ByItem:
         def predict(self, candidates: pd.DataFrame) -> np.ndarray:
@@ -709,7 +709,7 @@ def test_mislogged_propensity_serves_the_same_slates_and_logs_a_stale_exploratio
     assert {e["interaction_id"]: [i["item_id"] for i in e["impressions"]] for e in trapped} == slates
     share = CONFIG.domain("recommendation").exploration_share
     lowest = min(i["propensity"] for e in trapped if e["policy"] == "explore" for i in e["impressions"])
-    assert lowest == pytest.approx(share / 2 / 20, rel=1e-3)
+    assert lowest == pytest.approx(share * 0.55 / 20, rel=1e-3)
     assert min(i["propensity"] for e in honest if e["policy"] == "explore"
                for i in e["impressions"]) == pytest.approx(share / 20, rel=1e-3)
     for event in trapped:

@@ -21,7 +21,8 @@ truth whatever is on (docs/events.md: Trap injection). At strength s:
 Besides the traps, one subtler exposure fault (``health.FAULTS``, caught by the exposure_bias check):
 
     mislogged_propensity  the logger computes propensities with a stale exploration share,
-                          (1 - s) of the one it serves with: explored items look rarer than they were
+                          (1 - STALE_SHARE * s) of the one it serves with: explored items look rarer
+                          than they were (never impossible: a propensity of 0 breaks the contract)
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ POPULAR_SHARE = 0.1
 POPULARITY_PULL = 0.5
 CLICKBAIT_CATEGORY = "electronics"
 CLICKBAIT_PULL = 0.7
+STALE_SHARE = 0.9
 # traps that apply to some shapes only: the simulated assistant logs no segment (no group to hear) and
 # has no catalogue (nothing to collapse onto, no items to badge or bait with)
 SHAPES = {trap: ("recommendation",)
@@ -212,14 +214,14 @@ class _Day:
 
 def mislogged(served: Served, exploration_share: float, strength: float) -> Served:
     """mislogged_propensity: what was served, with the propensities of a logger that believes it
-    explores (1 - ``strength``) of ``exploration_share``: each candidate's chance at each position
+    explores (1 - STALE_SHARE * ``strength``) of ``exploration_share``: each candidate's chance at each position
     recomputed as (1 - eps') * P(champion puts it there) + eps' / candidates. A logger that only
     explores (share 1) never serves the champion: nothing stale to believe."""
     if exploration_share >= 1:
         return served
     candidates = served.candidate_propensity.shape[1]
     champion = (served.candidate_propensity - exploration_share / candidates) / (1 - exploration_share)
-    believed = exploration_share * (1 - strength)
+    believed = exploration_share * (1 - STALE_SHARE * strength)
     every = (1 - believed) * champion + believed / candidates
     shown = np.take_along_axis(every, served.slate[:, :, None], axis=1)
     return Served(served.slate, np.diagonal(shown, axis1=1, axis2=2), served.policy, every)
