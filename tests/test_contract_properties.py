@@ -59,7 +59,7 @@ def lines(draw: st.DrawFn) -> list[str]:
     return batch
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(lines())
 def test_any_line_is_accepted_or_quarantined_and_the_run_never_fails(batch: list[str]) -> None:
     with tempfile.TemporaryDirectory() as root:
@@ -74,7 +74,7 @@ def test_any_line_is_accepted_or_quarantined_and_the_run_never_fails(batch: list
         assert report.reconciles, (report.lines_in, report.accepted, report.quarantined, report.reasons)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(["exact", "changed", "broken"]), st.booleans()), min_size=1, max_size=6))
 def test_a_copy_that_breaks_the_contract_never_wins_and_differing_copies_are_all_quarantined(
         copies: list[tuple[str, bool]]) -> None:
