@@ -263,7 +263,7 @@ def curve_table(records: list[dict]) -> str:
                      f"{_number(statistics.fmean(v for _, v, _ in rows))} | {statistics.fmean(harms):+.3f} "
                      f"({', '.join(f'{h:+.3f}' for h in harms)}) |")
     lines += ["", "| trap | domain | weakest strength flagged in most seeds |", "|---|---|---|"]
-    lines += [f"| {trap} | {domain} | {weakest.get((trap, domain), 'none tried')} |"
+    lines += [f"| {trap} | {domain} | {weakest.get((trap, domain), 'not flagged at any strength tried')} |"
               for trap, domain in dict.fromkeys((t, d) for t, d, _ in cells)]
     return "\n".join(lines)
 
