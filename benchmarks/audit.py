@@ -88,6 +88,7 @@ class Run:
     def __init__(self, root: Path, config: FlywheelConfig, trap: str | None, strength: float, seed: int,
                  per_day: int, warmup_days: int, cycles: int, domains: list[str]) -> None:
         self.home, self.config = Home(root).activate(), declared(config, trap, strength)
+        self.product_config = config  # the simulator applies the trap's strength to flywheel.yaml's settings itself
         self.trap, self.strength = trap, strength
         self.seed, self.per_day, self.warmup_days, self.cycles = seed, per_day, warmup_days, cycles
         self.domains = [d for d in domains if trap is None or applies_to(trap, config.domain(d).shape)]
@@ -101,7 +102,7 @@ class Run:
 
     def serve(self, first: date, days: int) -> None:
         serving = {d: champion_scorer(self.config, d) for d in self.domains}  # this home's MLflow (set above)
-        simulation.simulate(self.home, self.config, first, days, seed=self.seed, interactions_per_day=self.per_day,
+        simulation.simulate(self.home, self.product_config, first, days, seed=self.seed, interactions_per_day=self.per_day,
                             bad_row_share=0.01, scorers={d: scorer for d, (scorer, _) in serving.items()},
                             model_versions={d: version for d, (_, version) in serving.items()}, domains=self.domains,
                             traps={} if self.trap is None else {self.trap: self.strength})
