@@ -96,27 +96,22 @@ def _impressions(
         for table in EVIDENCE_TABLES)
     return con.sql(
         f"""WITH delivered AS (
-                SELECT interaction_id, min(d.delivered) AS interaction_delivered
+                SELECT interaction_id, min(d.delivered) AS interaction_delivered,
+                       any_value(json_array_length(context, '$.candidates')) AS candidates
                 FROM raw.interactions JOIN delivery_days AS d USING (source_file)
                 WHERE domain = $domain AND event_date BETWEEN $start AND $end
                 GROUP BY interaction_id),
             evidence AS (
                 SELECT interaction_id, min(d.delivered) AS evidence_delivered
                 FROM ({evidence}) JOIN delivery_days AS d USING (source_file)
-                GROUP BY interaction_id),
-            logged AS (
-                SELECT interaction_id, any_value(json_array_length(context, '$.candidates')) AS candidates
-                FROM raw.interactions
-                WHERE domain = $domain AND event_date BETWEEN $start AND $end
                 GROUP BY interaction_id)
             SELECT {columns}, l.p_good, i.audit_review_value, i.clicked, i.outcome_value,
-                   logged.candidates, delivered.interaction_delivered, evidence.evidence_delivered
+                   delivered.candidates, delivered.interaction_delivered, evidence.evidence_delivered
             FROM marts.fct_impressions AS i
             LEFT JOIN labels.impression_labels AS l
               USING (domain, event_date, interaction_id, item_id)
             LEFT JOIN delivered USING (interaction_id)
             LEFT JOIN evidence USING (interaction_id)
-            LEFT JOIN logged USING (interaction_id)
             WHERE i.domain = $domain AND i.event_date BETWEEN $start AND $end""",
         params={"domain": domain, "start": start, "end": end},
     ).pl()
