@@ -201,15 +201,19 @@ def install_redaction(con: duckdb.DuckDBPyConnection) -> None:
             lambda redacted, f: replace(redacted, f, token));
         CREATE OR REPLACE TEMP MACRO redact_pii(text) AS
             CASE WHEN regexp_matches(text, {anything}) THEN {_redacted("text")} ELSE text END;
-        CREATE OR REPLACE TEMP MACRO holds_pii(text) AS regexp_matches(text, {anything}) AND redact_pii(text) <> text;
+        CREATE OR REPLACE TEMP MACRO holds_pii(text) AS CASE WHEN regexp_matches(text, {anything})
+            THEN {_redacted("text")} <> text ELSE false END;
         -- an id holds personal data when an API key is in it, or anything else once it is read with
         -- underscores as spaces (u_219-09-9999) and each bare run of digits (a counter, a timestamp,
         -- a numeric id: 1730539200 would be a phone number, one 13-digit id in ten a card's) as N;
         -- digits joined by . : - stay (an SSN, a card in groups, an IP address)
-        CREATE OR REPLACE TEMP MACRO id_holds_pii(id) AS regexp_matches(id, {_literal(_pattern("API_KEY"))})
-            OR regexp_matches(replace(id, '_', ' '), {anything}) AND holds_pii(array_to_string(list_transform(
+        -- (CASE, not AND: DuckDB evaluates both sides of an AND in a projection, CASE only the rows it selects)
+        CREATE OR REPLACE TEMP MACRO id_holds_pii(id) AS CASE
+            WHEN regexp_matches(id, {_literal(_pattern("API_KEY"))}) THEN true
+            WHEN regexp_matches(replace(id, '_', ' '), {anything}) THEN holds_pii(array_to_string(list_transform(
                 regexp_extract_all(replace(id, '_', ' '), '\d+(?:[.:-]\d+)+|\w+|\W'),
-                lambda part: CASE WHEN regexp_full_match(part, '\d+') THEN 'N' ELSE part END), ''));
+                lambda part: CASE WHEN regexp_full_match(part, '\d+') THEN 'N' ELSE part END), ''))
+            ELSE false END;
         -- JSON text with its escapes (\n, \") read as spaces, so that they do not hide a match
         CREATE OR REPLACE TEMP MACRO unescaped(line) AS regexp_replace(line, '\\[bfnrt"/\\]', ' ', 'g');
         -- false for JSON text none of whose strings can hold a match: most events, spared
