@@ -41,7 +41,7 @@ _IMPRESSION_SCHEMA = '[{"item_id": "VARCHAR", "position": "INTEGER", "propensity
 _GZIP_MAGIC = b"\x1f\x8b"
 _NO_DELIMITER = "chr(0) || chr(1) || chr(0) || chr(1)"  # never in JSON text: a line is one column
 QUARANTINED_PREFIX_CHARS = 1000  # of a line that could not be read or checked: enough to find it
-_CHECKED_COLUMNS = f"""source_file VARCHAR, batch_day DATE, source_line BIGINT, line VARCHAR,
+_CHECKED_COLUMNS = f"""source_file VARCHAR, batch_day DATE, n BIGINT, source_line BIGINT, line VARCHAR,
     fields {events.FIELDS_TYPE}, event_type VARCHAR, event_id VARCHAR, event_ts TIMESTAMP, content UBIGINT,
     event_date DATE, reason VARCHAR"""
 
@@ -185,19 +185,20 @@ def _scan_lines(con: duckdb.DuckDBPyConnection, batches: list[_Batch], max_line_
         )
 
 
-def _scan_fields(con: duckdb.DuckDBPyConnection, batches: list[_Batch], max_line_bytes: int) -> None:
-    """The contract fields of every non-blank line (NULL where it does not parse as an object) into
-    ``typed_rows`` (file, n: its place in the scan, fields), with DuckDB's JSON reader."""
-    con.execute(f"CREATE OR REPLACE TEMP TABLE typed_rows (file VARCHAR, n BIGINT, fields {events.FIELDS_TYPE})")
-    for params in _by_compression(batches, max_line_bytes):
-        con.execute(
-            f"""INSERT INTO typed_rows
-                SELECT filename, row_number() OVER (), {events.fields_of_columns()}
-                FROM read_json($paths, format = 'newline_delimited', columns = {events.JSON_COLUMNS},
-                               ignore_errors = true, filename = true, compression = $compression,
-                               maximum_object_size = $max_line_bytes + 1)""",
-            params,
-        )
+def _check_fields(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, batches: list[_Batch],
+                  params: dict[str, object]) -> None:
+    """Every non-blank line into ``checked_lines``, in one streaming statement: its contract fields
+    (NULL where it does not parse as an object) read by DuckDB's JSON reader and checked, with
+    ``n``, its place in the scan (``_number_fields`` turns it into its line number)."""
+    for read in _by_compression(batches, config.landing.max_line_bytes):
+        typed = f"""(SELECT l.source_file, l.batch_day, s.n, NULL::BIGINT AS source_line, NULL::VARCHAR AS line, s.fields
+                     FROM (SELECT filename, row_number() OVER () AS n, {events.fields_of_columns()} AS fields
+                           FROM read_json($paths, format = 'newline_delimited', columns = {events.JSON_COLUMNS},
+                                          ignore_errors = true, filename = true, compression = $compression,
+                                          maximum_object_size = $max_line_bytes + 1)) AS s
+                     JOIN landing_files AS l ON l.path = s.filename)"""
+        con.execute(f"INSERT INTO checked_lines BY NAME {_checked_sql(config, typed, whole_line=False)}",
+                    {**params, **read})
 
 
 def _files_sql(rows: str, skipped: str) -> str:
@@ -232,17 +233,25 @@ def _number_lines(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def _number_fields(con: duckdb.DuckDBPyConnection) -> None:
-    """Number the JSON scan's rows, which skips a blank line: ``json_files`` (``_files_sql``, and
-    ``misread``: the two scans disagree on the file's lines, so all of them are checked from their text)."""
+    """Number the JSON scan's rows in ``checked_lines``, which skips a blank line: ``json_files``
+    (``_files_sql``, and ``misread``: the two scans disagree on the file's lines, so its rows are
+    dropped and all its lines checked from their text)."""
+    scanned = """(SELECT l.path AS file, c.n FROM checked_lines AS c JOIN landing_files AS l USING (source_file)
+                  WHERE c.n IS NOT NULL)"""
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE json_files AS
             WITH lines AS (
                 SELECT file, count(*) FILTER (NOT blank) AS lines FROM numbered_lines GROUP BY 1
                 UNION ALL SELECT file, count(*) FROM line_rejects GROUP BY 1
             )
-            SELECT json.*, rows IS DISTINCT FROM (SELECT sum(lines) FROM lines WHERE lines.file = json.file) AS misread
-            FROM ({_files_sql('typed_rows', 'numbered_lines WHERE blank')}) AS json"""
+            SELECT json.*, l.source_file,
+                   rows IS DISTINCT FROM (SELECT sum(lines) FROM lines WHERE lines.file = json.file) AS misread
+            FROM ({_files_sql(scanned, 'numbered_lines WHERE blank')}) AS json JOIN landing_files AS l ON l.path = json.file"""
     )
+    con.execute("DELETE FROM checked_lines WHERE n IS NOT NULL AND source_file IN (SELECT source_file FROM json_files "
+                "WHERE misread)")
+    con.execute(f"""UPDATE checked_lines SET source_line = {_line_number_sql('checked_lines.n')} FROM json_files
+                    WHERE checked_lines.n IS NOT NULL AND json_files.source_file = checked_lines.source_file""")
 
 
 def _landing_files(con: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> None:
@@ -271,7 +280,7 @@ def _checked_sql(config: FlywheelConfig, lines: str, whole_line: bool) -> str:
         ), reasoned AS (
             SELECT *, {reason} AS contract_reason FROM typed
         )
-        SELECT source_file, batch_day, source_line, line, fields, event_type, event_id,
+        SELECT source_file, batch_day, n, source_line, line, fields, event_type, event_id,
             event_ts, hash(fields) AS content,
             CASE WHEN event_ts IS NULL OR CAST(event_ts AS DATE) > batch_day THEN batch_day
                  WHEN batch_day - CAST(event_ts AS DATE) > $lateness THEN batch_day
@@ -312,14 +321,10 @@ def _check_batches(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domai
     quarantine keeps their text and exact reason."""
     max_line_bytes = config.landing.max_line_bytes
     _scan_lines(con, batches, max_line_bytes)
-    _scan_fields(con, batches, max_line_bytes)
     _number_lines(con)
-    _number_fields(con)
     params = _check_params(config, domain, now)
-    typed = f"""(SELECT l.source_file, l.batch_day, {_line_number_sql()} AS source_line, NULL::VARCHAR AS line, fields
-                 FROM typed_rows JOIN json_files USING (file) JOIN landing_files AS l ON l.path = file
-                 WHERE NOT misread)"""
-    con.execute(f"INSERT INTO checked_lines BY NAME {_checked_sql(config, typed, whole_line=False)}", params)
+    _check_fields(con, config, batches, params)
+    _number_fields(con)
     _fetch_lines(con, batches, max_line_bytes, """
         SELECT f.path AS file, c.source_line FROM checked_lines AS c JOIN landing_files AS f USING (source_file)
         WHERE c.reason IS NOT NULL
@@ -333,7 +338,8 @@ def _check_batches(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domai
                                                          UNION ALL SELECT file, source_line FROM line_rejects) AS r
                JOIN landing_files AS f ON f.path = r.file)"""
     )
-    whole = f"""(SELECT f.source_file, f.batch_day, t.source_line, t.line, doc, {events.fields_sql('doc')} AS fields
+    whole = f"""(SELECT f.source_file, f.batch_day, NULL::BIGINT AS n, t.source_line, t.line, doc,
+                        {events.fields_sql('doc')} AS fields
                  FROM (SELECT *, TRY_CAST(line AS JSON) AS doc FROM text_lines) AS t
                  JOIN landing_files AS f ON f.path = t.file
                  WHERE trim(t.line) <> '')"""
@@ -475,24 +481,27 @@ _INSERTS = {
         INSERT INTO raw.interactions
         SELECT event_id, $domain, event_date, event_ts, {field_text('user_id')}, {field_text('session_id')},
                {field_text('interaction_id')}, {field_text('model_version')}, {field_text('policy')}, {field_text('consent')},
-               {field_text('input')}, fields.context, source_file, source_line,
-               coalesce(first_ingested.ingested_at, $now)
-        FROM partition_lines LEFT JOIN first_ingested USING (event_id)
-        WHERE reason IS NULL AND event_type = 'interaction'""",
+               {privacy.redacted_sql('input', field_text('input'), 'may_hold')}, {privacy.redacted_sql('context', 'fields.context', 'may_hold')},
+               source_file, source_line, coalesce(first_ingested.ingested_at, $now)
+        FROM (SELECT *, may_hold_pii(concat_ws(' ', fields.input, fields.context)) AS may_hold FROM partition_lines
+              WHERE reason IS NULL AND event_type = 'interaction') LEFT JOIN first_ingested USING (event_id)""",
     "impressions": f"""
         INSERT INTO raw.impressions
         SELECT event_id, $domain, event_date, interaction_id,
                imp.item_id, imp.position, imp.propensity, imp.content
         FROM (
             SELECT event_id, event_date, {field_text('interaction_id')} AS interaction_id,
-                   unnest(from_json(fields.impressions, '{_IMPRESSION_SCHEMA}')) AS imp
+                   unnest(CASE WHEN may_hold_pii(CAST(fields.impressions AS VARCHAR))
+                               THEN list_transform(from_json(fields.impressions, '{_IMPRESSION_SCHEMA}'), lambda imp:
+                                   struct_update(imp, content := {privacy.redacted_sql('content', 'imp.content', 'true')}))
+                               ELSE from_json(fields.impressions, '{_IMPRESSION_SCHEMA}') END) AS imp
             FROM partition_lines WHERE reason IS NULL AND event_type = 'interaction'
         )""",
     "signals": f"""
         INSERT INTO raw.signals
         SELECT event_id, $domain, event_date, event_ts, {field_text('user_id')}, {field_text('session_id')},
                {field_text('interaction_id')}, {field_text('signal_type')}, {field_text('item_id')},
-               TRY_CAST(fields.value AS DOUBLE), {field_text('text')}, source_file, source_line,
+               TRY_CAST(fields.value AS DOUBLE), {privacy.redacted_sql('text', field_text('text'), 'may_hold_pii(CAST(fields.text AS VARCHAR))')}, source_file, source_line,
                coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'signal'""",

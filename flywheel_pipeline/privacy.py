@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import duckdb
 
-from flywheel_pipeline import accumulation, review
+from flywheel_pipeline import events, review
 from flywheel_pipeline.home import Home, write_atomically
 from flywheel_pipeline.warehouse import connect, ensure_raw_tables, transaction
 
@@ -110,6 +110,7 @@ PII_PATTERNS: dict[str, tuple[str, ...]] = {
 CHECKED = {"IBAN_CODE": "iban_codes", "CREDIT_CARD": "card_numbers"}
 _DIGIT_GROUPS = r"\b\d+(?:[ -]\d+)*\b"  # a run of digit groups, single separators: where cards are looked for
 _JSON_TOKEN = r'"(?:[^"\\]|\\.)*"|[^"]+'  # a JSON text's string literals and what lies between them
+TEXT_FIELDS = ("input", "text")  # accepted events' free-text fields beside impressions' content and context
 FORGOTTEN_USER = "forgotten_user"  # the quarantine reason of a replayed event of a forgotten user
 _USER_ID_IN_LINE = r'"user_id"\s*:\s*"([^"\\]*)"'  # a malformed line's user, where it can be read
 _USER_ID_IN_BYTES = re.compile(_USER_ID_IN_LINE.encode())
@@ -159,8 +160,8 @@ def _redacted(text: str) -> str:
 
 
 def install_redaction(con: duckdb.DuckDBPyConnection) -> None:
-    """Create the connection's ``redact_pii(text)``, ``holds_pii(text)``, ``id_holds_pii(id)`` and
-    ``redact_json(json)`` macros."""
+    """Create the connection's ``redact_pii(text)``, ``holds_pii(text)``, ``id_holds_pii(id)``,
+    ``id_holds_key(id)`` and ``redact_json(json)`` macros."""
     anything = _literal("|".join(_pattern(entity) for entity in PII_PATTERNS))
     card = _literal("^(?:" + "|".join(CARD_FORMATS) + ")$")
     con.execute(rf"""
@@ -208,14 +209,17 @@ def install_redaction(con: duckdb.DuckDBPyConnection) -> None:
         -- a numeric id: 1730539200 would be a phone number, one 13-digit id in ten a card's) as N;
         -- digits joined by . : - stay (an SSN, a card in groups, an IP address)
         -- (CASE, not AND: DuckDB evaluates both sides of an AND in a projection, CASE only the rows it selects)
+        CREATE OR REPLACE TEMP MACRO id_holds_key(id) AS regexp_matches(id, {_literal(_pattern("API_KEY"))});
         CREATE OR REPLACE TEMP MACRO id_holds_pii(id) AS CASE
-            WHEN regexp_matches(id, {_literal(_pattern("API_KEY"))}) THEN true
+            WHEN id_holds_key(id) THEN true
+            WHEN regexp_full_match(id, {_literal(events.PLAIN_ID_PATTERN)}) THEN false
             WHEN regexp_matches(replace(id, '_', ' '), {anything}) THEN holds_pii(array_to_string(list_transform(
                 regexp_extract_all(replace(id, '_', ' '), '\d+(?:[.:-]\d+)+|\w+|\W'),
                 lambda part: CASE WHEN regexp_full_match(part, '\d+') THEN 'N' ELSE part END), ''))
             ELSE false END;
         -- JSON text with its escapes (\n, \") read as spaces, so that they do not hide a match
-        CREATE OR REPLACE TEMP MACRO unescaped(line) AS regexp_replace(line, '\\[bfnrt"/\\]', ' ', 'g');
+        CREATE OR REPLACE TEMP MACRO unescaped(line) AS
+            CASE WHEN contains(line, chr(92)) THEN regexp_replace(line, '\\[bfnrt"/\\]', ' ', 'g') ELSE line END;
         -- false for JSON text none of whose strings can hold a match: most events, spared
         -- rebuilding their JSON (text with a \u escape is always looked at)
         CREATE OR REPLACE TEMP MACRO may_hold_pii(line) AS
@@ -247,7 +251,7 @@ def user_hash(user_id: str) -> str:
 def protect_partition_lines(con: duckdb.DuckDBPyConnection) -> None:
     """Accumulation's last step before writing (temp table ``partition_lines``): a forgotten user's
     lines become empty ``forgotten_user`` quarantine rows; quarantined lines (and their event ids)
-    and accepted events' free text are redacted."""
+    are redacted. Accepted events' free text is redacted as it is written (``redacted_sql``)."""
     ensure_privacy_tables(con)
     install_redaction(con)
     if con.execute("SELECT count(*) FROM privacy.forgotten_users").fetchone()[0]:
@@ -263,17 +267,18 @@ def protect_partition_lines(con: duckdb.DuckDBPyConnection) -> None:
             event_id = redact_pii(CASE reason WHEN 'unsafe_id:event_id' THEN replace(event_id, '_', ' ')
                                               ELSE event_id END)
         WHERE reason IS NOT NULL""")
-    con.execute("""
-        UPDATE partition_lines SET fields = struct_update(fields,
-            input := to_json(redact_pii(fields.input ->> '$')),
-            impressions := to_json(list_transform(json_extract(fields.impressions, '$[*]'),
-                lambda imp: json_merge_patch(imp, json_object('content', redact_pii(imp ->> 'content'))))),
-            context := redact_json(fields.context))
-        WHERE reason IS NULL AND event_type = 'interaction'
-          AND may_hold_pii(concat_ws(' ', fields.input, fields.impressions, fields.context))""")
-    con.execute("""
-        UPDATE partition_lines SET fields = struct_update(fields, text := to_json(redact_pii(fields.text ->> '$')))
-        WHERE reason IS NULL AND event_type = 'signal' AND may_hold_pii(fields.text)""")
+
+
+def redacted_sql(field: str, text: str, may_hold: str) -> str:
+    """SQL: an accepted event's free-text ``field`` (``text``: its value, decoded) as written, redacted
+    where ``may_hold`` (``may_hold_pii`` of JSON text holding it, computed once per event): ``input``
+    and a signal's ``text`` (TEXT_FIELDS), an impression's ``content``, the ``context`` JSON (every
+    string, at any depth)."""
+    if field == "context":
+        return f"CASE WHEN {may_hold} THEN redact_json({text}) ELSE {text} END"
+    if field not in (*TEXT_FIELDS, "content"):
+        raise ValueError(f"{field} is no free-text field")
+    return f"CASE WHEN {may_hold} THEN redact_pii({text}) ELSE {text} END"
 
 
 class PrivacyError(RuntimeError):
@@ -505,7 +510,7 @@ def enforce_retention(con: duckdb.DuckDBPyConnection, home: Home, domain: str, r
     """Delete, from ``domain``'s warehouse (``con``), the rows of days older than ``retention_days``
     (and what was derived from them), then the landing batches of those days and their records in
     the exported training sets."""
-    from flywheel_pipeline import training_sets
+    from flywheel_pipeline import accumulation, training_sets  # accumulation imports this module
 
     ensure_raw_tables(con)
     cutoff = today - timedelta(days=retention_days)
