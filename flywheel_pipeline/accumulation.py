@@ -77,6 +77,9 @@ class AccumulationReport:
     reasons: dict[str, int] = field(default_factory=dict)
     days: dict[date, DayCounts] = field(default_factory=dict)
     batch_problems: dict[str, str] = field(default_factory=dict)  # file -> why it was quarantined whole
+    # events and quarantined lines whose rows this run wrote: all of them into empty partitions; on a
+    # rerun only those that changed, came or went (the others' rows stay as they were)
+    written: int = 0
 
     @property
     def reconciles(self) -> bool:
@@ -109,6 +112,7 @@ class AccumulationReport:
             "quarantined": self.quarantined,
             "reconciles": self.reconciles,
             "quarantine_reasons": ", ".join(f"{r}: {n}" for r, n in sorted(self.reasons.items())) or "none",
+            "written": self.written,
             "batch_problems": self._problems(),
         }
 
@@ -233,11 +237,12 @@ def _number_lines(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def _number_fields(con: duckdb.DuckDBPyConnection) -> None:
-    """Number the JSON scan's rows in ``checked_lines``, which skips a blank line: ``json_files``
-    (``_files_sql``, and ``misread``: the two scans disagree on the file's lines, so its rows are
-    dropped and all its lines checked from their text)."""
+    """Number the JSON scan's rows in ``checked_lines`` (those not numbered yet: a run that reads its
+    batches one at a time numbers each one's), which skips a blank line: ``json_files`` (``_files_sql``,
+    and ``misread``: the two scans disagree on the file's lines, so its rows are dropped and all its
+    lines checked from their text)."""
     scanned = """(SELECT l.path AS file, c.n FROM checked_lines AS c JOIN landing_files AS l USING (source_file)
-                  WHERE c.n IS NOT NULL)"""
+                  WHERE c.n IS NOT NULL AND c.source_line IS NULL)"""
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE json_files AS
             WITH lines AS (
@@ -248,10 +253,11 @@ def _number_fields(con: duckdb.DuckDBPyConnection) -> None:
                    rows IS DISTINCT FROM (SELECT sum(lines) FROM lines WHERE lines.file = json.file) AS misread
             FROM ({_files_sql(scanned, 'numbered_lines WHERE blank')}) AS json JOIN landing_files AS l ON l.path = json.file"""
     )
-    con.execute("DELETE FROM checked_lines WHERE n IS NOT NULL AND source_file IN (SELECT source_file FROM json_files "
-                "WHERE misread)")
+    con.execute("""DELETE FROM checked_lines WHERE n IS NOT NULL AND source_line IS NULL
+                   AND source_file IN (SELECT source_file FROM json_files WHERE misread)""")
     con.execute(f"""UPDATE checked_lines SET source_line = {_line_number_sql('checked_lines.n')} FROM json_files
-                    WHERE checked_lines.n IS NOT NULL AND json_files.source_file = checked_lines.source_file""")
+                    WHERE checked_lines.n IS NOT NULL AND checked_lines.source_line IS NULL
+                      AND json_files.source_file = checked_lines.source_file""")
 
 
 def _landing_files(con: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> None:
@@ -263,12 +269,15 @@ def _landing_files(con: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> Non
 
 
 def _checked_sql(config: FlywheelConfig, lines: str, whole_line: bool) -> str:
-    """SELECT the ``checked_lines`` of ``lines`` (file, batch_day, source_line, line, fields and, for a
-    ``whole_line`` check, doc): each line's first broken rule (or none) and its day."""
+    """SELECT the ``checked_lines`` of ``lines`` (source_file, batch_day, n, source_line, line, fields
+    and, for a ``whole_line`` check, doc): each line's first broken rule (or none) and its day."""
     reason = events.reason_sql(tuple(config.domains), whole_line)
     return f"""
-        WITH typed AS (
-            SELECT *, {events.impressions_sql()} AS imps,
+        WITH imps AS (
+            SELECT *, {events.impressions_sql()} AS imps FROM {lines}
+        ), typed AS (
+            SELECT *, {events.impression_ids_sql()} AS imp_ids, {events.impression_kinds_sql()},
+                {events.plain_ids_sql()} AS plain_ids,
                 {events.text_sql('fields.event_type')} AS event_type,
                 {events.text_sql('fields.event_id')} AS event_id,
                 CASE WHEN regexp_matches({events.text_sql('fields.timestamp')}, '{events.TIMESTAMP_PATTERN}')
@@ -276,7 +285,7 @@ def _checked_sql(config: FlywheelConfig, lines: str, whole_line: bool) -> str:
                 END AS event_ts,
                 $domain AS batch_domain,
                 least($now::TIMESTAMP, batch_day + INTERVAL 1 DAY) + $skew::INTERVAL AS latest_allowed_ts
-            FROM {lines}
+            FROM imps
         ), reasoned AS (
             SELECT *, {reason} AS contract_reason FROM typed
         )
@@ -476,9 +485,8 @@ def _keep_quarantined_text(con: duckdb.DuckDBPyConnection, config: FlywheelConfi
     )
 
 
-_INSERTS = {
+_ROWS = {  # each raw table's rows of the run's partitions, from partition_lines
     "interactions": f"""
-        INSERT INTO raw.interactions
         SELECT event_id, $domain, event_date, event_ts, {field_text('user_id')}, {field_text('session_id')},
                {field_text('interaction_id')}, {field_text('model_version')}, {field_text('policy')}, {field_text('consent')},
                {privacy.redacted_sql('input', field_text('input'), 'may_hold')}, {privacy.redacted_sql('context', 'fields.context', 'may_hold')},
@@ -486,7 +494,6 @@ _INSERTS = {
         FROM (SELECT *, may_hold_pii(concat_ws(' ', fields.input, fields.context)) AS may_hold FROM partition_lines
               WHERE reason IS NULL AND event_type = 'interaction') LEFT JOIN first_ingested USING (event_id)""",
     "impressions": f"""
-        INSERT INTO raw.impressions
         SELECT event_id, $domain, event_date, interaction_id,
                imp.item_id, imp.position, imp.propensity, imp.content
         FROM (
@@ -498,7 +505,6 @@ _INSERTS = {
             FROM partition_lines WHERE reason IS NULL AND event_type = 'interaction'
         )""",
     "signals": f"""
-        INSERT INTO raw.signals
         SELECT event_id, $domain, event_date, event_ts, {field_text('user_id')}, {field_text('session_id')},
                {field_text('interaction_id')}, {field_text('signal_type')}, {field_text('item_id')},
                TRY_CAST(fields.value AS DOUBLE), {privacy.redacted_sql('text', field_text('text'), 'may_hold_pii(CAST(fields.text AS VARCHAR))')}, source_file, source_line,
@@ -506,43 +512,85 @@ _INSERTS = {
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'signal'""",
     "outcomes": f"""
-        INSERT INTO raw.outcomes
         SELECT event_id, $domain, event_date, event_ts, {field_text('user_id')}, {field_text('session_id')},
                {field_text('interaction_id')}, {field_text('name')}, TRY_CAST(fields.value AS DOUBLE),
                {field_text('item_id')}, source_file, source_line, coalesce(first_ingested.ingested_at, $now)
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'outcome'""",
     "labels": f"""
-        INSERT INTO raw.labels
         SELECT event_id, $domain, event_date, event_ts, {field_text('user_id')}, {field_text('session_id')},
                {field_text('interaction_id')}, {field_text('item_id')}, {field_text('reviewer')}, {field_text('verdict')},
                source_file, source_line, coalesce(first_ingested.ingested_at, $now), {field_text('selection')}
         FROM partition_lines LEFT JOIN first_ingested USING (event_id)
         WHERE reason IS NULL AND event_type = 'label'""",
     "quarantine": """
-        INSERT INTO raw.quarantine
         SELECT $domain, event_date, source_file, source_line, event_id, reason, line, $now
         FROM partition_lines WHERE reason IS NOT NULL""",
 }
 
 
-def _replace_partitions(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], now: datetime) -> None:
-    """Swap the partitions' rows for this run's, all or nothing; an event keeps its first ingestion time."""
+# what names one event's rows in each raw table (a quarantined line's: its file and line)
+_KEYS = {**{table: "event_id" for table in (*_RAW_EVENT_TABLES, "impressions")}, "quarantine": "source_file, source_line"}
+# a row as compared between runs: whole, but for when a line was quarantined, which an unchanged one keeps
+_ROW_HASH = {**{table: "hash(t)" for table in _KEYS},
+             "quarantine": "hash(t.domain, t.event_date, t.source_file, t.source_line, t.event_id, t.reason, t.line)"}
+
+
+def _partition_sql(table: str) -> str:
+    """The rows of ``table`` in the run's partitions; an importer's rejected records in the quarantine
+    (source_file: the imported file's absolute path) are not accumulation's, and stay."""
+    ours = " AND starts_with(source_file, $domain || '/')" if table == "quarantine" else ""
+    return f"domain = $domain AND event_date IN $dates{ours}"
+
+
+def _replace_partitions(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], now: datetime) -> int:
+    """Make the partitions hold this run's rows, all or nothing. Empty partitions get them written
+    straight in; otherwise the rows of an event (of a quarantined line) that are unchanged stay,
+    and only those of events that changed, came or went are deleted and written. An event keeps its
+    first ingestion time, so a rerun over the same batches changes no row. Returns how many events
+    (and quarantined lines) had their rows written."""
     stamp = {"domain": domain, "now": now.astimezone(UTC).replace(tzinfo=None)}
+    partitions = {"domain": domain, "dates": dates}
     first_ingested = " UNION ALL ".join(
         f"SELECT event_id, ingested_at FROM raw.{table} WHERE domain = $domain AND event_date IN $dates"
         for table in _RAW_EVENT_TABLES
     )
-    con.execute(f"CREATE OR REPLACE TEMP TABLE first_ingested AS {first_ingested}", {"domain": domain, "dates": dates})
+    con.execute(f"CREATE OR REPLACE TEMP TABLE first_ingested AS {first_ingested}", partitions)
+    held = " + ".join(f"(SELECT count(*) FROM raw.{table} WHERE {_partition_sql(table)})" for table in _ROWS)
+    [(rows_held,)] = con.execute(f"SELECT {held}", partitions).fetchall()
+    if not rows_held:
+        with transaction(con):
+            for table, sql in _ROWS.items():
+                con.execute(f"INSERT INTO raw.{table} {sql}", {k: v for k, v in stamp.items() if f"${k}" in sql})
+        return con.execute("SELECT count(*) FROM partition_lines").fetchall()[0][0]
+    # staged before the transaction: DuckDB 2.0 finds no groups in a temp table filled inside one
+    for table, sql in _ROWS.items():
+        _stage_changes(con, table, sql, {k: v for k, v in stamp.items() if f"${k}" in sql}, partitions)
     with transaction(con):
-        for table in (*_RAW_EVENT_TABLES, "impressions", "quarantine"):
-            # an importer's rejected records (source_file: the imported file's absolute path) stay
-            ours = " AND starts_with(source_file, $domain || '/')" if table == "quarantine" else ""
-            con.execute(f"DELETE FROM raw.{table} WHERE domain = $domain AND event_date IN $dates{ours}",
-                        {"domain": domain, "dates": dates})
-        for table, sql in _INSERTS.items():
-            params = {k: v for k, v in stamp.items() if f"${k}" in sql}
-            con.execute(sql, params)
+        for table, key in _KEYS.items():
+            con.execute(f"DELETE FROM raw.{table} WHERE {_partition_sql(table)} "
+                        f"AND ({key}) IN (SELECT {key} FROM changed_{table})", partitions)
+            con.execute(f"INSERT INTO raw.{table} SELECT * FROM new_{table} WHERE ({key}) IN (SELECT {key} FROM changed_{table})")
+    changed = " UNION ".join(f"SELECT {key if key == 'event_id' else 'source_file || source_line'} FROM changed_{table}"
+                             for table, key in _KEYS.items())
+    return con.execute(f"SELECT count(*) FROM ({changed})").fetchall()[0][0]
+
+
+def _stage_changes(con: duckdb.DuckDBPyConnection, table: str, rows: str, params: dict[str, object],
+                   partitions: dict[str, object]) -> None:
+    """``new_<table>``: the run's ``rows`` of ``table``; ``changed_<table>``: the events (``_KEYS``)
+    whose rows there differ from those the table holds (``_ROW_HASH``), or that came or went."""
+    key, row = _KEYS[table], _ROW_HASH[table]
+    con.execute(f"CREATE OR REPLACE TEMP TABLE new_{table} AS SELECT * FROM raw.{table} LIMIT 0")
+    con.execute(f"INSERT INTO new_{table} {rows}", params)
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE changed_{table} AS
+            WITH held AS (SELECT {key}, list_sort(list({row})) AS rows FROM raw.{table} AS t
+                          WHERE {_partition_sql(table)} GROUP BY ALL),
+                 run AS (SELECT {key}, list_sort(list({row})) AS rows FROM new_{table} AS t GROUP BY ALL)
+            SELECT {key} FROM held FULL JOIN run USING ({key}) WHERE held.rows IS DISTINCT FROM run.rows""",
+        partitions,
+    )
 
 
 def _report(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], batches: list[_Batch],
@@ -621,8 +669,9 @@ def accumulate(
     _mark_duplicates(con, domain, dates)
     _keep_quarantined_text(con, config, batches, problems)
     privacy.protect_partition_lines(con)  # redaction, forgotten users
-    _replace_partitions(con, domain, dates, now)
+    written = _replace_partitions(con, domain, dates, now)
     report = _report(con, domain, dates, batches, problems)
+    report.written = written
     if not report.reconciles:
         raise AssertionError(f"accumulation does not reconcile: {report.metadata()}")
     return report

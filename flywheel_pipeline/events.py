@@ -145,6 +145,12 @@ def impressions_sql(fields: str = "fields") -> str:
             f"THEN from_json({fields}.impressions, '{_IMPRESSION_FRAGMENTS}') END")
 
 
+def impression_ids_sql(imps: str = "imps") -> str:
+    """The text of every impression's item id (``impressions_sql``), NULL where it is no string;
+    the rules read it as ``imp_ids``."""
+    return f"list_transform({imps}, lambda imp: {text_sql('imp.item_id')})"
+
+
 def kind_sql(fragment: str) -> str:
     """A JSON fragment's type as ``json_type`` names it, from its first character (no parsing);
     NULL for a NULL fragment (absent, or a null member of a parsed object)."""
@@ -170,8 +176,8 @@ def _type_of(name: str) -> str:
 
 
 def _member_types(member: str) -> str:
-    """The types of every impression's ``member`` (NULL where absent or null)."""
-    return f"list_transform(imps, lambda imp: {kind_sql(f'imp.{member}')})"
+    """The types of every impression's ``member`` (NULL where absent or null): ``impression_kinds_sql``."""
+    return f"imp_{member}_types"
 
 
 def _present(name: str) -> str:
@@ -202,7 +208,7 @@ def _id_rules() -> list[tuple[str, str]]:
     """``unsafe_id:<field>`` for every id an event carries beyond its user (``user_id_not_pseudonymous``):
     ids are kept unredacted in every table, so each must be a safe id."""
     def unsafe(name: str) -> str:
-        return f"{_present(name)} AND {_unsafe_id(field_text(name))}"
+        return f"{_present(name)} AND CASE WHEN plain_ids THEN false ELSE {_unsafe_id(field_text(name))} END"
 
     return [
         *[(f"unsafe_id:{name}", unsafe(name)) for name in ("event_id", "session_id", "interaction_id")],
@@ -211,16 +217,34 @@ def _id_rules() -> list[tuple[str, str]]:
     ]
 
 
+def _all_plain(ids: str) -> str:
+    """Every text of the list ``ids`` is a safe id, told at once: joined by underscores they read as one
+    plain id (``PLAIN_ID_PATTERN``; a NULL or empty one breaks it), none is over the length limit and
+    no key is in them joined by spaces. False says nothing: each is then checked on its own."""
+    return (f"(list_count({ids}) = len({ids}) AND regexp_full_match(array_to_string({ids}, '_'), '{PLAIN_ID_PATTERN}') "
+            f"AND list_max(list_transform({ids}, lambda id: length(id))) <= {MAX_ID_LENGTH} "
+            f"AND NOT id_holds_key(array_to_string({ids}, ' ')))")
+
+
+def plain_ids_sql() -> str:
+    """Whether every id field of the line (the user's, and those present of the others) is a plain,
+    safe id (``_all_plain``); the id rules read it as ``plain_ids`` and check no further where it holds."""
+    ids = [f"coalesce({field_text('user_id')}, '')"] + [
+        f"CASE WHEN {_present(name)} THEN coalesce({field_text(name)}, '') END"
+        for name in ("event_id", "session_id", "interaction_id", *(name for name, _ in _TYPED_IDS))]
+    return _all_plain(f"list_filter([{', '.join(ids)}], lambda id: id IS NOT NULL)")
+
+
+def impression_kinds_sql() -> str:
+    """Columns ``imp_<member>_types``: each impression's member's type (``kind_sql``), for the rules."""
+    return ", ".join(f"list_transform(imps, lambda imp: {kind_sql(f'imp.{f.name}')}) AS imp_{f.name}_types"
+                     for f in IMPRESSION_FIELDS)
+
+
 def _unsafe_impression_ids() -> str:
-    """Some impression's item id is no safe id. All of them joined by underscores read as one plain
-    id (``PLAIN_ID_PATTERN``), none over the length limit and no key in them joined by spaces: all
-    are safe (each is a plain id itself), without checking them one by one."""
-    ids = f"list_transform(imps, lambda imp: {text_sql('imp.item_id')})"
-    plain = (f"list_count({ids}) = len({ids}) AND regexp_full_match(array_to_string({ids}, '_'), '{PLAIN_ID_PATTERN}') "
-             f"AND list_max(list_transform({ids}, lambda id: length(id))) <= {MAX_ID_LENGTH} "
-             f"AND NOT id_holds_key(array_to_string({ids}, ' '))")
-    return (f"CASE WHEN {plain} THEN false "
-            f"ELSE list_bool_or(list_transform(imps, lambda imp: {_unsafe_id(text_sql('imp.item_id'))})) END")
+    """Some impression's item id (``imp_ids``) is no safe id; all told at once where they are plain."""
+    return (f"CASE WHEN {_all_plain('imp_ids')} THEN false "
+            f"ELSE list_bool_or(list_transform(imp_ids, lambda id: {_unsafe_id('id')})) END")
 
 
 def _for_types(types: tuple[str, ...], condition: str) -> str:
@@ -317,7 +341,9 @@ def _value_rules() -> list[tuple[str, str]]:
 def reason_sql(allowed_domains: tuple[str, ...], whole_line: bool = True) -> str:
     """A SQL CASE giving the first broken rule of a landing line, NULL when the line is valid.
 
-    Expects columns ``fields`` (``FIELDS_TYPE``), ``imps`` (``impressions_sql()``), ``event_type``,
+    Expects columns ``fields`` (``FIELDS_TYPE``), ``imps`` (``impressions_sql()``), ``imp_ids``
+    (``impression_ids_sql()``), ``imp_<member>_types`` (``impression_kinds_sql()``), ``plain_ids``
+    (``plain_ids_sql()``), ``event_type``,
     ``event_ts`` (parsed, UTC), ``batch_domain`` (the landing folder's domain), ``latest_allowed_ts``
     and, for a ``whole_line`` check, ``doc`` (the line as JSON, NULL when it does not parse).
     Without ``whole_line`` (fields read by read_json) the line is taken as an object. The ids'
@@ -332,7 +358,7 @@ def reason_sql(allowed_domains: tuple[str, ...], whole_line: bool = True) -> str
         ("domain_mismatch", f"{field_text('domain')} <> batch_domain"),
         ("future_timestamp", "event_ts > latest_allowed_ts"),
         # an id holding no personal data: no e-mail address, phone or card number, no whitespace
-        ("user_id_not_pseudonymous", _unsafe_id(field_text("user_id"))),
+        ("user_id_not_pseudonymous", f"CASE WHEN plain_ids THEN false ELSE {_unsafe_id(field_text('user_id'))} END"),
         *_id_rules(),
     ]
     whens = "\n".join(f"    WHEN {condition} THEN '{reason}'" for reason, condition in rules)

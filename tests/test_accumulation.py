@@ -130,6 +130,24 @@ def test_rerun_and_redelivery_change_nothing_not_even_ingestion_times(home, conf
     assert report.reasons == {"duplicate_event_id": 2}
 
 
+def test_a_rerun_keeps_unchanged_rows_where_they_are_and_rewrites_only_what_changed(home, config):
+    write_batch(home, "2026-11-02", [interaction("a"), interaction("b"), signal("s1"), BAD_LINES["malformed_json"]])
+    assert run(home, config).written == 4
+    rows = "SELECT event_id, ingested_at, input_text FROM raw.interactions ORDER BY 1"
+    before = table(home, rows)
+    quarantined = table(home, "SELECT source_line, quarantined_at FROM raw.quarantine")
+
+    later = NOW + timedelta(hours=1)
+    assert run(home, config, now=later).written == 0
+    write_batch(home, "2026-11-02", [interaction("a"), interaction("b", input="Changed?"), signal("s1"),
+                                     BAD_LINES["malformed_json"]])
+    assert run(home, config, now=later).written == 1
+
+    assert table(home, rows) == [before[0], ("b", before[1][1], "Changed?")]
+    assert table(home, "SELECT source_line, quarantined_at FROM raw.quarantine") == quarantined  # kept, not rewritten
+    assert table(home, "SELECT event_id, count(*) FROM raw.impressions GROUP BY 1 ORDER BY 1") == [("a", 1), ("b", 1)]
+
+
 def test_late_event_lands_in_its_own_day(home, config):
     write_batch(home, "2026-11-04", [interaction("late", timestamp="2026-11-02T23:59:00+00:00")])
     run(home, config, dates=(DAY,))
@@ -151,8 +169,8 @@ def test_crash_mid_write_keeps_the_previous_partition(home, config, monkeypatch)
 
     from flywheel_pipeline import accumulation
 
-    broken = dict(accumulation._INSERTS, quarantine="INSERT INTO raw.no_such_table SELECT 1")
-    monkeypatch.setattr(accumulation, "_INSERTS", broken)
+    broken = dict(accumulation._ROWS, quarantine="SELECT * FROM raw.no_such_table")
+    monkeypatch.setattr(accumulation, "_ROWS", broken)
     with pytest.raises(Exception, match="no_such_table"):
         run(home, config)
 

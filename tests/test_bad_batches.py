@@ -85,6 +85,19 @@ def test_a_batch_that_cannot_be_read_is_quarantined_whole_and_the_others_land(ho
     assert report.metadata()["batch_problems"] == why and report.reconciles
 
 
+def test_when_batches_are_read_one_at_a_time_each_keeps_its_line_numbers(home, config):
+    write_batch(home, "2026-11-02", [interaction("a"), "", interaction("b")])
+    write_batch(home, "2026-11-03", [interaction("c", timestamp="2026-11-03T10:00:00Z"), "",
+                                     interaction("d", timestamp="2026-11-03T10:00:00Z")])
+    (home.landing / "assistant" / "2026-11-04.jsonl").write_bytes(b"\x1f\x8b" + b"not gzip at all")
+
+    report = run(home, config, dates=(DAY, NEXT_DAY))
+
+    assert list(report.batch_problems) == ["assistant/2026-11-04.jsonl"]
+    assert table(home, "SELECT event_id, source_line FROM raw.interactions ORDER BY 1") == [
+        ("a", 1), ("b", 3), ("c", 1), ("d", 3)]
+
+
 def test_a_batch_that_runs_out_of_memory_is_quarantined_line_by_line_and_named(home, config):
     write_batch(home, "2026-11-02", [interaction(f"b{i}", context={"notes": "x" * (9 * MB // 10)}) for i in range(6)])
     write_batch(home, "2026-11-03", [interaction("ok", timestamp="2026-11-03T10:00:00Z")])
