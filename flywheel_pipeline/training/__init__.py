@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from datetime import date
 
+from collections.abc import Callable
+
 from flywheel_pipeline import groups
-from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.config import (
+    DomainConfig,
+    FlywheelConfig,
+    HashedTrainerSettings,
+    PipesTrainerSettings,
+    TransformerTrainerSettings,
+)
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.sources import Readable
 from flywheel_pipeline.training.assistant import AssistantTrainer
@@ -32,15 +40,38 @@ __all__ = [
     "RecommendationTrainer",
     "Trainer",
     "TrainingResult",
+    "TRAINERS",
     "Windows",
     "split_windows",
     "train_candidate",
     "trainer_for",
 ]
 
+InProcessSettings = HashedTrainerSettings | TransformerTrainerSettings
 
-def trainer_for(shape: str) -> Trainer:
-    return AssistantTrainer() if shape == "assistant" else RecommendationTrainer()
+
+def _transformer(settings: TransformerTrainerSettings) -> Trainer:
+    from flywheel_pipeline.training.transformer import TransformerTrainer  # torch: the optional extra
+
+    return TransformerTrainer(settings)
+
+
+# Every trainer that fits in a process, by domain shape and flywheel.yaml's `trainer.kind`: what
+# trainer_for builds and benchmarks/trainers.py compares. (`pipes` runs one of these, or any
+# command, out of process: training/pipes.py.)
+TRAINERS: dict[str, dict[str, Callable[[InProcessSettings], Trainer]]] = {
+    "assistant": {"hashed": lambda settings: AssistantTrainer(), "transformer": _transformer},
+    "recommendation": {"hashed": lambda settings: RecommendationTrainer()},
+}
+
+
+def trainer_for(domain_config: DomainConfig, settings: InProcessSettings | None = None) -> Trainer:
+    """The trainer ``settings`` (default: the domain's ``trainer``; a pipes trainer's weighting is
+    its ``fits``') names for the domain's shape."""
+    settings = settings or domain_config.trainer
+    if isinstance(settings, PipesTrainerSettings):
+        settings = settings.fits
+    return TRAINERS[domain_config.shape][settings.kind](settings)
 
 
 def train_candidate(
@@ -61,7 +92,7 @@ def train_candidate(
     train = training_set(rows)
     if train.is_empty():
         raise ValueError(f"{domain}: no labelled impressions in {windows.params()}")
-    trainer = trainer_for(domain_config.shape)
+    trainer = trainer_for(domain_config)
     weighted, weighting_metrics = trainer.weigh(train)
     weighted, group_metrics = groups.balance(weighted, domain_config.groups)
     scorer, fit_metrics = fit_with_internal_check(trainer, weighted)

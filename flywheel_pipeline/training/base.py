@@ -9,6 +9,7 @@ wrapper, FlywheelScorerModel, so any domain's model loads with ``mlflow.pyfunc.l
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
@@ -138,9 +139,10 @@ class FittedScorer(Protocol):
 
 
 class Trainer(Protocol):
-    """One per domain shape."""
+    """One per domain shape and kind (training.TRAINERS)."""
 
     name: str
+    pip_requirements: list[str]  # what its logged model needs where it loads
 
     def params(self) -> dict[str, Any]:
         """Hyper-parameters, logged with the run."""
@@ -208,6 +210,7 @@ class HashedLogisticTrainer:
     featurize: ClassVar[Featurize]
     key_columns: ClassVar[list[str]]
     weighting: ClassVar[str]  # how ``weigh`` weights a row, in words
+    pip_requirements: ClassVar[list[str]] = MODEL_PIP_REQUIREMENTS
 
     def params(self) -> dict[str, Any]:
         return {**asdict(self), "weight": self.weighting}
@@ -345,7 +348,9 @@ def fit_with_internal_check(
         metrics.update(internal_check_auc=np.nan, internal_check_log_loss=np.nan)
     else:
         metrics.update(_fit_quality(check_scorer, later, "internal_check"))
+    started = time.perf_counter()
     scorer = trainer.fit(_fit_columns(weighted))
+    metrics["fit_seconds"] = time.perf_counter() - started
     metrics.update(_fit_quality(scorer, weighted, "training"))
     return scorer, metrics
 
@@ -444,7 +449,7 @@ def log_training_run(
             python_model=FlywheelScorerModel(scorer),
             signature=signature,
             input_example=example,
-            pip_requirements=MODEL_PIP_REQUIREMENTS,
+            pip_requirements=trainer.pip_requirements,
         )
         mlflow.log_metrics(metrics, model_id=info.model_id, dataset=dataset)
     return run.info.run_id, info
