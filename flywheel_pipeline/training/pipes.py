@@ -47,13 +47,7 @@ class PipesLaunch:
 
     def run(self, command: list[str], extras: dict[str, Any]) -> dict[str, Any]:
         """Run ``command`` with ``extras``; the metadata of the materialization it reported."""
-        invocation = self.client.run(context=self.context, command=command, extras=extras)
-        try:
-            reported = invocation.get_materialize_result()
-        except dg.DagsterInvariantViolationError as error:
-            raise RuntimeError(f"the external trainer {command} reported no model: it must call "
-                               f"report_asset_materialization(metadata={{'model_uri': ..., 'metrics': ...}}) "
-                               f"({error})") from None
+        reported = self.client.run(context=self.context, command=command, extras=extras).get_materialize_result()
         return {name: getattr(value, "value", value) for name, value in (reported.metadata or {}).items()}
 
 
@@ -136,8 +130,9 @@ def _reported_model(reported: Mapping[str, Any], run_id: str, command: list[str]
     """The logged model the external trainer reported, when it was logged into ``run_id``."""
     uri = str(reported.get("model_uri") or "")
     if not uri.startswith("models:/"):
-        raise RuntimeError(f"the external trainer {command} reported model_uri {uri!r}: it must report the "
-                           f"models:/<model_id> of the model it logged")
+        raise RuntimeError(f"the external trainer {command} reported no model (model_uri {uri!r}): it must call "
+                           f"report_asset_materialization(metadata={{'model_uri': 'models:/<model_id>', "
+                           f"'metrics': ...}}) with the model it logged")
     model = mlflow.MlflowClient().get_logged_model(uri.removeprefix("models:/"))
     if model.source_run_id != run_id:
         raise RuntimeError(f"the external trainer {command} reported {uri}, logged in run {model.source_run_id}, "

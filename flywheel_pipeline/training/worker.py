@@ -40,7 +40,8 @@ def main() -> None:
             info = log_model(extras["domain"], trainer, scorer, weighted.to_pandas())
         pipes.report_asset_materialization(metadata={
             "model_uri": info.model_uri,
-            "metrics": {name: (None if math.isnan(value) else value) for name, value in metrics.items()},
+            "metrics": {"type": "json", "raw_value": {name: None if math.isnan(value) else value
+                                                      for name, value in metrics.items()}},
         })
 
 
