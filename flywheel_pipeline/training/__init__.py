@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import date
-
 from collections.abc import Callable
+from datetime import date
 
 from flywheel_pipeline import groups
 from flywheel_pipeline.config import (
@@ -35,13 +34,13 @@ from flywheel_pipeline.training.pipes import PipesLaunch, train_elsewhere
 from flywheel_pipeline.training.recommendation import RecommendationTrainer
 
 __all__ = [
+    "TRAINERS",
     "AssistantTrainer",
     "FittedScorer",
     "FlywheelScorerModel",
     "RecommendationTrainer",
     "Trainer",
     "TrainingResult",
-    "TRAINERS",
     "Windows",
     "split_windows",
     "train_candidate",
@@ -52,7 +51,9 @@ InProcessSettings = HashedTrainerSettings | TransformerTrainerSettings
 
 
 def _transformer(settings: TransformerTrainerSettings) -> Trainer:
-    from flywheel_pipeline.training.transformer import TransformerTrainer  # torch: the optional extra
+    from flywheel_pipeline.training.transformer import (
+        TransformerTrainer,  # torch: the optional extra
+    )
 
     return TransformerTrainer(settings)
 

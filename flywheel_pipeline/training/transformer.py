@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -65,7 +65,7 @@ def _pinned(name: str) -> str:
 class TransformerTrainer:
     """The Trainer protocol for the transformer (flywheel.yaml: ``trainer: transformer``)."""
 
-    settings: TransformerTrainerSettings = TransformerTrainerSettings()
+    settings: TransformerTrainerSettings = field(default_factory=TransformerTrainerSettings)
     name: str = "assistant-minilm-bi-encoder"
     weighting = AssistantTrainer.weighting
 
