@@ -92,7 +92,8 @@ def first_interactions(train: pl.DataFrame, n: int) -> pl.DataFrame:
     return train.filter(pl.col("interaction_id").is_in(first.implode()))
 
 
-def fit_one(root: str, config_path: str, domain: str, kind: str, windows: dict, cold_start: bool) -> dict:
+def fit_one(root: str, config_path: str, domain: str, kind: str, windows: dict, cold_start: bool,
+            transformer: dict) -> dict:
     """In a fresh process: fit ``kind`` on the window's labels; its figures (see the module doc)."""
     warnings.filterwarnings("ignore")
     logging.getLogger("mlflow").setLevel(logging.ERROR)
@@ -101,7 +102,7 @@ def fit_one(root: str, config_path: str, domain: str, kind: str, windows: dict, 
     windows = Windows.from_params(windows)
     with connect(home.warehouse(domain), read_only=True) as con:
         train = training_set(impressions(con, domain, windows.train_start, windows.train_end))
-    trainer = TRAINERS[domain_config.shape][kind](settings_of(domain_config, kind))
+    trainer = TRAINERS[domain_config.shape][kind](settings_of(domain_config, kind, transformer))
     weighted, _ = trainer.weigh(train)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
@@ -124,11 +125,14 @@ def fit_one(root: str, config_path: str, domain: str, kind: str, windows: dict, 
     return figures
 
 
-def settings_of(domain_config: DomainConfig, kind: str):
-    """A trainer kind's settings: the domain's own when it names that kind, else the kind's defaults."""
+def settings_of(domain_config: DomainConfig, kind: str, transformer: dict):
+    """A trainer kind's settings: the domain's own when it names that kind, else the kind's defaults
+    (the transformer's updated with ``transformer``, --transformer)."""
     if domain_config.trainer.kind == kind:
         return domain_config.trainer
-    return {"transformer": TransformerTrainerSettings}.get(kind, HashedTrainerSettings)()
+    if kind == "transformer":
+        return TransformerTrainerSettings(**transformer)
+    return HashedTrainerSettings()
 
 
 def run_seed(seed: int, args, config, config_path: Path, records: Path | None) -> list[Fit]:
@@ -147,7 +151,7 @@ def run_seed(seed: int, args, config, config_path: Path, records: Path | None) -
                 for kind in TRAINERS[config.domain(domain).shape]:
                     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                         figures = pool.submit(fit_one, root, str(config_path), domain, kind, windows.params(),
-                                              cycle == 1).result()
+                                              cycle == 1, args.transformer).result()
                     fit = Fit(seed, cycle, domain, kind, **figures)
                     fits.append(fit)
                     if records:
@@ -201,6 +205,8 @@ def main() -> None:
     parser.add_argument("--per-day", type=int, default=1500)
     parser.add_argument("--domains", nargs="+", help="default: every domain of the config")
     parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "flywheel.yaml")
+    parser.add_argument("--transformer", type=json.loads, default={},
+                        help='the transformer\'s settings beyond its defaults, e.g. \'{"tune_layers": 1}\'')
     parser.add_argument("--records", type=Path, help="append every fit here as JSON lines")
     parser.add_argument("--report", type=Path, help="only print the tables of a --records file")
     args = parser.parse_args()

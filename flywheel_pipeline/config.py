@@ -371,9 +371,9 @@ class TransformerTrainerSettings(_Strict):
     flywheel[transformers]) with a scoring head, fine-tuned each cycle (docs/training.md)."""
 
     kind: Literal["transformer"] = "transformer"
-    epochs: int = Field(3, ge=1, le=50, description="passes over the training examples")
+    epochs: int = Field(10, ge=1, le=100, description="passes over the training examples")
     max_length: int = Field(32, ge=4, le=256, description="tokens kept of a query or a response")
-    tune_layers: int = Field(1, ge=0, le=6, description="top encoder layers fine-tuned with the head "
+    tune_layers: int = Field(0, ge=0, le=6, description="top encoder layers fine-tuned with the head "
                                                         "(0: the head alone, on frozen embeddings)")
     max_examples: int = Field(3000, ge=10, description="distinct (query, response) pairs fitted, those "
                                                         "with the most label weight")

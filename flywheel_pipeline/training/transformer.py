@@ -38,6 +38,7 @@ HEAD_LEARNING_RATE_FACTOR = 50  # the head starts from scratch; the encoder only
 COSINE_START = 5.0  # the head's first weight on cos(u, v): P(good) from 0.5 at cos 0 to 0.99 at cos 1
 ENCODE_BATCH = 64
 MAX_CACHED_TEXTS = 50_000  # embeddings kept between predict calls (384 floats each)
+_FROZEN: dict[int, dict[str, object]] = {}  # the base encoder's embeddings, by max_length: text -> tensor
 
 
 class MissingExtra(ImportError):
@@ -148,18 +149,20 @@ class EncoderScorer:
         return self.encoder(features)["sentence_embedding"]
 
     def embeddings(self, texts: list[str]):
-        """Embeddings of ``texts`` without gradients, cached between calls."""
+        """Embeddings of ``texts`` without gradients, cached between calls (with the encoder
+        frozen, in one cache for the process: every such scorer embeds a text alike)."""
         import torch
 
-        new = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        cache = _FROZEN.setdefault(self.settings.max_length, {}) if not self.settings.tune_layers else self._cache
+        new = list(dict.fromkeys(t for t in texts if t not in cache))
         self.encoder.eval()
         with torch.no_grad():
             for start in range(0, len(new), ENCODE_BATCH):
                 batch = new[start:start + ENCODE_BATCH]
-                self._cache.update(zip(batch, self._embed(batch)))
-        result = torch.stack([self._cache[t] for t in texts]) if texts else torch.zeros(0)
-        if len(self._cache) > MAX_CACHED_TEXTS:
-            self._cache.clear()
+                cache.update(zip(batch, self._embed(batch)))
+        result = torch.stack([cache[t] for t in texts]) if texts else torch.zeros(0)
+        if len(cache) > MAX_CACHED_TEXTS:
+            cache.clear()
         return result
 
     def _logits(self, u, v):
