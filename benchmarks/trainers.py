@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/trainers.py                              # 3 seeds x 3 cycles, both domains
     .venv/bin/python benchmarks/trainers.py --domains assistant --seeds 1 --cycles 1 --per-day 300
+    .venv/bin/python benchmarks/trainers.py --encoding     # the transformer's costs, zero-label accuracy
+    .venv/bin/python benchmarks/trainers.py --report a.jsonl b.jsonl   # the tables of --records files
 
 Each seed runs benchmarks/gate.py's closed loop (its ``Loop``: a warm-up served by the baseline, then
 per cycle a week of traffic served by the champion, the domain's cycle job, a passed candidate
@@ -197,6 +199,59 @@ def report(fits: list[Fit]) -> None:
                     shown([f.cold_start.get(n, f.cold_start.get(str(n))) for f in group]) for n in COLD_START) + " |")
 
 
+def encoding(config, seeds: list[int]) -> None:
+    """The transformer's costs on the assistant world, and what the pre-trained encoder alone
+    reaches (zero labels) against the day-zero lexical policy, per seed's world."""
+    import torch
+
+    from flywheel_pipeline.scoring import LexicalOverlapScorer
+    from flywheel_pipeline.training.transformer import EncoderScorer
+
+    settings = TransformerTrainerSettings()
+    for seed in seeds:
+        with tempfile.TemporaryDirectory(prefix=f"trainers-encoding-{seed}-") as root:
+            home = Home(Path(root)).ensure()
+            simulation.simulate(home, config, date.today() - timedelta(days=1), 1, seed=seed,
+                                interactions_per_day=10, domains=["assistant"])
+            zero_shot = simulation.true_accuracy(home, config, "assistant", EncoderScorer(settings))
+            lexical = simulation.true_accuracy(home, config, "assistant", LexicalOverlapScorer())
+            print(f"seed {seed}: the pre-trained encoder alone (no label) {zero_shot:.3f}; "
+                  f"the lexical baseline {lexical:.3f}")
+            assistant = Assistant.open(World.load(home.simulator / "assistant"))
+    queries, responses = assistant.queries["text"].to_list(), assistant.response_text
+    pairs = [(queries[q], responses[r]) for q in range(len(queries)) for r in assistant.slots[q]]
+    texts = list(dict.fromkeys(queries + [responses[r] for r in np.unique(assistant.slots)]))
+    scorer = EncoderScorer(settings)
+    encoder = scorer.encoder
+
+    def rate(inputs: list, max_length: int) -> float:
+        encoder.max_seq_length = max_length
+        started = time.perf_counter()
+        with torch.no_grad():
+            for start in range(0, len(inputs), 64):
+                encoder(encoder.preprocess(inputs[start:start + 64]))
+        return len(inputs) / (time.perf_counter() - started)
+
+    bi, cross = rate(texts[:640], settings.max_length), rate(pairs[:320], 2 * settings.max_length)
+    print(f"true accuracy scores {len(pairs)} (query, response) pairs, {len(texts)} distinct texts; "
+          f"bi-encoder {bi:.0f} texts/s: {len(texts) / bi:.0f} s; cross-encoder {cross:.0f} pairs/s: "
+          f"{len(pairs) / cross:.0f} s")
+    rng = np.random.default_rng(0)
+    chosen = rng.choice(len(pairs), 2000, replace=False)
+    train = pl.DataFrame({"input_text": [pairs[i][0] for i in chosen], "item_content": [pairs[i][1] for i in chosen],
+                          "p_good": rng.random(2000), "weight": np.ones(2000)})
+    for tune, epochs, n in ((0, settings.epochs, 2000), (1, 1, 300)):
+        scorer = EncoderScorer(settings.model_copy(update={"tune_layers": tune, "epochs": epochs}))
+        if not tune:
+            scorer.embeddings(list(dict.fromkeys(train["input_text"].to_list() + train["item_content"].to_list())))
+        started = time.perf_counter()
+        scorer.fit(train.head(n))
+        seconds = time.perf_counter() - started
+        print(f"fit, tune_layers {tune}: {n} examples x {epochs} epochs in {seconds:.1f} s, "
+              f"{n * epochs / seconds:.0f} examples/s" + (" (embeddings computed before)" if not tune else ""))
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -208,16 +263,21 @@ def main() -> None:
     parser.add_argument("--transformer", type=json.loads, default={},
                         help='the transformer\'s settings beyond its defaults, e.g. \'{"tune_layers": 1}\'')
     parser.add_argument("--records", type=Path, help="append every fit here as JSON lines")
-    parser.add_argument("--report", type=Path, help="only print the tables of a --records file")
+    parser.add_argument("--report", type=Path, nargs="+", help="only print the tables of --records files")
+    parser.add_argument("--encoding", action="store_true", help="only the transformer's costs (encoding, "
+                        "fit rates) and its zero-label accuracy on each seed's assistant world")
     args = parser.parse_args()
     if args.report:
-        report([Fit(**json.loads(line)) for line in args.report.read_text().splitlines()])
+        report([Fit(**json.loads(line)) for path in args.report for line in path.read_text().splitlines()])
         return
     warnings.filterwarnings("ignore")
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     config = load_config(args.config)
     if args.domains:
         config = config.model_copy(update={"domains": {d: config.domain(d) for d in args.domains}})
+    if args.encoding:
+        encoding(config, list(range(args.first_seed, args.first_seed + args.seeds)))
+        return
     print(f"trainers per domain: { {d: list(TRAINERS[c.shape]) for d, c in config.domains.items()} }", flush=True)
     started = time.monotonic()
     fits = []
