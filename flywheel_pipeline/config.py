@@ -360,6 +360,62 @@ class TrainingSets(_Strict):
                                         "next interaction, served at most this long after the reformulated one")
 
 
+class HashedTrainerSettings(_Strict):
+    """The default: logistic regression on hashed features, fitted from scratch each cycle."""
+
+    kind: Literal["hashed"] = "hashed"
+
+
+class TransformerTrainerSettings(_Strict):
+    """An assistant's pre-trained sentence encoder (all-MiniLM-L6-v2, the optional extra
+    flywheel[transformers]) with a scoring head, fine-tuned each cycle (docs/training.md)."""
+
+    kind: Literal["transformer"] = "transformer"
+    epochs: int = Field(10, ge=1, le=100, description="passes over the training examples")
+    max_length: int = Field(32, ge=4, le=256, description="tokens kept of a query or a response")
+    tune_layers: int = Field(0, ge=0, le=6, description="top encoder layers fine-tuned with the head "
+                                                        "(0: the head alone, on frozen embeddings)")
+    max_examples: int = Field(3000, ge=10, description="distinct (query, response) pairs fitted, those "
+                                                        "with the most label weight")
+    batch_size: int = Field(32, ge=1, le=1024)
+    learning_rate: float = Field(2e-5, gt=0, lt=1, description="the encoder layers' (the head's: 50 times it)")
+    threads: int = Field(2, ge=1, le=64, description="CPU threads torch may use")
+
+
+TRAINING_SET_KINDS = ("impressions", "sft_dataset", "preference_dataset")
+
+
+class PipesTrainerSettings(_Strict):
+    """A fine-tune that runs outside the asset's process through Dagster Pipes (docs/training.md):
+    locally a subprocess; a Kubernetes pod, Databricks or a hosted API where the Pipes client says."""
+
+    kind: Literal["pipes"] = "pipes"
+    command: list[str] | None = Field(None, min_length=1, description="the external trainer's command "
+                                      "(it opens Dagster Pipes); default: flywheel's own worker, which fits `fits`")
+    fits: HashedTrainerSettings | TransformerTrainerSettings = Field(
+        HashedTrainerSettings(), discriminator="kind", description="what the default worker fits out of process")
+    training_set: Literal[TRAINING_SET_KINDS] = Field(
+        "impressions", description="what the trainer receives: the weighted labelled impressions, or an "
+                                   "assistant's sft_dataset or preference_dataset export (docs/training_sets.md)")
+
+    @field_validator("fits", mode="before")
+    @classmethod
+    def _named(cls, value: object) -> object:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _worker_reads_impressions(self) -> PipesTrainerSettings:
+        if self.command is None and self.training_set != "impressions":
+            raise ValueError(f"training_set {self.training_set!r} needs a `command` that fine-tunes on it "
+                             f"(e.g. a TRL script): flywheel's own worker fits scorers on impressions")
+        return self
+
+
+TrainerSettings = Annotated[HashedTrainerSettings | TransformerTrainerSettings | PipesTrainerSettings,
+                            Field(discriminator="kind")]
+IN_PROCESS_SHAPES = {"hashed": ("assistant", "recommendation"), "transformer": ("assistant",)}
+
+
 class HealthSettings(_Strict):
     """The flywheel_health audit's thresholds (docs/health.md): a check warns when its trap is
     flagged, and blocks registration when the trap is listed in ``blocking``."""
@@ -438,6 +494,8 @@ class DomainConfig(_Strict):
                                         "domain (docs/importing.md)")
     training_sets: TrainingSets = Field(TrainingSets(), description="an assistant domain's SFT and "
                                         "preference datasets (docs/training_sets.md)")
+    trainer: TrainerSettings = Field(HashedTrainerSettings(), description="what fine-tunes the domain's candidates: "
+                                     "hashed (default), transformer, or pipes (docs/training.md)")
     health: HealthSettings = Field(HealthSettings(), description="the flywheel_health audit's thresholds "
                                    "and which traps block registration (docs/health.md)")
 
@@ -456,6 +514,11 @@ class DomainConfig(_Strict):
             raise ValueError(f"{value} held-out days exceed lookback_days ({lookback}): "
                              f"the candidate would be judged on more days than it learnt from")
         return value
+
+    @field_validator("trainer", mode="before")
+    @classmethod
+    def _trainer_named(cls, value: object) -> object:
+        return {"kind": value} if isinstance(value, str) else value
 
     @field_validator("automation", mode="before")
     @classmethod
@@ -494,6 +557,18 @@ class DomainConfig(_Strict):
         if self.shape != "assistant" and self.training_sets != TrainingSets():
             raise ValueError(f"training_sets: only an assistant domain exports training sets "
                              f"(this one's shape is {self.shape})")
+        return self
+
+    @model_validator(mode="after")
+    def _trainer_fits_the_shape(self) -> DomainConfig:
+        trainer = self.trainer.fits if isinstance(self.trainer, PipesTrainerSettings) else self.trainer
+        if self.shape not in IN_PROCESS_SHAPES[trainer.kind]:
+            raise ValueError(f"trainer: {trainer.kind} scores a query against a response (shape assistant); "
+                             f"this domain's shape is {self.shape}: use hashed")
+        if isinstance(self.trainer, PipesTrainerSettings) and self.trainer.training_set != "impressions" \
+                and self.shape != "assistant":
+            raise ValueError(f"trainer.training_set: {self.trainer.training_set} is exported by assistant "
+                             f"domains only (this one's shape is {self.shape})")
         return self
 
     @property

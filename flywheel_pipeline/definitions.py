@@ -61,6 +61,9 @@ def build_definitions(config: FlywheelConfig, home: Home) -> dg.Definitions:
             "mlflow": MlflowResource(home_path=str(home.root)),
             "dbt": dbt_resource(home, config),
             "io_manager": dg.FilesystemIOManager(base_dir=str(home.dagster / "storage")),
+            # what launches a `trainer: pipes` fine-tune; a PipesK8sClient or PipesDatabricksClient
+            # here sends it to other compute (docs/training.md)
+            "pipes_trainer": dg.PipesSubprocessClient(),
         },
         executor=dg.in_process_executor,
     )

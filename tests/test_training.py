@@ -333,6 +333,7 @@ class SpyTrainer:
 
     def __init__(self, trainer):
         self.trainer, self.name, self.seen = trainer, trainer.name, []
+        self.pip_requirements = trainer.pip_requirements
 
     def params(self):
         return self.trainer.params()
@@ -348,8 +349,8 @@ class SpyTrainer:
 
 def test_no_reaction_column_reaches_the_trainer(con, home, config, monkeypatch):
     assert "clicked" in con.sql("SELECT * FROM marts.fct_impressions LIMIT 0").columns
-    spy = SpyTrainer(training.trainer_for("recommendation"))
-    monkeypatch.setattr(training, "trainer_for", lambda shape: spy)
+    spy = SpyTrainer(training.trainer_for(config.domain("recommendation")))
+    monkeypatch.setattr(training, "trainer_for", lambda *args: spy)
     train_candidate(con, home, config, "recommendation", AS_OF)
     assert {stage for stage, _ in spy.seen} == {"weigh", "fit"}
     for stage, columns in spy.seen:
@@ -458,8 +459,8 @@ def test_immature_days_never_reach_the_training_set(con, home, config, monkeypat
             self.days = sorted(set(rows["event_date"].to_list()))
             return self.trainer.weigh(rows)
 
-    spy = DaySpy(training.trainer_for("recommendation"))
-    monkeypatch.setattr(training, "trainer_for", lambda shape: spy)
+    spy = DaySpy(training.trainer_for(config.domain("recommendation")))
+    monkeypatch.setattr(training, "trainer_for", lambda *args: spy)
     mature_until = AS_OF - timedelta(days=10)
     result = train_candidate(con, home, config, "recommendation", AS_OF, mature_until=mature_until)
 

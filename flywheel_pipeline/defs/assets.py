@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from flywheel_pipeline import approval, registry
 from flywheel_pipeline.accumulation import accumulate
-from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.config import FlywheelConfig, PipesTrainerSettings
 from flywheel_pipeline.defs.health import HEALTH, build_health_asset
 from flywheel_pipeline.defs.partitions import day_domain_partitions, partition_key, run_scope
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
@@ -32,9 +32,11 @@ from flywheel_pipeline.launcher import in_progress
 from flywheel_pipeline.lineage import register
 from flywheel_pipeline.training import TrainingResult, train_candidate
 from flywheel_pipeline.training.base import close_abandoned_runs
+from flywheel_pipeline.training.pipes import PipesLaunch
 from flywheel_pipeline.validation import ValidationReport, validate_cycle
 
 LABELS = dg.AssetKey("labels")
+TRAINER_KINDS = {"hashed": "scikitlearn", "transformer": "pytorch", "pipes": "dagsterpipes"}  # the asset's kind tag
 DEPLOYMENTS_SINCE = "deployments since: this asset's observations (Events)"
 
 
@@ -95,17 +97,23 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
     keys = model_keys(domain)
     group = f"{domain}_model"
 
-    @dg.asset(key=keys["candidate_model"], deps=[LABELS], group_name=group, kinds={"mlflow", "scikitlearn"},
-              description=f"Fine-tune a {domain} candidate on the mature, labelled training window.")
-    def candidate_model(context: dg.AssetExecutionContext,
-                        warehouse: WarehouseResource) -> dg.Output[TrainingResult]:
+    trainer = config.domain(domain).trainer
+    reads = trainer.training_set if isinstance(trainer, PipesTrainerSettings) else "impressions"
+
+    @dg.asset(key=keys["candidate_model"], deps=[LABELS, *([dg.AssetKey([domain, reads])] if reads != "impressions"
+                                                         else [])],
+              group_name=group, kinds={"mlflow", TRAINER_KINDS[trainer.kind]},
+              description=f"Fine-tune a {domain} candidate ({trainer.kind} trainer) on the mature, labelled "
+                          f"training window.")
+    def candidate_model(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
+                        pipes_trainer: dg.ResourceParam[dg.PipesClient]) -> dg.Output[TrainingResult]:
         if closed := close_abandoned_runs(warehouse.home(), domain, partial(in_progress, context.instance)):
             context.log.warning(f"closed as FAILED the MLflow runs {closed}: their process died")
         with warehouse.connect(domain) as con:  # train_candidate points MLflow at the home's store
             as_of = latest_labelled_day(con, domain)
             mature_until = maturity_cutoff(con, config, domain, as_of)
             result = train_candidate(con, warehouse.home(), config, domain, as_of, mature_until=mature_until,
-                                     dagster_run_id=context.run_id)
+                                     dagster_run_id=context.run_id, launch=PipesLaunch(pipes_trainer, context))
         return dg.Output(result, metadata={**result.metadata(),
                                            "metrics": dg.MetadataValue.md(result.metrics_markdown())})
 

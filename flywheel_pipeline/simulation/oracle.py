@@ -14,18 +14,20 @@ from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.simulation import true_accuracy, true_labels
 from flywheel_pipeline.training import trainer_for
-from flywheel_pipeline.training.base import Windows, impressions
+from flywheel_pipeline.training.base import Trainer, Windows, impressions
 from flywheel_pipeline.warehouse import connect
 
 
-def oracle_accuracy(home: Home, config: FlywheelConfig, domain: str, windows: Windows) -> float:
-    """True accuracy of the domain's trainer fitted on the truth of ``windows``' training days."""
+def oracle_accuracy(home: Home, config: FlywheelConfig, domain: str, windows: Windows,
+                    trainer: Trainer | None = None) -> float:
+    """True accuracy of ``trainer`` (default: the domain's) fitted on the truth of ``windows``'
+    training days."""
     with connect(home.warehouse(domain), read_only=True) as con:
         rows = impressions(con, domain, windows.train_start, windows.train_end)
     truth = true_labels(home, domain).unique(["interaction_id", "item_id"])
     rows = rows.drop("p_good", "label").join(truth, on=["interaction_id", "item_id"])
     rows = rows.with_columns(p_good=pl.col("good").cast(pl.Float64), label=pl.col("good"))
-    trainer = trainer_for(config.domain(domain).shape)
+    trainer = trainer or trainer_for(config.domain(domain))
     weighted, _ = trainer.weigh(rows)
     return true_accuracy(home, config, domain, trainer.fit(weighted))
 

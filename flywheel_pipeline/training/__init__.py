@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date
 
 from flywheel_pipeline import groups
-from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.config import (
+    DomainConfig,
+    FlywheelConfig,
+    HashedTrainerSettings,
+    PipesTrainerSettings,
+    TransformerTrainerSettings,
+)
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.sources import Readable
 from flywheel_pipeline.training.assistant import AssistantTrainer
@@ -23,9 +30,11 @@ from flywheel_pipeline.training.base import (
     split_windows,
     training_set,
 )
+from flywheel_pipeline.training.pipes import PipesLaunch, train_elsewhere
 from flywheel_pipeline.training.recommendation import RecommendationTrainer
 
 __all__ = [
+    "TRAINERS",
     "AssistantTrainer",
     "FittedScorer",
     "FlywheelScorerModel",
@@ -38,9 +47,32 @@ __all__ = [
     "trainer_for",
 ]
 
+InProcessSettings = HashedTrainerSettings | TransformerTrainerSettings
 
-def trainer_for(shape: str) -> Trainer:
-    return AssistantTrainer() if shape == "assistant" else RecommendationTrainer()
+
+def _transformer(settings: TransformerTrainerSettings) -> Trainer:
+    # imported when chosen: it needs the optional extra flywheel[transformers] (torch)
+    from flywheel_pipeline.training.transformer import TransformerTrainer
+
+    return TransformerTrainer(settings)
+
+
+# Every trainer that fits in a process, by domain shape and flywheel.yaml's `trainer.kind`: what
+# trainer_for builds and benchmarks/trainers.py compares. (`pipes` runs one of these, or any
+# command, out of process: training/pipes.py.)
+TRAINERS: dict[str, dict[str, Callable[[InProcessSettings], Trainer]]] = {
+    "assistant": {"hashed": lambda settings: AssistantTrainer(), "transformer": _transformer},
+    "recommendation": {"hashed": lambda settings: RecommendationTrainer()},
+}
+
+
+def trainer_for(domain_config: DomainConfig, settings: InProcessSettings | None = None) -> Trainer:
+    """The in-process trainer of the domain's shape that ``settings`` name (default: the domain's
+    ``trainer``; for a pipes trainer, what it ``fits``)."""
+    settings = settings or domain_config.trainer
+    if isinstance(settings, PipesTrainerSettings):
+        settings = settings.fits
+    return TRAINERS[domain_config.shape][settings.kind](settings)
 
 
 def train_candidate(
@@ -51,26 +83,31 @@ def train_candidate(
     as_of: date,
     mature_until: date | None = None,
     dagster_run_id: str | None = None,
+    launch: PipesLaunch | None = None,
 ) -> TrainingResult:
     """Fit a candidate on the domain's training window and log it as one MLflow run (tagged with
     the Dagster run that trains, when there is one). ``source``: where it reads the impressions and
-    their labels (flywheel_pipeline.sources)."""
+    their labels (flywheel_pipeline.sources). A pipes trainer runs where ``launch`` sends it, its
+    training set weighted here by the shape's hashed trainer's rules."""
     domain_config = config.domain(domain)
+    settings = domain_config.trainer
+    elsewhere = isinstance(settings, PipesTrainerSettings)
+    if elsewhere and launch is None:
+        raise ValueError(f"{domain}: trainer pipes runs through a Dagster Pipes client: materialize "
+                         f"{domain}/candidate_model (its resource pipes_trainer launches it)")
     windows = split_windows(as_of, domain_config, mature_until)
     rows = impressions(source, domain, windows.train_start, windows.train_end)
     train = training_set(rows)
     if train.is_empty():
         raise ValueError(f"{domain}: no labelled impressions in {windows.params()}")
-    trainer = trainer_for(domain_config.shape)
+    trainer = trainer_for(domain_config, HashedTrainerSettings() if elsewhere else None)
     weighted, weighting_metrics = trainer.weigh(train)
     weighted, group_metrics = groups.balance(weighted, domain_config.groups)
-    scorer, fit_metrics = fit_with_internal_check(trainer, weighted)
     metrics = {
         "label_coverage": train.height / rows.height,
         **policy_metrics(train),
         **weighting_metrics,
         **group_metrics,
-        **fit_metrics,
     }
     params = {
         "domain": domain,
@@ -87,14 +124,25 @@ def train_candidate(
             source, domain, windows.train_start, windows.train_end
         ),
     }
-    run_id, model = log_training_run(
-        home, domain, windows, trainer, scorer, weighted, params, metrics, dagster_run_id
-    )
+    if elsewhere:
+        fit = train_elsewhere(home, domain, domain_config.shape, windows, settings, weighted, params, launch,
+                              dagster_run_id)
+        run_id, model_uri, model_id = fit.run_id, fit.model_uri, fit.model_id
+        metrics.update(fit.metrics)
+        params.update(fit.lineage)
+    else:
+        scorer, fit_metrics = fit_with_internal_check(trainer, weighted)
+        metrics.update(fit_metrics)
+        params.update({"training.trainer": trainer.name, "training.compute": "in process"})
+        run_id, model = log_training_run(
+            home, domain, windows, trainer, scorer, weighted, params, metrics, dagster_run_id
+        )
+        model_uri, model_id = model.model_uri, model.model_id
     return TrainingResult(
         domain=domain,
         run_id=run_id,
-        model_uri=model.model_uri,
-        model_id=model.model_id,
+        model_uri=model_uri,
+        model_id=model_id,
         windows=windows,
         n_rows=rows.height,
         n_labelled=train.height,

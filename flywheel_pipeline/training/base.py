@@ -9,6 +9,7 @@ wrapper, FlywheelScorerModel, so any domain's model loads with ``mlflow.pyfunc.l
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
@@ -138,9 +139,10 @@ class FittedScorer(Protocol):
 
 
 class Trainer(Protocol):
-    """One per domain shape."""
+    """One per domain shape and kind (training.TRAINERS)."""
 
     name: str
+    pip_requirements: list[str]  # what its logged model needs where it loads
 
     def params(self) -> dict[str, Any]:
         """Hyper-parameters, logged with the run."""
@@ -208,6 +210,7 @@ class HashedLogisticTrainer:
     featurize: ClassVar[Featurize]
     key_columns: ClassVar[list[str]]
     weighting: ClassVar[str]  # how ``weigh`` weights a row, in words
+    pip_requirements: ClassVar[list[str]] = MODEL_PIP_REQUIREMENTS
 
     def params(self) -> dict[str, Any]:
         return {**asdict(self), "weight": self.weighting}
@@ -297,6 +300,7 @@ class TrainingResult:
             "training.n_impressions": self.n_rows,
             "training.n_labelled": self.n_labelled,
             "training.label_model_version": self.params.get("label_model_version", ""),
+            **{name: value for name, value in self.params.items() if name.startswith("training.")},
             **{
                 f"training.{name}": round(self.metrics[name], 4)
                 for name in ("exploration_share", "self_consumption_share", "label_coverage")
@@ -345,7 +349,9 @@ def fit_with_internal_check(
         metrics.update(internal_check_auc=np.nan, internal_check_log_loss=np.nan)
     else:
         metrics.update(_fit_quality(check_scorer, later, "internal_check"))
+    started = time.perf_counter()
     scorer = trainer.fit(_fit_columns(weighted))
+    metrics["fit_seconds"] = time.perf_counter() - started
     metrics.update(_fit_quality(scorer, weighted, "training"))
     return scorer, metrics
 
@@ -424,8 +430,6 @@ def log_training_run(
     """One MLflow run: params, metrics, the training dataset and the pyfunc model; tagged with the
     Dagster run that trains, when there is one."""
     frame = _fit_columns(train).to_pandas()
-    example = input_example(domain, frame)
-    signature = infer_signature(example, scorer.predict(example))
     with mlflow.start_run(
         experiment_id=ensure_experiment(home, domain),
         run_name=f"train-{windows.holdout_end}",
@@ -439,12 +443,20 @@ def log_training_run(
             targets="p_good",
         )
         mlflow.log_input(dataset, context="training")
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=FlywheelScorerModel(scorer),
-            signature=signature,
-            input_example=example,
-            pip_requirements=MODEL_PIP_REQUIREMENTS,
-        )
+        info = log_model(domain, trainer, scorer, frame)
         mlflow.log_metrics(metrics, model_id=info.model_id, dataset=dataset)
     return run.info.run_id, info
+
+
+def log_model(domain: str, trainer: Trainer, scorer: FittedScorer,
+              frame: pd.DataFrame) -> mlflow.models.model.ModelInfo:
+    """Log ``scorer`` into the active run as the one pyfunc (FlywheelScorerModel), with a made-up
+    input example of ``frame``'s serving features and the trainer's requirements."""
+    example = input_example(domain, frame)
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=FlywheelScorerModel(scorer),
+        signature=infer_signature(example, scorer.predict(example)),
+        input_example=example,
+        pip_requirements=trainer.pip_requirements,
+    )
