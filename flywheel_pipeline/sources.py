@@ -1,17 +1,17 @@
-"""Where the Python stages read their input: one narrow interface over the warehouse's tables.
+"""Where the Python stages read their input and write their tables: one narrow interface.
 
 Labeling, training and validation read a domain's rows of a few tables (``marts.fct_impressions``,
 ``labels.impression_labels``, ``raw.interactions``), a range of days at a time, through a
 ``Source``, and do the rest in polars. ``DuckDBSource`` reads a domain's DuckDB warehouse;
-``ParquetSource`` a folder of Parquet files laid out as Spark and other engines write partitioned
-tables::
+``ParquetSource`` Parquet files laid out as Spark keeps partitioned tables, on a disk or in an
+object store::
 
-    <root>/<schema>.<table>/domain=<domain>/event_date=<YYYY-MM-DD>/*.parquet
+    <root>/<schema>.db/<table>/domain=<domain>/event_date=<YYYY-MM-DD>/*.parquet
 
-Another engine is another Source: no stage changes. The stages take a Source or, for short, a
-connection to a domain's warehouse (read as a DuckDBSource); labeling writes its labels to the
-warehouse's connection.
-"""
+``ParquetSink`` writes that layout one (table, domain, day) partition at a time, atomically (the
+distributed profile: flywheel_pipeline/object_store.py). Another engine is another Source: no stage
+changes. The stages take a Source or, for short, a connection to a domain's warehouse (read as a
+DuckDBSource); labeling writes its labels to the warehouse's connection."""
 
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,11 +30,12 @@ import yaml
 from polars.testing import assert_frame_equal
 
 from flywheel_pipeline import registry, simulation, sources
+from flywheel_pipeline.accumulation import accumulate
 from flywheel_pipeline.config import load_config
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.launcher import free_port
-from flywheel_pipeline.object_store import ObjectStore
+from flywheel_pipeline.object_store import STAGE_TABLES, ObjectStore, working_copy
 from flywheel_pipeline.warehouse import connect
 from tests.conftest import REPO
 
@@ -65,16 +68,13 @@ PER_RUN_TAGS = ("run_id", "model_uri", "model_id", "signature", "signed", "regis
 
 
 @pytest.fixture(scope="module")
-def object_store(tmp_path_factory):
-    """moto's S3 server on a free port with an empty bucket, mounted with s3fs for Spark: the
-    warehouse settings of the distributed profile."""
-    folder = tmp_path_factory.mktemp("object_store")
+def bucket() -> Iterator[str]:
+    """moto's S3 server on a free port with an empty bucket BUCKET, the credentials in the
+    environment: the server's endpoint."""
     port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
-    mount = folder / "mount"
-    mount.mkdir()
     try:
         with pytest.MonkeyPatch.context() as patch:
             for name, value in CREDENTIALS.items():
@@ -84,19 +84,28 @@ def object_store(tmp_path_factory):
             client = boto3.client("s3", endpoint_url=endpoint)
             _wait(lambda: client.list_buckets())
             client.create_bucket(Bucket=BUCKET)
-            secrets = folder / "passwd"
-            secrets.write_text(f"{CREDENTIALS['AWS_ACCESS_KEY_ID']}:{CREDENTIALS['AWS_SECRET_ACCESS_KEY']}")
-            secrets.chmod(0o600)
-            subprocess.run(["s3fs", BUCKET, str(mount), "-o", f"passwd_file={secrets},url={endpoint},"
-                            "use_path_request_style,dbglevel=warn"], check=True, timeout=60)
-            try:
-                yield {"engine": "spark", "root": f"s3://{BUCKET}/flywheel", "spark_root": str(mount / "flywheel"),
-                       "endpoint_url": endpoint}
-            finally:
-                subprocess.run(["umount", str(mount)], check=False)
+            yield endpoint
     finally:
         server.terminate()
         server.wait()
+
+
+@pytest.fixture(scope="module")
+def object_store(bucket, tmp_path_factory) -> Iterator[dict]:
+    """The bucket mounted with s3fs for Spark: the distributed profile's warehouse settings."""
+    folder = tmp_path_factory.mktemp("object_store")
+    mount = folder / "mount"
+    mount.mkdir()
+    secrets = folder / "passwd"
+    secrets.write_text(f"{CREDENTIALS['AWS_ACCESS_KEY_ID']}:{CREDENTIALS['AWS_SECRET_ACCESS_KEY']}")
+    secrets.chmod(0o600)
+    options = f"passwd_file={secrets},url={bucket},use_path_request_style,dbglevel=warn"
+    subprocess.run(["s3fs", BUCKET, str(mount), "-o", options], check=True, timeout=60)
+    try:
+        yield {"engine": "spark", "root": f"s3://{BUCKET}/flywheel", "spark_root": str(mount / "flywheel"),
+               "endpoint_url": bucket}
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
 
 
 def _wait(call, seconds: float = 30) -> None:
@@ -204,3 +213,30 @@ def test_the_tables_are_partitioned_by_domain_and_day_in_the_bucket(both_profile
         folder = f"{sources.table_folder(store.root, table)}/domain={DOMAIN}"
         written = {info.base_name for info in store.filesystem.get_file_info(pafs.FileSelector(folder))}
         assert written == days, table
+
+
+def test_a_domains_days_accumulate_as_parallel_runs_as_in_one_run(landing, bucket, tmp_path):
+    """Three runs of one day each, at once (as run pods would), leave the raw partitions one run
+    of the three days leaves; each run wrote only its own day's objects."""
+    config = load_config(small_config(tmp_path, {"engine": "spark", "root": f"s3://{BUCKET}/parallel",
+                                                 "endpoint_url": bucket}))
+    home = Home(tmp_path / "home").ensure()
+    shutil.copytree(landing, home.root / "landing", dirs_exist_ok=True)
+    days = [FIRST + timedelta(days=offset) for offset in range(3)]
+
+    def run(store: ObjectStore, dates: list) -> None:
+        with working_copy(store, DOMAIN) as con:
+            accumulate(con, home, config, DOMAIN, dates)
+
+    parallel = ObjectStore.from_settings(config.warehouse)
+    with ThreadPoolExecutor(len(days)) as pool:
+        list(pool.map(lambda day: run(parallel, [day]), days))
+    together = ObjectStore.from_settings(config.warehouse.model_copy(update={"root": f"s3://{BUCKET}/together"}))
+    run(together, days)
+    raw = [table for table in STAGE_TABLES if table.startswith("raw.")]
+    for table in raw:
+        ours, theirs = (store.source().read(table, DOMAIN).drop("ingested_at", "quarantined_at", strict=False)
+                        for store in (parallel, together))
+        assert ours.height > 0 or table in ("raw.outcomes", "raw.labels"), table
+        assert_frame_equal(ours.sort(ours.columns), theirs.sort(theirs.columns), check_column_order=False)
+    assert set(parallel.source().read("raw.interactions", DOMAIN)["event_date"]) == set(days)
