@@ -9,8 +9,10 @@ A run of a Python stage works on a copy of its domain: ``working_copy`` loads th
 (raw, marts, labels, health) from the store into an in-memory DuckDB, hands the stage that
 connection, the same SQL and polars it runs on a domain's DuckDB file, and afterwards writes back
 exactly the (table, day) partitions whose rows changed, one object each. Runs of a domain's
-different days change different partitions, so they can run at once (as Kubernetes run pods would);
-nothing is written when the stage fails.
+different days change different partitions, so they can run at once (as Kubernetes run pods would).
+Nothing is written when the stage fails; each partition is replaced whole, but a run's partitions are
+not one transaction: a crash while writing them back leaves some new and some old, until the run is
+repeated (its partitions are rewritten from the same input).
 """
 
 from __future__ import annotations

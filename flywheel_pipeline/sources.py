@@ -175,6 +175,7 @@ def export_parquet(con: duckdb.DuckDBPyConnection, tables: Sequence[str], root: 
     """Write ``tables`` of a DuckDB warehouse as a ParquetSource reads them (tests, and a start for
     moving a warehouse to another engine)."""
     for table in tables:
-        day = day_column(table)
-        con.execute(f"COPY {table} TO '{table_folder(str(root), table)}' (FORMAT parquet, PARTITION_BY (domain, {day}), "
+        folder = Path(table_folder(str(root), table))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        con.execute(f"COPY {table} TO '{folder}' (FORMAT parquet, PARTITION_BY (domain, {day_column(table)}), "
                     "OVERWRITE_OR_IGNORE)")

@@ -11,6 +11,7 @@ Needs the optional extra spark (with moto's server), Java 17+ and Debian's s3fs;
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -64,7 +65,7 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "flywheel-test", "AWS_SECRET_ACCESS_KEY": "f
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 LABEL_COLUMNS = ["event_date", "interaction_id", "item_id", "p_good", "label", "n_votes", "label_model_version"]
 # lineage tags that name a run, a time, a file or a signature: they differ between any two cycles
-PER_RUN_TAGS = ("run_id", "model_uri", "model_id", "signature", "signed", "registered_at", "dagster")
+PER_RUN_TAGS = ("run_id", "model_uri", "model_id", "signature", "signed", "registered_at", "dagster", "source")
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +168,21 @@ def cycle_outcome(home: Home, result: dg.ExecuteInProcessResult, labels: pl.Data
     client = mlflow.MlflowClient(home.mlflow_tracking_uri)
     version = registry.alias_version(client, DOMAIN, registry.CANDIDATE)
     tags = client.get_model_version(registry.model_name(DOMAIN), version).tags if version else {}
+    record = json.loads(tags.pop("lineage.record", "{}"))  # the signed record: tags' values, run ids, the artifact's hash
+    training = client.get_run(tags["training.run_id"]).data.metrics if tags else {}
     return {
         "labels": labels.select(LABEL_COLUMNS).with_columns(pl.col("p_good").round(9)).sort(LABEL_COLUMNS[:3]),
         "gate": [(e.passed, e.metadata["gate"].value) for e in gate],
-        "lineage": {name: value for name, value in tags.items() if not any(part in name for part in PER_RUN_TAGS)},
+        "lineage": {name: value for name, value in tags.items() if not _per_run(name)},
+        "lineage_record": {name: value for name, value in record.items() if not _per_run(name)},
+        "training_metrics": {name: round(value, 9) for name, value in training.items()},
     }
+
+
+def _per_run(name: str) -> bool:
+    """A lineage entry naming a run, a logged model, a time or a file's hash: different in any two
+    cycles (the model artifact's hash too, since MLflow writes its run id and time into it)."""
+    return name == "artifact" or any(part in name for part in PER_RUN_TAGS)
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +214,8 @@ def test_the_distributed_cycle_labels_gates_and_registers_as_duckdb_does(both_pr
     assert_frame_equal(spark["labels"], duck["labels"])
     assert spark["gate"] == duck["gate"]
     assert spark["lineage"] == duck["lineage"]
+    assert spark["lineage_record"] == duck["lineage_record"] != {}
+    assert spark["training_metrics"] == duck["training_metrics"] != {}  # the same model, fitted alike
     assert duck["gate"] == [(True, "passed")]  # a candidate registered: its lineage compared
     assert {"training.label_model_version", "training.train_end", "validation.gate"} <= set(duck["lineage"])
 
