@@ -592,6 +592,30 @@ class WarehouseSettings(_Strict):
         description="how many models or tests dbt builds at once (dbt's threads); each query already "
                     "uses every core, so more only helps a machine with cores and memory to spare",
     )
+    engine: Literal["duckdb", "spark"] = Field(
+        "duckdb",
+        description="duckdb: a DuckDB file per domain in the home; spark: partitioned Parquet tables under "
+                    "warehouse.root, dbt building on Spark (docs/deploying.md: The distributed profile)",
+    )
+    root: str | None = Field(
+        None, description="engine spark: where the tables live, s3://bucket/prefix (or a folder); "
+                          "<root>/<schema>.db/<table>/domain=<d>/event_date=<day>/")
+    spark_root: str | None = Field(
+        None, description="engine spark: the same place as Spark names it; default root with s3:// read "
+                          "as s3a:// (hadoop-aws); a path where the bucket is mounted (s3fs)")
+    endpoint_url: str | None = Field(
+        None, pattern=r"^https?://", description="engine spark: an S3-compatible store's endpoint "
+                                                 "(MinIO, moto...); default AWS's")
+
+    @model_validator(mode="after")
+    def _spark_has_a_root(self) -> WarehouseSettings:
+        if self.engine == "spark" and not self.root:
+            raise ValueError("root: engine spark keeps its tables under a root (s3://bucket/prefix or a folder)")
+        if self.root and urlsplit(self.root).scheme not in ("", "s3", "file"):
+            raise ValueError(f"root: s3://bucket/prefix or a folder, got {self.root!r}")
+        if self.engine == "duckdb" and (self.root or self.spark_root or self.endpoint_url):
+            raise ValueError("engine: root, spark_root and endpoint_url are for engine spark")
+        return self
 
 
 class LandingSettings(_Strict):

@@ -9,7 +9,7 @@ from datetime import date
 
 import dagster as dg
 
-from flywheel_pipeline.config import FlywheelConfig, active_config, config_path
+from flywheel_pipeline.config import FlywheelConfig, active_config
 from flywheel_pipeline.defs.assets import build_data_assets, build_model_assets
 from flywheel_pipeline.defs.checks import quality_checks
 from flywheel_pipeline.defs.jobs import (
@@ -56,8 +56,7 @@ def build_definitions(config: FlywheelConfig, home: Home) -> dg.Definitions:
                    build_retention_schedule(config)],
         sensors=[*build_sensors(config), build_drift_sensor(config, cycle_jobs), build_registry_watch(config)],
         resources={
-            "warehouse": WarehouseResource(home_path=str(home.root), config_path=str(config_path()),
-                                           memory_limit=config.warehouse.memory_limit),
+            "warehouse": WarehouseResource.for_config(home, config),
             "mlflow": MlflowResource(home_path=str(home.root)),
             "dbt": dbt_resource(home, config),
             "io_manager": dg.FilesystemIOManager(base_dir=str(home.dagster / "storage")),

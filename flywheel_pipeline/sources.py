@@ -1,20 +1,23 @@
-"""Where the Python stages read their input: one narrow interface over the warehouse's tables.
+"""Where the Python stages read their input and write their tables: one narrow interface.
 
 Labeling, training and validation read a domain's rows of a few tables (``marts.fct_impressions``,
 ``labels.impression_labels``, ``raw.interactions``), a range of days at a time, through a
 ``Source``, and do the rest in polars. ``DuckDBSource`` reads a domain's DuckDB warehouse;
-``ParquetSource`` a folder of Parquet files laid out as Spark and other engines write partitioned
-tables::
+``ParquetSource`` Parquet files laid out as Spark keeps partitioned tables, on a disk or in an
+object store::
 
-    <root>/<schema>.<table>/domain=<domain>/event_date=<YYYY-MM-DD>/*.parquet
+    <root>/<schema>.db/<table>/domain=<domain>/event_date=<YYYY-MM-DD>/*.parquet
 
-Another engine is another Source: no stage changes. The stages take a Source or, for short, a
-connection to a domain's warehouse (read as a DuckDBSource); labeling writes its labels to the
-warehouse's connection.
-"""
+``ParquetSink`` writes that layout one (table, domain, day) partition at a time, atomically (the
+distributed profile: flywheel_pipeline/object_store.py). Another engine is another Source: no stage
+changes. The stages take a Source or, for short, a connection to a domain's warehouse (read as a
+DuckDBSource); labeling writes its labels to the warehouse's connection."""
 
 from __future__ import annotations
 
+import functools
+import operator
+import uuid
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
@@ -22,6 +25,10 @@ from typing import Protocol
 
 import duckdb
 import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 # The tables the stages read, each partitioned by (domain, event_date).
 IMPRESSIONS = "marts.fct_impressions"  # dbt's filtered impressions with their signals and outcomes
@@ -29,6 +36,8 @@ LABELS = "labels.impression_labels"  # labeling's p_good per impression
 INTERACTIONS = "raw.interactions"  # accumulation's interactions (their logged candidates)
 REVIEW_QUEUE = "labels.review_queue"  # the review queue's selections, with their design weights
 IMPRESSION_KEY = ["domain", "event_date", "interaction_id", "item_id"]  # an impression's row in each table
+DAY_COLUMNS = {"health.measures": "as_of"}  # a table's day partition when it is not event_date
+PARTITION_FILE = "part-0.parquet"  # the one object a ParquetSink writes per partition
 
 
 class Source(Protocol):
@@ -62,25 +71,97 @@ class DuckDBSource:
 
 
 class ParquetSource:
-    """Partitioned Parquet under ``root`` (``<schema>.<table>/domain=<d>/event_date=<day>/``)."""
+    """Partitioned Parquet under ``root``, laid out as Spark keeps its tables
+    (``<schema>.db/<table>/domain=<d>/<day column>=<day>/*.parquet``), on a local disk (a path) or
+    in an object store (``filesystem``: a pyarrow FileSystem such as ``S3FileSystem``, ``root``
+    then ``bucket/prefix``)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path | str, filesystem: pafs.FileSystem | None = None) -> None:
+        self.root = str(root).rstrip("/")
+        self.filesystem = filesystem or pafs.LocalFileSystem()
 
     def read(self, table: str, domain: str, first: date | None = None, last: date | None = None,
              columns: Sequence[str] | None = None) -> pl.DataFrame:
-        folder = self.root / table / f"domain={domain}"
-        if not folder.exists():
+        folder = f"{table_folder(self.root, table)}/domain={domain}"
+        if self.filesystem.get_file_info(folder).type != pafs.FileType.Directory:
             return pl.DataFrame()
-        rows = pl.scan_parquet(folder / "**" / "*.parquet", hive_partitioning=True,
-                               hive_schema={"domain": pl.String, "event_date": pl.Date})
-        if first is not None:
-            rows = rows.filter(pl.col("event_date") >= first)
-        if last is not None:
-            rows = rows.filter(pl.col("event_date") <= last)
-        rows = rows.select(columns or rows.collect_schema().names())
-        # DuckDB writes a JSON column as binary: read it back as text, as Spark writes it.
-        return rows.with_columns(pl.col(pl.Binary).cast(pl.String)).collect()
+        day = day_column(table)
+        dataset = ds.dataset(folder, filesystem=self.filesystem, format="parquet",
+                             partitioning=ds.partitioning(pa.schema([(day, pa.date32())]), flavor="hive"))
+        bounds = [ds.field(day) >= first if first else None, ds.field(day) <= last if last else None]
+        wanted = [name for name in (columns or dataset.schema.names) if name != "domain"]
+        rows = pl.from_arrow(dataset.to_table(columns=wanted, filter=_all(bounds)))
+        rows = _as_duckdb_types(rows.with_columns(pl.lit(domain, pl.String).alias("domain")))
+        return rows.select(columns or ["domain", day, *(name for name in wanted if name != day)])
+
+
+class ParquetSink:
+    """Writes a ParquetSource's layout one (table, domain, day) partition at a time: the partition's
+    rows become one object, ``part-0.parquet``, written aside under a hidden name and moved into
+    place, and whatever else the partition held goes. Readers see the old partition or the new one,
+    never half of one; runs of a domain's different days never touch each other's partitions."""
+
+    def __init__(self, root: Path | str, filesystem: pafs.FileSystem | None = None) -> None:
+        self.root = str(root).rstrip("/")
+        self.filesystem = filesystem or pafs.LocalFileSystem()
+
+    def replace_partition(self, table: str, domain: str, day: date, rows: pa.Table) -> None:
+        """Make ``rows`` (``table``'s rows of ``domain`` on ``day``) that partition; no rows removes it."""
+        day_name = day_column(table)
+        folder = f"{table_folder(self.root, table)}/domain={domain}/{day_name}={day.isoformat()}"
+        old = self._files(folder)
+        if rows.num_rows:
+            target = f"{folder}/{PARTITION_FILE}"
+            staged = f"{folder}/.{PARTITION_FILE}.{uuid.uuid4().hex}"  # readers skip hidden names
+            self.filesystem.create_dir(folder, recursive=True)
+            pq.write_table(_for_parquet(rows.drop_columns(["domain", day_name])), staged, filesystem=self.filesystem)
+            self.filesystem.move(staged, target)
+            old = [path for path in old if path != target]
+        for path in old:
+            self.filesystem.delete_file(path)
+        if not rows.num_rows and self.filesystem.get_file_info(folder).type == pafs.FileType.Directory:
+            self.filesystem.delete_dir(folder)
+
+    def _files(self, folder: str) -> list[str]:
+        if self.filesystem.get_file_info(folder).type != pafs.FileType.Directory:
+            return []
+        return [info.path for info in self.filesystem.get_file_info(pafs.FileSelector(folder))
+                if info.type == pafs.FileType.File]
+
+
+def table_folder(root: str, table: str) -> str:
+    """Where ``table`` (schema.name) lives under ``root``: Spark's ``<schema>.db/<name>``."""
+    schema, name = table.split(".")
+    return f"{root}/{schema}.db/{name}"
+
+
+def day_column(table: str) -> str:
+    """The column ``table`` is partitioned by beside ``domain``."""
+    return DAY_COLUMNS.get(table, "event_date")
+
+
+def _all(conditions: Sequence[ds.Expression | None]) -> ds.Expression | None:
+    present = [condition for condition in conditions if condition is not None]
+    return functools.reduce(operator.and_, present) if present else None
+
+
+def _as_duckdb_types(rows: pl.DataFrame) -> pl.DataFrame:
+    """What Spark's or another writer's Parquet types read as in DuckDB: timestamps naive UTC
+    microseconds (Spark writes INT96 or UTC-adjusted ones), decimals as doubles, binary as text
+    (DuckDB writes a JSON column as binary)."""
+    zoned = [name for name, kind in rows.schema.items() if isinstance(kind, pl.Datetime) and kind.time_zone]
+    return rows.with_columns(
+        pl.col(zoned).dt.convert_time_zone("UTC").dt.replace_time_zone(None),
+    ).with_columns(pl.col(pl.Datetime).dt.cast_time_unit("us"), pl.col(pl.Decimal).cast(pl.Float64),
+                   pl.col(pl.Binary).cast(pl.String))
+
+
+def _for_parquet(rows: pa.Table) -> pa.Table:
+    """Timestamps written as UTC instants (Parquet's isAdjustedToUTC), which Spark reads as its
+    TIMESTAMP type; DuckDB's are naive UTC."""
+    fields = [pa.field(f.name, pa.timestamp(f.type.unit, "UTC")) if pa.types.is_timestamp(f.type) and f.type.tz is None
+              else f for f in rows.schema]
+    return rows.cast(pa.schema(fields))
 
 
 Readable = Source | duckdb.DuckDBPyConnection  # a connection to a domain's warehouse reads as DuckDBSource
@@ -94,5 +175,7 @@ def export_parquet(con: duckdb.DuckDBPyConnection, tables: Sequence[str], root: 
     """Write ``tables`` of a DuckDB warehouse as a ParquetSource reads them (tests, and a start for
     moving a warehouse to another engine)."""
     for table in tables:
-        con.execute(f"COPY {table} TO '{root / table}' (FORMAT parquet, PARTITION_BY (domain, event_date), "
+        folder = Path(table_folder(str(root), table))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        con.execute(f"COPY {table} TO '{folder}' (FORMAT parquet, PARTITION_BY (domain, {day_column(table)}), "
                     "OVERWRITE_OR_IGNORE)")

@@ -39,6 +39,7 @@ def test_shipped_config_has_a_weekly_and_a_quarterly_domain():
         (["partitions_start"], "not a date", "partitions_start"),
         (["warehouse", "memory_limit"], "lots", "warehouse.memory_limit"),
         (["warehouse", "dbt_threads"], 0, "warehouse.dbt_threads"),
+        (["warehouse", "engine"], "bigquery", "warehouse.engine"),
     ],
 )
 def test_bad_key_is_named(path, value, named):
@@ -80,3 +81,20 @@ def test_retention_shorter_than_the_training_and_held_out_windows_is_refused():
     with pytest.raises(ConfigError, match=r"domains\.assistant.*retention_days \(20\) must be at least "
                                           r"lookback_days \+ holdout_days \(35\)"):
         parse_config(broken(["domains", "assistant", "retention_days"], 20))
+
+
+@pytest.mark.parametrize(
+    ("warehouse", "named"),
+    [
+        ({"engine": "spark"}, "warehouse: .*root: engine spark keeps its tables under a root"),
+        ({"engine": "spark", "root": "gs://lake/flywheel"}, "warehouse: .*root: s3://bucket/prefix or a folder"),
+        ({"root": "s3://lake/flywheel"}, "warehouse: .*engine: root, spark_root and endpoint_url are for engine spark"),
+        ({"engine": "spark", "root": "s3://lake", "endpoint_url": "minio:9000"}, r"warehouse\.endpoint_url"),
+    ],
+)
+def test_the_distributed_profile_names_its_bad_key(warehouse, named):
+    raw = copy.deepcopy(RAW)
+    raw["warehouse"] = {**raw["warehouse"], **warehouse}
+    with pytest.raises(ConfigError, match=named):
+        parse_config(raw)
+    assert parse_config({**raw, "warehouse": {"engine": "spark", "root": "s3://lake/flywheel"}}).warehouse.engine == "spark"

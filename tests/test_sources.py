@@ -1,17 +1,19 @@
 """The stages' one input interface: the same reads from a domain's DuckDB warehouse and from Parquet
 partitions as Spark writes them give the same frames, so labeling, training and validation see the
-same input whichever engine holds it."""
+same input whichever engine holds it; and ParquetSink replaces exactly one partition at a time."""
 
 from __future__ import annotations
 
 from datetime import date, timedelta
+from pathlib import Path
 
+import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
 from flywheel_pipeline import sources
 from flywheel_pipeline.labeling.stage import maturity_cutoff, read_impressions, with_reaction_window
-from flywheel_pipeline.sources import DuckDBSource, ParquetSource, export_parquet
+from flywheel_pipeline.sources import DuckDBSource, ParquetSink, ParquetSource, export_parquet
 from flywheel_pipeline.training.base import Windows, impressions, label_model_versions
 from flywheel_pipeline.validation.evidence import holdout_rows, logged_candidates
 from flywheel_pipeline.warehouse import connect
@@ -33,7 +35,9 @@ def both(assistant_cycle, tmp_path_factory):
 
 def test_the_parquet_layout_is_spark_s(both):
     _, _, parquet = both
-    days = sorted(path.name for path in (parquet.root / sources.IMPRESSIONS / f"domain={DOMAIN}").iterdir())
+    folder = Path(sources.table_folder(parquet.root, sources.IMPRESSIONS)) / f"domain={DOMAIN}"
+    assert folder.parent.parent.name == "marts.db"
+    days = sorted(path.name for path in folder.iterdir())
     assert days[0] == f"event_date={FIRST}" and days[-1] == f"event_date={LAST}"
 
 
@@ -71,3 +75,17 @@ def test_a_table_or_domain_not_there_reads_empty(both, tmp_path):
     assert duck.read("labels.no_such_table", DOMAIN).is_empty()
     assert parquet.read(sources.IMPRESSIONS, "recommendation").is_empty()
     assert ParquetSource(tmp_path).read(sources.LABELS, DOMAIN, date(2026, 1, 1)).is_empty()
+
+
+def test_the_sink_replaces_one_partition_whole_and_removes_an_emptied_one(both, tmp_path):
+    _, duck, _ = both
+    labels = duck.read(sources.LABELS, DOMAIN)
+    sink, copy = ParquetSink(tmp_path), ParquetSource(tmp_path)
+    for day in (FIRST, LAST):
+        sink.replace_partition(sources.LABELS, DOMAIN, day, labels.filter(pl.col("event_date") == day).to_arrow())
+    assert_frame_equal(copy.read(sources.LABELS, DOMAIN), labels.filter(pl.col("event_date").is_in([FIRST, LAST])))
+    sink.replace_partition(sources.LABELS, DOMAIN, FIRST, labels.filter(pl.col("event_date") == LAST).head(0).to_arrow())
+    assert_frame_equal(copy.read(sources.LABELS, DOMAIN), labels.filter(pl.col("event_date") == LAST))
+    folder = Path(sources.table_folder(str(tmp_path), sources.LABELS)) / f"domain={DOMAIN}"
+    assert [path.name for path in folder.iterdir()] == [f"event_date={LAST}"]
+    assert [path.name for path in (folder / f"event_date={LAST}").iterdir()] == [sources.PARTITION_FILE]

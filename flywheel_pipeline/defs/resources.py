@@ -1,4 +1,5 @@
-"""Dagster resources: the warehouses (a DuckDB file per domain in the home folder) and the MLflow store."""
+"""Dagster resources: the warehouses (a DuckDB file per domain in the home folder, or partitioned tables
+in an object store under the spark engine) and the MLflow store."""
 
 from __future__ import annotations
 
@@ -10,16 +11,37 @@ import dagster as dg
 import duckdb
 
 from flywheel_pipeline import warehouse
-from flywheel_pipeline.config import FlywheelConfig, load_config
+from flywheel_pipeline.config import FlywheelConfig, WarehouseSettings, config_path, load_config
 from flywheel_pipeline.home import Home
+from flywheel_pipeline.object_store import ObjectStore, working_copy
 
 
 class WarehouseResource(dg.ConfigurableResource):
-    """The home folder, its domains' DuckDB warehouses and the approval records."""
+    """The home folder, its domains' warehouses and the approval records. A domain's warehouse is its
+    DuckDB file, or under ``engine: spark`` a working copy of its tables in the object store
+    (``object_store.working_copy``): the stages get a DuckDB connection either way."""
 
     home_path: str
     config_path: str | None = None
     memory_limit: str | None = None  # flywheel.yaml's warehouse.memory_limit; None: DuckDB's default
+    engine: str = "duckdb"  # flywheel.yaml's warehouse settings (config.WarehouseSettings)
+    root: str | None = None
+    spark_root: str | None = None
+    endpoint_url: str | None = None
+
+    @classmethod
+    def for_config(cls, home: Home, config: FlywheelConfig) -> WarehouseResource:
+        settings = config.warehouse
+        return cls(home_path=str(home.root), config_path=str(config_path()), memory_limit=settings.memory_limit,
+                   engine=settings.engine, root=settings.root, spark_root=settings.spark_root,
+                   endpoint_url=settings.endpoint_url)
+
+    def object_store(self) -> ObjectStore | None:
+        """The spark engine's tables; None under duckdb."""
+        if self.engine != "spark":
+            return None
+        return ObjectStore.from_settings(WarehouseSettings(
+            engine="spark", root=self.root, spark_root=self.spark_root, endpoint_url=self.endpoint_url))
 
     def home(self) -> Home:
         return Home(Path(self.home_path).resolve()).ensure()
@@ -30,6 +52,10 @@ class WarehouseResource(dg.ConfigurableResource):
     @contextmanager
     def connect(self, domain: str, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """``domain``'s warehouse."""
+        if (store := self.object_store()) is not None:
+            with working_copy(store, domain, read_only=read_only, memory_limit=self.memory_limit) as con:
+                yield con
+            return
         with warehouse.connect(self.home().warehouse(domain), read_only=read_only,
                                memory_limit=self.memory_limit) as con:
             yield con

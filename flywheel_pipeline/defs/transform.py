@@ -33,9 +33,10 @@ from dagster_dbt import (
 )
 from packaging import version
 
-from flywheel_pipeline.config import DomainConfig, FlywheelConfig
+from flywheel_pipeline.config import DomainConfig, FlywheelConfig, WarehouseSettings
 from flywheel_pipeline.defs.partitions import day_domain_partitions, run_scope
 from flywheel_pipeline.home import HOME_ENV, Home
+from flywheel_pipeline.object_store import SPARK_TABLES_ENV, ObjectStore
 
 DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt_project"
 # The venv's dbt, found without activating the venv.
@@ -63,11 +64,12 @@ class FlywheelDbtTranslator(DagsterDbtTranslator):
 class FlywheelDbtResource(DbtCliResource):
     """A DbtCliResource whose dbt builds a domain's warehouse in one home (FLYWHEEL_HOME=home_path,
     FLYWHEEL_DOMAIN) within flywheel.yaml's warehouse.memory_limit, running warehouse.dbt_threads
-    models at once."""
+    models at once; under warehouse.engine spark, the object store's tables on Spark (target spark)."""
 
     home_path: str
     memory_limit: str
     threads: int
+    spark_warehouse: str | None = None  # the engine spark's warehouse settings as JSON (target spark)
 
     @cached_property
     def _cli_version(self) -> version.Version:
@@ -78,8 +80,18 @@ class FlywheelDbtResource(DbtCliResource):
     def cli(self, args: Sequence[str], *, domain: str, **kwargs: Any) -> DbtCliInvocation:
         # dagster-dbt hands dbt a copy of this process's environment, taken inside cli().
         with _environ({HOME_ENV: self.home_path, DOMAIN_ENV: domain, MEMORY_LIMIT_ENV: self.memory_limit,
-                       THREADS_ENV: str(self.threads)}):
+                       THREADS_ENV: str(self.threads), **self._spark_environ()}):
             return super().cli(args, **kwargs)
+
+
+    def _spark_environ(self) -> dict[str, str]:
+        """Under warehouse.engine spark: the tables' root as Spark names it, a metastore that lives as
+        long as the dbt process, and the tables it registers from the store (object_store)."""
+        if self.spark_warehouse is None:
+            return {}
+        store = ObjectStore.from_settings(WarehouseSettings.model_validate_json(self.spark_warehouse))
+        return {"FLYWHEEL_SPARK_WAREHOUSE": store.spark_root, SPARK_TABLES_ENV: store.spark_tables(),
+                "FLYWHEEL_SPARK_METASTORE": "jdbc:derby:memory:metastore;create=true"}
 
 
 @contextmanager
@@ -110,9 +122,11 @@ def dies_with_this_process(child: subprocess.Popen) -> Iterator[None]:
 
 def dbt_resource(home: Home, config: FlywheelConfig) -> FlywheelDbtResource:
     """The `dbt` resource: the project in dbt_project/, building ``home``'s warehouse."""
+    spark = config.warehouse.engine == "spark"
     return FlywheelDbtResource(
         project_dir=dbt_project, dbt_executable=str(DBT_EXECUTABLE), home_path=str(home.root),
         memory_limit=config.warehouse.memory_limit, threads=config.warehouse.dbt_threads,
+        target="spark" if spark else None, spark_warehouse=config.warehouse.model_dump_json() if spark else None,
     )
 
 

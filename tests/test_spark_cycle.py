@@ -1,0 +1,256 @@
+"""The distributed profile (warehouse.engine spark): a whole domain cycle, accumulate to registered
+candidate, with every table partitioned by domain and day in an S3-compatible object store (moto's
+server, started here) and dbt building on a local Spark session, gives the same labels, gate outcome
+and registered lineage as the DuckDB profile on the same simulated events; and a domain's days run
+as separate runs at once leave each day's partitions as one run of both days does.
+
+Spark reaches the bucket through an s3fs-fuse mount (Spark's s3a:// needs the hadoop-aws jars, which
+come from Maven, not PyPI: docs/deploying.md); the Python stages reach it as s3:// directly.
+Needs the optional extra spark (with moto's server), Java 17+ and Debian's s3fs; skipped without them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+import polars as pl
+import pyarrow.fs as pafs
+import pytest
+import yaml
+from polars.testing import assert_frame_equal
+
+from flywheel_pipeline import registry, simulation, sources
+from flywheel_pipeline.accumulation import accumulate
+from flywheel_pipeline.config import load_config
+from flywheel_pipeline.definitions import build_definitions, execute_cycle
+from flywheel_pipeline.home import Home
+from flywheel_pipeline.launcher import free_port
+from flywheel_pipeline.object_store import STAGE_TABLES, ObjectStore, working_copy
+from flywheel_pipeline.warehouse import connect
+from tests.conftest import REPO
+
+MISSING = [name for name, present in (
+    ("pyspark", importlib.util.find_spec("pyspark") is not None),
+    ("dbt-spark", importlib.util.find_spec("dbt.adapters.spark") is not None),
+    ("moto[server]", importlib.util.find_spec("moto") is not None),
+    ("java", shutil.which("java") is not None),
+    ("s3fs (Debian's s3fs-fuse)", shutil.which("s3fs") is not None),
+    ("/dev/fuse", Path("/dev/fuse").exists()),
+) if not present]
+
+pytestmark = [
+    pytest.mark.spark,
+    pytest.mark.skipif(bool(MISSING), reason=f"the distributed profile: {', '.join(MISSING)} missing; it needs "
+                       "`pip install -e '.[spark]'`, Java 17+ and `apt-get install s3fs`"),
+    pytest.mark.timeout(900),
+]
+
+DOMAIN = "assistant"
+DAYS = 8
+LAST = datetime.now(UTC).date() - timedelta(days=3)
+FIRST = LAST - timedelta(days=DAYS - 1)
+BUCKET = "flywheel-warehouse"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "flywheel-test", "AWS_SECRET_ACCESS_KEY": "flywheel-test-secret",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+LABEL_COLUMNS = ["event_date", "interaction_id", "item_id", "p_good", "label", "n_votes", "label_model_version"]
+# lineage tags that name a run, a time, a file or a signature: they differ between any two cycles
+PER_RUN_TAGS = ("run_id", "model_uri", "model_id", "signature", "signed", "registered_at", "dagster", "source")
+
+
+@pytest.fixture(scope="module")
+def bucket() -> Iterator[str]:
+    """moto's S3 server on a free port with an empty bucket BUCKET, the credentials in the
+    environment: the server's endpoint."""
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in CREDENTIALS.items():
+                patch.setenv(name, value)
+            import boto3
+
+            client = boto3.client("s3", endpoint_url=endpoint)
+            _wait(lambda: client.list_buckets())
+            client.create_bucket(Bucket=BUCKET)
+            yield endpoint
+    finally:
+        server.terminate()
+        server.wait()
+
+
+@pytest.fixture(scope="module")
+def object_store(bucket, tmp_path_factory) -> Iterator[dict]:
+    """The bucket mounted with s3fs for Spark: the distributed profile's warehouse settings."""
+    folder = tmp_path_factory.mktemp("object_store")
+    mount = folder / "mount"
+    mount.mkdir()
+    secrets = folder / "passwd"
+    secrets.write_text(f"{CREDENTIALS['AWS_ACCESS_KEY_ID']}:{CREDENTIALS['AWS_SECRET_ACCESS_KEY']}")
+    secrets.chmod(0o600)
+    options = f"passwd_file={secrets},url={bucket},use_path_request_style,dbglevel=warn"
+    subprocess.run(["s3fs", BUCKET, str(mount), "-o", options], check=True, timeout=60)
+    try:
+        yield {"engine": "spark", "root": f"s3://{BUCKET}/flywheel", "spark_root": str(mount / "flywheel"),
+               "endpoint_url": bucket}
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def _wait(call, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            call()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def small_config(folder: Path, warehouse: dict | None = None) -> Path:
+    """flywheel.yaml with the assistant's windows shortened to DAYS days (and its gate loosened to
+    fit so few samples), under ``warehouse`` settings when given."""
+    raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
+    assistant = raw["domains"]["assistant"]
+    assistant.update(lookback_days=5, holdout_days=3)
+    # a gate this small a sample can pass: the test compares what is registered, not the model's gain
+    assistant["gate"].update(min_samples=50, min_ess=5, min_improvement=-1.0, max_slice_regression=1.0)
+    if warehouse:
+        raw["warehouse"] = {**raw.get("warehouse", {}), **warehouse}
+    path = folder / "flywheel.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@contextmanager
+def cycle_home(root: Path, landing: Path, config_file: Path):
+    """A home with ``landing``'s batches, the process pointed at it and ``config_file``."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("FLYWHEEL_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
+            patch.delenv(name, raising=False)
+        patch.setenv("FLYWHEEL_CONFIG", str(config_file))
+        home = Home(root).activate()
+        shutil.copytree(landing, home.root / "landing", dirs_exist_ok=True)
+        config = load_config(config_file)
+        instance = dg.DagsterInstance.local_temp(str(home.dagster))
+        try:
+            yield home, config, build_definitions(config, home), instance
+        finally:
+            instance.dispose()
+
+
+@pytest.fixture(scope="module")
+def landing(tmp_path_factory) -> Path:
+    """DAYS days of simulated traffic of both domains (2% bad rows): one home's landing folder."""
+    home = Home(tmp_path_factory.mktemp("simulated")).ensure()
+    simulation.simulate(home, load_config(REPO / "flywheel.yaml"), FIRST, DAYS, seed=11, interactions_per_day=120,
+                        bad_row_share=0.02)
+    return home.root / "landing"
+
+
+def cycle_outcome(home: Home, result: dg.ExecuteInProcessResult, labels: pl.DataFrame) -> dict:
+    """What the two profiles must agree on: the labels, the gate, the registered version's lineage."""
+    gate = [e for e in result.get_asset_check_evaluations() if e.check_name == "gate"]
+    client = mlflow.MlflowClient(home.mlflow_tracking_uri)
+    version = registry.alias_version(client, DOMAIN, registry.CANDIDATE)
+    tags = client.get_model_version(registry.model_name(DOMAIN), version).tags if version else {}
+    record = json.loads(tags.pop("lineage.record", "{}"))  # the signed record: tags' values, run ids, the artifact's hash
+    training = client.get_run(tags["training.run_id"]).data.metrics if tags else {}
+    return {
+        "labels": labels.select(LABEL_COLUMNS).with_columns(pl.col("p_good").round(9)).sort(LABEL_COLUMNS[:3]),
+        "gate": [(e.passed, e.metadata["gate"].value) for e in gate],
+        "lineage": {name: value for name, value in tags.items() if not _per_run(name)},
+        "lineage_record": {name: value for name, value in record.items() if not _per_run(name)},
+        "training_metrics": {name: round(value, 9) for name, value in training.items()},
+    }
+
+
+def _per_run(name: str) -> bool:
+    """A lineage entry naming a run, a logged model, a time or a file's hash: different in any two
+    cycles (the model artifact's hash too, since MLflow writes its run id and time into it)."""
+    return name == "artifact" or any(part in name for part in PER_RUN_TAGS)
+
+
+@pytest.fixture(scope="module")
+def both_profiles(landing, object_store, tmp_path_factory):
+    """The same DOMAIN cycle over FIRST..LAST on the DuckDB profile and on the distributed one."""
+    outcomes, seconds = {}, {}
+    for name, warehouse in (("duckdb", None), ("spark", object_store)):
+        folder = tmp_path_factory.mktemp(name)
+        with cycle_home(folder / "home", landing, small_config(folder, warehouse)) as (home, config, defs, instance):
+            began = time.perf_counter()
+            result = execute_cycle(defs, instance, DOMAIN, FIRST, LAST)
+            seconds[name] = time.perf_counter() - began
+            assert result.success, [e.message for e in result.all_events if e.is_failure]
+            if name == "duckdb":
+                with connect(home.warehouse(DOMAIN), read_only=True) as con:
+                    labels = sources.DuckDBSource(con).read(sources.LABELS, DOMAIN)
+                assert not (home.root / "spark").exists()
+            else:
+                labels = ObjectStore.from_settings(config.warehouse).source().read(sources.LABELS, DOMAIN)
+                assert not home.warehouse(DOMAIN).exists()  # no DuckDB file: every table is in the bucket
+            outcomes[name] = cycle_outcome(home, result, labels)
+    print(f"cycle seconds: {seconds}")
+    return outcomes
+
+
+def test_the_distributed_cycle_labels_gates_and_registers_as_duckdb_does(both_profiles):
+    duck, spark = both_profiles["duckdb"], both_profiles["spark"]
+    assert duck["labels"].height > 500 and duck["labels"]["p_good"].is_not_null().any()
+    assert_frame_equal(spark["labels"], duck["labels"])
+    assert spark["gate"] == duck["gate"]
+    assert spark["lineage"] == duck["lineage"]
+    assert spark["lineage_record"] == duck["lineage_record"] != {}
+    assert spark["training_metrics"] == duck["training_metrics"] != {}  # the same model, fitted alike
+    assert duck["gate"] == [(True, "passed")]  # a candidate registered: its lineage compared
+    assert {"training.label_model_version", "training.train_end", "validation.gate"} <= set(duck["lineage"])
+
+
+def test_the_tables_are_partitioned_by_domain_and_day_in_the_bucket(both_profiles, object_store):
+    store = ObjectStore.from_settings(load_config(REPO / "flywheel.yaml").warehouse.model_copy(update=object_store))
+    days = {f"event_date={FIRST + timedelta(days=offset)}" for offset in range(DAYS)}
+    for table in ("raw.interactions", "marts.fct_impressions", "labels.impression_labels"):
+        folder = f"{sources.table_folder(store.root, table)}/domain={DOMAIN}"
+        written = {info.base_name for info in store.filesystem.get_file_info(pafs.FileSelector(folder))}
+        assert written == days, table
+
+
+def test_a_domains_days_accumulate_as_parallel_runs_as_in_one_run(landing, bucket, tmp_path):
+    """Three runs of one day each, at once (as run pods would), leave the raw partitions one run
+    of the three days leaves; each run wrote only its own day's objects."""
+    config = load_config(small_config(tmp_path, {"engine": "spark", "root": f"s3://{BUCKET}/parallel",
+                                                 "endpoint_url": bucket}))
+    home = Home(tmp_path / "home").ensure()
+    shutil.copytree(landing, home.root / "landing", dirs_exist_ok=True)
+    days = [FIRST + timedelta(days=offset) for offset in range(3)]
+
+    def run(store: ObjectStore, dates: list) -> None:
+        with working_copy(store, DOMAIN) as con:
+            accumulate(con, home, config, DOMAIN, dates)
+
+    parallel = ObjectStore.from_settings(config.warehouse)
+    with ThreadPoolExecutor(len(days)) as pool:
+        list(pool.map(lambda day: run(parallel, [day]), days))
+    together = ObjectStore.from_settings(config.warehouse.model_copy(update={"root": f"s3://{BUCKET}/together"}))
+    run(together, days)
+    raw = [table for table in STAGE_TABLES if table.startswith("raw.")]
+    for table in raw:
+        ours, theirs = (store.source().read(table, DOMAIN).drop("ingested_at", "quarantined_at", strict=False)
+                        for store in (parallel, together))
+        assert ours.height > 0 or table in ("raw.outcomes", "raw.labels"), table
+        assert_frame_equal(ours.sort(ours.columns), theirs.sort(theirs.columns), check_column_order=False)
+    assert set(parallel.source().read("raw.interactions", DOMAIN)["event_date"]) == set(days)
