@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export FLYWHEEL_HOME ?= $(CURDIR)/.flywheel
 export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
 
-.PHONY: setup demo test test-monitor test-fast ui mlflow-ui postgres benchmark clean
+.PHONY: setup setup-extras demo test test-spark test-monitor test-fast ui mlflow-ui postgres benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -19,12 +19,26 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
 	touch $@
 
+# The optional extras the full suite exercises (the transformer trainer, dbt and the cycle on Spark),
+# pinned in requirements-extras.lock. torch's CPU wheel: from /opt/wheels where the machine keeps it,
+# otherwise PyTorch's CPU index (PyPI's torch is the CUDA build, about 3 GB).
+TORCH_SOURCE := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+setup-extras: $(VENV)/.extras
+$(VENV)/.extras: $(VENV)/.installed requirements-extras.lock
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python $(TORCH_SOURCE) -r requirements.lock -r requirements-extras.lock
+	touch $@
+
 demo: setup
 	$(BIN)/flywheel demo
 
 # The full suite on two workers (tests/conftest.py groups the modules), with the slowest tests named.
-test: setup
-	$(BIN)/pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15 -m "not monitor_daemon"
+test: setup setup-extras
+	$(BIN)/pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15 -m "not monitor_daemon and not spark"
+
+# The cycle and the dbt project on Spark against an S3 server (moto, mounted with s3fs): Java 17+ and
+# Debian's s3fs (.ci/run installs both); about 10 minutes on one worker, so a lane of its own.
+test-spark: setup setup-extras
+	$(BIN)/pytest -q -n 0 -m spark --durations=5
 
 test-monitor: setup
 	$(BIN)/pytest -q -n 0 -m monitor_daemon --durations=5
