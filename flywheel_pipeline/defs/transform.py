@@ -15,14 +15,16 @@ not leave it writing, holding the warehouse's lock.
 import importlib.metadata
 import json
 import os
+import queue
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import date
 from functools import cache, cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import dagster as dg
 from dagster._core.execution.scripts import watch_orphans
@@ -131,6 +133,37 @@ def dies_with_this_process(child: subprocess.Popen) -> Iterator[None]:
         watcher.wait()
 
 
+class ReadAhead:
+    """A child's stdout read by a thread as fast as the child writes it, handed out line by line.
+
+    dagster-dbt reads dbt's log lines as it turns them into Dagster events, storing each (one
+    transaction each in the event log) before it reads on; a pipe holds 64 KiB of dbt's JSON log,
+    so dbt, past that, waited for Dagster to store the events of the nodes it had already finished.
+    Read ahead, the two overlap."""
+
+    def __init__(self, stream: Iterable[bytes]) -> None:
+        self.closed = False
+        self._lines: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: Iterable[bytes]) -> None:
+        try:
+            for line in stream:
+                self._lines.put(line)
+        finally:
+            self._lines.put(None)  # the end: the child closed its stdout (it ended)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while (line := self._lines.get()) is not None:
+            yield line
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.closed = True
+
+
 def dbt_resource(home: Home, config: FlywheelConfig) -> FlywheelDbtResource:
     """The `dbt` resource: the project in dbt_project/, building ``home``'s warehouse."""
     return FlywheelDbtResource(
@@ -185,6 +218,7 @@ def build_dbt_assets(config: FlywheelConfig) -> dg.AssetsDefinition:
         domain, days = run_scope(context, partitions)
         invocation = dbt.cli(["build"], domain=domain, partitions=partition_env(days, config.domain(domain)),
                              context=context)
+        invocation.process.stdout = ReadAhead(invocation.process.stdout)
         with dies_with_this_process(invocation.process):
             yield from invocation.stream()
 
