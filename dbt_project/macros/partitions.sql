@@ -6,7 +6,10 @@
 
   The days are read only when dbt runs (`execute`), never while it parses: what it parsed (refs,
   configs) does not depend on them, so a run for other days reuses the project as parsed before
-  (dbt's partial parsing; a changed --vars would make dbt parse every file again).
+  (dbt's partial parsing). The vars flywheel_domain and flywheel_days, when given, win (a target
+  whose profile names no domain):
+      dbt build --vars '{"flywheel_domain": "assistant", "flywheel_days": ["2026-11-02"]}'
+  but every new --vars makes dbt parse every file again.
 
   Predicates for the models: `in_partitions_to_build()` (the run's partitions), `in_domain_to_build()`
   (the run's domain, on any day or from a day on). Each is `true` when the model builds every
@@ -15,28 +18,36 @@
 
 {#- The run's domain and its days (sorted 'YYYY-MM-DD'), checked; (none, []) without days. -#}
 {% macro run_scope() -%}
-    {%- set days = env_var('FLYWHEEL_DBT_DAYS', '') if execute else '' -%}
-    {%- if not days -%}
+    {%- set domain, days = var('flywheel_domain', none), var('flywheel_days', none) -%}
+    {%- if domain is none and execute and env_var('FLYWHEEL_DBT_DAYS', '') -%}
+        {%- set domain, days = env_var('FLYWHEEL_DOMAIN'), env_var('FLYWHEEL_DBT_DAYS').split(',') -%}
+    {%- endif -%}
+    {%- if domain is none -%}
         {{ return((none, [])) }}
     {%- endif -%}
-    {%- set domain = env_var('FLYWHEEL_DOMAIN') -%}
-    {%- set days = days.split(',') | map('trim') | sort -%}
+    {%- set days = (days or []) | map('string') | map('trim') | sort -%}
     {%- set bad_days = [] -%}
     {%- for day in days if not modules.re.fullmatch('[0-9]{4}-[0-9]{2}-[0-9]{2}', day) -%}
         {%- do bad_days.append(day) -%}
     {%- endfor -%}
-    {%- if not modules.re.fullmatch('[a-z][a-z0-9_]*', domain) or bad_days -%}
+    {%- if not modules.re.fullmatch('[a-z][a-z0-9_]*', domain) or not days or bad_days -%}
         {{ exceptions.raise_compiler_error(
-            "FLYWHEEL_DOMAIN must be a domain name and FLYWHEEL_DBT_DAYS comma-separated YYYY-MM-DD "
-            ~ "days, got " ~ domain ~ " and " ~ days) }}
+            "the domain must be a domain name and the days a non-empty list of YYYY-MM-DD days "
+            ~ "(FLYWHEEL_DOMAIN and FLYWHEEL_DBT_DAYS, comma-separated, or the vars flywheel_domain "
+            ~ "and flywheel_days), got " ~ domain ~ " and " ~ days) }}
     {%- endif -%}
     {{ return((domain, days)) }}
 {%- endmacro %}
 
 
 {#- Whether the domain's input may be empty (its flywheel.yaml `input`: a feed has no query), from
-    FLYWHEEL_DBT_INPUT_OPTIONAL, which Dagster sets; false without it. -#}
+    FLYWHEEL_DBT_INPUT_OPTIONAL, which Dagster sets, or the var flywheel_input_optional; false
+    without either. -#}
 {% macro input_optional() -%}
+    {%- set given = var('flywheel_input_optional', none) -%}
+    {%- if given is not none -%}
+        {{ return(given) }}
+    {%- endif -%}
     {{ return(execute and env_var('FLYWHEEL_DBT_INPUT_OPTIONAL', 'false') == 'true') }}
 {%- endmacro %}
 
