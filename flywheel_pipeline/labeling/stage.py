@@ -2,9 +2,11 @@
 
 The label model is fitted on the domain's whole fit window (by default its lookback + holdout days,
 ending at the last requested day), so re-labelling one day learns from as much evidence as a
-weekly run does; only the requested days are rewritten. The window's votes are recomputed from
-``marts.fct_impressions`` rather than read back from ``labels.label_matrix``: stored votes of the
-other days would miss the outcomes and reviews that arrived since those days were labelled.
+weekly run does; only the requested days are rewritten, each in a transaction of its own. The
+window is read a day at a time and kept as int8 votes, so memory is a day's impressions. The
+window's votes are recomputed from ``marts.fct_impressions`` rather than read back from
+``labels.label_matrix``: stored votes of the other days would miss the outcomes and reviews that
+arrived since those days were labelled.
 
 Before writing, the label model passes the checks of ``safety``: majority vote replaces it where it
 is significantly worse on the audit reviews, p_good is calibrated on the reviews where that lowers
@@ -195,8 +197,8 @@ class LabelingReport:
 
 @dataclass
 class _Day:
-    """What one day of the fit window leaves in memory between the reads: its LF votes as int8
-    codes, and for a day the label model learns from its reviews, key hashes and outcome delays."""
+    """What one day read leaves in memory until its labels are written: its LF votes as int8
+    codes and, for a day the label model learns from, its reviews and a hash of each key."""
 
     day: date
     votes: np.ndarray  # (impressions, LFs) int8, the day's rows in key order
