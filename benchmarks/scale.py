@@ -2,6 +2,7 @@
 assets, against bare DuckDB doing accumulation's work on the same files, in the same run.
 
     .venv/bin/python benchmarks/scale.py --events 1000000 [--days 10] [--home DIR] [--profile]
+        [--stages generate,reference,accumulate]
 
 1. generate: ``simulation.bulk.write_bulk_landing`` writes about N lines over the days, both
    domains (1% bad lines);
@@ -19,6 +20,11 @@ process and its children (steadier on a shared machine); the rest of its wall ti
 loading the definitions) is printed as start-up. ``--profile`` runs each stage under cProfile and
 prints its 15 top functions by own time (time inside DuckDB shows as the ``execute`` calls; dbt
 runs in a process of its own, so the filter stage shows mostly waiting for it).
+
+``--stages`` runs only those stages (in the order above); without ``generate`` they run on the home
+an earlier run left (same --events and --days), and the figures of a stage not run this time (the
+lines generated, the reference's seconds) come from that run's reports beside the home. The end-to-end
+line (accumulate -> filter -> label against the reference) is printed when all four ran together.
 """
 
 from __future__ import annotations
@@ -223,12 +229,27 @@ def run_stage(stage: str, args: argparse.Namespace, home: Path, first: date) -> 
     return json.loads(report.read_text()), wall, usage.ru_maxrss / 1024
 
 
+def earlier_report(home: Path, stage: str) -> dict | None:
+    """The figures ``stage`` left beside ``home`` in an earlier run, if any."""
+    report = home.parent / f"{home.name}-{stage}.json"
+    return json.loads(report.read_text()) if report.exists() else None
+
+
+def selected_stages(text: str) -> list[str]:
+    stages = [stage.strip() for stage in text.split(",") if stage.strip()]
+    if unknown := sorted(set(stages) - set(STAGES)):
+        raise SystemExit(f"--stages: unknown {', '.join(unknown)}; the stages are {', '.join(STAGES)}")
+    return [stage for stage in STAGES if stage in stages]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--days", type=int, default=10)
     parser.add_argument("--home", type=Path, default=Path("/tmp/flywheel-scale"))
     parser.add_argument("--profile", action="store_true", help="cProfile each stage, print its top functions")
+    parser.add_argument("--stages", type=selected_stages, default=list(STAGES),
+                        help=f"comma-separated, of {','.join(STAGES)} (default: all)")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--first", type=date.fromisoformat, help=argparse.SUPPRESS)
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
@@ -238,39 +259,57 @@ def main() -> None:
                                    args.report)
 
     home = args.home.resolve()
-    shutil.rmtree(home, ignore_errors=True)
-    first = date.today() - timedelta(days=args.days + 1)  # the last day is over: every batch has landed
-    print(f"{args.events:,} events over {args.days} days from {first}, home {home}; load {os.getloadavg()[0]:.1f}")
-    rows, lines, reference_seconds = [], 0, None
-    for stage in STAGES:
+    if "generate" in args.stages:
+        shutil.rmtree(home, ignore_errors=True)
+        for stage in STAGES:  # an earlier run's figures are of other files
+            (home.parent / f"{home.name}-{stage}.json").unlink(missing_ok=True)
+        first = date.today() - timedelta(days=args.days + 1)  # the last day is over: every batch has landed
+    elif not (generated := earlier_report(home, "generate")):
+        raise SystemExit(f"no earlier run's home at {home}: run the stage generate first")
+    else:
+        first = date.fromisoformat(generated["first"])
+    print(f"{args.events:,} events over {args.days} days from {first}, home {home}; stages {', '.join(args.stages)}; "
+          f"load {os.getloadavg()[0]:.1f}")
+    rows = []
+    for stage in args.stages:
         result, wall, peak = run_stage(stage, args, home, first)
         if stage == "generate":
-            lines = result["lines"]
-            print(f"generated {lines:,} lines ({result['bad']:,} bad, {result['interactions']:,} interactions, "
-                  f"{result['bytes'] / 2**20:,.0f} MiB)")
+            result["first"] = first.isoformat()
+            (home.parent / f"{home.name}-generate.json").write_text(json.dumps(result))
+            print(f"generated {result['lines']:,} lines ({result['bad']:,} bad, {result['interactions']:,} "
+                  f"interactions, {result['bytes'] / 2**20:,.0f} MiB)")
         if stage == "reference":
-            reference_seconds = result["seconds"]
             print(f"reference read {result['read']:,} events, accepted {result['accepted']:,}")
         if "profile" in result:
             print(f"--- {stage}: top {TOP_FUNCTIONS} functions by own time ---\n{result['profile']}")
         rows.append((stage, result, wall, peak))
-    print(f"\nload average {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
+    print_table(rows, earlier_report(home, "generate")["lines"], earlier_report(home, "reference"),
+                ran_reference="reference" in args.stages)
+
+
+def print_table(rows: list[tuple[str, dict, float, float]], lines: int, reference: dict | None,
+                ran_reference: bool) -> None:
+    """Per stage: seconds, events/s, CPU seconds, peak RSS, start-up and the ratio to the reference
+    (this run's, else the earlier one's, said so); the end-to-end line when all of it ran."""
+    print(f"\nload average {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} cores)"
+          + ("" if ran_reference or not reference else "; x reference: the earlier run's reference"))
     print(f"{'stage':<16}{'seconds':>8}{'events/s':>11}{'cpu s':>8}{'peak RSS':>12}{'start-up':>10}"
           f"{'x reference':>13}{'(cpu)':>7}")
-    reference_cpu = next(result["cpu_seconds"] for stage, result, _, _ in rows if stage == "reference")
     for stage, result, wall, peak in rows:
         seconds, cpu = result["seconds"], result["cpu_seconds"]
-        ratio = (f"{seconds / reference_seconds:>12.1f}x{cpu / reference_cpu:>6.1f}x"
-                 if stage in PIPELINE_STAGES else "")
+        ratio = (f"{seconds / reference['seconds']:>12.1f}x{cpu / reference['cpu_seconds']:>6.1f}x"
+                 if stage in PIPELINE_STAGES and reference else "")
         print(f"{stage:<16}{seconds:>8.1f}{lines / seconds:>11,.0f}{cpu:>8.1f}{peak:>8,.0f} MiB"
               f"{wall - seconds:>9.1f}s{ratio}")
         for domain, domain_seconds in result.get("per_domain", {}).items():
             print(f"  {domain:<14}{domain_seconds:>8.1f}")
     pipeline = [result for stage, result, _, _ in rows if stage in PIPELINE_STAGES]
+    if len(pipeline) < len(PIPELINE_STAGES) or not ran_reference:
+        return
     total, total_cpu = sum(r["seconds"] for r in pipeline), sum(r["cpu_seconds"] for r in pipeline)
     print(f"accumulate -> filter -> label: {total:.1f}s = {lines / total:,.0f} events/s (start-up excluded), "
-          f"{total_cpu:.1f} cpu s; {total / reference_seconds:.1f}x the reference ({total_cpu / reference_cpu:.1f}x cpu)")
-
+          f"{total_cpu:.1f} cpu s; {total / reference['seconds']:.1f}x the reference "
+          f"({total_cpu / reference['cpu_seconds']:.1f}x cpu)")
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,8 @@ A per-row log (one item in one of 3 slots per row, a uniformly random logger) is
 a catalogue: every held-out row is a unit whose candidates are every catalogue item, so the pairs
 scored are rows x items. Candidate and champion (a score per item, vectorised, so the figure is
 validation's own and not a model's) are compared through ``validation.compare_models``, which
-scores ``Evidence.chunks`` a chunk of units at a time. Prints the pairs, the time, the peak RSS
+scores ``Evidence.chunks`` a chunk of units at a time and resamples the bootstrap a block of
+resamples at a time (many held-out rows: ``--rows 200000 --items 20``). Prints the pairs, the time, the peak RSS
 of the process (``ru_maxrss``) and that of building every pair at once for comparison (what
 validation did before it streamed), with ``--whole``.
 """

@@ -140,6 +140,30 @@ def test_a_redelivery_on_a_later_day_is_a_duplicate(incremental):
                          WHERE interaction_event_id = 'redelivery'""") == [("duplicate_interaction",)]
 
 
+def parses(home: Home) -> list[str]:
+    """How each dbt invocation on DOMAIN's warehouse in ``home`` parsed the project, in order:
+    "full", "none" (its last run's parse reused: nothing changed) or "partial", from the dbt.log
+    of the domain's target folder."""
+    log = dbt_resource(home, load_config(REPO / "flywheel.yaml")).target_folder(DOMAIN) / "dbt.log"
+    kinds = []
+    for event in map(json.loads, log.read_text().splitlines()):
+        name = event["info"]["name"]
+        if name == "MainReportVersion":
+            kinds.append("partial")
+        elif name == "UnableToPartialParse":
+            kinds[-1] = "full"
+        elif "skipping parsing" in event["info"]["msg"]:
+            kinds[-1] = "none"
+    return kinds
+
+
+def test_a_run_for_other_days_reuses_the_parsed_project(incremental):
+    """The days reach dbt in the environment, not as --vars: the fixture's second and third runs
+    (other days) parse nothing, where each new --vars made dbt parse every file again."""
+    home, _, _ = incremental
+    assert parses(home)[:3] == ["full", "none", "none"]
+
+
 def test_dbt_connects_with_the_configured_memory_limit(incremental):
     home, config, _ = incremental
     limited = config.model_copy(update={"warehouse": config.warehouse.model_copy(update={"memory_limit": "1GB"})})

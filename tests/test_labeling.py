@@ -473,24 +473,32 @@ def test_a_late_outcome_relabels_its_day_only(con, config):
     assert labels_of(con, DAYS[2]) == before[DAYS[2]]
 
 
-def test_a_failure_mid_write_leaves_the_previous_labels(con, config, monkeypatch):
+def test_a_failure_mid_write_leaves_whole_days(con, config, monkeypatch):
+    """Each day is written in a transaction of its own: a run that dies on its second day leaves
+    the first day relabelled whole and the second as it was, in both tables."""
     label_partitions(con, "assistant", DAYS, config)
-    labels, matrix = labels_of(con), labels_of(con, table="label_matrix")
+    before = {day: (labels_of(con, day), labels_of(con, day, table="label_matrix")) for day in DAYS}
     con.execute("UPDATE marts.fct_impressions SET outcome_value = 0.0 WHERE domain = 'assistant'")
     real_insert = stage._insert
+    days_written = []
 
     def insert_then_crash(connection, table, rows):
         real_insert(connection, table, rows)
         if table == "labels.impression_labels":
-            raise RuntimeError("disk full")
+            days_written.append(rows["event_date"][0])
+            if len(days_written) == 2:
+                raise RuntimeError("disk full")
 
     monkeypatch.setattr(stage, "_insert", insert_then_crash)
     with pytest.raises(RuntimeError, match="disk full"):
         label_partitions(con, "assistant", DAYS[1:], config)
-    assert labels_of(con) == labels and labels_of(con, table="label_matrix") == matrix
-    monkeypatch.undo()  # and without the crash, the same run does change them
+    assert days_written == DAYS[1:]
+    after = {day: (labels_of(con, day), labels_of(con, day, table="label_matrix")) for day in DAYS}
+    assert after[DAYS[0]] == before[DAYS[0]] and after[DAYS[2]] == before[DAYS[2]]
+    assert after[DAYS[1]][0] != before[DAYS[1]][0] and after[DAYS[1]][1] != before[DAYS[1]][1]
+    monkeypatch.undo()  # and without the crash, the same run relabels the second day too
     label_partitions(con, "assistant", DAYS[1:], config)
-    assert labels_of(con, table="label_matrix") != matrix
+    assert labels_of(con, DAYS[2], table="label_matrix") != before[DAYS[2]][1]
 
 
 def test_the_report_measures_gold_cohorts_and_delay(con, config):

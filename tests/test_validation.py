@@ -39,7 +39,7 @@ from flywheel_pipeline.validation import (
     weighted_auc,
 )
 from flywheel_pipeline.validation.evidence import assemble
-from flywheel_pipeline.validation.intervals import CI_LEVEL
+from flywheel_pipeline.validation.intervals import CI_LEVEL, bootstrap_blocks, bootstrap_counts
 from tests.test_training import (
     AS_OF,
     DAYS,
@@ -64,6 +64,15 @@ def test_weighted_auc_matches_sklearn_with_ties_and_weights():
     weights = rng.uniform(0, 2, (3, 500))
     expected = [roc_auc_score(good, scores, sample_weight=w) for w in weights]
     assert np.allclose(weighted_auc(scores, good, weights), expected)
+
+
+def test_the_bootstrap_in_blocks_draws_the_same_resamples():
+    """Blocks of resamples (what bounds validation's memory) are the rows of the whole matrix."""
+    whole = bootstrap_counts(50, 10, np.random.default_rng(3))
+    blocks = list(bootstrap_blocks(50, 10, np.random.default_rng(3), rows=4))
+    assert [len(block) for block in blocks] == [4, 4, 3]
+    assert np.array_equal(np.vstack(blocks), whole) and np.array_equal(whole[0], np.ones(50))
+    assert whole.shape == (11, 50) and np.array_equal(whole[1:].sum(axis=1), np.full(10, 50))
 
 
 class TableScorer:

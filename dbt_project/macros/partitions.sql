@@ -1,35 +1,59 @@
 {#-
-  The (day, domain) partitions a run builds, from the dbt vars Dagster passes (defs/transform.py):
-      dbt build --vars '{"flywheel_domain": "assistant", "flywheel_days": ["2026-11-02", "2026-11-03"]}'
-  Without them (a plain `dbt build`) a run builds every partition.
+  The (day, domain) partitions a run builds: the domain whose warehouse dbt opens (FLYWHEEL_DOMAIN,
+  which profiles.yml reads) and the days in FLYWHEEL_DBT_DAYS, which Dagster sets (defs/transform.py):
+      FLYWHEEL_DOMAIN=assistant FLYWHEEL_DBT_DAYS=2026-11-02,2026-11-03 dbt build
+  Without FLYWHEEL_DBT_DAYS (a plain `dbt build`) a run builds every partition.
+
+  The days are read only when dbt runs (`execute`), never while it parses: what it parsed (refs,
+  configs) does not depend on them, so a run for other days reuses the project as parsed before
+  (dbt's partial parsing). The vars flywheel_domain and flywheel_days, when given, win (a target
+  whose profile names no domain):
+      dbt build --vars '{"flywheel_domain": "assistant", "flywheel_days": ["2026-11-02"]}'
+  but every new --vars makes dbt parse every file again.
 
   Predicates for the models: `in_partitions_to_build()` (the run's partitions), `in_domain_to_build()`
   (the run's domain, on any day or from a day on). Each is `true` when the model builds every
-  partition: no vars, or --full-refresh.
+  partition: no days, or --full-refresh.
 -#}
 
-{#- The run's domain and its days (sorted 'YYYY-MM-DD'), checked; (none, []) without vars. -#}
+{#- The run's domain and its days (sorted 'YYYY-MM-DD'), checked; (none, []) without days. -#}
 {% macro run_scope() -%}
-    {%- set domain = var('flywheel_domain', none) -%}
-    {%- set days = var('flywheel_days', []) | map('string') | sort -%}
+    {%- set domain, days = var('flywheel_domain', none), var('flywheel_days', none) -%}
+    {%- if domain is none and execute and env_var('FLYWHEEL_DBT_DAYS', '') -%}
+        {%- set domain, days = env_var('FLYWHEEL_DOMAIN'), env_var('FLYWHEEL_DBT_DAYS').split(',') -%}
+    {%- endif -%}
     {%- if domain is none -%}
         {{ return((none, [])) }}
     {%- endif -%}
+    {%- set days = (days or []) | map('string') | map('trim') | sort -%}
     {%- set bad_days = [] -%}
     {%- for day in days if not modules.re.fullmatch('[0-9]{4}-[0-9]{2}-[0-9]{2}', day) -%}
         {%- do bad_days.append(day) -%}
     {%- endfor -%}
     {%- if not modules.re.fullmatch('[a-z][a-z0-9_]*', domain) or not days or bad_days -%}
         {{ exceptions.raise_compiler_error(
-            "flywheel_domain must be a domain name and flywheel_days a non-empty list of YYYY-MM-DD "
-            ~ "days, got " ~ domain ~ " and " ~ days) }}
+            "the domain must be a domain name and the days a non-empty list of YYYY-MM-DD days "
+            ~ "(FLYWHEEL_DOMAIN and FLYWHEEL_DBT_DAYS, comma-separated, or the vars flywheel_domain "
+            ~ "and flywheel_days), got " ~ domain ~ " and " ~ days) }}
     {%- endif -%}
     {{ return((domain, days)) }}
 {%- endmacro %}
 
 
+{#- Whether the domain's input may be empty (its flywheel.yaml `input`: a feed has no query), from
+    FLYWHEEL_DBT_INPUT_OPTIONAL, which Dagster sets, or the var flywheel_input_optional; false
+    without either. -#}
+{% macro input_optional() -%}
+    {%- set given = var('flywheel_input_optional', none) -%}
+    {%- if given is not none -%}
+        {{ return(given) }}
+    {%- endif -%}
+    {{ return(execute and env_var('FLYWHEEL_DBT_INPUT_OPTIONAL', 'false') == 'true') }}
+{%- endmacro %}
+
+
 {#- The rows of the run's partitions (columns `domain` and `event_date` of ``relation``, a table
-    alias, when given); `true` without vars. What tests and the incremental strategy read. A range
+    alias, when given); `true` without days. What tests and the incremental strategy read. A range
     (what a run covers) is a `between`, which DuckDB prunes by row group; other days a list too. -#}
 {% macro in_run_partitions(relation=none) -%}
     {%- set domain, days = run_scope() -%}
@@ -47,11 +71,11 @@
 {%- endmacro %}
 
 
-{#- Whether this model builds only the run's partitions: vars given and no --full-refresh. A first
-    build with vars creates the table with the run's partitions only, as Dagster sees it: the other
+{#- Whether this model builds only the run's partitions: days given and no --full-refresh. A first
+    build with days creates the table with the run's partitions only, as Dagster sees it: the other
     partitions are not materialized until a run covers them. -#}
 {% macro builds_some_partitions() -%}
-    {{ return(var('flywheel_domain', none) is not none and not should_full_refresh()) }}
+    {{ return(run_scope()[0] is not none and not should_full_refresh()) }}
 {%- endmacro %}
 
 

@@ -3,23 +3,28 @@
 Every dbt model is an asset in group ``quality_filtering`` and every dbt test an asset check on its
 model (a failed test fails the check and the run). The dbt sources (schema ``raw``) all map to one
 upstream asset, accumulation's ``raw_events``. The dbt assets are partitioned by day x domain like
-the rest of the pipeline: a run passes its domain and days to dbt as vars, and the incremental models
-rebuild exactly those partitions (dbt_project/macros/partitions.sql; docs/warehouse.md). dbt dies
-with the run's process: a killed run does not leave it writing, holding the warehouse's lock.
+the rest of the pipeline: a run passes its days to dbt in the environment (``FLYWHEEL_DBT_DAYS``,
+read when dbt runs, never when it parses), and the incremental models rebuild exactly those
+partitions (dbt_project/macros/partitions.sql; docs/warehouse.md). A domain's runs share one target
+folder, so each dbt reuses the project its last run parsed (dbt's partial parsing: nothing to parse
+when no file changed) instead of parsing it anew. dbt dies with the run's process: a killed run does
+not leave it writing, holding the warehouse's lock.
 """
 
 
 import importlib.metadata
 import json
 import os
+import queue
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import date
 from functools import cache, cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import dagster as dg
 from dagster._core.execution.scripts import watch_orphans
@@ -47,6 +52,9 @@ DBT_MODELS = dg.AssetSelection.groups(GROUP)
 # What profiles.yml reads for the DuckDB connection dbt opens: the domain whose warehouse it builds, and
 # flywheel.yaml's warehouse settings.
 DOMAIN_ENV, MEMORY_LIMIT_ENV, THREADS_ENV = "FLYWHEEL_DOMAIN", "FLYWHEEL_DBT_MEMORY_LIMIT", "FLYWHEEL_DBT_THREADS"
+# What the macros read when dbt runs (dbt_project/macros/partitions.sql): the run's days, comma-separated
+# (unset: every partition), and whether the domain's input may be empty.
+DAYS_ENV, INPUT_OPTIONAL_ENV = "FLYWHEEL_DBT_DAYS", "FLYWHEEL_DBT_INPUT_OPTIONAL"
 
 
 class FlywheelDbtTranslator(DagsterDbtTranslator):
@@ -64,7 +72,8 @@ class FlywheelDbtTranslator(DagsterDbtTranslator):
 class FlywheelDbtResource(DbtCliResource):
     """A DbtCliResource whose dbt builds a domain's warehouse in one home (FLYWHEEL_HOME=home_path,
     FLYWHEEL_DOMAIN) within flywheel.yaml's warehouse.memory_limit, running warehouse.dbt_threads
-    models at once; under warehouse.engine spark, the object store's tables on Spark (target spark)."""
+    models at once, with the domain's target folder (``target_folder``) unless told another; under
+    warehouse.engine spark, the object store's tables on Spark (target spark)."""
 
     home_path: str
     memory_limit: str
@@ -77,12 +86,23 @@ class FlywheelDbtResource(DbtCliResource):
         dagster-dbt would start `dbt --version`, 1.5-5 s, before each invocation to learn it."""
         return version.parse(importlib.metadata.version("dbt-core"))
 
-    def cli(self, args: Sequence[str], *, domain: str, **kwargs: Any) -> DbtCliInvocation:
+    def target_folder(self, domain: str) -> Path:
+        """Where dbt writes ``domain``'s artifacts and keeps its parsed project (partial_parse.msgpack)
+        between runs: ``<home>/dbt/runs/<domain>``. A domain's runs never overlap (one writer of its
+        warehouse at a time), so they can share it; dagster-dbt's default, a new folder per run, would
+        make every run parse the project from scratch."""
+        return Path(self.home_path) / "dbt" / "runs" / domain
+
+    def cli(self, args: Sequence[str], *, domain: str, partitions: Mapping[str, str] | None = None,
+            **kwargs: Any) -> DbtCliInvocation:
+        """``dbt <args>`` on ``domain``'s warehouse; ``partitions`` (``partition_env``) limit a build to
+        a run's days, none builds every partition."""
+        kwargs.setdefault("target_path", self.target_folder(domain))
         # dagster-dbt hands dbt a copy of this process's environment, taken inside cli().
         with _environ({HOME_ENV: self.home_path, DOMAIN_ENV: domain, MEMORY_LIMIT_ENV: self.memory_limit,
-                       THREADS_ENV: str(self.threads), **self._spark_environ()}):
+                       THREADS_ENV: str(self.threads), DAYS_ENV: None, INPUT_OPTIONAL_ENV: None,
+                       **(partitions or {}), **self._spark_environ()}):
             return super().cli(args, **kwargs)
-
 
     def _spark_environ(self) -> dict[str, str]:
         """Under warehouse.engine spark: the tables' root as Spark names it, a metastore that lives as
@@ -95,17 +115,22 @@ class FlywheelDbtResource(DbtCliResource):
 
 
 @contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
+def _environ(values: Mapping[str, str | None]) -> Iterator[None]:
+    """This process's environment with ``values`` set (None: unset) while inside."""
     previous = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
+    _set_environ(values)
     try:
         yield
     finally:
-        for name, value in previous.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
+        _set_environ(previous)
+
+
+def _set_environ(values: Mapping[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @contextmanager
@@ -118,6 +143,37 @@ def dies_with_this_process(child: subprocess.Popen) -> Iterator[None]:
     finally:
         watcher.kill()
         watcher.wait()
+
+
+class ReadAhead:
+    """A child's stdout read by a thread as fast as the child writes it, handed out line by line.
+
+    dagster-dbt reads dbt's log lines as it turns them into Dagster events, storing each (one
+    transaction each in the event log) before it reads on; a pipe holds 64 KiB of dbt's JSON log,
+    so dbt, past that, waited for Dagster to store the events of the nodes it had already finished.
+    Read ahead, the two overlap."""
+
+    def __init__(self, stream: Iterable[bytes]) -> None:
+        self.closed = False
+        self._lines: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: Iterable[bytes]) -> None:
+        try:
+            for line in stream:
+                self._lines.put(line)
+        finally:
+            self._lines.put(None)  # the end: the child closed its stdout (it ended)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while (line := self._lines.get()) is not None:
+            yield line
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.closed = True
 
 
 def dbt_resource(home: Home, config: FlywheelConfig) -> FlywheelDbtResource:
@@ -155,11 +211,13 @@ dbt_project = _prepare(DbtProject(project_dir=DBT_PROJECT_DIR))
 TRANSLATOR = FlywheelDbtTranslator(settings=DagsterDbtTranslatorSettings(enable_duplicate_source_asset_keys=True))
 
 
-def partition_vars(domain: str, days: Sequence[date], settings: DomainConfig) -> dict[str, Any]:
-    """The dbt vars that make a build cover ``domain``'s ``days`` (dbt_project/macros/partitions.sql),
-    with what filtering needs of the domain's config (whether its input may be empty)."""
-    return {"flywheel_domain": domain, "flywheel_days": [day.isoformat() for day in days],
-            "flywheel_input_optional": settings.input_optional}
+def partition_env(days: Sequence[date], settings: DomainConfig) -> dict[str, str]:
+    """What makes a build cover a domain's ``days`` (dbt_project/macros/partitions.sql), with what
+    filtering needs of the domain's config (whether its input may be empty). Environment variables the
+    macros read only when dbt runs: unlike ``--vars``, whose every change makes dbt parse the whole
+    project again, they leave the parsed project as it was."""
+    return {DAYS_ENV: ",".join(day.isoformat() for day in days),
+            INPUT_OPTIONAL_ENV: "true" if settings.input_optional else "false"}
 
 
 def build_dbt_assets(config: FlywheelConfig) -> dg.AssetsDefinition:
@@ -172,8 +230,9 @@ def build_dbt_assets(config: FlywheelConfig) -> dg.AssetsDefinition:
         """Rebuild the run's partitions of staging -> intermediate -> marts in the domain's warehouse
         and run every dbt test on them (one asset check each)."""
         domain, days = run_scope(context, partitions)
-        invocation = dbt.cli(["build", "--vars", json.dumps(partition_vars(domain, days, config.domain(domain)))],
-                             domain=domain, context=context)
+        invocation = dbt.cli(["build"], domain=domain, partitions=partition_env(days, config.domain(domain)),
+                             context=context)
+        invocation.process.stdout = ReadAhead(invocation.process.stdout)
         with dies_with_this_process(invocation.process):
             yield from invocation.stream()
 

@@ -19,6 +19,7 @@ from flywheel_pipeline.labeling.model import vote_patterns
 
 COHORT = ["domain", "is_new_user", "segment"]
 DELAY_QUANTILES = {"p50_h": 0.5, "p90_h": 0.9, "p99_h": 0.99}
+DELAY_SCHEMA = {"domain": pl.String, "outcome": pl.String, "outcomes": pl.Int64} | dict.fromkeys(DELAY_QUANTILES, pl.Float64)
 OUTCOME_COLUMNS = [
     "domain", "interaction_id", "outcome_name", "outcome_at", "outcome_delay_s", "clicked_after_s"
 ]
@@ -136,16 +137,19 @@ def reaction_window_closed(
 
 def label_delays(impressions: pl.DataFrame, maturity_outcome: Mapping[str, str]) -> pl.DataFrame:
     """Per domain: its maturity outcome, how many arrived, and the p50/p90/p99 delay in hours."""
-    rows = []
-    for domain, outcome in maturity_outcome.items():
-        delays_h = maturity_delays(impressions.filter(pl.col("domain") == domain), outcome) / 3600
-        quantiles = {
-            name: delays_h.quantile(q, interpolation="linear")
-            for name, q in DELAY_QUANTILES.items()
-        }
-        rows.append({"domain": domain, "outcome": outcome, "outcomes": delays_h.len(), **quantiles})
-    schema = {"domain": pl.String, "outcome": pl.String, "outcomes": pl.Int64}
-    return pl.DataFrame(rows, schema=schema | {name: pl.Float64 for name in DELAY_QUANTILES})
+    return pl.concat([
+        pl.DataFrame(schema=DELAY_SCHEMA),
+        *(delay_summary(domain, outcome, maturity_delays(impressions.filter(pl.col("domain") == domain), outcome))
+          for domain, outcome in maturity_outcome.items()),
+    ])
+
+
+def delay_summary(domain: str, outcome: str, delays_s: pl.Series) -> pl.DataFrame:
+    """One row of ``label_delays``: ``domain``'s maturity ``outcome`` from its delays in seconds."""
+    delays_h = delays_s.cast(pl.Float64) / 3600
+    quantiles = {name: delays_h.quantile(q, interpolation="linear") for name, q in DELAY_QUANTILES.items()}
+    return pl.DataFrame([{"domain": domain, "outcome": outcome, "outcomes": delays_h.len(), **quantiles}],
+                        schema=DELAY_SCHEMA)
 
 
 def mature_until(

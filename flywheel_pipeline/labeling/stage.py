@@ -2,9 +2,11 @@
 
 The label model is fitted on the domain's whole fit window (by default its lookback + holdout days,
 ending at the last requested day), so re-labelling one day learns from as much evidence as a
-weekly run does; only the requested days are rewritten. The window's votes are recomputed from
-``marts.fct_impressions`` rather than read back from ``labels.label_matrix``: stored votes of the
-other days would miss the outcomes and reviews that arrived since those days were labelled.
+weekly run does; only the requested days are rewritten, each in a transaction of its own. The
+window is read a day at a time and kept as int8 votes, so memory is a day's impressions. The
+window's votes are recomputed from ``marts.fct_impressions`` rather than read back from
+``labels.label_matrix``: stored votes of the other days would miss the outcomes and reviews that
+arrived since those days were labelled.
 
 Before writing, the label model passes the checks of ``safety``: majority vote replaces it where it
 is significantly worse on the audit reviews, p_good is calibrated on the reviews where that lowers
@@ -14,6 +16,7 @@ a held-out error, and sources that vote together beyond independence are reporte
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
@@ -27,8 +30,8 @@ from flywheel_pipeline.labeling.analysis import (
     COHORT,
     OUTCOME_COLUMNS,
     cohort_coverage,
+    delay_summary,
     label_accuracy,
-    label_delays,
     lf_summary,
     mature_until,
     maturity_delays,
@@ -39,6 +42,7 @@ from flywheel_pipeline.labeling.functions import (
     LABELING_FUNCTIONS,
     REACTION_WINDOW_CLOSED,
     STAGE_COLUMNS,
+    LabelingFunction,
     apply_lfs,
     vote_matrix,
     voters,
@@ -191,6 +195,18 @@ class LabelingReport:
         }
 
 
+@dataclass
+class _Day:
+    """What one day read leaves in memory until its labels are written: its LF votes as int8
+    codes and, for a day the label model learns from, its reviews and a hash of each key."""
+
+    day: date
+    votes: np.ndarray  # (impressions, LFs) int8, the day's rows in key order
+    audit: np.ndarray | None = None  # audit_gold of the day's rows (days in the fit window)
+    review: np.ndarray | None = None  # review_gold
+    row_keys: np.ndarray | None = None  # a hash of each row's impression key
+
+
 def label_partitions(
     con: duckdb.DuckDBPyConnection,
     domain: str,
@@ -200,75 +216,138 @@ def label_partitions(
     source: Source | None = None,
 ) -> LabelingReport:
     """Label ``domain``'s impressions on ``dates``: rewrite exactly those partitions of labels.* in
-    the warehouse of ``con``, reading the impressions from ``source`` (default: that warehouse)."""
+    the warehouse of ``con``, reading the impressions from ``source`` (default: that warehouse).
+
+    In bounded memory, a day at a time: the outcome delays of every day read, then each day's LF
+    votes (int8 codes, what the label model learns from), then, with the model fitted, each
+    requested day read again for its keys and written in a transaction of its own (a run that dies
+    leaves whole days, each labelled by one model)."""
     source = source or DuckDBSource(con)
     settings = config.domain(domain)
     if not dates:
         raise ValueError("label_partitions needs at least one day")
     dates = sorted(set(dates))
     fit_start, fit_end = fit_window(dates[-1], settings, fit_window_days)
+    read_days, in_window = _days(min(fit_start, dates[0]), fit_end), set(_days(fit_start, fit_end))
+    maturity = settings.label_maturity
 
-    impressions = with_reaction_window(
-        source, domain, settings, read_impressions(source, domain, min(fit_start, dates[0]), fit_end)
-    )
+    delays, days_with_rows = {}, []
+    for day in read_days:
+        outcomes = source_outcomes(source, domain, day)
+        delays[day] = maturity_delays(outcomes, maturity.outcome)
+        days_with_rows += [day] if outcomes.height else []
+    window = reaction_window(source, domain, settings, pl.concat(delays.values()), days_with_rows)
     lfs = list(LABELING_FUNCTIONS.values())
-    lf_votes = apply_lfs(impressions, lfs)
-    votes = vote_matrix(lf_votes)
-    in_fit = impressions.get_column("event_date").is_between(fit_start, fit_end).to_numpy()
-    requested = impressions.get_column("event_date").is_in(dates).to_numpy()
+    names = [lf.name for lf in lfs]
+    evidence = [_day_evidence(window(read_impressions(source, domain, day, day)), lfs, day in in_window, day)
+                for day in read_days]
 
-    fitted, fitted_votes = impressions.filter(in_fit), votes[in_fit]
-    audit = audit_gold(fitted)
+    fitted = [day for day in evidence if day.day in in_window]
+    votes, in_fit = np.concatenate([day.votes for day in evidence]), np.repeat(
+        [day.day in in_window for day in evidence], [len(day.votes) for day in evidence])
+    fitted_votes = votes[in_fit]
+    audit = _concat([day.audit for day in fitted])
+    fit_delays = pl.concat([delays[day.day] for day in fitted])
     model = DawidSkene(voters(lfs)).fit(fitted_votes)
     p_good, choice, calibration = checked_p_good(
-        model, votes, in_fit, fitted, audit, settings.label_model
+        model, votes, in_fit, audit, _concat([day.review for day in fitted]), _concat([day.row_keys for day in fitted]),
+        settings.label_model,
     )
     version = label_model_version(choice, calibration)
     dependencies = dependent_sources(
-        fitted_votes, lf_votes.columns, [lf.source for lf in lfs], model,
+        fitted_votes, names, [lf.source for lf in lfs], model,
         min_shared_information=settings.label_model.dependency_min_shared_information,
     )
     for dependency in dependencies:
         logger.warning("%s: %s", domain, dependency.message())
 
-    partitions = impressions.filter(requested)
-    labels = impression_labels(partitions, votes[requested], p_good[requested], version)
-    write_labels(
-        con, domain, dates, long_label_matrix(partitions, lf_votes.filter(requested)), labels
-    )
+    starts = dict(zip(read_days, np.cumsum([0] + [len(day.votes) for day in evidence[:-1]]), strict=True))
+    per_day, cohorts = [], []
+    for day in dates:
+        rows = slice(starts[day], starts[day] + len(evidence[read_days.index(day)].votes))
+        labels, cohort = _write_day(con, source, domain, day, names, votes[rows], p_good[rows], version)
+        per_day.append(labels)
+        cohorts.append(cohort)
+    per_day = pl.concat(per_day)
 
     gold_rows, gold_accuracy = label_accuracy(p_good[in_fit], audit)
-    maturity = settings.label_maturity
+    impressions, labelled = int(per_day["impressions"].sum()), int(per_day["labelled"].sum())
     return LabelingReport(
         domain=domain,
         dates=dates,
         label_model_version=version,
         fit_start=fit_start,
         fit_end=fit_end,
-        fit_rows=fitted.height,
+        fit_rows=len(fitted_votes),
         model_converged=model.converged,
         model_iterations=model.n_iter,
-        impressions=labels.height,
-        labelled=labels.get_column("p_good").is_not_null().sum(),
-        share_good=labels.get_column("label").mean(),
+        impressions=impressions,
+        labelled=labelled,
+        share_good=int(per_day["good"].sum()) / labelled if labelled else None,
         gold_rows=gold_rows,
         gold_accuracy=gold_accuracy,
         gold_accuracy_majority_vote=choice.majority_vote_accuracy,
         label_model_choice=choice,
         calibration=calibration,
         dependencies=dependencies,
-        lf_stats=lf_summary(fitted_votes, lf_votes.columns, audit, model.lf_accuracies()).with_columns(
-            pl.Series("dependent_with", dependent_with(lf_votes.columns, dependencies), pl.String)
+        lf_stats=lf_summary(fitted_votes, names, audit, model.lf_accuracies()).with_columns(
+            pl.Series("dependent_with", dependent_with(names, dependencies), pl.String)
         ),
-        cohort_coverage=cohort_coverage(
-            partitions.select(COHORT).with_columns(labels.get_column("p_good"))
-        ),
-        label_delay=label_delays(fitted, {domain: maturity.outcome}),
-        mature_until=_cutoff(maturity_delays(fitted, maturity.outcome), maturity.quantile, fit_end),
-        per_day=labels.group_by("event_date").agg(
-            pl.len().alias("impressions"), pl.col("p_good").is_not_null().sum().alias("labelled"),
-            pl.col("label").mean().alias("share_good"),
-        ).sort("event_date"),
+        cohort_coverage=combined_cohort_coverage(cohorts),
+        label_delay=delay_summary(domain, maturity.outcome, fit_delays),
+        mature_until=_cutoff(fit_delays, maturity.quantile, fit_end),
+        per_day=per_day.select("event_date", "impressions", "labelled", "share_good"),
+    )
+
+
+def _days(first: date, last: date) -> list[date]:
+    return [first + timedelta(days=offset) for offset in range((last - first).days + 1)]
+
+
+def _concat(arrays: list[np.ndarray | None]) -> np.ndarray:
+    return np.concatenate([array for array in arrays if array is not None] or [np.zeros(0)])
+
+
+def source_outcomes(source: Readable, domain: str, day: date) -> pl.DataFrame:
+    """One day's OUTCOME_COLUMNS: what maturity_delays reads."""
+    return as_source(source).read(IMPRESSIONS, domain, day, day, OUTCOME_COLUMNS)
+
+
+def _day_evidence(impressions: pl.DataFrame, lfs: list[LabelingFunction], fitted: bool, day: date) -> _Day:
+    votes = vote_matrix(apply_lfs(impressions, lfs))
+    if not fitted:
+        return _Day(day, votes)
+    return _Day(day, votes, audit_gold(impressions), review_gold(impressions),
+                impressions.select(pl.struct(IMPRESSION_KEY).hash(seed=0)).to_series().to_numpy())
+
+
+def _write_day(
+    con: duckdb.DuckDBPyConnection, source: Source, domain: str, day: date, names: list[str],
+    votes: np.ndarray, p_good: np.ndarray, version: str,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Write one requested day's labels and votes in one transaction; its per_day row (with the
+    count of good labels) and its cohort coverage."""
+    impressions = as_source(source).read(IMPRESSIONS, domain, day, day, sorted({*IMPRESSION_KEY, *COHORT}))
+    impressions = impressions.sort(IMPRESSION_KEY)
+    if impressions.height != len(votes):
+        raise RuntimeError(f"{domain} {day}: {impressions.height} impressions now, {len(votes)} when voted on")
+    labels = impression_labels(impressions, votes, p_good, version)
+    lf_votes = pl.DataFrame(votes, schema=dict.fromkeys(names, pl.Int8), orient="row")
+    write_labels(con, domain, [day], long_label_matrix(impressions, lf_votes), labels)
+    label = labels.get_column("label")
+    summary = pl.DataFrame({"event_date": [day], "impressions": [labels.height], "labelled": [label.count()],
+                            "good": [int(label.sum())], "share_good": [label.mean()]},
+                           schema_overrides={"impressions": pl.UInt32, "labelled": pl.UInt32, "share_good": pl.Float64})
+    cohort = cohort_coverage(impressions.select(COHORT).with_columns(labels.get_column("p_good")))
+    return summary, cohort
+
+
+def combined_cohort_coverage(tables: list[pl.DataFrame]) -> pl.DataFrame:
+    """``cohort_coverage`` over several days' rows, from each day's table."""
+    return (
+        pl.concat(tables).group_by(COHORT).agg(pl.col("impressions").sum(), pl.col("labelled").sum())
+        .with_columns((pl.col("labelled") / pl.col("impressions")).alias("coverage"))
+        .sort(COHORT, nulls_last=True)
     )
 
 
@@ -276,13 +355,15 @@ def checked_p_good(
     model: DawidSkene,
     votes: np.ndarray,
     in_fit: np.ndarray,
-    fitted: pl.DataFrame,
     audit: np.ndarray,
+    reviews: np.ndarray,
+    row_keys: np.ndarray,
     settings: LabelModelSettings,
 ) -> tuple[np.ndarray, ModelChoice, Calibration]:
     """p_good of every row of ``votes``: ``model``'s, or majority vote's where that is
-    significantly more accurate on the ``audit`` reviews of the fit window (the rows of
-    ``fitted``); calibrated on all its reviews where that lowers the held-out Brier score."""
+    significantly more accurate on the ``audit`` reviews of the fit window (the ``in_fit`` rows);
+    calibrated on all its ``reviews`` where that lowers the held-out Brier score (folds dealt by
+    ``row_keys``, a hash of each fit row's impression key)."""
     p_model, p_majority = model.predict_proba(votes), MajorityVote().predict_proba(votes)
     choice = choose_label_model(
         p_model[in_fit], p_majority[in_fit], audit, model.version,
@@ -290,8 +371,7 @@ def checked_p_good(
     )
     chosen = p_majority if choice.fell_back else p_model
     calibration = calibrate(
-        chosen[in_fit], review_gold(fitted), settings.calibration,
-        row_keys=fitted.select(pl.struct(IMPRESSION_KEY).hash(seed=0)).to_series().to_numpy(),
+        chosen[in_fit], reviews, settings.calibration, row_keys=row_keys,
         min_gold_rows=settings.min_gold_rows, significance=settings.significance,
     )
     return calibration(chosen), choice, calibration
@@ -329,22 +409,30 @@ def read_impressions(source: Readable, domain: str, start: date, end: date) -> p
 def with_reaction_window(
     source: Readable, domain: str, settings: DomainConfig, impressions: pl.DataFrame
 ) -> pl.DataFrame:
-    """``impressions`` with ``reaction_window_closed``: served at least the domain's maturity
-    delay quantile before the end of its latest day in the warehouse (the moment maturity_cutoff
-    measures from). Null, so the "not clicked" LFs abstain, where items are not clicked (an
-    assistant's responses) or no delay is measured yet."""
+    """``impressions`` with ``reaction_window_closed``, measured from their own outcome delays
+    (``reaction_window``)."""
+    delays = maturity_delays(impressions, settings.label_maturity.outcome)
+    days = impressions.get_column("event_date").unique().sort().to_list()
+    return reaction_window(source, domain, settings, delays, days)(impressions)
+
+
+def reaction_window(
+    source: Readable, domain: str, settings: DomainConfig, delays_s: pl.Series, days: list[date]
+) -> Callable[[pl.DataFrame], pl.DataFrame]:
+    """What adds ``reaction_window_closed`` to impressions of ``days`` (those read that have rows):
+    served at least the domain's maturity delay quantile (of ``delays_s``, those days' outcome
+    delays) before the end of its latest day in the warehouse (the moment maturity_cutoff measures
+    from). Null, so the "not
+    clicked" LFs abstain, where items are not clicked (an assistant's responses) or no delay is
+    measured yet."""
     latest = None
-    if settings.shape == "recommendation":  # days from the last one read on: the domain's latest
-        latest = as_source(source).read(IMPRESSIONS, domain, first=impressions["event_date"].max(),
-                                        columns=["event_date"])["event_date"].max()
+    if settings.shape == "recommendation" and days:  # days from the last one read on: the domain's latest
+        latest = as_source(source).read(IMPRESSIONS, domain, first=days[-1], columns=["event_date"])["event_date"].max()
     if latest is None:
-        return impressions.with_columns(pl.lit(None, pl.Boolean).alias(REACTION_WINDOW_CLOSED))
-    maturity = settings.label_maturity
-    delays = maturity_delays(impressions, maturity.outcome)
-    as_of = latest + timedelta(days=1)
-    return impressions.with_columns(
-        reaction_window_closed(impressions.get_column("served_at"), delays, maturity.quantile, as_of)
-    )
+        return lambda impressions: impressions.with_columns(pl.lit(None, pl.Boolean).alias(REACTION_WINDOW_CLOSED))
+    quantile, as_of = settings.label_maturity.quantile, latest + timedelta(days=1)
+    return lambda impressions: impressions.with_columns(
+        reaction_window_closed(impressions.get_column("served_at"), delays_s, quantile, as_of))
 
 
 def review_gold(impressions: pl.DataFrame) -> np.ndarray:

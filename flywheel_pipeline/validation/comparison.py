@@ -42,8 +42,8 @@ from flywheel_pipeline.validation.evidence import (
 from flywheel_pipeline.validation.intervals import (
     BOOTSTRAP_SEED,
     N_BOOTSTRAP,
-    MetricComparison,
-    bootstrap_counts,
+    block_rows,
+    bootstrap_blocks,
     compare,
 )
 from flywheel_pipeline.validation.report import SliceResult
@@ -182,21 +182,28 @@ def compare_on_holdout(
     results = []
     for name, mask in slice_masks(evidence.unit_attributes()).items():
         chosen = np.flatnonzero(mask)
-        counts = bootstrap_counts(len(chosen), n_resamples, rng)
-        metrics = _slice_metrics(roles, positions, chosen, counts, evidence.propensities_known)
-        metrics["weak_label_auc"] = _weak_label_auc(shown_units, p_good, shown_scores, chosen, counts)
+        auc = WeakLabelAuc.of(shown_units, p_good, shown_scores, chosen)
+        values: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for counts in bootstrap_blocks(len(chosen), n_resamples, rng, block_rows(max(len(chosen), auc.rows))):
+            block = _slice_values(roles, positions, chosen, counts, evidence.propensities_known)
+            block["weak_label_auc"] = auc(counts)
+            for metric, pair in block.items():
+                values.setdefault(metric, []).append(pair)
+        metrics = {metric: compare(*(np.concatenate(role) for role in zip(*pairs, strict=True)))
+                   for metric, pairs in values.items()}
         reviewed = int((roles["candidate"].gold[1][chosen] > 0).sum())
         results.append(SliceResult(name, len(chosen), metrics, reviewed))
     return results
 
 
-def _slice_metrics(roles: dict[str, RoleSums], positions: est.Positions, chosen: np.ndarray,
-                   counts: np.ndarray, propensities_known: bool) -> dict[str, MetricComparison]:
-    """The off-policy metrics of the ``chosen`` units, resampled by ``counts``."""
+def _slice_values(roles: dict[str, RoleSums], positions: est.Positions, chosen: np.ndarray,
+                  counts: np.ndarray, propensities_known: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The off-policy metrics of the ``chosen`` units, candidate's and champion's, on each
+    resample of a block of ``counts`` (a row each)."""
     mine = {role: roles[role].terms.take(chosen) for role in ROLES}
 
-    def both(metric: Callable[[str], np.ndarray]) -> MetricComparison:
-        return compare(metric("candidate"), metric("champion"))
+    def both(metric: Callable[[str], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return metric("candidate"), metric("champion")
 
     def ratio(pair: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         return est.ratio(pair[0][chosen], pair[1][chosen], counts)
@@ -215,12 +222,29 @@ def _slice_metrics(roles: dict[str, RoleSums], positions: est.Positions, chosen:
     return metrics
 
 
-def _weak_label_auc(units: np.ndarray, p_good: np.ndarray, scores: dict[str, np.ndarray], chosen: np.ndarray,
-                    counts: np.ndarray) -> MetricComparison:
-    """AUC of each model's scores against the weak labels of the shown rows of ``chosen`` units,
-    each row weighted by its label confidence |2 p_good - 1|."""
-    rows = np.flatnonzero(np.isfinite(p_good) & np.isin(units, chosen))
-    column = np.searchsorted(chosen, units[rows])
-    confidence = np.abs(2 * p_good[rows] - 1) * counts[:, column]
-    good = p_good[rows] >= 0.5
-    return compare(*(est.weighted_auc(scores[role][rows], good, confidence) for role in ROLES))
+@dataclass(frozen=True)
+class WeakLabelAuc:
+    """AUC of each model's scores against the weak labels of the shown rows of a slice's units,
+    each row weighted by its label confidence |2 p_good - 1| times its unit's count in a resample;
+    the rows sorted by each model's score once, for every block of resamples."""
+
+    by_role: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]  # scores, good, column, confidence
+    rows: int
+
+    @classmethod
+    def of(cls, units: np.ndarray, p_good: np.ndarray, scores: dict[str, np.ndarray],
+           chosen: np.ndarray) -> WeakLabelAuc:
+        rows = np.flatnonzero(np.isfinite(p_good) & np.isin(units, chosen))
+        column = np.searchsorted(chosen, units[rows])  # the row's unit among the chosen
+        confidence, good = np.abs(2 * p_good[rows] - 1), p_good[rows] >= 0.5
+        by_role = {}
+        for role in ROLES:
+            order = np.argsort(scores[role][rows], kind="stable")
+            by_role[role] = (scores[role][rows][order], good[order], column[order], confidence[order])
+        return cls(by_role, len(rows))
+
+    def __call__(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate's and champion's AUC on each resample of ``counts`` (a row each)."""
+        candidate, champion = (est.weighted_auc(scores, good, confidence * counts[:, column])
+                               for scores, good, column, confidence in (self.by_role[role] for role in ROLES))
+        return candidate, champion

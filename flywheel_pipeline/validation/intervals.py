@@ -8,6 +8,7 @@ to the Bootstrap", ch. 13: percentile intervals).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -16,6 +17,7 @@ import numpy as np
 N_BOOTSTRAP = 400
 BOOTSTRAP_SEED = 0
 CI_LEVEL = 0.90  # two-sided; each bound is a one-sided test at 5%
+RESAMPLE_CELLS = 8_000_000  # (resample, row) cells of counts held at once: about 64 MB an array
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,26 @@ class MetricComparison:
 
 def bootstrap_counts(n: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
     """Row 0: the sample itself (all ones); rows 1..n_resamples: resampling with replacement."""
+    return np.vstack(list(bootstrap_blocks(n, n_resamples, rng, n_resamples + 1)))
+
+
+def bootstrap_blocks(n: int, n_resamples: int, rng: np.random.Generator, rows: int) -> Iterator[np.ndarray]:
+    """The rows of ``bootstrap_counts`` (the same ones from the same ``rng``), at most ``rows`` at
+    a time: estimators applied block by block hold (rows, n) counts, not (n_resamples + 1, n)."""
     if n == 0:
-        return np.zeros((n_resamples + 1, 0))
-    resamples = rng.multinomial(n, np.full(n, 1 / n), size=n_resamples)
-    return np.vstack([np.ones((1, n)), resamples])
+        yield np.zeros((n_resamples + 1, 0))
+        return
+    drawn, rows = 0, max(rows, 2)
+    while drawn == 0 or drawn < n_resamples:
+        size = min(rows - (drawn == 0), n_resamples - drawn)
+        block = rng.multinomial(n, np.full(n, 1 / n), size=size).astype(float)
+        yield np.vstack([np.ones((1, n)), block]) if drawn == 0 else block
+        drawn += max(size, 1)
+
+
+def block_rows(width: int) -> int:
+    """Resamples per block when each holds ``width`` cells (``RESAMPLE_CELLS`` in all)."""
+    return max(2, RESAMPLE_CELLS // max(width, 1))
 
 
 def interval(values: np.ndarray, level: float = CI_LEVEL) -> tuple[float, float]:

@@ -2,7 +2,7 @@
 -- Incremental per (day, domain) partition: a run rebuilds its partitions' interactions, reading from
 -- other days only what their rules need: the earlier deliveries of their interaction_ids, their
 -- users' earlier days, their sessions (int_sessions). An empty input is kept where the run's domain
--- declares its input optional (var flywheel_input_optional: a feed has no query).
+-- declares its input optional (macro input_optional(): a feed has no query).
 
 with
 
@@ -84,7 +84,7 @@ flagged as (
             when interactions.consent <> 'granted' then 'consent_denied'
             when sessions.is_bot then 'bot_session'
             when length(trim(interactions.input_text)) < {{ var('min_input_chars') }}
-                and not ({{ 'true' if var('flywheel_input_optional', false) else 'false' }}
+                and not ({{ 'true' if input_optional() else 'false' }}
                          and length(trim(interactions.input_text)) = 0)
                 then 'input_too_short'
             when length(trim(interactions.input_text)) > {{ var('max_input_chars') }}
