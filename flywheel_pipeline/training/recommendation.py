@@ -18,16 +18,17 @@ import pandas as pd
 import polars as pl
 
 from flywheel_pipeline.training.base import HashedLogisticTrainer, context_features, crossed
+from flywheel_pipeline.training.embeddings import EmbeddingScorer
 
-USER_ITEM_COLUMNS = ["user_id", "segment", "is_new_user", "context_features", "item_id"]
+SEGMENT_ITEM_COLUMNS = ["segment", "is_new_user", "context_features", "item_id"]
+USER_ITEM_COLUMNS = ["user_id", *SEGMENT_ITEM_COLUMNS]
 
 
-def user_item_features(rows: pd.DataFrame) -> list[dict[str, float]]:
-    """Hashed-feature dicts for (user, item) rows: item, segment x item, user x item, new x item,
-    and each numeric context feature alone and x item (at its value)."""
+def segment_item_features(rows: pd.DataFrame) -> list[dict[str, float]]:
+    """Hashed-feature dicts for (segment, item) rows: item, segment x item, new x item, and each
+    numeric context feature alone and x item (at its value)."""
     features = []
-    for user, segment, is_new, numeric, item in zip(
-        rows["user_id"].tolist(),
+    for segment, is_new, numeric, item in zip(
         rows["segment"].tolist(),
         rows["is_new_user"].tolist(),
         rows["context_features"].tolist(),
@@ -38,12 +39,17 @@ def user_item_features(rows: pd.DataFrame) -> list[dict[str, float]]:
             {
                 f"i={item}": 1.0,
                 f"s={segment}|i={item}": 1.0,
-                f"u={user}|i={item}": 1.0,
                 f"new={bool(is_new)}|i={item}": 1.0,
                 **crossed(context_features(numeric), f"i={item}"),
             }
         )
     return features
+
+
+def user_item_features(rows: pd.DataFrame) -> list[dict[str, float]]:
+    """segment_item_features plus user x item."""
+    return [{**row, f"u={user}|i={item}": 1.0} for row, user, item in zip(
+        segment_item_features(rows), rows["user_id"].tolist(), rows["item_id"].tolist())]
 
 
 def examination_curve(rows: pl.DataFrame, min_rows: int, floor: float) -> dict[int, float]:
@@ -62,7 +68,9 @@ def examination_curve(rows: pl.DataFrame, min_rows: int, floor: float) -> dict[i
 
 
 @dataclass(frozen=True)
-class RecommendationTrainer(HashedLogisticTrainer):
+class HashedRecommendationTrainer(HashedLogisticTrainer):
+    """The hashed-feature logistic regression alone (the default before the embeddings)."""
+
     name: str = "recommendation-ips-hashed-logistic"
     max_ips_weight: float = 10.0
     min_exploration_rows: int = 30  # per position, to estimate its examination
@@ -81,3 +89,23 @@ class RecommendationTrainer(HashedLogisticTrainer):
         metrics = {f"examination_position_{p}": theta for p, theta in sorted(curve.items())}
         metrics["examination_estimated"] = float(bool(curve))
         return weighted, metrics
+
+
+@dataclass(frozen=True)
+class RecommendationTrainer(HashedRecommendationTrainer):
+    """The same weights and hashed features, plus segment/user x item embeddings
+    (training/embeddings.py)."""
+
+    name: str = "recommendation-ips-embeddings"
+    dim: int = 8
+    alpha: float = 1e-5            # L2 strength of the hashed weights
+    alpha_embedding: float = 3e-5  # L2 strength of the embeddings
+    max_iter: int = 300            # L-BFGS iterations
+
+    featurize = staticmethod(segment_item_features)  # the user's part is their embedding
+    key_columns = SEGMENT_ITEM_COLUMNS
+
+    def fit(self, train: pl.DataFrame) -> EmbeddingScorer:
+        scorer = EmbeddingScorer(self.featurize, self.key_columns, self.n_features, self.dim,
+                                 self.alpha, self.alpha_embedding, self.max_iter)
+        return scorer.fit(train)
