@@ -46,6 +46,7 @@ class EmbeddingScorer:
     alpha_embedding: float
     max_iter: int
     seed: int = 0
+    soft: bool = False
     columns: np.ndarray | None = None
     weights: np.ndarray | None = None
     bias: float = 0.0
@@ -65,8 +66,8 @@ class EmbeddingScorer:
 
     def fit(self, train: pl.DataFrame) -> EmbeddingScorer:
         frame = train.to_pandas()
-        good = (frame["p_good"] >= 0.5).to_numpy().astype(float)
-        if good.all() or not good.any():
+        good = frame["p_good"].to_numpy(dtype=float) if self.soft else (frame["p_good"] >= 0.5).to_numpy().astype(float)
+        if (good >= 0.5).all() or not (good >= 0.5).any():
             raise ValueError("training labels hold one class only")
         hashed = self._hashed(frame)
         self.columns = np.unique(hashed.indices)

@@ -93,19 +93,30 @@ class HashedRecommendationTrainer(HashedLogisticTrainer):
 
 @dataclass(frozen=True)
 class RecommendationTrainer(HashedRecommendationTrainer):
-    """The same weights and hashed features, plus segment/user x item embeddings
-    (training/embeddings.py)."""
+    """The same features plus segment/user x item embeddings (training/embeddings.py), fitted to
+    the soft label: an impression of P(good) p counts p / theta(position) good and 1 - p bad (the
+    IPS rule above, fractionally), i.e. target (p / theta) / w at weight w = p / theta + 1 - p."""
 
     name: str = "recommendation-ips-embeddings"
     dim: int = 8
     alpha: float = 1e-5            # L2 strength of the hashed weights
     alpha_embedding: float = 3e-5  # L2 strength of the embeddings
-    max_iter: int = 300            # L-BFGS iterations
+    max_iter: int = 200            # L-BFGS iterations
+    weighting = "p_good / theta(position) + 1 - p_good, p_good := its good part's share"
 
     featurize = staticmethod(segment_item_features)  # the user's part is their embedding
     key_columns = SEGMENT_ITEM_COLUMNS
 
+    def weigh(self, rows: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, float]]:
+        curve = examination_curve(rows, self.min_exploration_rows, 1 / self.max_ips_weight)
+        theta = pl.col("position").replace_strict(curve, default=1.0, return_dtype=pl.Float64)
+        good, bad = pl.col("p_good") / theta, 1 - pl.col("p_good")
+        weighted = rows.with_columns(weight=good + bad, p_good=good / (good + bad))
+        metrics = {f"examination_position_{p}": theta for p, theta in sorted(curve.items())}
+        metrics["examination_estimated"] = float(bool(curve))
+        return weighted, metrics
+
     def fit(self, train: pl.DataFrame) -> EmbeddingScorer:
         scorer = EmbeddingScorer(self.featurize, self.key_columns, self.n_features, self.dim,
-                                 self.alpha, self.alpha_embedding, self.max_iter)
+                                 self.alpha, self.alpha_embedding, self.max_iter, soft=True)
         return scorer.fit(train)
