@@ -7,9 +7,9 @@ a few times gets a taste from the items they liked and disliked, and an item see
 of a segment borrows from the others through the shared space; an unknown user (or item) scores
 by the rest (p = 0, q = 0).
 
-Fitted by L-BFGS (scipy) on the weighted log loss (hard label p_good >= 0.5, the trainer's
-``weight``) with an L2 penalty per block; the embeddings start small and random from a fixed seed,
-so the same rows give the same model.
+Fitted by L-BFGS (scipy) on the weighted cross-entropy against the soft label ``p_good`` (the
+trainer's ``weight``) with an L2 penalty per block; the embeddings start small and random from a
+fixed seed, so the same rows give the same model.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ class EmbeddingScorer:
     alpha_embedding: float
     max_iter: int
     seed: int = 0
-    soft: bool = False
     columns: np.ndarray | None = None
     weights: np.ndarray | None = None
     bias: float = 0.0
@@ -66,7 +65,7 @@ class EmbeddingScorer:
 
     def fit(self, train: pl.DataFrame) -> EmbeddingScorer:
         frame = train.to_pandas()
-        good = frame["p_good"].to_numpy(dtype=float) if self.soft else (frame["p_good"] >= 0.5).to_numpy().astype(float)
+        good = frame["p_good"].to_numpy(dtype=float)  # the target: soft
         if (good >= 0.5).all() or not (good >= 0.5).any():
             raise ValueError("training labels hold one class only")
         hashed = self._hashed(frame)

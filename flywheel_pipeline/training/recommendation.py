@@ -1,11 +1,16 @@
-"""The recommendation trainer: P(good | user, item) corrected for position bias.
+"""The recommendation trainers: P(good | user, item) corrected for position bias.
 
 Users see lower slots less often, so a lower slot's labels under-state how good its item is. The
 exploration slice (policy ``explore``: uniformly random slates) holds items independent of their
 position, so its good rate by position over the top slot's estimates the examination curve
 theta(position). A good impression then counts 1 / theta(position) (inverse propensity, clipped at
 ``max_ips_weight``) and a bad one 1: the pointwise IPS loss with the negative part clipped at zero.
-Both are multiplied by the label confidence |2 p_good - 1|.
+
+RecommendationTrainer (the default) fits logistic matrix factorisation beside hashed segment x item
+features (training/embeddings.py) to the soft label: P(good) p counts p / theta good and 1 - p bad.
+HashedRecommendationTrainer, the default before it, fits hashed features only (user x item
+included) to the hard label, both parts multiplied by the label confidence |2 p_good - 1|. Why the
+change: docs/validation.md, "The recommender's gap to the oracle".
 
 Position is never a feature: it is unknown when the model ranks.
 """
@@ -79,15 +84,20 @@ class HashedRecommendationTrainer(HashedLogisticTrainer):
     featurize = staticmethod(user_item_features)
     key_columns = USER_ITEM_COLUMNS
 
-    def weigh(self, rows: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, float]]:
+    def examination(self, rows: pl.DataFrame) -> tuple[pl.Expr, dict[str, float]]:
+        """theta(position) as an expression (1 where not estimated), and the curve as metrics."""
         curve = examination_curve(rows, self.min_exploration_rows, 1 / self.max_ips_weight)
         theta = pl.col("position").replace_strict(curve, default=1.0, return_dtype=pl.Float64)
+        metrics = {f"examination_position_{p}": theta for p, theta in sorted(curve.items())}
+        metrics["examination_estimated"] = float(bool(curve))
+        return theta, metrics
+
+    def weigh(self, rows: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, float]]:
+        theta, metrics = self.examination(rows)
         weighted = rows.with_columns(
             weight=(2 * pl.col("p_good") - 1).abs()
             * pl.when(pl.col("p_good") >= 0.5).then(1 / theta).otherwise(1.0)
         )
-        metrics = {f"examination_position_{p}": theta for p, theta in sorted(curve.items())}
-        metrics["examination_estimated"] = float(bool(curve))
         return weighted, metrics
 
 
@@ -108,15 +118,11 @@ class RecommendationTrainer(HashedRecommendationTrainer):
     key_columns = SEGMENT_ITEM_COLUMNS
 
     def weigh(self, rows: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, float]]:
-        curve = examination_curve(rows, self.min_exploration_rows, 1 / self.max_ips_weight)
-        theta = pl.col("position").replace_strict(curve, default=1.0, return_dtype=pl.Float64)
+        theta, metrics = self.examination(rows)
         good, bad = pl.col("p_good") / theta, 1 - pl.col("p_good")
-        weighted = rows.with_columns(weight=good + bad, p_good=good / (good + bad))
-        metrics = {f"examination_position_{p}": theta for p, theta in sorted(curve.items())}
-        metrics["examination_estimated"] = float(bool(curve))
-        return weighted, metrics
+        return rows.with_columns(weight=good + bad, p_good=good / (good + bad)), metrics
 
     def fit(self, train: pl.DataFrame) -> EmbeddingScorer:
         scorer = EmbeddingScorer(self.featurize, self.key_columns, self.n_features, self.dim,
-                                 self.alpha, self.alpha_embedding, self.max_iter, soft=True)
+                                 self.alpha, self.alpha_embedding, self.max_iter)
         return scorer.fit(train)
