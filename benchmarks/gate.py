@@ -4,6 +4,10 @@
     .venv/bin/python benchmarks/gate.py --seeds 1 --cycles 3      # a quick look
     .venv/bin/python benchmarks/gate.py --domains recommendation --first-seed 101 --seeds 2
 
+``--domains`` runs only those domains (the simulator's draws are per domain, so a domain's loop is
+the same with or without the others); ``--keep DIR`` keeps each seed's home as DIR/seed-<n> for
+benchmarks/recommender_gap.py.
+
 Each seed runs the closed loop in a fresh temporary home: a warm-up served by the baseline, then
 per cycle a week of traffic served by each domain's champion, the domain's cycle job in process
 (``definitions.execute_cycle``: accumulate, dbt, label, fine-tune, validate, register), and a
