@@ -38,7 +38,10 @@ from flywheel_pipeline.config import load_config
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.simulation import true_accuracy, true_labels
 from flywheel_pipeline.training.base import Windows, impressions, training_set
-from flywheel_pipeline.training.recommendation import HashedRecommendationTrainer, RecommendationTrainer
+from flywheel_pipeline.training.recommendation import (
+    HashedRecommendationTrainer,
+    RecommendationTrainer,
+)
 from flywheel_pipeline.warehouse import connect
 
 DOMAIN = "recommendation"

@@ -29,7 +29,10 @@ from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import SERVING_FEATURES, LexicalOverlapScorer
 from flywheel_pipeline.training import split_windows, train_candidate
 from flywheel_pipeline.training.base import SERVING_TIME_COLUMNS, Windows, impressions
-from flywheel_pipeline.training.recommendation import HashedRecommendationTrainer, RecommendationTrainer
+from flywheel_pipeline.training.recommendation import (
+    HashedRecommendationTrainer,
+    RecommendationTrainer,
+)
 
 AS_OF = date(2026, 3, 31)
 DAYS = 31  # 28 training days + 3 held-out days
