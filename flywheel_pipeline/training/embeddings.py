@@ -29,8 +29,8 @@ INIT_SCALE = 0.1  # sd of the embeddings' random start
 
 
 def _index(values: pd.Series, known: pd.Index) -> np.ndarray:
-    """Each value's row in ``known``; unknown values get the last row (zeros)."""
-    positions = known.get_indexer(values.astype(str))
+    """Each value's row in ``known``; unknown values get the last row (zeros); null is "none"."""
+    positions = known.get_indexer(values.fillna("none").astype(str))
     return np.where(positions < 0, len(known), positions)
 
 
@@ -61,7 +61,7 @@ class EmbeddingScorer:
 
     def _codes(self, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return (_index(rows["item_id"], self.items), _index(rows["user_id"], self.users),
-                _index(rows["segment"].fillna("none"), self.segments))
+                _index(rows["segment"], self.segments))
 
     def fit(self, train: pl.DataFrame) -> EmbeddingScorer:
         frame = train.to_pandas()
@@ -77,11 +77,12 @@ class EmbeddingScorer:
         item, user, segment = self._codes(frame)
         sizes = (features.shape[1], len(self.items), len(self.users), len(self.segments))
         weight = frame["weight"].to_numpy(dtype=float)
-        start = np.random.default_rng(self.seed).normal(0, INIT_SCALE, 1 + sizes[0] + self.dim * sum(sizes[1:]))
-        start[: 1 + sizes[0]] = 0.0
+        n_parameters = 1 + sizes[0] + self.dim * sum(sizes[1:])
+        start = np.random.default_rng(self.seed).normal(0, INIT_SCALE, n_parameters)
+        start[: 1 + sizes[0]] = 0.0  # the bias and the hashed weights start at zero
         objective = _Objective(features, item, user, segment, good, weight / weight.sum(), sizes,
                                self.dim, self.alpha_linear, self.alpha_embedding)
-        with threadpool_limits(1):  # L-BFGS's small BLAS calls only lose to threads on a shared machine
+        with threadpool_limits(1):  # L-BFGS's small BLAS calls only lose to threads when shared
             solution = optimize.minimize(objective, start, jac=True, method="L-BFGS-B",
                                          options={"maxiter": self.max_iter})
         bias, weights, q, p, s = objective.unpack(solution.x)
@@ -150,4 +151,5 @@ class _Objective:
 
 def _scatter(codes: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
     """(size, dim): the sum of ``values``' rows per code (code == size: dropped)."""
-    return np.stack([np.bincount(codes, weights=column, minlength=size + 1)[:size] for column in values.T], axis=1)
+    return np.stack([np.bincount(codes, weights=column, minlength=size + 1)[:size]
+                     for column in values.T], axis=1)
