@@ -2,6 +2,11 @@
 
     .venv/bin/python benchmarks/gate.py                          # 5 seeds x 6 cycles, both domains
     .venv/bin/python benchmarks/gate.py --seeds 1 --cycles 3      # a quick look
+    .venv/bin/python benchmarks/gate.py --domains recommendation --first-seed 101 --seeds 2
+
+``--domains`` runs only those domains (the simulator's draws are per domain, so a domain's loop is
+the same with or without the others); ``--keep DIR`` keeps each seed's home as DIR/seed-<n> for
+benchmarks/recommender_gap.py.
 
 Each seed runs the closed loop in a fresh temporary home: a warm-up served by the baseline, then
 per cycle a week of traffic served by each domain's champion, the domain's cycle job in process
@@ -97,8 +102,9 @@ class Loop:
     """One seed's closed loop in its own home."""
 
     def __init__(self, root: Path, config: FlywheelConfig, seed: int, per_day: int, end: date,
-                 cycles: int, records: Path | None = None) -> None:
+                 cycles: int, records: Path | None = None, domains: list[str] | None = None) -> None:
         self.records = records
+        self.domains = domains or list(config.domains)
         self.home, self.config, self.seed, self.per_day = Home(root).activate(), config, seed, per_day
         self.instance = dg.DagsterInstance.local_temp(str(self.home.dagster))
         self.defs = build_definitions(config, self.home)
@@ -113,12 +119,12 @@ class Loop:
         return mlflow.pyfunc.load_model(uri) if uri else baseline_scorer(self.config.domain(domain).shape)
 
     def serve(self, first: date, days: int) -> None:
-        scorers = {d: self.champion(d) for d in self.config.domains}
+        scorers = {d: self.champion(d) for d in self.domains}
         versions = {d: registry.alias_version(self.client, d, registry.CHAMPION) or "baseline"
-                    for d in self.config.domains}
+                    for d in self.domains}
         simulation.simulate(self.home, self.config, first, days, seed=self.seed,
                             interactions_per_day=self.per_day, bad_row_share=0.01,
-                            scorers=scorers, model_versions=versions)
+                            scorers=scorers, model_versions=versions, domains=self.domains)
 
     def cycle(self, cycle: int, domain: str, first: date, last: date) -> tuple[Candidate, str]:
         """The cycle's candidate, and the outcome of the previous candidate's revisit ("" if none)."""
@@ -141,13 +147,13 @@ class Loop:
     def run(self, cycles: int) -> tuple[list[Candidate], dict[str, float], dict[str, float]]:
         self.serve(self.start, WARMUP_DAYS)
         baseline = {d: simulation.true_accuracy(self.home, self.config, d, self.champion(d))
-                    for d in self.config.domains}
+                    for d in self.domains}
         candidates = []
         for cycle in range(1, cycles + 1):
             first = self.start + timedelta(days=WARMUP_DAYS + (cycle - 1) * DAYS_PER_CYCLE)
             self.serve(first, DAYS_PER_CYCLE)
             run_from = self.start if cycle == 1 else first - timedelta(days=self.config.max_lateness_days)
-            for domain in self.config.domains:
+            for domain in self.domains:
                 started = time.monotonic()
                 judged, revisit = self.cycle(cycle, domain, run_from, first + timedelta(days=DAYS_PER_CYCLE - 1))
                 if revisit:
@@ -164,7 +170,7 @@ class Loop:
                       f"{judged.candidate:.3f} champion {judged.champion:.3f} oracle {judged.oracle:.3f} "
                       f"({time.monotonic() - started:.0f}s) {judged.reasons[:150]}", flush=True)
         final = {d: simulation.true_accuracy(self.home, self.config, d, self.champion(d))
-                 for d in self.config.domains}
+                 for d in self.domains}
         self.record({"seed": self.seed, "baseline": baseline, "final": final})
         self.instance.dispose()
         return candidates, baseline, final
@@ -248,6 +254,8 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=6)
     parser.add_argument("--per-day", type=int, default=1500)
     parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "flywheel.yaml")
+    parser.add_argument("--domains", nargs="+", help="only these domains (default: every one in the config)")
+    parser.add_argument("--keep", type=Path, help="keep each seed's home under this folder (seed-<n>)")
     parser.add_argument("--records", type=Path, help="append every candidate here as JSON lines")
     parser.add_argument("--report", type=Path, help="only print the tables of a --records file")
     args = parser.parse_args()
@@ -262,7 +270,8 @@ def main() -> None:
     started = time.monotonic()
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         with tempfile.TemporaryDirectory(prefix=f"gate-bench-{seed}-") as root:
-            loop = Loop(Path(root), config, seed, args.per_day, end, args.cycles, args.records)
+            home = args.keep / f"seed-{seed}" if args.keep else Path(root)
+            loop = Loop(home, config, seed, args.per_day, end, args.cycles, args.records, args.domains)
             found, baseline, final = loop.run(args.cycles)
         candidates += found
         baselines[seed], finals[seed] = baseline, final

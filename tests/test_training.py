@@ -19,6 +19,7 @@ import duckdb
 import mlflow
 import numpy as np
 import pandas as pd
+import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
@@ -28,6 +29,10 @@ from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import SERVING_FEATURES, LexicalOverlapScorer
 from flywheel_pipeline.training import split_windows, train_candidate
 from flywheel_pipeline.training.base import SERVING_TIME_COLUMNS, Windows, impressions
+from flywheel_pipeline.training.recommendation import (
+    HashedRecommendationTrainer,
+    RecommendationTrainer,
+)
 
 AS_OF = date(2026, 3, 31)
 DAYS = 31  # 28 training days + 3 held-out days
@@ -451,6 +456,54 @@ def test_recommendation_trainer_corrects_position_bias_and_reports_its_sources(c
     scores = model.predict(grid).reshape(3, 20)
     for segment in range(3):
         assert np.corrcoef(scores[segment], relevance[segment])[0, 1] > 0.7
+
+
+def taste_rows(seed: int, users: int = 120, items: int = 40, seen: int = 12) -> tuple[pl.DataFrame, np.ndarray]:
+    """One segment whose users split into two tastes (the first or the second half of the items):
+    each user rates ``seen`` random items; returns the rows and each (user, item)'s truth."""
+    rng = np.random.default_rng(seed)
+    likes = (np.arange(items)[None, :] < items // 2) == (np.arange(users)[:, None] % 2 == 0)
+    rated = np.argsort(rng.random((users, items)), axis=1)[:, :seen]
+    user, item = np.repeat(np.arange(users), seen), rated.ravel()
+    good = likes[user, item] ^ (rng.random(len(user)) < 0.05)
+    rows = pl.DataFrame({
+        "domain": "recommendation", "user_id": [f"u{u}" for u in user], "segment": "s0",
+        "context_features": "{}", "is_new_user": False, "input_text": "home",
+        "item_id": [f"i{i}" for i in item], "item_content": [f"item {i}" for i in item],
+        "p_good": np.where(good, 0.9, 0.1), "weight": 1.0,
+    })
+    return rows, likes
+
+
+def test_the_recommendation_trainer_learns_a_users_taste_for_items_they_never_saw():
+    rows, likes = taste_rows(seed=0)
+    users, items = likes.shape
+    unseen = pd.DataFrame([
+        {"domain": "recommendation", "user_id": f"u{u}", "segment": "s0", "context_features": "{}",
+         "is_new_user": False, "input_text": "home", "item_id": f"i{i}", "item_content": f"item {i}"}
+        for u in range(users) for i in range(items)])
+    seen = set(zip(rows["user_id"].to_list(), rows["item_id"].to_list()))
+    mask = ~np.array([(u, i) in seen for u, i in zip(unseen["user_id"], unseen["item_id"])])
+    truth = likes.ravel()[mask]
+    embeddings = RecommendationTrainer().fit(rows)
+    hashed = HashedRecommendationTrainer().fit(rows)
+    # the embeddings carry a user's taste to the items only others rated; user x item cannot
+    assert roc_auc_score(truth, embeddings.predict(unseen)[mask]) > 0.95
+    assert roc_auc_score(truth, hashed.predict(unseen)[mask]) < 0.65
+    # the same rows give the same model; an unknown user scores by the segment alone
+    assert np.array_equal(RecommendationTrainer().fit(rows).predict(unseen), embeddings.predict(unseen))
+    stranger = unseen.head(items).assign(user_id="nobody")
+    assert np.allclose(embeddings.predict(stranger), embeddings.predict(stranger.assign(user_id="nobody else")))
+
+
+def test_the_recommendation_trainer_weighs_a_soft_label_by_inverse_examination():
+    rows = pl.DataFrame({"policy": ["explore"] * 4 + ["champion"] * 2, "position": [0, 0, 1, 1, 0, 1],
+                         "p_good": [0.8, 0.8, 0.4, 0.4, 0.8, 0.4]})
+    weighted, metrics = RecommendationTrainer(min_exploration_rows=2).weigh(rows)
+    assert metrics["examination_position_1"] == pytest.approx(0.5)
+    # P(good) 0.4 at a slot seen half as often: 0.4 / 0.5 good, 0.6 bad
+    assert weighted["weight"].to_list() == pytest.approx([1.0, 1.0, 1.4, 1.4, 1.0, 1.4])
+    assert weighted["p_good"].to_list() == pytest.approx([0.8, 0.8, 0.8 / 1.4, 0.8 / 1.4, 0.8, 0.8 / 1.4])
 
 
 def test_immature_days_never_reach_the_training_set(con, home, config, monkeypatch):

@@ -1,11 +1,16 @@
-"""The recommendation trainer: P(good | user, item) corrected for position bias.
+"""The recommendation trainers: P(good | user, item) corrected for position bias.
 
 Users see lower slots less often, so a lower slot's labels under-state how good its item is. The
 exploration slice (policy ``explore``: uniformly random slates) holds items independent of their
 position, so its good rate by position over the top slot's estimates the examination curve
 theta(position). A good impression then counts 1 / theta(position) (inverse propensity, clipped at
 ``max_ips_weight``) and a bad one 1: the pointwise IPS loss with the negative part clipped at zero.
-Both are multiplied by the label confidence |2 p_good - 1|.
+
+RecommendationTrainer (the default) fits logistic matrix factorisation beside hashed segment x item
+features (training/embeddings.py) to the soft label: P(good) p counts p / theta good and 1 - p bad.
+HashedRecommendationTrainer, the default before it, fits hashed features only (user x item
+included) to the hard label, both parts multiplied by the label confidence |2 p_good - 1|. Why the
+change: docs/validation.md, "The recommender's gap to the oracle".
 
 Position is never a feature: it is unknown when the model ranks.
 """
@@ -18,16 +23,17 @@ import pandas as pd
 import polars as pl
 
 from flywheel_pipeline.training.base import HashedLogisticTrainer, context_features, crossed
+from flywheel_pipeline.training.embeddings import EmbeddingScorer
 
-USER_ITEM_COLUMNS = ["user_id", "segment", "is_new_user", "context_features", "item_id"]
+SEGMENT_ITEM_COLUMNS = ["segment", "is_new_user", "context_features", "item_id"]
+USER_ITEM_COLUMNS = ["user_id", *SEGMENT_ITEM_COLUMNS]
 
 
-def user_item_features(rows: pd.DataFrame) -> list[dict[str, float]]:
-    """Hashed-feature dicts for (user, item) rows: item, segment x item, user x item, new x item,
-    and each numeric context feature alone and x item (at its value)."""
+def segment_item_features(rows: pd.DataFrame) -> list[dict[str, float]]:
+    """Hashed-feature dicts for (segment, item) rows: item, segment x item, new x item, and each
+    numeric context feature alone and x item (at its value)."""
     features = []
-    for user, segment, is_new, numeric, item in zip(
-        rows["user_id"].tolist(),
+    for segment, is_new, numeric, item in zip(
         rows["segment"].tolist(),
         rows["is_new_user"].tolist(),
         rows["context_features"].tolist(),
@@ -38,12 +44,17 @@ def user_item_features(rows: pd.DataFrame) -> list[dict[str, float]]:
             {
                 f"i={item}": 1.0,
                 f"s={segment}|i={item}": 1.0,
-                f"u={user}|i={item}": 1.0,
                 f"new={bool(is_new)}|i={item}": 1.0,
                 **crossed(context_features(numeric), f"i={item}"),
             }
         )
     return features
+
+
+def user_item_features(rows: pd.DataFrame) -> list[dict[str, float]]:
+    """segment_item_features plus user x item."""
+    return [{**row, f"u={user}|i={item}": 1.0} for row, user, item in zip(
+        segment_item_features(rows), rows["user_id"].tolist(), rows["item_id"].tolist())]
 
 
 def examination_curve(rows: pl.DataFrame, min_rows: int, floor: float) -> dict[int, float]:
@@ -62,7 +73,9 @@ def examination_curve(rows: pl.DataFrame, min_rows: int, floor: float) -> dict[i
 
 
 @dataclass(frozen=True)
-class RecommendationTrainer(HashedLogisticTrainer):
+class HashedRecommendationTrainer(HashedLogisticTrainer):
+    """The hashed-feature logistic regression alone (the default before the embeddings)."""
+
     name: str = "recommendation-ips-hashed-logistic"
     max_ips_weight: float = 10.0
     min_exploration_rows: int = 30  # per position, to estimate its examination
@@ -71,13 +84,45 @@ class RecommendationTrainer(HashedLogisticTrainer):
     featurize = staticmethod(user_item_features)
     key_columns = USER_ITEM_COLUMNS
 
-    def weigh(self, rows: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, float]]:
+    def examination(self, rows: pl.DataFrame) -> tuple[pl.Expr, dict[str, float]]:
+        """theta(position) as an expression (1 where not estimated), and the curve as metrics."""
         curve = examination_curve(rows, self.min_exploration_rows, 1 / self.max_ips_weight)
         theta = pl.col("position").replace_strict(curve, default=1.0, return_dtype=pl.Float64)
+        metrics = {f"examination_position_{p}": theta for p, theta in sorted(curve.items())}
+        metrics["examination_estimated"] = float(bool(curve))
+        return theta, metrics
+
+    def weigh(self, rows: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, float]]:
+        theta, metrics = self.examination(rows)
         weighted = rows.with_columns(
             weight=(2 * pl.col("p_good") - 1).abs()
             * pl.when(pl.col("p_good") >= 0.5).then(1 / theta).otherwise(1.0)
         )
-        metrics = {f"examination_position_{p}": theta for p, theta in sorted(curve.items())}
-        metrics["examination_estimated"] = float(bool(curve))
         return weighted, metrics
+
+
+@dataclass(frozen=True)
+class RecommendationTrainer(HashedRecommendationTrainer):
+    """The same features plus segment/user x item embeddings (training/embeddings.py), fitted to
+    the soft label: an impression of P(good) p counts p / theta(position) good and 1 - p bad (the
+    IPS rule above, fractionally), i.e. target (p / theta) / w at weight w = p / theta + 1 - p."""
+
+    name: str = "recommendation-ips-embeddings"
+    dim: int = 8
+    alpha: float = 1e-5            # L2 strength of the hashed weights
+    alpha_embedding: float = 3e-5  # L2 strength of the embeddings
+    max_iter: int = 200            # L-BFGS iterations
+    weighting = "p_good / theta(position) + 1 - p_good, p_good := its good part's share"
+
+    featurize = staticmethod(segment_item_features)  # the user's part is their embedding
+    key_columns = SEGMENT_ITEM_COLUMNS
+
+    def weigh(self, rows: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, float]]:
+        theta, metrics = self.examination(rows)
+        good, bad = pl.col("p_good") / theta, 1 - pl.col("p_good")
+        return rows.with_columns(weight=good + bad, p_good=good / (good + bad)), metrics
+
+    def fit(self, train: pl.DataFrame) -> EmbeddingScorer:
+        scorer = EmbeddingScorer(self.featurize, self.key_columns, self.n_features, self.dim,
+                                 self.alpha, self.alpha_embedding, self.max_iter)
+        return scorer.fit(train)

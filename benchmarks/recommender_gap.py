@@ -1,0 +1,153 @@
+"""Where the recommender's gap to the oracle comes from: each cause measured on its own.
+
+    .venv/bin/python benchmarks/gate.py --domains recommendation --first-seed 3 --seeds 1 \\
+        --keep /tmp/gate-homes --records /tmp/gate-3.jsonl
+    .venv/bin/python benchmarks/recommender_gap.py --home /tmp/gate-homes/seed-3
+
+Reads a home the gate benchmark kept (``--keep``): for every training run of the recommendation
+domain, the training impressions of its windows, their labels and the simulator's hidden truth,
+and refits each trainer on variants of them, printing each fit's true precision@5 (scoring code
+only; nothing here reaches the pipeline):
+
+- labels: the pipeline's labels, labelled rows only (what the candidate was fitted on);
+- truth on labelled rows: the same rows with perfect labels (label noise alone);
+- truth (the oracle): every impression of the window with perfect labels (noise + coverage);
+- truth / labels on the exploration slice only, or on the champion's own choices only (exposure);
+- truth, no IPS: perfect labels weighted 1 (what the position correction does to the oracle);
+- labels, IPS clipped at 3 / 30: the clipping of the inverse propensity weights.
+
+It also prints how often the hard label agrees with the truth, per policy. The gate's margin is in
+the gate benchmark's records: ``--records`` adds the best candidate the gate left unpromoted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import polars as pl
+
+from flywheel_pipeline.config import load_config
+from flywheel_pipeline.home import Home
+from flywheel_pipeline.simulation import true_accuracy, true_labels
+from flywheel_pipeline.training.base import Windows, impressions, training_set
+from flywheel_pipeline.training.recommendation import (
+    HashedRecommendationTrainer,
+    RecommendationTrainer,
+)
+from flywheel_pipeline.warehouse import connect
+
+DOMAIN = "recommendation"
+TRAINERS = {"hashed": HashedRecommendationTrainer, "embedding": RecommendationTrainer}
+
+
+def with_truth(rows: pl.DataFrame, truth: pl.DataFrame) -> pl.DataFrame:
+    """``rows`` with the hidden truth as their labels (as the oracle has them)."""
+    rows = rows.drop("p_good", "label").join(truth, on=["interaction_id", "item_id"])
+    return rows.with_columns(p_good=pl.col("good").cast(pl.Float64), label=pl.col("good")).drop("good")
+
+
+def variants(rows: pl.DataFrame, truth: pl.DataFrame) -> dict[str, tuple[pl.DataFrame, dict]]:
+    """name -> (training rows, trainer overrides)."""
+    labelled = training_set(rows)
+    perfect = with_truth(rows, truth)
+    explore, own = pl.col("policy") == "explore", pl.col("policy") != "explore"
+    return {
+        "labels": (labelled, {}),
+        "truth on labelled rows": (with_truth(labelled, truth), {}),
+        "truth (oracle)": (perfect, {}),
+        "truth, exploration only": (perfect.filter(explore), {}),
+        "truth, champion's choices only": (perfect.filter(own), {}),
+        "labels, exploration only": (labelled.filter(explore), {}),
+        "truth, no IPS": (perfect, {"max_ips_weight": 1.0}),
+        "labels, IPS clipped at 3": (labelled, {"max_ips_weight": 3.0}),
+        "labels, IPS clipped at 30": (labelled, {"max_ips_weight": 30.0}),
+    }
+
+
+def label_agreement(rows: pl.DataFrame, truth: pl.DataFrame) -> dict[str, float]:
+    """Share of labelled impressions whose hard label is the truth, per policy; label coverage."""
+    labelled = training_set(rows).join(truth, on=["interaction_id", "item_id"])
+    agree = {f"agreement {policy}": float(((g["p_good"] >= 0.5) == g["good"]).mean())
+             for (policy,), g in labelled.group_by("policy")}
+    good = labelled.filter(pl.col("good"))
+    return {"coverage": labelled.height / rows.height, **agree,
+            "recall of truly good": float((good["p_good"] >= 0.5).mean()),
+            "truly good share": float(labelled["good"].mean())}
+
+
+def training_windows(home: Home) -> list[Windows]:
+    """The windows of every recommendation training run in the home's MLflow, oldest first."""
+    client = mlflow.MlflowClient(home.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name(f"flywheel-{DOMAIN}")
+    runs = client.search_runs([experiment.experiment_id], "tags.`flywheel.stage` = 'training'",
+                              order_by=["attributes.start_time ASC"])
+    return [Windows.from_params(run.data.params) for run in runs]
+
+
+def gap(home: Home, trainers: list[str], only: Callable[[str], bool], cycles: list[int] | None) -> None:
+    config = load_config()
+    truth = true_labels(home, DOMAIN).unique(["interaction_id", "item_id"])
+    for cycle, windows in enumerate(training_windows(home), start=1):
+        if cycles and cycle not in cycles:
+            continue
+        with connect(home.warehouse(DOMAIN), read_only=True) as con:
+            rows = impressions(con, DOMAIN, windows.train_start, windows.train_end)
+        stats = label_agreement(rows, truth)
+        print(f"\n## cycle {cycle}: train {windows.train_start} .. {windows.train_end}, "
+              f"{rows.height} impressions; " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()), flush=True)
+        print("| variant | " + " | ".join(trainers) + " |\n|---|" + "---|" * len(trainers))
+        for name, (train, overrides) in variants(rows, truth).items():
+            if not only(name):
+                continue
+            shown = []
+            for trainer_name in trainers:
+                trainer = dataclasses.replace(TRAINERS[trainer_name](), **overrides)
+                started = time.monotonic()
+                weighted, _ = trainer.weigh(train)
+                scorer = trainer.fit(weighted.select(*weighted.columns))
+                accuracy = true_accuracy(home, config, DOMAIN, scorer)
+                shown.append(f"{accuracy:.3f} ({time.monotonic() - started:.0f}s)")
+            print(f"| {name} ({train.height} rows) | " + " | ".join(shown) + " |", flush=True)
+
+
+def gate_margin(records: Path) -> None:
+    """Per seed: the final champion, and the best candidate the gate did not promote."""
+    entries = [json.loads(line) for line in records.read_text().splitlines()]
+    candidates = [e["candidate"] for e in entries if "candidate" in e and e["candidate"]["domain"] == DOMAIN]
+    for seed in sorted({c["seed"] for c in candidates}):
+        mine = [c for c in candidates if c["seed"] == seed]
+        final = [e["final"][DOMAIN] for e in entries if "final" in e and e["seed"] == seed]
+        best = max(mine, key=lambda c: c["candidate"])
+        print(f"- seed {seed}: final champion {final[0] if final else float('nan'):.3f}; best candidate "
+              f"{best['candidate']:.3f} (cycle {best['cycle']}, gate {best['outcome']}); oracles "
+              + ", ".join(f"{c['oracle']:.3f}" for c in mine))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, required=True, help="a home gate.py --keep kept (seed-<n>)")
+    parser.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=list(TRAINERS))
+    parser.add_argument("--variants", nargs="*", help="only the variants whose name contains one of these")
+    parser.add_argument("--cycles", type=int, nargs="*", help="only these cycles (1 = the first training run)")
+    parser.add_argument("--records", type=Path, help="gate.py --records: also print the gate's margin")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    home = Home(args.home)
+    mlflow.set_tracking_uri(home.mlflow_tracking_uri)
+    if args.records:
+        gate_margin(args.records)
+    gap(home, args.trainers, lambda name: not args.variants or any(v in name for v in args.variants),
+        args.cycles)
+
+
+if __name__ == "__main__":
+    main()
