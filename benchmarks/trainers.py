@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from pydantic import TypeAdapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gate import DAYS_PER_CYCLE, WARMUP_DAYS, Loop  # the closed loop, as benchmarks/gate.py runs it
@@ -47,7 +48,7 @@ from gate import DAYS_PER_CYCLE, WARMUP_DAYS, Loop  # the closed loop, as benchm
 from flywheel_pipeline import simulation
 from flywheel_pipeline.config import (
     DomainConfig,
-    HashedTrainerSettings,
+    InProcessSettings,
     TransformerTrainerSettings,
     load_config,
 )
@@ -134,7 +135,7 @@ def settings_of(domain_config: DomainConfig, kind: str, transformer: dict):
         return domain_config.trainer
     if kind == "transformer":
         return TransformerTrainerSettings(**transformer)
-    return HashedTrainerSettings()
+    return TypeAdapter(InProcessSettings).validate_python({"kind": kind})
 
 
 def run_seed(seed: int, args, config, config_path: Path, records: Path | None) -> list[Fit]:

@@ -361,9 +361,16 @@ class TrainingSets(_Strict):
 
 
 class HashedTrainerSettings(_Strict):
-    """The default: logistic regression on hashed features, fitted from scratch each cycle."""
+    """An assistant's default: logistic regression on hashed features, fitted from scratch each cycle."""
 
     kind: Literal["hashed"] = "hashed"
+
+
+class EmbeddingsTrainerSettings(_Strict):
+    """A recommendation domain's default: the hashed features plus user, segment and item embeddings
+    (logistic matrix factorisation, training/embeddings.py), fitted from scratch each cycle."""
+
+    kind: Literal["embeddings"] = "embeddings"
 
 
 class TransformerTrainerSettings(_Strict):
@@ -392,8 +399,9 @@ class PipesTrainerSettings(_Strict):
     kind: Literal["pipes"] = "pipes"
     command: list[str] | None = Field(None, min_length=1, description="the external trainer's command "
                                       "(it opens Dagster Pipes); default: flywheel's own worker, which fits `fits`")
-    fits: HashedTrainerSettings | TransformerTrainerSettings = Field(
-        HashedTrainerSettings(), discriminator="kind", description="what the default worker fits out of process")
+    fits: HashedTrainerSettings | EmbeddingsTrainerSettings | TransformerTrainerSettings = Field(
+        discriminator="kind", description="what the default worker fits out of process (default: the "
+                                          "domain shape's default trainer)")
     training_set: Literal[TRAINING_SET_KINDS] = Field(
         "impressions", description="what the trainer receives: the weighted labelled impressions, or an "
                                    "assistant's sft_dataset or preference_dataset export (docs/training_sets.md)")
@@ -411,9 +419,11 @@ class PipesTrainerSettings(_Strict):
         return self
 
 
-TrainerSettings = Annotated[HashedTrainerSettings | TransformerTrainerSettings | PipesTrainerSettings,
-                            Field(discriminator="kind")]
-IN_PROCESS_SHAPES = {"hashed": ("assistant", "recommendation"), "transformer": ("assistant",)}
+InProcessSettings = HashedTrainerSettings | EmbeddingsTrainerSettings | TransformerTrainerSettings
+TrainerSettings = Annotated[InProcessSettings | PipesTrainerSettings, Field(discriminator="kind")]
+IN_PROCESS_SHAPES = {"hashed": ("assistant", "recommendation"), "embeddings": ("recommendation",),
+                     "transformer": ("assistant",)}
+DEFAULT_TRAINERS = {"assistant": HashedTrainerSettings(), "recommendation": EmbeddingsTrainerSettings()}
 
 
 class HealthSettings(_Strict):
@@ -494,8 +504,9 @@ class DomainConfig(_Strict):
                                         "domain (docs/importing.md)")
     training_sets: TrainingSets = Field(TrainingSets(), description="an assistant domain's SFT and "
                                         "preference datasets (docs/training_sets.md)")
-    trainer: TrainerSettings = Field(HashedTrainerSettings(), description="what fine-tunes the domain's candidates: "
-                                     "hashed (default), transformer, or pipes (docs/training.md)")
+    trainer: TrainerSettings = Field(description="what fine-tunes the domain's candidates: hashed, embeddings "
+                                     "(recommendation), transformer (assistant) or pipes; default: hashed for an "
+                                     "assistant, embeddings for a recommendation domain (docs/training.md)")
     health: HealthSettings = Field(HealthSettings(), description="the flywheel_health audit's thresholds "
                                    "and which traps block registration (docs/health.md)")
 
@@ -514,11 +525,6 @@ class DomainConfig(_Strict):
             raise ValueError(f"{value} held-out days exceed lookback_days ({lookback}): "
                              f"the candidate would be judged on more days than it learnt from")
         return value
-
-    @field_validator("trainer", mode="before")
-    @classmethod
-    def _trainer_named(cls, value: object) -> object:
-        return {"kind": value} if isinstance(value, str) else value
 
     @field_validator("automation", mode="before")
     @classmethod
@@ -559,12 +565,26 @@ class DomainConfig(_Strict):
                              f"(this one's shape is {self.shape})")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shape_default_trainer(cls, data: object) -> object:
+        """No trainer (or a pipes trainer that fits none) named: the shape's default."""
+        if not isinstance(data, dict) or data.get("shape") not in DEFAULT_TRAINERS:
+            return data
+        default = DEFAULT_TRAINERS[data["shape"]].kind
+        trainer = data.get("trainer", default)
+        trainer = {"kind": trainer} if isinstance(trainer, str) else trainer
+        if isinstance(trainer, dict) and trainer.get("kind") == "pipes":
+            trainer = {"fits": default, **trainer}
+        return {**data, "trainer": trainer}
+
     @model_validator(mode="after")
     def _trainer_fits_the_shape(self) -> DomainConfig:
         trainer = self.trainer.fits if isinstance(self.trainer, PipesTrainerSettings) else self.trainer
         if self.shape not in IN_PROCESS_SHAPES[trainer.kind]:
-            raise ValueError(f"trainer: {trainer.kind} scores a query against a response (shape assistant); "
-                             f"this domain's shape is {self.shape}: use hashed")
+            fitting = [kind for kind, shapes in IN_PROCESS_SHAPES.items() if self.shape in shapes]
+            raise ValueError(f"trainer: {trainer.kind} fits {' and '.join(IN_PROCESS_SHAPES[trainer.kind])} "
+                             f"domains; this domain's shape is {self.shape}: use {' or '.join(fitting)}")
         if isinstance(self.trainer, PipesTrainerSettings) and self.trainer.training_set != "impressions" \
                 and self.shape != "assistant":
             raise ValueError(f"trainer.training_set: {self.trainer.training_set} is exported by assistant "

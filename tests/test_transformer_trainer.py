@@ -89,15 +89,22 @@ def test_the_trainer_setting_is_validated_and_names_its_key():
     with pytest.raises(ConfigError, match=r"domains\.assistant\.trainer\.transformer\.max_length"):
         parse_config(raw)
     raw["domains"][DOMAIN]["trainer"] = "gpt"
-    with pytest.raises(ConfigError, match=r"domains\.assistant\.trainer: .*'hashed', 'transformer', 'pipes'"):
+    with pytest.raises(ConfigError, match=r"domains\.assistant\.trainer: .*'hashed', 'embeddings', 'transformer', 'pipes'"):
         parse_config(raw)
     raw["domains"][DOMAIN]["trainer"] = {"kind": "pipes", "training_set": "preference_dataset"}
     with pytest.raises(ConfigError, match=r"domains\.assistant\.trainer\.pipes: .*needs a `command`"):
         parse_config(raw)
     raw["domains"][DOMAIN].pop("trainer")
     raw["domains"]["recommendation"]["trainer"] = "transformer"
-    with pytest.raises(ConfigError, match=r"domains\.recommendation: .*trainer: transformer .*use hashed"):
+    with pytest.raises(ConfigError, match=r"domains\.recommendation: .*trainer: transformer .*use hashed or embeddings"):
         parse_config(raw)
+    raw["domains"]["recommendation"].pop("trainer")
+    assert parse_config(raw).domain("recommendation").trainer.kind == "embeddings"  # the shape's default
+    raw["domains"][DOMAIN]["trainer"] = "embeddings"
+    with pytest.raises(ConfigError, match=r"domains\.assistant: .*trainer: embeddings .*use hashed or transformer"):
+        parse_config(raw)
+    raw["domains"][DOMAIN]["trainer"] = "pipes"
+    assert parse_config(raw).domain(DOMAIN).trainer.fits.kind == "hashed"  # what it fits: the shape's default
 
 
 def test_without_the_extra_the_transformer_trainer_says_which_extra_to_install(monkeypatch):

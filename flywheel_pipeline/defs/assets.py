@@ -36,7 +36,8 @@ from flywheel_pipeline.training.pipes import PipesLaunch
 from flywheel_pipeline.validation import ValidationReport, validate_cycle
 
 LABELS = dg.AssetKey("labels")
-TRAINER_KINDS = {"hashed": "scikitlearn", "transformer": "pytorch", "pipes": "dagsterpipes"}  # the asset's kind tag
+TRAINER_KINDS = {"hashed": "scikitlearn", "embeddings": "scipy", "transformer": "pytorch",
+                 "pipes": "dagsterpipes"}  # the asset's kind tag
 DEPLOYMENTS_SINCE = "deployments since: this asset's observations (Events)"
 
 

@@ -10,6 +10,7 @@ from flywheel_pipeline.config import (
     DomainConfig,
     FlywheelConfig,
     HashedTrainerSettings,
+    InProcessSettings,
     PipesTrainerSettings,
     TransformerTrainerSettings,
 )
@@ -31,7 +32,7 @@ from flywheel_pipeline.training.base import (
     training_set,
 )
 from flywheel_pipeline.training.pipes import PipesLaunch, train_elsewhere
-from flywheel_pipeline.training.recommendation import RecommendationTrainer
+from flywheel_pipeline.training.recommendation import HashedRecommendationTrainer, RecommendationTrainer
 
 __all__ = [
     "TRAINERS",
@@ -47,9 +48,6 @@ __all__ = [
     "trainer_for",
 ]
 
-InProcessSettings = HashedTrainerSettings | TransformerTrainerSettings
-
-
 def _transformer(settings: TransformerTrainerSettings) -> Trainer:
     # imported when chosen: it needs the optional extra flywheel[transformers] (torch)
     from flywheel_pipeline.training.transformer import TransformerTrainer
@@ -62,7 +60,8 @@ def _transformer(settings: TransformerTrainerSettings) -> Trainer:
 # command, out of process: training/pipes.py.)
 TRAINERS: dict[str, dict[str, Callable[[InProcessSettings], Trainer]]] = {
     "assistant": {"hashed": lambda settings: AssistantTrainer(), "transformer": _transformer},
-    "recommendation": {"hashed": lambda settings: RecommendationTrainer()},
+    "recommendation": {"hashed": lambda settings: HashedRecommendationTrainer(),
+                       "embeddings": lambda settings: RecommendationTrainer()},
 }
 
 
@@ -100,7 +99,9 @@ def train_candidate(
     train = training_set(rows)
     if train.is_empty():
         raise ValueError(f"{domain}: no labelled impressions in {windows.params()}")
-    trainer = trainer_for(domain_config, HashedTrainerSettings() if elsewhere else None)
+    # a transformer fitted elsewhere weighs as its shape's hashed trainer does (no torch needed here)
+    transformer_elsewhere = elsewhere and domain_config.trainer.fits.kind == "transformer"
+    trainer = trainer_for(domain_config, HashedTrainerSettings() if transformer_elsewhere else None)
     weighted, weighting_metrics = trainer.weigh(train)
     weighted, group_metrics = groups.balance(weighted, domain_config.groups)
     metrics = {

@@ -19,11 +19,11 @@ import polars as pl
 from dagster_pipes import open_dagster_pipes
 from pydantic import TypeAdapter
 
-from flywheel_pipeline.config import HashedTrainerSettings, TransformerTrainerSettings
+from flywheel_pipeline.config import InProcessSettings
 from flywheel_pipeline.training import TRAINERS
 from flywheel_pipeline.training.base import fit_with_internal_check, log_model
 
-FITS = TypeAdapter(HashedTrainerSettings | TransformerTrainerSettings)
+FITS = TypeAdapter(InProcessSettings)
 
 
 def main() -> None:
