@@ -169,13 +169,13 @@ def cycle_outcome(home: Home, result: dg.ExecuteInProcessResult, labels: pl.Data
     version = registry.alias_version(client, DOMAIN, registry.CANDIDATE)
     tags = client.get_model_version(registry.model_name(DOMAIN), version).tags if version else {}
     record = json.loads(tags.pop("lineage.record", "{}"))  # the signed record: tags' values, run ids, the artifact's hash
-    training = client.get_run(tags["training.run_id"]).data.metrics if tags else {}
+    training = client.get_run(tags["training.run_id"]).data.metrics if tags else {}  # fit_seconds: a clock, not the model
     return {
         "labels": labels.select(LABEL_COLUMNS).with_columns(pl.col("p_good").round(9)).sort(LABEL_COLUMNS[:3]),
         "gate": [(e.passed, e.metadata["gate"].value) for e in gate],
         "lineage": {name: value for name, value in tags.items() if not _per_run(name)},
         "lineage_record": {name: value for name, value in record.items() if not _per_run(name)},
-        "training_metrics": {name: round(value, 9) for name, value in training.items()},
+        "training_metrics": {name: round(value, 9) for name, value in training.items() if name != "fit_seconds"},
     }
 
 
