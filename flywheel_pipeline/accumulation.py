@@ -41,7 +41,7 @@ _IMPRESSION_SCHEMA = '[{"item_id": "VARCHAR", "position": "INTEGER", "propensity
 _GZIP_MAGIC = b"\x1f\x8b"
 _NO_DELIMITER = "chr(0) || chr(1) || chr(0) || chr(1)"  # never in JSON text: a line is one column
 QUARANTINED_PREFIX_CHARS = 1000  # of a line that could not be read or checked: enough to find it
-_CHECKED_COLUMNS = f"""source_file VARCHAR, batch_day DATE, n BIGINT, source_line BIGINT, line VARCHAR,
+_CHECKED_COLUMNS = f"""source_file VARCHAR, batch_day DATE, source_line BIGINT, line VARCHAR,
     fields {events.FIELDS_TYPE}, event_type VARCHAR, event_id VARCHAR, event_ts TIMESTAMP, content UBIGINT,
     event_date DATE, reason VARCHAR"""
 
@@ -177,11 +177,12 @@ def _scan_lines(con: duckdb.DuckDBPyConnection, batches: list[_Batch], max_line_
                 "(file VARCHAR, source_line BIGINT, line VARCHAR, error_type VARCHAR)")
     con.execute("CREATE OR REPLACE TEMP TABLE text_lines (file VARCHAR, source_line BIGINT, line VARCHAR)")
     for params in _by_compression(batches, max_line_bytes):
-        con.execute(
-            f"""INSERT INTO line_index SELECT filename, row_number() OVER (), coalesce(trim(line), '') = ''
-                FROM {_lines_sql(con)}""",
-            params,
-        )
+        con.execute(f"INSERT INTO line_index SELECT filename, NULL, coalesce(trim(line), '') = '' FROM {_lines_sql(con)}",
+                    params)
+        # n from 1, as _fetch_lines numbers the scan again; from the rowid: the insert keeps the scan's order
+        # (preserve_insertion_order) and runs in parallel, which row_number() OVER () would not let it
+        con.execute("UPDATE line_index SET n = rowid - (SELECT min(rowid) - 1 FROM line_index WHERE n IS NULL) "
+                    "WHERE n IS NULL")
         con.execute(
             """INSERT INTO line_rejects
                SELECT s.file_path, r.line, any_value(r.csv_line), any_value(r.error_type)
@@ -192,17 +193,30 @@ def _scan_lines(con: duckdb.DuckDBPyConnection, batches: list[_Batch], max_line_
 def _check_fields(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, batches: list[_Batch],
                   params: dict[str, object]) -> None:
     """Every non-blank line into ``checked_lines``, in one streaming statement: its contract fields
-    (NULL where it does not parse as an object) read by DuckDB's JSON reader and checked, with
-    ``n``, its place in the scan (``_number_fields`` turns it into its line number)."""
+    (NULL where it does not parse as an object) read by DuckDB's JSON reader and checked, in the
+    scan's order (``_number_fields`` turns a row's rowid, its place in the scan, into its line number)."""
+    by_path = {str(batch.path): batch for batch in batches}
     for read in _by_compression(batches, config.landing.max_line_bytes):
-        typed = f"""(SELECT l.source_file, l.batch_day, s.n, NULL::BIGINT AS source_line, NULL::VARCHAR AS line, s.fields
-                     FROM (SELECT filename, row_number() OVER () AS n, {events.fields_of_columns()} AS fields
+        # each row's file and day looked up by position, not joined: a join would not keep the scan's order
+        named = {"files": [by_path[path].file for path in read["paths"]], "days": [by_path[path].day for path in read["paths"]]}
+        typed = f"""(SELECT $files[batch] AS source_file, $days[batch] AS batch_day, NULL::BIGINT AS source_line,
+                            NULL::VARCHAR AS line, fields
+                     FROM (SELECT list_position($paths, filename) AS batch, {events.fields_of_columns()} AS fields
                            FROM read_json($paths, format = 'newline_delimited', columns = {events.JSON_COLUMNS},
                                           ignore_errors = true, filename = true, compression = $compression,
-                                          maximum_object_size = $max_line_bytes + 1)) AS s
-                     JOIN landing_files AS l ON l.path = s.filename)"""
-        con.execute(f"INSERT INTO checked_lines BY NAME {_checked_sql(config, typed, whole_line=False)}",
-                    {**params, **read})
+                                          maximum_object_size = $max_line_bytes + 1)))"""
+        insert = f"INSERT INTO checked_lines BY NAME {_checked_sql(config, typed, whole_line=False)}"
+        _keeps_scan_order(con, insert, {**params, **read, **named})
+        con.execute(insert, {**params, **read, **named})
+
+
+def _keeps_scan_order(con: duckdb.DuckDBPyConnection, statement: str, params: dict[str, object]) -> None:
+    """Refuse a check whose plan could reorder the scan's rows (a join: DuckDB plans a long IN list as
+    one), whose rowids then would not be the lines' order."""
+    plan = "".join(text for _, text in con.execute(f"EXPLAIN {statement}", params).fetchall())
+    if "_JOIN" in plan or "Join Type" in plan or "CROSS_PRODUCT" in plan:
+        raise AssertionError("the landing check's plan joins, so its rows would not keep the lines' order: "
+                             "express the rule without IN lists or subqueries (events._one_of)")
 
 
 def _files_sql(rows: str, skipped: str) -> str:
@@ -241,8 +255,8 @@ def _number_fields(con: duckdb.DuckDBPyConnection) -> None:
     batches one at a time numbers each one's), which skips a blank line: ``json_files`` (``_files_sql``,
     and ``misread``: the two scans disagree on the file's lines, so its rows are dropped and all its
     lines checked from their text)."""
-    scanned = """(SELECT l.path AS file, c.n FROM checked_lines AS c JOIN landing_files AS l USING (source_file)
-                  WHERE c.n IS NOT NULL AND c.source_line IS NULL)"""
+    scanned = """(SELECT l.path AS file, c.rowid AS n FROM checked_lines AS c JOIN landing_files AS l USING (source_file)
+                  WHERE c.source_line IS NULL)"""
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE json_files AS
             WITH lines AS (
@@ -253,10 +267,10 @@ def _number_fields(con: duckdb.DuckDBPyConnection) -> None:
                    rows IS DISTINCT FROM (SELECT sum(lines) FROM lines WHERE lines.file = json.file) AS misread
             FROM ({_files_sql(scanned, 'numbered_lines WHERE blank')}) AS json JOIN landing_files AS l ON l.path = json.file"""
     )
-    con.execute("""DELETE FROM checked_lines WHERE n IS NOT NULL AND source_line IS NULL
+    con.execute("""DELETE FROM checked_lines WHERE source_line IS NULL
                    AND source_file IN (SELECT source_file FROM json_files WHERE misread)""")
-    con.execute(f"""UPDATE checked_lines SET source_line = {_line_number_sql('checked_lines.n')} FROM json_files
-                    WHERE checked_lines.n IS NOT NULL AND checked_lines.source_line IS NULL
+    con.execute(f"""UPDATE checked_lines SET source_line = {_line_number_sql('checked_lines.rowid')} FROM json_files
+                    WHERE checked_lines.source_line IS NULL
                       AND json_files.source_file = checked_lines.source_file""")
 
 
@@ -269,7 +283,7 @@ def _landing_files(con: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> Non
 
 
 def _checked_sql(config: FlywheelConfig, lines: str, whole_line: bool) -> str:
-    """SELECT the ``checked_lines`` of ``lines`` (source_file, batch_day, n, source_line, line, fields
+    """SELECT the ``checked_lines`` of ``lines`` (source_file, batch_day, source_line, line, fields
     and, for a ``whole_line`` check, doc): each line's first broken rule (or none) and its day."""
     reason = events.reason_sql(tuple(config.domains), whole_line)
     return f"""
@@ -289,7 +303,7 @@ def _checked_sql(config: FlywheelConfig, lines: str, whole_line: bool) -> str:
         ), reasoned AS (
             SELECT *, {reason} AS contract_reason FROM typed
         )
-        SELECT source_file, batch_day, n, source_line, line, fields, event_type, event_id,
+        SELECT source_file, batch_day, source_line, line, fields, event_type, event_id,
             event_ts, hash(fields) AS content,
             CASE WHEN event_ts IS NULL OR CAST(event_ts AS DATE) > batch_day THEN batch_day
                  WHEN batch_day - CAST(event_ts AS DATE) > $lateness THEN batch_day
@@ -347,7 +361,7 @@ def _check_batches(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domai
                                                          UNION ALL SELECT file, source_line FROM line_rejects) AS r
                JOIN landing_files AS f ON f.path = r.file)"""
     )
-    whole = f"""(SELECT f.source_file, f.batch_day, NULL::BIGINT AS n, t.source_line, t.line, doc,
+    whole = f"""(SELECT f.source_file, f.batch_day, t.source_line, t.line, doc,
                         {events.fields_sql('doc')} AS fields
                  FROM (SELECT *, TRY_CAST(line AS JSON) AS doc FROM text_lines) AS t
                  JOIN landing_files AS f ON f.path = t.file

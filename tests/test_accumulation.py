@@ -7,7 +7,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from flywheel_pipeline import warehouse
+from flywheel_pipeline import events, warehouse
 from flywheel_pipeline.accumulation import accumulate
 
 NOW = datetime(2026, 11, 20, 12, tzinfo=UTC)
@@ -112,6 +112,50 @@ def test_bad_batch_is_quarantined_with_reasons_and_nothing_is_lost(home, config)
     assert quarantined == {**{reason: 1 for reason in BAD_LINES}, "duplicate_event_id": 1}
     lines = table(home, "SELECT source_file, source_line, line FROM raw.quarantine WHERE reason = 'malformed_json'")
     assert lines == [("assistant/2026-11-02.jsonl", 4, BAD_LINES["malformed_json"])]
+
+
+def test_every_row_keeps_its_line_in_batches_read_in_parallel(home, config):
+    """Batches large enough (25 MB) for the JSON reader's threads to share: every accepted row and
+    every quarantined line still names its own line (rows are numbered in the scan's order)."""
+    days = [DAY + timedelta(days=offset) for offset in range(2)]
+    expected = {}
+    for day in days:
+        lines: list[object] = []
+        for n in range(1, 25_001):
+            event_id, stamp = f"e_{day:%d}_{n}", f"{day}T09:15:00Z"
+            if n % 997 == 0:
+                lines.append("")  # blank: not an event, but a line
+            elif n % 1013 == 0:
+                lines.append(signal(event_id, timestamp=stamp, signal_type="shrug"))
+                expected[(f"assistant/{day}.jsonl", n)] = ("quarantine", "invalid_value:signal_type")
+            elif n % 3 == 0:
+                lines.append(signal(event_id, timestamp=stamp, signal_type=("copy", "accept", "reject")[n % 9 // 3]))
+                expected[(f"assistant/{day}.jsonl", n)] = ("signals", event_id)
+            else:
+                lines.append(interaction(event_id, timestamp=stamp, input=f"question {n} " + "x" * 1000))
+                expected[(f"assistant/{day}.jsonl", n)] = ("interactions", event_id)
+        write_batch(home, f"{day}", lines)
+
+    report = run(home, config, dates=days)
+
+    found = {(file, line): (table_, what) for table_, sql in (
+        ("interactions", "SELECT source_file, source_line, event_id FROM raw.interactions"),
+        ("signals", "SELECT source_file, source_line, event_id FROM raw.signals"),
+        ("quarantine", "SELECT source_file, source_line, reason FROM raw.quarantine"),
+    ) for file, line, what in table(home, sql)}
+    assert report.lines_in == len(expected) > 45_000
+    assert found == expected
+
+
+def test_a_check_planned_as_a_join_is_refused_rather_than_misnumbered(home, config, monkeypatch):
+    """A rule written as a long IN list becomes a join in DuckDB's plan, which need not keep the
+    scan's order: accumulation refuses it before any row is written."""
+    write_batch(home, "2026-11-02", [interaction("a"), signal("s1")])
+    monkeypatch.setattr(events, "_one_of", lambda value, values: f"{value} IN ({', '.join(repr(v) for v in values)})")
+
+    with pytest.raises(AssertionError, match="plan joins"):
+        run(home, config)
+    assert table(home, "SELECT count(*) FROM raw.interactions") == [(0,)]
 
 
 def test_rerun_and_redelivery_change_nothing_not_even_ingestion_times(home, config):

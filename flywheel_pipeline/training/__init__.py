@@ -32,7 +32,10 @@ from flywheel_pipeline.training.base import (
     training_set,
 )
 from flywheel_pipeline.training.pipes import PipesLaunch, train_elsewhere
-from flywheel_pipeline.training.recommendation import HashedRecommendationTrainer, RecommendationTrainer
+from flywheel_pipeline.training.recommendation import (
+    HashedRecommendationTrainer,
+    RecommendationTrainer,
+)
 
 __all__ = [
     "TRAINERS",
