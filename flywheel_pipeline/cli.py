@@ -53,6 +53,14 @@ def _yesterday() -> date:
     return _today() - timedelta(days=1)
 
 
+def _mlflow(home: Home):
+    """The home's MLflow tracking store and registry, named outright: not MLflow's process-wide URIs,
+    which code run before in the same process (a Dagster run in process) may have pointed elsewhere."""
+    import mlflow
+
+    return mlflow.MlflowClient(home.mlflow_tracking_uri, home.mlflow_tracking_uri)
+
+
 @contextmanager
 def tool_output(home: Home, verbose: bool) -> Iterator[IO[str] | None]:
     """Where the tools' output goes: the home's flywheel.log, or this terminal with --verbose."""
@@ -222,8 +230,6 @@ def _mark(status: str) -> str:
 
 
 def cmd_approve(args: argparse.Namespace) -> None:
-    import mlflow
-
     from flywheel_pipeline import approval, registry
     from flywheel_pipeline.defs.ui import APPROVE_JOB, APPROVE_OP
     from flywheel_pipeline.launcher import failure, local_dagster
@@ -234,7 +240,7 @@ def cmd_approve(args: argparse.Namespace) -> None:
     decision = "rejected" if args.reject else "approved"
     if args.reject and not (args.reason or "").strip():
         raise SystemExit("flywheel: a rejection needs --reason")
-    client = mlflow.MlflowClient()
+    client = _mlflow(home)
     version = args.version or registry.alias_version(client, args.domain, registry.CANDIDATE)
     if version is None:
         raise SystemExit(f"flywheel: {args.domain} has no candidate waiting; name one with --version")
@@ -289,14 +295,12 @@ def _signature(args: argparse.Namespace, config: FlywheelConfig, statement) -> s
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
-    import mlflow
-
     from flywheel_pipeline import registry
     from flywheel_pipeline.launcher import failure, local_dagster
 
     home, config = Home.existing().activate(), load_config()
     config.domain(args.domain)
-    client = mlflow.MlflowClient()
+    client = _mlflow(home)
     if registry.alias_version(client, args.domain, registry.PREVIOUS) is None:  # fail fast
         raise SystemExit(f"flywheel: {registry.model_name(args.domain)} has no previous champion to roll back to")
     run_config = {"ops": {"restore_previous": {"config": {"domain": args.domain}}}}
@@ -308,8 +312,6 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 
 
 def cmd_forget(args: argparse.Namespace) -> None:
-    import mlflow
-
     from flywheel_pipeline import privacy
 
     home, config = Home.existing().activate(), load_config()
@@ -322,7 +324,7 @@ def cmd_forget(args: argparse.Namespace) -> None:
         console.print(f"  {table:<40} {count:>8,} rows")
     for dataset, count in report.dataset_records_removed.items():
         console.print(f"  datasets/{dataset:<31} {count:>8,} records")
-    models = privacy.trained_on(mlflow.MlflowClient(), report.user_days)
+    models = privacy.trained_on(_mlflow(home), report.user_days)
     if not models:
         console.print("no registered model was trained on their data")
         return
@@ -340,14 +342,12 @@ def _print_status(home: Home, config: FlywheelConfig) -> None:
     """Per domain: its warehouse's tables and row counts, its model's aliases (``champion=baseline``
     before the first deployment: the product serves its baseline), how the champion got there (a
     rollback says so), the holdback while one lasts and the monitor's latest look."""
-    import mlflow
-
     from flywheel_pipeline import registry
     from flywheel_pipeline.monitoring import latest_watch
     from flywheel_pipeline.warehouse import connect
 
     console.print(f"\nhome: {home.root}")
-    client = mlflow.MlflowClient()
+    client = _mlflow(home)
     for domain in config.domains:
         path = home.warehouse(domain)
         console.print(f"{domain}: warehouse {path}" + ("" if path.exists() else " (none yet)"))
@@ -409,13 +409,11 @@ def cmd_keys_list(args: argparse.Namespace) -> None:
 def cmd_keys_statement(args: argparse.Namespace) -> None:
     """The statement a decision's signature signs, on standard output alone (to pipe into
     ssh-keygen -Y sign); how to sign it, on standard error."""
-    import mlflow
-
     from flywheel_pipeline import approval, registry
 
     home, config = Home.existing().activate(), load_config()
     config.domain(args.domain)
-    client = mlflow.MlflowClient()
+    client = _mlflow(home)
     version = args.version or registry.alias_version(client, args.domain, registry.CANDIDATE)
     if version is None:
         raise SystemExit(f"flywheel: {args.domain} has no candidate waiting; name one with --version")

@@ -12,6 +12,7 @@ import pytest
 
 from flywheel_pipeline import cli, warehouse
 from flywheel_pipeline.cli import main
+from flywheel_pipeline.defs.resources import MlflowResource
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.run_range import held_days, run_range
 from flywheel_pipeline.warehouse import connect, ensure_raw_tables
@@ -40,6 +41,19 @@ def test_status_names_the_warehouse_and_every_domains_aliases(cli_home, capsys):
     out = capsys.readouterr().out
     assert f"assistant: warehouse {cli_home.warehouse('assistant')}" in out
     assert "flywheel-assistant: champion=baseline, candidate=none, previous=none" in out  # nothing deployed
+
+
+def test_status_reads_its_own_homes_registry_wherever_mlflow_was_pointed_before(cli_home, tmp_path, capsys):
+    """A Dagster run in the same process points MLflow's process-wide URIs at its home; the CLI
+    still reads the registry of the home it was given."""
+    other = MlflowResource(home_path=str(tmp_path / "other")).client()
+    other.create_registered_model("flywheel-assistant")
+    version = other.create_model_version("flywheel-assistant", source=str(tmp_path / "model")).version
+    other.set_registered_model_alias("flywheel-assistant", "candidate", version)
+
+    main(["status"])
+
+    assert "flywheel-assistant: champion=baseline, candidate=none, previous=none" in capsys.readouterr().out
 
 
 def test_errors_name_what_is_wrong(cli_home, tmp_path, monkeypatch):
