@@ -32,11 +32,12 @@ demo: setup
 	$(BIN)/flywheel demo
 
 # The full suite on two workers (tests/conftest.py groups the modules), with the slowest tests named.
+# The Spark tests (a cycle on Spark against an S3 server) run where Java 17+ and Debian's s3fs are
+# (.ci/run installs both) and are skipped, saying so, where they are not.
 test: setup setup-extras
-	$(BIN)/pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15 -m "not monitor_daemon and not spark"
+	$(BIN)/pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15 -m "not monitor_daemon"
 
-# The cycle and the dbt project on Spark against an S3 server (moto, mounted with s3fs): Java 17+ and
-# Debian's s3fs (.ci/run installs both); about 10 minutes on one worker, so a lane of its own.
+# The Spark tests alone (about 3 minutes).
 test-spark: setup setup-extras
 	$(BIN)/pytest -q -n 0 -m spark --durations=5
 

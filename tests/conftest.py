@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_FIXTURE_GROUPS = {"test_pipeline": "assistant_cycle", "test_sources": "assistant_cycle",
                          "test_training_sets": "assistant_cycle",
                          "test_daemon": "postgres", "test_profile": "postgres"}
-LONGEST_FIRST = ["test_monitor_daemon", "test_transformer_trainer", "test_recovery", "postgres", "assistant_cycle",
+LONGEST_FIRST = ["test_monitor_daemon", "postgres", "test_spark_cycle", "test_recovery", "test_transformer_trainer",
+                 "assistant_cycle",
                  "test_pipes_trainer", "test_incremental", "test_importers",
                  "test_privacy", "test_signals", "test_services_stop", "test_review", "test_bulk",
                  "test_warehouse", "test_validation", "test_action_space"]

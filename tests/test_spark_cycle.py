@@ -25,6 +25,7 @@ from pathlib import Path
 import dagster as dg
 import mlflow
 import polars as pl
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
 import yaml
@@ -36,7 +37,7 @@ from flywheel_pipeline.config import load_config
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.launcher import free_port
-from flywheel_pipeline.object_store import STAGE_TABLES, ObjectStore, working_copy
+from flywheel_pipeline.object_store import DBT_TABLES, STAGE_TABLES, ObjectStore, working_copy
 from flywheel_pipeline.warehouse import connect
 from tests.conftest import REPO
 
@@ -64,6 +65,13 @@ BUCKET = "flywheel-warehouse"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "flywheel-test", "AWS_SECRET_ACCESS_KEY": "flywheel-test-secret",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 LABEL_COLUMNS = ["event_date", "interaction_id", "item_id", "p_good", "label", "n_votes", "label_model_version"]
+COMPARED_TABLES = (*STAGE_TABLES, *DBT_TABLES)
+INTERMEDIATE_MODELS = ("intermediate.int_impression_signals", "intermediate.int_interactions_flagged",
+                       "intermediate.int_reactions", "intermediate.int_sessions")
+JSON_TEXT_COLUMNS = ("context_features",)
+# when a row was written, and the candidate's run (its model URI): different in any two cycles
+PER_RUN_COLUMNS = ("ingested_at", "quarantined_at", "labelled_at", "queued_at", "audited_at", "candidate_model_uri")
+EMPTY_IN_THIS_CYCLE = ("raw.outcomes", "raw.labels")  # the assistant's simulated days carry neither
 # lineage tags that name a run, a time, a file or a signature: they differ between any two cycles
 PER_RUN_TAGS = ("run_id", "model_uri", "model_id", "signature", "signed", "registered_at", "dagster", "source")
 
@@ -159,7 +167,52 @@ def landing(tmp_path_factory) -> Path:
     home = Home(tmp_path_factory.mktemp("simulated")).ensure()
     simulation.simulate(home, load_config(REPO / "flywheel.yaml"), FIRST, DAYS, seed=11, interactions_per_day=120,
                         bad_row_share=0.02)
+    product, reviews = edge_cases(FIRST)
+    for path, planted in ((home.landing_file(DOMAIN, str(FIRST)), product),
+                          (simulation.label_batch(home, DOMAIN, FIRST), reviews)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as batch:
+            batch.writelines(json.dumps(one) + "\n" for one in planted)
     return home.root / "landing"
+
+
+def edge_cases(day) -> tuple[list[dict], list[dict]]:
+    """Events of every drop rule and of every reaction the marts pivot, with non-ASCII text and JSON
+    features, which the simulator does not make: the product's batch and the reviewers'."""
+    at = datetime.combine(day, datetime.min.time(), UTC) + timedelta(hours=10)
+
+    def event(kind: str, event_id: str, seconds: int, **fields: object) -> dict:
+        return {"event_id": event_id, "event_type": kind, "domain": DOMAIN,
+                "timestamp": (at + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "user_id": "u_edge", "session_id": "s_edge"} | fields
+
+    def served(event_id: str, seconds: int, content: str = "A machine.", **fields: object) -> dict:
+        return event("interaction", event_id, seconds, **({
+            "interaction_id": f"i_{event_id}", "model_version": "baseline", "policy": "champion",
+            "consent": "granted", "input": "What is a computer?",
+            "impressions": [{"item_id": "r_edge", "position": 0, "propensity": 0.9, "content": content}]} | fields))
+
+    react = {"interaction_id": "i_edge_edited", "item_id": "r_edge"}
+    product = [
+        served("edge_edited", 0, content="Réponse initiale",
+               context={"segment": "s1", "features": {"affinity": 1e-05, "visits_7d": 3}}),
+        event("signal", "edge_accept", 10, signal_type="accept", **react),
+        event("signal", "edge_edit", 20, signal_type="edit", text="Réponse éditée ✓", **react),
+        event("signal", "edge_revert", 30, signal_type="revert", **react),
+        event("signal", "edge_rating", 40, signal_type="rating", value=4, interaction_id="i_edge_edited"),
+        event("outcome", "edge_outcome", 50, name="resolved", value=1.0, **react),
+        served("edge_first", 60, interaction_id="i_edge_twice"),
+        served("edge_again", 70, interaction_id="i_edge_twice"),  # a redelivery
+        served("edge_denied", 80, consent="denied"),
+        served("edge_long_input", 90, input="x" * 2001),
+        served("edge_long_response", 100, content="y" * 4001),
+        # a bot: six interactions a second apart in a session of its own
+        *(served(f"edge_bot_{n}", 200 + n, session_id="s_edge_bot") for n in range(6)),
+    ]
+    reviews = [event("label", "edge_review_audit", 3600, reviewer="r1", verdict="bad", **react),
+               event("label", "edge_review_picked", 7200, reviewer="r2", verdict="good", selection="uncertainty",
+                     **react)]
+    return product, reviews
 
 
 def cycle_outcome(home: Home, result: dg.ExecuteInProcessResult, labels: pl.DataFrame) -> dict:
@@ -198,12 +251,15 @@ def both_profiles(landing, object_store, tmp_path_factory):
             assert result.success, [e.message for e in result.all_events if e.is_failure]
             if name == "duckdb":
                 with connect(home.warehouse(DOMAIN), read_only=True) as con:
-                    labels = sources.DuckDBSource(con).read(sources.LABELS, DOMAIN)
+                    tables = {table: con.sql(f"SELECT * FROM {table} WHERE domain = ?", params=[DOMAIN]).pl()
+                              for table in (*COMPARED_TABLES, *INTERMEDIATE_MODELS)}
                 assert not (home.root / "spark").exists()
             else:
-                labels = ObjectStore.from_settings(config.warehouse).source().read(sources.LABELS, DOMAIN)
+                store = ObjectStore.from_settings(config.warehouse)
+                tables = {table: store.source().read(table, DOMAIN) for table in COMPARED_TABLES}
+                tables |= {table: bucket_rows(store, table) for table in INTERMEDIATE_MODELS}
                 assert not home.warehouse(DOMAIN).exists()  # no DuckDB file: every table is in the bucket
-            outcomes[name] = cycle_outcome(home, result, labels)
+            outcomes[name] = {**cycle_outcome(home, result, tables[sources.LABELS]), "tables": tables}
     print(f"cycle seconds: {seconds}")
     return outcomes
 
@@ -218,6 +274,39 @@ def test_the_distributed_cycle_labels_gates_and_registers_as_duckdb_does(both_pr
     assert spark["training_metrics"] == duck["training_metrics"] != {}  # the same model, fitted alike
     assert duck["gate"] == [(True, "passed")]  # a candidate registered: its lineage compared
     assert {"training.label_model_version", "training.train_end", "validation.gate"} <= set(duck["lineage"])
+
+
+@pytest.mark.parametrize("table", (*COMPARED_TABLES, *INTERMEDIATE_MODELS))
+def test_every_table_holds_the_same_rows_on_both_profiles(both_profiles, table):
+    """Table by table, what accumulation, dbt on Spark (its intermediate models and marts) and the
+    Python stages wrote to the bucket is what the DuckDB profile holds, but for when a row was
+    written and the candidate's run; JSON text compared as the objects it spells."""
+    duck, spark = (comparable(both_profiles[name]["tables"][table]) for name in ("duckdb", "spark"))
+    assert duck.height > 0 or table in EMPTY_IN_THIS_CYCLE
+    assert_frame_equal(spark.select(duck.columns).cast(dict(duck.schema)).sort(duck.columns), duck.sort(duck.columns))
+
+
+def test_every_drop_rule_is_judged_alike_on_spark(both_profiles):
+    rules = both_profiles["spark"]["tables"]["marts.rpt_quality_filter"]["rule"].unique().sort().to_list()
+    assert {"bot_session", "consent_denied", "duplicate_interaction", "input_too_long", "response_too_long",
+            "kept"} <= set(rules)  # the planted cases' rules, compared row by row above
+
+
+def comparable(rows: pl.DataFrame) -> pl.DataFrame:
+    """``rows`` without the per-run columns, JSON text re-serialised (Spark spells 1e-05 as 1.0E-5)."""
+    rows = rows.drop([column for column in rows.columns if column in PER_RUN_COLUMNS])
+    return rows.with_columns(pl.col(column).map_elements(lambda text: json.dumps(json.loads(text), sort_keys=True),
+                                                         return_dtype=pl.String)
+                             for column in JSON_TEXT_COLUMNS if column in rows.columns)
+
+
+def bucket_rows(store: ObjectStore, table: str) -> pl.DataFrame:
+    """The domain's rows of a table dbt keeps in the bucket, however it partitions it."""
+    rows = ds.dataset(sources.table_folder(store.root, table), filesystem=store.filesystem, format="parquet",
+                      partitioning="hive")
+    rows = pl.from_arrow(rows.to_table(filter=ds.field("domain") == DOMAIN))
+    days_as_text = rows.schema.get("event_date") == pl.String  # a partition folder's name: event_date=2026-11-26
+    return rows.with_columns(pl.col("event_date").str.to_date()) if days_as_text else rows
 
 
 def test_the_tables_are_partitioned_by_domain_and_day_in_the_bucket(both_profiles, object_store):
