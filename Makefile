@@ -33,7 +33,7 @@ demo: setup
 
 # The full suite on two workers (tests/conftest.py groups the modules), with the slowest tests named.
 # The Spark tests (a cycle on Spark against an S3 server) run where Java 17+ and Debian's s3fs are
-# (.ci/run installs both) and are skipped, saying so, where they are not.
+# installed and are skipped, saying so, where they are not (.ci/run says how to install them).
 test: setup setup-extras
 	$(BIN)/pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15 -m "not monitor_daemon"
 
