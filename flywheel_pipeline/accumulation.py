@@ -242,11 +242,11 @@ def _line_number_sql(n: str = "n") -> str:
 
 def _number_lines(con: duckdb.DuckDBPyConnection) -> None:
     """Number the CSV scan's lines, which skips a rejected one: ``csv_files`` (``_files_sql``) and
-    ``numbered_lines`` (file, source_line, blank)."""
+    ``numbered_lines`` (file, source_line, n: its place in the scan, blank)."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE csv_files AS {_files_sql('line_index', 'line_rejects')}")
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE numbered_lines AS
-            SELECT file, {_line_number_sql()} AS source_line, blank FROM line_index JOIN csv_files USING (file)"""
+            SELECT file, {_line_number_sql()} AS source_line, n, blank FROM line_index JOIN csv_files USING (file)"""
     )
 
 
@@ -322,18 +322,22 @@ def _check_params(config: FlywheelConfig, domain: str, now: datetime) -> dict[st
 def _fetch_lines(con: duckdb.DuckDBPyConnection, batches: list[_Batch], max_line_bytes: int,
                  wanted: str) -> None:
     """The text of the lines ``wanted`` names (a query of file, source_line) into ``text_lines``:
-    one more streaming CSV scan of the batches ``_scan_lines`` read, keeping only those lines."""
-    con.execute(f"CREATE OR REPLACE TEMP TABLE wanted_lines AS {wanted}")
-    for params in _by_compression(batches, max_line_bytes):  # the files of _scan_lines: the same n
-        con.execute(
-            f"""INSERT INTO text_lines
-                SELECT file, source_line, line FROM (
-                    SELECT file, {_line_number_sql()} AS source_line, line
-                    FROM (SELECT filename AS file, row_number() OVER () AS n, line FROM {_lines_sql(con)})
-                    JOIN csv_files USING (file)
-                ) SEMI JOIN wanted_lines USING (file, source_line)""",
-            params,
-        )
+    one more streaming CSV scan of the batches ``_scan_lines`` read, keeping only those lines. The
+    scan is matched row for row (a positional join) with ``line_index``, the same scan's rows in
+    its order, flagged where wanted: no row numbering, and no join, of the lines' text."""
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE wanted_lines AS
+                    SELECT file, source_line, n FROM numbered_lines SEMI JOIN ({wanted}) USING (file, source_line)""")
+    for params in _by_compression(batches, max_line_bytes):  # the files of _scan_lines, in its order
+        con.execute("""CREATE OR REPLACE TEMP TABLE scan_flags AS
+                       SELECT w.file, w.source_line FROM line_index AS l LEFT JOIN wanted_lines AS w USING (file, n)
+                       WHERE l.file IN (SELECT unnest($paths)) ORDER BY l.rowid""", {"paths": params["paths"]})
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE fetched AS
+                        SELECT s.filename, f.file, f.source_line, s.line
+                        FROM {_lines_sql(con)} AS s POSITIONAL JOIN scan_flags AS f WHERE f.source_line IS NOT NULL""",
+                    params)
+        if con.execute("SELECT count(*) FROM fetched WHERE filename IS DISTINCT FROM file").fetchone()[0]:
+            raise AssertionError("the landing batches changed while they were read: their lines no longer line up")
+        con.execute("INSERT INTO text_lines SELECT file, source_line, line FROM fetched")
 
 
 def _check_batches(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str,
