@@ -14,7 +14,11 @@ only; nothing here reaches the pipeline):
 - truth (the oracle): every impression of the window with perfect labels (noise + coverage);
 - truth / labels on the exploration slice only, or on the champion's own choices only (exposure);
 - truth, no IPS: perfect labels weighted 1 (what the position correction does to the oracle);
-- labels, IPS clipped at 3 / 30: the clipping of the inverse propensity weights.
+- labels, IPS clipped at 3 / 30: the clipping of the inverse propensity weights;
+- the signals' best label: P(good | the impression's own signals: slot, click, dwell, purchase,
+  rating), a logistic regression fitted to the truth of the same rows. No pipeline can have it (it
+  is calibrated on the truth); it bounds what any label model could make of each impression alone;
+- labels / truth over the window doubled (the days before it too): what more history gives each.
 
 It also prints how often the hard label agrees with the truth, per policy. The gate's margin is in
 the gate benchmark's records: ``--records`` adds the best candidate the gate left unpromoted.
@@ -29,10 +33,15 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
+import duckdb
 import mlflow
+import numpy as np
 import polars as pl
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
 
 from flywheel_pipeline.config import load_config
 from flywheel_pipeline.home import Home
@@ -54,21 +63,51 @@ def with_truth(rows: pl.DataFrame, truth: pl.DataFrame) -> pl.DataFrame:
     return rows.with_columns(p_good=pl.col("good").cast(pl.Float64), label=pl.col("good")).drop("good")
 
 
-def variants(rows: pl.DataFrame, truth: pl.DataFrame) -> dict[str, tuple[pl.DataFrame, dict]]:
-    """name -> (training rows, trainer overrides)."""
+def signals(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    """Each impression's own signals, as the label model reads them (int_impression_signals)."""
+    return con.sql(
+        """SELECT interaction_id, item_id, coalesce(clicked, false) AS clicked, coalesce(dwell_s, 0) AS dwell_s,
+                  coalesce(outcome_value, 0) > 0 AS purchased, rating
+           FROM intermediate.int_impression_signals WHERE domain = $domain""", params={"domain": DOMAIN}).pl()
+
+
+def signals_best_label(rows: pl.DataFrame, truth: pl.DataFrame, signals: pl.DataFrame) -> pl.DataFrame:
+    """``rows`` labelled P(good | their own signals), fitted to their truth (module docstring)."""
+    columns = rows.columns
+    rows = rows.join(truth, on=["interaction_id", "item_id"]).join(
+        signals, on=["interaction_id", "item_id"], how="left")
+    dwell = np.log1p(rows["dwell_s"].fill_null(0).to_numpy())
+    clicked = rows["clicked"].fill_null(False).to_numpy()
+    x = np.column_stack([
+        *(rows["position"].to_numpy() == slot for slot in range(int(rows["position"].max()) + 1)),
+        clicked, clicked * dwell, clicked * dwell ** 2, rows["purchased"].fill_null(False).to_numpy(),
+        rows["rating"].fill_null(0).to_numpy(), rows["rating"].is_null().to_numpy(), rows["p_good"].to_numpy(),
+    ]).astype(float)
+    best = LogisticRegression(max_iter=1000).fit(x, rows["good"]).predict_proba(x)[:, 1]
+    print(f"   AUC against the truth: label model {roc_auc_score(rows['good'], rows['p_good']):.3f}, "
+          f"the signals' best label {roc_auc_score(rows['good'], best):.3f}", flush=True)
+    return rows.with_columns(p_good=pl.Series(best), label=pl.Series(best >= 0.5)).select(columns)
+
+
+def variants(rows: pl.DataFrame, longer: pl.DataFrame, truth: pl.DataFrame,
+             signals: pl.DataFrame) -> dict[str, tuple[Callable[[], pl.DataFrame], dict]]:
+    """name -> (the training rows, made when asked; trainer overrides)."""
     labelled = training_set(rows)
-    perfect = with_truth(rows, truth)
     explore, own = pl.col("policy") == "explore", pl.col("policy") != "explore"
     return {
-        "labels": (labelled, {}),
-        "truth on labelled rows": (with_truth(labelled, truth), {}),
-        "truth (oracle)": (perfect, {}),
-        "truth, exploration only": (perfect.filter(explore), {}),
-        "truth, champion's choices only": (perfect.filter(own), {}),
-        "labels, exploration only": (labelled.filter(explore), {}),
-        "truth, no IPS": (perfect, {"max_ips_weight": 1.0}),
-        "labels, IPS clipped at 3": (labelled, {"max_ips_weight": 3.0}),
-        "labels, IPS clipped at 30": (labelled, {"max_ips_weight": 30.0}),
+        "labels": (lambda: labelled, {}),
+        "truth on labelled rows": (lambda: with_truth(labelled, truth), {}),
+        "truth (oracle)": (lambda: with_truth(rows, truth), {}),
+        "truth, exploration only": (lambda: with_truth(rows, truth).filter(explore), {}),
+        "truth, champion's choices only": (lambda: with_truth(rows, truth).filter(own), {}),
+        "labels, exploration only": (lambda: labelled.filter(explore), {}),
+        "truth, no IPS": (lambda: with_truth(rows, truth), {"max_ips_weight": 1.0}),
+        "labels, IPS clipped at 3": (lambda: labelled, {"max_ips_weight": 3.0}),
+        "labels, IPS clipped at 30": (lambda: labelled, {"max_ips_weight": 30.0}),
+        "the signals' best label (calibrated on the truth)": (
+            lambda: signals_best_label(labelled, truth, signals), {}),
+        "labels, window doubled": (lambda: training_set(longer), {}),
+        "truth, window doubled": (lambda: with_truth(longer, truth), {}),
     }
 
 
@@ -95,18 +134,23 @@ def training_windows(home: Home) -> list[Windows]:
 def gap(home: Home, trainers: list[str], only: Callable[[str], bool], cycles: list[int] | None) -> None:
     config = load_config()
     truth = true_labels(home, DOMAIN).unique(["interaction_id", "item_id"])
+    with connect(home.warehouse(DOMAIN), read_only=True) as con:
+        reactions = signals(con)
     for cycle, windows in enumerate(training_windows(home), start=1):
         if cycles and cycle not in cycles:
             continue
+        window = windows.train_end - windows.train_start + timedelta(days=1)
         with connect(home.warehouse(DOMAIN), read_only=True) as con:
             rows = impressions(con, DOMAIN, windows.train_start, windows.train_end)
+            longer = impressions(con, DOMAIN, windows.train_start - window, windows.train_end)
         stats = label_agreement(rows, truth)
         print(f"\n## cycle {cycle}: train {windows.train_start} .. {windows.train_end}, "
               f"{rows.height} impressions; " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()), flush=True)
         print("| variant | " + " | ".join(trainers) + " |\n|---|" + "---|" * len(trainers))
-        for name, (train, overrides) in variants(rows, truth).items():
+        for name, (make, overrides) in variants(rows, longer, truth, reactions).items():
             if not only(name):
                 continue
+            train = make()
             shown = []
             for trainer_name in trainers:
                 trainer = dataclasses.replace(TRAINERS[trainer_name](), **overrides)
