@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import math
 import shutil
 import tempfile
 from datetime import date, datetime, timedelta
@@ -32,6 +33,7 @@ from flywheel_pipeline.training.base import SERVING_TIME_COLUMNS, Windows, impre
 from flywheel_pipeline.training.recommendation import (
     HashedRecommendationTrainer,
     RecommendationTrainer,
+    examination_curve,
 )
 
 AS_OF = date(2026, 3, 31)
@@ -504,6 +506,20 @@ def test_the_recommendation_trainer_weighs_a_soft_label_by_inverse_examination()
     # P(good) 0.4 at a slot seen half as often: 0.4 / 0.5 good, 0.6 bad
     assert weighted["weight"].to_list() == pytest.approx([1.0, 1.0, 1.4, 1.4, 1.0, 1.4])
     assert weighted["p_good"].to_list() == pytest.approx([0.8, 0.8, 0.8 / 1.4, 0.8 / 1.4, 0.8, 0.8 / 1.4])
+
+
+def test_the_examination_curve_is_each_slots_exact_mean_in_any_row_order():
+    # a parallel mean's last bit depends on how the rows were split among threads, and the
+    # embeddings' fit (not convex) made a different model of the same rows from it
+    rng = np.random.default_rng(7)
+    rows = pl.DataFrame({"policy": "explore", "position": rng.integers(0, 5, 20_000).astype(np.int32),
+                         "p_good": rng.random(20_000) ** 3})
+    mean = {p: math.fsum(rows.filter(pl.col("position") == p)["p_good"].to_list())
+            / rows.filter(pl.col("position") == p).height for p in range(5)}
+    exact = {p: min(1.0, max(0.1, mean[p] / mean[0])) for p in range(5)}
+    for _ in range(20):
+        assert examination_curve(rows, min_rows=30, floor=0.1) == exact
+        assert examination_curve(rows.sample(fraction=1.0, shuffle=True, seed=3), 30, 0.1) == exact
 
 
 def test_immature_days_never_reach_the_training_set(con, home, config, monkeypatch):

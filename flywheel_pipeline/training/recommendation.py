@@ -17,6 +17,7 @@ Position is never a feature: it is unknown when the model ranks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pandas as pd
@@ -58,14 +59,14 @@ def user_item_features(rows: pd.DataFrame) -> list[dict[str, float]]:
 
 
 def examination_curve(rows: pl.DataFrame, min_rows: int, floor: float) -> dict[int, float]:
-    """theta(position) from the exploration slice, in [floor, 1]; {} when it is too thin."""
-    by_position = (
-        rows.filter(pl.col("policy") == "explore")
-        .group_by("position")
-        .agg(rate=pl.col("p_good").mean(), n=pl.len())
-        .filter(pl.col("n") >= min_rows)
-    )
-    rates = dict(zip(by_position["position"].to_list(), by_position["rate"].to_list()))
+    """theta(position) from the exploration slice, in [floor, 1]; {} when it is too thin.
+
+    Each slot's mean label is summed exactly (``math.fsum``), whatever order the rows come in: a
+    parallel mean's last bit varies from run to run, and the embeddings' fit, which is not convex,
+    turns that into a different model from the same rows."""
+    explored = rows.filter((pl.col("policy") == "explore") & pl.col("p_good").is_not_null())
+    rates = {position: math.fsum(group["p_good"].to_list()) / group.height
+             for (position,), group in explored.group_by("position") if group.height >= min_rows}
     top = rates.get(0, 0.0)
     if top <= 0:
         return {}
