@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -36,7 +37,6 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-import duckdb
 import mlflow
 import numpy as np
 import polars as pl
@@ -63,19 +63,20 @@ def with_truth(rows: pl.DataFrame, truth: pl.DataFrame) -> pl.DataFrame:
     return rows.with_columns(p_good=pl.col("good").cast(pl.Float64), label=pl.col("good")).drop("good")
 
 
-def signals(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+def signals(home: Home) -> pl.DataFrame:
     """Each impression's own signals, as the label model reads them (int_impression_signals)."""
-    return con.sql(
-        """SELECT interaction_id, item_id, coalesce(clicked, false) AS clicked, coalesce(dwell_s, 0) AS dwell_s,
-                  coalesce(outcome_value, 0) > 0 AS purchased, rating
-           FROM intermediate.int_impression_signals WHERE domain = $domain""", params={"domain": DOMAIN}).pl()
+    with connect(home.warehouse(DOMAIN), read_only=True) as con:
+        return con.sql(
+            """SELECT interaction_id, item_id, coalesce(clicked, false) AS clicked, coalesce(dwell_s, 0) AS dwell_s,
+                      coalesce(outcome_value, 0) > 0 AS purchased, rating
+               FROM intermediate.int_impression_signals WHERE domain = $domain""", params={"domain": DOMAIN}).pl()
 
 
-def signals_best_label(rows: pl.DataFrame, truth: pl.DataFrame, signals: pl.DataFrame) -> pl.DataFrame:
+def signals_best_label(rows: pl.DataFrame, truth: pl.DataFrame, reactions: pl.DataFrame) -> pl.DataFrame:
     """``rows`` labelled P(good | their own signals), fitted to their truth (module docstring)."""
     columns = rows.columns
     rows = rows.join(truth, on=["interaction_id", "item_id"]).join(
-        signals, on=["interaction_id", "item_id"], how="left")
+        reactions, on=["interaction_id", "item_id"], how="left")
     dwell = np.log1p(rows["dwell_s"].fill_null(0).to_numpy())
     clicked = rows["clicked"].fill_null(False).to_numpy()
     x = np.column_stack([
@@ -90,22 +91,24 @@ def signals_best_label(rows: pl.DataFrame, truth: pl.DataFrame, signals: pl.Data
 
 
 def variants(rows: pl.DataFrame, longer: pl.DataFrame, truth: pl.DataFrame,
-             signals: pl.DataFrame) -> dict[str, tuple[Callable[[], pl.DataFrame], dict]]:
-    """name -> (the training rows, made when asked; trainer overrides)."""
+             reactions: Callable[[], pl.DataFrame]) -> dict[str, tuple[Callable[[], pl.DataFrame], dict]]:
+    """name -> (the training rows, made when asked; trainer overrides). ``longer``: the window's
+    impressions ``rows`` and those of as many days before it."""
     labelled = training_set(rows)
+    perfect = functools.cache(lambda: with_truth(rows, truth))
     explore, own = pl.col("policy") == "explore", pl.col("policy") != "explore"
     return {
         "labels": (lambda: labelled, {}),
         "truth on labelled rows": (lambda: with_truth(labelled, truth), {}),
-        "truth (oracle)": (lambda: with_truth(rows, truth), {}),
-        "truth, exploration only": (lambda: with_truth(rows, truth).filter(explore), {}),
-        "truth, champion's choices only": (lambda: with_truth(rows, truth).filter(own), {}),
+        "truth (oracle)": (perfect, {}),
+        "truth, exploration only": (lambda: perfect().filter(explore), {}),
+        "truth, champion's choices only": (lambda: perfect().filter(own), {}),
         "labels, exploration only": (lambda: labelled.filter(explore), {}),
-        "truth, no IPS": (lambda: with_truth(rows, truth), {"max_ips_weight": 1.0}),
+        "truth, no IPS": (perfect, {"max_ips_weight": 1.0}),
         "labels, IPS clipped at 3": (lambda: labelled, {"max_ips_weight": 3.0}),
         "labels, IPS clipped at 30": (lambda: labelled, {"max_ips_weight": 30.0}),
         "the signals' best label (calibrated on the truth)": (
-            lambda: signals_best_label(labelled, truth, signals), {}),
+            lambda: signals_best_label(labelled, truth, reactions()), {}),
         "labels, window doubled": (lambda: training_set(longer), {}),
         "truth, window doubled": (lambda: with_truth(longer, truth), {}),
     }
@@ -134,15 +137,14 @@ def training_windows(home: Home) -> list[Windows]:
 def gap(home: Home, trainers: list[str], only: Callable[[str], bool], cycles: list[int] | None) -> None:
     config = load_config()
     truth = true_labels(home, DOMAIN).unique(["interaction_id", "item_id"])
-    with connect(home.warehouse(DOMAIN), read_only=True) as con:
-        reactions = signals(con)
+    reactions = functools.cache(lambda: signals(home))
     for cycle, windows in enumerate(training_windows(home), start=1):
         if cycles and cycle not in cycles:
             continue
         window = windows.train_end - windows.train_start + timedelta(days=1)
         with connect(home.warehouse(DOMAIN), read_only=True) as con:
-            rows = impressions(con, DOMAIN, windows.train_start, windows.train_end)
             longer = impressions(con, DOMAIN, windows.train_start - window, windows.train_end)
+        rows = longer.filter(pl.col("event_date") >= windows.train_start)
         stats = label_agreement(rows, truth)
         print(f"\n## cycle {cycle}: train {windows.train_start} .. {windows.train_end}, "
               f"{rows.height} impressions; " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()), flush=True)

@@ -53,14 +53,6 @@ def _yesterday() -> date:
     return _today() - timedelta(days=1)
 
 
-def _mlflow(home: Home):
-    """The home's MLflow tracking store and registry, named outright: not MLflow's process-wide URIs,
-    which code run before in the same process (a Dagster run in process) may have pointed elsewhere."""
-    import mlflow
-
-    return mlflow.MlflowClient(home.mlflow_tracking_uri, home.mlflow_tracking_uri)
-
-
 @contextmanager
 def tool_output(home: Home, verbose: bool) -> Iterator[IO[str] | None]:
     """Where the tools' output goes: the home's flywheel.log, or this terminal with --verbose."""
@@ -240,7 +232,7 @@ def cmd_approve(args: argparse.Namespace) -> None:
     decision = "rejected" if args.reject else "approved"
     if args.reject and not (args.reason or "").strip():
         raise SystemExit("flywheel: a rejection needs --reason")
-    client = _mlflow(home)
+    client = home.mlflow_client()
     version = args.version or registry.alias_version(client, args.domain, registry.CANDIDATE)
     if version is None:
         raise SystemExit(f"flywheel: {args.domain} has no candidate waiting; name one with --version")
@@ -300,7 +292,7 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 
     home, config = Home.existing().activate(), load_config()
     config.domain(args.domain)
-    client = _mlflow(home)
+    client = home.mlflow_client()
     if registry.alias_version(client, args.domain, registry.PREVIOUS) is None:  # fail fast
         raise SystemExit(f"flywheel: {registry.model_name(args.domain)} has no previous champion to roll back to")
     run_config = {"ops": {"restore_previous": {"config": {"domain": args.domain}}}}
@@ -324,7 +316,7 @@ def cmd_forget(args: argparse.Namespace) -> None:
         console.print(f"  {table:<40} {count:>8,} rows")
     for dataset, count in report.dataset_records_removed.items():
         console.print(f"  datasets/{dataset:<31} {count:>8,} records")
-    models = privacy.trained_on(_mlflow(home), report.user_days)
+    models = privacy.trained_on(home.mlflow_client(), report.user_days)
     if not models:
         console.print("no registered model was trained on their data")
         return
@@ -347,7 +339,7 @@ def _print_status(home: Home, config: FlywheelConfig) -> None:
     from flywheel_pipeline.warehouse import connect
 
     console.print(f"\nhome: {home.root}")
-    client = _mlflow(home)
+    client = home.mlflow_client()
     for domain in config.domains:
         path = home.warehouse(domain)
         console.print(f"{domain}: warehouse {path}" + ("" if path.exists() else " (none yet)"))
@@ -413,7 +405,7 @@ def cmd_keys_statement(args: argparse.Namespace) -> None:
 
     home, config = Home.existing().activate(), load_config()
     config.domain(args.domain)
-    client = _mlflow(home)
+    client = home.mlflow_client()
     version = args.version or registry.alias_version(client, args.domain, registry.CANDIDATE)
     if version is None:
         raise SystemExit(f"flywheel: {args.domain} has no candidate waiting; name one with --version")

@@ -165,6 +165,14 @@ class Home:
             return self.deployment.production.mlflow_url()
         return f"sqlite:///{self.mlflow / 'mlflow.db'}"
 
+    def mlflow_client(self):
+        """A client of this home's tracking store and registry, named outright: not MLflow's
+        process-wide URIs, which code run before in the same process (a Dagster run in process)
+        may have pointed at another home."""
+        import mlflow
+
+        return mlflow.MlflowClient(self.mlflow_tracking_uri, self.mlflow_tracking_uri)
+
     @property
     def has_mlflow_store(self) -> bool:
         """Whether MLflow's store is there to read (a reader must not make an empty sqlite one):

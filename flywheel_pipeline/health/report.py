@@ -705,7 +705,7 @@ def render_stored(home: Home, stored: Path) -> tuple[HealthReport, str]:
             live = calibration(con, report.domain).to_dicts()
     truth, champion_now = {}, None
     if home.has_mlflow_store:
-        client = MlflowClient(tracking_uri=home.mlflow_tracking_uri, registry_uri=home.mlflow_tracking_uri)
+        client = home.mlflow_client()
         earlier = [] if history is None else history["candidate_model_uri"].to_list()
         truth = simulator_truth(client, [report.candidate_model_uri, *earlier])
         champion_now = f"{champion_summary(client, report.domain)}, as of {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
