@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from datetime import date
 
 import dagster as dg
+import pytest
 
 from flywheel_pipeline.config import Groups
 from flywheel_pipeline.definitions import build_definitions
@@ -17,11 +21,13 @@ from flywheel_pipeline.defs.jobs import (
 )
 from flywheel_pipeline.defs.sensors import relabel_requests
 from flywheel_pipeline.defs.transform import (
+    DBT_PROJECT_DIR,
     RAW_EVENTS,
     dbt_model_key,
     fct_impressions_key,
 )
 from flywheel_pipeline.health import TRAPS
+from tests.conftest import REPO
 
 
 def test_definitions_load_and_wire_every_domains_chain(home, config):
@@ -76,3 +82,19 @@ def test_a_domain_with_declared_groups_gets_the_fairness_check(home, config):
 
     assert checks("recommendation") == {*TRAPS, "fairness"}
     assert checks("assistant") == set(TRAPS)  # no groups declared
+
+
+@pytest.mark.slow
+def test_processes_loading_a_fresh_clone_at_once_each_read_a_whole_manifest(tmp_path):
+    """On a fresh clone the suite's workers (or a code server beside the daemon) load the
+    definitions at once, and each would parse the dbt project over the others' half-written
+    manifest: they take turns, and the later ones find it parsed."""
+    project = shutil.copytree(DBT_PROJECT_DIR, tmp_path / "dbt_project", ignore=shutil.ignore_patterns("target"))
+    load = ("import json; from dagster_dbt import DbtProject; from flywheel_pipeline.defs.transform import _prepare; "
+            f"print(len(json.loads(_prepare(DbtProject(project_dir={str(project)!r})).manifest_path.read_text())))")
+    loaders = [subprocess.Popen([sys.executable, "-c", load], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(loader.wait(timeout=300), *loader.communicate()) for loader in loaders]
+    assert [code for code, _, _ in results] == [0, 0, 0], [err[-2000:] for _, _, err in results]
+    written = (project / "target" / "dbt.log").read_text().count("Wrote artifact WritableManifest")
+    assert written == 1  # one parse; the others waited for it and read its manifest

@@ -12,6 +12,7 @@ not leave it writing, holding the warehouse's lock.
 """
 
 
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -189,11 +190,19 @@ def dbt_resource(home: Home, config: FlywheelConfig) -> FlywheelDbtResource:
 def _prepare(project: DbtProject) -> DbtProject:
     """Write target/manifest.json with `dbt parse`: under `dagster dev`, or when it is missing (a
     fresh clone) or older than a model, macro or YAML file (a checkout that changed the models), so
-    `dagster definitions validate` works without a manual step."""
-    if project.preparer.using_dagster_dev() or _manifest_is_stale(project):
-        parser = DbtCliResource(project_dir=project, dbt_executable=str(DBT_EXECUTABLE))
-        with _environ({DOMAIN_ENV: os.environ.get(DOMAIN_ENV, "parse")}):  # parsing opens no warehouse
-            parser.cli(["parse", "--quiet"], target_path=project.target_path).wait()
+    `dagster definitions validate` works without a manual step. One process at a time (the suite's
+    workers, a code server beside the daemon import this at once on a fresh clone): another's
+    half-written manifest is never read, nor parsed over."""
+    if not (project.preparer.using_dagster_dev() or _manifest_is_stale(project)):
+        return project
+    target = project.project_dir / project.target_path
+    target.mkdir(parents=True, exist_ok=True)
+    with open(target / ".parse.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if project.preparer.using_dagster_dev() or _manifest_is_stale(project):  # not parsed while we waited
+            parser = DbtCliResource(project_dir=project, dbt_executable=str(DBT_EXECUTABLE))
+            with _environ({DOMAIN_ENV: os.environ.get(DOMAIN_ENV, "parse")}):  # parsing opens no warehouse
+                parser.cli(["parse", "--quiet"], target_path=project.target_path).wait()
     return project
 
 
