@@ -18,7 +18,15 @@ only; nothing here reaches the pipeline):
 - the signals' best label: P(good | the impression's own signals: slot, click, dwell, purchase,
   rating), a logistic regression fitted to the truth of the same rows. No pipeline can have it (it
   is calibrated on the truth); it bounds what any label model could make of each impression alone;
-- labels / truth over the window doubled (the days before it too): what more history gives each.
+- labels / truth over the window doubled (the days before it too): what more history gives each;
+- labels, the model's own prior: EM that swaps the label model's class prior for the trainer's own
+  P(good | user, item) in each label (odds(p_good) / odds(prior) x odds(model)), refitting twice:
+  a per-impression label judges every impression by one prior, so a silent slot weighs alike for
+  an item the user likes and one they do not;
+- clicks, position-based click model: no label model at all, the maximum-likelihood fit of
+  P(click) = theta(slot) x P(relevant | user, item), by EM (a silent impression's target is
+  r (1 - theta) / (1 - r theta) for the trainer's current r), theta from the exploration slice's
+  clicks by slot.
 
 It also prints how often the hard label agrees with the truth, per policy. The gate's margin is in
 the gate benchmark's records: ``--records`` adds the best candidate the gate left unpromoted.
@@ -47,6 +55,7 @@ from flywheel_pipeline.config import load_config
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.simulation import true_accuracy, true_labels
 from flywheel_pipeline.training.base import Windows, impressions, training_set
+from flywheel_pipeline.training.embeddings import EmbeddingScorer
 from flywheel_pipeline.training.recommendation import (
     HashedRecommendationTrainer,
     RecommendationTrainer,
@@ -90,6 +99,47 @@ def signals_best_label(rows: pl.DataFrame, truth: pl.DataFrame, reactions: pl.Da
     return rows.with_columns(p_good=pl.Series(best), label=pl.Series(best >= 0.5)).select(columns)
 
 
+def refit(rows: pl.DataFrame, **overrides) -> EmbeddingScorer:
+    """The default recommendation trainer fitted on ``rows`` (with ``overrides``)."""
+    trainer = dataclasses.replace(RecommendationTrainer(), **overrides)
+    weighted, _ = trainer.weigh(rows)
+    return trainer.fit(weighted)
+
+
+def with_p_good(rows: pl.DataFrame, p_good: np.ndarray) -> pl.DataFrame:
+    return rows.with_columns(p_good=pl.Series(p_good), label=pl.Series(p_good >= 0.5))
+
+
+def models_own_prior(labelled: pl.DataFrame, fits: int) -> pl.DataFrame:
+    """``labelled`` with each label's class prior swapped for the trainer's P(good | user, item),
+    after ``fits`` rounds of fit and swap (module docstring)."""
+    p = labelled["p_good"].to_numpy().clip(1e-6, 1 - 1e-6)
+    prior = float(p.mean())  # the label model's class prior: its mean posterior, at EM's fixed point
+    swapped = labelled
+    for _ in range(fits):
+        r = refit(swapped).predict(labelled.to_pandas()).clip(1e-6, 1 - 1e-6)
+        odds = p / (1 - p) / (prior / (1 - prior)) * r / (1 - r)
+        swapped = with_p_good(labelled, odds / (1 + odds))
+    return swapped
+
+
+def click_model_targets(rows: pl.DataFrame, reactions: pl.DataFrame, fits: int) -> pl.DataFrame:
+    """``rows`` with EM's targets of a position-based click model after ``fits`` rounds: 1 where
+    clicked, r (1 - theta) / (1 - r theta) where not (module docstring); fitted with no IPS weight."""
+    clicked = rows.join(reactions, on=["interaction_id", "item_id"], how="left")["clicked"].fill_null(False)
+    rows = rows.with_columns(clicked=clicked)
+    explored = rows.filter(pl.col("policy") == "explore")
+    ctr = {position: float(group["clicked"].mean()) for (position,), group in explored.group_by("position")}
+    theta = rows["position"].replace_strict({k: min(1.0, v / ctr[0]) for k, v in ctr.items()},
+                                            default=1.0, return_dtype=pl.Float64).to_numpy()
+    clicks = rows["clicked"].to_numpy()
+    targets = np.where(clicks, 1.0, float(clicks.mean()))
+    for _ in range(fits):
+        r = refit(with_p_good(rows, targets), max_ips_weight=1.0).predict(rows.to_pandas())
+        targets = np.where(clicks, 1.0, r * (1 - theta) / (1 - r * theta))
+    return with_p_good(rows.drop("clicked"), targets)
+
+
 def variants(rows: pl.DataFrame, longer: pl.DataFrame, truth: pl.DataFrame,
              reactions: Callable[[], pl.DataFrame]) -> dict[str, tuple[Callable[[], pl.DataFrame], dict]]:
     """name -> (the training rows, made when asked; trainer overrides). ``longer``: the window's
@@ -111,6 +161,9 @@ def variants(rows: pl.DataFrame, longer: pl.DataFrame, truth: pl.DataFrame,
             lambda: signals_best_label(labelled, truth, reactions()), {}),
         "labels, window doubled": (lambda: training_set(longer), {}),
         "truth, window doubled": (lambda: with_truth(longer, truth), {}),
+        "labels, the model's own prior (EM, 3 fits)": (lambda: models_own_prior(labelled, fits=2), {}),
+        "clicks, position-based click model (EM, 4 fits)": (
+            lambda: click_model_targets(rows, reactions(), fits=3), {"max_ips_weight": 1.0}),
     }
 
 
