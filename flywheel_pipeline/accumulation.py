@@ -20,7 +20,6 @@ sensor relies on), and a crash leaves the previous state.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -28,17 +27,14 @@ from pathlib import Path
 import duckdb
 
 from flywheel_pipeline import events, privacy
+from flywheel_pipeline.batches import GZIP_MAGIC, batch_day, batches_for
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.events import field_text
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
 
-# <day>.jsonl, the product's batch of a day; <day>.<source>.jsonl, an importer's (docs/importing.md)
-_BATCH_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:\.[a-z0-9][a-z0-9-]*)?\.jsonl$")
-LABEL_BATCHES = "labels"  # the review queue's batches: <domain>/labels/<day>.jsonl
 _RAW_EVENT_TABLES = ("interactions", "signals", "outcomes", "labels")
 _IMPRESSION_SCHEMA = '[{"item_id": "VARCHAR", "position": "INTEGER", "propensity": "DOUBLE", "content": "VARCHAR"}]'
-_GZIP_MAGIC = b"\x1f\x8b"
 _NO_DELIMITER = "chr(0) || chr(1) || chr(0) || chr(1)"  # never in JSON text: a line is one column
 _ORDER_KEEPING_CHECKS: set[str] = set()  # check statements whose plan was seen to keep the scan's order
 QUARANTINED_PREFIX_CHARS = 1000  # of a line that could not be read or checked: enough to find it
@@ -121,32 +117,10 @@ class AccumulationReport:
         return "; ".join(self.batch_problems.values()) or "none"
 
 
-def batches_for(home: Home, domain: str, dates: list[date], max_lateness_days: int) -> list[Path]:
-    """Landing batches that may carry events of ``dates``: delivered that day up to the lateness
-    limit, the product's and the review queue's."""
-    first, last = min(dates), max(dates) + timedelta(days=max_lateness_days)
-    found = []
-    for folder in (home.landing / domain, home.landing / domain / LABEL_BATCHES):
-        for path in sorted(folder.glob("*.jsonl")) if folder.exists() else []:
-            day = batch_day(path)
-            if day and first <= day <= last:
-                found.append(path)
-    return found
-
-
-def batch_day(path: Path) -> date | None:
-    """The day a landing batch was delivered, from its name; None for a file that is no batch."""
-    match = _BATCH_NAME.match(path.name)
-    try:
-        return date.fromisoformat(match.group(1)) if match else None
-    except ValueError:  # 2026-13-45.jsonl
-        return None
-
-
 def _batch(home: Home, path: Path) -> _Batch:
     """The batch at ``path``; its first two bytes tell its compression."""
     with path.open("rb") as batch:
-        compression = "gzip" if batch.read(2) == _GZIP_MAGIC else "none"
+        compression = "gzip" if batch.read(2) == GZIP_MAGIC else "none"
     return _Batch(path, str(path.relative_to(home.landing)), batch_day(path), compression)
 
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import duckdb
 
 from flywheel_pipeline import events, review
+from flywheel_pipeline.batches import GZIP_MAGIC, batches_for
 from flywheel_pipeline.home import Home, write_atomically
 from flywheel_pipeline.warehouse import connect, ensure_raw_tables, transaction
 
@@ -114,7 +115,6 @@ TEXT_FIELDS = ("input", "text")  # accepted events' free-text fields beside impr
 FORGOTTEN_USER = "forgotten_user"  # the quarantine reason of a replayed event of a forgotten user
 _USER_ID_IN_LINE = r'"user_id"\s*:\s*"([^"\\]*)"'  # a malformed line's user, where it can be read
 _USER_ID_IN_BYTES = re.compile(_USER_ID_IN_LINE.encode())
-_GZIP_MAGIC = b"\x1f\x8b"  # a gzip'd landing batch, whatever its name (accumulation reads it so too)
 
 PRIVACY_DDL = """
 CREATE SCHEMA IF NOT EXISTS privacy;
@@ -368,7 +368,7 @@ def _batch_user(line: bytes) -> str | None:
 def _batch_lines(path: Path) -> tuple[bytes, bool]:
     """A landing batch's text and whether it is gzip'd, told by its first bytes as accumulation does."""
     data = path.read_bytes()
-    gzipped = data[:2] == _GZIP_MAGIC
+    gzipped = data[:2] == GZIP_MAGIC
     return (gzip.decompress(data) if gzipped else data), gzipped
 
 
@@ -510,7 +510,7 @@ def enforce_retention(con: duckdb.DuckDBPyConnection, home: Home, domain: str, r
     """Delete, from ``domain``'s warehouse (``con``), the rows of days older than ``retention_days``
     (and what was derived from them), then the landing batches of those days and their records in
     the exported training sets."""
-    from flywheel_pipeline import accumulation, training_sets  # accumulation imports this module
+    from flywheel_pipeline import training_sets  # MLflow's import is slow; accumulation needs none
 
     ensure_raw_tables(con)
     cutoff = today - timedelta(days=retention_days)
@@ -519,7 +519,7 @@ def enforce_retention(con: duckdb.DuckDBPyConnection, home: Home, domain: str, r
         deleted = _erase(con, expired, {"domain": domain, "cutoff": cutoff},
                          also={frozenset({"domain", "event_date"}): expired})
     con.execute("CHECKPOINT")
-    batches = accumulation.batches_for(home, domain, [date.min, cutoff - timedelta(days=1)], 0)
+    batches = batches_for(home, domain, [date.min, cutoff - timedelta(days=1)], 0)
     for path in batches:
         path.unlink()
     review.expire(home.root, domain, cutoff)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import duckdb
 
-from flywheel_pipeline.accumulation import LABEL_BATCHES, batch_day
+from flywheel_pipeline.batches import LABEL_BATCHES, batch_day
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import HOME_ENV, Home, write_atomically
 from flywheel_pipeline.warehouse import WarehouseBusy, connect
@@ -137,7 +137,7 @@ def held_days(home: Home, domain: str) -> HeldDays:
 
 
 def _batch_days(folder: Path) -> frozenset[date]:
-    """The days of the non-empty landing batches in ``folder`` (accumulation.batch_day)."""
+    """The days of the non-empty landing batches in ``folder`` (batches.batch_day)."""
     paths = folder.glob("*.jsonl") if folder.exists() else []
     return frozenset(day for path in paths
                      if (day := batch_day(path)) is not None and path.stat().st_size > 0)

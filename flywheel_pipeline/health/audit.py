@@ -14,7 +14,7 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-from flywheel_pipeline.accumulation import batch_day
+from flywheel_pipeline.batches import batch_day
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.events import CLICK_MATURITY
 from flywheel_pipeline.groups import anonymised, declared_segments

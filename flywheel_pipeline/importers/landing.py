@@ -27,7 +27,7 @@ from typing import IO
 import polars as pl
 
 from flywheel_pipeline import privacy
-from flywheel_pipeline.accumulation import LABEL_BATCHES
+from flywheel_pipeline.batches import LABEL_BATCHES
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.importers.base import RECORDS, Encoded, Event, Mapped, Rejected, Skipped

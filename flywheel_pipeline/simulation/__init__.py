@@ -18,7 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
-from flywheel_pipeline.accumulation import LABEL_BATCHES
+from flywheel_pipeline.batches import LABEL_BATCHES
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import Scorer, baseline_scorer
