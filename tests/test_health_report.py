@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from pathlib import Path
@@ -12,6 +14,7 @@ import polars as pl
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from playwright.sync_api import Page
 
 from flywheel_pipeline import registry
 from flywheel_pipeline.cli import main
@@ -132,7 +135,7 @@ def test_page_shows_each_traps_verdict_measures_and_plots(page: str) -> None:
     assert "110 h" in traps["label_delay"] and "33.3%" in traps["label_delay"]  # its table
     assert "held out: 168 h" in traps["label_delay"]  # the delay plot's line
     assert '<td>exploration share</td><td class="num">10%</td>' in traps["exposure_bias"]  # this cycle's
-    assert "1: 0.6 \u00b7 2: 0.4" in traps["exposure_bias"]  # theta's series on one row
+    assert "1:\u00a00.6 \u00b7 2:\u00a00.4" in traps["exposure_bias"]  # theta's series on one row
     assert page.count("<svg") == PLOTS
     assert all("<svg" in traps[trap] for trap in TRAPS)
     shown = re.sub(r"<svg.*?</svg>", "", page, flags=re.DOTALL) + " ".join(re.findall(r"<text[^>]*>([^<]*)<", page))
@@ -272,28 +275,47 @@ def test_cli_report_says_when_there_is_none(home: Home, monkeypatch: pytest.Monk
         main(["report", "--domain", DOMAIN, "--as-of", "2026-11-21"])
 
 
-def test_page_in_a_browser_shows_a_section_per_trap_and_plots(page: str, tmp_path: Path) -> None:
+@contextmanager
+def in_chromium(html: str, folder: Path) -> Iterator[Page]:
+    """``html`` opened in headless Chromium (Debian's), 1280 pixels wide."""
     chromium = Path("/usr/bin/chromium")
     if not chromium.exists():
         pytest.skip("no Chromium at /usr/bin/chromium to render the page")
     from playwright.sync_api import sync_playwright
 
-    path = tmp_path / "health.html"
-    path.write_text(page)
+    path = folder / "health.html"
+    path.write_text(html)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(chromium))
         try:
             view = browser.new_page(viewport={"width": 1280, "height": 900})
             view.goto(path.as_uri())
-            shown = view.locator("section.trap")
-            assert [shown.nth(i).get_attribute("id") for i in range(shown.count())] == list(TRAPS)
-            assert all(shown.nth(i).is_visible() for i in range(shown.count()))
-            boxes = [svg.bounding_box() for svg in view.locator("svg.plot").all()]
-            assert len(boxes) == PLOTS
-            assert all(box and box["width"] > 300 and box["height"] > 100 for box in boxes)
-            assert view.get_by_text("1 of 9 traps flagged").is_visible()
+            yield view
         finally:
             browser.close()
+
+
+def test_page_in_a_browser_shows_a_section_per_trap_and_plots(page: str, tmp_path: Path) -> None:
+    with in_chromium(page, tmp_path) as view:
+        shown = view.locator("section.trap")
+        assert [shown.nth(i).get_attribute("id") for i in range(shown.count())] == list(TRAPS)
+        assert all(shown.nth(i).is_visible() for i in range(shown.count()))
+        boxes = [svg.bounding_box() for svg in view.locator("svg.plot").all()]
+        assert len(boxes) == PLOTS
+        assert all(box and box["width"] > 300 and box["height"] > 100 for box in boxes)
+        assert view.get_by_text("1 of 9 traps flagged").is_visible()
+
+
+def test_a_long_series_of_measures_wraps_inside_its_section(tmp_path: Path) -> None:
+    """Coverage by a dozen segments (hashed names, as a real page shows them) stays on the page."""
+    report = health_report()
+    coverage = {f"coverage@segment=hash-{i:010x}": 0.99 for i in range(12)}
+    wide = replace(report, findings=tuple(replace(f, measures={**f.measures, **coverage})
+                                          if f.trap == "survivorship" else f for f in report.findings))
+    with in_chromium(render_html(wide, history(), validation(wide)), tmp_path) as view:
+        section = view.locator("section#survivorship").bounding_box()
+        table = view.locator("section#survivorship table.measures").bounding_box()
+        assert table["x"] + table["width"] <= section["x"] + section["width"]
 
 
 def test_declared_groups_are_plotted_cycle_by_cycle_with_their_disparity() -> None:

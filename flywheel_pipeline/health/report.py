@@ -400,12 +400,13 @@ def _trap_plots(cycles: pl.DataFrame, finding: Finding, holdout_hours: float) ->
 # --- tables ----------------------------------------------------------------------------------
 
 def _measure_rows(measures: Mapping[str, float]) -> list[tuple[str, str]]:
-    """(name, shown value); a series' keys on one row: ``0: 1 · 1: 0.62``."""
+    """(name, shown value); a series' keys on one row: ``0: 1 · 1: 0.62``, each key and its value
+    joined by a no-break space, so a long series wraps between them, not inside one."""
     rows: dict[str, list[str]] = {}
     for name, value in measures.items():
         base, _, key = name.partition("@")
         shown = format_value(value, name)
-        rows.setdefault(base.replace("_", " "), []).append(f"{key}: {shown}" if key else shown)
+        rows.setdefault(base.replace("_", " "), []).append(f"{key}:\u00a0{shown}" if key else shown)
     return [(name, " \u00b7 ".join(values)) for name, values in rows.items()]
 
 
@@ -484,7 +485,7 @@ tr.primary td{font-weight:600;background:#f5f8ff}td.better{color:#067647}td.wors
 .plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:14px;margin-top:14px}
 .plots figure{margin:0;border:1px solid #eaecf0;border-radius:6px;padding:6px;background:#fff}
 svg.plot{width:100%;height:auto;display:block}.plots figure.wide{grid-column:1/-1}
-table.measures td.num{text-align:left}
+table.measures td.num{text-align:left;white-space:normal}
 .none{color:#667085;font-style:italic}
 </style></head>
 <body><main>
