@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/gate.py                          # 5 seeds x 6 cycles, both domains
     .venv/bin/python benchmarks/gate.py --seeds 1 --cycles 3      # a quick look
     .venv/bin/python benchmarks/gate.py --domains recommendation --first-seed 101 --seeds 2
+    .venv/bin/python benchmarks/gate.py --per-day 6000 --users 750   # 4x traffic, as 4x per user
 
 ``--domains`` runs only those domains (the simulator's draws are per domain, so a domain's loop is
 the same with or without the others); ``--keep DIR`` keeps each seed's home as DIR/seed-<n> for
@@ -102,8 +103,9 @@ class Loop:
     """One seed's closed loop in its own home."""
 
     def __init__(self, root: Path, config: FlywheelConfig, seed: int, per_day: int, end: date,
-                 cycles: int, records: Path | None = None, domains: list[str] | None = None) -> None:
-        self.records = records
+                 cycles: int, records: Path | None = None, domains: list[str] | None = None,
+                 users: int | None = None) -> None:
+        self.records, self.users = records, users
         self.domains = domains or list(config.domains)
         self.home, self.config, self.seed, self.per_day = Home(root).activate(), config, seed, per_day
         self.instance = dg.DagsterInstance.local_temp(str(self.home.dagster))
@@ -124,7 +126,7 @@ class Loop:
                     for d in self.domains}
         simulation.simulate(self.home, self.config, first, days, seed=self.seed,
                             interactions_per_day=self.per_day, bad_row_share=0.01,
-                            scorers=scorers, model_versions=versions, domains=self.domains)
+                            scorers=scorers, model_versions=versions, domains=self.domains, users=self.users)
 
     def cycle(self, cycle: int, domain: str, first: date, last: date) -> tuple[Candidate, str]:
         """The cycle's candidate, and the outcome of the previous candidate's revisit ("" if none)."""
@@ -253,6 +255,7 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=1)
     parser.add_argument("--cycles", type=int, default=6)
     parser.add_argument("--per-day", type=int, default=1500)
+    parser.add_argument("--users", type=int, help="active users per domain (default: half of --per-day)")
     parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "flywheel.yaml")
     parser.add_argument("--domains", nargs="+", help="only these domains (default: every one in the config)")
     parser.add_argument("--keep", type=Path, help="keep each seed's home under this folder (seed-<n>)")
@@ -271,12 +274,13 @@ def main() -> None:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         with tempfile.TemporaryDirectory(prefix=f"gate-bench-{seed}-") as root:
             home = args.keep / f"seed-{seed}" if args.keep else Path(root)
-            loop = Loop(home, config, seed, args.per_day, end, args.cycles, args.records, args.domains)
+            loop = Loop(home, config, seed, args.per_day, end, args.cycles, args.records, args.domains, args.users)
             found, baseline, final = loop.run(args.cycles)
         candidates += found
         baselines[seed], finals[seed] = baseline, final
+    users = f", {args.users} users" if args.users else ""
     print(f"\n# Gate benchmark: {args.seeds} seeds x {args.cycles} cycles, {args.per_day} interactions "
-          f"a day per domain ({time.monotonic() - started:.0f}s)")
+          f"a day per domain{users} ({time.monotonic() - started:.0f}s)")
     report(candidates, baselines, finals)
 
 

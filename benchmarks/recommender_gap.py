@@ -68,7 +68,7 @@ TRAINERS = {"hashed": HashedRecommendationTrainer, "embedding": RecommendationTr
 
 def with_truth(rows: pl.DataFrame, truth: pl.DataFrame) -> pl.DataFrame:
     """``rows`` with the hidden truth as their labels (as the oracle has them)."""
-    rows = rows.drop("p_good", "label").join(truth, on=["interaction_id", "item_id"])
+    rows = rows.drop("p_good", "label").join(truth, on=["interaction_id", "item_id"], maintain_order="left")
     return rows.with_columns(p_good=pl.col("good").cast(pl.Float64), label=pl.col("good")).drop("good")
 
 
@@ -84,8 +84,8 @@ def signals(home: Home) -> pl.DataFrame:
 def signals_best_label(rows: pl.DataFrame, truth: pl.DataFrame, reactions: pl.DataFrame) -> pl.DataFrame:
     """``rows`` labelled P(good | their own signals), fitted to their truth (module docstring)."""
     columns = rows.columns
-    rows = rows.join(truth, on=["interaction_id", "item_id"]).join(
-        reactions, on=["interaction_id", "item_id"], how="left")
+    rows = rows.join(truth, on=["interaction_id", "item_id"], maintain_order="left").join(
+        reactions, on=["interaction_id", "item_id"], how="left", maintain_order="left")
     dwell = np.log1p(rows["dwell_s"].fill_null(0).to_numpy())
     clicked = rows["clicked"].fill_null(False).to_numpy()
     x = np.column_stack([
@@ -126,7 +126,8 @@ def models_own_prior(labelled: pl.DataFrame, fits: int) -> pl.DataFrame:
 def click_model_targets(rows: pl.DataFrame, reactions: pl.DataFrame, fits: int) -> pl.DataFrame:
     """``rows`` with EM's targets of a position-based click model after ``fits`` rounds: 1 where
     clicked, r (1 - theta) / (1 - r theta) where not (module docstring); fitted with no IPS weight."""
-    clicked = rows.join(reactions, on=["interaction_id", "item_id"], how="left")["clicked"].fill_null(False)
+    clicked = rows.join(reactions, on=["interaction_id", "item_id"], how="left",
+                        maintain_order="left")["clicked"].fill_null(False)
     rows = rows.with_columns(clicked=clicked)
     explored = rows.filter(pl.col("policy") == "explore")
     ctr = {position: float(group["clicked"].mean()) for (position,), group in explored.group_by("position")}

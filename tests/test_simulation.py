@@ -253,6 +253,20 @@ def test_the_pipeline_quarantines_exactly_the_bad_rows(simulated) -> None:
             assert len(report.reasons) >= 5
 
 
+def test_the_users_are_as_many_as_asked_whatever_the_traffic(tmp_path: Path) -> None:
+    """By default a world has half as many users as interactions a day (two each); ``users`` sets
+    them apart from the traffic: the same 400 interactions a day from 50 users, each seen more."""
+    active = {}
+    for users in (None, 50):
+        home = Home(tmp_path / str(users))
+        simulate(home, CONFIG, START, 3, interactions_per_day=400, domains=["recommendation"], users=users)
+        interactions = [event for _, event in read_batches(home, "recommendation")
+                        if event and event["event_type"] == "interaction"]
+        assert World.load(home.simulator / "recommendation").population == (users or 200)
+        active[users] = len({event["user_id"] for event in interactions})
+    assert active[50] <= len(World.load(tmp_path / "50" / "simulator" / "recommendation").users) < active[None] / 2
+
+
 def test_no_clean_run_has_bad_rows(tmp_path: Path) -> None:
     home = Home(tmp_path)
     summary = simulate(home, CONFIG, START, 2, interactions_per_day=200)

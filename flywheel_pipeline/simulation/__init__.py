@@ -97,13 +97,14 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
              review_delay_days: tuple[float, float] = (0.5, 2.0),
              traps: Collection[str] = (), scenario: str | None = None,
              scenario_day: date | int | None = None,
-             scenario_span_days: int = STALE_SPAN_DAYS) -> SimulationSummary:
+             scenario_span_days: int = STALE_SPAN_DAYS, users: int | None = None) -> SimulationSummary:
     """Serve ``days`` days from ``start`` in each domain and write their landing batches.
 
     A domain without a scorer serves ``baseline_scorer(shape)`` and logs model version
     "baseline". A domain in ``holdbacks`` routes that share of requests, at random, to the version
-    the champion replaced (docs/monitoring.md), and logs that version on them. Each domain's world is created from ``seed`` on first use (its population sized
-    for that call's ``interactions_per_day``); later calls continue it and must start after the
+    the champion replaced (docs/monitoring.md), and logs that version on them. Each domain's world is created from ``seed`` on first use (``users``
+    active users, by default half that call's ``interactions_per_day``: two interactions a user and
+    day); later calls continue it and must start after the
     last simulated day (``simulated_through``). Events due after the last day wait in the
     simulator's outbox for the call that simulates their day.
 
@@ -120,8 +121,8 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
     with the world, so later calls continue it without naming it again; days before it are
     untouched.
     """
-    if days < 1 or interactions_per_day < 1 or seed < 0 or not 0 <= bad_row_share < 1:
-        raise ValueError("need days >= 1, interactions_per_day >= 1, seed >= 0 and "
+    if days < 1 or interactions_per_day < 1 or seed < 0 or not 0 <= bad_row_share < 1 or (users or 1) < 1:
+        raise ValueError("need days >= 1, interactions_per_day >= 1, seed >= 0, users >= 1 and "
                          "0 <= bad_row_share < 1")
     scorers, model_versions = scorers or {}, model_versions or {}
     domains = domains or list(config.domains)
@@ -143,18 +144,18 @@ def simulate(home: Home, config: FlywheelConfig, start: date, days: int, *, seed
                                     seed=seed, interactions_per_day=interactions_per_day,
                                     bad_row_share=bad_row_share,
                                     max_lateness_days=config.max_lateness_days,
-                                    scenario=(scenario, scenario_day, scenario_span_days))
+                                    scenario=(scenario, scenario_day, scenario_span_days),
+                                    users=users or max(100, interactions_per_day // 2))
     return SimulationSummary(tuple(batches))
 
 
 def _simulate_domain(home: Home, domain: str, shape: str, policy: Policy, traps: Traps, start: date,
                      days: int, *, seed: int, interactions_per_day: int, bad_row_share: float,
                      max_lateness_days: int,
-                     scenario: tuple[str | None, date | int | None, int] = (None, None, 0)
+                     scenario: tuple[str | None, date | int | None, int] = (None, None, 0), users: int
                      ) -> list[DayBatch]:
     folder = home.simulator / domain
-    world = World.open(folder, domain, shape, seed=seed, epoch=start,
-                       population=max(100, interactions_per_day // 2))
+    world = World.open(folder, domain, shape, seed=seed, epoch=start, population=users)
     if world.shape != shape:
         raise ValueError(f"{domain}: the simulated world is a {world.shape}, config says {shape}")
     if world.last_day and start <= world.last_day:

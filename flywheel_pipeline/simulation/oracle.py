@@ -25,7 +25,8 @@ def oracle_accuracy(home: Home, config: FlywheelConfig, domain: str, windows: Wi
     with connect(home.warehouse(domain), read_only=True) as con:
         rows = impressions(con, domain, windows.train_start, windows.train_end)
     truth = true_labels(home, domain).unique(["interaction_id", "item_id"])
-    rows = rows.drop("p_good", "label").join(truth, on=["interaction_id", "item_id"])
+    # in the impressions' order: a join's own order varies from run to run, and so would the fit
+    rows = rows.drop("p_good", "label").join(truth, on=["interaction_id", "item_id"], maintain_order="left")
     rows = rows.with_columns(p_good=pl.col("good").cast(pl.Float64), label=pl.col("good"))
     trainer = trainer or trainer_for(config.domain(domain))
     weighted, _ = trainer.weigh(rows)
