@@ -157,7 +157,7 @@ def select(impressions: pl.DataFrame, previous: pl.DataFrame, settings: ReviewQu
     uncertain = (
         ranked.filter(~pl.col("in_audit_slice") & ~pl.col("reviewed") & pl.col("p_good").is_not_null())
         .sort("event_date", (pl.col("p_good") - 0.5).abs(), "audit_order")
-        .join(done_uncertain, on="event_date", how="left")
+        .join(done_uncertain, on="event_date", how="left", maintain_order="left")  # the first are the most uncertain
         .filter(pl.int_range(pl.len()).over("event_date")
                 < settings.daily_budget - n_audit - pl.col("kept").fill_null(0))
     )
@@ -195,7 +195,7 @@ def audit_slice(impressions: pl.DataFrame, n_audit: int, groups: Groups | None) 
     sized = strata.with_columns(quota=quota.cast(pl.Int64))
     taken = sized.select("event_date", "stratum", "quota").unique().group_by("event_date").agg(
         taken=pl.col("quota").sum())
-    sized = sized.join(taken, on="event_date", how="left").with_columns(
+    sized = sized.join(taken, on="event_date", how="left", maintain_order="left").with_columns(  # in audit order
         quota=pl.col("quota").fill_null(pl.max_horizontal(pl.lit(n_audit) - pl.col("taken").fill_null(0), pl.lit(0))))
     sample = pl.min_horizontal(pl.col("quota"), size)
     return sized.with_columns(

@@ -204,7 +204,7 @@ class Evidence:
                   .pivot(on="position", index="unit", values="one", aggregate_function="first"))
         columns = [(pl.col(str(j)).fill_null(0.0) if str(j) in showed.columns else pl.lit(0.0)).alias(str(j))
                    for j in range(self.slate_size)]
-        return frame.select("unit").join(showed, on="unit", how="left").select(columns).to_numpy()
+        return frame.select("unit").join(showed, on="unit", how="left", maintain_order="left").select(columns).to_numpy()
 
 
 def assemble(rows: pl.DataFrame, candidates: pl.DataFrame, reward: str,
