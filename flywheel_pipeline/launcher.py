@@ -39,10 +39,10 @@ from dagster._core.storage.tags import GRPC_INFO_TAG
 from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._core.workspace.load_target import WorkspaceFileTarget
 
-from flywheel_pipeline.defs.ui import LOCATION
 from flywheel_pipeline.home import Home
 
 PROJECT_WORKSPACE = Path(__file__).resolve().parent.parent / "workspace.yaml"
+LOCATION = "flywheel"  # the code location's name: the workspace files' location_name, the code server's
 BIN = Path(sys.executable).parent
 HEARTBEAT_FRESH_SECONDS = 60
 START_TIMEOUT_SECONDS = 180

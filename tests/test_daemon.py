@@ -36,9 +36,9 @@ from flywheel_pipeline.defs.partitions import (
     PARTITION_RANGE_START_TAG,
     range_tags,
 )
-from flywheel_pipeline.defs.ui import APPROVE_JOB, APPROVE_OP, LOCATION
+from flywheel_pipeline.defs.ui import APPROVE_JOB, APPROVE_OP
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.launcher import Dagster, local_dagster, webserver
+from flywheel_pipeline.launcher import LOCATION, Dagster, local_dagster, webserver
 from flywheel_pipeline.runs import read_outcome
 from flywheel_pipeline.warehouse import connect
 from tests.conftest import REPO

@@ -5,9 +5,9 @@ from __future__ import annotations
 from urllib.parse import quote, urlencode
 
 from flywheel_pipeline.config import FlywheelConfig
+from flywheel_pipeline.launcher import LOCATION
 from flywheel_pipeline.signatures import sign_command
 
-LOCATION = "flywheel"  # workspace.yaml's location_name
 REPOSITORY = f"__repository__@{LOCATION}"
 APPROVE_JOB, APPROVE_OP = "approve_candidate", "record_approval"
 
