@@ -27,7 +27,6 @@ from pydantic import (
 )
 
 from flywheel_pipeline.events import CLICK_MATURITY, CONSENT_STATES, MATURITY_OUTCOMES, POLICIES
-from flywheel_pipeline.health import TRAPS
 from flywheel_pipeline.signatures import SignatureError, public_key
 
 CONFIG_ENV = "FLYWHEEL_CONFIG"
@@ -424,6 +423,12 @@ TrainerSettings = Annotated[InProcessSettings | PipesTrainerSettings, Field(disc
 IN_PROCESS_SHAPES = {"hashed": ("assistant", "recommendation"), "embeddings": ("recommendation",),
                      "transformer": ("assistant",)}
 DEFAULT_TRAINERS = {"assistant": HashedTrainerSettings(), "recommendation": EmbeddingsTrainerSettings()}
+
+
+# The traps the health audit judges (flywheel_pipeline.health), by the names its checks, its
+# measures and the simulator's --trap switches carry; ``HealthSettings.blocking`` lists some.
+TRAPS = ("exposure_bias", "survivorship", "label_delay", "leakage", "self_consumption", "diversity",
+         "vocal_minority", "popularity", "engagement")
 
 
 class HealthSettings(_Strict):

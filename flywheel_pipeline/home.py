@@ -200,6 +200,10 @@ class Home:
         """Exported training sets (flywheel_pipeline.training_sets)."""
         return self.root / "datasets"
 
+    def training_set(self, domain: str, name: str, version: str) -> Path:
+        """An exported training set's folder: it appears only once whole (training_sets.write)."""
+        return self.datasets / domain / name / version
+
     @property
     def log(self) -> Path:
         """Where commands send the output of the tools they run (dbt, the daemon, the code server)."""

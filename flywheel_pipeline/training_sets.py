@@ -200,13 +200,9 @@ def _label_sources(con: duckdb.DuckDBPyConnection, domain: str, interaction_ids:
     return {lf: {"good_votes": good, "bad_votes": bad} for lf, good, bad in rows}
 
 
-def folder(home: Home, domain: str, name: str, version: str) -> Path:
-    return home.datasets / domain / name / version
-
-
 def write(home: Home, training_set: TrainingSet) -> Path:
     """Write the set's folder (replacing an earlier one of the same window) and return it."""
-    path = folder(home, training_set.domain, training_set.name, training_set.version)
+    path = home.training_set(training_set.domain, training_set.name, training_set.version)
     _write_folder(path, training_set.records, training_set.card)
     return path
 

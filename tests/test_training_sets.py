@@ -98,7 +98,7 @@ def test_both_sets_load_with_hugging_face_datasets_and_match_their_cards(cycle, 
     assert cycle.result.success
     for name, key in KEYS.items():
         exported = metadata(cycle.result, key)
-        path = training_sets.folder(cycle.home, DOMAIN, name, f"{exported['train_start']}_{exported['train_end']}")
+        path = cycle.home.training_set(DOMAIN, name, f"{exported['train_start']}_{exported['train_end']}")
         assert exported["path"] == str(path)
         jsonl = load(path, tmp_path / name, data_files=str(path / training_sets.JSONL))
         parquet = load(path, tmp_path / name)  # the card's configs point at the Parquet file
@@ -161,7 +161,7 @@ def test_a_failed_write_leaves_the_previous_set_whole(tmp_path, monkeypatch):
     card = {"domain": DOMAIN, "dataset": training_sets.SFT, "format": "f", "records": 1, "label_model_version": "v",
             "windows": {"train_start": "a", "train_end": "b", "holdout_start": "c", "holdout_end": "d"},
             "redaction": "r", "consent": "c"}
-    path = training_sets.folder(home, DOMAIN, training_sets.SFT, "a_b")
+    path = home.training_set(DOMAIN, training_sets.SFT, "a_b")
     training_sets._write_folder(path, pl.DataFrame({"user_hash": ["h1"]}), card)
     monkeypatch.setattr(pl.DataFrame, "write_ndjson", lambda *args: 1 / 0)
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Literal
 
 import polars as pl
 
-TRAPS = ("exposure_bias", "survivorship", "label_delay", "leakage", "self_consumption", "diversity",
-         "vocal_minority", "popularity", "engagement")
-Trap = Literal[TRAPS]
+from flywheel_pipeline.config import TRAPS
+
+__all__ = ["FAULTS", "TRAPS", "Finding", "HealthReport"]
+
 # Faults the simulator can commit besides the traps themselves, each with the check that must catch it.
 FAULTS = {"mislogged_propensity": "exposure_bias"}
 

@@ -68,15 +68,13 @@ def training_set_for(home: Home, domain: str, settings: PipesTrainerSettings, wi
                      weighted: pl.DataFrame, run_folder: Path) -> Path:
     """Where the external trainer reads its training set: the weighted impressions, written for it,
     or the domain's SFT or preference export of the same window (the cycle wrote it first)."""
-    from flywheel_pipeline import training_sets  # it reads training.base: not at import time
-
     if settings.training_set == "impressions":
         run_folder.mkdir(parents=True, exist_ok=True)
         path = run_folder / IMPRESSIONS_FILE
         weighted.select([*SERVING_FEATURES, "served_at", "p_good", "weight"]).write_parquet(path)
         return path
-    path = training_sets.folder(home, domain, settings.training_set, f"{windows.train_start}_{windows.train_end}")
-    if not (path / training_sets.PARQUET).exists():
+    path = home.training_set(domain, settings.training_set, f"{windows.train_start}_{windows.train_end}")
+    if not path.is_dir():
         raise FileNotFoundError(f"{domain}: no {settings.training_set} for the window {windows.params()} at {path}: "
                                 f"materialize {domain}/{settings.training_set} first (the cycle job does)")
     return path
