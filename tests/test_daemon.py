@@ -47,8 +47,7 @@ from tests.signing import declare, signed, ssh_key
 DOMAIN = "assistant"
 SCHEDULE = f"{DOMAIN}_cadence"
 REPOSITORY = {"repositoryLocationName": LOCATION, "repositoryName": "__repository__"}
-TODAY = datetime.now(UTC).date()
-LAST = TODAY - timedelta(days=1)  # a per-minute schedule's tick runs yesterday and the lateness days
+MIDNIGHT_MARGIN = timedelta(minutes=5)  # more than the test takes from simulating to the schedule's tick
 
 pytestmark = [pytest.mark.timeout(1500), pytest.mark.postgres, pytest.mark.slow]
 ARTIFACTS = "shared-artifacts"  # production.mlflow_artifacts, under the home
@@ -161,6 +160,17 @@ def postgres_rows(url: str, query: str, *params) -> list[tuple]:
         return cursor.fetchall()
 
 
+def yesterday() -> date:
+    """The last day of the traffic, yesterday (UTC): the per-minute schedule's tick runs it and the
+    lateness days before it. Within MIDNIGHT_MARGIN of midnight it waits for the new day first, so
+    the tick falls on the same day as the traffic whenever the test runs."""
+    now = datetime.now(UTC)
+    midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
+    if midnight - now < MIDNIGHT_MARGIN:
+        time.sleep((midnight - now).total_seconds() + 1)
+    return datetime.now(UTC).date() - timedelta(days=1)
+
+
 @pytest.fixture
 def deployment(tmp_path, monkeypatch, postgres_url):
     """A home with 14 days of traffic (the last day's batch held back), a code server, the daemon
@@ -173,14 +183,14 @@ def deployment(tmp_path, monkeypatch, postgres_url):
     home = Home(tmp_path / "home")
     monkeypatch.setenv("FLYWHEEL_HOME", str(home.root))
     home.activate()
-    config = load_config()
-    simulation.simulate(home, config, LAST - timedelta(days=13), 14, seed=5, interactions_per_day=400,
+    config, last = load_config(), yesterday()
+    simulation.simulate(home, config, last - timedelta(days=13), 14, seed=5, interactions_per_day=400,
                         domains=[DOMAIN])
     held_back = tmp_path / "held_back.jsonl"
-    shutil.move(home.landing_file(DOMAIN, LAST.isoformat()), held_back)
+    shutil.move(home.landing_file(DOMAIN, last.isoformat()), held_back)
     with (tmp_path / "services.log").open("a") as log, local_dagster(home, log) as dagster, \
             webserver(dagster.workspace, log) as url:
-        yield home, config, dagster, GraphQL(url), held_back
+        yield home, config, dagster, GraphQL(url), held_back, last
 
 
 START_SCHEDULE = """
@@ -215,7 +225,7 @@ def launch(web: GraphQL, job: str, run_config: dict | None = None, tags: dict | 
 
 
 def test_schedules_late_label_backfills_and_ui_approval_run_through_the_daemon(deployment):
-    home, config, dagster, web, held_back = deployment
+    home, config, dagster, web, held_back, last = deployment
     # Both URIs: an earlier test in this process may have pointed MLflow's global registry elsewhere.
     client = mlflow.MlflowClient(tracking_uri=home.mlflow_tracking_uri, registry_uri=home.mlflow_tracking_uri)
 
@@ -230,16 +240,16 @@ def test_schedules_late_label_backfills_and_ui_approval_run_through_the_daemon(d
     stop_between_ticks(web, selector)
     cycle = dagster.wait(launched[-1].run_id, timeout=600)
     assert cycle.status == dg.DagsterRunStatus.SUCCESS
-    assert covered_days(cycle) == {LAST - timedelta(days=offset) for offset in range(config.max_lateness_days + 1)}
+    assert covered_days(cycle) == {last - timedelta(days=offset) for offset in range(config.max_lateness_days + 1)}
     outcome = read_outcome(dagster.instance, DOMAIN, cycle)
     assert outcome.gate == "passed" and outcome.version  # oversight domain: registered, waiting for a person
     assert registry.alias_version(client, DOMAIN, registry.CANDIDATE) == outcome.version
     assert registry.alias_version(client, DOMAIN, registry.CHAMPION) is None
 
     # 2. Yesterday's batch lands late, carrying outcomes of interactions on days already labelled.
-    shutil.move(held_back, home.landing_file(DOMAIN, LAST.isoformat()))
+    shutil.move(held_back, home.landing_file(DOMAIN, last.isoformat()))
     landed = datetime.now(UTC).replace(tzinfo=None)
-    accumulation = dagster.wait(launch(web, f"{DOMAIN}_cycle", tags=range_tags(DOMAIN, LAST, LAST),
+    accumulation = dagster.wait(launch(web, f"{DOMAIN}_cycle", tags=range_tags(DOMAIN, last, last),
                                        assets=[["raw_events"]]))
     assert accumulation.status == dg.DagsterRunStatus.SUCCESS
     relabel = finished_run(dagster, 600, **LATE_LABELS_TAG)
@@ -251,7 +261,7 @@ def test_schedules_late_label_backfills_and_ui_approval_run_through_the_daemon(d
     with connect(home.warehouse(DOMAIN), read_only=True) as con:
         reached = {day for (day,) in con.execute(f"""
             SELECT DISTINCT i.event_date FROM raw.outcomes o JOIN raw.interactions i USING (domain, interaction_id)
-            WHERE o.domain = '{DOMAIN}' AND o.ingested_at >= ? AND i.event_date < ?""", [landed, LAST]).fetchall()}
+            WHERE o.domain = '{DOMAIN}' AND o.ingested_at >= ? AND i.event_date < ?""", [landed, last]).fetchall()}
     assert reached and relabelled == reached  # exactly the labelled days the late outcomes reach
     assert labelled_days_with_outcomes_after(home, landed) == set()  # each re-labelled after they landed
 
