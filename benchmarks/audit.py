@@ -98,7 +98,7 @@ class Run:
         self.start = end - timedelta(days=warmup_days + cycles * DAYS_PER_CYCLE - 1)
         mlflow.set_tracking_uri(self.home.mlflow_tracking_uri)
         mlflow.set_registry_uri(self.home.mlflow_tracking_uri)
-        self.client = mlflow.MlflowClient(self.home.mlflow_tracking_uri, self.home.mlflow_tracking_uri)
+        self.client = self.home.mlflow_client()
 
     def serve(self, first: date, days: int) -> None:
         serving = {d: champion_scorer(self.config, d) for d in self.domains}  # this home's MLflow (set above)

@@ -114,7 +114,7 @@ class Loop:
         # this process's MLflow points at this seed's home (the previous seed's set it too)
         mlflow.set_tracking_uri(self.home.mlflow_tracking_uri)
         mlflow.set_registry_uri(self.home.mlflow_tracking_uri)
-        self.client = mlflow.MlflowClient(self.home.mlflow_tracking_uri, self.home.mlflow_tracking_uri)
+        self.client = self.home.mlflow_client()
 
     def champion(self, domain: str) -> Scorer:
         uri = registry.alias_uri(self.client, domain, registry.CHAMPION)

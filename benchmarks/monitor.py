@@ -115,7 +115,7 @@ class Loop:
         self.defs = build_definitions(self.config, self.home)
         mlflow.set_tracking_uri(self.home.mlflow_tracking_uri)
         mlflow.set_registry_uri(self.home.mlflow_tracking_uri)
-        self.client = mlflow.MlflowClient(self.home.mlflow_tracking_uri, self.home.mlflow_tracking_uri)
+        self.client = self.home.mlflow_client()
         self.event = FIRST + timedelta(days=2 * WARMUP_DAYS)  # the fad ends, v2 is deployed
 
     def reconfigure(self, **settings: object) -> None:

@@ -54,8 +54,8 @@ from sklearn.metrics import roc_auc_score
 from flywheel_pipeline.config import load_config
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.simulation import true_accuracy, true_labels
-from flywheel_pipeline.training.base import Windows, impressions, training_set
-from flywheel_pipeline.training.embeddings import EmbeddingScorer
+from flywheel_pipeline.simulation.oracle import with_truth
+from flywheel_pipeline.training.base import FittedScorer, Windows, impressions, training_set
 from flywheel_pipeline.training.recommendation import (
     HashedRecommendationTrainer,
     RecommendationTrainer,
@@ -64,12 +64,6 @@ from flywheel_pipeline.warehouse import connect
 
 DOMAIN = "recommendation"
 TRAINERS = {"hashed": HashedRecommendationTrainer, "embedding": RecommendationTrainer}
-
-
-def with_truth(rows: pl.DataFrame, truth: pl.DataFrame) -> pl.DataFrame:
-    """``rows`` with the hidden truth as their labels (as the oracle has them)."""
-    rows = rows.drop("p_good", "label").join(truth, on=["interaction_id", "item_id"], maintain_order="left")
-    return rows.with_columns(p_good=pl.col("good").cast(pl.Float64), label=pl.col("good")).drop("good")
 
 
 def signals(home: Home) -> pl.DataFrame:
@@ -99,11 +93,12 @@ def signals_best_label(rows: pl.DataFrame, truth: pl.DataFrame, reactions: pl.Da
     return rows.with_columns(p_good=pl.Series(best), label=pl.Series(best >= 0.5)).select(columns)
 
 
-def refit(rows: pl.DataFrame, **overrides) -> EmbeddingScorer:
-    """The default recommendation trainer fitted on ``rows`` (with ``overrides``)."""
-    trainer = dataclasses.replace(RecommendationTrainer(), **overrides)
-    weighted, _ = trainer.weigh(rows)
-    return trainer.fit(weighted)
+def refit(rows: pl.DataFrame, trainer: type[HashedRecommendationTrainer] = RecommendationTrainer,
+          **overrides) -> FittedScorer:
+    """``trainer`` (the default's, unless named) with ``overrides``, fitted on ``rows``."""
+    made = dataclasses.replace(trainer(), **overrides)
+    weighted, _ = made.weigh(rows)
+    return made.fit(weighted)
 
 
 def with_p_good(rows: pl.DataFrame, p_good: np.ndarray) -> pl.DataFrame:
@@ -181,7 +176,7 @@ def label_agreement(rows: pl.DataFrame, truth: pl.DataFrame) -> dict[str, float]
 
 def training_windows(home: Home) -> list[Windows]:
     """The windows of every recommendation training run in the home's MLflow, oldest first."""
-    client = mlflow.MlflowClient(home.mlflow_tracking_uri)
+    client = home.mlflow_client()
     experiment = client.get_experiment_by_name(f"flywheel-{DOMAIN}")
     runs = client.search_runs([experiment.experiment_id], "tags.`flywheel.stage` = 'training'",
                               order_by=["attributes.start_time ASC"])
@@ -209,11 +204,8 @@ def gap(home: Home, trainers: list[str], only: Callable[[str], bool], cycles: li
             train = make()
             shown = []
             for trainer_name in trainers:
-                trainer = dataclasses.replace(TRAINERS[trainer_name](), **overrides)
                 started = time.monotonic()
-                weighted, _ = trainer.weigh(train)
-                scorer = trainer.fit(weighted.select(*weighted.columns))
-                accuracy = true_accuracy(home, config, DOMAIN, scorer)
+                accuracy = true_accuracy(home, config, DOMAIN, refit(train, TRAINERS[trainer_name], **overrides))
                 shown.append(f"{accuracy:.3f} ({time.monotonic() - started:.0f}s)")
             print(f"| {name} ({train.height} rows) | " + " | ".join(shown) + " |", flush=True)
 

@@ -18,16 +18,20 @@ from flywheel_pipeline.training.base import Trainer, Windows, impressions
 from flywheel_pipeline.warehouse import connect
 
 
+def with_truth(rows: pl.DataFrame, truth: pl.DataFrame) -> pl.DataFrame:
+    """``rows`` (impressions) labelled with their hidden ``truth`` (``true_labels``), in their order:
+    a join's own order varies from run to run, and so would a fit on them."""
+    rows = rows.drop("p_good", "label").join(truth, on=["interaction_id", "item_id"], maintain_order="left")
+    return rows.with_columns(p_good=pl.col("good").cast(pl.Float64), label=pl.col("good")).drop("good")
+
+
 def oracle_accuracy(home: Home, config: FlywheelConfig, domain: str, windows: Windows,
                     trainer: Trainer | None = None) -> float:
     """True accuracy of ``trainer`` (default: the domain's) fitted on the truth of ``windows``'
     training days."""
     with connect(home.warehouse(domain), read_only=True) as con:
         rows = impressions(con, domain, windows.train_start, windows.train_end)
-    truth = true_labels(home, domain).unique(["interaction_id", "item_id"])
-    # in the impressions' order: a join's own order varies from run to run, and so would the fit
-    rows = rows.drop("p_good", "label").join(truth, on=["interaction_id", "item_id"], maintain_order="left")
-    rows = rows.with_columns(p_good=pl.col("good").cast(pl.Float64), label=pl.col("good"))
+    rows = with_truth(rows, true_labels(home, domain).unique(["interaction_id", "item_id"]))
     trainer = trainer or trainer_for(config.domain(domain))
     weighted, _ = trainer.weigh(rows)
     return true_accuracy(home, config, domain, trainer.fit(weighted))
