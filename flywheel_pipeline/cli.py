@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -305,9 +306,11 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 
 def cmd_forget(args: argparse.Namespace) -> None:
     from flywheel_pipeline import privacy
+    from flywheel_pipeline.warehouses import Warehouses
 
     home, config = Home.existing().activate(), load_config()
-    report = privacy.forget_user(home, config.domains, args.user, memory_limit=config.warehouse.memory_limit)
+    warehouses = Warehouses.for_settings(home, config.warehouse)
+    report = privacy.forget_user(home, config.domains, args.user, partial(warehouses.connect, every_table=True))
     console.print(f"forgot the user (tombstone {report.user_hash[:12]}...): "
                   f"{sum(report.rows_deleted.values()):,} rows from {len(report.rows_deleted)} tables, "
                   f"{sum(report.landing_lines_removed.values()):,} lines from "
@@ -336,16 +339,16 @@ def _print_status(home: Home, config: FlywheelConfig) -> None:
     rollback says so), the holdback while one lasts and the monitor's latest look."""
     from flywheel_pipeline import registry
     from flywheel_pipeline.monitoring import latest_watch
-    from flywheel_pipeline.warehouse import connect
+    from flywheel_pipeline.warehouses import Warehouses
 
     console.print(f"\nhome: {home.root}")
-    client = home.mlflow_client()
+    client, warehouses = home.mlflow_client(), Warehouses.for_settings(home, config.warehouse)
     for domain in config.domains:
-        path = home.warehouse(domain)
-        console.print(f"{domain}: warehouse {path}" + ("" if path.exists() else " (none yet)"))
+        exists = warehouses.exists(domain)
+        console.print(f"{domain}: warehouse {warehouses.where(domain)}" + ("" if exists else " (none yet)"))
         watched = "not run yet"
-        if path.exists():
-            with connect(path, read_only=True) as con:
+        if exists:
+            with warehouses.connect(domain, read_only=True) as con:
                 watched = latest_watch(con, domain)
                 tables = con.execute(
                     """SELECT table_schema || '.' || table_name FROM information_schema.tables
@@ -435,10 +438,12 @@ def cmd_report(args: argparse.Namespace) -> None:
         stored_report,
     )
     from flywheel_pipeline.home import write_atomically
+    from flywheel_pipeline.warehouses import Warehouses
 
     home = Home.existing()
     try:
-        report, html = render_stored(home, stored_report(home, args.domain, args.as_of))
+        report, html = render_stored(Warehouses.for_settings(home, load_config().warehouse),
+                                     stored_report(home, args.domain, args.as_of))
     except ReportMissing as error:
         raise SystemExit(f"flywheel: {error}") from None
     page = args.output or report_paths(home, args.domain, report.as_of)[0]

@@ -6,9 +6,11 @@ staging, intermediate and marts on Spark into the same root (its ``spark.sql.war
 Python stages read through ``sources.ParquetSource`` and write through ``sources.ParquetSink``.
 
 A run of a Python stage works on a copy of its domain: ``working_copy`` loads the domain's tables
-(raw, marts, labels, health) from the store into an in-memory DuckDB, hands the stage that
-connection, the same SQL and polars it runs on a domain's DuckDB file, and afterwards writes back
-exactly the (table, day) partitions whose rows changed, one object each. Runs of a domain's
+(raw, marts, labels, health, the forgotten users) from the store into an in-memory DuckDB, hands
+the stage that connection, the same SQL and polars it runs on a domain's DuckDB file, and
+afterwards writes back exactly the (table, day) partitions whose rows changed, one object each.
+Deleting a user or an expired day must reach every table, dbt's too: ``every_table`` loads and
+writes back all of them, dbt's in the types Spark stored them in. Runs of a domain's
 different days change different partitions, so they can run at once (as Kubernetes run pods would).
 Nothing is written when the stage fails; each partition is replaced whole, but a run's partitions are
 not one transaction: a crash while writing them back leaves some new and some old, until the run is
@@ -25,9 +27,10 @@ from datetime import date
 from urllib.parse import urlsplit
 
 import duckdb
+import pyarrow as pa
 import pyarrow.fs as pafs
 
-from flywheel_pipeline import warehouse
+from flywheel_pipeline import privacy, warehouse
 from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.sources import ParquetSink, ParquetSource, day_column, table_folder
 
@@ -35,6 +38,8 @@ from flywheel_pipeline.sources import ParquetSink, ParquetSource, day_column, ta
 STAGE_TABLES = ("raw.interactions", "raw.impressions", "raw.signals", "raw.outcomes", "raw.labels",
                 "raw.quarantine", "labels.label_matrix", "labels.impression_labels", "labels.review_queue",
                 "health.measures")
+# A user forgotten in a domain (privacy.forget_user), one partition per domain: accumulation keeps them out.
+TOMBSTONES = "privacy.forgotten_users"
 # What dbt builds on Spark that the Python stages read.
 DBT_TABLES = ("marts.fct_impressions", "marts.fct_interactions", "marts.rpt_quality_filter")
 SPARK_TABLES_ENV = "FLYWHEEL_SPARK_TABLES"  # the tables dbt's on-run-start registers (dbt_project/macros)
@@ -69,16 +74,26 @@ class ObjectStore:
     def sink(self) -> ParquetSink:
         return ParquetSink(self.root, self.filesystem)
 
+    def tables(self) -> list[str]:
+        """Every table under the root (``schema.name``) that holds a partition folder."""
+        return [f"{schema.removesuffix('.db')}.{name}"
+                for schema in self._folders(self.root, ".db") for name in self._folders(f"{self.root}/{schema}", "")
+                if any("=" in part for part in self._folders(f"{self.root}/{schema}/{name}", ""))]
+
+    def holds(self, table: str, domain: str) -> bool:
+        """Whether ``table`` has a folder of ``domain``'s partitions."""
+        folder = f"{table_folder(self.root, table)}/domain={domain}"
+        return self.filesystem.get_file_info(folder).type == pafs.FileType.Directory
+
+    def days(self, table: str, domain: str) -> frozenset[date]:
+        """The days of ``domain``'s partitions of ``table`` (its ``<column>=<day>`` folders)."""
+        folder = f"{table_folder(self.root, table)}/domain={domain}"
+        return frozenset(date.fromisoformat(name.split("=")[1]) for name in self._folders(folder, "") if "=" in name)
+
     def spark_tables(self) -> str:
-        """The tables under the root as JSON for dbt's on-run-start (``register_tables``): each one
-        with a partition folder, by name and location as Spark names it."""
-        tables = []
-        for schema in self._folders(self.root, ".db"):
-            for name in self._folders(f"{self.root}/{schema}", ""):
-                table = f"{schema.removesuffix('.db')}.{name}"
-                if any("=" in part for part in self._folders(table_folder(self.root, table), "")):
-                    tables.append({"name": table, "location": table_folder(self.spark_root, table)})
-        return json.dumps(tables)
+        """The tables under the root as JSON for dbt's on-run-start (``register_tables``), by name
+        and location as Spark names it."""
+        return json.dumps([{"name": table, "location": table_folder(self.spark_root, table)} for table in self.tables()])
 
     def _folders(self, folder: str, suffix: str) -> list[str]:
         if self.filesystem.get_file_info(folder).type != pafs.FileType.Directory:
@@ -89,50 +104,80 @@ class ObjectStore:
 
 
 @contextmanager
-def working_copy(store: ObjectStore, domain: str, read_only: bool = False,
-                 memory_limit: str | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+def working_copy(store: ObjectStore, domain: str, read_only: bool = False, memory_limit: str | None = None,
+                 every_table: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
     """An in-memory DuckDB holding ``domain``'s tables from ``store``; unless ``read_only``, the
-    partitions of STAGE_TABLES it changed are written back when the block ends without an error."""
+    partitions it changed are written back when the block ends without an error: those of the
+    Python stages' tables, or with ``every_table`` those of every table in the store."""
     source = store.source()
+    loaded = (*STAGE_TABLES, TOMBSTONES, *DBT_TABLES)
+    loaded += tuple(table for table in store.tables() if table not in loaded) if every_table else ()
+    written = loaded if every_table else (*STAGE_TABLES, TOMBSTONES)
     with warehouse.connect(":memory:", memory_limit=memory_limit) as con:
         warehouse.ensure_raw_tables(con)
-        for table in (*STAGE_TABLES, *DBT_TABLES):
+        privacy.ensure_privacy_tables(con)
+        split_by = {}  # a stored table's day column as its folders name it (None: one partition per domain)
+        for table in loaded:
             rows = source.read(table, domain)
             if rows.width:
                 _load(con, table, rows)
-        before = {table: _digests(con, table) for table in STAGE_TABLES}
+                split_by[table] = source.day_column(table, domain)
+        before = {table: _digests(con, table, split_by.get(table, _day(con, table))) for table in written}
         yield con
         if read_only:
             return
         sink = store.sink()
-        for table in STAGE_TABLES:
-            after = _digests(con, table)
-            for day in sorted(day for day in before[table].keys() | after.keys()
-                              if before[table].get(day) != after.get(day)):
-                rows = con.execute(f"SELECT * FROM {table} WHERE domain = ? AND {day_column(table)} = ?",
-                                   [domain, day]).to_arrow_table()
-                sink.replace_partition(table, domain, day, rows)
+        for table in written:
+            split = split_by.get(table, _day(con, table))
+            after = _digests(con, table, split)
+            changed = sorted((day for day in before[table].keys() | after.keys()
+                              if before[table].get(day) != after.get(day)), key=str)
+            stored = None if table in STAGE_TABLES else source.stored_schema(table, domain)  # dbt's: Spark's types
+            for day in changed:
+                sink.replace_partition(table, domain, day, _partition(con, table, domain, split, day), stored)
 
 
 def _load(con: duckdb.DuckDBPyConnection, table: str, rows) -> None:
-    schema = table.split(".")[0]
-    con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+    """``rows`` into ``table``, created as they are when it does not exist; a table without a domain
+    column (the tombstones) holds the one domain's rows without it."""
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {table.split('.')[0]}")
+    columns = _columns(con, table)
+    if columns and "domain" not in columns:
+        rows = rows.drop("domain")
     con.register("stored_rows", rows.to_arrow())
     try:
-        exists = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = ? "
-                             "AND table_name = ?", table.split(".")).fetchall()[0][0]
-        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM stored_rows" if exists
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM stored_rows" if columns
                     else f"CREATE TABLE {table} AS SELECT * FROM stored_rows")
     finally:
         con.unregister("stored_rows")
 
 
-def _digests(con: duckdb.DuckDBPyConnection, table: str) -> dict[date, tuple[int, int]]:
-    """Each day partition's row count and an order-free digest of its rows."""
-    schema, name = table.split(".")
-    if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
-                       [schema, name]).fetchall()[0][0]:
+def _columns(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    """``table``'s columns; none when it does not exist."""
+    return [name for (name,) in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = ? AND table_name = ? "
+        "ORDER BY ordinal_position", table.split(".")).fetchall()]
+
+
+def _day(con: duckdb.DuckDBPyConnection, table: str) -> str | None:
+    """The column a new table's partitions are split by beside the domain (``sources.day_column``),
+    None when it has no such column (a partition per domain)."""
+    return column if (column := day_column(table)) in _columns(con, table) else None
+
+
+def _digests(con: duckdb.DuckDBPyConnection, table: str, day: str | None) -> dict[date | None, tuple[int, int]]:
+    """Each partition's row count and an order-free digest of its rows, by ``day`` (None: the
+    table's one partition for the domain)."""
+    if not _columns(con, table):
         return {}
-    day = day_column(table)
     return {row[0]: (row[1], row[2]) for row in con.execute(
-        f"SELECT {day}, count(*), bit_xor(hash(t)) FROM {table} AS t GROUP BY 1").fetchall()}
+        f"SELECT {day or 'NULL'}, count(*), bit_xor(hash(t)) FROM {table} AS t GROUP BY 1").fetchall()}
+
+
+def _partition(con: duckdb.DuckDBPyConnection, table: str, domain: str, column: str | None,
+               day: date | None) -> pa.Table:
+    """``table``'s rows of ``domain`` whose ``column`` is ``day`` (every row when ``column`` is None)."""
+    if column is None:
+        return con.sql(f"SELECT * FROM {table}").to_arrow_table()
+    return con.sql(f"SELECT * FROM {table} WHERE domain = $domain AND {column} = $day",
+                   params={"domain": domain, "day": day}).to_arrow_table()

@@ -25,7 +25,8 @@ import hashlib
 import json
 import re
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -36,10 +37,12 @@ import duckdb
 from flywheel_pipeline import events, review
 from flywheel_pipeline.batches import GZIP_MAGIC, batches_for
 from flywheel_pipeline.home import Home, write_atomically
-from flywheel_pipeline.warehouse import connect, ensure_raw_tables, transaction
+from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+
+OpenWarehouse = Callable[[str], AbstractContextManager[duckdb.DuckDBPyConnection]]  # a domain's, for writing
 
 # IBAN length by country (SWIFT's IBAN registry): a candidate is a country's code, two check digits
 # and exactly its length's letters and digits (in groups of four or not), checked by mod 97.
@@ -414,9 +417,10 @@ class ForgetReport:
     dataset_records_removed: dict[str, int]  # per exported training set folder
 
 
-def forget_user(home: Home, domains: Iterable[str], user_id: str, now: datetime | None = None,
-                memory_limit: str | None = None) -> ForgetReport:
-    """Delete a user's rows from every table of every domain's warehouse, their lines from every
+def forget_user(home: Home, domains: Iterable[str], user_id: str, open_warehouse: OpenWarehouse,
+                now: datetime | None = None) -> ForgetReport:
+    """Delete a user's rows from every table of every domain's warehouse (opened by
+    ``open_warehouse``, e.g. ``Warehouses.connect`` with every_table), their lines from every
     landing batch and their records from the exported training sets, and tombstone them so that a
     replayed batch cannot bring them back. A warehouse a run is writing raises WarehouseBusy: what
     was done stays done, and running it again finishes the rest."""
@@ -427,7 +431,7 @@ def forget_user(home: Home, domains: Iterable[str], user_id: str, now: datetime 
     now = (now or datetime.now(UTC)).astimezone(UTC).replace(tzinfo=None)
     deleted, days = {}, {}
     for domain in domains:  # a domain without a warehouse yet gets one, holding the tombstone
-        with connect(home.warehouse(domain), memory_limit=memory_limit) as con:
+        with open_warehouse(domain) as con:
             for table, count in _forget_in_warehouse(con, user_id, now, days).items():
                 deleted[f"{domain}/{table}"] = count
     removed, unreadable = _forget_in_landing(home, user_id)
@@ -464,7 +468,8 @@ def _forget_in_warehouse(con: duckdb.DuckDBPyConnection, user_id: str, now: date
         """SELECT domain, list(DISTINCT event_date ORDER BY event_date) FROM raw.interactions
            WHERE user_id = $user AND consent = 'granted' GROUP BY domain""", {"user": user_id}).fetchall())
     with transaction(con):
-        con.execute("INSERT OR IGNORE INTO privacy.forgotten_users VALUES ($hash, $now)",
+        con.execute("""INSERT INTO privacy.forgotten_users SELECT $hash, $now
+                       WHERE $hash NOT IN (SELECT user_hash FROM privacy.forgotten_users)""",
                     {"hash": user_hash(user_id), "now": now})
         deleted = _erase(con, "user_id = $user", {"user": user_id}, also=_USER_FIELDS)
     if left := _tables_holding_user(con, user_id):

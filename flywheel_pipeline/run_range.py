@@ -24,12 +24,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import duckdb
-
 from flywheel_pipeline.batches import LABEL_BATCHES, batch_day
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import HOME_ENV, Home, write_atomically
-from flywheel_pipeline.warehouse import WarehouseBusy, connect
+from flywheel_pipeline.warehouse import WarehouseBusy
+from flywheel_pipeline.warehouses import Warehouses
 
 if TYPE_CHECKING:
     from flywheel_pipeline.training import Windows
@@ -80,7 +79,7 @@ def run_range(home: Home, config: FlywheelConfig, domain: str, start: date | Non
     windows ending yesterday, from no earlier than the first day of traffic the home holds.
     Raises RunRefused when the run would fail: days that are no partitions, or (a whole cycle) a
     window without traffic, or (``accumulate_only``) nothing to accumulate."""
-    held, last = held_days(home, domain), end or today - timedelta(days=1)
+    held, last = held_days(Warehouses.for_settings(home, config.warehouse), domain), end or today - timedelta(days=1)
     first = start or default_start(config, domain, held, last)
     for check in _checks(home, config, domain, held, first, last, today, accumulate_only):
         check()
@@ -91,7 +90,7 @@ def cycle_refusals(home: Home, config: FlywheelConfig, domain: str, last: date,
                    today: date) -> list[str]:
     """Every reason a whole cycle of ``domain`` ending ``last`` (from the default first day) would
     be refused, each with its fix: an import's next steps name them all at once."""
-    held = held_days(home, domain)
+    held = held_days(Warehouses.for_settings(home, config.warehouse), domain)
     first = default_start(config, domain, held, last)
     refusals = []
     for check in _checks(home, config, domain, held, first, last, today, accumulate_only=False):
@@ -129,11 +128,10 @@ def record_imported_days(home: Home, config: FlywheelConfig, days: Iterable[date
         write_atomically(home.root / IMPORTED_START, f"{earliest}\n".encode())
 
 
-def held_days(home: Home, domain: str) -> HeldDays:
+def held_days(warehouses: Warehouses, domain: str) -> HeldDays:
     """The days of ``domain``'s landing batches and of the interactions in its warehouse."""
-    folder = home.landing / domain
-    return HeldDays(_batch_days(folder), _batch_days(folder / LABEL_BATCHES),
-                    _warehouse_days(home, domain))
+    folder = warehouses.home.landing / domain
+    return HeldDays(_batch_days(folder), _batch_days(folder / LABEL_BATCHES), _warehouse_days(warehouses, domain))
 
 
 def _batch_days(folder: Path) -> frozenset[date]:
@@ -143,20 +141,12 @@ def _batch_days(folder: Path) -> frozenset[date]:
                      if (day := batch_day(path)) is not None and path.stat().st_size > 0)
 
 
-def _warehouse_days(home: Home, domain: str) -> frozenset[date] | None:
+def _warehouse_days(warehouses: Warehouses, domain: str) -> frozenset[date] | None:
     """The days of ``domain``'s accumulated interactions; None while a run holds the warehouse."""
-    path = home.warehouse(domain)
-    if not path.exists():
-        return frozenset()
     try:
-        with connect(path, read_only=True) as con:
-            rows = con.execute("SELECT DISTINCT event_date FROM raw.interactions WHERE domain = ?",
-                               [domain]).fetchall()
+        return warehouses.interaction_days(domain)
     except WarehouseBusy:
         return None
-    except duckdb.CatalogException:  # a warehouse without raw tables yet
-        return frozenset()
-    return frozenset(day for (day,) in rows)
 
 
 def default_start(config: FlywheelConfig, domain: str, held: HeldDays, last: date) -> date:

@@ -82,17 +82,42 @@ class ParquetSource:
 
     def read(self, table: str, domain: str, first: date | None = None, last: date | None = None,
              columns: Sequence[str] | None = None) -> pl.DataFrame:
-        folder = f"{table_folder(self.root, table)}/domain={domain}"
-        if self.filesystem.get_file_info(folder).type != pafs.FileType.Directory:
+        """As Source.read; a table kept in one partition per domain (no day folders, such as dbt's
+        sessions) is read whole, ``first`` and ``last`` then ignored."""
+        if (stored := self._partitions(table, domain)) is None:
             return pl.DataFrame()
-        day = day_column(table)
-        dataset = ds.dataset(folder, filesystem=self.filesystem, format="parquet",
-                             partitioning=ds.partitioning(pa.schema([(day, pa.date32())]), flavor="hive"))
-        bounds = [ds.field(day) >= first if first else None, ds.field(day) <= last if last else None]
+        dataset, day = stored
+        bounds = [ds.field(day) >= first if day and first else None, ds.field(day) <= last if day and last else None]
         wanted = [name for name in (columns or dataset.schema.names) if name != "domain"]
         rows = pl.from_arrow(dataset.to_table(columns=wanted, filter=_all(bounds)))
         rows = _as_duckdb_types(rows.with_columns(pl.lit(domain, pl.String).alias("domain")))
-        return rows.select(columns or ["domain", day, *(name for name in wanted if name != day)])
+        leading = ["domain", day] if day else ["domain"]
+        return rows.select(columns or [*leading, *(name for name in wanted if name not in leading)])
+
+    def stored_schema(self, table: str, domain: str) -> pa.Schema | None:
+        """The types ``domain``'s partitions of ``table`` are stored in (as their writer, Spark or
+        a ParquetSink, wrote them), without the partition columns; None when there are none."""
+        if (stored := self._partitions(table, domain)) is None:
+            return None
+        dataset, day = stored
+        return pa.schema([field for field in dataset.schema if field.name != day])
+
+    def day_column(self, table: str, domain: str) -> str | None:
+        """The column ``domain``'s stored partitions of ``table`` are split by, None when they are not."""
+        return stored[1] if (stored := self._partitions(table, domain)) else None
+
+    def _partitions(self, table: str, domain: str) -> tuple[ds.Dataset, str | None] | None:
+        """``domain``'s partitions of ``table`` as a dataset, and the column they are split by
+        (``<column>=<day>`` folders), None when its files lie in the domain's folder itself (dbt's
+        sessions); None when the domain has no rows there."""
+        folder = f"{table_folder(self.root, table)}/domain={domain}"
+        if self.filesystem.get_file_info(folder).type != pafs.FileType.Directory:
+            return None
+        day = next((info.base_name.split("=")[0] for info in self.filesystem.get_file_info(pafs.FileSelector(folder))
+                    if info.type == pafs.FileType.Directory and "=" in info.base_name), None)
+        partitioning = ds.partitioning(pa.schema([(day, pa.date32())]), flavor="hive") if day else None
+        dataset = ds.dataset(folder, filesystem=self.filesystem, format="parquet", partitioning=partitioning)
+        return (dataset, day) if dataset.files else None
 
 
 class ParquetSink:
@@ -105,21 +130,29 @@ class ParquetSink:
         self.root = str(root).rstrip("/")
         self.filesystem = filesystem or pafs.LocalFileSystem()
 
-    def replace_partition(self, table: str, domain: str, day: date, rows: pa.Table) -> None:
-        """Make ``rows`` (``table``'s rows of ``domain`` on ``day``) that partition; no rows removes it."""
+    def replace_partition(self, table: str, domain: str, day: date | None, rows: pa.Table,
+                          schema: pa.Schema | None = None) -> None:
+        """Make ``rows`` (``table``'s rows of ``domain`` on ``day``; with ``day`` None, a table kept
+        in one partition per domain) that partition, its columns in ``schema``'s types when given
+        (the table's stored ones); no rows removes it."""
         day_name = day_column(table)
-        folder = f"{table_folder(self.root, table)}/domain={domain}/{day_name}={day.isoformat()}"
+        folder = f"{table_folder(self.root, table)}/domain={domain}"
+        folder += f"/{day_name}={day.isoformat()}" if day else ""
         old = self._files(folder)
         if rows.num_rows:
+            partition = ("domain", day_name) if day else ("domain",)
+            rows = rows.drop_columns([name for name in partition if name in rows.column_names])
+            if schema is not None:
+                rows = rows.select(schema.names).cast(schema)
             target = f"{folder}/{PARTITION_FILE}"
             staged = f"{folder}/.{PARTITION_FILE}.{uuid.uuid4().hex}"  # readers skip hidden names
             self.filesystem.create_dir(folder, recursive=True)
-            pq.write_table(_for_parquet(rows.drop_columns(["domain", day_name])), staged, filesystem=self.filesystem)
+            pq.write_table(_for_parquet(rows), staged, filesystem=self.filesystem)
             self.filesystem.move(staged, target)
             old = [path for path in old if path != target]
         for path in old:
             self.filesystem.delete_file(path)
-        if not rows.num_rows and self.filesystem.get_file_info(folder).type == pafs.FileType.Directory:
+        if not rows.num_rows and day and self.filesystem.get_file_info(folder).type == pafs.FileType.Directory:
             self.filesystem.delete_dir(folder)
 
     def _files(self, folder: str) -> list[str]:
@@ -157,10 +190,10 @@ def _as_duckdb_types(rows: pl.DataFrame) -> pl.DataFrame:
 
 
 def _for_parquet(rows: pa.Table) -> pa.Table:
-    """Timestamps written as UTC instants (Parquet's isAdjustedToUTC), which Spark reads as its
-    TIMESTAMP type; DuckDB's are naive UTC."""
-    fields = [pa.field(f.name, pa.timestamp(f.type.unit, "UTC")) if pa.types.is_timestamp(f.type) and f.type.tz is None
-              else f for f in rows.schema]
+    """Timestamps written as UTC instants in microseconds (Parquet's isAdjustedToUTC), which Spark
+    reads as its TIMESTAMP type; DuckDB's are naive UTC, and Spark's own (INT96) read as nanoseconds,
+    which Spark cannot read back."""
+    fields = [f.with_type(pa.timestamp("us", "UTC")) if pa.types.is_timestamp(f.type) else f for f in rows.schema]
     return rows.cast(pa.schema(fields))
 
 

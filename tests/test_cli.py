@@ -16,6 +16,7 @@ from flywheel_pipeline.defs.resources import MlflowResource
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.run_range import held_days, run_range
 from flywheel_pipeline.warehouse import connect, ensure_raw_tables
+from flywheel_pipeline.warehouses import Warehouses
 from tests.conftest import REPO
 
 
@@ -179,7 +180,7 @@ def test_run_refusals_name_the_option_or_setting_to_change(run_home):
 
 def test_run_defaults_cover_the_windows_from_the_first_day_the_home_holds(run_home, config):
     simulate_assistant(date(2026, 10, 1), 35)  # exactly lookback_days + holdout_days
-    held = held_days(run_home, "assistant")
+    held = held_days(Warehouses(run_home), "assistant")
     assert held.traffic() == {date(2026, 10, 1) + timedelta(days=n) for n in range(35)}
     end = date(2026, 11, 4)
     assert run_range(run_home, config, "assistant", None, end, TODAY) == (date(2026, 10, 1), end)
@@ -199,7 +200,7 @@ def test_a_busy_warehouse_leaves_the_windows_to_the_launch(run_home, config, mon
     monkeypatch.setattr(warehouse, "_LOCK_RETRIES", 2)  # refused at once, not after 10 s
     try:
         assert writer.stdout.readline() == "locked\n"
-        assert held_days(run_home, "assistant").warehouse is None  # its days unknown: no crash
+        assert held_days(Warehouses(run_home), "assistant").warehouse is None  # its days unknown: no crash
         end = date(2026, 11, 19)
         first = date(2026, 11, 13)  # the home's first day: the landing decides alone
         assert run_range(run_home, config, "assistant", None, end, TODAY) == (first, end)

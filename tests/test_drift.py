@@ -35,6 +35,7 @@ from flywheel_pipeline.health.drift import (
     token_psi,
 )
 from flywheel_pipeline.health.report import render_html, render_stored, write_report
+from flywheel_pipeline.warehouses import Warehouses
 from tests.test_health_report import PLOTS, health_report, history, sections, validation
 from tests.test_training import TEST_CONFIG, fresh_home, write_warehouse
 
@@ -304,7 +305,7 @@ def test_the_report_shows_the_cycles_drift(warehouse, tmp_path) -> None:
 
     home = fresh_home(tmp_path / "home")
     page_path = write_report(home, report, history(), validation(report), drift=drift)
-    _, again = render_stored(home, page_path.with_suffix(".json"))
+    _, again = render_stored(Warehouses(home), page_path.with_suffix(".json"))
     assert 'id="drift"' in again and "segment: PSI 1." in again
 
 

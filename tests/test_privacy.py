@@ -8,6 +8,7 @@ import gzip
 import json
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import dagster as dg
@@ -21,6 +22,7 @@ from flywheel_pipeline.definitions import execute_cycle
 from flywheel_pipeline.defs.transform import RAW_EVENTS
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.warehouse import connect
+from flywheel_pipeline.warehouses import Warehouses
 from tests.test_accumulation import interaction, label, run, signal, table, write_batch
 from tests.test_pipeline import DOMAIN, simulated_cycle
 
@@ -72,6 +74,12 @@ def redact(text: str | None) -> str | None:
 ])
 def test_redaction_replaces_each_kind_of_personal_data_and_nothing_else(text, expected):
     assert redact(text) == expected
+
+
+def forget(home: Home, config, user: str) -> privacy.ForgetReport:
+    """``flywheel forget``'s deletion, without its printing."""
+    warehouses = Warehouses.for_settings(home, config.warehouse)
+    return privacy.forget_user(home, config.domains, user, partial(warehouses.connect, every_table=True))
 
 
 def canary_events(user: str = "u_canary", day: str = "2026-11-02", session: str = "s_1") -> list[object]:
@@ -159,7 +167,7 @@ def test_json_escapes_hide_nothing(home, config):
 def test_a_forgotten_users_replayed_events_are_quarantined_empty_and_counted(home, config):
     write_batch(home, "2026-11-02", [*canary_events(), interaction("other")])
     run(home, config)
-    forgotten = privacy.forget_user(home, config.domains, "u_canary")
+    forgotten = forget(home, config, "u_canary")
     with connect(home.warehouse("recommendation"), read_only=True) as con:  # no warehouse before: one now
         assert con.execute("SELECT user_hash FROM privacy.forgotten_users").fetchall() == [
             (privacy.user_hash("u_canary"),)]
@@ -185,7 +193,7 @@ def test_forget_finds_the_user_in_a_gzipped_batch_which_stays_a_batch_accumulati
     batch.write_bytes(gzip.compress("\n".join(lines[i] for i in (0, 3, 1, 4, 2)).encode() + b"\n"))
     assert run(home, config).accepted["interactions"] == 3
 
-    forgotten = privacy.forget_user(home, config.domains, "u_gone")
+    forgotten = forget(home, config, "u_gone")
 
     assert forgotten.landing_lines_removed == {"assistant/2026-11-02.jsonl": 3}
     assert batch.read_bytes()[:2] == b"\x1f\x8b"  # still gzip
@@ -209,7 +217,7 @@ def test_a_user_whose_id_is_another_users_item_or_version_is_forgotten_and_no_on
     quarantined = table(home, "SELECT line FROM raw.quarantine")
 
     for user in ("item_090", "3"):
-        privacy.forget_user(home, config.domains, user)  # raised PrivacyError: "3" is in other rows
+        forget(home, config, user)  # raised PrivacyError: "3" is in other rows
 
     assert table(home, "SELECT DISTINCT user_id FROM raw.interactions") == [("u_other",)]
     assert {name: table(home, others.format(name)) for name in before} == before

@@ -31,8 +31,9 @@ import pytest
 import yaml
 from polars.testing import assert_frame_equal
 
-from flywheel_pipeline import registry, simulation, sources
+from flywheel_pipeline import privacy, registry, simulation, sources
 from flywheel_pipeline.accumulation import accumulate
+from flywheel_pipeline.cli import main
 from flywheel_pipeline.config import load_config
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.home import Home
@@ -259,7 +260,7 @@ def both_profiles(landing, object_store, tmp_path_factory):
                 tables = {table: store.source().read(table, DOMAIN) for table in COMPARED_TABLES}
                 tables |= {table: bucket_rows(store, table) for table in INTERMEDIATE_MODELS}
                 assert not home.warehouse(DOMAIN).exists()  # no DuckDB file: every table is in the bucket
-            outcomes[name] = {**cycle_outcome(home, result, tables[sources.LABELS]), "tables": tables}
+            outcomes[name] = {**cycle_outcome(home, result, tables[sources.LABELS]), "tables": tables, "folder": folder}
     print(f"cycle seconds: {seconds}")
     return outcomes
 
@@ -343,3 +344,68 @@ def test_a_domains_days_accumulate_as_parallel_runs_as_in_one_run(landing, bucke
         assert ours.height > 0 or table in ("raw.outcomes", "raw.labels"), table
         assert_frame_equal(ours.sort(ours.columns), theirs.sort(theirs.columns), check_column_order=False)
     assert set(parallel.source().read("raw.interactions", DOMAIN)["event_date"]) == set(days)
+
+
+def test_forget_and_retention_reach_every_table_in_the_bucket_and_spark_reads_on(both_profiles, object_store,
+                                                                                  landing, tmp_path):
+    """Under the distributed profile `flywheel forget` deletes a user from every table in the
+    bucket, dbt's intermediate models and marts too (rewritten in the types Spark stored them in),
+    and keeps their tombstone there: the next cycle, dbt on Spark reading the rewritten partitions,
+    quarantines their replayed events. The retention job deletes the expired day from every table."""
+    store = ObjectStore.from_settings(load_config(both_profiles["spark"]["folder"] / "flywheel.yaml").warehouse)
+    copied = {**object_store, "root": f"{object_store['root']}-forget", "spark_root": f"{object_store['spark_root']}-forget"}
+    pafs.copy_files(store.root, f"{store.root}-forget", source_filesystem=store.filesystem,
+                    destination_filesystem=store.filesystem)
+    with cycle_home(tmp_path / "home", landing, small_config(tmp_path, copied)) as (home, config, defs, instance):
+        store = ObjectStore.from_settings(config.warehouse)
+        interactions = store.source().read("raw.interactions", DOMAIN).filter(pl.col("consent") == "granted")
+        user = interactions["user_id"].mode().sort()[0]
+        theirs = interactions.filter(pl.col("user_id") == user)
+        marks = {"user_id": {user}, "interaction_id": set(theirs["interaction_id"]), "session_id": set(theirs["session_id"])}
+        tables = store.tables()
+        assert {"intermediate.int_sessions", "intermediate.int_reactions", "marts.fct_impressions"} <= set(tables)
+        assert rows_marked(store, tables, marks)  # the user is everywhere before
+
+        main(["forget", "--user", user])
+
+        assert rows_marked(store, tables, marks) == {}
+        assert store.source().read("privacy.forgotten_users", DOMAIN)["user_hash"].to_list() == [privacy.user_hash(user)]
+        replayed = [line for path in sorted((landing / DOMAIN).glob("*.jsonl")) for line in path.read_text().splitlines()
+                    if user_of(line) == user]
+        with home.landing_file(DOMAIN, str(LAST)).open("a") as batch:
+            batch.writelines(line + "\n" for line in replayed)
+        assert execute_cycle(defs, instance, DOMAIN, FIRST, LAST).success  # dbt on Spark reads the rewritten tables
+        assert rows_marked(store, store.tables(), marks) == {}
+        quarantine = store.source().read("raw.quarantine", DOMAIN)
+        assert quarantine.filter(pl.col("reason") == privacy.FORGOTTEN_USER).height == len(replayed) > 0
+
+        today = FIRST + timedelta(days=1 + config.domain(DOMAIN).retention_days)  # FIRST's rows expire
+        run_config = {"ops": {"delete_expired": {"config": {"domain": DOMAIN, "today": today.isoformat()}}}}
+        assert defs.resolve_job_def("enforce_retention").execute_in_process(run_config=run_config,
+                                                                             instance=instance).success
+        for table in store.tables():
+            kept = store.source().read(table, DOMAIN)
+            day = next((column for column in ("event_date", "as_of") if column in kept.columns), None)
+            assert day is None or kept.is_empty() or kept[day].min() > FIRST, table
+        first_sessions = set(interactions.filter(pl.col("event_date") == FIRST)["session_id"])
+        assert not set(store.source().read("intermediate.int_sessions", DOMAIN)["session_id"]) & first_sessions
+
+
+def rows_marked(store: ObjectStore, tables: list[str], marks: dict[str, set[str]]) -> dict[str, int]:
+    """Per table in the bucket, its rows of DOMAIN holding one of ``marks``' values in that column."""
+    found = {}
+    for table in tables:
+        rows = store.source().read(table, DOMAIN)
+        hits = [pl.col(column).is_in(list(values)) for column, values in marks.items() if column in rows.columns]
+        if hits and (count := rows.filter(pl.any_horizontal(hits)).height):
+            found[table] = count
+    return found
+
+
+def user_of(line: str) -> str | None:
+    """A landing line's user, None for a line that is no JSON object."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event.get("user_id") if isinstance(event, dict) else None

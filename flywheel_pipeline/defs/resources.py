@@ -13,13 +13,14 @@ import duckdb
 from flywheel_pipeline import warehouse
 from flywheel_pipeline.config import FlywheelConfig, WarehouseSettings, config_path, load_config
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.object_store import ObjectStore, working_copy
+from flywheel_pipeline.object_store import ObjectStore
+from flywheel_pipeline.warehouses import Warehouses
 
 
 class WarehouseResource(dg.ConfigurableResource):
-    """The home folder, its domains' warehouses and the approval records. A domain's warehouse is its
-    DuckDB file, or under ``engine: spark`` a working copy of its tables in the object store
-    (``object_store.working_copy``): the stages get a DuckDB connection either way."""
+    """The home folder, its domains' warehouses (``warehouses.Warehouses``: a DuckDB file, or under
+    ``engine: spark`` a working copy of the domain's tables in the object store; the stages get a
+    DuckDB connection either way) and the approval records."""
 
     home_path: str
     config_path: str | None = None
@@ -49,15 +50,14 @@ class WarehouseResource(dg.ConfigurableResource):
     def config(self) -> FlywheelConfig:
         return load_config(self.config_path)
 
+    def warehouses(self) -> Warehouses:
+        return Warehouses(self.home(), self.object_store(), self.memory_limit)
+
     @contextmanager
-    def connect(self, domain: str, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """``domain``'s warehouse."""
-        if (store := self.object_store()) is not None:
-            with working_copy(store, domain, read_only=read_only, memory_limit=self.memory_limit) as con:
-                yield con
-            return
-        with warehouse.connect(self.home().warehouse(domain), read_only=read_only,
-                               memory_limit=self.memory_limit) as con:
+    def connect(self, domain: str, read_only: bool = False,
+                every_table: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """``domain``'s warehouse (``Warehouses.connect``)."""
+        with self.warehouses().connect(domain, read_only=read_only, every_table=every_table) as con:
             yield con
 
     @contextmanager

@@ -111,10 +111,10 @@ def build_sensors(config: FlywheelConfig) -> list[dg.SensorDefinition]:
                            "writing is looked at again next tick.")
     def late_label_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource) -> dg.SensorResult:
         cursors = domain_cursors(context.cursor, config.domains)
-        home = warehouse.home()
+        warehouses = warehouse.warehouses()
         requests, busy = [], []
         for domain in config.domains:
-            if not home.warehouse(domain).exists():
+            if not warehouses.exists(domain):
                 continue
             since = datetime.fromisoformat(cursors[domain]) if cursors[domain] else None
             try:
@@ -195,12 +195,12 @@ def build_drift_sensor(config: FlywheelConfig, cycle_jobs: list) -> dg.SensorDef
     def drift_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource,
                      mlflow: MlflowResource) -> dg.SensorResult:
         cursors = drift_cursors(context.cursor)
-        home = warehouse.home()
-        client = mlflow.client() if home.has_mlflow_store else None  # a reader makes no empty store
+        warehouses = warehouse.warehouses()
+        client = mlflow.client() if warehouses.home.has_mlflow_store else None  # a reader makes no empty store
         requests, lines = [], []
         for domain in watched:
             settings = config.domain(domain)
-            if not home.warehouse(domain).exists():
+            if not warehouses.exists(domain):
                 lines.append(f"{domain}: no warehouse yet")
                 continue
             champion = registry.alias_version(client, domain, registry.CHAMPION) if client else None

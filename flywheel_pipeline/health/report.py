@@ -38,7 +38,7 @@ from flywheel_pipeline.monitoring import calibration
 from flywheel_pipeline.registry import BASELINE, champion_summary
 from flywheel_pipeline.validation.intervals import CI_LEVEL
 from flywheel_pipeline.validation.report import SHOWN_METRICS
-from flywheel_pipeline.warehouse import connect
+from flywheel_pipeline.warehouses import Warehouses
 
 TRUE_ACCURACY_TAG = "simulator.true_accuracy"
 VALIDATION = "validation"  # health.measures' trap for the gate's primary metric per cycle
@@ -694,14 +694,15 @@ def stored_report(home: Home, domain: str, as_of: date | None = None) -> Path:
     return stored[-1]
 
 
-def render_stored(home: Home, stored: Path) -> tuple[HealthReport, str]:
-    """A stored report and its page rendered again: the history from the home's warehouse
+def render_stored(warehouses: Warehouses, stored: Path) -> tuple[HealthReport, str]:
+    """A stored report and its page rendered again: the history from the domain's warehouse
     (read-only), the truth its MLflow's candidates carry now and the champion its registry names now."""
+    home = warehouses.home
     report, validation = load_report(stored)
     drift = json.loads(Path(stored).with_suffix(".json").read_text()).get("drift")  # none before drift was measured
     history, live = None, None
-    if (path := home.warehouse(report.domain)).exists():
-        with connect(path, read_only=True) as con:
+    if warehouses.exists(report.domain):
+        with warehouses.connect(report.domain, read_only=True) as con:
             history = measure_history(con, report.domain)
             live = calibration(con, report.domain).to_dicts()
     truth, champion_now = {}, None

@@ -32,7 +32,8 @@ from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.importers.base import RECORDS, Encoded, Event, Mapped, Rejected, Skipped
 from flywheel_pipeline.run_range import record_imported_days
-from flywheel_pipeline.warehouse import connect, ensure_raw_tables, transaction
+from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
+from flywheel_pipeline.warehouses import Warehouses
 
 _MAX_OPEN_BATCHES = 64  # temporary batch files held open at once while events stream in
 
@@ -182,7 +183,7 @@ def _quarantine(home: Home, config: FlywheelConfig, domain: str, path: Path, rej
         schema={"event_date": pl.Date, "source_line": pl.Int64, "reason": pl.String, "line": pl.String},
     )
     params = {"domain": domain, "file": str(path), "now": now.astimezone(UTC).replace(tzinfo=None)}
-    with connect(home.warehouse(domain), memory_limit=config.warehouse.memory_limit) as con:
+    with Warehouses.for_settings(home, config.warehouse).connect(domain) as con:
         ensure_raw_tables(con)
         privacy.install_redaction(con)
         con.register("rejects", frame)

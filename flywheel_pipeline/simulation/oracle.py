@@ -15,7 +15,7 @@ from flywheel_pipeline.home import Home
 from flywheel_pipeline.simulation import true_accuracy, true_labels
 from flywheel_pipeline.training import trainer_for
 from flywheel_pipeline.training.base import Trainer, Windows, impressions
-from flywheel_pipeline.warehouse import connect
+from flywheel_pipeline.warehouses import Warehouses
 
 
 def with_truth(rows: pl.DataFrame, truth: pl.DataFrame) -> pl.DataFrame:
@@ -29,7 +29,7 @@ def oracle_accuracy(home: Home, config: FlywheelConfig, domain: str, windows: Wi
                     trainer: Trainer | None = None) -> float:
     """True accuracy of ``trainer`` (default: the domain's) fitted on the truth of ``windows``'
     training days."""
-    with connect(home.warehouse(domain), read_only=True) as con:
+    with Warehouses.for_settings(home, config.warehouse).connect(domain, read_only=True) as con:
         rows = impressions(con, domain, windows.train_start, windows.train_end)
     rows = with_truth(rows, true_labels(home, domain).unique(["interaction_id", "item_id"]))
     trainer = trainer or trainer_for(config.domain(domain))

@@ -1,0 +1,73 @@
+"""Every domain's warehouse under flywheel.yaml's ``warehouse.engine``: a DuckDB file per domain in
+the home (duckdb), or a working copy of the domain's tables in the object store (spark,
+object_store.py). The assets (through ``defs.resources.WarehouseResource``), the sensors, the CLI,
+``flywheel forget`` and ``flywheel import`` open a domain's warehouse here, so none of them is
+bound to one engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date
+
+import duckdb
+
+from flywheel_pipeline import warehouse
+from flywheel_pipeline.config import WarehouseSettings
+from flywheel_pipeline.home import Home
+from flywheel_pipeline.object_store import ObjectStore, working_copy
+from flywheel_pipeline.sources import INTERACTIONS
+
+
+@dataclass(frozen=True)
+class Warehouses:
+    home: Home
+    store: ObjectStore | None = None  # engine spark's tables; None: a DuckDB file per domain
+    memory_limit: str | None = None  # DuckDB's; None: its default
+
+    @classmethod
+    def for_settings(cls, home: Home, settings: WarehouseSettings) -> Warehouses:
+        store = ObjectStore.from_settings(settings) if settings.engine == "spark" else None
+        return cls(home, store, settings.memory_limit)
+
+    def exists(self, domain: str) -> bool:
+        """Whether ``domain`` has a warehouse yet: its DuckDB file, or a partition in the store."""
+        if self.store is None:
+            return self.home.warehouse(domain).exists()
+        return any(self.store.holds(table, domain) for table in self.store.tables())
+
+    def interaction_days(self, domain: str) -> frozenset[date]:
+        """The days of ``domain``'s accumulated interactions (under spark, its partition folders).
+        Raises WarehouseBusy while a run writes its DuckDB file."""
+        if self.store is not None:
+            return self.store.days(INTERACTIONS, domain)
+        if not self.exists(domain):
+            return frozenset()
+        with warehouse.connect(self.home.warehouse(domain), read_only=True) as con:
+            try:
+                rows = con.execute("SELECT DISTINCT event_date FROM raw.interactions WHERE domain = ?",
+                                   [domain]).fetchall()
+            except duckdb.CatalogException:  # a warehouse without raw tables yet
+                return frozenset()
+        return frozenset(day for (day,) in rows)
+
+    def where(self, domain: str) -> str:
+        """Where ``domain``'s tables are, in words."""
+        if self.store is None:
+            return str(self.home.warehouse(domain))
+        return f"{self.store.root} (domain={domain} partitions)"
+
+    @contextmanager
+    def connect(self, domain: str, read_only: bool = False,
+                every_table: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """``domain``'s warehouse. ``every_table``: deletions must reach every table, dbt's too (under
+        spark a working copy otherwise writes back only the Python stages' tables)."""
+        if self.store is not None:
+            with working_copy(self.store, domain, read_only=read_only, memory_limit=self.memory_limit,
+                              every_table=every_table) as con:
+                yield con
+            return
+        with warehouse.connect(self.home.warehouse(domain), read_only=read_only,
+                               memory_limit=self.memory_limit) as con:
+            yield con

@@ -1,0 +1,113 @@
+"""A domain's warehouse under either engine (warehouses.Warehouses): whether it exists and which days
+it holds, for the CLI and the sensors; and under engine spark, working copies that write back dbt's
+tables only when a deletion must reach them, in the types Spark stored them in, with the forgotten
+users kept in the store. The engine spark's tables live in a local folder here (no Spark needed:
+the tables dbt builds are written as Spark writes them); tests/test_spark_cycle.py runs the same on
+Spark and an S3 server."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from functools import partial
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flywheel_pipeline import privacy, sources
+from flywheel_pipeline.config import WarehouseSettings
+from flywheel_pipeline.home import Home
+from flywheel_pipeline.object_store import ObjectStore
+from flywheel_pipeline.warehouse import ensure_raw_tables
+from flywheel_pipeline.warehouses import Warehouses
+
+DOMAIN = "assistant"
+DAY = date(2026, 11, 2)
+SESSIONS = "intermediate.int_sessions"  # dbt's, on Spark one partition per domain
+MARTS = "marts.fct_interactions"  # dbt's, partitioned by domain and day
+# as Spark stores it: INT96 timestamps (read as nanoseconds), a column declared not null
+SESSION_TYPES = pa.schema([pa.field("session_id", pa.string()), pa.field("started_at", pa.timestamp("ns")),
+                           pa.field("n_interactions", pa.int64(), nullable=False)])
+
+
+@pytest.fixture
+def spark_warehouses(tmp_path) -> Warehouses:
+    """engine spark over a local folder, holding one interaction of u1 and u2 each and dbt's
+    sessions table as Spark writes it (a part file and its hidden checksum)."""
+    home = Home(tmp_path / "spark_home").ensure()
+    warehouses = Warehouses.for_settings(home, WarehouseSettings(engine="spark", root=str(tmp_path / "tables")))
+    with warehouses.connect(DOMAIN) as con:
+        for user in ("1", "2"):
+            con.execute("""INSERT INTO raw.interactions BY NAME SELECT
+                               $domain AS domain, $day AS event_date, 'e' || $n AS event_id, $day::TIMESTAMP AS event_ts,
+                               'u' || $n AS user_id, 's' || $n AS session_id, 'i' || $n AS interaction_id,
+                               'baseline' AS model_version, 'champion' AS policy, 'granted' AS consent,
+                               'hello' AS input_text, 'batch.jsonl' AS source_file, 1 AS source_line,
+                               $day::TIMESTAMP AS ingested_at""", {"domain": DOMAIN, "day": DAY, "n": user})
+    started = datetime(2026, 11, 2, 10)
+    as_spark_writes(tmp_path / "tables" / "intermediate.db" / "int_sessions" / f"domain={DOMAIN}", pa.table(
+        {"session_id": ["s1", "s2"], "started_at": [started, started], "n_interactions": [1, 1]}, schema=SESSION_TYPES))
+    as_spark_writes(tmp_path / "tables" / "marts.db" / "fct_interactions" / f"domain={DOMAIN}" / f"event_date={DAY}",
+                    pa.table({"interaction_id": ["i1", "i2"], "user_id": ["u1", "u2"], "session_id": ["s1", "s2"]}))
+    return warehouses
+
+
+def as_spark_writes(folder: Path, rows: pa.Table) -> None:
+    """``rows`` as a Spark part file (INT96 timestamps) with its hidden checksum file."""
+    folder.mkdir(parents=True)
+    pq.write_table(rows, folder / "part-00000-c000.snappy.parquet", use_deprecated_int96_timestamps=True)
+    (folder / ".part-00000-c000.snappy.parquet.crc").write_bytes(b"crc")
+
+
+def test_a_domain_exists_with_its_days_under_either_engine(home, spark_warehouses):
+    duckdb_warehouses = Warehouses(home)
+    assert not duckdb_warehouses.exists(DOMAIN) and duckdb_warehouses.interaction_days(DOMAIN) == frozenset()
+    with duckdb_warehouses.connect(DOMAIN) as con:
+        ensure_raw_tables(con)
+    assert duckdb_warehouses.exists(DOMAIN) and duckdb_warehouses.interaction_days(DOMAIN) == frozenset()
+
+    assert spark_warehouses.exists(DOMAIN) and not spark_warehouses.exists("recommendation")
+    assert spark_warehouses.interaction_days(DOMAIN) == {DAY}
+    assert not spark_warehouses.home.warehouse(DOMAIN).exists()  # no DuckDB file under spark
+
+
+def test_a_stage_run_leaves_dbts_tables_alone_and_a_deletion_rewrites_them_in_sparks_types(spark_warehouses):
+    store = spark_warehouses.store
+    stored = sources.table_folder(store.root, SESSIONS) + f"/domain={DOMAIN}"
+    with spark_warehouses.connect(DOMAIN) as con:  # a stage's run: dbt's marts are read, not written back
+        assert SESSIONS not in {f"{schema}.{name}" for schema, name in con.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables").fetchall()}
+        con.execute(f"DELETE FROM {MARTS} WHERE user_id = 'u1'")
+    assert store.source().read(MARTS, DOMAIN)["user_id"].sort().to_list() == ["u1", "u2"]
+
+    with spark_warehouses.connect(DOMAIN, every_table=True) as con:
+        con.execute(f"DELETE FROM {SESSIONS} WHERE session_id = 's1'")
+
+    assert store.source().read(SESSIONS, DOMAIN)["session_id"].to_list() == ["s2"]
+    written = pq.read_schema(f"{stored}/{sources.PARTITION_FILE}")
+    assert written.field("n_interactions") == SESSION_TYPES.field("n_interactions")  # int64, not null
+    assert written.field("started_at").type == pa.timestamp("us", "UTC")  # micros: Spark cannot read nanos back
+    assert sorted(path.name for path in Path(stored).iterdir()) == [sources.PARTITION_FILE]
+
+
+def test_forget_reaches_dbts_tables_and_leaves_the_tombstone_in_the_store(spark_warehouses):
+    forget = partial(spark_warehouses.connect, every_table=True)
+    report = privacy.forget_user(spark_warehouses.home, [DOMAIN], "u1", forget)
+
+    assert report.rows_deleted == {f"{DOMAIN}/raw.interactions": 1, f"{DOMAIN}/{SESSIONS}": 1, f"{DOMAIN}/{MARTS}": 1}
+    source = spark_warehouses.store.source()
+    assert source.read("raw.interactions", DOMAIN)["user_id"].to_list() == ["u2"]
+    assert source.read(SESSIONS, DOMAIN)["session_id"].to_list() == ["s2"]
+    assert source.read(MARTS, DOMAIN)["user_id"].to_list() == ["u2"]
+    assert source.read("privacy.forgotten_users", DOMAIN)["user_hash"].to_list() == [privacy.user_hash("u1")]
+    with spark_warehouses.connect(DOMAIN, read_only=True) as con:  # what accumulation checks replays against
+        assert con.execute("SELECT user_hash FROM privacy.forgotten_users").fetchall() == [(privacy.user_hash("u1"),)]
+    privacy.forget_user(spark_warehouses.home, [DOMAIN], "u1", forget)  # again: one tombstone still
+    assert source.read("privacy.forgotten_users", DOMAIN).height == 1
+
+
+def test_the_store_lists_only_tables_with_partitions(spark_warehouses):
+    store: ObjectStore = spark_warehouses.store
+    assert {"raw.interactions", SESSIONS} <= set(store.tables())
+    assert "raw.signals" not in store.tables()  # no rows written: no partition folder
