@@ -17,7 +17,7 @@ from flywheel_pipeline import warehouse
 from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.object_store import ObjectStore, working_copy
-from flywheel_pipeline.sources import INTERACTIONS
+from flywheel_pipeline.sources import INTERACTIONS, Readable
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,16 @@ class Warehouses:
         if self.store is None:
             return str(self.home.warehouse(domain))
         return f"{self.store.root} (domain={domain} partitions)"
+
+    @contextmanager
+    def reader(self, domain: str) -> Iterator[Readable]:
+        """``domain``'s tables to read a few columns or days of (``sources.Source``), as a sensor's
+        tick does: the store's Parquet read directly, or the DuckDB file read-only; no working copy."""
+        if self.store is not None:
+            yield self.store.source()
+            return
+        with warehouse.connect(self.home.warehouse(domain), read_only=True, memory_limit=self.memory_limit) as con:
+            yield con
 
     @contextmanager
     def connect(self, domain: str, read_only: bool = False,

@@ -525,6 +525,7 @@ def test_a_review_label_arriving_after_its_day_was_labelled_makes_that_day_stale
     labelled partition of the reviewed interaction, as it does for a late outcome."""
     from flywheel_pipeline.accumulation import accumulate
     from flywheel_pipeline.labeling.late import late_outcome_partitions
+    from flywheel_pipeline.sources import ParquetSource, export_parquet
     from flywheel_pipeline.warehouse import connect
     from tests.test_accumulation import DAY, interaction, label, write_batch
 
@@ -536,11 +537,14 @@ def test_a_review_label_arriving_after_its_day_was_labelled_makes_that_day_stale
         con.execute(stage.LABELS_DDL)
         con.execute("INSERT INTO labels.impression_labels VALUES "
                     "('assistant', ?, 'i_a', 'r_1', 0.8, true, 2, 'v', ?)", [DAY, labelled_at])
-        assert late_outcome_partitions(con, None) == ([], None)  # nothing arrived yet
+        assert late_outcome_partitions(con, "assistant", None) == ([], None)  # nothing arrived yet
 
         write_batch(home, "2026-11-03", [label("l1")], folder="labels")
         accumulate(con, home, config, "assistant", [DAY + timedelta(days=1)],
                    now=reviewed.replace(tzinfo=UTC))
-        stale, cursor = late_outcome_partitions(con, None)
+        stale, cursor = late_outcome_partitions(con, "assistant", None)
         assert stale == [("assistant", DAY)] and cursor == reviewed
-        assert late_outcome_partitions(con, cursor) == ([], cursor)  # seen: no second backfill
+        assert late_outcome_partitions(con, "assistant", cursor) == ([], cursor)  # seen: no second backfill
+        export_parquet(con, ["raw.interactions", "raw.outcomes", "raw.labels", "labels.impression_labels"],
+                       home.root / "parquet")  # as the distributed profile's store holds them (no outcome: no folder)
+    assert late_outcome_partitions(ParquetSource(home.root / "parquet"), "assistant", None) == (stale, cursor)

@@ -118,8 +118,8 @@ def build_sensors(config: FlywheelConfig) -> list[dg.SensorDefinition]:
                 continue
             since = datetime.fromisoformat(cursors[domain]) if cursors[domain] else None
             try:
-                with warehouse.connect(domain, read_only=True) as con:
-                    stale, newest = late_outcome_partitions(con, since)
+                with warehouses.reader(domain) as source:
+                    stale, newest = late_outcome_partitions(source, domain, since)
             except WarehouseBusy:
                 busy.append(domain)
                 continue
@@ -206,8 +206,8 @@ def build_drift_sensor(config: FlywheelConfig, cycle_jobs: list) -> dg.SensorDef
             champion = registry.alias_version(client, domain, registry.CHAMPION) if client else None
             tags = registry.version_tags(client, domain, champion) if champion else None
             try:
-                with warehouse.connect(domain, read_only=True) as con:
-                    report = domain_drift(con, settings, domain, champion, tags)
+                with warehouses.reader(domain) as source:
+                    report = domain_drift(source, settings, domain, champion, tags)
             except WarehouseBusy:
                 lines.append(f"{domain}: busy (a run is writing), looking again next tick")
                 continue
