@@ -113,6 +113,9 @@ def working_copy(store: ObjectStore, domain: str, read_only: bool = False, memor
     loaded = (*STAGE_TABLES, TOMBSTONES, *DBT_TABLES)
     loaded += tuple(table for table in store.tables() if table not in loaded) if every_table else ()
     written = loaded if every_table else (*STAGE_TABLES, TOMBSTONES)
+    # the raw tables last: a deletion killed while writing back is found again by its raw rows
+    # (a user's sessions, by their interactions), so running it again finishes the derived tables
+    written = sorted(written, key=lambda table: table.startswith("raw."))
     with warehouse.connect(":memory:", memory_limit=memory_limit) as con:
         warehouse.ensure_raw_tables(con)
         privacy.ensure_privacy_tables(con)

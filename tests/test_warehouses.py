@@ -7,6 +7,9 @@ Spark and an S3 server."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from datetime import date, datetime
 from functools import partial
 from pathlib import Path
@@ -105,6 +108,42 @@ def test_forget_reaches_dbts_tables_and_leaves_the_tombstone_in_the_store(spark_
         assert con.execute("SELECT user_hash FROM privacy.forgotten_users").fetchall() == [(privacy.user_hash("u1"),)]
     privacy.forget_user(spark_warehouses.home, [DOMAIN], "u1", forget)  # again: one tombstone still
     assert source.read("privacy.forgotten_users", DOMAIN).height == 1
+
+
+KILLED_AFTER_A_RAW_PARTITION = """
+import os, signal, sys
+from functools import partial
+from flywheel_pipeline import privacy, sources
+from flywheel_pipeline.config import WarehouseSettings
+from flywheel_pipeline.home import Home
+from flywheel_pipeline.warehouses import Warehouses
+
+replace = sources.ParquetSink.replace_partition
+
+def replace_then_die(sink, table, *args, **kwargs):
+    replace(sink, table, *args, **kwargs)
+    if table.startswith("raw."):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+sources.ParquetSink.replace_partition = replace_then_die
+warehouses = Warehouses.for_settings(Home(sys.argv[1]), WarehouseSettings(engine="spark", root=sys.argv[2]))
+privacy.forget_user(warehouses.home, ["assistant"], "u1", partial(warehouses.connect, every_table=True))
+"""
+
+
+def test_a_forget_killed_while_writing_back_is_finished_by_running_it_again(spark_warehouses):
+    """kill -9 once the first raw partition is rewritten: the derived tables were written before it
+    (raw last), and running forget again finds the rest by the raw rows still there, if any."""
+    store = spark_warehouses.store
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_A_RAW_PARTITION, str(spark_warehouses.home.root),
+                             store.root], check=False, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+    privacy.forget_user(spark_warehouses.home, [DOMAIN], "u1", partial(spark_warehouses.connect, every_table=True))
+
+    assert store.source().read(SESSIONS, DOMAIN)["session_id"].to_list() == ["s2"]
+    assert store.source().read(MARTS, DOMAIN)["user_id"].to_list() == ["u2"]
+    assert store.source().read("raw.interactions", DOMAIN)["user_id"].to_list() == ["u2"]
 
 
 def test_the_store_lists_only_tables_with_partitions(spark_warehouses):
