@@ -7,6 +7,7 @@ Spark and an S3 server."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -17,13 +18,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from flywheel_pipeline import privacy, sources
+from flywheel_pipeline.cli import main
 from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.object_store import ObjectStore
 from flywheel_pipeline.warehouse import ensure_raw_tables
 from flywheel_pipeline.warehouses import Warehouses
+from tests.conftest import REPO
 
 DOMAIN = "assistant"
 DAY = date(2026, 11, 2)
@@ -114,9 +118,11 @@ KILLED_AFTER_A_RAW_PARTITION = """
 import os, signal, sys
 from functools import partial
 from flywheel_pipeline import privacy, sources
+from flywheel_pipeline.cli import main
 from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.warehouses import Warehouses
+from tests.conftest import REPO
 
 replace = sources.ParquetSink.replace_partition
 
@@ -144,6 +150,23 @@ def test_a_forget_killed_while_writing_back_is_finished_by_running_it_again(spar
     assert store.source().read(SESSIONS, DOMAIN)["session_id"].to_list() == ["s2"]
     assert store.source().read(MARTS, DOMAIN)["user_id"].to_list() == ["u2"]
     assert store.source().read("raw.interactions", DOMAIN)["user_id"].to_list() == ["u2"]
+
+
+def test_status_reads_a_domain_in_the_store(spark_warehouses, tmp_path, monkeypatch, capsys):
+    raw = yaml.safe_load((REPO / "flywheel.yaml").read_text())
+    raw["warehouse"] = {"engine": "spark", "root": spark_warehouses.store.root}
+    (tmp_path / "flywheel.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("FLYWHEEL_CONFIG", str(tmp_path / "flywheel.yaml"))
+    monkeypatch.setenv("FLYWHEEL_HOME", str(spark_warehouses.home.root))
+    for name in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+
+    main(["status"])
+
+    out = capsys.readouterr().out
+    assert f"assistant: warehouse {spark_warehouses.store.root} (domain=assistant partitions)\n" in out
+    assert f"recommendation: warehouse {spark_warehouses.store.root} (domain=recommendation partitions) (none yet)" in out
+    assert re.search(r"raw.interactions +2 rows", out) and re.search(r"marts.fct_interactions +2 rows", out)
 
 
 def test_the_store_lists_only_tables_with_partitions(spark_warehouses):
