@@ -25,6 +25,7 @@ from flywheel_pipeline.defs.assets import LABELS
 from flywheel_pipeline.defs.transform import RAW_EVENTS, dbt_model_keys
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.importers import FORMATS, UnreadableFile, import_file, otel
+from flywheel_pipeline.sources import ParquetSource
 from tests.conftest import REPO
 
 TODAY = datetime.now(UTC).date()
@@ -208,6 +209,20 @@ def test_a_bandit_log_with_1_based_slots_becomes_slates_and_clicks(project, tmp_
     assert clicks and {e["signal_type"] for e in clicks} == {"click"}
     assert rows(home, "SELECT source_line, reason FROM raw.quarantine ORDER BY 1", "recommendation") == [
         (SLATES_PER_DAY * SLOTS + 1, "invalid_value:slot"), (SLATES_PER_DAY * SLOTS + 2, "missing_field:item_id")]
+
+
+def test_an_import_under_engine_spark_keeps_its_quarantine_in_the_store(tmp_path):
+    raw = yaml.safe_load(project_config(tmp_path).read_text())
+    raw["warehouse"] = {"engine": "spark", "root": str(tmp_path / "tables")}
+    (tmp_path / "flywheel.yaml").write_text(yaml.safe_dump(raw))
+    home, config = Home(tmp_path / "home").ensure(), load_config(tmp_path / "flywheel.yaml")
+
+    import_file(home, config, "bandit", bandit_file(tmp_path / "log.csv", BANDIT_FIRST, days=1), "recommendation")
+
+    quarantine = ParquetSource(tmp_path / "tables").read("raw.quarantine", "recommendation")
+    assert sorted(zip(quarantine["source_line"], quarantine["reason"], strict=True)) == [
+        (SLATES_PER_DAY * SLOTS + 1, "invalid_value:slot"), (SLATES_PER_DAY * SLOTS + 2, "missing_field:item_id")]
+    assert not home.warehouse("recommendation").exists()  # no DuckDB file under spark
 
 
 def test_a_slate_with_two_items_in_one_slot_is_rejected_whole(project, tmp_path):
