@@ -14,7 +14,7 @@ from datetime import date
 from functools import partial
 
 import dagster as dg
-import duckdb
+import polars as pl
 from mlflow import MlflowClient
 
 from flywheel_pipeline import approval, registry
@@ -30,6 +30,8 @@ from flywheel_pipeline.labeling import label_partitions, maturity_cutoff
 from flywheel_pipeline.labeling.stage import to_markdown
 from flywheel_pipeline.launcher import in_progress
 from flywheel_pipeline.lineage import register
+from flywheel_pipeline.sources import LABELS as LABELS_TABLE
+from flywheel_pipeline.sources import Readable, as_source
 from flywheel_pipeline.training import TrainingResult, train_candidate
 from flywheel_pipeline.training.base import close_abandoned_runs
 from flywheel_pipeline.training.pipes import PipesLaunch
@@ -83,11 +85,9 @@ def build_data_assets(config: FlywheelConfig) -> list[dg.AssetsDefinition]:
     return [raw_events, labels]
 
 
-def latest_labelled_day(con: duckdb.DuckDBPyConnection, domain: str) -> date:
-    [(day,)] = con.execute(
-        "SELECT max(event_date) FROM labels.impression_labels WHERE domain = ? AND p_good IS NOT NULL",
-        [domain],
-    ).fetchall()
+def latest_labelled_day(source: Readable, domain: str) -> date:
+    labelled = as_source(source).read(LABELS_TABLE, domain, columns=["event_date", "p_good"])
+    day = labelled.filter(pl.col("p_good").is_not_null())["event_date"].max() if labelled.width else None
     if day is None:
         raise dg.Failure(f"{domain} has no labelled impressions yet: materialize labels first")
     return day
@@ -110,10 +110,10 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
                         pipes_trainer: dg.ResourceParam[dg.PipesClient]) -> dg.Output[TrainingResult]:
         if closed := close_abandoned_runs(warehouse.home(), domain, partial(in_progress, context.instance)):
             context.log.warning(f"closed as FAILED the MLflow runs {closed}: their process died")
-        with warehouse.connect(domain) as con:  # train_candidate points MLflow at the home's store
-            as_of = latest_labelled_day(con, domain)
-            mature_until = maturity_cutoff(con, config, domain, as_of)
-            result = train_candidate(con, warehouse.home(), config, domain, as_of, mature_until=mature_until,
+        with warehouse.warehouses().reader(domain) as source:  # the days and columns it reads, no copy
+            as_of = latest_labelled_day(source, domain)
+            mature_until = maturity_cutoff(source, config, domain, as_of)
+            result = train_candidate(source, warehouse.home(), config, domain, as_of, mature_until=mature_until,
                                      dagster_run_id=context.run_id, launch=PipesLaunch(pipes_trainer, context))
         return dg.Output(result, metadata={**result.metadata(),
                                            "metrics": dg.MetadataValue.md(result.metrics_markdown())})
@@ -130,8 +130,8 @@ def build_model_assets(config: FlywheelConfig, domain: str) -> list[dg.AssetsDef
                           warehouse: WarehouseResource, mlflow: MlflowResource):
         client = mlflow.client()
         champion_uri = registry.alias_uri(client, domain, registry.CHAMPION)
-        with warehouse.connect(domain) as con:
-            report = validate_cycle(con, warehouse.home(), config, domain, candidate.model_uri,
+        with warehouse.warehouses().reader(domain) as source:
+            report = validate_cycle(source, warehouse.home(), config, domain, candidate.model_uri,
                                     champion_uri, candidate.windows)
         yield dg.Output(report, metadata={**report.metadata(), "report": dg.MetadataValue.md(report.markdown())})
         yield _gate_check(report)
