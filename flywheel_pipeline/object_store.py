@@ -37,7 +37,7 @@ from flywheel_pipeline.sources import ParquetSink, ParquetSource, day_column, ta
 # What the Python stages write (each partitioned by domain and a day), in the order a copy loads them.
 STAGE_TABLES = ("raw.interactions", "raw.impressions", "raw.signals", "raw.outcomes", "raw.labels",
                 "raw.quarantine", "labels.label_matrix", "labels.impression_labels", "labels.review_queue",
-                "health.measures")
+                "health.measures", "health.champion_monitor")
 # A user forgotten in a domain (privacy.forget_user), one partition per domain: accumulation keeps them out.
 TOMBSTONES = "privacy.forgotten_users"
 # What dbt builds on Spark that the Python stages read.

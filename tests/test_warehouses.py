@@ -24,6 +24,7 @@ from flywheel_pipeline import privacy, sources
 from flywheel_pipeline.cli import main
 from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.home import Home
+from flywheel_pipeline.monitoring import MONITOR_TABLE, latest_watch
 from flywheel_pipeline.object_store import ObjectStore
 from flywheel_pipeline.warehouse import ensure_raw_tables
 from flywheel_pipeline.warehouses import Warehouses
@@ -121,6 +122,7 @@ from flywheel_pipeline import privacy, sources
 from flywheel_pipeline.cli import main
 from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.home import Home
+from flywheel_pipeline.monitoring import MONITOR_TABLE, latest_watch
 from flywheel_pipeline.warehouses import Warehouses
 from tests.conftest import REPO
 
@@ -167,6 +169,17 @@ def test_status_reads_a_domain_in_the_store(spark_warehouses, tmp_path, monkeypa
     assert f"assistant: warehouse {spark_warehouses.store.root} (domain=assistant partitions)\n" in out
     assert f"recommendation: warehouse {spark_warehouses.store.root} (domain=recommendation partitions) (none yet)" in out
     assert re.search(r"raw.interactions +2 rows", out) and re.search(r"marts.fct_interactions +2 rows", out)
+
+
+def test_the_monitors_watch_is_kept_in_the_store(spark_warehouses):
+    """The champion monitor's daily row (after a deployment) outlives its run's working copy."""
+    with spark_warehouses.connect(DOMAIN) as con:
+        con.execute("CREATE SCHEMA IF NOT EXISTS health")
+        con.execute(f"""CREATE TABLE {MONITOR_TABLE} AS SELECT $domain AS domain, $day AS event_date, '3' AS version,
+                        NULL::TIMESTAMP AS deployed_at, false AS regressed, false AS below_forecast,
+                        'kept' AS action""", {"domain": DOMAIN, "day": DAY})
+    with spark_warehouses.connect(DOMAIN, read_only=True) as con:
+        assert latest_watch(con, DOMAIN) == f"{DAY}: v3 healthy; kept"
 
 
 def test_the_store_lists_only_tables_with_partitions(spark_warehouses):
