@@ -28,7 +28,6 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
-from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -310,7 +309,7 @@ def cmd_forget(args: argparse.Namespace) -> None:
 
     home, config = Home.existing().activate(), load_config()
     warehouses = Warehouses.for_settings(home, config.warehouse)
-    report = privacy.forget_user(home, config.domains, args.user, partial(warehouses.connect, every_table=True))
+    report = privacy.forget_user(home, config.domains, args.user, warehouses.for_deletion)
     console.print(f"forgot the user (tombstone {report.user_hash[:12]}...): "
                   f"{sum(report.rows_deleted.values()):,} rows from {len(report.rows_deleted)} tables, "
                   f"{sum(report.landing_lines_removed.values()):,} lines from "

@@ -74,16 +74,13 @@ class ObjectStore:
     def sink(self) -> ParquetSink:
         return ParquetSink(self.root, self.filesystem)
 
-    def tables(self) -> list[str]:
-        """Every table under the root (``schema.name``) that holds a partition folder."""
+    def tables(self, domain: str | None = None) -> list[str]:
+        """Every table under the root (``schema.name``) that holds a partition folder, or with
+        ``domain`` a folder of that domain's partitions."""
+        holds = (lambda part: part == f"domain={domain}") if domain else (lambda part: "=" in part)
         return [f"{schema.removesuffix('.db')}.{name}"
                 for schema in self._folders(self.root, ".db") for name in self._folders(f"{self.root}/{schema}", "")
-                if any("=" in part for part in self._folders(f"{self.root}/{schema}/{name}", ""))]
-
-    def holds(self, table: str, domain: str) -> bool:
-        """Whether ``table`` has a folder of ``domain``'s partitions."""
-        folder = f"{table_folder(self.root, table)}/domain={domain}"
-        return self.filesystem.get_file_info(folder).type == pafs.FileType.Directory
+                if any(holds(part) for part in self._folders(f"{self.root}/{schema}/{name}", ""))]
 
     def days(self, table: str, domain: str) -> frozenset[date]:
         """The days of ``domain``'s partitions of ``table`` (its ``<column>=<day>`` folders)."""
@@ -111,7 +108,7 @@ def working_copy(store: ObjectStore, domain: str, read_only: bool = False, memor
     Python stages' tables, or with ``every_table`` those of every table in the store."""
     source = store.source()
     loaded = (*STAGE_TABLES, TOMBSTONES, *DBT_TABLES)
-    loaded += tuple(table for table in store.tables() if table not in loaded) if every_table else ()
+    loaded += tuple(table for table in store.tables(domain) if table not in loaded) if every_table else ()
     written = loaded if every_table else (*STAGE_TABLES, TOMBSTONES)
     # the raw tables last: a deletion killed while writing back is found again by its raw rows
     # (a user's sessions, by their interactions), so running it again finishes the derived tables
@@ -125,19 +122,22 @@ def working_copy(store: ObjectStore, domain: str, read_only: bool = False, memor
             if rows.width:
                 _load(con, table, rows)
                 split_by[table] = source.day_column(table, domain)
-        before = {table: _digests(con, table, split_by.get(table, _day(con, table))) for table in written}
+
+        def split(table: str) -> str | None:  # a table the stage creates: split as sources.day_column says
+            return split_by[table] if table in split_by else _day(con, table)
+
+        before = {table: _digests(con, table, split(table)) for table in written}
         yield con
         if read_only:
             return
         sink = store.sink()
         for table in written:
-            split = split_by.get(table, _day(con, table))
-            after = _digests(con, table, split)
+            after = _digests(con, table, split(table))
             changed = sorted((day for day in before[table].keys() | after.keys()
                               if before[table].get(day) != after.get(day)), key=str)
             stored = None if table in STAGE_TABLES else source.stored_schema(table, domain)  # dbt's: Spark's types
             for day in changed:
-                sink.replace_partition(table, domain, day, _partition(con, table, domain, split, day), stored)
+                sink.replace_partition(table, domain, day, _partition(con, table, domain, split(table), day), stored)
 
 
 def _load(con: duckdb.DuckDBPyConnection, table: str, rows) -> None:

@@ -420,7 +420,7 @@ class ForgetReport:
 def forget_user(home: Home, domains: Iterable[str], user_id: str, open_warehouse: OpenWarehouse,
                 now: datetime | None = None) -> ForgetReport:
     """Delete a user's rows from every table of every domain's warehouse (opened by
-    ``open_warehouse``, e.g. ``Warehouses.connect`` with every_table), their lines from every
+    ``open_warehouse``, e.g. ``Warehouses.for_deletion``), their lines from every
     landing batch and their records from the exported training sets, and tombstone them so that a
     replayed batch cannot bring them back. A warehouse a run is writing raises WarehouseBusy: what
     was done stays done, and running it again finishes the rest."""

@@ -7,7 +7,7 @@ bound to one engine."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import date
 
@@ -35,7 +35,7 @@ class Warehouses:
         """Whether ``domain`` has a warehouse yet: its DuckDB file, or a partition in the store."""
         if self.store is None:
             return self.home.warehouse(domain).exists()
-        return any(self.store.holds(table, domain) for table in self.store.tables())
+        return bool(self.store.tables(domain))
 
     def interaction_days(self, domain: str) -> frozenset[date]:
         """The days of ``domain``'s accumulated interactions (under spark, its partition folders).
@@ -68,11 +68,17 @@ class Warehouses:
         with warehouse.connect(self.home.warehouse(domain), read_only=True, memory_limit=self.memory_limit) as con:
             yield con
 
+    def connect(self, domain: str, read_only: bool = False) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+        """``domain``'s warehouse (under spark a working copy writing back the Python stages' tables)."""
+        return self._open(domain, read_only=read_only, every_table=False)
+
+    def for_deletion(self, domain: str) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+        """``domain``'s warehouse for forgetting and retention, whose deletions must reach every
+        table, dbt's too (under spark, every table in the store is written back)."""
+        return self._open(domain, read_only=False, every_table=True)
+
     @contextmanager
-    def connect(self, domain: str, read_only: bool = False,
-                every_table: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """``domain``'s warehouse. ``every_table``: deletions must reach every table, dbt's too (under
-        spark a working copy otherwise writes back only the Python stages' tables)."""
+    def _open(self, domain: str, read_only: bool, every_table: bool) -> Iterator[duckdb.DuckDBPyConnection]:
         if self.store is not None:
             with working_copy(self.store, domain, read_only=read_only, memory_limit=self.memory_limit,
                               every_table=every_table) as con:

@@ -8,7 +8,6 @@ import gzip
 import json
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
-from functools import partial
 from pathlib import Path
 
 import dagster as dg
@@ -79,7 +78,7 @@ def test_redaction_replaces_each_kind_of_personal_data_and_nothing_else(text, ex
 def forget(home: Home, config, user: str) -> privacy.ForgetReport:
     """``flywheel forget``'s deletion, without its printing."""
     warehouses = Warehouses.for_settings(home, config.warehouse)
-    return privacy.forget_user(home, config.domains, user, partial(warehouses.connect, every_table=True))
+    return privacy.forget_user(home, config.domains, user, warehouses.for_deletion)
 
 
 def canary_events(user: str = "u_canary", day: str = "2026-11-02", session: str = "s_1") -> list[object]:

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 from datetime import date, datetime
-from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -89,7 +88,7 @@ def test_a_stage_run_leaves_dbts_tables_alone_and_a_deletion_rewrites_them_in_sp
         con.execute(f"DELETE FROM {MARTS} WHERE user_id = 'u1'")
     assert store.source().read(MARTS, DOMAIN)["user_id"].sort().to_list() == ["u1", "u2"]
 
-    with spark_warehouses.connect(DOMAIN, every_table=True) as con:
+    with spark_warehouses.for_deletion(DOMAIN) as con:
         con.execute(f"DELETE FROM {SESSIONS} WHERE session_id = 's1'")
 
     assert store.source().read(SESSIONS, DOMAIN)["session_id"].to_list() == ["s2"]
@@ -100,7 +99,7 @@ def test_a_stage_run_leaves_dbts_tables_alone_and_a_deletion_rewrites_them_in_sp
 
 
 def test_forget_reaches_dbts_tables_and_leaves_the_tombstone_in_the_store(spark_warehouses):
-    forget = partial(spark_warehouses.connect, every_table=True)
+    forget = spark_warehouses.for_deletion
     report = privacy.forget_user(spark_warehouses.home, [DOMAIN], "u1", forget)
 
     assert report.rows_deleted == {f"{DOMAIN}/raw.interactions": 1, f"{DOMAIN}/{SESSIONS}": 1, f"{DOMAIN}/{MARTS}": 1}
@@ -117,14 +116,10 @@ def test_forget_reaches_dbts_tables_and_leaves_the_tombstone_in_the_store(spark_
 
 KILLED_AFTER_A_RAW_PARTITION = """
 import os, signal, sys
-from functools import partial
 from flywheel_pipeline import privacy, sources
-from flywheel_pipeline.cli import main
 from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.monitoring import MONITOR_TABLE, latest_watch
 from flywheel_pipeline.warehouses import Warehouses
-from tests.conftest import REPO
 
 replace = sources.ParquetSink.replace_partition
 
@@ -135,7 +130,7 @@ def replace_then_die(sink, table, *args, **kwargs):
 
 sources.ParquetSink.replace_partition = replace_then_die
 warehouses = Warehouses.for_settings(Home(sys.argv[1]), WarehouseSettings(engine="spark", root=sys.argv[2]))
-privacy.forget_user(warehouses.home, ["assistant"], "u1", partial(warehouses.connect, every_table=True))
+privacy.forget_user(warehouses.home, ["assistant"], "u1", warehouses.for_deletion)
 """
 
 
@@ -147,7 +142,7 @@ def test_a_forget_killed_while_writing_back_is_finished_by_running_it_again(spar
                              store.root], check=False, capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
 
-    privacy.forget_user(spark_warehouses.home, [DOMAIN], "u1", partial(spark_warehouses.connect, every_table=True))
+    privacy.forget_user(spark_warehouses.home, [DOMAIN], "u1", spark_warehouses.for_deletion)
 
     assert store.source().read(SESSIONS, DOMAIN)["session_id"].to_list() == ["s2"]
     assert store.source().read(MARTS, DOMAIN)["user_id"].to_list() == ["u2"]

@@ -54,10 +54,9 @@ class WarehouseResource(dg.ConfigurableResource):
         return Warehouses(self.home(), self.object_store(), self.memory_limit)
 
     @contextmanager
-    def connect(self, domain: str, read_only: bool = False,
-                every_table: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    def connect(self, domain: str, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """``domain``'s warehouse (``Warehouses.connect``)."""
-        with self.warehouses().connect(domain, read_only=read_only, every_table=every_table) as con:
+        with self.warehouses().connect(domain, read_only=read_only) as con:
             yield con
 
     @contextmanager

@@ -29,8 +29,8 @@ def oracle_accuracy(home: Home, config: FlywheelConfig, domain: str, windows: Wi
                     trainer: Trainer | None = None) -> float:
     """True accuracy of ``trainer`` (default: the domain's) fitted on the truth of ``windows``'
     training days."""
-    with Warehouses.for_settings(home, config.warehouse).connect(domain, read_only=True) as con:
-        rows = impressions(con, domain, windows.train_start, windows.train_end)
+    with Warehouses.for_settings(home, config.warehouse).reader(domain) as source:
+        rows = impressions(source, domain, windows.train_start, windows.train_end)
     rows = with_truth(rows, true_labels(home, domain).unique(["interaction_id", "item_id"]))
     trainer = trainer or trainer_for(config.domain(domain))
     weighted, _ = trainer.weigh(rows)
