@@ -25,15 +25,20 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
+import polars as pl
 
 from flywheel_pipeline import events, privacy
 from flywheel_pipeline.batches import GZIP_MAGIC, batch_day, batches_for
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.events import field_text
 from flywheel_pipeline.home import Home
+from flywheel_pipeline.sources import Source
 from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
 
 _RAW_EVENT_TABLES = ("interactions", "signals", "outcomes", "labels")
+# What a run writes: its days' partitions of every raw table (a scoped working copy's tables).
+RAW_TABLES = tuple(f"raw.{table}" for table in ("interactions", "impressions", "signals", "outcomes", "labels",
+                                                "quarantine"))
 _IMPRESSION_SCHEMA = '[{"item_id": "VARCHAR", "position": "INTEGER", "propensity": "DOUBLE", "content": "VARCHAR"}]'
 _NO_DELIMITER = "chr(0) || chr(1) || chr(0) || chr(1)"  # never in JSON text: a line is one column
 _ORDER_KEEPING_CHECKS: set[str] = set()  # check statements whose plan was seen to keep the scan's order
@@ -428,14 +433,14 @@ def _problem(batch: _Batch, what: str, error: duckdb.Error) -> str:
     return f"{batch.file} {what}{advice}: {str(error).strip().splitlines()[0]}"
 
 
-def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date]) -> None:
+def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], elsewhere: Source | None) -> None:
     """Keep this run's partitions' lines (``partition_lines``); among the lines that pass the contract
     (a copy that fails it was quarantined for that, and never beats one that passes), an event id
     read more than once is a ``duplicate_event_id`` after its first copy (in batch, file, line order)
     when every copy holds the same content, and ``conflicting_duplicate``, every copy of it, when they
     differ: which one is right cannot be told, so none is kept and all wait in the quarantine for
-    review. One already kept in another partition is a duplicate too. Only the repeated ids are
-    ordered, and only the duplicates rewritten."""
+    review. One already kept in another partition (read from ``elsewhere``, default ``con``'s raw
+    tables) is a duplicate too. Only the repeated ids are ordered, and only the duplicates rewritten."""
     con.execute("DELETE FROM checked_lines WHERE event_date NOT IN $dates", {"dates": dates})
     con.execute(
         """
@@ -454,14 +459,29 @@ def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[da
         WHERE checked_lines.source_file = repeats.source_file AND checked_lines.source_line = repeats.source_line
         """
     )
-    kept_elsewhere = " UNION ALL ".join(
-        f"SELECT event_id FROM raw.{table} WHERE NOT (domain = $domain AND event_date IN $dates)"
-        for table in _RAW_EVENT_TABLES
-    )
+    if elsewhere is None:
+        kept_elsewhere = " UNION ALL ".join(
+            f"SELECT event_id FROM raw.{table} WHERE NOT (domain = $domain AND event_date IN $dates)"
+            for table in _RAW_EVENT_TABLES
+        )
+    else:
+        con.register("kept_elsewhere", _event_ids_elsewhere(elsewhere, domain, dates).to_arrow())
+        kept_elsewhere = "SELECT event_id FROM kept_elsewhere"
     con.execute(f"UPDATE checked_lines SET reason = 'duplicate_event_id' "
-                f"WHERE reason IS NULL AND event_id IN ({kept_elsewhere})", {"domain": domain, "dates": dates})
+                f"WHERE reason IS NULL AND event_id IN ({kept_elsewhere})",
+                {k: v for k, v in {"domain": domain, "dates": dates}.items() if f"${k}" in kept_elsewhere})
+    if elsewhere is not None:
+        con.unregister("kept_elsewhere")
     con.execute("DROP TABLE IF EXISTS partition_lines")
     con.execute("ALTER TABLE checked_lines RENAME TO partition_lines")
+
+
+def _event_ids_elsewhere(source: Source, domain: str, dates: list[date]) -> pl.DataFrame:
+    """The event ids ``source`` keeps in ``domain``'s raw event tables outside ``dates``."""
+    ids = [rows.filter(~pl.col("event_date").is_in(dates)).select("event_id")
+           for table in _RAW_EVENT_TABLES
+           if (rows := source.read(f"raw.{table}", domain, columns=["event_id", "event_date"])).width]
+    return pl.concat(ids) if ids else pl.DataFrame(schema={"event_id": pl.String})
 
 
 def _keep_quarantined_text(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, batches: list[_Batch],
@@ -651,8 +671,11 @@ def accumulate(
     domain: str,
     dates: list[date],
     now: datetime | None = None,
+    elsewhere: Source | None = None,
 ) -> AccumulationReport:
-    """Rebuild the (day, domain) partitions ``dates`` of the raw tables from the landing batches."""
+    """Rebuild the (day, domain) partitions ``dates`` of the raw tables from the landing batches;
+    the domain's other partitions, where a duplicate may already be kept, are read from
+    ``elsewhere`` when ``con`` holds only those days (a scoped working copy)."""
     config.domain(domain)
     if not dates:
         raise ValueError("accumulate needs at least one day")
@@ -663,7 +686,7 @@ def accumulate(
     batches = [_batch(home, path) for path in batches_for(home, domain, dates, config.max_lateness_days)]
     privacy.install_redaction(con)  # the contract's id rules look for personal data (unsafe_id:<field>)
     problems = _read_batches(con, config, domain, batches, now)
-    _mark_duplicates(con, domain, dates)
+    _mark_duplicates(con, domain, dates, elsewhere)
     _keep_quarantined_text(con, config, batches, problems)
     privacy.protect_partition_lines(con)  # redaction, forgotten users
     written = _replace_partitions(con, domain, dates, now)

@@ -9,8 +9,11 @@ A run of a Python stage works on a copy of its domain: ``working_copy`` loads th
 (raw, marts, labels, health, the forgotten users) from the store into an in-memory DuckDB, hands
 the stage that connection, the same SQL and polars it runs on a domain's DuckDB file, and
 afterwards writes back exactly the (table, day) partitions whose rows changed, one object each.
-Deleting a user or an expired day must reach every table, dbt's too: ``every_table`` loads and
-writes back all of them, dbt's in the types Spark stored them in. Runs of a domain's
+A stage run for some days (accumulation, labels, the review queue) loads only its ``Scope``: the
+partitions of its days of the tables it names, and reads anything else from the store directly;
+a change outside those partitions is refused, so the copy never writes back a partition it did not
+hold whole. Deleting a user or an expired day must reach every table, dbt's too: ``every_table``
+loads and writes back all of them, dbt's in the types Spark stored them in. Runs of a domain's
 different days change different partitions, so they can run at once (as Kubernetes run pods would).
 Nothing is written when the stage fails; each partition is replaced whole, but a run's partitions are
 not one transaction: a crash while writing them back leaves some new and some old, until the run is
@@ -20,13 +23,14 @@ repeated (its partitions are rewritten from the same input).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from urllib.parse import urlsplit
 
 import duckdb
+import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
 
@@ -43,6 +47,32 @@ TOMBSTONES = "privacy.forgotten_users"
 # What dbt builds on Spark that the Python stages read.
 DBT_TABLES = ("marts.fct_impressions", "marts.fct_interactions", "marts.rpt_quality_filter")
 SPARK_TABLES_ENV = "FLYWHEEL_SPARK_TABLES"  # the tables dbt's on-run-start registers (dbt_project/macros)
+
+
+class OutOfScope(RuntimeError):
+    """A run changed a partition its working copy did not hold (``Scope``); nothing was written back."""
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a run for some days holds in its working copy: the partitions of ``days`` of ``tables``
+    (those it writes, and those it reads for its days only) and ``whole`` tables entire. Any other
+    table is absent from the copy: the run reads it from the store (``Warehouses.reader``)."""
+
+    days: tuple[date, ...]
+    tables: tuple[str, ...]
+    whole: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, days: Sequence[date], tables: Sequence[str], whole: Sequence[str] = ()) -> Scope:
+        if not days:
+            raise ValueError("a scope needs at least one day")
+        return cls(tuple(sorted(set(days))), tuple(tables), tuple(whole))
+
+    @classmethod
+    def between(cls, first: date, last: date, tables: Sequence[str], whole: Sequence[str] = ()) -> Scope:
+        """The days first..last (inclusive)."""
+        return cls.of([first + timedelta(days=n) for n in range((last - first).days + 1)], tables, whole)
 
 
 @dataclass(frozen=True)
@@ -102,23 +132,23 @@ class ObjectStore:
 
 @contextmanager
 def working_copy(store: ObjectStore, domain: str, read_only: bool = False, memory_limit: str | None = None,
-                 every_table: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    """An in-memory DuckDB holding ``domain``'s tables from ``store``; unless ``read_only``, the
-    partitions it changed are written back when the block ends without an error: those of the
-    Python stages' tables, or with ``every_table`` those of every table in the store."""
+                 every_table: bool = False, scope: Scope | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB holding ``domain``'s tables from ``store`` (with ``scope``, only what it
+    names); unless ``read_only``, the partitions it changed are written back when the block ends
+    without an error: those of the Python stages' tables, or with ``every_table`` those of every
+    table in the store. Raises OutOfScope, writing nothing, when a scoped run changed a partition
+    outside its days."""
     source = store.source()
-    loaded = (*STAGE_TABLES, TOMBSTONES, *DBT_TABLES)
-    loaded += tuple(table for table in store.tables(domain) if table not in loaded) if every_table else ()
-    written = loaded if every_table else (*STAGE_TABLES, TOMBSTONES)
+    loaded = _loaded_tables(store, domain, every_table, scope)
+    written = loaded if every_table else tuple(table for table in loaded if table in (*STAGE_TABLES, TOMBSTONES))
     # the raw tables last: a deletion killed while writing back is found again by its raw rows
     # (a user's sessions, by their interactions), so running it again finishes the derived tables
     written = sorted(written, key=lambda table: table.startswith("raw."))
     with warehouse.connect(":memory:", memory_limit=memory_limit) as con:
-        warehouse.ensure_raw_tables(con)
-        privacy.ensure_privacy_tables(con)
+        _create_stage_tables(con, scope)
         split_by = {}  # a stored table's day column as its folders name it (None: one partition per domain)
         for table in loaded:
-            rows = source.read(table, domain)
+            rows = _stored_rows(source, table, domain, scope)
             if rows.width:
                 _load(con, table, rows)
                 split_by[table] = source.day_column(table, domain)
@@ -130,14 +160,58 @@ def working_copy(store: ObjectStore, domain: str, read_only: bool = False, memor
         yield con
         if read_only:
             return
+        changes = {table: _changed(before[table], _digests(con, table, split(table))) for table in written}
+        _refuse_out_of_scope(changes, scope)
         sink = store.sink()
-        for table in written:
-            after = _digests(con, table, split(table))
-            changed = sorted((day for day in before[table].keys() | after.keys()
-                              if before[table].get(day) != after.get(day)), key=str)
+        for table, changed in changes.items():
             stored = None if table in STAGE_TABLES else source.stored_schema(table, domain)  # dbt's: Spark's types
             for day in changed:
                 sink.replace_partition(table, domain, day, _partition(con, table, domain, split(table), day), stored)
+
+
+def _loaded_tables(store: ObjectStore, domain: str, every_table: bool, scope: Scope | None) -> tuple[str, ...]:
+    """The tables a working copy loads, in order: the scope's and the tombstones; or the stages',
+    the tombstones and the marts they read, with ``every_table`` every other table of the domain too."""
+    if scope is not None:
+        return (*scope.tables, *scope.whole, TOMBSTONES)
+    loaded = (*STAGE_TABLES, TOMBSTONES, *DBT_TABLES)
+    return loaded + (tuple(table for table in store.tables(domain) if table not in loaded) if every_table else ())
+
+
+def _create_stage_tables(con: duckdb.DuckDBPyConnection, scope: Scope | None) -> None:
+    """The raw and privacy tables, as a domain's DuckDB file has them; a scoped copy drops the raw
+    tables it does not hold, so a run that reads one by mistake fails instead of reading it empty."""
+    warehouse.ensure_raw_tables(con)
+    privacy.ensure_privacy_tables(con)
+    if scope is not None:
+        held = {*scope.tables, *scope.whole}
+        for table in STAGE_TABLES:
+            if table.startswith("raw.") and table not in held:
+                con.execute(f"DROP TABLE {table}")
+
+
+def _stored_rows(source: ParquetSource, table: str, domain: str, scope: Scope | None) -> pl.DataFrame:
+    """``domain``'s stored rows of ``table`` the copy holds: all, or the scope's days."""
+    if scope is None or table not in scope.tables:
+        return source.read(table, domain)
+    rows = source.read(table, domain, scope.days[0], scope.days[-1])
+    column = source.day_column(table, domain)
+    return rows.filter(pl.col(column).is_in(scope.days)) if rows.width and column else rows
+
+
+def _changed(before: dict[date | None, tuple[int, int]], after: dict[date | None, tuple[int, int]]) -> list[date | None]:
+    """The partitions whose count or digest differ, in day order."""
+    return sorted((day for day in before.keys() | after.keys() if before.get(day) != after.get(day)), key=str)
+
+
+def _refuse_out_of_scope(changes: dict[str, list[date | None]], scope: Scope | None) -> None:
+    """Raise OutOfScope when a scoped copy changed a partition of one of its day-scoped tables
+    outside its days: writing it back would replace rows the copy never loaded."""
+    for table in scope.tables if scope else ():
+        if outside := [day for day in changes.get(table, ()) if day not in scope.days]:
+            raise OutOfScope(f"{table}: a run scoped to {', '.join(map(str, scope.days))} changed its "
+                             f"{', '.join(map(str, outside))} partition(s), which its working copy does not "
+                             f"hold; nothing was written back")
 
 
 def _load(con: duckdb.DuckDBPyConnection, table: str, rows) -> None:

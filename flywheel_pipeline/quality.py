@@ -15,13 +15,13 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import duckdb
 import polars as pl
 import polars.selectors as cs
 import yaml
 
 from flywheel_pipeline.config import DomainConfig
 from flywheel_pipeline.events import CONSENT_STATES, POLICIES
+from flywheel_pipeline.sources import IMPRESSIONS, INTERACTIONS, Readable, as_source
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -55,53 +55,41 @@ class SuiteResult:
         }
 
 
-def raw_interactions(
-    con: duckdb.DuckDBPyConnection, domain: str, first: date, last: date
-) -> pl.DataFrame:
+def raw_interactions(source: Readable, domain: str, first: date, last: date) -> pl.DataFrame:
     """Accumulated interactions of ``domain`` on days first..last: the columns
     raw_interactions_suite checks, with an exploration flag."""
-    return con.sql(
-        """
-        SELECT event_id, event_date::TIMESTAMP AS event_date, policy, consent,
-               (policy = 'explore')::INTEGER AS is_exploration
-        FROM raw.interactions
-        WHERE domain = $domain AND event_date BETWEEN $first AND $last
-        """,
-        params={"domain": domain, "first": first, "last": last},
-    ).pl()
+    rows = _read(source, INTERACTIONS, domain, first, last,
+                 {"event_id": pl.String, "event_date": pl.Date, "policy": pl.String, "consent": pl.String})
+    return rows.select("event_id", pl.col("event_date").cast(pl.Datetime("us")), "policy", "consent",
+                       (pl.col("policy") == "explore").cast(pl.Int32).alias("is_exploration"))
 
 
-def daily_traffic(
-    con: duckdb.DuckDBPyConnection, domain: str, first: date, last: date
-) -> tuple[pl.DataFrame, float]:
+def daily_traffic(source: Readable, domain: str, first: date, last: date) -> tuple[pl.DataFrame, float]:
     """Accepted interactions of ``domain`` on each day first..last (0 for a day that delivered none),
     and the median day that delivered any, over those days and the 28 before them."""
-    counts = con.sql(
-        """
-        SELECT strftime(day, '%Y-%m-%d') AS day, coalesce(interactions, 0) AS interactions
-        FROM (SELECT CAST(range AS DATE) AS day FROM range($since, $last + INTERVAL 1 DAY, INTERVAL 1 DAY))
-        LEFT JOIN (SELECT event_date AS day, count(*) AS interactions FROM raw.interactions
-                   WHERE domain = $domain AND event_date BETWEEN $since AND $last GROUP BY 1) USING (day)
-        ORDER BY day
-        """,
-        params={"domain": domain, "since": first - timedelta(days=TRAFFIC_BASELINE_DAYS), "last": last},
-    ).pl()
+    since = first - timedelta(days=TRAFFIC_BASELINE_DAYS)
+    per_day = _read(source, INTERACTIONS, domain, since, last, {"event_date": pl.Date}).group_by("event_date").len()
+    counts = (pl.DataFrame({"event_date": pl.date_range(since, last, eager=True)})
+              .join(per_day, on="event_date", how="left")
+              .select(pl.col("event_date").dt.strftime("%Y-%m-%d").alias("day"),
+                      pl.col("len").fill_null(0).cast(pl.Int64).alias("interactions")))
     median = counts.filter(pl.col("interactions") > 0)["interactions"].median() or 0.0
     return counts.filter(pl.col("day") >= first.isoformat()), float(median)
 
 
-def filtered_impressions(
-    con: duckdb.DuckDBPyConnection, domain: str, first: date, last: date
-) -> pl.DataFrame:
+def filtered_impressions(source: Readable, domain: str, first: date, last: date) -> pl.DataFrame:
     """The impressions of ``domain`` on days first..last that passed quality filtering (marts.fct_impressions)."""
-    return con.sql(
-        """
-        SELECT domain, interaction_id, item_id, position, propensity, policy, input_text
-        FROM marts.fct_impressions
-        WHERE domain = $domain AND event_date BETWEEN $first AND $last
-        """,
-        params={"domain": domain, "first": first, "last": last},
-    ).pl()
+    return _read(source, IMPRESSIONS, domain, first, last,
+                 {"domain": pl.String, "interaction_id": pl.String, "item_id": pl.String, "position": pl.Int32,
+                  "propensity": pl.Float64, "policy": pl.String, "input_text": pl.String})
+
+
+def _read(source: Readable, table: str, domain: str, first: date, last: date,
+          columns: dict[str, pl.DataType]) -> pl.DataFrame:
+    """``columns`` of ``domain``'s rows of ``table`` on days first..last; none (with those columns)
+    while the table does not exist."""
+    rows = as_source(source).read(table, domain, first, last, list(columns))
+    return rows if rows.width else pl.DataFrame(schema=columns)
 
 
 def raw_interactions_suite(domain_config: DomainConfig, first: date, last: date) -> list[Expectation]:

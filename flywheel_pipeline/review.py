@@ -39,6 +39,10 @@ from flywheel_pipeline.groups import assign
 from flywheel_pipeline.home import write_atomically
 from flywheel_pipeline.warehouse import transaction
 
+# What a run reads and writes for its days (the queue, the days' impressions and labels), and the
+# reviews that landed on any day.
+READS_FOR_DAYS = ("labels.review_queue", "marts.fct_impressions", "labels.impression_labels")
+READS_WHOLE = ("raw.labels",)
 QUEUE_DDL = """
 CREATE SCHEMA IF NOT EXISTS labels;
 CREATE TABLE IF NOT EXISTS labels.review_queue (

@@ -56,6 +56,8 @@ CONSENT = "interactions with consent granted only (consent-denied ones never rea
 
 # The training window's impressions, with their labels, the text known at serving time and the
 # reactions pairs are made of. Assistant interactions show one impression each.
+# What an export reads, for its training window's days only.
+READS = ("marts.fct_impressions", "labels.impression_labels", "labels.label_matrix")
 _IMPRESSIONS = """
     SELECT i.event_date, i.interaction_id, i.item_id, i.served_at, i.session_id,
            sha256(i.user_id) AS user_hash, i.input_text, lower(trim(i.input_text)) AS normalized_input,

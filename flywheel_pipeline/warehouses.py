@@ -16,8 +16,8 @@ import duckdb
 from flywheel_pipeline import warehouse
 from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.object_store import ObjectStore, working_copy
-from flywheel_pipeline.sources import INTERACTIONS, Readable
+from flywheel_pipeline.object_store import ObjectStore, Scope, working_copy
+from flywheel_pipeline.sources import INTERACTIONS, Readable, Source
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,20 @@ class Warehouses:
     def connect(self, domain: str, read_only: bool = False) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
         """``domain``'s warehouse (under spark a working copy writing back the Python stages' tables)."""
         return self._open(domain, read_only=read_only, every_table=False)
+
+    @contextmanager
+    def for_days(self, domain: str, scope: Scope,
+                 read_only: bool = False) -> Iterator[tuple[duckdb.DuckDBPyConnection, Source | None]]:
+        """``domain``'s warehouse for a run that reads or writes ``scope``'s partitions, and where
+        that run reads the rest of the domain: under spark a working copy of the scope alone and the
+        store's Parquet; a DuckDB file holds both (None: read the connection)."""
+        if self.store is None:
+            with self.connect(domain, read_only=read_only) as con:
+                yield con, None
+            return
+        with working_copy(self.store, domain, read_only=read_only, memory_limit=self.memory_limit,
+                          scope=scope) as con:
+            yield con, self.store.source()
 
     def for_deletion(self, domain: str) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
         """``domain``'s warehouse for forgetting and retention, whose deletions must reach every

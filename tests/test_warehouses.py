@@ -11,26 +11,30 @@ import re
 import signal
 import subprocess
 import sys
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from flywheel_pipeline import privacy, sources
+from flywheel_pipeline.accumulation import RAW_TABLES, accumulate
 from flywheel_pipeline.cli import main
 from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.monitoring import MONITOR_TABLE, latest_watch
-from flywheel_pipeline.object_store import ObjectStore
+from flywheel_pipeline.object_store import ObjectStore, OutOfScope, Scope
 from flywheel_pipeline.warehouse import ensure_raw_tables
 from flywheel_pipeline.warehouses import Warehouses
 from tests.conftest import REPO
+from tests.test_accumulation import NOW, interaction, write_batch
 
 DOMAIN = "assistant"
 DAY = date(2026, 11, 2)
+NEXT_DAY = DAY + timedelta(days=1)
 SESSIONS = "intermediate.int_sessions"  # dbt's, on Spark one partition per domain
 MARTS = "marts.fct_interactions"  # dbt's, partitioned by domain and day
 # as Spark stores it: INT96 timestamps (read as nanoseconds), a column declared not null
@@ -46,12 +50,7 @@ def spark_warehouses(tmp_path) -> Warehouses:
     warehouses = Warehouses.for_settings(home, WarehouseSettings(engine="spark", root=str(tmp_path / "tables")))
     with warehouses.connect(DOMAIN) as con:
         for user in ("1", "2"):
-            con.execute("""INSERT INTO raw.interactions BY NAME SELECT
-                               $domain AS domain, $day AS event_date, 'e' || $n AS event_id, $day::TIMESTAMP AS event_ts,
-                               'u' || $n AS user_id, 's' || $n AS session_id, 'i' || $n AS interaction_id,
-                               'baseline' AS model_version, 'champion' AS policy, 'granted' AS consent,
-                               'hello' AS input_text, 'batch.jsonl' AS source_file, 1 AS source_line,
-                               $day::TIMESTAMP AS ingested_at""", {"domain": DOMAIN, "day": DAY, "n": user})
+            add_interaction(con, user, DAY)
     started = datetime(2026, 11, 2, 10)
     as_spark_writes(tmp_path / "tables" / "intermediate.db" / "int_sessions" / f"domain={DOMAIN}", pa.table(
         {"session_id": ["s1", "s2"], "started_at": [started, started], "n_interactions": [1, 1]}, schema=SESSION_TYPES))
@@ -117,6 +116,7 @@ def test_forget_reaches_dbts_tables_and_leaves_the_tombstone_in_the_store(spark_
 KILLED_AFTER_A_RAW_PARTITION = """
 import os, signal, sys
 from flywheel_pipeline import privacy, sources
+from flywheel_pipeline.accumulation import RAW_TABLES, accumulate
 from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.warehouses import Warehouses
@@ -181,3 +181,51 @@ def test_the_store_lists_only_tables_with_partitions(spark_warehouses):
     store: ObjectStore = spark_warehouses.store
     assert {"raw.interactions", SESSIONS} <= set(store.tables())
     assert "raw.signals" not in store.tables()  # no rows written: no partition folder
+
+
+def add_interaction(con, user: str, day: date) -> None:
+    con.execute("""INSERT INTO raw.interactions BY NAME SELECT
+                       $domain AS domain, $day AS event_date, 'e' || $n AS event_id, $day::TIMESTAMP AS event_ts,
+                       'u' || $n AS user_id, 's' || $n AS session_id, 'i' || $n AS interaction_id,
+                       'baseline' AS model_version, 'champion' AS policy, 'granted' AS consent,
+                       'hello' AS input_text, 'batch.jsonl' AS source_file, 1 AS source_line,
+                       $day::TIMESTAMP AS ingested_at""", {"domain": DOMAIN, "day": day, "n": user})
+
+
+def test_a_run_for_some_days_holds_only_them_and_writes_back_only_them(spark_warehouses):
+    """A scoped working copy loads its days of its tables (nothing else: a table it does not hold is
+    absent, not empty); the store reads the rest; a change outside its days writes nothing back."""
+    store = spark_warehouses.store
+    with spark_warehouses.connect(DOMAIN) as con:
+        add_interaction(con, "3", NEXT_DAY)
+
+    with spark_warehouses.for_days(DOMAIN, Scope.of([NEXT_DAY], ["raw.interactions"])) as (con, elsewhere):
+        assert con.execute("SELECT event_id FROM raw.interactions").fetchall() == [("e3",)]
+        with pytest.raises(duckdb.CatalogException, match="signals"):
+            con.execute("SELECT * FROM raw.signals")
+        assert elsewhere.read("raw.interactions", DOMAIN)["event_id"].sort().to_list() == ["e1", "e2", "e3"]
+        add_interaction(con, "4", NEXT_DAY)
+    assert store.source().read("raw.interactions", DOMAIN)["event_id"].sort().to_list() == ["e1", "e2", "e3", "e4"]
+
+    with (pytest.raises(OutOfScope, match=f"raw.interactions: a run scoped to {NEXT_DAY} changed its {DAY}"),
+          spark_warehouses.for_days(DOMAIN, Scope.of([NEXT_DAY], ["raw.interactions"])) as (con, _)):
+        add_interaction(con, "5", NEXT_DAY)
+        add_interaction(con, "6", DAY)  # its copy never held DAY: writing DAY back would drop e1 and e2
+    assert store.source().read("raw.interactions", DOMAIN)["event_id"].sort().to_list() == ["e1", "e2", "e3", "e4"]
+
+
+def test_accumulation_of_one_day_finds_a_duplicate_kept_on_another(tmp_path, config):
+    """Accumulating a day under spark holds that day only; an event already kept in another day's
+    partition is still a duplicate (read from the store)."""
+    home = Home(tmp_path / "home").ensure()
+    warehouses = Warehouses.for_settings(home, WarehouseSettings(engine="spark", root=str(tmp_path / "tables")))
+    write_batch(home, str(DAY), [interaction("a")])
+    write_batch(home, str(NEXT_DAY), [interaction("a", timestamp=f"{NEXT_DAY}T09:00:00Z"),
+                                      interaction("b", timestamp=f"{NEXT_DAY}T09:00:00Z")])
+    for day in (DAY, NEXT_DAY):
+        with warehouses.for_days(DOMAIN, Scope.of([day], RAW_TABLES)) as (con, elsewhere):
+            report = accumulate(con, home, config, DOMAIN, [day], now=NOW, elsewhere=elsewhere)
+
+    assert report.reasons == {"duplicate_event_id": 1}
+    kept = warehouses.store.source().read("raw.interactions", DOMAIN).sort("event_id")
+    assert list(zip(kept["event_id"], kept["event_date"], strict=True)) == [("a", DAY), ("b", NEXT_DAY)]

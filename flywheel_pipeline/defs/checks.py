@@ -31,8 +31,8 @@ def quality_checks(config: FlywheelConfig) -> list[dg.AssetChecksDefinition]:
     def accumulated_traffic(context: dg.AssetCheckExecutionContext,
                             warehouse: WarehouseResource) -> dg.AssetCheckResult:
         domain, days = run_scope(context, partitions)
-        with warehouse.connect(domain) as con:
-            frame = quality.raw_interactions(con, domain, days[0], days[-1])
+        with warehouse.warehouses().reader(domain) as source:
+            frame = quality.raw_interactions(source, domain, days[0], days[-1])
         suite = quality.raw_interactions_suite(config.domain(domain), days[0], days[-1])
         return _result(quality.run_suite(f"accumulated_traffic_{domain}", frame, suite))
 
@@ -41,8 +41,8 @@ def quality_checks(config: FlywheelConfig) -> list[dg.AssetChecksDefinition]:
                                 "of the domain's median day; a warning that names the days, it blocks nothing.")
     def daily_traffic(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
         domain, days = run_scope(context, partitions)
-        with warehouse.connect(domain) as con:
-            frame, median_day = quality.daily_traffic(con, domain, days[0], days[-1])
+        with warehouse.warehouses().reader(domain) as source:
+            frame, median_day = quality.daily_traffic(source, domain, days[0], days[-1])
         suite = quality.daily_traffic_suite(median_day, config.landing.min_daily_traffic_share)
         result = quality.run_suite(f"daily_traffic_{domain}", frame, suite, index_column="day")
         return dg.AssetCheckResult(passed=result.success, severity=dg.AssetCheckSeverity.WARN,
@@ -54,8 +54,8 @@ def quality_checks(config: FlywheelConfig) -> list[dg.AssetChecksDefinition]:
                                 "flywheel only re-ranks what its champion showed.")
     def exploration(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
         domain, days = run_scope(context, partitions)
-        with warehouse.connect(domain) as con:
-            frame = quality.raw_interactions(con, domain, days[0], days[-1])
+        with warehouse.warehouses().reader(domain) as source:
+            frame = quality.raw_interactions(source, domain, days[0], days[-1])
         result = quality.run_suite(f"exploration_{domain}", frame, quality.exploration_suite())
         return dg.AssetCheckResult(passed=result.success, severity=dg.AssetCheckSeverity.WARN,
                                    metadata=result.metadata())
@@ -66,8 +66,8 @@ def quality_checks(config: FlywheelConfig) -> list[dg.AssetChecksDefinition]:
     def filtered_impressions(context: dg.AssetCheckExecutionContext,
                              warehouse: WarehouseResource) -> dg.AssetCheckResult:
         domain, days = run_scope(context, partitions)
-        with warehouse.connect(domain) as con:
-            frame = quality.filtered_impressions(con, domain, days[0], days[-1])
+        with warehouse.warehouses().reader(domain) as source:
+            frame = quality.filtered_impressions(source, domain, days[0], days[-1])
         return _result(quality.run_suite(f"filtered_impressions_{domain}", frame,
                                          quality.filtered_impressions_suite(config.domain(domain).input_optional)))
 

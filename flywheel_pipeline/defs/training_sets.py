@@ -13,6 +13,7 @@ from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.defs.assets import LABELS, latest_labelled_day
 from flywheel_pipeline.defs.resources import WarehouseResource
 from flywheel_pipeline.labeling import maturity_cutoff
+from flywheel_pipeline.object_store import Scope
 from flywheel_pipeline.training import split_windows
 
 DESCRIPTIONS = {
@@ -42,9 +43,11 @@ def build_training_set_assets(config: FlywheelConfig, domain: str) -> list[dg.As
     @dg.multi_asset(name=training_sets_group(domain), specs=specs, can_subset=True)
     def export_training_sets(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
         names = [name for name, key in keys.items() if key in context.selected_asset_keys]
-        with warehouse.connect(domain) as con:
-            as_of = latest_labelled_day(con, domain)
-            windows = split_windows(as_of, config.domain(domain), maturity_cutoff(con, config, domain, as_of))
+        with warehouse.warehouses().reader(domain) as source:
+            as_of = latest_labelled_day(source, domain)
+            windows = split_windows(as_of, config.domain(domain), maturity_cutoff(source, config, domain, as_of))
+        scope = Scope.between(windows.train_start, windows.train_end, training_sets.READS)
+        with warehouse.for_days(domain, scope, read_only=True) as (con, _):
             exported = training_sets.export(con, warehouse.home(), config, domain, names, windows,
                                             context.run.run_id)
         for item in exported:

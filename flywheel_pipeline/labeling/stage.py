@@ -69,6 +69,7 @@ from flywheel_pipeline.warehouse import transaction
 
 logger = logging.getLogger(__name__)
 
+LABEL_TABLES = ("labels.label_matrix", "labels.impression_labels")  # what a run rewrites for its days
 LABELS_DDL = """
 CREATE SCHEMA IF NOT EXISTS labels;
 CREATE TABLE IF NOT EXISTS labels.label_matrix (

@@ -1,0 +1,116 @@
+"""Working copies under ``warehouse.engine: spark``: what a stage's run for one day loads from the
+store, scoped to its days (``object_store.Scope``) against the domain's whole history.
+
+    .venv/bin/python benchmarks/working_copy.py [--home /tmp/flywheel-scale] [--store DIR]
+
+Reads a home that ``benchmarks/scale.py`` left (its DuckDB warehouses after accumulate, filter and
+label), writes its tables once as the distributed profile's Parquet store (``--store``, default
+beside the home), then opens, each in a process of its own (so its peak RSS is its own), the
+working copy a run of the last day would make for each of accumulation, labels and the review queue,
+and the training-set export's over its window: once with the stage's scope, once whole (the copy
+every run made before). Prints rows held, seconds to open and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+COPIES = ("accumulation", "labels", "review_queue", "training_sets")
+
+
+def export_store(home: Path, store: Path) -> None:
+    """The home's DuckDB warehouses as the store's partitioned Parquet (once)."""
+    from flywheel_pipeline import warehouse
+    from flywheel_pipeline.object_store import DBT_TABLES, STAGE_TABLES
+    from flywheel_pipeline.sources import export_parquet
+
+    if store.exists():
+        return
+    for path in sorted((home / "warehouse").glob("*.duckdb")):
+        with warehouse.connect(path, read_only=True) as con:
+            held = {f"{schema}.{name}" for schema, name in con.execute(
+                "SELECT table_schema, table_name FROM information_schema.tables").fetchall()}
+            export_parquet(con, [table for table in (*STAGE_TABLES, *DBT_TABLES) if table in held], store)
+
+
+def scope_of(copy: str, last: date, days: int):
+    from flywheel_pipeline import review, training_sets
+    from flywheel_pipeline.accumulation import RAW_TABLES
+    from flywheel_pipeline.labeling.stage import LABEL_TABLES
+    from flywheel_pipeline.object_store import Scope
+
+    if copy == "training_sets":
+        return Scope.between(last - timedelta(days=days - 1), last, training_sets.READS)
+    return {"accumulation": Scope.of([last], RAW_TABLES), "labels": Scope.of([last], LABEL_TABLES),
+            "review_queue": Scope.of([last], review.READS_FOR_DAYS, review.READS_WHOLE)}[copy]
+
+
+def open_copy(store: Path, domain: str, copy: str, scoped: bool, last: date, days: int) -> dict:
+    """The child's side: open one working copy read-only, count what it holds."""
+    from flywheel_pipeline.config import WarehouseSettings
+    from flywheel_pipeline.object_store import ObjectStore, working_copy
+
+    objects = ObjectStore.from_settings(WarehouseSettings(engine="spark", root=str(store)))
+    began = time.perf_counter()
+    with working_copy(objects, domain, read_only=True, scope=scope_of(copy, last, days) if scoped else None) as con:
+        seconds = time.perf_counter() - began
+        tables = con.execute("SELECT schema_name || '.' || table_name, estimated_size FROM duckdb_tables() "
+                             "WHERE NOT temporary").fetchall()
+    return {"seconds": seconds, "rows": sum(rows for _, rows in tables), "tables": len(tables)}
+
+
+def run_child(args: argparse.Namespace, domain: str, copy: str, scoped: bool, last: date) -> tuple[dict, float]:
+    command = [sys.executable, __file__, "--child", json.dumps([domain, copy, scoped, last.isoformat()]),
+               "--store", str(args.store), "--days", str(args.days)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{domain} {copy} failed")
+    return json.loads(output), usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, default=Path("/tmp/flywheel-scale"))
+    parser.add_argument("--store", type=Path)
+    parser.add_argument("--days", type=int, default=7, help="the training-set export's window")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.store = (args.store or args.home.parent / f"{args.home.name}-store").resolve()
+    if args.child:
+        domain, copy, scoped, last = json.loads(args.child)
+        print(json.dumps(open_copy(args.store, domain, copy, scoped, date.fromisoformat(last), args.days)))
+        return
+    generated = json.loads((args.home.parent / f"{args.home.name}-generate.json").read_text())
+    export_store(args.home, args.store)
+    from flywheel_pipeline.config import WarehouseSettings
+    from flywheel_pipeline.object_store import ObjectStore
+    from flywheel_pipeline.sources import INTERACTIONS
+
+    objects = ObjectStore.from_settings(WarehouseSettings(engine="spark", root=str(args.store)))
+    print(f"store {args.store} from {generated['lines']:,} landing lines; load {os.getloadavg()[0]:.1f}, "
+          f"{os.cpu_count()} cores; this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"{'domain':<16}{'copy':<15}{'days':>5}{'scoped rows':>13}{'s':>7}{'MiB':>7}"
+          f"{'whole rows':>13}{'s':>7}{'MiB':>7}")
+    for domain in sorted(path.name.removeprefix("domain=") for path in
+                         Path(args.store, "raw.db", "interactions").iterdir()):
+        days = sorted(objects.days(INTERACTIONS, domain))
+        for copy in COPIES:
+            scoped, scoped_mib = run_child(args, domain, copy, True, days[-1])
+            whole, whole_mib = run_child(args, domain, copy, False, days[-1])
+            held = args.days if copy == "training_sets" else 1
+            print(f"{domain:<16}{copy:<15}{held:>5}{scoped['rows']:>13,}{scoped['seconds']:>7.1f}{scoped_mib:>7.0f}"
+                  f"{whole['rows']:>13,}{whole['seconds']:>7.1f}{whole_mib:>7.0f}")
+
+
+if __name__ == "__main__":
+    main()
