@@ -7,8 +7,9 @@ Reads a home that ``benchmarks/scale.py`` left (its DuckDB warehouses after accu
 label), writes its tables once as the distributed profile's Parquet store (``--store``, default
 beside the home), then opens, each in a process of its own (so its peak RSS is its own), the
 working copy a run of the last day would make for each of accumulation, labels and the review queue,
-and the training-set export's over its window: once with the stage's scope, once whole (the copy
-every run made before). Prints rows held, seconds to open and peak RSS.
+the training-set export's over its window and the health audit's from its window on (``--days``):
+once with the stage's scope, once whole (the copy every run made before). Prints rows held, seconds
+to open and the process's peak RSS (its imports included: about 300 MiB).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 
-COPIES = ("accumulation", "labels", "review_queue", "training_sets")
+COPIES = ("accumulation", "labels", "review_queue", "training_sets", "health_audit")
 
 
 def export_store(home: Path, store: Path) -> None:
@@ -44,11 +45,14 @@ def export_store(home: Path, store: Path) -> None:
 def scope_of(copy: str, last: date, days: int):
     from flywheel_pipeline import review, training_sets
     from flywheel_pipeline.accumulation import RAW_TABLES
+    from flywheel_pipeline.health import audit
     from flywheel_pipeline.labeling.stage import LABEL_TABLES
     from flywheel_pipeline.object_store import Scope
 
     if copy == "training_sets":
         return Scope.between(last - timedelta(days=days - 1), last, training_sets.READS)
+    if copy == "health_audit":
+        return Scope.since(last - timedelta(days=days - 1), audit.READS, whole=(audit.MEASURES_TABLE,))
     return {"accumulation": Scope.of([last], RAW_TABLES), "labels": Scope.of([last], LABEL_TABLES),
             "review_queue": Scope.of([last], review.READS_FOR_DAYS, review.READS_WHOLE)}[copy]
 
@@ -59,30 +63,36 @@ def open_copy(store: Path, domain: str, copy: str, scoped: bool, last: date, day
     from flywheel_pipeline.object_store import ObjectStore, working_copy
 
     objects = ObjectStore.from_settings(WarehouseSettings(engine="spark", root=str(store)))
+    scope = scope_of(copy, last, days) if scoped else None
     began = time.perf_counter()
-    with working_copy(objects, domain, read_only=True, scope=scope_of(copy, last, days) if scoped else None) as con:
+    with working_copy(objects, domain, read_only=True, scope=scope) as con:
         seconds = time.perf_counter() - began
         tables = con.execute("SELECT schema_name || '.' || table_name, estimated_size FROM duckdb_tables() "
                              "WHERE NOT temporary").fetchall()
-    return {"seconds": seconds, "rows": sum(rows for _, rows in tables), "tables": len(tables)}
+    return {"seconds": seconds, "rows": sum(rows for _, rows in tables), "tables": len(tables), "mib": _peak_mib()}
 
 
-def run_child(args: argparse.Namespace, domain: str, copy: str, scoped: bool, last: date) -> tuple[dict, float]:
+def _peak_mib() -> float:
+    """This process's peak RSS since it started its program (VmHWM: unlike ru_maxrss, not carried
+    over from the parent it was forked from)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
+
+
+def run_child(args: argparse.Namespace, domain: str, copy: str, scoped: bool, last: date) -> dict:
     command = [sys.executable, __file__, "--child", json.dumps([domain, copy, scoped, last.isoformat()]),
                "--store", str(args.store), "--days", str(args.days)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status):
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode:
         raise SystemExit(f"{domain} {copy} failed")
-    return json.loads(output), usage.ru_maxrss / 1024
+    return json.loads(done.stdout)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, default=Path("/tmp/flywheel-scale"))
     parser.add_argument("--store", type=Path)
-    parser.add_argument("--days", type=int, default=7, help="the training-set export's window")
+    parser.add_argument("--days", type=int, default=7, help="the training-set export's and the audit's window")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.store = (args.store or args.home.parent / f"{args.home.name}-store").resolve()
@@ -105,11 +115,10 @@ def main() -> None:
                          Path(args.store, "raw.db", "interactions").iterdir()):
         days = sorted(objects.days(INTERACTIONS, domain))
         for copy in COPIES:
-            scoped, scoped_mib = run_child(args, domain, copy, True, days[-1])
-            whole, whole_mib = run_child(args, domain, copy, False, days[-1])
-            held = args.days if copy == "training_sets" else 1
-            print(f"{domain:<16}{copy:<15}{held:>5}{scoped['rows']:>13,}{scoped['seconds']:>7.1f}{scoped_mib:>7.0f}"
-                  f"{whole['rows']:>13,}{whole['seconds']:>7.1f}{whole_mib:>7.0f}")
+            scoped, whole = run_child(args, domain, copy, True, days[-1]), run_child(args, domain, copy, False, days[-1])
+            held = args.days if copy in ("training_sets", "health_audit") else 1
+            print(f"{domain:<16}{copy:<15}{held:>5}{scoped['rows']:>13,}{scoped['seconds']:>7.1f}{scoped['mib']:>7.0f}"
+                  f"{whole['rows']:>13,}{whole['seconds']:>7.1f}{whole['mib']:>7.0f}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date
 from urllib.parse import urlsplit
 
 import duckdb
@@ -55,24 +55,37 @@ class OutOfScope(RuntimeError):
 
 @dataclass(frozen=True)
 class Scope:
-    """What a run for some days holds in its working copy: the partitions of ``days`` of ``tables``
-    (those it writes, and those it reads for its days only) and ``whole`` tables entire. Any other
-    table is absent from the copy: the run reads it from the store (``Warehouses.reader``)."""
+    """What a run for some days holds in its working copy: the partitions of days ``first`` to
+    ``last`` (None: every later day) of ``tables`` (those it writes, and those it reads for those
+    days only), and ``whole`` tables entire. Any other table is absent from the copy: the run reads
+    it from the store (``Warehouses.reader``)."""
 
-    days: tuple[date, ...]
+    first: date
+    last: date | None
     tables: tuple[str, ...]
     whole: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, days: Sequence[date], tables: Sequence[str], whole: Sequence[str] = ()) -> Scope:
+        """The days from the first of ``days`` to the last (those between too)."""
         if not days:
             raise ValueError("a scope needs at least one day")
-        return cls(tuple(sorted(set(days))), tuple(tables), tuple(whole))
+        return cls(min(days), max(days), tuple(tables), tuple(whole))
 
     @classmethod
     def between(cls, first: date, last: date, tables: Sequence[str], whole: Sequence[str] = ()) -> Scope:
-        """The days first..last (inclusive)."""
-        return cls.of([first + timedelta(days=n) for n in range((last - first).days + 1)], tables, whole)
+        return cls(first, last, tuple(tables), tuple(whole))
+
+    @classmethod
+    def since(cls, first: date, tables: Sequence[str], whole: Sequence[str] = ()) -> Scope:
+        return cls(first, None, tuple(tables), tuple(whole))
+
+    def holds(self, day: date | None) -> bool:
+        """Whether ``day``'s partitions are in the copy (None, a table's one partition per domain: no)."""
+        return day is not None and self.first <= day and (self.last is None or day <= self.last)
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}..{self.last or ''}"
 
 
 @dataclass(frozen=True)
@@ -194,9 +207,7 @@ def _stored_rows(source: ParquetSource, table: str, domain: str, scope: Scope | 
     """``domain``'s stored rows of ``table`` the copy holds: all, or the scope's days."""
     if scope is None or table not in scope.tables:
         return source.read(table, domain)
-    rows = source.read(table, domain, scope.days[0], scope.days[-1])
-    column = source.day_column(table, domain)
-    return rows.filter(pl.col(column).is_in(scope.days)) if rows.width and column else rows
+    return source.read(table, domain, scope.first, scope.last)
 
 
 def _changed(before: dict[date | None, tuple[int, int]], after: dict[date | None, tuple[int, int]]) -> list[date | None]:
@@ -208,8 +219,8 @@ def _refuse_out_of_scope(changes: dict[str, list[date | None]], scope: Scope | N
     """Raise OutOfScope when a scoped copy changed a partition of one of its day-scoped tables
     outside its days: writing it back would replace rows the copy never loaded."""
     for table in scope.tables if scope else ():
-        if outside := [day for day in changes.get(table, ()) if day not in scope.days]:
-            raise OutOfScope(f"{table}: a run scoped to {', '.join(map(str, scope.days))} changed its "
+        if outside := [day for day in changes.get(table, ()) if not scope.holds(day)]:
+            raise OutOfScope(f"{table}: a run scoped to {scope} changed its "
                              f"{', '.join(map(str, outside))} partition(s), which its working copy does not "
                              f"hold; nothing was written back")
 

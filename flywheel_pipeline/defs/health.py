@@ -19,9 +19,16 @@ from flywheel_pipeline import registry
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.health import TRAPS, Finding, HealthReport, fairness
-from flywheel_pipeline.health.audit import audit, measure_history, save_measures
+from flywheel_pipeline.health.audit import (
+    MEASURES_TABLE,
+    READS,
+    audit,
+    measure_history,
+    save_measures,
+)
 from flywheel_pipeline.health.drift import DriftReport, domain_drift
-from flywheel_pipeline.monitoring import calibration
+from flywheel_pipeline.monitoring import MONITOR_TABLE, calibration
+from flywheel_pipeline.object_store import Scope
 from flywheel_pipeline.training import TrainingResult
 from flywheel_pipeline.validation import ValidationReport
 
@@ -77,15 +84,16 @@ def build_health_asset(config: FlywheelConfig, domain: str, candidate_key: dg.As
         version = registry.alias_version(client, domain, registry.CHAMPION)
         champion = version or "baseline"
         champion_tags = registry.version_tags(client, domain, version) if version else None
-        with warehouse.connect(domain) as con:
+        scope = Scope.since(candidate.windows.train_start, READS, whole=(MEASURES_TABLE, MONITOR_TABLE))
+        with warehouse.for_days(domain, scope) as (con, elsewhere):
             health = audit(con, config, domain, candidate.windows, candidate.mature_until, champion,
                            candidate.model_uri)
             if groups is not None:
                 health = replace(health, findings=(*health.findings, fairness.fairness(report, groups)))
             save_measures(con, health, report.evidence())
             history = measure_history(con, domain)
-            drift = domain_drift(con, config.domain(domain), domain, version, champion_tags,
-                                 as_of=candidate.windows.holdout_end)
+            drift = domain_drift(con if elsewhere is None else elsewhere, config.domain(domain), domain, version,
+                                 champion_tags, as_of=candidate.windows.holdout_end)
             live = calibration(con, domain).to_dicts()
         truth = simulator_truth(client, history["candidate_model_uri"].unique().to_list())
         path = write_report(warehouse.home(), health, history, report.to_dict(), truth,

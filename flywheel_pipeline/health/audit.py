@@ -33,8 +33,12 @@ MEASURE_COLUMNS = {
     "domain": pl.String, "as_of": pl.Date, "champion": pl.String, "candidate_model_uri": pl.String,
     "trap": pl.String, "measure": pl.String, "value": pl.Float64, "audited_at": pl.Datetime("us"),
 }
+MEASURES_TABLE = "health.measures"
 # raw tables whose rows are a label's evidence: signals, outcomes, reviews
 EVIDENCE_TABLES = ("raw.signals", "raw.outcomes", "raw.labels")
+# What the audit reads, from its training window's first day on (later evidence included).
+READS = ("raw.interactions", *EVIDENCE_TABLES, "marts.fct_impressions", "marts.fct_interactions",
+         "labels.impression_labels")
 
 
 def audit(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str, windows: Windows,
