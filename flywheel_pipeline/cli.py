@@ -347,15 +347,10 @@ def _print_status(home: Home, config: FlywheelConfig) -> None:
         console.print(f"{domain}: warehouse {warehouses.where(domain)}" + ("" if exists else " (none yet)"))
         watched = "not run yet"
         if exists:
-            with warehouses.connect(domain, read_only=True) as con:
-                watched = latest_watch(con, domain)
-                tables = con.execute(
-                    """SELECT table_schema || '.' || table_name FROM information_schema.tables
-                       WHERE table_schema IN ('raw', 'marts', 'labels') ORDER BY 1"""
-                ).fetchall()
-                for (table,) in tables:
-                    count = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-                    console.print(f"  {table:<32} {count:>10,} rows")
+            for table, count in warehouses.row_counts(domain).items():
+                console.print(f"  {table:<32} {count:>10,} rows")
+            with warehouses.reader(domain) as source:
+                watched = latest_watch(source, domain)
         champion = registry.shown_champion(registry.alias_version(client, domain, registry.CHAMPION))
         others = {alias: registry.alias_version(client, domain, alias)
                   for alias in (registry.CANDIDATE, registry.PREVIOUS)}

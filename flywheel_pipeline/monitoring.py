@@ -51,7 +51,7 @@ from flywheel_pipeline import registry
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import Scorer, baseline_scorer
-from flywheel_pipeline.sources import Readable
+from flywheel_pipeline.sources import Readable, as_source
 from flywheel_pipeline.training.base import Windows
 from flywheel_pipeline.validation import PRIMARY_METRIC, Routing, held_out_evidence, score_models
 from flywheel_pipeline.warehouse import transaction
@@ -314,22 +314,18 @@ def _has_table(con) -> bool:
                             "AND table_name = 'champion_monitor'").fetchall()[0][0])
 
 
-def latest_watch(con, domain: str) -> str:
+def latest_watch(source: Readable, domain: str) -> str:
     """The monitor's latest look at the domain's champion, in a line (``flywheel status``); a
-    regression says the day it was declared and what was done then."""
-    if not _has_table(con):
+    regression says the day it was declared (its first regressed look) and what was done then."""
+    watches = as_source(source).read(MONITOR_TABLE, domain, columns=[
+        "event_date", "version", "deployed_at", "regressed", "below_forecast", "action"])
+    if not watches.height:
         return "not run yet"
-    rows = con.execute(f"""
-        SELECT latest.event_date, latest.version, latest.regressed, latest.below_forecast, latest.action,
-               declared.event_date, declared.action
-        FROM (SELECT * FROM {MONITOR_TABLE} WHERE domain = $domain ORDER BY event_date DESC LIMIT 1) AS latest
-        LEFT JOIN (SELECT * FROM {MONITOR_TABLE} WHERE domain = $domain AND regressed
-                   QUALIFY row_number() OVER (PARTITION BY version, deployed_at ORDER BY event_date) = 1) AS declared
-          ON declared.version = latest.version AND declared.deployed_at IS NOT DISTINCT FROM latest.deployed_at
-        """, {"domain": domain}).fetchall()
-    if not rows:
-        return "not run yet"
-    day, version, regressed, below, action, declared_on, declared_action = rows[0]
-    if regressed:
-        return f"{day}: v{version} regressed (declared {declared_on}: {declared_action})"
-    return f"{day}: v{version} {'below its forecast' if below else 'healthy'}; {action}"
+    watches = watches.sort("event_date")
+    latest = watches.row(-1, named=True)
+    day, version = latest["event_date"], latest["version"]
+    if latest["regressed"]:
+        declared = watches.filter(pl.col("regressed") & (pl.col("version") == version)
+                                  & pl.col("deployed_at").eq_missing(latest["deployed_at"])).row(0, named=True)
+        return f"{day}: v{version} regressed (declared {declared['event_date']}: {declared['action']})"
+    return f"{day}: v{version} {'below its forecast' if latest['below_forecast'] else 'healthy'}; {latest['action']}"

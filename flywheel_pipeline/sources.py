@@ -94,6 +94,10 @@ class ParquetSource:
         leading = ["domain", day] if day else ["domain"]
         return rows.select(columns or [*leading, *(name for name in wanted if name not in leading)])
 
+    def count(self, table: str, domain: str) -> int:
+        """How many rows ``domain``'s partitions of ``table`` hold, from the files' footers."""
+        return stored[0].count_rows() if (stored := self._partitions(table, domain)) else 0
+
     def stored_schema(self, table: str, domain: str) -> pa.Schema | None:
         """The types ``domain``'s partitions of ``table`` are stored in (as their writer, Spark or
         a ParquetSink, wrote them), without the partition columns; None when there are none."""

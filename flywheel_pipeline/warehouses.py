@@ -52,6 +52,19 @@ class Warehouses:
                 return frozenset()
         return frozenset(day for (day,) in rows)
 
+    def row_counts(self, domain: str, schemas: tuple[str, ...] = ("raw", "marts", "labels")) -> dict[str, int]:
+        """The rows of each of ``domain``'s tables in ``schemas``, by name (under spark, from the
+        Parquet footers: no rows are read)."""
+        if self.store is not None:
+            source = self.store.source()
+            return {table: source.count(table, domain) for table in sorted(self.store.tables(domain))
+                    if table.split(".")[0] in schemas}
+        with warehouse.connect(self.home.warehouse(domain), read_only=True) as con:
+            tables = [table for (table,) in con.execute(
+                "SELECT table_schema || '.' || table_name FROM information_schema.tables "
+                "WHERE table_schema IN (SELECT unnest($schemas)) ORDER BY 1", {"schemas": list(schemas)}).fetchall()]
+            return {table: con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in tables}
+
     def where(self, domain: str) -> str:
         """Where ``domain``'s tables are, in words."""
         if self.store is None:

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from flywheel_pipeline import privacy, sources
+from flywheel_pipeline import warehouses as warehouses_module
 from flywheel_pipeline.accumulation import RAW_TABLES, accumulate
 from flywheel_pipeline.cli import main
 from flywheel_pipeline.config import WarehouseSettings
@@ -116,6 +117,7 @@ def test_forget_reaches_dbts_tables_and_leaves_the_tombstone_in_the_store(spark_
 KILLED_AFTER_A_RAW_PARTITION = """
 import os, signal, sys
 from flywheel_pipeline import privacy, sources
+from flywheel_pipeline import warehouses as warehouses_module
 from flywheel_pipeline.accumulation import RAW_TABLES, accumulate
 from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.home import Home
@@ -157,24 +159,34 @@ def test_status_reads_a_domain_in_the_store(spark_warehouses, tmp_path, monkeypa
     monkeypatch.setenv("FLYWHEEL_HOME", str(spark_warehouses.home.root))
     for name in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(name, raising=False)
+    watch(spark_warehouses)
 
+    def no_copy(*args, **kwargs):
+        raise AssertionError("status made a working copy of the domain")
+
+    monkeypatch.setattr(warehouses_module, "working_copy", no_copy)  # counts from the footers, the watch read
     main(["status"])
 
     out = capsys.readouterr().out
     assert f"assistant: warehouse {spark_warehouses.store.root} (domain=assistant partitions)\n" in out
     assert f"recommendation: warehouse {spark_warehouses.store.root} (domain=recommendation partitions) (none yet)" in out
     assert re.search(r"raw.interactions +2 rows", out) and re.search(r"marts.fct_interactions +2 rows", out)
+    assert f"monitor: {DAY}: v3 healthy; kept" in out
 
 
-def test_the_monitors_watch_is_kept_in_the_store(spark_warehouses):
-    """The champion monitor's daily row (after a deployment) outlives its run's working copy."""
-    with spark_warehouses.connect(DOMAIN) as con:
+def watch(warehouses: Warehouses) -> None:
+    """A champion monitor's look at the domain on DAY, kept in the store."""
+    with warehouses.connect(DOMAIN) as con:
         con.execute("CREATE SCHEMA IF NOT EXISTS health")
         con.execute(f"""CREATE TABLE {MONITOR_TABLE} AS SELECT $domain AS domain, $day AS event_date, '3' AS version,
                         NULL::TIMESTAMP AS deployed_at, false AS regressed, false AS below_forecast,
                         'kept' AS action""", {"domain": DOMAIN, "day": DAY})
-    with spark_warehouses.connect(DOMAIN, read_only=True) as con:
-        assert latest_watch(con, DOMAIN) == f"{DAY}: v3 healthy; kept"
+
+
+def test_the_monitors_watch_is_kept_in_the_store(spark_warehouses):
+    """The champion monitor's daily row (after a deployment) outlives its run's working copy."""
+    watch(spark_warehouses)
+    assert latest_watch(spark_warehouses.store.source(), DOMAIN) == f"{DAY}: v3 healthy; kept"
 
 
 def test_the_store_lists_only_tables_with_partitions(spark_warehouses):
