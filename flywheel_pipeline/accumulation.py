@@ -433,14 +433,16 @@ def _problem(batch: _Batch, what: str, error: duckdb.Error) -> str:
     return f"{batch.file} {what}{advice}: {str(error).strip().splitlines()[0]}"
 
 
-def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], elsewhere: Source | None) -> None:
+def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], elsewhere: Source | None,
+                     horizon_days: int | None) -> None:
     """Keep this run's partitions' lines (``partition_lines``); among the lines that pass the contract
     (a copy that fails it was quarantined for that, and never beats one that passes), an event id
     read more than once is a ``duplicate_event_id`` after its first copy (in batch, file, line order)
     when every copy holds the same content, and ``conflicting_duplicate``, every copy of it, when they
     differ: which one is right cannot be told, so none is kept and all wait in the quarantine for
     review. One already kept in another partition (read from ``elsewhere``, default ``con``'s raw
-    tables) is a duplicate too. Only the repeated ids are ordered, and only the duplicates rewritten."""
+    tables), on any day or within ``horizon_days`` of ``dates``, is a duplicate too. Only the
+    repeated ids are ordered, and only the duplicates rewritten."""
     con.execute("DELETE FROM checked_lines WHERE event_date NOT IN $dates", {"dates": dates})
     con.execute(
         """
@@ -459,28 +461,39 @@ def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[da
         WHERE checked_lines.source_file = repeats.source_file AND checked_lines.source_line = repeats.source_line
         """
     )
+    first, last = _horizon(dates, horizon_days)
     if elsewhere is None:
         kept_elsewhere = " UNION ALL ".join(
-            f"SELECT event_id FROM raw.{table} WHERE NOT (domain = $domain AND event_date IN $dates)"
+            f"SELECT event_id FROM raw.{table} WHERE domain = $domain AND event_date NOT IN $dates "
+            "AND event_date BETWEEN coalesce($first, DATE '0001-01-01') AND coalesce($last, DATE '9999-12-31')"
             for table in _RAW_EVENT_TABLES
         )
+        params = {"domain": domain, "dates": dates, "first": first, "last": last}
     else:
-        con.register("kept_elsewhere", _event_ids_elsewhere(elsewhere, domain, dates).to_arrow())
-        kept_elsewhere = "SELECT event_id FROM kept_elsewhere"
+        con.register("kept_elsewhere", _event_ids_elsewhere(elsewhere, domain, dates, first, last).to_arrow())
+        kept_elsewhere, params = "SELECT event_id FROM kept_elsewhere", {}
     con.execute(f"UPDATE checked_lines SET reason = 'duplicate_event_id' "
-                f"WHERE reason IS NULL AND event_id IN ({kept_elsewhere})",
-                {k: v for k, v in {"domain": domain, "dates": dates}.items() if f"${k}" in kept_elsewhere})
+                f"WHERE reason IS NULL AND event_id IN ({kept_elsewhere})", params)
     if elsewhere is not None:
         con.unregister("kept_elsewhere")
     con.execute("DROP TABLE IF EXISTS partition_lines")
     con.execute("ALTER TABLE checked_lines RENAME TO partition_lines")
 
 
-def _event_ids_elsewhere(source: Source, domain: str, dates: list[date]) -> pl.DataFrame:
-    """The event ids ``source`` keeps in ``domain``'s raw event tables outside ``dates``."""
+def _horizon(dates: list[date], horizon_days: int | None) -> tuple[date | None, date | None]:
+    """The first and last day whose kept events a run of ``dates`` checks its ids against (None: unbounded)."""
+    if horizon_days is None:
+        return None, None
+    return min(dates) - timedelta(days=horizon_days), max(dates) + timedelta(days=horizon_days)
+
+
+def _event_ids_elsewhere(source: Source, domain: str, dates: list[date], first: date | None,
+                         last: date | None) -> pl.DataFrame:
+    """The event ids ``source`` keeps in ``domain``'s raw event tables on days first..last (None:
+    unbounded) outside ``dates``."""
     ids = [rows.filter(~pl.col("event_date").is_in(dates)).select("event_id")
            for table in _RAW_EVENT_TABLES
-           if (rows := source.read(f"raw.{table}", domain, columns=["event_id", "event_date"])).width]
+           if (rows := source.read(f"raw.{table}", domain, first, last, ["event_id", "event_date"])).width]
     return pl.concat(ids) if ids else pl.DataFrame(schema={"event_id": pl.String})
 
 
@@ -686,7 +699,7 @@ def accumulate(
     batches = [_batch(home, path) for path in batches_for(home, domain, dates, config.max_lateness_days)]
     privacy.install_redaction(con)  # the contract's id rules look for personal data (unsafe_id:<field>)
     problems = _read_batches(con, config, domain, batches, now)
-    _mark_duplicates(con, domain, dates, elsewhere)
+    _mark_duplicates(con, domain, dates, elsewhere, config.landing.duplicate_horizon_days)
     _keep_quarantined_text(con, config, batches, problems)
     privacy.protect_partition_lines(con)  # redaction, forgotten users
     written = _replace_partitions(con, domain, dates, now)

@@ -653,6 +653,10 @@ class LandingSettings(_Strict):
     min_daily_traffic_share: float = Field(
         0.2, gt=0, lt=1, description="a day whose accepted interactions fall below this share of the "
                                      "domain's median day is flagged (the daily_traffic check)")
+    duplicate_horizon_days: int | None = Field(
+        None, ge=0, description="an event id already kept on another day is a duplicate_event_id when that "
+                                "day lies within this many days of the run's days; null: on any day (a run "
+                                "then reads every event id of its domain: docs/deploying.md)")
 
 
 class DaemonSettings(_Strict):

@@ -174,6 +174,26 @@ def test_rerun_and_redelivery_change_nothing_not_even_ingestion_times(home, conf
     assert report.reasons == {"duplicate_event_id": 2}
 
 
+def with_horizon(config, days: int | None):
+    return config.model_copy(update={"landing": config.landing.model_copy(update={"duplicate_horizon_days": days})})
+
+
+@pytest.mark.parametrize(("horizon", "kept_twice"), [(None, False), (5, False), (4, True)])
+def test_an_id_kept_on_another_day_is_a_duplicate_within_the_horizon(home, config, horizon, kept_twice):
+    """The same event id five days later (a retry stamped anew): a duplicate of the kept one on any
+    day (no horizon) or within a horizon of five days, kept again beyond a horizon of four."""
+    later = DAY + timedelta(days=5)
+    write_batch(home, str(DAY), [interaction("a")])
+    write_batch(home, str(later), [interaction("a", timestamp=f"{later}T09:00:00Z")])
+    run(home, config)
+
+    report = run(home, with_horizon(config, horizon), dates=(later,))
+
+    assert report.reasons == ({} if kept_twice else {"duplicate_event_id": 1})
+    assert table(home, "SELECT event_date FROM raw.interactions ORDER BY 1") == (
+        [(DAY,), (later,)] if kept_twice else [(DAY,)])
+
+
 def test_a_rerun_keeps_unchanged_rows_where_they_are_and_rewrites_only_what_changed(home, config):
     write_batch(home, "2026-11-02", [interaction("a"), interaction("b"), signal("s1"), BAD_LINES["malformed_json"]])
     assert run(home, config).written == 4

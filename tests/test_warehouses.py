@@ -31,7 +31,7 @@ from flywheel_pipeline.object_store import ObjectStore, OutOfScope, Scope
 from flywheel_pipeline.warehouse import ensure_raw_tables
 from flywheel_pipeline.warehouses import Warehouses
 from tests.conftest import REPO
-from tests.test_accumulation import NOW, interaction, write_batch
+from tests.test_accumulation import NOW, interaction, with_horizon, write_batch
 
 DOMAIN = "assistant"
 DAY = date(2026, 11, 2)
@@ -241,3 +241,29 @@ def test_accumulation_of_one_day_finds_a_duplicate_kept_on_another(tmp_path, con
     assert report.reasons == {"duplicate_event_id": 1}
     kept = warehouses.store.source().read("raw.interactions", DOMAIN).sort("event_id")
     assert list(zip(kept["event_id"], kept["event_date"], strict=True)) == [("a", DAY), ("b", NEXT_DAY)]
+
+
+def test_accumulation_under_a_duplicate_horizon_reads_only_the_ids_of_its_days(tmp_path, config, monkeypatch):
+    """With landing.duplicate_horizon_days a day's run reads the kept ids of the days within it
+    from the store, not the domain's every day; the duplicate is found as without it."""
+    home = Home(tmp_path / "home").ensure()
+    warehouses = Warehouses.for_settings(home, WarehouseSettings(engine="spark", root=str(tmp_path / "tables")))
+    bounded = with_horizon(config, 1)
+    far = DAY - timedelta(days=10)
+    for day, event in ((far, "old"), (DAY, "a")):
+        write_batch(home, str(day), [interaction(event, timestamp=f"{day}T09:00:00Z")])
+    write_batch(home, str(NEXT_DAY), [interaction("a", timestamp=f"{NEXT_DAY}T09:00:00Z")])
+    for day in (far, DAY):
+        with warehouses.for_days(DOMAIN, Scope.of([day], RAW_TABLES)) as (con, elsewhere):
+            accumulate(con, home, bounded, DOMAIN, [day], now=NOW, elsewhere=elsewhere)
+    reads = []
+    read = sources.ParquetSource.read
+    monkeypatch.setattr(sources.ParquetSource, "read", lambda self, table, domain, first=None, last=None, columns=None:
+                        reads.append((table, first, last, columns)) or read(self, table, domain, first, last, columns))
+
+    with warehouses.for_days(DOMAIN, Scope.of([NEXT_DAY], RAW_TABLES)) as (con, elsewhere):
+        report = accumulate(con, home, bounded, DOMAIN, [NEXT_DAY], now=NOW, elsewhere=elsewhere)
+
+    assert report.reasons == {"duplicate_event_id": 1}
+    id_reads = [(first, last) for table, first, last, columns in reads if columns == ["event_id", "event_date"]]
+    assert id_reads and set(id_reads) == {(DAY, NEXT_DAY + timedelta(days=1))}
