@@ -45,11 +45,17 @@ run_coordinator:
   class: QueuedRunCoordinator
   config:
     dequeue_interval_seconds: 1  # a queued run starts within a second of its turn (Dagster's default: 5)
+concurrency:
+  runs:
     tag_concurrency_limits:
       - key: flywheel/warehouse
         value:
           applyLimitPerUniqueValue: true
         limit: 1
+  # A step in a concurrency pool waits for a free slot: the dbt steps under engine spark take turns
+  # (defs/transform.py: DBT_POOL), whichever runs they belong to.
+  pools:
+    default_limit: 1
 # A run whose process died (killed, out of memory, machine restarted) is marked failed and leaves
 # the queue: the daemon checks every in-progress run's worker process (docs/operations.md).
 run_launcher:

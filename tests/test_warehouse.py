@@ -6,14 +6,17 @@ from datetime import date
 
 import dagster as dg
 import pytest
+from dagster._utils.concurrency import ConcurrencySlotStatus
 from dagster._utils.tags import TagConcurrencyLimitsCounter
 
 from flywheel_pipeline import approval, warehouse
 from flywheel_pipeline.accumulation import accumulate
 from flywheel_pipeline.cli import main
+from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.definitions import build_definitions
 from flywheel_pipeline.defs.jobs import cycle_job_name
 from flywheel_pipeline.defs.sensors import domain_cursors, relabel_requests
+from flywheel_pipeline.defs.transform import DBT_POOL, build_dbt_assets
 from flywheel_pipeline.home import Home, HomeError
 from tests.test_accumulation import DAY, NOW, interaction, write_batch
 
@@ -102,7 +105,7 @@ def test_the_run_queue_starts_one_run_per_domain_and_domains_side_by_side(home, 
     """The daemon's own counter over the home instance's limits and the tags flywheel's runs carry."""
     defs = build_definitions(config, home)
     with dg.DagsterInstance.from_config(str(home.dagster)) as instance:
-        limits = instance.run_coordinator.get_run_queue_config().tag_concurrency_limits
+        limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits  # the daemon's
 
     def run(tags: dict[str, str]) -> dg.DagsterRun:
         return dg.DagsterRun(job_name="run", tags=tags)
@@ -113,3 +116,22 @@ def test_the_run_queue_starts_one_run_per_domain_and_domains_side_by_side(home, 
     assert queue.is_blocked(cycles["assistant"]) and queue.is_blocked(relabel)  # its own runs wait
     assert not queue.is_blocked(cycles["recommendation"])  # another domain's starts beside it
     assert not TagConcurrencyLimitsCounter(limits, []).is_blocked(cycles["assistant"])
+
+
+def test_under_engine_spark_the_dbt_steps_of_runs_side_by_side_take_turns(home, config):
+    """Under spark a domain's days may run as runs at once: their dbt steps share the domain's dbt
+    target folder and int_sessions, so each claims a slot of the home instance's dbt pool (one)
+    and a second waits for the first's (Dagster's own claims); on DuckDB dbt is in no pool, as
+    the run queue keeps a domain's runs apart."""
+    spark = config.model_copy(update={"warehouse": WarehouseSettings(engine="spark", root=str(home.root / "tables"))})
+    assert build_dbt_assets(spark).op.pool == DBT_POOL and build_dbt_assets(config).op.pool is None
+
+    with dg.DagsterInstance.from_config(str(home.dagster)) as instance:
+        claims = instance.event_log_storage
+        claims.initialize_concurrency_limit_to_default(DBT_POOL)  # as a run's step does before it claims
+        step = "flywheel_dbt_assets"
+        assert claims.claim_concurrency_slot(DBT_POOL, "day-1", step).slot_status == ConcurrencySlotStatus.CLAIMED
+        assert claims.claim_concurrency_slot(DBT_POOL, "day-2", step).slot_status == ConcurrencySlotStatus.BLOCKED
+        claims.free_concurrency_slot_for_step("day-1", step)
+        assert claims.claim_concurrency_slot(DBT_POOL, "day-2", step).slot_status == ConcurrencySlotStatus.CLAIMED
+

@@ -50,6 +50,10 @@ DBT_EXECUTABLE = Path(sys.executable).with_name("dbt")
 RAW_EVENTS = dg.AssetKey("raw_events")
 GROUP = "quality_filtering"
 DBT_MODELS = dg.AssetSelection.groups(GROUP)
+# Under engine spark a domain's days may run as runs side by side; their dbt steps take turns in this
+# pool (the home's dagster.yaml: one at a time), as they share the domain's dbt target folder and
+# int_sessions' one partition per domain. On DuckDB the run queue already keeps a domain's runs apart.
+DBT_POOL = "flywheel_dbt"
 # What profiles.yml reads for the DuckDB connection dbt opens: the domain whose warehouse it builds, and
 # flywheel.yaml's warehouse settings.
 DOMAIN_ENV, MEMORY_LIMIT_ENV, THREADS_ENV = "FLYWHEEL_DOMAIN", "FLYWHEEL_DBT_MEMORY_LIMIT", "FLYWHEEL_DBT_THREADS"
@@ -234,7 +238,8 @@ def build_dbt_assets(config: FlywheelConfig) -> dg.AssetsDefinition:
     partitions = day_domain_partitions(config)
 
     @dbt_assets(manifest=dbt_project.manifest_path, project=dbt_project, dagster_dbt_translator=TRANSLATOR,
-                partitions_def=partitions, backfill_policy=dg.BackfillPolicy.single_run())
+                partitions_def=partitions, backfill_policy=dg.BackfillPolicy.single_run(),
+                pool=DBT_POOL if config.warehouse.engine == "spark" else None)
     def flywheel_dbt_assets(context: dg.AssetExecutionContext, dbt: FlywheelDbtResource):
         """Rebuild the run's partitions of staging -> intermediate -> marts in the domain's warehouse
         and run every dbt test on them (one asset check each)."""
