@@ -32,15 +32,21 @@ import yaml
 from polars.testing import assert_frame_equal
 
 from flywheel_pipeline import privacy, registry, simulation, sources
-from flywheel_pipeline.accumulation import accumulate
+from flywheel_pipeline.accumulation import RAW_TABLES, accumulate
 from flywheel_pipeline.cli import main
-from flywheel_pipeline.config import load_config
+from flywheel_pipeline.config import WarehouseSettings, load_config
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.launcher import free_port
 from flywheel_pipeline.monitoring import MONITOR_TABLE
-from flywheel_pipeline.object_store import DBT_TABLES, STAGE_TABLES, ObjectStore, working_copy
+from flywheel_pipeline.object_store import (
+    DBT_TABLES,
+    STAGE_TABLES,
+    ObjectStore,
+    Scope,
+)
 from flywheel_pipeline.warehouse import connect
+from flywheel_pipeline.warehouses import Warehouses
 from tests.conftest import REPO
 
 MISSING = [name for name, present in (
@@ -75,6 +81,7 @@ JSON_TEXT_COLUMNS = ("context_features",)
 # when a row was written, and the candidate's run (its model URI): different in any two cycles
 PER_RUN_COLUMNS = ("ingested_at", "quarantined_at", "labelled_at", "queued_at", "audited_at", "candidate_model_uri")
 EMPTY_IN_THIS_CYCLE = ("raw.outcomes", "raw.labels")  # the assistant's simulated days carry neither
+DBT_STEP = "flywheel_dbt_assets"  # the dbt assets' step in a run
 # lineage tags that name a run, a time, a file or a signature: they differ between any two cycles
 PER_RUN_TAGS = ("run_id", "model_uri", "model_id", "signature", "signed", "registered_at", "dagster", "source")
 
@@ -330,15 +337,15 @@ def test_a_domains_days_accumulate_as_parallel_runs_as_in_one_run(landing, bucke
     shutil.copytree(landing, home.root / "landing", dirs_exist_ok=True)
     days = [FIRST + timedelta(days=offset) for offset in range(3)]
 
-    def run(store: ObjectStore, dates: list) -> None:
-        with working_copy(store, DOMAIN) as con:
-            accumulate(con, home, config, DOMAIN, dates)
+    def run(settings: WarehouseSettings, dates: list) -> None:  # as raw_events runs: its days' copy
+        with Warehouses.for_settings(home, settings).for_days(DOMAIN, Scope.of(dates, RAW_TABLES)) as (con, elsewhere):
+            accumulate(con, home, config, DOMAIN, dates, elsewhere=elsewhere)
 
-    parallel = ObjectStore.from_settings(config.warehouse)
     with ThreadPoolExecutor(len(days)) as pool:
-        list(pool.map(lambda day: run(parallel, [day]), days))
-    together = ObjectStore.from_settings(config.warehouse.model_copy(update={"root": f"s3://{BUCKET}/together"}))
+        list(pool.map(lambda day: run(config.warehouse, [day]), days))
+    together = config.warehouse.model_copy(update={"root": f"s3://{BUCKET}/together"})
     run(together, days)
+    parallel, together = ObjectStore.from_settings(config.warehouse), ObjectStore.from_settings(together)
     raw = [table for table in STAGE_TABLES if table.startswith("raw.")]
     for table in raw:
         ours, theirs = (store.source().read(table, DOMAIN).drop("ingested_at", "quarantined_at", strict=False)
@@ -346,6 +353,59 @@ def test_a_domains_days_accumulate_as_parallel_runs_as_in_one_run(landing, bucke
         assert ours.height > 0 or table in ("raw.outcomes", "raw.labels"), table
         assert_frame_equal(ours.sort(ours.columns), theirs.sort(theirs.columns), check_column_order=False)
     assert set(parallel.source().read("raw.interactions", DOMAIN)["event_date"]) == set(days)
+
+
+RUN_OF_ONE_DAY = """
+import sys
+from datetime import date
+
+import dagster as dg
+
+from flywheel_pipeline.definitions import defs
+from flywheel_pipeline.defs.assets import LABELS
+from flywheel_pipeline.defs.partitions import range_tags
+from flywheel_pipeline.defs.transform import DBT_MODELS, RAW_EVENTS
+
+day = date.fromisoformat(sys.argv[1])
+with dg.DagsterInstance.get() as instance:
+    result = dg.materialize([*defs.assets, *defs.asset_checks], selection=dg.AssetSelection.assets(RAW_EVENTS, LABELS)
+                            | DBT_MODELS, instance=instance, tags=range_tags("assistant", day, day),
+                            resources=defs.resources, raise_on_error=False)
+print(result.run_id)
+sys.exit(0 if result.success else 1)
+"""
+
+
+def test_a_domains_day_runs_side_by_side_take_turns_at_dbt(landing, object_store, tmp_path):
+    """Two runs of one day each (accumulate -> dbt -> labels), started at once as processes of
+    their own on the home's instance (as run workers are): both succeed, their dbt steps ran one
+    after the other (the flywheel_dbt pool's one slot: they share the domain's dbt target folder and
+    int_sessions' partition), and the store holds each day's marts and labels, and the sessions of
+    both days."""
+    days = [FIRST + timedelta(days=offset) for offset in (3, 4)]
+    mount = Path(object_store["spark_root"]).parent
+    config_file = small_config(tmp_path, {**object_store, "root": f"s3://{BUCKET}/days_at_once",
+                                          "spark_root": str(mount / "days_at_once")})
+    with cycle_home(tmp_path / "home", landing, config_file) as (_, config, _, instance):
+        runs = [subprocess.Popen([sys.executable, "-c", RUN_OF_ONE_DAY, day.isoformat()], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for day in days]
+        outputs = [run.communicate(timeout=600) for run in runs]
+        assert all(run.returncode == 0 for run in runs), [err[-3000:] for _, err in outputs]
+        dbt_steps = sorted(_step_interval(instance, out.split()[-1], DBT_STEP) for out, _ in outputs)
+        store = ObjectStore.from_settings(config.warehouse)
+
+    assert dbt_steps[0][1] <= dbt_steps[1][0], f"the dbt steps overlapped: {dbt_steps}"
+    for table in (sources.IMPRESSIONS, sources.LABELS):
+        assert store.days(table, DOMAIN) == set(days), table
+    sessions = bucket_rows(store, "intermediate.int_sessions")
+    assert set(sessions["started_at"].dt.date()) >= set(days)  # the last dbt run saw both days' raw
+
+
+def _step_interval(instance: dg.DagsterInstance, run_id: str, step: str) -> tuple[float, float]:
+    """When ``step`` of the run started and succeeded (the event log's timestamps)."""
+    events = {entry.dagster_event.event_type: entry.timestamp for entry in instance.all_logs(run_id)
+              if entry.is_dagster_event and entry.step_key == step}
+    return events[dg.DagsterEventType.STEP_START], events[dg.DagsterEventType.STEP_SUCCESS]
 
 
 def test_forget_and_retention_reach_every_table_in_the_bucket_and_spark_reads_on(both_profiles, object_store,
