@@ -37,7 +37,7 @@ demo: setup
 test: setup setup-extras
 	$(BIN)/pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15 -m "not monitor_daemon"
 
-# The Spark tests alone (about 3 minutes).
+# The Spark tests alone (about 8 minutes).
 test-spark: setup setup-extras
 	$(BIN)/pytest -q -n 0 -m spark --durations=5
 
