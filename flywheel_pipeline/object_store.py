@@ -9,10 +9,10 @@ A run of a Python stage works on a copy of its domain: ``working_copy`` loads th
 (raw, marts, labels, health, the forgotten users) from the store into an in-memory DuckDB, hands
 the stage that connection, the same SQL and polars it runs on a domain's DuckDB file, and
 afterwards writes back exactly the (table, day) partitions whose rows changed, one object each.
-A stage run for some days (accumulation, labels, the review queue) loads only its ``Scope``: the
-partitions of its days of the tables it names, and reads anything else from the store directly;
-a change outside those partitions is refused, so the copy never writes back a partition it did not
-hold whole. Deleting a user or an expired day must reach every table, dbt's too: ``every_table``
+Each stage's run (accumulation, labels, the review queue, the training-set export, the health
+audit, the champion monitor) loads only its ``Scope``: the partitions of its days of the tables it
+names, and reads anything else from the store directly; a change outside those partitions is
+refused, so the copy never writes back a partition it did not hold whole. Deleting a user or an expired day must reach every table, dbt's too: ``every_table``
 loads and writes back all of them, dbt's in the types Spark stored them in. Runs of a domain's
 different days change different partitions, so they can run at once (as Kubernetes run pods would).
 Nothing is written when the stage fails; each partition is replaced whole, but a run's partitions are
