@@ -43,18 +43,16 @@ def export_store(home: Path, store: Path) -> None:
 
 
 def scope_of(copy: str, last: date, days: int):
-    from flywheel_pipeline import review, training_sets
-    from flywheel_pipeline.accumulation import RAW_TABLES
+    """The scope the stage's run of ``last`` (its window of ``days`` days ending there) holds."""
+    from flywheel_pipeline import accumulation, review, training_sets
     from flywheel_pipeline.health import audit
-    from flywheel_pipeline.labeling.stage import LABEL_TABLES
-    from flywheel_pipeline.object_store import Scope
+    from flywheel_pipeline.labeling import stage
+    from flywheel_pipeline.training import Windows
 
-    if copy == "training_sets":
-        return Scope.between(last - timedelta(days=days - 1), last, training_sets.READS)
-    if copy == "health_audit":
-        return Scope.since(last - timedelta(days=days - 1), audit.READS, whole=(audit.MEASURES_TABLE,))
-    return {"accumulation": Scope.of([last], RAW_TABLES), "labels": Scope.of([last], LABEL_TABLES),
-            "review_queue": Scope.of([last], review.READS_FOR_DAYS, review.READS_WHOLE)}[copy]
+    windows = Windows(last - timedelta(days=days - 1), last, last + timedelta(days=1), last + timedelta(days=1))
+    return {"accumulation": accumulation.copy_scope([last]), "labels": stage.copy_scope([last]),
+            "review_queue": review.copy_scope([last]), "training_sets": training_sets.copy_scope(windows),
+            "health_audit": audit.copy_scope(windows)}[copy]
 
 
 def open_copy(store: Path, domain: str, copy: str, scoped: bool, last: date, days: int) -> dict:

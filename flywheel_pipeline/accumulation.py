@@ -32,13 +32,12 @@ from flywheel_pipeline.batches import GZIP_MAGIC, batch_day, batches_for
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.events import field_text
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.sources import Source
+from flywheel_pipeline.sources import Scope, Source
 from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
 
 _RAW_EVENT_TABLES = ("interactions", "signals", "outcomes", "labels")
-# What a run writes: its days' partitions of every raw table (a scoped working copy's tables).
-RAW_TABLES = tuple(f"raw.{table}" for table in ("interactions", "impressions", "signals", "outcomes", "labels",
-                                                "quarantine"))
+_RAW_TABLES = tuple(f"raw.{table}" for table in ("interactions", "impressions", "signals", "outcomes", "labels",
+                                                 "quarantine"))
 _IMPRESSION_SCHEMA = '[{"item_id": "VARCHAR", "position": "INTEGER", "propensity": "DOUBLE", "content": "VARCHAR"}]'
 _NO_DELIMITER = "chr(0) || chr(1) || chr(0) || chr(1)"  # never in JSON text: a line is one column
 _ORDER_KEEPING_CHECKS: set[str] = set()  # check statements whose plan was seen to keep the scan's order
@@ -431,6 +430,12 @@ def _problem(batch: _Batch, what: str, error: duckdb.Error) -> str:
     advice = (" (raise warehouse.memory_limit or lower landing.max_line_bytes)"
               if isinstance(error, duckdb.OutOfMemoryException) else "")
     return f"{batch.file} {what}{advice}: {str(error).strip().splitlines()[0]}"
+
+
+def copy_scope(dates: list[date]) -> Scope:
+    """What a run of ``dates`` holds in a working copy: those days of every raw table (the event ids
+    kept on other days it reads through ``accumulate``'s ``elsewhere``)."""
+    return Scope.of(dates, _RAW_TABLES)
 
 
 def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], elsewhere: Source | None,

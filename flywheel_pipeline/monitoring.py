@@ -51,12 +51,14 @@ from flywheel_pipeline import registry
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.scoring import Scorer, baseline_scorer
-from flywheel_pipeline.sources import Readable, as_source
+from flywheel_pipeline.sources import Readable, Scope, as_source
 from flywheel_pipeline.training.base import Windows
 from flywheel_pipeline.validation import PRIMARY_METRIC, Routing, held_out_evidence, score_models
 from flywheel_pipeline.warehouse import transaction
 
 MONITOR_TABLE = "health.champion_monitor"
+# What a look holds in a working copy: its own table; what it watches it reads through a Source.
+COPY_SCOPE = Scope(whole=(MONITOR_TABLE,))
 _DDL = f"""
 CREATE SCHEMA IF NOT EXISTS health;
 CREATE TABLE IF NOT EXISTS {MONITOR_TABLE} (

@@ -23,20 +23,26 @@ repeated (its partitions are rewritten from the same input).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from urllib.parse import urlsplit
 
 import duckdb
-import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from flywheel_pipeline import privacy, warehouse
 from flywheel_pipeline.config import WarehouseSettings
-from flywheel_pipeline.sources import ParquetSink, ParquetSource, day_column, table_folder
+from flywheel_pipeline.sources import (
+    ParquetSink,
+    ParquetSource,
+    Scope,
+    StoredPartitions,
+    day_column,
+    table_folder,
+)
 
 # What the Python stages write (each partitioned by domain and a day), in the order a copy loads them.
 STAGE_TABLES = ("raw.interactions", "raw.impressions", "raw.signals", "raw.outcomes", "raw.labels",
@@ -51,41 +57,6 @@ SPARK_TABLES_ENV = "FLYWHEEL_SPARK_TABLES"  # the tables dbt's on-run-start regi
 
 class OutOfScope(RuntimeError):
     """A run changed a partition its working copy did not hold (``Scope``); nothing was written back."""
-
-
-@dataclass(frozen=True)
-class Scope:
-    """What a run for some days holds in its working copy: the partitions of days ``first`` to
-    ``last`` (None: every later day) of ``tables`` (those it writes, and those it reads for those
-    days only), and ``whole`` tables entire. Any other table is absent from the copy: the run reads
-    it from the store (``Warehouses.reader``)."""
-
-    first: date
-    last: date | None
-    tables: tuple[str, ...]
-    whole: tuple[str, ...] = ()
-
-    @classmethod
-    def of(cls, days: Sequence[date], tables: Sequence[str], whole: Sequence[str] = ()) -> Scope:
-        """The days from the first of ``days`` to the last (those between too)."""
-        if not days:
-            raise ValueError("a scope needs at least one day")
-        return cls(min(days), max(days), tuple(tables), tuple(whole))
-
-    @classmethod
-    def between(cls, first: date, last: date, tables: Sequence[str], whole: Sequence[str] = ()) -> Scope:
-        return cls(first, last, tuple(tables), tuple(whole))
-
-    @classmethod
-    def since(cls, first: date, tables: Sequence[str], whole: Sequence[str] = ()) -> Scope:
-        return cls(first, None, tuple(tables), tuple(whole))
-
-    def holds(self, day: date | None) -> bool:
-        """Whether ``day``'s partitions are in the copy (None, a table's one partition per domain: no)."""
-        return day is not None and self.first <= day and (self.last is None or day <= self.last)
-
-    def __str__(self) -> str:
-        return str(self.first) if self.first == self.last else f"{self.first}..{self.last or ''}"
 
 
 @dataclass(frozen=True)
@@ -159,15 +130,14 @@ def working_copy(store: ObjectStore, domain: str, read_only: bool = False, memor
     written = sorted(written, key=lambda table: table.startswith("raw."))
     with warehouse.connect(":memory:", memory_limit=memory_limit) as con:
         _create_stage_tables(con, scope)
-        split_by = {}  # a stored table's day column as its folders name it (None: one partition per domain)
+        stored: dict[str, StoredPartitions] = {}  # each loaded table's partitions as found in the store
         for table in loaded:
-            rows = _stored_rows(source, table, domain, scope)
-            if rows.width:
-                _load(con, table, rows)
-                split_by[table] = source.day_column(table, domain)
+            if partitions := source.partitions(table, domain):
+                _load(con, table, partitions.read(domain, *_days_held(scope, table)))
+                stored[table] = partitions
 
         def split(table: str) -> str | None:  # a table the stage creates: split as sources.day_column says
-            return split_by[table] if table in split_by else _day(con, table)
+            return stored[table].day if table in stored else _day(con, table)
 
         before = {table: _digests(con, table, split(table)) for table in written}
         yield con
@@ -177,9 +147,10 @@ def working_copy(store: ObjectStore, domain: str, read_only: bool = False, memor
         _refuse_out_of_scope(changes, scope)
         sink = store.sink()
         for table, changed in changes.items():
-            stored = None if table in STAGE_TABLES else source.stored_schema(table, domain)  # dbt's: Spark's types
+            # dbt's in the types Spark stored them in
+            types = stored[table].schema if table in stored and table not in STAGE_TABLES else None
             for day in changed:
-                sink.replace_partition(table, domain, day, _partition(con, table, domain, split(table), day), stored)
+                sink.replace_partition(table, domain, day, _partition(con, table, domain, split(table), day), types)
 
 
 def _loaded_tables(store: ObjectStore, domain: str, every_table: bool, scope: Scope | None) -> tuple[str, ...]:
@@ -203,11 +174,9 @@ def _create_stage_tables(con: duckdb.DuckDBPyConnection, scope: Scope | None) ->
                 con.execute(f"DROP TABLE {table}")
 
 
-def _stored_rows(source: ParquetSource, table: str, domain: str, scope: Scope | None) -> pl.DataFrame:
-    """``domain``'s stored rows of ``table`` the copy holds: all, or the scope's days."""
-    if scope is None or table not in scope.tables:
-        return source.read(table, domain)
-    return source.read(table, domain, scope.first, scope.last)
+def _days_held(scope: Scope | None, table: str) -> tuple[date | None, date | None]:
+    """The first and last day of ``table`` a copy holds (None, None: every day)."""
+    return (scope.first, scope.last) if scope is not None and table in scope.tables else (None, None)
 
 
 def _changed(before: dict[date | None, tuple[int, int]], after: dict[date | None, tuple[int, int]]) -> list[date | None]:

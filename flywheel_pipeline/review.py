@@ -37,12 +37,9 @@ from flywheel_pipeline.config import Groups, ReviewQueue
 from flywheel_pipeline.events import SELECTIONS
 from flywheel_pipeline.groups import assign
 from flywheel_pipeline.home import write_atomically
+from flywheel_pipeline.sources import Scope
 from flywheel_pipeline.warehouse import transaction
 
-# What a run reads and writes for its days (the queue, the days' impressions and labels), and the
-# reviews that landed on any day.
-READS_FOR_DAYS = ("labels.review_queue", "marts.fct_impressions", "labels.impression_labels")
-READS_WHOLE = ("raw.labels",)
 QUEUE_DDL = """
 CREATE SCHEMA IF NOT EXISTS labels;
 CREATE TABLE IF NOT EXISTS labels.review_queue (
@@ -93,6 +90,13 @@ class QueueReport:
 
 def review_folder(home_root: Path, domain: str) -> Path:
     return home_root / "review" / domain
+
+
+def copy_scope(days: list[date]) -> Scope:
+    """What a run of ``days`` holds in a working copy: the queue and the days' impressions and
+    labels, and the reviews, which land on any later day, whole."""
+    return Scope.of(days, ("labels.review_queue", "marts.fct_impressions", "labels.impression_labels"),
+                    whole=("raw.labels",))
 
 
 def queue_for_review(con: duckdb.DuckDBPyConnection, home_root: Path, domain: str, days: list[date],

@@ -19,6 +19,7 @@ import functools
 import operator
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Protocol
@@ -47,6 +48,46 @@ class Source(Protocol):
         day where a bound is None), the ``columns`` named (all when None); empty, with no columns,
         when the table does not exist yet."""
         ...
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a stage's run holds in a working copy of its domain (``object_store.working_copy``): the
+    partitions of days ``first`` to ``last`` (None: every later day) of ``tables`` (those it writes,
+    and those it reads for those days only), and ``whole`` tables entire. It reads any other table
+    through a Source."""
+
+    tables: tuple[str, ...] = ()
+    whole: tuple[str, ...] = ()
+    first: date | None = None
+    last: date | None = None
+
+    def __post_init__(self) -> None:
+        if self.tables and self.first is None:
+            raise ValueError("a scope that holds days of tables needs its first day")
+
+    @classmethod
+    def of(cls, days: Sequence[date], tables: Sequence[str], whole: Sequence[str] = ()) -> Scope:
+        """The days from the first of ``days`` to the last (those between too)."""
+        if not days:
+            raise ValueError("a scope needs at least one day")
+        return cls(tuple(tables), tuple(whole), min(days), max(days))
+
+    @classmethod
+    def between(cls, first: date, last: date, tables: Sequence[str], whole: Sequence[str] = ()) -> Scope:
+        return cls(tuple(tables), tuple(whole), first, last)
+
+    @classmethod
+    def since(cls, first: date, tables: Sequence[str], whole: Sequence[str] = ()) -> Scope:
+        return cls(tuple(tables), tuple(whole), first)
+
+    def holds(self, day: date | None) -> bool:
+        """Whether ``day``'s partitions are in the copy (None, a table's one partition per domain: no)."""
+        return (day is not None and self.first is not None and self.first <= day
+                and (self.last is None or day <= self.last))
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}..{self.last or ''}"
 
 
 class DuckDBSource:
@@ -84,36 +125,16 @@ class ParquetSource:
              columns: Sequence[str] | None = None) -> pl.DataFrame:
         """As Source.read; a table kept in one partition per domain (no day folders, such as dbt's
         sessions) is read whole, ``first`` and ``last`` then ignored."""
-        if (stored := self._partitions(table, domain)) is None:
-            return pl.DataFrame()
-        dataset, day = stored
-        bounds = [ds.field(day) >= first if day and first else None, ds.field(day) <= last if day and last else None]
-        wanted = [name for name in (columns or dataset.schema.names) if name != "domain"]
-        rows = pl.from_arrow(dataset.to_table(columns=wanted, filter=_all(bounds)))
-        rows = _as_duckdb_types(rows.with_columns(pl.lit(domain, pl.String).alias("domain")))
-        leading = ["domain", day] if day else ["domain"]
-        return rows.select(columns or [*leading, *(name for name in wanted if name not in leading)])
+        stored = self.partitions(table, domain)
+        return stored.read(domain, first, last, columns) if stored else pl.DataFrame()
 
     def count(self, table: str, domain: str) -> int:
         """How many rows ``domain``'s partitions of ``table`` hold, from the files' footers."""
-        return stored[0].count_rows() if (stored := self._partitions(table, domain)) else 0
+        return stored.dataset.count_rows() if (stored := self.partitions(table, domain)) else 0
 
-    def stored_schema(self, table: str, domain: str) -> pa.Schema | None:
-        """The types ``domain``'s partitions of ``table`` are stored in (as their writer, Spark or
-        a ParquetSink, wrote them), without the partition columns; None when there are none."""
-        if (stored := self._partitions(table, domain)) is None:
-            return None
-        dataset, day = stored
-        return pa.schema([field for field in dataset.schema if field.name != day])
-
-    def day_column(self, table: str, domain: str) -> str | None:
-        """The column ``domain``'s stored partitions of ``table`` are split by, None when they are not."""
-        return stored[1] if (stored := self._partitions(table, domain)) else None
-
-    def _partitions(self, table: str, domain: str) -> tuple[ds.Dataset, str | None] | None:
-        """``domain``'s partitions of ``table`` as a dataset, and the column they are split by
-        (``<column>=<day>`` folders), None when its files lie in the domain's folder itself (dbt's
-        sessions); None when the domain has no rows there."""
+    def partitions(self, table: str, domain: str) -> StoredPartitions | None:
+        """``domain``'s stored partitions of ``table``, found once (one listing of its folder);
+        None when the domain has no rows there."""
         folder = f"{table_folder(self.root, table)}/domain={domain}"
         if self.filesystem.get_file_info(folder).type != pafs.FileType.Directory:
             return None
@@ -121,7 +142,33 @@ class ParquetSource:
                     if info.type == pafs.FileType.Directory and "=" in info.base_name), None)
         partitioning = ds.partitioning(pa.schema([(day, pa.date32())]), flavor="hive") if day else None
         dataset = ds.dataset(folder, filesystem=self.filesystem, format="parquet", partitioning=partitioning)
-        return (dataset, day) if dataset.files else None
+        return StoredPartitions(dataset, day) if dataset.files else None
+
+
+@dataclass(frozen=True)
+class StoredPartitions:
+    """One domain's stored partitions of a table: their files, and the column their ``<column>=<day>``
+    folders split them by (None when the files lie in the domain's folder itself, as dbt's sessions)."""
+
+    dataset: ds.Dataset
+    day: str | None
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The types they are stored in (as their writer, Spark or a ParquetSink, wrote them),
+        without the day column."""
+        return pa.schema([field for field in self.dataset.schema if field.name != self.day])
+
+    def read(self, domain: str, first: date | None = None, last: date | None = None,
+             columns: Sequence[str] | None = None) -> pl.DataFrame:
+        """Their rows (as ``ParquetSource.read``), with the domain's column."""
+        day = self.day
+        bounds = [ds.field(day) >= first if day and first else None, ds.field(day) <= last if day and last else None]
+        wanted = [name for name in (columns or self.dataset.schema.names) if name != "domain"]
+        rows = pl.from_arrow(self.dataset.to_table(columns=wanted, filter=_all(bounds)))
+        rows = _as_duckdb_types(rows.with_columns(pl.lit(domain, pl.String).alias("domain")))
+        leading = ["domain", day] if day else ["domain"]
+        return rows.select(columns or [*leading, *(name for name in wanted if name not in leading)])
 
 
 class ParquetSink:

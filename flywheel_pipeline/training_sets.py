@@ -40,6 +40,7 @@ from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 
 from flywheel_pipeline.config import FlywheelConfig, TrainingSets
 from flywheel_pipeline.home import Home
+from flywheel_pipeline.sources import Scope
 from flywheel_pipeline.training.base import (
     DAGSTER_RUN_TAG,
     Windows,
@@ -56,8 +57,6 @@ CONSENT = "interactions with consent granted only (consent-denied ones never rea
 
 # The training window's impressions, with their labels, the text known at serving time and the
 # reactions pairs are made of. Assistant interactions show one impression each.
-# What an export reads, for its training window's days only.
-READS = ("marts.fct_impressions", "labels.impression_labels", "labels.label_matrix")
 _IMPRESSIONS = """
     SELECT i.event_date, i.interaction_id, i.item_id, i.served_at, i.session_id,
            sha256(i.user_id) AS user_hash, i.input_text, lower(trim(i.input_text)) AS normalized_input,
@@ -260,6 +259,12 @@ def read_card(path: Path) -> dict[str, Any]:
     """The ``flywheel`` section of a set folder's card."""
     _, front, _ = (path / CARD).read_text().split("---\n", 2)
     return yaml.safe_load(front)["flywheel"]
+
+
+def copy_scope(windows: Windows) -> Scope:
+    """What an export holds in a working copy: its training window's impressions and labels."""
+    return Scope.between(windows.train_start, windows.train_end,
+                         ("marts.fct_impressions", "labels.impression_labels", "labels.label_matrix"))
 
 
 def export(con: duckdb.DuckDBPyConnection, home: Home, config: FlywheelConfig, domain: str,

@@ -16,8 +16,8 @@ import duckdb
 from flywheel_pipeline import warehouse
 from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.object_store import ObjectStore, Scope, working_copy
-from flywheel_pipeline.sources import INTERACTIONS, Readable, Source
+from flywheel_pipeline.object_store import ObjectStore, working_copy
+from flywheel_pipeline.sources import INTERACTIONS, Readable, Scope, Source
 
 
 @dataclass(frozen=True)

@@ -32,19 +32,14 @@ import yaml
 from polars.testing import assert_frame_equal
 
 from flywheel_pipeline import privacy, registry, simulation, sources
-from flywheel_pipeline.accumulation import RAW_TABLES, accumulate
+from flywheel_pipeline.accumulation import accumulate, copy_scope
 from flywheel_pipeline.cli import main
 from flywheel_pipeline.config import WarehouseSettings, load_config
 from flywheel_pipeline.definitions import build_definitions, execute_cycle
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.launcher import free_port
 from flywheel_pipeline.monitoring import MONITOR_TABLE
-from flywheel_pipeline.object_store import (
-    DBT_TABLES,
-    STAGE_TABLES,
-    ObjectStore,
-    Scope,
-)
+from flywheel_pipeline.object_store import DBT_TABLES, STAGE_TABLES, ObjectStore
 from flywheel_pipeline.warehouse import connect
 from flywheel_pipeline.warehouses import Warehouses
 from tests.conftest import REPO
@@ -338,7 +333,7 @@ def test_a_domains_days_accumulate_as_parallel_runs_as_in_one_run(landing, bucke
     days = [FIRST + timedelta(days=offset) for offset in range(3)]
 
     def run(settings: WarehouseSettings, dates: list) -> None:  # as raw_events runs: its days' copy
-        with Warehouses.for_settings(home, settings).for_days(DOMAIN, Scope.of(dates, RAW_TABLES)) as (con, elsewhere):
+        with Warehouses.for_settings(home, settings).for_days(DOMAIN, copy_scope(dates)) as (con, elsewhere):
             accumulate(con, home, config, DOMAIN, dates, elsewhere=elsewhere)
 
     with ThreadPoolExecutor(len(days)) as pool:

@@ -22,12 +22,13 @@ import yaml
 
 from flywheel_pipeline import privacy, sources
 from flywheel_pipeline import warehouses as warehouses_module
-from flywheel_pipeline.accumulation import RAW_TABLES, accumulate
+from flywheel_pipeline.accumulation import accumulate, copy_scope
 from flywheel_pipeline.cli import main
 from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.monitoring import MONITOR_TABLE, latest_watch
-from flywheel_pipeline.object_store import ObjectStore, OutOfScope, Scope
+from flywheel_pipeline.object_store import ObjectStore, OutOfScope
+from flywheel_pipeline.sources import Scope
 from flywheel_pipeline.warehouse import ensure_raw_tables
 from flywheel_pipeline.warehouses import Warehouses
 from tests.conftest import REPO
@@ -117,8 +118,6 @@ def test_forget_reaches_dbts_tables_and_leaves_the_tombstone_in_the_store(spark_
 KILLED_AFTER_A_RAW_PARTITION = """
 import os, signal, sys
 from flywheel_pipeline import privacy, sources
-from flywheel_pipeline import warehouses as warehouses_module
-from flywheel_pipeline.accumulation import RAW_TABLES, accumulate
 from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.warehouses import Warehouses
@@ -235,7 +234,7 @@ def test_accumulation_of_one_day_finds_a_duplicate_kept_on_another(tmp_path, con
     write_batch(home, str(NEXT_DAY), [interaction("a", timestamp=f"{NEXT_DAY}T09:00:00Z"),
                                       interaction("b", timestamp=f"{NEXT_DAY}T09:00:00Z")])
     for day in (DAY, NEXT_DAY):
-        with warehouses.for_days(DOMAIN, Scope.of([day], RAW_TABLES)) as (con, elsewhere):
+        with warehouses.for_days(DOMAIN, copy_scope([day])) as (con, elsewhere):
             report = accumulate(con, home, config, DOMAIN, [day], now=NOW, elsewhere=elsewhere)
 
     assert report.reasons == {"duplicate_event_id": 1}
@@ -254,14 +253,14 @@ def test_accumulation_under_a_duplicate_horizon_reads_only_the_ids_of_its_days(t
         write_batch(home, str(day), [interaction(event, timestamp=f"{day}T09:00:00Z")])
     write_batch(home, str(NEXT_DAY), [interaction("a", timestamp=f"{NEXT_DAY}T09:00:00Z")])
     for day in (far, DAY):
-        with warehouses.for_days(DOMAIN, Scope.of([day], RAW_TABLES)) as (con, elsewhere):
+        with warehouses.for_days(DOMAIN, copy_scope([day])) as (con, elsewhere):
             accumulate(con, home, bounded, DOMAIN, [day], now=NOW, elsewhere=elsewhere)
     reads = []
     read = sources.ParquetSource.read
     monkeypatch.setattr(sources.ParquetSource, "read", lambda self, table, domain, first=None, last=None, columns=None:
                         reads.append((table, first, last, columns)) or read(self, table, domain, first, last, columns))
 
-    with warehouses.for_days(DOMAIN, Scope.of([NEXT_DAY], RAW_TABLES)) as (con, elsewhere):
+    with warehouses.for_days(DOMAIN, copy_scope([NEXT_DAY])) as (con, elsewhere):
         report = accumulate(con, home, bounded, DOMAIN, [NEXT_DAY], now=NOW, elsewhere=elsewhere)
 
     assert report.reasons == {"duplicate_event_id": 1}

@@ -17,8 +17,7 @@ import dagster as dg
 import polars as pl
 from mlflow import MlflowClient
 
-from flywheel_pipeline import approval, registry
-from flywheel_pipeline.accumulation import RAW_TABLES, accumulate
+from flywheel_pipeline import accumulation, approval, registry
 from flywheel_pipeline.config import FlywheelConfig, PipesTrainerSettings
 from flywheel_pipeline.defs.health import HEALTH, build_health_asset
 from flywheel_pipeline.defs.partitions import day_domain_partitions, partition_key, run_scope
@@ -27,10 +26,10 @@ from flywheel_pipeline.defs.transform import RAW_EVENTS, fct_impressions_key
 from flywheel_pipeline.defs.ui import approval_launchpad_url
 from flywheel_pipeline.health import HealthReport
 from flywheel_pipeline.labeling import label_partitions, maturity_cutoff
-from flywheel_pipeline.labeling.stage import LABEL_TABLES, to_markdown
+from flywheel_pipeline.labeling import stage as labeling_stage
+from flywheel_pipeline.labeling.stage import to_markdown
 from flywheel_pipeline.launcher import in_progress
 from flywheel_pipeline.lineage import register
-from flywheel_pipeline.object_store import Scope
 from flywheel_pipeline.sources import LABELS as LABELS_TABLE
 from flywheel_pipeline.sources import Readable, as_source
 from flywheel_pipeline.training import TrainingResult, train_candidate
@@ -59,8 +58,8 @@ def build_data_assets(config: FlywheelConfig) -> list[dg.AssetsDefinition]:
                           "(rows in = accepted + quarantined; reasons in raw.quarantine).")
     def raw_events(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
         domain, days = run_scope(context, partitions)
-        with warehouse.for_days(domain, Scope.of(days, RAW_TABLES)) as (con, elsewhere):
-            report = accumulate(con, warehouse.home(), config, domain, days, elsewhere=elsewhere)
+        with warehouse.warehouses().for_days(domain, accumulation.copy_scope(days)) as (con, elsewhere):
+            report = accumulation.accumulate(con, warehouse.home(), config, domain, days, elsewhere=elsewhere)
         for day in days:
             context.add_asset_metadata(report.day_metadata(day), partition_key=partition_key(domain, day))
         context.log.info(f"accumulated {report.metadata()}")
@@ -72,7 +71,7 @@ def build_data_assets(config: FlywheelConfig) -> list[dg.AssetsDefinition]:
                           "Dawid-Skene label model into a probabilistic label per impression.")
     def labels(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
         domain, days = run_scope(context, partitions)
-        with warehouse.for_days(domain, Scope.of(days, LABEL_TABLES)) as (con, elsewhere):
+        with warehouse.warehouses().for_days(domain, labeling_stage.copy_scope(days)) as (con, elsewhere):
             report = label_partitions(con, domain, days, config, source=elsewhere)
         for warning in report.warnings:
             context.log.warning(warning)

@@ -19,16 +19,9 @@ from flywheel_pipeline import registry
 from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.health import TRAPS, Finding, HealthReport, fairness
-from flywheel_pipeline.health.audit import (
-    MEASURES_TABLE,
-    READS,
-    audit,
-    measure_history,
-    save_measures,
-)
+from flywheel_pipeline.health.audit import audit, copy_scope, measure_history, save_measures
 from flywheel_pipeline.health.drift import DriftReport, domain_drift
-from flywheel_pipeline.monitoring import MONITOR_TABLE, calibration
-from flywheel_pipeline.object_store import Scope
+from flywheel_pipeline.monitoring import calibration
 from flywheel_pipeline.training import TrainingResult
 from flywheel_pipeline.validation import ValidationReport
 
@@ -84,8 +77,7 @@ def build_health_asset(config: FlywheelConfig, domain: str, candidate_key: dg.As
         version = registry.alias_version(client, domain, registry.CHAMPION)
         champion = version or "baseline"
         champion_tags = registry.version_tags(client, domain, version) if version else None
-        scope = Scope.since(candidate.windows.train_start, READS, whole=(MEASURES_TABLE, MONITOR_TABLE))
-        with warehouse.for_days(domain, scope) as (con, elsewhere):
+        with warehouse.warehouses().for_days(domain, copy_scope(candidate.windows)) as (con, elsewhere):
             health = audit(con, config, domain, candidate.windows, candidate.mature_until, champion,
                            candidate.model_uri)
             if groups is not None:

@@ -23,7 +23,6 @@ from flywheel_pipeline.defs.jobs import warehouse_tags
 from flywheel_pipeline.defs.partitions import day_domain_partitions, range_tags, run_scope
 from flywheel_pipeline.defs.resources import MlflowResource, WarehouseResource
 from flywheel_pipeline.defs.transform import DBT_MODELS, RAW_EVENTS, fct_impressions_key
-from flywheel_pipeline.object_store import Scope
 from flywheel_pipeline.scoring import Scorer
 
 MONITOR = "champion_monitor"
@@ -88,8 +87,7 @@ def _look(context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflo
         if version not in scorers:
             scorers[version] = monitoring.version_scorer(config, domain, version)
     champion, previous = scorers[deployed.version], scorers[deployed.previous_version]
-    # the monitor's own rows whole; what it watches is read from the store (under spark)
-    with warehouse.for_days(domain, Scope.of([day], (), whole=(monitoring.MONITOR_TABLE,))) as (con, elsewhere):
+    with warehouse.warehouses().for_days(domain, monitoring.COPY_SCOPE) as (con, elsewhere):
         seen = monitoring.watch(con if elsewhere is None else elsewhere, warehouse.home(), config, domain, deployed,
                                 day, champion, previous)
         earlier = monitoring.earlier_flags(con, domain, deployed, day)

@@ -13,8 +13,7 @@ import duckdb
 from flywheel_pipeline import warehouse
 from flywheel_pipeline.config import FlywheelConfig, WarehouseSettings, config_path, load_config
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.object_store import ObjectStore, Scope
-from flywheel_pipeline.sources import Source
+from flywheel_pipeline.object_store import ObjectStore
 from flywheel_pipeline.warehouses import Warehouses
 
 
@@ -53,19 +52,6 @@ class WarehouseResource(dg.ConfigurableResource):
 
     def warehouses(self) -> Warehouses:
         return Warehouses(self.home(), self.object_store(), self.memory_limit)
-
-    @contextmanager
-    def connect(self, domain: str, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """``domain``'s warehouse (``Warehouses.connect``)."""
-        with self.warehouses().connect(domain, read_only=read_only) as con:
-            yield con
-
-    @contextmanager
-    def for_days(self, domain: str, scope: Scope,
-                 read_only: bool = False) -> Iterator[tuple[duckdb.DuckDBPyConnection, Source | None]]:
-        """``domain``'s warehouse for a run of ``scope``'s days (``Warehouses.for_days``)."""
-        with self.warehouses().for_days(domain, scope, read_only=read_only) as held:
-            yield held
 
     @contextmanager
     def approvals(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:

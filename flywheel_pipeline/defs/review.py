@@ -6,8 +6,7 @@ from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.defs.assets import LABELS
 from flywheel_pipeline.defs.partitions import day_domain_partitions, partition_key, run_scope
 from flywheel_pipeline.defs.resources import WarehouseResource
-from flywheel_pipeline.object_store import Scope
-from flywheel_pipeline.review import READS_FOR_DAYS, READS_WHOLE, queue_for_review
+from flywheel_pipeline.review import copy_scope, queue_for_review
 
 REVIEW_QUEUE = dg.AssetKey("review_queue")
 
@@ -23,7 +22,7 @@ def build_review_queue(config: FlywheelConfig) -> dg.AssetsDefinition:
                           "Argilla records of each day's pending ones (docs/importing.md).")
     def review_queue(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
         domain, days = run_scope(context, partitions)
-        with warehouse.for_days(domain, Scope.of(days, READS_FOR_DAYS, READS_WHOLE)) as (con, _):
+        with warehouse.warehouses().for_days(domain, copy_scope(days)) as (con, _):
             settings = config.domain(domain)
             report = queue_for_review(con, warehouse.home().root, domain, days, settings.review, groups=settings.groups)
         for day in days:

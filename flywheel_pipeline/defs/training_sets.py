@@ -13,7 +13,6 @@ from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.defs.assets import LABELS, latest_labelled_day
 from flywheel_pipeline.defs.resources import WarehouseResource
 from flywheel_pipeline.labeling import maturity_cutoff
-from flywheel_pipeline.object_store import Scope
 from flywheel_pipeline.training import split_windows
 
 DESCRIPTIONS = {
@@ -46,8 +45,7 @@ def build_training_set_assets(config: FlywheelConfig, domain: str) -> list[dg.As
         with warehouse.warehouses().reader(domain) as source:
             as_of = latest_labelled_day(source, domain)
             windows = split_windows(as_of, config.domain(domain), maturity_cutoff(source, config, domain, as_of))
-        scope = Scope.between(windows.train_start, windows.train_end, training_sets.READS)
-        with warehouse.for_days(domain, scope, read_only=True) as (con, _):
+        with warehouse.warehouses().for_days(domain, training_sets.copy_scope(windows), read_only=True) as (con, _):
             exported = training_sets.export(con, warehouse.home(), config, domain, names, windows,
                                             context.run.run_id)
         for item in exported:

@@ -19,6 +19,8 @@ from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.events import CLICK_MATURITY
 from flywheel_pipeline.groups import anonymised, declared_segments
 from flywheel_pipeline.health import HealthReport, measures
+from flywheel_pipeline.monitoring import MONITOR_TABLE
+from flywheel_pipeline.sources import Scope
 from flywheel_pipeline.training.base import SERVING_TIME_COLUMNS, Windows
 from flywheel_pipeline.warehouse import transaction
 
@@ -36,9 +38,15 @@ MEASURE_COLUMNS = {
 MEASURES_TABLE = "health.measures"
 # raw tables whose rows are a label's evidence: signals, outcomes, reviews
 EVIDENCE_TABLES = ("raw.signals", "raw.outcomes", "raw.labels")
-# What the audit reads, from its training window's first day on (later evidence included).
-READS = ("raw.interactions", *EVIDENCE_TABLES, "marts.fct_impressions", "marts.fct_interactions",
-         "labels.impression_labels")
+
+
+def copy_scope(windows: Windows) -> Scope:
+    """What the audit holds in a working copy: what it reads from its training window's first day
+    on (later evidence included), and whole the measures it adds to and the monitor's looks the
+    report's calibration reads."""
+    return Scope.since(windows.train_start, ("raw.interactions", *EVIDENCE_TABLES, "marts.fct_impressions",
+                                             "marts.fct_interactions", "labels.impression_labels"),
+                       whole=(MEASURES_TABLE, MONITOR_TABLE))
 
 
 def audit(con: duckdb.DuckDBPyConnection, config: FlywheelConfig, domain: str, windows: Windows,

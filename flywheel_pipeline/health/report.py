@@ -32,10 +32,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from flywheel_pipeline.health import TRAPS, Finding, HealthReport
-from flywheel_pipeline.health.audit import MEASURE_COLUMNS, measure_history
+from flywheel_pipeline.health.audit import MEASURE_COLUMNS, MEASURES_TABLE, measure_history
 from flywheel_pipeline.home import Home, write_atomically
-from flywheel_pipeline.monitoring import calibration
+from flywheel_pipeline.monitoring import MONITOR_TABLE, calibration
 from flywheel_pipeline.registry import BASELINE, champion_summary
+from flywheel_pipeline.sources import Scope
 from flywheel_pipeline.validation.intervals import CI_LEVEL
 from flywheel_pipeline.validation.report import SHOWN_METRICS
 from flywheel_pipeline.warehouses import Warehouses
@@ -701,8 +702,8 @@ def render_stored(warehouses: Warehouses, stored: Path) -> tuple[HealthReport, s
     report, validation = load_report(stored)
     drift = json.loads(Path(stored).with_suffix(".json").read_text()).get("drift")  # none before drift was measured
     history, live = None, None
-    if warehouses.exists(report.domain):
-        with warehouses.connect(report.domain, read_only=True) as con:
+    if warehouses.exists(report.domain):  # the audits' measures and the monitor's looks, no events
+        with warehouses.for_days(report.domain, Scope(whole=(MEASURES_TABLE, MONITOR_TABLE)), read_only=True) as (con, _):
             history = measure_history(con, report.domain)
             live = calibration(con, report.domain).to_dicts()
     truth, champion_now = {}, None

@@ -32,6 +32,7 @@ from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.importers.base import RECORDS, Encoded, Event, Mapped, Rejected, Skipped
 from flywheel_pipeline.run_range import record_imported_days
+from flywheel_pipeline.sources import Scope
 from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
 from flywheel_pipeline.warehouses import Warehouses
 
@@ -183,7 +184,9 @@ def _quarantine(home: Home, config: FlywheelConfig, domain: str, path: Path, rej
         schema={"event_date": pl.Date, "source_line": pl.Int64, "reason": pl.String, "line": pl.String},
     )
     params = {"domain": domain, "file": str(path), "now": now.astimezone(UTC).replace(tzinfo=None)}
-    with Warehouses.for_settings(home, config.warehouse).connect(domain) as con:
+    # the quarantine alone: a file's earlier rejects may lie on any day
+    quarantine = Scope(whole=("raw.quarantine",))
+    with Warehouses.for_settings(home, config.warehouse).for_days(domain, quarantine) as (con, _):
         ensure_raw_tables(con)
         privacy.install_redaction(con)
         con.register("rejects", frame)

@@ -62,6 +62,7 @@ from flywheel_pipeline.sources import (
     IMPRESSIONS,
     DuckDBSource,
     Readable,
+    Scope,
     Source,
     as_source,
 )
@@ -69,7 +70,6 @@ from flywheel_pipeline.warehouse import transaction
 
 logger = logging.getLogger(__name__)
 
-LABEL_TABLES = ("labels.label_matrix", "labels.impression_labels")  # what a run rewrites for its days
 LABELS_DDL = """
 CREATE SCHEMA IF NOT EXISTS labels;
 CREATE TABLE IF NOT EXISTS labels.label_matrix (
@@ -206,6 +206,12 @@ class _Day:
     audit: np.ndarray | None = None  # audit_gold of the day's rows (days in the fit window)
     review: np.ndarray | None = None  # review_gold
     row_keys: np.ndarray | None = None  # a hash of each row's impression key
+
+
+def copy_scope(dates: list[date]) -> Scope:
+    """What a run of ``dates`` holds in a working copy: those days of the labels tables it rewrites
+    (its impressions it reads through ``label_partitions``' ``source``)."""
+    return Scope.of(dates, ("labels.label_matrix", "labels.impression_labels"))
 
 
 def label_partitions(
