@@ -33,9 +33,8 @@ from flywheel_pipeline.config import FlywheelConfig
 from flywheel_pipeline.events import field_text
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.sources import Scope, Source
-from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
+from flywheel_pipeline.warehouse import RAW_EVENT_TABLES, ensure_raw_tables, transaction
 
-_RAW_EVENT_TABLES = ("interactions", "signals", "outcomes", "labels")
 _RAW_TABLES = tuple(f"raw.{table}" for table in ("interactions", "impressions", "signals", "outcomes", "labels",
                                                  "quarantine"))
 _IMPRESSION_SCHEMA = '[{"item_id": "VARCHAR", "position": "INTEGER", "propensity": "DOUBLE", "content": "VARCHAR"}]'
@@ -471,7 +470,7 @@ def _mark_duplicates(con: duckdb.DuckDBPyConnection, domain: str, dates: list[da
         kept_elsewhere = " UNION ALL ".join(
             f"SELECT event_id FROM raw.{table} WHERE domain = $domain AND event_date NOT IN $dates "
             "AND event_date BETWEEN coalesce($first, DATE '0001-01-01') AND coalesce($last, DATE '9999-12-31')"
-            for table in _RAW_EVENT_TABLES
+            for table in RAW_EVENT_TABLES
         )
         params = {"domain": domain, "dates": dates, "first": first, "last": last}
     else:
@@ -497,7 +496,7 @@ def _event_ids_elsewhere(source: Source, domain: str, dates: list[date], first: 
     """The event ids ``source`` keeps in ``domain``'s raw event tables on days first..last (None:
     unbounded) outside ``dates``."""
     ids = [rows.filter(~pl.col("event_date").is_in(dates)).select("event_id")
-           for table in _RAW_EVENT_TABLES
+           for table in RAW_EVENT_TABLES
            if (rows := source.read(f"raw.{table}", domain, first, last, ["event_id", "event_date"])).width]
     return pl.concat(ids) if ids else pl.DataFrame(schema={"event_id": pl.String})
 
@@ -565,7 +564,7 @@ _ROWS = {  # each raw table's rows of the run's partitions, from partition_lines
 
 
 # what names one event's rows in each raw table (a quarantined line's: its file and line)
-_KEYS = {**{table: "event_id" for table in (*_RAW_EVENT_TABLES, "impressions")}, "quarantine": "source_file, source_line"}
+_KEYS = {**{table: "event_id" for table in (*RAW_EVENT_TABLES, "impressions")}, "quarantine": "source_file, source_line"}
 # a row as compared between runs: whole, but for when a line was quarantined, which an unchanged one keeps
 _ROW_HASH = {**{table: "hash(t)" for table in _KEYS},
              "quarantine": "hash(t.domain, t.event_date, t.source_file, t.source_line, t.event_id, t.reason, t.line)"}
@@ -588,7 +587,7 @@ def _replace_partitions(con: duckdb.DuckDBPyConnection, domain: str, dates: list
     partitions = {"domain": domain, "dates": dates}
     first_ingested = " UNION ALL ".join(
         f"SELECT event_id, ingested_at FROM raw.{table} WHERE domain = $domain AND event_date IN $dates"
-        for table in _RAW_EVENT_TABLES
+        for table in RAW_EVENT_TABLES
     )
     con.execute(f"CREATE OR REPLACE TEMP TABLE first_ingested AS {first_ingested}", partitions)
     held = " + ".join(f"(SELECT count(*) FROM raw.{table} WHERE {_partition_sql(table)})" for table in _ROWS)
@@ -651,7 +650,7 @@ def _report(con: duckdb.DuckDBPyConnection, domain: str, dates: list[date], batc
         dates=dates,
         batches_read=[batch.path.name for batch in batches],
         lines_in=counts[0],
-        accepted=dict(zip(_RAW_EVENT_TABLES, counts[1:5])),
+        accepted=dict(zip(RAW_EVENT_TABLES, counts[1:5])),
         impressions=impressions,
         quarantined=counts[5],
         reasons=reasons,

@@ -12,8 +12,10 @@ afterwards writes back exactly the (table, day) partitions whose rows changed, o
 Each stage's run (accumulation, labels, the review queue, the training-set export, the health
 audit, the champion monitor) loads only its ``Scope``: the partitions of its days of the tables it
 names, and reads anything else from the store directly; a change outside those partitions is
-refused, so the copy never writes back a partition it did not hold whole. Deleting a user or an expired day must reach every table, dbt's too: ``every_table``
-loads and writes back all of them, dbt's in the types Spark stored them in. Runs of a domain's
+refused, so the copy never writes back a partition it did not hold whole. Deleting a user or an
+expired day must reach every table, dbt's too: its copy (``every_table``) holds the partitions of
+every table the deletion changes (``privacy.deletion_scope``, found from the columns it reads) and
+writes them back, dbt's in the types Spark stored them in. Runs of a domain's
 different days change different partitions, so they can run at once (as Kubernetes run pods would).
 Nothing is written when the stage fails; each partition is replaced whole, but a run's partitions are
 not one transaction: a crash while writing them back leaves some new and some old, until the run is
@@ -120,10 +122,10 @@ def working_copy(store: ObjectStore, domain: str, read_only: bool = False, memor
     """An in-memory DuckDB holding ``domain``'s tables from ``store`` (with ``scope``, only what it
     names); unless ``read_only``, the partitions it changed are written back when the block ends
     without an error: those of the Python stages' tables, or with ``every_table`` those of every
-    table in the store. Raises OutOfScope, writing nothing, when a scoped run changed a partition
+    table it holds. Raises OutOfScope, writing nothing, when a scoped run changed a partition
     outside its days."""
     source = store.source()
-    loaded = _loaded_tables(store, domain, every_table, scope)
+    loaded = _loaded_tables(scope)
     written = loaded if every_table else tuple(table for table in loaded if table in (*STAGE_TABLES, TOMBSTONES))
     # the raw tables last: a deletion killed while writing back is found again by its raw rows
     # (a user's sessions, by their interactions), so running it again finishes the derived tables
@@ -133,7 +135,7 @@ def working_copy(store: ObjectStore, domain: str, read_only: bool = False, memor
         stored: dict[str, StoredPartitions] = {}  # each loaded table's partitions as found in the store
         for table in loaded:
             if partitions := source.partitions(table, domain):
-                _load(con, table, partitions.read(domain, *_days_held(scope, table)))
+                _load(con, table, partitions.read(domain, **_days_held(scope, table)))
                 stored[table] = partitions
 
         def split(table: str) -> str | None:  # a table the stage creates: split as sources.day_column says
@@ -153,13 +155,12 @@ def working_copy(store: ObjectStore, domain: str, read_only: bool = False, memor
                 sink.replace_partition(table, domain, day, _partition(con, table, domain, split(table), day), types)
 
 
-def _loaded_tables(store: ObjectStore, domain: str, every_table: bool, scope: Scope | None) -> tuple[str, ...]:
-    """The tables a working copy loads, in order: the scope's and the tombstones; or the stages',
-    the tombstones and the marts they read, with ``every_table`` every other table of the domain too."""
+def _loaded_tables(scope: Scope | None) -> tuple[str, ...]:
+    """The tables a working copy loads, in order: the scope's and the tombstones; without a scope,
+    the stages', the tombstones and the marts they read."""
     if scope is not None:
         return (*scope.tables, *scope.whole, TOMBSTONES)
-    loaded = (*STAGE_TABLES, TOMBSTONES, *DBT_TABLES)
-    return loaded + (tuple(table for table in store.tables(domain) if table not in loaded) if every_table else ())
+    return (*STAGE_TABLES, TOMBSTONES, *DBT_TABLES)
 
 
 def _create_stage_tables(con: duckdb.DuckDBPyConnection, scope: Scope | None) -> None:
@@ -174,9 +175,11 @@ def _create_stage_tables(con: duckdb.DuckDBPyConnection, scope: Scope | None) ->
                 con.execute(f"DROP TABLE {table}")
 
 
-def _days_held(scope: Scope | None, table: str) -> tuple[date | None, date | None]:
-    """The first and last day of ``table`` a copy holds (None, None: every day)."""
-    return (scope.first, scope.last) if scope is not None and table in scope.tables else (None, None)
+def _days_held(scope: Scope | None, table: str) -> dict[str, object]:
+    """Which days of ``table`` a copy holds, as ``StoredPartitions.read`` takes them (none: every day)."""
+    if scope is None or table not in scope.tables:
+        return {}
+    return {"days": scope.days} if scope.days is not None else {"first": scope.first, "last": scope.last}
 
 
 def _changed(before: dict[date | None, tuple[int, int]], after: dict[date | None, tuple[int, int]]) -> list[date | None]:

@@ -25,7 +25,7 @@ import hashlib
 import json
 import re
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -33,16 +33,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import duckdb
+import polars as pl
 
 from flywheel_pipeline import events, review
 from flywheel_pipeline.batches import GZIP_MAGIC, batches_for
 from flywheel_pipeline.home import Home, write_atomically
-from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
+from flywheel_pipeline.sources import Scope, StoredPartitions
+from flywheel_pipeline.warehouse import RAW_EVENT_TABLES, ensure_raw_tables, transaction
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-OpenWarehouse = Callable[[str], AbstractContextManager[duckdb.DuckDBPyConnection]]  # a domain's, for writing
+# a domain's warehouse, for writing, holding what a Deletion changes (Warehouses.for_deletion)
+OpenWarehouse = Callable[[str, "Deletion"], AbstractContextManager[duckdb.DuckDBPyConnection]]
 
 # IBAN length by country (SWIFT's IBAN registry): a candidate is a country's code, two check digits
 # and exactly its length's letters and digits (in groups of four or not), checked by mod 97.
@@ -305,41 +308,124 @@ def _execute(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, object]
     return con.execute(sql, {k: v for k, v in params.items() if f"${k}" in sql}).fetchall()
 
 
-def _doom(con: duckdb.DuckDBPyConnection, where: str, params: dict[str, object]) -> None:
-    """Temp tables of what goes: the raw events matching ``where``, their interactions, and the
+# the raw event tables' columns _doom reads (a deletion's ``where`` reads the user or the day)
+_DOOMED_BY = {"event_id": "VARCHAR", "domain": "VARCHAR", "event_date": "DATE", "interaction_id": "VARCHAR",
+              "session_id": "VARCHAR", "user_id": "VARCHAR"}
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """What a deletion removes (``_erase``): the raw events matching ``where`` (SQL over the raw event
+    tables' columns, with ``params``), what was derived from them (by event id, interaction,
+    session), and the rows ``also`` names (a condition for each table that has those columns)."""
+
+    where: str
+    params: dict[str, object]
+    also: dict[frozenset[str], str]
+
+
+def forgetting(user_id: str) -> Deletion:
+    """A user's events, what was derived from them, and every row naming the user in a user field."""
+    return Deletion("user_id = $user", {"user": user_id}, _USER_FIELDS)
+
+
+def expired(domain: str, retention_days: int, today: date) -> Deletion:
+    """``domain``'s events of the days before ``retention_days`` back from ``today``, what was
+    derived from them, and every row of those days."""
+    where = "domain = $domain AND event_date < $cutoff"
+    return Deletion(where, {"domain": domain, "cutoff": today - timedelta(days=retention_days)},
+                    {frozenset({"domain", "event_date"}): where})
+
+
+def _doom(con: duckdb.DuckDBPyConnection, deletion: Deletion) -> None:
+    """Temp tables of what goes: the raw events ``deletion`` matches, their interactions, and the
     sessions left with no interaction."""
+    where = deletion.where
     events = " UNION ALL ".join(
         f"SELECT '{table}' AS source, event_id, domain, interaction_id, session_id FROM raw.{table} WHERE {where}"
-        for table in ("interactions", "signals", "outcomes", "labels"))
-    _execute(con, f"CREATE OR REPLACE TEMP TABLE doomed_events AS {events}", params)
+        for table in RAW_EVENT_TABLES)
+    _execute(con, f"CREATE OR REPLACE TEMP TABLE doomed_events AS {events}", deletion.params)
     con.execute("""CREATE OR REPLACE TEMP TABLE doomed_interactions AS
                    SELECT DISTINCT domain, interaction_id FROM doomed_events WHERE source = 'interactions'""")
     _execute(con, f"""CREATE OR REPLACE TEMP TABLE doomed_sessions AS
                       SELECT domain, session_id FROM doomed_events WHERE source = 'interactions'
-                      EXCEPT SELECT domain, session_id FROM raw.interactions WHERE NOT ({where})""", params)
+                      EXCEPT SELECT domain, session_id FROM raw.interactions WHERE NOT ({where})""", deletion.params)
 
 
-def _erase(con: duckdb.DuckDBPyConnection, where: str, params: dict[str, object],
-           also: dict[frozenset[str], str]) -> dict[str, int]:
-    """Delete, from every warehouse table, the rows of the raw events matching ``where`` and of
-    what was derived from them (by event id, interaction, session), plus the rows ``also`` names
-    (a condition for each table that has those columns). Returns rows deleted per table."""
-    _doom(con, where, params)
+def _conditions(columns: Collection[str], also: dict[frozenset[str], str]) -> list[str]:
+    """When ``_erase`` deletes a row of a table with ``columns`` (after ``_doom``): any of these."""
+    conditions = [f"{column} IN (SELECT event_id FROM doomed_events)"
+                  for column in columns if column == "event_id" or column.endswith("_event_id")]
+    if {"domain", "interaction_id"} <= set(columns):
+        conditions.append("(domain, interaction_id) IN (SELECT * FROM doomed_interactions)")
+    elif {"domain", "session_id"} <= set(columns):
+        conditions.append("(domain, session_id) IN (SELECT * FROM doomed_sessions)")
+    return conditions + [condition for needed, condition in also.items() if needed <= set(columns)]
+
+
+def _erase(con: duckdb.DuckDBPyConnection, deletion: Deletion) -> dict[str, int]:
+    """Delete, from every warehouse table, the rows ``deletion`` removes. Returns rows deleted per table."""
+    _doom(con, deletion)
     deleted = {}
     for table, columns in _tables(con).items():
-        conditions = [f"{column} IN (SELECT event_id FROM doomed_events)"
-                      for column in columns if column == "event_id" or column.endswith("_event_id")]
-        if {"domain", "interaction_id"} <= columns.keys():
-            conditions.append("(domain, interaction_id) IN (SELECT * FROM doomed_interactions)")
-        elif {"domain", "session_id"} <= columns.keys():
-            conditions.append("(domain, session_id) IN (SELECT * FROM doomed_sessions)")
-        conditions += [condition for needed, condition in also.items() if needed <= columns.keys()]
-        if conditions:
+        if conditions := _conditions(columns, deletion.also):
             sql = f"DELETE FROM {table} WHERE " + " OR ".join(f"({c})" for c in conditions)
-            [(count,)] = _execute(con, sql, params)
+            [(count,)] = _execute(con, sql, deletion.params)
             if count:
                 deleted[table] = count
     return deleted
+
+
+def deletion_scope(stored: Mapping[str, StoredPartitions], domain: str, deletion: Deletion) -> Scope:
+    """What a working copy of ``domain``'s ``stored`` tables (engine spark) must hold for ``deletion``,
+    found from the columns ``_erase`` reads alone: every day on which a table holds a row it deletes,
+    and every day of an interaction in a session it deletes from (so that ``_doom``, run again on
+    the copy, sees each such session whole); a table kept in one partition per domain, whole,
+    when it holds such a row. The tombstones a copy holds anyway."""
+    stored = {table: partitions for table, partitions in stored.items() if not table.startswith("privacy.")}
+    with duckdb.connect() as con:
+        con.execute("CREATE SCHEMA raw")
+        for table in RAW_EVENT_TABLES:  # every day of the columns _doom and the lookups below read
+            if partitions := stored.get(f"raw.{table}"):
+                columns = {*partitions.dataset.schema.names, "domain"}
+                _create(con, f"raw.{table}", partitions.read(domain, columns=sorted(
+                    ({*_DOOMED_BY, *_read_by(columns, deletion.also)}) & columns)))
+            else:
+                con.execute(f"CREATE TABLE raw.{table} ({', '.join(f'{name} {kind}' for name, kind in _DOOMED_BY.items())})")
+        _doom(con, deletion)
+        [(days,)] = con.execute("""SELECT list(DISTINCT event_date) FROM raw.interactions
+                                   WHERE (domain, session_id) IN (SELECT domain, session_id FROM doomed_events
+                                                                  WHERE source = 'interactions')""").fetchall()
+        held, whole = set(days or ()), []
+        for table, partitions in stored.items():
+            columns = {*partitions.dataset.schema.names, "domain"}
+            if not (conditions := _conditions(columns, deletion.also)):
+                continue
+            relation = table if table.removeprefix("raw.") in RAW_EVENT_TABLES else "stored_ids"
+            if relation == "stored_ids":
+                con.register(relation, partitions.read(domain, columns=sorted(
+                    {*_read_by(columns, deletion.also), *filter(None, [partitions.day])})).to_arrow())
+            found = _execute(con, f"SELECT DISTINCT {partitions.day or 'NULL'} FROM {relation} WHERE "
+                                  + " OR ".join(f"({c})" for c in conditions), deletion.params)
+            if partitions.day:
+                held.update(day for (day,) in found)
+            elif found:
+                whole.append(table)
+    return Scope.on(held, [table for table, partitions in stored.items() if partitions.day], whole)
+
+
+def _read_by(columns: Collection[str], also: dict[frozenset[str], str]) -> set[str]:
+    """Of a table's ``columns``, those ``_conditions`` reads."""
+    return {column for column in columns if column in ("domain", "interaction_id", "session_id", "event_id")
+            or column.endswith("_event_id") or any(column in needed for needed in also)}
+
+
+def _create(con: duckdb.DuckDBPyConnection, table: str, rows: pl.DataFrame) -> None:
+    con.register("stored_rows", rows.to_arrow())
+    try:
+        con.execute(f"CREATE TABLE {table} AS SELECT * FROM stored_rows")
+    finally:
+        con.unregister("stored_rows")
 
 
 def _tables_holding_user(con: duckdb.DuckDBPyConnection, user_id: str) -> list[str]:
@@ -431,7 +517,7 @@ def forget_user(home: Home, domains: Iterable[str], user_id: str, open_warehouse
     now = (now or datetime.now(UTC)).astimezone(UTC).replace(tzinfo=None)
     deleted, days = {}, {}
     for domain in domains:  # a domain without a warehouse yet gets one, holding the tombstone
-        with open_warehouse(domain) as con:
+        with open_warehouse(domain, forgetting(user_id)) as con:
             for table, count in _forget_in_warehouse(con, user_id, now, days).items():
                 deleted[f"{domain}/{table}"] = count
     removed, unreadable = _forget_in_landing(home, user_id)
@@ -471,7 +557,7 @@ def _forget_in_warehouse(con: duckdb.DuckDBPyConnection, user_id: str, now: date
         con.execute("""INSERT INTO privacy.forgotten_users SELECT $hash, $now
                        WHERE $hash NOT IN (SELECT user_hash FROM privacy.forgotten_users)""",
                     {"hash": user_hash(user_id), "now": now})
-        deleted = _erase(con, "user_id = $user", {"user": user_id}, also=_USER_FIELDS)
+        deleted = _erase(con, forgetting(user_id))
     if left := _tables_holding_user(con, user_id):
         raise PrivacyError(f"the user is still in {', '.join(left)} after deletion")
     con.execute("CHECKPOINT")
@@ -518,11 +604,10 @@ def enforce_retention(con: duckdb.DuckDBPyConnection, home: Home, domain: str, r
     from flywheel_pipeline import training_sets  # MLflow's import is slow; accumulation needs none
 
     ensure_raw_tables(con)
-    cutoff = today - timedelta(days=retention_days)
-    expired = "domain = $domain AND event_date < $cutoff"
+    deletion = expired(domain, retention_days, today)
+    cutoff = deletion.params["cutoff"]
     with transaction(con):
-        deleted = _erase(con, expired, {"domain": domain, "cutoff": cutoff},
-                         also={frozenset({"domain", "event_date"}): expired})
+        deleted = _erase(con, deletion)
     con.execute("CHECKPOINT")
     batches = batches_for(home, domain, [date.min, cutoff - timedelta(days=1)], 0)
     for path in batches:

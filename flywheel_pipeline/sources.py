@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import operator
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -53,17 +53,18 @@ class Source(Protocol):
 @dataclass(frozen=True)
 class Scope:
     """What a stage's run holds in a working copy of its domain (``object_store.working_copy``): the
-    partitions of days ``first`` to ``last`` (None: every later day) of ``tables`` (those it writes,
-    and those it reads for those days only), and ``whole`` tables entire. It reads any other table
-    through a Source."""
+    partitions of days ``first`` to ``last`` (None: every later day), or of the ``days`` named, of
+    ``tables`` (those it writes, and those it reads for those days only), and ``whole`` tables
+    entire. It reads any other table through a Source."""
 
     tables: tuple[str, ...] = ()
     whole: tuple[str, ...] = ()
     first: date | None = None
     last: date | None = None
+    days: frozenset[date] | None = None  # these days only, in place of first..last
 
     def __post_init__(self) -> None:
-        if self.tables and self.first is None:
+        if self.tables and self.first is None and self.days is None:
             raise ValueError("a scope that holds days of tables needs its first day")
 
     @classmethod
@@ -81,12 +82,20 @@ class Scope:
     def since(cls, first: date, tables: Sequence[str], whole: Sequence[str] = ()) -> Scope:
         return cls(tuple(tables), tuple(whole), first)
 
+    @classmethod
+    def on(cls, days: Collection[date], tables: Sequence[str], whole: Sequence[str] = ()) -> Scope:
+        """Those ``days`` alone, however far apart (none: the tables' partitions are not held)."""
+        return cls(tuple(tables), tuple(whole), days=frozenset(days))
+
     def holds(self, day: date | None) -> bool:
         """Whether ``day``'s partitions are in the copy (None, a table's one partition per domain: no)."""
-        return (day is not None and self.first is not None and self.first <= day
-                and (self.last is None or day <= self.last))
+        if day is None or self.days is not None:
+            return day in (self.days or ())
+        return self.first is not None and self.first <= day and (self.last is None or day <= self.last)
 
     def __str__(self) -> str:
+        if self.days is not None:
+            return ", ".join(map(str, sorted(self.days))) or "no days"
         return str(self.first) if self.first == self.last else f"{self.first}..{self.last or ''}"
 
 
@@ -160,10 +169,11 @@ class StoredPartitions:
         return pa.schema([field for field in self.dataset.schema if field.name != self.day])
 
     def read(self, domain: str, first: date | None = None, last: date | None = None,
-             columns: Sequence[str] | None = None) -> pl.DataFrame:
-        """Their rows (as ``ParquetSource.read``), with the domain's column."""
+             columns: Sequence[str] | None = None, days: Collection[date] | None = None) -> pl.DataFrame:
+        """Their rows (as ``ParquetSource.read``; with ``days``, of those days only), with the domain's column."""
         day = self.day
-        bounds = [ds.field(day) >= first if day and first else None, ds.field(day) <= last if day and last else None]
+        bounds = [ds.field(day) >= first if day and first else None, ds.field(day) <= last if day and last else None,
+                  ds.field(day).isin(sorted(days)) if day and days is not None else None]
         wanted = [name for name in (columns or self.dataset.schema.names) if name != "domain"]
         rows = pl.from_arrow(self.dataset.to_table(columns=wanted, filter=_all(bounds)))
         rows = _as_duckdb_types(rows.with_columns(pl.lit(domain, pl.String).alias("domain")))

@@ -26,6 +26,8 @@ import duckdb
 
 from flywheel_pipeline.home import Home, HomeError
 
+# the raw tables that hold one row per event (raw.impressions: one per impression of an interaction)
+RAW_EVENT_TABLES = ("interactions", "signals", "outcomes", "labels")
 RAW_DDL = """
 CREATE SCHEMA IF NOT EXISTS raw;
 CREATE TABLE IF NOT EXISTS raw.interactions (

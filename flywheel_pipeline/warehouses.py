@@ -7,13 +7,13 @@ bound to one engine."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 
 import duckdb
 
-from flywheel_pipeline import warehouse
+from flywheel_pipeline import privacy, warehouse
 from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.object_store import ObjectStore, working_copy
@@ -81,9 +81,16 @@ class Warehouses:
         with warehouse.connect(self.home.warehouse(domain), read_only=True, memory_limit=self.memory_limit) as con:
             yield con
 
-    def connect(self, domain: str, read_only: bool = False) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+    @contextmanager
+    def connect(self, domain: str, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """``domain``'s warehouse (under spark a working copy writing back the Python stages' tables)."""
-        return self._open(domain, read_only=read_only, every_table=False)
+        if self.store is not None:
+            with working_copy(self.store, domain, read_only=read_only, memory_limit=self.memory_limit) as con:
+                yield con
+            return
+        with warehouse.connect(self.home.warehouse(domain), read_only=read_only,
+                               memory_limit=self.memory_limit) as con:
+            yield con
 
     @contextmanager
     def for_days(self, domain: str, scope: Scope,
@@ -99,18 +106,18 @@ class Warehouses:
                           scope=scope) as con:
             yield con, self.store.source()
 
-    def for_deletion(self, domain: str) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
-        """``domain``'s warehouse for forgetting and retention, whose deletions must reach every
-        table, dbt's too (under spark, every table in the store is written back)."""
-        return self._open(domain, read_only=False, every_table=True)
-
     @contextmanager
-    def _open(self, domain: str, read_only: bool, every_table: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-        if self.store is not None:
-            with working_copy(self.store, domain, read_only=read_only, memory_limit=self.memory_limit,
-                              every_table=every_table) as con:
+    def for_deletion(self, domain: str, deletion: privacy.Deletion) -> Iterator[duckdb.DuckDBPyConnection]:
+        """``domain``'s warehouse for forgetting and retention, whose deletions must reach every
+        table, dbt's too: under spark, a working copy of every table's partitions that ``deletion``
+        changes (``privacy.deletion_scope``, found from the columns it reads), written back whole."""
+        if self.store is None:
+            with self.connect(domain) as con:
                 yield con
             return
-        with warehouse.connect(self.home.warehouse(domain), read_only=read_only,
-                               memory_limit=self.memory_limit) as con:
+        source = self.store.source()
+        stored = {table: partitions for table in self.store.tables(domain)
+                  if (partitions := source.partitions(table, domain))}
+        scope = privacy.deletion_scope(stored, domain, deletion)
+        with working_copy(self.store, domain, memory_limit=self.memory_limit, every_table=True, scope=scope) as con:
             yield con

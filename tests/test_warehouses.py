@@ -89,7 +89,7 @@ def test_a_stage_run_leaves_dbts_tables_alone_and_a_deletion_rewrites_them_in_sp
         con.execute(f"DELETE FROM {MARTS} WHERE user_id = 'u1'")
     assert store.source().read(MARTS, DOMAIN)["user_id"].sort().to_list() == ["u1", "u2"]
 
-    with spark_warehouses.for_deletion(DOMAIN) as con:
+    with spark_warehouses.for_deletion(DOMAIN, privacy.forgetting("u1")) as con:
         con.execute(f"DELETE FROM {SESSIONS} WHERE session_id = 's1'")
 
     assert store.source().read(SESSIONS, DOMAIN)["session_id"].to_list() == ["s2"]
@@ -266,3 +266,89 @@ def test_accumulation_under_a_duplicate_horizon_reads_only_the_ids_of_its_days(t
     assert report.reasons == {"duplicate_event_id": 1}
     id_reads = [(first, last) for table, first, last, columns in reads if columns == ["event_id", "event_date"]]
     assert id_reads and set(id_reads) == {(DAY, NEXT_DAY + timedelta(days=1))}
+
+
+def planted_history(con) -> None:
+    """Four days of a domain: u0's session s0 on D0 (interaction i0), u1's session s1 from D0 into
+    D1 (i1, i2), a signal on i1 landing on D2, a quarantined line of u1's on D2, and u2's
+    interaction i3 on D3; dbt's marts beside them (a row per interaction)."""
+    ensure_raw_tables(con)
+    d0 = DAY - timedelta(days=1)
+    for n, user, session, day in (("0", "u0", "s0", d0), ("1", "u1", "s1", d0), ("2", "u1", "s1", DAY), ("3", "u2", "s3", NEXT_DAY + timedelta(days=1))):
+        con.execute("""INSERT INTO raw.interactions BY NAME SELECT
+                           $domain AS domain, $day AS event_date, 'e' || $n AS event_id, $day::TIMESTAMP AS event_ts,
+                           $user AS user_id, $session AS session_id, 'i' || $n AS interaction_id,
+                           'baseline' AS model_version, 'champion' AS policy, 'granted' AS consent,
+                           'hello' AS input_text, 'batch.jsonl' AS source_file, 1 AS source_line,
+                           $day::TIMESTAMP AS ingested_at""",
+                    {"domain": DOMAIN, "day": day, "n": n, "user": user, "session": session})
+    con.execute("""INSERT INTO raw.signals BY NAME SELECT $domain AS domain, $day AS event_date, 'e9' AS event_id,
+                       $day::TIMESTAMP AS event_ts, 'u1' AS user_id, 's1' AS session_id, 'i1' AS interaction_id,
+                       'click' AS signal_type, 'batch.jsonl' AS source_file, 2 AS source_line,
+                       $day::TIMESTAMP AS ingested_at""", {"domain": DOMAIN, "day": NEXT_DAY})
+    con.execute("""INSERT INTO raw.quarantine VALUES ($domain, $day, 'assistant/batch.jsonl', 3, NULL,
+                       'missing_field:event_id', '{"user_id": "u1"}', $day::TIMESTAMP)""", {"domain": DOMAIN, "day": NEXT_DAY})
+    con.execute("CREATE SCHEMA IF NOT EXISTS marts")
+    con.execute("""CREATE TABLE marts.fct_interactions AS SELECT domain, event_date, interaction_id, user_id, session_id
+                   FROM raw.interactions""")
+
+
+def as_both_profiles(tmp_path) -> tuple[Warehouses, Warehouses]:
+    """The planted history in a DuckDB file and, as the spark profile keeps it, in a store (dbt's
+    sessions as Spark writes them: one partition per domain)."""
+    duckdb_warehouses = Warehouses(Home(tmp_path / "duckdb_home").ensure())
+    with duckdb_warehouses.connect(DOMAIN) as con:
+        planted_history(con)
+        con.execute("CREATE SCHEMA intermediate")
+        con.execute(f"CREATE TABLE {SESSIONS} AS SELECT $domain AS domain, * FROM (VALUES ('s0', 1), ('s1', 2), ('s3', 1)) "
+                    "AS t(session_id, n_interactions)", {"domain": DOMAIN})
+        spark_warehouses = Warehouses.for_settings(Home(tmp_path / "spark_home").ensure(),
+                                                   WarehouseSettings(engine="spark", root=str(tmp_path / "tables")))
+        sources.export_parquet(con, [*(f"raw.{table}" for table in ("interactions", "signals", "quarantine")), MARTS],
+                               tmp_path / "tables")
+    as_spark_writes(tmp_path / "tables" / "intermediate.db" / "int_sessions" / f"domain={DOMAIN}",
+                    pa.table({"session_id": ["s0", "s1", "s3"], "n_interactions": [1, 2, 1]}))
+    return duckdb_warehouses, spark_warehouses
+
+
+def rows_of(warehouses: Warehouses, table: str) -> list[tuple]:
+    """``table``'s rows, sorted, in the columns both profiles share (but when a row was written)."""
+    if warehouses.store is None:
+        with warehouses.connect(DOMAIN, read_only=True) as con:
+            rows = con.sql(f"SELECT * FROM {table}").pl()
+    else:
+        rows = warehouses.store.source().read(table, DOMAIN)
+    columns = sorted(name for name in rows.columns if name not in ("ingested_at", "quarantined_at", "event_ts"))
+    return sorted(rows.select(columns).rows(), key=str)
+
+
+@pytest.mark.parametrize("deletion", ["retention", "forget"])
+def test_a_deletion_holds_only_the_partitions_it_changes_and_leaves_what_the_duckdb_profile_leaves(
+        tmp_path, monkeypatch, deletion):
+    """Under spark a deletion's working copy holds the days it deletes from, and the days of the
+    rest of a session it deletes from (so the session's fate is decided on all of it), not the
+    domain's every day; every table ends as the DuckDB profile's deletion leaves it. Retention
+    with its cutoff at DAY: i0, i1 (D0) and i1's signal (D2) go, s0 goes, s1 goes on in i2 (DAY);
+    forget u1: all of s1 and u1's quarantined line go."""
+    duckdb_warehouses, spark_warehouses = as_both_profiles(tmp_path)
+    scopes = []
+    copy = warehouses_module.working_copy
+    monkeypatch.setattr(warehouses_module, "working_copy",
+                        lambda *args, scope=None, **kwargs: scopes.append(scope) or copy(*args, scope=scope, **kwargs))
+
+    for warehouses in (duckdb_warehouses, spark_warehouses):
+        if deletion == "retention":
+            with warehouses.for_deletion(DOMAIN, privacy.expired(DOMAIN, 10, DAY + timedelta(days=10))) as con:
+                privacy.enforce_retention(con, warehouses.home, DOMAIN, 10, DAY + timedelta(days=10))
+        else:
+            privacy.forget_user(warehouses.home, [DOMAIN], "u1", warehouses.for_deletion)
+
+    [scope] = scopes
+    assert scope.days == {DAY - timedelta(days=1), DAY, NEXT_DAY}  # not D3, u2's alone
+    assert scope.whole == (SESSIONS,)
+    for table in ("raw.interactions", "raw.signals", "raw.quarantine", MARTS, SESSIONS):
+        assert rows_of(spark_warehouses, table) == rows_of(duckdb_warehouses, table), table
+    kept = {"retention": ["i2", "i3"], "forget": ["i0", "i3"]}[deletion]
+    assert [row["interaction_id"] for row in spark_warehouses.store.source().read(MARTS, DOMAIN).to_dicts()] == kept
+    assert rows_of(spark_warehouses, SESSIONS) == ([(DOMAIN, 1, "s3"), (DOMAIN, 2, "s1")] if deletion == "retention"
+                                                   else [(DOMAIN, 1, "s0"), (DOMAIN, 1, "s3")])
