@@ -1,5 +1,6 @@
 """Working copies under ``warehouse.engine: spark``: what a stage's run for one day loads from the
-store, scoped to its days (``object_store.Scope``) against the domain's whole history.
+store, scoped to its days (``object_store.Scope``) against the domain's whole history; and what a
+deletion loads (``privacy.deletion_scope``) against every table whole.
 
     .venv/bin/python benchmarks/working_copy.py [--home /tmp/flywheel-scale] [--store DIR]
 
@@ -8,8 +9,10 @@ label), writes its tables once as the distributed profile's Parquet store (``--s
 beside the home), then opens, each in a process of its own (so its peak RSS is its own), the
 working copy a run of the last day would make for each of accumulation, labels and the review queue,
 the training-set export's over its window and the health audit's from its window on (``--days``):
-once with the stage's scope, once whole (the copy every run made before). Prints rows held, seconds
-to open and the process's peak RSS (its imports included: about 300 MiB).
+once with the stage's scope, once whole (the copy every run made before). Then the copies of two
+deletions: forgetting the user with the most interactions and one with the median number, and a
+retention run that expires the first day; scoped, their seconds include finding the partitions from the id columns. Prints rows
+held, days held, seconds to open and the process's peak RSS (its imports included: about 300 MiB).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 COPIES = ("accumulation", "labels", "review_queue", "training_sets", "health_audit")
+DELETIONS = ("forget_top_user", "forget_median", "retention")
 
 
 def export_store(home: Path, store: Path) -> None:
@@ -55,19 +59,51 @@ def scope_of(copy: str, last: date, days: int):
             "health_audit": audit.copy_scope(windows)}[copy]
 
 
+def deletion_of(objects, domain: str, copy: str):
+    """Forgetting the domain's user with the most interactions, or one with the median number; or
+    retention expiring its first day."""
+    from flywheel_pipeline import privacy
+    from flywheel_pipeline.sources import INTERACTIONS
+
+    if copy.startswith("forget"):
+        users = objects.source().read(INTERACTIONS, domain, columns=["user_id"])["user_id"].value_counts(sort=True)
+        return privacy.forgetting(users["user_id"][0 if copy == "forget_top_user" else users.height // 2])
+    days = sorted(objects.days(INTERACTIONS, domain))
+    return privacy.expired(domain, (days[-1] - days[1]).days, days[-1])
+
+
+def deletion_copy(objects, domain: str, copy: str, scoped: bool):
+    """A deletion's scope: ``privacy.deletion_scope`` (timed), or every day of every table."""
+    from flywheel_pipeline import privacy
+    from flywheel_pipeline.sources import Scope
+
+    deletion = deletion_of(objects, domain, copy)
+    began = time.perf_counter()
+    source = objects.source()
+    stored = {table: partitions for table in objects.tables(domain) if not table.startswith("privacy.")
+              and (partitions := source.partitions(table, domain))}
+    if scoped:
+        return privacy.deletion_scope(stored, domain, deletion), began
+    return Scope.since(date.min, [t for t, p in stored.items() if p.day], [t for t, p in stored.items() if not p.day]), began
+
+
 def open_copy(store: Path, domain: str, copy: str, scoped: bool, last: date, days: int) -> dict:
     """The child's side: open one working copy read-only, count what it holds."""
     from flywheel_pipeline.config import WarehouseSettings
     from flywheel_pipeline.object_store import ObjectStore, working_copy
 
     objects = ObjectStore.from_settings(WarehouseSettings(engine="spark", root=str(store)))
-    scope = scope_of(copy, last, days) if scoped else None
-    began = time.perf_counter()
+    if copy in DELETIONS:
+        scope, began = deletion_copy(objects, domain, copy, scoped)
+    else:
+        scope, began = (scope_of(copy, last, days) if scoped else None), time.perf_counter()
     with working_copy(objects, domain, read_only=True, scope=scope) as con:
         seconds = time.perf_counter() - began
         tables = con.execute("SELECT schema_name || '.' || table_name, estimated_size FROM duckdb_tables() "
                              "WHERE NOT temporary").fetchall()
-    return {"seconds": seconds, "rows": sum(rows for _, rows in tables), "tables": len(tables), "mib": _peak_mib()}
+    held = (len(scope.days) if scope.days is not None else "all") if copy in DELETIONS else None
+    return {"seconds": seconds, "rows": sum(rows for _, rows in tables), "tables": len(tables), "mib": _peak_mib(),
+            "days": held}
 
 
 def _peak_mib() -> float:
@@ -107,15 +143,15 @@ def main() -> None:
     objects = ObjectStore.from_settings(WarehouseSettings(engine="spark", root=str(args.store)))
     print(f"store {args.store} from {generated['lines']:,} landing lines; load {os.getloadavg()[0]:.1f}, "
           f"{os.cpu_count()} cores; this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    print(f"{'domain':<16}{'copy':<15}{'days':>5}{'scoped rows':>13}{'s':>7}{'MiB':>7}"
+    print(f"{'domain':<16}{'copy':<17}{'days':>5}{'scoped rows':>13}{'s':>7}{'MiB':>7}"
           f"{'whole rows':>13}{'s':>7}{'MiB':>7}")
     for domain in sorted(path.name.removeprefix("domain=") for path in
                          Path(args.store, "raw.db", "interactions").iterdir()):
         days = sorted(objects.days(INTERACTIONS, domain))
-        for copy in COPIES:
+        for copy in (*COPIES, *DELETIONS):
             scoped, whole = run_child(args, domain, copy, True, days[-1]), run_child(args, domain, copy, False, days[-1])
-            held = args.days if copy in ("training_sets", "health_audit") else 1
-            print(f"{domain:<16}{copy:<15}{held:>5}{scoped['rows']:>13,}{scoped['seconds']:>7.1f}{scoped['mib']:>7.0f}"
+            held = scoped["days"] or (args.days if copy in ("training_sets", "health_audit") else 1)
+            print(f"{domain:<16}{copy:<17}{held:>5}{scoped['rows']:>13,}{scoped['seconds']:>7.1f}{scoped['mib']:>7.0f}"
                   f"{whole['rows']:>13,}{whole['seconds']:>7.1f}{whole['mib']:>7.0f}")
 
 
