@@ -1,6 +1,6 @@
 """Working copies under ``warehouse.engine: spark``: what a stage's run for one day loads from the
 store, scoped to its days (``object_store.Scope``) against the domain's whole history; and what a
-deletion loads (``privacy.deletion_scope``) against every table whole.
+deletion loads (``deletion.plan``) against every table whole.
 
     .venv/bin/python benchmarks/working_copy.py [--home /tmp/flywheel-scale] [--store DIR]
 
@@ -11,8 +11,10 @@ working copy a run of the last day would make for each of accumulation, labels a
 the training-set export's over its window and the health audit's from its window on (``--days``):
 once with the stage's scope, once whole (the copy every run made before). Then the copies of two
 deletions: forgetting the user with the most interactions and one with the median number, and a
-retention run that expires the first day; scoped, their seconds include finding the partitions from the id columns. Prints rows
-held, days held, seconds to open and the process's peak RSS (its imports included: about 300 MiB).
+retention run that expires the first day. Scoped, a deletion holds one day at a time: its rows are the largest day's copy, its
+days how many copies it made, and its seconds include its plan (the id columns of every day).
+Prints rows held, days held, seconds to open and the process's peak RSS (its imports included:
+about 300 MiB).
 """
 
 from __future__ import annotations
@@ -72,9 +74,11 @@ def deletion_of(objects, domain: str, copy: str):
     return privacy.expired(domain, (days[-1] - days[1]).days, days[-1])
 
 
-def deletion_copy(objects, domain: str, copy: str, scoped: bool):
-    """A deletion's scope: ``privacy.deletion_scope`` (timed), or every day of every table."""
-    from flywheel_pipeline import privacy
+def open_deletion(objects, domain: str, copy: str, scoped: bool) -> dict:
+    """The child's side for a deletion: its plan (``deletion.plan``, timed) and its copies, one per
+    day, opened in turn read-only; or every day of every table in one copy, as deletions made it."""
+    from flywheel_pipeline.deletion import plan
+    from flywheel_pipeline.object_store import working_copy
     from flywheel_pipeline.sources import Scope
 
     deletion = deletion_of(objects, domain, copy)
@@ -82,9 +86,14 @@ def deletion_copy(objects, domain: str, copy: str, scoped: bool):
     source = objects.source()
     stored = {table: partitions for table in objects.tables(domain) if not table.startswith("privacy.")
               and (partitions := source.partitions(table, domain))}
-    if scoped:
-        return privacy.deletion_scope(stored, domain, deletion), began
-    return Scope.since(date.min, [t for t, p in stored.items() if p.day], [t for t, p in stored.items() if not p.day]), began
+    scopes = (plan(stored, domain, deletion).scopes() if scoped else
+              [Scope.since(date.min, [t for t, p in stored.items() if p.day], [t for t, p in stored.items() if not p.day])])
+    held = []
+    for scope in scopes:
+        with working_copy(objects, domain, read_only=True, scope=scope) as con:
+            held.append(_rows(con))
+    return {"seconds": time.perf_counter() - began, "rows": max(held), "mib": _peak_mib(),
+            "days": len(scopes) if scoped else "all"}
 
 
 def open_copy(store: Path, domain: str, copy: str, scoped: bool, last: date, days: int) -> dict:
@@ -94,16 +103,18 @@ def open_copy(store: Path, domain: str, copy: str, scoped: bool, last: date, day
 
     objects = ObjectStore.from_settings(WarehouseSettings(engine="spark", root=str(store)))
     if copy in DELETIONS:
-        scope, began = deletion_copy(objects, domain, copy, scoped)
-    else:
-        scope, began = (scope_of(copy, last, days) if scoped else None), time.perf_counter()
+        return open_deletion(objects, domain, copy, scoped)
+    scope = scope_of(copy, last, days) if scoped else None  # before the clock: it imports the stages
+    began = time.perf_counter()
     with working_copy(objects, domain, read_only=True, scope=scope) as con:
         seconds = time.perf_counter() - began
-        tables = con.execute("SELECT schema_name || '.' || table_name, estimated_size FROM duckdb_tables() "
-                             "WHERE NOT temporary").fetchall()
-    held = (len(scope.days) if scope.days is not None else "all") if copy in DELETIONS else None
-    return {"seconds": seconds, "rows": sum(rows for _, rows in tables), "tables": len(tables), "mib": _peak_mib(),
-            "days": held}
+        rows = _rows(con)
+    return {"seconds": seconds, "rows": rows, "mib": _peak_mib(), "days": None}
+
+
+def _rows(con) -> int:
+    """The rows a working copy holds, in all its tables."""
+    return sum(rows for (rows,) in con.execute("SELECT estimated_size FROM duckdb_tables() WHERE NOT temporary").fetchall())
 
 
 def _peak_mib() -> float:

@@ -13,9 +13,9 @@ Each stage's run (accumulation, labels, the review queue, the training-set expor
 audit, the champion monitor) loads only its ``Scope``: the partitions of its days of the tables it
 names, and reads anything else from the store directly; a change outside those partitions is
 refused, so the copy never writes back a partition it did not hold whole. Deleting a user or an
-expired day must reach every table, dbt's too: its copy (``every_table``) holds the partitions of
-every table the deletion changes (``privacy.deletion_scope``, found from the columns it reads) and
-writes them back, dbt's in the types Spark stored them in. Runs of a domain's
+expired day must reach every table, dbt's too: its copies (``every_table``), one per day it
+changes (``deletion.plan``), hold every table's partitions of their day and write them back, dbt's
+in the types Spark stored them in. Runs of a domain's
 different days change different partitions, so they can run at once (as Kubernetes run pods would).
 Nothing is written when the stage fails; each partition is replaced whole, but a run's partitions are
 not one transaction: a crash while writing them back leaves some new and some old, until the run is

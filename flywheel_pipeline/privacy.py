@@ -15,7 +15,9 @@ their tasks the review files, and a tombstone (a hash of the id) makes accumulat
 any replayed event of theirs as ``forgotten_user``, with no content.
 
 Retention: ``retention_days`` per domain; ``enforce_retention`` deletes older rows and batches.
-Both reach the exported training sets (flywheel_pipeline.training_sets), rewritten without the records.
+Both delete from the warehouse through ``deletion`` (``forgetting``, ``expired``), which reaches
+every table, and reach the exported training sets (flywheel_pipeline.training_sets), rewritten
+without the records.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import hashlib
 import json
 import re
 import zlib
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -33,19 +36,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import duckdb
-import polars as pl
 
 from flywheel_pipeline import events, review
 from flywheel_pipeline.batches import GZIP_MAGIC, batches_for
+from flywheel_pipeline.deletion import Deletion, erase, warehouse_tables
 from flywheel_pipeline.home import Home, write_atomically
-from flywheel_pipeline.sources import Scope, StoredPartitions
-from flywheel_pipeline.warehouse import RAW_EVENT_TABLES, ensure_raw_tables, transaction
+from flywheel_pipeline.warehouse import ensure_raw_tables, transaction
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-# a domain's warehouse, for writing, holding what a Deletion changes (Warehouses.for_deletion)
-OpenWarehouse = Callable[[str, "Deletion"], AbstractContextManager[duckdb.DuckDBPyConnection]]
+# a domain's warehouse opened for a deletion (Warehouses.for_deletion): one or more connections in
+# turn, each holding what the deletion dooms and the partitions it changes
+OpenWarehouse = Callable[[str, Deletion], Iterable[AbstractContextManager[duckdb.DuckDBPyConnection]]]
 
 # IBAN length by country (SWIFT's IBAN registry): a candidate is a country's code, two check digits
 # and exactly its length's letters and digits (in groups of four or not), checked by mod 97.
@@ -291,39 +294,6 @@ class PrivacyError(RuntimeError):
     """A deletion that cannot be done, or left personal data behind."""
 
 
-def _tables(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, str]]:
-    """Every base table of the warehouse but the tombstones: its columns and their types."""
-    rows = con.execute("""
-        SELECT c.table_schema || '.' || c.table_name, map(list(c.column_name), list(c.data_type))
-        FROM information_schema.columns AS c
-        JOIN information_schema.tables AS t USING (table_catalog, table_schema, table_name)
-        WHERE t.table_type = 'BASE TABLE' AND c.table_catalog = current_database()
-          AND c.table_schema <> 'privacy'
-        GROUP BY 1 ORDER BY 1""").fetchall()
-    return {table: dict(columns) for table, columns in rows}
-
-
-def _execute(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, object]) -> list[tuple]:
-    """Run ``sql`` with those of ``params`` it names (DuckDB refuses the others)."""
-    return con.execute(sql, {k: v for k, v in params.items() if f"${k}" in sql}).fetchall()
-
-
-# the raw event tables' columns _doom reads (a deletion's ``where`` reads the user or the day)
-_DOOMED_BY = {"event_id": "VARCHAR", "domain": "VARCHAR", "event_date": "DATE", "interaction_id": "VARCHAR",
-              "session_id": "VARCHAR", "user_id": "VARCHAR"}
-
-
-@dataclass(frozen=True)
-class Deletion:
-    """What a deletion removes (``_erase``): the raw events matching ``where`` (SQL over the raw event
-    tables' columns, with ``params``), what was derived from them (by event id, interaction,
-    session), and the rows ``also`` names (a condition for each table that has those columns)."""
-
-    where: str
-    params: dict[str, object]
-    also: dict[frozenset[str], str]
-
-
 def forgetting(user_id: str) -> Deletion:
     """A user's events, what was derived from them, and every row naming the user in a user field."""
     return Deletion("user_id = $user", {"user": user_id}, _USER_FIELDS)
@@ -337,102 +307,11 @@ def expired(domain: str, retention_days: int, today: date) -> Deletion:
                     {frozenset({"domain", "event_date"}): where})
 
 
-def _doom(con: duckdb.DuckDBPyConnection, deletion: Deletion) -> None:
-    """Temp tables of what goes: the raw events ``deletion`` matches, their interactions, and the
-    sessions left with no interaction."""
-    where = deletion.where
-    events = " UNION ALL ".join(
-        f"SELECT '{table}' AS source, event_id, domain, interaction_id, session_id FROM raw.{table} WHERE {where}"
-        for table in RAW_EVENT_TABLES)
-    _execute(con, f"CREATE OR REPLACE TEMP TABLE doomed_events AS {events}", deletion.params)
-    con.execute("""CREATE OR REPLACE TEMP TABLE doomed_interactions AS
-                   SELECT DISTINCT domain, interaction_id FROM doomed_events WHERE source = 'interactions'""")
-    _execute(con, f"""CREATE OR REPLACE TEMP TABLE doomed_sessions AS
-                      SELECT domain, session_id FROM doomed_events WHERE source = 'interactions'
-                      EXCEPT SELECT domain, session_id FROM raw.interactions WHERE NOT ({where})""", deletion.params)
-
-
-def _conditions(columns: Collection[str], also: dict[frozenset[str], str]) -> list[str]:
-    """When ``_erase`` deletes a row of a table with ``columns`` (after ``_doom``): any of these."""
-    conditions = [f"{column} IN (SELECT event_id FROM doomed_events)"
-                  for column in columns if column == "event_id" or column.endswith("_event_id")]
-    if {"domain", "interaction_id"} <= set(columns):
-        conditions.append("(domain, interaction_id) IN (SELECT * FROM doomed_interactions)")
-    elif {"domain", "session_id"} <= set(columns):
-        conditions.append("(domain, session_id) IN (SELECT * FROM doomed_sessions)")
-    return conditions + [condition for needed, condition in also.items() if needed <= set(columns)]
-
-
-def _erase(con: duckdb.DuckDBPyConnection, deletion: Deletion) -> dict[str, int]:
-    """Delete, from every warehouse table, the rows ``deletion`` removes. Returns rows deleted per table."""
-    _doom(con, deletion)
-    deleted = {}
-    for table, columns in _tables(con).items():
-        if conditions := _conditions(columns, deletion.also):
-            sql = f"DELETE FROM {table} WHERE " + " OR ".join(f"({c})" for c in conditions)
-            [(count,)] = _execute(con, sql, deletion.params)
-            if count:
-                deleted[table] = count
-    return deleted
-
-
-def deletion_scope(stored: Mapping[str, StoredPartitions], domain: str, deletion: Deletion) -> Scope:
-    """What a working copy of ``domain``'s ``stored`` tables (engine spark) must hold for ``deletion``,
-    found from the columns ``_erase`` reads alone: every day on which a table holds a row it deletes,
-    and every day of an interaction in a session it deletes from (so that ``_doom``, run again on
-    the copy, sees each such session whole); a table kept in one partition per domain, whole,
-    when it holds such a row. The tombstones a copy holds anyway."""
-    stored = {table: partitions for table, partitions in stored.items() if not table.startswith("privacy.")}
-    with duckdb.connect() as con:
-        con.execute("CREATE SCHEMA raw")
-        for table in RAW_EVENT_TABLES:  # every day of the columns _doom and the lookups below read
-            if partitions := stored.get(f"raw.{table}"):
-                columns = {*partitions.dataset.schema.names, "domain"}
-                _create(con, f"raw.{table}", partitions.read(domain, columns=sorted(
-                    ({*_DOOMED_BY, *_read_by(columns, deletion.also)}) & columns)))
-            else:
-                con.execute(f"CREATE TABLE raw.{table} ({', '.join(f'{name} {kind}' for name, kind in _DOOMED_BY.items())})")
-        _doom(con, deletion)
-        [(days,)] = con.execute("""SELECT list(DISTINCT event_date) FROM raw.interactions
-                                   WHERE (domain, session_id) IN (SELECT domain, session_id FROM doomed_events
-                                                                  WHERE source = 'interactions')""").fetchall()
-        held, whole = set(days or ()), []
-        for table, partitions in stored.items():
-            columns = {*partitions.dataset.schema.names, "domain"}
-            if not (conditions := _conditions(columns, deletion.also)):
-                continue
-            relation = table if table.removeprefix("raw.") in RAW_EVENT_TABLES else "stored_ids"
-            if relation == "stored_ids":
-                con.register(relation, partitions.read(domain, columns=sorted(
-                    {*_read_by(columns, deletion.also), *filter(None, [partitions.day])})).to_arrow())
-            found = _execute(con, f"SELECT DISTINCT {partitions.day or 'NULL'} FROM {relation} WHERE "
-                                  + " OR ".join(f"({c})" for c in conditions), deletion.params)
-            if partitions.day:
-                held.update(day for (day,) in found)
-            elif found:
-                whole.append(table)
-    return Scope.on(held, [table for table, partitions in stored.items() if partitions.day], whole)
-
-
-def _read_by(columns: Collection[str], also: dict[frozenset[str], str]) -> set[str]:
-    """Of a table's ``columns``, those ``_conditions`` reads."""
-    return {column for column in columns if column in ("domain", "interaction_id", "session_id", "event_id")
-            or column.endswith("_event_id") or any(column in needed for needed in also)}
-
-
-def _create(con: duckdb.DuckDBPyConnection, table: str, rows: pl.DataFrame) -> None:
-    con.register("stored_rows", rows.to_arrow())
-    try:
-        con.execute(f"CREATE TABLE {table} AS SELECT * FROM stored_rows")
-    finally:
-        con.unregister("stored_rows")
-
-
 def _tables_holding_user(con: duckdb.DuckDBPyConnection, user_id: str) -> list[str]:
     """Tables with a row of the user by its user field (``_USER_FIELDS``): never by other columns,
     which may hold the same value as another user's item, version or session."""
     found = []
-    for table, columns in _tables(con).items():
+    for table, columns in warehouse_tables(con).items():
         conditions = [condition for needed, condition in _USER_FIELDS.items() if needed <= columns.keys()]
         if conditions and con.execute(f"SELECT count(*) FROM {table} WHERE {' OR '.join(conditions)}",
                                       {"user": user_id}).fetchone()[0]:
@@ -515,14 +394,16 @@ def forget_user(home: Home, domains: Iterable[str], user_id: str, open_warehouse
     if not user_id.strip():
         raise PrivacyError("forget needs a user id")
     now = (now or datetime.now(UTC)).astimezone(UTC).replace(tzinfo=None)
-    deleted, days = {}, {}
+    deleted: Counter[str] = Counter()
+    days: dict[str, set[date]] = {}
     for domain in domains:  # a domain without a warehouse yet gets one, holding the tombstone
-        with open_warehouse(domain, forgetting(user_id)) as con:
-            for table, count in _forget_in_warehouse(con, user_id, now, days).items():
-                deleted[f"{domain}/{table}"] = count
+        for opened in open_warehouse(domain, forgetting(user_id)):
+            with opened as con:
+                deleted.update({f"{domain}/{table}": n for table, n in _forget_in_warehouse(con, user_id, now, days).items()})
     removed, unreadable = _forget_in_landing(home, user_id)
     review.forget_user(home.root, user_id)
-    report = ForgetReport(user_hash(user_id), deleted, removed, days,
+    report = ForgetReport(user_hash(user_id), dict(deleted), removed,
+                          {domain: tuple(sorted(held)) for domain, held in days.items()},
                           training_sets.forget_user(home, user_hash(user_id)))
     if unreadable:
         raise PrivacyError(f"the landing batches {', '.join(unreadable)} cannot be read, so the user's lines "
@@ -545,19 +426,20 @@ def _forget_in_landing(home: Home, user_id: str) -> tuple[dict[str, int], list[s
 
 
 def _forget_in_warehouse(con: duckdb.DuckDBPyConnection, user_id: str, now: datetime,
-                         days: dict[str, tuple[date, ...]]) -> dict[str, int]:
-    """Tombstone the user and delete their rows from one warehouse's tables (rows deleted per table);
-    adds the days of their consented interactions to ``days`` (per domain)."""
+                         days: dict[str, set[date]]) -> dict[str, int]:
+    """Tombstone the user and delete their rows from a warehouse opened for it (rows deleted per
+    table); adds the days of their consented interactions to ``days`` (per domain)."""
     ensure_raw_tables(con)
     ensure_privacy_tables(con)
-    days.update((domain, tuple(d)) for domain, d in con.execute(
-        """SELECT domain, list(DISTINCT event_date ORDER BY event_date) FROM raw.interactions
-           WHERE user_id = $user AND consent = 'granted' GROUP BY domain""", {"user": user_id}).fetchall())
+    for domain, held in con.execute(
+            """SELECT domain, list(DISTINCT event_date) FROM raw.interactions
+               WHERE user_id = $user AND consent = 'granted' GROUP BY domain""", {"user": user_id}).fetchall():
+        days.setdefault(domain, set()).update(held)
     with transaction(con):
         con.execute("""INSERT INTO privacy.forgotten_users SELECT $hash, $now
                        WHERE $hash NOT IN (SELECT user_hash FROM privacy.forgotten_users)""",
                     {"hash": user_hash(user_id), "now": now})
-        deleted = _erase(con, forgetting(user_id))
+        deleted = erase(con, forgetting(user_id))
     if left := _tables_holding_user(con, user_id):
         raise PrivacyError(f"the user is still in {', '.join(left)} after deletion")
     con.execute("CHECKPOINT")
@@ -596,22 +478,25 @@ class RetentionReport:
                 f"{self.domain}_dataset_records_deleted": sum(self.dataset_records_deleted.values())}
 
 
-def enforce_retention(con: duckdb.DuckDBPyConnection, home: Home, domain: str, retention_days: int,
-                      today: date) -> RetentionReport:
-    """Delete, from ``domain``'s warehouse (``con``), the rows of days older than ``retention_days``
-    (and what was derived from them), then the landing batches of those days and their records in
-    the exported training sets."""
+def enforce_retention(home: Home, domain: str, retention_days: int, today: date,
+                      open_warehouse: OpenWarehouse) -> RetentionReport:
+    """Delete, from ``domain``'s warehouse (opened by ``open_warehouse``, e.g.
+    ``Warehouses.for_deletion``), the rows of days older than ``retention_days`` (and what was
+    derived from them), then the landing batches of those days and their records in the exported
+    training sets."""
     from flywheel_pipeline import training_sets  # MLflow's import is slow; accumulation needs none
 
-    ensure_raw_tables(con)
     deletion = expired(domain, retention_days, today)
     cutoff = deletion.params["cutoff"]
-    with transaction(con):
-        deleted = _erase(con, deletion)
-    con.execute("CHECKPOINT")
+    deleted: Counter[str] = Counter()
+    for opened in open_warehouse(domain, deletion):
+        with opened as con:
+            with transaction(con):
+                deleted.update(erase(con, deletion))
+            con.execute("CHECKPOINT")
     batches = batches_for(home, domain, [date.min, cutoff - timedelta(days=1)], 0)
     for path in batches:
         path.unlink()
     review.expire(home.root, domain, cutoff)
-    return RetentionReport(domain, cutoff, deleted, [str(path.relative_to(home.landing)) for path in batches],
+    return RetentionReport(domain, cutoff, dict(deleted), [str(path.relative_to(home.landing)) for path in batches],
                            training_sets.expire(home, domain, cutoff))

@@ -7,14 +7,15 @@ bound to one engine."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import date
 
 import duckdb
 
-from flywheel_pipeline import privacy, warehouse
+from flywheel_pipeline import warehouse
 from flywheel_pipeline.config import WarehouseSettings
+from flywheel_pipeline.deletion import Deletion, DeletionPlan, doom, plan
 from flywheel_pipeline.home import Home
 from flywheel_pipeline.object_store import ObjectStore, working_copy
 from flywheel_pipeline.sources import INTERACTIONS, Readable, Scope, Source
@@ -106,18 +107,30 @@ class Warehouses:
                           scope=scope) as con:
             yield con, self.store.source()
 
-    @contextmanager
-    def for_deletion(self, domain: str, deletion: privacy.Deletion) -> Iterator[duckdb.DuckDBPyConnection]:
-        """``domain``'s warehouse for forgetting and retention, whose deletions must reach every
-        table, dbt's too: under spark, a working copy of every table's partitions that ``deletion``
-        changes (``privacy.deletion_scope``, found from the columns it reads), written back whole."""
+    def for_deletion(self, domain: str, deletion: Deletion) -> Iterator[AbstractContextManager[duckdb.DuckDBPyConnection]]:
+        """``domain``'s warehouse for a deletion that must reach every table, dbt's too, opened one
+        or more times in turn, each holding what ``deletion`` dooms: the DuckDB file once; under
+        spark a working copy per day the deletion changes (``deletion.plan``, found from the
+        columns it reads), the latest first, each writing back every partition it changed."""
         if self.store is None:
-            with self.connect(domain) as con:
-                yield con
+            yield self._doomed_file(domain, deletion)
             return
         source = self.store.source()
         stored = {table: partitions for table in self.store.tables(domain)
                   if (partitions := source.partitions(table, domain))}
-        scope = privacy.deletion_scope(stored, domain, deletion)
+        planned = plan(stored, domain, deletion)
+        for scope in planned.scopes():
+            yield self._doomed_copy(domain, scope, planned)
+
+    @contextmanager
+    def _doomed_file(self, domain: str, deletion: Deletion) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self.connect(domain) as con:
+            warehouse.ensure_raw_tables(con)
+            doom(con, deletion)
+            yield con
+
+    @contextmanager
+    def _doomed_copy(self, domain: str, scope: Scope, planned: DeletionPlan) -> Iterator[duckdb.DuckDBPyConnection]:
         with working_copy(self.store, domain, memory_limit=self.memory_limit, every_table=True, scope=scope) as con:
+            planned.install(con)
             yield con

@@ -19,7 +19,7 @@ from flywheel_pipeline.cli import main
 from flywheel_pipeline.config import ConfigError, parse_config
 from flywheel_pipeline.defs.training_sets import training_set_keys
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.warehouse import connect
+from flywheel_pipeline.warehouses import Warehouses
 from tests.conftest import REPO
 from tests.test_accumulation import interaction, signal
 from tests.test_pipeline import DOMAIN, FIRST, metadata
@@ -194,9 +194,9 @@ def test_forget_rewrites_the_sets_without_the_user(cycle, monkeypatch, capsys): 
 def test_retention_rewrites_the_sets_without_the_expired_days(cycle):  # after forgetting: it deletes days
     home, config = cycle.home, cycle.config
     cutoff = PLANTED_DAY + timedelta(days=1)
-    with connect(home.warehouse(DOMAIN)) as con:
-        retention = config.domain(DOMAIN).retention_days
-        report = privacy.enforce_retention(con, home, DOMAIN, retention, cutoff + timedelta(days=retention))
+    retention = config.domain(DOMAIN).retention_days
+    report = privacy.enforce_retention(home, DOMAIN, retention, cutoff + timedelta(days=retention),
+                                       Warehouses(home).for_deletion)
 
     assert report.domain == DOMAIN and report.metadata()[f"{DOMAIN}_dataset_records_deleted"] > 0
     for key in KEYS.values():

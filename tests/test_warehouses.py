@@ -89,7 +89,8 @@ def test_a_stage_run_leaves_dbts_tables_alone_and_a_deletion_rewrites_them_in_sp
         con.execute(f"DELETE FROM {MARTS} WHERE user_id = 'u1'")
     assert store.source().read(MARTS, DOMAIN)["user_id"].sort().to_list() == ["u1", "u2"]
 
-    with spark_warehouses.for_deletion(DOMAIN, privacy.forgetting("u1")) as con:
+    [opened] = spark_warehouses.for_deletion(DOMAIN, privacy.forgetting("u1"))  # one day holds u1's rows
+    with opened as con:
         con.execute(f"DELETE FROM {SESSIONS} WHERE session_id = 's1'")
 
     assert store.source().read(SESSIONS, DOMAIN)["session_id"].to_list() == ["s2"]
@@ -323,13 +324,14 @@ def rows_of(warehouses: Warehouses, table: str) -> list[tuple]:
 
 
 @pytest.mark.parametrize("deletion", ["retention", "forget"])
-def test_a_deletion_holds_only_the_partitions_it_changes_and_leaves_what_the_duckdb_profile_leaves(
-        tmp_path, monkeypatch, deletion):
-    """Under spark a deletion's working copy holds the days it deletes from, and the days of the
-    rest of a session it deletes from (so the session's fate is decided on all of it), not the
-    domain's every day; every table ends as the DuckDB profile's deletion leaves it. Retention
-    with its cutoff at DAY: i0, i1 (D0) and i1's signal (D2) go, s0 goes, s1 goes on in i2 (DAY);
-    forget u1: all of s1 and u1's quarantined line go."""
+def test_a_deletion_holds_a_day_at_a_time_and_leaves_what_the_duckdb_profile_leaves(tmp_path, monkeypatch, deletion):
+    """Under spark a deletion finds what it dooms and where from the id columns of every day, then
+    holds one day's partitions at a time, only the days it deletes from, the latest first (a row
+    refers to its own day or an earlier one: stopped between days, a rerun still finds the rest);
+    every table ends as the DuckDB profile's deletion leaves it. Retention with its cutoff at DAY:
+    i0, i1 (D0) and i1's signal (D2) go, and s0, but not s1, which goes on in i2 (DAY): a copy of
+    D0 alone, deciding the session itself, would delete it. Forget u1: all of s1 and u1's
+    quarantined line go."""
     duckdb_warehouses, spark_warehouses = as_both_profiles(tmp_path)
     scopes = []
     copy = warehouses_module.working_copy
@@ -338,14 +340,14 @@ def test_a_deletion_holds_only_the_partitions_it_changes_and_leaves_what_the_duc
 
     for warehouses in (duckdb_warehouses, spark_warehouses):
         if deletion == "retention":
-            with warehouses.for_deletion(DOMAIN, privacy.expired(DOMAIN, 10, DAY + timedelta(days=10))) as con:
-                privacy.enforce_retention(con, warehouses.home, DOMAIN, 10, DAY + timedelta(days=10))
+            privacy.enforce_retention(warehouses.home, DOMAIN, 10, DAY + timedelta(days=10), warehouses.for_deletion)
         else:
             privacy.forget_user(warehouses.home, [DOMAIN], "u1", warehouses.for_deletion)
 
-    [scope] = scopes
-    assert scope.days == {DAY - timedelta(days=1), DAY, NEXT_DAY}  # not D3, u2's alone
-    assert scope.whole == (SESSIONS,)
+    d0 = DAY - timedelta(days=1)
+    days = {"retention": [NEXT_DAY, d0], "forget": [NEXT_DAY, DAY, d0]}[deletion]  # never D3, u2's alone
+    assert [(sorted(scope.days), scope.whole) for scope in scopes] == [
+        ([day], (SESSIONS,) if n == 0 else ()) for n, day in enumerate(days)]
     for table in ("raw.interactions", "raw.signals", "raw.quarantine", MARTS, SESSIONS):
         assert rows_of(spark_warehouses, table) == rows_of(duckdb_warehouses, table), table
     kept = {"retention": ["i2", "i3"], "forget": ["i0", "i3"]}[deletion]

@@ -176,9 +176,8 @@ class RetentionConfig(dg.Config):
 def delete_expired(context: dg.OpExecutionContext, config: RetentionConfig, warehouse: WarehouseResource) -> None:
     today = date.fromisoformat(config.today) if config.today else datetime.now(UTC).date()
     settings = warehouse.config().domain(config.domain)
-    expired = privacy.expired(config.domain, settings.retention_days, today)
-    with warehouse.warehouses().for_deletion(config.domain, expired) as con:
-        report = privacy.enforce_retention(con, warehouse.home(), config.domain, settings.retention_days, today)
+    report = privacy.enforce_retention(warehouse.home(), config.domain, settings.retention_days, today,
+                                       warehouse.warehouses().for_deletion)
     context.log.info(f"{report.domain}: deleted {sum(report.rows_deleted.values())} rows and "
                      f"{len(report.batches_deleted)} landing batches before {report.cutoff}")
     context.add_output_metadata(report.metadata())
