@@ -90,7 +90,7 @@ def open_deletion(objects, domain: str, copy: str, scoped: bool) -> dict:
               [Scope.since(date.min, [t for t, p in stored.items() if p.day], [t for t, p in stored.items() if not p.day])])
     held = []
     for scope in scopes:
-        with working_copy(objects, domain, read_only=True, scope=scope) as con:
+        with working_copy(objects, domain, read_only=True, scope=scope, found=stored) as con:
             held.append(_rows(con))
     return {"seconds": time.perf_counter() - began, "rows": max(held), "mib": _peak_mib(),
             "days": len(scopes) if scoped else "all"}

@@ -25,7 +25,7 @@ repeated (its partitions are rewritten from the same input).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
@@ -118,12 +118,14 @@ class ObjectStore:
 
 @contextmanager
 def working_copy(store: ObjectStore, domain: str, read_only: bool = False, memory_limit: str | None = None,
-                 every_table: bool = False, scope: Scope | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+                 every_table: bool = False, scope: Scope | None = None,
+                 found: Mapping[str, StoredPartitions] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
     """An in-memory DuckDB holding ``domain``'s tables from ``store`` (with ``scope``, only what it
     names); unless ``read_only``, the partitions it changed are written back when the block ends
     without an error: those of the Python stages' tables, or with ``every_table`` those of every
     table it holds. Raises OutOfScope, writing nothing, when a scoped run changed a partition
-    outside its days."""
+    outside its days. Tables in ``found`` are read from those partitions, not listed again (a
+    deletion's copies, one a day: their day's files, which no earlier copy rewrote)."""
     source = store.source()
     loaded = _loaded_tables(scope)
     written = loaded if every_table else tuple(table for table in loaded if table in (*STAGE_TABLES, TOMBSTONES))
@@ -134,7 +136,7 @@ def working_copy(store: ObjectStore, domain: str, read_only: bool = False, memor
         _create_stage_tables(con, scope)
         stored: dict[str, StoredPartitions] = {}  # each loaded table's partitions as found in the store
         for table in loaded:
-            if partitions := source.partitions(table, domain):
+            if partitions := (found or {}).get(table) or source.partitions(table, domain):
                 _load(con, table, partitions.read(domain, **_days_held(scope, table)))
                 stored[table] = partitions
 
@@ -213,10 +215,12 @@ def _load(con: duckdb.DuckDBPyConnection, table: str, rows) -> None:
 
 
 def _columns(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
-    """``table``'s columns; none when it does not exist."""
-    return [name for (name,) in con.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_schema = ? AND table_name = ? "
-        "ORDER BY ordinal_position", table.split(".")).fetchall()]
+    """``table``'s columns; none when it does not exist (the relation's: a tenth of the time
+    information_schema takes, which a copy a day asks for every table twice)."""
+    try:
+        return con.table(table).columns
+    except duckdb.CatalogException:
+        return []
 
 
 def _day(con: duckdb.DuckDBPyConnection, table: str) -> str | None:

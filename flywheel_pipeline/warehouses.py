@@ -17,8 +17,8 @@ from flywheel_pipeline import warehouse
 from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.deletion import Deletion, DeletionPlan, doom, plan
 from flywheel_pipeline.home import Home
-from flywheel_pipeline.object_store import ObjectStore, working_copy
-from flywheel_pipeline.sources import INTERACTIONS, Readable, Scope, Source
+from flywheel_pipeline.object_store import TOMBSTONES, ObjectStore, working_copy
+from flywheel_pipeline.sources import INTERACTIONS, Readable, Scope, Source, StoredPartitions
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,11 @@ class Warehouses:
         stored = {table: partitions for table in self.store.tables(domain)
                   if (partitions := source.partitions(table, domain))}
         planned = plan(stored, domain, deletion)
+        # each copy reads its day's files as the plan found them; the tombstones, which the first
+        # copy of a forget rewrites, are listed again by each
+        found = {table: partitions for table, partitions in stored.items() if table != TOMBSTONES}
         for scope in planned.scopes():
-            yield self._doomed_copy(domain, scope, planned)
+            yield self._doomed_copy(domain, scope, planned, found)
 
     @contextmanager
     def _doomed_file(self, domain: str, deletion: Deletion) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -130,7 +133,9 @@ class Warehouses:
             yield con
 
     @contextmanager
-    def _doomed_copy(self, domain: str, scope: Scope, planned: DeletionPlan) -> Iterator[duckdb.DuckDBPyConnection]:
-        with working_copy(self.store, domain, memory_limit=self.memory_limit, every_table=True, scope=scope) as con:
+    def _doomed_copy(self, domain: str, scope: Scope, planned: DeletionPlan,
+                     found: dict[str, StoredPartitions]) -> Iterator[duckdb.DuckDBPyConnection]:
+        with working_copy(self.store, domain, memory_limit=self.memory_limit, every_table=True, scope=scope,
+                          found=found) as con:
             planned.install(con)
             yield con

@@ -37,6 +37,7 @@ from tests.test_accumulation import NOW, interaction, with_horizon, write_batch
 DOMAIN = "assistant"
 DAY = date(2026, 11, 2)
 NEXT_DAY = DAY + timedelta(days=1)
+RETENTION_TODAY = DAY + timedelta(days=10)  # a retention of 10 days: its cutoff is DAY
 SESSIONS = "intermediate.int_sessions"  # dbt's, on Spark one partition per domain
 MARTS = "marts.fct_interactions"  # dbt's, partitioned by domain and day
 # as Spark stores it: INT96 timestamps (read as nanoseconds), a column declared not null
@@ -118,6 +119,7 @@ def test_forget_reaches_dbts_tables_and_leaves_the_tombstone_in_the_store(spark_
 
 KILLED_AFTER_A_RAW_PARTITION = """
 import os, signal, sys
+from datetime import date
 from flywheel_pipeline import privacy, sources
 from flywheel_pipeline.config import WarehouseSettings
 from flywheel_pipeline.home import Home
@@ -132,7 +134,10 @@ def replace_then_die(sink, table, *args, **kwargs):
 
 sources.ParquetSink.replace_partition = replace_then_die
 warehouses = Warehouses.for_settings(Home(sys.argv[1]), WarehouseSettings(engine="spark", root=sys.argv[2]))
-privacy.forget_user(warehouses.home, ["assistant"], "u1", warehouses.for_deletion)
+if sys.argv[3] == "forget":
+    privacy.forget_user(warehouses.home, ["assistant"], "u1", warehouses.for_deletion)
+else:  # retention of 10 days, on the day argv[4] names
+    privacy.enforce_retention(warehouses.home, "assistant", 10, date.fromisoformat(sys.argv[4]), warehouses.for_deletion)
 """
 
 
@@ -141,7 +146,7 @@ def test_a_forget_killed_while_writing_back_is_finished_by_running_it_again(spar
     (raw last), and running forget again finds the rest by the raw rows still there, if any."""
     store = spark_warehouses.store
     killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_A_RAW_PARTITION, str(spark_warehouses.home.root),
-                             store.root], check=False, capture_output=True, text=True, timeout=120)
+                             store.root, "forget"], check=False, capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
 
     privacy.forget_user(spark_warehouses.home, [DOMAIN], "u1", spark_warehouses.for_deletion)
@@ -340,7 +345,7 @@ def test_a_deletion_holds_a_day_at_a_time_and_leaves_what_the_duckdb_profile_lea
 
     for warehouses in (duckdb_warehouses, spark_warehouses):
         if deletion == "retention":
-            privacy.enforce_retention(warehouses.home, DOMAIN, 10, DAY + timedelta(days=10), warehouses.for_deletion)
+            privacy.enforce_retention(warehouses.home, DOMAIN, 10, RETENTION_TODAY, warehouses.for_deletion)
         else:
             privacy.forget_user(warehouses.home, [DOMAIN], "u1", warehouses.for_deletion)
 
@@ -354,3 +359,23 @@ def test_a_deletion_holds_a_day_at_a_time_and_leaves_what_the_duckdb_profile_lea
     assert [row["interaction_id"] for row in spark_warehouses.store.source().read(MARTS, DOMAIN).to_dicts()] == kept
     assert rows_of(spark_warehouses, SESSIONS) == ([(DOMAIN, 1, "s3"), (DOMAIN, 2, "s1")] if deletion == "retention"
                                                    else [(DOMAIN, 1, "s0"), (DOMAIN, 1, "s3")])
+
+
+def test_a_retention_killed_after_its_latest_day_is_finished_by_running_it_again(tmp_path):
+    """kill -9 once the first copy (the latest day, NEXT_DAY: i1's signal) wrote its raw partition:
+    D0's interactions, not done yet, still doom the signal's interaction, so running retention again
+    leaves every table as the DuckDB profile's retention does. Earliest first, D0's interactions
+    would be gone first, and with them what dooms the signal on NEXT_DAY."""
+    duckdb_warehouses, spark_warehouses = as_both_profiles(tmp_path)
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_A_RAW_PARTITION, str(spark_warehouses.home.root),
+                             spark_warehouses.store.root, "retention", RETENTION_TODAY.isoformat()],
+                            cwd=REPO, check=False, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    source = spark_warehouses.store.source()
+    assert source.read("raw.signals", DOMAIN).is_empty() and "i1" in source.read("raw.interactions", DOMAIN)["interaction_id"]
+
+    for warehouses in (spark_warehouses, duckdb_warehouses):
+        privacy.enforce_retention(warehouses.home, DOMAIN, 10, RETENTION_TODAY, warehouses.for_deletion)
+
+    for table in ("raw.interactions", "raw.signals", "raw.quarantine", MARTS, SESSIONS):
+        assert rows_of(spark_warehouses, table) == rows_of(duckdb_warehouses, table), table
