@@ -22,6 +22,7 @@ from datetime import date
 import duckdb
 import pyarrow as pa
 
+from flywheel_pipeline import warehouse
 from flywheel_pipeline.sources import Scope, StoredPartitions
 from flywheel_pipeline.warehouse import RAW_EVENT_TABLES
 
@@ -119,12 +120,14 @@ class DeletionPlan:
                 con.unregister("planned")
 
 
-def plan(stored: Mapping[str, StoredPartitions], domain: str, deletion: Deletion) -> DeletionPlan:
+def plan(stored: Mapping[str, StoredPartitions], domain: str, deletion: Deletion,
+         memory_limit: str | None = None) -> DeletionPlan:
     """``deletion`` in ``domain``'s ``stored`` tables: ``doom`` run on views of the raw event tables'
-    Parquet, then each table's days holding a row to delete; DuckDB streams the files, reading the
-    columns the conditions name and pushing their filters down, so nothing is held whole."""
+    Parquet, then each table's days holding a row to delete; DuckDB (under ``memory_limit``)
+    streams the files, reading the columns the conditions name and pushing their filters down, so
+    nothing is held whole."""
     stored = {table: partitions for table, partitions in stored.items() if not table.startswith("privacy.")}
-    with duckdb.connect() as con:
+    with warehouse.connect(":memory:", memory_limit=memory_limit) as con:
         con.execute("CREATE SCHEMA raw")
         for table in RAW_EVENT_TABLES:
             if partitions := stored.get(f"raw.{table}"):

@@ -118,7 +118,7 @@ class Warehouses:
         source = self.store.source()
         stored = {table: partitions for table in self.store.tables(domain)
                   if (partitions := source.partitions(table, domain))}
-        planned = plan(stored, domain, deletion)
+        planned = plan(stored, domain, deletion, self.memory_limit)
         # each copy reads its day's files as the plan found them; the tombstones, which the first
         # copy of a forget rewrites, are listed again by each
         found = {table: partitions for table, partitions in stored.items() if table != TOMBSTONES}
