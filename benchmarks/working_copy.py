@@ -1,6 +1,6 @@
 """Working copies under ``warehouse.engine: spark``: what a stage's run for one day loads from the
-store, scoped to its days (``object_store.Scope``) against the domain's whole history; and what a
-deletion loads (``deletion.plan``) against every table whole.
+store, scoped to its days (``sources.Scope``) against the domain's whole history; and what a
+deletion loads (``Warehouses.for_deletion``) against every table whole.
 
     .venv/bin/python benchmarks/working_copy.py [--home /tmp/flywheel-scale] [--store DIR]
 
@@ -11,8 +11,9 @@ working copy a run of the last day would make for each of accumulation, labels a
 the training-set export's over its window and the health audit's from its window on (``--days``):
 once with the stage's scope, once whole (the copy every run made before). Then the copies of two
 deletions: forgetting the user with the most interactions and one with the median number, and a
-retention run that expires the first day. Scoped, a deletion holds one day at a time: its rows are the largest day's copy, its
-days how many copies it made, and its seconds include its plan (the id columns of every day).
+retention run that expires the first day. Scoped, a deletion holds one day at a time: its rows
+are the largest day's copy, its days how many copies it made, and its seconds include its plan
+(the id columns of every day).
 Prints rows held, days held, seconds to open and the process's peak RSS (its imports included:
 about 300 MiB).
 """
@@ -75,25 +76,29 @@ def deletion_of(objects, domain: str, copy: str):
 
 
 def open_deletion(objects, domain: str, copy: str, scoped: bool) -> dict:
-    """The child's side for a deletion: its plan (``deletion.plan``, timed) and its copies, one per
-    day, opened in turn read-only; or every day of every table in one copy, as deletions made it."""
-    from flywheel_pipeline.deletion import plan
+    """The child's side for a deletion: the copies ``Warehouses.for_deletion`` opens for it, one per
+    day after its plan (timed, and nothing deleted, so nothing is written back); or every day of
+    every table in one copy, as deletions made it."""
+    from flywheel_pipeline.home import Home
     from flywheel_pipeline.object_store import working_copy
     from flywheel_pipeline.sources import Scope
+    from flywheel_pipeline.warehouses import Warehouses
 
     deletion = deletion_of(objects, domain, copy)
-    began = time.perf_counter()
-    source = objects.source()
-    stored = {table: partitions for table in objects.tables(domain) if not table.startswith("privacy.")
-              and (partitions := source.partitions(table, domain))}
-    scopes = (plan(stored, domain, deletion).scopes() if scoped else
-              [Scope.since(date.min, [t for t, p in stored.items() if p.day], [t for t, p in stored.items() if not p.day])])
-    held = []
-    for scope in scopes:
-        with working_copy(objects, domain, read_only=True, scope=scope, found=stored) as con:
+    began, held = time.perf_counter(), []
+    if scoped:
+        for opened in Warehouses(Home(Path(objects.root)), objects).for_deletion(domain, deletion):
+            with opened as con:
+                held.append(_rows(con))
+    else:
+        source = objects.source()
+        stored = {table: partitions for table in objects.tables(domain) if not table.startswith("privacy.")
+                  and (partitions := source.partitions(table, domain))}
+        whole = Scope.since(date.min, [t for t, p in stored.items() if p.day], [t for t, p in stored.items() if not p.day])
+        with working_copy(objects, domain, read_only=True, scope=whole, found=stored) as con:
             held.append(_rows(con))
     return {"seconds": time.perf_counter() - began, "rows": max(held), "mib": _peak_mib(),
-            "days": len(scopes) if scoped else "all"}
+            "days": len(held) if scoped else "all"}
 
 
 def open_copy(store: Path, domain: str, copy: str, scoped: bool, last: date, days: int) -> dict:
