@@ -200,13 +200,15 @@ def test_the_store_lists_only_tables_with_partitions(spark_warehouses):
     assert "raw.signals" not in store.tables()  # no rows written: no partition folder
 
 
-def add_interaction(con, user: str, day: date) -> None:
+def add_interaction(con, n: str, day: date, user: str | None = None, session: str | None = None) -> None:
+    """Interaction i<n> (event e<n>) on ``day``, of ``user`` in ``session`` (default u<n>, s<n>)."""
     con.execute("""INSERT INTO raw.interactions BY NAME SELECT
                        $domain AS domain, $day AS event_date, 'e' || $n AS event_id, $day::TIMESTAMP AS event_ts,
-                       'u' || $n AS user_id, 's' || $n AS session_id, 'i' || $n AS interaction_id,
+                       $user AS user_id, $session AS session_id, 'i' || $n AS interaction_id,
                        'baseline' AS model_version, 'champion' AS policy, 'granted' AS consent,
                        'hello' AS input_text, 'batch.jsonl' AS source_file, 1 AS source_line,
-                       $day::TIMESTAMP AS ingested_at""", {"domain": DOMAIN, "day": day, "n": user})
+                       $day::TIMESTAMP AS ingested_at""",
+                {"domain": DOMAIN, "day": day, "n": n, "user": user or f"u{n}", "session": session or f"s{n}"})
 
 
 def test_a_run_for_some_days_holds_only_them_and_writes_back_only_them(spark_warehouses):
@@ -280,14 +282,9 @@ def planted_history(con) -> None:
     interaction i3 on D3; dbt's marts beside them (a row per interaction)."""
     ensure_raw_tables(con)
     d0 = DAY - timedelta(days=1)
-    for n, user, session, day in (("0", "u0", "s0", d0), ("1", "u1", "s1", d0), ("2", "u1", "s1", DAY), ("3", "u2", "s3", NEXT_DAY + timedelta(days=1))):
-        con.execute("""INSERT INTO raw.interactions BY NAME SELECT
-                           $domain AS domain, $day AS event_date, 'e' || $n AS event_id, $day::TIMESTAMP AS event_ts,
-                           $user AS user_id, $session AS session_id, 'i' || $n AS interaction_id,
-                           'baseline' AS model_version, 'champion' AS policy, 'granted' AS consent,
-                           'hello' AS input_text, 'batch.jsonl' AS source_file, 1 AS source_line,
-                           $day::TIMESTAMP AS ingested_at""",
-                    {"domain": DOMAIN, "day": day, "n": n, "user": user, "session": session})
+    for n, user, session, day in (("0", "u0", "s0", d0), ("1", "u1", "s1", d0), ("2", "u1", "s1", DAY),
+                                  ("3", "u2", "s3", NEXT_DAY + timedelta(days=1))):
+        add_interaction(con, n, day, user, session)
     con.execute("""INSERT INTO raw.signals BY NAME SELECT $domain AS domain, $day AS event_date, 'e9' AS event_id,
                        $day::TIMESTAMP AS event_ts, 'u1' AS user_id, 's1' AS session_id, 'i1' AS interaction_id,
                        'click' AS signal_type, 'batch.jsonl' AS source_file, 2 AS source_line,
